@@ -1,0 +1,185 @@
+"""The reference GLM (Du et al., 2021) in PyTorch, faithful to the THUDM/GLM checkpoints.
+
+In: input_ids [B, T], position_ids [B, 2, T] (position, block position), an attention mask in one of the
+original's forms, and optionally a per-layer (key, value) cache of `past` earlier tokens.
+Out: logits [B, T, V] (tied to the word embeddings, no bias) and the updated cache.
+Every fact here is from ../shared/glm_reference_spec.md; section numbers are cited inline.
+Parameter names are the official ones (spec 1.1), so loading a checkpoint is a literal key map.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from glm_export.config import GLMConfig
+
+# Masked scores are pushed down by the fp16 minimum, not -inf (spec 1.3, 9.5).
+MASK_FILL = 65504.0
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value [B, n, past, d]
+MaskArg = Union[int, torch.Tensor]
+
+
+def build_attention_mask(attention_mask: MaskArg, batch: int, query_len: int, past_len: int,
+                         device: torch.device | None = None) -> torch.Tensor:
+    """Turn any of the original's mask forms into an explicit 0/1 float mask [B|1, 1, T, past+T].
+
+    Forms (spec 3.1): a Python int or one-element tensor = scalar sep; a [B] tensor = per-sample sep;
+    anything else = explicit mask whose last past+T columns are used. With sep, query i (of the T new
+    tokens) sees key j iff j < sep or j <= i; all past columns are visible (spec 3.1, memory).
+    """
+    total = past_len + query_len
+    if isinstance(attention_mask, int) or (torch.is_tensor(attention_mask) and attention_mask.numel() == 1
+                                           and not (batch == 1 and attention_mask.dim() == 4)):
+        sep = torch.as_tensor(attention_mask, device=device).reshape(1)
+    elif torch.is_tensor(attention_mask) and attention_mask.dim() == 1:
+        if attention_mask.numel() != batch:
+            raise ValueError(f"a per-sample sep vector must have {batch} entries, got {attention_mask.numel()}")
+        sep = attention_mask
+    else:
+        mask = torch.as_tensor(attention_mask, device=device)
+        if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != query_len or mask.shape[3] < total:
+            raise ValueError(
+                f"explicit attention_mask must be [B, 1, {query_len}, >= {total}] (past {past_len} + "
+                f"seq {query_len}), got {list(mask.shape)}")
+        return mask[..., -total:].to(torch.float32)
+    i = torch.arange(query_len, device=sep.device).view(1, query_len, 1)  # query index
+    j = torch.arange(query_len, device=sep.device).view(1, 1, query_len)  # key index among new tokens
+    sep = sep.view(-1, 1, 1)
+    current = ((j < sep) | (j <= i)).to(torch.float32)  # [B|1, T, T]
+    memory = torch.ones(current.shape[0], query_len, past_len, device=sep.device)
+    return torch.cat([memory, current], dim=-1).unsqueeze(1)  # [B|1, 1, T, past+T]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.n_head = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale
+        h = config.hidden_size
+        self.query_key_value = nn.Linear(h, 3 * h)  # rows: [all Q; all K; all V], head-major (spec 1.3)
+        self.dense = nn.Linear(h, h)
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+        self.output_dropout = nn.Dropout(config.hidden_dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n, T, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                past: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, tuple]:
+        B, T, h = x.shape
+        q, k, v = self.query_key_value(x).split(h, dim=-1)  # each (B, T, h)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, n, T, d)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, n, past+T, d)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        d = self.head_dim
+        if self.scale == 1.0:
+            scores = q @ (k / math.sqrt(d)).transpose(-1, -2)  # (B, n, T, past+T); K scaled first
+            scores = scores * mask - MASK_FILL * (1.0 - mask)
+        else:  # spec 1.3: same softmax, different fp16 numerics
+            s = self.scale
+            scores = (q / math.sqrt(s)) @ (k / math.sqrt(d * s)).transpose(-1, -2)
+            scores = scores * mask
+            scores = (scores - scores.amax(dim=-1, keepdim=True)) * s
+            scores = scores - MASK_FILL * (1.0 - mask)
+        probs = self.attention_dropout(torch.softmax(scores, dim=-1))
+        ctx = (probs @ v).transpose(1, 2).reshape(B, T, h)  # heads concatenated in order
+        return self.output_dropout(self.dense(ctx)), present
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.dense_h_to_4h = nn.Linear(h, 4 * h)  # FFN is always 4h (spec 1.1)
+        self.dense_4h_to_h = nn.Linear(4 * h, h)
+        self.approximate = "tanh" if config.gelu == "tanh" else "none"
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate)))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN block (spec 1.2): x + Attn(LN(x)), then + MLP(LN(.))."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.input_layernorm = nn.LayerNorm(h, eps=eps)
+        self.attention = SelfAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, past):
+        attn, present = self.attention(self.input_layernorm(x), mask, past)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        h, rows = config.hidden_size, config.position_table_rows  # P + 1 rows (spec 9.2)
+        self.position_embeddings = nn.Embedding(rows, h)
+        self.block_position_embeddings = nn.Embedding(rows, h)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(h, eps=config.layernorm_epsilon)
+
+
+class GLMModel(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.transformer = Transformer(config)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The original init (spec 1.4): N(0, 0.02), output projections N(0, 0.02/sqrt(2L)), LN 1/0."""
+        out_std = 0.02 / math.sqrt(2.0 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, 0.02)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: MaskArg,
+                past_key_values: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
+                ) -> tuple[torch.Tensor, KVCache]:
+        B, T = input_ids.shape
+        if position_ids.shape != (B, 2, T):
+            raise ValueError(f"position_ids must be [B, 2, T] = {[B, 2, T]}, got {list(position_ids.shape)}")
+        L = len(self.transformer.layers)
+        if past_key_values is not None and len(past_key_values) != L:
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {L}")
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        mask = build_attention_mask(attention_mask, B, T, past_len, input_ids.device)  # (B|1, 1, T, past+T)
+        mask = mask.to(self.word_embeddings.weight.dtype)  # masking runs in the model dtype (spec 9.19)
+
+        tr = self.transformer
+        x = self.word_embeddings(input_ids)  # (B, T, h), no sqrt(h) scaling
+        x = x + tr.position_embeddings(position_ids[:, 0]) + tr.block_position_embeddings(position_ids[:, 1])
+        x = tr.embedding_dropout(x)
+        presents: KVCache = []
+        for i, layer in enumerate(tr.layers):
+            x, present = layer(x, mask, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        x = tr.final_layernorm(x)
+        logits = F.linear(x, self.word_embeddings.weight)  # (B, T, V), tied head, no bias
+        return logits, presents

@@ -1,0 +1,191 @@
+"""GLMConfig: the frozen description of a GLM's shape, with presets for the released models.
+
+In: keyword values, a preset name, glmx JSON, or a Hugging Face `config.json` dict.
+Out: a validated, immutable config that round-trips through JSON and goes into every manifest.
+Facts: glm_reference_spec.md sections 1.1, 6 and 8.2. Torch-free on purpose (the runtime reads it too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+LAYERNORM_EPS = 1e-5  # fixed in the original, whatever --layernorm-epsilon says (spec 9.18)
+GELU_KINDS = ("tanh", "erf")  # tanh = original training code; erf = HF remote code (spec 1.2)
+TOKENIZER_KINDS = ("gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type, or inconsistent with another."""
+
+
+@dataclass(frozen=True)
+class GLMConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int  # padded V: tokenizer size rounded up to a multiple of 128
+    max_sequence_length: int  # P; the position tables have P + 1 rows
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    gelu: str = "tanh"
+    attention_scale: float = 1.0
+    tokenizer: str = "json"  # which GLM vocabulary the ids belong to (spec section 7)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for field in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}: every head needs the same width"
+            )
+        for field in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{field} must be in [0, 1), got {value!r}")
+        if self.gelu not in GELU_KINDS:
+            raise ConfigError(f"gelu must be one of {GELU_KINDS}, got {self.gelu!r}")
+        if not isinstance(self.attention_scale, (int, float)) or self.attention_scale < 1.0:
+            raise ConfigError(f"attention_scale must be a number >= 1.0, got {self.attention_scale!r}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ConfigError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {self.tokenizer!r}")
+
+    # derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_table_rows(self) -> int:
+        return self.max_sequence_length + 1
+
+    @property
+    def layernorm_epsilon(self) -> float:
+        return LAYERNORM_EPS
+
+    def num_parameters(self) -> int:
+        h, L = self.hidden_size, self.num_layers
+        per_layer = 3 * h * h + 3 * h + h * h + h + 8 * h * h + 4 * h + h + 4 * h  # qkv, dense, mlp, 2 LNs
+        return self.vocab_size * h + 2 * self.position_table_rows * h + L * per_layer + 2 * h
+
+    def replace(self, **changes: Any) -> "GLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    # glmx JSON
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown GLMConfig fields {unknown}; known fields are {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a required field is missing
+            raise ConfigError(f"incomplete GLMConfig: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GLMConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(data)
+
+    # Hugging Face config.json (GLMConfig of the THUDM remote code, spec 8.2)
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": "glm",
+            "architectures": ["GLMModel"],
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "vocab_size": self.vocab_size,
+            "max_sequence_length": self.max_sequence_length,
+            "embedding_dropout_prob": self.hidden_dropout,
+            "output_dropout_prob": self.hidden_dropout,
+            "attention_dropout_prob": self.attention_dropout,
+            "attention_scale": self.attention_scale,
+            "block_position_encoding": True,
+            "relative_encoding": False,
+            "output_predict": True,
+            "max_memory_length": 0,
+            "parallel_output": True,
+            "checkpoint_activations": False,
+            "checkpoint_num_layers": 1,
+            "initializer_range": 0.02,
+            "glmx": {"gelu": self.gelu, "tokenizer": self.tokenizer, "name": self.name},
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "GLMConfig":
+        if data.get("model_type", "glm") != "glm":
+            raise ConfigError(f"config.json has model_type {data.get('model_type')!r}, expected 'glm'")
+        if not data.get("block_position_encoding", True):
+            raise ConfigError("block_position_encoding=False is not supported: every released GLM uses it")
+        if data.get("relative_encoding", False):
+            raise ConfigError("relative_encoding=True is not supported: no released GLM uses it")
+        num_layers = data.get("num_layers", data.get("num_hidden_layers"))
+        missing = [k for k, v in (("num_layers", num_layers), ("hidden_size", data.get("hidden_size")),
+                                  ("num_attention_heads", data.get("num_attention_heads")),
+                                  ("vocab_size", data.get("vocab_size"))) if v is None]
+        if missing:
+            raise ConfigError(f"config.json lacks {missing}")
+        extra = dict(data.get("glmx", {}))
+        values: dict[str, Any] = {
+            "num_layers": num_layers,
+            "hidden_size": data["hidden_size"],
+            "num_attention_heads": data["num_attention_heads"],
+            "vocab_size": data["vocab_size"],
+            "max_sequence_length": data.get("max_sequence_length", 512),
+            "hidden_dropout": data.get("output_dropout_prob", data.get("embedding_dropout_prob", 0.1)),
+            "attention_dropout": data.get("attention_dropout_prob", 0.1),
+            "attention_scale": float(data.get("attention_scale", 1.0)),
+            # The HF remote code uses exact erf GeLU (spec 1.2); a glmx-written file says otherwise.
+            "gelu": extra.get("gelu", "erf"),
+            "tokenizer": extra.get("tokenizer", "json"),
+            "name": extra.get("name", "custom"),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+def _preset(name: str, L: int, h: int, n: int, P: int, V: int, tokenizer: str) -> GLMConfig:
+    return GLMConfig(num_layers=L, hidden_size=h, num_attention_heads=n, max_sequence_length=P,
+                     vocab_size=V, tokenizer=tokenizer, name=name)
+
+
+# Spec section 6. Keys are the names users type (`--preset glm-10b`).
+PRESETS: dict[str, GLMConfig] = {
+    c.name: c
+    for c in (
+        _preset("glm-base", 12, 768, 12, 512, 30592, "bert"),
+        _preset("glm-large", 24, 1024, 16, 512, 30592, "bert"),
+        _preset("glm-roberta-large", 24, 1024, 16, 512, 50304, "roberta"),
+        _preset("glm-large-chinese", 24, 1024, 16, 1024, 50048, "chinese-sp-fix"),
+        _preset("glm-2b", 36, 2048, 32, 1024, 50304, "gpt2"),
+        _preset("glm-10b", 48, 4096, 64, 1024, 50304, "gpt2"),
+        _preset("glm-10b-chinese", 48, 4096, 64, 1024, 50048, "chinese-sp"),
+        # tiny: for tests; two layers, d = 16, a vocabulary big enough for glmx's small tokenizers
+        _preset("glm-tiny", 2, 64, 4, 128, 512, "json"),
+    )
+}
+
+
+def get_preset(name: str) -> GLMConfig:
+    try:
+        return PRESETS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

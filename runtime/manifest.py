@@ -1,0 +1,205 @@
+"""Manifests and atomic writes: every artifact glmx writes describes itself and is checked on load.
+
+In: a folder of files (checkpoint, ONNX model, engine) and what produced them.
+Out: `manifest.json` beside them (schema, kind, config, tokenizer, precision, IO table, parity, sha256 of
+every file, tool versions), written last and atomically; `load_manifest` refuses a tampered folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA = "glmx.manifest/1"
+ARTIFACT_KINDS = ("checkpoint", "onnx", "engine")
+
+
+class ManifestError(RuntimeError):
+    """An artifact folder is missing, incomplete, tampered with, or not what the caller expected."""
+
+
+# ---------------------------------------------------------------- atomic file writing
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path in the same folder; on success fsync it and rename it over `path`.
+
+    A crash or exception leaves `path` as it was (absent or the old version), never half written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a whole artifact folder in a hidden sibling, then move it into place.
+
+    The caller writes every file (manifest last) into the yielded folder. On failure nothing appears at
+    `out_dir`; an existing `out_dir` is replaced only with overwrite=True, and only after success.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield stage
+        _fsync_dir(stage)
+        if out_dir.exists():
+            trash = stage.with_suffix(".old")
+            os.replace(out_dir, trash)
+            os.replace(stage, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, out_dir)
+        _fsync_dir(out_dir.parent)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- hashing
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tool_versions(*modules: str) -> dict[str, str]:
+    """Versions of python, numpy and the named modules that are importable (never imports torch itself)."""
+    import importlib
+    versions = {"python": platform.python_version(), "glmx": _glmx_version()}
+    for name in ("numpy", *modules):
+        try:
+            versions[name] = str(importlib.import_module(name).__version__)
+        except Exception:  # absent or broken: the manifest just lacks it
+            pass
+    return versions
+
+
+def _glmx_version() -> str:
+    from glm_runtime import __version__
+    return __version__
+
+
+# ---------------------------------------------------------------- the manifest
+
+@dataclass
+class Manifest:
+    kind: str  # checkpoint | onnx | engine
+    config: dict[str, Any]
+    precision: str = "fp32"
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # {"file", "sha256", "kind", "special_tokens"}
+    files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
+    io: dict[str, Any] = field(default_factory=dict)  # IO table and KV name patterns (ONNX / engine)
+    parity: dict[str, Any] = field(default_factory=dict)  # figures against the parent artifact
+    versions: dict[str, str] = field(default_factory=dict)
+    parent: dict[str, Any] = field(default_factory=dict)  # {"path", "manifest_sha256"} of what it came from
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific facts (profiles, training recipe, ...)
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("schema", "kind", "precision", "config", "tokenizer", "files",
+                                                  "io", "parity", "versions", "parent", "extra")}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+        if data.get("schema") != SCHEMA:
+            raise ManifestError(f"unsupported manifest schema {data.get('schema')!r}; this glmx reads {SCHEMA!r}")
+        if data.get("kind") not in ARTIFACT_KINDS:
+            raise ManifestError(f"manifest kind {data.get('kind')!r} is not one of {ARTIFACT_KINDS}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Manifest:
+    """Hash every file in `folder` (recursively, except the manifest) into the manifest, then write it last."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel != MANIFEST_NAME and not path.name.startswith("."):
+            files[rel] = sha256_file(path)
+    manifest.files = files
+    atomic_write_json(folder / MANIFEST_NAME, manifest.to_dict())
+    return manifest
+
+
+def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bool = True) -> Manifest:
+    """Read and check `folder/manifest.json`: schema, kind, and (verify=True) every file's sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}: not a glmx artifact folder, or an interrupted write")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is corrupt (not valid JSON: {exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} is corrupt (not a JSON object)")
+    manifest = Manifest.from_dict(data)
+    if kind is not None and manifest.kind != kind:
+        raise ManifestError(f"{folder} holds a {manifest.kind!r} artifact, expected {kind!r}")
+    if verify:
+        verify_files(folder, manifest)
+    return manifest
+
+
+def verify_files(folder: str | os.PathLike, manifest: Manifest) -> None:
+    folder = Path(folder)
+    if not manifest.files:
+        raise ManifestError(f"{folder / MANIFEST_NAME} lists no files")
+    for rel, expected in manifest.files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(
+                f"{path} does not match its manifest (sha256 {actual[:12]}... != {expected[:12]}...): "
+                f"the file was modified or corrupted; re-run the stage that wrote it")

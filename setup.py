@@ -1,0 +1,26 @@
+"""glmx: GLM (2021, blank infilling) from a PyTorch checkpoint to ONNX, ONNX Runtime and TensorRT."""
+from setuptools import setup
+
+setup(
+    name="glmx",
+    version="0.1.0",
+    description="Export, quantize and run GLM (General Language Model) blank infilling on ONNX Runtime and TensorRT",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["glm_export", "glm_runtime", "benchmarks"],
+    package_dir={"glm_runtime": "runtime"},
+    package_data={"glm_runtime": ["bundled/*", "bundled/**/*"], "glm_export": ["data/*"]},
+    include_package_data=True,
+    # The base install is the torch-free runtime.
+    install_requires=["numpy>=1.24", "tokenizers>=0.15", "onnxruntime>=1.17", "click>=8.1", "tqdm>=4.60"],
+    extras_require={
+        # torch is pinned in .ci/run to the local CPU build; an open range here would let pip pull a CUDA build
+        # only where no torch is installed yet, so the ranges are kept tight around tested versions.
+        "export": ["torch>=2.1,<2.15", "onnx>=1.16", "safetensors>=0.4", "sentencepiece>=0.1.99"],
+        # replaces onnxruntime with onnxruntime-gpu (uninstall onnxruntime first: both provide the module)
+        "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10.0", "cuda-python>=12.0"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "psutil>=5.9"],
+    },
+    entry_points={"console_scripts": ["glmx=glm_export.cli:main"]},
+)
