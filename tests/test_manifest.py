@@ -1,0 +1,88 @@
+"""Atomic writes and manifests: nothing half-written survives a failure; tampering is refused on load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm_runtime.manifest import (
+    MANIFEST_NAME, Manifest, ManifestError, atomic_write_text, load_manifest, staged_folder, write_manifest,
+)
+
+
+def _write_artifact(folder):
+    with staged_folder(folder) as stage:
+        (stage / "weights.bin").write_bytes(b"\x00\x01" * 100)
+        (stage / "sub").mkdir()
+        (stage / "sub" / "tokenizer.json").write_text("{}")
+        write_manifest(stage, Manifest(kind="checkpoint", config={"num_layers": 1}))
+
+
+def test_round_trip_hashes_every_file(tmp_path):
+    _write_artifact(tmp_path / "art")
+    m = load_manifest(tmp_path / "art", kind="checkpoint")
+    assert set(m.files) == {"weights.bin", "sub/tokenizer.json"}
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_tampered_file_is_refused(tmp_path):
+    _write_artifact(tmp_path / "art")
+    (tmp_path / "art" / "weights.bin").write_bytes(b"\x00\x02" * 100)
+    with pytest.raises(ManifestError, match=r"weights.bin does not match its manifest"):
+        load_manifest(tmp_path / "art")
+
+
+def test_missing_and_corrupt_manifest_are_refused(tmp_path):
+    _write_artifact(tmp_path / "art")
+    (tmp_path / "art" / "sub" / "tokenizer.json").unlink()
+    with pytest.raises(ManifestError, match="listed in the manifest but missing"):
+        load_manifest(tmp_path / "art")
+    (tmp_path / "art" / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ManifestError, match="corrupt"):
+        load_manifest(tmp_path / "art")
+    with pytest.raises(ManifestError, match="has no manifest.json"):
+        load_manifest(tmp_path)
+
+
+def test_wrong_kind_and_schema_are_refused(tmp_path):
+    _write_artifact(tmp_path / "art")
+    with pytest.raises(ManifestError, match="holds a 'checkpoint' artifact, expected 'onnx'"):
+        load_manifest(tmp_path / "art", kind="onnx")
+    path = tmp_path / "art" / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data["schema"] = "glmx.manifest/99"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="unsupported manifest schema"):
+        load_manifest(tmp_path / "art")
+
+
+def test_failed_stage_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with staged_folder(tmp_path / "art") as stage:
+            (stage / "weights.bin").write_bytes(b"x")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite_and_survives_a_failed_replace(tmp_path):
+    _write_artifact(tmp_path / "art")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _write_artifact(tmp_path / "art")
+    with pytest.raises(RuntimeError):
+        with staged_folder(tmp_path / "art", overwrite=True):
+            raise RuntimeError("crash")
+    load_manifest(tmp_path / "art")  # the old artifact is intact
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+    import glm_runtime.manifest as mod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(mod.os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
