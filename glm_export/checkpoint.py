@@ -1,0 +1,458 @@
+"""Checkpoints: load a GLM from glmx's own folder, a Hugging Face folder or Megatron/DeepSpeed shards; save glmx's own.
+
+In: a path in one of three layouts (spec 8.1-8.3), optionally a config or preset name.
+Out: `LoadedCheckpoint` (reference GLMModel in eval mode, its config, what was found); `save_checkpoint` writes
+model.safetensors + config.json (+ tokenizer) + manifest.json atomically.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from glm_export.config import PRESETS, ConfigError, GLMConfig, get_preset
+from glm_export.model import GLMModel
+from glm_runtime.manifest import (
+    Manifest, atomic_write_json, load_manifest, sha256_file, staged_folder, tool_versions, write_manifest,
+)
+
+LAYOUTS = ("glmx", "hf", "megatron")
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Hugging Face weight files, in order of preference (safetensors first: no pickle).
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / DeepSpeed (spec 8.1)
+MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+# Tokenizer files looked for beside the weights, first found wins (GLM's vocabularies, spec 7).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "cog-pretrain.model", "vocab.json", "spiece.model",
+                   "tokenizer.model")
+# The base model sits under "glm." in HF downstream classes and under "model." in the original's
+# GLMForSequenceClassification; beside it only these head modules are skipped (spec 8.1, 8.2).
+BASE_PREFIXES = ("glm.", "model.")
+HEAD_PREFIXES = ("pool_layer.", "multichoice_head.", "dense.", "out_proj.")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION = {v: k for k, v in DTYPES.items()}
+HEAD_DIM = 64  # every released GLM has d = 64 (spec 6); used only when a Megatron checkpoint has no config
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read: unknown layout, unreadable file, or weights that do not fit the config."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: GLMModel  # eval mode, on CPU
+    config: GLMConfig
+    layout: str  # glmx | hf | megatron
+    tokenizer_file: Optional[Path]
+    manifest: Optional[Manifest]  # glmx layout only
+    source_dtype: torch.dtype  # dtype of the weights in the files
+    files: tuple[Path, ...] = ()  # the weight files read
+    ignored_keys: tuple[str, ...] = ()  # downstream head weights skipped
+    notes: tuple[str, ...] = ()  # what was inferred rather than read
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+# ---------------------------------------------------------------- reading single files
+
+def _numpy_and_argparse_globals() -> list:
+    """Globals that the original's checkpoints pickle besides tensors (numpy RNG state, argparse args).
+
+    They only rebuild arrays, dtypes and a namespace; nothing else is allowed in (weights_only=True).
+    """
+    import argparse
+    import numpy as np
+    mm = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed: list = [np.ndarray, np.dtype, argparse.Namespace]
+    for fn in (mm._reconstruct, mm.scalar):  # files from numpy 1.x name them numpy.core.*
+        allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}"), (fn, f"numpy._core.multiarray.{fn.__name__}")]
+    allowed += [getattr(np.dtypes, n) for n in getattr(np.dtypes, "__all__", ())]
+    return allowed
+
+
+def _read_pickle(path: Path) -> Any:
+    """torch.load with weights_only=True; every failure names the file."""
+    try:
+        with torch.serialization.safe_globals(_numpy_and_argparse_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({exc}); "
+                                  f"re-download or re-save it") from None
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # legacy format: no listing available
+            unsafe = ["(not listable)"]
+        raise CheckpointError(
+            f"refusing to unpickle {path}: it holds Python objects besides tensors ({', '.join(unsafe)}), "
+            f"and glmx loads pickles with weights_only=True so no code runs. If you trust the file, re-save "
+            f"only its weights: torch.save({{'module': torch.load(f, weights_only=False)['module']}}, f)") from None
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt "
+                              f"({type(exc).__name__}: {exc}); re-download or re-save it") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt "
+                              f"({type(exc).__name__}: {exc}); re-download or re-save it") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """One flat state dict from a .safetensors or pickled file; checks every value is a tensor."""
+    sd = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, expected a dict of tensors")
+    bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{path} is not a flat state dict: {bad[:5]} are not tensors")
+    return dict(sd)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def _find_tokenizer(*folders: Path) -> Optional[Path]:
+    for name in TOKENIZER_FILES:
+        for folder in folders:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+# ---------------------------------------------------------------- model parallelism (spec 1.5, 8.3)
+
+def _mp_rule(key: str) -> str:
+    """How a key is split across model-parallel ranks: 'qkv', 'rows', 'cols' or 'replicated'."""
+    if key.endswith("attention.query_key_value.weight") or key.endswith("attention.query_key_value.bias"):
+        return "qkv"  # ColumnParallel with stride 3: rank r holds [Q_r; K_r; V_r]
+    if key.endswith(("word_embeddings.weight", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")):
+        return "rows"  # VocabParallelEmbedding / ColumnParallelLinear
+    if key.endswith(("attention.dense.weight", "mlp.dense_4h_to_h.weight")):
+        return "cols"  # RowParallelLinear (its bias is added once, after the all-reduce)
+    return "replicated"  # LayerNorms, row-parallel biases, position tables
+
+
+def merge_model_parallel(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Merge k model-parallel state dicts (rank order) into one MP-1 state dict."""
+    if not shards:
+        raise CheckpointError("no model-parallel shards to merge")
+    keys = list(shards[0])
+    for r, shard in enumerate(shards[1:], start=1):
+        if set(shard) != set(keys):
+            diff = sorted(set(shard) ^ set(keys))
+            raise CheckpointError(f"model-parallel shard {r} has different keys than shard 0: {diff[:5]}")
+    merged = {}
+    for key in keys:
+        parts = [shard[key] for shard in shards]
+        rule = _mp_rule(key)
+        try:
+            if rule == "qkv":
+                thirds = [p.chunk(3, dim=0) for p in parts]  # per rank: q_r, k_r, v_r
+                merged[key] = torch.cat([t[j] for j in range(3) for t in thirds], dim=0)
+            elif rule in ("rows", "cols"):
+                merged[key] = torch.cat(parts, dim=0 if rule == "rows" else 1)
+            else:
+                if any(p.shape != parts[0].shape or not torch.equal(p, parts[0]) for p in parts[1:]):
+                    raise CheckpointError(f"{key} should be identical on every model-parallel rank but differs: "
+                                          f"the shards come from different checkpoints")
+                merged[key] = parts[0]
+        except RuntimeError as exc:  # torch.cat on incompatible shapes
+            raise CheckpointError(f"cannot merge {key} across model-parallel shards: "
+                                  f"{[list(p.shape) for p in parts]} ({exc})") from None
+    return merged
+
+
+def split_model_parallel(state_dict: Mapping[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of merge_model_parallel: k rank state dicts as the original's model parallelism holds them."""
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    for key, value in state_dict.items():
+        rule = _mp_rule(key)
+        dim = 1 if rule == "cols" else 0
+        width = value.shape[dim] // (3 if rule == "qkv" else 1)
+        if rule != "replicated" and width % k:
+            raise CheckpointError(f"cannot split {key} {list(value.shape)} into {k} model-parallel parts")
+        for r in range(k):
+            if rule == "qkv":
+                q, kk, v = (t.chunk(k, dim=0)[r] for t in value.chunk(3, dim=0))
+                shards[r][key] = torch.cat([q, kk, v], dim=0).clone()
+            elif rule == "replicated":
+                shards[r][key] = value.clone()
+            else:
+                shards[r][key] = value.chunk(k, dim=dim)[r].clone()
+    return shards
+
+
+# ---------------------------------------------------------------- the three layouts
+
+@dataclass
+class _Found:
+    layout: str
+    state_dict: dict[str, torch.Tensor]
+    files: list[Path]
+    config: Optional[GLMConfig] = None  # from config.json / manifest
+    tokenizer_file: Optional[Path] = None
+    manifest: Optional[Manifest] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_glmx(folder: Path) -> _Found:
+    manifest = load_manifest(folder, kind="checkpoint")  # checks the sha256 of every file
+    config = GLMConfig.from_dict(manifest.config)
+    tok = manifest.tokenizer.get("file")
+    return _Found("glmx", _read_weights(folder / WEIGHTS_NAME), [folder / WEIGHTS_NAME], config,
+                  folder / tok if tok else None, manifest)
+
+
+def _read_hf(folder: Path) -> _Found:
+    try:
+        config = GLMConfig.from_hf_dict(_read_json(folder / CONFIG_NAME))
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
+    name = next(n for n in HF_WEIGHTS if (folder / n).is_file())
+    if name.endswith(".index.json"):  # sharded: {"weight_map": {key: file}}
+        weight_map = _read_json(folder / name).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{folder / name} has no 'weight_map' object")
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = [folder / name]
+    sd: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{path} is listed in {folder / name} but missing")
+        sd.update(_read_weights(path))
+    return _Found("hf", sd, files, config, _find_tokenizer(folder))
+
+
+def _mp_files(folder: Path) -> list[Path]:
+    """mp_rank_XX files of one iteration folder, in rank order, with no rank missing."""
+    ranks = {int(m.group(1)): p for p in folder.iterdir() if (m := MP_FILE.match(p.name))}
+    if ranks and sorted(ranks) != list(range(len(ranks))):
+        raise CheckpointError(
+            f"model-parallel shards in {folder} are inconsistent: found ranks {sorted(ranks)}, expected "
+            f"mp_rank_00 .. mp_rank_{len(ranks) - 1:02d} with none missing (or extra)")
+    return [ranks[r] for r in sorted(ranks)]
+
+
+def _read_megatron(path: Path) -> _Found:
+    notes = []
+    if path.is_file():
+        if MP_FILE.match(path.name) and len(siblings := _mp_files(path.parent)) > 1:
+            raise CheckpointError(f"{path} is one of {len(siblings)} model-parallel shards; pass the folder "
+                                  f"{path.parent} so that all of them are merged")
+        files, roots = [path], (path.parent, path.parent.parent)
+    else:
+        tracker = next((path / t for t in TRACKER_FILES if (path / t).is_file()), None)
+        folder = path
+        if tracker is not None:
+            tag = tracker.read_text(encoding="utf-8").strip()  # "release", an iteration, or a DeepSpeed tag
+            folder = path / tag
+            if not folder.is_dir():
+                raise CheckpointError(f"{tracker} names checkpoint {tag!r}, but {folder} does not exist")
+            notes.append(f"{tracker.name} -> {tag}")
+        files = _mp_files(folder)
+        if not files:
+            raise CheckpointError(f"{folder} holds no mp_rank_XX_model_states.pt files")
+        roots = (folder, folder.parent)  # the iteration folder, then the checkpoint root
+    shards = []
+    for f in files:
+        obj = _read_weights(f) if f.suffix == ".safetensors" else _read_pickle(f)
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{f} holds a {type(obj).__name__}, expected a dict with a 'module' entry")
+        world = obj.get("mp_world_size")
+        if isinstance(world, int) and world != len(files):
+            raise CheckpointError(f"{f} says mp_world_size={world}, but {len(files)} mp_rank files were found "
+                                  f"beside it: shards are missing or come from different runs")
+        if "module" in obj:
+            sd = obj["module"]
+        elif obj and all(torch.is_tensor(v) for v in obj.values()):
+            sd = obj  # a bare state dict
+        else:
+            raise CheckpointError(f"{f} has no 'module' entry (keys: {sorted(map(str, obj))[:8]}): "
+                                  f"not a Megatron/DeepSpeed model-states file")
+        bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+        if bad:
+            raise CheckpointError(f"{f}: 'module' is not a flat state dict ({bad[:5]} are not tensors)")
+        shards.append(dict(sd))
+    sd = shards[0] if len(shards) == 1 else merge_model_parallel(shards)
+    if len(shards) > 1:
+        notes.append(f"merged {len(shards)} model-parallel shards")
+    return _Found("megatron", sd, files, None, _find_tokenizer(*roots), notes=notes)
+
+
+def _detect(path: Path) -> _Found:
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return _read_glmx(path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and any((path / n).is_file() for n in HF_WEIGHTS):
+        return _read_hf(path)
+    if path.is_file() or any((path / t).is_file() for t in TRACKER_FILES) or _mp_files(path):
+        return _read_megatron(path)
+    found = sorted(p.name for p in path.iterdir())[:12]
+    raise CheckpointError(
+        f"{path} is not a GLM checkpoint glmx can read; expected one of: "
+        f"(glmx) manifest.json + {WEIGHTS_NAME} + {CONFIG_NAME}; "
+        f"(hf) {CONFIG_NAME} + one of {', '.join(HF_WEIGHTS)}; "
+        f"(megatron) {' or '.join(TRACKER_FILES)} + <iteration|release>/mp_rank_00_model_states.pt, "
+        f"or mp_rank_XX_model_states.pt files, or the path of one such file. Found: {found}")
+
+
+# ---------------------------------------------------------------- keys, config and shapes
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official names (spec 1.1) from keys with or without a base-model prefix; downstream heads set aside."""
+    for prefix in BASE_PREFIXES:
+        if any(k.startswith((prefix + "word_embeddings.", prefix + "transformer.")) for k in sd):
+            base = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            heads = [k for k in sd if not k.startswith(prefix) and k.startswith(HEAD_PREFIXES)]
+            for k, v in sd.items():  # anything else stays under its own name and is reported if unexpected
+                if not k.startswith(prefix) and k not in heads:
+                    if k in base:
+                        raise CheckpointError(f"{k} appears both with and without the {prefix!r} prefix")
+                    base[k] = v
+            return base, heads
+    return sd, []
+
+
+def _sizes(sd: Mapping[str, torch.Tensor]) -> Optional[dict[str, int]]:
+    """num_layers, hidden_size, vocab_size, max_sequence_length as the weights' shapes say (None if unknowable)."""
+    emb, pos = sd.get("word_embeddings.weight"), sd.get("transformer.position_embeddings.weight")
+    if emb is None or pos is None or emb.dim() != 2 or pos.dim() != 2:
+        return None
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
+    return {"num_layers": max(layers) + 1 if layers else 0, "hidden_size": emb.shape[1],
+            "vocab_size": emb.shape[0], "max_sequence_length": pos.shape[0] - 1}  # tables have P + 1 rows
+
+
+def _resolve_config(config: Union[GLMConfig, str, None], found: _Found) -> GLMConfig:
+    """Caller's config first, then the folder's, then (Megatron) a preset or sizes inferred from shapes."""
+    if isinstance(config, str):
+        return get_preset(config)
+    if config is not None:
+        return config
+    if found.config is not None:
+        return found.config
+    sizes = _sizes(found.state_dict)
+    if sizes is None:
+        raise CheckpointError(f"{found.files[0]} has no word_embeddings.weight / position table to infer the model "
+                              f"size from; pass config= (or --preset)")
+    for preset in PRESETS.values():
+        if all(getattr(preset, k) == v for k, v in sizes.items()):
+            found.notes.append(f"config: preset {preset.name} (its sizes match the weights)")
+            return preset
+    h = sizes["hidden_size"]
+    if h % HEAD_DIM:
+        raise CheckpointError(
+            f"{found.files[0]} carries no config and hidden_size {h} is not a multiple of {HEAD_DIM}, so "
+            f"num_attention_heads cannot be assumed; pass config=GLMConfig(...) or a preset name (--preset)")
+    found.notes.append(f"config inferred from shapes; num_attention_heads = hidden_size / {HEAD_DIM} = "
+                       f"{h // HEAD_DIM} assumed (head_dim is 64 in every released GLM); pass config= if not")
+    return GLMConfig(num_attention_heads=h // HEAD_DIM, gelu="tanh", name="custom", **sizes)
+
+
+def _check_weights(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], config: GLMConfig,
+                   source: str) -> None:
+    sizes = _sizes(sd)
+    if sizes is not None:
+        diff = [f"{k}: config {getattr(config, k)}, weights {v}" for k, v in sizes.items() if getattr(config, k) != v]
+        if diff:
+            raise CheckpointError(f"weights in {source} do not match config {config.name!r}: {'; '.join(diff)}. "
+                                  f"Pass the right config / --preset, or fix {CONFIG_NAME}")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source} lacks {len(missing)} of {len(expected)} GLM weights: {missing[:6]}; "
+                              f"the file is incomplete or not a GLM base model")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source} has unexpected keys {unexpected[:6]}: glmx loads only the GLM base model "
+                              f"(spec 1.1); remove them or save the base model's weights")
+    wrong = [f"{k}: expected {list(v.shape)}, got {list(sd[k].shape)}" for k, v in expected.items()
+             if sd[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source} has mis-shaped weights for config {config.name!r}: {'; '.join(wrong[:6])}")
+
+
+# ---------------------------------------------------------------- entry points
+
+def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, None] = None,
+                    dtype: Optional[torch.dtype] = torch.float32) -> LoadedCheckpoint:
+    """Load any supported layout into the reference GLMModel (eval mode, CPU).
+
+    config: a GLMConfig or preset name; it wins over the folder's own config (Megatron files carry none).
+    dtype: the model's dtype; None keeps the files' dtype. Errors raise CheckpointError (ManifestError for a
+    glmx folder whose files do not match their manifest).
+    """
+    found = _detect(Path(path))
+    sd, ignored = _strip_prefix(found.state_dict)
+    found.state_dict = sd
+    cfg = _resolve_config(config, found)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = GLMModel(cfg)
+    source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
+    _check_weights(sd, model.state_dict(), cfg, source)
+    source_dtype = sd["word_embeddings.weight"].dtype
+    target = dtype or source_dtype
+    model.load_state_dict({k: v.to(target) for k, v in sd.items()}, strict=True, assign=True)
+    if ignored:
+        found.notes.append(f"ignored {len(ignored)} downstream head weights ({ignored[0]} ...)")
+    return LoadedCheckpoint(model.eval(), cfg, found.layout, found.tokenizer_file, found.manifest, source_dtype,
+                            tuple(found.files), tuple(ignored), tuple(found.notes))
+
+
+def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *, tokenizer_file: Union[str, Path, None] = None,
+                    extra: Optional[dict[str, Any]] = None, dtype: Optional[torch.dtype] = None,
+                    overwrite: bool = False) -> Path:
+    """Write glmx's checkpoint folder: model.safetensors (official names), config.json (HF fields + a glmx block),
+    the tokenizer file if given, manifest.json last. dtype: weights dtype on disk (None = the model's)."""
+    config: GLMConfig = model.config
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    precision = PRECISION.get(sd["word_embeddings.weight"].dtype)
+    if precision is None:
+        raise CheckpointError(f"cannot save weights of dtype {sd['word_embeddings.weight'].dtype}; "
+                              f"use one of {sorted(DTYPES)}")
+    tok = Path(tokenizer_file) if tokenizer_file is not None else None
+    if tok is not None and not tok.is_file():
+        raise CheckpointError(f"tokenizer file {tok} does not exist")
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    with staged_folder(out_dir, overwrite=overwrite) as stage:
+        save_file(sd, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        atomic_write_json(stage / CONFIG_NAME, config.to_hf_dict())
+        tokenizer = {}
+        if tok is not None:
+            shutil.copyfile(tok, stage / tok.name)
+            tokenizer = {"file": tok.name, "sha256": sha256_file(stage / tok.name)}
+        write_manifest(stage, Manifest(kind="checkpoint", config=config.to_dict(), precision=precision,
+                                       tokenizer=tokenizer, versions=tool_versions("torch", "safetensors"),
+                                       extra=dict(extra or {})))
+    return out_dir
+
+
+def convert_checkpoint(src: Union[str, Path], out_dir: Union[str, Path], *, preset: Optional[str] = None,
+                       dtype: Optional[str] = None, overwrite: bool = False) -> tuple[LoadedCheckpoint, Path]:
+    """Any supported layout -> glmx folder. dtype: 'fp32' | 'fp16' | 'bf16', or None to keep the source's."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    loaded = load_checkpoint(src, config=preset, dtype=DTYPES[dtype] if dtype else None)
+    source = {"path": str(src), "layout": loaded.layout, "dtype": PRECISION.get(loaded.source_dtype, "?")}
+    out = save_checkpoint(loaded.model, out_dir, tokenizer_file=loaded.tokenizer_file,
+                          extra={"source": source, "notes": list(loaded.notes)}, overwrite=overwrite)
+    return loaded, out
