@@ -1,0 +1,486 @@
+"""GLM's tokenizers without torch: the original vocabularies with the command-token ids of spec section 7.
+
+In: GPT-2 / RoBERTa / BERT / Chinese SentencePiece vocabulary files or glmx's tokenizer.json. Out: `GLMTokenizer`
+and the blank-filling context ids of spec 4.1 (`build_context_ids`, `find_blanks`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from glm_runtime.config import TOKENIZER_KINDS
+from glm_runtime.manifest import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
+
+# Command-token names of the original code, in the order the ids are reported (spec 7).
+COMMAND_NAMES = ("pad", "eos", "sep", "ENC", "MASK", "unk", "sop", "eop", "gMASK", "sMASK", "dBLOCK")
+BLANK_NAMES = ("MASK", "sMASK", "gMASK")
+COMMAND_STRINGS = {"pad": "<|endoftext|>", "eos": "<|endoftext|>", "sep": "[SEP]", "ENC": "[CLS]", "MASK": "[MASK]",
+                   "unk": "[UNK]", "sop": "<|startofpiece|>", "eop": "<|endofpiece|>", "gMASK": "[gMASK]",
+                   "sMASK": "[sMASK]", "dBLOCK": "[dBLOCK]"}
+# glmx's tokenizer.json: these added tokens sit at ids 0..9 in this order (train_bpe_tokenizer writes them).
+JSON_SPECIAL_TOKENS = ("<|endoftext|>", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<|startofpiece|>",
+                       "<|endofpiece|>", "[SEP]", "[UNK]", "[dBLOCK]")
+_JSON_REQUIRED = ("pad", "eos", "ENC", "MASK", "sop", "eop")
+META_NAME = "glmx_tokenizer.json"  # kind and options, written by GLMTokenizer.save
+# (task_mask, decoder_mask) of the released models: [gMASK]/[sMASK] only for task-mask models (spec 9.14),
+# [dBLOCK] where the spec's table lists it (GLM-2B/10B and both Chinese models).
+_DEFAULT_OPTIONS = {"gpt2": (True, True), "roberta": (False, False), "bert": (False, False),
+                    "chinese-sp": (True, True), "chinese-sp-fix": (True, True)}
+_FAMILY = {"gpt2": "bpe", "roberta": "bpe", "bert": "wordpiece", "chinese-sp": "sp", "chinese-sp-fix": "sp",
+           "json": "json"}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded, or a token or id the caller asked for is not in its vocabulary."""
+
+
+class BlankError(TokenizerError):
+    """A blank-filling prompt has no blank token ([MASK], [sMASK] or [gMASK]) to fill."""
+
+
+# ---------------------------------------------------------------- text tokenizers (the vocabulary without commands)
+
+class _TokenizersText:
+    """A `tokenizers.Tokenizer` (byte-level BPE or WordPiece) used on text segments only."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.size = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
+
+
+class _SentencePieceText:
+    def __init__(self, sp: Any) -> None:
+        self.sp = sp
+        self.size = sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)  # unknown pieces map to <unk>; tell them apart
+        return i if self.sp.id_to_piece(i) == token else None
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i)
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+class GLMTokenizer:
+    """One GLM vocabulary: text ids from the underlying tokenizer plus GLM's command tokens.
+
+    Built by `load_tokenizer`. `special` maps command names (pad, eos, sep, ENC, MASK, unk, sop, eop, gMASK,
+    sMASK, dBLOCK; only those this vocabulary has) to ids; `mask_ids` are the blank tokens present.
+    """
+
+    def __init__(self, kind: str, text: Any, special: dict[str, int], files: dict[str, Path],
+                 options: dict[str, Any]) -> None:
+        self.kind, self._text, self.files, self.options = kind, text, dict(files), dict(options)
+        self.special = {name: special[name] for name in COMMAND_NAMES if name in special}
+        strings = dict(COMMAND_STRINGS, **({"pad": "[PAD]", "eos": "[PAD]"} if kind == "bert" else {}))
+        self.command_strings = {name: strings[name] for name in self.special}
+        self._string_to_id = {strings[name]: i for name, i in self.special.items()}
+        self._id_to_string: dict[int, str] = {}
+        # An id shared by several names decodes as a blank if it is one (GLM-10B-Chinese gMASK == eop, which a
+        # prompt shows and a generated span never holds), else as the first name (RoBERTa pad = eos = sep).
+        for name in sorted(self.special, key=lambda name: name not in BLANK_NAMES):
+            self._id_to_string.setdefault(self.special[name], strings[name])
+        # Spec 7: whitespace right before [MASK]/[sMASK]/[gMASK] is dropped (lstrip) except in WordPiece,
+        # which discards whitespace anyway.
+        self._lstrip = set() if kind == "bert" else {strings[n] for n in BLANK_NAMES if n in self.special}
+        pattern = "|".join(re.escape(s) for s in sorted(self._string_to_id, key=len, reverse=True))
+        self._split = re.compile(f"({pattern})")
+        self.mask_ids = tuple(self.special[n] for n in BLANK_NAMES if n in self.special)
+        self.vocab_size = max(text.size, max(self.special.values()) + 1)  # unpadded, specials included
+
+    def __repr__(self) -> str:
+        return f"GLMTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, special={self.special})"
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        """The model's V: this size rounded up to a multiple of 128 (spec 6)."""
+        return -(-self.vocab_size // multiple) * multiple
+
+    # encoding
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, with command-token strings split out first as single ids; nothing added around."""
+        ids: list[int] = []
+        parts = self._split.split(text)  # even indices: plain text, odd: a command string
+        for k in range(0, len(parts), 2):
+            segment = parts[k]
+            command = parts[k + 1] if k + 1 < len(parts) else None
+            if command in self._lstrip:
+                segment = segment.rstrip()
+            if segment:
+                ids.extend(self._text.encode(segment))
+            if command is not None:
+                ids.append(self._string_to_id[command])
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        parts: list[str] = []
+        run: list[int] = []
+        for i in map(int, ids):
+            if i in self._id_to_string:
+                if not skip_special_tokens:
+                    if run:
+                        parts.append(self._text.decode(run))
+                        run = []
+                    parts.append(self._id_to_string[i])
+            elif 0 <= i < self._text.size:
+                run.append(i)
+            else:
+                raise TokenizerError(
+                    f"id {i} is not a token of this {self.kind} tokenizer (text ids 0..{self._text.size - 1}, "
+                    f"command ids {sorted(self._id_to_string)}); padded ids >= {self.vocab_size} have no text")
+        if run:
+            parts.append(self._text.decode(run))
+        return (" " if self.kind == "bert" else "").join(parts)  # WordPiece output is space separated
+
+    def token_to_id(self, token: str) -> int:
+        if token in self._string_to_id:
+            return self._string_to_id[token]
+        i = self._text.token_to_id(token)
+        if i is None:
+            raise TokenizerError(f"{token!r} is not a token of this {self.kind} tokenizer{self._hint(token)}")
+        return i
+
+    def id_to_token(self, i: int) -> str:
+        if i in self._id_to_string:
+            return self._id_to_string[i]
+        token = self._text.id_to_token(i) if 0 <= i < self._text.size else None
+        if token is None:
+            raise TokenizerError(f"id {i} is not a token of this {self.kind} tokenizer (size {self.vocab_size})")
+        return token
+
+    def command_id(self, name: str) -> int:
+        """Id of a command token by name ("eos", "gMASK", ...), with a clear error when the vocabulary lacks it."""
+        if name in self.special:
+            return self.special[name]
+        if name not in COMMAND_NAMES:
+            raise TokenizerError(f"unknown command token name {name!r}; names are {COMMAND_NAMES}")
+        raise TokenizerError(f"this {self.kind} tokenizer has no {name} token{self._hint(COMMAND_STRINGS[name])}")
+
+    def _hint(self, token: str) -> str:
+        if token in ("[gMASK]", "[sMASK]", "[dBLOCK]") and self.kind != "json":
+            option = "decoder_mask" if token == "[dBLOCK]" else "task_mask"
+            return (f": {token} exists only when loaded with {option}=True (load_tokenizer(..., {option}=True)), "
+                    f"which must match how the model was trained")
+        return ""
+
+    # saving and describing
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Copy the vocabulary files into `folder` plus glmx_tokenizer.json (kind, options); load_tokenizer reads it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, src in self.files.items():
+            atomic_write_bytes(folder / name, Path(src).read_bytes())
+        atomic_write_json(folder / META_NAME, {"kind": self.kind, "options": self.options})
+        return folder
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's tokenizer entry: kind, options, special ids, and the sha256 of every vocabulary file."""
+        hashes = {name: sha256_file(path) for name, path in self.files.items()}
+        first = next(iter(self.files))
+        return {"kind": self.kind, "file": first, "sha256": hashes[first], "files": hashes,
+                "special_tokens": dict(self.special), "mask_ids": list(self.mask_ids),
+                "vocab_size": self.vocab_size, "padded_vocab_size": self.padded_vocab_size(),
+                "options": dict(self.options)}
+
+
+# ---------------------------------------------------------------- command-token id tables (spec 7)
+
+def _after_vocab(start: int, options: dict[str, Any], middle: Sequence[str] = ()) -> dict[str, int]:
+    """GPT-2 / RoBERTa / BERT: added commands take the next free ids after the vocabulary, in this order."""
+    names = ["sop", "eop", *middle] + (["gMASK", "sMASK"] if options["task_mask"] else []) \
+        + (["dBLOCK"] if options["decoder_mask"] else [])
+    return {name: start + k for k, name in enumerate(names)}
+
+
+def chinese_sp_special_ids(num_pieces: int, fix_command_token: bool, task_mask: bool = True,
+                           decoder_mask: bool = True, hf_gmask: bool = False) -> dict[str, int]:
+    """Command ids of ChineseSPTokenizer for a SentencePiece model of `num_pieces` pieces (50000 in GLM).
+
+    The original counter advances by 5 after unk, so n+5 is never used and sop/eop are n+6/n+7; without
+    fix_command_token it then advances by only 2, so gMASK gets n+7 == eop (GLM-10B-Chinese, spec 9.12).
+    hf_gmask=True gives the Hugging Face convention for that model: gMASK = n+9 (its embedding row is a copy
+    of row n+7), and no dBLOCK (it would collide).
+    """
+    n = num_pieces
+    ids = {"pad": n, "eos": n, "sep": n + 1, "ENC": n + 2, "MASK": n + 3, "unk": n + 4, "sop": n + 6, "eop": n + 7}
+    following = n + 8 if fix_command_token else n + 7
+    if task_mask:
+        first, second = ("sMASK", "gMASK") if fix_command_token else ("gMASK", "sMASK")
+        ids[first], ids[second] = following, following + 1
+        following += 2
+        if hf_gmask:
+            ids["gMASK"] = n + 9
+    if decoder_mask:
+        ids["dBLOCK"] = following
+    return ids
+
+
+# ---------------------------------------------------------------- loading
+
+def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mask: bool | None = None,
+                   decoder_mask: bool | None = None, hf_gmask: bool = False) -> GLMTokenizer:
+    """Load a GLM tokenizer from a folder or a file.
+
+    kind: one of TOKENIZER_KINDS; detected when left out (tokenizer.json -> json, vocab.json + merges.txt ->
+    gpt2, vocab.txt -> bert, a folder written by GLMTokenizer.save -> its recorded kind). A SentencePiece
+    *.model needs kind "chinese-sp-fix" (GLM-Large-Chinese) or "chinese-sp" (GLM-10B-Chinese, original ids
+    where gMASK == eop == 50007; hf_gmask=True for the Hugging Face checkpoints, gMASK = 50009).
+    task_mask / decoder_mask: add [gMASK]/[sMASK] and [dBLOCK]; default = what the released models used.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TokenizerError(f"tokenizer path {path} does not exist")
+    if path.is_dir() and (path / META_NAME).is_file():
+        try:
+            meta = json.loads((path / META_NAME).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{path / META_NAME} is corrupt ({exc}); save the tokenizer again") from None
+        if kind is not None and kind != meta["kind"]:
+            raise TokenizerError(f"{path} holds a {meta['kind']!r} tokenizer ({META_NAME}), not {kind!r}")
+        kind = meta["kind"]
+        saved = meta.get("options", {})
+        task_mask = saved.get("task_mask") if task_mask is None else task_mask
+        decoder_mask = saved.get("decoder_mask") if decoder_mask is None else decoder_mask
+        hf_gmask = hf_gmask or saved.get("hf_gmask", False)
+    if kind is not None and kind not in TOKENIZER_KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {TOKENIZER_KINDS}")
+    kind, files = _find_files(path, kind)
+    if kind == "json":
+        if task_mask is not None or decoder_mask is not None or hf_gmask:
+            raise TokenizerError("task_mask / decoder_mask / hf_gmask do not apply to a tokenizer.json: "
+                                 "its special tokens are looked up by string")
+        return _load_json(files)
+    if hf_gmask and kind != "chinese-sp":
+        raise TokenizerError(f"hf_gmask applies only to kind 'chinese-sp' (GLM-10B-Chinese), not {kind!r}")
+    default_task, default_decoder = _DEFAULT_OPTIONS[kind]
+    task_mask = default_task if task_mask is None else bool(task_mask)
+    decoder_mask = (default_decoder and not hf_gmask) if decoder_mask is None else bool(decoder_mask)
+    if hf_gmask and (decoder_mask or not task_mask):
+        raise TokenizerError("hf_gmask=True needs task_mask=True and decoder_mask=False "
+                             "(the HF GLM-10B-Chinese [gMASK] 50009 is the original [dBLOCK] id)")
+    options = {"task_mask": task_mask, "decoder_mask": decoder_mask, "hf_gmask": hf_gmask}
+    if kind in ("gpt2", "roberta"):
+        return _load_bpe(kind, files, options)
+    if kind == "bert":
+        return _load_bert(files, options)
+    return _load_sentencepiece(kind, files, options)
+
+
+def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
+    """Which files make up the tokenizer at `path` (a folder or one of its files), and its kind."""
+    folder = path.parent if path.is_file() else path
+    if path.is_file():
+        name = path.name
+        family = ("bpe" if name in ("vocab.json", "merges.txt") else "json" if name.endswith(".json")
+                  else "sp" if name.endswith(".model") else "wordpiece" if name.endswith(".txt") else None)
+        if family is None and kind is None:
+            raise TokenizerError(f"cannot tell the tokenizer kind of {path}; pass kind= one of {TOKENIZER_KINDS}")
+        if kind is not None and family is not None and _FAMILY[kind] != family:
+            raise TokenizerError(f"{path} is not a {kind!r} tokenizer file")
+    else:
+        models = sorted(p.name for p in folder.glob("*.model"))
+        family = ("json" if (folder / "tokenizer.json").is_file() else "bpe" if (folder / "vocab.json").is_file()
+                  else "wordpiece" if (folder / "vocab.txt").is_file() else "sp" if models else None)
+        if family is None and kind is None:
+            raise TokenizerError(f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + "
+                                 f"merges.txt, vocab.txt, or a SentencePiece *.model")
+    if kind is None:
+        if family == "sp":
+            raise TokenizerError(f"a SentencePiece model ({path}) needs an explicit kind: 'chinese-sp-fix' for "
+                                 f"GLM-Large-Chinese or 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ)")
+        kind = {"json": "json", "bpe": "gpt2", "wordpiece": "bert"}[family]
+    family = _FAMILY[kind]
+    if family == "bpe":
+        files = {"vocab.json": folder / "vocab.json", "merges.txt": folder / "merges.txt"}
+    elif family == "json":
+        files = {"tokenizer.json": path if path.is_file() else folder / "tokenizer.json"}
+    elif family == "wordpiece":
+        files = {"vocab.txt": path if path.is_file() else folder / "vocab.txt"}
+    elif path.is_file():
+        files = {path.name: path}
+    else:
+        models = sorted(p.name for p in folder.glob("*.model"))
+        chosen = "cog-pretrain.model" if "cog-pretrain.model" in models else models[0] if len(models) == 1 else None
+        if chosen is None:
+            found = f"several: {models}; pass the file itself" if models else "none"
+            raise TokenizerError(f"{kind} needs a SentencePiece model in {folder} (cog-pretrain.model); found {found}")
+        files = {chosen: folder / chosen}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise TokenizerError(f"the {kind} tokenizer needs {', '.join(files)}; missing: {', '.join(missing)}")
+    return kind, files
+
+
+def _require(vocab_has: Any, tokens: Sequence[str], where: Path, what: str) -> None:
+    missing = [t for t in tokens if vocab_has(t) is None]
+    if missing:
+        raise TokenizerError(f"{where} lacks {missing}: not a {what}")
+
+
+def _load_bpe(kind: str, files: dict[str, Path], options: dict[str, Any]) -> GLMTokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab, merges = files["vocab.json"], files["merges.txt"]
+    try:
+        tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise TokenizerError(f"cannot read byte-level BPE files {vocab} and {merges}: {exc}") from None
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = _TokenizersText(tok)
+    n = text.size  # the original's num_tokens = len(encoder)
+    t = tok.token_to_id
+    if kind == "gpt2":
+        _require(t, ["<|endoftext|>"], vocab, "GPT-2 vocabulary (a RoBERTa vocab.json needs kind='roberta')")
+        # GLM-2B/10B: sop, eop, ENC, MASK, sep, unk, then gMASK, sMASK, dBLOCK after the 50257 ids (spec 7)
+        special = {"pad": t("<|endoftext|>"), "eos": t("<|endoftext|>"),
+                   **_after_vocab(n, options, middle=("ENC", "MASK", "sep", "unk"))}
+    else:
+        _require(t, ["<s>", "</s>", "<unk>", "<mask>"], vocab, "RoBERTa vocabulary")
+        special = {"pad": t("</s>"), "eos": t("</s>"), "sep": t("</s>"), "ENC": t("<s>"), "MASK": t("<mask>"),
+                   "unk": t("<unk>"), **_after_vocab(n, options)}
+    return GLMTokenizer(kind, text, special, files, options)
+
+
+def _load_bert(files: dict[str, Path], options: dict[str, Any]) -> GLMTokenizer:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    vocab = files["vocab.txt"]
+    try:
+        tok = Tokenizer(models.WordPiece.from_file(str(vocab), unk_token="[UNK]"))
+    except Exception as exc:
+        raise TokenizerError(f"cannot read WordPiece vocabulary {vocab}: {exc}") from None
+    # uncased BERT: clean text, split CJK characters, lower-case and strip accents (spec 7: lower-casing on)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    t = tok.token_to_id
+    _require(t, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], vocab, "BERT vocabulary")
+    text = _TokenizersText(tok)
+    special = {"pad": t("[PAD]"), "eos": t("[PAD]"), "sep": t("[SEP]"), "ENC": t("[CLS]"), "MASK": t("[MASK]"),
+               "unk": t("[UNK]"), **_after_vocab(text.size, options)}
+    return GLMTokenizer("bert", text, special, files, options)
+
+
+def _load_sentencepiece(kind: str, files: dict[str, Path], options: dict[str, Any]) -> GLMTokenizer:
+    try:
+        import sentencepiece
+    except ImportError:
+        raise TokenizerError("the Chinese SentencePiece tokenizer needs the sentencepiece package: "
+                             "pip install sentencepiece") from None
+    (model,) = files.values()
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    except Exception as exc:
+        raise TokenizerError(f"cannot read SentencePiece model {model}: {exc}") from None
+    text = _SentencePieceText(sp)
+    special = chinese_sp_special_ids(text.size, kind == "chinese-sp-fix", options["task_mask"],
+                                     options["decoder_mask"], options["hf_gmask"])
+    return GLMTokenizer(kind, text, special, files, options)
+
+
+def _load_json(files: dict[str, Path]) -> GLMTokenizer:
+    from tokenizers import Tokenizer
+    (path,) = files.values()
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise TokenizerError(f"cannot read {path} as a tokenizers JSON file: {exc}") from None
+    special = {name: tok.token_to_id(COMMAND_STRINGS[name]) for name in COMMAND_NAMES}
+    special = {name: i for name, i in special.items() if i is not None}  # look up by string, never assume
+    missing = [COMMAND_STRINGS[name] for name in _JSON_REQUIRED if name not in special]
+    if missing:
+        raise TokenizerError(f"{path} lacks GLM's special tokens {missing}; train it with train_bpe_tokenizer "
+                             f"(special tokens {list(JSON_SPECIAL_TOKENS)})")
+    return GLMTokenizer("json", _TokenizersText(tok), special, files, {})
+
+
+# ---------------------------------------------------------------- training glmx's own tokenizer
+
+def train_bpe_tokenizer(files_or_iterator: Any, vocab_size: int, out_file: str | os.PathLike, *,
+                        min_frequency: int = 0) -> GLMTokenizer:
+    """Train a byte-level BPE with JSON_SPECIAL_TOKENS at ids 0..9 and write it to `out_file` (atomically).
+
+    files_or_iterator: a path (str or Path), a list of pathlib.Path, or any other iterable of training texts.
+    Deterministic: the same input gives a byte-identical file.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    floor = len(JSON_SPECIAL_TOKENS) + 256  # the specials plus the 256-symbol byte alphabet
+    if vocab_size < floor:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE with GLM's specials "
+                             f"needs at least {floor}")
+    files = None
+    if isinstance(files_or_iterator, (str, os.PathLike)):
+        files = [Path(files_or_iterator)]
+    elif isinstance(files_or_iterator, (list, tuple)) and files_or_iterator and all(
+            isinstance(f, os.PathLike) for f in files_or_iterator):
+        files = [Path(f) for f in files_or_iterator]
+    if files is not None:
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise TokenizerError(f"training files not found: {missing}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    blanks = {COMMAND_STRINGS[n] for n in BLANK_NAMES}  # lstrip, so other tools strip like GLM does (spec 7)
+    specials = [AddedToken(s, special=True, normalized=False, lstrip=s in blanks) for s in JSON_SPECIAL_TOKENS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    if files is not None:
+        tok.train([str(f) for f in files], trainer)
+    else:
+        tok.train_from_iterator(files_or_iterator, trainer)
+    with atomic_path(out_file) as tmp:
+        tok.save(str(tmp), pretty=True)
+    return load_tokenizer(out_file, kind="json")
+
+
+# ---------------------------------------------------------------- the blank-filling context (spec 4.1)
+
+def find_blanks(ids: Sequence[int], tok: GLMTokenizer) -> list[tuple[int, int]]:
+    """(position, mask id) of every blank token in `ids`, ascending (spec 4.1 step 3)."""
+    masks = set(tok.mask_ids)
+    return [(pos, int(i)) for pos, i in enumerate(ids) if int(i) in masks]
+
+
+def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = False) -> list[int]:
+    """[ENC] + encode(text) + [eos], without eos when the text ends with [gMASK] (spec 4.1, 9.11).
+
+    A text without a blank is refused unless append_gmask, which appends " [gMASK]" (" [MASK]" for a
+    vocabulary without [gMASK]) so the model continues the text.
+    """
+    ids = tok.encode(text)
+    if not find_blanks(ids, tok):
+        if not append_gmask:
+            blanks = " ".join(tok.command_strings[n] for n in BLANK_NAMES if n in tok.special)
+            foreign = [s for s in ("[sMASK]", "[gMASK]") if s in text and s not in tok._string_to_id]
+            note = (f"; {' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a blank of this "
+                    f"{tok.kind} tokenizer{tok._hint(foreign[0])}") if foreign else ""
+            raise BlankError(f"the text has no blank to fill: put one of {blanks} where the model should write, "
+                             f"or pass append_gmask=True to continue the text at its end{note}")
+        text = text + (" [gMASK]" if "gMASK" in tok.special else " [MASK]")
+        ids = tok.encode(text)
+    ids = [tok.special["ENC"], *ids]
+    if not ("gMASK" in tok.special and text.endswith("[gMASK]")):
+        ids.append(tok.special["eos"])
+    return ids
