@@ -1,0 +1,240 @@
+"""Export stage: a GLM (model object or checkpoint folder) -> a checked ONNX folder with its manifest.
+
+In: a GLMModel or a checkpoint folder, a precision and an output folder. Out: out_dir/ with model.onnx
+(+ model.onnx.data when large), the tokenizer if given, and manifest.json (IO table, parity figures), written
+through staged_folder so a failed export leaves nothing behind. `load_onnx_model` checks such a folder.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
+from glm_runtime.config import ConfigError, GLMConfig
+from glm_runtime.iotable import PRECISIONS, io_table
+from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file,
+                                  staged_folder, tool_versions, write_manifest)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+DEFAULT_OPSET = 17
+# protobuf cannot serialize a message past 2 GiB; leave room for the graph itself
+EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 27
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "glmx-small"
+
+Log = Callable[[str], None]
+
+
+class ExportError(RuntimeError):
+    """The export cannot start or finish: a bad argument, a missing input, or a graph that fails its checks."""
+
+
+def default_checkpoint() -> Path:
+    """The bundled model, resolved only when asked for (it is produced by the pretraining stage)."""
+    if not (BUNDLED_CHECKPOINT / MANIFEST_NAME).is_file():
+        raise ExportError(f"the bundled model {BUNDLED_CHECKPOINT} is not present in this install; pass a "
+                          f"CHECKPOINT folder (glmx export CHECKPOINT -o OUT)")
+    return BUNDLED_CHECKPOINT
+
+
+# ------------------------------------------------------------------ weights: inline or external data
+
+class ExternalData:
+    """Streams initializers into one `model.onnx.data` file as the graph is built (never two copies in memory).
+
+    Tensors under `min_bytes` stay inline; each tensor starts at a 4 KiB-aligned offset so runtimes can map it.
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, folder: Path, name: str = DATA_FILE, min_bytes: int = 1024):
+        self.name, self.min_bytes = name, min_bytes
+        self._fh = open(folder / name, "wb")
+        self._offset = 0
+
+    def __call__(self, name: str, array: np.ndarray) -> TensorProto:
+        if array.nbytes < self.min_bytes:
+            return numpy_helper.from_array(array, name)
+        pad = -self._offset % self.ALIGN
+        self._fh.write(b"\0" * pad)
+        self._offset += pad
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # ONNX raw data is little-endian
+        self._fh.write(memoryview(data).cast("B"))
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        for key, value in (("location", self.name), ("offset", self._offset), ("length", data.nbytes)):
+            tensor.external_data.add(key=key, value=str(value))
+        tensor.data_location = TensorProto.EXTERNAL
+        self._offset += data.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._fh.flush()
+        self._fh.close()
+
+
+def _weight_bytes(model: torch.nn.Module, precision: str) -> int:
+    itemsize = 2 if precision == "fp16" else 4
+    return sum(p.numel() for p in model.parameters()) * itemsize
+
+
+# ------------------------------------------------------------------ the source: model object or checkpoint folder
+
+class _Source:
+    """What is exported: the model, and where it came from (a checkpoint folder, its tokenizer)."""
+
+    def __init__(self, model: torch.nn.Module, folder: Optional[Path] = None, tokenizer: Optional[Path] = None,
+                 tokenizer_entry: Optional[dict[str, Any]] = None):
+        if not isinstance(getattr(model, "config", None), GLMConfig):
+            raise ExportError("the model has no GLMConfig `.config`; pass a glm_export.model.GLMModel")
+        self.model, self.folder, self.tokenizer = model, folder, tokenizer
+        self.tokenizer_entry = dict(tokenizer_entry or {})
+
+
+def _resolve_source(source: Union[torch.nn.Module, str, Path, None]) -> _Source:
+    if isinstance(source, torch.nn.Module):
+        return _Source(source)
+    folder = default_checkpoint() if source is None else Path(source)
+    if not folder.exists():
+        raise ExportError(f"checkpoint {folder} does not exist")
+    from glm_export.checkpoint import load_checkpoint  # any layout: glmx, Hugging Face, Megatron
+    loaded = load_checkpoint(folder)
+    entry = loaded.manifest.tokenizer if loaded.manifest is not None else {}
+    return _Source(loaded.model, folder, loaded.tokenizer_file, entry)
+
+
+def _tokenizer(tokenizer_file: Optional[Union[str, Path]], source: _Source,
+               config: GLMConfig) -> tuple[Optional[Path], dict[str, Any]]:
+    """The tokenizer file to copy and its manifest entry (a given file wins over the checkpoint's own)."""
+    if tokenizer_file is not None:
+        path = Path(tokenizer_file)
+        if not path.is_file():
+            raise ExportError(f"tokenizer file {path} does not exist")
+        return path, {"kind": config.tokenizer}
+    if source.tokenizer is not None:
+        return source.tokenizer, {"kind": config.tokenizer, **source.tokenizer_entry}
+    return None, {}
+
+
+# ------------------------------------------------------------------ the entry function
+
+def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], out_dir: Union[str, Path], *,
+                precision: str = "fp32", opset: int = DEFAULT_OPSET, external_data: Optional[bool] = None,
+                tokenizer_file: Optional[Union[str, Path]] = None, overwrite: bool = False,
+                validate: bool = True, log: Optional[Log] = None) -> Path:
+    """Write out_dir/ = model.onnx [+ model.onnx.data] [+ tokenizer] + manifest.json; returns out_dir.
+
+    external_data: None = only when the weights pass ~2 GB (protobuf's limit), True = always, False = never.
+    validate: compare with the fp32 torch reference on GLM's cases (glm_export.parity); a miss raises ParityError
+    and nothing is written.
+    """
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
+    source = _resolve_source(model_or_checkpoint)
+    model, checkpoint = source.model, source.folder
+    config: GLMConfig = model.config
+    tok_path, tok_entry = _tokenizer(tokenizer_file, source, config)
+    size = _weight_bytes(model, precision)
+    if external_data is None:
+        external_data = size > EXTERNAL_DATA_THRESHOLD
+    elif not external_data and size > EXTERNAL_DATA_THRESHOLD:
+        raise ExportError(f"the {precision} weights take {size / 2**30:.1f} GiB, past protobuf's 2 GiB limit for "
+                          f"one file; export with external data (drop --no-external-data)")
+    weights = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
+    try:
+        with staged_folder(out_dir, overwrite=overwrite) as stage:
+            say(f"export: building the {precision} graph of {config.name} (L={config.num_layers}, "
+                f"h={config.hidden_size}, V={config.vocab_size}, opset {opset}, "
+                f"{'external data' if external_data else 'inline weights'})")
+            store = ExternalData(stage) if external_data else None
+            try:
+                graph = build_model(config, weights, precision, opset, store)
+            finally:
+                if store is not None:
+                    store.close()
+            path = stage / MODEL_FILE
+            path.write_bytes(graph.SerializeToString())
+            del graph
+            say(f"export: checking {MODEL_FILE} with onnx.checker")
+            onnx.checker.check_model(str(path), full_check=True)
+            parity: dict[str, Any] = {"skipped": True}
+            if validate:
+                from glm_export.parity import check_parity
+                say("export: comparing with the fp32 torch reference on onnxruntime (CPU)")
+                report = check_parity(path, model, precision)
+                say(report.table())
+                parity = report.to_dict()
+            tokenizer: dict[str, Any] = {}
+            if tok_path is not None:
+                shutil.copyfile(tok_path, stage / tok_path.name)
+                tokenizer = {**tok_entry, "file": tok_path.name, "sha256": sha256_file(stage / tok_path.name)}
+            parent = {}
+            if checkpoint is not None:
+                parent = {"path": str(checkpoint.resolve())}
+                if (checkpoint / MANIFEST_NAME).is_file():  # a glmx folder; HF / Megatron ones have none
+                    parent["manifest_sha256"] = sha256_file(checkpoint / MANIFEST_NAME)
+            write_manifest(stage, Manifest(
+                kind="onnx", config=config.to_dict(), precision=precision, tokenizer=tokenizer,
+                io=io_table(config, precision), parity=parity,
+                versions=tool_versions("torch", "onnx", "onnxruntime"), parent=parent,
+                extra={"model_file": MODEL_FILE, "external_data": DATA_FILE if external_data else None,
+                       "opset": opset, "graph": "glm_export.onnx_graph (hand-built)",
+                       "tied_embedding": "word_embeddings.weight, stored once (Gather + Gemm transB=1)",
+                       "fp16_islands": "LayerNorm, QK product, masking, softmax in fp32; residual stream fp32"
+                       if precision == "fp16" else None}))
+    except FileExistsError as exc:
+        raise ExportError(str(exc)) from None
+    say(f"export: wrote {out_dir}")
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------ loading an exported folder
+
+def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """A graph's inputs and outputs in the IO-table format (numpy dtype names, ints and symbolic dims)."""
+    def entry(v: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
+                "shape": [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]}
+    return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
+
+
+def _describe(entry: Optional[dict[str, Any]]) -> str:
+    return "nothing" if entry is None else f"{entry['name']} {entry['dtype']} {entry['shape']}"
+
+
+def load_onnx_model(folder: Union[str, Path]) -> tuple[Manifest, Path]:
+    """Check an exported folder and return (manifest, path of model.onnx).
+
+    Refuses: a file whose sha256 differs from the manifest, a manifest whose IO table does not follow from its
+    own config and precision, and a model.onnx whose inputs/outputs differ from the manifest's IO table.
+    """
+    folder = Path(folder)
+    manifest = load_manifest(folder, kind="onnx")
+    where = folder / MANIFEST_NAME
+    try:
+        config = GLMConfig.from_dict(manifest.config)
+        expected = io_table(config, manifest.precision)
+    except (ConfigError, ValueError) as exc:
+        raise ManifestError(f"{where} was modified or is corrupt: its config/precision are invalid ({exc})") from None
+    if manifest.io != expected:
+        raise ManifestError(f"{where} was modified or is corrupt: its IO table does not follow from its config and "
+                            f"precision {manifest.precision!r}; re-export the model")
+    path = folder / manifest.extra.get("model_file", MODEL_FILE)
+    actual = graph_io(onnx.load(str(path), load_external_data=False))
+    for kind in ("inputs", "outputs"):
+        if actual[kind] != expected[kind]:
+            a, e = next((a, e) for a, e in zip_longest(actual[kind], expected[kind]) if a != e)
+            raise ManifestError(f"{where} does not describe {path.name}: the graph has {_describe(a)} where the "
+                                f"manifest says {_describe(e)}; the manifest or the model was modified, re-export")
+    return manifest, path

@@ -1,0 +1,268 @@
+"""The GLM forward pass (spec 1.2-1.3) as a hand-built ONNX graph, one function per subgraph.
+
+In: a GLMConfig, the official-name weights as numpy arrays, a precision ("fp32" | "fp16") and an opset.
+Out: an onnx.ModelProto whose inputs and outputs are exactly glm_runtime.iotable.io_table(config, precision).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from glm_runtime.config import GLMConfig
+from glm_runtime.iotable import io_table
+
+MASK_FILL = 65504.0  # masked scores become -65504 (the fp16 minimum), never -inf (spec 1.3, 9.5)
+INT64_MAX = np.iinfo(np.int64).max
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
+               "bool": TensorProto.BOOL}
+MIN_OPSET = 17  # LayerNormalization
+MAX_OPSET = 24  # the newest opset TensorRT 10.15's parser reads (glm_export/data/trt_onnx_support.json)
+
+AddWeight = Callable[[str, np.ndarray], TensorProto]  # how an initializer is stored (inline or external data)
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; `op` returns the output name(s) of the node it adds."""
+
+    def __init__(self, opset: int, add_weight: AddWeight, weight_dtype: np.dtype):
+        self.opset = opset
+        self.add_weight = add_weight
+        self.wdtype = np.dtype(weight_dtype)  # dtype of the big matrices (and of the KV cache)
+        self.wtype = helper.np_dtype_to_tensor_dtype(self.wdtype)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._used: Counter[str] = Counter()
+        self._consts: dict[tuple, str] = {}  # (tag, dtype, shape, bytes) -> name: one initializer per constant
+
+    @property
+    def fp16(self) -> bool:
+        return self.wdtype == np.float16
+
+    def _unique(self, name: str) -> str:
+        self._used[name] += 1
+        return name if self._used[name] == 1 else f"{name}_{self._used[name] - 1}"
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str, outputs: Sequence[str] | None = None,
+           n_out: int = 1, **attrs) -> str | list[str]:
+        node_name = self._unique(name)
+        outputs = list(outputs) if outputs is not None else [
+            f"{node_name}/out" if n_out == 1 else f"{node_name}/out{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.add_weight(name, np.ascontiguousarray(array)))
+        return name
+
+    def const(self, tag: str, value, dtype=np.int64) -> str:
+        """A small constant (shape vector, scalar), stored inline once and shared by every node that uses it."""
+        array = np.asarray(value, dtype=dtype)
+        key = (tag, array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = name = self._unique(f"const/{tag}")
+            self.initializers.append(numpy_helper.from_array(array, name))
+        return self._consts[key]
+
+    def cast(self, x: str, to: int, name: str) -> str:
+        return self.op("Cast", [x], name, to=to)
+
+    def to_float(self, x: str, name: str) -> str:
+        """fp16 graph: Cast into an fp32 island; fp32 graph: no node."""
+        return self.cast(x, TensorProto.FLOAT, f"{name}/to_fp32") if self.fp16 else x
+
+    def to_weight_dtype(self, x: str, name: str) -> str:
+        return self.cast(x, self.wtype, f"{name}/to_fp16") if self.fp16 else x
+
+
+def _linear_weights(b: GraphBuilder, W: Mapping[str, np.ndarray], prefix: str) -> tuple[str, str]:
+    """nn.Linear weight [out, in] stored transposed as `<name>.T` [in, out], so the graph is MatMul + Add."""
+    w = b.weight(f"{prefix}.weight.T", W[f"{prefix}.weight"].T.astype(b.wdtype))
+    bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(b.wdtype))
+    return w, bias
+
+
+def linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str) -> str:
+    """x [B,T,in] (weight dtype) -> MatMul(W.T [in,out]) -> Add(bias) -> [B,T,out] (weight dtype)."""
+    w, bias = _linear_weights(b, W, prefix)
+    return b.op("Add", [b.op("MatMul", [x, w], f"/{prefix}/MatMul"), bias], f"/{prefix}/Add")
+
+
+# input_ids [B,T] ----------------------- Gather(word_embeddings [V,h]) ---- Cast* --.
+# position_ids [B,2,T] -+- Gather(0,axis 1) -> pos [B,T] -- Gather(position table) -- Cast* -- Add -- Add -> x
+#                       `- Gather(1,axis 1) -> blk [B,T] -- Gather(block table) ----- Cast* ---------'
+# x: [B,T,h] fp32, the residual stream (fp32 in both precisions).   * fp16 graphs only
+def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray]) -> tuple[str, str]:
+    """Returns (x [B,T,h] fp32, name of the word-embedding initializer, reused by the tied head)."""
+    table = b.weight("word_embeddings.weight", W["word_embeddings.weight"].astype(b.wdtype))
+    pos_table = b.weight("transformer.position_embeddings.weight",
+                         W["transformer.position_embeddings.weight"].astype(b.wdtype))
+    blk_table = b.weight("transformer.block_position_embeddings.weight",
+                         W["transformer.block_position_embeddings.weight"].astype(b.wdtype))
+    pos = b.op("Gather", ["position_ids", b.const("zero", 0)], "/embed/position_row", axis=1)  # [B,T]
+    blk = b.op("Gather", ["position_ids", b.const("one", 1)], "/embed/block_row", axis=1)  # [B,T]
+    word = b.to_float(b.op("Gather", [table, "input_ids"], "/embed/word"), "/embed/word")
+    pos_e = b.to_float(b.op("Gather", [pos_table, pos], "/embed/position"), "/embed/position")
+    blk_e = b.to_float(b.op("Gather", [blk_table, blk], "/embed/block"), "/embed/block")
+    x = b.op("Add", [b.op("Add", [word, pos_e], "/embed/add_position"), blk_e], "/embed/add_block")
+    return x, table
+
+
+def layer_norm(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str, eps: float) -> str:
+    """LayerNormalization over the last axis, always in fp32 (its scale and bias stay fp32)."""
+    scale = b.weight(f"{prefix}.weight", W[f"{prefix}.weight"].astype(np.float32))
+    bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(np.float32))
+    return b.op("LayerNormalization", [x, scale, bias], f"/{prefix}/LayerNorm", axis=-1, epsilon=eps)
+
+
+def _heads(b: GraphBuilder, x: str, n: int, d: int, name: str, output: str | None = None) -> str:
+    """[B,T,h] -> Reshape [B,T,n,d] -> Transpose -> [B,n,T,d] (head j owns features j*d..(j+1)*d)."""
+    r = b.op("Reshape", [x, b.const("heads_shape", [0, 0, n, d])], f"{name}/Reshape")
+    return b.op("Transpose", [r], f"{name}/Transpose", outputs=[output] if output else None, perm=[0, 2, 1, 3])
+
+
+# a [B,T,h] (LN output, fp32) -Cast*- MatMul/Add(W_qkv) -> [B,T,3h] -Split-> q | k | v   ([Q;K;V] blocks)
+#   q -> heads -Cast*- Div(s*sqrt d) -> q' [B,n,T,d] fp32      (scaling Q == the original's K / sqrt d)
+#   k -> heads = present.i.key   [B,n,T,d]   (this call's keys only, un-scaled)
+#   v -> heads = present.i.value [B,n,T,d]
+#   past.key [B,n,P,d]  -Cast*- Transpose - MatMul(q', .) -> s_past [B,n,T,P] --.
+#   present.i.key       -Cast*- Transpose - MatMul(q', .) -> s_new  [B,n,T,T] --+- Concat(axis 3)
+#       -> scores [B,n,T,P+T] fp32 - Where(attention_mask [B,1,T,P+T], scores, -65504) - Softmax -Cast*- probs
+#   probs - Slice[..., :P] - MatMul(., past.value) --.
+#   probs - Slice[..., P:] - MatMul(., value) -------+- Add -> ctx [B,n,T,d] - Transpose/Reshape [B,T,h] - dense
+# Past and new keys/values are never concatenated, so a decode step copies no cache.
+# * fp16 graphs: the QK product, masking and softmax are an fp32 island; K/V and the matmuls with V fp16.
+def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig,
+                   past_len: str) -> str:
+    prefix = f"transformer.layers.{i}.attention"
+    n, d, h = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+    qkv = linear(b, b.to_weight_dtype(a, f"/{prefix}"), W, f"{prefix}.query_key_value")  # [B,T,3h]
+    if b.opset >= 18:
+        q, k, v = b.op("Split", [qkv], f"/{prefix}/Split", n_out=3, axis=-1, num_outputs=3)
+    else:
+        q, k, v = b.op("Split", [qkv, b.const("qkv_split", [h, h, h])], f"/{prefix}/Split", n_out=3, axis=-1)
+    q = _heads(b, q, n, d, f"/{prefix}/q")
+    k = _heads(b, k, n, d, f"/{prefix}/k", output=f"present.{i}.key")  # un-scaled K (spec 1.3)
+    v = _heads(b, v, n, d, f"/{prefix}/v", output=f"present.{i}.value")
+    past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+
+    s = cfg.attention_scale
+    # Q/(s*sqrt d) . K^T == (Q/sqrt s).(K/sqrt(d s))^T of the original; for s = 1 and d a power of 4
+    # (16, 64) the division is by a power of two, so it is exact.
+    q = b.op("Div", [b.to_float(q, f"/{prefix}/q"), b.const("qk_scale", s * math.sqrt(d), np.float32)],
+             f"/{prefix}/scale_q")
+    kt_past = b.op("Transpose", [b.to_float(past_k, f"/{prefix}/past_k")], f"/{prefix}/past_k/T",
+                   perm=[0, 1, 3, 2])
+    kt_new = b.op("Transpose", [b.to_float(k, f"/{prefix}/k")], f"/{prefix}/k/T", perm=[0, 1, 3, 2])
+    scores = b.op("Concat", [b.op("MatMul", [q, kt_past], f"/{prefix}/scores_past"),
+                             b.op("MatMul", [q, kt_new], f"/{prefix}/scores_new")],
+                  f"/{prefix}/scores", axis=3)  # [B,n,T,P+T] fp32
+    scores = _mask_scores(b, scores, s, f"/{prefix}")
+    probs = b.to_weight_dtype(b.op("Softmax", [scores], f"/{prefix}/Softmax", axis=-1), f"/{prefix}/probs")
+    axis3 = b.const("axis3", [3])
+    p_past = b.op("Slice", [probs, b.const("start0", [0]), past_len, axis3], f"/{prefix}/probs_past")
+    p_new = b.op("Slice", [probs, past_len, b.const("end", [INT64_MAX]), axis3], f"/{prefix}/probs_new")
+    ctx = b.op("Add", [b.op("MatMul", [p_past, past_v], f"/{prefix}/ctx_past"),
+                       b.op("MatMul", [p_new, v], f"/{prefix}/ctx_new")], f"/{prefix}/ctx")  # [B,n,T,d]
+    ctx = b.op("Transpose", [ctx], f"/{prefix}/ctx/Transpose", perm=[0, 2, 1, 3])
+    ctx = b.op("Reshape", [ctx, b.const("merge_heads", [0, 0, h])], f"/{prefix}/ctx/Reshape")  # [B,T,h]
+    return linear(b, ctx, W, f"{prefix}.dense")
+
+
+# attention_scale s = 1:  Where(mask, scores, -65504)      (== scores*mask - 65504*(1-mask) for finite scores)
+# s > 1 (spec 1.3):       m = scores*mask;  t = (m - ReduceMax(m, axis 3)) * s;  Where(mask, t, t - 65504)
+def _mask_scores(b: GraphBuilder, scores: str, s: float, name: str) -> str:
+    fill = b.const("mask_fill", -MASK_FILL, np.float32)
+    if s == 1.0:
+        return b.op("Where", ["attention_mask", scores, fill], f"{name}/mask")
+    zero = b.const("zero_f", 0.0, np.float32)
+    m = b.op("Where", ["attention_mask", scores, zero], f"{name}/mask_mul")
+    if b.opset >= 18:
+        mx = b.op("ReduceMax", [m, b.const("axes_last", [-1])], f"{name}/row_max", keepdims=1)
+    else:
+        mx = b.op("ReduceMax", [m], f"{name}/row_max", axes=[-1], keepdims=1)
+    t = b.op("Mul", [b.op("Sub", [m, mx], f"{name}/shift"), b.const("scale_s", s, np.float32)], f"{name}/times_s")
+    return b.op("Where", ["attention_mask", t, b.op("Add", [t, fill], f"{name}/fill")], f"{name}/mask")
+
+
+# b [B,T,h] (LN output, fp32) -Cast*- MatMul/Add(h->4h) - GeLU - MatMul/Add(4h->h) -> [B,T,h] (weight dtype)
+def mlp(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, gelu_kind: str) -> str:
+    prefix = f"transformer.layers.{i}.mlp"
+    hidden = linear(b, b.to_weight_dtype(x, f"/{prefix}"), W, f"{prefix}.dense_h_to_4h")
+    return linear(b, gelu(b, hidden, gelu_kind, f"/{prefix}/gelu"), W, f"{prefix}.dense_4h_to_h")
+
+
+# tanh (spec 1.2): 0.5*x*(1 + Tanh(0.7978845608028654 * x * (1 + 0.044715*x*x)))
+# erf  (HF):       0.5*x*(1 + Erf(x / sqrt 2))
+# Written out with Mul/Add/Tanh/Erf so every opset >= 17 and TensorRT parse it; x*x (not x^3) keeps fp16
+# finite up to |x| = 256.
+def gelu(b: GraphBuilder, x: str, kind: str, name: str) -> str:
+    def c(tag: str, value: float) -> str:
+        return b.const(tag, value, b.wdtype)
+    if kind == "tanh":
+        inner = b.op("Add", [c("one_w", 1.0), b.op("Mul", [b.op("Mul", [x, x], f"{name}/x2"), c("gelu_a", 0.044715)],
+                                                     f"{name}/ax2")], f"{name}/1+ax2")
+        inner = b.op("Mul", [b.op("Mul", [x, inner], f"{name}/x(1+ax2)"), c("gelu_k", 0.7978845608028654)],
+                     f"{name}/arg")
+        t = b.op("Tanh", [inner], f"{name}/Tanh")
+    else:
+        t = b.op("Erf", [b.op("Div", [x, c("sqrt2", math.sqrt(2.0))], f"{name}/x/sqrt2")], f"{name}/Erf")
+    half_x = b.op("Mul", [x, c("half", 0.5)], f"{name}/half_x")
+    return b.op("Mul", [half_x, b.op("Add", [t, c("one_w", 1.0)], f"{name}/1+t")], f"{name}/out")
+
+
+def transformer_layer(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig,
+                      past_len: str) -> str:
+    """Pre-LN block (spec 1.2): x + Attn(LN_in(x)), then + MLP(LN_post(.)); residual stream fp32."""
+    p, eps = f"transformer.layers.{i}", cfg.layernorm_epsilon
+    attn = self_attention(b, layer_norm(b, x, W, f"{p}.input_layernorm", eps), W, i, cfg, past_len)
+    x = b.op("Add", [x, b.to_float(attn, f"/{p}/attn")], f"/{p}/residual_attn")
+    out = mlp(b, layer_norm(b, x, W, f"{p}.post_attention_layernorm", eps), W, i, cfg.gelu)
+    return b.op("Add", [x, b.to_float(out, f"/{p}/mlp")], f"/{p}/residual_mlp")
+
+
+# y [B,T,h] -Cast*- Reshape [B*T,h] - Gemm(transB=1, word_embeddings [V,h]) -> [B*T,V] - Reshape [B,T,V] -Cast*-> logits
+# The tied head reads the SAME initializer as the embedding Gather: the [V,h] matrix is stored once.
+def lm_head(b: GraphBuilder, y: str, table: str, vocab: int, hidden: int) -> str:
+    flat = b.op("Reshape", [b.to_weight_dtype(y, "/lm_head"), b.const("flat", [-1, hidden])], "/lm_head/flatten")
+    scores = b.op("Gemm", [flat, table], "/lm_head/Gemm", transB=1)
+    out_shape = b.op("Concat", [b.op("Shape", ["input_ids"], "/lm_head/batch_seq"), b.const("vocab", [vocab])],
+                     "/lm_head/shape", axis=0)
+    if b.fp16:
+        logits = b.op("Reshape", [scores, out_shape], "/lm_head/unflatten")
+        return b.op("Cast", [logits], "/lm_head/to_fp32", outputs=["logits"], to=TensorProto.FLOAT)
+    return b.op("Reshape", [scores, out_shape], "/lm_head/unflatten", outputs=["logits"])
+
+
+def _value_info(entry: Mapping) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], list(entry["shape"]))
+
+
+def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], precision: str, opset: int,
+                add_weight: AddWeight | None = None) -> onnx.ModelProto:
+    """The whole graph: embeddings -> L layers -> final LN -> tied head, IO exactly io_table(config, precision)."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17; TensorRT "
+                         f"10.x parses up to {MAX_OPSET}), got {opset}")
+    table = io_table(config, precision)
+    wdtype = np.float16 if precision == "fp16" else np.float32
+    b = GraphBuilder(opset, add_weight or (lambda name, a: numpy_helper.from_array(a, name)), wdtype)
+    x, word_table = embeddings(b, weights)
+    # P = past_seq, shared by all layers: [1] int64, used to split the probabilities into past | new
+    past_len = b.op("Gather", [b.op("Shape", ["past_key_values.0.key"], "/past_shape"), b.const("axis2", [2])],
+                    "/past_len")
+    for i in range(config.num_layers):
+        x = transformer_layer(b, x, weights, i, config, past_len)
+    y = layer_norm(b, x, weights, "transformer.final_layernorm", config.layernorm_epsilon)
+    lm_head(b, y, word_table, config.vocab_size, config.hidden_size)
+    graph = helper.make_graph(b.nodes, "glm", [_value_info(e) for e in table["inputs"]],
+                              [_value_info(e) for e in table["outputs"]], initializer=b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="glmx",
+                              doc_string=f"GLM {config.name} ({precision}), cache semantics present-is-new")
+    # the oldest IR that carries this opset, so older runtimes and TensorRT parsers accept the file
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    return model
