@@ -1,0 +1,378 @@
+"""Build a TensorRT engine folder from a glmx ONNX folder, strongly typed: precision comes from the graph itself.
+
+In: an ONNX folder (manifest kind "onnx") and shape limits (batch, context, new tokens). Out: an engine folder with
+model.engine, the tokenizer and a manifest (kind "engine": TensorRT version, GPU, profiles, parity against the ONNX).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from glm_runtime.config import GLMConfig
+from glm_runtime.iotable import io_table, past_names
+from glm_runtime.manifest import (
+    MANIFEST_NAME, Manifest, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
+    tool_versions, write_manifest,
+)
+from glm_runtime.trt_session import (
+    ENGINE_FILE, EngineInfo, Profile, TensorRTSession, gpu_identity, import_tensorrt,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+class EngineBuildError(ValueError):
+    """The limits, the graph or the build itself cannot give a valid engine; the message says what to change."""
+
+
+def default_timing_cache() -> Path:
+    """~/.cache/glmx/trt_timing.cache ($XDG_CACHE_HOME/glmx/... when that is set): shared by every build."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "glmx" / "trt_timing.cache"
+
+
+# ---------------------------------------------------------------- optimization profiles (pure python)
+
+def _config_and_io(source: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    if isinstance(source, Manifest):
+        return dict(source.config), (source.io or io_table(source.config, source.precision))
+    config = source.to_dict() if isinstance(source, GLMConfig) else dict(source)
+    return config, io_table(config)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EngineBuildError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def resolve_limits(config: Mapping[str, Any], *, max_batch: int, max_context: int | None,
+                   max_new_tokens: int) -> dict[str, int]:
+    """Check the limits against the model: context + new tokens must fit its max_sequence_length P."""
+    P = int(config["max_sequence_length"])
+    _positive_int("max_batch", max_batch)
+    _positive_int("max_new_tokens", max_new_tokens)
+    if max_context is None:
+        if max_new_tokens >= P:
+            raise EngineBuildError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in this model's "
+                                   f"max_sequence_length {P}: lower --max-new-tokens")
+        max_context = P - max_new_tokens
+    _positive_int("max_context", max_context)
+    if max_context + max_new_tokens > P:
+        raise EngineBuildError(
+            f"max_context {max_context} + max_new_tokens {max_new_tokens} = {max_context + max_new_tokens} exceeds "
+            f"the model's max_sequence_length {P} (its position tables and training length): lower --max-context "
+            f"or --max-new-tokens so that they sum to at most {P}")
+    return {"max_batch": max_batch, "max_context": max_context, "max_new_tokens": max_new_tokens,
+            "max_past": max_context + max_new_tokens, "max_sequence_length": P}
+
+
+def _shape(spec: list[Any], dims: Mapping[str, tuple[int, int, int]], k: int) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else dims[d][k] for d in spec)
+
+
+def compute_profiles(manifest_or_config: Any, *, max_batch: int, max_context: int | None,
+                     max_new_tokens: int, opt_batch: int = 1, opt_context: int | None = None) -> list[Profile]:
+    """Two profiles over the IO table: "context" (prompt pass) and "decode" (one token per row).
+
+    max_batch counts rows per call (prompts x beams). The KV cache holds up to max_past = max_context +
+    max_new_tokens slots and is passed whole (unused slots masked), so past_seq spans 0..max_past in both.
+    The prompt pass usually runs with an empty past (opt 0); decode steps with a cache sized for one prompt.
+    """
+    config, io = _config_and_io(manifest_or_config)
+    limits = resolve_limits(config, max_batch=max_batch, max_context=max_context, max_new_tokens=max_new_tokens)
+    max_batch, max_context, max_past = limits["max_batch"], limits["max_context"], limits["max_past"]
+    if not 1 <= _positive_int("opt_batch", opt_batch) <= max_batch:
+        raise EngineBuildError(f"opt_batch {opt_batch} must lie in 1..max_batch {max_batch}")
+    opt_context = min(max_context, 128) if opt_context is None else _positive_int("opt_context", opt_context)
+    if opt_context > max_context:
+        raise EngineBuildError(f"opt_context {opt_context} must lie in 1..max_context {max_context}")
+    opt_past = min(max_past, opt_context + limits["max_new_tokens"])
+
+    def dims(seq: tuple[int, int, int], past: tuple[int, int, int]) -> dict[str, tuple[int, int, int]]:
+        total = tuple(s + p for s, p in zip(seq, past))  # attention_mask's last dim = past_seq + seq
+        return {"batch": (1, opt_batch, max_batch), "seq": seq, "past_seq": past, "total_seq": total}
+
+    profiles = []
+    for name, d in (("context", dims((1, opt_context, max_context), (0, 0, max_past))),
+                    ("decode", dims((1, 1, 1), (0, opt_past, max_past)))):
+        shapes = {s["name"]: tuple(_shape(s["shape"], d, k) for k in range(3)) for s in io["inputs"]}
+        profiles.append(Profile(name=name, dims=d, shapes=shapes))
+    return profiles
+
+
+# ---------------------------------------------------------------- the ONNX parent
+
+def onnx_model_file(folder: Path, manifest: Manifest) -> Path:
+    """The graph of an ONNX folder: manifest.extra["model_file"], else its only *.onnx file."""
+    name = manifest.extra.get("model_file")
+    candidates = [name] if name else [f for f in manifest.files if f.endswith(".onnx")]
+    if len(candidates) != 1:
+        raise ManifestError(f"{folder} lists {len(candidates)} .onnx files {candidates}; expected exactly one "
+                            f"(or extra.model_file in its manifest)")
+    return folder / candidates[0]
+
+
+def check_graph_for_trt(onnx_file: Path) -> str:
+    """Refuse a graph with ops / dtypes / attributes TensorRT's ONNX parser does not take (glm_export.trt_check)."""
+    try:
+        from glm_export.trt_check import check_trt
+    except ImportError as exc:
+        return f"not pre-checked (glm_export.trt_check unavailable: {exc}); TensorRT's parser is the only check"
+    problems = check_trt(onnx_file)
+    if problems:
+        listed = "\n  ".join(str(p) for p in problems)
+        raise EngineBuildError(f"{onnx_file.name} has nodes TensorRT's ONNX parser cannot take (nothing was "
+                               f"built; export a graph without them, e.g. Q/DQ instead of dynamic int8):\n  {listed}")
+    return "passed glm_export.trt_check"
+
+
+# ---------------------------------------------------------------- TensorRT build (needs a GPU)
+
+def _network_flags(trt: Any) -> int:
+    # TensorRT 10 builds weakly typed networks unless asked; TensorRT 11 removed weak typing (BuilderFlag.FP16
+    # is gone) and keeps STRONGLY_TYPED only as an ignored, deprecated flag, so it is not passed there.
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None or not hasattr(trt.BuilderFlag, "FP16"):
+        return 0
+    return 1 << int(flag)
+
+
+def _parser_errors(parser: Any) -> str:
+    lines = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        name = err.node_name() if hasattr(err, "node_name") else ""  # node names: TensorRT >= 8.6
+        op = err.node_operator() if hasattr(err, "node_operator") else "?"
+        lines.append(f"  node {name or '#' + str(err.node())} ({op}): {err.desc()}")
+    return "\n".join(lines) or "  (the parser gave no details; run with a verbose TensorRT log)"
+
+
+def _check_network_io(trt: Any, network: Any, io: Mapping[str, Any]) -> None:
+    """The parsed network must have exactly the IO table's tensors and dtypes (strong typing keeps them)."""
+    for kind, count, get in (("inputs", network.num_inputs, network.get_input),
+                             ("outputs", network.num_outputs, network.get_output)):
+        got = {get(i).name: np.dtype(trt.nptype(get(i).dtype)).name for i in range(count)}
+        want = {s["name"]: np.dtype(s["dtype"]).name for s in io[kind]}
+        if got != want:
+            diff = sorted(set(got.items()) ^ set(want.items()))
+            raise EngineBuildError(f"the graph's {kind} differ from its manifest's IO table: {diff}")
+
+
+def _load_timing_cache(config: Any, path: Path) -> str:
+    blob = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(blob)
+        ok = cache is not None and config.set_timing_cache(cache, False)  # False: refuse another GPU's timings
+    except Exception:  # a corrupt file: TensorRT raises
+        ok = False
+    if ok:
+        return "reused" if blob else "new"
+    config.set_timing_cache(config.create_timing_cache(b""), False)
+    return "new (the old one came from another TensorRT version or GPU, or was corrupt)"
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if path.is_file():  # another build may have saved since this one loaded: keep its entries as well
+        try:
+            cache.combine(config.create_timing_cache(path.read_bytes()), False)
+        except Exception:
+            pass
+    atomic_write_bytes(path, bytes(cache.serialize()))
+
+
+def _make_logger(trt: Any) -> Any:
+    """A TensorRT logger that also keeps the errors, so the exception can quote them."""
+    errors = {trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR}
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity in errors:
+                self.errors.append(msg)
+            if severity in errors or severity == trt.ILogger.Severity.WARNING:
+                print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+    return Logger()
+
+
+def _build_plan(trt: Any, onnx_file: Path, io: Mapping[str, Any], profiles: list[Profile], precision: str,
+                workspace_gb: float | None, cache_path: Path) -> tuple[Any, dict[str, Any]]:
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_file)):  # from the file: external weight data next to it is found
+        raise EngineBuildError(f"TensorRT's ONNX parser refused {onnx_file.name}:\n{_parser_errors(parser)}")
+    _check_network_io(trt, network, io)
+    config = builder.create_builder_config()
+    if workspace_gb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None and precision == "fp32":
+        config.clear_flag(tf32)  # fp32 means fp32: TF32 matmuls round inputs to 10-bit mantissas
+    for profile in profiles:
+        opt = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in profile.shapes.items():
+            opt.set_shape(name, lo, mid, hi)
+        if config.add_optimization_profile(opt) < 0:
+            raise EngineBuildError(f"TensorRT refused the {profile.name} profile {profile.dims}")
+    cache_state = _load_timing_cache(config, cache_path)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineBuildError("TensorRT failed to build the engine: " + ("; ".join(logger.errors) or "see its log"))
+    _save_timing_cache(config, cache_path)
+    facts = {"strongly_typed": True, "network_flags": _network_flags(trt), "tf32": precision != "fp32",
+             "workspace_gb": workspace_gb, "timing_cache": {"path": str(cache_path), "state": cache_state}}
+    return plan, facts
+
+
+# ---------------------------------------------------------------- parity against the ONNX parent
+
+def engine_tolerance(precision: str) -> Any:
+    """The precision's row of glm_export.parity.TOLERANCES, the one tolerance table (that module needs torch)."""
+    try:
+        from glm_export.parity import TOLERANCES
+    except ImportError as exc:
+        raise EngineBuildError(f"the parity check after the build reads glm_export.parity's tolerance table, which "
+                               f"needs the export extra ({exc}): pip install 'glmx[export]'") from None
+    return TOLERANCES[precision]
+
+
+def measure_parity(session: TensorRTSession, onnx_file: Path, *, batch: int, context: int, steps: int,
+                   seed: int = 0) -> dict[str, Any]:
+    """Run the engine (device KV cache) and ONNX Runtime CPU (host KV cache) on the same prompt pass and decode
+    steps; return the figures and whether max |logit diff| is within the precision's tolerance."""
+    import onnxruntime as ort
+
+    from glm_runtime.kvcache import KVCache
+    from glm_runtime.masks import context_mask, context_positions, decode_mask, decode_positions
+
+    ref = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    ref_names = [o.name for o in ref.get_outputs()]
+    cfg, io, kv = session.config, session.io, session.kv_dtype
+    n, d = cfg.num_attention_heads, cfg.head_dim
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, context + steps), dtype=np.int64)
+    host = KVCache(io, batch, n, d, context + steps, kv)
+    device = session.new_cache(batch, context + steps)
+    diffs, scale, agree, total = [], 0.0, 0, 0
+    kv_diff = 0.0
+    try:
+        for step in range(steps + 1):
+            if step == 0:  # the prompt pass, with an empty past
+                feeds = {"input_ids": ids[:, :context], "position_ids": context_positions([context] * batch),
+                         "attention_mask": context_mask([context] * batch)}
+                empty = {name: np.zeros((batch, n, 0, d), dtype=kv) for pair in past_names(io) for name in pair}
+                ref_feeds, trt_feeds = {**feeds, **empty}, {**feeds, **empty}
+            else:  # span token step-1 of a blank at the last context position
+                feeds = {"input_ids": ids[:, context + step - 1:context + step],
+                         "position_ids": decode_positions([context - 1] * batch, [step - 1] * batch)}
+                ref_feeds = {**feeds, "attention_mask": decode_mask(host.visible), **host.feeds()}
+                trt_feeds = {**feeds, "attention_mask": decode_mask(device.visible), **device.feeds()}
+            want = dict(zip(ref_names, ref.run(None, ref_feeds)))
+            got = session.run(trt_feeds)
+            diffs.append(float(np.abs(got["logits"] - want["logits"]).max()))
+            scale = max(scale, float(np.abs(want["logits"]).max()))
+            agree += int((got["logits"].argmax(-1) == want["logits"].argmax(-1)).sum())
+            total += want["logits"].shape[0] * want["logits"].shape[1]
+            if step == 0:
+                kv_diff = max(float(np.abs(np.asarray(got[k], np.float32) - want[k].astype(np.float32)).max())
+                              for k in want if k != "logits")
+            count = [context if step == 0 else 1] * batch
+            host.append(want, count)
+            device.append(got, count)
+    finally:
+        device.close()
+    tol = engine_tolerance(session.precision)
+    budget = tol.allowed(scale)
+    return {"reference": "onnxruntime CPUExecutionProvider on the parent ONNX graph",
+            "case": {"batch": batch, "context": context, "decode_steps": steps, "seed": seed},
+            "max_abs_logits": max(diffs), "max_abs_logits_per_call": diffs, "max_abs_present_prompt": kv_diff,
+            "max_abs_logit_reference": scale, "argmax_agreement": agree / total,
+            "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "budget": budget,
+                          "rule": "max|engine-onnx| <= atol + rtol*max|onnx| (glm_export.parity.TOLERANCES)"},
+            "passed": bool(max(diffs) <= budget)}
+
+
+# ---------------------------------------------------------------- the engine folder
+
+def engine_manifest(parent: Manifest, onnx_dir: Path, *, trt_version: str, gpu_name: str, compute_capability: str,
+                    profiles: list[Profile], limits: Mapping[str, int], build: Mapping[str, Any]) -> Manifest:
+    return Manifest(
+        kind="engine", config=dict(parent.config), precision=parent.precision, tokenizer=dict(parent.tokenizer),
+        io=parent.io or io_table(parent.config, parent.precision), versions=tool_versions("tensorrt", "onnxruntime"),
+        parent={"kind": "onnx", "path": str(Path(onnx_dir).resolve()),
+                "manifest_sha256": sha256_file(Path(onnx_dir) / MANIFEST_NAME)},
+        extra={"engine_file": ENGINE_FILE, "tensorrt": {"version": str(trt_version)},
+               "gpu": {"name": gpu_name, "compute_capability": compute_capability},
+               "profiles": [p.to_dict() for p in profiles], "limits": dict(limits), "build": dict(build)})
+
+
+def write_engine_folder(out_dir: str | Path, plan: Any, onnx_dir: str | Path, manifest: Manifest,
+                        overwrite: bool = False) -> Path:
+    """model.engine + the parent's tokenizer file + manifest (last), staged so a crash leaves nothing valid."""
+    out_dir, onnx_dir = Path(out_dir), Path(onnx_dir)
+    with staged_folder(out_dir, overwrite=overwrite) as stage:
+        (stage / ENGINE_FILE).write_bytes(memoryview(plan))
+        tokenizer_file = manifest.tokenizer.get("file")
+        if tokenizer_file:
+            (stage / tokenizer_file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(onnx_dir / tokenizer_file, stage / tokenizer_file)
+        write_manifest(stage, manifest)
+    return out_dir
+
+
+def build_engine(onnx_dir: str | Path, out_dir: str | Path, *, max_batch: int = 1, max_context: int | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, workspace_gb: float | None = None,
+                 timing_cache: str | Path | None = None, overwrite: bool = False) -> Path:
+    """ONNX folder -> engine folder for the first visible GPU (choose it with CUDA_VISIBLE_DEVICES).
+
+    Checks the folder, limits and graph (glm_export.trt_check) before touching TensorRT; builds strongly
+    typed with a "context" and a "decode" profile; measures parity against ONNX Runtime and refuses to write an
+    engine that misses its tolerance. max_context defaults to P - max_new_tokens; workspace_gb to TensorRT's
+    own limit; timing_cache to default_timing_cache() (read, extended, rewritten atomically).
+    """
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    parent = load_manifest(onnx_dir, kind="onnx")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    if workspace_gb is not None and not workspace_gb > 0:
+        raise EngineBuildError(f"workspace_gb must be > 0, got {workspace_gb!r}")
+    if parent.io != io_table(parent.config, parent.precision):
+        raise ManifestError(f"{onnx_dir / MANIFEST_NAME}: its IO table does not follow from its config and precision "
+                            f"{parent.precision!r} (edited, or from another model); re-export the model")
+    onnx_file = onnx_model_file(onnx_dir, parent)
+    limits = resolve_limits(parent.config, max_batch=max_batch, max_context=max_context, max_new_tokens=max_new_tokens)
+    profiles = compute_profiles(parent, max_batch=max_batch, max_context=limits["max_context"],
+                                max_new_tokens=max_new_tokens)
+    engine_tolerance(parent.precision)  # fail before a long build, not after it
+    graph_check = check_graph_for_trt(onnx_file)  # static: refuses on any machine, TensorRT or not
+    trt = import_tensorrt()
+    gpu_name, capability = gpu_identity(0)
+    cache_path = Path(timing_cache).expanduser() if timing_cache else default_timing_cache()
+    start = time.perf_counter()
+    plan, build = _build_plan(trt, onnx_file, parent.io, profiles, parent.precision, workspace_gb, cache_path)
+    build.update(seconds=round(time.perf_counter() - start, 1), graph_check=graph_check)
+    manifest = engine_manifest(parent, onnx_dir, trt_version=trt.__version__, gpu_name=gpu_name,
+                               compute_capability=capability, profiles=profiles, limits=limits, build=build)
+    session = TensorRTSession.from_plan(plan, manifest, EngineInfo.from_manifest(manifest))
+    try:
+        manifest.parity = measure_parity(session, onnx_file, batch=min(2, max_batch),
+                                         context=min(8, limits["max_context"]), steps=min(3, max_new_tokens))
+    finally:
+        session.close()
+    parity = manifest.parity
+    if not parity["passed"]:
+        raise EngineBuildError(
+            f"the engine misses its parity budget against the ONNX parent: max |logit diff| "
+            f"{parity['max_abs_logits']:.3g} > {parity['tolerance']['budget']:.3g} (by "
+            f"{parity['max_abs_logits'] - parity['tolerance']['budget']:.3g}); nothing was written")
+    return write_engine_folder(out_dir, plan, onnx_dir, manifest, overwrite=overwrite)
