@@ -1,0 +1,81 @@
+"""The torch reference behind the runtime's session contract (backend "torch"), on glm_export.model.GLMModel.
+In: feeds named by the IO table (numpy), as the ONNX graph takes them; or a checkpoint / exported folder.
+Out: logits and `present.*` holding only this call's keys/values ("present-is-new"), as numpy."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from glm_export.model import GLMModel
+from glm_runtime.config import GLMConfig
+from glm_runtime.iotable import io_table, kv_dtype, past_names, present_names
+from glm_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from glm_runtime.session import check_feeds
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class TorchSession:
+    """GLMModel behind the session contract (backend "torch"): numpy in, numpy out, CPU."""
+
+    def __init__(self, model: GLMModel, config: Optional[GLMConfig] = None, precision: str = "fp32",
+                 tokenizer_path: Optional[Path] = None):
+        if precision not in TORCH_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}")
+        self.config = config or model.config
+        self.precision = precision
+        self.io = io_table(self.config, precision)
+        self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
+        self.kv_dtype = np.dtype(kv_dtype(precision))
+        self.device = None  # outputs are host numpy arrays
+        self.tokenizer_path = tokenizer_path
+        self.model = model.to(TORCH_DTYPES[precision]).eval()
+
+    @torch.inference_mode()
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        check_feeds(feeds, self.inputs)
+        t = {name: torch.as_tensor(np.asarray(value)) for name, value in feeds.items()}
+        past = [(t[k], t[v]) for k, v in past_names(self.io)]
+        past_len = past[0][0].shape[2]
+        logits, presents = self.model(t["input_ids"], t["position_ids"], t["attention_mask"],
+                                      past_key_values=past if past_len else None)
+        out = {"logits": logits.float().numpy()}
+        for (kn, vn), (k, v) in zip(present_names(self.io), presents):
+            # the model returns past + new (concatenated); the contract is only this call's tokens
+            out[kn] = np.ascontiguousarray(k[:, :, past_len:].numpy())
+            out[vn] = np.ascontiguousarray(v[:, :, past_len:].numpy())
+        return out
+
+
+def load_torch_session(folder: str | Path, precision: Optional[str] = None, verify: bool = True,
+                       **_ignored: Any) -> TorchSession:
+    """A TorchSession from a checkpoint folder (any layout glm_export.checkpoint reads), or from an exported
+    folder's parent checkpoint (its manifest's `parent.path`). precision: None = the artifact's own."""
+    from glm_export.checkpoint import load_checkpoint
+
+    folder = Path(folder)
+    tokenizer_path = None
+    source = folder
+    manifest = load_manifest(folder, verify=verify) if (folder / MANIFEST_NAME).is_file() else None
+    if manifest is not None and manifest.kind == "onnx":
+        parent = manifest.parent.get("path")
+        if not parent:
+            raise ManifestError(f"{folder}/manifest.json records no parent checkpoint, so backend 'torch' cannot "
+                                f"find the weights; pass the checkpoint folder instead")
+        source = Path(parent) if Path(parent).is_absolute() else (folder / parent)
+        if manifest.tokenizer.get("file"):
+            tokenizer_path = folder / manifest.tokenizer["file"]
+    elif manifest is not None and manifest.kind != "checkpoint":
+        raise ManifestError(f"backend 'torch' reads checkpoints or exported ONNX folders, not {manifest.kind!r}")
+    loaded = load_checkpoint(source)
+    if manifest is not None and manifest.kind == "onnx":
+        if GLMConfig.from_dict(manifest.config) != loaded.config:
+            raise ManifestError(f"{folder}: the exported model's config differs from its parent checkpoint "
+                                f"{source}; re-export it")
+    tokenizer_path = tokenizer_path or loaded.tokenizer_file
+    if precision is None:
+        precision = manifest.precision if manifest is not None and manifest.precision in TORCH_DTYPES else "fp32"
+    return TorchSession(loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path)

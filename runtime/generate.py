@@ -1,0 +1,306 @@
+"""GLM's blank-filling loop (spec 4.1): fill every [MASK] / [sMASK] / [gMASK] left to right on one growing cache.
+In: a session (ONNX Runtime, TensorRT or the torch reference), a GLMTokenizer, prompts, decoding settings.
+Out: one FillResult per prompt (filled text, spans, tokens, timings), or StreamEvents as tokens come."""
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from glm_runtime import masks
+from glm_runtime.beam import beam_search_span, check_beam
+from glm_runtime.kvcache import new_cache
+from glm_runtime.sampling import GenerationError, check_sampling, greedy, make_generators, sample
+from glm_runtime.steps import context_pass, decode_step, prefill_span
+from glm_runtime.tokenizer import build_context_ids, find_blanks
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class Span:
+    text: str
+    token_ids: list[int]
+    blank: str  # the blank token it fills: "[MASK]", "[sMASK]" or "[gMASK]"
+    position: int  # index of that blank in the context ids (its position id)
+    stop: str  # why it ended: "eop", "eos" or "length" (max_new_tokens reached)
+
+
+@dataclass
+class FillResult:
+    text: str  # the prompt with every blank replaced by its span
+    spans: list[Span]
+    tokens: list[int]  # the original's output layout: context ids, then sop + span ids per blank (no eop)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    kind: str  # "token" (a new span token), "span" (a finished span), "result" (a finished prompt)
+    prompt: int  # index of the prompt
+    blank: int = -1  # index of the blank within the prompt
+    token_id: Optional[int] = None
+    text: str = ""  # the token's or span's text
+    span: Optional[Span] = None
+    result: Optional[FillResult] = None
+
+
+@dataclass
+class _Prompt:
+    index: int
+    text: str
+    ids: list[int]
+    blanks: list[tuple[int, int]]  # (position, mask id)
+
+
+# ---------------------------------------------------------------- checking the request
+
+def _check_settings(max_new_tokens: Any, strategy: str, temperature: Any, top_k: Any, top_p: Any,
+                    num_beams: Any, length_penalty: Any, early_stopping: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if strategy not in STRATEGIES:
+        raise GenerationError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    check_sampling(temperature, top_k, top_p)
+    check_beam(num_beams, length_penalty, early_stopping)
+
+
+def prepare_prompts(tokenizer: Any, prompts: Sequence[str], append_gmask: bool, max_new_tokens: int,
+                    max_positions: int) -> list[_Prompt]:
+    """Context ids and blanks of every prompt; refuses, before any work, a prompt that cannot fit.
+
+    GLM was trained on sequences of at most P tokens (Part A + every sop + span), and the original generator
+    keeps at most P - 1 memory positions (spec 3.3); so C + blanks x (1 + max_new_tokens) must be <= P,
+    which also keeps every block position (<= max_new_tokens + 1) inside the table.
+    """
+    if isinstance(prompts, str) or not len(prompts):
+        raise GenerationError("prompts must be a non-empty list of strings")
+    prepared = []
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise GenerationError(f"prompt {i} is a {type(text).__name__}, expected a string")
+        try:
+            ids = build_context_ids(tokenizer, text, append_gmask=append_gmask)
+        except ValueError as exc:
+            raise GenerationError(f"prompt {i}: {exc}") from None
+        blanks = find_blanks(ids, tokenizer)
+        need = len(ids) + len(blanks) * (1 + max_new_tokens)
+        if need > max_positions:
+            room = (max_positions - len(ids)) // len(blanks) - 1
+            fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room >= 1
+                   else "shorten the prompt or use fewer blanks")
+            raise GenerationError(
+                f"prompt {i} is too long for the model: {len(ids)} context tokens + {len(blanks)} blank(s) x "
+                f"(1 + {max_new_tokens} new tokens) = {need} positions > max_sequence_length {max_positions}; {fix}")
+        prepared.append(_Prompt(i, text, ids, blanks))
+    return prepared
+
+
+# ---------------------------------------------------------------- text out
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of ids, skipping ids that have no text (padded vocabulary rows a model may still pick, spec 9.8)."""
+    known = []
+    for i in ids:
+        try:
+            tokenizer.id_to_token(int(i))
+        except ValueError:
+            continue
+        known.append(int(i))
+    return tokenizer.decode(known)
+
+
+def _assemble(tokenizer: Any, prompt: _Prompt, spans: list[Span], timings: dict[str, float]) -> FillResult:
+    """Splice each span's ids in place of its blank, drop [ENC] and the final eos, decode once."""
+    special = tokenizer.special
+    by_pos = {s.position: s.token_ids for s in spans}
+    last = len(prompt.ids) - 1
+    drop = {0} if prompt.ids[0] == special["ENC"] else set()
+    if prompt.ids[last] == special["eos"] and last not in by_pos:
+        drop.add(last)
+    spliced: list[int] = []
+    for k, i in enumerate(prompt.ids):
+        if k not in drop:
+            spliced.extend(by_pos.get(k, [i]))
+    tokens = list(prompt.ids)
+    for s in spans:
+        tokens += [special["sop"], *s.token_ids]
+    return FillResult(_decode(tokenizer, spliced), spans, tokens, timings)
+
+
+def _blank_name(tokenizer: Any, mask_id: int) -> str:
+    return tokenizer.id_to_token(mask_id)
+
+
+# ---------------------------------------------------------------- greedy and sampling: one batch, row by row
+
+class _Row:
+    """One prompt's progress: which blank, which step t of the span, the token to feed next."""
+
+    def __init__(self, prompt: _Prompt, sop: int):
+        self.prompt, self.sop = prompt, sop
+        self.blank = 0
+        self.step = 0  # t of the token fed next (sop is t = 0)
+        self.feed = sop
+        self.flush = False  # the next feed only stores a budget-ended span's last token (logits unused)
+        self.span: list[int] = []
+        self.spans: list[Span] = []
+
+    @property
+    def done(self) -> bool:
+        return self.blank >= len(self.prompt.blanks)
+
+    @property
+    def mask_pos(self) -> int:
+        return self.prompt.blanks[self.blank][0] if not self.done else 0
+
+
+def _fill_batch(session: Any, tokenizer: Any, prompts: list[_Prompt], max_new_tokens: int,
+                choose: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Iterator[StreamEvent]:
+    special = tokenizer.special
+    stops = {special["eop"]: "eop", special["eos"]: "eos"}
+    t0 = time.perf_counter()
+    capacity = max(len(p.ids) + len(p.blanks) * (1 + max_new_tokens) for p in prompts) + 1
+    cache = new_cache(session, len(prompts), capacity)
+    context_pass(session, cache, [p.ids for p in prompts], special["pad"])
+    t1 = time.perf_counter()
+    rows = [_Row(p, special["sop"]) for p in prompts]
+    steps = 0
+    while not all(r.done for r in rows):
+        live = np.array([not r.done for r in rows])
+        tokens = [r.feed if not r.done else special["pad"] for r in rows]
+        positions = masks.decode_positions([r.mask_pos for r in rows], [r.step for r in rows])
+        positions[~live] = 0  # finished rows feed a dummy at (0, 0) that nobody sees and nothing stores
+        logits = decode_step(session, cache, tokens, positions, live)
+        steps += 1
+        pick = np.flatnonzero(live & ~np.array([r.flush for r in rows]))
+        chosen = dict(zip(pick.tolist(), choose(logits[pick], pick).tolist())) if pick.size else {}
+        for b, row in enumerate(rows):
+            if row.done:
+                continue
+            if row.flush:  # the budget-ended span is now wholly in the cache: on to the next blank
+                row.blank, row.flush, row.feed, row.step, row.span = row.blank + 1, False, row.sop, 0, []
+                continue
+            token = chosen[b]
+            if token not in stops:
+                row.span.append(token)
+                yield StreamEvent("token", row.prompt.index, row.blank, token, _decode(tokenizer, [token]))
+            if token not in stops and len(row.span) < max_new_tokens:
+                row.feed, row.step = token, row.step + 1
+                continue
+            pos, mask_id = row.prompt.blanks[row.blank]
+            span = Span(_decode(tokenizer, row.span), row.span, _blank_name(tokenizer, mask_id), pos,
+                        stops.get(token, "length"))
+            row.spans.append(span)
+            yield StreamEvent("span", row.prompt.index, row.blank, text=span.text, span=span)
+            last = row.blank + 1 == len(row.prompt.blanks)
+            if token in stops or last:  # every span token is in the cache (a stop token is never fed)
+                row.blank, row.feed, row.step, row.span = row.blank + 1, row.sop, 0, []
+            else:  # budget spent: feed the last token too, so later spans see the whole span (spec 4.1 step 5)
+                row.feed, row.step, row.flush = token, len(row.span), True
+    timings = _timings(t0, t1, time.perf_counter(), steps, sum(len(s.token_ids) for r in rows for s in r.spans))
+    for row in rows:
+        result = _assemble(tokenizer, row.prompt, row.spans, dict(timings))
+        yield StreamEvent("result", row.prompt.index, text=result.text, result=result)
+
+
+def _timings(t0: float, t1: float, t2: float, steps: int, generated: int) -> dict[str, float]:
+    decode = t2 - t1
+    return {"context_s": t1 - t0, "decode_s": decode, "total_s": t2 - t0, "decode_steps": float(steps),
+            "new_tokens": float(generated), "tokens_per_s": generated / decode if decode > 0 else 0.0}
+
+
+# ---------------------------------------------------------------- beam search: one prompt, beams as rows
+
+def _fill_beam(session: Any, tokenizer: Any, prompt: _Prompt, max_new_tokens: int, num_beams: int,
+               length_penalty: float, early_stopping: bool) -> Iterator[StreamEvent]:
+    special = tokenizer.special
+    stops = {special["eop"]: "eop", special["eos"]: "eos"}
+    t0 = time.perf_counter()
+    capacity = len(prompt.ids) + len(prompt.blanks) * (1 + max_new_tokens) + 1
+    cache = new_cache(session, num_beams, capacity)
+    context_pass(session, cache, [prompt.ids], special["pad"], repeat=num_beams)
+    t1 = time.perf_counter()
+    spans: list[Span] = []
+    steps = 0
+    for k, (pos, mask_id) in enumerate(prompt.blanks):
+        start = cache.filled.copy()
+        best, calls = beam_search_span(session, cache, pos, sop=special["sop"], stops=stops, num_beams=num_beams,
+                                max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                                early_stopping=early_stopping)
+        steps += calls
+        for token in best.tokens:
+            yield StreamEvent("token", prompt.index, k, token, _decode(tokenizer, [token]))
+        span = Span(_decode(tokenizer, best.tokens), best.tokens, _blank_name(tokenizer, mask_id), pos, best.stop)
+        spans.append(span)
+        yield StreamEvent("span", prompt.index, k, text=span.text, span=span)
+        if k + 1 < len(prompt.blanks):  # the beams overwrote each other: keep the prefix, feed the winner once
+            cache.truncate(start)
+            prefill_span(session, cache, [special["sop"], *best.tokens], pos)
+            steps += 1
+    generated = sum(len(s.token_ids) for s in spans)
+    result = _assemble(tokenizer, prompt, spans, _timings(t0, t1, time.perf_counter(), steps, generated))
+    yield StreamEvent("result", prompt.index, text=result.text, result=result)
+
+
+# ---------------------------------------------------------------- entry points
+
+def stream_blanks(session: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                  strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  seed: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
+                  early_stopping: bool = False, append_gmask: bool = False) -> Iterator[StreamEvent]:
+    """fill_blanks as an iterator of StreamEvents: tokens and spans as they come, then one result per prompt."""
+    _check_settings(max_new_tokens, strategy, temperature, top_k, top_p, num_beams, length_penalty, early_stopping)
+    generators = make_generators(seed, len(prompts)) if strategy == "sample" else []
+    prepared = prepare_prompts(tokenizer, prompts, append_gmask, max_new_tokens,
+                               session.config.max_sequence_length)
+    if strategy == "beam":
+        for prompt in prepared:
+            yield from _fill_beam(session, tokenizer, prompt, max_new_tokens, num_beams, length_penalty,
+                                  early_stopping)
+        return
+
+    def choose(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if strategy == "greedy":
+            return greedy(logits)
+        return sample(logits, [generators[r] for r in rows], temperature, top_k, top_p)
+
+    yield from _fill_batch(session, tokenizer, prepared, max_new_tokens, choose)
+
+
+def fill_blanks(session: Any, tokenizer: Any, prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
+                strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                seed: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
+                early_stopping: bool = False, append_gmask: bool = False,
+                stream: Optional[Callable[[StreamEvent], None]] = None) -> list[FillResult]:
+    """Fill every blank of every prompt; `stream(event)` is called for each token, span and result.
+
+    strategy: "greedy" (batched), "sample" (temperature / top_k / top_p, one seeded stream per prompt), or
+    "beam" (num_beams per prompt, per span; score = sum log-prob / length ** length_penalty).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    results: dict[int, FillResult] = {}
+    for event in stream_blanks(session, tokenizer, prompts, max_new_tokens=max_new_tokens, strategy=strategy,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               num_beams=num_beams, length_penalty=length_penalty,
+                               early_stopping=early_stopping, append_gmask=append_gmask):
+        if stream is not None:
+            stream(event)
+        if event.kind == "result":
+            results[event.prompt] = event.result
+    return [results[i] for i in range(len(prompts))]
+
+
+def fill_model(prompts: Sequence[str] | str, *, model: Optional[str] = None, backend: str = "onnxruntime",
+               **settings: Any) -> list[FillResult]:
+    """fill_blanks on a model folder (None = the bundled model) opened on `backend`; `glmx fill` calls this."""
+    from glm_runtime.session import open_model
+    session, tokenizer = open_model(model, backend)
+    return fill_blanks(session, tokenizer, prompts, **settings)

@@ -1,0 +1,239 @@
+"""The preallocated KV cache fed back as `past_key_values.*`: host numpy (`KVCache`) or device OrtValues.
+In: each call's `present.*` [B, n, T, d] (only that call's tokens, "present-is-new", see iotable.py).
+Out: buffers [B, n, capacity, d] written in place at each row's next slots, and the slot map `visible`."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from glm_runtime.iotable import past_names, present_names
+
+
+class KVCache:
+    """Host cache: keys[l], values[l] are numpy [B, n, capacity, d]; `filled[b]` = row b's next free slot."""
+
+    def __init__(self, io: Mapping[str, Any], batch: int, heads: int, head_dim: int, capacity: int, dtype: Any):
+        self.past = past_names(io)  # [(key name, value name)] per layer
+        self.present = present_names(io)
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.dtype = np.dtype(dtype)
+        capacity = max(int(capacity), 1)
+        self.keys = [self._alloc(capacity) for _ in self.past]
+        self.values = [self._alloc(capacity) for _ in self.past]
+        self.visible = np.zeros((batch, capacity), dtype=bool)  # which slots each row attends to
+        self.filled = np.zeros(batch, dtype=np.int64)
+        self.grown = 0  # how many times the buffers were reallocated (tests check amortisation)
+
+    def _alloc(self, capacity: int) -> np.ndarray:
+        return np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=self.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.visible.shape[1]
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` slots per row; grows to max(needed, 2 x capacity) so growth is amortised."""
+        if needed <= self.capacity:
+            return
+        new_cap = max(int(needed), 2 * self.capacity)
+        used = int(self.filled.max())
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                buf = self._alloc(new_cap)
+                buf[:, :, :used] = old[:, :, :used]
+                store[i] = buf
+        visible = np.zeros((self.batch, new_cap), dtype=bool)
+        visible[:, :used] = self.visible[:, :used]
+        self.visible = visible
+        self.grown += 1
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        out = {}
+        for (kn, vn), k, v in zip(self.past, self.keys, self.values):
+            out[kn], out[vn] = k, v
+        return out
+
+    def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
+        """Store the first counts[b] of this call's T tokens of row b at its next slots, and mark them visible.
+
+        Rows with count 0 (finished rows fed a dummy token) keep their cache unchanged.
+        """
+        counts = np.asarray(counts, dtype=np.int64)
+        self.reserve(int((self.filled + counts).max()))
+        rows = np.flatnonzero(counts)
+        T = np.asarray(outputs[self.present[0][0]]).shape[2]
+        for (kn, vn), k, v in zip(self.present, self.keys, self.values):
+            nk, nv = np.asarray(outputs[kn]), np.asarray(outputs[vn])  # [B, n, T, d]
+            if T == 1:  # the decode step: one fancy-indexed write per layer, no loop over rows
+                k[rows, :, self.filled[rows]] = nk[rows, :, 0]
+                v[rows, :, self.filled[rows]] = nv[rows, :, 0]
+            else:
+                for b in rows:
+                    f, c = self.filled[b], counts[b]
+                    k[b, :, f:f + c] = nk[b, :, :c]
+                    v[b, :, f:f + c] = nv[b, :, :c]
+        for b in rows:
+            self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
+        self.filled += counts
+
+    def reorder(self, index: Sequence[int]) -> None:
+        """Beam search: row b becomes a copy of row index[b]. Only changed rows and used slots are copied."""
+        index = np.asarray(index, dtype=np.int64)
+        changed = np.flatnonzero(index != np.arange(self.batch))
+        if changed.size == 0:
+            return
+        used = int(self.filled.max())
+        src = index[changed]
+        for store in (self.keys, self.values):
+            for buf in store:
+                buf[changed, :, :used] = buf[src, :, :used]  # the right side is gathered before writing
+        self.visible[changed] = self.visible[src]
+        self.filled[changed] = self.filled[src]
+
+    def truncate(self, filled: Sequence[int]) -> None:
+        """Forget every slot at or after filled[b] (the buffers keep their old bytes; the mask hides them)."""
+        filled = np.asarray(filled, dtype=np.int64)
+        slots = np.arange(self.capacity)[None, :]
+        self.visible &= slots < filled[:, None]
+        self.filled = filled.copy()
+
+
+# ---------------------------------------------------------------- device cache (CUDA IO binding)
+
+_SCATTER_OPSET = 17
+
+
+def _scatter_model(elem_type: int) -> bytes:
+    """cache [B,n,cap,d], new [B,n,T,d], slots [B,T] -> cache with new written at slots (in place when bound so).
+
+        slots -Unsqueeze(1,3)-> [B,1,T,1] -Expand(shape(new))-> idx [B,n,T,d]
+        ScatterElements(cache, idx, new, axis=2) -> out
+    """
+    try:
+        from onnx import TensorProto, helper
+    except ImportError:
+        raise RuntimeError("the device-resident KV cache builds a small scatter graph with the `onnx` package: "
+                           "pip install onnx") from None
+    nodes = [
+        helper.make_node("Unsqueeze", ["slots", "axes"], ["slots4"]),
+        helper.make_node("Shape", ["new"], ["new_shape"]),
+        helper.make_node("Expand", ["slots4", "new_shape"], ["index"]),
+        helper.make_node("ScatterElements", ["cache", "index", "new"], ["out"], axis=2),
+    ]
+    graph = helper.make_graph(
+        nodes, "glmx_kv_write",
+        [helper.make_tensor_value_info("cache", elem_type, ["B", "n", "cap", "d"]),
+         helper.make_tensor_value_info("new", elem_type, ["B", "n", "T", "d"]),
+         helper.make_tensor_value_info("slots", TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("out", elem_type, ["B", "n", "cap", "d"])],
+        [helper.make_tensor("axes", TensorProto.INT64, [2], [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _SCATTER_OPSET)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+class DeviceKVCache:
+    """Cache whose buffers are OrtValues on `device` (e.g. "cuda", 0); same methods as KVCache.
+
+    New K/V arrive as device OrtValues (the session binds `present.*` outputs to the device) and are scattered
+    into the buffers by a one-node graph whose output is bound to the buffer itself, so nothing crosses to
+    the host. Beam reorders gather into a second buffer set and swap (a device-to-device copy).
+    """
+
+    def __init__(self, io: Mapping[str, Any], batch: int, heads: int, head_dim: int, capacity: int, dtype: Any,
+                 device: tuple[str, int], providers: Sequence[Any]):
+        import onnxruntime as ort
+        self._ort = ort
+        self.past, self.present = past_names(io), present_names(io)
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.dtype = np.dtype(dtype)
+        self.device = device
+        elem = 10 if self.dtype == np.float16 else 1  # onnx.TensorProto.FLOAT16 / FLOAT
+        self._writer = ort.InferenceSession(_scatter_model(elem), providers=list(providers))
+        capacity = max(int(capacity), 1)
+        self.keys = [self._alloc(capacity) for _ in self.past]
+        self.values = [self._alloc(capacity) for _ in self.past]
+        self.visible = np.zeros((batch, capacity), dtype=bool)
+        self.filled = np.zeros(batch, dtype=np.int64)
+        self.grown = 0
+
+    def _alloc(self, capacity: int, host: np.ndarray | None = None):
+        if host is None:
+            host = np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=self.dtype)
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), *self.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.visible.shape[1]
+
+    def reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(int(needed), 2 * self.capacity)
+        for store in (self.keys, self.values):  # rare (geometric): a round trip through the host is fine
+            for i, old in enumerate(store):
+                host = np.zeros((self.batch, self.heads, new_cap, self.head_dim), dtype=self.dtype)
+                host[:, :, :self.capacity] = old.numpy()
+                store[i] = self._alloc(new_cap, host)
+        visible = np.zeros((self.batch, new_cap), dtype=bool)
+        visible[:, :self.visible.shape[1]] = self.visible
+        self.visible = visible
+        self.grown += 1
+
+    def feeds(self) -> dict[str, Any]:
+        out = {}
+        for (kn, vn), k, v in zip(self.past, self.keys, self.values):
+            out[kn], out[vn] = k, v
+        return out
+
+    def _write(self, buf, new, slots: np.ndarray) -> None:
+        binding = self._writer.io_binding()
+        binding.bind_ortvalue_input("cache", buf)
+        if isinstance(new, np.ndarray):
+            binding.bind_cpu_input("new", np.ascontiguousarray(new))
+        else:
+            binding.bind_ortvalue_input("new", new)
+        binding.bind_cpu_input("slots", slots)
+        binding.bind_ortvalue_output("out", buf)  # in place: ScatterElements skips its copy when out is cache
+        self._writer.run_with_iobinding(binding)
+
+    def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
+        counts = np.asarray(counts, dtype=np.int64)
+        first = outputs[self.present[0][0]]
+        T = first.shape[2] if isinstance(first, np.ndarray) else first.shape()[2]
+        # Every row writes all T tokens at its next free slots (one scatter per buffer, no loop over rows):
+        # tokens beyond counts[b], and the dummy token of a finished row (count 0), land in free slots that
+        # stay invisible and are overwritten later.
+        self.reserve(int(self.filled.max()) + T)
+        slots = self.filled[:, None] + np.arange(T, dtype=np.int64)[None, :]
+        for (kn, vn), k, v in zip(self.present, self.keys, self.values):
+            self._write(k, outputs[kn], slots)
+            self._write(v, outputs[vn], slots)
+        for b in np.flatnonzero(counts):
+            self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
+        self.filled += counts
+
+    def reorder(self, index: Sequence[int]) -> None:
+        index = np.asarray(index, dtype=np.int64)
+        if (index == np.arange(self.batch)).all():
+            return
+        for store in (self.keys, self.values):  # gather rows through the host: beam search only
+            for i, buf in enumerate(store):
+                store[i] = self._alloc(self.capacity, buf.numpy()[index])
+        self.visible = self.visible[index]
+        self.filled = self.filled[index]
+
+    def truncate(self, filled: Sequence[int]) -> None:
+        filled = np.asarray(filled, dtype=np.int64)
+        self.visible &= np.arange(self.capacity)[None, :] < filled[:, None]
+        self.filled = filled.copy()
+
+
+def new_cache(session: Any, batch: int, capacity: int) -> Any:
+    """The cache a session wants: its own `new_cache` when it has one (device-resident), else a host KVCache."""
+    make = getattr(session, "new_cache", None)
+    if make is not None:
+        return make(batch, capacity)
+    config = session.config
+    return KVCache(session.io, batch, config.num_attention_heads, config.head_dim, capacity, session.kv_dtype)

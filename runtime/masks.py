@@ -1,0 +1,92 @@
+"""GLM's 2-D positions and attention masks in numpy (spec 2, 3, 4.1-4.2), independent of the torch model.
+In: context lengths, mask positions, span steps, which cache slots each row has filled.
+Out: int64 position_ids [B, 2, T] and bool attention masks [B, 1, T, past + T] (True = visible)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _lengths(lengths: Sequence[int], seq: int | None) -> tuple[np.ndarray, int]:
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size == 0 or (lengths < 1).any():
+        raise ValueError(f"every row needs at least one token, got lengths {lengths.tolist()}")
+    seq = int(lengths.max()) if seq is None else int(seq)
+    if seq < lengths.max():
+        raise ValueError(f"seq {seq} is shorter than the longest row ({int(lengths.max())} tokens)")
+    return lengths, seq
+
+
+# ---------------------------------------------------------------- positions (spec 2)
+
+def context_positions(lengths: Sequence[int], seq: int | None = None) -> np.ndarray:
+    """Part A positions for right-padded rows: (0..C_b-1, block 0); padding gets (0, 0). -> [B, 2, seq]."""
+    lengths, seq = _lengths(lengths, seq)
+    pos = np.arange(seq, dtype=np.int64)[None, :] * (np.arange(seq)[None, :] < lengths[:, None])  # [B, seq]
+    return np.stack([pos, np.zeros_like(pos)], axis=1)
+
+
+def decode_positions(mask_pos: Sequence[int], step: Sequence[int]) -> np.ndarray:
+    """One fed token per row: the t-th token of a span (t = 0 is sop) sits at (mask_pos, t + 1). -> [B, 2, 1]."""
+    mask_pos = np.asarray(mask_pos, dtype=np.int64).reshape(-1)
+    step = np.asarray(step, dtype=np.int64).reshape(-1)
+    return np.stack([mask_pos, step + 1], axis=1)[:, :, None]
+
+
+def span_positions(mask_pos: int, first_step: int, count: int) -> np.ndarray:
+    """`count` consecutive span tokens from step `first_step`: (mask_pos, first_step+1 ...). -> [2, count]."""
+    blocks = np.arange(first_step + 1, first_step + 1 + count, dtype=np.int64)
+    return np.stack([np.full(count, mask_pos, dtype=np.int64), blocks])
+
+
+def filled_layout(context_len: int, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, int]:
+    """The training-equivalent single sequence after filling (spec 4.2): context, then per blank sop + span.
+
+    spans: (mask_pos, number of span tokens fed after sop) in fill order. -> (positions [2, total], sep = C).
+    """
+    parts = [np.stack([np.arange(context_len, dtype=np.int64), np.zeros(context_len, dtype=np.int64)])]
+    parts += [span_positions(m, 0, 1 + n) for m, n in spans]
+    return np.concatenate(parts, axis=1), context_len
+
+
+# ---------------------------------------------------------------- masks (spec 3)
+
+def sep_mask(sep: int, seq: int) -> np.ndarray:
+    """The explicit form of the original's scalar sep: query i sees key j iff j < sep or j <= i. -> [seq, seq]."""
+    i = np.arange(seq)[:, None]
+    j = np.arange(seq)[None, :]
+    return (j < sep) | (j <= i)
+
+
+def context_mask(lengths: Sequence[int], seq: int | None = None) -> np.ndarray:
+    """Context pass (sep = C_b per row): bidirectional over each row's real tokens, padding keys invisible.
+
+    A padding query sees only itself, so no row of the mask is empty. -> bool [B, 1, seq, seq].
+    """
+    lengths, seq = _lengths(lengths, seq)
+    real = np.arange(seq)[None, :] < lengths[:, None]  # [B, seq]
+    mask = real[:, None, :] & real[:, :, None]  # real query x real key
+    mask |= np.eye(seq, dtype=bool)[None]
+    return mask[:, None]
+
+
+def decode_mask(visible: np.ndarray) -> np.ndarray:
+    """One new token per row: it sees the cache slots its row has filled, and itself.
+
+    visible: bool [B, past] (the cache's slot map). -> bool [B, 1, 1, past + 1].
+    """
+    visible = np.asarray(visible, dtype=bool)
+    own = np.ones((visible.shape[0], 1), dtype=bool)
+    return np.concatenate([visible, own], axis=1)[:, None, None, :]
+
+
+def chunk_mask(visible: np.ndarray, seq: int) -> np.ndarray:
+    """`seq` new tokens per row after a cache: all filled slots, then causal among the new tokens (Part B).
+
+    visible: bool [B, past]. -> bool [B, 1, seq, past + seq]. With seq = 1 this is decode_mask.
+    """
+    visible = np.asarray(visible, dtype=bool)
+    past = np.broadcast_to(visible[:, None, :], (visible.shape[0], seq, visible.shape[1]))
+    causal = np.broadcast_to(np.tril(np.ones((seq, seq), dtype=bool)), (visible.shape[0], seq, seq))
+    return np.concatenate([past, causal], axis=2)[:, None]

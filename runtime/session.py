@@ -1,0 +1,240 @@
+"""Sessions: one small interface, `run(feeds) -> outputs` plus IO metadata, over backends picked by a dict.
+In: an exported folder (model.onnx + tokenizer + manifest.json) and a backend name; feeds named by the IO table.
+Out: a session that checks every feed where it enters; `open_model` pairs it with its tokenizer."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from glm_runtime.config import ConfigError, GLMConfig
+from glm_runtime.iotable import io_table, kv_dtype
+from glm_runtime.manifest import Manifest, ManifestError, load_manifest
+
+MODEL_FILE = "model.onnx"
+CPU_PROVIDERS = ("CPUExecutionProvider",)
+CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+# OrtValue.data_type() strings -> numpy names, for feeds that already live on a device
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(bool)": "bool", "tensor(int32)": "int32", "tensor(double)": "float64"}
+
+
+class FeedError(ValueError):
+    """A feed does not match the graph's IO table: unknown or missing name, wrong dtype, rank or shape."""
+
+
+# ---------------------------------------------------------------- feed checking (shared by every backend)
+
+def _dtype_and_shape(value: Any) -> tuple[str, tuple[int, ...]]:
+    if isinstance(value, np.ndarray):
+        return value.dtype.name, tuple(value.shape)
+    if hasattr(value, "data_type") and callable(getattr(value, "shape", None)):  # onnxruntime.OrtValue
+        return _ORT_TYPES.get(value.data_type(), value.data_type()), tuple(value.shape())
+    raise FeedError(f"a feed must be a numpy array or an onnxruntime OrtValue, got {type(value).__name__}")
+
+
+def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Check names, dtypes, ranks and shapes against the IO table; returns the bound symbolic dims.
+
+    Symbolic dims must agree across inputs (one `batch`), and total_seq must equal past_seq + seq.
+    """
+    expected = {entry["name"]: entry for entry in inputs}
+    unknown = sorted(set(feeds) - set(expected))
+    if unknown:
+        raise FeedError(f"unknown input {unknown[0]!r}; the graph takes {sorted(expected)}")
+    missing = [name for name in expected if name not in feeds]
+    if missing:
+        raise FeedError(f"missing input {missing[0]!r} (the graph needs all of {sorted(expected)})")
+    dims: dict[str, int] = {}
+    for name, entry in expected.items():
+        dtype, shape = _dtype_and_shape(feeds[name])
+        want = entry["shape"]
+        if dtype != entry["dtype"]:
+            raise FeedError(f"input {name!r} must be {entry['dtype']}, got {dtype}")
+        if len(shape) != len(want):
+            raise FeedError(f"input {name!r} must have rank {len(want)} {want}, got shape {list(shape)}")
+        for axis, (size, dim) in enumerate(zip(shape, want)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise FeedError(f"input {name!r} must have size {dim} on axis {axis} (shape {want}), "
+                                    f"got shape {list(shape)}")
+            elif dims.setdefault(dim, size) != size:
+                raise FeedError(f"input {name!r} has {dim}={size} on axis {axis}, but another input set "
+                                f"{dim}={dims[dim]}; every input must agree")
+    if {"seq", "past_seq", "total_seq"} <= set(dims) and dims["total_seq"] != dims["past_seq"] + dims["seq"]:
+        raise FeedError(f"input 'attention_mask' must have past_seq + seq = {dims['past_seq']} + {dims['seq']} "
+                        f"columns, got {dims['total_seq']}")
+    return dims
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+
+def check_export(folder: Path, manifest: Manifest) -> tuple[GLMConfig, Path | None]:
+    """The manifest's parts must agree: config parses, IO table is the config's, tokenizer file is hashed."""
+    try:
+        config = GLMConfig.from_dict(manifest.config)
+    except ConfigError as exc:
+        raise ManifestError(f"{folder}/manifest.json has an invalid config: {exc}") from None
+    if not manifest.io:
+        raise ManifestError(f"{folder}/manifest.json has no IO table; re-export the model")
+    expected = io_table(config, manifest.precision)
+    for key in ("inputs", "outputs", "kv_patterns"):
+        if manifest.io.get(key) != expected[key]:
+            raise ManifestError(f"{folder}/manifest.json: the IO table's {key} do not match its config "
+                                f"({config.num_layers} layers, {config.num_attention_heads} heads, precision "
+                                f"{manifest.precision}); the manifest was edited or is from another model")
+    tokenizer_path = None
+    name = manifest.tokenizer.get("file")
+    if name:
+        tokenizer_path = folder / name
+        if name not in manifest.files:
+            raise ManifestError(f"{folder}/manifest.json names tokenizer {name!r} but does not hash it")
+        sha = manifest.tokenizer.get("sha256")
+        if sha and sha != manifest.files[name]:
+            raise ManifestError(f"{folder}/manifest.json: tokenizer {name!r} has sha256 {sha[:12]}... in its "
+                                f"tokenizer entry but {manifest.files[name][:12]}... in its file list")
+    return config, tokenizer_path
+
+
+class OnnxRuntimeSession:
+    """An exported GLM on ONNX Runtime. `run(feeds)` -> {"logits": [B,T,V] float32, "present.{i}.*": ...}.
+
+    With a CUDA provider (or io_binding=True) outputs are bound through IO binding: logits come back to the
+    host, `present.*` stay on the device as OrtValues (`device` says where), and the generation loop keeps its
+    cache there too (kvcache.DeviceKVCache).
+    """
+
+    def __init__(self, folder: str | Path, providers: Sequence[Any] = CPU_PROVIDERS, verify: bool = True,
+                 io_binding: bool | None = None, session_options: Any = None):
+        import onnxruntime as ort  # deferred: the runtime package imports without it
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder, kind="onnx", verify=verify)
+        self.config, self.tokenizer_path = check_export(self.folder, self.manifest)
+        self.io = self.manifest.io
+        self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
+        self.precision = self.manifest.precision
+        self.kv_dtype = np.dtype(kv_dtype(self.precision))
+        model_file = self.folder / self.manifest.extra.get("model_file", MODEL_FILE)
+        if not model_file.is_file():
+            raise ManifestError(f"{model_file} is missing; re-export the model")
+        names = [p if isinstance(p, str) else p[0] for p in providers]
+        absent = [p for p in names if p not in ort.get_available_providers()]
+        if absent:
+            raise RuntimeError(f"ONNX Runtime provider {absent[0]} is not available here (available: "
+                               f"{ort.get_available_providers()}); for CUDA install onnxruntime-gpu on a machine "
+                               f"with an NVIDIA GPU, or use backend 'onnxruntime'")
+        self.providers = list(providers)
+        self._session = ort.InferenceSession(str(model_file), session_options, providers=self.providers)
+        graph_in = {i.name for i in self._session.get_inputs()}
+        graph_out = {o.name for o in self._session.get_outputs()}
+        table_in, table_out = {e["name"] for e in self.inputs}, {e["name"] for e in self.outputs}
+        if graph_in != table_in or graph_out != table_out:
+            diff = sorted((graph_in ^ table_in) | (graph_out ^ table_out))
+            raise ManifestError(f"{model_file}: graph inputs/outputs differ from the manifest's IO table at "
+                                f"{diff[:4]}; re-export the model")
+        cuda = "CUDAExecutionProvider" in names
+        self.io_binding = cuda if io_binding is None else bool(io_binding)
+        self.device = (("cuda" if cuda else "cpu"), 0) if self.io_binding else None
+
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        """A KV cache in the memory `run` returns present.* in: numpy, or OrtValues on self.device."""
+        from glm_runtime.kvcache import DeviceKVCache, KVCache
+        c = self.config
+        args = (self.io, batch, c.num_attention_heads, c.head_dim, capacity, self.kv_dtype)
+        return KVCache(*args) if self.device is None else DeviceKVCache(*args, device=self.device,
+                                                                        providers=self.providers)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        check_feeds(feeds, self.inputs)
+        if not self.io_binding:
+            names = [o["name"] for o in self.outputs]
+            return dict(zip(names, self._session.run(names, dict(feeds))))
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        names = [o["name"] for o in self.outputs]
+        for name in names:
+            if name == "logits":
+                binding.bind_output(name, "cpu")  # sampling happens on the host
+            else:
+                binding.bind_output(name, self.device[0], self.device[1])  # the cache never leaves the device
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        out = dict(zip(names, values))
+        out["logits"] = out["logits"].numpy()
+        return out
+
+
+# ---------------------------------------------------------------- backend registry
+
+# The torch reference is an optional plugin, named by string and imported only when asked for, so that
+# glm_runtime never imports torch or glm_export on its own.
+TORCH_REFERENCE = "glm_export.reference_session"
+
+
+def _torch_session(folder: str | Path, **options: Any) -> Any:
+    try:
+        module = importlib.import_module(TORCH_REFERENCE)
+    except ImportError as exc:
+        raise RuntimeError(f"backend 'torch' needs the export extra (pip install 'glmx[export]'): {exc}") from None
+    return module.load_torch_session(folder, **options)
+
+
+def _tensorrt_session(folder: str | Path, **options: Any) -> Any:
+    from glm_runtime.trt_session import TensorRTSession  # tensorrt itself is imported when the session opens
+    return TensorRTSession(folder, **options)
+
+
+BACKENDS: dict[str, Callable[..., Any]] = {
+    "onnxruntime": lambda folder, **kw: OnnxRuntimeSession(folder, **kw),
+    "onnxruntime-cuda": lambda folder, **kw: OnnxRuntimeSession(folder, providers=CUDA_PROVIDERS, **kw),
+    "torch": _torch_session,
+    "tensorrt": _tensorrt_session,
+}
+
+
+def open_session(folder: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
+    """A session on `backend` (a key of BACKENDS) for the artifact in `folder`."""
+    try:
+        make = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+    return make(folder, **options)
+
+
+# The bundled exported model, looked up only when no model folder is given.
+BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "glmx-small-onnx"
+
+
+def default_model() -> Path:
+    if not (BUNDLED_MODEL / "manifest.json").is_file():
+        raise ManifestError(f"no model folder given and the bundled model {BUNDLED_MODEL} is not in this install; "
+                            f"pass one (--model DIR), e.g. a folder written by `glmx export`")
+    return BUNDLED_MODEL
+
+
+def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **options: Any) -> tuple[Any, Any]:
+    """(session, tokenizer) for a model folder (None = the bundled model); the two must agree."""
+    from glm_runtime.tokenizer import load_tokenizer
+    folder = Path(model) if model is not None else default_model()
+    if not folder.is_dir():
+        raise ManifestError(f"model folder {folder} does not exist")
+    session = open_session(folder, backend, **options)
+    entry = getattr(getattr(session, "manifest", None), "tokenizer", None) or {}
+    path = getattr(session, "tokenizer_path", None) or (folder / entry["file"] if entry.get("file") else None)
+    if path is None:
+        raise ManifestError(f"{folder} carries no tokenizer; re-export it with one (glmx export --tokenizer FILE)")
+    tokenizer = load_tokenizer(path, kind=entry.get("kind"))
+    if tokenizer.vocab_size > session.config.vocab_size:
+        raise ManifestError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                            f"{session.config.vocab_size} embedding rows; they do not belong together")
+    recorded = entry.get("special_tokens")
+    if recorded and dict(recorded) != tokenizer.special:
+        raise ManifestError(f"{folder}: the tokenizer's special ids {tokenizer.special} differ from those the "
+                            f"manifest recorded {dict(recorded)}; re-export with the model's own tokenizer")
+    return session, tokenizer

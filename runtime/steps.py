@@ -1,0 +1,73 @@
+"""The three forward phases of blank filling (spec 4.1), each one `session.run` on the shared cache.
+In: a session, a cache, token ids (context / one token per row / a span). Out: logits [B, V] of each row's
+last fed token; the cache gains the fed tokens' keys and values."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from glm_runtime import masks
+
+
+def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
+    """past_key_values with past_seq = 0 for the context pass (nothing is cached yet)."""
+    c = session.config
+    empty = np.zeros((batch, c.num_attention_heads, 0, c.head_dim), dtype=session.kv_dtype)
+    return {entry["name"]: empty for entry in session.inputs if entry["name"].startswith("past_key_values.")}
+
+
+def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pad_id: int,
+                 repeat: int = 1) -> np.ndarray:
+    """Run every row's context (right-padded with pad_id) and store its K/V at slots 0..C_b-1.
+
+    repeat > 1: each context fills `repeat` consecutive cache rows (the beams of one prompt) from one pass.
+    """
+    lengths = [len(ids) for ids in contexts]
+    seq = max(lengths)
+    input_ids = np.full((len(contexts), seq), pad_id, dtype=np.int64)
+    for b, ids in enumerate(contexts):
+        input_ids[b, :len(ids)] = ids
+    feeds = {"input_ids": input_ids,
+             "position_ids": masks.context_positions(lengths, seq),
+             "attention_mask": masks.context_mask(lengths, seq),
+             **empty_past(session, len(contexts))}
+    out = session.run(feeds)
+    if repeat > 1:
+        out, lengths = repeat_rows(out, repeat), [n for n in lengths for _ in range(repeat)]
+    cache.append(out, lengths)
+    return out["logits"][np.arange(len(lengths)), np.asarray(lengths) - 1]
+
+
+def decode_step(session: Any, cache: Any, tokens: Sequence[int], positions: np.ndarray,
+                store: Sequence[bool]) -> np.ndarray:
+    """Feed one token per row (positions [B, 2, 1]); rows with store=False (finished, fed a dummy) keep
+    their cache unchanged. Returns logits [B, V]."""
+    feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1),
+             "position_ids": positions,
+             "attention_mask": masks.decode_mask(cache.visible),
+             **cache.feeds()}
+    out = session.run(feeds)
+    cache.append(out, np.asarray(store, dtype=np.int64))
+    return out["logits"][:, -1]
+
+
+def prefill_span(session: Any, cache: Any, tokens: Sequence[int], mask_pos: int) -> np.ndarray:
+    """Feed the same span tokens (sop first, steps 0..T-1) to every row in one call; returns logits [B, V]."""
+    batch, seq = cache.batch, len(tokens)
+    feeds = {"input_ids": np.tile(np.asarray(tokens, dtype=np.int64), (batch, 1)),
+             "position_ids": np.broadcast_to(masks.span_positions(mask_pos, 0, seq), (batch, 2, seq)).copy(),
+             "attention_mask": masks.chunk_mask(cache.visible, seq),
+             **cache.feeds()}
+    out = session.run(feeds)
+    cache.append(out, [seq] * batch)
+    return out["logits"][:, -1]
+
+
+def repeat_rows(outputs: dict[str, Any], times: int) -> dict[str, np.ndarray]:
+    """A batch-1 call's outputs repeated `times` along the batch (beam search shares one context pass)."""
+    out = {}
+    for name, value in outputs.items():
+        host = value if isinstance(value, np.ndarray) else value.numpy()
+        out[name] = np.repeat(host, times, axis=0)
+    return out

@@ -1,0 +1,96 @@
+"""The runtime fills blanks without torch: in a fresh interpreter where importing torch fails, a fill on an
+exported tiny model (library call and `glmx fill`) works and leaves torch and glm_export out of sys.modules."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fill_fixtures import export_tiny, make_model, make_tokenizer
+
+RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
+# Any attempt to import torch raises, so a lazy import on the fill path fails loudly instead of passing unseen.
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    pytest.importorskip("torch")
+    folder = tmp_path_factory.mktemp("notorch")
+    tok = make_tokenizer(folder / "tokenizer.json")
+    return export_tiny(make_model(tok), folder / "onnx", folder / "tokenizer.json")
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True, timeout=120)
+
+
+def test_fill_never_imports_torch(onnx_dir):
+    code = f"""
+from glm_runtime.session import open_model
+from glm_runtime.generate import fill_blanks
+session, tok = open_model({str(onnx_dir)!r})
+results = fill_blanks(session, tok, ["the quick [MASK] fox [sMASK] dog", "a stitch [gMASK]"], max_new_tokens=4)
+results += fill_blanks(session, tok, ["all [MASK] is gold"], max_new_tokens=3, strategy="beam", num_beams=2)
+results += fill_blanks(session, tok, ["all [MASK] is gold"], max_new_tokens=3, strategy="sample", seed=1)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "glm_export"))
+assert not leaked, leaked
+print(len(results), all(len(r.spans) >= 1 for r in results))
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["4", "True"]
+
+
+def test_glmx_fill_never_imports_torch(onnx_dir):
+    code = f"""
+from glm_export.cli import main
+try:
+    main(["fill", "the quick [MASK] fox", "--model", {str(onnx_dir)!r}, "--json", "--max-new-tokens", "3"])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+assert "torch" not in sys.modules and not any(m.startswith("torch.") for m in sys.modules)
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout.splitlines()[0])
+    assert row["prompt"] == "the quick [MASK] fox" and len(row["spans"]) == 1
+
+
+def test_torch_backend_without_torch_says_what_to_install(onnx_dir):
+    code = f"""
+from glm_runtime.session import open_session
+try:
+    open_session({str(onnx_dir)!r}, backend="torch")
+except RuntimeError as exc:
+    print(exc)
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend 'torch' needs the export extra" in proc.stdout
+
+
+def test_runtime_sources_import_neither_torch_nor_glm_export():
+    # static check of every import statement in runtime/: the torch reference is reachable only through the
+    # string-named plugin in session.BACKENDS
+    for path in sorted(RUNTIME.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("torch", "glm_export"), f"{path.name} imports {name}"
