@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16")  # what export_onnx writes
+# Quantized graphs (glm_export/quantize.py) keep the fp32 IO of their parent: only weights change.
+QUANTIZED_PRECISIONS = ("int8-dynamic", "int4-weight", "qdq-int8")
 KV_PATTERNS = {
     "past_key": "past_key_values.{i}.key",
     "past_value": "past_key_values.{i}.value",
@@ -29,8 +31,8 @@ def _cfg(config: Any) -> Mapping[str, Any]:
 
 
 def kv_dtype(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in PRECISIONS + QUANTIZED_PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS + QUANTIZED_PRECISIONS}, got {precision!r}")
     return "float16" if precision == "fp16" else "float32"
 
 
