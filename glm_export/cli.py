@@ -49,5 +49,268 @@ def config_cmd(preset: str | None) -> None:
         raise GLMXError(str(exc)) from None
 
 
+@main.command("convert")
+@click.argument("src", type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="glmx checkpoint folder to write")
+@click.option("--preset", default=None, help="config for checkpoints that carry none (Megatron), e.g. glm-10b")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="weights dtype to write (default: the source's)")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+def convert_cmd(src: str, out_dir: str, preset: str | None, dtype: str | None, overwrite: bool) -> None:
+    """Convert a GLM checkpoint (glmx, Hugging Face or Megatron/DeepSpeed layout) into a glmx folder."""
+    require_export_extra()
+    from glm_export.checkpoint import CheckpointError, convert_checkpoint
+    from glm_runtime.config import ConfigError
+    from glm_runtime.manifest import ManifestError
+    try:
+        loaded, out = convert_checkpoint(src, out_dir, preset=preset, dtype=dtype, overwrite=overwrite)
+    except (CheckpointError, ConfigError, ManifestError, FileExistsError) as exc:
+        raise GLMXError(str(exc)) from None
+    cfg = loaded.config
+    click.echo(f"layout: {loaded.layout} ({len(loaded.files)} weight file(s), {loaded.source_dtype})")
+    click.echo(f"config: {cfg.name} L={cfg.num_layers} h={cfg.hidden_size} n={cfg.num_attention_heads} "
+               f"P={cfg.max_sequence_length} V={cfg.vocab_size} gelu={cfg.gelu}")
+    click.echo(f"parameters: {loaded.num_parameters():,}")
+    for note in loaded.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"tokenizer: {loaded.tokenizer_file or 'none found'}")
+    click.echo(f"wrote {out}")
+
+
+@main.command("pretrain")
+@click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("work_dir", type=click.Path(file_okay=False))
+@click.option("--export-dir", type=click.Path(file_okay=False), help="glmx checkpoint folder written at the last step")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seq-length", type=int, default=256, show_default=True, help="tokens per sample before corruption")
+@click.option("--lr", type=float, default=6e-4, show_default=True)
+@click.option("--warmup-steps", type=int, default=100, show_default=True)
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True)
+@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--beta1", type=float, default=0.9, show_default=True)
+@click.option("--beta2", type=float, default=0.98, show_default=True)
+@click.option("--adam-eps", type=float, default=1e-6, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--dropout", type=float, default=0.1, show_default=True)
+@click.option("--vocab-size", type=int, default=8000, show_default=True, help="BPE size before padding to 128")
+@click.option("--num-layers", type=int, default=4, show_default=True)
+@click.option("--hidden-size", type=int, default=256, show_default=True)
+@click.option("--num-attention-heads", type=int, default=4, show_default=True)
+@click.option("--max-sequence-length", type=int, default=512, show_default=True)
+@click.option("--bert-prob", type=float, default=1.0, show_default=True)
+@click.option("--gap-sentence-prob", type=float, default=0.0, show_default=True)
+@click.option("--heldout-fraction", type=float, default=0.02, show_default=True)
+@click.option("--eval-batches", type=int, default=4, show_default=True)
+@click.option("--eval-every", type=int, default=100, show_default=True)
+@click.option("--checkpoint-every", type=int, default=100, show_default=True)
+@click.option("--stop-after", type=int, default=None,
+              help="stop (with a checkpoint) after this many steps of this call; run again to resume")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--name", default="glmx-pretrained", show_default=True, help="model name written into the config")
+@click.option("--overwrite", is_flag=True, help="replace an existing --export-dir")
+def pretrain_cmd(**kwargs) -> None:
+    """Pretrain a GLM from scratch (blank infilling) on CORPUS_DIR's .txt files; resumes from WORK_DIR."""
+    require_export_extra()
+    from glm_export.pretrain import PretrainError, pretrain
+    try:
+        result = pretrain(**kwargs)
+    except (PretrainError, FileExistsError) as exc:
+        raise GLMXError(str(exc)) from None
+    click.echo(json.dumps({"step": result["step"], "evals": result["evals"][-1:], "export_dir": result["export_dir"]}))
+
+
+@main.command("evaluate")
+@click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="write the metrics JSON here")
+@click.option("--fill-examples", type=int, default=500, show_default=True, help="single-word [MASK] fills scored")
+@click.option("--ppl-batches", type=int, default=8, show_default=True, help="held-out batches for Part B perplexity")
+@click.option("--threads", type=int, default=2, show_default=True)
+def evaluate_cmd(**kwargs) -> None:
+    """Held-out Part B perplexity and single-word [MASK] exact match, each beside a unigram baseline."""
+    require_export_extra()
+    from glm_export.evaluate import EvaluateError, evaluate
+    try:
+        metrics = evaluate(**kwargs)
+    except EvaluateError as exc:
+        raise GLMXError(str(exc)) from None
+    click.echo(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
+
+
+@main.command("fill")
+@click.argument("prompt", required=False)
+@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
+@click.option("--stdin", "from_stdin", is_flag=True, help="read prompts from stdin, one per line")
+@click.option("--jsonl", "jsonl", type=click.File("r", encoding="utf-8"),
+              help='read prompts from a JSON-lines file ("-" = stdin): {"prompt": ...} or a string per line')
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per prompt (spans, tokens, timings)")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="budget per blank")
+@click.option("--strategy", type=click.Choice(["greedy", "sample", "beam"]), default="greedy", show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter")
+@click.option("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+@click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--length-penalty", type=float, default=1.0, show_default=True)
+@click.option("--early-stopping", is_flag=True, help="beam search: stop a span once num_beams hypotheses ended")
+@click.option("--append-gmask", is_flag=True, help="a prompt without a blank is continued at its end ([gMASK])")
+@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+              default="onnxruntime", show_default=True, help="torch needs the export extra")
+def fill_cmd(prompt, from_stdin, jsonl, as_json, **settings) -> None:
+    """Fill the blanks ([MASK], [sMASK], [gMASK]) of PROMPT, or of each prompt read with --stdin / --jsonl."""
+    from glm_runtime.generate import fill_model  # torch-free; --backend torch imports torch inside the session
+    sources = [s for s in (prompt is not None, from_stdin, jsonl is not None) if s]
+    if len(sources) != 1:
+        raise GLMXError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
+    if from_stdin:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif jsonl is not None:
+        prompts = []
+        for n, line in enumerate(jsonl, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GLMXError(f"{jsonl.name} line {n} is not JSON: {exc}") from None
+            item = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(item, str):
+                raise GLMXError(f'{jsonl.name} line {n}: expected a string or an object with a "prompt" string')
+            prompts.append(item)
+    else:
+        prompts = [prompt]
+    if not prompts:
+        raise GLMXError("no prompts given (the input was empty)")
+    try:
+        results = fill_model(prompts, **settings)
+    except (ValueError, RuntimeError, OSError) as exc:  # bad input, model folder, backend: one line, exit 1
+        raise GLMXError(" ".join(str(exc).split())) from None
+    for text, result in zip(prompts, results):
+        click.echo(json.dumps({"prompt": text, **result.to_dict()}, ensure_ascii=False) if as_json else result.text)
+
+
+@main.command("build-engine")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="engine folder to write")
+@click.option("--max-batch", default=1, show_default=True, type=int, help="most rows per call (prompts x beams)")
+@click.option("--max-context", default=None, type=int, help="longest prompt in tokens [default: P - max-new-tokens]")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="most generated tokens per prompt")
+@click.option("--workspace-gb", default=None, type=float, help="builder workspace limit in GiB [default: TensorRT's]")
+@click.option("--timing-cache", default=None, type=click.Path(dir_okay=False),
+              help="timing cache reused across builds [default: ~/.cache/glmx/trt_timing.cache]")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: int | None, max_new_tokens: int,
+                     workspace_gb: float | None, timing_cache: str | None, overwrite: bool) -> None:
+    """Build a TensorRT engine folder from a glmx ONNX folder (needs an NVIDIA GPU and TensorRT >= 10)."""
+    from glm_export.engine import EngineBuildError, build_engine
+    from glm_runtime.manifest import ManifestError, load_manifest
+    from glm_runtime.trt_session import TensorRTError
+    try:
+        out = build_engine(model_dir, out_dir, max_batch=max_batch, max_context=max_context,
+                           max_new_tokens=max_new_tokens, workspace_gb=workspace_gb, timing_cache=timing_cache,
+                           overwrite=overwrite)
+    except (EngineBuildError, TensorRTError, ManifestError, FileExistsError) as exc:
+        raise GLMXError(str(exc)) from None
+    m = load_manifest(out, kind="engine")
+    gpu, parity = m.extra["gpu"], m.parity
+    click.echo(f"TensorRT {m.extra['tensorrt']['version']} on {gpu['name']} (sm {gpu['compute_capability']}), "
+               f"{m.precision}, built in {m.extra['build']['seconds']} s")
+    for p in m.extra["profiles"]:
+        click.echo(f"profile {p['name']:8s} " + " ".join(f"{k}={lo}..{hi}" for k, (lo, _, hi) in p["dims"].items()))
+    click.echo(f"parity vs ONNX Runtime: max |logit diff| {parity['max_abs_logits']:.3g} "
+               f"(budget {parity['tolerance']['budget']:.3g}), argmax agreement {parity['argmax_agreement']:.3f}")
+    click.echo(f"wrote {out}")
+
+
+@main.command("export")
+@click.argument("checkpoint", required=False, type=click.Path(exists=True))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="ONNX folder to write")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--external-data/--no-external-data", default=None,
+              help="weights in model.onnx.data beside model.onnx [default: only past 2 GB]")
+@click.option("--tokenizer", "tokenizer_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="tokenizer file to ship [default: the checkpoint's]")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--no-validate", "validate", is_flag=True, flag_value=False, default=True,
+              help="skip the parity check against the torch reference")
+def export_cmd(checkpoint: str | None, out_dir: str, **kwargs) -> None:
+    """Export CHECKPOINT (default: the bundled glmx-small) to a validated ONNX folder."""
+    require_export_extra()
+    from glm_export.checkpoint import CheckpointError
+    from glm_export.export import ExportError, export_onnx
+    from glm_export.parity import ParityError
+    from glm_runtime.config import ConfigError
+    from glm_runtime.manifest import ManifestError
+    try:
+        out = export_onnx(checkpoint, out_dir, log=lambda msg: click.echo(msg, err=True), **kwargs)
+    except (ExportError, ParityError, CheckpointError, ConfigError, ManifestError) as exc:
+        raise GLMXError(str(exc)) from None
+    click.echo(str(out))
+
+
+@main.command("check-trt")
+@click.argument("model", type=click.Path(exists=True))
+def check_trt_cmd(model: str) -> None:
+    """List the nodes of MODEL (.onnx or ONNX folder) that TensorRT's ONNX parser does not support."""
+    from glm_export.trt_check import check_trt, support_list
+    findings = check_trt(model)
+    src = support_list()["source"]
+    for f in findings:
+        click.echo(str(f))
+    if findings:
+        raise GLMXError(f"{len(findings)} finding(s) against TensorRT {src['tensorrt_version']}'s ONNX parser")
+    click.echo(f"ok: every node is supported by TensorRT {src['tensorrt_version']}'s ONNX parser ({src['document']})")
+
+
+@main.command("optimize")
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="folder to write")
+@click.option("--level", type=click.Choice(["basic", "extended"]), default="basic", show_default=True,
+              help="ONNX Runtime offline optimization level (kept only if TensorRT can still parse it)")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
+    """Optimize an exported ONNX folder offline, re-checked against its parent."""
+    require_export_extra()
+    from glm_export.accuracy import BudgetError
+    from glm_export.optimize import OptimizeError, optimize_onnx
+    from glm_runtime.manifest import ManifestError
+    try:
+        click.echo(str(optimize_onnx(src_dir, out_dir, **kwargs)))
+    except (OptimizeError, BudgetError, ManifestError, FileExistsError) as exc:
+        raise GLMXError(str(exc)) from None
+
+
+@main.command("quantize")
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="folder to write")
+@click.option("--scheme", required=True, type=click.Choice(["int8-dynamic", "int4-weight", "qdq-int8", "fp16"]))
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="qdq-int8: real text to calibrate on [default: glm_export/data/calibration.txt]")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4-weight: weights per scale")
+@click.option("--accuracy-level", type=int, default=4, show_default=True, help="int4-weight: MatMulNBits level")
+@click.option("--keep-fp32", multiple=True, default=("embedding", "head"), show_default=True,
+              help="roles (embedding, head) or node names left in fp32; repeat the option")
+@click.option("--accept-loss", is_flag=True, help="write the artifact even if it misses its accuracy budget")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
+    """Quantize an fp32 ONNX folder; refuses (writes nothing) when it misses its accuracy budget."""
+    require_export_extra()
+    from glm_export.accuracy import BudgetError
+    from glm_export.quantize import QuantizeError, quantize_onnx
+    from glm_runtime.manifest import ManifestError, load_manifest
+    try:
+        out = quantize_onnx(src_dir, out_dir, **kwargs)
+    except (QuantizeError, BudgetError, ManifestError, FileExistsError) as exc:
+        raise GLMXError(str(exc)) from None
+    acc = load_manifest(out).parity["accuracy"]
+    click.echo(f"top-1 agreement {acc['top1_agreement']:.4f}, fill agreement {acc['fill_agreement']:.3f}, "
+               f"Part B ppl change {acc['ppl_change']:+.4f}, max logit diff {acc['max_logit_diff']:.3g}"
+               + ("" if acc["within_budget"] else f" (OVER BUDGET, accepted: {'; '.join(acc['misses'])})"))
+    click.echo(str(out))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
