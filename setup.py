@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.10",
     packages=["glm_export", "glm_runtime", "benchmarks"],
     package_dir={"glm_runtime": "runtime"},
-    package_data={"glm_runtime": ["bundled/*", "bundled/**/*"], "glm_export": ["data/*"]},
+    # the bundled model: its exported ONNX folder ships with the runtime, its checkpoint with glm_export
+    package_data={"glm_runtime": ["bundled/*/*"], "glm_export": ["data/*", "bundled/*", "bundled/*/*"]},
     include_package_data=True,
     # The base install is the torch-free runtime.
     install_requires=["numpy>=1.24", "tokenizers>=0.15", "onnxruntime>=1.17", "click>=8.1", "tqdm>=4.60"],

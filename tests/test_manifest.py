@@ -86,3 +86,13 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_artifacts_get_ordinary_permissions(tmp_path):
+    """Temp files and folders are private (0600/0700); finished artifacts follow the umask like any new file."""
+    import os
+    _write_artifact(tmp_path / "art")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "art").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "art" / MANIFEST_NAME).stat().st_mode & 0o777 == 0o666 & ~mask
