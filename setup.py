@@ -18,7 +18,7 @@ setup(
     extras_require={
         # torch is pinned in .ci/run to the local CPU build; an open range here would let pip pull a CUDA build
         # only where no torch is installed yet, so the ranges are kept tight around tested versions.
-        "export": ["torch>=2.1,<2.15", "onnx>=1.16", "safetensors>=0.4", "sentencepiece>=0.1.99"],
+        "export": ["torch>=2.1,<2.15", "onnx>=1.16", "onnx-ir>=0.1", "safetensors>=0.4", "sentencepiece>=0.1.99"],
         # replaces onnxruntime with onnxruntime-gpu (uninstall onnxruntime first: both provide the module)
         "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10.0", "cuda-python>=12.0"],
         "dev": ["pytest>=7", "matplotlib>=3.7", "psutil>=5.9"],

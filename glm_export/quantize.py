@@ -1,0 +1,379 @@
+"""Quantize an exported fp32 GLM folder: int8-dynamic, int4-weight, qdq-int8 (explicit Q/DQ for TensorRT), fp16.
+
+In: a glmx ONNX folder (precision fp32), a scheme, and for qdq-int8 real calibration text (or prepared feeds).
+Out: a new folder (model.onnx + tokenizer + manifest of kind "onnx", precision = the scheme, the parent's IO
+table) whose manifest records the scheme, its settings, the parent and the accuracy report; a budget miss
+writes nothing unless accept_loss=True.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from glm_export import accuracy
+from glm_runtime.iotable import io_table
+from glm_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, staged_folder, \
+    tool_versions, write_manifest
+
+SCHEMES = ("int8-dynamic", "int4-weight", "qdq-int8", "fp16")
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
+# Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
+# "head": the tied output head. Keeping the head fp32 is the default: see BUDGETS and the measured figures.
+KEEP_FP32 = ("embedding", "head")
+MIN_CALIBRATION_TOKENS = 256  # fewer real tokens than this gives scales from a handful of activations
+MIN_CALIBRATION_CALLS = 8
+CALIBRATION_WINDOW = 32  # tokens per calibration window: half context pass, half span (multi-token + decode steps)
+
+
+logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # per-node INFO chatter
+
+
+class QuantizeError(ValueError):
+    """A quantization request that cannot be honoured (bad scheme, no or unusable calibration data, ...)."""
+
+
+# ---------------------------------------------------------------- graph helpers
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique name: the quantizers exclude nodes by name."""
+    seen: set[str] = set()
+    for k, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{k}"
+        seen.add(node.name)
+    return model
+
+
+def head_node(model: onnx.ModelProto) -> onnx.NodeProto:
+    """The MatMul/Gemm that makes the logits: walk back from the `logits` output through shape-only nodes."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    todo, seen = ["logits"], set()
+    while todo:
+        name = todo.pop()
+        node = producer.get(name)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger"):
+            return node
+        todo.append(node.input[0])  # Reshape / Cast / Add: follow the data input
+    raise QuantizeError("cannot find the output head (a MatMul or Gemm feeding `logits`) in the graph")
+
+
+# y [B*T,h] - Gemm(transB=1, E [V,h]) -> [B*T,V]    becomes    y - MatMul(E_T [h,V]) -> [B*T,V]
+# The quantizers take MatMul with a constant B only; E_T is a second (transposed) copy of the tied table,
+# which the quantizer then replaces by its int8/int4 version, while the embedding Gather keeps fp32 E.
+def head_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    head = head_node(model)
+    if head.op_type == "MatMul":
+        return model
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    if len(head.input) > 2 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+        raise QuantizeError(f"head {head.name} is a Gemm with bias/transA/alpha; only Gemm(transB) is rewritten")
+    inits = {t.name: t for t in model.graph.initializer}
+    table = numpy_helper.to_array(inits[head.input[1]])
+    weight = table.T if attrs.get("transB", 0) else table
+    name = f"{head.input[1]}.T"
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+    new = helper.make_node("MatMul", [head.input[0], name], list(head.output), name=head.name)
+    nodes = [new if n is head else n for n in model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str]:
+    """Node names the quantizer must leave alone: roles from KEEP_FP32 plus any node names given."""
+    if "embedding" not in keep_fp32:
+        raise QuantizeError("the embedding Gather always stays fp32 (only MatMul weights are quantized); keep "
+                            "'embedding' in keep_fp32")
+    names = {n.name for n in model.graph.node}
+    unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in names]
+    if unknown:
+        raise QuantizeError(f"keep_fp32 entries {unknown} are neither roles {KEEP_FP32} nor node names of the graph")
+    out = [k for k in keep_fp32 if k in names]
+    if "head" in keep_fp32:
+        out.append(head_node(model).name)
+    # attention's Q.K^T and probs.V multiply two activations: they stay fp32 in every scheme (FIELD: fp16/int8
+    # overflow and accuracy loss start in the scores), and so do the KV cache tensors that feed them
+    consts = {t.name for t in model.graph.initializer}
+    out += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in consts]
+    return out
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------- calibration
+
+class FeedReader:
+    """onnxruntime CalibrationDataReader over prepared feed dicts (get_next -> feeds or None)."""
+
+    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]]):
+        self.feeds, self.pos = list(feeds), 0
+
+    def get_next(self):
+        if self.pos >= len(self.feeds):
+            return None
+        self.pos += 1
+        return dict(self.feeds[self.pos - 1])
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def calibration_feeds(parent: accuracy.GraphRunner, text: str, source: str) -> list[dict[str, np.ndarray]]:
+    """Real text through the model's own IO: per window, a context pass (past empty), a multi-token span call
+    and two single-token decode steps (past non-empty), each past made by the fp32 parent itself."""
+    sp = accuracy.special_ids(parent.folder, parent.manifest)
+    ids = accuracy.text_ids(parent.folder, text)
+    ids = ids[ids < int(parent.manifest.config["vocab_size"])]
+    if len(ids) < MIN_CALIBRATION_TOKENS:
+        raise QuantizeError(f"calibration text {source} gives {len(ids)} tokens; qdq-int8 needs at least "
+                            f"{MIN_CALIBRATION_TOKENS} tokens of real text (pass a longer --calibration file)")
+    feeds = []
+    for chunk in accuracy.windows(ids, CALIBRATION_WINDOW, limit=64):
+        feeds_a, _, _ = accuracy.blank_calls(parent, chunk, sp)
+        _, presents = parent.run(feeds_a)
+        past = accuracy.extend_past(parent.empty_past(), presents)
+        c = feeds_a["input_ids"].shape[1]
+        span = [sp.sop] + chunk[len(chunk) // 2:-1].tolist()
+        for lo, hi in ((0, len(span) - 2), (len(span) - 2, len(span) - 1), (len(span) - 1, len(span))):
+            p = past[0][0].shape[2]
+            f = accuracy.make_feeds(parent, span[lo:hi], [c - 1] * (hi - lo), range(lo + 1, hi + 1),
+                                    accuracy.decode_mask(p, hi - lo), past)
+            feeds += [feeds_a] if lo == 0 else []
+            feeds.append(f)
+            past = accuracy.extend_past(past, parent.run(f)[1])
+    return feeds
+
+
+def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str, Any]) -> None:
+    """Every feed must match the IO table (names, dtypes, ranks, fixed dims, total = past + seq), and the set
+    must cover both a context pass (past 0) and a decode step (past > 0)."""
+    if len(feeds) < MIN_CALIBRATION_CALLS:
+        raise QuantizeError(f"calibration has {len(feeds)} feeds; qdq-int8 needs at least {MIN_CALIBRATION_CALLS} "
+                            f"(context passes and decode steps of real text)")
+    entries = {e["name"]: e for e in io["inputs"]}
+    pasts = set()
+    for k, feed in enumerate(feeds):
+        if set(feed) != set(entries):
+            diff = sorted(set(feed) ^ set(entries))
+            raise QuantizeError(f"calibration feed {k}: names differ from the graph inputs at {diff[:3]}")
+        dims: dict[str, int] = {}
+        for name, entry in entries.items():
+            value = np.asarray(feed[name])
+            if value.dtype.name != entry["dtype"] or value.ndim != len(entry["shape"]):
+                raise QuantizeError(f"calibration feed {k}: {name} is {value.dtype.name} of shape {list(value.shape)}, "
+                                    f"the graph takes {entry['dtype']} {entry['shape']}")
+            for want, got in zip(entry["shape"], value.shape):
+                if isinstance(want, int) and want != got or dims.setdefault(str(want), got) != got:
+                    raise QuantizeError(f"calibration feed {k}: {name} has shape {list(value.shape)}, which does "
+                                        f"not fit {entry['shape']} (dims so far {dims})")
+        if dims["total_seq"] != dims["past_seq"] + dims["seq"]:
+            raise QuantizeError(f"calibration feed {k}: attention_mask covers {dims['total_seq']} keys, not "
+                                f"past {dims['past_seq']} + seq {dims['seq']}")
+        pasts.add(dims["past_seq"] > 0)
+    if pasts != {False, True}:
+        raise QuantizeError("calibration feeds must include context passes (past_seq 0) and decode steps "
+                            "(past_seq > 0), so the scales cover both shapes")
+
+
+def _calibration(parent: accuracy.GraphRunner, calibration) -> tuple[list[dict], dict[str, Any]]:
+    if calibration is None:
+        text = accuracy.split_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))[0]
+        feeds = calibration_feeds(parent, text, str(DEFAULT_CALIBRATION))
+        record = {"source": "glm_export/data/calibration.txt (even documents)",
+                  "sha256": sha256_file(DEFAULT_CALIBRATION)}
+    elif isinstance(calibration, (str, Path)):
+        path = Path(calibration)
+        if not path.is_file():
+            raise QuantizeError(f"calibration file {path} does not exist; pass a text file of real text")
+        text = accuracy.strip_provenance(path.read_text(encoding="utf-8"))
+        if not text.strip():
+            raise QuantizeError(f"calibration file {path} is empty: qdq-int8 will not invent scales without data")
+        feeds = calibration_feeds(parent, text, str(path))
+        record = {"source": str(path), "sha256": sha256_file(path)}
+    else:
+        feeds = list(calibration)
+        record = {"source": "feeds given by the caller"}
+    if not feeds:
+        raise QuantizeError("no calibration data: qdq-int8 needs real text (a file) or feeds, never random scales")
+    check_calibration_feeds(feeds, parent.io)
+    record.update(calls=len(feeds), tokens=int(sum(f["input_ids"].size for f in feeds)))
+    return feeds, record
+
+
+# ---------------------------------------------------------------- the schemes
+
+def _int8_dynamic(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], **_) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    head = head_node(model)
+    kept_gemm = head.name in exclude and head.op_type == "Gemm"
+    onnx.save(model, src)
+    # the dynamic quantizer turns every Gemm into MatMul "<name>_MatMul" first, so exclude that name too
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
+                     extra_options={"MatMulConstBOnly": True})  # attention's activation x activation stays fp32
+    if kept_gemm:
+        onnx.save(restore_gemm(onnx.load(dst), head), dst)
+    return {"weights": "int8 symmetric per output channel", "activations": "uint8 dynamic per tensor"}
+
+
+def restore_gemm(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.ModelProto:
+    """Put the fp32 tied head back as the exporter wrote it: the quantizer's Gemm->MatMul rewrite left a
+    transposed fp32 copy of the [V,h] table beside the one the embedding Gather reads."""
+    nodes = list(model.graph.node)
+    k, mm = next((k, n) for k, n in enumerate(nodes) if n.name == f"{head.name}_MatMul")
+    copy_name = mm.input[1]
+    nodes[k] = head
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(copy_name in n.input for n in nodes):
+        kept = [t for t in model.graph.initializer if t.name != copy_name]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return model
+
+
+def _int4_weight(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, block_size: int,
+                 accuracy_level: int, **_) -> dict[str, Any]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    if block_size < 16 or block_size & (block_size - 1):
+        raise QuantizeError(f"block_size must be a power of two >= 16, got {block_size}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantizeError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level, nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
+    q.process()
+    onnx.save(q.model.model, dst)
+    return {"weights": f"int4 symmetric, blocks of {block_size}", "accuracy_level": accuracy_level}
+
+
+def _qdq_int8(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, feeds: list[dict],
+              **_) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    onnx.save(model, src)
+    quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,  # TensorRT: zero point 0
+                                   "MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                                   "OpTypesToExcludeOutputQuantization": ["MatMul"]})  # Q/DQ on inputs only
+    return {"weights": "int8 symmetric per output channel (axis 1)", "activations": "int8 symmetric, MinMax"}
+
+
+def graph_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Official-name weights back from an fp32 glmx graph (MatMul weights are stored as `<name>.T`)."""
+    out = {}
+    for t in model.graph.initializer:
+        if t.name.startswith("const/"):
+            continue
+        a = numpy_helper.to_array(t)
+        out[t.name[:-2] if t.name.endswith(".weight.T") else t.name] = a.T if t.name.endswith(".weight.T") else a
+    return out
+
+
+def _fp16(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, config, **_) -> dict[str, Any]:
+    """fp16 is the exporter's own fp16 graph (LayerNorm, QK/mask/softmax in fp32 islands), rebuilt from the
+    parent's weights, so there is one fp16 recipe in glmx."""
+    from glm_export.onnx_graph import build_model
+    from glm_runtime.config import GLMConfig
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    onnx.save(build_model(GLMConfig.from_dict(config), graph_weights(model), "fp16", opset), dst)
+    from glm_export.optimize import reference_from_graph
+    from glm_export.parity import check_parity
+    report = check_parity(dst, reference_from_graph(model, config), "fp16")  # the exporter's own fp16 check
+    return {"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(precision='fp16')",
+            "reference_parity": report.to_dict()}
+
+
+_SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int8": _qdq_int8, "fp16": _fp16}
+
+
+# ---------------------------------------------------------------- the stage
+
+def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None, block_size: int = 32,
+                  accuracy_level: int = 4, keep_fp32: Sequence[str] = KEEP_FP32, accept_loss: bool = False,
+                  overwrite: bool = False, eval_text: str | None = None) -> Path:
+    """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its budget (accuracy.BUDGETS).
+
+    calibration (qdq-int8 only): None = glm_export/data/calibration.txt, a text file path, or a list of feed
+    dicts in the graph's IO. eval_text: held-out text for the report (default: calibration.txt's other half).
+    """
+    if scheme not in SCHEMES:
+        raise QuantizeError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
+    if calibration is not None and scheme != "qdq-int8":
+        raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}")
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    manifest = load_manifest(src_dir, kind="onnx")
+    if manifest.precision != "fp32":
+        raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; quantize from the fp32 export")
+    feeds, calib_record = _calibration(accuracy.GraphRunner(src_dir), calibration) if scheme == "qdq-int8" \
+        else ([], None)
+    model = _named(onnx.load(src_dir / manifest.extra.get("model_file", "model.onnx")))
+    keep_fp32 = tuple(keep_fp32)
+    if scheme != "fp16" and "head" not in keep_fp32:
+        model = head_as_matmul(model)
+    exclude = excluded_nodes(model, keep_fp32) if scheme != "fp16" else []
+    if eval_text is None:
+        eval_text = accuracy.split_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))[1]
+    with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
+        settings = _SCHEMES[scheme](model, Path(tmp) / "in.onnx", stage / "model.onnx", exclude,
+                                    block_size=block_size, accuracy_level=accuracy_level, feeds=feeds,
+                                    config=manifest.config)
+        if manifest.tokenizer.get("file"):
+            shutil.copy2(src_dir / manifest.tokenizer["file"], stage / manifest.tokenizer["file"])
+        quantized = onnx.load(stage / "model.onnx")
+        precision_io = "fp16" if scheme == "fp16" else manifest.precision
+        findings = trt_findings(stage / "model.onnx")  # int8-dynamic / int4 are ONNX Runtime-only: recorded
+        if findings and scheme in ("qdq-int8", "fp16"):
+            raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
+        extra = dict(manifest.extra, model_file="model.onnx", external_data=None)
+        extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": exclude,
+                                 "block_size": block_size if scheme == "int4-weight" else None,
+                                 "accuracy_level": accuracy_level if scheme == "int4-weight" else None,
+                                 "calibration": calib_record, "ops": op_histogram(quantized),
+                                 "trt_findings": None if findings is None else findings[:10],
+                                 "trt_finding_count": None if findings is None else len(findings), "accept_loss": accept_loss, **settings}
+        child = Manifest(kind="onnx", config=manifest.config, precision="fp16" if scheme == "fp16" else scheme,
+                         tokenizer=manifest.tokenizer, io=io_table(manifest.config, precision_io),
+                         versions=tool_versions("onnx", "onnxruntime"), extra=extra,
+                         parent={"path": str(src_dir), "manifest_sha256": sha256_file(src_dir / MANIFEST_NAME)})
+        write_manifest(stage, child)
+        figures = accuracy.measure_accuracy(src_dir, stage, eval_text)
+        figures["parent"] = str(src_dir)
+        misses = accuracy.budget_misses(scheme, figures) + ([] if figures["finite"] else ["non-finite logits"])
+        figures.update(scheme=scheme, budget=accuracy.BUDGETS[scheme], within_budget=not misses,
+                       misses=misses, accept_loss=accept_loss)
+        if misses and not accept_loss:
+            raise accuracy.BudgetError(
+                f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(misses)} (max logit diff "
+                f"{figures['max_logit_diff']:.4g} over {figures['positions']} positions); nothing was written. "
+                f"Keep more layers in fp32 (keep_fp32), use another scheme, or pass accept_loss=True "
+                f"(--accept-loss) to write it anyway with the loss recorded")
+        child.parity = {"accuracy": figures}
+        write_manifest(stage, child)
+    return out_dir
+
+
+def trt_findings(path: Path) -> list[str] | None:
+    """check_trt's findings as strings (empty = TensorRT's parser reads every node); None when the checker
+    (glm_export.trt_check) is not installed, recorded as "not checked" rather than passed."""
+    try:
+        from glm_export.trt_check import check_trt
+    except ImportError:
+        return None
+    return [str(f) for f in check_trt(path)]

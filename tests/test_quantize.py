@@ -1,0 +1,233 @@
+"""optimize_onnx / quantize_onnx / measure_accuracy on a tiny exported GLM (random weights, trained tokenizer).
+
+Random weights give near-flat logits, so the per-scheme budgets (set on the trained bundled model) are not what
+these tests judge: they check that each artifact runs, stays within a stated logit tolerance of its parent,
+records what it is, and that every refusal (calibration, budget, keep_fp32, scheme) happens with its message.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from glm_export import accuracy  # noqa: E402
+from glm_export.quantize import (DEFAULT_CALIBRATION, QuantizeError, calibration_feeds,  # noqa: E402
+                                 head_node, quantize_onnx)
+from glm_runtime.manifest import load_manifest, sha256_file  # noqa: E402
+
+# max |child - parent| logit over the report's windows on the tiny model, per scheme (measured: fp16 6e-4,
+# int8-dynamic 0.044, qdq-int8 0.035, int4-weight 0.059)
+LOGIT_TOL = {"fp16": 5e-3, "int8-dynamic": 0.1, "qdq-int8": 0.1, "int4-weight": 0.15}
+EVAL = accuracy.split_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))[1]
+EVAL_SHORT = EVAL[:len(EVAL) // 2]  # ~700 teacher-forced positions: enough for the tests, half the time
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    from glm_export.export import export_onnx
+    from glm_export.model import GLMModel
+    from glm_runtime.config import get_preset
+    from glm_runtime.tokenizer import train_bpe_tokenizer
+    root = tmp_path_factory.mktemp("quant")
+    text = accuracy.strip_provenance(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))
+    train_bpe_tokenizer([text], 512, root / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GLMModel(get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)).eval()
+    return export_onnx(model, root / "fp32", tokenizer_file=root / "tokenizer.json", validate=False,
+                       log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def children(parent, tmp_path_factory):
+    root = tmp_path_factory.mktemp("children")
+    return {s: quantize_onnx(parent, root / s, scheme=s, accept_loss=True, eval_text=EVAL_SHORT) for s in LOGIT_TOL}
+
+
+def _run(folder, feeds):
+    return accuracy.GraphRunner(folder).run(feeds)
+
+
+@pytest.mark.parametrize("scheme", sorted(LOGIT_TOL))
+def test_scheme_runs_close_to_parent(parent, children, scheme):
+    runner = accuracy.GraphRunner(children[scheme])
+    parent_runner = accuracy.GraphRunner(parent)
+    sp = accuracy.special_ids(parent)
+    chunk = accuracy.text_ids(parent, EVAL)[:40]
+    feeds_a, feeds_b, _ = accuracy.blank_calls(parent_runner, chunk, sp)
+    want_a, presents_p = parent_runner.run(feeds_a)
+    got_a, presents_c = runner.run(feeds_a)
+    want_b, _ = parent_runner.run(feeds_b(presents_p))
+    got_b, _ = runner.run(feeds_b(presents_c))  # the decode call runs on the child's own cache
+    for want, got in ((want_a, got_a), (want_b, got_b)):
+        assert np.isfinite(got).all()
+        assert np.abs(got - want).max() <= LOGIT_TOL[scheme]
+    report = load_manifest(children[scheme]).parity["accuracy"]
+    assert report["max_logit_diff"] <= LOGIT_TOL[scheme] and report["finite"]
+
+
+@pytest.mark.parametrize("scheme", sorted(LOGIT_TOL))
+def test_manifest_records_scheme_parent_and_figures(parent, children, scheme):
+    m, p = load_manifest(children[scheme], kind="onnx"), load_manifest(parent)
+    assert m.precision == scheme
+    assert m.parent["manifest_sha256"] == sha256_file(parent / "manifest.json")
+    assert m.extra["quantization"]["scheme"] == scheme and m.extra["quantization"]["accept_loss"] is True
+    acc = m.parity["accuracy"]
+    for key in ("max_logit_diff", "top1_agreement", "fill_agreement", "ppl_change", "budget", "within_budget"):
+        assert key in acc
+    assert acc["positions"] >= 400 and acc["fill_prompts"] >= 8
+    if scheme == "fp16":
+        assert m.io == __import__("glm_runtime.iotable", fromlist=["io_table"]).io_table(p.config, "fp16")
+    else:
+        assert m.io == p.io  # same IO table: KV cache stays float32
+    assert m.tokenizer == p.tokenizer and (children[scheme] / p.tokenizer["file"]).is_file()
+
+
+def test_graphs_quantize_what_they_say(children):
+    ops = {s: {n.op_type for n in onnx.load(children[s] / "model.onnx").graph.node} for s in children}
+    assert "MatMulInteger" in ops["int8-dynamic"] and "MatMulNBits" in ops["int4-weight"]
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops["qdq-int8"]
+    assert "Cast" in ops["fp16"]
+    for scheme in ("int8-dynamic", "int4-weight", "qdq-int8"):  # default: tied head stays the fp32 Gemm
+        model = onnx.load(children[scheme] / "model.onnx")
+        head = head_node(model)
+        assert head.op_type == "Gemm" and head.input[1] == "word_embeddings.weight"
+        assert not [t.name for t in model.graph.initializer if "Transposed" in t.name or t.name.endswith(".weight.T.T")]
+
+
+def test_qdq_is_symmetric_per_channel_and_spares_attention(children):
+    model = onnx.load(children["qdq-int8"] / "model.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == 8  # qkv, dense, h->4h, 4h->h in each of 2 layers
+    for n in weight_dq:
+        assert inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1  # per-channel scales
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            assert not inits[n.input[2]].any()  # zero point 0: TensorRT's symmetric int8
+        if n.op_type == "MatMul" and "attention/" in n.name:  # Q.K^T and probs.V read fp32 activations
+            assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in n.input)
+
+
+def test_qdq_passes_check_trt(children):
+    trt_check = pytest.importorskip("glm_export.trt_check")
+    assert list(trt_check.check_trt(children["qdq-int8"] / "model.onnx")) == []
+    assert load_manifest(children["qdq-int8"]).extra["quantization"]["trt_findings"] == []
+
+
+@pytest.mark.parametrize("scheme", sorted(LOGIT_TOL))
+def test_folder_opens_in_runtime_session_and_fills(children, scheme):
+    from glm_runtime.session import open_session
+    session = open_session(children[scheme])
+    assert session.precision == scheme
+    # the report's greedy fills went through the runtime's own loop, not the fallback
+    assert load_manifest(children[scheme]).parity["accuracy"]["fill_method"].startswith("glm_runtime")
+
+
+def test_fp16_passes_the_exporters_parity(children):
+    assert load_manifest(children["fp16"]).extra["quantization"]["reference_parity"]["passed"]
+
+
+def test_quantizing_the_head_is_a_choice(parent, tmp_path):
+    out = quantize_onnx(parent, tmp_path / "int8-head", scheme="int8-dynamic", keep_fp32=("embedding",),
+                        accept_loss=True, eval_text=EVAL_SHORT)
+    model = onnx.load(out / "model.onnx")
+    assert head_node(model).op_type == "MatMulInteger"
+    gather_tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    assert "word_embeddings.weight" in gather_tables  # the embedding lookup still reads the fp32 table
+    assert load_manifest(out).extra["quantization"]["keep_fp32"] == ["embedding"]
+
+
+def test_measure_accuracy_self_is_exact(parent):
+    figures = accuracy.measure_accuracy(parent, parent, EVAL, max_windows=4, prompts=2)
+    assert figures["max_logit_diff"] == 0.0 and figures["top1_agreement"] == 1.0
+    assert figures["fill_agreement"] == 1.0 and figures["ppl_change"] == 0.0
+    assert figures["fill_method"].startswith("glm_runtime.generate.fill_blanks")
+
+
+def test_budget_miss_refuses_unless_accept_loss(parent, tmp_path, monkeypatch):
+    monkeypatch.setitem(accuracy.BUDGETS, "int8-dynamic", {"top1": 1.01, "fill": 0.0, "ppl_change": 1.0})
+    with pytest.raises(accuracy.BudgetError, match=r"top-1 agreement .* < 1.01.*accept_loss"):
+        quantize_onnx(parent, tmp_path / "miss", scheme="int8-dynamic", eval_text=EVAL_SHORT)
+    assert not (tmp_path / "miss").exists()
+    out = quantize_onnx(parent, tmp_path / "miss", scheme="int8-dynamic", accept_loss=True,
+                        eval_text=EVAL_SHORT)
+    acc = load_manifest(out).parity["accuracy"]
+    assert acc["within_budget"] is False and acc["accept_loss"] is True and acc["misses"]
+
+
+def test_calibration_errors(parent, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(QuantizeError, match="is empty"):
+        quantize_onnx(parent, tmp_path / "q", scheme="qdq-int8", calibration=empty)
+    with pytest.raises(QuantizeError, match="does not exist"):
+        quantize_onnx(parent, tmp_path / "q", scheme="qdq-int8", calibration=tmp_path / "nope.txt")
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of text.\n")
+    with pytest.raises(QuantizeError, match="at least 256 tokens"):
+        quantize_onnx(parent, tmp_path / "q", scheme="qdq-int8", calibration=short)
+    with pytest.raises(QuantizeError, match="no calibration data|at least 8"):
+        quantize_onnx(parent, tmp_path / "q", scheme="qdq-int8", calibration=[])
+    with pytest.raises(QuantizeError, match="only used by qdq-int8"):
+        quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", calibration=short)
+    assert not (tmp_path / "q").exists()
+
+
+def test_calibration_feeds_must_fit_the_io_table(parent, tmp_path):
+    runner = accuracy.GraphRunner(parent)
+    feeds = calibration_feeds(runner, accuracy.split_text(DEFAULT_CALIBRATION.read_text())[0], "test")
+    assert {f["past_key_values.0.key"].shape[2] > 0 for f in feeds} == {False, True}  # context and decode
+    bad = [dict(f) for f in feeds]
+    bad[3]["attention_mask"] = bad[3]["attention_mask"][..., :-1]
+    with pytest.raises(QuantizeError, match="attention_mask covers"):
+        quantize_onnx(parent, tmp_path / "q", scheme="qdq-int8", calibration=bad)
+    bad = [dict(f) for f in feeds]
+    bad[1]["past_key_values.1.value"] = np.zeros((1, 3, 0, 16), np.float32)  # 3 heads, the graph has 4
+    with pytest.raises(QuantizeError, match="past_key_values.1.value has shape"):
+        quantize_onnx(parent, tmp_path / "q", scheme="qdq-int8", calibration=bad)
+    context_only = [f for f in feeds if f["past_key_values.0.key"].shape[2] == 0]
+    with pytest.raises(QuantizeError, match="decode steps"):
+        quantize_onnx(parent, tmp_path / "q", scheme="qdq-int8", calibration=context_only)
+
+
+def test_bad_requests(parent, tmp_path):
+    with pytest.raises(QuantizeError, match="unknown scheme 'int3'"):
+        quantize_onnx(parent, tmp_path / "q", scheme="int3")
+    with pytest.raises(QuantizeError, match="embedding Gather always stays fp32"):
+        quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", keep_fp32=("head",))
+    with pytest.raises(QuantizeError, match="neither roles"):
+        quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", keep_fp32=("embedding", "head", "nosuch"))
+    with pytest.raises(QuantizeError, match="block_size must be a power of two"):
+        quantize_onnx(parent, tmp_path / "q", scheme="int4-weight", block_size=24)
+
+
+def test_optimize_basic_keeps_parity_and_records_it(parent, tmp_path):
+    from glm_export.optimize import optimize_onnx
+    out = optimize_onnx(parent, tmp_path / "opt", eval_text=EVAL_SHORT)
+    m = load_manifest(out, kind="onnx")
+    assert m.precision == "fp32" and m.io == load_manifest(parent).io
+    assert m.parity["reference"]["passed"] and m.parity["accuracy"]["max_logit_diff"] <= 1e-3
+    assert m.parent["manifest_sha256"] == sha256_file(parent / "manifest.json")
+    assert all(n.domain in ("", "ai.onnx") for n in onnx.load(out / "model.onnx").graph.node)
+
+
+def test_optimize_refuses_contrib_ops(parent, tmp_path):
+    from glm_export.optimize import OptimizeError, optimize_onnx
+    with pytest.raises(OptimizeError, match="non-standard ops.*TensorRT"):
+        optimize_onnx(parent, tmp_path / "opt", level="extended")
+    assert not (tmp_path / "opt").exists()
+
+
+def test_cli_quantize_budget_miss_is_one_line_error(parent, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from glm_export.cli import main
+    monkeypatch.setitem(accuracy.BUDGETS, "int4-weight", {"top1": 1.01, "fill": 0.0, "ppl_change": 1.0})
+    result = CliRunner().invoke(main, ["quantize", str(parent), "-o", str(tmp_path / "q"), "--scheme", "int4-weight"])
+    assert result.exit_code == 1 and "misses its accuracy budget" in result.output
+    assert not (tmp_path / "q").exists()
