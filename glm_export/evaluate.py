@@ -1,0 +1,163 @@
+"""Evaluate a model written by `glmx pretrain` on its own held-out split, each figure beside a unigram baseline.
+
+In: a glmx checkpoint folder (its manifest's extra.pretraining holds the training settings) and the corpus folder.
+Out: a metrics dict (optionally written as JSON): held-out Part B perplexity and greedy exact match of
+single-word [MASK] fills, with the unigram (frequency) baseline's figure on the same data, and example fills.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glm_export.collator import BlockCollator, CollatorConfig
+from glm_export.pretrain import (
+    PretrainSettings, blank_infilling_loss, cut_samples, eval_batches, load_tokenizer, read_documents,
+    special_ids, split_documents, token_stream,
+)
+from glm_runtime.manifest import atomic_write_json
+
+WORD = re.compile(r"(?<= )[A-Za-z]+(?=[ ,.;:!?)\n])")  # a whole alphabetic word preceded by a space
+CONTEXT_CHARS = 300  # text kept on each side of a blank
+MAX_FILL_TOKENS = 8
+UNIGRAM_TRAIN_BATCHES = 64
+
+
+class EvaluateError(ValueError):
+    """The checkpoint or corpus cannot be evaluated (not from glmx pretrain, corpus missing, ...)."""
+
+
+def _settings(manifest) -> PretrainSettings:
+    info = (manifest.extra or {}).get("pretraining") if manifest is not None else None
+    if not info:
+        raise EvaluateError("the checkpoint's manifest has no extra.pretraining block: evaluate needs a model "
+                            "written by `glmx pretrain` (it re-creates that run's held-out split)")
+    return PretrainSettings(**info["settings"])
+
+
+def unigram_part_b_counts(collator: BlockCollator, train: np.ndarray, s: PretrainSettings, vocab: int) -> np.ndarray:
+    """Frequencies of Part B targets (span tokens and eop) over bert-mode training batches, add-one smoothed."""
+    rng = np.random.default_rng([s.seed, 5])
+    counts = np.ones(vocab, dtype=np.float64)
+    for _ in range(UNIGRAM_TRAIN_BATCHES):
+        idx = rng.choice(len(train), size=s.batch_size, replace=False)
+        batch = collator(list(train[idx]), rng, mode="bert")
+        np.add.at(counts, batch["target_ids"][batch["loss_mask"] == 1], 1)
+    return counts
+
+
+@torch.no_grad()
+def part_b_perplexity(model, batches: list[dict[str, torch.Tensor]], unigram: np.ndarray) -> dict[str, float]:
+    """Token-weighted Part B cross entropy of the model and of the unigram distribution on the same targets."""
+    logp_unigram = np.log(unigram / unigram.sum())
+    total, total_uni, n = 0.0, 0.0, 0
+    for batch in batches:
+        logits, _ = model(batch["input_ids"], batch["position_ids"], batch["sep"])
+        k = int(batch["loss_mask"].sum())
+        total += float(blank_infilling_loss(logits, batch["target_ids"], batch["loss_mask"])) * k
+        targets = batch["target_ids"][batch["loss_mask"] == 1].numpy()
+        total_uni -= float(logp_unigram[targets].sum())
+        n += k
+    return {"heldout_part_b_ppl": math.exp(total / n), "unigram_part_b_ppl": math.exp(total_uni / n),
+            "part_b_tokens": n}
+
+
+def single_word_blanks(docs: list[str], n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(left text, word, right text) for up to n single-word blanks, one per document, in a seeded order."""
+    rng = np.random.default_rng([seed, 4])
+    out = []
+    for d in rng.permutation(len(docs)):
+        doc = docs[d]
+        words = list(WORD.finditer(doc))
+        if len(doc.split()) < 8 or not words:
+            continue
+        m = words[int(rng.integers(len(words)))]
+        left = doc[max(0, m.start() - CONTEXT_CHARS):m.start()]
+        right = doc[m.end():m.end() + CONTEXT_CHARS]
+        if m.start() > CONTEXT_CHARS:  # start and end the window on whole words
+            left = left[left.find(" ") + 1:]
+        if m.end() + CONTEXT_CHARS < len(doc) and " " in right:
+            right = right[:right.rfind(" ")]
+        out.append((left.rstrip(" "), m.group(), right))  # the space before the word belongs to the blank
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def greedy_fill(model, tok, left: str, right: str) -> list[int]:
+    """Greedy blank filling (spec 4.1): context pass with sep = C, then sop at (mask_pos, 1), ... until eop/eos."""
+    sp = special_ids()
+    half = (model.config.max_sequence_length - 3) // 2  # [CLS] left [MASK] right <eos> must fit the tables
+    left_ids = tok.encode(left, add_special_tokens=False).ids[-half:]
+    right_ids = tok.encode(right, add_special_tokens=False).ids[:half]
+    ids = [sp.cls] + left_ids + [sp.mask]
+    mask_pos = len(ids) - 1
+    ids += right_ids + [sp.eos]
+    C = len(ids)
+    positions = torch.stack([torch.arange(C), torch.zeros(C, dtype=torch.long)]).unsqueeze(0)  # (1, 2, C)
+    _, past = model(torch.tensor([ids]), positions, C)
+    token, out = sp.sop, []
+    for t in range(MAX_FILL_TOKENS):
+        logits, past = model(torch.tensor([[token]]), torch.tensor([[[mask_pos], [t + 1]]]), 0, past)
+        token = int(logits[0, -1].argmax())
+        if token in (sp.eop, sp.eos):
+            break
+        out.append(token)
+    return out
+
+
+def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str | Path | None = None, *,
+             fill_examples: int = 500, ppl_batches: int = 8, threads: int = 2) -> dict[str, Any]:
+    """Compute the metrics of a `glmx pretrain` model on its held-out split; write them to out_file if given."""
+    from glm_export.checkpoint import load_checkpoint
+    torch.set_num_threads(threads)
+    loaded = load_checkpoint(checkpoint_dir)
+    s = _settings(loaded.manifest)
+    if loaded.tokenizer_file is None:
+        raise EvaluateError(f"{checkpoint_dir} has no tokenizer file; it must hold the tokenizer it was trained with")
+    tok = load_tokenizer(loaded.tokenizer_file)
+    model = loaded.model.eval()
+    train_docs, held_docs = split_documents(read_documents(corpus_dir), s.heldout_fraction)
+    train = cut_samples(token_stream(tok, train_docs), s.seq_length)
+    held = cut_samples(token_stream(tok, held_docs), s.seq_length)
+    collator = BlockCollator(special_ids(), CollatorConfig())
+
+    batches = eval_batches(collator, held, s.batch_size, ppl_batches, s.seed)
+    unigram = unigram_part_b_counts(collator, train, s, tok.get_vocab_size())
+    metrics: dict[str, Any] = {"checkpoint": loaded.config.name}
+    metrics.update(part_b_perplexity(model, batches, np.pad(unigram, (0, loaded.config.vocab_size - len(unigram)),
+                                                               constant_values=1.0)))
+
+    # single-word blanks: the model's greedy fill vs. always answering the most frequent training word
+    word_counts = Counter(m.group() for d in train_docs for m in WORD.finditer(d))
+    top_word = word_counts.most_common(1)[0][0]
+    blanks = single_word_blanks(held_docs, fill_examples, s.seed)
+    hits, hits_uni, examples = 0, 0, []
+    for left, word, right in blanks:
+        fill = tok.decode(greedy_fill(model, tok, left, right)).strip()
+        hits += fill == word
+        hits_uni += top_word == word
+        if len(examples) < 40:
+            examples.append({"prompt": f"{left} [MASK]{right}", "answer": word, "fill": fill})
+    metrics.update({
+        "mask_fill_exact_match": hits / len(blanks), "unigram_mask_fill_exact_match": hits_uni / len(blanks),
+        "unigram_word": top_word, "mask_fill_examples_scored": len(blanks),
+        "evaluate_command": shlex.join(["glmx", "evaluate", str(checkpoint_dir), str(corpus_dir)] +
+                                       (["--out", str(out_file)] if out_file else []) +
+                                       ["--fill-examples", str(fill_examples), "--ppl-batches", str(ppl_batches)]),
+        "training_command": (loaded.manifest.extra["pretraining"].get("command")),
+        "corpus": loaded.manifest.extra["pretraining"].get("corpus"),
+        "steps": loaded.manifest.extra["pretraining"].get("steps_done"),
+        "examples": examples,
+    })
+    if out_file is not None:
+        atomic_write_json(out_file, metrics)
+    return metrics

@@ -1,0 +1,347 @@
+"""Pretrain a GLM from scratch with the blank-infilling objective on a folder of text, on the CPU.
+
+In: a folder of .txt files (documents = blank-line separated blocks), a model shape and optimiser settings.
+Out: <work_dir>/tokenizer.json, <work_dir>/train_state.pt (everything needed to resume EXACTLY: model, optimizer,
+lr schedule, RNG states, data position), <work_dir>/log.jsonl, and at the end a glmx checkpoint folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from glm_export.collator import BlockCollator, CollatorConfig, SpecialIds
+from glm_export.config import GLMConfig
+from glm_export.model import GLMModel
+from glm_runtime.manifest import atomic_path
+from glm_runtime.tokenizer import JSON_SPECIAL_TOKENS
+
+# Ids 0..9 of every glmx BPE tokenizer (pad = eos = <|endoftext|> = 0, as in GLM's GPT-2 vocab pad == eos).
+SPECIAL_TOKENS = JSON_SPECIAL_TOKENS
+STATE_FILE = "train_state.pt"
+TOKENIZER_FILE = "tokenizer.json"
+SENTENCE_END_CHARS = ".?!;:\n"  # spec 5, gap-sentence splitting
+
+
+class PretrainError(ValueError):
+    """A pretraining input or setting is unusable (empty corpus, resume with other settings, ...)."""
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Everything that decides the training trajectory; a resume must use the same values."""
+    vocab_size: int = 8000  # tokenizer size before padding V to a multiple of 128
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    max_sequence_length: int = 512
+    seq_length: int = 256  # tokens per sample before corruption
+    batch_size: int = 16
+    steps: int = 1000
+    lr: float = 6e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    adam_eps: float = 1e-6
+    grad_clip: float = 1.0
+    dropout: float = 0.1
+    bert_prob: float = 1.0
+    gap_sentence_prob: float = 0.0
+    heldout_fraction: float = 0.02
+    eval_batches: int = 4
+    seed: int = 0
+    name: str = "glmx-pretrained"
+
+
+# ---------------------------------------------------------------- corpus and tokenizer
+
+def read_documents(corpus_dir: str | Path) -> list[str]:
+    """All blank-line separated blocks of every .txt file under corpus_dir, in sorted file order."""
+    files = sorted(Path(corpus_dir).rglob("*.txt"))
+    if not files:
+        raise PretrainError(f"no .txt files under {corpus_dir}; put text files there "
+                            f"(python glm_export/data/get_corpus.py {corpus_dir} installs the default corpus)")
+    docs = []
+    for f in files:
+        docs += [d.strip() for d in f.read_text(encoding="utf-8", errors="replace").split("\n\n") if d.strip()]
+    return docs
+
+
+def is_heldout(doc: str, fraction: float) -> bool:
+    """Deterministic split by content hash, so it does not depend on file order or the seed."""
+    return int(hashlib.sha1(doc.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32 < fraction
+
+
+def split_documents(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    train = [d for d in docs if not is_heldout(d, fraction)]
+    held = [d for d in docs if is_heldout(d, fraction)]
+    if not train or not held:
+        raise PretrainError(f"the corpus has {len(docs)} documents; with heldout_fraction {fraction} one split "
+                            f"is empty. Add more text or change heldout_fraction")
+    return train, held
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> None:
+    """Byte-level BPE with glmx's special tokens at ids 0..9 (glm_runtime.tokenizer.train_bpe_tokenizer)."""
+    from glm_runtime.tokenizer import train_bpe_tokenizer
+    train_bpe_tokenizer(texts, vocab_size, out_file)
+
+
+def load_tokenizer(path: str | Path):
+    """The raw `tokenizers` object (its encode_batch is fast on the whole corpus), with the id layout checked."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(path))
+    for i, t in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(t) != i:
+            raise PretrainError(f"{path}: special token {t!r} has id {tok.token_to_id(t)}, expected {i}; "
+                                f"train the tokenizer with glmx's special-token layout")
+    return tok
+
+
+def special_ids() -> SpecialIds:
+    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    return SpecialIds(eos=ids["<|endoftext|>"], cls=ids["[CLS]"], mask=ids["[MASK]"], smask=ids["[sMASK]"],
+                      gmask=ids["[gMASK]"], sop=ids["<|startofpiece|>"], eop=ids["<|endofpiece|>"],
+                      dblock=ids["[dBLOCK]"], pad=ids["<|endoftext|>"])
+
+
+def sentence_end_table(tok) -> np.ndarray:
+    """bool [vocab]: tokens whose text contains a sentence-ending character."""
+    size = tok.get_vocab_size()
+    table = np.zeros(size, dtype=bool)
+    for i in range(len(SPECIAL_TOKENS), size):
+        table[i] = any(c in tok.decode([i]) for c in SENTENCE_END_CHARS)
+    return table
+
+
+def token_stream(tok, docs: list[str]) -> np.ndarray:
+    """[CLS] doc <eos> [CLS] doc <eos> ... as one int32 array."""
+    sp = special_ids()
+    parts = []
+    for enc in tok.encode_batch(docs, add_special_tokens=False):
+        parts.append(np.array([sp.cls, *enc.ids, sp.eos], dtype=np.int32))
+    return np.concatenate(parts)
+
+
+def cut_samples(stream: np.ndarray, seq_length: int) -> np.ndarray:
+    """[N, seq_length] consecutive windows of the stream (samples span documents, spec 5 sample_across_doc)."""
+    n = len(stream) // seq_length
+    if n == 0:
+        raise PretrainError(f"the corpus has {len(stream)} tokens, fewer than one sample of seq_length {seq_length}")
+    return stream[: n * seq_length].reshape(n, seq_length)
+
+
+def padded_vocab(tokenizer_size: int) -> int:
+    return -(-tokenizer_size // 128) * 128  # spec 6: multiple of 128
+
+
+# ---------------------------------------------------------------- training pieces
+
+def blank_infilling_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean fp32 cross entropy over Part B tokens; logit i predicts target i (no shift, spec 5 and 9.9)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
+    mask = loss_mask.flatten().float()
+    return (ce * mask).sum() / mask.sum()
+
+
+def batch_to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in batch.items() if k != "mode"}
+
+
+def model_loss(model: GLMModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits, _ = model(batch["input_ids"], batch["position_ids"], batch["sep"])  # sep [B]: per-sample Part A length
+    return blank_infilling_loss(logits, batch["target_ids"], batch["loss_mask"])
+
+
+def lr_factor(step: int, s: PretrainSettings) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio at `steps`."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: GLMModel, s: PretrainSettings) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights get no weight decay (as in the original)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith(".bias") or "layernorm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=s.lr, betas=(s.beta1, s.beta2), eps=s.adam_eps)
+
+
+def batch_indices(step: int, n_samples: int, batch_size: int, seed: int) -> np.ndarray:
+    """Sample indices of a step: epochs are seeded permutations, so the data position is just the step."""
+    per_epoch = n_samples // batch_size
+    if per_epoch == 0:
+        raise PretrainError(f"{n_samples} training samples cannot fill one batch of {batch_size}")
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, 1, epoch]).permutation(n_samples)
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def collate_step(collator: BlockCollator, samples: np.ndarray, step: int, seed: int) -> dict[str, np.ndarray]:
+    return collator(list(samples), np.random.default_rng([seed, 2, step]))
+
+
+def eval_batches(collator: BlockCollator, heldout: np.ndarray, batch_size: int, n_batches: int, seed: int,
+                 mode: str = "bert") -> list[dict[str, torch.Tensor]]:
+    """A fixed set of held-out batches (same corruption every time it is called with the same seed)."""
+    rng = np.random.default_rng([seed, 3])
+    out = []
+    for b in range(n_batches):
+        chunk = heldout[b * batch_size:(b + 1) * batch_size]
+        if len(chunk) == 0:
+            break
+        out.append(batch_to_tensors(collator(list(chunk), rng, mode=mode)))
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(model: GLMModel, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Token-weighted mean Part B loss over the batches (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        n = int(batch["loss_mask"].sum())
+        total += float(model_loss(model, batch)) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+# ---------------------------------------------------------------- the entry function
+
+def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Path | None = None, *,
+             checkpoint_every: int = 100, eval_every: int = 100, stop_after: int | None = None,
+             threads: int = 2, overwrite: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
+    """Train (or resume) a GLM in work_dir; at the last step export a glmx checkpoint to export_dir.
+
+    settings: fields of PretrainSettings. If work_dir holds a train_state.pt it is resumed, and the settings
+    must equal the saved ones. stop_after = stop (with a checkpoint) after this many steps of this call.
+    Returns {"step", "losses" (this call's per-step training losses), "evals", "export_dir"}.
+    """
+    s = PretrainSettings(**settings)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    state_path = work / STATE_FILE
+    saved = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if saved is not None and saved["settings"] != dataclasses.asdict(s):
+        diff = {k: (v, dataclasses.asdict(s)[k]) for k, v in saved["settings"].items() if dataclasses.asdict(s)[k] != v}
+        raise PretrainError(f"{state_path} was trained with other settings (saved, now): {diff}; "
+                            f"use the same settings to resume, or another work_dir to start over")
+
+    docs = read_documents(corpus_dir)
+    train_docs, held_docs = split_documents(docs, s.heldout_fraction)
+    tok_file = work / TOKENIZER_FILE
+    if not tok_file.exists():
+        train_tokenizer(iter(train_docs), s.vocab_size, tok_file)
+    tok = load_tokenizer(tok_file)
+    config = GLMConfig(num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
+                       vocab_size=padded_vocab(tok.get_vocab_size()), max_sequence_length=s.max_sequence_length,
+                       hidden_dropout=s.dropout, attention_dropout=s.dropout, name=s.name)
+    if s.seq_length + 1 > s.max_sequence_length:  # gpt mode adds one token ([gMASK]) before Part B
+        raise PretrainError(f"seq_length {s.seq_length} needs max_sequence_length >= {s.seq_length + 1}")
+    train = cut_samples(token_stream(tok, train_docs), s.seq_length)
+    held = cut_samples(token_stream(tok, held_docs), s.seq_length)
+    modes = CollatorConfig(bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob)
+    collator = BlockCollator(special_ids(), modes, sentence_end=sentence_end_table(tok))
+    evals_fixed = eval_batches(collator, held, s.batch_size, s.eval_batches, s.seed)
+
+    torch.manual_seed(s.seed)
+    model = GLMModel(config).train()
+    optimizer = make_optimizer(model, s)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, s))
+    step, evals = 0, []
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+        step, evals = saved["step"], saved["evals"]
+
+    def save_state() -> None:
+        state = {"settings": dataclasses.asdict(s), "config": config.to_dict(), "step": step, "evals": evals,
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        with atomic_path(state_path) as tmp:
+            torch.save(state, tmp)
+
+    def log(record: dict[str, Any]) -> None:
+        with open(work / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    losses: list[float] = []
+    end = s.steps if stop_after is None else min(s.steps, step + stop_after)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=s.steps, initial=step, desc="pretrain", unit="step", mininterval=5.0, file=sys.stderr)
+    t0 = time.time()
+    while step < end:
+        idx = batch_indices(step, len(train), s.batch_size, s.seed)
+        batch = batch_to_tensors(collate_step(collator, train[idx], step, s.seed))
+        loss = model_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        if step % 10 == 0 or step == end:
+            log({"step": step, "loss": losses[-1], "grad_norm": float(grad_norm),
+                 "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)})
+        if step % eval_every == 0 or step == s.steps:
+            ev = {"step": step, "heldout_loss": heldout_loss(model, evals_fixed)}
+            ev["heldout_ppl"] = math.exp(ev["heldout_loss"])
+            evals.append(ev)
+            log(ev)
+            if bar is not None:
+                bar.write(f"step {step}: held-out Part B loss {ev['heldout_loss']:.4f} (ppl {ev['heldout_ppl']:.1f})")
+        if step % checkpoint_every == 0 or step == end:
+            save_state()
+    if bar is not None:
+        bar.close()
+
+    result: dict[str, Any] = {"step": step, "losses": losses, "evals": evals, "export_dir": None}
+    if step >= s.steps and export_dir is not None:
+        corpus_info = Path(corpus_dir) / "corpus.json"
+        extra = {"pretraining": {"settings": dataclasses.asdict(s), "steps_done": step, "evals": evals,
+                                 "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                                 "corpus": json.loads(corpus_info.read_text()) if corpus_info.exists() else None,
+                                 "train_samples": int(len(train)), "heldout_samples": int(len(held))}}
+        export_model(model.eval(), export_dir, tok_file, extra, overwrite=overwrite)
+        result["export_dir"] = str(export_dir)
+    return result
+
+
+def export_model(model: GLMModel, export_dir: str | Path, tokenizer_file: Path, extra: dict[str, Any],
+                 overwrite: bool = False) -> None:
+    """Write the trained model as a glmx checkpoint folder (fp16 safetensors + tokenizer + manifest)."""
+    from glm_export.checkpoint import save_checkpoint
+    save_checkpoint(model, export_dir, tokenizer_file=str(tokenizer_file), extra=extra, dtype=torch.float16,
+                    overwrite=overwrite)
