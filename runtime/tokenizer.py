@@ -477,7 +477,7 @@ def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = Fals
             note = (f"; {' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a blank of this "
                     f"{tok.kind} tokenizer{tok._hint(foreign[0])}") if foreign else ""
             raise BlankError(f"the text has no blank to fill: put one of {blanks} where the model should write, "
-                             f"or pass append_gmask=True to continue the text at its end{note}")
+                             f"or pass append_gmask=True (glmx fill --append-gmask) to continue the text at its end{note}")
         text = text + (" [gMASK]" if "gMASK" in tok.special else " [MASK]")
         ids = tok.encode(text)
     ids = [tok.special["ENC"], *ids]
