@@ -312,5 +312,53 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     click.echo(str(out))
 
 
+@main.command("bench")
+@click.option("--model", "models", multiple=True, type=click.Choice(["bundled", "glm-large-shape", "tiny"]),
+              help="model(s) to measure; repeat [default: bundled and glm-large-shape; --quick: tiny]")
+@click.option("--variant", "variants", multiple=True,
+              help="backend/precision variant(s), e.g. torch-fp32, ort-fp32, ort-int8, ort-int4; repeat [default: all]")
+@click.option("--quick", is_flag=True, help="tiny model, torch + ORT fp32, small grid: seconds (CI)")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="results folder [default: benchmarks/results; --quick: a temporary folder]")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="/tmp/glmx-bench-cache", show_default=True,
+              help="where exported and quantized benchmark models are kept between runs")
+@click.option("--context", "contexts", multiple=True, type=int, help="context lengths; repeat")
+@click.option("--past", "pasts", multiple=True, type=int, help="past lengths for decode latency; repeat")
+@click.option("--batch", "batches", multiple=True, type=int, help="batch sizes for throughput; repeat")
+@click.option("--threads", type=int, default=None, help="threads per backend [default: 2; --quick: 1]")
+@click.option("--no-plots", "plots", is_flag=True, flag_value=False, default=True, help="skip the PNG plots")
+@click.option("--readme-table", "readme_json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="only print the README's performance table from this results.json")
+def bench_cmd(readme_json: str | None, **kwargs) -> None:
+    """Benchmark every backend/precision against torch eager fp32 and the hardware floor."""
+    import shlex
+    if readme_json:
+        from benchmarks.report import print_readme_table
+        print_readme_table(readme_json)
+        return
+    require_export_extra()
+    from benchmarks.bench import BenchmarkError, run_benchmarks
+    for key in ("models", "variants", "contexts", "pasts", "batches"):
+        kwargs[key] = tuple(kwargs[key]) or None
+    if kwargs["models"] is None:
+        kwargs["models"] = ("tiny",) if kwargs["quick"] else ("bundled", "glm-large-shape")
+    if kwargs["out_dir"] is None and not kwargs["quick"]:
+        kwargs["out_dir"] = "benchmarks/results"
+    if kwargs["threads"] is None:
+        kwargs["threads"] = 1 if kwargs["quick"] else 2
+    command = ["glmx", "bench"] + (["--quick"] if kwargs["quick"] else [])  # the options this run resolved to
+    for key, flag in (("models", "--model"), ("variants", "--variant"), ("contexts", "--context"),
+                      ("pasts", "--past"), ("batches", "--batch")):
+        for value in kwargs[key] or ():
+            command += [flag, str(value)]
+    command += ["--threads", str(kwargs["threads"]), "--cache-dir", kwargs["cache_dir"]]
+    command += (["-o", kwargs["out_dir"]] if kwargs["out_dir"] else []) + ([] if kwargs["plots"] else ["--no-plots"])
+    try:
+        results = run_benchmarks(command=shlex.join(command), **kwargs)
+    except (BenchmarkError, ValueError) as exc:
+        raise GLMXError(str(exc)) from None
+    click.echo(results["out_dir"])
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,161 @@
+"""The artifacts a benchmark runs on: each model's fp32 export and its derived variants, built once into a cache.
+
+In: a model name (bundled, glm-large-shape, tiny), a variant name (VARIANTS), a cache folder.
+Out: (backend, folder) ready for open_session, or SkipVariant with the reason it cannot run here.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+MODELS = ("bundled", "glm-large-shape", "tiny")
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "glm_export" / "bundled" / "glmx-small"
+TRAINING_TOKENIZER = Path(__file__).resolve().parents[1] / "runs" / "glmx-small" / "tokenizer.json"
+DEFAULT_CACHE = Path("/tmp/glmx-bench-cache")
+SEED = 0
+
+# variant -> (backend, how the folder is made from the fp32 export); torch runs the fp32 export's parent.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "torch-fp32": ("torch", "fp32"),
+    "ort-fp32": ("onnxruntime", "fp32"),
+    "ort-optimized": ("onnxruntime", "optimized"),
+    "ort-fp16": ("onnxruntime", "fp16"),
+    "ort-int8": ("onnxruntime", "int8-dynamic"),
+    "ort-int8-head": ("onnxruntime", "int8-dynamic+head"),  # the tied head quantized too (faster, less exact)
+    "ort-qdq-int8": ("onnxruntime", "qdq-int8"),
+    "ort-int4": ("onnxruntime", "int4-weight"),
+    "tensorrt-fp16": ("tensorrt", "engine"),
+}
+REFERENCE = "torch-fp32"
+
+
+class SkipVariant(RuntimeError):
+    """This variant cannot be measured here; the message says why (recorded in the results)."""
+
+
+def model_config(name: str) -> Any:
+    from glm_runtime.config import get_preset
+    if name == "glm-large-shape":  # GLM-Large's shape with the 50k GPT-2/RoBERTa vocabulary (spec 6)
+        return get_preset("glm-roberta-large").replace(name="glm-large-shape", hidden_dropout=0.0,
+                                                       attention_dropout=0.0)
+    if name == "tiny":
+        return get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+def load_config(folder: Path) -> Any:
+    from glm_runtime.config import GLMConfig
+    from glm_runtime.manifest import load_manifest
+    return GLMConfig.from_dict(load_manifest(folder, verify=False).config)
+
+
+def _tokenizer_file() -> Path | None:
+    """A glmx tokenizer for random-weight models (the accuracy reports of derived variants tokenize text)."""
+    for path in (BUNDLED_CHECKPOINT / "tokenizer.json", TRAINING_TOKENIZER):
+        if path.is_file():
+            return path
+    return None
+
+
+def _ready(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file()
+
+
+def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The fp32 ONNX export of model `name` (with its checkpoint as parent), built once into `cache`."""
+    import torch
+
+    from glm_export.export import export_onnx
+    if name == "bundled":
+        if not _ready(BUNDLED_CHECKPOINT):
+            raise SkipVariant(f"the bundled checkpoint {BUNDLED_CHECKPOINT} is not present (train it first: "
+                              f"glmx pretrain ... --export-dir {BUNDLED_CHECKPOINT})")
+        key = hashlib.sha256((BUNDLED_CHECKPOINT / "manifest.json").read_bytes()).hexdigest()[:12]
+        root = cache / f"bundled-{key}"
+        checkpoint = BUNDLED_CHECKPOINT
+        random_weights = False
+    else:
+        config = model_config(name)
+        root = cache / name
+        checkpoint = root / "checkpoint"
+        random_weights = True
+        if not _ready(checkpoint):
+            from glm_export.checkpoint import save_checkpoint
+            from glm_export.model import GLMModel
+            log(f"{name}: building a random-weight checkpoint (L={config.num_layers}, h={config.hidden_size}, "
+                f"V={config.vocab_size}); speed does not depend on weight values")
+            torch.manual_seed(SEED)
+            save_checkpoint(GLMModel(config).eval(), checkpoint, tokenizer_file=_tokenizer_file(), overwrite=True)
+    fp32 = root / "onnx-fp32"
+    if not _ready(fp32):
+        log(f"{name}: exporting fp32 ONNX to {fp32}")
+        # parity on a big random model costs minutes and says nothing new: the exporter's tests cover it
+        export_onnx(checkpoint, fp32, precision="fp32", validate=not random_weights or name == "tiny",
+                    overwrite=True, log=log)
+    return {"name": name, "root": root, "checkpoint": checkpoint, "fp32": fp32, "random_weights": random_weights}
+
+
+def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], None]) -> tuple[str, Path]:
+    """(backend, folder) of `variant` for a prepared model; builds derived folders once; raises SkipVariant."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    backend, how = VARIANTS[variant]
+    fp32 = model["fp32"]
+    if how == "fp32":
+        return backend, fp32
+    if how == "engine":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise SkipVariant("TensorRT is not installed here (its PyPI packages fetch NVIDIA's libraries at "
+                              "install time, which this machine cannot reach); build an engine with "
+                              "`glmx build-engine` on a GPU machine and benchmark there")
+        raise SkipVariant("TensorRT is installed but engine benchmarking needs a GPU build of this model: "
+                          "run `glmx build-engine` first (not automated by the benchmark)")
+    folder = model["root"] / f"onnx-{how.replace('+', '-')}"
+    if _ready(folder):
+        return backend, folder
+    needs_tokenizer = (fp32 / "tokenizer.json").is_file()
+    if not needs_tokenizer:
+        raise SkipVariant(f"{variant} measures its accuracy on held-out text, and {fp32} carries no "
+                          f"tokenizer.json (the bundled checkpoint's tokenizer is used when present)")
+    log(f"{model['name']}: making {variant} in {folder}")
+    try:
+        if how == "optimized":
+            from glm_export.optimize import optimize_onnx
+            optimize_onnx(fp32, folder, level="basic", overwrite=True)
+        else:
+            from glm_export.quantize import quantize_onnx
+            scheme, _, extra = how.partition("+")
+            keep = ("embedding",) if extra == "head" else ("embedding", "head")
+            # random weights miss any budget by construction; the loss is recorded in the manifest, not refused
+            quantize_onnx(fp32, folder, scheme=scheme, keep_fp32=keep, accept_loss=True, overwrite=True)
+    except ImportError as exc:
+        raise SkipVariant(f"{variant}: its stage module is not importable here ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a stage still being finished: skip this variant, keep the run
+        raise SkipVariant(f"{variant}: building it failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+    return backend, folder
+
+
+def accuracy_figures(folder: Path) -> dict[str, Any]:
+    """Accuracy figures copied from an artifact's manifest (parity vs torch, accuracy vs fp32 parent)."""
+    from glm_runtime.manifest import load_manifest
+    manifest = load_manifest(folder, verify=False)
+    parity = manifest.parity or {}
+    out: dict[str, Any] = {"precision": manifest.precision}
+    acc = parity.get("accuracy")
+    if acc:
+        out.update({k: acc.get(k) for k in ("top1_agreement", "fill_agreement", "ppl_change", "max_logit_diff",
+                                             "within_budget")})
+    elif parity.get("skipped"):
+        out["parity"] = "skipped at export (random weights)"
+    elif parity:  # the exporter's parity report against the torch reference
+        out["parity_passed"] = parity.get("passed")
+        out["max_logit_diff"] = (parity.get("max_abs_diff") or {}).get("logits")
+        out["top1_agreement"] = parity.get("top1_agreement")
+    return out
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the model files (graph + external data), not the tokenizer or manifest."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model"))

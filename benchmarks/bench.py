@@ -1,0 +1,323 @@
+"""The benchmark run: every backend/precision of each model, against torch eager fp32 and the hardware floor.
+
+In: models, variants (artifacts.VARIANTS), contexts / past lengths / batches, an output folder.
+Out: results.json (machine, versions, every sample, ratios, floors, targets), results.md, PNG plots and a
+README.md naming the command, all checked by `check_results` before they are written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from benchmarks import artifacts, floor, report
+from glm_runtime.config import GLMConfig
+
+DEFAULT_VARIANTS = ("torch-fp32", "ort-fp32", "ort-optimized", "ort-fp16", "ort-int8", "ort-int8-head", "ort-int4",
+                    "ort-qdq-int8", "tensorrt-fp16")
+QUICK_VARIANTS = ("torch-fp32", "ort-fp32")
+# Timing budgets: warm-up calls, then repeat until min_n samples and min_s seconds (cap max_n, or max_s once n >= 3)
+# variant_s: past this many seconds a backend's remaining figures are left out (listed in not_measured)
+FULL_BUDGET = {"warmup": 2, "min_n": 9, "min_s": 0.8, "max_n": 60, "max_s": 5.0, "variant_s": 75}
+QUICK_BUDGET = {"warmup": 1, "min_n": 3, "min_s": 0.02, "max_n": 8, "max_s": 0.3, "variant_s": 60}
+TARGET_MODEL, TARGET_PAST, TARGET_CONTEXT, TARGET_BATCH = "glm-large-shape", 128, 128, 8
+TARGETS = {  # from the issue: GLM-Large shape, batch 1, past 128, best CPU path vs torch eager fp32
+    "decode_vs_floor": ("decode latency / bandwidth floor", "<=", 1.15),
+    "decode_speedup": ("decode speed-up vs torch eager fp32", ">=", 5.0),
+    "context_speedup": (f"context pass ({TARGET_CONTEXT} tokens) speed-up vs torch eager fp32", ">=", 3.0),
+    "batch8_speedup": (f"batch-{TARGET_BATCH} throughput vs torch eager fp32", ">=", 5.0),
+}
+WORKER_TIMEOUT_S = 900
+
+
+class BenchmarkError(RuntimeError):
+    """A figure the benchmark wrote is missing or not sane (non-finite, non-positive, p90 < median)."""
+
+
+# ---------------------------------------------------------------- the machine
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "onnx", "onnxruntime", "torch"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads_used": threads, "platform": platform.platform(),
+            "load_average_start": list(os.getloadavg()), "versions": versions,
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+# ---------------------------------------------------------------- one backend, in its own process
+
+def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Start benchmarks.worker on `spec`; its last 'BENCH-RESULT' line is the result (or an error)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=None if spec.get("progress") else subprocess.PIPE,
+                          text=True, timeout=WORKER_TIMEOUT_S)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-RESULT ")]
+    if not lines:
+        tail = (proc.stderr or "")[-400:] if proc.stderr else f"exit status {proc.returncode}"
+        return {"error": f"worker died without a result ({tail.strip()})"}
+    return json.loads(lines[-1][len("BENCH-RESULT "):])
+
+
+# ---------------------------------------------------------------- derived figures
+
+def _ratio(reference: Mapping[str, Any] | None, figure: Mapping[str, Any] | None) -> float | None:
+    if not reference or not figure:
+        return None
+    return reference["median"] / figure["median"]
+
+
+def add_comparisons(model: dict[str, Any], bandwidth: float, matmul_rate: float) -> None:
+    """Per variant: speed-up vs torch eager fp32 per figure, and each figure's floor and ratio to it."""
+    config = GLMConfig.from_dict(model["config"])
+    variants = model["variants"]
+    ref = variants.get(artifacts.REFERENCE, {})
+    for name, v in variants.items():
+        if "error" in v or "skipped" in v:
+            continue
+        kv_item = 2 if v["precision"] == "fp16" else 4
+        for context, fig in v["context"].items():
+            fig["floor_s"] = floor.context_flops(config, int(context)) / matmul_rate
+            fig["vs_floor"] = fig["median"] / fig["floor_s"]
+            fig["speedup_vs_torch"] = _ratio(ref.get("context", {}).get(context), fig)
+        for past, fig in v["decode"].items():
+            fig["floor_s"] = floor.decode_floor_s(v["streamed_weight_bytes"], config, int(past), 1, bandwidth, kv_item)
+            fig["vs_floor"] = fig["median"] / fig["floor_s"]
+            fig["speedup_vs_torch"] = _ratio(ref.get("decode", {}).get(past), fig)
+        for batch, fig in v["batch"].items():
+            fig["floor_s"] = floor.decode_floor_s(v["streamed_weight_bytes"], config, model["batch_past"],
+                                                  int(batch), bandwidth, kv_item)
+            fig["vs_floor"] = fig["median"] / fig["floor_s"]
+            fig["speedup_vs_torch"] = _ratio(ref.get("batch", {}).get(batch), fig)
+
+
+def evaluate_targets(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The issue's targets on this model: best non-reference path per figure, its ratio, met or missed."""
+    variants = {k: v for k, v in model["variants"].items() if "error" not in v and "skipped" not in v}
+    fast = {k: v for k, v in variants.items() if k != artifacts.REFERENCE}
+    past, context, batch = str(TARGET_PAST), str(TARGET_CONTEXT), str(TARGET_BATCH)
+
+    def best(section: str, key: str) -> tuple[str | None, dict[str, Any] | None]:
+        have = [(v[section][key]["median"], k) for k, v in fast.items() if key in v.get(section, {})]
+        if not have:
+            return None, None
+        name = min(have)[1]
+        return name, fast[name][section][key]
+
+    out: dict[str, Any] = {}
+    decode_name, decode = best("decode", past)
+    context_name, ctx = best("context", context)
+    batch_name, bat = best("batch", batch)
+    values = {
+        "decode_vs_floor": (decode_name, decode and decode["vs_floor"]),
+        "decode_speedup": (decode_name, decode and decode.get("speedup_vs_torch")),
+        "context_speedup": (context_name, ctx and ctx.get("speedup_vs_torch")),
+        "batch8_speedup": (batch_name, bat and bat.get("speedup_vs_torch")),
+    }
+    for key, (label, op, goal) in TARGETS.items():
+        variant, value = values[key]
+        if value is None:
+            out[key] = {"label": label, "goal": f"{op} {goal}", "variant": variant, "value": None, "met": None,
+                        "note": "not measured in this run"}
+            continue
+        met = value <= goal if op == "<=" else value >= goal
+        margin = (goal / value if op == "<=" else value / goal)  # > 1: met with room; < 1: missed by that factor
+        out[key] = {"label": label, "goal": f"{op} {goal}", "variant": variant, "value": value, "met": met,
+                    "margin": margin}
+    return out
+
+
+# ---------------------------------------------------------------- sanity of everything written
+
+def _check_timing(where: str, fig: Any, problems: list[str]) -> None:
+    if not isinstance(fig, Mapping):
+        problems.append(f"{where}: missing")
+        return
+    for key in ("median", "p90", "n", "samples"):
+        if key not in fig:
+            problems.append(f"{where}: field {key!r} is missing")
+            return
+    for key in ("median", "p90"):
+        value = fig[key]
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            problems.append(f"{where}: {key} = {value!r} is not a positive finite number")
+    if not problems and fig["p90"] < fig["median"]:
+        problems.append(f"{where}: p90 {fig['p90']:.4g} < median {fig['median']:.4g}")
+    if fig["n"] != len(fig["samples"]) or fig["n"] < 1:
+        problems.append(f"{where}: n = {fig['n']} but {len(fig['samples'])} samples")
+    if any(not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0) for s in fig["samples"]):
+        problems.append(f"{where}: a sample is not a positive finite number")
+    for key in ("floor_s", "vs_floor", "speedup_vs_torch", "tokens_per_s"):
+        value = fig.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            problems.append(f"{where}: {key} = {value!r} is not a positive finite number")
+
+
+def check_results(results: Mapping[str, Any]) -> None:
+    """Raise BenchmarkError listing every figure that is missing or not sane; silent when all are."""
+    problems: list[str] = []
+    for key in ("machine", "floor", "models", "command"):
+        if key not in results:
+            problems.append(f"results: field {key!r} is missing")
+    bw = results.get("floor", {}).get("bandwidth", {}).get("read_bytes_per_s")
+    if not (isinstance(bw, (int, float)) and math.isfinite(bw) and bw > 0):
+        problems.append(f"floor: bandwidth {bw!r} is not a positive finite number")
+    measured = 0
+    for model_name, model in results.get("models", {}).items():
+        for name, v in model.get("variants", {}).items():
+            if "error" in v or "skipped" in v:
+                continue
+            measured += 1
+            where = f"{model_name}/{name}"
+            for key in ("load_s", "peak_rss_bytes", "disk_bytes", "streamed_weight_bytes"):
+                value = v.get(key)
+                if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                    problems.append(f"{where}: {key} = {value!r} is not a positive finite number")
+            for section in ("context", "decode", "batch"):
+                if not v.get(section):
+                    problems.append(f"{where}: no {section} figures")
+                for key, fig in v.get(section, {}).items():
+                    _check_timing(f"{where} {section} {key}", fig, problems)
+    if measured == 0:
+        problems.append("no variant was measured")
+    if problems:
+        raise BenchmarkError(f"{len(problems)} benchmark figure(s) are not sane: " + "; ".join(problems[:12]))
+
+
+# ---------------------------------------------------------------- the run
+
+def _grid(quick: bool, contexts, pasts, batches) -> tuple[list[int], list[int], list[int], int]:
+    if quick:
+        contexts, pasts, batches = contexts or (16, 32), pasts or (8, 32), batches or (1, 4)
+    else:
+        contexts, pasts, batches = contexts or (64, 128, 256, 512), pasts or (32, 128, 384), batches or (1, 4, 8)
+    batch_past = TARGET_PAST if TARGET_PAST in pasts else max(pasts)
+    return [int(c) for c in contexts], [int(p) for p in pasts], [int(b) for b in batches], batch_past
+
+
+def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), variants: Sequence[str] | None = None,
+                   quick: bool = False, out_dir: str | Path | None = "benchmarks/results",
+                   cache_dir: str | Path = artifacts.DEFAULT_CACHE, contexts: Sequence[int] | None = None,
+                   pasts: Sequence[int] | None = None, batches: Sequence[int] | None = None, threads: int = 2,
+                   plots: bool = True, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Measure every variant of every model; write and return the results (see the module docstring).
+
+    quick: the tiny model, torch and ONNX Runtime fp32 only, a small grid, writing to a temporary folder unless
+    out_dir is given: a few seconds, for CI. Raises BenchmarkError when a written figure is not sane.
+    """
+    say: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    if quick:
+        models = ("tiny",) if tuple(models) == ("bundled", "glm-large-shape") else tuple(models)
+        variants = variants or QUICK_VARIANTS
+        out_dir = out_dir or tempfile.mkdtemp(prefix="glmx-bench-")
+    variants = tuple(variants or DEFAULT_VARIANTS)
+    for m in models:
+        if m not in artifacts.MODELS:
+            raise ValueError(f"unknown model {m!r}; choose from {artifacts.MODELS}")
+    for v in variants:
+        if v not in artifacts.VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {sorted(artifacts.VARIANTS)}")
+    contexts, pasts, batches, batch_past = _grid(quick, contexts, pasts, batches)
+    budget = QUICK_BUDGET if quick else FULL_BUDGET
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        command = (f"python -c 'from benchmarks.bench import run_benchmarks; run_benchmarks(models={tuple(models)!r}, "
+                   f"variants={variants!r}, quick={quick}, out_dir={str(out_dir)!r}, threads={threads})'")
+    results: dict[str, Any] = {"command": command, "quick": quick, "machine": machine_info(threads),
+                               "grid": {"contexts": contexts, "pasts": pasts, "batches": batches,
+                                        "batch_past": batch_past, "budget": budget}, "models": {}}
+    say(f"bench: measuring memory bandwidth and matmul rate ({threads} threads)")
+    bandwidth = floor.measure_bandwidth(megabytes=64 if quick else 512, threads=threads, repeats=3 if quick else 7)
+    results["floor"] = {"bandwidth": bandwidth, "matmul": {}}
+    bar = _progress_bar(len(models) * len(variants), progress)
+    for model_name in models:
+        entry: dict[str, Any] = {"variants": {}, "batch_past": batch_past}
+        results["models"][model_name] = entry
+        try:
+            model = artifacts.prepare_model(model_name, cache, say)
+        except artifacts.SkipVariant as exc:
+            entry["skipped"] = str(exc)
+            say(f"bench: {model_name} skipped: {exc}")
+            bar.update(len(variants))
+            continue
+        config = artifacts.load_config(model["fp32"])
+        entry.update(config=config.to_dict(), random_weights=model["random_weights"])
+        matmul = floor.measure_matmul(config, tokens=TARGET_CONTEXT if not quick else 32, repeats=3 if quick else 5)
+        results["floor"]["matmul"][model_name] = matmul
+        fp32_bytes = floor.streamed_weight_bytes(model["fp32"])["streamed_bytes"]
+        for variant in variants:
+            bar.set_description(f"{model_name} {variant}")
+            entry["variants"][variant] = _measure_variant(model, variant, fp32_bytes, contexts, pasts, batches,
+                                                          batch_past, budget, threads, progress, say)
+            bar.update(1)
+        add_comparisons(entry, bandwidth["read_bytes_per_s"], matmul["flops_per_s"])
+        entry["targets"] = evaluate_targets(entry)
+        if model_name != TARGET_MODEL:
+            entry["targets_note"] = f"the issue's targets are set for {TARGET_MODEL}; shown here for reference"
+    bar.close()
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    check_results(results)
+    report.write_all(results, Path(out_dir), plots=plots, log=say)
+    results["out_dir"] = str(out_dir)
+    return results
+
+
+def _measure_variant(model, variant, fp32_bytes, contexts, pasts, batches, batch_past, budget, threads, progress,
+                     say) -> dict[str, Any]:
+    try:
+        backend, folder = artifacts.prepare_variant(model, variant, say)
+    except artifacts.SkipVariant as exc:
+        say(f"bench: {model['name']} {variant} skipped: {exc}")
+        return {"skipped": str(exc)}
+    spec = {"backend": backend, "folder": str(folder), "threads": threads, "contexts": contexts, "pasts": pasts,
+            "batches": batches, "batch_past": batch_past, "budget": budget, "progress": progress,
+            "first_context": TARGET_CONTEXT, "deadline_s": budget["variant_s"]}
+    result = run_worker(spec)
+    if "error" in result:
+        say(f"bench: {model['name']} {variant} failed: {result['error']}")
+        return result
+    manifest = artifacts.accuracy_figures(folder)
+    result.update(backend=backend, folder=str(folder), precision=manifest.pop("precision"), accuracy=manifest,
+                  disk_bytes=artifacts.disk_bytes(folder if backend != "torch" else model["checkpoint"]),
+                  streamed_weight_bytes=fp32_bytes if backend == "torch"
+                  else floor.streamed_weight_bytes(folder)["streamed_bytes"])
+    if backend == "torch":
+        result["precision"] = "fp32"
+        result["disk_note"] = "the checkpoint's model.safetensors"
+    return result
+
+
+def _progress_bar(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a declared dependency; without it, run silently
+        enabled = False
+    if not enabled:
+        class _Silent:
+            def update(self, n=1): pass
+            def set_description(self, s): pass
+            def close(self): pass
+        return _Silent()
+    return tqdm(total=total, file=sys.stderr, unit="variant", leave=True)

@@ -1,0 +1,121 @@
+"""`glmx bench --quick` on the tiny model: it writes sane JSON + Markdown, and the sanity check refuses bad figures.
+Also: the floor's FLOP and byte counts against hand-computed values, and the target verdicts."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from click.testing import CliRunner  # noqa: E402
+
+from benchmarks import bench, floor  # noqa: E402
+from benchmarks.report import readme_table  # noqa: E402
+from glm_export.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `glmx bench --quick` run shared by the tests: (its output folder, its results.json, the cache)."""
+    root = tmp_path_factory.mktemp("bench")
+    out, cache = root / "out", root / "cache"
+    result = CliRunner().invoke(main, ["bench", "--quick", "-o", str(out), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out, json.loads((out / "results.json").read_text()), cache
+
+
+def test_quick_writes_every_figure(quick_run):
+    out, results, _ = quick_run
+    for name in ("results.json", "results.md", "README.md"):
+        assert (out / name).stat().st_size > 0
+    variants = results["models"]["tiny"]["variants"]
+    assert set(variants) == {"torch-fp32", "ort-fp32"}
+    grid = results["grid"]
+    for name, v in variants.items():
+        assert set(v["context"]) == {str(c) for c in grid["contexts"]}
+        assert set(v["decode"]) == {str(p) for p in grid["pasts"]}
+        assert set(v["batch"]) == {str(b) for b in grid["batches"]}
+        for section in ("context", "decode", "batch"):
+            for fig in v[section].values():
+                assert fig["n"] == len(fig["samples"]) >= 3
+                assert 0 < fig["median"] <= fig["p90"] and math.isfinite(fig["floor_s"])
+        assert v["peak_rss_bytes"] > 0 and v["disk_bytes"] > 0 and v["load_s"] > 0
+    # ratios come from the same run: torch's own speed-up is exactly 1, ORT's is torch median / ORT median
+    torch_fig, ort_fig = variants["torch-fp32"]["decode"]["8"], variants["ort-fp32"]["decode"]["8"]
+    assert torch_fig["speedup_vs_torch"] == 1.0
+    assert ort_fig["speedup_vs_torch"] == pytest.approx(torch_fig["median"] / ort_fig["median"])
+    assert variants["ort-fp32"]["accuracy"]["parity_passed"] is True  # copied from the export's manifest
+    assert results["machine"]["load_average_start"] and results["machine"]["versions"]["onnxruntime"]
+    readme = (out / "README.md").read_text()
+    assert "glmx bench --quick" in readme and results["command"] in readme
+    assert "| ort-fp32 |" in (out / "results.md").read_text()
+    bench.check_results(results)  # what was written passes the checker
+
+
+@pytest.mark.parametrize("plant, message", [
+    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"]["decode"]["8"].update(median=float("nan")),
+     "decode 8: median = nan"),
+    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"]["context"]["16"].update(p90=1e-9),
+     "context 16: p90"),
+    (lambda r: r["models"]["tiny"]["variants"]["torch-fp32"]["batch"]["4"].pop("median"),
+     "batch 4: field 'median' is missing"),
+    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"].update(peak_rss_bytes=0), "peak_rss_bytes = 0"),
+    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"].pop("decode"), "no decode figures"),
+    (lambda r: r.pop("machine"), "field 'machine' is missing"),
+])
+def test_check_results_refuses_a_planted_bad_figure(quick_run, plant, message):
+    results = copy.deepcopy(quick_run[1])
+    plant(results)
+    with pytest.raises(bench.BenchmarkError, match="not sane") as err:
+        bench.check_results(results)
+    assert message in str(err.value)
+
+
+def test_readme_table_from_json(quick_run):
+    out, results, _ = quick_run
+    table = readme_table(results)
+    assert table.count("\n| ") == 3 and "| torch-fp32 | " in table and "| ort-fp32 | " in table
+    printed = CliRunner().invoke(main, ["bench", "--readme-table", str(out / "results.json")])
+    assert printed.exit_code == 0 and table in printed.output
+
+
+def test_unknown_variant_is_refused_with_the_choices(quick_run, tmp_path):
+    result = CliRunner().invoke(main, ["bench", "--quick", "--variant", "ort-int3", "-o", str(tmp_path),
+                                       "--cache-dir", str(quick_run[2])])
+    assert result.exit_code == 1
+    assert "unknown variant 'ort-int3'" in result.output and "ort-int8" in result.output
+
+
+def test_floor_counts_match_hand_computed_values(quick_run, tiny_model):
+    cfg = tiny_model.config  # L=2, h=64, V=512
+    T, h, L, V = 16, 64, 2, 512
+    by_hand = L * (2 * T * h * 3 * h + 2 * T * h * h + 2 * T * h * 4 * h * 2 + 4 * T * T * h) + 2 * T * h * V
+    assert floor.context_flops(cfg, T) == by_hand
+    # streamed bytes = every parameter except the two position tables, which are only gathered from
+    folder = quick_run[2] / "tiny" / "onnx-fp32"
+    params = sum(p.numel() for n, p in tiny_model.named_parameters() if "position_embeddings" not in n)
+    counted = floor.streamed_weight_bytes(folder)
+    assert 0 <= counted["streamed_bytes"] - 4 * params < 1024  # + the graph's small constants (shapes, scales)
+    assert 0 <= counted["gathered_bytes"] - 4 * 2 * (cfg.max_sequence_length + 1) * h < 1024
+    assert floor.kv_bytes(cfg, past=10, batch=3) == 2 * L * 3 * 10 * h * 4
+
+
+def test_targets_say_met_or_missed_and_by_how_much():
+    def fig(median, **extra):
+        return {"median": median, "p90": median, "n": 3, "samples": [median] * 3, **extra}
+    model = {"variants": {
+        "torch-fp32": {"decode": {"128": fig(0.13)}, "context": {"128": fig(3.0)}, "batch": {"8": fig(0.4)}},
+        "ort-int8": {"decode": {"128": fig(0.02, vs_floor=1.2, speedup_vs_torch=6.5)},
+                     "context": {"128": fig(1.5, speedup_vs_torch=2.0)},
+                     "batch": {"8": fig(0.05, speedup_vs_torch=8.0)}},
+        "ort-int4": {"skipped": "not built"}}}
+    targets = bench.evaluate_targets(model)
+    assert targets["decode_speedup"]["met"] is True and targets["decode_speedup"]["margin"] == pytest.approx(1.3)
+    assert targets["decode_vs_floor"]["met"] is False
+    assert targets["decode_vs_floor"]["margin"] == pytest.approx(1.15 / 1.2)
+    assert targets["context_speedup"]["met"] is False and targets["context_speedup"]["variant"] == "ort-int8"
+    assert targets["batch8_speedup"]["met"] is True
