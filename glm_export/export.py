@@ -6,6 +6,8 @@ through staged_folder so a failed export leaves nothing behind. `load_onnx_model
 """
 from __future__ import annotations
 
+import os
+
 import shutil
 import sys
 from itertools import zip_longest
@@ -180,7 +182,12 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
                 tokenizer = {**tok_entry, "file": tok_path.name, "sha256": sha256_file(stage / tok_path.name)}
             parent = {}
             if checkpoint is not None:
-                parent = {"path": str(checkpoint.resolve())}
+                # relative to the exported folder, so a checkout or an installed package that moves both
+                # folders together (the bundled model) still finds its parent; absolute on another drive
+                try:
+                    parent = {"path": os.path.relpath(checkpoint.resolve(), Path(out_dir).resolve())}
+                except ValueError:
+                    parent = {"path": str(checkpoint.resolve())}
                 if (checkpoint / MANIFEST_NAME).is_file():  # a glmx folder; HF / Megatron ones have none
                     parent["manifest_sha256"] = sha256_file(checkpoint / MANIFEST_NAME)
             write_manifest(stage, Manifest(

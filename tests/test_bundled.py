@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from glm_export.checkpoint import load_checkpoint  # noqa: E402
 from glm_export.export import BUNDLED_CHECKPOINT  # noqa: E402
 from glm_export.parity import check_parity  # noqa: E402
-from glm_export.reference_session import TorchSession  # noqa: E402
+from glm_export.reference_session import TorchSession, load_torch_session  # noqa: E402
 from glm_runtime.generate import fill_blanks  # noqa: E402
 from glm_runtime.manifest import MANIFEST_NAME, load_manifest, sha256_file  # noqa: E402
 from glm_runtime.session import BUNDLED_MODEL, open_model  # noqa: E402
@@ -65,3 +65,11 @@ def test_committed_metrics_name_the_bundled_checkpoint():
     assert metrics["checkpoint"] == "glmx-small"
     for key in ("heldout_part_b_ppl", "unigram_part_b_ppl", "mask_fill_exact_match", "unigram_mask_fill_exact_match"):
         assert metrics[key] > 0
+
+
+def test_torch_backend_finds_the_parent_checkpoint_of_the_bundled_export():
+    """The parent path is stored relative to the export, so it resolves in any checkout or install."""
+    manifest = load_manifest(BUNDLED_MODEL, kind="onnx")
+    assert not manifest.parent["path"].startswith("/")
+    session = load_torch_session(BUNDLED_MODEL)
+    assert session.config.to_dict() == manifest.config
