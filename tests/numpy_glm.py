@@ -6,6 +6,8 @@ explicit formulas, nothing shared with glm_export.model.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -18,7 +20,7 @@ def _layer_norm(x, w, b, eps=1e-5):
 def _gelu(x, kind="tanh"):
     if kind == "tanh":
         return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
-    from scipy.special import erf
+    erf = np.vectorize(math.erf)  # exact erf GeLU of the HF remote code, elementwise from the standard library
     return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
 
 
