@@ -10,8 +10,9 @@ import numpy as np
 from glm_runtime.iotable import past_names, present_names
 
 
-class KVCache:
-    """Host cache: keys[l], values[l] are numpy [B, n, capacity, d]; `filled[b]` = row b's next free slot."""
+class _SlotCache:
+    """What every cache shares: the KV names, the slot map `visible` [B, capacity] and `filled[b]` (row b's next
+    free slot). Subclasses own the buffers: `_alloc(capacity)`, `reserve`, `append`, `reorder`."""
 
     def __init__(self, io: Mapping[str, Any], batch: int, heads: int, head_dim: int, capacity: int, dtype: Any):
         self.past = past_names(io)  # [(key name, value name)] per layer
@@ -25,12 +26,37 @@ class KVCache:
         self.filled = np.zeros(batch, dtype=np.int64)
         self.grown = 0  # how many times the buffers were reallocated (tests check amortisation)
 
-    def _alloc(self, capacity: int) -> np.ndarray:
-        return np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=self.dtype)
+    def _alloc(self, capacity: int) -> Any:
+        raise NotImplementedError
 
     @property
     def capacity(self) -> int:
         return self.visible.shape[1]
+
+    def _grow_slot_map(self, new_cap: int) -> None:
+        visible = np.zeros((self.batch, new_cap), dtype=bool)
+        visible[:, :self.capacity] = self.visible
+        self.visible = visible
+        self.grown += 1
+
+    def feeds(self) -> dict[str, Any]:
+        out = {}
+        for (kn, vn), k, v in zip(self.past, self.keys, self.values):
+            out[kn], out[vn] = k, v
+        return out
+
+    def truncate(self, filled: Sequence[int]) -> None:
+        """Forget every slot at or after filled[b] (the buffers keep their old bytes; the mask hides them)."""
+        filled = np.asarray(filled, dtype=np.int64)
+        self.visible &= np.arange(self.capacity)[None, :] < filled[:, None]
+        self.filled = filled.copy()
+
+
+class KVCache(_SlotCache):
+    """Host cache: keys[l], values[l] are numpy [B, n, capacity, d]."""
+
+    def _alloc(self, capacity: int) -> np.ndarray:
+        return np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=self.dtype)
 
     def reserve(self, needed: int) -> None:
         """Make room for `needed` slots per row; grows to max(needed, 2 x capacity) so growth is amortised."""
@@ -43,16 +69,7 @@ class KVCache:
                 buf = self._alloc(new_cap)
                 buf[:, :, :used] = old[:, :, :used]
                 store[i] = buf
-        visible = np.zeros((self.batch, new_cap), dtype=bool)
-        visible[:, :used] = self.visible[:, :used]
-        self.visible = visible
-        self.grown += 1
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        out = {}
-        for (kn, vn), k, v in zip(self.past, self.keys, self.values):
-            out[kn], out[vn] = k, v
-        return out
+        self._grow_slot_map(new_cap)
 
     def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
         """Store the first counts[b] of this call's T tokens of row b at its next slots, and mark them visible.
@@ -91,13 +108,6 @@ class KVCache:
         self.visible[changed] = self.visible[src]
         self.filled[changed] = self.filled[src]
 
-    def truncate(self, filled: Sequence[int]) -> None:
-        """Forget every slot at or after filled[b] (the buffers keep their old bytes; the mask hides them)."""
-        filled = np.asarray(filled, dtype=np.int64)
-        slots = np.arange(self.capacity)[None, :]
-        self.visible &= slots < filled[:, None]
-        self.filled = filled.copy()
-
 
 # ---------------------------------------------------------------- device cache (CUDA IO binding)
 
@@ -133,39 +143,27 @@ def _scatter_model(elem_type: int) -> bytes:
     return model.SerializeToString()
 
 
-class DeviceKVCache:
+class DeviceKVCache(_SlotCache):
     """Cache whose buffers are OrtValues on `device` (e.g. "cuda", 0); same methods as KVCache.
 
     New K/V arrive as device OrtValues (the session binds `present.*` outputs to the device) and are scattered
     into the buffers by a one-node graph whose output is bound to the buffer itself, so nothing crosses to
-    the host. Beam reorders gather into a second buffer set and swap (a device-to-device copy).
+    the host. Beam reorders (beam search only) gather rows through the host.
     """
 
     def __init__(self, io: Mapping[str, Any], batch: int, heads: int, head_dim: int, capacity: int, dtype: Any,
                  device: tuple[str, int], providers: Sequence[Any]):
         import onnxruntime as ort
         self._ort = ort
-        self.past, self.present = past_names(io), present_names(io)
-        self.batch, self.heads, self.head_dim = batch, heads, head_dim
-        self.dtype = np.dtype(dtype)
         self.device = device
-        elem = 10 if self.dtype == np.float16 else 1  # onnx.TensorProto.FLOAT16 / FLOAT
+        elem = 10 if np.dtype(dtype) == np.float16 else 1  # onnx.TensorProto.FLOAT16 / FLOAT
         self._writer = ort.InferenceSession(_scatter_model(elem), providers=list(providers))
-        capacity = max(int(capacity), 1)
-        self.keys = [self._alloc(capacity) for _ in self.past]
-        self.values = [self._alloc(capacity) for _ in self.past]
-        self.visible = np.zeros((batch, capacity), dtype=bool)
-        self.filled = np.zeros(batch, dtype=np.int64)
-        self.grown = 0
+        super().__init__(io, batch, heads, head_dim, capacity, dtype)  # allocates through _alloc
 
     def _alloc(self, capacity: int, host: np.ndarray | None = None):
         if host is None:
             host = np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=self.dtype)
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), *self.device)
-
-    @property
-    def capacity(self) -> int:
-        return self.visible.shape[1]
 
     def reserve(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -176,16 +174,7 @@ class DeviceKVCache:
                 host = np.zeros((self.batch, self.heads, new_cap, self.head_dim), dtype=self.dtype)
                 host[:, :, :self.capacity] = old.numpy()
                 store[i] = self._alloc(new_cap, host)
-        visible = np.zeros((self.batch, new_cap), dtype=bool)
-        visible[:, :self.visible.shape[1]] = self.visible
-        self.visible = visible
-        self.grown += 1
-
-    def feeds(self) -> dict[str, Any]:
-        out = {}
-        for (kn, vn), k, v in zip(self.past, self.keys, self.values):
-            out[kn], out[vn] = k, v
-        return out
+        self._grow_slot_map(new_cap)
 
     def _write(self, buf, new, slots: np.ndarray) -> None:
         binding = self._writer.io_binding()
@@ -223,11 +212,6 @@ class DeviceKVCache:
                 store[i] = self._alloc(self.capacity, buf.numpy()[index])
         self.visible = self.visible[index]
         self.filled = self.filled[index]
-
-    def truncate(self, filled: Sequence[int]) -> None:
-        filled = np.asarray(filled, dtype=np.int64)
-        self.visible &= np.arange(self.capacity)[None, :] < filled[:, None]
-        self.filled = filled.copy()
 
 
 def new_cache(session: Any, batch: int, capacity: int) -> Any:
