@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from glm_runtime.iotable import past_names, present_names
+from glm_runtime.kvcache import _SlotCache
 from glm_runtime.manifest import Manifest, ManifestError, load_manifest
 
 ENGINE_FILE = "model.engine"
@@ -370,7 +371,7 @@ class TensorRTSession:
 
 # ---------------------------------------------------------------- the device-resident KV cache
 
-class TensorRTKVCache:
+class TensorRTKVCache(_SlotCache):
     """glm_runtime.kvcache.KVCache's methods (feeds / append / reorder / truncate / reserve, `visible`, `filled`)
     with the buffers [B, n, capacity, d] in GPU memory: the engine reads them in place as past_key_values.*,
     and each call's present.* are copied device to device into each row's next free slots. Nothing about the
@@ -383,19 +384,9 @@ class TensorRTKVCache:
 
     def __init__(self, session: TensorRTSession, batch: int, capacity: int):
         self._cuda, self.max_capacity = session._cuda, session.max_past
-        self.past, self.present = past_names(session.io), present_names(session.io)
-        self.batch, self.heads = int(batch), session.config.num_attention_heads
-        self.head_dim, self.dtype = session.config.head_dim, session.kv_dtype
-        self.keys: list[DeviceArray] = []
-        self.values: list[DeviceArray] = []
-        self.visible = np.zeros((self.batch, 0), dtype=bool)
-        self.filled = np.zeros(self.batch, dtype=np.int64)
-        self.grown = -1  # the first reserve allocates
-        self.reserve(min(max(int(capacity), 1), self.max_capacity))  # grows on demand up to the max
-
-    @property
-    def capacity(self) -> int:
-        return self.visible.shape[1]
+        config = session.config
+        super().__init__(session.io, int(batch), config.num_attention_heads, config.head_dim,
+                         min(max(int(capacity), 1), self.max_capacity), session.kv_dtype)  # grows up to the max
 
     def _alloc(self, capacity: int) -> DeviceArray:
         # zeroed: masked slots still enter softmax(.) @ V with weight ~0, and 0 * NaN garbage would be NaN
@@ -413,26 +404,14 @@ class TensorRTKVCache:
         new_cap, old_cap = min(max(needed, 2 * self.capacity), self.max_capacity), self.capacity
         row = self.head_dim * self.dtype.itemsize  # bytes per slot
         for store in (self.keys, self.values):
-            for i in range(len(self.past)):
-                new = self._alloc(new_cap)
-                if i < len(store):  # move the old slots: B*n rows of old_cap slots into rows of new_cap
-                    self._cuda.copy_2d(new.ptr, new_cap * row, store[i].ptr, old_cap * row, old_cap * row,
-                                       self.batch * self.heads, "d2d")
-                    self._cuda.synchronize()
-                    self._cuda.free(store[i].ptr)
-                    store[i] = new
-                else:
-                    store.append(new)
-        visible = np.zeros((self.batch, new_cap), dtype=bool)
-        visible[:, :old_cap] = self.visible
-        self.visible = visible
-        self.grown += 1
-
-    def feeds(self) -> dict[str, DeviceArray]:
-        out = {}
-        for (kn, vn), k, v in zip(self.past, self.keys, self.values):
-            out[kn], out[vn] = k, v
-        return out
+            for i, old in enumerate(store):
+                new = self._alloc(new_cap)  # move the old slots: B*n rows of old_cap slots into rows of new_cap
+                self._cuda.copy_2d(new.ptr, new_cap * row, old.ptr, old_cap * row, old_cap * row,
+                                   self.batch * self.heads, "d2d")
+                self._cuda.synchronize()
+                self._cuda.free(old.ptr)
+                store[i] = new
+        self._grow_slot_map(new_cap)
 
     def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
         """Store the first counts[b] of this call's T tokens of row b at its next slots (device to device when
@@ -475,11 +454,6 @@ class TensorRTKVCache:
                 store[i] = new
         self.visible = self.visible[index]
         self.filled = self.filled[index]
-
-    def truncate(self, filled: Sequence[int]) -> None:
-        filled = np.asarray(filled, dtype=np.int64)
-        self.visible &= np.arange(self.capacity)[None, :] < filled[:, None]
-        self.filled = filled.copy()
 
     def to_host(self) -> dict[str, np.ndarray]:
         """Every past_key_values.* buffer as numpy (tests and debugging only: this is the slow path)."""
