@@ -39,6 +39,12 @@ class _SlotCache:
         self.visible = visible
         self.grown += 1
 
+    def _mark_appended(self, counts: np.ndarray) -> None:
+        """After the buffers took counts[b] new tokens of row b at its next slots: make those slots visible."""
+        for b in np.flatnonzero(counts):
+            self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
+        self.filled += counts
+
     def feeds(self) -> dict[str, Any]:
         out = {}
         for (kn, vn), k, v in zip(self.past, self.keys, self.values):
@@ -90,9 +96,7 @@ class KVCache(_SlotCache):
                     f, c = self.filled[b], counts[b]
                     k[b, :, f:f + c] = nk[b, :, :c]
                     v[b, :, f:f + c] = nv[b, :, :c]
-        for b in rows:
-            self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
-        self.filled += counts
+        self._mark_appended(counts)
 
     def reorder(self, index: Sequence[int]) -> None:
         """Beam search: row b becomes a copy of row index[b]. Only changed rows and used slots are copied."""
@@ -199,9 +203,7 @@ class DeviceKVCache(_SlotCache):
         for (kn, vn), k, v in zip(self.present, self.keys, self.values):
             self._write(k, outputs[kn], slots)
             self._write(v, outputs[vn], slots)
-        for b in np.flatnonzero(counts):
-            self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
-        self.filled += counts
+        self._mark_appended(counts)
 
     def reorder(self, index: Sequence[int]) -> None:
         index = np.asarray(index, dtype=np.int64)

@@ -434,9 +434,7 @@ class TensorRTKVCache(_SlotCache):
                                            src + b * n * T * row, T * row, int(counts[b]) * row, n, kind)
                 if host is not None:
                     self._cuda.synchronize()  # the host array may go away once this returns
-        for b in np.flatnonzero(counts):
-            self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
-        self.filled += counts
+        self._mark_appended(counts)
 
     def reorder(self, index: Sequence[int]) -> None:
         """Beam search: row b becomes a copy of row index[b] (whole rows, device to device, into new buffers)."""
