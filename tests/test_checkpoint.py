@@ -19,16 +19,11 @@ from glm_export.checkpoint import (  # noqa: E402
 from glm_export.config import GLMConfig  # noqa: E402
 from glm_export.model import GLMModel  # noqa: E402
 from glm_runtime.manifest import ManifestError, load_manifest  # noqa: E402
+from tests.random_models import random_weights_model  # noqa: E402
 
 
 def random_model(config, seed=0):
-    torch.manual_seed(seed)
-    model = GLMModel(config).eval()
-    with torch.no_grad():  # non-trivial LN and bias values so a swapped or dropped tensor shows in the logits
-        for name, p in model.named_parameters():
-            if "layernorm" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return random_weights_model(config, seed, scale_embeddings=False)
 
 
 def fp16_state_dict(model):

@@ -14,27 +14,14 @@ ort = pytest.importorskip("onnxruntime")
 from glm_export import export as export_mod  # noqa: E402
 from glm_export import parity  # noqa: E402
 from glm_export.export import ExportError, export_onnx, graph_io, load_onnx_model  # noqa: E402
-from glm_export.model import GLMModel  # noqa: E402
 from glm_export.parity import ParityError, check_parity, glm_cases  # noqa: E402
 from glm_runtime.config import get_preset  # noqa: E402
 from glm_runtime.iotable import io_table  # noqa: E402
 from glm_runtime.manifest import ManifestError  # noqa: E402
+from tests.random_models import random_weights_model as random_model  # noqa: E402
 
 CASES = {"blank_mid_context", "two_blanks_through_cache", "gmask_at_end", "one_pass_two_spans",
          "batch_right_padding", "batch_left_padding"}
-
-
-def random_model(config, seed):
-    """Seeded model with non-trivial LN/bias values and large embeddings, so a swapped term cannot hide."""
-    torch.manual_seed(seed)
-    model = GLMModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif "embeddings" in name:
-                p.mul_(10.0)
-    return model
 
 
 TINY = get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)

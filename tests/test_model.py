@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 
 from glm_export.model import GLMModel, build_attention_mask  # noqa: E402
 from tests import numpy_glm  # noqa: E402
+from tests.random_models import random_weights_model  # noqa: E402
 
 # Multi-span blank-filling layout of spec 4.2: context "t1 [M] t2 t3 [M] t4" (C = 8) then two spans.
 CONTEXT = [1, 11, 2, 12, 13, 2, 14, 0]  # [CLS] t1 [MASK] t2 t3 [MASK] t4 eos (glm-tiny json ids)
@@ -22,18 +23,6 @@ def multi_span_layout():
     pos = list(range(8)) + [2] * 3 + [5] * 4
     block = [0] * 8 + [1, 2, 3] + [1, 2, 3, 4]
     return ids, np.array([pos, block]), len(CONTEXT)
-
-
-def random_weights_model(config, seed):
-    torch.manual_seed(seed)
-    model = GLMModel(config).eval()
-    with torch.no_grad():  # non-trivial LN and bias values, so a swapped term cannot hide
-        for name, p in model.named_parameters():
-            if "layernorm" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif "embeddings" in name:
-                p.mul_(10.0)
-    return model
 
 
 @pytest.mark.parametrize("gelu", ["tanh", "erf"])
