@@ -32,7 +32,10 @@ def _dtype_and_shape(value: Any) -> tuple[str, tuple[int, ...]]:
         return value.dtype.name, tuple(value.shape)
     if hasattr(value, "data_type") and callable(getattr(value, "shape", None)):  # onnxruntime.OrtValue
         return _ORT_TYPES.get(value.data_type(), value.data_type()), tuple(value.shape())
-    raise FeedError(f"a feed must be a numpy array or an onnxruntime OrtValue, got {type(value).__name__}")
+    if hasattr(value, "dtype") and isinstance(getattr(value, "shape", None), tuple):  # a device array (TensorRT)
+        return np.dtype(value.dtype).name, tuple(value.shape)
+    raise FeedError(f"a feed must be a numpy array, an onnxruntime OrtValue or a device array with .dtype and "
+                    f".shape, got {type(value).__name__}")
 
 
 def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -> dict[str, int]:

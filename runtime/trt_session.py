@@ -107,14 +107,9 @@ def select_profile(profiles: Sequence[Profile], dims: Mapping[str, int]) -> int:
 
 
 def feed_dims(io: Mapping[str, Any], feeds: Mapping[str, Any]) -> dict[str, int]:
-    """Check feeds with the one checker every backend uses (glm_runtime.session.check_feeds, FeedError).
-
-    DeviceArrays are checked through zero-stride numpy stand-ins of the same dtype and shape (no copy).
-    """
+    """Check feeds (numpy or DeviceArrays) with the one checker every backend uses (check_feeds, FeedError)."""
     from glm_runtime.session import check_feeds
-    shadow = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) if isinstance(v, DeviceArray) else v
-              for k, v in feeds.items()}
-    return check_feeds(shadow, io["inputs"])
+    return check_feeds(feeds, io["inputs"])
 
 
 # ---------------------------------------------------------------- what an engine manifest must say

@@ -265,3 +265,19 @@ def test_cache_reorder_and_truncate():
     cache.append(_present(cache, 3, 2, 5.0), [2, 2, 2])
     cache.truncate([1, 1, 1])
     assert cache.filled.tolist() == [1, 1, 1] and cache.visible.sum(1).tolist() == [1, 1, 1]
+
+
+def test_device_array_feeds_are_checked_like_numpy():
+    """Any array with .dtype and a tuple .shape (TensorRT's DeviceArray) goes through the same checker."""
+    from glm_runtime.session import FeedError, check_feeds
+
+    class Device:
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", 3]}]
+    assert check_feeds({"x": Device((2, 3), "float32")}, inputs) == {"batch": 2}
+    with pytest.raises(FeedError, match="input 'x' must be float32, got float16"):
+        check_feeds({"x": Device((2, 3), "float16")}, inputs)
+    with pytest.raises(FeedError, match="a feed must be a numpy array, an onnxruntime OrtValue or a device array"):
+        check_feeds({"x": [[0.0] * 3] * 2}, inputs)
