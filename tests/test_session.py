@@ -269,8 +269,6 @@ def test_cache_reorder_and_truncate():
 
 def test_device_array_feeds_are_checked_like_numpy():
     """Any array with .dtype and a tuple .shape (TensorRT's DeviceArray) goes through the same checker."""
-    from glm_runtime.session import FeedError, check_feeds
-
     class Device:
         def __init__(self, shape, dtype):
             self.shape, self.dtype = tuple(shape), np.dtype(dtype)
