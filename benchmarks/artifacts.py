@@ -24,6 +24,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "ort-fp16": ("onnxruntime", "fp16"),
     "ort-int8": ("onnxruntime", "int8-dynamic"),
     "ort-int8-head": ("onnxruntime", "int8-dynamic+head"),  # the tied head quantized too (faster, less exact)
+    "ort-fused-int8-head": ("onnxruntime", "optimized/int8-dynamic+head"),  # the same, of the optimized graph
     "ort-qdq-int8": ("onnxruntime", "qdq-int8"),
     "ort-int4": ("onnxruntime", "int4-weight"),
     "tensorrt-fp16": ("tensorrt", "engine"),
@@ -112,7 +113,11 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
                               "`glmx build-engine` on a GPU machine and benchmark there")
         raise SkipVariant("TensorRT is installed but engine benchmarking needs a GPU build of this model: "
                           "run `glmx build-engine` first (not automated by the benchmark)")
-    folder = model["root"] / f"onnx-{how.replace('+', '-')}"
+    parent = fp32
+    if "/" in how:  # "<parent variant's how>/<scheme>": quantize a derived folder, not the fp32 export
+        parent_how, how = how.split("/", 1)
+        parent = prepare_variant(model, next(v for v, (_, h) in VARIANTS.items() if h == parent_how), log)[1]
+    folder = model["root"] / f"onnx-{'' if parent == fp32 else parent.name[5:] + '-'}{how.replace('+', '-')}"
     if _ready(folder):
         return backend, folder
     needs_tokenizer = (fp32 / "tokenizer.json").is_file()
@@ -123,13 +128,13 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
     try:
         if how == "optimized":
             from glm_export.optimize import optimize_onnx
-            optimize_onnx(fp32, folder, level="basic", overwrite=True)
+            optimize_onnx(fp32, folder, overwrite=True)  # the default level: glmx's fusions
         else:
             from glm_export.quantize import quantize_onnx
             scheme, _, extra = how.partition("+")
             keep = ("embedding",) if extra == "head" else ("embedding", "head")
             # random weights miss any budget by construction; the loss is recorded in the manifest, not refused
-            quantize_onnx(fp32, folder, scheme=scheme, keep_fp32=keep, accept_loss=True, overwrite=True)
+            quantize_onnx(parent, folder, scheme=scheme, keep_fp32=keep, accept_loss=True, overwrite=True)
     except ImportError as exc:
         raise SkipVariant(f"{variant}: its stage module is not importable here ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - a stage still being finished: skip this variant, keep the run

@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 from benchmarks import artifacts, floor, report
 from glm_runtime.config import GLMConfig
 
-DEFAULT_VARIANTS = ("torch-fp32", "ort-fp32", "ort-optimized", "ort-fp16", "ort-int8", "ort-int8-head", "ort-int4",
-                    "ort-qdq-int8", "tensorrt-fp16")
+DEFAULT_VARIANTS = ("torch-fp32", "ort-fp32", "ort-optimized", "ort-fp16", "ort-int8", "ort-int8-head",
+                    "ort-fused-int8-head", "ort-int4", "ort-qdq-int8", "tensorrt-fp16")
 QUICK_VARIANTS = ("torch-fp32", "ort-fp32")
 # Timing budgets: warm-up calls, then repeat until min_n samples and min_s seconds (cap max_n, or max_s once n >= 3)
 # variant_s: past this many seconds a backend's remaining figures are left out (listed in not_measured)

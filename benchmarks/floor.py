@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up: page faults, thread pool start
     times = []
@@ -22,12 +23,49 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
+GEMV_ROWS = 4096  # K of the read kernel's weight matrix: a hidden size of the order of the models benchmarked
+
+
+def gemv_weights(megabytes: int, rows: int = GEMV_ROWS, seed: int = 0) -> np.ndarray:
+    """In: a size in MiB. Out: a random float32 weight matrix (rows, N) of at least that many bytes."""
+    cols = max(1, -(-megabytes * 2 ** 20 // (4 * rows)))  # ceil
+    return np.random.default_rng(seed).random((rows, cols), dtype=np.float32) - 0.5
+
+
+def _gemv_model_bytes(weights: np.ndarray) -> bytes:
+    """A serialized ONNX graph y[1, N] = x[1, K] @ W[K, N], with W an initializer (as in an exported model)."""
+    from onnx import TensorProto, helper, numpy_helper
+    k, n = weights.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "weight"], ["y"])], "gemv_read_kernel",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weights, "weight")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def ort_gemv(weights: np.ndarray, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """In: W (K, N) float32 and a thread count. Out: f(x[1, K]) -> x @ W (1, N), computed by an ONNX Runtime CPU
+    session with intra_op_num_threads = threads, inter_op_num_threads = 1, the benchmark's settings. Each call
+    streams all of W, the way a decode step streams a layer's weights."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(_gemv_model_bytes(weights), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(["y"], {"x": x})[0]
+
+
 def measure_bandwidth(megabytes: int = 256, threads: int = 2, repeats: int = 7) -> dict[str, Any]:
-    """Read bandwidth (sum of a float32 array far larger than cache, split over `threads` threads: numpy
-    releases the GIL inside reductions) and copy bandwidth (bytes read + written). Medians of `repeats`."""
+    """In: an array size in MiB (far beyond cache), the benchmark's thread count. Out: read bandwidth (bytes/s)
+    of several read kernels, `read_bytes_per_s` = the max over them, and copy bandwidth (bytes read + written).
+
+    Read kernels: numpy float32 sum on one thread and split over `threads` threads (numpy releases the GIL inside
+    reductions), and an ONNX Runtime fp32 MatMul [1, K] x [K, N] on `threads` threads (bytes read = W's bytes).
+    The max is taken so the decode floor stays a lower bound on time whichever kernel streams best here.
+    Each rate is the median of `repeats` timed calls after one warm-up."""
     n = megabytes * 2 ** 20 // 4
     a = np.ones(n, dtype=np.float32)
-    b = np.empty_like(a)
     parts = np.array_split(a, threads)
 
     def parallel_sum() -> None:
@@ -37,12 +75,25 @@ def measure_bandwidth(megabytes: int = 256, threads: int = 2, repeats: int = 7) 
         for w in workers:
             w.join()
 
-    read_1 = a.nbytes / _median_seconds(lambda: a.sum(), repeats)
-    read_n = a.nbytes / _median_seconds(parallel_sum, repeats) if threads > 1 else read_1
+    kernels = {"numpy_sum_1_thread": a.nbytes / _median_seconds(lambda: a.sum(), repeats)}
+    if threads > 1:
+        kernels["numpy_sum_threads"] = a.nbytes / _median_seconds(parallel_sum, repeats)
+    b = np.empty_like(a)
     copy = 2 * a.nbytes / _median_seconds(lambda: np.copyto(b, a), repeats)
-    return {"read_bytes_per_s": max(read_1, read_n), "read_1_thread_bytes_per_s": read_1,
-            "read_threads": threads, "copy_bytes_per_s": copy, "array_bytes": int(a.nbytes),
-            "repeats": repeats, "method": "numpy float32 sum (read) and copyto (read + write), median"}
+    del a, b, parts
+    weights = gemv_weights(megabytes)
+    gemv = ort_gemv(weights, threads)
+    x = np.ones((1, weights.shape[0]), dtype=np.float32)
+    kernels["ort_gemv"] = weights.nbytes / _median_seconds(lambda: gemv(x), repeats)
+    best = max(kernels, key=kernels.get)
+    sum_split = f" (numpy_sum_threads: split over {threads} threads)" if threads > 1 else ""
+    return {"read_bytes_per_s": kernels[best], "read_kernel": best, "read_kernels": kernels,
+            "read_1_thread_bytes_per_s": kernels["numpy_sum_1_thread"], "read_threads": threads,
+            "copy_bytes_per_s": copy, "array_bytes": int(n * 4), "gemv_weight_shape": list(weights.shape),
+            "repeats": repeats,
+            "method": (f"read = max over read kernels {sorted(kernels)}, won by {best}: numpy_sum_* = numpy "
+                       f"float32 sum{sum_split}, ort_gemv = ONNX Runtime fp32 MatMul [1,K]x[K,N] on {threads} intra-op "
+                       f"thread(s), bytes = weight bytes; copy = numpy copyto (read + write); medians of {repeats}")}
 
 
 def gemm_shapes(config: Any, tokens: int) -> list[tuple[int, int, int]]:

@@ -59,7 +59,8 @@ def open_backend(backend: str, folder: str, threads: int) -> Any:
     if backend == "torch":
         import torch
         torch.set_num_threads(threads)
-        return open_session(folder, "torch")
+        # GLM's own forward computes the head at every position: the reference as users run it today
+        return open_session(folder, "torch", logits_start=False)
     if backend.startswith("onnxruntime"):
         import onnxruntime as ort
         options = ort.SessionOptions()

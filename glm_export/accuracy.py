@@ -15,6 +15,7 @@ import numpy as np
 
 from glm_runtime.iotable import past_names, present_names
 from glm_runtime.manifest import Manifest, load_manifest
+from glm_runtime.session import quiet_options
 
 # Budgets per artifact kind, against the fp32 parent on held-out text. Measured on the bundled glmx-small
 # (benchmarks/results/quantization_bundled.json, 800 positions, 16 prompts): top-1 fp16 0.9975, int8-dynamic
@@ -23,6 +24,9 @@ from glm_runtime.manifest import Manifest, load_manifest
 # fill = fraction of blank prompts whose greedy fill is identical; ppl_change = |child ppl / parent ppl - 1|.
 BUDGETS: dict[str, dict[str, float]] = {
     "optimized": {"top1": 0.999, "fill": 1.00, "ppl_change": 0.001, "max_logit_diff": 1e-3},
+    # an fp16 graph's fused op (one Gelu) rounds to fp16 once where the parent rounded after each of its nodes:
+    # logits may move by the fp16 parity tolerance (glm_export.parity.TOLERANCES["fp16"].atol)
+    "optimized-fp16": {"top1": 0.999, "fill": 1.00, "ppl_change": 0.001, "max_logit_diff": 3e-2},
     "fp16": {"top1": 0.995, "fill": 0.90, "ppl_change": 0.005},
     "int8-dynamic": {"top1": 0.99, "fill": 0.75, "ppl_change": 0.02},
     "qdq-int8": {"top1": 0.98, "fill": 0.70, "ppl_change": 0.03},
@@ -70,7 +74,8 @@ class GraphRunner:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), quiet_options(opts),
+                                            providers=["CPUExecutionProvider"])
 
     def empty_past(self, batch: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
         z = np.zeros((batch, self.heads, 0, self.head_dim), dtype=self.kv_dtype)

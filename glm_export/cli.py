@@ -268,8 +268,9 @@ def check_trt_cmd(model: str) -> None:
 @main.command("optimize")
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="folder to write")
-@click.option("--level", type=click.Choice(["basic", "extended"]), default="basic", show_default=True,
-              help="ONNX Runtime offline optimization level (kept only if TensorRT can still parse it)")
+@click.option("--level", type=click.Choice(["fuse", "basic", "extended"]), default="fuse", show_default=True,
+              help="fuse: glmx's rewrite (each GeLU subgraph -> one standard Gelu op, opset 20); basic / "
+                   "extended: ONNX Runtime's offline optimizer (kept only if TensorRT can still parse it)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Optimize an exported ONNX folder offline, re-checked against its parent."""

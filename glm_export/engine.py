@@ -15,11 +15,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import io_table, past_names
+from glm_runtime.iotable import accepted_tables, io_table, past_names
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
     tool_versions, write_manifest,
 )
+from glm_runtime.session import quiet_options
 from glm_runtime.trt_session import (
     ENGINE_FILE, EngineInfo, Profile, TensorRTSession, gpu_identity, import_tensorrt,
 )
@@ -38,11 +39,18 @@ def default_timing_cache() -> Path:
 
 # ---------------------------------------------------------------- optimization profiles (pure python)
 
+def engine_io(io: Mapping[str, Any]) -> dict[str, Any]:
+    """The IO table of an engine built from a graph with this table: optional inputs (a graph input backed by
+    an initializer, e.g. logits_start) are constants to TensorRT's ONNX parser, so the engine lacks them and
+    always returns the logits of every position."""
+    return {**io, "inputs": [e for e in io["inputs"] if "default" not in e]}
+
+
 def _config_and_io(source: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(source, Manifest):
-        return dict(source.config), (source.io or io_table(source.config, source.precision))
+        return dict(source.config), engine_io(source.io or io_table(source.config, source.precision))
     config = source.to_dict() if isinstance(source, GLMConfig) else dict(source)
-    return config, io_table(config)
+    return config, engine_io(io_table(config))
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -256,7 +264,7 @@ def measure_parity(session: TensorRTSession, onnx_file: Path, *, batch: int, con
     from glm_runtime.kvcache import KVCache
     from glm_runtime.masks import context_mask, context_positions, decode_mask, decode_positions
 
-    ref = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(onnx_file), quiet_options(), providers=["CPUExecutionProvider"])
     ref_names = [o.name for o in ref.get_outputs()]
     cfg, io, kv = session.config, session.io, session.kv_dtype
     n, d = cfg.num_attention_heads, cfg.head_dim
@@ -308,7 +316,8 @@ def engine_manifest(parent: Manifest, onnx_dir: Path, *, trt_version: str, gpu_n
                     profiles: list[Profile], limits: Mapping[str, int], build: Mapping[str, Any]) -> Manifest:
     return Manifest(
         kind="engine", config=dict(parent.config), precision=parent.precision, tokenizer=dict(parent.tokenizer),
-        io=parent.io or io_table(parent.config, parent.precision), versions=tool_versions("tensorrt", "onnxruntime"),
+        io=engine_io(parent.io or io_table(parent.config, parent.precision)),
+        versions=tool_versions("tensorrt", "onnxruntime"),
         parent={"kind": "onnx", "path": str(Path(onnx_dir).resolve()),
                 "manifest_sha256": sha256_file(Path(onnx_dir) / MANIFEST_NAME)},
         extra={"engine_file": ENGINE_FILE, "tensorrt": {"version": str(trt_version)},
@@ -346,7 +355,7 @@ def build_engine(onnx_dir: str | Path, out_dir: str | Path, *, max_batch: int = 
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     if workspace_gb is not None and not workspace_gb > 0:
         raise EngineBuildError(f"workspace_gb must be > 0, got {workspace_gb!r}")
-    if parent.io != io_table(parent.config, parent.precision):
+    if parent.io not in accepted_tables(parent.config, parent.precision):
         raise ManifestError(f"{onnx_dir / MANIFEST_NAME}: its IO table does not follow from its config and precision "
                             f"{parent.precision!r} (edited, or from another model); re-export the model")
     onnx_file = onnx_model_file(onnx_dir, parent)
@@ -359,7 +368,7 @@ def build_engine(onnx_dir: str | Path, out_dir: str | Path, *, max_batch: int = 
     gpu_name, capability = gpu_identity(0)
     cache_path = Path(timing_cache).expanduser() if timing_cache else default_timing_cache()
     start = time.perf_counter()
-    plan, build = _build_plan(trt, onnx_file, parent.io, profiles, parent.precision, workspace_gb, cache_path)
+    plan, build = _build_plan(trt, onnx_file, engine_io(parent.io), profiles, parent.precision, workspace_gb, cache_path)
     build.update(seconds=round(time.perf_counter() - start, 1), graph_check=graph_check)
     manifest = engine_manifest(parent, onnx_dir, trt_version=trt.__version__, gpu_name=gpu_name,
                                compute_capability=capability, profiles=profiles, limits=limits, build=build)

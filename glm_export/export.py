@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
 from glm_runtime.config import ConfigError, GLMConfig
-from glm_runtime.iotable import PRECISIONS, io_table
+from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
 from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file,
                                   staged_folder, tool_versions, write_manifest)
 
@@ -213,7 +213,13 @@ def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
         t = v.type.tensor_type
         return {"name": v.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
                 "shape": [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]}
-    return {"inputs": [entry(v) for v in model.graph.input], "outputs": [entry(v) for v in model.graph.output]}
+    defaults = {t.name: t for t in model.graph.initializer}  # an input backed by an initializer is optional
+    inputs = []
+    for v in model.graph.input:
+        inputs.append(entry(v))
+        if v.name in defaults:
+            inputs[-1]["default"] = numpy_helper.to_array(defaults[v.name]).tolist()
+    return {"inputs": inputs, "outputs": [entry(v) for v in model.graph.output]}
 
 
 def _describe(entry: Optional[dict[str, Any]]) -> str:
@@ -231,10 +237,10 @@ def load_onnx_model(folder: Union[str, Path]) -> tuple[Manifest, Path]:
     where = folder / MANIFEST_NAME
     try:
         config = GLMConfig.from_dict(manifest.config)
-        expected = io_table(config, manifest.precision)
+        expected = next((t for t in accepted_tables(config, manifest.precision) if t == manifest.io), None)
     except (ConfigError, ValueError) as exc:
         raise ManifestError(f"{where} was modified or is corrupt: its config/precision are invalid ({exc})") from None
-    if manifest.io != expected:
+    if expected is None:
         raise ManifestError(f"{where} was modified or is corrupt: its IO table does not follow from its config and "
                             f"precision {manifest.precision!r}; re-export the model")
     path = folder / manifest.extra.get("model_file", MODEL_FILE)

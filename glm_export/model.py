@@ -162,6 +162,17 @@ class GLMModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: MaskArg,
                 past_key_values: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
                 ) -> tuple[torch.Tensor, KVCache]:
+        x, presents = self.hidden_states(input_ids, position_ids, attention_mask, past_key_values)
+        return self.lm_head(x), presents
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., h) -> logits (..., V): the tied embedding, no bias."""
+        return F.linear(x, self.word_embeddings.weight)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: MaskArg,
+                      past_key_values: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
+                      ) -> tuple[torch.Tensor, KVCache]:
+        """The final-LayerNorm output (B, T, h) and the per-layer presents; forward() without the head."""
         B, T = input_ids.shape
         if position_ids.shape != (B, 2, T):
             raise ValueError(f"position_ids must be [B, 2, T] = {[B, 2, T]}, got {list(position_ids.shape)}")
@@ -180,6 +191,4 @@ class GLMModel(nn.Module):
         for i, layer in enumerate(tr.layers):
             x, present = layer(x, mask, None if past_key_values is None else past_key_values[i])
             presents.append(present)
-        x = tr.final_layernorm(x)
-        logits = F.linear(x, self.word_embeddings.weight)  # (B, T, V), tied head, no bias
-        return logits, presents
+        return tr.final_layernorm(x), presents

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import io_table
+from glm_runtime.iotable import LOGITS_START, io_table
 
 MASK_FILL = 65504.0  # masked scores become -65504 (the fp16 minimum), never -inf (spec 1.3, 9.5)
 INT64_MAX = np.iinfo(np.int64).max
@@ -225,13 +225,16 @@ def transformer_layer(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: i
     return b.op("Add", [x, b.to_float(out, f"/{p}/mlp")], f"/{p}/residual_mlp")
 
 
-# y [B,T,h] -Cast*- Reshape [B*T,h] - Gemm(transB=1, word_embeddings [V,h]) -> [B*T,V] - Reshape [B,T,V] -Cast*-> logits
+# y [B,T,h] - Slice(logits_start.., axis 1) -> [B,T',h] -Cast*- Reshape [B*T',h]
+#   - Gemm(transB=1, word_embeddings [V,h]) -> [B*T',V] - Reshape [B,T',V] -Cast*-> logits
 # The tied head reads the SAME initializer as the embedding Gather: the [V,h] matrix is stored once.
+# logits_start is an optional input (a graph input with an initializer of the same name, value [0]).
 def lm_head(b: GraphBuilder, y: str, table: str, vocab: int, hidden: int) -> str:
+    y = b.op("Slice", [y, LOGITS_START, b.const("end", [INT64_MAX]), b.const("axis1", [1])], "/lm_head/rows")
     flat = b.op("Reshape", [b.to_weight_dtype(y, "/lm_head"), b.const("flat", [-1, hidden])], "/lm_head/flatten")
     scores = b.op("Gemm", [flat, table], "/lm_head/Gemm", transB=1)
-    out_shape = b.op("Concat", [b.op("Shape", ["input_ids"], "/lm_head/batch_seq"), b.const("vocab", [vocab])],
-                     "/lm_head/shape", axis=0)
+    out_shape = b.op("Concat", [b.op("Shape", [y], "/lm_head/batch_rows", start=0, end=2),
+                                b.const("vocab", [vocab])], "/lm_head/shape", axis=0)
     if b.fp16:
         logits = b.op("Reshape", [scores, out_shape], "/lm_head/unflatten")
         return b.op("Cast", [logits], "/lm_head/to_fp32", outputs=["logits"], to=TensorProto.FLOAT)
@@ -259,8 +262,10 @@ def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], precision:
         x = transformer_layer(b, x, weights, i, config, past_len)
     y = layer_norm(b, x, weights, "transformer.final_layernorm", config.layernorm_epsilon)
     lm_head(b, y, word_table, config.vocab_size, config.hidden_size)
+    defaults = [numpy_helper.from_array(np.asarray(e["default"], dtype=e["dtype"]), e["name"])
+                for e in table["inputs"] if "default" in e]
     graph = helper.make_graph(b.nodes, "glm", [_value_info(e) for e in table["inputs"]],
-                              [_value_info(e) for e in table["outputs"]], initializer=b.initializers)
+                              [_value_info(e) for e in table["outputs"]], initializer=b.initializers + defaults)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="glmx",
                               doc_string=f"GLM {config.name} ({precision}), cache semantics present-is-new")
     # the oldest IR that carries this opset, so older runtimes and TensorRT parsers accept the file

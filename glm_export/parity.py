@@ -14,7 +14,8 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from glm_runtime.iotable import io_table, past_names, present_names
+from glm_runtime.iotable import LOGITS_START, io_table, past_names, present_names
+from glm_runtime.session import quiet_options
 
 
 class ParityError(AssertionError):
@@ -270,15 +271,22 @@ _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64":
 
 def _check_names(session, table: dict) -> None:
     """First check: input and output names (and dtypes) are exactly the IO table's, in its order."""
+    # optional inputs (a graph input with an initializer, e.g. logits_start) are listed apart by onnxruntime
+    optional = [e for e in table["inputs"] if "default" in e]
+    got_optional = {g.name: g for g in session.get_overridable_initializers()}
+    for e in optional:
+        if e["name"] not in got_optional or got_optional[e["name"]].type != _ORT_TYPES[e["dtype"]]:
+            raise ParityError(f"ONNX optional input {e['name']!r} ({e['dtype']}, with a default) is missing")
+    required = {"inputs": [e for e in table["inputs"] if "default" not in e], "outputs": table["outputs"]}
     for kind, got in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-        want = [e["name"] for e in table[kind]]
+        want = [e["name"] for e in required[kind]]
         names = [g.name for g in got]
         if names != want:
             missing = [n for n in want if n not in names]
             extra = [n for n in names if n not in want]
             raise ParityError(f"ONNX {kind} do not match the IO table: missing {missing}, unexpected {extra}"
                               + ("" if missing or extra else f", order {names} != {want}"))
-        for e, g in zip(table[kind], got):
+        for e, g in zip(required[kind], got):
             if g.type != _ORT_TYPES[e["dtype"]]:
                 raise ParityError(f"ONNX {kind[:-1]} {e['name']!r} has type {g.type}, the IO table says {e['dtype']}")
 
@@ -289,6 +297,20 @@ def _check_shapes(case: str, k: int, outputs: dict[str, np.ndarray], expected: d
         if tuple(outputs[name].shape) != shape:
             raise ParityError(f"case {case!r} step {k}: output {name!r} has shape {list(outputs[name].shape)}, "
                               f"expected {list(shape)}")
+
+
+def _check_logits_start(session, feeds: dict[str, np.ndarray], full: np.ndarray, case: str, k: int,
+                        allowed: float) -> None:
+    """logits_start = -1 must return the last position of the full logits (the same rows through the same
+    weights; a one-row product may take another kernel, so within the precision's logit budget)."""
+    last = session.run(["logits"], {**feeds, LOGITS_START: np.array([-1], dtype=np.int64)})[0]
+    if last.shape != full[:, -1:].shape:
+        raise ParityError(f"case {case!r} step {k}: logits_start=-1 gave logits of shape {list(last.shape)}, "
+                          f"expected {list(full[:, -1:].shape)}")
+    diff = float(np.abs(last - full[:, -1:]).max())
+    if diff > allowed:
+        raise ParityError(f"case {case!r} step {k}: logits_start=-1 differs from the full logits' last row by "
+                          f"{diff:.3g}")
 
 
 def check_parity(onnx_path: str | Path, model: torch.nn.Module, precision: str, *,
@@ -305,7 +327,7 @@ def check_parity(onnx_path: str | Path, model: torch.nn.Module, precision: str, 
     ref.eval()
     kv_dtype = np.float16 if precision == "fp16" else np.float32
     n, d, L, V = config.num_attention_heads, config.head_dim, config.num_layers, config.vocab_size
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), quiet_options(), providers=["CPUExecutionProvider"])
     _check_names(session, table)
     out_names = [o.name for o in session.get_outputs()]
     pasts, presents = past_names(table), present_names(table)
@@ -332,6 +354,9 @@ def check_parity(onnx_path: str | Path, model: torch.nn.Module, precision: str, 
                 with torch.no_grad():
                     logits, ref_cache = ref(step.input_ids, step.position_ids, step.reference_mask, ref_cache)
                 ref_logits = logits.numpy()
+                if T > 1 and any(e["name"] == LOGITS_START for e in table["inputs"]):
+                    _check_logits_start(session, feeds, out["logits"], case.name, k,
+                                        tol.allowed(float(np.abs(ref_logits).max())))
                 f["logits"] = max(f["logits"], float(np.abs(out["logits"] - ref_logits).max()))
                 f["ref_logits"] = max(f["ref_logits"], float(np.abs(ref_logits).max()))
                 if not np.isfinite(out["logits"]).all():

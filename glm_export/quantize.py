@@ -169,11 +169,14 @@ def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str,
     entries = {e["name"]: e for e in io["inputs"]}
     pasts = set()
     for k, feed in enumerate(feeds):
-        if set(feed) != set(entries):
-            diff = sorted(set(feed) ^ set(entries))
+        required = {name for name, e in entries.items() if "default" not in e}  # logits_start is optional
+        if not required <= set(feed) <= set(entries):
+            diff = sorted((required - set(feed)) | (set(feed) - set(entries)))
             raise QuantizeError(f"calibration feed {k}: names differ from the graph inputs at {diff[:3]}")
         dims: dict[str, int] = {}
         for name, entry in entries.items():
+            if name not in feed:
+                continue
             value = np.asarray(feed[name])
             if value.dtype.name != entry["dtype"] or value.ndim != len(entry["shape"]):
                 raise QuantizeError(f"calibration feed {k}: {name} is {value.dtype.name} of shape {list(value.shape)}, "

@@ -11,7 +11,7 @@ import torch
 
 from glm_export.model import GLMModel
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import io_table, kv_dtype, past_names, present_names
+from glm_runtime.iotable import LOGITS_START, io_table, kv_dtype, past_names, present_names
 from glm_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from glm_runtime.session import check_feeds
 
@@ -22,12 +22,16 @@ class TorchSession:
     """GLMModel behind the session contract (backend "torch"): numpy in, numpy out, CPU."""
 
     def __init__(self, model: GLMModel, config: Optional[GLMConfig] = None, precision: str = "fp32",
-                 tokenizer_path: Optional[Path] = None):
+                 tokenizer_path: Optional[Path] = None, logits_start: bool = True):
+        """logits_start=False: the session does not take the optional input and always returns the logits of
+        every position, as GLM's own forward does (the benchmark's "torch eager as users run it")."""
         if precision not in TORCH_DTYPES:
             raise ValueError(f"precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}")
         self.config = config or model.config
         self.precision = precision
         self.io = io_table(self.config, precision)
+        if not logits_start:
+            self.io["inputs"] = [e for e in self.io["inputs"] if e["name"] != LOGITS_START]
         self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
         self.kv_dtype = np.dtype(kv_dtype(precision))
         self.device = None  # outputs are host numpy arrays
@@ -40,8 +44,10 @@ class TorchSession:
         t = {name: torch.as_tensor(np.asarray(value)) for name, value in feeds.items()}
         past = [(t[k], t[v]) for k, v in past_names(self.io)]
         past_len = past[0][0].shape[2]
-        logits, presents = self.model(t["input_ids"], t["position_ids"], t["attention_mask"],
-                                      past_key_values=past if past_len else None)
+        x, presents = self.model.hidden_states(t["input_ids"], t["position_ids"], t["attention_mask"],
+                                               past_key_values=past if past_len else None)
+        start = int(t[LOGITS_START].reshape(-1)[0]) if LOGITS_START in t else 0
+        logits = self.model.lm_head(x[:, start:])  # python slicing == ONNX Slice: negative counts from the end
         out = {"logits": logits.float().numpy()}
         for (kn, vn), (k, v) in zip(present_names(self.io), presents):
             # the model returns past + new (concatenated); the contract is only this call's tokens
@@ -51,7 +57,7 @@ class TorchSession:
 
 
 def load_torch_session(folder: str | Path, precision: Optional[str] = None, verify: bool = True,
-                       **_ignored: Any) -> TorchSession:
+                       logits_start: bool = True, **_ignored: Any) -> TorchSession:
     """A TorchSession from a checkpoint folder (any layout glm_export.checkpoint reads), or from an exported
     folder's parent checkpoint (its manifest's `parent.path`). precision: None = the artifact's own."""
     from glm_export.checkpoint import load_checkpoint
@@ -78,4 +84,5 @@ def load_torch_session(folder: str | Path, precision: Optional[str] = None, veri
     tokenizer_path = tokenizer_path or loaded.tokenizer_file
     if precision is None:
         precision = manifest.precision if manifest is not None and manifest.precision in TORCH_DTYPES else "fp32"
-    return TorchSession(loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path)
+    return TorchSession(loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path,
+                        logits_start=logits_start)

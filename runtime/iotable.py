@@ -22,8 +22,13 @@ KV_PATTERNS = {
     "present_key": "present.{i}.key",
     "present_value": "present.{i}.value",
 }
-# Symbolic dims: batch, seq (tokens in this call), past_seq (cache slots), total_seq = past_seq + seq.
-DIMS = ("batch", "seq", "past_seq", "total_seq")
+# Symbolic dims: batch, seq (tokens in this call), past_seq (cache slots), total_seq = past_seq + seq,
+# logits_seq = the positions whose logits are returned (seq - logits_start).
+DIMS = ("batch", "seq", "past_seq", "total_seq", "logits_seq")
+# logits_start [1] int64, optional (default 0 = every position): logits are computed for positions
+# logits_start..seq-1 of this call only (Slice semantics, so -1 = the last position). Blank filling reads one
+# row per call, and the head is a large share of a small model's context pass (40% of the bundled model's).
+LOGITS_START = "logits_start"
 
 
 def _cfg(config: Any) -> Mapping[str, Any]:
@@ -49,8 +54,9 @@ def io_table(config: Any, precision: str = "fp32") -> dict[str, Any]:
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
         {"name": "position_ids", "dtype": "int64", "shape": ["batch", 2, "seq"]},  # row 0 position, row 1 block
         {"name": "attention_mask", "dtype": "bool", "shape": ["batch", 1, "seq", "total_seq"]},  # True = visible
+        {"name": LOGITS_START, "dtype": "int64", "shape": [1], "default": [0]},
     ]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", V]}]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "logits_seq", V]}]
     for i in range(L):
         for part in ("key", "value"):
             inputs.append({"name": KV_PATTERNS[f"past_{part}"].format(i=i), "dtype": kv,
@@ -59,6 +65,29 @@ def io_table(config: Any, precision: str = "fp32") -> dict[str, Any]:
                             "shape": ["batch", n, "seq", d]})
     return {"inputs": inputs, "outputs": outputs, "kv_patterns": dict(KV_PATTERNS), "num_layers": L,
             "cache": "present-is-new", "dims": list(DIMS)}
+
+
+def accepted_tables(config: Any, precision: str = "fp32") -> list[dict[str, Any]]:
+    """The IO tables a manifest of this config may carry: the current one; without its optional inputs (a
+    TensorRT engine, whose parser makes them constants); and the table of exports made before logits_start
+    existed (no optional input, logits over every position). The runtime reads all three."""
+    table = io_table(config, precision)
+    required = {**table, "inputs": required_inputs(table)}
+    legacy = {**required, "dims": [d for d in DIMS if d != "logits_seq"],
+              "outputs": [{**e, "shape": ["batch", "seq", e["shape"][2]]} if e["name"] == "logits" else e
+                          for e in table["outputs"]]}
+    return [table, required, legacy]
+
+
+def required_inputs(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The inputs a caller must feed (those without a "default")."""
+    return [e for e in table["inputs"] if "default" not in e]
+
+
+def accepts(session_or_table: Any, name: str) -> bool:
+    """Whether a session (anything with .inputs) or an IO table takes the input `name`."""
+    inputs = session_or_table["inputs"] if isinstance(session_or_table, Mapping) else session_or_table.inputs
+    return any(e["name"] == name for e in inputs)
 
 
 def past_names(table: Mapping[str, Any]) -> list[tuple[str, str]]:

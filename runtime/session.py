@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from glm_runtime.config import ConfigError, GLMConfig
-from glm_runtime.iotable import io_table, kv_dtype
+from glm_runtime.iotable import accepted_tables, kv_dtype
 from glm_runtime.manifest import Manifest, ManifestError, load_manifest
 
 MODEL_FILE = "model.onnx"
@@ -47,11 +47,13 @@ def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -
     unknown = sorted(set(feeds) - set(expected))
     if unknown:
         raise FeedError(f"unknown input {unknown[0]!r}; the graph takes {sorted(expected)}")
-    missing = [name for name in expected if name not in feeds]
+    missing = [name for name, entry in expected.items() if name not in feeds and "default" not in entry]
     if missing:
         raise FeedError(f"missing input {missing[0]!r} (the graph needs all of {sorted(expected)})")
     dims: dict[str, int] = {}
     for name, entry in expected.items():
+        if name not in feeds:
+            continue  # an optional input left at its default
         dtype, shape = _dtype_and_shape(feeds[name])
         want = entry["shape"]
         if dtype != entry["dtype"]:
@@ -82,9 +84,9 @@ def check_export(folder: Path, manifest: Manifest) -> tuple[GLMConfig, Path | No
         raise ManifestError(f"{folder}/manifest.json has an invalid config: {exc}") from None
     if not manifest.io:
         raise ManifestError(f"{folder}/manifest.json has no IO table; re-export the model")
-    expected = io_table(config, manifest.precision)
+    tables = accepted_tables(config, manifest.precision)
     for key in ("inputs", "outputs", "kv_patterns"):
-        if manifest.io.get(key) != expected[key]:
+        if all(manifest.io.get(key) != expected[key] for expected in tables):
             raise ManifestError(f"{folder}/manifest.json: the IO table's {key} do not match its config "
                                 f"({config.num_layers} layers, {config.num_attention_heads} heads, precision "
                                 f"{manifest.precision}); the manifest was edited or is from another model")
@@ -101,8 +103,21 @@ def check_export(folder: Path, manifest: Manifest) -> tuple[GLMConfig, Path | No
     return config, tokenizer_path
 
 
+def quiet_options(options: Any = None) -> Any:
+    """Session options that log errors only, unless the caller set a level: onnxruntime warns on every load
+    that logits_start (an optional input, i.e. a graph input backed by an initializer) is not a constant,
+    which is the point of it. Returns `options` (set in place) or new SessionOptions."""
+    import onnxruntime as ort
+    options = options if options is not None else ort.SessionOptions()
+    if options.log_severity_level < 0:  # unset: the environment's default, warnings
+        options.log_severity_level = 3
+    return options
+
+
 class OnnxRuntimeSession:
-    """An exported GLM on ONNX Runtime. `run(feeds)` -> {"logits": [B,T,V] float32, "present.{i}.*": ...}.
+    """An exported GLM on ONNX Runtime. `run(feeds)` -> {"logits": [B,T',V] float32, "present.{i}.*": ...}.
+
+    T' = T - logits_start (iotable.LOGITS_START; all T positions when it is not fed).
 
     With a CUDA provider (or io_binding=True) outputs are bound through IO binding: logits come back to the
     host, `present.*` stay on the device as OrtValues (`device` says where), and the generation loop keeps its
@@ -118,6 +133,7 @@ class OnnxRuntimeSession:
         self.io = self.manifest.io
         self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
         self.precision = self.manifest.precision
+        self._optional = {e["name"] for e in self.inputs if "default" in e}
         self.kv_dtype = np.dtype(kv_dtype(self.precision))
         model_file = self.folder / self.manifest.extra.get("model_file", MODEL_FILE)
         if not model_file.is_file():
@@ -129,8 +145,10 @@ class OnnxRuntimeSession:
                                f"{ort.get_available_providers()}); for CUDA install onnxruntime-gpu on a machine "
                                f"with an NVIDIA GPU, or use backend 'onnxruntime'")
         self.providers = list(providers)
-        self._session = ort.InferenceSession(str(model_file), session_options, providers=self.providers)
+        self._session = ort.InferenceSession(str(model_file), quiet_options(session_options),
+                                             providers=self.providers)
         graph_in = {i.name for i in self._session.get_inputs()}
+        graph_in |= {i.name for i in self._session.get_overridable_initializers()}  # optional inputs
         graph_out = {o.name for o in self._session.get_outputs()}
         table_in, table_out = {e["name"] for e in self.inputs}, {e["name"] for e in self.outputs}
         if graph_in != table_in or graph_out != table_out:
@@ -140,6 +158,8 @@ class OnnxRuntimeSession:
         cuda = "CUDAExecutionProvider" in names
         self.io_binding = cuda if io_binding is None else bool(io_binding)
         self.device = (("cuda" if cuda else "cpu"), 0) if self.io_binding else None
+        if self.io_binding:  # IO binding cannot bind an initializer-backed input: these calls take the default
+            self.inputs = [e for e in self.inputs if e["name"] not in self._optional]
 
     def new_cache(self, batch: int, capacity: int) -> Any:
         """A KV cache in the memory `run` returns present.* in: numpy, or OrtValues on self.device."""

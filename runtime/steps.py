@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glm_runtime import masks
+from glm_runtime.iotable import LOGITS_START, accepts
 
 
 def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
@@ -32,11 +33,12 @@ def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pa
              "position_ids": masks.context_positions(lengths, seq),
              "attention_mask": masks.context_mask(lengths, seq),
              **empty_past(session, len(contexts))}
-    out = session.run(feeds)
+    out, logits = run_for_rows(session, feeds, np.asarray(lengths) - 1)
     if repeat > 1:
         out, lengths = repeat_rows(out, repeat), [n for n in lengths for _ in range(repeat)]
+        logits = np.repeat(logits, repeat, axis=0)
     cache.append(out, lengths)
-    return out["logits"][np.arange(len(lengths)), np.asarray(lengths) - 1]
+    return logits
 
 
 def decode_step(session: Any, cache: Any, tokens: Sequence[int], positions: np.ndarray,
@@ -59,9 +61,23 @@ def prefill_span(session: Any, cache: Any, tokens: Sequence[int], mask_pos: int)
              "position_ids": np.broadcast_to(masks.span_positions(mask_pos, 0, seq), (batch, 2, seq)).copy(),
              "attention_mask": masks.chunk_mask(cache.visible, seq),
              **cache.feeds()}
-    out = session.run(feeds)
+    out, logits = run_for_rows(session, feeds, np.full(batch, seq - 1))
     cache.append(out, [seq] * batch)
-    return out["logits"][:, -1]
+    return logits
+
+
+def run_for_rows(session: Any, feeds: dict[str, Any], rows: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """Run, and return (outputs, logits [B, V] at position rows[b] of row b).
+
+    Where the graph takes logits_start, only positions min(rows).. get the head; the offset of the returned
+    logits is read from their shape, so a backend that returns every position gives the same answer.
+    """
+    if accepts(session, LOGITS_START):
+        feeds = {**feeds, LOGITS_START: np.array([rows.min()], dtype=np.int64)}
+    out = session.run(feeds)
+    logits = out["logits"]
+    offset = feeds["input_ids"].shape[1] - logits.shape[1]
+    return out, logits[np.arange(len(rows)), rows - offset]
 
 
 def repeat_rows(outputs: dict[str, Any], times: int) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -119,3 +120,33 @@ def test_targets_say_met_or_missed_and_by_how_much():
     assert targets["decode_vs_floor"]["margin"] == pytest.approx(1.15 / 1.2)
     assert targets["context_speedup"]["met"] is False and targets["context_speedup"]["variant"] == "ort-int8"
     assert targets["batch8_speedup"]["met"] is True
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ort_gemv_read_kernel_computes_x_at_w(threads):
+    """The ONNX Runtime read kernel really streams the weights: its output equals x @ W (float64 reference)."""
+    w = floor.gemv_weights(1)
+    assert w.dtype == np.float32 and w.shape[0] == floor.GEMV_ROWS and w.nbytes >= 2 ** 20
+    x = np.random.default_rng(1).standard_normal((1, w.shape[0]), dtype=np.float32)
+    y = floor.ort_gemv(w, threads)(x)
+    reference = x.astype(np.float64) @ w.astype(np.float64)
+    assert y.shape == (1, w.shape[1])
+    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-3)  # fp32 sums over K=4096 terms
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_bandwidth_is_the_max_over_the_reported_kernels(threads):
+    bw = floor.measure_bandwidth(megabytes=4, threads=threads, repeats=1)
+    kernels = bw["read_kernels"]
+    expected = {"numpy_sum_1_thread", "ort_gemv"} | ({"numpy_sum_threads"} if threads > 1 else set())
+    assert set(kernels) == expected
+    assert all(math.isfinite(rate) and rate > 0 for rate in kernels.values())
+    assert bw["read_bytes_per_s"] == max(kernels.values()) and kernels[bw["read_kernel"]] == bw["read_bytes_per_s"]
+    assert "max over read kernels" in bw["method"] and bw["read_kernel"] in bw["method"]
+    assert bw["read_threads"] == threads and bw["copy_bytes_per_s"] > 0
+
+
+def test_quick_run_records_every_read_kernel(quick_run):
+    bw = quick_run[1]["floor"]["bandwidth"]
+    assert set(bw["read_kernels"]) >= {"numpy_sum_1_thread", "ort_gemv"}
+    assert bw["read_bytes_per_s"] == max(bw["read_kernels"].values())

@@ -14,6 +14,7 @@ import pytest
 
 from glm_export.engine import (
     EngineBuildError, _load_timing_cache, _network_flags, _save_timing_cache, build_engine, compute_profiles,
+    engine_io,
     default_timing_cache, engine_manifest, resolve_limits, write_engine_folder,
 )
 from glm_runtime.config import get_preset
@@ -70,7 +71,7 @@ def test_profiles_golden_tiny(tiny_config):
 ])
 def test_profiles_are_consistent(preset, kw):
     config = get_preset(preset)
-    table = io_table(config)
+    table = engine_io(io_table(config))  # optional inputs are constants to TensorRT: no profile shapes
     profiles = compute_profiles(config, **kw)
     max_context = kw["max_context"] or config.max_sequence_length - kw["max_new_tokens"]
     for p in profiles:
@@ -141,7 +142,7 @@ def test_engine_folder_round_trip(onnx_dir, tmp_path):
     assert set(m.files) == {ENGINE_FILE, "tokenizer.json"}
     assert (out / "tokenizer.json").read_bytes() == (onnx_dir / "tokenizer.json").read_bytes()
     assert m.tokenizer == parent.tokenizer and m.tokenizer["sha256"] == m.files["tokenizer.json"]
-    assert (m.precision, m.config, m.io) == (parent.precision, parent.config, parent.io)
+    assert (m.precision, m.config, m.io) == (parent.precision, parent.config, engine_io(parent.io))
     assert m.parent["manifest_sha256"] == sha256_file(onnx_dir / MANIFEST_NAME)
     info = EngineInfo.from_manifest(m)
     assert (info.trt_version, info.gpu_name, info.compute_capability) == ("10.7.0", "NVIDIA H100 80GB HBM3", "9.0")

@@ -209,12 +209,13 @@ def test_bad_requests(parent, tmp_path):
 
 def test_optimize_basic_keeps_parity_and_records_it(parent, tmp_path):
     from glm_export.optimize import optimize_onnx
-    out = optimize_onnx(parent, tmp_path / "opt", eval_text=EVAL_SHORT)
+    out = optimize_onnx(parent, tmp_path / "opt", level="basic", eval_text=EVAL_SHORT)
     m = load_manifest(out, kind="onnx")
     assert m.precision == "fp32" and m.io == load_manifest(parent).io
     assert m.parity["reference"]["passed"] and m.parity["accuracy"]["max_logit_diff"] <= 1e-3
     assert m.parent["manifest_sha256"] == sha256_file(parent / "manifest.json")
     assert all(n.domain in ("", "ai.onnx") for n in onnx.load(out / "model.onnx").graph.node)
+    assert m.extra["optimization"]["level"] == "basic"
 
 
 def test_optimize_refuses_contrib_ops(parent, tmp_path):

@@ -75,6 +75,19 @@ def test_onnx_and_torch_sessions_agree_and_return_only_new_kv(ort, model, past):
         assert np.abs(ours[name] - ref[name]).max() < 1e-4, name
 
 
+@pytest.mark.parametrize("start", [0, 1, 2, -1, -2])
+def test_logits_start_returns_the_tail_of_the_full_logits_on_both_backends(ort, model, start):
+    """logits_start (optional, default 0) = Slice semantics over this call's positions; presents unchanged."""
+    from glm_export.reference_session import TorchSession
+    feeds = _feeds(ort.config, past=4)
+    full = ort.run(feeds)
+    for session in (ort, TorchSession(model)):
+        part = session.run({**feeds, "logits_start": np.array([start], dtype=np.int64)})
+        assert part["logits"].shape == full["logits"][:, start:].shape
+        assert np.abs(part["logits"] - full["logits"][:, start:]).max() < 1e-4
+        assert np.abs(part["present.1.value"] - full["present.1.value"]).max() < 1e-5
+
+
 def test_torch_session_rejects_bad_precision(model):
     from glm_export.reference_session import TorchSession
     with pytest.raises(ValueError, match="precision must be one of"):

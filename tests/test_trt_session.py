@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from glm_export.engine import compute_profiles, resolve_limits
+from glm_export.engine import compute_profiles, engine_io, resolve_limits
 from glm_runtime import trt_session
 from glm_runtime.iotable import io_table
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, staged_folder, write_manifest
@@ -33,7 +33,7 @@ def _engine_folder(path, config, **facts):
     with staged_folder(path) as stage:
         (stage / ENGINE_FILE).write_bytes(b"not a real engine")
         write_manifest(stage, Manifest(
-            kind="engine", config=config.to_dict(), io=io_table(config),
+            kind="engine", config=config.to_dict(), io=engine_io(io_table(config)),
             extra={"tensorrt": {"version": facts["trt_version"]},
                    "gpu": {"name": facts["gpu_name"], "compute_capability": facts["compute_capability"]},
                    "profiles": [p.to_dict() for p in profiles], "limits": limits}))
@@ -221,7 +221,8 @@ def test_engine_matches_onnx_runtime_through_the_device_cache(built):
     from glm_runtime.session import open_session
     onnx, engine = built
     ref, trt = open_session(onnx, "onnxruntime"), open_session(engine, "tensorrt")
-    assert trt.inputs == ref.inputs and trt.outputs == ref.outputs
+    assert trt.inputs == [e for e in ref.inputs if "default" not in e]  # logits_start is a constant to TensorRT
+    assert trt.outputs == ref.outputs
     rng = np.random.default_rng(1)
     contexts = [rng.integers(8, 500, size=n).tolist() for n in (9, 5, 12)]  # ragged, right-padded
     ref_cache, trt_cache = ref.new_cache(3, 14), trt.new_cache(3, 14)  # 14 < needed: both must grow
@@ -421,7 +422,8 @@ class _HostContext:
 
     def get_tensor_shape(self, name):
         batch, seq = self.shapes["input_ids"]
-        return [{"batch": batch, "seq": seq}.get(d, d) for d in self.engine.io[name][2]]
+        # logits_start is a constant 0 to TensorRT, so logits cover every position: logits_seq = seq
+        return [{"batch": batch, "seq": seq, "logits_seq": seq}.get(d, d) for d in self.engine.io[name][2]]
 
     def execute_async_v3(self, stream):
         feeds = {}
