@@ -103,12 +103,14 @@ def gemm_shapes(config: Any, tokens: int) -> list[tuple[int, int, int]]:
     return layer * L + [(tokens, h, V)]
 
 
-def context_flops(config: Any, tokens: int) -> float:
-    """FLOPs of a context pass: weight matmuls (2 M K N each), QK^T and PV (2 x 2 T^2 h per layer), the head
-    over every position (the graph computes logits for all T)."""
-    gemms = sum(2.0 * m * k * n for m, k, n in gemm_shapes(config, tokens))
+def context_flops(config: Any, tokens: int, head_rows: int | None = None) -> float:
+    """FLOPs of a context pass: weight matmuls (2 M K N each), QK^T and PV (2 x 2 T^2 h per layer), and the
+    head over `head_rows` positions (default every one; glmx's runtime asks for 1 through logits_start)."""
+    head_rows = tokens if head_rows is None else head_rows
+    gemms = sum(2.0 * m * k * n for m, k, n in gemm_shapes(config, tokens)[:-1])
+    head = 2.0 * head_rows * config.hidden_size * config.vocab_size
     attention = 4.0 * tokens * tokens * config.hidden_size * config.num_layers
-    return gemms + attention
+    return gemms + head + attention
 
 
 def measure_matmul(config: Any, tokens: int = 128, repeats: int = 5) -> dict[str, Any]:

@@ -98,7 +98,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
              "Decode floor = (weight bytes read per token + cached K/V bytes) / read bandwidth; context floor = "
              "FLOPs / GEMM rate.", "",
              "Each cell: median / p90 (n samples), speed-up vs torch eager fp32 from the same run, ratio to the floor.",
-             ""]
+             "",
+             "torch eager fp32 runs GLM's own forward, which computes the output head at every position of a "
+             "context pass (as users run it today); the ONNX Runtime variants run glmx's runtime, which asks the "
+             "graph for the one position it samples from (`logits_start`). Each context-pass floor counts the head "
+             "rows its backend computes.", ""]
     grid = results["grid"]
     for name, model in results["models"].items():
         lines += [f"## {name}", ""]

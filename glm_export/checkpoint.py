@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ import torch
 from glm_export.config import PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
 from glm_runtime.manifest import (
-    Manifest, atomic_write_json, load_manifest, sha256_file, staged_folder, tool_versions, write_manifest,
+    Manifest, atomic_write_json, load_manifest, staged_folder, tool_versions, write_manifest,
 )
+from glm_runtime.tokenizer import TokenizerError, copy_tokenizer_files, tokenizer_files
 
 LAYOUTS = ("glmx", "hf", "megatron")
 WEIGHTS_NAME = "model.safetensors"
@@ -30,7 +30,8 @@ CONFIG_NAME = "config.json"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / DeepSpeed (spec 8.1)
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-# Tokenizer files looked for beside the weights, first found wins (GLM's vocabularies, spec 7).
+# Tokenizer files looked for beside the weights, first found wins (GLM's vocabularies, spec 7); vocab.json
+# brings merges.txt along (glm_runtime.tokenizer.tokenizer_files).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "cog-pretrain.model", "vocab.json", "spiece.model",
                    "tokenizer.model")
 # The base model sits under "glm." in HF downstream classes and under "model." in the original's
@@ -421,7 +422,8 @@ def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *, tokenizer_fil
                     extra: Optional[dict[str, Any]] = None, dtype: Optional[torch.dtype] = None,
                     overwrite: bool = False) -> Path:
     """Write glmx's checkpoint folder: model.safetensors (official names), config.json (HF fields + a glmx block),
-    the tokenizer file if given, manifest.json last. dtype: weights dtype on disk (None = the model's)."""
+    the tokenizer if given (its file, and merges.txt beside a vocab.json), manifest.json last.
+    dtype: weights dtype on disk (None = the model's)."""
     config: GLMConfig = model.config
     sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     precision = PRECISION.get(sd["word_embeddings.weight"].dtype)
@@ -431,15 +433,16 @@ def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *, tokenizer_fil
     tok = Path(tokenizer_file) if tokenizer_file is not None else None
     if tok is not None and not tok.is_file():
         raise CheckpointError(f"tokenizer file {tok} does not exist")
+    try:
+        tok_files = tokenizer_files(tok) if tok is not None else {}
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         save_file(sd, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
         atomic_write_json(stage / CONFIG_NAME, config.to_hf_dict())
-        tokenizer = {}
-        if tok is not None:
-            shutil.copyfile(tok, stage / tok.name)
-            tokenizer = {"file": tok.name, "sha256": sha256_file(stage / tok.name)}
+        tokenizer = copy_tokenizer_files(tok_files, stage) if tok_files else {}
         write_manifest(stage, Manifest(kind="checkpoint", config=config.to_dict(), precision=precision,
                                        tokenizer=tokenizer, versions=tool_versions("torch", "safetensors"),
                                        extra=dict(extra or {})))

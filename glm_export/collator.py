@@ -38,6 +38,11 @@ class CollatorConfig:
     avg_block_length: float = 3.0  # Poisson lambda of span lengths
     max_block_length: int = 40  # span lengths are 1 .. max_block_length - 1
     gpt_min_ratio: float = 0.25
+    # gpt mode, per one-document sample: probability of the prefix + [gMASK] + suffix form; otherwise one span of
+    # G tokens inside the document becomes a single [gMASK]. GLM's value (spec 5 `gpt_infill_prob`) is 0.5. The
+    # default 1.0 always takes the prefix form and draws no random number for the choice, so the random stream,
+    # and with it the recipe of the bundled model (trained before this option existed), stays reproducible.
+    gpt_infill_prob: float = 1.0
     block_mask_prob: float = 0.0  # Part B input tokens of bert spans replaced by [dBLOCK]
     shuffle_blocks: bool = True
 
@@ -48,6 +53,8 @@ class CollatorConfig:
                              f">= 0 and sum to at most 1 (the rest is gpt mode)")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.gpt_infill_prob <= 1.0:
+            raise ValueError(f"gpt_infill_prob must be in [0, 1], got {self.gpt_infill_prob}")
         if self.max_block_length < 2:
             raise ValueError(f"max_block_length must be >= 2, got {self.max_block_length}")
 
@@ -253,6 +260,23 @@ class BlockCollator:
             return "sentence"
         return "gpt"
 
+    def make_document_sample(self, tokens: np.ndarray, length: int, rng: np.random.Generator) -> BlockSample:
+        """One gpt-mode sample (spec 5) with `length` = min(G, len - 2) generated tokens.
+
+        Prefix form (make_gpt_sample) if the sample holds several documents or with prob gpt_infill_prob; else
+        one span of `length` tokens placed uniformly inside the document, replaced by one [gMASK] and laid out
+        like a bert span (make_block_sample: "sop span" / "span eop"). A span that does not fit the document
+        falls back to the prefix form. No random draw for the choice when gpt_infill_prob is 1.
+        """
+        sp, p = self.special, self.config.gpt_infill_prob
+        if p < 1.0:
+            docs = document_bounds(tokens, sp)
+            if len(docs) == 1 and rng.random() >= p:
+                placed = place_spans([length], docs[0][0], docs[0][1], rng)
+                if placed is not None:
+                    return make_block_sample(tokens, placed, [0], sp.gmask, sp.sop, sp.eop)
+        return make_gpt_sample(tokens, length, sp.gmask, sp.sop)
+
     def __call__(self, samples: Sequence[np.ndarray], rng: np.random.Generator,
                  mode: str | None = None) -> dict[str, np.ndarray]:
         mode = mode or self.choose_mode(rng)
@@ -264,7 +288,8 @@ class BlockCollator:
             high = max(low, max(lengths) - 2)
             G = int(rng.integers(low, high + 1))
             for tokens in samples:
-                built.append(make_gpt_sample(np.asarray(tokens), max(1, min(G, len(tokens) - 2)), sp.gmask, sp.sop))
+                tokens = np.asarray(tokens)
+                built.append(self.make_document_sample(tokens, max(1, min(G, len(tokens) - 2)), rng))
         elif mode in ("bert", "sentence"):
             for tokens in samples:
                 tokens = np.asarray(tokens)

@@ -18,7 +18,7 @@ from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import accepted_tables, io_table, past_names
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
-    tool_versions, write_manifest,
+    tokenizer_file_names, tool_versions, write_manifest,
 )
 from glm_runtime.session import quiet_options
 from glm_runtime.trt_session import (
@@ -331,10 +331,9 @@ def write_engine_folder(out_dir: str | Path, plan: Any, onnx_dir: str | Path, ma
     out_dir, onnx_dir = Path(out_dir), Path(onnx_dir)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         (stage / ENGINE_FILE).write_bytes(memoryview(plan))
-        tokenizer_file = manifest.tokenizer.get("file")
-        if tokenizer_file:
-            (stage / tokenizer_file).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(onnx_dir / tokenizer_file, stage / tokenizer_file)
+        for name in tokenizer_file_names(manifest.tokenizer):  # vocab.json + merges.txt for a BPE pair
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(onnx_dir / name, stage / name)
         write_manifest(stage, manifest)
     return out_dir
 

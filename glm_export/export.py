@@ -7,8 +7,6 @@ through staged_folder so a failed export leaves nothing behind. `load_onnx_model
 from __future__ import annotations
 
 import os
-
-import shutil
 import sys
 from itertools import zip_longest
 from pathlib import Path
@@ -24,6 +22,7 @@ from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
 from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file,
                                   staged_folder, tool_versions, write_manifest)
+from glm_runtime.tokenizer import TokenizerError, copy_tokenizer_files, tokenizer_files
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -113,16 +112,21 @@ def _resolve_source(source: Union[torch.nn.Module, str, Path, None]) -> _Source:
 
 
 def _tokenizer(tokenizer_file: Optional[Union[str, Path]], source: _Source,
-               config: GLMConfig) -> tuple[Optional[Path], dict[str, Any]]:
-    """The tokenizer file to copy and its manifest entry (a given file wins over the checkpoint's own)."""
+               config: GLMConfig) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The tokenizer files to copy ({name: path}; vocab.json brings merges.txt) and the start of their manifest
+    entry; a given file wins over the checkpoint's own. Checked before the export starts."""
     if tokenizer_file is not None:
-        path = Path(tokenizer_file)
+        path, entry = Path(tokenizer_file), {"kind": config.tokenizer}
         if not path.is_file():
             raise ExportError(f"tokenizer file {path} does not exist")
-        return path, {"kind": config.tokenizer}
-    if source.tokenizer is not None:
-        return source.tokenizer, {"kind": config.tokenizer, **source.tokenizer_entry}
-    return None, {}
+    elif source.tokenizer is not None:
+        path, entry = source.tokenizer, {"kind": config.tokenizer, **source.tokenizer_entry}
+    else:
+        return {}, {}
+    try:
+        return tokenizer_files(path), entry
+    except TokenizerError as exc:
+        raise ExportError(f"{exc}; pass the complete tokenizer (--tokenizer FILE)") from None
 
 
 # ------------------------------------------------------------------ the entry function
@@ -145,7 +149,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     source = _resolve_source(model_or_checkpoint)
     model, checkpoint = source.model, source.folder
     config: GLMConfig = model.config
-    tok_path, tok_entry = _tokenizer(tokenizer_file, source, config)
+    tok_files, tok_entry = _tokenizer(tokenizer_file, source, config)
     size = _weight_bytes(model, precision)
     if external_data is None:
         external_data = size > EXTERNAL_DATA_THRESHOLD
@@ -176,10 +180,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
                 report = check_parity(path, model, precision)
                 say(report.table())
                 parity = report.to_dict()
-            tokenizer: dict[str, Any] = {}
-            if tok_path is not None:
-                shutil.copyfile(tok_path, stage / tok_path.name)
-                tokenizer = {**tok_entry, "file": tok_path.name, "sha256": sha256_file(stage / tok_path.name)}
+            tokenizer = {**tok_entry, **copy_tokenizer_files(tok_files, stage)} if tok_files else {}
             parent = {}
             if checkpoint is not None:
                 # relative to the exported folder, so a checkout or an installed package that moves both

@@ -21,7 +21,7 @@ from glm_export import accuracy
 from glm_export.onnx_graph import MAX_OPSET
 from glm_export.quantize import DEFAULT_CALIBRATION, graph_weights, op_histogram, trt_findings
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, staged_folder, \
-    tool_versions, write_manifest
+    tokenizer_file_names, tool_versions, write_manifest
 from glm_runtime.session import quiet_options
 
 LEVELS = ("fuse", "basic", "extended")
@@ -292,8 +292,7 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
         findings = trt_findings(stage / "model.onnx")
         if findings:
             raise OptimizeError(f"the {level}-optimized graph would not parse in TensorRT: {findings[:3]}")
-        name = manifest.tokenizer.get("file")
-        if name:
+        for name in tokenizer_file_names(manifest.tokenizer):  # vocab.json + merges.txt for a BPE pair
             shutil.copy2(src_dir / name, stage / name)
         try:
             report = check_parity(stage / "model.onnx", reference_from_graph(optimized, manifest.config),

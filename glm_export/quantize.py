@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from glm_export import accuracy
 from glm_runtime.iotable import io_table
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, staged_folder, \
-    tool_versions, write_manifest
+    tokenizer_file_names, tool_versions, write_manifest
 
 SCHEMES = ("int8-dynamic", "int4-weight", "qdq-int8", "fp16")
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
@@ -337,8 +337,8 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
         settings = _SCHEMES[scheme](model, Path(tmp) / "in.onnx", stage / "model.onnx", exclude,
                                     block_size=block_size, accuracy_level=accuracy_level, feeds=feeds,
                                     config=manifest.config)
-        if manifest.tokenizer.get("file"):
-            shutil.copy2(src_dir / manifest.tokenizer["file"], stage / manifest.tokenizer["file"])
+        for name in tokenizer_file_names(manifest.tokenizer):  # vocab.json + merges.txt for a BPE pair
+            shutil.copy2(src_dir / name, stage / name)
         quantized = onnx.load(stage / "model.onnx")
         precision_io = "fp16" if scheme == "fp16" else manifest.precision
         findings = trt_findings(stage / "model.onnx")  # int8-dynamic / int4 are ONNX Runtime-only: recorded

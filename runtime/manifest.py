@@ -142,7 +142,8 @@ class Manifest:
     kind: str  # checkpoint | onnx | engine
     config: dict[str, Any]
     precision: str = "fp32"
-    tokenizer: dict[str, Any] = field(default_factory=dict)  # {"file", "sha256", "kind", "special_tokens"}
+    # {"file", "sha256", "files": {name: sha256} (all of them: vocab.json + merges.txt), "kind", ...}
+    tokenizer: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
     io: dict[str, Any] = field(default_factory=dict)  # IO table and KV name patterns (ONNX / engine)
     parity: dict[str, Any] = field(default_factory=dict)  # figures against the parent artifact
@@ -198,10 +199,26 @@ def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bo
     return manifest
 
 
+def tokenizer_file_names(entry: Mapping[str, Any]) -> list[str]:
+    """Names of every file a manifest's tokenizer entry records: its "files" (vocab.json + merges.txt for a
+    byte-level BPE), or the single "file" of manifests written before "files" existed; [] for none."""
+    names = list(entry.get("files") or ())
+    main = entry.get("file")
+    return names if main in names or not main else [main, *names]
+
+
 def verify_files(folder: str | os.PathLike, manifest: Manifest) -> None:
     folder = Path(folder)
     if not manifest.files:
         raise ManifestError(f"{folder / MANIFEST_NAME} lists no files")
+    recorded = manifest.tokenizer.get("files")
+    for name in tokenizer_file_names(manifest.tokenizer):  # no tokenizer file may escape the hash check
+        if name not in manifest.files:
+            raise ManifestError(f"{folder / MANIFEST_NAME} names tokenizer file {name!r} but does not hash it; "
+                                f"the manifest was edited or the stage that wrote it did not copy the file")
+        if isinstance(recorded, Mapping) and recorded.get(name) not in (None, manifest.files[name]):
+            raise ManifestError(f"{folder / MANIFEST_NAME}: tokenizer file {name!r} has one sha256 in its "
+                                f"tokenizer entry and another in its file list; the manifest was edited")
     for rel, expected in manifest.files.items():
         path = folder / rel
         if not path.is_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,6 +26,7 @@ JSON_SPECIAL_TOKENS = ("<|endoftext|>", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]",
                        "<|endofpiece|>", "[SEP]", "[UNK]", "[dBLOCK]")
 _JSON_REQUIRED = ("pad", "eos", "ENC", "MASK", "sop", "eop")
 META_NAME = "glmx_tokenizer.json"  # kind and options, written by GLMTokenizer.save
+BPE_FILES = ("vocab.json", "merges.txt")  # a GPT-2 / RoBERTa byte-level BPE is this pair, side by side
 # (task_mask, decoder_mask) of the released models: [gMASK]/[sMASK] only for task-mask models (spec 9.14),
 # [dBLOCK] where the spec's table lists it (GLM-2B/10B and both Chinese models).
 _DEFAULT_OPTIONS = {"gpt2": (True, True), "roberta": (False, False), "bert": (False, False),
@@ -313,7 +315,7 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
         kind = {"json": "json", "bpe": "gpt2", "wordpiece": "bert"}[family]
     family = _FAMILY[kind]
     if family == "bpe":
-        files = {"vocab.json": folder / "vocab.json", "merges.txt": folder / "merges.txt"}
+        files = {name: folder / name for name in BPE_FILES}
     elif family == "json":
         files = {"tokenizer.json": path if path.is_file() else folder / "tokenizer.json"}
     elif family == "wordpiece":
@@ -331,6 +333,33 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
     if missing:
         raise TokenizerError(f"the {kind} tokenizer needs {', '.join(files)}; missing: {', '.join(missing)}")
     return kind, files
+
+
+def tokenizer_files(path: str | os.PathLike) -> dict[str, Path]:
+    """Every file the tokenizer whose main file is `path` reads, by name (the main file first).
+
+    In: one tokenizer file. Out: vocab.json or merges.txt -> both (a byte-level BPE is a pair, read from one
+    folder); any other file -> itself. Only names are looked at, nothing is parsed. A missing file raises.
+    """
+    path = Path(path)
+    names = BPE_FILES if path.name in BPE_FILES else (path.name,)
+    files = {name: path.parent / name for name in names}
+    missing = [name for name, p in files.items() if not p.is_file()]
+    if missing:
+        raise TokenizerError(f"tokenizer {path} needs {' + '.join(files)} side by side in {path.parent}; "
+                             f"missing: {', '.join(missing)}")
+    return files
+
+
+def copy_tokenizer_files(files: dict[str, Path], folder: str | os.PathLike) -> dict[str, Any]:
+    """Copy `files` (from tokenizer_files) into `folder`; returns the manifest's tokenizer entry for them:
+    {"file": main file, "sha256": its hash, "files": {name: sha256} of every copied file}."""
+    hashes = {}
+    for name, src in files.items():
+        shutil.copyfile(src, Path(folder) / name)
+        hashes[name] = sha256_file(Path(folder) / name)
+    first = next(iter(hashes))
+    return {"file": first, "sha256": hashes[first], "files": hashes}
 
 
 def _require(vocab_has: Any, tokens: Sequence[str], where: Path, what: str) -> None:

@@ -2,6 +2,7 @@
 glmx folders round-trip and refuse tampering, and every error path says what is wrong."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -14,12 +15,15 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
 from glm_export.checkpoint import (  # noqa: E402
-    CheckpointError, load_checkpoint, merge_model_parallel, save_checkpoint, split_model_parallel,
+    CheckpointError, convert_checkpoint, load_checkpoint, merge_model_parallel, save_checkpoint,
+    split_model_parallel,
 )
 from glm_export.config import GLMConfig  # noqa: E402
 from glm_export.model import GLMModel  # noqa: E402
 from glm_runtime.manifest import ManifestError, load_manifest  # noqa: E402
+from glm_runtime.tokenizer import load_tokenizer  # noqa: E402
 from tests.random_models import random_weights_model  # noqa: E402
+from tests.test_tokenizer import _write_bpe  # noqa: E402
 
 
 def random_model(config, seed=0):
@@ -227,6 +231,63 @@ def test_save_load_round_trip(tmp_path, tiny_config):
     assert as_hf.layout == "hf" and as_hf.config == tiny_config
     with pytest.raises(FileExistsError, match="overwrite"):
         save_checkpoint(model, out)
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def small_gpt2_vocab(folder):
+    """A GPT-2-style vocab.json (300 ids, <|endoftext|> last) + merges.txt: 309 ids with GLM's commands."""
+    _write_bpe(folder, [], 300, ["<|endoftext|>"])
+    return folder
+
+
+BPE_TEXT = "the cat sat on the mat [MASK] glm"
+
+
+def test_bpe_pair_tokenizer_is_copied_hashed_and_guarded(tmp_path, tiny_config):
+    vocab = small_gpt2_vocab(tmp_path / "vocab")
+    out = save_checkpoint(random_model(tiny_config, seed=8), tmp_path / "ckpt", tokenizer_file=vocab / "vocab.json")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "merges.txt",
+                                                     "model.safetensors", "vocab.json"]
+    manifest = load_manifest(out, kind="checkpoint")
+    hashes = {name: _sha(vocab / name) for name in ("vocab.json", "merges.txt")}
+    assert {name: manifest.files[name] for name in hashes} == hashes
+    assert manifest.tokenizer == {"file": "vocab.json", "sha256": hashes["vocab.json"], "files": hashes}
+    loaded = load_checkpoint(out)
+    assert loaded.tokenizer_file == out / "vocab.json"
+    assert load_tokenizer(loaded.tokenizer_file).encode(BPE_TEXT) == load_tokenizer(vocab).encode(BPE_TEXT)
+    # merges.txt is guarded like vocab.json: an edited file, or a manifest that stops hashing it, is refused
+    edited = shutil.copytree(out, tmp_path / "edited")
+    with open(edited / "merges.txt", "a", encoding="utf-8") as fh:
+        fh.write("c a\n")
+    with pytest.raises(ManifestError, match=r"merges\.txt does not match its manifest .*modified"):
+        load_checkpoint(edited)
+    unhashed = shutil.copytree(out, tmp_path / "unhashed")
+    data = json.loads((unhashed / "manifest.json").read_text())
+    del data["files"]["merges.txt"]
+    (unhashed / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"names tokenizer file 'merges\.txt' but does not hash it"):
+        load_checkpoint(unhashed)
+    # half a pair is refused before anything is written
+    (tmp_path / "half").mkdir()
+    shutil.copyfile(vocab / "vocab.json", tmp_path / "half" / "vocab.json")
+    with pytest.raises(CheckpointError, match=r"missing: merges\.txt"):
+        save_checkpoint(loaded.model, tmp_path / "ckpt_half", tokenizer_file=tmp_path / "half" / "vocab.json")
+    assert not (tmp_path / "ckpt_half").exists()
+
+
+def test_convert_keeps_both_bpe_files_of_a_megatron_root(tmp_path, source):
+    """GLM-10B / glm-roberta-large layout: vocab.json + merges.txt in the checkpoint root beside the tracker."""
+    _, sd16, _ = source
+    root = small_gpt2_vocab(write_megatron(tmp_path / "mega", [sd16]))
+    loaded, out = convert_checkpoint(root, tmp_path / "out")
+    assert loaded.tokenizer_file == root / "vocab.json"
+    for name in ("vocab.json", "merges.txt"):
+        assert (out / name).read_bytes() == (root / name).read_bytes()
+    assert load_tokenizer(load_checkpoint(out).tokenizer_file).encode(BPE_TEXT) == \
+        load_tokenizer(root).encode(BPE_TEXT)
 
 
 def test_fp16_save(tmp_path, tiny_config):

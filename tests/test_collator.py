@@ -206,6 +206,143 @@ def test_gpt_batch_uses_one_suffix_length_capped_per_sample():
         assert batch["input_ids"][b, :sep - 1].tolist() == tokens[:sep - 1].tolist()
 
 
+# ---------------------------------------------------------------- document mode: infill form (gpt_infill_prob)
+
+def one_doc_sample(rng: np.random.Generator, length: int) -> np.ndarray:
+    """A sample holding (part of) ONE document: "[CLS] doc <eos>", "[CLS] doc", "doc <eos>" or "doc"."""
+    head, tail = [[SP.cls], []][int(rng.integers(2))], [[SP.eos], []][int(rng.integers(2))]
+    body = rng.integers(FIRST_WORD, 1000, size=length - len(head) - len(tail)).tolist()
+    return np.array(head + body + tail, dtype=np.int64)
+
+
+def expected_G(seed: int, samples: list[np.ndarray], min_ratio: float = 0.25) -> int:
+    """Spec 5: G = randint(int(gpt_min_ratio * min_len), max_len - 2), the batch's first draw (mode forced)."""
+    lengths = [len(t) for t in samples]
+    return int(np.random.default_rng(seed).integers(int(min_ratio * min(lengths)), max(lengths) - 2 + 1))
+
+
+def test_infill_form_is_one_gmask_span_inside_the_document_laid_out_like_a_bert_span():
+    collator = BlockCollator(SP, CollatorConfig(bert_prob=0.0, gpt_infill_prob=0.0))
+    data = np.random.default_rng(7)
+    rel_starts = []
+    for seed in range(150):
+        samples = [one_doc_sample(data, int(data.integers(12, 64))) for _ in range(4)]
+        batch = collator(samples, np.random.default_rng(seed), mode="gpt")
+        G = expected_G(seed, samples)
+        for b, tokens in enumerate(samples):
+            L = max(1, min(G, len(tokens) - 2))  # per sample min(G, len - 2)
+            sep = int(batch["sep"][b])
+            ids, pos, tg = batch["input_ids"][b], batch["position_ids"][b], batch["target_ids"][b]
+            part_a = ids[:sep].tolist()
+            assert part_a.count(SP.gmask) == 1 and SP.mask not in part_a and SP.smask not in part_a
+            s = part_a.index(SP.gmask)  # Part A is untouched before the span, so this is also the span start
+            span = tokens[s:s + L].tolist()
+            (ds, de), = document_bounds(tokens, SP)
+            assert ds <= s and s + L <= de, "the span lies inside the document, never over [CLS] or <eos>"
+            rel_starts.append((s - ds) / max(1, de - ds - L))
+            assert sep == len(tokens) - L + 1
+            assert part_a == tokens[:s].tolist() + [SP.gmask] + tokens[s + L:].tolist()
+            n_b = int(batch["loss_mask"][b].sum())
+            assert n_b == L + 1 and batch["loss_mask"][b, :sep].sum() == 0
+            assert ids[sep:sep + n_b].tolist() == [SP.sop] + span  # Part B input: sop + span
+            assert tg[sep:sep + n_b].tolist() == span + [SP.eop]  # Part B target: span + eop
+            assert pos[0, :sep].tolist() == list(range(sep)) and (pos[1, :sep] == 0).all()
+            assert pos[0, sep:sep + n_b].tolist() == [s] * n_b  # the [gMASK]'s position
+            assert pos[1, sep:sep + n_b].tolist() == list(range(1, L + 2))
+    # the start is uniform over the free room of the document: mean 0.5, sd of the mean <= sqrt(1/12/n)
+    n = len(rel_starts)
+    assert abs(np.mean(rel_starts) - 0.5) < 4 * np.sqrt(1 / 12 / n) + 0.02, np.mean(rel_starts)
+
+
+def test_infill_form_attention_part_a_never_sees_the_span():
+    torch = pytest.importorskip("torch")
+    from glm_export.model import build_attention_mask
+    rng = np.random.default_rng(8)
+    samples = [one_doc_sample(rng, 40) for _ in range(3)]
+    batch = BlockCollator(SP, CollatorConfig(bert_prob=0.0, gpt_infill_prob=0.0))(samples, rng, mode="gpt")
+    T = batch["input_ids"].shape[1]
+    mask = build_attention_mask(torch.from_numpy(batch["sep"]), 3, T, 0)
+    for b in range(3):
+        sep = int(batch["sep"][b])
+        m = mask[b, 0].numpy().astype(bool)
+        assert batch["input_ids"][b, sep] == SP.sop and SP.gmask in batch["input_ids"][b, :sep].tolist()
+        assert (m == visible(sep, T)).all()
+        assert m[:sep, :sep].all() and not m[:sep, sep:].any()  # Part A: bidirectional, blind to the span
+        assert (m[sep:, sep:] == np.tril(np.ones((T - sep, T - sep), dtype=bool))).all()
+
+
+def is_infill_form(batch: dict, b: int) -> bool:
+    """Infill form ends its Part B targets with eop; the prefix form never writes eop (spec 5)."""
+    return SP.eop in batch["target_ids"][b, int(batch["sep"][b]):].tolist()
+
+
+def test_gpt_infill_prob_half_gives_both_forms_at_that_rate():
+    collator = BlockCollator(SP, CollatorConfig(bert_prob=0.0, gpt_infill_prob=0.5))
+    rng = np.random.default_rng(9)
+    prefix, n = 0, 0
+    for _ in range(200):
+        samples = [one_doc_sample(rng, int(rng.integers(12, 48))) for _ in range(4)]
+        batch = collator(samples, rng, mode="gpt")
+        for b, tokens in enumerate(samples):
+            sep = int(batch["sep"][b])
+            if not is_infill_form(batch, b):
+                prefix += 1
+                assert batch["input_ids"][b, :sep].tolist() == tokens[:sep - 1].tolist() + [SP.gmask]
+            n += 1
+    # prefix form ~ Binomial(800, 0.5): 4 sigma = 0.071
+    assert abs(prefix / n - 0.5) < 4 * np.sqrt(0.25 / n), prefix / n
+
+
+def test_multi_document_samples_always_take_the_prefix_form():
+    collator = BlockCollator(SP, CollatorConfig(bert_prob=0.0, gpt_infill_prob=0.0))
+    rng = np.random.default_rng(10)
+    checked = 0
+    for seed in range(100):
+        samples = [random_sample(rng, 64, n_docs=3) for _ in range(4)]
+        samples = [t for t in samples if len(document_bounds(t, SP)) > 1]
+        batch = collator(samples, np.random.default_rng(seed), mode="gpt")
+        G = expected_G(seed, samples)
+        for b, tokens in enumerate(samples):
+            L, sep = max(1, min(G, len(tokens) - 2)), int(batch["sep"][b])
+            assert not is_infill_form(batch, b)
+            assert sep == len(tokens) - L + 1
+            assert batch["input_ids"][b, :sep].tolist() == tokens[:sep - 1].tolist() + [SP.gmask]
+            assert batch["target_ids"][b, sep:sep + L].tolist() == tokens[sep - 1:].tolist()
+            checked += 1
+    assert checked > 300
+
+
+@pytest.mark.parametrize("config", [CollatorConfig(bert_prob=0.0), CollatorConfig(bert_prob=0.0, gpt_infill_prob=1.0)])
+def test_default_gpt_infill_prob_keeps_the_random_stream_of_the_prefix_only_collator(config):
+    """gpt_infill_prob = 1 (the default) draws nothing but G: same batch and same generator state as building
+    every sample with make_gpt_sample from a twin generator that draws only the mode and G."""
+    data = np.random.default_rng(11)
+    for seed in range(20):
+        samples = [one_doc_sample(data, 40), random_sample(data, 48, 3), one_doc_sample(data, 20)]
+        rng, twin = np.random.default_rng(seed), np.random.default_rng(seed)
+        batch = BlockCollator(SP, config)(samples, rng)
+        assert twin.random() >= config.bert_prob  # the mode draw: gpt
+        lengths = [len(t) for t in samples]
+        G = int(twin.integers(int(0.25 * min(lengths)), max(lengths) - 2 + 1))
+        ref = pad_batch([make_gpt_sample(t, max(1, min(G, len(t) - 2)), SP.gmask, SP.sop) for t in samples])
+        for k in ref:
+            assert (batch[k] == ref[k]).all(), k
+        assert rng.bit_generator.state == twin.bit_generator.state
+    # the check can fail: below 1, one-document samples draw the choice and move the stream
+    rng, twin = np.random.default_rng(0), np.random.default_rng(0)
+    BlockCollator(SP, CollatorConfig(bert_prob=0.0, gpt_infill_prob=0.99))([one_doc_sample(data, 40)], rng)
+    twin.random(), twin.integers(0, 10)
+    assert rng.bit_generator.state != twin.bit_generator.state
+
+
+def test_infill_span_that_does_not_fit_the_document_falls_back_to_the_prefix_form():
+    collator = BlockCollator(SP, CollatorConfig(gpt_infill_prob=0.0))
+    tokens = np.array([SP.cls, SP.cls, 11, 12, SP.eos])  # one document of 2 tokens; length 3 = len - 2
+    s = collator.make_document_sample(tokens, 3, np.random.default_rng(0))
+    assert s.input_ids.tolist() == [SP.cls, SP.cls, SP.gmask, SP.sop, 11, 12]
+    assert s.target_ids[3:].tolist() == [11, 12, SP.eos]
+
+
 # ---------------------------------------------------------------- padding and options
 
 def test_batch_padding_is_appended_with_zero_token_position_and_loss():
@@ -236,3 +373,5 @@ def test_unknown_mode_and_bad_probabilities_are_refused():
         BlockCollator(SP)([np.array([1, 11, 12, 0])], np.random.default_rng(0), mode="cloze")
     with pytest.raises(ValueError, match="sum to at most 1"):
         CollatorConfig(bert_prob=0.8, gap_sentence_prob=0.5)
+    with pytest.raises(ValueError, match="gpt_infill_prob must be in"):
+        CollatorConfig(gpt_infill_prob=1.5)

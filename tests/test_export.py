@@ -372,6 +372,39 @@ def test_cli_exports_checkpoint_folder(tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+def test_bpe_pair_tokenizer_travels_to_the_export_and_is_guarded(tmp_path):
+    """GPT-2 / RoBERTa vocabularies are vocab.json + merges.txt: both reach the exported folder, both are hashed,
+    the runtime loads the tokenizer from that folder alone, and an edited merges.txt is refused."""
+    from glm_export.checkpoint import save_checkpoint
+    from glm_runtime.session import open_model
+    from glm_runtime.tokenizer import load_tokenizer
+    from tests.test_checkpoint import BPE_TEXT, small_gpt2_vocab
+    vocab = small_gpt2_vocab(tmp_path / "vocab")
+    pair = ("vocab.json", "merges.txt")
+    hashes = {name: export_mod.sha256_file(vocab / name) for name in pair}
+    ckpt = save_checkpoint(random_model(TINY.replace(tokenizer="gpt2"), 9), tmp_path / "ckpt",
+                           tokenizer_file=vocab / "vocab.json")
+    out = export_onnx(ckpt, tmp_path / "onnx", validate=False, log=lambda m: None)
+    manifest, _ = load_onnx_model(out)
+    for folder in (ckpt, out):
+        assert all((folder / name).read_bytes() == (vocab / name).read_bytes() for name in pair)
+    assert {name: manifest.files[name] for name in pair} == hashes and manifest.tokenizer["files"] == hashes
+    assert manifest.tokenizer["file"] == "vocab.json" and manifest.tokenizer["kind"] == "gpt2"
+    session, tok = open_model(out)  # the runtime's path: manifest checks, then the tokenizer from `out` alone
+    assert tok.kind == "gpt2" and tok.encode(BPE_TEXT) == load_tokenizer(vocab).encode(BPE_TEXT)
+    edited = _copy(out, tmp_path / "edited")
+    lines = (edited / "merges.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (edited / "merges.txt").write_text("".join(lines[:-1]), encoding="utf-8")  # drop the last merge, "Ġc at"
+    with pytest.raises(ManifestError, match=r"merges\.txt does not match its manifest .*modified"):
+        open_model(edited)
+    # a half pair given explicitly is refused before the export starts
+    (tmp_path / "half").mkdir()
+    shutil.copyfile(vocab / "vocab.json", tmp_path / "half" / "vocab.json")
+    with pytest.raises(ExportError, match=r"missing: merges\.txt; pass the complete tokenizer"):
+        export_onnx(ckpt, tmp_path / "onnx_half", tokenizer_file=tmp_path / "half" / "vocab.json", validate=False)
+    assert not (tmp_path / "onnx_half").exists()
+
+
 def test_parity_cases_cover_glm_layouts():
     """The case builders follow the spec: 2D positions, sep masks, padded batches with masked holes."""
     cases = {c.name: c for c in glm_cases(512)}

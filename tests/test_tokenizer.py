@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from glm_runtime.tokenizer import (
-    JSON_SPECIAL_TOKENS, BlankError, TokenizerError, build_context_ids, chinese_sp_special_ids, find_blanks,
-    load_tokenizer, train_bpe_tokenizer)
+    JSON_SPECIAL_TOKENS, BlankError, TokenizerError, build_context_ids, chinese_sp_special_ids,
+    copy_tokenizer_files, find_blanks, load_tokenizer, tokenizer_files, train_bpe_tokenizer)
 
 # ---------------------------------------------------------------- fixtures: vocabularies with the real sizes
 
@@ -313,6 +313,33 @@ def test_save_load_round_trip_and_describe(which, gpt2, bert, json_file, sp_mode
         assert digest == hashlib.sha256((tmp_path / "saved" / name).read_bytes()).hexdigest()
     assert info["sha256"] == info["files"][info["file"]] and info["special_tokens"] == tok.special
     assert info["kind"] == tok.kind and info["mask_ids"] == list(tok.mask_ids)
+
+
+def test_tokenizer_files_name_both_halves_of_a_bpe_pair(gpt2_dir, json_file, sp_model, tmp_path):
+    folder = gpt2_dir[0]
+    pair = {"vocab.json": folder / "vocab.json", "merges.txt": folder / "merges.txt"}
+    assert list(tokenizer_files(folder / "vocab.json").items()) == list(pair.items())  # vocab.json first
+    assert list(tokenizer_files(folder / "merges.txt").items()) == list(pair.items())
+    assert tokenizer_files(json_file) == {"tokenizer.json": json_file}
+    assert tokenizer_files(sp_model) == {"cog-pretrain.model": sp_model}
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "vocab.json").write_bytes((folder / "vocab.json").read_bytes())
+    with pytest.raises(TokenizerError, match=r"needs vocab.json \+ merges.txt side by side .*missing: merges.txt"):
+        tokenizer_files(half / "vocab.json")
+
+
+def test_copied_bpe_pair_loads_alone_and_its_entry_matches_describe(gpt2, gpt2_dir, tmp_path):
+    out = tmp_path / "copy"
+    out.mkdir()
+    entry = copy_tokenizer_files(tokenizer_files(gpt2_dir[0] / "vocab.json"), out)
+    assert sorted(p.name for p in out.iterdir()) == ["merges.txt", "vocab.json"]
+    again = load_tokenizer(out / entry["file"])
+    text = "the cat sat on the mat [MASK] glm"
+    assert again.encode(text) == gpt2.encode(text) and gpt2_dir[1]["Ġthe"] in again.encode(text)  # merges read
+    described = again.describe()  # hashes computed independently from the loaded tokenizer's own files
+    assert (entry["file"], entry["sha256"], entry["files"]) == (described["file"], described["sha256"],
+                                                               described["files"])
 
 
 def test_train_bpe_tokenizer_is_deterministic_and_accepts_files(tmp_path):
