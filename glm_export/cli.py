@@ -100,6 +100,9 @@ def convert_cmd(src: str, out_dir: str, preset: str | None, dtype: str | None, o
 @click.option("--max-sequence-length", type=int, default=512, show_default=True)
 @click.option("--bert-prob", type=float, default=1.0, show_default=True)
 @click.option("--gap-sentence-prob", type=float, default=0.0, show_default=True)
+@click.option("--gpt-infill-prob", type=float, default=1.0, show_default=True,
+              help="in document ([gMASK]) mode, the share of prefix + [gMASK] + suffix samples; the rest get one "
+                   "[gMASK] span inside the text (GLM used 0.5; 1.0 is the bundled model's recipe)")
 @click.option("--heldout-fraction", type=float, default=0.02, show_default=True)
 @click.option("--eval-batches", type=int, default=4, show_default=True)
 @click.option("--eval-every", type=int, default=100, show_default=True)

@@ -61,6 +61,7 @@ class PretrainSettings:
     dropout: float = 0.1
     bert_prob: float = 1.0
     gap_sentence_prob: float = 0.0
+    gpt_infill_prob: float = 1.0  # CollatorConfig.gpt_infill_prob; 1.0 = the collator before it existed
     heldout_fraction: float = 0.02
     eval_batches: int = 4
     seed: int = 0
@@ -249,6 +250,8 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Pat
     torch.set_num_threads(threads)
     state_path = work / STATE_FILE
     saved = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if saved is not None:  # a setting added since the save takes its default, which reproduces the old run
+        saved["settings"] = {**dataclasses.asdict(PretrainSettings()), **saved["settings"]}
     if saved is not None and saved["settings"] != dataclasses.asdict(s):
         diff = {k: (v, dataclasses.asdict(s)[k]) for k, v in saved["settings"].items() if dataclasses.asdict(s)[k] != v}
         raise PretrainError(f"{state_path} was trained with other settings (saved, now): {diff}; "
@@ -267,7 +270,8 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Pat
         raise PretrainError(f"seq_length {s.seq_length} needs max_sequence_length >= {s.seq_length + 1}")
     train = cut_samples(token_stream(tok, train_docs), s.seq_length)
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)
-    modes = CollatorConfig(bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob)
+    modes = CollatorConfig(bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob,
+                           gpt_infill_prob=s.gpt_infill_prob)
     collator = BlockCollator(special_ids(), modes, sentence_end=sentence_end_table(tok))
     evals_fixed = eval_batches(collator, held, s.batch_size, s.eval_batches, s.seed)
 

@@ -67,6 +67,19 @@ def test_resume_with_other_settings_is_refused(corpus, tmp_path):
         pretrain(corpus, tmp_path / "run", steps=1, progress=False, **dict(TINY, lr=1e-3))
 
 
+def test_a_state_saved_before_a_setting_existed_resumes_with_its_default(corpus, tmp_path):
+    """train_state.pt written before gpt_infill_prob existed: the default (1.0) is the old behaviour."""
+    import torch
+    run = tmp_path / "run"
+    pretrain(corpus, run, steps=2, stop_after=1, progress=False, **TINY)
+    state = torch.load(run / "train_state.pt", weights_only=False)
+    del state["settings"]["gpt_infill_prob"]
+    torch.save(state, run / "train_state.pt")
+    assert pretrain(corpus, run, steps=2, progress=False, **TINY)["step"] == 2
+    with pytest.raises(PretrainError, match=r"'gpt_infill_prob': \(1.0, 0.5\)"):
+        pretrain(corpus, run, steps=3, progress=False, **dict(TINY, gpt_infill_prob=0.5))
+
+
 def test_an_empty_corpus_folder_is_refused(tmp_path):
     with pytest.raises(PretrainError, match="no .txt files under"):
         pretrain(tmp_path, tmp_path / "run", progress=False, **TINY)
