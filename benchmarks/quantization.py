@@ -21,10 +21,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "runtime/bundled/glmx-small-onnx"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quantization_bundled.json"
-# (row name, glmx arguments); $MODEL and $OUT are replaced. "-head" rows quantize the tied output head too.
+# (row name, glmx arguments); $MODEL and $OUT are replaced. "-head" rows quantize the tied output head too;
+# rows without --keep-fp32 take the scheme's default (glm_export.quantize.DEFAULT_KEEP_FP32).
 COMMANDS = [
     ("fp16", "quantize $MODEL -o $OUT/fp16 --scheme fp16"),
     ("int8-dynamic", "quantize $MODEL -o $OUT/int8-dynamic --scheme int8-dynamic"),
+    ("int8-dynamic, last layer int8 too", "quantize $MODEL -o $OUT/int8-dynamic-all-layers --scheme int8-dynamic "
+                                          "--keep-fp32 embedding --keep-fp32 head"),
     ("int8-dynamic-head", "quantize $MODEL -o $OUT/int8-dynamic-head --scheme int8-dynamic --keep-fp32 embedding"),
     ("qdq-int8", "quantize $MODEL -o $OUT/qdq-int8 --scheme qdq-int8"),
     ("qdq-int8-head", "quantize $MODEL -o $OUT/qdq-int8-head --scheme qdq-int8 --keep-fp32 embedding"),

@@ -295,8 +295,9 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
               help="qdq-int8: real text to calibrate on [default: glm_export/data/calibration.txt]")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4-weight: weights per scale")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="int4-weight: MatMulNBits level")
-@click.option("--keep-fp32", multiple=True, default=("embedding", "head"), show_default=True,
-              help="roles (embedding, head) or node names left in fp32; repeat the option")
+@click.option("--keep-fp32", multiple=True, default=None,
+              help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
+                   "option [default: embedding, head; int8-dynamic also last-layer]")
 @click.option("--accept-loss", is_flag=True, help="write the artifact even if it misses its accuracy budget")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
@@ -306,7 +307,7 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     from glm_export.quantize import QuantizeError, quantize_onnx
     from glm_runtime.manifest import ManifestError, load_manifest
     try:
-        out = quantize_onnx(src_dir, out_dir, **kwargs)
+        out = quantize_onnx(src_dir, out_dir, **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None))
     except (QuantizeError, BudgetError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
     acc = load_manifest(out).parity["accuracy"]

@@ -91,16 +91,35 @@ def single_word_blanks(docs: list[str], n: int, seed: int) -> list[tuple[str, st
     return out
 
 
-@torch.no_grad()
-def greedy_fill(model, tok, left: str, right: str) -> list[int]:
-    """Greedy blank filling (spec 4.1): context pass with sep = C, then sop at (mask_pos, 1), ... until eop/eos."""
+def _context(model, tok, left: str, right: str) -> tuple[list[int], int]:
+    """[CLS] left [MASK] right <eos>, each side cut to fit the position tables; returns (ids, mask position)."""
     sp = special_ids()
     half = (model.config.max_sequence_length - 3) // 2  # [CLS] left [MASK] right <eos> must fit the tables
     left_ids = tok.encode(left, add_special_tokens=False).ids[-half:]
     right_ids = tok.encode(right, add_special_tokens=False).ids[:half]
     ids = [sp.cls] + left_ids + [sp.mask]
-    mask_pos = len(ids) - 1
-    ids += right_ids + [sp.eos]
+    return ids + right_ids + [sp.eos], len(ids) - 1
+
+
+@torch.no_grad()
+def known_length_match(model, tok, left: str, right: str, word: str) -> bool:
+    """GLM's cloze protocol (LAMBADA-style): with the answer's length given, is every answer token the argmax
+    after sop + the answer tokens before it (teacher forced, one pass over Part B)?"""
+    sp = special_ids()
+    ids, mask_pos = _context(model, tok, left, right)
+    answer = tok.encode(" " + word, add_special_tokens=False).ids
+    C, n = len(ids), len(answer)
+    tokens = ids + [sp.sop] + answer[:-1]
+    positions = torch.tensor([[list(range(C)) + [mask_pos] * n, [0] * C + list(range(1, n + 1))]])
+    logits, _ = model(torch.tensor([tokens]), positions, C)
+    return bool((logits[0, C:].argmax(-1) == torch.tensor(answer)).all())
+
+
+@torch.no_grad()
+def greedy_fill(model, tok, left: str, right: str) -> list[int]:
+    """Greedy blank filling (spec 4.1): context pass with sep = C, then sop at (mask_pos, 1), ... until eop/eos."""
+    sp = special_ids()
+    ids, mask_pos = _context(model, tok, left, right)
     C = len(ids)
     positions = torch.stack([torch.arange(C), torch.zeros(C, dtype=torch.long)]).unsqueeze(0)  # (1, 2, C)
     _, past = model(torch.tensor([ids]), positions, C)
@@ -140,15 +159,22 @@ def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str |
     word_counts = Counter(m.group() for d in train_docs for m in WORD.finditer(d))
     top_word = word_counts.most_common(1)[0][0]
     blanks = single_word_blanks(held_docs, fill_examples, s.seed)
-    hits, hits_uni, examples = 0, 0, []
+    hits, hits_first, hits_known, hits_uni, examples = 0, 0, 0, 0, []
     for left, word, right in blanks:
         fill = tok.decode(greedy_fill(model, tok, left, right)).strip()
         hits += fill == word
+        hits_first += (fill.split() or [""])[0].strip(".,;:!?\"'") == word
+        hits_known += known_length_match(model, tok, left, right, word)
         hits_uni += top_word == word
         if len(examples) < 40:
             examples.append({"prompt": f"{left} [MASK]{right}", "answer": word, "fill": fill})
     metrics.update({
         "mask_fill_exact_match": hits / len(blanks), "unigram_mask_fill_exact_match": hits_uni / len(blanks),
+        # the free fill's first word (the model chooses its span length; a single-word blank does not say so)
+        "mask_fill_first_word_match": hits_first / len(blanks),
+        # GLM's cloze protocol: answer length given, every token the argmax (teacher forced); the unigram
+        # baseline's figure is the same "always the most frequent word" rate
+        "mask_fill_known_length_match": hits_known / len(blanks),
         "unigram_word": top_word, "mask_fill_examples_scored": len(blanks),
         "evaluate_command": shlex.join(["glmx", "evaluate", str(checkpoint_dir), str(corpus_dir)] +
                                        (["--out", str(out_file)] if out_file else []) +

@@ -94,6 +94,9 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield stage
+        for path in stage.rglob("*"):  # some writers (safetensors) make 0600 files; an artifact is shareable
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, 0o666 & ~_umask())
         _fsync_dir(stage)
         if out_dir.exists():
             trash = stage.with_suffix(".old")

@@ -96,3 +96,7 @@ def test_artifacts_get_ordinary_permissions(tmp_path):
     os.umask(mask)
     assert (tmp_path / "art").stat().st_mode & 0o777 == 0o777 & ~mask
     assert (tmp_path / "art" / MANIFEST_NAME).stat().st_mode & 0o777 == 0o666 & ~mask
+    with staged_folder(tmp_path / "private") as stage:  # a writer that makes 0600 files (safetensors does)
+        (stage / "weights.bin").write_bytes(b"w")
+        os.chmod(stage / "weights.bin", 0o600)
+    assert (tmp_path / "private" / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -7,6 +7,7 @@ records what it is, and that every refusal (calibration, budget, keep_fp32, sche
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -141,6 +142,23 @@ def test_quantizing_the_head_is_a_choice(parent, tmp_path):
     gather_tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     assert "word_embeddings.weight" in gather_tables  # the embedding lookup still reads the fp32 table
     assert load_manifest(out).extra["quantization"]["keep_fp32"] == ["embedding"]
+
+
+def test_layer_roles_keep_exactly_that_layers_weight_matmuls(parent, children):
+    from glm_export.quantize import excluded_nodes
+    model = onnx.load(parent / "model.onnx")
+    last = max(int(m.group(1)) for n in model.graph.node if (m := re.match(r"/transformer\.layers\.(\d+)[./]", n.name)))
+    base = set(excluded_nodes(model, ("embedding", "head")))
+    for role, index in (("first-layer", 0), ("last-layer", last)):
+        extra = set(excluded_nodes(model, ("embedding", "head", role))) - base
+        assert extra == {f"/transformer.layers.{index}.{w}/MatMul" for w in (
+            "attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")}
+    # int8-dynamic's default keeps the last layer: its four weight MatMuls are still plain fp32 MatMuls
+    m = load_manifest(children["int8-dynamic"])
+    assert m.extra["quantization"]["keep_fp32"] == ["embedding", "head", "last-layer"]
+    nodes = {n.name: n.op_type for n in onnx.load(children["int8-dynamic"] / "model.onnx").graph.node}
+    assert nodes[f"/transformer.layers.{last}.mlp.dense_4h_to_h/MatMul"] == "MatMul"
+    assert nodes.get("/transformer.layers.0.mlp.dense_4h_to_h/MatMul") != "MatMul"
 
 
 def test_measure_accuracy_self_is_exact(parent):
