@@ -44,7 +44,7 @@ FIGURES = ("max_logit_diff", "top1_agreement", "fill_agreement", "fill_token_agr
 
 def command_line(args: str, model: str, out: str) -> str:
     line = f"glmx {args.replace('$MODEL', model).replace('$OUT', out)}"
-    return line if line.startswith("glmx optimize") else f"{line} {COMMON}"
+    return f"{line} --overwrite" if line.startswith("glmx optimize") else f"{line} {COMMON}"
 
 
 def artifact_row(folder: Path) -> dict[str, Any]:
