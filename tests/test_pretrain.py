@@ -99,6 +99,37 @@ def test_export_then_evaluate_writes_metrics_beside_the_baseline(corpus, tmp_pat
     assert metrics["mask_fill_examples_scored"] == 20 and 0.0 <= metrics["mask_fill_exact_match"] <= 1.0
     assert metrics["unigram_word"] == "the" or metrics["unigram_word"] in WORDS
     assert all("[MASK]" in ex["prompt"] for ex in metrics["examples"])
+    for key in ("mask_fill_first_word_match", "mask_fill_known_length_match"):
+        assert 0.0 <= metrics[key] <= 1.0
+    _known_length_equals_the_cached_loop(out, corpus)
+
+
+def _known_length_equals_the_cached_loop(checkpoint, corpus):
+    """known_length_match (one teacher-forced pass over Part B) == feeding sop + the answer through the cache
+    one token at a time (spec 4.1's loop), answer by answer; and an answer made of the model's own greedy
+    tokens always matches."""
+    import torch
+    from glm_export.checkpoint import load_checkpoint
+    from glm_export.evaluate import _context, greedy_fill, known_length_match, single_word_blanks
+    from glm_export.pretrain import load_tokenizer, read_documents, special_ids
+    loaded = load_checkpoint(checkpoint)
+    model, tok, sp = loaded.model.float().eval(), load_tokenizer(loaded.tokenizer_file), special_ids()
+    for left, word, right in single_word_blanks(read_documents(corpus), 12, 0):
+        ids, mask_pos = _context(model, tok, left, right)
+        answer = tok.encode(" " + word, add_special_tokens=False).ids
+        with torch.no_grad():
+            _, past = model(torch.tensor([ids]), torch.stack([torch.arange(len(ids)), torch.zeros(len(ids),
+                            dtype=torch.long)]).unsqueeze(0), len(ids))
+            hits, token = [], sp.sop
+            for k, want in enumerate(answer):
+                logits, past = model(torch.tensor([[token]]), torch.tensor([[[mask_pos], [k + 1]]]), 0, past)
+                hits.append(int(logits[0, -1].argmax()) == want)
+                token = want
+        assert known_length_match(model, tok, left, right, word) == all(hits)
+        own = greedy_fill(model, tok, left, right)
+        text = tok.decode(own)
+        if own and text.startswith(" ") and tok.encode(text, add_special_tokens=False).ids == own:
+            assert known_length_match(model, tok, left, right, text[1:])  # the model's own tokens match
 
 
 def test_evaluate_refuses_a_checkpoint_not_written_by_pretrain(tmp_path, tiny_model):
