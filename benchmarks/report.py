@@ -15,8 +15,16 @@ from glm_runtime.manifest import atomic_write_json, atomic_write_text
 MB = 2 ** 20
 
 
+def _order(name: str) -> tuple[int, str]:
+    """Variants in artifacts.VARIANTS' order (torch first), whatever order results.json stored them in."""
+    from benchmarks.artifacts import VARIANTS
+    names = list(VARIANTS)
+    return (names.index(name) if name in names else len(names), name)
+
+
 def _measured(model: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in model.get("variants", {}).items() if "error" not in v and "skipped" not in v}
+    return {k: v for k, v in sorted(model.get("variants", {}).items(), key=lambda kv: _order(kv[0]))
+            if "error" not in v and "skipped" not in v}
 
 
 def _ms(fig: Mapping[str, Any] | None) -> str:
