@@ -9,7 +9,6 @@ against its parent, size, op counts) and the Markdown table README shows, printe
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import shlex
 import subprocess
@@ -51,6 +50,7 @@ def artifact_row(folder: Path) -> dict[str, Any]:
     """Figures of one written folder, from its manifest (accuracy vs its parent) and its files."""
     import onnx
 
+    from glm_export.quantize import op_histogram
     from glm_runtime.manifest import load_manifest
     manifest = load_manifest(folder)
     acc = (manifest.parity or {}).get("accuracy") or {}
@@ -59,7 +59,7 @@ def artifact_row(folder: Path) -> dict[str, Any]:
     return {"precision": manifest.precision, "keep_fp32": quant.get("keep_fp32"),
             "bytes": sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model")),
             **{k: acc.get(k) for k in FIGURES}, "budget": acc.get("budget"),
-            "ops": dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))}
+            "ops": op_histogram(model)}
 
 
 def markdown(rows: dict[str, dict[str, Any]]) -> str:
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         commands.append(line)
         print(f"[{name}] {line}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        subprocess.run(glmx + shlex.split(line)[1:], check=True, cwd=ROOT)
-        out_dir = Path(args.work) / shlex.split(line)[shlex.split(line).index("-o") + 1].split("/")[-1]
-        rows[name] = dict(artifact_row(out_dir), seconds=round(time.perf_counter() - t0, 1))
-    parent = load_manifest(ROOT / args.model if not Path(args.model).is_absolute() else Path(args.model))
+        argv = shlex.split(line)[1:]
+        subprocess.run(glmx + argv, check=True, cwd=ROOT)
+        rows[name] = dict(artifact_row(ROOT / argv[argv.index("-o") + 1]), seconds=round(time.perf_counter() - t0, 1))
+    parent = load_manifest(ROOT / args.model)  # an absolute path replaces ROOT
     result = {"model": args.model, "parent_config": parent.config, "parent_files": parent.files,
               "budgets": BUDGETS, "commands": commands, "reproduce": "python -m benchmarks.quantization",
               "eval_text": "glm_export/data/calibration.txt, odd documents (held-out text)",

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import accepted_tables, io_table, past_names
+from glm_runtime.iotable import accepted_tables, io_table, past_names, without_optional_inputs
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
     tokenizer_file_names, tool_versions, write_manifest,
@@ -43,7 +43,7 @@ def engine_io(io: Mapping[str, Any]) -> dict[str, Any]:
     """The IO table of an engine built from a graph with this table: optional inputs (a graph input backed by
     an initializer, e.g. logits_start) are constants to TensorRT's ONNX parser, so the engine lacks them and
     always returns the logits of every position."""
-    return {**io, "inputs": [e for e in io["inputs"] if "default" not in e]}
+    return without_optional_inputs(io)
 
 
 def _config_and_io(source: Any) -> tuple[dict[str, Any], dict[str, Any]]:

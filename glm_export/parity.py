@@ -14,7 +14,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from glm_runtime.iotable import LOGITS_START, io_table, past_names, present_names
+from glm_runtime.iotable import LOGITS_START, accepts, io_table, past_names, present_names, required_inputs
 from glm_runtime.session import quiet_options
 
 
@@ -277,7 +277,7 @@ def _check_names(session, table: dict) -> None:
     for e in optional:
         if e["name"] not in got_optional or got_optional[e["name"]].type != _ORT_TYPES[e["dtype"]]:
             raise ParityError(f"ONNX optional input {e['name']!r} ({e['dtype']}, with a default) is missing")
-    required = {"inputs": [e for e in table["inputs"] if "default" not in e], "outputs": table["outputs"]}
+    required = {"inputs": required_inputs(table), "outputs": table["outputs"]}
     for kind, got in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         want = [e["name"] for e in required[kind]]
         names = [g.name for g in got]
@@ -354,7 +354,7 @@ def check_parity(onnx_path: str | Path, model: torch.nn.Module, precision: str, 
                 with torch.no_grad():
                     logits, ref_cache = ref(step.input_ids, step.position_ids, step.reference_mask, ref_cache)
                 ref_logits = logits.numpy()
-                if T > 1 and any(e["name"] == LOGITS_START for e in table["inputs"]):
+                if T > 1 and accepts(table, LOGITS_START):
                     _check_logits_start(session, feeds, out["logits"], case.name, k,
                                         tol.allowed(float(np.abs(ref_logits).max())))
                 f["logits"] = max(f["logits"], float(np.abs(out["logits"] - ref_logits).max()))

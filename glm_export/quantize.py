@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from glm_export import accuracy
-from glm_runtime.iotable import io_table
+from glm_runtime.iotable import io_table, required_inputs
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, staged_folder, \
     tokenizer_file_names, tool_versions, write_manifest
 
@@ -179,9 +179,9 @@ def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str,
         raise QuantizeError(f"calibration has {len(feeds)} feeds; qdq-int8 needs at least {MIN_CALIBRATION_CALLS} "
                             f"(context passes and decode steps of real text)")
     entries = {e["name"]: e for e in io["inputs"]}
+    required = {e["name"] for e in required_inputs(io)}  # logits_start is optional
     pasts = set()
     for k, feed in enumerate(feeds):
-        required = {name for name, e in entries.items() if "default" not in e}  # logits_start is optional
         if not required <= set(feed) <= set(entries):
             diff = sorted((required - set(feed)) | (set(feed) - set(entries)))
             raise QuantizeError(f"calibration feed {k}: names differ from the graph inputs at {diff[:3]}")

@@ -11,7 +11,8 @@ import torch
 
 from glm_export.model import GLMModel
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import LOGITS_START, io_table, kv_dtype, past_names, present_names
+from glm_runtime.iotable import (LOGITS_START, io_table, kv_dtype, past_names, present_names,
+                                 without_optional_inputs)
 from glm_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from glm_runtime.session import check_feeds
 
@@ -29,9 +30,8 @@ class TorchSession:
             raise ValueError(f"precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}")
         self.config = config or model.config
         self.precision = precision
-        self.io = io_table(self.config, precision)
-        if not logits_start:
-            self.io["inputs"] = [e for e in self.io["inputs"] if e["name"] != LOGITS_START]
+        table = io_table(self.config, precision)
+        self.io = table if logits_start else without_optional_inputs(table)
         self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
         self.kv_dtype = np.dtype(kv_dtype(precision))
         self.device = None  # outputs are host numpy arrays

@@ -72,7 +72,7 @@ def accepted_tables(config: Any, precision: str = "fp32") -> list[dict[str, Any]
     TensorRT engine, whose parser makes them constants); and the table of exports made before logits_start
     existed (no optional input, logits over every position). The runtime reads all three."""
     table = io_table(config, precision)
-    required = {**table, "inputs": required_inputs(table)}
+    required = without_optional_inputs(table)
     legacy = {**required, "dims": [d for d in DIMS if d != "logits_seq"],
               "outputs": [{**e, "shape": ["batch", "seq", e["shape"][2]]} if e["name"] == "logits" else e
                           for e in table["outputs"]]}
@@ -82,6 +82,11 @@ def accepted_tables(config: Any, precision: str = "fp32") -> list[dict[str, Any]
 def required_inputs(table: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The inputs a caller must feed (those without a "default")."""
     return [e for e in table["inputs"] if "default" not in e]
+
+
+def without_optional_inputs(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The table with only the inputs a caller must feed (what a TensorRT engine or an IO-bound call takes)."""
+    return {**table, "inputs": required_inputs(table)}
 
 
 def accepts(session_or_table: Any, name: str) -> bool:

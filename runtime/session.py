@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from glm_runtime.config import ConfigError, GLMConfig
-from glm_runtime.iotable import accepted_tables, kv_dtype
+from glm_runtime.iotable import accepted_tables, kv_dtype, required_inputs
 from glm_runtime.manifest import Manifest, ManifestError, load_manifest
 
 MODEL_FILE = "model.onnx"
@@ -133,7 +133,6 @@ class OnnxRuntimeSession:
         self.io = self.manifest.io
         self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
         self.precision = self.manifest.precision
-        self._optional = {e["name"] for e in self.inputs if "default" in e}
         self.kv_dtype = np.dtype(kv_dtype(self.precision))
         model_file = self.folder / self.manifest.extra.get("model_file", MODEL_FILE)
         if not model_file.is_file():
@@ -159,7 +158,7 @@ class OnnxRuntimeSession:
         self.io_binding = cuda if io_binding is None else bool(io_binding)
         self.device = (("cuda" if cuda else "cpu"), 0) if self.io_binding else None
         if self.io_binding:  # IO binding cannot bind an initializer-backed input: these calls take the default
-            self.inputs = [e for e in self.inputs if e["name"] not in self._optional]
+            self.inputs = required_inputs(self.io)
 
     def new_cache(self, batch: int, capacity: int) -> Any:
         """A KV cache in the memory `run` returns present.* in: numpy, or OrtValues on self.device."""
