@@ -92,6 +92,25 @@ def targets_lines(model: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def rounds_lines(model: Mapping[str, Any], rounds: int) -> list[str]:
+    """The targets over repeated rounds: each round's ratio (and the variant that gave it), median, range."""
+    summary = model.get("target_rounds")
+    if not summary:
+        return []
+    lines = [f"#### Targets over {rounds} rounds", "",
+             "Round 1 is the full pass above; later rounds re-measure only these figures, variants in rotated "
+             "order, each ratio against torch measured in the same round. The spread is this machine's noise.", "",
+             "| target | goal | per round (best variant) | median | range | verdict |", "|---|---|---|---:|---|---|"]
+    for t in summary.values():
+        if t["verdict"] == "not measured":
+            lines.append(f"| {t['label']} | {t['goal']} | - | - | - | not measured |")
+            continue
+        per = ", ".join(f"{r['value']:.2f} ({r['variant']})" for r in t["rounds"])
+        lines.append(f"| {t['label']} | {t['goal']} | {per} | {t['median']:.2f} | {t['min']:.2f}-{t['max']:.2f} | "
+                     f"{t['verdict']} |")
+    return lines + [""]
+
+
 def render_markdown(results: Mapping[str, Any]) -> str:
     m, fl = results["machine"], results["floor"]
     bw = fl["bandwidth"]
@@ -129,6 +148,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines += ["Left out when a backend passed its time budget: " + "; ".join(gaps) + ".", ""]
         lines += ["#### Targets", ""] + ([model["targets_note"], ""] if model.get("targets_note") else [])
         lines += targets_lines(model) + [""]
+        lines += rounds_lines(model, grid.get("rounds", 1))
     return "\n".join(lines)
 
 

@@ -103,6 +103,10 @@ def convert_cmd(src: str, out_dir: str, preset: str | None, dtype: str | None, o
 @click.option("--gpt-infill-prob", type=float, default=1.0, show_default=True,
               help="in document ([gMASK]) mode, the share of prefix + [gMASK] + suffix samples; the rest get one "
                    "[gMASK] span inside the text (GLM used 0.5; 1.0 is the bundled model's recipe)")
+@click.option("--position-init", type=click.Choice(["sinusoidal", "normal"]), default="sinusoidal",
+              show_default=True,
+              help="start of both learned position tables: scaled sine/cosine (lets a small model find a [MASK]'s "
+                   "neighbours within a CPU budget) or GLM's N(0, 0.02)")
 @click.option("--heldout-fraction", type=float, default=0.02, show_default=True)
 @click.option("--eval-batches", type=int, default=4, show_default=True)
 @click.option("--eval-every", type=int, default=100, show_default=True)
@@ -331,6 +335,10 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 @click.option("--past", "pasts", multiple=True, type=int, help="past lengths for decode latency; repeat")
 @click.option("--batch", "batches", multiple=True, type=int, help="batch sizes for throughput; repeat")
 @click.option("--threads", type=int, default=None, help="threads per backend [default: 2; --quick: 1]")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="how often the target figures (context 128, decode at past 128, batch 8) are measured, variants "
+                   "in rotated order; the report gives each target's median and range over the rounds "
+                   "[default: 3; --quick: 2]")
 @click.option("--no-plots", "plots", is_flag=True, flag_value=False, default=True, help="skip the PNG plots")
 @click.option("--readme-table", "readme_json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="only print the README's performance table from this results.json")
@@ -357,6 +365,7 @@ def bench_cmd(readme_json: str | None, **kwargs) -> None:
         for value in kwargs[key] or ():
             command += [flag, str(value)]
     command += ["--threads", str(kwargs["threads"]), "--cache-dir", kwargs["cache_dir"]]
+    command += ["--rounds", str(kwargs["rounds"])] if kwargs["rounds"] is not None else []
     command += (["-o", kwargs["out_dir"]] if kwargs["out_dir"] else []) + ([] if kwargs["plots"] else ["--no-plots"])
     try:
         results = run_benchmarks(command=shlex.join(command), **kwargs)

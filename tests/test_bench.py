@@ -150,3 +150,45 @@ def test_quick_run_records_every_read_kernel(quick_run):
     bw = quick_run[1]["floor"]["bandwidth"]
     assert set(bw["read_kernels"]) >= {"numpy_sum_1_thread", "ort_gemv"}
     assert bw["read_bytes_per_s"] == max(bw["read_kernels"].values())
+
+
+def test_quick_run_measures_the_target_figures_in_rotated_rounds(quick_run):
+    out, results, _ = quick_run
+    grid, model = results["grid"], results["models"]["tiny"]
+    assert grid["rounds"] == bench.QUICK_ROUNDS == 1 + len(model["rounds"]) and grid["rounds_model"] == "tiny"
+    want, order = grid["round_figures"], list(bench.QUICK_VARIANTS)  # the full pass runs them in this order
+    for k, one in enumerate(model["rounds"], start=1):
+        assert sorted(one["order"]) == sorted(model["variants"]) and one["order"][0] != order[0]
+        order = one["order"]
+        for v in one["variants"].values():  # a round re-measures exactly the target figures
+            assert [int(c) for c in v["context"]] == want["contexts"] and [int(p) for p in v["decode"]] == want["pasts"]
+    for key, t in model["target_rounds"].items():
+        assert len(t["rounds"]) == grid["rounds"], key
+        assert t["rounds"][0]["value"] == model["targets"][key]["value"]  # round 1 is the full pass
+        assert t["min"] <= t["median"] <= t["max"]
+    # a later round's speed-up is torch's median over the variant's median in that round, not across rounds
+    later = model["rounds"][0]["variants"]
+    past = str(want["pasts"][0])
+    ratio = later["torch-fp32"]["decode"][past]["median"] / later["ort-fp32"]["decode"][past]["median"]
+    assert model["target_rounds"]["decode_speedup"]["rounds"][1]["value"] == pytest.approx(ratio)
+    assert f"Targets over {grid['rounds']} rounds" in (out / "results.md").read_text()
+
+
+def test_rotated_orders_put_each_variant_in_another_slot():
+    names = ["a", "b", "c"]
+    assert bench.rotated(names, 0) == ["a", "b", "c"]
+    assert bench.rotated(names, 1) == ["b", "c", "a"]
+    assert bench.rotated(names, 2) == ["c", "a", "b"]
+    assert bench.rotated(names, 3) == names
+    assert bench.rotated(["a", "b"], 1) == ["b", "a"]
+
+
+def test_round_summary_gives_median_range_and_verdict():
+    def targets(value, met):
+        return {key: {"value": value, "variant": "v", "met": met} for key in bench.TARGETS}
+    summary = bench.summarize_rounds([targets(5.5, True), targets(4.0, False), targets(6.0, True)])
+    s = summary["decode_speedup"]
+    assert (s["median"], s["min"], s["max"], s["met_rounds"]) == (5.5, 4.0, 6.0, 2)
+    assert s["verdict"] == "met in 2 of 3 rounds"
+    assert bench.summarize_rounds([targets(1.4, False)] * 2)["decode_vs_floor"]["verdict"] == "missed in every round"
+    assert bench.summarize_rounds([targets(6.0, True)] * 3)["batch8_speedup"]["verdict"] == "met in every round"

@@ -167,3 +167,61 @@ def test_bundled_metrics_reproduce():
     for key in ("mask_fill_exact_match", "mask_fill_first_word_match", "mask_fill_known_length_match"):
         assert abs(metrics[key] - committed[key]) <= 0.01, key
     assert metrics["unigram_mask_fill_exact_match"] == committed["unigram_mask_fill_exact_match"]
+
+
+def test_sinusoidal_position_table_depends_only_on_the_offset():
+    """dot(E[p], E[p+k]) is the same for every p (sin a sin b + cos a cos b = cos(a - b)): attending to "the token
+    k to the left" is one query/key map at every position. Element RMS is the std asked for (each sin/cos pair
+    has squares summing to 1)."""
+    import torch
+    from glm_export.pretrain import sinusoidal_positions
+    table = sinusoidal_positions(513, 64, 0.02).double()
+    assert table.shape == (513, 64) and float(table.pow(2).mean().sqrt()) == pytest.approx(0.02, rel=1e-6)
+    for k in (1, 3, 40):
+        dots = (table[:-k] * table[k:]).sum(-1)
+        assert torch.allclose(dots, dots[0].expand_as(dots), rtol=1e-5, atol=0), k  # fp32 table
+    near, far = float((table[100] * table[101]).sum()), float((table[100] * table[300]).sum())
+    assert near > far
+
+
+def test_position_init_setting(tiny_config):
+    import torch
+    from glm_export.model import GLMModel
+    from glm_export.pretrain import PretrainSettings, init_positions, sinusoidal_positions
+    torch.manual_seed(0)
+    model = GLMModel(tiny_config)
+    before = model.transformer.position_embeddings.weight.clone()
+    init_positions(model, "normal")  # GLM's own init, untouched
+    assert torch.equal(model.transformer.position_embeddings.weight, before)
+    init_positions(model, "sinusoidal")
+    for table in (model.transformer.position_embeddings, model.transformer.block_position_embeddings):
+        assert torch.equal(table.weight, sinusoidal_positions(*table.weight.shape, 0.02))
+    assert PretrainSettings().position_init == "sinusoidal"
+    with pytest.raises(PretrainError, match="position_init"):
+        PretrainSettings(position_init="rope")
+
+
+def test_heldout_first_token_accuracy_matches_the_full_forward(corpus, tiny_model):
+    """heldout_metrics's first-token accuracy (head on Part B rows only) against GLM's full forward, scored
+    by hand at the rows whose input is sop."""
+    import torch
+    from glm_export.collator import BlockCollator
+    from glm_export.pretrain import (
+        batch_to_tensors, cut_samples, heldout_metrics, read_documents, special_ids, token_stream,
+        train_tokenizer, load_tokenizer,
+    )
+    tok_file = Path(str(corpus)) / ".." / "tok-first.json"
+    train_tokenizer(iter(read_documents(corpus)), 300, tok_file)
+    samples = cut_samples(token_stream(load_tokenizer(tok_file), read_documents(corpus)), 32)
+    rng = np.random.default_rng(1)
+    batches = [batch_to_tensors(BlockCollator(special_ids())(list(samples[:4]), rng)) for _ in range(2)]
+    model = tiny_model.eval()
+    got = heldout_metrics(model, batches)
+    hits = n = 0
+    with torch.no_grad():
+        for b in batches:
+            logits, _ = model(b["input_ids"], b["position_ids"], b["sep"])
+            first = (b["input_ids"] == special_ids().sop) & (b["loss_mask"] == 1)
+            hits += int((logits.argmax(-1) == b["target_ids"])[first].sum())
+            n += int(first.sum())
+    assert n > 0 and got["heldout_first_token_acc"] == pytest.approx(hits / n)

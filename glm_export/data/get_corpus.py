@@ -3,6 +3,10 @@
 In: an output folder. Out: <folder>/python-docs/*.txt (prose paragraphs of the Python 3.11 manual's reST sources),
 <folder>/fortunes/*.txt (fortune collections, one fortune per document, separated by blank lines) and
 <folder>/corpus.json naming the packages and versions. Usage: python glm_export/data/get_corpus.py data/corpus
+
+Both sources are reduced to running prose, so a model of a few million weights spends its capacity on words,
+not on layout: hard-wrapped lines are joined, whitespace runs become one space, fortunes lose their
+"-- Author" attribution lines, and fortunes that are mostly pictures, tables or numbers are dropped.
 """
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ PACKAGES = ("python3.11-doc", "fortunes", "fortunes-min")
 RST_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 FORTUNES = Path("/usr/share/games/fortunes")
 NOT_PROSE = {"ascii-art"}  # fortune files of pictures, not text
+CLEANING = 2  # version of the cleaning rules, recorded in corpus.json
+MIN_WORDS = 5
+MIN_LETTER_SHARE = 0.6  # letters among the non-space characters of a kept fortune
+_ATTRIBUTION = re.compile(r"^\s*--\s*\S")  # "\t\t-- Mark Twain": the attribution that ends a fortune
 
 # inline reST markup -> its text: :role:`!title <target>` -> title, ``code`` -> code, `text <url>`_ -> text
 _ROLE = re.compile(r":[\w:+-]+:`[!~]?([^`<]*?)\s*(?:<[^`>]*>)?`")
@@ -37,6 +45,23 @@ def install_packages() -> None:
                        env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
 
 
+def clean_fortune(text: str) -> str:
+    """One fortune as prose: attribution (the first "-- ..." line after the first line, and all after it)
+    removed, each paragraph's lines joined with single spaces, paragraphs joined by one newline; "" when what
+    is left is too short or mostly not letters (ASCII pictures, tables, lists of numbers)."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines[1:], start=1):
+        if _ATTRIBUTION.match(line):
+            lines = lines[:i]
+            break
+    paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", "\n".join(lines))]
+    prose = "\n".join(p for p in paras if p)
+    chars = re.sub(r"\s", "", prose)
+    if len(prose.split()) < MIN_WORDS or sum(c.isalpha() for c in chars) < MIN_LETTER_SHARE * len(chars):
+        return ""
+    return prose
+
+
 def rst_to_prose(text: str) -> str:
     """Keep the prose paragraphs of a reST file: no code blocks, directives, tables or headings."""
     kept = []
@@ -56,7 +81,7 @@ def rst_to_prose(text: str) -> str:
         prose = _LITERAL.sub(r"\1", prose)
         prose = _EMPH.sub(r"\1", prose)
         prose = re.sub(r"::$", ":", prose)
-        kept.append(prose)
+        kept.append(" ".join(prose.split()))  # "end.  Next" -> "end. Next"
     return "\n".join(kept)
 
 
@@ -74,11 +99,12 @@ def extract(out_dir: Path) -> dict:
     for src in sorted(FORTUNES.iterdir()):
         if src.suffix or src.is_dir() or src.is_symlink() or src.name in NOT_PROSE:
             continue  # skip .dat indexes, .u8 variants and pictures
-        pieces = [p.strip() for p in re.split(r"^%$", src.read_text(encoding="utf-8", errors="replace"), flags=re.M)]
+        pieces = [clean_fortune(p) for p in re.split(r"^%$", src.read_text(encoding="utf-8", errors="replace"),
+                                                     flags=re.M)]
         pieces = [p for p in pieces if p]
         (fort_dir / f"{src.name}.txt").write_text("\n\n".join(pieces) + "\n", encoding="utf-8")
         total += sum(len(p.encode()) for p in pieces)
-    info = {"packages": {p: package_version(p) for p in PACKAGES}, "bytes": total,
+    info = {"packages": {p: package_version(p) for p in PACKAGES}, "bytes": total, "cleaning": CLEANING,
             "documents": "python-docs: one file = one document; fortunes: blank-line separated fortunes"}
     (out_dir / "corpus.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
