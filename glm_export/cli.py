@@ -103,10 +103,11 @@ def convert_cmd(src: str, out_dir: str, preset: str | None, dtype: str | None, o
 @click.option("--gpt-infill-prob", type=float, default=1.0, show_default=True,
               help="in document ([gMASK]) mode, the share of prefix + [gMASK] + suffix samples; the rest get one "
                    "[gMASK] span inside the text (GLM used 0.5; 1.0 is the bundled model's recipe)")
-@click.option("--position-init", type=click.Choice(["sinusoidal", "normal"]), default="sinusoidal",
+@click.option("--position-init", type=click.Choice(["local", "sinusoidal", "normal"]), default="local",
               show_default=True,
-              help="start of both learned position tables: scaled sine/cosine (lets a small model find a [MASK]'s "
-                   "neighbours within a CPU budget) or GLM's N(0, 0.02)")
+              help="how training starts: 'local' = sine/cosine position table plus two layer-0 heads that look at the "
+                   "previous / next token (lets a small model use a [MASK]'s neighbours within a CPU budget); "
+                   "'sinusoidal' = the table only; 'normal' = GLM's N(0, 0.02) init")
 @click.option("--heldout-fraction", type=float, default=0.02, show_default=True)
 @click.option("--eval-batches", type=int, default=4, show_default=True)
 @click.option("--eval-every", type=int, default=100, show_default=True)

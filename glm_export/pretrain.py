@@ -33,7 +33,11 @@ SPECIAL_TOKENS = JSON_SPECIAL_TOKENS
 STATE_FILE = "train_state.pt"
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCE_END_CHARS = ".?!;:\n"  # spec 5, gap-sentence splitting
-POSITION_INITS = ("sinusoidal", "normal")
+POSITION_INITS = ("local", "sinusoidal", "normal")
+TOP_FREQUENCY = 3.0  # rad per position of the fastest sin/cos pair (see sinusoidal_positions)
+LOCAL_HEAD_OFFSETS = (-1, 1)  # layer-0 heads that start looking at the previous / next token
+LOCAL_HEAD_GAIN = 1.7  # neighbour logit ~10 above the rest once token embeddings have grown to POSITION_RMS
+POSITION_RMS = 0.1  # element RMS of the sinusoidal table: about what trained token embeddings grow to
 
 
 class PretrainError(ValueError):
@@ -67,9 +71,9 @@ class PretrainSettings:
     eval_batches: int = 4
     seed: int = 0
     name: str = "glmx-pretrained"
-    # "sinusoidal": both learned position tables start as scaled sine/cosine tables (see sinusoidal_positions);
-    # "normal": GLM's N(0, initializer_range). Only step 0 depends on it, so old states resume unchanged.
-    position_init: str = "sinusoidal"
+    # how the learned position table and layer 0's first heads start (init_positions): "local", "sinusoidal" or
+    # "normal" (GLM's own init). Only step 0 depends on it, so states saved before it existed resume unchanged.
+    position_init: str = "local"
 
     def __post_init__(self) -> None:
         if self.position_init not in POSITION_INITS:
@@ -160,31 +164,66 @@ def padded_vocab(tokenizer_size: int) -> int:
 
 # ---------------------------------------------------------------- training pieces
 
-def sinusoidal_positions(rows: int, hidden: int, std: float) -> torch.Tensor:
-    """A (rows, hidden) sine/cosine table (Transformer-style frequencies) scaled to element RMS `std`.
-
-    Why: the first token of a span must find its [MASK]'s neighbours through learned absolute positions. From
-    GLM's N(0, 0.02) init a 4-layer model trained for a few thousand CPU steps never learns that (neighbouring
-    rows of its tables stayed as dissimilar as distant ones, and first-token accuracy stayed at the unigram
-    level). In a sinusoidal table the offset p -> p+k is one linear map for every p, so attention to a
-    neighbour is learnable from step 0. The tables stay ordinary learned weights; the architecture is GLM's.
-    """
+def sinusoidal_positions(rows: int, hidden: int, std: float, top_frequency: float = TOP_FREQUENCY) -> torch.Tensor:
+    """A (rows, hidden) table: columns 2i, 2i+1 = sin, cos of p * w_i, w_i = top_frequency * 10000^(-2i/hidden),
+    scaled to element RMS `std`. dot(row p, row p+k) depends on k only, so "the token k to the left" is one linear
+    map at every position. top_frequency near pi (not the Transformer's 1) tells neighbours apart sharply."""
     pos = torch.arange(rows, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    freq = top_frequency * torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
     table = torch.zeros(rows, hidden, dtype=torch.float64)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: hidden // 2])
-    return (table * (std * math.sqrt(2.0))).float()  # sin and cos have RMS 1/sqrt(2)
+    return (table * (std * math.sqrt(2.0))).float()  # each sin/cos pair has squares summing to 1
+
+
+def local_head_weights(hidden: int, head_dim: int, offset: int, gain: float = LOCAL_HEAD_GAIN,
+                       top_frequency: float = TOP_FREQUENCY) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_q, W_k), each (head_dim, hidden), of a head whose query at position p scores keys by
+    sum_i cos(w_i (p + offset - p')) over the head_dim / 2 highest frequencies of sinusoidal_positions: the
+    key at p' = p + offset wins. W_q reads the sin/cos columns as they are; W_k rotates each pair by -offset."""
+    pairs = head_dim // 2
+    freq = top_frequency * torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    wq = torch.zeros(head_dim, hidden, dtype=torch.float64)
+    wk = torch.zeros(head_dim, hidden, dtype=torch.float64)
+    for m in range(pairs):
+        c, s_ = math.cos(freq[m] * offset), math.sin(freq[m] * offset)
+        wq[2 * m, 2 * m] = wq[2 * m + 1, 2 * m + 1] = gain
+        # key pair (sin w p', cos w p') -> (sin w (p' - offset), cos w (p' - offset))
+        wk[2 * m, 2 * m], wk[2 * m, 2 * m + 1] = gain * c, -gain * s_
+        wk[2 * m + 1, 2 * m], wk[2 * m + 1, 2 * m + 1] = gain * s_, gain * c
+    return wq.float(), wk.float()
 
 
 @torch.no_grad()
 def init_positions(model: GLMModel, how: str) -> None:
-    """Re-initialise both position tables (see PretrainSettings.position_init); "normal" keeps GLM's init."""
+    """Re-initialise for PretrainSettings.position_init: "normal" keeps GLM's init; "sinusoidal" starts the
+    position table (not the block-position table, which stays N(0, 0.02)) as sinusoidal_positions; "local" also
+    makes layer 0's first LOCAL_HEAD_OFFSETS heads look at the token before / after their own position
+    (local_head_weights). Their values, and everything else, keep GLM's random init.
+
+    Why: the first token of a span is predicted from sop alone, so only its [MASK]'s neighbours in Part A can
+    tell it; reaching them needs attention by relative position, built from learned absolute tables. From
+    GLM's init a 4-layer model trained for a few thousand CPU steps never found them: its Part A attention put
+    no more weight on neighbours than on any other token, first-token accuracy stayed at the unigram level and
+    changing a [MASK]'s neighbour moved the first-token distribution no more than changing a token 40 away.
+    Started at N(0, 0.02) beside token embeddings that grow to ~0.1 (tied to the head), the position signal
+    fades after the input LayerNorm and positional attention logits with it (they go with its square): with
+    an 0.02 sinusoidal table the local heads were gone within 200 steps. Hence POSITION_RMS.
+    """
     if how == "normal":
         return
-    for table in (model.transformer.position_embeddings, model.transformer.block_position_embeddings):
-        rows, hidden = table.weight.shape
-        table.weight.copy_(sinusoidal_positions(rows, hidden, 0.02))  # 0.02: GLM's init std (spec 1.4)
+    table = model.transformer.position_embeddings
+    table.weight.copy_(sinusoidal_positions(*table.weight.shape, POSITION_RMS))
+    if how != "local":
+        return
+    h, d = model.config.hidden_size, model.config.head_dim
+    qkv = model.transformer.layers[0].attention.query_key_value
+    for head, offset in enumerate(LOCAL_HEAD_OFFSETS[: model.config.num_attention_heads]):
+        wq, wk = local_head_weights(h, d, offset)
+        qkv.weight[head * d:(head + 1) * d] = wq  # rows [all Q; all K; all V], head-major (spec 1.3)
+        qkv.weight[h + head * d:h + (head + 1) * d] = wk
+        qkv.bias[head * d:(head + 1) * d] = 0.0
+        qkv.bias[h + head * d:h + (head + 1) * d] = 0.0
 
 
 def blank_infilling_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """glmx pretrain / evaluate on a tiny synthetic corpus: the loss falls, resuming is bitwise exact, errors are clear."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -187,18 +188,62 @@ def test_sinusoidal_position_table_depends_only_on_the_offset():
 def test_position_init_setting(tiny_config):
     import torch
     from glm_export.model import GLMModel
-    from glm_export.pretrain import PretrainSettings, init_positions, sinusoidal_positions
+    from glm_export.pretrain import POSITION_RMS, PretrainSettings, init_positions, sinusoidal_positions
     torch.manual_seed(0)
     model = GLMModel(tiny_config)
-    before = model.transformer.position_embeddings.weight.clone()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     init_positions(model, "normal")  # GLM's own init, untouched
-    assert torch.equal(model.transformer.position_embeddings.weight, before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     init_positions(model, "sinusoidal")
-    for table in (model.transformer.position_embeddings, model.transformer.block_position_embeddings):
-        assert torch.equal(table.weight, sinusoidal_positions(*table.weight.shape, 0.02))
-    assert PretrainSettings().position_init == "sinusoidal"
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"transformer.position_embeddings.weight"}
+    assert torch.equal(model.transformer.position_embeddings.weight,
+                       sinusoidal_positions(*model.transformer.position_embeddings.weight.shape, POSITION_RMS))
+    init_positions(model, "local")  # + layer 0's query/key rows
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"transformer.position_embeddings.weight", "transformer.layers.0.attention.query_key_value.weight"}
+    assert PretrainSettings().position_init == "local"
     with pytest.raises(PretrainError, match="position_init"):
         PretrainSettings(position_init="rope")
+
+
+def test_local_heads_attend_to_the_previous_and_next_position():
+    """local_head_weights on the bare sinusoidal table: for every query position the best-scoring key is the one
+    at the head's offset (the margin is what makes it survive the token embeddings added at init)."""
+    import torch
+    from glm_export.pretrain import local_head_weights, sinusoidal_positions
+    table = sinusoidal_positions(300, 64, 1.0)
+    for offset in (-1, 1):
+        wq, wk = local_head_weights(64, 16, offset, gain=1.0)
+        scores = (table @ wq.T) @ (table @ wk.T).T  # (query p, key p')
+        best = scores[5:295].argmax(-1)
+        assert torch.equal(best, torch.arange(5, 295) + offset), offset
+
+
+def test_local_init_makes_part_a_attention_local(tiny_config):
+    """After init_positions("local"), layer 0's head 0 gives a Part A token more weight on the token before it
+    than a uniform head would by an order of magnitude; head 1 the same for the token after it."""
+    import torch
+    import glm_export.model as glm_model
+    from glm_export.model import GLMModel
+    from glm_export.pretrain import init_positions
+    cfg = dataclasses.replace(tiny_config, hidden_size=128, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = GLMModel(cfg).eval()
+    init_positions(model, "local")
+    T = cfg.max_sequence_length
+    ids = torch.randint(10, cfg.vocab_size, (1, T))
+    positions = torch.stack([torch.arange(T), torch.zeros(T, dtype=torch.long)]).unsqueeze(0)
+    seen, softmax = [], torch.softmax
+    glm_model.torch.softmax = lambda x, dim=-1: seen.append(softmax(x, dim=dim)) or seen[-1]
+    try:
+        with torch.no_grad():
+            model(ids, positions, T)  # all of it Part A (bidirectional)
+    finally:
+        glm_model.torch.softmax = softmax
+    probs, i = seen[0][0], torch.arange(1, T - 1)
+    assert float(probs[0][i, i - 1].mean()) > 10 / T and float(probs[1][i, i + 1].mean()) > 10 / T
+    assert float(probs[2][i, i - 1].mean()) < 3 / T  # an ordinary head is not local
 
 
 def test_heldout_first_token_accuracy_matches_the_full_forward(corpus, tiny_model):
