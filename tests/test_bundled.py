@@ -67,7 +67,10 @@ def test_committed_metrics_name_the_bundled_checkpoint():
     for key in ("mask_fill_exact_match", "mask_fill_first_word_match", "mask_fill_known_length_match",
                 "unigram_mask_fill_exact_match"):
         assert 0.0 <= metrics[key] <= 1.0, key  # a rate (0 is a real figure: see README)
-    assert metrics["training_command"].startswith("glmx pretrain ") and metrics["steps"] == 3500
+    pretraining = load_manifest(BUNDLED_CHECKPOINT).extra["pretraining"]
+    assert metrics["training_command"] == pretraining["command"] and metrics["training_command"].startswith("glmx ")
+    assert metrics["steps"] == pretraining["steps_done"] == pretraining["settings"]["steps"]  # a finished run
+    assert f"--steps {metrics['steps']} " in metrics["training_command"]
 
 
 def test_torch_backend_finds_the_parent_checkpoint_of_the_bundled_export():

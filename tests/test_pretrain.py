@@ -100,8 +100,13 @@ def test_export_then_evaluate_writes_metrics_beside_the_baseline(corpus, tmp_pat
     assert metrics["mask_fill_examples_scored"] == 20 and 0.0 <= metrics["mask_fill_exact_match"] <= 1.0
     assert metrics["unigram_word"] == "the" or metrics["unigram_word"] in WORDS
     assert all("[MASK]" in ex["prompt"] for ex in metrics["examples"])
-    for key in ("mask_fill_first_word_match", "mask_fill_known_length_match"):
+    for key in ("mask_fill_first_word_match", "mask_fill_known_length_match", "part_b_first_token_acc",
+                "unigram_part_b_first_token_acc"):
         assert 0.0 <= metrics[key] <= 1.0
+    assert 0 < metrics["part_b_first_tokens"] < metrics["part_b_tokens"]
+    # the baseline's guess is the most frequent first token of training spans, so on held-out spans it must
+    # score above zero on this small-vocabulary corpus
+    assert metrics["unigram_part_b_first_token_acc"] > 0 and isinstance(metrics["unigram_first_token"], str)
     _known_length_equals_the_cached_loop(out, corpus)
 
 
