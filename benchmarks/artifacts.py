@@ -132,8 +132,8 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
         else:
             from glm_export.quantize import quantize_onnx
             scheme, _, extra = how.partition("+")
-            # the speed variants keep only what every scheme keeps (int8-dynamic's CLI default also keeps the
-            # last layer fp32, 1/24 of GLM-Large's weights: benchmarks/results/quantization_bundled.json)
+            # the speed variants keep only what every scheme keeps (the int8 schemes' CLI default also keeps the
+            # first layer fp32, 1/24 of GLM-Large's weights: benchmarks/results/quantization_bundled.json)
             keep = ("embedding",) if extra == "head" else ("embedding", "head")
             # random weights miss any budget by construction; the loss is recorded in the manifest, not refused
             quantize_onnx(parent, folder, scheme=scheme, keep_fp32=keep, accept_loss=True, overwrite=True)

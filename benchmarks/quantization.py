@@ -25,11 +25,15 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quantization_bundled.json"
 COMMANDS = [
     ("fp16", "quantize $MODEL -o $OUT/fp16 --scheme fp16"),
     ("int8-dynamic", "quantize $MODEL -o $OUT/int8-dynamic --scheme int8-dynamic"),
-    ("int8-dynamic, last layer int8 too", "quantize $MODEL -o $OUT/int8-dynamic-all-layers --scheme int8-dynamic "
-                                          "--keep-fp32 embedding --keep-fp32 head"),
-    ("int8-dynamic-head", "quantize $MODEL -o $OUT/int8-dynamic-head --scheme int8-dynamic --keep-fp32 embedding"),
+    ("int8-dynamic, first layer int8 too", "quantize $MODEL -o $OUT/int8-dynamic-all-layers --scheme int8-dynamic "
+                                           "--keep-fp32 embedding --keep-fp32 head"),
+    ("int8-dynamic-head", "quantize $MODEL -o $OUT/int8-dynamic-head --scheme int8-dynamic --keep-fp32 embedding "
+                          "--keep-fp32 first-layer"),
     ("qdq-int8", "quantize $MODEL -o $OUT/qdq-int8 --scheme qdq-int8"),
-    ("qdq-int8-head", "quantize $MODEL -o $OUT/qdq-int8-head --scheme qdq-int8 --keep-fp32 embedding"),
+    ("qdq-int8, first layer int8 too", "quantize $MODEL -o $OUT/qdq-int8-all-layers --scheme qdq-int8 "
+                                       "--keep-fp32 embedding --keep-fp32 head"),
+    ("qdq-int8-head", "quantize $MODEL -o $OUT/qdq-int8-head --scheme qdq-int8 --keep-fp32 embedding "
+                      "--keep-fp32 first-layer"),
     ("int4-weight", "quantize $MODEL -o $OUT/int4-weight --scheme int4-weight"),
     ("int4-weight-head", "quantize $MODEL -o $OUT/int4-weight-head --scheme int4-weight --keep-fp32 embedding"),
     ("optimized", "optimize $MODEL -o $OUT/optimized"),

@@ -302,7 +302,7 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="int4-weight: MatMulNBits level")
 @click.option("--keep-fp32", multiple=True, default=None,
               help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
-                   "option [default: embedding, head; int8-dynamic also last-layer]")
+                   "option [default: embedding, head; int8-dynamic and qdq-int8 also first-layer]")
 @click.option("--accept-loss", is_flag=True, help="write the artifact even if it misses its accuracy budget")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:

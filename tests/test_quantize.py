@@ -105,7 +105,7 @@ def test_qdq_is_symmetric_per_channel_and_spares_attention(children):
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    assert len(weight_dq) == 8  # qkv, dense, h->4h, 4h->h in each of 2 layers
+    assert len(weight_dq) == 4  # qkv, dense, h->4h, 4h->h of layer 1 (the default keeps layer 0 fp32)
     for n in weight_dq:
         assert inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1  # per-channel scales
     for n in model.graph.node:
@@ -153,12 +153,12 @@ def test_layer_roles_keep_exactly_that_layers_weight_matmuls(parent, children):
         extra = set(excluded_nodes(model, ("embedding", "head", role))) - base
         assert extra == {f"/transformer.layers.{index}.{w}/MatMul" for w in (
             "attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")}
-    # int8-dynamic's default keeps the last layer: its four weight MatMuls are still plain fp32 MatMuls
+    # int8-dynamic's default keeps the first layer: its four weight MatMuls are still plain fp32 MatMuls
     m = load_manifest(children["int8-dynamic"])
-    assert m.extra["quantization"]["keep_fp32"] == ["embedding", "head", "last-layer"]
+    assert m.extra["quantization"]["keep_fp32"] == ["embedding", "head", "first-layer"]
     nodes = {n.name: n.op_type for n in onnx.load(children["int8-dynamic"] / "model.onnx").graph.node}
-    assert nodes[f"/transformer.layers.{last}.mlp.dense_4h_to_h/MatMul"] == "MatMul"
-    assert nodes.get("/transformer.layers.0.mlp.dense_4h_to_h/MatMul") != "MatMul"
+    assert nodes["/transformer.layers.0.mlp.dense_4h_to_h/MatMul"] == "MatMul"
+    assert nodes.get(f"/transformer.layers.{last}.mlp.dense_4h_to_h/MatMul") != "MatMul"  # quantized, renamed
 
 
 def test_measure_accuracy_self_is_exact(parent):
