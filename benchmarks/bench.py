@@ -215,13 +215,13 @@ def run_target_rounds(entry: dict[str, Any], model: Mapping[str, Any], rounds: i
         return
     for k in range(1, rounds):
         figures: dict[str, Any] = {}
-        for name in rotated(names, k):
+        order = rotated(names, k)
+        for name in order:
             say(f"bench: {model['name']} round {k + 1}/{rounds}: {name}")
             v = entry["variants"][name]
-            spec = {"backend": v["backend"], "folder": v["folder"], "threads": threads, **grid,
-                    "batch_past": grid["pasts"][0], "budget": budget, "progress": progress,
-                    "first_context": grid["contexts"][0], "deadline_s": budget["variant_s"]}
-            result = run_worker(spec)
+            result = run_worker(worker_spec(v["backend"], v["folder"], grid["contexts"], grid["pasts"],
+                                            grid["batches"], grid["pasts"][0], budget, threads, progress,
+                                            first_context=grid["contexts"][0]))
             if "error" in result:
                 say(f"bench: {model['name']} round {k + 1} {name} failed: {result['error']}")
                 continue
@@ -229,7 +229,7 @@ def run_target_rounds(entry: dict[str, Any], model: Mapping[str, Any], rounds: i
         one = round_entry(entry, figures)
         add_comparisons(one, bandwidth, matmul_rate)
         per_round.append(evaluate_targets(one, grid))
-        entry["rounds"].append({"order": rotated(names, k), "variants": one["variants"]})
+        entry["rounds"].append({"order": order, "variants": one["variants"]})
     entry["target_rounds"] = summarize_rounds(per_round)
 
 
@@ -393,6 +393,14 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
     return results
 
 
+def worker_spec(backend: str, folder: str | Path, contexts, pasts, batches, batch_past: int, budget, threads: int,
+                progress: bool, first_context: int = TARGET_CONTEXT) -> dict[str, Any]:
+    """The JSON spec benchmarks.worker measures: one backend on one folder over the given grid."""
+    return {"backend": backend, "folder": str(folder), "threads": threads, "contexts": list(contexts),
+            "pasts": list(pasts), "batches": list(batches), "batch_past": batch_past, "budget": budget,
+            "progress": progress, "first_context": first_context, "deadline_s": budget["variant_s"]}
+
+
 def _measure_variant(model, variant, fp32_bytes, contexts, pasts, batches, batch_past, budget, threads, progress,
                      say) -> dict[str, Any]:
     try:
@@ -400,10 +408,8 @@ def _measure_variant(model, variant, fp32_bytes, contexts, pasts, batches, batch
     except artifacts.SkipVariant as exc:
         say(f"bench: {model['name']} {variant} skipped: {exc}")
         return {"skipped": str(exc)}
-    spec = {"backend": backend, "folder": str(folder), "threads": threads, "contexts": contexts, "pasts": pasts,
-            "batches": batches, "batch_past": batch_past, "budget": budget, "progress": progress,
-            "first_context": TARGET_CONTEXT, "deadline_s": budget["variant_s"]}
-    result = run_worker(spec)
+    result = run_worker(worker_spec(backend, folder, contexts, pasts, batches, batch_past, budget, threads,
+                                    progress))
     if "error" in result:
         say(f"bench: {model['name']} {variant} failed: {result['error']}")
         return result

@@ -19,7 +19,7 @@ import torch
 
 from glm_export.collator import BlockCollator, CollatorConfig
 from glm_export.pretrain import (
-    PretrainSettings, blank_infilling_loss, cut_samples, eval_batches, load_tokenizer, read_documents,
+    PretrainSettings, cut_samples, eval_batches, heldout_metrics, load_tokenizer, read_documents,
     special_ids, split_documents, token_stream,
 )
 from glm_runtime.manifest import atomic_write_json
@@ -42,47 +42,42 @@ def _settings(manifest) -> PretrainSettings:
     return PretrainSettings(**info["settings"])
 
 
-def unigram_part_b_counts(collator: BlockCollator, train: np.ndarray, s: PretrainSettings, vocab: int,
-                          first_only: bool = False) -> np.ndarray:
-    """Frequencies of Part B targets (span tokens and eop) over bert-mode training batches, add-one smoothed;
-    first_only: of each span's first token only (the one predicted from sop)."""
+def unigram_part_b_counts(collator: BlockCollator, train: np.ndarray, s: PretrainSettings,
+                          vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frequencies, add-one smoothed, over bert-mode training batches: of all Part B targets (span tokens and
+    eop), and of each span's first token only (the one predicted from sop)."""
     rng = np.random.default_rng([s.seed, 5])
-    counts = np.ones(vocab, dtype=np.float64)
+    counts, first_counts = np.ones(vocab, dtype=np.float64), np.ones(vocab, dtype=np.float64)
     sop = special_ids().sop
     for _ in range(UNIGRAM_TRAIN_BATCHES):
         idx = rng.choice(len(train), size=s.batch_size, replace=False)
         batch = collator(list(train[idx]), rng, mode="bert")
-        rows = (batch["loss_mask"] == 1) & ((batch["input_ids"] == sop) if first_only else True)
+        rows = batch["loss_mask"] == 1
         np.add.at(counts, batch["target_ids"][rows], 1)
-    return counts
+        np.add.at(first_counts, batch["target_ids"][rows & (batch["input_ids"] == sop)], 1)
+    return counts, first_counts
 
 
 @torch.no_grad()
 def part_b_perplexity(model, batches: list[dict[str, torch.Tensor]], unigram: np.ndarray,
-                      first_token_guess: int | None = None) -> dict[str, float]:
-    """Token-weighted Part B cross entropy of the model and of the unigram distribution on the same targets.
-    With first_token_guess: also the top-1 accuracy on each span's first token (predicted from sop, so only the
-    [MASK]'s surroundings can inform it), beside always guessing first_token_guess."""
+                      first_token_guess: int) -> dict[str, float]:
+    """Held-out Part B perplexity and span first-token accuracy (pretrain.heldout_metrics, as logged during
+    training), each beside its baseline on the same targets: the unigram distribution, and always guessing
+    first_token_guess."""
+    figures = heldout_metrics(model, batches)
     logp_unigram = np.log(unigram / unigram.sum())
-    total, total_uni, n, first_hits, first_uni, firsts = 0.0, 0.0, 0, 0, 0, 0
+    total_uni, n, first_uni, firsts = 0.0, 0, 0, 0
     sop = special_ids().sop
     for batch in batches:
-        logits, _ = model(batch["input_ids"], batch["position_ids"], batch["sep"])
-        k = int(batch["loss_mask"].sum())
-        total += float(blank_infilling_loss(logits, batch["target_ids"], batch["loss_mask"])) * k
-        targets = batch["target_ids"][batch["loss_mask"] == 1].numpy()
-        total_uni -= float(logp_unigram[targets].sum())
-        n += k
-        first = (batch["input_ids"] == sop) & (batch["loss_mask"] == 1)
-        first_hits += int((logits.argmax(-1) == batch["target_ids"])[first].sum())
-        first_uni += int((batch["target_ids"][first] == first_token_guess).sum())
+        rows = batch["loss_mask"] == 1
+        targets, first = batch["target_ids"][rows], batch["input_ids"][rows] == sop
+        total_uni -= float(logp_unigram[targets.numpy()].sum())
+        n += len(targets)
+        first_uni += int((targets[first] == first_token_guess).sum())
         firsts += int(first.sum())
-    out = {"heldout_part_b_ppl": math.exp(total / n), "unigram_part_b_ppl": math.exp(total_uni / n),
-           "part_b_tokens": n}
-    if first_token_guess is not None:
-        out.update(part_b_first_token_acc=first_hits / firsts, unigram_part_b_first_token_acc=first_uni / firsts,
-                   part_b_first_tokens=firsts)
-    return out
+    return {"heldout_part_b_ppl": math.exp(figures["heldout_loss"]), "unigram_part_b_ppl": math.exp(total_uni / n),
+            "part_b_tokens": n, "part_b_first_token_acc": figures["heldout_first_token_acc"],
+            "unigram_part_b_first_token_acc": first_uni / firsts, "part_b_first_tokens": firsts}
 
 
 def single_word_blanks(docs: list[str], n: int, seed: int) -> list[tuple[str, str, str]]:
@@ -166,9 +161,9 @@ def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str |
     collator = BlockCollator(special_ids(), CollatorConfig())
 
     batches = eval_batches(collator, held, s.batch_size, ppl_batches, s.seed)
-    unigram = unigram_part_b_counts(collator, train, s, tok.get_vocab_size())
+    unigram, first_counts = unigram_part_b_counts(collator, train, s, tok.get_vocab_size())
     metrics: dict[str, Any] = {"checkpoint": loaded.config.name}
-    first_guess = int(unigram_part_b_counts(collator, train, s, tok.get_vocab_size(), first_only=True).argmax())
+    first_guess = int(first_counts.argmax())
     metrics.update(part_b_perplexity(model, batches, np.pad(unigram, (0, loaded.config.vocab_size - len(unigram)),
                                                                constant_values=1.0), first_guess))
     metrics["unigram_first_token"] = tok.decode([first_guess])

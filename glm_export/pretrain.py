@@ -164,12 +164,17 @@ def padded_vocab(tokenizer_size: int) -> int:
 
 # ---------------------------------------------------------------- training pieces
 
+def _frequencies(hidden: int, top_frequency: float) -> torch.Tensor:
+    """w_i = top_frequency * 10000^(-2i/hidden), i = 0 .. hidden/2 - 1 (float64)."""
+    return top_frequency * torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+
+
 def sinusoidal_positions(rows: int, hidden: int, std: float, top_frequency: float = TOP_FREQUENCY) -> torch.Tensor:
     """A (rows, hidden) table: columns 2i, 2i+1 = sin, cos of p * w_i, w_i = top_frequency * 10000^(-2i/hidden),
     scaled to element RMS `std`. dot(row p, row p+k) depends on k only, so "the token k to the left" is one linear
     map at every position. top_frequency near pi (not the Transformer's 1) tells neighbours apart sharply."""
     pos = torch.arange(rows, dtype=torch.float64)[:, None]
-    freq = top_frequency * torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    freq = _frequencies(hidden, top_frequency)
     table = torch.zeros(rows, hidden, dtype=torch.float64)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: hidden // 2])
@@ -182,7 +187,7 @@ def local_head_weights(hidden: int, head_dim: int, offset: int, gain: float = LO
     sum_i cos(w_i (p + offset - p')) over the head_dim / 2 highest frequencies of sinusoidal_positions: the
     key at p' = p + offset wins. W_q reads the sin/cos columns as they are; W_k rotates each pair by -offset."""
     pairs = head_dim // 2
-    freq = top_frequency * torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    freq = _frequencies(hidden, top_frequency)
     wq = torch.zeros(head_dim, hidden, dtype=torch.float64)
     wk = torch.zeros(head_dim, hidden, dtype=torch.float64)
     for m in range(pairs):
@@ -226,26 +231,23 @@ def init_positions(model: GLMModel, how: str) -> None:
         qkv.bias[h + head * d:h + (head + 1) * d] = 0.0
 
 
-def blank_infilling_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean fp32 cross entropy over Part B tokens; logit i predicts target i (no shift, spec 5 and 9.9)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*T,)
-    mask = loss_mask.flatten().float()
-    return (ce * mask).sum() / mask.sum()
-
-
 def batch_to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in batch.items() if k != "mode"}
 
 
-def model_loss(model: GLMModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """blank_infilling_loss, with the head applied to the Part B rows only (about a fifth of the tokens).
-
-    The tied head and the fp32 softmax over V dominate a small model's step; rows without loss need neither.
-    """
+def part_b_logits(model: GLMModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of the Part B rows only, the head applied to those rows alone (about a fifth of the
+    tokens): the tied head and the fp32 softmax over V dominate a small model's step; other rows need neither."""
     x, _ = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["sep"])  # sep [B]: Part A lengths
     rows = batch["loss_mask"].bool()
-    logits = model.lm_head(x[rows])  # (n_loss_tokens, V)
-    return F.cross_entropy(logits.float(), batch["target_ids"][rows])
+    return model.lm_head(x[rows]), batch["target_ids"][rows]  # (n_loss_tokens, V), (n_loss_tokens,)
+
+
+def model_loss(model: GLMModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean fp32 cross entropy over the Part B rows (part_b_logits); logit i predicts target i, with no shift
+    (spec 5 and 9.9)."""
+    logits, targets = part_b_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def lr_factor(step: int, s: PretrainSettings) -> float:
@@ -294,27 +296,19 @@ def eval_batches(collator: BlockCollator, heldout: np.ndarray, batch_size: int, 
 
 
 @torch.no_grad()
-def heldout_loss(model: GLMModel, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Token-weighted mean Part B loss over the batches (eval mode, no dropout)."""
-    return heldout_metrics(model, batches)["heldout_loss"]
-
-
-@torch.no_grad()
 def heldout_metrics(model: GLMModel, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Part B loss (token-weighted) and the top-1 accuracy of each span's FIRST token (the one predicted from
-    sop alone, so only the [MASK]'s surroundings can tell it), in eval mode."""
+    """Token-weighted mean Part B loss and the top-1 accuracy of each span's FIRST token (the one predicted from
+    sop alone, so only the [MASK]'s surroundings can tell it), in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
     total, count, first_hits, firsts = 0.0, 0, 0, 0
     sop = special_ids().sop
     for batch in batches:
-        x, _ = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["sep"])
-        rows = batch["loss_mask"].bool()
-        logits = model.lm_head(x[rows]).float()
-        targets = batch["target_ids"][rows]
+        logits, targets = part_b_logits(model, batch)
+        logits = logits.float()
         total += float(F.cross_entropy(logits, targets, reduction="sum"))
-        count += int(rows.sum())
-        first = batch["input_ids"][rows] == sop
+        count += len(targets)
+        first = batch["input_ids"][batch["loss_mask"].bool()] == sop
         first_hits += int((logits.argmax(-1) == targets)[first].sum())
         firsts += int(first.sum())
     model.train(was_training)

@@ -28,14 +28,13 @@ DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 # Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
 # "head": the tied output head. Keeping the head fp32 is the default: see BUDGETS and the measured figures.
 KEEP_FP32 = ("embedding", "head", "first-layer", "last-layer")  # roles; node names may be given too
-# What stays fp32 unless the caller says otherwise. The embedding is a Gather (never quantized) and the tied
-# head is the most sensitive matrix (quantizing it cost the bundled model 2-3 points of top-1). int8-dynamic
-# also keeps the last layer: its per-call activation scales cost 0.4 points of top-1 there (0.986 -> 0.990 on
-# the bundled model); on a 24-layer model that is 1/24 of the weights.
 LAYER_NODE = re.compile(r"/transformer\.layers\.(\d+)\.")
-# int8 activation schemes keep layer 0 fp32: in the bundled model (trained with pretrain's "local" position init)
-# it holds the neighbour-attention heads on a large sinusoidal table, and per-tensor int8 activations there cost
-# 2-3 points of top-1 (0.964 -> 0.995 int8-dynamic, 0.973 -> 0.998 qdq-int8; benchmarks/quantization.py)
+# What stays fp32 unless the caller says otherwise. The embedding is a Gather (never quantized) and the tied
+# head is the most sensitive matrix (quantizing it cost the bundled model 1-3 points of top-1). The int8
+# activation schemes also keep layer 0: in the bundled model (trained with pretrain's "local" position init) it
+# holds the neighbour-attention heads on a large sinusoidal table, and per-tensor int8 activations there cost
+# 2-3 points of top-1 (0.964 -> 0.995 int8-dynamic, 0.973 -> 0.998 qdq-int8; benchmarks/quantization.py); on a
+# 24-layer model that is 1/24 of the weights.
 DEFAULT_KEEP_FP32 = {"int8-dynamic": ("embedding", "head", "first-layer"),
                      "qdq-int8": ("embedding", "head", "first-layer")}
 MIN_CALIBRATION_TOKENS = 256  # fewer real tokens than this gives scales from a handful of activations

@@ -170,9 +170,11 @@ def test_bundled_metrics_reproduce():
     metrics = evaluate(BUNDLED / "glmx-small", corpus_dir, fill_examples=committed["mask_fill_examples_scored"])
     for key in ("heldout_part_b_ppl", "unigram_part_b_ppl"):
         assert metrics[key] == pytest.approx(committed[key], rel=1e-3), key
-    for key in ("mask_fill_exact_match", "mask_fill_first_word_match", "mask_fill_known_length_match"):
+    for key in ("mask_fill_exact_match", "mask_fill_first_word_match", "mask_fill_known_length_match",
+                "part_b_first_token_acc"):
         assert abs(metrics[key] - committed[key]) <= 0.01, key
-    assert metrics["unigram_mask_fill_exact_match"] == committed["unigram_mask_fill_exact_match"]
+    for key in ("unigram_mask_fill_exact_match", "unigram_part_b_first_token_acc", "unigram_first_token"):
+        assert metrics[key] == committed[key], key
 
 
 def test_sinusoidal_position_table_depends_only_on_the_offset():
