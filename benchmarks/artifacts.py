@@ -118,7 +118,9 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
         parent_how, how = how.split("/", 1)
         parent = prepare_variant(model, next(v for v, (_, h) in VARIANTS.items() if h == parent_how), log)[1]
     folder = model["root"] / f"onnx-{'' if parent == fp32 else parent.name[5:] + '-'}{how.replace('+', '-')}"
-    if _ready(folder):
+    scheme, _, extra = how.partition("+")
+    keep = None if how == "optimized" else keep_fp32(scheme, head=extra == "head")
+    if _ready(folder) and (keep is None or _recorded_keep(folder) == list(keep)):
         return backend, folder
     needs_tokenizer = (fp32 / "tokenizer.json").is_file()
     if not needs_tokenizer:
@@ -131,10 +133,6 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
             optimize_onnx(fp32, folder, overwrite=True)  # the default level: glmx's fusions
         else:
             from glm_export.quantize import quantize_onnx
-            scheme, _, extra = how.partition("+")
-            # the speed variants keep only what every scheme keeps (the int8 schemes' CLI default also keeps the
-            # first layer fp32, 1/24 of GLM-Large's weights: benchmarks/results/quantization_bundled.json)
-            keep = ("embedding",) if extra == "head" else ("embedding", "head")
             # random weights miss any budget by construction; the loss is recorded in the manifest, not refused
             quantize_onnx(parent, folder, scheme=scheme, keep_fp32=keep, accept_loss=True, overwrite=True)
     except ImportError as exc:
@@ -142,6 +140,20 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
     except Exception as exc:  # noqa: BLE001 - a stage still being finished: skip this variant, keep the run
         raise SkipVariant(f"{variant}: building it failed: {type(exc).__name__}: {str(exc)[:300]}") from None
     return backend, folder
+
+
+def keep_fp32(scheme: str, head: bool = False) -> tuple[str, ...]:
+    """What a variant leaves fp32: the scheme's `glmx quantize` default (the recipe whose accuracy the bundled
+    model's manifest states), less the tied head for the "+head" variants."""
+    from glm_export.quantize import DEFAULT_KEEP_FP32
+    keep = DEFAULT_KEEP_FP32.get(scheme, ("embedding", "head"))
+    return tuple(k for k in keep if not (head and k == "head"))
+
+
+def _recorded_keep(folder: Path) -> list[str] | None:
+    """The keep_fp32 a cached quantized folder was made with (a folder from an older recipe is rebuilt)."""
+    from glm_runtime.manifest import load_manifest
+    return (load_manifest(folder, verify=False).extra.get("quantization") or {}).get("keep_fp32")
 
 
 def accuracy_figures(folder: Path) -> dict[str, Any]:

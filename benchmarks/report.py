@@ -80,6 +80,17 @@ def _detail(title: str, model: Mapping[str, Any], section: str, keys: list, unit
     return lines + [""]
 
 
+def budget_lines(model: Mapping[str, Any]) -> list[str]:
+    """Which variants the targets count: those whose recipe keeps the bundled model within its budget."""
+    status = model.get("budget_status")
+    if not status:
+        return []
+    out = [f"- {name}: {'counted' if s['within_budget'] else 'not counted'} ({s['why']})"
+           for name, s in sorted(status.items(), key=lambda kv: _order(kv[0])) if name != "torch-fp32"]
+    return ["Paths the targets count: the bundled model's artifact of the same recipe must be within its "
+            "accuracy budget (glm_export.accuracy.BUDGETS; this model's own weights are random):", ""] + out + [""]
+
+
 def targets_lines(model: Mapping[str, Any]) -> list[str]:
     lines = []
     for t in model.get("targets", {}).values():
@@ -147,7 +158,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         if gaps:
             lines += ["Left out when a backend passed its time budget: " + "; ".join(gaps) + ".", ""]
         lines += ["#### Targets", ""] + ([model["targets_note"], ""] if model.get("targets_note") else [])
-        lines += targets_lines(model) + [""]
+        lines += budget_lines(model) + targets_lines(model) + [""]
         lines += rounds_lines(model, grid.get("rounds", 1))
     return "\n".join(lines)
 

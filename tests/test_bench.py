@@ -122,6 +122,33 @@ def test_targets_say_met_or_missed_and_by_how_much():
     assert targets["batch8_speedup"]["met"] is True
 
 
+def test_targets_count_only_paths_within_their_accuracy_budget():
+    def fig(median, **extra):
+        return {"median": median, "p90": median, "n": 3, "samples": [median] * 3, **extra}
+    model = {"variants": {
+        "torch-fp32": {"decode": {"128": fig(0.13)}, "context": {"128": fig(3.0)}, "batch": {"8": fig(0.4)}},
+        "ort-int8-head": {"decode": {"128": fig(0.02, vs_floor=1.4, speedup_vs_torch=6.5)},
+                          "context": {"128": fig(0.9, speedup_vs_torch=3.3)},
+                          "batch": {"8": fig(0.05, speedup_vs_torch=8.0)}},
+        "ort-int4": {"decode": {"128": fig(0.025, vs_floor=1.3, speedup_vs_torch=5.2)},
+                     "context": {"128": fig(2.0, speedup_vs_torch=1.5)},
+                     "batch": {"8": fig(0.1, speedup_vs_torch=4.0)}}}}
+    status = {"ort-int8-head": bench.budget_verdict({"within_budget": False, "top1_agreement": 0.97,
+                                                     "fill_agreement": 0.6}),
+              "ort-int4": bench.budget_verdict({"within_budget": True, "top1_agreement": 0.978,
+                                                "fill_agreement": 0.8})}
+    assert status["ort-int8-head"]["within_budget"] is False and "outside" in status["ort-int8-head"]["why"]
+    unfiltered = bench.evaluate_targets(model)
+    assert unfiltered["context_speedup"]["variant"] == "ort-int8-head" and unfiltered["context_speedup"]["met"]
+    targets = bench.evaluate_targets(model, status=status)
+    assert {t["variant"] for t in targets.values()} == {"ort-int4"}
+    assert targets["context_speedup"]["met"] is False and targets["decode_speedup"]["met"] is True
+    # a variant without a verdict is not counted either
+    assert bench.evaluate_targets(model, status={})["decode_speedup"]["value"] is None
+    assert bench.budget_verdict({"parity_passed": True})["within_budget"] is True
+    assert bench.budget_verdict({"parity": "skipped"})["within_budget"] is None
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ort_gemv_read_kernel_computes_x_at_w(threads):
     """The ONNX Runtime read kernel really streams the weights: its output equals x @ W (float64 reference)."""
