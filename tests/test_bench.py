@@ -201,6 +201,21 @@ def test_quick_run_measures_the_target_figures_in_rotated_rounds(quick_run):
     assert f"Targets over {grid['rounds']} rounds" in (out / "results.md").read_text()
 
 
+def test_floor_uses_the_best_bandwidth_sample_of_the_run(quick_run):
+    """Bandwidth is sampled at the start, before each later round and at the end; every ratio uses the max."""
+    results = quick_run[1]
+    bw = results["floor"]["bandwidth"]
+    rounds = results["grid"]["rounds"]
+    assert len(bw["samples_read_bytes_per_s"]) == 1 + (rounds - 1) + 1
+    assert bw["read_bytes_per_s"] == max(bw["samples_read_bytes_per_s"])
+    fig = results["models"]["tiny"]["variants"]["ort-fp32"]["decode"]
+    past = next(iter(fig))
+    config = bench.GLMConfig.from_dict(results["models"]["tiny"]["config"])
+    streamed = results["models"]["tiny"]["variants"]["ort-fp32"]["streamed_weight_bytes"]
+    floor_s = floor.decode_floor_s(streamed, config, int(past), 1, bw["read_bytes_per_s"], 4)
+    assert fig[past]["floor_s"] == pytest.approx(floor_s)
+
+
 def test_rotated_orders_put_each_variant_in_another_slot():
     names = ["a", "b", "c"]
     assert bench.rotated(names, 0) == ["a", "b", "c"]

@@ -1,0 +1,174 @@
+"""Why a quantized decode step misses its bandwidth floor: each weight format's matmul kernel alone, at the
+model's decode shapes (one token through every layer's four matmuls), against the read bandwidth measured in the
+same run; and, given an exported folder, what attention over the cache adds to a decode step.
+
+    python -m benchmarks.kernel_rates [--model glm-large-shape] [--threads 1 2] [--folder FOLDER] [--past 128]
+
+Out (stdout, Markdown): per format and thread count, the median time of all layers' matmuls, the weight bytes
+they read, the rate and its share of the read bandwidth. A kernel that reads at less than the bandwidth is bound
+by its own arithmetic (dequantizing, quantizing the activation), which a faster thread count shows. With
+--folder: the runtime's decode step at past 0 and at --past, so attention's cost is their difference.
+The kernel-limited floor of a path = its layers at the kernel's rate + the fp32 head and the K/V at bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+FORMATS = ("fp32", "int8-dynamic", "int4-weight")
+
+
+def layer_shapes(config: Any) -> list[tuple[int, int]]:
+    """(K, N) of one layer's four weight matmuls: query_key_value, dense, h->4h, 4h->h."""
+    h = config.hidden_size
+    return [(h, 3 * h), (h, h), (h, 4 * h), (4 * h, h)]
+
+
+def matmul_graph(config: Any, seed: int = 0) -> Any:
+    """Every layer's four MatMuls on one token (inputs x [1,1,h] and x4 [1,1,4h]), weights N(0, 0.02)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    h = config.hidden_size
+    nodes, weights, outputs = [], [], []
+    for layer in range(config.num_layers):
+        for k, (rows, cols) in enumerate(layer_shapes(config)):
+            w = f"w{layer}_{k}"
+            weights.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) * 0.02).astype(np.float32), w))
+            nodes.append(helper.make_node("MatMul", ["x" if rows == h else "x4", w], [f"y{layer}_{k}"],
+                                          name=f"/layers.{layer}/MatMul{k}"))
+            outputs.append(helper.make_tensor_value_info(f"y{layer}_{k}", TensorProto.FLOAT, [1, 1, cols]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, h]),
+              helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, 4 * h])]
+    graph = helper.make_graph(nodes, "decode_matmuls", inputs, outputs, weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def quantized(model: Any, fmt: str, tmp: Path) -> Any:
+    """The graph in weight format `fmt`, made with glmx's own recipe for that scheme (glm_export.quantize)."""
+    import onnx
+    if fmt == "fp32":
+        return model
+    if fmt == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        onnx.save(model, tmp / "fp32.onnx")
+        quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "int8.onnx"), op_types_to_quantize=["MatMul"],
+                         per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        return onnx.load(tmp / "int8.onnx")
+    import inspect
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from glm_export.quantize import quantize_onnx
+    defaults = inspect.signature(quantize_onnx).parameters
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=defaults["block_size"].default, is_symmetric=True,
+                             accuracy_level=defaults["accuracy_level"].default, op_types_to_quantize=("MatMul",))
+    q.process()
+    return q.model.model
+
+
+def weight_bytes(model: Any) -> int:
+    from onnx import numpy_helper
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def kernel_rate(model: Any, threads: int, repeats: int) -> float:
+    """Median seconds of one run of the graph on ONNX Runtime's CPU provider with `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    from glm_runtime.session import quiet_options
+    options = quiet_options(ort.SessionOptions())
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    h = int(session.get_inputs()[0].shape[-1])
+    feeds = {"x": rng.standard_normal((1, 1, h)).astype(np.float32),
+             "x4": rng.standard_normal((1, 1, 4 * h)).astype(np.float32)}
+    return timed(lambda: session.run(None, feeds), repeats)
+
+
+def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[int, float]:
+    """The runtime's decode step (batch 1) at past 0 and at `past`: median seconds each."""
+    import onnxruntime as ort
+
+    from benchmarks.worker import fill_cache
+    from glm_runtime import masks
+    from glm_runtime.session import open_session
+    from glm_runtime.steps import decode_step
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = open_session(folder, "onnxruntime", session_options=options)
+    out = {}
+    for p in (0, past):
+        cache = fill_cache(session, 1, p, np.random.default_rng(0))
+        positions = masks.decode_positions([max(p // 2, 0)], [1])
+
+        def step() -> None:
+            decode_step(session, cache, [500], positions, [True])
+            cache.truncate([p])
+        out[p] = timed(step, repeats)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks import floor
+    from benchmarks.artifacts import model_config
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="glm-large-shape", help="a benchmark model's shape (default glm-large-shape)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--folder", help="an exported ONNX folder: also time its decode step at past 0 and --past")
+    ap.add_argument("--past", type=int, default=128)
+    args = ap.parse_args(argv)
+    config = model_config(args.model)
+    bw = floor.measure_bandwidth(megabytes=512, threads=max(args.threads))["read_bytes_per_s"]
+    base = matmul_graph(config)
+    print(f"# Matmul kernels at decode shape: {args.model} ({config.num_layers} layers x 4 matmuls, one token)\n")
+    print(f"Read bandwidth, same run: {bw / 1e9:.1f} GB/s ({max(args.threads)} threads).\n")
+    print("| format | threads | ms (all layers) | weight MB | GB/s | share of bandwidth |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rates: dict[tuple[str, int], float] = {}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in FORMATS:
+            model = quantized(base, fmt, Path(tmp))
+            nbytes = weight_bytes(model)
+            for threads in args.threads:
+                s = kernel_rate(model, threads, args.repeats)
+                rates[(fmt, threads)] = nbytes / s
+                print(f"| {fmt} | {threads} | {s * 1e3:.2f} | {nbytes / 1e6:.1f} | {nbytes / s / 1e9:.1f} | "
+                      f"{nbytes / s / bw:.2f} |")
+            if fmt != "fp32":
+                head = config.vocab_size * config.hidden_size * 4
+                kv = floor.kv_bytes(config, args.past, 1)
+                bound = nbytes / rates[(fmt, max(args.threads))] + (head + kv) / bw
+                notes.append(f"- {fmt}: kernel-limited decode at past {args.past} (layers at this kernel's rate, "
+                             f"fp32 head and K/V at bandwidth) = {bound * 1e3:.1f} ms = "
+                             f"{bound / ((nbytes + head + kv) / bw):.2f}x its bandwidth floor")
+    print("\n" + "\n".join(notes))
+    if args.folder:
+        t = decode_by_past(args.folder, max(args.threads), args.past, args.repeats)
+        kv = floor.kv_bytes(config, args.past, 1)
+        print(f"\nDecode step of {args.folder}: past 0 {t[0] * 1e3:.2f} ms, past {args.past} "
+              f"{t[args.past] * 1e3:.2f} ms: attention over {kv / 1e6:.1f} MB of K/V adds "
+              f"{(t[args.past] - t[0]) * 1e3:.2f} ms ({kv / max(t[args.past] - t[0], 1e-9) / 1e9:.1f} GB/s; "
+              f"at bandwidth {kv / bw * 1e3:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()
