@@ -65,7 +65,9 @@ def quantized(model: Any, fmt: str, tmp: Path) -> Any:
 
     from glm_export.quantize import quantize_onnx
     defaults = inspect.signature(quantize_onnx).parameters
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=defaults["block_size"].default, is_symmetric=True,
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the quantizer rewrites the graph it is given
+    q = MatMulNBitsQuantizer(copy, bits=4, block_size=defaults["block_size"].default, is_symmetric=True,
                              accuracy_level=defaults["accuracy_level"].default, op_types_to_quantize=("MatMul",))
     q.process()
     return q.model.model

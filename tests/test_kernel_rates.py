@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = model_config("tiny")
+    config = model_config("tiny").replace(hidden_size=256, num_attention_heads=4)  # 2 layers, blocks to quantize
     return config, kernel_rates.matmul_graph(config)
 
 
@@ -47,8 +47,8 @@ def test_quantized_graphs_use_the_schemes_kernel_and_stay_close(tiny, tmp_path, 
     h = config.hidden_size
     feeds = {"x": rng.standard_normal((1, 1, h)).astype(np.float32),
              "x4": rng.standard_normal((1, 1, 4 * h)).astype(np.float32)}
-    for got, want in zip(_run(q, feeds), _run(model, feeds)):
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < rel_err
+    got, want = (np.concatenate([y.ravel() for y in _run(m, feeds)]) for m in (q, model))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < rel_err
 
 
 def test_kernel_rate_times_a_session(tiny):
