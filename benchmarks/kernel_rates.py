@@ -165,11 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + "\n".join(notes))
     if args.folder:
         t = decode_by_past(args.folder, max(args.threads), args.past, args.repeats)
-        kv = floor.kv_bytes(config, args.past, 1)
+        kv, extra = floor.kv_bytes(config, args.past, 1), t[args.past] - t[0]
+        cost = (f"adds {extra * 1e3:.2f} ms ({kv / extra / 1e9:.1f} GB/s)" if extra > 0
+                else "adds less than this run's noise")
         print(f"\nDecode step of {args.folder}: past 0 {t[0] * 1e3:.2f} ms, past {args.past} "
-              f"{t[args.past] * 1e3:.2f} ms: attention over {kv / 1e6:.1f} MB of K/V adds "
-              f"{(t[args.past] - t[0]) * 1e3:.2f} ms ({kv / max(t[args.past] - t[0], 1e-9) / 1e9:.1f} GB/s; "
-              f"at bandwidth {kv / bw * 1e3:.2f} ms)")
+              f"{t[args.past] * 1e3:.2f} ms: attention over {kv / 1e6:.1f} MB of K/V {cost}; at bandwidth "
+              f"{kv / bw * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
