@@ -16,9 +16,11 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from benchmarks.floor import _median_seconds
 
 FORMATS = ("fp32", "int8-dynamic", "int4-weight")
 
@@ -78,17 +80,6 @@ def weight_bytes(model: Any) -> int:
     return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def kernel_rate(model: Any, threads: int, repeats: int) -> float:
     """Median seconds of one run of the graph on ONNX Runtime's CPU provider with `threads` intra-op threads."""
     import onnxruntime as ort
@@ -101,7 +92,7 @@ def kernel_rate(model: Any, threads: int, repeats: int) -> float:
     h = int(session.get_inputs()[0].shape[-1])
     feeds = {"x": rng.standard_normal((1, 1, h)).astype(np.float32),
              "x4": rng.standard_normal((1, 1, 4 * h)).astype(np.float32)}
-    return timed(lambda: session.run(None, feeds), repeats)
+    return _median_seconds(lambda: session.run(None, feeds), repeats)
 
 
 def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[int, float]:
@@ -123,7 +114,7 @@ def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[i
         def step() -> None:
             decode_step(session, cache, [500], positions, [True])
             cache.truncate([p])
-        out[p] = timed(step, repeats)
+        out[p] = _median_seconds(step, repeats)
     return out
 
 
