@@ -145,9 +145,8 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
 def keep_fp32(scheme: str, head: bool = False) -> tuple[str, ...]:
     """What a variant leaves fp32: the scheme's `glmx quantize` default (the recipe whose accuracy the bundled
     model's manifest states), less the tied head for the "+head" variants."""
-    from glm_export.quantize import DEFAULT_KEEP_FP32
-    keep = DEFAULT_KEEP_FP32.get(scheme, ("embedding", "head"))
-    return tuple(k for k in keep if not (head and k == "head"))
+    from glm_export.quantize import default_keep_fp32
+    return tuple(k for k in default_keep_fp32(scheme) if not (head and k == "head"))
 
 
 def _recorded_keep(folder: Path) -> list[str] | None:

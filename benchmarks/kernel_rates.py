@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,26 +52,19 @@ def matmul_graph(config: Any, seed: int = 0) -> Any:
 def quantized(model: Any, fmt: str, tmp: Path) -> Any:
     """The graph in weight format `fmt`, made with glmx's own recipe for that scheme (glm_export.quantize)."""
     import onnx
+
+    from glm_export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, _int4_weight, int8_dynamic_file
     if fmt == "fp32":
         return model
     if fmt == "int8-dynamic":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
         onnx.save(model, tmp / "fp32.onnx")
-        quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "int8.onnx"), op_types_to_quantize=["MatMul"],
-                         per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        int8_dynamic_file(tmp / "fp32.onnx", tmp / "int8.onnx")
         return onnx.load(tmp / "int8.onnx")
-    import inspect
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from glm_export.quantize import quantize_onnx
-    defaults = inspect.signature(quantize_onnx).parameters
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # the quantizer rewrites the graph it is given
-    q = MatMulNBitsQuantizer(copy, bits=4, block_size=defaults["block_size"].default, is_symmetric=True,
-                             accuracy_level=defaults["accuracy_level"].default, op_types_to_quantize=("MatMul",))
-    q.process()
-    return q.model.model
+    _int4_weight(copy, tmp / "fp32.onnx", tmp / "int4.onnx", [], block_size=DEFAULT_BLOCK_SIZE,
+                 accuracy_level=DEFAULT_ACCURACY_LEVEL)
+    return onnx.load(tmp / "int4.onnx")
 
 
 def weight_bytes(model: Any) -> int:

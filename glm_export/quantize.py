@@ -37,6 +37,12 @@ LAYER_NODE = re.compile(r"/transformer\.layers\.(\d+)\.")
 # 24-layer model that is 1/24 of the weights.
 DEFAULT_KEEP_FP32 = {"int8-dynamic": ("embedding", "head", "first-layer"),
                      "qdq-int8": ("embedding", "head", "first-layer")}
+DEFAULT_BLOCK_SIZE, DEFAULT_ACCURACY_LEVEL = 32, 4  # int4-weight: weights per scale, MatMulNBits compute level
+
+
+def default_keep_fp32(scheme: str) -> tuple[str, ...]:
+    """What `scheme` leaves fp32 when the caller names nothing: DEFAULT_KEEP_FP32, else embedding and head."""
+    return DEFAULT_KEEP_FP32.get(scheme, ("embedding", "head"))
 MIN_CALIBRATION_TOKENS = 256  # fewer real tokens than this gives scales from a handful of activations
 MIN_CALIBRATION_CALLS = 8
 CALIBRATION_WINDOW = 32  # tokens per calibration window: half context pass, half span (multi-token + decode steps)
@@ -236,15 +242,20 @@ def _calibration(parent: accuracy.GraphRunner, calibration) -> tuple[list[dict],
 
 # ---------------------------------------------------------------- the schemes
 
-def _int8_dynamic(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], **_) -> dict[str, Any]:
+def int8_dynamic_file(src: Path, dst: Path, exclude: Sequence[str] = ()) -> None:
+    """glmx's int8-dynamic recipe on a graph file: MatMuls with constant weights, int8 per output channel."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                     extra_options={"MatMulConstBOnly": True})  # attention's activation x activation stays fp32
+
+
+def _int8_dynamic(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], **_) -> dict[str, Any]:
     head = head_node(model)
     kept_gemm = head.name in exclude and head.op_type == "Gemm"
     onnx.save(model, src)
     # the dynamic quantizer turns every Gemm into MatMul "<name>_MatMul" first, so exclude that name too
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
-                     extra_options={"MatMulConstBOnly": True})  # attention's activation x activation stays fp32
+    int8_dynamic_file(src, dst, exclude + [f"{n}_MatMul" for n in exclude])
     if kept_gemm:
         onnx.save(restore_gemm(onnx.load(dst), head), dst)
     return {"weights": "int8 symmetric per output channel", "activations": "uint8 dynamic per tensor"}
@@ -323,8 +334,8 @@ _SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int
 
 # ---------------------------------------------------------------- the stage
 
-def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None, block_size: int = 32,
-                  accuracy_level: int = 4, keep_fp32: Sequence[str] | None = None, accept_loss: bool = False,
+def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None,
+                  block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, keep_fp32: Sequence[str] | None = None, accept_loss: bool = False,
                   overwrite: bool = False, eval_text: str | None = None) -> Path:
     """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its budget (accuracy.BUDGETS).
 
@@ -344,7 +355,7 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     feeds, calib_record = _calibration(accuracy.GraphRunner(src_dir), calibration) if scheme == "qdq-int8" \
         else ([], None)
     model = _named(onnx.load(src_dir / manifest.extra.get("model_file", "model.onnx")))
-    keep_fp32 = tuple(DEFAULT_KEEP_FP32.get(scheme, ("embedding", "head")) if keep_fp32 is None else keep_fp32)
+    keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
     if scheme != "fp16" and "head" not in keep_fp32:
         model = head_as_matmul(model)
     exclude = excluded_nodes(model, keep_fp32) if scheme != "fp16" else []

@@ -105,14 +105,17 @@ def test_floor_counts_match_hand_computed_values(quick_run, tiny_model):
     assert floor.kv_bytes(cfg, past=10, batch=3) == 2 * L * 3 * 10 * h * 4
 
 
+def _fig(median, **extra):
+    """A timing figure as the worker writes it, with the ratios add_comparisons would add."""
+    return {"median": median, "p90": median, "n": 3, "samples": [median] * 3, **extra}
+
+
 def test_targets_say_met_or_missed_and_by_how_much():
-    def fig(median, **extra):
-        return {"median": median, "p90": median, "n": 3, "samples": [median] * 3, **extra}
     model = {"variants": {
-        "torch-fp32": {"decode": {"128": fig(0.13)}, "context": {"128": fig(3.0)}, "batch": {"8": fig(0.4)}},
-        "ort-int8": {"decode": {"128": fig(0.02, vs_floor=1.2, speedup_vs_torch=6.5)},
-                     "context": {"128": fig(1.5, speedup_vs_torch=2.0)},
-                     "batch": {"8": fig(0.05, speedup_vs_torch=8.0)}},
+        "torch-fp32": {"decode": {"128": _fig(0.13)}, "context": {"128": _fig(3.0)}, "batch": {"8": _fig(0.4)}},
+        "ort-int8": {"decode": {"128": _fig(0.02, vs_floor=1.2, speedup_vs_torch=6.5)},
+                     "context": {"128": _fig(1.5, speedup_vs_torch=2.0)},
+                     "batch": {"8": _fig(0.05, speedup_vs_torch=8.0)}},
         "ort-int4": {"skipped": "not built"}}}
     targets = bench.evaluate_targets(model)
     assert targets["decode_speedup"]["met"] is True and targets["decode_speedup"]["margin"] == pytest.approx(1.3)
@@ -123,16 +126,14 @@ def test_targets_say_met_or_missed_and_by_how_much():
 
 
 def test_targets_count_only_paths_within_their_accuracy_budget():
-    def fig(median, **extra):
-        return {"median": median, "p90": median, "n": 3, "samples": [median] * 3, **extra}
     model = {"variants": {
-        "torch-fp32": {"decode": {"128": fig(0.13)}, "context": {"128": fig(3.0)}, "batch": {"8": fig(0.4)}},
-        "ort-int8-head": {"decode": {"128": fig(0.02, vs_floor=1.4, speedup_vs_torch=6.5)},
-                          "context": {"128": fig(0.9, speedup_vs_torch=3.3)},
-                          "batch": {"8": fig(0.05, speedup_vs_torch=8.0)}},
-        "ort-int4": {"decode": {"128": fig(0.025, vs_floor=1.3, speedup_vs_torch=5.2)},
-                     "context": {"128": fig(2.0, speedup_vs_torch=1.5)},
-                     "batch": {"8": fig(0.1, speedup_vs_torch=4.0)}}}}
+        "torch-fp32": {"decode": {"128": _fig(0.13)}, "context": {"128": _fig(3.0)}, "batch": {"8": _fig(0.4)}},
+        "ort-int8-head": {"decode": {"128": _fig(0.02, vs_floor=1.4, speedup_vs_torch=6.5)},
+                          "context": {"128": _fig(0.9, speedup_vs_torch=3.3)},
+                          "batch": {"8": _fig(0.05, speedup_vs_torch=8.0)}},
+        "ort-int4": {"decode": {"128": _fig(0.025, vs_floor=1.3, speedup_vs_torch=5.2)},
+                     "context": {"128": _fig(2.0, speedup_vs_torch=1.5)},
+                     "batch": {"8": _fig(0.1, speedup_vs_torch=4.0)}}}}
     status = {"ort-int8-head": bench.budget_verdict({"within_budget": False, "top1_agreement": 0.97,
                                                      "fill_agreement": 0.6}),
               "ort-int4": bench.budget_verdict({"within_budget": True, "top1_agreement": 0.978,
