@@ -41,8 +41,9 @@ def model_config(name: str) -> Any:
     if name == "glm-large-shape":  # GLM-Large's shape with the 50k GPT-2/RoBERTa vocabulary (spec 6)
         return get_preset("glm-roberta-large").replace(name="glm-large-shape", hidden_dropout=0.0,
                                                        attention_dropout=0.0)
-    if name == "tiny":
-        return get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
+    if name == "tiny":  # V = the bundled tokenizer's 8000 ids padded to 128, so its tokenizer belongs to it
+        return get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0, vocab_size=8064,
+                                              name="glm-tiny-8k")
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
@@ -79,7 +80,7 @@ def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[st
         random_weights = False
     else:
         config = model_config(name)
-        root = cache / name
+        root = cache / f"{name}-v{config.vocab_size}"  # a cache made for another vocabulary is not reused
         checkpoint = root / "checkpoint"
         random_weights = True
         if not _ready(checkpoint):
@@ -161,7 +162,7 @@ def accuracy_figures(folder: Path) -> dict[str, Any]:
     manifest = load_manifest(folder, verify=False)
     parity = manifest.parity or {}
     out: dict[str, Any] = {"precision": manifest.precision}
-    acc = parity.get("accuracy")
+    acc = parity.get("text") or parity.get("accuracy")  # "accuracy": manifests written before glm_export.compare
     if acc:
         out.update({k: acc.get(k) for k in ("top1_agreement", "fill_agreement", "ppl_change", "max_logit_diff",
                                              "within_budget")})

@@ -54,10 +54,10 @@ def artifact_row(folder: Path) -> dict[str, Any]:
     """Figures of one written folder, from its manifest (accuracy vs its parent) and its files."""
     import onnx
 
-    from glm_export.quantize import op_histogram
+    from glm_export.derive import op_histogram
     from glm_runtime.manifest import load_manifest
     manifest = load_manifest(folder)
-    acc = (manifest.parity or {}).get("accuracy") or {}
+    acc = (manifest.parity or {}).get("text") or {}
     model = onnx.load(str(folder / manifest.extra.get("model_file", "model.onnx")), load_external_data=False)
     quant = manifest.extra.get("quantization") or {}
     return {"precision": manifest.precision, "keep_fp32": quant.get("keep_fp32"),
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="/tmp/glmx-quantization", help="where the artifacts go [%(default)s]")
     ap.add_argument("-o", "--out", default=str(DEFAULT_OUT), help="JSON to write [%(default)s]")
     args = ap.parse_args(argv)
-    from glm_export.accuracy import BUDGETS
+    from glm_export.compare import BUDGETS
     from glm_runtime.manifest import atomic_path, load_manifest
 
     glmx = [sys.executable, "-m", "glm_export.cli"]
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
               "budgets": BUDGETS, "commands": commands, "reproduce": "python -m benchmarks.quantization",
               "eval_text": "glm_export/data/calibration.txt, odd documents (held-out text)",
               "calibration": "glm_export/data/calibration.txt, even documents (qdq-int8 only)",
-              "how": "each command writes a folder whose manifest.json holds parity.accuracy "
-                     "(glm_export.accuracy.measure_accuracy against its parent); rows copy those figures, "
+              "how": "each command writes a folder whose manifest.json holds parity.text "
+                     "(glm_export.compare.compare_on_text against its parent); rows copy those figures, "
                      "file sizes and op counts; '-head' rows quantize the tied output head too",
               "results": rows}
     with atomic_path(args.out) as tmp:

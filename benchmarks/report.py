@@ -88,7 +88,7 @@ def budget_lines(model: Mapping[str, Any]) -> list[str]:
     out = [f"- {name}: {'counted' if s['within_budget'] else 'not counted'} ({s['why']})"
            for name, s in sorted(status.items(), key=lambda kv: _order(kv[0])) if name != "torch-fp32"]
     return ["Paths the targets count: the bundled model's artifact of the same recipe must be within its "
-            "accuracy budget (glm_export.accuracy.BUDGETS; this model's own weights are random):", ""] + out + [""]
+            "accuracy budget (glm_export.compare.BUDGETS; this model's own weights are random):", ""] + out + [""]
 
 
 def targets_lines(model: Mapping[str, Any]) -> list[str]:

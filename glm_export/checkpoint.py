@@ -16,12 +16,14 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from glm_export.config import PRESETS, ConfigError, GLMConfig, get_preset
+from glm_export.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
 from glm_runtime.manifest import (
-    Manifest, atomic_write_json, load_manifest, staged_folder, tool_versions, write_manifest,
+    MANIFEST_NAME, Manifest, atomic_write_json, load_manifest, staged_folder, tool_versions, write_manifest,
 )
-from glm_runtime.tokenizer import TokenizerError, copy_tokenizer_files, tokenizer_files
+from glm_runtime.tokenizer import (
+    GLMTokenizer, TokenizerError, load_recorded_tokenizer, resolve_tokenizer, tokenizer_entry,
+)
 
 LAYOUTS = ("glmx", "hf", "megatron")
 WEIGHTS_NAME = "model.safetensors"
@@ -40,7 +42,9 @@ BASE_PREFIXES = ("glm.", "model.")
 HEAD_PREFIXES = ("pool_layer.", "multichoice_head.", "dense.", "out_proj.")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION = {v: k for k, v in DTYPES.items()}
-HEAD_DIM = 64  # every released GLM has d = 64 (spec 6); used only when a Megatron checkpoint has no config
+# GeLU when the config does not say (spec 1.2): the original training code (Megatron layout) uses the tanh
+# approximation, the Hugging Face remote code exact erf. Printed and recorded either way; --gelu overrides.
+DEFAULT_GELU = {"hf": "erf", "megatron": "tanh"}
 
 
 class CheckpointError(ValueError):
@@ -57,7 +61,8 @@ class LoadedCheckpoint:
     source_dtype: torch.dtype  # dtype of the weights in the files
     files: tuple[Path, ...] = ()  # the weight files read
     ignored_keys: tuple[str, ...] = ()  # downstream head weights skipped
-    notes: tuple[str, ...] = ()  # what was inferred rather than read
+    notes: tuple[str, ...] = ()  # what was decided and why: printed by the CLI, recorded in every manifest
+    tokenizer: Optional[GLMTokenizer] = None  # the folder's tokenizer, checked against the config
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -211,6 +216,8 @@ class _Found:
     tokenizer_file: Optional[Path] = None
     manifest: Optional[Manifest] = None
     notes: list[str] = field(default_factory=list)
+    config_file: Optional[Path] = None  # where `config` was read from
+    gelu_stated: bool = False  # the config file says which GeLU (a glmx-written one does)
 
 
 def _read_glmx(folder: Path) -> _Found:
@@ -218,14 +225,28 @@ def _read_glmx(folder: Path) -> _Found:
     config = GLMConfig.from_dict(manifest.config)
     tok = manifest.tokenizer.get("file")
     return _Found("glmx", _read_weights(folder / WEIGHTS_NAME), [folder / WEIGHTS_NAME], config,
-                  folder / tok if tok else None, manifest)
+                  folder / tok if tok else None, manifest, config_file=folder / MANIFEST_NAME, gelu_stated=True)
+
+
+def read_config_file(path: Union[str, Path]) -> tuple[GLMConfig, bool]:
+    """A config file in either form: glmx's GLMConfig JSON, or a Hugging Face config.json (spec 8.2).
+    -> (config, whether the file states the GeLU kind)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"config file {path} does not exist")
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    try:
+        if "gelu" in data and "hidden_dropout" in data:  # glmx's own form (GLMConfig.to_json)
+            return GLMConfig.from_dict(data), True
+        return GLMConfig.from_hf_dict(data), "gelu" in (data.get("glmx") or {})
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _read_hf(folder: Path) -> _Found:
-    try:
-        config = GLMConfig.from_hf_dict(_read_json(folder / CONFIG_NAME))
-    except ConfigError as exc:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: {exc}") from None
+    config, gelu_stated = read_config_file(folder / CONFIG_NAME)
     name = next(n for n in HF_WEIGHTS if (folder / n).is_file())
     if name.endswith(".index.json"):  # sharded: {"weight_map": {key: file}}
         weight_map = _read_json(folder / name).get("weight_map")
@@ -239,7 +260,8 @@ def _read_hf(folder: Path) -> _Found:
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in {folder / name} but missing")
         sd.update(_read_weights(path))
-    return _Found("hf", sd, files, config, _find_tokenizer(folder))
+    return _Found("hf", sd, files, config, _find_tokenizer(folder), config_file=folder / CONFIG_NAME,
+                  gelu_stated=gelu_stated)
 
 
 def _mp_files(folder: Path) -> list[Path]:
@@ -295,7 +317,12 @@ def _read_megatron(path: Path) -> _Found:
     sd = shards[0] if len(shards) == 1 else merge_model_parallel(shards)
     if len(shards) > 1:
         notes.append(f"merged {len(shards)} model-parallel shards")
-    return _Found("megatron", sd, files, None, _find_tokenizer(*roots), notes=notes)
+    found = _Found("megatron", sd, files, None, _find_tokenizer(*roots), notes=notes)
+    beside = next((r / CONFIG_NAME for r in roots if (r / CONFIG_NAME).is_file()), None)
+    if beside is not None:  # a config.json beside the shards describes them (HF or glmx form)
+        found.config, found.gelu_stated = read_config_file(beside)
+        found.config_file = beside
+    return found
 
 
 def _detect(path: Path) -> _Found:
@@ -343,30 +370,85 @@ def _sizes(sd: Mapping[str, torch.Tensor]) -> Optional[dict[str, int]]:
             "vocab_size": emb.shape[0], "max_sequence_length": pos.shape[0] - 1}  # tables have P + 1 rows
 
 
-def _resolve_config(config: Union[GLMConfig, str, None], found: _Found) -> GLMConfig:
-    """Caller's config first, then the folder's, then (Megatron) a preset or sizes inferred from shapes."""
+def _resolve_config(config: Union[GLMConfig, str, Path, None], found: _Found) -> GLMConfig:
+    """The caller's config (a GLMConfig, a preset name, or a config file), then the folder's own config file,
+    then a preset whose sizes match the weights. Nothing is guessed: with none of these the load is refused."""
+    if isinstance(config, Path):
+        cfg, found.gelu_stated = read_config_file(config)
+        found.notes.append(f"config: {config} (given)")
+        return cfg
     if isinstance(config, str):
-        return get_preset(config)
+        cfg = get_preset(config)
+        found.notes.append(f"config: preset {cfg.name} (given)")
+        found.gelu_stated = False
+        return cfg
     if config is not None:
+        found.gelu_stated = True
         return config
     if found.config is not None:
+        found.notes.append(f"config: {found.config_file}")
         return found.config
     sizes = _sizes(found.state_dict)
     if sizes is None:
         raise CheckpointError(f"{found.files[0]} has no word_embeddings.weight / position table to infer the model "
-                              f"size from; pass config= (or --preset)")
+                              f"size from; pass --config FILE or --preset NAME")
     for preset in PRESETS.values():
         if all(getattr(preset, k) == v for k, v in sizes.items()):
-            found.notes.append(f"config: preset {preset.name} (its sizes match the weights)")
+            found.notes.append(f"config: preset {preset.name} (no config.json beside the checkpoint; the weights' "
+                               f"sizes L={sizes['num_layers']} h={sizes['hidden_size']} V={sizes['vocab_size']} "
+                               f"P={sizes['max_sequence_length']} are its sizes, so its "
+                               f"{preset.num_attention_heads} heads are ASSUMED)")
             return preset
-    h = sizes["hidden_size"]
-    if h % HEAD_DIM:
-        raise CheckpointError(
-            f"{found.files[0]} carries no config and hidden_size {h} is not a multiple of {HEAD_DIM}, so "
-            f"num_attention_heads cannot be assumed; pass config=GLMConfig(...) or a preset name (--preset)")
-    found.notes.append(f"config inferred from shapes; num_attention_heads = hidden_size / {HEAD_DIM} = "
-                       f"{h // HEAD_DIM} assumed (head_dim is 64 in every released GLM); pass config= if not")
-    return GLMConfig(num_attention_heads=h // HEAD_DIM, gelu="tanh", name="custom", **sizes)
+    shown = " ".join(f"{k}={v}" for k, v in sizes.items())
+    raise CheckpointError(
+        f"{found.files[0]} carries no config, no {CONFIG_NAME} is beside it, and its sizes ({shown}) match no "
+        f"preset: the number of attention heads cannot be read from the weights; pass --config FILE (a "
+        f"config.json) or --preset NAME")
+
+
+def _resolve_gelu(cfg: GLMConfig, gelu: Optional[str], found: _Found) -> GLMConfig:
+    """--gelu wins; else what the config file states; else the layout's default (DEFAULT_GELU), said aloud."""
+    if gelu is not None:
+        if gelu not in GELU_KINDS:
+            raise CheckpointError(f"gelu must be one of {GELU_KINDS}, got {gelu!r}")
+        if found.layout == "glmx" and gelu != cfg.gelu:
+            raise CheckpointError(f"{found.config_file} says the model was trained with gelu={cfg.gelu}; "
+                                  f"--gelu {gelu} contradicts it")
+        found.notes.append(f"gelu: {gelu} (given)")
+        return cfg.replace(gelu=gelu)
+    if found.gelu_stated or found.layout == "glmx":
+        found.notes.append(f"gelu: {cfg.gelu} (from {found.config_file or 'the given config'})")
+        return cfg
+    default = DEFAULT_GELU[found.layout]
+    why = ("the Hugging Face remote code's exact erf GeLU" if default == "erf"
+           else "the original training code's tanh approximation")
+    found.notes.append(f"gelu: {default} (the config does not say; {why} is the {found.layout} default - "
+                       f"ASSUMED, pass --gelu {'tanh' if default == 'erf' else 'erf'} if the model was trained "
+                       f"otherwise)")
+    return cfg.replace(gelu=default)
+
+
+def _resolve_tokenizer(tokenizer: Union[str, Path, None], kind: Optional[str], cfg: GLMConfig,
+                       found: _Found) -> tuple[Optional[GLMTokenizer], GLMConfig]:
+    """The checkpoint's tokenizer (or the given one), decided by its folder and checked against cfg; the
+    config's `tokenizer` field then names its kind."""
+    try:
+        if tokenizer is None and kind is None and found.layout == "glmx" and found.manifest.tokenizer.get("file"):
+            tok = load_recorded_tokenizer(found.files[0].parent, found.manifest.tokenizer)
+            found.notes.append(f"tokenizer: {tok.kind} (recorded in {found.config_file})")
+        else:
+            path = Path(tokenizer) if tokenizer is not None else found.tokenizer_file
+            if path is None:
+                found.notes.append(f"tokenizer: none found beside {found.files[0].parent}")
+                return None, cfg
+            tok, notes = resolve_tokenizer(path, kind=kind, config=cfg, layout=found.layout)
+            found.notes.extend(notes)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+    if tok.vocab_size > cfg.vocab_size or (tok.kind != "json" and tok.padded_vocab_size() != cfg.vocab_size):
+        raise CheckpointError(f"the {tok.kind} tokenizer ({tok.vocab_size} ids) does not fit the model's "
+                              f"{cfg.vocab_size} embedding rows; pass the model's own tokenizer (--tokenizer)")
+    return tok, cfg.replace(tokenizer=tok.kind)
 
 
 def _check_weights(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], config: GLMConfig,
@@ -393,18 +475,23 @@ def _check_weights(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
 
 # ---------------------------------------------------------------- entry points
 
-def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, None] = None,
-                    dtype: Optional[torch.dtype] = torch.float32) -> LoadedCheckpoint:
+def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Path, None] = None,
+                    dtype: Optional[torch.dtype] = torch.float32, tokenizer: Union[str, Path, None] = None,
+                    tokenizer_kind: Optional[str] = None, gelu: Optional[str] = None) -> LoadedCheckpoint:
     """Load any supported layout into the reference GLMModel (eval mode, CPU).
 
-    config: a GLMConfig or preset name; it wins over the folder's own config (Megatron files carry none).
-    dtype: the model's dtype; None keeps the files' dtype. Errors raise CheckpointError (ManifestError for a
-    glmx folder whose files do not match their manifest).
+    config: a GLMConfig, a preset name, or a config file (glmx or Hugging Face JSON); it wins over the folder's
+    own config. tokenizer / tokenizer_kind: a tokenizer file or folder to use instead of the checkpoint's, and
+    its kind when the folder cannot tell (glm_runtime.tokenizer.resolve_tokenizer decides otherwise). gelu:
+    'tanh' | 'erf' over the config's (DEFAULT_GELU when it does not say). dtype: the model's dtype; None keeps
+    the files'. Every decision is in `.notes`. Errors raise CheckpointError (ManifestError for a glmx folder
+    whose files do not match their manifest).
     """
     found = _detect(Path(path))
     sd, ignored = _strip_prefix(found.state_dict)
     found.state_dict = sd
-    cfg = _resolve_config(config, found)
+    cfg = _resolve_gelu(_resolve_config(config, found), gelu, found)
+    tok, cfg = _resolve_tokenizer(tokenizer, tokenizer_kind, cfg, found)
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = GLMModel(cfg)
     source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
@@ -414,48 +501,55 @@ def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Non
     model.load_state_dict({k: v.to(target) for k, v in sd.items()}, strict=True, assign=True)
     if ignored:
         found.notes.append(f"ignored {len(ignored)} downstream head weights ({ignored[0]} ...)")
-    return LoadedCheckpoint(model.eval(), cfg, found.layout, found.tokenizer_file, found.manifest, source_dtype,
-                            tuple(found.files), tuple(ignored), tuple(found.notes))
+    tok_file = Path(next(iter(tok.files.values()))) if tok is not None else None
+    return LoadedCheckpoint(model.eval(), cfg, found.layout, tok_file, found.manifest, source_dtype,
+                            tuple(found.files), tuple(ignored), tuple(found.notes), tok)
 
 
-def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *, tokenizer_file: Union[str, Path, None] = None,
+def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *,
+                    tokenizer_file: Union[str, Path, GLMTokenizer, None] = None,
                     extra: Optional[dict[str, Any]] = None, dtype: Optional[torch.dtype] = None,
                     overwrite: bool = False) -> Path:
     """Write glmx's checkpoint folder: model.safetensors (official names), config.json (HF fields + a glmx block),
-    the tokenizer if given (its file, and merges.txt beside a vocab.json), manifest.json last.
-    dtype: weights dtype on disk (None = the model's)."""
+    the tokenizer if given (a GLMTokenizer, or a file whose kind its folder decides; checked against the model),
+    manifest.json last. dtype: weights dtype on disk (None = the model's)."""
     config: GLMConfig = model.config
     sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     precision = PRECISION.get(sd["word_embeddings.weight"].dtype)
     if precision is None:
         raise CheckpointError(f"cannot save weights of dtype {sd['word_embeddings.weight'].dtype}; "
                               f"use one of {sorted(DTYPES)}")
-    tok = Path(tokenizer_file) if tokenizer_file is not None else None
-    if tok is not None and not tok.is_file():
-        raise CheckpointError(f"tokenizer file {tok} does not exist")
-    try:
-        tok_files = tokenizer_files(tok) if tok is not None else {}
-    except TokenizerError as exc:
-        raise CheckpointError(str(exc)) from None
+    tok = tokenizer_file
+    if tok is not None and not isinstance(tok, GLMTokenizer):
+        try:
+            tok, _ = resolve_tokenizer(tok, config=config)
+        except TokenizerError as exc:
+            raise CheckpointError(str(exc)) from None
+    if tok is not None and tok.kind != config.tokenizer:
+        config = config.replace(tokenizer=tok.kind)
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         save_file(sd, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
         atomic_write_json(stage / CONFIG_NAME, config.to_hf_dict())
-        tokenizer = copy_tokenizer_files(tok_files, stage) if tok_files else {}
+        tokenizer = tokenizer_entry(tok, stage) if tok is not None else {}
         write_manifest(stage, Manifest(kind="checkpoint", config=config.to_dict(), precision=precision,
                                        tokenizer=tokenizer, versions=tool_versions("torch", "safetensors"),
                                        extra=dict(extra or {})))
     return out_dir
 
 
-def convert_checkpoint(src: Union[str, Path], out_dir: Union[str, Path], *, preset: Optional[str] = None,
-                       dtype: Optional[str] = None, overwrite: bool = False) -> tuple[LoadedCheckpoint, Path]:
-    """Any supported layout -> glmx folder. dtype: 'fp32' | 'fp16' | 'bf16', or None to keep the source's."""
+def convert_checkpoint(src: Union[str, Path], out_dir: Union[str, Path], *,
+                       config: Union[GLMConfig, str, Path, None] = None, dtype: Optional[str] = None,
+                       tokenizer: Union[str, Path, None] = None, tokenizer_kind: Optional[str] = None,
+                       gelu: Optional[str] = None, overwrite: bool = False) -> tuple[LoadedCheckpoint, Path]:
+    """Any supported layout -> glmx folder. dtype: 'fp32' | 'fp16' | 'bf16', or None to keep the source's.
+    config / tokenizer / tokenizer_kind / gelu: as load_checkpoint; what was decided goes into the manifest."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    loaded = load_checkpoint(src, config=preset, dtype=DTYPES[dtype] if dtype else None)
+    loaded = load_checkpoint(src, config=config, dtype=DTYPES[dtype] if dtype else None, tokenizer=tokenizer,
+                             tokenizer_kind=tokenizer_kind, gelu=gelu)
     source = {"path": str(src), "layout": loaded.layout, "dtype": PRECISION.get(loaded.source_dtype, "?")}
-    out = save_checkpoint(loaded.model, out_dir, tokenizer_file=loaded.tokenizer_file,
+    out = save_checkpoint(loaded.model, out_dir, tokenizer_file=loaded.tokenizer,
                           extra={"source": source, "notes": list(loaded.notes)}, overwrite=overwrite)
     return loaded, out

@@ -49,31 +49,67 @@ def config_cmd(preset: str | None) -> None:
         raise GLMXError(str(exc)) from None
 
 
+def _source_options(command):
+    """--preset / --config / --tokenizer / --tokenizer-kind / --gelu: how a checkpoint folder is read, shared by
+    convert and export (glm_export.checkpoint.load_checkpoint)."""
+    options = [
+        click.option("--preset", default=None,
+                     help="a released model's config (glmx config lists them), for a checkpoint without config.json"),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="config file (a Hugging Face config.json or glmx GLMConfig JSON) instead of the folder's"),
+        click.option("--tokenizer", "tokenizer_file", type=click.Path(exists=True), default=None,
+                     help="tokenizer file or folder to ship [default: the checkpoint's own]"),
+        click.option("--tokenizer-kind", type=click.Choice(["gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix",
+                                                             "json"]), default=None,
+                     help="the tokenizer's kind when the folder cannot tell (a SentencePiece model of unknown size: "
+                          "chinese-sp-fix = GLM-Large-Chinese ids, chinese-sp = GLM-10B-Chinese) [default: "
+                          "tokenizer_config.json, then the files, then the preset whose sizes match]"),
+        click.option("--gelu", type=click.Choice(["tanh", "erf"]), default=None,
+                     help="GeLU the model was trained with [default: the config's; else erf for a Hugging Face folder "
+                          "(its remote code), tanh for a Megatron one (the original training code)]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu) -> dict:
+    from pathlib import Path
+    if preset is not None and config_file is not None:
+        raise GLMXError("give --preset or --config, not both")
+    return {"config": Path(config_file) if config_file else preset, "tokenizer": tokenizer_file,
+            "tokenizer_kind": tokenizer_kind, "gelu": gelu}
+
+
 @main.command("convert")
 @click.argument("src", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="glmx checkpoint folder to write")
-@click.option("--preset", default=None, help="config for checkpoints that carry none (Megatron), e.g. glm-10b")
+@_source_options
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="weights dtype to write (default: the source's)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
-def convert_cmd(src: str, out_dir: str, preset: str | None, dtype: str | None, overwrite: bool) -> None:
-    """Convert a GLM checkpoint (glmx, Hugging Face or Megatron/DeepSpeed layout) into a glmx folder."""
+def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu,
+                dtype: str | None, overwrite: bool) -> None:
+    """Convert a GLM checkpoint (glmx, Hugging Face or Megatron/DeepSpeed layout) into a glmx folder.
+
+    Everything decided about the model (config, GeLU, tokenizer kind) is printed and written into the manifest.
+    """
     require_export_extra()
     from glm_export.checkpoint import CheckpointError, convert_checkpoint
     from glm_runtime.config import ConfigError
     from glm_runtime.manifest import ManifestError
+    options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu)
     try:
-        loaded, out = convert_checkpoint(src, out_dir, preset=preset, dtype=dtype, overwrite=overwrite)
+        loaded, out = convert_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite, **options)
     except (CheckpointError, ConfigError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
     cfg = loaded.config
     click.echo(f"layout: {loaded.layout} ({len(loaded.files)} weight file(s), {loaded.source_dtype})")
     click.echo(f"config: {cfg.name} L={cfg.num_layers} h={cfg.hidden_size} n={cfg.num_attention_heads} "
-               f"P={cfg.max_sequence_length} V={cfg.vocab_size} gelu={cfg.gelu}")
+               f"P={cfg.max_sequence_length} V={cfg.vocab_size} gelu={cfg.gelu} tokenizer={cfg.tokenizer}")
     click.echo(f"parameters: {loaded.num_parameters():,}")
     for note in loaded.notes:
         click.echo(f"note: {note}")
-    click.echo(f"tokenizer: {loaded.tokenizer_file or 'none found'}")
     click.echo(f"wrote {out}")
 
 
@@ -227,33 +263,40 @@ def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: 
                f"{m.precision}, built in {m.extra['build']['seconds']} s")
     for p in m.extra["profiles"]:
         click.echo(f"profile {p['name']:8s} " + " ".join(f"{k}={lo}..{hi}" for k, (lo, _, hi) in p["dims"].items()))
-    click.echo(f"parity vs ONNX Runtime: max |logit diff| {parity['max_abs_logits']:.3g} "
-               f"(budget {parity['tolerance']['budget']:.3g}), argmax agreement {parity['argmax_agreement']:.3f}")
+    click.echo(f"parity vs ONNX Runtime: max |logit diff| {parity['max_abs_diff']['logits']:.3g} "
+               f"(max|ref| {parity['max_abs_ref']['logits']:.3g}, budget {parity['tolerance']['atol']:g} + "
+               f"{parity['tolerance']['rtol']:g}*max|ref|), top-1 agreement {parity['top1_agreement']:.3f}")
     click.echo(f"wrote {out}")
 
 
 @main.command("export")
 @click.argument("checkpoint", required=False, type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="ONNX folder to write")
+@_source_options
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--external-data/--no-external-data", default=None,
               help="weights in model.onnx.data beside model.onnx [default: only past 2 GB]")
-@click.option("--tokenizer", "tokenizer_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="tokenizer file to ship [default: the checkpoint's]")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-validate", "validate", is_flag=True, flag_value=False, default=True,
               help="skip the parity check against the torch reference")
-def export_cmd(checkpoint: str | None, out_dir: str, **kwargs) -> None:
-    """Export CHECKPOINT (default: the bundled glmx-small) to a validated ONNX folder."""
+def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu,
+               **kwargs) -> None:
+    """Export CHECKPOINT (default: the bundled glmx-small) to a validated ONNX folder.
+
+    CHECKPOINT is a glmx folder, a Hugging Face folder as the hub publishes it, or a Megatron/DeepSpeed folder.
+    What was decided about it (config, GeLU, tokenizer kind) is printed and recorded in the manifest.
+    """
     require_export_extra()
     from glm_export.checkpoint import CheckpointError
+    from glm_export.compare import ParityError
     from glm_export.export import ExportError, export_onnx
-    from glm_export.parity import ParityError
     from glm_runtime.config import ConfigError
     from glm_runtime.manifest import ManifestError
+    options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu)
+    options["tokenizer_file"] = options.pop("tokenizer")
     try:
-        out = export_onnx(checkpoint, out_dir, log=lambda msg: click.echo(msg, err=True), **kwargs)
+        out = export_onnx(checkpoint, out_dir, log=lambda msg: click.echo(msg, err=True), **options, **kwargs)
     except (ExportError, ParityError, CheckpointError, ConfigError, ManifestError) as exc:
         raise GLMXError(str(exc)) from None
     click.echo(str(out))
@@ -283,12 +326,13 @@ def check_trt_cmd(model: str) -> None:
 def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Optimize an exported ONNX folder offline, re-checked against its parent."""
     require_export_extra()
-    from glm_export.accuracy import BudgetError
+    from glm_export.compare import BudgetError
+    from glm_export.derive import DeriveError
     from glm_export.optimize import OptimizeError, optimize_onnx
     from glm_runtime.manifest import ManifestError
     try:
         click.echo(str(optimize_onnx(src_dir, out_dir, **kwargs)))
-    except (OptimizeError, BudgetError, ManifestError, FileExistsError) as exc:
+    except (OptimizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
 
 
@@ -308,14 +352,15 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Quantize an fp32 ONNX folder; refuses (writes nothing) when it misses its accuracy budget."""
     require_export_extra()
-    from glm_export.accuracy import BudgetError
+    from glm_export.compare import BudgetError
+    from glm_export.derive import DeriveError
     from glm_export.quantize import QuantizeError, quantize_onnx
     from glm_runtime.manifest import ManifestError, load_manifest
     try:
         out = quantize_onnx(src_dir, out_dir, **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None))
-    except (QuantizeError, BudgetError, ManifestError, FileExistsError) as exc:
+    except (QuantizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
-    acc = load_manifest(out).parity["accuracy"]
+    acc = load_manifest(out).parity["text"]
     click.echo(f"top-1 agreement {acc['top1_agreement']:.4f}, fill agreement {acc['fill_agreement']:.3f}, "
                f"Part B ppl change {acc['ppl_change']:+.4f}, max logit diff {acc['max_logit_diff']:.3g}"
                + ("" if acc["within_budget"] else f" (OVER BUDGET, accepted: {'; '.join(acc['misses'])})"))

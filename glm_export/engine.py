@@ -15,12 +15,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import accepted_tables, io_table, past_names, without_optional_inputs
+from glm_runtime.iotable import accepted_tables, io_table, without_optional_inputs
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
     tokenizer_file_names, tool_versions, write_manifest,
 )
-from glm_runtime.session import quiet_options
 from glm_runtime.trt_session import (
     ENGINE_FILE, EngineInfo, Profile, TensorRTSession, gpu_identity, import_tensorrt,
 )
@@ -246,68 +245,27 @@ def _build_plan(trt: Any, onnx_file: Path, io: Mapping[str, Any], profiles: list
 # ---------------------------------------------------------------- parity against the ONNX parent
 
 def engine_tolerance(precision: str) -> Any:
-    """The precision's row of glm_export.parity.TOLERANCES, the one tolerance table (that module needs torch)."""
-    try:
-        from glm_export.parity import TOLERANCES
-    except ImportError as exc:
-        raise EngineBuildError(f"the parity check after the build reads glm_export.parity's tolerance table, which "
-                               f"needs the export extra ({exc}): pip install 'glmx[export]'") from None
+    """The precision's row of glm_export.compare.TOLERANCES, the one tolerance table."""
+    from glm_export.compare import TOLERANCES
+    if precision not in TOLERANCES:
+        raise EngineBuildError(f"no parity tolerance for precision {precision!r}; TensorRT engines are built from "
+                               f"{sorted(TOLERANCES)} ONNX folders (qdq-int8 is judged by its ONNX parent's record)")
     return TOLERANCES[precision]
 
 
-def measure_parity(session: TensorRTSession, onnx_file: Path, *, batch: int, context: int, steps: int,
-                   seed: int = 0) -> dict[str, Any]:
-    """Run the engine (device KV cache) and ONNX Runtime CPU (host KV cache) on the same prompt pass and decode
-    steps; return the figures and whether max |logit diff| is within the precision's tolerance."""
-    import onnxruntime as ort
-
-    from glm_runtime.kvcache import KVCache
-    from glm_runtime.masks import context_mask, context_positions, decode_mask, decode_positions
-
-    ref = ort.InferenceSession(str(onnx_file), quiet_options(), providers=["CPUExecutionProvider"])
-    ref_names = [o.name for o in ref.get_outputs()]
-    cfg, io, kv = session.config, session.io, session.kv_dtype
-    n, d = cfg.num_attention_heads, cfg.head_dim
-    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, context + steps), dtype=np.int64)
-    host = KVCache(io, batch, n, d, context + steps, kv)
-    device = session.new_cache(batch, context + steps)
-    diffs, scale, agree, total = [], 0.0, 0, 0
-    kv_diff = 0.0
-    try:
-        for step in range(steps + 1):
-            if step == 0:  # the prompt pass, with an empty past
-                feeds = {"input_ids": ids[:, :context], "position_ids": context_positions([context] * batch),
-                         "attention_mask": context_mask([context] * batch)}
-                empty = {name: np.zeros((batch, n, 0, d), dtype=kv) for pair in past_names(io) for name in pair}
-                ref_feeds, trt_feeds = {**feeds, **empty}, {**feeds, **empty}
-            else:  # span token step-1 of a blank at the last context position
-                feeds = {"input_ids": ids[:, context + step - 1:context + step],
-                         "position_ids": decode_positions([context - 1] * batch, [step - 1] * batch)}
-                ref_feeds = {**feeds, "attention_mask": decode_mask(host.visible), **host.feeds()}
-                trt_feeds = {**feeds, "attention_mask": decode_mask(device.visible), **device.feeds()}
-            want = dict(zip(ref_names, ref.run(None, ref_feeds)))
-            got = session.run(trt_feeds)
-            diffs.append(float(np.abs(got["logits"] - want["logits"]).max()))
-            scale = max(scale, float(np.abs(want["logits"]).max()))
-            agree += int((got["logits"].argmax(-1) == want["logits"].argmax(-1)).sum())
-            total += want["logits"].shape[0] * want["logits"].shape[1]
-            if step == 0:
-                kv_diff = max(float(np.abs(np.asarray(got[k], np.float32) - want[k].astype(np.float32)).max())
-                              for k in want if k != "logits")
-            count = [context if step == 0 else 1] * batch
-            host.append(want, count)
-            device.append(got, count)
-    finally:
-        device.close()
-    tol = engine_tolerance(session.precision)
-    budget = tol.allowed(scale)
-    return {"reference": "onnxruntime CPUExecutionProvider on the parent ONNX graph",
-            "case": {"batch": batch, "context": context, "decode_steps": steps, "seed": seed},
-            "max_abs_logits": max(diffs), "max_abs_logits_per_call": diffs, "max_abs_present_prompt": kv_diff,
-            "max_abs_logit_reference": scale, "argmax_agreement": agree / total,
-            "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "budget": budget,
-                          "rule": "max|engine-onnx| <= atol + rtol*max|onnx| (glm_export.parity.TOLERANCES)"},
-            "passed": bool(max(diffs) <= budget)}
+def measure_parity(session: TensorRTSession, onnx_dir: Path, limits: Mapping[str, int]) -> Any:
+    """The engine against ONNX Runtime CPU on its ONNX parent, on GLM's cases that fit the engine's profiles
+    (glm_export.compare: one harness for every stage). -> the Comparison."""
+    from glm_export.compare import compare_sessions, glm_cases
+    from glm_runtime.session import OnnxRuntimeSession
+    reference = OnnxRuntimeSession(onnx_dir)
+    tokens = limits["max_context"] + limits["max_new_tokens"]
+    cases = [c for c in glm_cases(session.config.vocab_size)
+             if c.calls[0].input_ids.shape[0] <= limits["max_batch"]
+             and sum(call.input_ids.shape[1] for call in c.calls) <= tokens
+             and all(call.input_ids.shape[1] == 1 for call in c.calls[1:])]  # the decode profile: one token
+    return compare_sessions(session, reference, stage="build-engine", tolerance=engine_tolerance(session.precision),
+                            cases=cases)
 
 
 # ---------------------------------------------------------------- the engine folder
@@ -373,14 +331,11 @@ def build_engine(onnx_dir: str | Path, out_dir: str | Path, *, max_batch: int = 
                                compute_capability=capability, profiles=profiles, limits=limits, build=build)
     session = TensorRTSession.from_plan(plan, manifest, EngineInfo.from_manifest(manifest))
     try:
-        manifest.parity = measure_parity(session, onnx_file, batch=min(2, max_batch),
-                                         context=min(8, limits["max_context"]), steps=min(3, max_new_tokens))
+        result = measure_parity(session, onnx_dir, limits)
     finally:
         session.close()
-    parity = manifest.parity
-    if not parity["passed"]:
-        raise EngineBuildError(
-            f"the engine misses its parity budget against the ONNX parent: max |logit diff| "
-            f"{parity['max_abs_logits']:.3g} > {parity['tolerance']['budget']:.3g} (by "
-            f"{parity['max_abs_logits'] - parity['tolerance']['budget']:.3g}); nothing was written")
+    manifest.parity = result.to_dict()
+    if not result.passed:
+        raise EngineBuildError(f"the engine misses its parity budget against the ONNX parent: "
+                               f"{'; '.join(result.failures[:3])}; nothing was written")
     return write_engine_folder(out_dir, plan, onnx_dir, manifest, overwrite=overwrite)

@@ -10,7 +10,7 @@ import os
 import sys
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
 from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file,
                                   staged_folder, tool_versions, write_manifest)
-from glm_runtime.tokenizer import TokenizerError, copy_tokenizer_files, tokenizer_files
+from glm_runtime.tokenizer import TokenizerError, resolve_tokenizer, tokenizer_entry
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -89,56 +89,54 @@ def _weight_bytes(model: torch.nn.Module, precision: str) -> int:
 # ------------------------------------------------------------------ the source: model object or checkpoint folder
 
 class _Source:
-    """What is exported: the model, and where it came from (a checkpoint folder, its tokenizer)."""
+    """What is exported: the model, its tokenizer, and where they came from (a checkpoint folder, its notes)."""
 
-    def __init__(self, model: torch.nn.Module, folder: Optional[Path] = None, tokenizer: Optional[Path] = None,
-                 tokenizer_entry: Optional[dict[str, Any]] = None):
+    def __init__(self, model: torch.nn.Module, folder: Optional[Path] = None, tokenizer: Any = None,
+                 notes: Sequence[str] = (), layout: Optional[str] = None):
         if not isinstance(getattr(model, "config", None), GLMConfig):
             raise ExportError("the model has no GLMConfig `.config`; pass a glm_export.model.GLMModel")
         self.model, self.folder, self.tokenizer = model, folder, tokenizer
-        self.tokenizer_entry = dict(tokenizer_entry or {})
+        self.notes, self.layout = list(notes), layout
 
 
-def _resolve_source(source: Union[torch.nn.Module, str, Path, None]) -> _Source:
+def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_file: Any = None,
+                    **load_options: Any) -> _Source:
+    """The model and its tokenizer: a GLMModel (with tokenizer_file if given) or any checkpoint layout, where
+    glm_export.checkpoint decides config, GeLU and tokenizer from the folder and the options."""
     if isinstance(source, torch.nn.Module):
-        return _Source(source)
+        if any(v is not None for v in load_options.values()):
+            raise ExportError(f"{sorted(k for k, v in load_options.items() if v is not None)} apply to a checkpoint "
+                              f"folder, not to a model object")
+        if tokenizer_file is None:
+            return _Source(source)
+        try:
+            tok, notes = resolve_tokenizer(tokenizer_file, config=source.config)
+        except TokenizerError as exc:
+            raise ExportError(str(exc)) from None
+        if tok.kind != source.config.tokenizer:
+            source.config = source.config.replace(tokenizer=tok.kind)
+        return _Source(source, tokenizer=tok, notes=notes)
     folder = default_checkpoint() if source is None else Path(source)
     if not folder.exists():
         raise ExportError(f"checkpoint {folder} does not exist")
     from glm_export.checkpoint import load_checkpoint  # any layout: glmx, Hugging Face, Megatron
-    loaded = load_checkpoint(folder)
-    entry = loaded.manifest.tokenizer if loaded.manifest is not None else {}
-    return _Source(loaded.model, folder, loaded.tokenizer_file, entry)
-
-
-def _tokenizer(tokenizer_file: Optional[Union[str, Path]], source: _Source,
-               config: GLMConfig) -> tuple[dict[str, Path], dict[str, Any]]:
-    """The tokenizer files to copy ({name: path}; vocab.json brings merges.txt) and the start of their manifest
-    entry; a given file wins over the checkpoint's own. Checked before the export starts."""
-    if tokenizer_file is not None:
-        path, entry = Path(tokenizer_file), {"kind": config.tokenizer}
-        if not path.is_file():
-            raise ExportError(f"tokenizer file {path} does not exist")
-    elif source.tokenizer is not None:
-        path, entry = source.tokenizer, {"kind": config.tokenizer, **source.tokenizer_entry}
-    else:
-        return {}, {}
-    try:
-        return tokenizer_files(path), entry
-    except TokenizerError as exc:
-        raise ExportError(f"{exc}; pass the complete tokenizer (--tokenizer FILE)") from None
+    loaded = load_checkpoint(folder, tokenizer=tokenizer_file, **load_options)
+    return _Source(loaded.model, folder, loaded.tokenizer, loaded.notes, loaded.layout)
 
 
 # ------------------------------------------------------------------ the entry function
 
 def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], out_dir: Union[str, Path], *,
                 precision: str = "fp32", opset: int = DEFAULT_OPSET, external_data: Optional[bool] = None,
-                tokenizer_file: Optional[Union[str, Path]] = None, overwrite: bool = False,
+                tokenizer_file: Optional[Union[str, Path]] = None, config: Union[GLMConfig, str, Path, None] = None,
+                tokenizer_kind: Optional[str] = None, gelu: Optional[str] = None, overwrite: bool = False,
                 validate: bool = True, log: Optional[Log] = None) -> Path:
     """Write out_dir/ = model.onnx [+ model.onnx.data] [+ tokenizer] + manifest.json; returns out_dir.
 
+    config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
+    name or config file; the tokenizer's kind; tanh | erf); what was decided is printed and recorded.
     external_data: None = only when the weights pass ~2 GB (protobuf's limit), True = always, False = never.
-    validate: compare with the fp32 torch reference on GLM's cases (glm_export.parity); a miss raises ParityError
+    validate: compare with the fp32 torch reference on GLM's cases (glm_export.compare); a miss raises ParityError
     and nothing is written.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -146,10 +144,12 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
-    source = _resolve_source(model_or_checkpoint)
+    source = _resolve_source(model_or_checkpoint, tokenizer_file, config=config, tokenizer_kind=tokenizer_kind,
+                             gelu=gelu)
     model, checkpoint = source.model, source.folder
     config: GLMConfig = model.config
-    tok_files, tok_entry = _tokenizer(tokenizer_file, source, config)
+    for note in source.notes:
+        say(f"export: {note}")
     size = _weight_bytes(model, precision)
     if external_data is None:
         external_data = size > EXTERNAL_DATA_THRESHOLD
@@ -173,14 +173,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
             del graph
             say(f"export: checking {MODEL_FILE} with onnx.checker")
             onnx.checker.check_model(str(path), full_check=True)
-            parity: dict[str, Any] = {"skipped": True}
-            if validate:
-                from glm_export.parity import check_parity
-                say("export: comparing with the fp32 torch reference on onnxruntime (CPU)")
-                report = check_parity(path, model, precision)
-                say(report.table())
-                parity = report.to_dict()
-            tokenizer = {**tok_entry, **copy_tokenizer_files(tok_files, stage)} if tok_files else {}
+            tokenizer = tokenizer_entry(source.tokenizer, stage) if source.tokenizer is not None else {}
             parent = {}
             if checkpoint is not None:
                 # relative to the exported folder, so a checkout or an installed package that moves both
@@ -191,19 +184,45 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
                     parent = {"path": str(checkpoint.resolve())}
                 if (checkpoint / MANIFEST_NAME).is_file():  # a glmx folder; HF / Megatron ones have none
                     parent["manifest_sha256"] = sha256_file(checkpoint / MANIFEST_NAME)
-            write_manifest(stage, Manifest(
+            manifest = Manifest(
                 kind="onnx", config=config.to_dict(), precision=precision, tokenizer=tokenizer,
-                io=io_table(config, precision), parity=parity,
+                io=io_table(config, precision), parity={"skipped": True},
                 versions=tool_versions("torch", "onnx", "onnxruntime"), parent=parent,
-                extra={"model_file": MODEL_FILE, "external_data": DATA_FILE if external_data else None,
+                extra={"source": {"layout": source.layout, "notes": source.notes}, "model_file": MODEL_FILE,
+                       "external_data": DATA_FILE if external_data else None,
                        "opset": opset, "graph": "glm_export.onnx_graph (hand-built)",
                        "tied_embedding": "word_embeddings.weight, stored once (Gather + Gemm transB=1)",
                        "fp16_islands": "LayerNorm, QK product, masking, softmax in fp32; residual stream fp32"
-                       if precision == "fp16" else None}))
+                       if precision == "fp16" else None})
+            write_manifest(stage, manifest)
+            if validate:
+                say("export: comparing with the fp32 torch reference on onnxruntime (CPU), GLM's cases")
+                manifest.parity = validate_export(stage, model, precision, say).to_dict()
+                write_manifest(stage, manifest)
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None
     say(f"export: wrote {out_dir}")
     return Path(out_dir)
+
+
+def validate_export(folder: Path, model: torch.nn.Module, precision: str, log: Optional[Log] = None):
+    """The exported folder on ONNX Runtime against the fp32 torch reference (glm_export.compare); raises
+    ParityError with the table on a miss, returns the Comparison otherwise."""
+    import copy
+
+    from glm_export.compare import ParityError, compare_sessions
+    from glm_export.reference_session import TorchSession
+    from glm_runtime.session import OnnxRuntimeSession
+    ref_model = model if all(p.dtype == torch.float32 for p in model.parameters()) else copy.deepcopy(model).float()
+    was_training = ref_model.training
+    try:
+        result = compare_sessions(OnnxRuntimeSession(folder), TorchSession(ref_model.eval()), stage="export")
+    finally:
+        ref_model.train(was_training)
+    (log or (lambda msg: print(msg, file=sys.stderr)))(result.table())
+    if not result.passed:
+        raise ParityError(f"{MODEL_FILE} misses its {precision} parity budget\n{result.table()}")
+    return result
 
 
 # ------------------------------------------------------------------ loading an exported folder

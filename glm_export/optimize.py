@@ -8,7 +8,6 @@ graph's own weights, and against its parent on held-out text; the manifest recor
 from __future__ import annotations
 
 import itertools
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from glm_export import accuracy
+from glm_export.compare import BudgetError
+from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
 from glm_export.onnx_graph import MAX_OPSET
-from glm_export.quantize import DEFAULT_CALIBRATION, graph_weights, op_histogram, trt_findings
-from glm_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, staged_folder, \
-    tokenizer_file_names, tool_versions, write_manifest
+from glm_runtime.manifest import staged_folder, write_manifest
 from glm_runtime.session import quiet_options
 
 LEVELS = ("fuse", "basic", "extended")
@@ -235,19 +233,6 @@ def _find_gelus(model: onnx.ModelProto) -> list[GeluMatch]:
 
 # ---------------------------------------------------------------- the stage
 
-def reference_from_graph(model: onnx.ModelProto, config: dict):
-    """The torch reference GLMModel holding exactly the graph's weights (for the exporter's parity cases);
-    initializers that back optional graph inputs (logits_start) are inputs, not weights."""
-    import torch
-    from glm_export.model import GLMModel
-    from glm_runtime.config import GLMConfig
-    ref = GLMModel(GLMConfig.from_dict(config)).eval()
-    inputs = {i.name for i in model.graph.input}
-    state = {k: torch.from_numpy(v.copy()).float() for k, v in graph_weights(model).items() if k not in inputs}
-    ref.load_state_dict(state, strict=True)
-    return ref
-
-
 def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> tuple[onnx.ModelProto, dict]:
     """(the graph at `level`, what the level did). "fuse" must leave one Gelu per layer; ORT levels must leave
     only standard ops. "fuse" runs no ORT pass: on glmx graphs basic changes nothing in fp32, and in fp16 it
@@ -274,47 +259,34 @@ def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> 
 
 def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fuse", overwrite: bool = False,
                   eval_text: str | None = None) -> Path:
-    """Write `out_dir` = `src_dir` optimized at `level`; refuses a graph TensorRT could not parse or that
-    misses the parity tolerance of its precision or the "optimized" accuracy budget."""
-    from glm_export.parity import ParityError, check_parity
+    """Write `out_dir` = `src_dir` optimized at `level`; refuses (writes nothing) a graph TensorRT could not parse,
+    or one that misses its precision's tolerance against the parent on GLM's cases or the "optimized" budget on
+    held-out text in the model's language (glm_export.compare)."""
     if level not in LEVELS:
         raise OptimizeError(f"level must be one of {LEVELS}, got {level!r} (ORT's 'all' level writes "
                             f"CPU-only contrib ops that TensorRT cannot parse)")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    manifest = load_manifest(src_dir, kind="onnx")
-    src_model = src_dir / manifest.extra.get("model_file", "model.onnx")
-    if eval_text is None:
-        eval_text = accuracy.split_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))[1]
+    manifest, src_model, tok = read_parent(src_dir)
+    if manifest.precision not in ("fp32", "fp16"):
+        raise OptimizeError(f"{src_dir} is a {manifest.precision} artifact; optimize the fp32 (or fp16) export, "
+                            f"then quantize the optimized folder")
     with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
         optimized, record = optimized_graph(src_model, level, int(manifest.config["num_layers"]), Path(tmp))
         onnx.checker.check_model(optimized, full_check=True)
-        onnx.save(optimized, stage / "model.onnx")
+        data_file = save_graph(optimized, stage)
         findings = trt_findings(stage / "model.onnx")
         if findings:
             raise OptimizeError(f"the {level}-optimized graph would not parse in TensorRT: {findings[:3]}")
-        for name in tokenizer_file_names(manifest.tokenizer):  # vocab.json + merges.txt for a BPE pair
-            shutil.copy2(src_dir / name, stage / name)
-        try:
-            report = check_parity(stage / "model.onnx", reference_from_graph(optimized, manifest.config),
-                                  manifest.precision)
-        except ParityError as exc:
-            raise OptimizeError(f"the {level}-optimized graph misses the {manifest.precision} parity tolerance: "
-                                f"{exc}") from None
-        extra = dict(manifest.extra, model_file="model.onnx", external_data=None,
+        extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file,
                      optimization={"level": level, **record, "ops": op_histogram(optimized),
-                                   "ops_parent": op_histogram(onnx.load(src_model)), "trt_findings": findings,
-                                   "bytes": (stage / "model.onnx").stat().st_size})
-        child = Manifest(kind="onnx", config=manifest.config, precision=manifest.precision,
-                         tokenizer=manifest.tokenizer, io=manifest.io, versions=tool_versions("onnx", "onnxruntime"),
-                         extra=extra, parity={"reference": report.to_dict()},
-                         parent={"path": str(src_dir), "manifest_sha256": sha256_file(src_dir / MANIFEST_NAME)})
-        write_manifest(stage, child)
-        figures = accuracy.measure_accuracy(src_dir, stage, eval_text)
+                                   "ops_parent": op_histogram(onnx.load(src_model, load_external_data=False)),
+                                   "trt_findings": findings, "bytes": (stage / "model.onnx").stat().st_size})
+        child = child_manifest(manifest, src_dir, stage, precision=manifest.precision, io=manifest.io, extra=extra)
         scheme = "optimized-fp16" if manifest.precision == "fp16" else "optimized"
-        misses = accuracy.budget_misses(scheme, figures)
-        if misses:
-            raise accuracy.BudgetError(f"the {level}-optimized graph drifts from its parent: {'; '.join(misses)}")
-        child.parity["accuracy"] = dict(figures, scheme=scheme, budget=accuracy.BUDGETS[scheme], within_budget=True,
-                                        misses=[])  # a miss above wrote nothing
+        result = judge_child(stage, src_dir, child, tok, stage_name="optimize", scheme=scheme, eval_text=eval_text)
+        if not result.passed:
+            raise BudgetError(f"the {level}-optimized graph drifts from its parent: {'; '.join(result.failures)}; "
+                              f"nothing was written")
+        child.parity = result.to_dict()
         write_manifest(stage, child)
     return out_dir

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from glm_export import accuracy
+from glm_export.compare import BudgetError, blank_calls, heldout_text, run_calls, strip_provenance, \
+    text_windows
+from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
 from glm_runtime.iotable import io_table, required_inputs
-from glm_runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, staged_folder, \
-    tokenizer_file_names, tool_versions, write_manifest
+from glm_runtime.manifest import sha256_file, staged_folder, write_manifest
 
 SCHEMES = ("int8-dynamic", "int4-weight", "qdq-int8", "fp16")
-DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
 # Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
 # "head": the tied output head. Keeping the head fp32 is the default: see BUDGETS and the measured figures.
 KEEP_FP32 = ("embedding", "head", "first-layer", "last-layer")  # roles; node names may be given too
@@ -129,14 +128,6 @@ def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str
     return out
 
 
-def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in model.graph.node:
-        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 # ---------------------------------------------------------------- calibration
 
 class FeedReader:
@@ -155,29 +146,23 @@ class FeedReader:
         self.pos = 0
 
 
-def calibration_feeds(parent: accuracy.GraphRunner, text: str, source: str) -> list[dict[str, np.ndarray]]:
-    """Real text through the model's own IO: per window, a context pass (past empty), a multi-token span call
-    and two single-token decode steps (past non-empty), each past made by the fp32 parent itself."""
-    sp = accuracy.special_ids(parent.folder, parent.manifest)
-    ids = accuracy.text_ids(parent.folder, text)
-    ids = ids[ids < int(parent.manifest.config["vocab_size"])]
-    if len(ids) < MIN_CALIBRATION_TOKENS:
-        raise QuantizeError(f"calibration text {source} gives {len(ids)} tokens; qdq-int8 needs at least "
-                            f"{MIN_CALIBRATION_TOKENS} tokens of real text (pass a longer --calibration file)")
-    feeds = []
-    for chunk in accuracy.windows(ids, CALIBRATION_WINDOW, limit=64):
-        feeds_a, _, _ = accuracy.blank_calls(parent, chunk, sp)
-        _, presents = parent.run(feeds_a)
-        past = accuracy.extend_past(parent.empty_past(), presents)
-        c = feeds_a["input_ids"].shape[1]
-        span = [sp.sop] + chunk[len(chunk) // 2:-1].tolist()
-        for lo, hi in ((0, len(span) - 2), (len(span) - 2, len(span) - 1), (len(span) - 1, len(span))):
-            p = past[0][0].shape[2]
-            f = accuracy.make_feeds(parent, span[lo:hi], [c - 1] * (hi - lo), range(lo + 1, hi + 1),
-                                    accuracy.decode_mask(p, hi - lo), past)
-            feeds += [feeds_a] if lo == 0 else []
-            feeds.append(f)
-            past = accuracy.extend_past(past, parent.run(f)[1])
+def calibration_feeds(parent: Any, tok: Any, text: str, source: str) -> list[dict[str, np.ndarray]]:
+    """Real text through the model's own IO (glm_export.compare's calls on the parent session): per window, a
+    context pass (past empty), a multi-token span call and two single-token decode steps (past non-empty),
+    each past made by the fp32 parent itself."""
+    chunks = text_windows(tok, text, parent.config.vocab_size, CALIBRATION_WINDOW, 64)
+    tokens = len(chunks) * CALIBRATION_WINDOW
+    if tokens < MIN_CALIBRATION_TOKENS:
+        raise QuantizeError(f"calibration text {source} gives {tokens} tokens in whole windows; qdq-int8 needs at "
+                            f"least {MIN_CALIBRATION_TOKENS} tokens of real text (pass a longer --calibration file)")
+    feeds: list[dict[str, np.ndarray]] = []
+    for chunk in chunks:
+        (context, span), _ = blank_calls(tok, chunk)
+        t = span.input_ids.shape[1]
+        pieces = [(0, t - 2), (t - 2, t - 1), (t - 1, t)]  # a multi-token chunk, then two decode steps
+        calls = [context] + [type(span)(span.input_ids[:, lo:hi], span.position_ids[:, :, lo:hi],
+                                        span.block[:, lo:hi, lo:hi], span.keep[:, lo:hi]) for lo, hi in pieces]
+        run_calls(parent, calls, record=feeds)
     return feeds
 
 
@@ -215,20 +200,18 @@ def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str,
                             "(past_seq > 0), so the scales cover both shapes")
 
 
-def _calibration(parent: accuracy.GraphRunner, calibration) -> tuple[list[dict], dict[str, Any]]:
+def _calibration(parent: Any, tok: Any, calibration) -> tuple[list[dict], dict[str, Any]]:
     if calibration is None:
-        text = accuracy.split_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))[0]
-        feeds = calibration_feeds(parent, text, str(DEFAULT_CALIBRATION))
-        record = {"source": "glm_export/data/calibration.txt (even documents)",
-                  "sha256": sha256_file(DEFAULT_CALIBRATION)}
+        text, record = heldout_text(tok.kind, half=0)  # the half the accuracy report never reads
+        feeds = calibration_feeds(parent, tok, text, record["source"])
     elif isinstance(calibration, (str, Path)):
         path = Path(calibration)
         if not path.is_file():
             raise QuantizeError(f"calibration file {path} does not exist; pass a text file of real text")
-        text = accuracy.strip_provenance(path.read_text(encoding="utf-8"))
+        text = strip_provenance(path.read_text(encoding="utf-8"))
         if not text.strip():
             raise QuantizeError(f"calibration file {path} is empty: qdq-int8 will not invent scales without data")
-        feeds = calibration_feeds(parent, text, str(path))
+        feeds = calibration_feeds(parent, tok, text, str(path))
         record = {"source": str(path), "sha256": sha256_file(path)}
     else:
         feeds = list(calibration)
@@ -322,11 +305,8 @@ def _fp16(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, c
     from glm_runtime.config import GLMConfig
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     onnx.save(build_model(GLMConfig.from_dict(config), graph_weights(model), "fp16", opset), dst)
-    from glm_export.optimize import reference_from_graph
-    from glm_export.parity import check_parity
-    report = check_parity(dst, reference_from_graph(model, config), "fp16")  # the exporter's own fp16 check
-    return {"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(precision='fp16')",
-            "reference_parity": report.to_dict()}
+    # judged like every child: against the fp32 parent with the fp16 tolerance on GLM's cases (glm_export.compare)
+    return {"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(precision='fp16')"}
 
 
 _SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int8": _qdq_int8, "fp16": _fp16}
@@ -335,76 +315,64 @@ _SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int
 # ---------------------------------------------------------------- the stage
 
 def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None,
-                  block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL, keep_fp32: Sequence[str] | None = None, accept_loss: bool = False,
-                  overwrite: bool = False, eval_text: str | None = None) -> Path:
-    """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its budget (accuracy.BUDGETS).
+                  block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                  keep_fp32: Sequence[str] | None = None, accept_loss: bool = False, overwrite: bool = False,
+                  eval_text: str | None = None) -> Path:
+    """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its parent (glm_export.compare: GLM's
+    cases, then held-out text in the model's language against BUDGETS[scheme]).
 
     keep_fp32: roles (KEEP_FP32) and node names left fp32; None = DEFAULT_KEEP_FP32 of the scheme, else
     embedding and head.
-    calibration (qdq-int8 only): None = glm_export/data/calibration.txt, a text file path, or a list of feed
-    dicts in the graph's IO. eval_text: held-out text for the report (default: calibration.txt's other half).
+    calibration (qdq-int8 only): None = the bundled held-out text's calibration half in the model's language,
+    a text file path, or a list of feed dicts in the graph's IO. eval_text: held-out text for the report
+    (default: the bundled text's other half).
     """
+    from glm_runtime.session import OnnxRuntimeSession
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
     if calibration is not None and scheme != "qdq-int8":
         raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    manifest = load_manifest(src_dir, kind="onnx")
+    manifest, src_model, tok = read_parent(src_dir)
     if manifest.precision != "fp32":
         raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; quantize from the fp32 export")
-    feeds, calib_record = _calibration(accuracy.GraphRunner(src_dir), calibration) if scheme == "qdq-int8" \
+    feeds, calib_record = _calibration(OnnxRuntimeSession(src_dir), tok, calibration) if scheme == "qdq-int8" \
         else ([], None)
-    model = _named(onnx.load(src_dir / manifest.extra.get("model_file", "model.onnx")))
+    model = _named(onnx.load(src_model))
     keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
     if scheme != "fp16" and "head" not in keep_fp32:
         model = head_as_matmul(model)
     exclude = excluded_nodes(model, keep_fp32) if scheme != "fp16" else []
-    if eval_text is None:
-        eval_text = accuracy.split_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))[1]
     with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
-        settings = _SCHEMES[scheme](model, Path(tmp) / "in.onnx", stage / "model.onnx", exclude,
+        settings = _SCHEMES[scheme](model, Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", exclude,
                                     block_size=block_size, accuracy_level=accuracy_level, feeds=feeds,
                                     config=manifest.config)
-        for name in tokenizer_file_names(manifest.tokenizer):  # vocab.json + merges.txt for a BPE pair
-            shutil.copy2(src_dir / name, stage / name)
-        quantized = onnx.load(stage / "model.onnx")
-        precision_io = "fp16" if scheme == "fp16" else manifest.precision
+        quantized = onnx.load(Path(tmp) / "out.onnx")
+        data_file = save_graph(quantized, stage)
         findings = trt_findings(stage / "model.onnx")  # int8-dynamic / int4 are ONNX Runtime-only: recorded
         if findings and scheme in ("qdq-int8", "fp16"):
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
-        extra = dict(manifest.extra, model_file="model.onnx", external_data=None)
+        extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file)
         extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": exclude,
                                  "block_size": block_size if scheme == "int4-weight" else None,
                                  "accuracy_level": accuracy_level if scheme == "int4-weight" else None,
                                  "calibration": calib_record, "ops": op_histogram(quantized),
                                  "trt_findings": None if findings is None else findings[:10],
-                                 "trt_finding_count": None if findings is None else len(findings), "accept_loss": accept_loss, **settings}
-        child = Manifest(kind="onnx", config=manifest.config, precision="fp16" if scheme == "fp16" else scheme,
-                         tokenizer=manifest.tokenizer, io=io_table(manifest.config, precision_io),
-                         versions=tool_versions("onnx", "onnxruntime"), extra=extra,
-                         parent={"path": str(src_dir), "manifest_sha256": sha256_file(src_dir / MANIFEST_NAME)})
-        write_manifest(stage, child)
-        figures = accuracy.measure_accuracy(src_dir, stage, eval_text)
-        figures["parent"] = str(src_dir)
-        misses = accuracy.budget_misses(scheme, figures) + ([] if figures["finite"] else ["non-finite logits"])
-        figures.update(scheme=scheme, budget=accuracy.BUDGETS[scheme], within_budget=not misses,
-                       misses=misses, accept_loss=accept_loss)
-        if misses and not accept_loss:
-            raise accuracy.BudgetError(
-                f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(misses)} (max logit diff "
-                f"{figures['max_logit_diff']:.4g} over {figures['positions']} positions); nothing was written. "
-                f"Keep more layers in fp32 (keep_fp32), use another scheme, or pass accept_loss=True "
-                f"(--accept-loss) to write it anyway with the loss recorded")
-        child.parity = {"accuracy": figures}
+                                 "trt_finding_count": None if findings is None else len(findings),
+                                 "accept_loss": accept_loss, **settings}
+        precision = "fp16" if scheme == "fp16" else scheme
+        child = child_manifest(manifest, src_dir, stage, precision=precision,
+                               io=io_table(manifest.config, "fp16" if scheme == "fp16" else manifest.precision),
+                               extra=extra)
+        result = judge_child(stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text)
+        structural = [f for f in result.failures if not f.startswith("text: ")]
+        misses = result.text["misses"]
+        if structural or (misses and not accept_loss):
+            raise BudgetError(
+                f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(structural + misses)} (max logit "
+                f"diff {result.text['max_logit_diff']:.4g} over {result.text['positions']} positions of "
+                f"{result.text['language']} text); nothing was written. Keep more layers in fp32 (--keep-fp32), use "
+                f"another scheme, or pass --accept-loss to write it anyway with the loss recorded")
+        child.parity = dict(result.to_dict(), accept_loss=accept_loss)
         write_manifest(stage, child)
     return out_dir
-
-
-def trt_findings(path: Path) -> list[str] | None:
-    """check_trt's findings as strings (empty = TensorRT's parser reads every node); None when the checker
-    (glm_export.trt_check) is not installed, recorded as "not checked" rather than passed."""
-    try:
-        from glm_export.trt_check import check_trt
-    except ImportError:
-        return None
-    return [str(f) for f in check_trt(path)]

@@ -38,6 +38,11 @@ class TorchSession:
         self.tokenizer_path = tokenizer_path
         self.model = model.to(TORCH_DTYPES[precision]).eval()
 
+    def new_cache(self, batch: int, capacity: int) -> Any:
+        from glm_runtime.kvcache import KVCache
+        c = self.config
+        return KVCache(self.io, batch, c.num_attention_heads, c.head_dim, capacity, self.kv_dtype)
+
     @torch.inference_mode()
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         check_feeds(feeds, self.inputs)
@@ -76,13 +81,14 @@ def load_torch_session(folder: str | Path, precision: Optional[str] = None, veri
             tokenizer_path = folder / manifest.tokenizer["file"]
     elif manifest is not None and manifest.kind != "checkpoint":
         raise ManifestError(f"backend 'torch' reads checkpoints or exported ONNX folders, not {manifest.kind!r}")
-    loaded = load_checkpoint(source)
-    if manifest is not None and manifest.kind == "onnx":
-        if GLMConfig.from_dict(manifest.config) != loaded.config:
-            raise ManifestError(f"{folder}: the exported model's config differs from its parent checkpoint "
-                                f"{source}; re-export it")
+    exported = manifest is not None and manifest.kind == "onnx"
+    # an exported folder's config (GeLU and tokenizer as decided at export) describes its parent's weights
+    loaded = load_checkpoint(source, config=GLMConfig.from_dict(manifest.config) if exported else None,
+                             tokenizer=tokenizer_path)
     tokenizer_path = tokenizer_path or loaded.tokenizer_file
     if precision is None:
         precision = manifest.precision if manifest is not None and manifest.precision in TORCH_DTYPES else "fp32"
-    return TorchSession(loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path,
-                        logits_start=logits_start)
+    session = TorchSession(loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path,
+                           logits_start=logits_start)
+    session.tokenizer = None if exported else loaded.tokenizer  # an exported folder's is read from its manifest
+    return session

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -23,6 +23,27 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 class FeedError(ValueError):
     """A feed does not match the graph's IO table: unknown or missing name, wrong dtype, rank or shape."""
+
+
+class Session(Protocol):
+    """What every backend gives (ONNX Runtime, TensorRT, the torch reference): the generation loop, the
+    comparison harness (glm_export.compare) and the server use only this.
+
+    io: the IO table (iotable.io_table), inputs/outputs its two lists; config: the GLMConfig; precision: the
+    manifest's precision; kv_dtype: the dtype of past/present. run(feeds) takes the IO table's names and returns
+    {"logits": [B, T', V] float32 numpy, "present.{i}.key|value": this call's K/V [B, n, T, d]}; new_cache(batch,
+    capacity) gives the KV cache that run's presents belong in (host numpy or device buffers).
+    """
+    io: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    config: GLMConfig
+    precision: str
+    kv_dtype: np.dtype
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def new_cache(self, batch: int, capacity: int) -> Any: ...
 
 
 # ---------------------------------------------------------------- feed checking (shared by every backend)
@@ -242,16 +263,21 @@ def default_model() -> Path:
 
 def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **options: Any) -> tuple[Any, Any]:
     """(session, tokenizer) for a model folder (None = the bundled model); the two must agree."""
-    from glm_runtime.tokenizer import load_tokenizer
+    from glm_runtime.tokenizer import TokenizerError, load_recorded_tokenizer
     folder = Path(model) if model is not None else default_model()
     if not folder.is_dir():
         raise ManifestError(f"model folder {folder} does not exist")
     session = open_session(folder, backend, **options)
     entry = getattr(getattr(session, "manifest", None), "tokenizer", None) or {}
+    if getattr(session, "tokenizer", None) is not None:  # decided by the session's source (torch: a checkpoint)
+        return session, session.tokenizer
     path = getattr(session, "tokenizer_path", None) or (folder / entry["file"] if entry.get("file") else None)
     if path is None:
         raise ManifestError(f"{folder} carries no tokenizer; re-export it with one (glmx export --tokenizer FILE)")
-    tokenizer = load_tokenizer(path, kind=entry.get("kind"))
+    try:
+        tokenizer = load_recorded_tokenizer(path.parent, {**entry, "file": path.name})
+    except TokenizerError as exc:
+        raise ManifestError(str(exc)) from None
     if tokenizer.vocab_size > session.config.vocab_size:
         raise ManifestError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                             f"{session.config.vocab_size} embedding rows; they do not belong together")

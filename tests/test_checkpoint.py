@@ -11,6 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
+from tests.fill_fixtures import make_tokenizer
+
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
@@ -130,7 +132,7 @@ def test_hub_style_config_json_and_downstream_heads(tmp_path, tiny_config, sourc
         save_file(part, str(folder / name))
         weight_map.update({k: name for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (folder / "tokenizer.json").write_text("{}")
+    make_tokenizer(folder / "tokenizer.json")
     loaded = load_checkpoint(folder)
     assert loaded.layout == "hf" and loaded.config.gelu == "erf" and len(loaded.files) == 2
     assert sorted(loaded.ignored_keys) == ["dense.weight", "out_proj.weight"]
@@ -184,7 +186,7 @@ def test_two_way_shards_load_to_the_unsharded_model(tmp_path, source):
 def test_folder_without_tracker_and_single_file(tmp_path, source):
     _, sd16, ref = source
     write_megatron(tmp_path, [sd16], tag="release", tracker=None)
-    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    bert_vocab(tmp_path / "vocab.txt")
     save_file(sd16, str(tmp_path / "bare.safetensors"))
     for path in (tmp_path / "release", tmp_path / "release" / "mp_rank_00_model_states.pt",
                  tmp_path / "bare.safetensors"):
@@ -193,25 +195,34 @@ def test_folder_without_tracker_and_single_file(tmp_path, source):
         assert loaded.tokenizer_file == tmp_path / "vocab.txt"  # found in the checkpoint root
 
 
-def test_heads_assumed_from_head_dim_64_when_no_config(tmp_path):
-    config = GLMConfig(num_layers=1, hidden_size=128, num_attention_heads=2, vocab_size=256, max_sequence_length=16,
-                       hidden_dropout=0.0, attention_dropout=0.0)
+def test_heads_are_never_guessed_without_a_config(tmp_path):
+    """No config and sizes of no preset: refused (heads cannot be read from the weights); a config.json beside
+    the shards, or --config, is used and said."""
+    config = GLMConfig(num_layers=1, hidden_size=128, num_attention_heads=4, vocab_size=256, max_sequence_length=16,
+                       hidden_dropout=0.0, attention_dropout=0.0)  # heads of width 32, not 64
     model = random_model(config, seed=3)
-    loaded = load_checkpoint(write_megatron(tmp_path, [fp16_state_dict(model)]))
-    assert loaded.config.num_attention_heads == 2 and loaded.config.max_sequence_length == 16
-    assert any("head_dim is 64" in n for n in loaded.notes)
-    with pytest.raises(CheckpointError, match="not a multiple of 64"):
-        odd = GLMConfig(num_layers=1, hidden_size=96, num_attention_heads=3, vocab_size=256, max_sequence_length=16)
-        load_checkpoint(write_megatron(tmp_path / "odd", [fp16_state_dict(GLMModel(odd))]))
-    assert load_checkpoint(tmp_path / "odd", config=odd).config == odd
+    root = write_megatron(tmp_path / "mega", [fp16_state_dict(model)])
+    with pytest.raises(CheckpointError, match=r"match no preset: the number of attention heads cannot be read"):
+        load_checkpoint(root)
+    (tmp_path / "given.json").write_text(config.replace(gelu="erf").to_json())
+    given = load_checkpoint(root, config=tmp_path / "given.json")
+    assert given.config.num_attention_heads == 4 and given.config.gelu == "erf"
+    assert any("given.json (given)" in n for n in given.notes)
+    (root / "config.json").write_text(json.dumps(config.to_hf_dict() | {"glmx": {}}))  # HF form, says no GeLU
+    beside = load_checkpoint(root)
+    assert beside.config.num_attention_heads == 4 and beside.config.gelu == "tanh"  # Megatron's default
+    assert any("gelu: tanh (the config does not say" in n and "ASSUMED" in n for n in beside.notes)
+    assert any(str(root / "config.json") in n for n in beside.notes)
+    ref = GLMModel(config).eval()
+    ref.load_state_dict({k: v.float() for k, v in fp16_state_dict(model).items()})
+    assert torch.equal(outputs(beside.model), outputs(ref))
 
 
 # ---------------------------------------------------------------- glmx's own folder
 
 def test_save_load_round_trip(tmp_path, tiny_config):
     model = random_model(tiny_config, seed=5)
-    tok = tmp_path / "tokenizer.json"
-    tok.write_text('{"model": "tiny"}')
+    tok = make_tokenizer(tmp_path / "tokenizer.json").files["tokenizer.json"]
     out = save_checkpoint(model, tmp_path / "ckpt", tokenizer_file=tok, extra={"note": "x"})
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "model.safetensors",
                                                      "tokenizer.json"]
@@ -233,13 +244,20 @@ def test_save_load_round_trip(tmp_path, tiny_config):
         save_checkpoint(model, out)
 
 
+def bert_vocab(path, lines: int = 400):
+    """A BERT-style vocab.txt (spec 7 special ids) of `lines` entries: with sop/eop, V = 512 (glm-tiny)."""
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat"]
+    path.write_text("\n".join(words + [f"w{i}" for i in range(lines - len(words))]) + "\n", encoding="utf-8")
+    return path
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def small_gpt2_vocab(folder):
-    """A GPT-2-style vocab.json (300 ids, <|endoftext|> last) + merges.txt: 309 ids with GLM's commands."""
-    _write_bpe(folder, [], 300, ["<|endoftext|>"])
+    """A GPT-2-style vocab.json (376 ids, <|endoftext|> last) + merges.txt: 385 ids with GLM's commands, V = 512."""
+    _write_bpe(folder, [], 376, ["<|endoftext|>"])
     return folder
 
 
@@ -254,7 +272,8 @@ def test_bpe_pair_tokenizer_is_copied_hashed_and_guarded(tmp_path, tiny_config):
     manifest = load_manifest(out, kind="checkpoint")
     hashes = {name: _sha(vocab / name) for name in ("vocab.json", "merges.txt")}
     assert {name: manifest.files[name] for name in hashes} == hashes
-    assert manifest.tokenizer == {"file": "vocab.json", "sha256": hashes["vocab.json"], "files": hashes}
+    assert {k: manifest.tokenizer[k] for k in ("file", "sha256", "files", "kind")} == {
+        "file": "vocab.json", "sha256": hashes["vocab.json"], "files": hashes, "kind": "gpt2"}
     loaded = load_checkpoint(out)
     assert loaded.tokenizer_file == out / "vocab.json"
     assert load_tokenizer(loaded.tokenizer_file).encode(BPE_TEXT) == load_tokenizer(vocab).encode(BPE_TEXT)
@@ -273,7 +292,7 @@ def test_bpe_pair_tokenizer_is_copied_hashed_and_guarded(tmp_path, tiny_config):
     # half a pair is refused before anything is written
     (tmp_path / "half").mkdir()
     shutil.copyfile(vocab / "vocab.json", tmp_path / "half" / "vocab.json")
-    with pytest.raises(CheckpointError, match=r"missing: merges\.txt"):
+    with pytest.raises(CheckpointError, match=r"missing: .*merges\.txt"):
         save_checkpoint(loaded.model, tmp_path / "ckpt_half", tokenizer_file=tmp_path / "half" / "vocab.json")
     assert not (tmp_path / "ckpt_half").exists()
 

@@ -34,8 +34,8 @@ def onnx_dir(tmp_path_factory):
     cfg = get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("engine")
-    tok = root / "tokenizer.json"
-    tok.write_text(json.dumps({"stand-in": "copied verbatim by the engine stage"}))
+    from tests.fill_fixtures import make_tokenizer
+    tok = make_tokenizer(root / "tokenizer.json").files["tokenizer.json"]  # copied verbatim by the engine stage
     return export_onnx(GLMModel(cfg).eval(), root / "onnx", precision="fp32", tokenizer_file=tok, validate=False,
                        log=lambda msg: None)
 

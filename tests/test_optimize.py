@@ -11,12 +11,12 @@ from onnx import helper, numpy_helper
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from glm_export import accuracy  # noqa: E402
+from glm_export import compare  # noqa: E402
 from glm_export import optimize  # noqa: E402
+from glm_export.compare import HELDOUT, TOLERANCES, blank_calls, run_calls, split_text, strip_provenance  # noqa: E402
+from glm_export.derive import op_histogram  # noqa: E402
 from glm_export.onnx_graph import MAX_OPSET, build_model  # noqa: E402
 from glm_export.optimize import OptimizeError, fuse_gelu, optimize_onnx  # noqa: E402
-from glm_export.parity import TOLERANCES  # noqa: E402
-from glm_export.quantize import DEFAULT_CALIBRATION, op_histogram  # noqa: E402
 from glm_runtime.config import get_preset  # noqa: E402
 from glm_runtime.iotable import LOGITS_START  # noqa: E402
 from glm_runtime.manifest import load_manifest  # noqa: E402
@@ -25,7 +25,7 @@ from tests.random_models import random_weights_model  # noqa: E402
 
 TINY = get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
 L = TINY.num_layers
-EVAL = accuracy.split_text(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))[1]
+EVAL = split_text(HELDOUT["en"].read_text(encoding="utf-8"))[1]
 EVAL_SHORT = EVAL[:len(EVAL) // 2]
 GELU_CONSTS = {"const/gelu_a", "const/gelu_k", "const/half", "const/one_w", "const/sqrt2"}
 # one tanh GeLU written out: Mul x*x, *a, x*(.), *k, x*0.5, final Mul; Add 1+ax2, 1+t; Tanh
@@ -39,7 +39,7 @@ def parents(tmp_path_factory):
     from glm_runtime.tokenizer import train_bpe_tokenizer
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("opt_parents")
-    text = accuracy.strip_provenance(DEFAULT_CALIBRATION.read_text(encoding="utf-8"))
+    text = strip_provenance(HELDOUT["en"].read_text(encoding="utf-8"))
     train_bpe_tokenizer([text], 512, root / "tokenizer.json")
     model = random_weights_model(TINY, seed=0)
     return {p: export_onnx(model, root / p, precision=p, tokenizer_file=root / "tokenizer.json", validate=False,
@@ -95,27 +95,23 @@ def test_manifest_records_the_rewrite_and_checks(parents, fused, precision):
     assert opt["ops"]["Gelu"] == L and "Tanh" not in opt["ops"] and opt["ops_parent"]["Tanh"] == L
     assert opt["trt_findings"] in ([], None)  # None only when glm_export.trt_check is absent
     assert m.precision == precision and m.io == load_manifest(parents[precision]).io
-    assert m.parity["reference"]["passed"]
-    assert m.parity["accuracy"]["fill_method"].startswith("glm_runtime.generate.fill_blanks")
+    assert m.parity["passed"] and m.parity["stage"] == "optimize" and set(m.parity["cases"]) >= {"gmask_at_end"}
+    assert m.parity["text"]["fill_method"].startswith("glm_runtime.generate.fill_blanks")
+    assert m.parity["text"]["language"] == "en" and m.parity["text"]["scheme"].startswith("optimized")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_fused_graph_matches_parent_within_parity_tolerance(parents, fused, precision):
-    parent, child = accuracy.GraphRunner(parents[precision]), accuracy.GraphRunner(fused[precision])
-    sp = accuracy.special_ids(parents[precision])
-    chunk = accuracy.text_ids(parents[precision], EVAL)[:40]
-    feeds_a, feeds_b, _ = accuracy.blank_calls(parent, chunk, sp)
-    want_a, presents_p = parent.run(feeds_a)
-    got_a, presents_c = child.run(feeds_a)
-    want_b, _ = parent.run(feeds_b(presents_p))
-    got_b, _ = child.run(feeds_b(presents_c))  # the decode call runs on the child's own cache
+    from glm_runtime.session import open_model
+    parent, tok = open_model(parents[precision])
+    child, _ = open_model(fused[precision])
+    calls, _ = blank_calls(tok, np.asarray(tok.encode(EVAL)[:40]))
+    want_all, got_all = run_calls(parent, calls), run_calls(child, calls)  # each decodes on its own cache
     tol = TOLERANCES[precision]
-    for want, got in ((want_a, got_a), (want_b, got_b)):
-        diff = float(np.abs(got - want).max())
-        assert np.isfinite(got).all() and diff <= tol.allowed(float(np.abs(want).max())), diff
-    for (pk, pv), (ck, cv) in zip(presents_p, presents_c):
-        assert np.abs(pk.astype(np.float32) - ck.astype(np.float32)).max() <= tol.atol
-        assert np.abs(pv.astype(np.float32) - cv.astype(np.float32)).max() <= tol.atol
+    for want, got in zip(want_all, got_all):
+        for name in want:
+            diff = float(np.abs(got[name] - want[name]).max())
+            assert np.isfinite(got[name]).all() and diff <= tol.allowed(float(np.abs(want[name]).max())), (name, diff)
 
 
 def test_runtime_fills_blanks_like_parent(parents, fused):

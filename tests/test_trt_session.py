@@ -216,7 +216,7 @@ def built(tmp_path_factory):
 
 @pytest.mark.gpu
 def test_engine_matches_onnx_runtime_through_the_device_cache(built):
-    from glm_export.parity import TOLERANCES
+    from glm_export.compare import TOLERANCES
     from glm_runtime import steps
     from glm_runtime.session import open_session
     onnx, engine = built
@@ -525,7 +525,10 @@ def test_build_parity_figures_on_the_stand_in(stand_in):
     from glm_export.engine import measure_parity
     onnx, engine, _ = stand_in
     session = TensorRTSession(engine)
-    figures = measure_parity(session, onnx / "model.onnx", batch=2, context=8, steps=3)
-    assert figures["passed"] and figures["max_abs_logits"] == 0.0 and figures["argmax_agreement"] == 1.0
-    assert len(figures["max_abs_logits_per_call"]) == 4 and figures["tolerance"]["atol"] == 1e-4
+    from glm_runtime.manifest import load_manifest
+    result = measure_parity(session, onnx, load_manifest(engine).extra["limits"]).to_dict()
+    # the stand-in runs ONNX Runtime on a capacity-sized device cache: only summation order differs
+    assert result["passed"] and result["max_abs_diff"]["logits"] <= 1e-5 and result["top1_agreement"] == 1.0
+    assert {"blank_mid_context", "gmask_at_end"} <= set(result["cases"]) and result["tolerance"]["atol"] == 1e-4
+    assert result["stage"] == "build-engine" and "TensorRTSession" in result["candidate"]
     session.close()

@@ -1,0 +1,577 @@
+"""The one comparison harness: an artifact against its reference, both behind the runtime's session contract.
+
+In: two sessions (glm_runtime.session.Session: ONNX Runtime, TensorRT or the torch reference), GLM's cases (the
+blank-filling layouts of spec 2-4, built here from the spec's formulas) and, for derived artifacts, held-out
+text tokenized by the runtime's tokenizer of any GLM kind. Out: a `Comparison` whose `to_dict()` is the one
+shape of every manifest's `parity` record (export, optimize, quantize, build-engine), judged against the one
+tolerance table (structure) and the one budget table (text).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
+from glm_runtime.session import Session
+
+# ------------------------------------------------------------------ tolerances and budgets (the one table)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A value passes when max |candidate - reference| <= atol + rtol * max |reference| (per case and output)."""
+    atol: float
+    rtol: float
+
+    def allowed(self, ref_max: float) -> float:
+        return self.atol + self.rtol * ref_max
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"atol": self.atol, "rtol": self.rtol, "rule": "max|candidate-reference| <= atol + rtol*max|reference|"}
+
+
+# fp32: the same arithmetic, only summation order differs, so the error grows with the values summed: rtol 1e-4
+# of max|ref| lets GLM-10B's logits (|ref| ~ 30-60, 48 layers of 4096-wide sums) through while a tiny model
+# (|ref| ~ 1-5) still catches a GeLU slip (tanh vs erf moves its logits by ~3e-3; tests/test_published.py).
+# fp16: weights and the KV cache rounded to fp16 (LayerNorm, QK product, masking and softmax kept in fp32); on
+# top of the values, top-1 must agree wherever the reference's top-1 / top-2 margin exceeds twice the budget.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4),
+    "fp16": Tolerance(atol=3e-2, rtol=5e-3),
+}
+
+# Text budgets per derived artifact, against its parent on held-out text. Measured on the bundled glmx-small
+# (benchmarks/results/quantization_bundled.json, 800 positions, 16 prompts): top-1 fp16 0.9975, int8-dynamic
+# 0.9925, qdq-int8 0.9912, int4-weight 0.9938, fills 16/16 each; quantizing the tied head too cost 0.7-1.2
+# points of top-1 and up to 10/16 fills, so the head stays fp32 by default (quantize.KEEP_FP32). top1 = share
+# of teacher-forced Part B positions whose argmax agrees; fill = share of blank prompts whose greedy fill is
+# identical; ppl_change = |child ppl / parent ppl - 1|.
+BUDGETS: dict[str, dict[str, float]] = {
+    "optimized": {"top1": 0.999, "fill": 1.00, "ppl_change": 0.001, "max_logit_diff": 1e-3},
+    # an fp16 graph's fused op (one Gelu) rounds to fp16 once where the parent rounded after each of its nodes:
+    # logits may move by the fp16 parity tolerance (TOLERANCES["fp16"].atol)
+    "optimized-fp16": {"top1": 0.999, "fill": 1.00, "ppl_change": 0.001, "max_logit_diff": 3e-2},
+    "fp16": {"top1": 0.995, "fill": 0.90, "ppl_change": 0.005},
+    "int8-dynamic": {"top1": 0.99, "fill": 0.75, "ppl_change": 0.02},
+    "qdq-int8": {"top1": 0.98, "fill": 0.70, "ppl_change": 0.03},
+    "int4-weight": {"top1": 0.95, "fill": 0.50, "ppl_change": 0.08},
+}
+WINDOW = 64  # tokens per teacher-forced window: half Part A, half Part B
+FILL_TOKENS = 8  # greedy tokens generated per blank prompt
+
+
+class ParityError(AssertionError):
+    """The artifact does not match its reference: wrong names, wrong shapes, or values out of budget."""
+
+
+class BudgetError(ValueError):
+    """A derived artifact lost more accuracy on held-out text than its scheme's budget allows."""
+
+
+# ------------------------------------------------------------------ calls and cases
+
+
+@dataclass
+class Call:
+    """One session call of a case. The cache of earlier calls is handled by the harness."""
+    input_ids: np.ndarray  # int64 [B, T]
+    position_ids: np.ndarray  # int64 [B, 2, T]
+    block: np.ndarray  # bool [B, T, T]: which of this call's tokens each of them sees (past slots: `seen`)
+    keep: np.ndarray  # bool [B, T]: which of this call's tokens later calls see (padding: False)
+
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    calls: list[Call] = field(default_factory=list)
+
+
+def _call(ids: Sequence[Sequence[int]], pos: np.ndarray, block: np.ndarray, keep: np.ndarray | None = None) -> Call:
+    ids = np.asarray(ids, dtype=np.int64).reshape(len(ids), -1)
+    B, T = ids.shape
+    block = np.broadcast_to(np.asarray(block, dtype=bool), (B, T, T)).copy()
+    keep = np.ones((B, T), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    return Call(ids, np.asarray(pos, dtype=np.int64).reshape(B, 2, T), block, keep)
+
+
+# GLM's layouts from the spec's own formulas (positions spec 2, masks spec 3.1), independent of glm_runtime.masks.
+def _context_pos(c: int) -> np.ndarray:
+    return np.stack([np.arange(c), np.zeros(c, dtype=np.int64)])  # Part A: (0..c-1, block 0)
+
+
+def _span_pos(mask_pos: int, first: int, count: int) -> np.ndarray:
+    return np.stack([np.full(count, mask_pos), np.arange(first + 1, first + count + 1)])  # Part B: (m, t+1)
+
+
+def _sep(seq: int, sep: int) -> np.ndarray:
+    i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    return (j < sep) | (j <= i)  # query i sees key j iff j < sep or j <= i
+
+
+# Stand-in ids for the command tokens: parity depends on the layout (where blanks and spans sit), not on
+# which vocabulary row is [MASK]; real ids per vocabulary are in spec section 7.
+PAD, CLS, MASK, GMASK, SOP, EOS = 0, 1, 2, 3, 4, 5
+FIRST_TEXT_ID = 8
+
+
+def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
+    """The blank-filling situations an exported graph must get right (spec 3 and 4)."""
+    if vocab_size < FIRST_TEXT_ID + 8:
+        raise ValueError(f"parity cases need a vocabulary of at least {FIRST_TEXT_ID + 8} ids, got {vocab_size}")
+    rng = np.random.default_rng(seed)
+
+    def text(n: int) -> list[int]:
+        return rng.integers(FIRST_TEXT_ID, vocab_size, n).tolist()
+
+    def one(ids, pos, block) -> Call:
+        return _call([ids], pos[None], block[None])
+
+    cases = []
+    ctx = [CLS] + text(2) + [MASK] + text(3) + [EOS]
+    C = len(ctx)
+    cases.append(Case("blank_mid_context", "context pass with a [MASK] mid-text, sep = C, past 0",
+                      [one(ctx, _context_pos(C), _sep(C, C))]))
+
+    # two blanks filled one after the other through the cache (spec 4.2): span 1 token by token, span 2 on top
+    # of it as a 3-token chunk (seq > 1 with past > 0), then one more single step
+    t = text(5)
+    ctx = [CLS, t[0], MASK, t[1], t[2], MASK, t[3], EOS]
+    C, (m1, m2) = len(ctx), (2, 5)
+    case = Case("two_blanks_through_cache", "context pass, span 1 decoded token by token (past > 0), span 2 on "
+                "top as a chunk and a single step", [one(ctx, _context_pos(C), _sep(C, C))])
+    for k, tok in enumerate([SOP] + text(2)):
+        case.calls.append(one([tok], _span_pos(m1, k, 1), _sep(1, 0)))
+    case.calls.append(one([SOP] + text(2), _span_pos(m2, 0, 3), _sep(3, 0)))
+    case.calls.append(one(text(1), _span_pos(m2, 3, 1), _sep(1, 0)))
+    cases.append(case)
+
+    ctx = [CLS] + text(4) + [GMASK]  # [gMASK] at the end: no eos after it (spec 4.1)
+    C = len(ctx)
+    case = Case("gmask_at_end", "prefix [gMASK] context pass, then sop and two tokens through the cache",
+                [one(ctx, _context_pos(C), _sep(C, C))])
+    for k, tok in enumerate([SOP] + text(2)):
+        case.calls.append(one([tok], _span_pos(C - 1, k, 1), _sep(1, 0)))
+    cases.append(case)
+
+    t = text(8)  # the training-equivalent single pass: Part A + both spans, sep = C (spec 4.2)
+    ctx = [CLS, t[0], MASK, t[1], t[2], MASK, t[3], EOS]
+    C = len(ctx)
+    ids = ctx + [SOP, t[4], t[5], SOP, t[6], t[7]]
+    pos = np.concatenate([_context_pos(C), _span_pos(2, 0, 3), _span_pos(5, 0, 3)], axis=1)
+    cases.append(Case("one_pass_two_spans", "Part A and two Part B spans in one pass (sep mask, 2D positions)",
+                      [one(ids, pos, _sep(len(ids), C))]))
+
+    # a batch whose rows have blanks at different places and lengths, padded left or right; padding slots get
+    # token PAD and position (0, 0), see only themselves, and stay invisible to every later call
+    rows = [[CLS] + text(1) + [MASK] + text(3) + [EOS], [CLS] + text(2) + [MASK, EOS],
+            [CLS] + text(5) + [MASK] + text(2) + [EOS]]
+    mask_pos = [row.index(MASK) for row in rows]
+    B, W = len(rows), max(len(r) for r in rows)
+    for side, n_steps in (("right", 3), ("left", 2)):
+        ids, pos, real = np.full((B, W), PAD), np.zeros((B, 2, W), np.int64), np.zeros((B, W), bool)
+        for r, row in enumerate(rows):
+            cols = slice(W - len(row), W) if side == "left" else slice(0, len(row))
+            ids[r, cols], pos[r, :, cols], real[r, cols] = row, _context_pos(len(row)), True
+        block = (real[:, None, :] & real[:, :, None]) | np.eye(W, dtype=bool)
+        case = Case(f"batch_{side}_padding", f"3 rows of lengths {[len(r) for r in rows]}, blanks at {mask_pos}, "
+                    f"{side}-padded, then {n_steps} batched decode steps", [_call(ids, pos, block, real)])
+        for k in range(n_steps):
+            toks = [[SOP]] * B if k == 0 else [text(1) for _ in rows]
+            case.calls.append(_call(toks, np.stack([_span_pos(m, k, 1) for m in mask_pos]), np.ones((B, 1, 1))))
+        cases.append(case)
+    return cases
+
+
+# ------------------------------------------------------------------ running a case on a session
+
+
+def _host(value: Any) -> np.ndarray:
+    value = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else value
+    return np.asarray(value)
+
+
+class _Past:
+    """The cache of one session over a case: exact-length numpy past for host sessions (past_seq grows call by
+    call, as the runtime's loop feeds it, and starts at 0), the session's own device cache otherwise."""
+
+    def __init__(self, session: Session, batch: int, capacity: int):
+        from glm_runtime.kvcache import KVCache, new_cache
+        cache = new_cache(session, batch, capacity)
+        self.device = None if isinstance(cache, KVCache) else cache
+        self.names = past_names(session.io)
+        cfg = session.config
+        empty = np.zeros((batch, cfg.num_attention_heads, 0, cfg.head_dim), dtype=session.kv_dtype)
+        self.arrays = {name: empty for pair in self.names for name in pair}
+        self.present = present_names(session.io)
+
+    @property
+    def slots(self) -> int:
+        return self.device.capacity if self.device is not None else next(iter(self.arrays.values())).shape[2]
+
+    def feeds(self) -> dict[str, Any]:
+        return self.device.feeds() if self.device is not None else dict(self.arrays)
+
+    def append(self, out: dict[str, Any], count: int) -> None:
+        if self.device is not None:
+            self.device.append(out, [count] * self.device.batch)
+            return
+        for (pk, pv), (nk, nv) in zip(self.names, self.present):
+            self.arrays[pk] = np.concatenate([self.arrays[pk], _host(out[nk])], axis=2)
+            self.arrays[pv] = np.concatenate([self.arrays[pv], _host(out[nv])], axis=2)
+
+    def close(self) -> None:
+        if self.device is not None and hasattr(self.device, "close"):
+            self.device.close()
+
+
+def _check_shapes(session: Session, out: dict[str, Any], B: int, T: int, k: int, rows: int) -> None:
+    """Second check (after names): every output's concrete shape for this call (`rows` logits per row)."""
+    cfg = session.config
+    expected = {"logits": (B, rows, cfg.vocab_size)}
+    expected.update({name: (B, cfg.num_attention_heads, T, cfg.head_dim) for pair in present_names(session.io)
+                     for name in pair})
+    for name, shape in expected.items():
+        got = tuple(_host(out[name]).shape)
+        if got != shape:
+            raise ParityError(f"call {k}: output {name!r} of {describe(session)} has shape {list(got)}, expected "
+                              f"{list(shape)}")
+
+
+def run_calls(session: Session, calls: Sequence[Call], record: list | None = None,
+              last_row_only: bool = False) -> list[dict[str, np.ndarray]]:
+    """Every call of a case through `session`, each seeing the kept tokens of the calls before it.
+    -> per call {"logits": [B,T,V] float32, present name: [B,n,T,d] float32}. record: the feeds given, appended.
+    last_row_only: the final call asks for the last position's logits only (logits_start = -1)."""
+    B = calls[0].input_ids.shape[0]
+    past = _Past(session, B, sum(c.input_ids.shape[1] for c in calls))
+    seen = np.zeros((B, 0), dtype=bool)  # which fed tokens later calls may see, in cache slot order
+    outputs = []
+    try:
+        for call in calls:
+            T = call.input_ids.shape[1]
+            slots = past.slots
+            visible = np.zeros((B, slots), dtype=bool)
+            visible[:, :seen.shape[1]] = seen
+            mask = np.concatenate([np.broadcast_to(visible[:, None, :], (B, T, slots)), call.block], axis=2)
+            feeds = {"input_ids": call.input_ids, "position_ids": call.position_ids,
+                     "attention_mask": np.ascontiguousarray(mask[:, None]), **past.feeds()}
+            last = last_row_only and len(outputs) == len(calls) - 1
+            if last:
+                feeds[LOGITS_START] = np.array([-1], dtype=np.int64)
+            if record is not None:
+                record.append(feeds)
+            out = session.run(feeds)
+            _check_shapes(session, out, B, T, len(outputs), 1 if last else T)
+            outputs.append({k: _host(v).astype(np.float32) for k, v in out.items()})
+            past.append(out, T)
+            seen = np.concatenate([seen, call.keep], axis=1)
+    finally:
+        past.close()
+    return outputs
+
+
+# ------------------------------------------------------------------ structure: GLM's cases, value budgets
+
+
+def describe(session: Session) -> str:
+    kind = type(session).__name__
+    where = getattr(session, "folder", None)
+    if where is not None and Path(where).name.endswith(".partial"):  # the staged folder of the artifact written
+        where = "the artifact being written"
+    providers = getattr(session, "providers", None)
+    return f"{kind}" + (f" {providers[0] if isinstance(providers[0], str) else providers[0][0]}" if providers else "") \
+        + (f" on {where}" if where else "") + f" ({getattr(session, 'precision', '?')})"
+
+
+@dataclass
+class Comparison:
+    """The parity record of one artifact against its reference: structure on GLM's cases, text if measured."""
+    stage: str
+    reference: str
+    candidate: str
+    precision: str
+    tolerance: Tolerance | None  # None: values are judged on held-out text only (quantized artifacts)
+    cases: dict[str, dict[str, Any]]
+    top1_agreement: float
+    top1_decisive_mismatches: int
+    text: dict[str, Any] | None = None  # held-out text figures (derived artifacts), see compare_on_text
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        for name, f in self.cases.items():
+            for key in ("logits", "present_key", "present_value"):
+                if self.tolerance is not None and (not np.isfinite(f[key]) or f[key] > f[f"allowed_{key}"]):
+                    out.append(f"{name}: {key} max |diff| {f[key]:.3e} > budget {f[f'allowed_{key}']:.3e} "
+                               f"(max|ref| {f['ref_' + ('logits' if key == 'logits' else 'present')]:.3g})")
+            if f["non_finite"]:
+                out.append(f"{name}: the candidate's outputs contain NaN or inf ({', '.join(f['non_finite'][:3])})")
+        if self.top1_decisive_mismatches:
+            out.append(f"top-1 differs at {self.top1_decisive_mismatches} position(s) where the reference's margin "
+                       f"exceeds twice the logit budget")
+        if self.text is not None:
+            out += [f"text: {m}" for m in self.text.get("misses", [])]
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def max_diff(self, key: str) -> float:
+        return max(f[key] for f in self.cases.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "reference": self.reference, "candidate": self.candidate,
+                "precision": self.precision, "passed": self.passed, "failures": self.failures,
+                "tolerance": self.tolerance.to_dict() if self.tolerance is not None else None,
+                "max_abs_diff": {k: self.max_diff(k) for k in ("logits", "present_key", "present_value")},
+                "max_abs_ref": {k: max(f[f"ref_{k}"] for f in self.cases.values()) for k in ("logits", "present")},
+                "top1_agreement": self.top1_agreement, "top1_decisive_mismatches": self.top1_decisive_mismatches,
+                "cases": self.cases, "text": self.text, "versions": self.versions}
+
+    def table(self) -> str:
+        tol = self.tolerance
+        rule = f"budget {tol.atol:g} + {tol.rtol:g}*max|ref|" if tol else "values judged on held-out text only"
+        lines = [f"{self.stage}: {self.candidate} vs {self.reference} ({rule}):",
+                 f"  {'case':26s} {'calls':>5s} {'logits':>10s} {'max|ref|':>9s} {'budget':>9s} {'present.k':>10s} "
+                 f"{'present.v':>10s} {'max|ref|':>9s} {'budget':>9s}"]
+        for name, f in self.cases.items():
+            lines.append(f"  {name:26s} {f['calls']:5d} {f['logits']:10.3e} {f['ref_logits']:9.3g} "
+                         f"{f['allowed_logits']:9.2e} {f['present_key']:10.3e} {f['present_value']:10.3e} "
+                         f"{f['ref_present']:9.3g} {f['allowed_present_key']:9.2e}")
+        lines.append(f"  top-1 agreement {self.top1_agreement:.4f} ({self.top1_decisive_mismatches} decisive "
+                     f"mismatches)")
+        if self.text is not None:
+            t = self.text
+            lines.append(f"  held-out text ({t['language']}, {t['positions']} positions, {t['fill_prompts']} fills): "
+                         f"top-1 {t['top1_agreement']:.4f}, fills {t['fill_agreement']:.3f}, ppl change "
+                         f"{t['ppl_change']:+.4f}, max logit diff {t['max_logit_diff']:.3g}")
+        return "\n".join(lines + [f"  MISS {x}" for x in self.failures])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _check_names(candidate: Session, reference: Session) -> None:
+    """First check: the two sessions take and give the same names (the IO table), in the same order."""
+    from glm_runtime.iotable import required_inputs
+    for kind in ("inputs", "outputs"):  # an optional input (logits_start) may be absent from an engine's table
+        a = [e["name"] for e in (required_inputs(candidate.io) if kind == "inputs" else candidate.io[kind])]
+        b = [e["name"] for e in (required_inputs(reference.io) if kind == "inputs" else reference.io[kind])]
+        if a != b:
+            missing, extra = [n for n in b if n not in a], [n for n in a if n not in b]
+            raise ParityError(f"{kind} of the candidate do not match the reference's IO table: missing {missing}, "
+                              f"unexpected {extra}" + ("" if missing or extra else f", order {a} != {b}"))
+
+
+def compare_sessions(candidate: Session, reference: Session, *, stage: str, tolerance: Tolerance | None = None,
+                     cases: Iterable[Case] | None = None) -> Comparison:
+    """Run GLM's cases through both sessions; check names, then shapes, then values (and top-1)."""
+    _check_names(candidate, reference)
+    cfg = reference.config
+    tol = tolerance or TOLERANCES.get(candidate.precision)  # None for quantized precisions
+    unjudged = Tolerance(float("inf"), 0.0)
+    n, d, V = cfg.num_attention_heads, cfg.head_dim, cfg.vocab_size
+    figures: dict[str, dict[str, Any]] = {}
+    agree = total = decisive = 0
+    logits_start = accepts(candidate, LOGITS_START) and accepts(reference, LOGITS_START)
+    for case in cases if cases is not None else glm_cases(V):
+        got_all, want_all = run_calls(candidate, case.calls), run_calls(reference, case.calls)
+        f = {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0, "ref_present": 0.0,
+             "worst_present_key": "", "worst_present_value": "", "non_finite": [], "calls": len(case.calls)}
+        for k, (call, got, want) in enumerate(zip(case.calls, got_all, want_all)):
+            ref = want["logits"]
+            f["logits"] = max(f["logits"], float(np.abs(got["logits"] - ref).max()))
+            f["ref_logits"] = max(f["ref_logits"], float(np.abs(ref).max()))
+            for name, value in got.items():
+                if not np.isfinite(value).all():
+                    f["non_finite"].append(f"call {k} {name}")
+            for kn, vn in present_names(reference.io):
+                for part, name in (("key", kn), ("value", vn)):
+                    diff = float(np.abs(got[name] - want[name]).max())
+                    f["ref_present"] = max(f["ref_present"], float(np.abs(want[name]).max()))
+                    if diff >= f[f"present_{part}"]:
+                        f[f"present_{part}"], f[f"worst_present_{part}"] = diff, name
+            top2 = np.sort(ref, axis=-1)[..., -2:]
+            same = got["logits"].argmax(-1) == ref.argmax(-1)
+            agree += int(same.sum())
+            total += same.size
+            decisive += int((~same & (top2[..., 1] - top2[..., 0] > 2 * (tol or unjudged).allowed(
+                f["ref_logits"]))).sum())
+        # the candidate's last row against its own full logits; not for quantized graphs, whose dynamic activation
+        # scales depend on which rows are in the call
+        if logits_start and tol is not None:
+            _check_logits_start(candidate, case, got_all[-1]["logits"], tol.allowed(f["ref_logits"]))
+        f["allowed_logits"] = (tol or unjudged).allowed(f["ref_logits"])
+        f["allowed_present_key"] = f["allowed_present_value"] = (tol or unjudged).allowed(f["ref_present"])
+        figures[case.name] = f
+    return Comparison(stage, describe(reference), describe(candidate), candidate.precision, tol, figures,
+                      agree / max(total, 1), decisive, versions=_versions())
+
+
+def _check_logits_start(session: Session, case: Case, full: np.ndarray, allowed: float) -> None:
+    """logits_start = -1 must return the last position of the full logits (the same rows through the same
+    weights; a one-row product may take another kernel, so within the logit budget)."""
+    if case.calls[-1].input_ids.shape[1] < 2:
+        return
+    last = run_calls(session, case.calls, last_row_only=True)[-1]["logits"]
+    if last.shape != full[:, -1:].shape:
+        raise ParityError(f"case {case.name!r}: logits_start=-1 gave logits of shape {list(last.shape)}, expected "
+                          f"{list(full[:, -1:].shape)}")
+    diff = float(np.abs(last - full[:, -1:]).max())
+    if diff > allowed:
+        raise ParityError(f"case {case.name!r}: logits_start=-1 differs from the full logits' last row by {diff:.3g}")
+
+
+def _versions() -> dict[str, str]:
+    from glm_runtime.manifest import tool_versions
+    return tool_versions("onnxruntime", "torch")
+
+
+# ------------------------------------------------------------------ text: held-out windows and greedy fills
+
+
+def text_windows(tok: Any, text: str, vocab_size: int, window: int, limit: int) -> list[np.ndarray]:
+    ids = np.asarray([i for i in tok.encode(text) if i < vocab_size], dtype=np.int64)
+    return [ids[s:s + window] for s in range(0, len(ids) - window + 1, window)][:limit]
+
+
+def blank_calls(tok: Any, chunk: np.ndarray) -> tuple[list[Call], np.ndarray]:
+    """A teacher-forced document blank (spec 5, gpt mode) as two calls, context then span.
+
+    Part A = [CLS] chunk[:a] [gMASK]   positions 0..a+1, block 0, bidirectional
+    Part B = sop chunk[a:-1]           position of the [gMASK], blocks 1.., sees Part A + causal
+    -> (calls, targets of Part B = chunk[a:]). A vocabulary without [gMASK] (BERT, RoBERTa) uses [MASK].
+    """
+    a = len(chunk) // 2
+    blank = tok.special.get("gMASK", tok.special["MASK"])
+    head = [tok.special["ENC"], *chunk[:a].tolist(), blank]
+    c = len(head)
+    span = [tok.special["sop"], *chunk[a:-1].tolist()]
+    t = len(span)
+    return [_call([head], _context_pos(c)[None], _sep(c, c)[None]),
+            _call([span], _span_pos(c - 1, 0, t)[None], _sep(t, 0)[None])], chunk[a:]
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -logp[np.arange(len(targets)), targets]
+
+
+def fill_prompts(tok: Any, text: str, vocab_size: int, count: int, length: int = 24, hole: int = 4) -> list[str]:
+    """Text prompts with one [MASK] each: `hole` tokens of held-out text replaced by the blank."""
+    out = []
+    for chunk in text_windows(tok, text, vocab_size, length, count):
+        left, right = chunk[:length // 3].tolist(), chunk[length // 3 + hole:].tolist()
+        out.append(f"{tok.decode(left)} [MASK] {tok.decode(right)}")
+    return out
+
+
+def compare_on_text(candidate: Session, reference: Session, tok: Any, text: str, *, language: str = "?",
+                    max_windows: int = 48, prompts: int = 16) -> dict[str, Any]:
+    """Teacher-forced Part B logits and greedy fills (the runtime's fill_blanks) of both sessions on `text`."""
+    from glm_runtime.generate import fill_blanks
+    cfg = reference.config
+    window = min(WINDOW, (cfg.max_sequence_length - 2) // 2 * 2)
+    chunks = text_windows(tok, text, cfg.vocab_size, window, max_windows)
+    if len(chunks) < 2:
+        raise ValueError(f"held-out text gives fewer than 2 windows of {window} tokens: pass a longer text")
+    diffs, agree, nll_c, nll_r, finite = [], [], [], [], True
+    for chunk in chunks:
+        calls, targets = blank_calls(tok, chunk)
+        got, want = run_calls(candidate, calls)[1]["logits"][0], run_calls(reference, calls)[1]["logits"][0]
+        finite &= bool(np.isfinite(got).all())
+        diffs.append(float(np.abs(got - want).max()))
+        agree.append(got.argmax(-1) == want.argmax(-1))
+        nll_c.append(_nll(got, targets))
+        nll_r.append(_nll(want, targets))
+    agree_all = np.concatenate(agree)
+    texts = fill_prompts(tok, text, cfg.vocab_size, prompts)
+    fills = [[r.spans[0].token_ids for r in fill_blanks(s, tok, texts, max_new_tokens=FILL_TOKENS)]
+             for s in (reference, candidate)]
+    same = [a == b for a, b in zip(*fills)]
+    tok_agree = [sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1) for a, b in zip(*fills)]
+    ppl_r, ppl_c = math.exp(np.concatenate(nll_r).mean()), math.exp(np.concatenate(nll_c).mean())
+    return {"language": language, "tokenizer": tok.kind, "positions": int(agree_all.size), "windows": len(chunks),
+            "window": window, "finite": finite, "max_logit_diff": max(diffs),
+            "top1_agreement": float(agree_all.mean()), "fill_prompts": len(same),
+            "fill_method": "glm_runtime.generate.fill_blanks (greedy)", "fill_tokens": FILL_TOKENS,
+            "fill_agreement": float(np.mean(same)) if same else 1.0,
+            "fill_token_agreement": float(np.mean(tok_agree)) if tok_agree else 1.0,
+            "ppl_reference": ppl_r, "ppl_candidate": ppl_c, "ppl_change": ppl_c / ppl_r - 1.0}
+
+
+def budget_misses(scheme: str, figures: dict[str, Any]) -> list[str]:
+    """Human-readable misses of text `figures` against BUDGETS[scheme] (empty when within budget)."""
+    budget = BUDGETS[scheme]
+    misses = []
+    if not figures["finite"]:
+        misses.append("non-finite logits")
+    if figures["top1_agreement"] < budget["top1"]:
+        misses.append(f"top-1 agreement {figures['top1_agreement']:.4f} < {budget['top1']}")
+    if figures["fill_agreement"] < budget["fill"]:
+        misses.append(f"greedy fill agreement {figures['fill_agreement']:.3f} < {budget['fill']}")
+    if abs(figures["ppl_change"]) > budget["ppl_change"]:
+        misses.append(f"Part B perplexity change {figures['ppl_change']:+.4f} beyond ±{budget['ppl_change']}")
+    if figures["max_logit_diff"] > budget.get("max_logit_diff", float("inf")):
+        misses.append(f"max logit difference {figures['max_logit_diff']:.3g} > {budget['max_logit_diff']}")
+    return misses
+
+
+# ------------------------------------------------------------------ held-out text in the model's language
+
+DATA = Path(__file__).resolve().parent / "data"
+HELDOUT = {"en": DATA / "calibration.txt", "zh": DATA / "heldout_zh.txt"}
+CHINESE_KINDS = ("chinese-sp", "chinese-sp-fix")
+
+
+def language_of(tokenizer_kind: str | None) -> str:
+    return "zh" if tokenizer_kind in CHINESE_KINDS else "en"
+
+
+def strip_provenance(text: str) -> str:
+    """Drop the leading '# ' provenance lines of a glmx text file."""
+    lines = text.splitlines()
+    while lines and lines[0].startswith("# "):
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """(calibration half, evaluation half): alternate blank-line separated documents, so they never overlap."""
+    docs = [d.strip() for d in strip_provenance(text).split("\n\n") if d.strip()]
+    return "\n\n".join(docs[0::2]), "\n\n".join(docs[1::2])
+
+
+def heldout_text(tokenizer_kind: str | None, half: int = 1) -> tuple[str, dict[str, Any]]:
+    """The bundled held-out text in the model's language: (text, record of its source). half 0 calibrates,
+    half 1 evaluates; they never share a document."""
+    from glm_runtime.manifest import sha256_file
+    lang = language_of(tokenizer_kind)
+    path = HELDOUT[lang]
+    return split_text(path.read_text(encoding="utf-8"))[half], {
+        "language": lang, "source": f"glm_export/data/{path.name} ({'odd' if half else 'even'} documents)",
+        "sha256": sha256_file(path)}
+
+
+def compare_artifact(candidate: Session, reference: Session, tok: Any, *, stage: str, scheme: str | None,
+                     text: str | None = None, tolerance: Tolerance | None = None) -> Comparison:
+    """Structure (GLM's cases) and, with a scheme, held-out text judged against BUDGETS[scheme]."""
+    result = compare_sessions(candidate, reference, stage=stage, tolerance=tolerance)
+    if scheme is not None:
+        if text is None:
+            text, source = heldout_text(tok.kind)
+        else:
+            source = {"language": language_of(tok.kind), "source": "text given by the caller"}
+        figures = compare_on_text(candidate, reference, tok, text, language=source["language"])
+        misses = budget_misses(scheme, figures)
+        result.text = dict(figures, scheme=scheme, budget=BUDGETS[scheme], heldout=source,
+                           within_budget=not misses, misses=misses)
+    return result

@@ -1,0 +1,86 @@
+"""What the derived stages share (optimize, quantize): reading the parent folder, writing the child's graph
+(external data past protobuf's 2 GB, as export does), and judging the child against its parent.
+
+In: a parent glmx ONNX folder and a staged child folder holding model.onnx. Out: the child's tokenizer copied,
+its manifest written with the parity record of glm_export.compare (one shape for every stage).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file, \
+    tokenizer_file_names, write_manifest
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 27  # protobuf cannot serialize a message past 2 GiB (export.py)
+
+
+class DeriveError(ValueError):
+    """The parent folder cannot be derived from (no tokenizer to judge the child with, wrong kind)."""
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def trt_findings(path: Path) -> list[str] | None:
+    """check_trt's findings as strings (empty = TensorRT's parser reads every node); None when the checker
+    (glm_export.trt_check) is not installed, recorded as "not checked" rather than passed."""
+    try:
+        from glm_export.trt_check import check_trt
+    except ImportError:
+        return None
+    return [str(f) for f in check_trt(path)]
+
+
+def read_parent(src_dir: Path) -> tuple[Manifest, Path, Any]:
+    """(manifest, model file, tokenizer) of a parent ONNX folder; the tokenizer is what the child is judged with."""
+    from glm_runtime.tokenizer import TokenizerError, load_recorded_tokenizer
+    manifest = load_manifest(src_dir, kind="onnx")
+    if not manifest.tokenizer.get("file"):
+        raise DeriveError(f"{src_dir} carries no tokenizer, and a derived artifact is judged against its parent on "
+                          f"held-out text; re-export it with its tokenizer (glmx export --tokenizer FILE)")
+    try:
+        tok = load_recorded_tokenizer(src_dir, manifest.tokenizer)
+    except TokenizerError as exc:
+        raise ManifestError(str(exc)) from None
+    return manifest, src_dir / manifest.extra.get("model_file", MODEL_FILE), tok
+
+
+def save_graph(model: onnx.ModelProto, folder: Path) -> str | None:
+    """model.onnx into `folder`, its weights in model.onnx.data when the graph passes ~2 GB; -> the data file."""
+    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    onnx.save(model, folder / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=1024)
+    return DATA_FILE if external else None
+
+
+def child_manifest(parent: Manifest, src_dir: Path, stage: Path, *, precision: str, io: dict[str, Any],
+                   extra: dict[str, Any]) -> Manifest:
+    """The child's manifest (config, tokenizer and IO from the parent), with the parent's tokenizer files copied."""
+    from glm_runtime.manifest import tool_versions
+    for name in tokenizer_file_names(parent.tokenizer):  # vocab.json + merges.txt for a BPE pair
+        shutil.copy2(src_dir / name, stage / name)
+    return Manifest(kind="onnx", config=parent.config, precision=precision, tokenizer=parent.tokenizer, io=io,
+                    versions=tool_versions("onnx", "onnxruntime"), extra=extra,
+                    parent={"path": str(src_dir), "manifest_sha256": sha256_file(src_dir / MANIFEST_NAME)})
+
+
+def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_name: str, scheme: str,
+                eval_text: str | None):
+    """Write the child's manifest, open child and parent on ONNX Runtime and compare them (GLM's cases, then
+    held-out text in the model's language). -> the Comparison; the caller decides what a miss means."""
+    from glm_export.compare import compare_artifact
+    from glm_runtime.session import OnnxRuntimeSession
+    write_manifest(stage, child)
+    return compare_artifact(OnnxRuntimeSession(stage), OnnxRuntimeSession(src_dir), tok, stage=stage_name,
+                            scheme=scheme, text=eval_text)
