@@ -361,8 +361,10 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     except (QuantizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
     acc = load_manifest(out).parity["text"]
-    click.echo(f"top-1 agreement {acc['top1_agreement']:.4f}, fill agreement {acc['fill_agreement']:.3f}, "
-               f"Part B ppl change {acc['ppl_change']:+.4f}, max logit diff {acc['max_logit_diff']:.3g}"
+    click.echo(f"against the fp32 parent on {acc['positions']} positions of {acc['language']} held-out text "
+               f"({acc['heldout']['source']}): top-1 agreement {acc['top1_agreement']:.4f}, fill agreement "
+               f"{acc['fill_agreement']:.3f}, Part B ppl change {acc['ppl_change']:+.4f}, max logit diff "
+               f"{acc['max_logit_diff']:.3g}"
                + ("" if acc["within_budget"] else f" (OVER BUDGET, accepted: {'; '.join(acc['misses'])})"))
     click.echo(str(out))
 

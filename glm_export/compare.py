@@ -34,13 +34,15 @@ class Tolerance:
         return {"atol": self.atol, "rtol": self.rtol, "rule": "max|candidate-reference| <= atol + rtol*max|reference|"}
 
 
-# fp32: the same arithmetic, only summation order differs, so the error grows with the values summed: rtol 1e-4
-# of max|ref| lets GLM-10B's logits (|ref| ~ 30-60, 48 layers of 4096-wide sums) through while a tiny model
-# (|ref| ~ 1-5) still catches a GeLU slip (tanh vs erf moves its logits by ~3e-3; tests/test_published.py).
+# fp32: the same arithmetic, only summation order differs, so the error grows with the values summed. Measured:
+# the bundled model 1.6e-5 at max|ref| 12 (1.3e-6 of it), tiny hub-shaped models 4e-6 at 10, while a GeLU slip
+# (tanh for erf, spec 1.2) on a tiny model whose GeLU inputs are O(1) moves logits 6e-4..9e-4 at max|ref| 10
+# (tests/test_published.py). atol 1e-4 + rtol 3e-5 allows 4e-4 there (the slip is caught) and 1.6e-3 for
+# GLM-10B-sized logits (max|ref| ~ 50: 25x the bundled model's relative rounding, for 48 layers of 4096).
 # fp16: weights and the KV cache rounded to fp16 (LayerNorm, QK product, masking and softmax kept in fp32); on
 # top of the values, top-1 must agree wherever the reference's top-1 / top-2 margin exceeds twice the budget.
 TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-4),
+    "fp32": Tolerance(atol=1e-4, rtol=3e-5),
     "fp16": Tolerance(atol=3e-2, rtol=5e-3),
 }
 
@@ -267,7 +269,7 @@ def run_calls(session: Session, calls: Sequence[Call], record: list | None = Non
                 record.append(feeds)
             out = session.run(feeds)
             _check_shapes(session, out, B, T, len(outputs), 1 if last else T)
-            outputs.append({k: _host(v).astype(np.float32) for k, v in out.items()})
+            outputs.append({k: _host(v).astype(np.float32, copy=False) for k, v in out.items()})
             past.append(out, T)
             seen = np.concatenate([seen, call.keep], axis=1)
     finally:
@@ -398,7 +400,7 @@ def compare_sessions(candidate: Session, reference: Session, *, stage: str, tole
                     f["ref_present"] = max(f["ref_present"], float(np.abs(want[name]).max()))
                     if diff >= f[f"present_{part}"]:
                         f[f"present_{part}"], f[f"worst_present_{part}"] = diff, name
-            top2 = np.sort(ref, axis=-1)[..., -2:]
+            top2 = np.partition(ref, -2, axis=-1)[..., -2:]
             same = got["logits"].argmax(-1) == ref.argmax(-1)
             agree += int(same.sum())
             total += same.size
