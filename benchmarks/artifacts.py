@@ -36,6 +36,11 @@ class SkipVariant(RuntimeError):
     """This variant cannot be measured here; the message says why (recorded in the results)."""
 
 
+def is_export_folder(name: str) -> bool:
+    """A model named by the path of an exported ONNX folder rather than one of MODELS."""
+    return name not in MODELS and (Path(name) / "manifest.json").is_file()
+
+
 def model_config(name: str) -> Any:
     from glm_runtime.config import get_preset
     if name == "glm-large-shape":  # GLM-Large's shape with the 50k GPT-2/RoBERTa vocabulary (spec 6)
@@ -70,6 +75,18 @@ def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[st
     import torch
 
     from glm_export.export import export_onnx
+    if is_export_folder(name):  # a user's own fp32 export, e.g. of a downloaded checkpoint
+        from glm_runtime.manifest import load_manifest
+        fp32 = Path(name).resolve()  # workers run in another folder
+        manifest = load_manifest(fp32, kind="onnx")
+        if manifest.precision != "fp32":
+            raise SkipVariant(f"{fp32} is a {manifest.precision} artifact; benchmark the fp32 export (the variants "
+                              f"are derived from it)")
+        key = hashlib.sha256((fp32 / "manifest.json").read_bytes()).hexdigest()[:12]
+        parent = manifest.parent.get("path")
+        checkpoint = (fp32 / parent).resolve() if parent and not Path(parent).is_absolute() else parent
+        return {"name": fp32.name, "root": cache / f"export-{key}", "checkpoint": checkpoint and Path(checkpoint),
+                "fp32": fp32, "random_weights": False}
     if name == "bundled":
         if not _ready(BUNDLED_CHECKPOINT):
             raise SkipVariant(f"the bundled checkpoint {BUNDLED_CHECKPOINT} is not present (train it first: "
@@ -123,10 +140,10 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
     keep = None if how == "optimized" else keep_fp32(scheme, head=extra == "head")
     if _ready(folder) and (keep is None or _recorded_keep(folder) == list(keep)):
         return backend, folder
-    needs_tokenizer = (fp32 / "tokenizer.json").is_file()
-    if not needs_tokenizer:
-        raise SkipVariant(f"{variant} measures its accuracy on held-out text, and {fp32} carries no "
-                          f"tokenizer.json (the bundled checkpoint's tokenizer is used when present)")
+    from glm_runtime.manifest import load_manifest
+    if not load_manifest(fp32, verify=False).tokenizer.get("file"):
+        raise SkipVariant(f"{variant} measures its accuracy on held-out text, and {fp32} carries no tokenizer "
+                          f"(the bundled checkpoint's tokenizer is used when present)")
     log(f"{model['name']}: making {variant} in {folder}")
     try:
         if how == "optimized":

@@ -382,8 +382,9 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
         out_dir = out_dir or tempfile.mkdtemp(prefix="glmx-bench-")
     variants = tuple(variants or DEFAULT_VARIANTS)
     for m in models:
-        if m not in artifacts.MODELS:
-            raise ValueError(f"unknown model {m!r}; choose from {artifacts.MODELS}")
+        if m not in artifacts.MODELS and not artifacts.is_export_folder(m):
+            raise ValueError(f"unknown model {m!r}; choose from {artifacts.MODELS} or give an exported fp32 ONNX "
+                             f"folder (glmx export CHECKPOINT -o FOLDER)")
     for v in variants:
         if v not in artifacts.VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {sorted(artifacts.VARIANTS)}")

@@ -370,8 +370,9 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 
 
 @main.command("bench")
-@click.option("--model", "models", multiple=True, type=click.Choice(["bundled", "glm-large-shape", "tiny"]),
-              help="model(s) to measure; repeat [default: bundled and glm-large-shape; --quick: tiny]")
+@click.option("--model", "models", multiple=True,
+              help="model(s) to measure: bundled, glm-large-shape, tiny, or the folder of your own fp32 export "
+                   "(glmx export CHECKPOINT -o FOLDER); repeat [default: bundled and glm-large-shape; --quick: tiny]")
 @click.option("--variant", "variants", multiple=True,
               help="backend/precision variant(s), e.g. torch-fp32, ort-fp32, ort-int8, ort-int4; repeat [default: all]")
 @click.option("--quick", is_flag=True, help="tiny model, torch + ORT fp32, small grid: seconds (CI)")

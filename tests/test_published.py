@@ -224,6 +224,16 @@ def test_cli_quantize_and_fill_from_a_hub_export(tmp_path):
     assert "of en held-out text" in result.output
     filled = run_cli("fill", "--model", tmp_path / "int4", "--max-new-tokens", "4", PROMPTS["en"][0])
     assert filled.exit_code == 0 and filled.output.strip(), filled.output
+    # glmx bench measures the user's own export (a small grid: this checks the path, not the speed)
+    bench = run_cli("bench", "--quick", "--model", tmp_path / "onnx", "--variant", "ort-fp32", "--variant",
+                    "torch-fp32", "--context", "8", "--past", "8", "--batch", "2", "--rounds", "1", "--no-plots",
+                    "-o", tmp_path / "bench", "--cache-dir", tmp_path / "cache")
+    assert bench.exit_code == 0, bench.output
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    (entry,) = results["models"].values()
+    assert entry["config"]["vocab_size"] == 50304 and entry["config"]["tokenizer"] == "gpt2"
+    for variant in ("ort-fp32", "torch-fp32"):
+        assert entry["variants"][variant]["decode"]["8"]["median"] > 0
 
 
 # ---------------------------------------------------------------- Megatron folders
@@ -365,3 +375,37 @@ def test_gelu_slip_is_caught_by_the_fp32_budget(tmp_path):
     wrong = compare_sessions(OnnxRuntimeSession(tmp_path / "onnx"), TorchSession(slipped), stage="test")
     assert right.passed and right.max_diff("logits") < 1e-4
     assert not wrong.passed and any("logits max |diff|" in f for f in wrong.failures), wrong.table()
+
+
+def test_chinese_id_table_follows_the_preset_sizes_and_the_layout(tmp_path):
+    """GLM-Large-Chinese vs GLM-10B-Chinese (spec 7): the SentencePiece model is the same file, the ids differ;
+    the model's sizes pick the table, and a Hugging Face folder uses gMASK = sop + 3 (its converter's copy)."""
+    from types import SimpleNamespace
+
+    from glm_runtime.tokenizer import resolve_tokenizer
+    V = write_vocab("chinese", tmp_path)
+    model = tmp_path / "cog-pretrain.model"
+    n = 120  # pieces
+    large = resolve_tokenizer(model, config=SimpleNamespace(num_layers=24, hidden_size=1024, vocab_size=V))
+    assert large[0].kind == "chinese-sp-fix" and large[0].special["gMASK"] == n + 9
+    assert "glm-large-chinese" in large[1][0]
+    mega = resolve_tokenizer(model, config=SimpleNamespace(num_layers=48, hidden_size=4096, vocab_size=V),
+                             layout="megatron")[0]
+    assert mega.kind == "chinese-sp" and mega.special["gMASK"] == mega.special["eop"] == n + 7
+    hub = resolve_tokenizer(model, config=SimpleNamespace(num_layers=48, hidden_size=4096, vocab_size=V),
+                            layout="hf")[0]
+    assert hub.kind == "chinese-sp" and hub.options["hf_gmask"] and hub.special["gMASK"] == n + 9
+
+
+def test_derived_stages_write_external_data_past_the_protobuf_limit(tmp_path, monkeypatch):
+    from glm_export import derive
+    hub, _ = write_hub_folder("bert", tmp_path / "hub")
+    assert run_cli("export", hub, "-o", tmp_path / "onnx", "--no-validate").exit_code == 0
+    monkeypatch.setattr(derive, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend the tiny graph is past 2 GB
+    out = quantize_onnx(tmp_path / "onnx", tmp_path / "fp16", scheme="fp16", eval_text=short_text("en"),
+                        accept_loss=True)
+    manifest = load_manifest(out)
+    assert manifest.extra["external_data"] == "model.onnx.data" and "model.onnx.data" in manifest.files
+    assert (out / "model.onnx").stat().st_size < 100_000 < (out / "model.onnx.data").stat().st_size
+    session, tok = open_model(out)
+    assert fill_blanks(session, tok, PROMPTS["en"][:1], max_new_tokens=2)[0].spans
