@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from glm_export.model import GLMModel, build_attention_mask  # noqa: E402
-from tests import numpy_glm  # noqa: E402
+from tests import oracle_glm  # noqa: E402
 from tests.random_models import random_weights_model  # noqa: E402
 
 # Multi-span blank-filling layout of spec 4.2: context "t1 [M] t2 t3 [M] t4" (C = 8) then two spans.
@@ -36,8 +36,11 @@ def test_matches_independent_numpy_forward(tiny_config, gelu):
     seps = np.array([sep, 3])
     with torch.no_grad():
         logits, _ = model(torch.tensor(ids_b), torch.tensor(pos_b), torch.tensor(seps))
-    weights = {k: v.numpy() for k, v in model.state_dict().items()}
-    ref = numpy_glm.forward(weights, ids_b, pos_b, seps, config.num_attention_heads, config.num_layers, gelu)
+    weights = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    cfg = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
+           "num_attention_heads": config.num_attention_heads}
+    ref = np.stack([oracle_glm.forward(weights, cfg, i.tolist(), p[0].tolist(), p[1].tolist(), int(s), gelu)
+                    for i, p, s in zip(ids_b, pos_b, seps)])
     err = np.abs(logits.numpy() - ref).max()
     assert err < 1e-5 * max(1.0, np.abs(ref).max()), f"max |torch - numpy| = {err:.3e}"
 
@@ -102,7 +105,7 @@ def test_mask_forms_agree():
     scalar = build_attention_mask(2, 2, T, past)
     vector = build_attention_mask(torch.tensor([2, 2]), 2, T, past)
     assert torch.equal(scalar.expand(2, -1, -1, -1), vector)
-    expected = np.concatenate([np.ones((T, past)), numpy_glm.sep_mask(2, T)], axis=1)
+    expected = np.concatenate([np.ones((T, past)), oracle_glm.sep_mask(T, 2)], axis=1)
     assert np.array_equal(scalar[0, 0].numpy(), expected)
     explicit = torch.zeros(2, 1, T, past + T + 4)  # extra leading columns are ignored
     explicit[..., -(past + T):] = vector
