@@ -41,8 +41,8 @@ COMMANDS = [
 ]
 # every row is written even when it misses its budget, so the table can show the miss
 COMMON = "--accept-loss --overwrite"
-FIGURES = ("max_logit_diff", "top1_agreement", "fill_agreement", "fill_token_agreement", "ppl_parent",
-           "ppl_child", "ppl_change", "positions", "fill_prompts", "fill_method", "within_budget", "misses")
+FIGURES = ("max_logit_diff", "top1_agreement", "fill_agreement", "fill_token_agreement", "ppl_reference",
+           "ppl_candidate", "ppl_change", "positions", "fill_prompts", "fill_method", "within_budget", "misses")
 
 
 def command_line(args: str, model: str, out: str) -> str:

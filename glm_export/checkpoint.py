@@ -19,7 +19,7 @@ import torch
 from glm_export.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
 from glm_runtime.manifest import (
-    MANIFEST_NAME, Manifest, atomic_write_json, load_manifest, staged_folder, tool_versions, write_manifest,
+    MANIFEST_NAME, Manifest, claims_output, atomic_write_json, load_manifest, staged_folder, tool_versions, write_manifest,
 )
 from glm_runtime.tokenizer import (
     GLMTokenizer, TokenizerError, load_recorded_tokenizer, resolve_tokenizer, tokenizer_entry,
@@ -539,6 +539,7 @@ def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *,
     return out_dir
 
 
+@claims_output(lambda a: [a["src"], a["config"], a["tokenizer"]])
 def convert_checkpoint(src: Union[str, Path], out_dir: Union[str, Path], *,
                        config: Union[GLMConfig, str, Path, None] = None, dtype: Optional[str] = None,
                        tokenizer: Union[str, Path, None] = None, tokenizer_kind: Optional[str] = None,

@@ -14,11 +14,14 @@ class GLMXError(click.ClickException):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
-def require_export_extra() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise GLMXError("this command needs the export extra: pip install 'glmx[export]'") from None
+def require_export_extra(torch: bool = True) -> None:
+    """The export extra must be installed; torch=False: only its ONNX side (optimize, quantize never load torch,
+    which takes seconds to import)."""
+    import importlib.util
+    missing = [m for m in (("torch", "onnx") if torch else ("onnx",)) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise GLMXError(f"this command needs the export extra ({', '.join(missing)} missing): "
+                        f"pip install 'glmx[export]'")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -325,7 +328,7 @@ def check_trt_cmd(model: str) -> None:
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Optimize an exported ONNX folder offline, re-checked against its parent."""
-    require_export_extra()
+    require_export_extra(torch=False)
     from glm_export.compare import BudgetError
     from glm_export.derive import DeriveError
     from glm_export.optimize import OptimizeError, optimize_onnx
@@ -351,7 +354,7 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Quantize an fp32 ONNX folder; refuses (writes nothing) when it misses its accuracy budget."""
-    require_export_extra()
+    require_export_extra(torch=False)
     from glm_export.compare import BudgetError
     from glm_export.derive import DeriveError
     from glm_export.quantize import QuantizeError, quantize_onnx

@@ -82,5 +82,5 @@ def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_
     from glm_export.compare import compare_artifact
     from glm_runtime.session import OnnxRuntimeSession
     write_manifest(stage, child)
-    return compare_artifact(OnnxRuntimeSession(stage), OnnxRuntimeSession(src_dir), tok, stage=stage_name,
+    return compare_artifact(OnnxRuntimeSession(stage, staging=True), OnnxRuntimeSession(src_dir), tok, stage=stage_name,
                             scheme=scheme, text=eval_text)

@@ -17,7 +17,7 @@ import numpy as np
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import accepted_tables, io_table, without_optional_inputs
 from glm_runtime.manifest import (
-    MANIFEST_NAME, Manifest, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
+    MANIFEST_NAME, Manifest, claims_output, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
     tokenizer_file_names, tool_versions, write_manifest,
 )
 from glm_runtime.trt_session import (
@@ -296,6 +296,7 @@ def write_engine_folder(out_dir: str | Path, plan: Any, onnx_dir: str | Path, ma
     return out_dir
 
 
+@claims_output(lambda a: [a["onnx_dir"], a["timing_cache"]])
 def build_engine(onnx_dir: str | Path, out_dir: str | Path, *, max_batch: int = 1, max_context: int | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, workspace_gb: float | None = None,
                  timing_cache: str | Path | None = None, overwrite: bool = False) -> Path:

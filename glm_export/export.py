@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
-from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file,
-                                  staged_folder, tool_versions, write_manifest)
+from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, claims_output, load_manifest,
+                                  sha256_file, staged_folder, tool_versions, write_manifest)
 from glm_runtime.tokenizer import TokenizerError, resolve_tokenizer, tokenizer_entry
 
 MODEL_FILE = "model.onnx"
@@ -126,6 +126,8 @@ def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_f
 
 # ------------------------------------------------------------------ the entry function
 
+@claims_output(lambda a: [a["model_or_checkpoint"] if a["model_or_checkpoint"] is not None else BUNDLED_CHECKPOINT,
+                          a["tokenizer_file"], a["config"]])
 def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], out_dir: Union[str, Path], *,
                 precision: str = "fp32", opset: int = DEFAULT_OPSET, external_data: Optional[bool] = None,
                 tokenizer_file: Optional[Union[str, Path]] = None, config: Union[GLMConfig, str, Path, None] = None,
@@ -216,7 +218,8 @@ def validate_export(folder: Path, model: torch.nn.Module, precision: str, log: O
     ref_model = model if all(p.dtype == torch.float32 for p in model.parameters()) else copy.deepcopy(model).float()
     was_training = ref_model.training
     try:
-        result = compare_sessions(OnnxRuntimeSession(folder), TorchSession(ref_model.eval()), stage="export")
+        result = compare_sessions(OnnxRuntimeSession(folder, staging=True), TorchSession(ref_model.eval()),
+                                  stage="export")
     finally:
         ref_model.train(was_training)
     (log or (lambda msg: print(msg, file=sys.stderr)))(result.table())

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from glm_export.compare import BudgetError
 from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
 from glm_export.onnx_graph import MAX_OPSET
-from glm_runtime.manifest import staged_folder, write_manifest
+from glm_runtime.manifest import claims_output, staged_folder, write_manifest
 from glm_runtime.session import quiet_options
 
 LEVELS = ("fuse", "basic", "extended")
@@ -257,6 +257,7 @@ def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> 
     return model, {"tool": "onnxruntime offline graph optimization"}
 
 
+@claims_output(lambda a: [a["src_dir"]])
 def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fuse", overwrite: bool = False,
                   eval_text: str | None = None) -> Path:
     """Write `out_dir` = `src_dir` optimized at `level`; refuses (writes nothing) a graph TensorRT could not parse,

@@ -21,7 +21,7 @@ from glm_export.compare import BudgetError, blank_calls, heldout_text, run_calls
     text_windows
 from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
 from glm_runtime.iotable import io_table, required_inputs
-from glm_runtime.manifest import sha256_file, staged_folder, write_manifest
+from glm_runtime.manifest import claims_output, sha256_file, staged_folder, write_manifest
 
 SCHEMES = ("int8-dynamic", "int4-weight", "qdq-int8", "fp16")
 # Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
@@ -314,6 +314,7 @@ _SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int
 
 # ---------------------------------------------------------------- the stage
 
+@claims_output(lambda a: [a["src_dir"], a["calibration"]])
 def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None,
                   block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                   keep_fp32: Sequence[str] | None = None, accept_loss: bool = False, overwrite: bool = False,

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,36 +80,157 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class OutputError(ManifestError, FileExistsError):
+    """An output folder that must not be written: the input itself, a folder of the user's, or one being written
+    (a FileExistsError too, for callers that catch that)."""
+
+
+STAGING_SUFFIX = ".partial"
+_CLAIMS: dict[Path, int] = {}  # output folders this process holds the lock of -> nesting depth
+
+
+def _lock_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def staging_folders(out_dir: Path) -> list[Path]:
+    """Hidden staging folders of `out_dir` left by writes that never finished (a kill, a power cut)."""
+    if not out_dir.parent.is_dir():
+        return []
+    found = [*out_dir.parent.glob(f".{out_dir.name}.*{STAGING_SUFFIX}"), *out_dir.parent.glob(f".{out_dir.name}.*.old")]
+    return sorted(p for p in found if p.is_dir())
+
+
+def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                 inputs: Any = ()) -> Path:
+    """Refuse an output folder that would lose data, before any work: OUT equal to, inside or above an input;
+    an existing OUT without --overwrite; with --overwrite, anything but an empty folder or a glmx artifact
+    (a folder holding a glmx manifest.json). Returns OUT resolved."""
+    out = Path(out_dir).resolve()
+    for item in inputs or ():
+        if item is None:
+            continue
+        src = Path(item).resolve()
+        if out == src or src in out.parents:
+            raise OutputError(f"output {out_dir} is {'the input' if out == src else 'inside the input'} {item}: "
+                              f"write the artifact to a new folder beside it (-o OTHER)")
+        if out in src.parents:
+            raise OutputError(f"output {out_dir} contains the input {item}: replacing it would delete the input; "
+                              f"write to a new folder (-o OTHER)")
+    if out == Path.cwd().resolve() or out == Path(out.anchor):
+        raise OutputError(f"output {out_dir} is the current folder or a root: name a new folder (-o OUT)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
+        if not out.is_dir() or out.is_symlink():
+            raise OutputError(f"{out_dir} is a file or a link, not an artifact folder; refusing to replace it")
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise OutputError(f"{out_dir} holds files but no glmx {MANIFEST_NAME}: it is not a glmx artifact, and "
+                              f"--overwrite replaces only those (or an empty folder); choose another -o")
+    return out
+
+
 @contextlib.contextmanager
-def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def claim_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Any = (),
+                 log: Any = None) -> Iterator[Path]:
+    """Hold OUT for this writer for the whole stage: check_output, then a lock beside OUT (a second writer fails
+    at once, naming the first), then remove staging folders that killed writers left (said through `log`).
+    Re-entrant within one process, so staged_folder inside a claimed stage does not lock twice."""
+    out = check_output(out_dir, overwrite=overwrite, inputs=inputs)
+    if out in _CLAIMS:
+        _CLAIMS[out] += 1
+        try:
+            yield out
+        finally:
+            _CLAIMS[out] -= 1
+        return
+    import fcntl
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(out)
+    fh = open(lock, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise OutputError(f"{out_dir} is being written by {holder}; wait for it to finish or choose another "
+                              f"-o") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"glmx pid {os.getpid()} on {platform.node()}")
+        fh.flush()
+        for stale in staging_folders(out):  # the lock is ours: no live writer owns these
+            shutil.rmtree(stale, ignore_errors=True)
+            if log is not None:
+                log(f"removed {stale.name}, left by an earlier write to {out.name} that did not finish")
+        _CLAIMS[out] = 1
+        try:
+            yield out
+        finally:
+            del _CLAIMS[out]
+            with contextlib.suppress(OSError):
+                lock.unlink()
+    finally:
+        fh.close()  # releases the flock; a killed process's lock is released by the kernel the same way
+
+
+def claims_output(inputs: Any) -> Any:
+    """Decorator for a stage function with `out_dir` and `overwrite` arguments: it holds OUT (claim_output) from
+    its first line to its last, so a refused OUT costs no work and a second writer fails at once.
+    inputs(arguments) -> the paths the stage reads (OUT may not be, contain, or sit inside any of them)."""
+    import functools
+    import inspect
+
+    def wrap(fn: Any) -> Any:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def stage(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            paths = [x for x in inputs(a) if isinstance(x, (str, os.PathLike))]
+            log = a.get("log") or (lambda msg: print(msg, file=sys.stderr))
+            with claim_output(a["out_dir"], overwrite=bool(a.get("overwrite")), inputs=paths, log=log):
+                return fn(*args, **kwargs)
+        return stage
+    return wrap
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Any = (),
+                  log: Any = None) -> Iterator[Path]:
     """Build a whole artifact folder in a hidden sibling, then move it into place.
 
     The caller writes every file (manifest last) into the yielded folder. On failure nothing appears at
-    `out_dir`; an existing `out_dir` is replaced only with overwrite=True, and only after success.
+    `out_dir`; an existing `out_dir` is replaced only with overwrite=True, only if it is a glmx artifact (or
+    empty), and only after success. Claims OUT (claim_output) unless the caller already did. A staging folder
+    is never loadable (load_manifest refuses *.partial folders).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700
-    try:
-        yield stage
-        for path in stage.rglob("*"):  # some writers (safetensors) make 0600 files; an artifact is shareable
-            if path.is_file() and not path.is_symlink():
-                os.chmod(path, 0o666 & ~_umask())
-        _fsync_dir(stage)
-        if out_dir.exists():
-            trash = stage.with_suffix(".old")
-            os.replace(out_dir, trash)
-            os.replace(stage, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(stage, out_dir)
-        _fsync_dir(out_dir.parent)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+    with claim_output(out_dir, overwrite=overwrite, inputs=inputs, log=log):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=STAGING_SUFFIX, dir=out_dir.parent))
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700
+        try:
+            yield stage
+            for path in stage.rglob("*"):  # some writers (safetensors) make 0600 files; an artifact is shareable
+                if path.is_file() and not path.is_symlink():
+                    os.chmod(path, 0o666 & ~_umask())
+            _fsync_dir(stage)
+            check_output(out_dir, overwrite=overwrite)  # nothing else may have appeared at OUT meanwhile
+            if out_dir.exists():
+                trash = stage.with_suffix(".old")
+                os.replace(out_dir, trash)
+                os.replace(stage, out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(stage, out_dir)
+            _fsync_dir(out_dir.parent)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- hashing
@@ -122,14 +244,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def tool_versions(*modules: str) -> dict[str, str]:
-    """Versions of python, numpy and the named modules that are importable (never imports torch itself)."""
-    import importlib
+    """Versions of python, numpy and the named modules: the imported module's own, else the installed
+    distribution's (read from its metadata: nothing is imported here, so recording torch's version does not cost
+    its multi-second import)."""
+    from importlib import metadata
     versions = {"python": platform.python_version(), "glmx": _glmx_version()}
     for name in ("numpy", *modules):
-        try:
-            versions[name] = str(importlib.import_module(name).__version__)
-        except Exception:  # absent or broken: the manifest just lacks it
-            pass
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__version__", None):
+            versions[name] = str(module.__version__)
+            continue
+        for dist in (name, f"{name}-gpu"):  # onnxruntime-gpu provides the module onnxruntime
+            try:
+                versions[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return versions
 
 
@@ -182,10 +312,15 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bool = True) -> Manifest:
-    """Read and check `folder/manifest.json`: schema, kind, and (verify=True) every file's sha256."""
+def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bool = True,
+                  staging: bool = False) -> Manifest:
+    """Read and check `folder/manifest.json`: schema, kind, and (verify=True) every file's sha256.
+    staging=True: the stage that is writing the folder checks its own staged artifact."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
+    if not staging and folder.name.startswith(".") and folder.name.endswith((STAGING_SUFFIX, ".old")):
+        raise ManifestError(f"{folder} is the staging folder of a write that did not finish (killed or failed); it "
+                            f"is never loadable: run the stage again (it removes the folder)")
     if not path.is_file():
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}: not a glmx artifact folder, or an interrupted write")
     try:

@@ -146,10 +146,10 @@ class OnnxRuntimeSession:
     """
 
     def __init__(self, folder: str | Path, providers: Sequence[Any] = CPU_PROVIDERS, verify: bool = True,
-                 io_binding: bool | None = None, session_options: Any = None):
+                 io_binding: bool | None = None, session_options: Any = None, staging: bool = False):
         import onnxruntime as ort  # deferred: the runtime package imports without it
         self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder, kind="onnx", verify=verify)
+        self.manifest = load_manifest(self.folder, kind="onnx", verify=verify, staging=staging)
         self.config, self.tokenizer_path = check_export(self.folder, self.manifest)
         self.io = self.manifest.io
         self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]

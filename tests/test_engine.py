@@ -170,8 +170,9 @@ def test_build_refuses_a_folder_that_is_not_onnx(tmp_path):
         write_manifest(stage, Manifest(kind="checkpoint", config=get_preset("glm-tiny").to_dict()))
     with pytest.raises(ManifestError, match="holds a 'checkpoint' artifact, expected 'onnx'"):
         build_engine(tmp_path / "ckpt", tmp_path / "engine")
+    (tmp_path / "plain").mkdir()
     with pytest.raises(ManifestError, match="has no manifest.json"):
-        build_engine(tmp_path, tmp_path / "engine")
+        build_engine(tmp_path / "plain", tmp_path / "engine")
     assert not (tmp_path / "engine").exists()
 
 

@@ -339,7 +339,7 @@ def test_argument_errors(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"opset must be in \[17, 24\]"):
         export_onnx(model, tmp_path / "a", opset=13)
     (tmp_path / "exists").mkdir()
-    with pytest.raises(ExportError, match="already exists; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         export_onnx(model, tmp_path / "exists", validate=False, log=lambda m: None)
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend the tiny model is huge
     with pytest.raises(ExportError, match=r"past protobuf.s 2 GiB limit .*\(drop --no-external-data\)"):

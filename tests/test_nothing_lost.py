@@ -1,0 +1,161 @@
+"""Nothing lost: output folders that would destroy input or a user's files are refused before any work, one writer
+per output at a time, and a killed stage leaves nothing loadable while the next run cleans up and succeeds."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from glm_export.cli import main  # noqa: E402
+from glm_runtime.manifest import ManifestError, load_manifest, staging_folders  # noqa: E402
+from tests.test_published import write_hub_folder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def refused(result, *words):
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("Error: ") and "Traceback" not in result.output, result.output
+    for w in words:
+        assert w in line, line
+    return line
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A checkpoint folder (a small glmx one: the stages run in subprocesses, so small is fast) and its export."""
+    from glm_export.checkpoint import save_checkpoint
+    from tests.fill_fixtures import make_model, make_tokenizer
+    root = tmp_path_factory.mktemp("lost")
+    tok = make_tokenizer(root / "tokenizer.json")
+    save_checkpoint(make_model(tok, vocab_size=384), root / "hub", tokenizer_file=tok)
+    assert cli("export", root / "hub", "-o", root / "onnx").exit_code == 0
+    return root / "hub", root / "onnx"
+
+
+def test_a_hub_folder_is_guarded_like_any_input(tmp_path):
+    hub, _ = write_hub_folder("bert", tmp_path / "hub")
+    before = tree(hub)
+    refused(cli("export", hub, "-o", hub, "--overwrite"), "is the input")
+    refused(cli("convert", hub, "-o", tmp_path, "--overwrite"), "contains the input")
+    assert tree(hub) == before
+
+
+def test_an_output_that_is_or_holds_the_input_is_refused(exported, tmp_path):
+    hub, onnx = exported
+    before_hub, before_onnx = tree(hub), tree(onnx)
+    refused(cli("export", hub, "-o", hub, "--overwrite"), "is the input")
+    refused(cli("convert", hub, "-o", hub / "inside", "--overwrite"), "inside the input")
+    refused(cli("export", hub, "-o", hub.parent, "--overwrite"), "contains the input")
+    refused(cli("quantize", onnx, "-o", onnx, "--scheme", "int8-dynamic", "--overwrite"), "is the input")
+    refused(cli("optimize", onnx, "-o", onnx, "--overwrite"), "is the input")
+    assert tree(hub) == before_hub and tree(onnx) == before_onnx  # nothing touched
+
+
+def test_overwrite_replaces_only_a_glmx_artifact_or_an_empty_folder(exported, tmp_path, monkeypatch):
+    hub, onnx = exported
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    refused(cli("quantize", onnx, "-o", mine, "--scheme", "int8-dynamic", "--overwrite"), "not a glmx artifact")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    monkeypatch.chdir(tmp_path)
+    refused(cli("export", hub, "-o", ".", "--overwrite"), "current folder")
+    (tmp_path / "afile").write_text("x")
+    refused(cli("export", hub, "-o", tmp_path / "afile", "--overwrite"), "a file or a link")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = cli("quantize", onnx, "-o", empty, "--scheme", "int8-dynamic", "--overwrite", "--accept-loss")
+    assert out.exit_code == 0, out.output
+    again = cli("quantize", onnx, "-o", empty, "--scheme", "int4-weight", "--overwrite", "--accept-loss")
+    assert again.exit_code == 0 and load_manifest(empty).precision == "int4-weight"  # an artifact is replaced
+
+
+def test_the_existence_check_runs_before_any_work(exported, tmp_path, monkeypatch):
+    import glm_export.checkpoint as checkpoint
+    hub, _ = exported
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before refusing"))
+    refused(cli("export", hub, "-o", tmp_path / "out"), "already exists")
+    refused(cli("convert", hub, "-o", tmp_path / "out"), "already exists")
+
+
+def _glmx(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "glm_export.cli", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, limit: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        assert proc.poll() is None, f"the stage ended before the moment to test: {proc.communicate()}"
+        assert time.monotonic() - t0 < limit, "timed out waiting for the stage"
+        time.sleep(0.02)
+
+
+def test_two_writers_of_one_output_the_second_fails_at_once(exported, tmp_path):
+    """While one writer holds OUT (here this test process, as a stage does for its whole run), a second glmx
+    process fails at once, naming the first; the lock goes with the writer."""
+    from glm_runtime.manifest import claim_output
+    hub, _ = exported
+    out = tmp_path / "onnx"
+    with claim_output(out):
+        second = _glmx("export", hub, "-o", out, "--overwrite")
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 1 and f"is being written by glmx pid {os.getpid()}" in err, err
+        assert "Traceback" not in err and not out.exists()
+    assert not (tmp_path / ".onnx.lock").exists()
+    again = cli("export", hub, "-o", out)
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("stage", ["export", "convert", "quantize", "optimize"])
+def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(exported, tmp_path, stage):
+    hub, onnx = exported
+    out = tmp_path / "out"
+    if stage == "convert":  # a glmx folder converts in a blink: a hub folder's pickle takes long enough to kill
+        hub, _ = write_hub_folder("bert", tmp_path / "hub")
+    args = {"export": ("export", hub, "-o", out), "convert": ("convert", hub, "-o", out),
+            "quantize": ("quantize", onnx, "-o", out, "--scheme", "qdq-int8", "--accept-loss"),
+            "optimize": ("optimize", onnx, "-o", out)}[stage]
+    for delay in (0.1,):  # a little into the stage's work, once its staging folder exists
+        proc = _glmx(*args)
+        _wait_for(lambda: bool(staging_folders(out)), proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        if out.exists():  # killed after the final rename: then it is whole
+            load_manifest(out)
+            break
+        for partial in staging_folders(out):
+            with pytest.raises(ManifestError, match="staging folder of a write that did not finish"):
+                load_manifest(partial)
+            refused(cli("fill", "--model", partial, "hello [MASK]"), "did not finish")
+    else:
+        assert staging_folders(out)  # what the kills left, now to be cleaned up
+    rerun = _glmx(*args, "--overwrite")
+    _, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err
+    assert not staging_folders(out) and not (tmp_path / ".out.lock").exists()
+    load_manifest(out)
+    if "removed" in err:
+        assert "left by an earlier write to out that did not finish" in err
