@@ -308,8 +308,21 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Manifest:
         if path.is_file() and rel != MANIFEST_NAME and not path.name.startswith("."):
             files[rel] = sha256_file(path)
     manifest.files = files
-    atomic_write_json(folder / MANIFEST_NAME, manifest.to_dict())
+    _seal(folder, manifest.to_dict())
     return manifest
+
+
+SELF_HASH = "manifest_sha256"  # the sha256 of the manifest's own body (every other key), so edits are seen
+
+
+def _body_sha256(data: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _seal(folder: Path, data: Mapping[str, Any]) -> None:
+    """Write manifest.json with the hash of its own body (tests use this to plant edits the hash cannot see)."""
+    atomic_write_json(Path(folder) / MANIFEST_NAME, {**data, SELF_HASH: _body_sha256(data)})
 
 
 def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bool = True,
@@ -329,6 +342,12 @@ def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bo
         raise ManifestError(f"{path} is corrupt (not valid JSON: {exc})") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is corrupt (not a JSON object)")
+    if SELF_HASH not in data:
+        raise ManifestError(f"{path} carries no self-hash ({SELF_HASH}): it was written by an older glmx or "
+                            f"edited by hand; re-run the stage that wrote the folder")
+    if data[SELF_HASH] != _body_sha256(data):
+        raise ManifestError(f"{path} was edited after it was written (its {SELF_HASH} does not match its body); "
+                            f"parity figures, flags and hashes in it cannot be trusted: re-run the stage that wrote it")
     manifest = Manifest.from_dict(data)
     if kind is not None and manifest.kind != kind:
         raise ManifestError(f"{folder} holds a {manifest.kind!r} artifact, expected {kind!r}")
@@ -343,6 +362,39 @@ def tokenizer_file_names(entry: Mapping[str, Any]) -> list[str]:
     names = list(entry.get("files") or ())
     main = entry.get("file")
     return names if main in names or not main else [main, *names]
+
+
+# files an artifact may read: an unlisted one beside the manifest is refused rather than silently used
+ARTIFACT_SUFFIXES = (".onnx", ".data", ".engine", ".plan", ".safetensors", ".bin", ".pt", ".json", ".txt", ".model")
+
+
+def required_files(manifest: Manifest) -> list[str]:
+    """The files the artifact itself reads (graph and its external data, engine, weights, tokenizer)."""
+    extra = manifest.extra or {}
+    names = {"onnx": [extra.get("model_file") or "model.onnx", extra.get("external_data")],
+             "engine": [extra.get("engine_file") or "model.engine"],
+             "checkpoint": ["model.safetensors", "config.json"]}.get(manifest.kind, [])
+    return [n for n in names if n] + tokenizer_file_names(manifest.tokenizer)
+
+
+def check_complete(folder: str | os.PathLike, manifest: Manifest, staging: bool = False) -> None:
+    """What a loader of a model artifact requires beyond the hashes: every file the artifact reads is hashed, no
+    unlisted model or tokenizer file lies beside them, and (except for the stage still writing it) the parity
+    record against its parent is there."""
+    folder = Path(folder)
+    where = folder / MANIFEST_NAME
+    for name in required_files(manifest):
+        if name not in manifest.files:
+            raise ManifestError(f"{where} does not hash {name}, which the artifact reads: the manifest was edited "
+                                f"or is from another folder; re-run the stage that wrote it")
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != MANIFEST_NAME and not path.name.startswith(".") \
+                and path.suffix in ARTIFACT_SUFFIXES and path.name not in manifest.files:
+            raise ManifestError(f"{path} is in the artifact folder but not in its manifest: remove it, or re-run "
+                                f"the stage that wrote the folder")
+    if not staging and manifest.kind in ("onnx", "engine") and not manifest.parity:
+        raise ManifestError(f"{where} has no parity record: the stage that wrote it never checked it against "
+                            f"its parent (or it was removed); re-run that stage")
 
 
 def verify_files(folder: str | os.PathLike, manifest: Manifest) -> None:

@@ -97,8 +97,11 @@ def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -
 
 # ---------------------------------------------------------------- ONNX Runtime
 
-def check_export(folder: Path, manifest: Manifest) -> tuple[GLMConfig, Path | None]:
-    """The manifest's parts must agree: config parses, IO table is the config's, tokenizer file is hashed."""
+def check_export(folder: Path, manifest: Manifest, staging: bool = False) -> tuple[GLMConfig, Path | None]:
+    """The manifest's parts must agree: config parses, IO table is the config's, tokenizer file is hashed, every
+    file the artifact reads is hashed and the parity record is there (manifest.check_complete)."""
+    from glm_runtime.manifest import check_complete
+    check_complete(folder, manifest, staging=staging)
     try:
         config = GLMConfig.from_dict(manifest.config)
     except ConfigError as exc:
@@ -150,7 +153,7 @@ class OnnxRuntimeSession:
         import onnxruntime as ort  # deferred: the runtime package imports without it
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, kind="onnx", verify=verify, staging=staging)
-        self.config, self.tokenizer_path = check_export(self.folder, self.manifest)
+        self.config, self.tokenizer_path = check_export(self.folder, self.manifest, staging=staging)
         self.io = self.manifest.io
         self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
         self.precision = self.manifest.precision

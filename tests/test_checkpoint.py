@@ -11,6 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
+from glm_runtime.manifest import _seal
+
 from tests.fill_fixtures import make_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -286,7 +288,7 @@ def test_bpe_pair_tokenizer_is_copied_hashed_and_guarded(tmp_path, tiny_config):
     unhashed = shutil.copytree(out, tmp_path / "unhashed")
     data = json.loads((unhashed / "manifest.json").read_text())
     del data["files"]["merges.txt"]
-    (unhashed / "manifest.json").write_text(json.dumps(data))
+    _seal(unhashed, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(ManifestError, match=r"names tokenizer file 'merges\.txt' but does not hash it"):
         load_checkpoint(unhashed)
     # half a pair is refused before anything is written

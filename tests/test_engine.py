@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from glm_runtime.manifest import _seal
+
 from glm_export.engine import (
     EngineBuildError, _load_timing_cache, _network_flags, _save_timing_cache, build_engine, compute_profiles,
     engine_io,
@@ -190,7 +192,7 @@ def test_build_refuses_an_edited_io_table(onnx_dir, tmp_path):
     folder = _copy_folder(onnx_dir, tmp_path / "onnx")
     data = json.loads((folder / MANIFEST_NAME).read_text())
     data["io"]["inputs"][0]["dtype"] = "int32"
-    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    _seal(folder, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(ManifestError, match="IO table does not follow from its config"):
         build_engine(folder, tmp_path / "engine")
 

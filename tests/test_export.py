@@ -7,6 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from glm_runtime.manifest import _seal
+
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -241,7 +243,7 @@ def test_tampered_manifest_refused(exported, tmp_path):
         folder = _copy(src, tmp_path / tag)
         data = json.loads((folder / "manifest.json").read_text())
         change(data)
-        (folder / "manifest.json").write_text(json.dumps(data))
+        _seal(folder, data)  # planted: re-sealed so the deeper check must see it
         return folder
 
     with pytest.raises(ManifestError, match="IO table does not follow"):
@@ -259,7 +261,7 @@ def test_tampered_manifest_refused(exported, tmp_path):
     shutil.copyfile(exported["tiny_s0_fp16"][1] / "model.onnx", folder / "model.onnx")
     data = json.loads((folder / "manifest.json").read_text())
     data["files"]["model.onnx"] = export_mod.sha256_file(folder / "model.onnx")
-    (folder / "manifest.json").write_text(json.dumps(data))
+    _seal(folder, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(ManifestError, match="manifest says past_key_values.0.key float32"):
         load_onnx_model(folder)
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from glm_runtime.manifest import (
+    _seal,
     MANIFEST_NAME, Manifest, ManifestError, atomic_write_text, load_manifest, staged_folder, write_manifest,
 )
 
@@ -52,7 +53,14 @@ def test_wrong_kind_and_schema_are_refused(tmp_path):
     data = json.loads(path.read_text())
     data["schema"] = "glmx.manifest/99"
     path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="was edited after it was written"):  # the self-hash sees any edit
+        load_manifest(tmp_path / "art")
+    _seal(tmp_path / "art", data)  # a manifest from a future glmx, sealed: its schema is refused by name
     with pytest.raises(ManifestError, match="unsupported manifest schema"):
+        load_manifest(tmp_path / "art")
+    del data["manifest_sha256"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="carries no self-hash"):
         load_manifest(tmp_path / "art")
 
 

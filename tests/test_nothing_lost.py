@@ -159,3 +159,50 @@ def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(export
     load_manifest(out)
     if "removed" in err:
         assert "left by an earlier write to out that did not finish" in err
+
+
+# ---------------------------------------------------------------- artifacts that verify themselves whole
+
+
+def _copy(folder: Path, dst: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(folder, dst))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["parity"]["max_abs_diff"].update(logits=0.0),  # parity figures
+    lambda d: d["parity"]["cases"]["blank_mid_context"].update(non_finite=["call 0 logits"]),  # non-finite flags
+    lambda d: d.update(precision="fp16"),  # precision
+    lambda d: d["tokenizer"].update(sha256="0" * 64),  # the tokenizer hash
+    lambda d: d["files"].pop("model.onnx"),  # a file dropped from the list
+])
+def test_any_edit_of_a_manifest_is_refused(exported, tmp_path, edit):
+    _, onnx = exported
+    folder = _copy(onnx, tmp_path / "m")
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="was edited after it was written"):
+        load_manifest(folder)
+    refused(cli("fill", "--model", folder, "hello [MASK]"), "was edited after it was written")
+
+
+def test_a_resealed_manifest_still_needs_every_file_it_reads_hashed_and_its_parity(exported, tmp_path):
+    """Even a manifest whose self-hash was recomputed cannot drop model.onnx from its file list, carry an
+    unlisted model file, or lose its parity record."""
+    from glm_runtime.manifest import _seal
+    from glm_runtime.session import OnnxRuntimeSession
+    _, onnx = exported
+    folder = _copy(onnx, tmp_path / "a")
+    data = json.loads((folder / "manifest.json").read_text())
+    _seal(folder, {**data, "files": {k: v for k, v in data["files"].items() if k != "model.onnx"}})
+    with pytest.raises(ManifestError, match="does not hash model.onnx, which the artifact reads"):
+        OnnxRuntimeSession(folder)
+    folder = _copy(onnx, tmp_path / "b")
+    (folder / "extra.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    with pytest.raises(ManifestError, match="extra.onnx is in the artifact folder but not in its manifest"):
+        OnnxRuntimeSession(folder)
+    folder = _copy(onnx, tmp_path / "c")
+    _seal(folder, {**data, "parity": {}})
+    with pytest.raises(ManifestError, match="has no parity record"):
+        OnnxRuntimeSession(folder)

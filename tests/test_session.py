@@ -8,6 +8,8 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from glm_runtime.manifest import _seal
+
 from glm_runtime.iotable import io_table, past_names
 from glm_runtime.kvcache import KVCache
 from glm_runtime.manifest import ManifestError
@@ -150,7 +152,7 @@ def test_manifest_io_table_must_follow_its_config(onnx_dir, tmp_path):
     folder = _copy(onnx_dir, tmp_path / "m")
     data = json.loads((folder / "manifest.json").read_text())
     data["config"]["num_attention_heads"] = 2
-    (folder / "manifest.json").write_text(json.dumps(data))
+    _seal(folder, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(ManifestError, match="IO table's inputs do not match its config"):
         OnnxRuntimeSession(folder)
 
@@ -209,7 +211,7 @@ def test_tokenizer_entry_must_match_the_hashed_file(onnx_dir, tmp_path):
     folder = _copy(onnx_dir, tmp_path / "m")
     data = json.loads((folder / "manifest.json").read_text())
     data["tokenizer"]["sha256"] = "0" * 64
-    (folder / "manifest.json").write_text(json.dumps(data))
+    _seal(folder, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(ManifestError, match="tokenizer 'tokenizer.json' has sha256 000000000000... in its tokenizer"):
         OnnxRuntimeSession(folder)
 
@@ -218,7 +220,7 @@ def test_tokenizer_special_ids_must_match_the_manifest(onnx_dir, tmp_path):
     folder = _copy(onnx_dir, tmp_path / "m")
     data = json.loads((folder / "manifest.json").read_text())
     data["tokenizer"]["special_tokens"] = {"pad": 0, "eos": 0, "sop": 9, "eop": 6}
-    (folder / "manifest.json").write_text(json.dumps(data))
+    _seal(folder, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(ManifestError, match="special ids .* differ from those (the|its) manifest recorded"):
         open_model(folder)
 

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from glm_runtime.manifest import _seal
+
 from glm_export.engine import compute_profiles, engine_io, resolve_limits
 from glm_runtime import trt_session
 from glm_runtime.iotable import io_table
@@ -34,6 +36,7 @@ def _engine_folder(path, config, **facts):
         (stage / ENGINE_FILE).write_bytes(b"not a real engine")
         write_manifest(stage, Manifest(
             kind="engine", config=config.to_dict(), io=engine_io(io_table(config)),
+            parity={"stage": "build-engine", "passed": True, "note": "stand-in record"},
             extra={"tensorrt": {"version": facts["trt_version"]},
                    "gpu": {"name": facts["gpu_name"], "compute_capability": facts["compute_capability"]},
                    "profiles": [p.to_dict() for p in profiles], "limits": limits}))
@@ -119,7 +122,7 @@ def test_engine_folders_are_checked_before_tensorrt(engine_dir, tmp_path, tiny_c
     bare = _engine_folder(tmp_path / "bare", tiny_config)
     data = json.loads((bare / MANIFEST_NAME).read_text())
     del data["extra"]["gpu"]
-    (bare / MANIFEST_NAME).write_text(json.dumps(data))
+    _seal(bare, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(ManifestError, match=r"engine manifest lacks 'gpu'.*rebuild it with glmx build-engine"):
         TensorRTSession(bare)
 
@@ -287,7 +290,7 @@ def test_a_real_engine_from_another_tensorrt_version_is_refused(built, tmp_path)
     copy = shutil.copytree(engine, tmp_path / "engine")
     data = json.loads((copy / MANIFEST_NAME).read_text())
     data["extra"]["tensorrt"]["version"] = "9.0.0"  # the manifest is not hashed into itself: an edit is possible
-    (copy / MANIFEST_NAME).write_text(json.dumps(data))
+    _seal(copy, data)  # planted: re-sealed so the deeper check must see it
     with pytest.raises(TensorRTError, match="built by TensorRT 9.0.0"):
         TensorRTSession(copy)
 
@@ -455,6 +458,7 @@ def stand_in(tiny_model, tmp_path, monkeypatch):
     plan = json.dumps({"onnx": str(onnx / "model.onnx"), "profiles": [p.to_dict() for p in profiles]}).encode()
     manifest = engine_manifest(parent, onnx, trt_version="10.7.0", gpu_name="Host stand-in", compute_capability="0.0",
                                profiles=profiles, limits=limits, build={})
+    manifest.parity = {"stage": "build-engine", "passed": True, "note": "stand-in record"}
     engine = write_engine_folder(tmp_path / "engine", plan, onnx, manifest)
     cudart = _HostCudart()
     monkeypatch.setattr(trt_session, "import_cudart", lambda: cudart)
