@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from benchmarks import artifacts, floor, report
 from glm_runtime.config import GLMConfig
+from glm_runtime.errors import GLMXError
 
 DEFAULT_VARIANTS = ("torch-fp32", "ort-fp32", "ort-optimized", "ort-fp16", "ort-int8", "ort-int8-head",
                     "ort-fused-int8-head", "ort-int4", "ort-qdq-int8", "tensorrt-fp16")
@@ -39,7 +40,7 @@ WORKER_TIMEOUT_S = 900
 FULL_ROUNDS, QUICK_ROUNDS = 3, 2  # rounds of the target figures (the full pass is round 1)
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(GLMXError, RuntimeError):
     """A figure the benchmark wrote is missing or not sane (non-finite, non-positive, p90 < median)."""
 
 

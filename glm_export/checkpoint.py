@@ -18,6 +18,7 @@ import torch
 
 from glm_export.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
+from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, claims_output, atomic_write_json, load_manifest, staged_folder, tool_versions, write_manifest,
 )
@@ -47,7 +48,7 @@ PRECISION = {v: k for k, v in DTYPES.items()}
 DEFAULT_GELU = {"hf": "erf", "megatron": "tanh"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GLMXError, ValueError):
     """A checkpoint cannot be read: unknown layout, unreadable file, or weights that do not fit the config."""
 
 
@@ -471,6 +472,11 @@ def _check_weights(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
              if sd[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{source} has mis-shaped weights for config {config.name!r}: {'; '.join(wrong[:6])}")
+    for key in expected:  # a NaN or inf in the weights is named here, not found later as a "parity miss"
+        bad = int((~torch.isfinite(sd[key])).sum()) if sd[key].is_floating_point() else 0
+        if bad:
+            raise CheckpointError(f"{source}: {key} holds {bad} NaN or inf value(s) of {sd[key].numel()}: the "
+                                  f"checkpoint is corrupt or its training diverged; use an earlier checkpoint")
 
 
 # ---------------------------------------------------------------- entry points

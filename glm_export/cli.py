@@ -14,6 +14,40 @@ class GLMXError(click.ClickException):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
+def _one_line(exc: BaseException) -> str:
+    """The first line of a message, whitespace folded (a parity table was printed above it already)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[0].split()) if lines else type(exc).__name__
+
+
+class _Commands(click.Group):
+    """Every command's failures end as one line on stderr and exit status 1: a glmx error with its own message
+    and fix, an operating-system error with the file it concerns; anything else is a bug in glmx, said so in one
+    line (GLMX_DEBUG=1 shows the traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        import os
+
+        from glm_runtime.errors import GLMXError as Failure
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Failure as exc:
+            raise GLMXError(_one_line(exc)) from None
+        except UnicodeDecodeError as exc:
+            raise GLMXError(f"the input is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+                            f"and try again") from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            raise GLMXError(f"{exc.strerror or exc}{where}") from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, said as one line
+            if os.environ.get("GLMX_DEBUG"):
+                raise
+            raise GLMXError(f"internal error in glmx ({type(exc).__name__}: {_one_line(exc)}); this is a bug: "
+                            f"please report it with the command (GLMX_DEBUG=1 shows the traceback)") from None
+
+
 def require_export_extra(torch: bool = True) -> None:
     """The export extra must be installed; torch=False: only its ONNX side (optimize, quantize never load torch,
     which takes seconds to import)."""
@@ -24,7 +58,7 @@ def require_export_extra(torch: bool = True) -> None:
                         f"pip install 'glmx[export]'")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="glmx", prog_name="glmx")
 def main() -> None:
     """glmx: GLM blank infilling from a PyTorch checkpoint to ONNX Runtime and TensorRT.
@@ -186,55 +220,117 @@ def evaluate_cmd(**kwargs) -> None:
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
 
 
-@main.command("fill")
+FILL_HELP = """Fill the blanks of PROMPT, or of each prompt read with --stdin / --jsonl.
+
+\b
+Blanks (spec 4.1): [MASK] fills a word or a short span, [sMASK] a sentence, [gMASK] a long continuation
+(put it last: the model writes from there on). A prompt may hold several, filled left to right, each seeing
+the ones before. Each blank gets at most --max-new-tokens tokens, and the context plus every blank's
+1 + max-new-tokens positions must fit the model's max_sequence_length.
+Example:  glmx fill "The capital of France is [MASK]. It is known for [MASK]."
+
+\b
+Strategies: greedy (default; the most likely token), sample (--temperature --top-k --top-p --seed), beam
+(--num-beams --length-penalty --early-stopping); an option of another strategy is refused. With --seed, each
+prompt's random stream comes from the seed and the prompt's text alone (numpy SeedSequence([seed,
+sha256(prompt)])): the same prompt and seed give the same sample alone, anywhere in a file, or in a server's
+batch. --jsonl lines are a string or {"prompt": ..., and any of max_new_tokens, strategy, temperature, top_k,
+top_p, seed, num_beams, length_penalty, early_stopping, append_gmask}; a line's own settings win for that line.
+Timings in --json are seconds."""
+
+JSONL_KEYS = ("prompt", "max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed", "num_beams",
+              "length_penalty", "early_stopping", "append_gmask")
+
+
+def _read_text(stream, name: str) -> str:
+    """A whole text input as str: UTF-8 (a byte-order mark is dropped, not made prompt text)."""
+    data = stream.read()
+    if isinstance(data, str):
+        return data.lstrip("\ufeff")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GLMXError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def _jsonl_requests(text: str, name: str) -> list[dict]:
+    requests = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GLMXError(f"{name} line {n} is not JSON: {exc}") from None
+        item = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise GLMXError(f'{name} line {n}: expected a string or an object with a "prompt" string')
+        unknown = sorted(set(item) - set(JSONL_KEYS))
+        if unknown:
+            raise GLMXError(f"{name} line {n}: unknown key {unknown[0]!r}; a line may set {', '.join(JSONL_KEYS)}")
+        requests.append(item)
+    return requests
+
+
+@main.command("fill", help=FILL_HELP)
 @click.argument("prompt", required=False)
 @click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
-@click.option("--stdin", "from_stdin", is_flag=True, help="read prompts from stdin, one per line")
-@click.option("--jsonl", "jsonl", type=click.File("r", encoding="utf-8"),
-              help='read prompts from a JSON-lines file ("-" = stdin): {"prompt": ...} or a string per line')
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object per prompt (spans, tokens, timings)")
+@click.option("--stdin", "from_stdin", is_flag=True, help="read prompts from stdin, one per line (UTF-8)")
+@click.option("--jsonl", "jsonl", type=click.File("rb"),
+              help='read prompts from a JSON-lines file ("-" = stdin): a string or {"prompt": ..., settings} per line')
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per prompt (spans, tokens, timings in s)")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="budget per blank")
 @click.option("--strategy", type=click.Choice(["greedy", "sample", "beam"]), default="greedy", show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no top-k filter")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = no nucleus filter")
-@click.option("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
-@click.option("--num-beams", type=int, default=1, show_default=True)
-@click.option("--length-penalty", type=float, default=1.0, show_default=True)
-@click.option("--early-stopping", is_flag=True, help="beam search: stop a span once num_beams hypotheses ended")
+@click.option("--temperature", type=float, default=None, help="sample: > 0 [default: 1]")
+@click.option("--top-k", type=int, default=None, help="sample: keep the k most likely tokens; 0 = no filter [default: 0]")
+@click.option("--top-p", type=float, default=None, help="sample: nucleus mass in (0, 1]; 1 = no filter [default: 1]")
+@click.option("--seed", type=int, default=None, help="sample: seed of every prompt's own stream (see above)")
+@click.option("--num-beams", type=int, default=None, help="beam: beams per span [default: 1]")
+@click.option("--length-penalty", type=float, default=None, help="beam: score = log-prob / length ** this [default: 1]")
+@click.option("--early-stopping", is_flag=True, default=None, help="beam: stop a span once num_beams hypotheses ended")
 @click.option("--append-gmask", is_flag=True, help="a prompt without a blank is continued at its end ([gMASK])")
 @click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
               default="onnxruntime", show_default=True, help="torch needs the export extra")
-def fill_cmd(prompt, from_stdin, jsonl, as_json, **settings) -> None:
-    """Fill the blanks ([MASK], [sMASK], [gMASK]) of PROMPT, or of each prompt read with --stdin / --jsonl."""
-    from glm_runtime.generate import fill_model  # torch-free; --backend torch imports torch inside the session
+def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, **settings) -> None:
+    from glm_runtime.generate import STRATEGY_OPTIONS, fill_blanks, resolve_settings
+    from glm_runtime.session import open_model
     sources = [s for s in (prompt is not None, from_stdin, jsonl is not None) if s]
     if len(sources) != 1:
         raise GLMXError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
     if from_stdin:
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        requests = [{"prompt": line} for line in _read_text(sys.stdin.buffer, "stdin").splitlines() if line.strip()]
     elif jsonl is not None:
-        prompts = []
-        for n, line in enumerate(jsonl, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GLMXError(f"{jsonl.name} line {n} is not JSON: {exc}") from None
-            item = item.get("prompt") if isinstance(item, dict) else item
-            if not isinstance(item, str):
-                raise GLMXError(f'{jsonl.name} line {n}: expected a string or an object with a "prompt" string')
-            prompts.append(item)
+        requests = _jsonl_requests(_read_text(jsonl, jsonl.name), jsonl.name)
     else:
-        prompts = [prompt]
-    if not prompts:
+        requests = [{"prompt": prompt}]
+    if not requests:
         raise GLMXError("no prompts given (the input was empty)")
-    try:
-        results = fill_model(prompts, **settings)
-    except (ValueError, RuntimeError, OSError) as exc:  # bad input, model folder, backend: one line, exit 1
-        raise GLMXError(" ".join(str(exc).split())) from None
-    for text, result in zip(prompts, results):
+    settings["early_stopping"] = settings["early_stopping"] or None  # a flag not given is "not set"
+    groups: dict[str, list[int]] = {}  # prompts that share their settings are filled as one batch
+    resolved = []
+    for n, request in enumerate(requests):
+        mine = {**settings, **{k: v for k, v in request.items() if k != "prompt"}}
+        append = bool(mine.pop("append_gmask", False))
+        try:
+            mine = resolve_settings(**mine)
+        except ValueError as exc:
+            where = f"{jsonl.name} line {n + 1}: " if jsonl is not None else ""
+            raise GLMXError(where + " ".join(str(exc).split())) from None
+        key = json.dumps([mine, append], sort_keys=True)
+        groups.setdefault(key, []).append(n)
+        resolved.append((mine, append))
+    session, tokenizer = open_model(model, backend)
+    results = [None] * len(requests)
+    for rows in groups.values():
+        mine, append = resolved[rows[0]]
+        applies = {k: v for k, v in mine.items()
+                   if k in ("max_new_tokens", "strategy") or k in STRATEGY_OPTIONS[mine["strategy"]]}
+        filled = fill_blanks(session, tokenizer, [requests[r]["prompt"] for r in rows], append_gmask=append,
+                             **applies)
+        for r, result in zip(rows, filled):
+            results[r] = result
+    for request, result in zip(requests, results):
+        text = request["prompt"]
         click.echo(json.dumps({"prompt": text, **result.to_dict()}, ensure_ascii=False) if as_json else result.text)
 
 
@@ -282,7 +378,9 @@ def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: 
               help="weights in model.onnx.data beside model.onnx [default: only past 2 GB]")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-validate", "validate", is_flag=True, flag_value=False, default=True,
-              help="skip the parity check against the torch reference")
+              help="skip the parity check against the torch reference (recorded as skipped)")
+@click.option("--no-tokenizer", is_flag=True,
+              help="export the graph without a tokenizer (it then cannot fill text or be quantized)")
 def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu,
                **kwargs) -> None:
     """Export CHECKPOINT (default: the bundled glmx-small) to a validated ONNX folder.
@@ -309,8 +407,18 @@ def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokeni
 @click.argument("model", type=click.Path(exists=True))
 def check_trt_cmd(model: str) -> None:
     """List the nodes of MODEL (.onnx or ONNX folder) that TensorRT's ONNX parser does not support."""
-    from glm_export.trt_check import check_trt, support_list
-    findings = check_trt(model)
+    try:
+        from glm_export.trt_check import check_trt, support_list
+    except ImportError as exc:
+        raise GLMXError(f"check-trt reads the graph with the onnx package, which is not installed ({exc}): "
+                        f"pip install 'glmx[export]'") from None
+    try:
+        findings = check_trt(model)
+    except Exception as exc:  # noqa: BLE001 - onnx's DecodeError and friends: the file is not a readable graph
+        if isinstance(exc, (OSError, click.ClickException)):
+            raise
+        raise GLMXError(f"{model} is not a readable ONNX graph ({type(exc).__name__}: {_one_line(exc)}); "
+                        f"re-export it (glmx export)") from None
     src = support_list()["source"]
     for f in findings:
         click.echo(str(f))
@@ -345,8 +453,8 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 @click.option("--scheme", required=True, type=click.Choice(["int8-dynamic", "int4-weight", "qdq-int8", "fp16"]))
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="qdq-int8: real text to calibrate on [default: glm_export/data/calibration.txt]")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4-weight: weights per scale")
-@click.option("--accuracy-level", type=int, default=4, show_default=True, help="int4-weight: MatMulNBits level")
+@click.option("--block-size", type=int, default=None, help="int4-weight: weights per scale [default: 32]")
+@click.option("--accuracy-level", type=int, default=None, help="int4-weight: MatMulNBits compute level [default: 4]")
 @click.option("--keep-fp32", multiple=True, default=None,
               help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
                    "option [default: embedding, head; int8-dynamic and qdq-int8 also first-layer]")
@@ -380,7 +488,8 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
               help="backend/precision variant(s), e.g. torch-fp32, ort-fp32, ort-int8, ort-int4; repeat [default: all]")
 @click.option("--quick", is_flag=True, help="tiny model, torch + ORT fp32, small grid: seconds (CI)")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="results folder [default: benchmarks/results; --quick: a temporary folder]")
+              help="results folder [default: a new glmx-bench-DATE-TIME folder here; --quick: a temporary folder]; "
+                   "the committed results are regenerated with -o benchmarks/results")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default="/tmp/glmx-bench-cache", show_default=True,
               help="where exported and quantized benchmark models are kept between runs")
 @click.option("--context", "contexts", multiple=True, type=int, help="context lengths; repeat")
@@ -407,8 +516,9 @@ def bench_cmd(readme_json: str | None, **kwargs) -> None:
         kwargs[key] = tuple(kwargs[key]) or None
     if kwargs["models"] is None:
         kwargs["models"] = ("tiny",) if kwargs["quick"] else ("bundled", "glm-large-shape")
-    if kwargs["out_dir"] is None and not kwargs["quick"]:
-        kwargs["out_dir"] = "benchmarks/results"
+    if kwargs["out_dir"] is None and not kwargs["quick"]:  # a new folder: a run never writes over earlier results
+        import time
+        kwargs["out_dir"] = time.strftime("glmx-bench-%Y%m%d-%H%M%S")
     if kwargs["threads"] is None:
         kwargs["threads"] = 1 if kwargs["quick"] else 2
     command = ["glmx", "bench"] + (["--quick"] if kwargs["quick"] else [])  # the options this run resolved to

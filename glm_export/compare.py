@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
 from glm_runtime.session import Session
 
@@ -66,11 +67,11 @@ WINDOW = 64  # tokens per teacher-forced window: half Part A, half Part B
 FILL_TOKENS = 8  # greedy tokens generated per blank prompt
 
 
-class ParityError(AssertionError):
+class ParityError(GLMXError, AssertionError):
     """The artifact does not match its reference: wrong names, wrong shapes, or values out of budget."""
 
 
-class BudgetError(ValueError):
+class BudgetError(GLMXError, ValueError):
     """A derived artifact lost more accuracy on held-out text than its scheme's budget allows."""
 
 
@@ -379,7 +380,7 @@ def compare_sessions(candidate: Session, reference: Session, *, stage: str, tole
     cfg = reference.config
     tol = tolerance or TOLERANCES.get(candidate.precision)  # None for quantized precisions
     unjudged = Tolerance(float("inf"), 0.0)
-    n, d, V = cfg.num_attention_heads, cfg.head_dim, cfg.vocab_size
+    V = cfg.vocab_size
     figures: dict[str, dict[str, Any]] = {}
     agree = total = decisive = 0
     logits_start = accepts(candidate, LOGITS_START) and accepts(reference, LOGITS_START)

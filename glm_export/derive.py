@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file, \
     tokenizer_file_names, write_manifest
 
@@ -20,7 +21,7 @@ DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 27  # protobuf cannot serialize a message past 2 GiB (export.py)
 
 
-class DeriveError(ValueError):
+class DeriveError(GLMXError, ValueError):
     """The parent folder cannot be derived from (no tokenizer to judge the child with, wrong kind)."""
 
 

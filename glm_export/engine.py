@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from glm_runtime.config import GLMConfig
+from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import accepted_tables, io_table, without_optional_inputs
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, claims_output, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
@@ -27,7 +28,7 @@ from glm_runtime.trt_session import (
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
-class EngineBuildError(ValueError):
+class EngineBuildError(GLMXError, ValueError):
     """The limits, the graph or the build itself cannot give a valid engine; the message says what to change."""
 
 

@@ -22,6 +22,7 @@ from glm_export.pretrain import (
     PretrainSettings, cut_samples, eval_batches, heldout_metrics, load_tokenizer, read_documents,
     special_ids, split_documents, token_stream,
 )
+from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_write_json
 
 WORD = re.compile(r"(?<= )[A-Za-z]+(?=[ ,.;:!?)\n])")  # a whole alphabetic word preceded by a space
@@ -30,7 +31,7 @@ MAX_FILL_TOKENS = 8
 UNIGRAM_TRAIN_BATCHES = 64
 
 
-class EvaluateError(ValueError):
+class EvaluateError(GLMXError, ValueError):
     """The checkpoint or corpus cannot be evaluated (not from glmx pretrain, corpus missing, ...)."""
 
 

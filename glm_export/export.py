@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
 from glm_runtime.config import ConfigError, GLMConfig
+from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
 from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, claims_output, load_manifest,
                                   sha256_file, staged_folder, tool_versions, write_manifest)
@@ -34,7 +35,7 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "glmx-small"
 Log = Callable[[str], None]
 
 
-class ExportError(RuntimeError):
+class ExportError(GLMXError, RuntimeError):
     """The export cannot start or finish: a bad argument, a missing input, or a graph that fails its checks."""
 
 
@@ -131,8 +132,8 @@ def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_f
 def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], out_dir: Union[str, Path], *,
                 precision: str = "fp32", opset: int = DEFAULT_OPSET, external_data: Optional[bool] = None,
                 tokenizer_file: Optional[Union[str, Path]] = None, config: Union[GLMConfig, str, Path, None] = None,
-                tokenizer_kind: Optional[str] = None, gelu: Optional[str] = None, overwrite: bool = False,
-                validate: bool = True, log: Optional[Log] = None) -> Path:
+                tokenizer_kind: Optional[str] = None, gelu: Optional[str] = None, no_tokenizer: bool = False,
+                overwrite: bool = False, validate: bool = True, log: Optional[Log] = None) -> Path:
     """Write out_dir/ = model.onnx [+ model.onnx.data] [+ tokenizer] + manifest.json; returns out_dir.
 
     config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
@@ -152,6 +153,15 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     config: GLMConfig = model.config
     for note in source.notes:
         say(f"export: {note}")
+    if no_tokenizer and tokenizer_file is not None:
+        raise ExportError("--no-tokenizer and --tokenizer contradict each other; give one")
+    if checkpoint is not None and source.tokenizer is None and not no_tokenizer:
+        raise ExportError(f"{checkpoint} has no tokenizer beside its weights, and an export without one cannot "
+                          f"fill text (glmx fill) or be quantized: pass --tokenizer FILE, or --no-tokenizer to "
+                          f"export the graph alone")
+    if no_tokenizer and source.tokenizer is not None:
+        say("export: --no-tokenizer: the checkpoint's tokenizer is left out as asked")
+        source.tokenizer = None
     size = _weight_bytes(model, precision)
     if external_data is None:
         external_data = size > EXTERNAL_DATA_THRESHOLD

@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 from glm_export.compare import BudgetError
 from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
 from glm_export.onnx_graph import MAX_OPSET
+from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import claims_output, staged_folder, write_manifest
 from glm_runtime.session import quiet_options
 
@@ -30,7 +31,7 @@ CONST_RTOL = 1e-3  # GeLU constants are matched within fp16 rounding (0.044715 i
 GELU_A, GELU_K, SQRT2 = 0.044715, 0.7978845608028654, float(np.sqrt(2.0))
 
 
-class OptimizeError(ValueError):
+class OptimizeError(GLMXError, ValueError):
     """The optimized graph is unusable here: non-standard ops, TensorRT findings, or a parity miss."""
 
 
@@ -269,7 +270,7 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, src_model, tok = read_parent(src_dir)
     if manifest.precision not in ("fp32", "fp16"):
-        raise OptimizeError(f"{src_dir} is a {manifest.precision} artifact; optimize the fp32 (or fp16) export, "
+        raise OptimizeError(f"{src_dir} is an artifact of precision {manifest.precision}; optimize the fp32 (or fp16) export, "
                             f"then quantize the optimized folder")
     with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
         optimized, record = optimized_graph(src_model, level, int(manifest.config["num_layers"]), Path(tmp))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from glm_export.collator import BlockCollator, CollatorConfig, SpecialIds
 from glm_export.config import GLMConfig
 from glm_export.model import GLMModel
+from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_path
 from glm_runtime.tokenizer import JSON_SPECIAL_TOKENS
 
@@ -40,7 +41,7 @@ LOCAL_HEAD_GAIN = 1.7  # neighbour logit ~10 above the rest once token embedding
 POSITION_RMS = 0.1  # element RMS of the sinusoidal table: about what trained token embeddings grow to
 
 
-class PretrainError(ValueError):
+class PretrainError(GLMXError, ValueError):
     """A pretraining input or setting is unusable (empty corpus, resume with other settings, ...)."""
 
 

@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from glm_export.compare import BudgetError, blank_calls, heldout_text, run_calls, strip_provenance, \
     text_windows
 from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
+from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import io_table, required_inputs
 from glm_runtime.manifest import claims_output, sha256_file, staged_folder, write_manifest
 
@@ -50,7 +51,7 @@ CALIBRATION_WINDOW = 32  # tokens per calibration window: half context pass, hal
 logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # per-node INFO chatter
 
 
-class QuantizeError(ValueError):
+class QuantizeError(GLMXError, ValueError):
     """A quantization request that cannot be honoured (bad scheme, no or unusable calibration data, ...)."""
 
 
@@ -112,7 +113,8 @@ def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str
     names = {n.name for n in model.graph.node}
     unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in names]
     if unknown:
-        raise QuantizeError(f"keep_fp32 entries {unknown} are neither roles {KEEP_FP32} nor node names of the graph")
+        raise QuantizeError(f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
+                            f"of the graph; pass one of those roles, or a node name as model.onnx spells it")
     out = [k for k in keep_fp32 if k in names]
     if "head" in keep_fp32:
         out.append(head_node(model).name)
@@ -208,7 +210,11 @@ def _calibration(parent: Any, tok: Any, calibration) -> tuple[list[dict], dict[s
         path = Path(calibration)
         if not path.is_file():
             raise QuantizeError(f"calibration file {path} does not exist; pass a text file of real text")
-        text = strip_provenance(path.read_text(encoding="utf-8"))
+        try:
+            text = strip_provenance(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            raise QuantizeError(f"calibration file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                f"save it as UTF-8") from None
         if not text.strip():
             raise QuantizeError(f"calibration file {path} is empty: qdq-int8 will not invent scales without data")
         feeds = calibration_feeds(parent, tok, text, str(path))
@@ -316,7 +322,7 @@ _SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int
 
 @claims_output(lambda a: [a["src_dir"], a["calibration"]])
 def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None,
-                  block_size: int = DEFAULT_BLOCK_SIZE, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                  block_size: int | None = None, accuracy_level: int | None = None,
                   keep_fp32: Sequence[str] | None = None, accept_loss: bool = False, overwrite: bool = False,
                   eval_text: str | None = None) -> Path:
     """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its parent (glm_export.compare: GLM's
@@ -332,11 +338,17 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
     if calibration is not None and scheme != "qdq-int8":
-        raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}")
+        raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}; drop --calibration")
+    for name, value in (("block-size", block_size), ("accuracy-level", accuracy_level)):
+        if value is not None and scheme != "int4-weight":
+            raise QuantizeError(f"--{name} applies to --scheme int4-weight, not {scheme}; drop it")
+    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    accuracy_level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, src_model, tok = read_parent(src_dir)
     if manifest.precision != "fp32":
-        raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; quantize from the fp32 export")
+        raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; quantize the fp32 export it came from "
+                            f"({manifest.parent.get('path', 'its parent')})")
     feeds, calib_record = _calibration(OnnxRuntimeSession(src_dir), tok, calibration) if scheme == "qdq-int8" \
         else ([], None)
     model = _named(onnx.load(src_model))

@@ -11,12 +11,14 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from glm_runtime.errors import GLMXError
+
 LAYERNORM_EPS = 1e-5  # fixed in the original, whatever --layernorm-epsilon says (spec 9.18)
 GELU_KINDS = ("tanh", "erf")  # tanh = original training code; erf = HF remote code (spec 1.2)
 TOKENIZER_KINDS = ("gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json")
 
 
-class ConfigError(ValueError):
+class ConfigError(GLMXError, ValueError):
     """A config value is missing, of the wrong type, or inconsistent with another."""
 
 

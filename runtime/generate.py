@@ -13,7 +13,7 @@ import numpy as np
 from glm_runtime import masks
 from glm_runtime.beam import beam_search_span, check_beam
 from glm_runtime.kvcache import new_cache
-from glm_runtime.sampling import GenerationError, check_sampling, greedy, make_generators, sample
+from glm_runtime.sampling import GenerationError, check_sampling, greedy, prompt_generators, sample
 from glm_runtime.steps import context_pass, decode_step, prefill_span
 from glm_runtime.tokenizer import build_context_ids, find_blanks
 
@@ -61,14 +61,37 @@ class _Prompt:
 
 # ---------------------------------------------------------------- checking the request
 
-def _check_settings(max_new_tokens: Any, strategy: str, temperature: Any, top_k: Any, top_p: Any,
-                    num_beams: Any, length_penalty: Any, early_stopping: Any) -> None:
+# which options each strategy reads; passing one another strategy does not read is refused, never ignored
+STRATEGY_OPTIONS = {"greedy": (), "sample": ("temperature", "top_k", "top_p", "seed"),
+                    "beam": ("num_beams", "length_penalty", "early_stopping")}
+OPTION_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": None, "num_beams": 1,
+                   "length_penalty": 1.0, "early_stopping": False}
+
+
+def resolve_settings(max_new_tokens: Any = 32, strategy: str = "greedy", **options: Any) -> dict[str, Any]:
+    """Check a request and fill in the defaults: the options a strategy reads (STRATEGY_OPTIONS) take their
+    defaults when left None; an option given (not None) to a strategy that does not read it is refused."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if strategy not in STRATEGIES:
         raise GenerationError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-    check_sampling(temperature, top_k, top_p)
-    check_beam(num_beams, length_penalty, early_stopping)
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise GenerationError(f"unknown setting {unknown[0]!r}; settings are max_new_tokens, strategy and "
+                              f"{', '.join(OPTION_DEFAULTS)}")
+    for name, value in options.items():
+        if value is not None and name not in STRATEGY_OPTIONS[strategy]:
+            owner = next(k for k, v in STRATEGY_OPTIONS.items() if name in v)
+            flag = "--" + name.replace("_", "-")
+            raise GenerationError(f"{flag} applies to --strategy {owner}, not {strategy}; drop it or pass "
+                                  f"--strategy {owner}")
+    settings = {name: OPTION_DEFAULTS[name] if options.get(name) is None else options[name]
+                for name in OPTION_DEFAULTS}
+    if strategy == "sample":
+        check_sampling(settings["temperature"], settings["top_k"], settings["top_p"])
+    if strategy == "beam":
+        check_beam(settings["num_beams"], settings["length_penalty"], settings["early_stopping"])
+    return {"max_new_tokens": max_new_tokens, "strategy": strategy, **settings}
 
 
 def prepare_prompts(tokenizer: Any, prompts: Sequence[str], append_gmask: bool, max_new_tokens: int,
@@ -252,37 +275,42 @@ def _fill_beam(session: Any, tokenizer: Any, prompt: _Prompt, max_new_tokens: in
 # ---------------------------------------------------------------- entry points
 
 def stream_blanks(session: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32,
-                  strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  seed: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
-                  early_stopping: bool = False, append_gmask: bool = False) -> Iterator[StreamEvent]:
+                  strategy: str = "greedy", temperature: Optional[float] = None, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, seed: Optional[int] = None, num_beams: Optional[int] = None,
+                  length_penalty: Optional[float] = None, early_stopping: Optional[bool] = None,
+                  append_gmask: bool = False) -> Iterator[StreamEvent]:
     """fill_blanks as an iterator of StreamEvents: tokens and spans as they come, then one result per prompt."""
-    _check_settings(max_new_tokens, strategy, temperature, top_k, top_p, num_beams, length_penalty, early_stopping)
-    generators = make_generators(seed, len(prompts)) if strategy == "sample" else []
+    s = resolve_settings(max_new_tokens, strategy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    generators = prompt_generators(s["seed"], prompts) if strategy == "sample" else []
     prepared = prepare_prompts(tokenizer, prompts, append_gmask, max_new_tokens,
                                session.config.max_sequence_length)
     if strategy == "beam":
         for prompt in prepared:
-            yield from _fill_beam(session, tokenizer, prompt, max_new_tokens, num_beams, length_penalty,
-                                  early_stopping)
+            yield from _fill_beam(session, tokenizer, prompt, max_new_tokens, s["num_beams"], s["length_penalty"],
+                                  s["early_stopping"])
         return
 
     def choose(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if strategy == "greedy":
             return greedy(logits)
-        return sample(logits, [generators[r] for r in rows], temperature, top_k, top_p)
+        return sample(logits, [generators[r] for r in rows], s["temperature"], s["top_k"], s["top_p"])
 
     yield from _fill_batch(session, tokenizer, prepared, max_new_tokens, choose)
 
 
 def fill_blanks(session: Any, tokenizer: Any, prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
-                strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                seed: Optional[int] = None, num_beams: int = 1, length_penalty: float = 1.0,
-                early_stopping: bool = False, append_gmask: bool = False,
+                strategy: str = "greedy", temperature: Optional[float] = None, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, seed: Optional[int] = None, num_beams: Optional[int] = None,
+                length_penalty: Optional[float] = None, early_stopping: Optional[bool] = None,
+                append_gmask: bool = False,
                 stream: Optional[Callable[[StreamEvent], None]] = None) -> list[FillResult]:
     """Fill every blank of every prompt; `stream(event)` is called for each token, span and result.
 
-    strategy: "greedy" (batched), "sample" (temperature / top_k / top_p, one seeded stream per prompt), or
-    "beam" (num_beams per prompt, per span; score = sum log-prob / length ** length_penalty).
+    strategy: "greedy" (batched), "sample" (temperature / top_k / top_p; each prompt's random stream comes from
+    the seed and the prompt's text alone, so a prompt samples the same alone, in a file or in a served batch), or
+    "beam" (num_beams per prompt, per span; score = sum log-prob / length ** length_penalty). Settings that the
+    strategy does not read are refused (resolve_settings), never ignored.
     """
     if isinstance(prompts, str):
         prompts = [prompts]

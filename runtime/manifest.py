@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from glm_runtime.errors import GLMXError
+
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "glmx.manifest/1"
 ARTIFACT_KINDS = ("checkpoint", "onnx", "engine")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(GLMXError, RuntimeError):
     """An artifact folder is missing, incomplete, tampered with, or not what the caller expected."""
 
 

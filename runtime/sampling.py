@@ -3,25 +3,45 @@ In: logits [B, V] and settings. Out: token ids [B] (int64) or filtered logits.
 Sampling draws from one numpy Generator per row, so the same seed gives the same tokens."""
 from __future__ import annotations
 
+import hashlib
 import numbers
 from typing import Sequence
 
 import numpy as np
 
+from glm_runtime.errors import GLMXError
 
-class GenerationError(ValueError):
+
+class GenerationError(GLMXError, ValueError):
     """A generation setting or prompt is invalid; the message says which and how to fix it."""
 
 
 def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0 \
             or not np.isfinite(temperature):
-        raise GenerationError(f"temperature must be a number > 0, got {temperature!r} "
-                              "(use strategy='greedy' for deterministic decoding)")
+        raise GenerationError(f"--temperature must be a number > 0, got {temperature!r}; for the most likely token "
+                              f"every step use --strategy greedy (which takes no temperature)")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise GenerationError(f"top_k must be an integer >= 0 (0 = no top-k filter), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
         raise GenerationError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
+
+
+def prompt_generators(seed: int | None, prompts: Sequence[str]) -> list[np.random.Generator]:
+    """One stream per prompt from the seed and that prompt's text alone (SeedSequence([seed, sha256(text)])):
+    the same prompt and seed sample the same wherever the prompt sits, alone, in a file or in a served batch.
+    seed None: fresh entropy for each prompt."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}")
+    out = []
+    for text in prompts:
+        if seed is None:
+            out.append(np.random.default_rng())
+            continue
+        digest = hashlib.sha256(str(text).encode("utf-8")).digest()
+        words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 32, 4)]
+        out.append(np.random.default_rng(np.random.SeedSequence([int(seed), *words])))
+    return out
 
 
 def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:

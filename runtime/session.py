@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from glm_runtime.config import ConfigError, GLMConfig
+from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import accepted_tables, kv_dtype, required_inputs
 from glm_runtime.manifest import Manifest, ManifestError, load_manifest
 
@@ -21,7 +22,7 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(bool)": "bool", "tensor(int32)": "int32", "tensor(double)": "float64"}
 
 
-class FeedError(ValueError):
+class FeedError(GLMXError, ValueError):
     """A feed does not match the graph's IO table: unknown or missing name, wrong dtype, rank or shape."""
 
 
@@ -264,12 +265,34 @@ def default_model() -> Path:
     return BUNDLED_MODEL
 
 
+def _check_backend_fits(folder: Path, backend: str) -> None:
+    """A folder of the wrong kind for the backend gets the command that makes the right one."""
+    import json
+    try:
+        kind = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError):
+        return  # no readable manifest: the session's own load says what is wrong
+    wants = {"tensorrt": "engine", "torch": None}.get(backend, "onnx")
+    if wants is None or kind == wants or kind is None:
+        return
+    if kind == "checkpoint":
+        raise ManifestError(f"{folder} is a checkpoint folder, not an exported model: export it first (glmx export "
+                            f"{folder} -o {folder.name}-onnx), or fill from it directly with --backend torch")
+    if wants == "engine":
+        raise ManifestError(f"{folder} is an ONNX folder, and --backend tensorrt runs engines: build one on an NVIDIA "
+                            f"GPU (glmx build-engine {folder} -o {folder.name}-engine), or use --backend onnxruntime")
+    if kind == "engine":
+        raise ManifestError(f"{folder} is a TensorRT engine folder: fill with --backend tensorrt, or pass the ONNX "
+                            f"folder it was built from")
+
+
 def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **options: Any) -> tuple[Any, Any]:
     """(session, tokenizer) for a model folder (None = the bundled model); the two must agree."""
     from glm_runtime.tokenizer import TokenizerError, load_recorded_tokenizer
     folder = Path(model) if model is not None else default_model()
     if not folder.is_dir():
         raise ManifestError(f"model folder {folder} does not exist")
+    _check_backend_fits(folder, backend)
     session = open_session(folder, backend, **options)
     entry = getattr(getattr(session, "manifest", None), "tokenizer", None) or {}
     if getattr(session, "tokenizer", None) is not None:  # decided by the session's source (torch: a checkpoint)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from glm_runtime.config import TOKENIZER_KINDS
+from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
 # Command-token names of the original code, in the order the ids are reported (spec 7).
@@ -35,7 +36,7 @@ _FAMILY = {"gpt2": "bpe", "roberta": "bpe", "bert": "wordpiece", "chinese-sp": "
            "json": "json"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GLMXError, ValueError):
     """A tokenizer cannot be loaded, or a token or id the caller asked for is not in its vocabulary."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import past_names, present_names
 from glm_runtime.kvcache import _SlotCache
 from glm_runtime.manifest import Manifest, ManifestError, load_manifest
@@ -25,7 +26,7 @@ _DIM_OPTION = {"batch": "--max-batch", "seq": "--max-context", "past_seq": "--ma
                "total_seq": "--max-context / --max-new-tokens"}
 
 
-class TensorRTError(RuntimeError):
+class TensorRTError(GLMXError, RuntimeError):
     """TensorRT or CUDA is missing, the engine does not fit this machine, or a call cannot run on it."""
 
 

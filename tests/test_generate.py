@@ -333,17 +333,23 @@ def test_batch_rows_are_padded_and_finished_rows_fed_a_dummy(tok):
 # ---------------------------------------------------------------- bad input: each message, before any work
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(temperature=0), "temperature must be a number > 0"),
-    (dict(temperature=-1.0), "temperature must be a number > 0"),
-    (dict(top_p=0.0), "top_p must be in (0, 1]"),
-    (dict(top_p=1.5), "top_p must be in (0, 1]"),
-    (dict(top_k=-1), "top_k must be an integer >= 0"),
-    (dict(top_k=2.5), "top_k must be an integer >= 0"),
-    (dict(num_beams=0), "num_beams must be an integer >= 1"),
+    (dict(strategy="sample", temperature=0), "temperature must be a number > 0"),
+    (dict(strategy="sample", temperature=-1.0), "temperature must be a number > 0"),
+    (dict(strategy="sample", top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(strategy="sample", top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(strategy="sample", top_k=-1), "top_k must be an integer >= 0"),
+    (dict(strategy="sample", top_k=2.5), "top_k must be an integer >= 0"),
+    (dict(strategy="beam", num_beams=0), "num_beams must be an integer >= 1"),
     (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
     (dict(strategy="nucleus"), "unknown strategy 'nucleus'"),
     (dict(strategy="sample", seed=-1), "seed must be a non-negative integer"),
-    (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(strategy="beam", length_penalty=float("nan")), "length_penalty must be a finite number"),
+    # an option the strategy does not read is refused, never ignored
+    (dict(num_beams=4), "--num-beams applies to --strategy beam, not greedy"),
+    (dict(strategy="beam", temperature=0.7), "--temperature applies to --strategy sample, not beam"),
+    (dict(strategy="beam", seed=1), "--seed applies to --strategy sample, not beam"),
+    (dict(strategy="sample", early_stopping=True), "--early-stopping applies to --strategy beam"),
+    (dict(temperature=0), "--temperature applies to --strategy sample, not greedy"),
 ])
 def test_bad_settings_are_refused(tok, kwargs, message):
     session = ScriptedSession({}, tok.special["eop"])
@@ -416,8 +422,9 @@ def test_cli_torch_backend_on_a_checkpoint_matches(model, tok_file, tmp_path, gr
 
 @pytest.mark.parametrize("args,message", [
     (["no blank here"], "the text has no blank to fill"),
-    (["a [MASK]", "--temperature", "0"], "temperature must be a number > 0"),
-    (["a [MASK]", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["a [MASK]", "--strategy", "sample", "--temperature", "0"], "temperature must be a number > 0"),
+    (["a [MASK]", "--strategy", "sample", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["a [MASK]", "--num-beams", "4"], "--num-beams applies to --strategy beam"),
     (["a [MASK]", "--num-beams", "0", "--strategy", "beam"], "num_beams must be an integer >= 1"),
     (["a [MASK]", "--max-new-tokens", "500"], "too long for the model"),
     ([], "give exactly one of"),

@@ -88,7 +88,8 @@ def hub_config(V: int, **fields) -> dict:
             "transformers_version": "4.30.2", "vocab_size": V, **fields}
 
 
-def write_hub_folder(kind: str, folder: Path, seed: int = 0, tokenizer_class: str | None = "default"):
+def write_hub_folder(kind: str, folder: Path, seed: int = 0, tokenizer_class: str | None = "default",
+                     shape: dict | None = None):
     """A folder as the hub publishes it. -> (folder, the reference model with its official weights)."""
     V = write_vocab(kind, folder)
     cls = HUB_CLASSES[kind] if tokenizer_class == "default" else tokenizer_class
@@ -96,10 +97,12 @@ def write_hub_folder(kind: str, folder: Path, seed: int = 0, tokenizer_class: st
         (folder / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": cls, "auto_map": {"AutoTokenizer": [f"tokenization_glm.{cls}", None]},
              "model_max_length": 1000000000000000019884624838656}))
-    (folder / "config.json").write_text(json.dumps(hub_config(V)))
+    shape = {**SHAPE, **(shape or {})}
+    (folder / "config.json").write_text(json.dumps(hub_config(V, **{k: shape[k] for k in (
+        "num_layers", "hidden_size", "num_attention_heads", "max_sequence_length")})))
     for name in ("configuration_glm.py", "modeling_glm.py", "tokenization_glm.py"):
         (folder / name).write_text("# remote code, never imported by glmx\n")
-    model = random_weights_model(GLMConfig(vocab_size=V, gelu="erf", **SHAPE), seed)
+    model = random_weights_model(GLMConfig(vocab_size=V, gelu="erf", **shape), seed)
     torch.save({f"glm.{k}": v for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
     return folder, model
 
@@ -110,11 +113,13 @@ def run_cli(*args: str):
 
 
 def one_line_error(result) -> str:
-    """The CLI refused with exit status 1, one line on its output, no traceback."""
+    """The CLI refused with exit status 1, ending in one Error line (progress notes may come before it), no
+    traceback."""
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
-    return lines[0]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert errors == lines[-1:] and "Traceback" not in result.output, result.output
+    return lines[-1]
 
 
 def oracle_fill(folder: Path, tok, prompt: str, gelu: str = "erf") -> list[list[int]]:
@@ -348,7 +353,10 @@ def test_derived_stages_refuse_an_export_without_tokenizer_in_one_line(tmp_path)
     hub, _ = write_hub_folder("gpt2", tmp_path / "hub")
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         (hub / name).unlink()
-    exported = run_cli("export", hub, "-o", tmp_path / "onnx", "--no-validate")
+    line = one_line_error(run_cli("export", hub, "-o", tmp_path / "onnx"))  # refused unless said explicitly
+    assert "has no tokenizer beside its weights" in line and "--no-tokenizer" in line
+    assert not (tmp_path / "onnx").exists()
+    exported = run_cli("export", hub, "-o", tmp_path / "onnx", "--no-validate", "--no-tokenizer")
     assert exported.exit_code == 0 and "tokenizer: none found" in exported.output
     for args in (("optimize",), ("quantize", "--scheme", "int8-dynamic")):
         line = one_line_error(run_cli(args[0], tmp_path / "onnx", "-o", tmp_path / "child", *args[1:]))

@@ -216,7 +216,7 @@ def test_bad_requests(parent, tmp_path):
         quantize_onnx(parent, tmp_path / "q", scheme="int3")
     with pytest.raises(QuantizeError, match="embedding Gather always stays fp32"):
         quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", keep_fp32=("head",))
-    with pytest.raises(QuantizeError, match="neither roles"):
+    with pytest.raises(QuantizeError, match="neither a role"):
         quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", keep_fp32=("embedding", "head", "nosuch"))
     with pytest.raises(QuantizeError, match="block_size must be a power of two"):
         quantize_onnx(parent, tmp_path / "q", scheme="int4-weight", block_size=24)
