@@ -294,18 +294,13 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mas
 def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
     """Which files make up the tokenizer at `path` (a folder or one of its files), and its kind."""
     folder = path.parent if path.is_file() else path
+    family = _files_family(path)
     if path.is_file():
-        name = path.name
-        family = ("bpe" if name in ("vocab.json", "merges.txt") else "json" if name.endswith(".json")
-                  else "sp" if name.endswith(".model") else "wordpiece" if name.endswith(".txt") else None)
         if family is None and kind is None:
             raise TokenizerError(f"cannot tell the tokenizer kind of {path}; pass kind= one of {TOKENIZER_KINDS}")
         if kind is not None and family is not None and _FAMILY[kind] != family:
             raise TokenizerError(f"{path} is not a {kind!r} tokenizer file")
     else:
-        models = sorted(p.name for p in folder.glob("*.model"))
-        family = ("json" if (folder / "tokenizer.json").is_file() else "bpe" if (folder / "vocab.json").is_file()
-                  else "wordpiece" if (folder / "vocab.txt").is_file() else "sp" if models else None)
         if family is None and kind is None:
             raise TokenizerError(f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + "
                                  f"merges.txt, vocab.txt, or a SentencePiece *.model")
@@ -462,17 +457,22 @@ _FAMILY_FILES = {"json": "tokenizer.json", "bpe": "vocab.json + merges.txt", "wo
 _CHINESE_BY_SIZE = {(24, 1024): "chinese-sp-fix", (48, 4096): "chinese-sp"}
 
 
+def _json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read {path} as {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} is not {what}")
+    return data
+
+
 def _hf_tokenizer_class(folder: Path) -> tuple[str | None, Path | None]:
     """tokenizer_class of `folder`/tokenizer_config.json (or its auto_map's AutoTokenizer), None when absent."""
     path = folder / HF_TOKENIZER_CONFIG
     if not path.is_file():
         return None, None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} is not a JSON object")
+    data = _json_object(path, "a JSON object")
     name = data.get("tokenizer_class")
     if not name:
         auto = (data.get("auto_map") or {}).get("AutoTokenizer")
@@ -499,12 +499,7 @@ def _files_family(path: Path) -> str | None:
 
 def _bpe_flavour(vocab: Path) -> str:
     """gpt2 or roberta from the vocabulary itself: RoBERTa has <s>/<mask>, GPT-2 <|endoftext|>."""
-    try:
-        tokens = json.loads(vocab.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {vocab} as a BPE vocabulary (JSON): {exc}") from None
-    if not isinstance(tokens, dict):
-        raise TokenizerError(f"{vocab} is not a BPE vocabulary (expected a JSON object of token -> id)")
+    tokens = _json_object(vocab, "a BPE vocabulary (a JSON object of token -> id)")
     if "<mask>" in tokens and "<s>" in tokens:
         return "roberta"
     if "<|endoftext|>" in tokens:
