@@ -248,6 +248,8 @@ def read_config_file(path: Union[str, Path]) -> tuple[GLMConfig, bool]:
 
 def _read_hf(folder: Path) -> _Found:
     config, gelu_stated = read_config_file(folder / CONFIG_NAME)
+    if config.name == "custom":  # the hub's config.json has no name: the folder's (glm-10b, ...) says it
+        config = config.replace(name=folder.resolve().name)
     name = next(n for n in HF_WEIGHTS if (folder / n).is_file())
     if name.endswith(".index.json"):  # sharded: {"weight_map": {key: file}}
         weight_map = _read_json(folder / name).get("weight_map")
