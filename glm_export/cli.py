@@ -334,6 +334,127 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, **settings) -> 
         click.echo(json.dumps({"prompt": text, **result.to_dict()}, ensure_ascii=False) if as_json else result.text)
 
 
+SCORE_HELP = """Score candidate answers for the one blank of PROMPT (GLM's cloze scoring), best first.
+
+\b
+Multi-token (default): the context with its blank, then sop + the candidate's tokens as the span; the score
+is the sum of the log-probabilities of the candidate's tokens and eop, divided by (tokens + 1) ** the length
+penalty. --single-token: the log-probability at the blank itself; every candidate must be one token.
+With a byte-level BPE vocabulary (GPT-2, RoBERTa, glmx's own) write a candidate as it would follow the text,
+usually with a leading space (" good"): the blank takes the space before it.
+Example:  glmx score "The movie was great. It was really [MASK]." -c " good" -c " bad"
+"""
+
+
+@main.command("score", help=SCORE_HELP)
+@click.argument("prompt")
+@click.option("-c", "--candidate", "candidates", multiple=True, required=True, help="a candidate answer; repeat")
+@click.option("--length-penalty", type=float, default=0.0, show_default=True,
+              help="score = log-prob / (tokens + 1) ** this; 0 = the plain sum")
+@click.option("--single-token", is_flag=True, help="score each one-token candidate at the blank itself")
+@click.option("--json", "as_json", is_flag=True, help="print every candidate's figures as JSON")
+@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
+@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+              default="onnxruntime", show_default=True)
+def score_cmd(prompt, candidates, length_penalty, single_token, as_json, model, backend) -> None:
+    from glm_runtime.score import score_candidates
+    from glm_runtime.session import open_model
+    session, tokenizer = open_model(model, backend)
+    scores = score_candidates(session, tokenizer, prompt, list(candidates), length_penalty=length_penalty,
+                              single_token=single_token)
+    ranked = sorted(scores, key=lambda c: -c.score)
+    if as_json:
+        click.echo(json.dumps({"prompt": prompt, "winner": ranked[0].text,
+                               "candidates": [c.to_dict() for c in scores]}, ensure_ascii=False))
+        return
+    for c in ranked:
+        click.echo(f"{c.score:12.4f}  {c.text!r}  ({c.length} target token(s), log-prob {c.total:.4f})")
+    click.echo(f"winner: {ranked[0].text!r}")
+
+
+CLASSIFY_HELP = """Classify each record of a JSONL file by cloze scoring: a template with {fields} and one blank,
+and a verbalizer mapping each label to one or more answers.
+
+\b
+The task comes from --task FILE ({"template": ..., "verbalizer": {label: answer or [answers]}, and optionally
+"aggregate", "length_penalty", "single_token"}) or from --template and --verbalizer (JSON). A label with several
+answers scores as its best answer (--aggregate max) or the log of their summed probabilities (sum). Records
+with a "label" field are gold: accuracy and the confusion matrix are printed after the predictions.
+Example:  glmx classify reviews.jsonl --template "{text} It was really [MASK]." \\
+            --verbalizer '{"positive": " good", "negative": " bad"}'"""
+
+
+@main.command("classify", help=CLASSIFY_HELP)
+@click.argument("records", type=click.File("rb"))
+@click.option("--task", "task_file", type=click.File("rb"), default=None, help="JSON task file (see above)")
+@click.option("--template", default=None, help="the prompt template, with {fields} and one blank")
+@click.option("--verbalizer", default=None, help='JSON: {"label": "answer" or ["answers"], ...}')
+@click.option("--aggregate", type=click.Choice(["max", "sum"]), default=None, help="several answers per label [max]")
+@click.option("--length-penalty", type=float, default=None, help="as in glmx score [default: 0]")
+@click.option("--single-token", is_flag=True, default=None, help="score one-token answers at the blank itself")
+@click.option("--json", "as_json", is_flag=True, help="print the whole result as one JSON object")
+@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
+@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+              default="onnxruntime", show_default=True)
+def classify_cmd(records, task_file, template, verbalizer, aggregate, length_penalty, single_token, as_json, model,
+                 backend) -> None:
+    from glm_runtime.score import classify
+    from glm_runtime.session import open_model
+    task: dict = {}
+    if task_file is not None:
+        try:
+            task = json.loads(_read_text(task_file, task_file.name))
+        except json.JSONDecodeError as exc:
+            raise GLMXError(f"{task_file.name} is not JSON: {exc}") from None
+        if not isinstance(task, dict):
+            raise GLMXError(f"{task_file.name} must be a JSON object with template and verbalizer")
+        unknown = sorted(set(task) - {"template", "verbalizer", "aggregate", "length_penalty", "single_token"})
+        if unknown:
+            raise GLMXError(f"{task_file.name}: unknown key {unknown[0]!r}; a task has template, verbalizer, "
+                            f"aggregate, length_penalty, single_token")
+    if template is not None:
+        task["template"] = template
+    if verbalizer is not None:
+        try:
+            task["verbalizer"] = json.loads(verbalizer)
+        except json.JSONDecodeError as exc:
+            raise GLMXError(f"--verbalizer is not JSON: {exc}") from None
+    for key, value in (("aggregate", aggregate), ("length_penalty", length_penalty), ("single_token", single_token)):
+        if value is not None:
+            task[key] = value
+    if not isinstance(task.get("template"), str) or not isinstance(task.get("verbalizer"), dict):
+        raise GLMXError("a task needs a template (a string) and a verbalizer (a JSON object): --task FILE, or "
+                        "--template and --verbalizer")
+    rows = []
+    for n, line in enumerate(_read_text(records, records.name).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GLMXError(f"{records.name} line {n} is not JSON: {exc}") from None
+        if not isinstance(item, dict):
+            raise GLMXError(f"{records.name} line {n}: a record is a JSON object of the template's fields")
+        rows.append(item)
+    session, tokenizer = open_model(model, backend)
+    result = classify(session, tokenizer, rows, task["template"], task["verbalizer"],
+                      aggregate=task.get("aggregate", "max"), length_penalty=task.get("length_penalty", 0.0),
+                      single_token=bool(task.get("single_token", False)))
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+        return
+    for n, p in enumerate(result["predictions"]):
+        probs = " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items())
+        gold = f"  gold {p['gold']}" if "gold" in p else ""
+        click.echo(f"{n}\t{p['label']}\t{probs}{gold}")
+    if "accuracy" in result:
+        click.echo(f"accuracy {result['accuracy']:.4f} on {result['gold_records']} gold record(s)")
+        labels = result["labels"]
+        click.echo("confusion (rows gold, columns predicted): " + " ".join(labels))
+        for g in labels:
+            click.echo(f"  {g}: " + " ".join(str(result["confusion"][g][p]) for p in labels))
+
+
 @main.command("build-engine")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="engine folder to write")
