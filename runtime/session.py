@@ -139,6 +139,25 @@ def quiet_options(options: Any = None) -> Any:
     return options
 
 
+def _check_graph_types(model_file: Path, graph: Sequence[Any], table: Mapping[str, Mapping[str, Any]]) -> None:
+    """The graph's own element types and fixed sizes (heads, head width, vocabulary) must be the manifest's: a
+    manifest that describes another model (another precision, heads or V) is refused before any call."""
+    for node in graph:
+        entry = table.get(node.name)
+        if entry is None:
+            continue
+        dtype = _ORT_TYPES.get(node.type, node.type)
+        if dtype != entry["dtype"]:
+            raise ManifestError(f"{model_file}: {node.name} is {dtype} in the graph but {entry['dtype']} in the "
+                                f"manifest (precision {entry['dtype']!r} does not describe this graph); re-export")
+        fixed = [(a, d) for a, (d, w) in enumerate(zip(node.shape, entry["shape"])) if isinstance(w, int)]
+        for axis, size in fixed:
+            if isinstance(size, int) and size != entry["shape"][axis]:
+                raise ManifestError(f"{model_file}: {node.name} has size {size} on axis {axis} in the graph but "
+                                    f"{entry['shape'][axis]} in the manifest's config (heads, head width or "
+                                    f"vocabulary differ); the manifest is from another model, re-export")
+
+
 class OnnxRuntimeSession:
     """An exported GLM on ONNX Runtime. `run(feeds)` -> {"logits": [B,T',V] float32, "present.{i}.*": ...}.
 
@@ -179,6 +198,8 @@ class OnnxRuntimeSession:
             diff = sorted((graph_in ^ table_in) | (graph_out ^ table_out))
             raise ManifestError(f"{model_file}: graph inputs/outputs differ from the manifest's IO table at "
                                 f"{diff[:4]}; re-export the model")
+        _check_graph_types(model_file, [*self._session.get_inputs(), *self._session.get_outputs()],
+                           {e["name"]: e for e in [*self.inputs, *self.outputs]})
         cuda = "CUDAExecutionProvider" in names
         self.io_binding = cuda if io_binding is None else bool(io_binding)
         self.device = (("cuda" if cuda else "cpu"), 0) if self.io_binding else None

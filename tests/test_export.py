@@ -319,7 +319,8 @@ def test_parity_catches_wrong_output_names_and_shapes(exported, tmp_path):
                                                                f"planted/{i}") for i in range(3)])
         graph.node.append(onnx.helper.make_node("Slice", ["k_full", "planted/0", "planted/1", "planted/2"],
                                                 ["present.0.key"], name="planted_slice"))
-    with pytest.raises(ParityError, match=r"output .present.0.key. of .* has shape \[1, 4, 8, 15\], expected \[1, 4, 8, 16\]"):
+    # the graph's own shapes already disagree with the manifest: the loader refuses before any call
+    with pytest.raises(ManifestError, match=r"present.0.key has size 15 on axis 3 in the graph but 16"):
         _run_planted(folder, tmp_path / "t", model, truncate)()
 
 
@@ -447,3 +448,19 @@ def test_parity_cases_cover_glm_layouts():
     assert row1[0].tolist() == [True] * 5 + [False] * 5 and row1[7].tolist() == [False] * 7 + [True] + [False] * 2
     assert rec.feeds[1]["attention_mask"][1, 0, 0].tolist() == [True] * 5 + [False] * 5 + [True]  # holes masked
     assert rec.feeds[1]["position_ids"][:, :, 0].tolist() == [[2, 1], [3, 1], [6, 1]]  # sop at each row's blank
+
+def test_the_harness_checks_every_outputs_shape():
+    """A backend returning a wrong shape (here logits of 4 columns for V = 512) is refused by name."""
+    from glm_export.compare import run_calls
+
+    class Wrong:
+        io, config, kv_dtype = io_table(TINY), TINY, np.dtype("float32")
+
+        def run(self, feeds):
+            B, T = feeds["input_ids"].shape
+            n, d = TINY.num_attention_heads, TINY.head_dim
+            return {"logits": np.zeros((B, T, 4), np.float32),
+                    **{f"present.{i}.{p}": np.zeros((B, n, T, d), np.float32)
+                       for i in range(TINY.num_layers) for p in ("key", "value")}}
+    with pytest.raises(ParityError, match=r"output 'logits' .* has shape \[1, 8, 4\], expected \[1, 8, 512\]"):
+        run_calls(Wrong(), glm_cases(512)[0].calls)

@@ -94,3 +94,19 @@ def test_runtime_sources_import_neither_torch_nor_glm_export():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in ("torch", "glm_export"), f"{path.name} imports {name}"
+
+
+def test_cloze_scoring_never_imports_torch(onnx_dir):
+    code = f"""
+from glm_runtime.session import open_model
+from glm_runtime.score import classify, score_candidates
+session, tok = open_model({str(onnx_dir)!r})
+scores = score_candidates(session, tok, "the quick [MASK] fox", [" brown", " lazy dog"])
+result = classify(session, tok, [{{"t": "the quick"}}], "{{t}} [MASK] fox", {{"a": " brown", "b": " lazy"}})
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "glm_export"))
+assert not leaked, leaked
+print(len(scores), result["predictions"][0]["label"] in ("a", "b"))
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "True"]
