@@ -114,10 +114,14 @@ def test_qdq_passes_check_trt(children):
 
 @pytest.mark.parametrize("scheme", sorted(LOGIT_TOL))
 def test_folder_opens_in_runtime_session_and_fills(children, scheme):
-    from glm_runtime.session import open_session
-    session = open_session(children[scheme])
+    from glm_runtime.generate import fill_blanks
+    from glm_runtime.session import open_model
+    session, tok = open_model(children[scheme])
     assert session.precision == scheme
-    # the report's greedy fills went through the runtime's own loop, not the fallback
+    (result,) = fill_blanks(session, tok, ["the [MASK] of the text"], max_new_tokens=4)
+    assert len(result.spans) == 1 and len(result.spans[0].token_ids) <= 4
+    assert result.spans[0].stop in ("eop", "eos", "length")
+    # the report's greedy fills went through the runtime's own loop
     assert load_manifest(children[scheme]).parity["text"]["fill_method"].startswith("glm_runtime")
 
 
