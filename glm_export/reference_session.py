@@ -14,12 +14,12 @@ from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import (LOGITS_START, io_table, kv_dtype, past_names, present_names,
                                  without_optional_inputs)
 from glm_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
-from glm_runtime.session import check_feeds
+from glm_runtime.session import Closable, check_feeds
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-class TorchSession:
+class TorchSession(Closable):
     """GLMModel behind the session contract (backend "torch"): numpy in, numpy out, CPU."""
 
     def __init__(self, model: GLMModel, config: Optional[GLMConfig] = None, precision: str = "fp32",
@@ -43,8 +43,13 @@ class TorchSession:
         c = self.config
         return KVCache(self.io, batch, c.num_attention_heads, c.head_dim, capacity, self.kv_dtype)
 
+    def close(self) -> None:
+        self.model = None
+        super().close()
+
     @torch.inference_mode()
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        self._check_open()
         check_feeds(feeds, self.inputs)
         t = {name: torch.as_tensor(np.asarray(value)) for name, value in feeds.items()}
         past = [(t[k], t[v]) for k, v in past_names(self.io)]

@@ -46,6 +46,32 @@ class Session(Protocol):
 
     def new_cache(self, batch: int, capacity: int) -> Any: ...
 
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Session": ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+
+class Closable:
+    """`with open_session(...) as session:` for every backend; close() frees what the session holds (device
+    buffers, the native session) and a closed session refuses to run."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ManifestError("this session was closed; open the model again (open_session / open_model)")
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 # ---------------------------------------------------------------- feed checking (shared by every backend)
 
@@ -158,7 +184,7 @@ def _check_graph_types(model_file: Path, graph: Sequence[Any], table: Mapping[st
                                     f"vocabulary differ); the manifest is from another model, re-export")
 
 
-class OnnxRuntimeSession:
+class OnnxRuntimeSession(Closable):
     """An exported GLM on ONNX Runtime. `run(feeds)` -> {"logits": [B,T',V] float32, "present.{i}.*": ...}.
 
     T' = T - logits_start (iotable.LOGITS_START; all T positions when it is not fed).
@@ -214,7 +240,12 @@ class OnnxRuntimeSession:
         return KVCache(*args) if self.device is None else DeviceKVCache(*args, device=self.device,
                                                                         providers=self.providers)
 
+    def close(self) -> None:
+        self._session = None  # the native session and its weights go with the last reference
+        super().close()
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        self._check_open()
         check_feeds(feeds, self.inputs)
         if not self.io_binding:
             names = [o["name"] for o in self.outputs]

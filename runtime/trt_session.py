@@ -17,6 +17,7 @@ from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import past_names, present_names
 from glm_runtime.kvcache import _SlotCache
 from glm_runtime.manifest import Manifest, ManifestError, load_manifest
+from glm_runtime.session import Closable
 
 ENGINE_FILE = "model.engine"
 INSTALL_HINT = ("pip install 'glmx[gpu]' on a machine with an NVIDIA GPU and its driver (the tensorrt wheels fetch "
@@ -224,7 +225,7 @@ class _Cuda:
 
 # ---------------------------------------------------------------- the session
 
-class TensorRTSession:
+class TensorRTSession(Closable):
     """run(feeds) -> outputs over a TensorRT engine, plus `inputs` / `outputs` metadata from the IO table.
 
     Outputs: logits as numpy; present.* as DeviceArray (on the GPU; np.asarray copies them) unless
@@ -363,6 +364,7 @@ class TensorRTSession:
             self._cuda.free(ptr)
         self._scratch.clear()
         self._contexts = []
+        super().close()
 
 
 # ---------------------------------------------------------------- the device-resident KV cache

@@ -295,3 +295,13 @@ def test_device_array_feeds_are_checked_like_numpy():
         check_feeds({"x": Device((2, 3), "float16")}, inputs)
     with pytest.raises(FeedError, match="a feed must be a numpy array, an onnxruntime OrtValue or a device array"):
         check_feeds({"x": [[0.0] * 3] * 2}, inputs)
+
+
+def test_a_session_is_a_context_manager_and_refuses_to_run_once_closed(onnx_dir):
+    from glm_runtime.generate import fill_blanks
+    session, tok = open_model(onnx_dir)
+    with session as s:
+        assert fill_blanks(s, tok, ["the quick [MASK] fox"], max_new_tokens=2)[0].spans
+    assert session.closed
+    with pytest.raises(ManifestError, match="this session was closed"):
+        fill_blanks(session, tok, ["the quick [MASK] fox"], max_new_tokens=2)
