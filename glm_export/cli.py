@@ -64,8 +64,8 @@ def main() -> None:
     """glmx: GLM blank infilling from a PyTorch checkpoint to ONNX Runtime and TensorRT.
 
     \b
-    Stages:  pretrain -> export -> optimize / quantize -> build-engine -> fill / bench
-    Every artifact folder carries a manifest.json that later stages check.
+    Stages:  convert -> export -> optimize / quantize -> build-engine -> fill / score / classify / bench
+    Every artifact folder carries a manifest.json that later stages check; every failure is one Error line.
     """
 
 
@@ -223,7 +223,7 @@ def evaluate_cmd(**kwargs) -> None:
 FILL_HELP = """Fill the blanks of PROMPT, or of each prompt read with --stdin / --jsonl.
 
 \b
-Blanks (spec 4.1): [MASK] fills a word or a short span, [sMASK] a sentence, [gMASK] a long continuation
+Blanks (docs/glm.md 4.1): [MASK] fills a word or a short span, [sMASK] a sentence, [gMASK] a long continuation
 (put it last: the model writes from there on). A prompt may hold several, filled left to right, each seeing
 the ones before. Each blank gets at most --max-new-tokens tokens, and the context plus every blank's
 1 + max-new-tokens positions must fit the model's max_sequence_length.
