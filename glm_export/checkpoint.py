@@ -20,11 +20,11 @@ from glm_export.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_p
 from glm_export.model import GLMModel
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import (
-    MANIFEST_NAME, Manifest, claims_output, atomic_write_json, load_manifest, staged_folder, tool_versions, write_manifest,
+    MANIFEST_NAME, Manifest, atomic_write_json, claims_output, load_manifest, staged_folder, tool_versions,
+    write_manifest,
 )
-from glm_runtime.tokenizer import (
-    GLMTokenizer, TokenizerError, load_recorded_tokenizer, resolve_tokenizer, tokenizer_entry,
-)
+from glm_runtime.tokenizer import GLMTokenizer, TokenizerError, tokenizer_entry
+from glm_runtime.tokenizer_folder import load_recorded_tokenizer, resolve_tokenizer
 
 LAYOUTS = ("glmx", "hf", "megatron")
 WEIGHTS_NAME = "model.safetensors"

@@ -45,7 +45,8 @@ def trt_findings(path: Path) -> list[str] | None:
 
 def read_parent(src_dir: Path) -> tuple[Manifest, Path, Any]:
     """(manifest, model file, tokenizer) of a parent ONNX folder; the tokenizer is what the child is judged with."""
-    from glm_runtime.tokenizer import TokenizerError, load_recorded_tokenizer
+    from glm_runtime.tokenizer import TokenizerError
+    from glm_runtime.tokenizer_folder import load_recorded_tokenizer
     manifest = load_manifest(src_dir, kind="onnx")
     if not manifest.tokenizer.get("file"):
         raise DeriveError(f"{src_dir} carries no tokenizer, and a derived artifact is judged against its parent on "

@@ -23,7 +23,8 @@ from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
 from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, claims_output, load_manifest,
                                   sha256_file, staged_folder, tool_versions, write_manifest)
-from glm_runtime.tokenizer import TokenizerError, resolve_tokenizer, tokenizer_entry
+from glm_runtime.tokenizer import TokenizerError, tokenizer_entry
+from glm_runtime.tokenizer_folder import resolve_tokenizer
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

@@ -340,7 +340,8 @@ def _check_backend_fits(folder: Path, backend: str) -> None:
 
 def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **options: Any) -> tuple[Any, Any]:
     """(session, tokenizer) for a model folder (None = the bundled model); the two must agree."""
-    from glm_runtime.tokenizer import TokenizerError, load_recorded_tokenizer
+    from glm_runtime.tokenizer import TokenizerError
+    from glm_runtime.tokenizer_folder import load_recorded_tokenizer
     folder = Path(model) if model is not None else default_model()
     if not folder.is_dir():
         raise ManifestError(f"model folder {folder} does not exist")

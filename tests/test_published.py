@@ -390,7 +390,7 @@ def test_chinese_id_table_follows_the_preset_sizes_and_the_layout(tmp_path):
     the model's sizes pick the table, and a Hugging Face folder uses gMASK = sop + 3 (its converter's copy)."""
     from types import SimpleNamespace
 
-    from glm_runtime.tokenizer import resolve_tokenizer
+    from glm_runtime.tokenizer_folder import resolve_tokenizer
     V = write_vocab("chinese", tmp_path)
     model = tmp_path / "cog-pretrain.model"
     n = 120  # pieces
