@@ -253,15 +253,19 @@ def _read_text(stream, name: str) -> str:
         raise GLMXError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
 
 
+def _json_lines(text: str, name: str):
+    """(line number, parsed value) of every non-empty line of a JSON-lines text; a bad line is one Error."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GLMXError(f"{name} line {n} is not JSON: {exc}") from None
+
+
 def _jsonl_requests(text: str, name: str) -> list[dict]:
     requests = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GLMXError(f"{name} line {n} is not JSON: {exc}") from None
+    for n, item in _json_lines(text, name):
         item = {"prompt": item} if isinstance(item, str) else item
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise GLMXError(f'{name} line {n}: expected a string or an object with a "prompt" string')
@@ -426,13 +430,7 @@ def classify_cmd(records, task_file, template, verbalizer, aggregate, length_pen
         raise GLMXError("a task needs a template (a string) and a verbalizer (a JSON object): --task FILE, or "
                         "--template and --verbalizer")
     rows = []
-    for n, line in enumerate(_read_text(records, records.name).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GLMXError(f"{records.name} line {n} is not JSON: {exc}") from None
+    for n, item in _json_lines(_read_text(records, records.name), records.name):
         if not isinstance(item, dict):
             raise GLMXError(f"{records.name} line {n}: a record is a JSON object of the template's fields")
         rows.append(item)
