@@ -328,6 +328,9 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Pat
     Returns {"step", "losses" (this call's per-step training losses), "evals", "export_dir"}.
     """
     s = PretrainSettings(**settings)
+    if export_dir is not None:  # refused now, not after hours of training
+        from glm_runtime.manifest import check_output
+        check_output(export_dir, overwrite=overwrite, inputs=[corpus_dir, work_dir])
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)

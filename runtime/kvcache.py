@@ -127,7 +127,8 @@ def _scatter_model(elem_type: int) -> bytes:
     try:
         from onnx import TensorProto, helper
     except ImportError:
-        raise RuntimeError("the device-resident KV cache builds a small scatter graph with the `onnx` package: "
+        from glm_runtime.errors import GLMXError
+        raise GLMXError("the device-resident KV cache builds a small scatter graph with the `onnx` package: "
                            "pip install onnx") from None
     nodes = [
         helper.make_node("Unsqueeze", ["slots", "axes"], ["slots4"]),

@@ -22,6 +22,10 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(bool)": "bool", "tensor(int32)": "int32", "tensor(double)": "float64"}
 
 
+class BackendError(GLMXError, RuntimeError):
+    """A backend that cannot run here: its package or provider is missing; the message says what to install."""
+
+
 class FeedError(GLMXError, ValueError):
     """A feed does not match the graph's IO table: unknown or missing name, wrong dtype, rank or shape."""
 
@@ -210,7 +214,7 @@ class OnnxRuntimeSession(Closable):
         names = [p if isinstance(p, str) else p[0] for p in providers]
         absent = [p for p in names if p not in ort.get_available_providers()]
         if absent:
-            raise RuntimeError(f"ONNX Runtime provider {absent[0]} is not available here (available: "
+            raise BackendError(f"ONNX Runtime provider {absent[0]} is not available here (available: "
                                f"{ort.get_available_providers()}); for CUDA install onnxruntime-gpu on a machine "
                                f"with an NVIDIA GPU, or use backend 'onnxruntime'")
         self.providers = list(providers)
@@ -280,7 +284,7 @@ def _torch_session(folder: str | Path, **options: Any) -> Any:
     try:
         module = importlib.import_module(TORCH_REFERENCE)
     except ImportError as exc:
-        raise RuntimeError(f"backend 'torch' needs the export extra (pip install 'glmx[export]'): {exc}") from None
+        raise BackendError(f"backend 'torch' needs the export extra (pip install 'glmx[export]'): {exc}") from None
     return module.load_torch_session(folder, **options)
 
 

@@ -207,3 +207,14 @@ def test_a_resealed_manifest_still_needs_every_file_it_reads_hashed_and_its_pari
     _seal(folder, {**data, "parity": {}})
     with pytest.raises(ManifestError, match="has no parity record"):
         OnnxRuntimeSession(folder)
+
+
+def test_pretrain_refuses_its_export_folder_before_training(tmp_path, monkeypatch):
+    import glm_export.pretrain as pretrain
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(pretrain, "read_documents", lambda *a: pytest.fail("trained before refusing"))
+    with pytest.raises(ManifestError, match="not a glmx artifact"):
+        pretrain.pretrain(tmp_path / "corpus", tmp_path / "run", tmp_path / "export", overwrite=True)
+    with pytest.raises(ManifestError, match="already exists"):
+        pretrain.pretrain(tmp_path / "corpus", tmp_path / "run", tmp_path / "export")
