@@ -27,7 +27,7 @@ PACKAGE = "fortunes-zh"
 FORTUNES = Path("/usr/share/games/fortunes")
 SOURCES = ("chinese", "song100", "tang300")  # the package's fortune files (the .u8 names are links to these)
 DEFAULT_OUT = Path(__file__).parent / "heldout_zh.txt"
-CLEANING = 1  # version of the cleaning rules, recorded in the provenance lines
+CLEANING = 2  # version of the cleaning rules, recorded in the provenance lines
 MIN_CJK = 20  # CJK ideographs in a kept document
 MIN_CJK_SHARE = 0.5  # CJK characters (ideographs and CJK punctuation) among its non-space characters
 MAX_CHARS = 600  # a longer document is cut at a sentence end
@@ -115,25 +115,26 @@ def clean_fortune(text: str) -> str:
 
 
 def collect() -> tuple[list[str], dict[str, int]]:
-    """Documents in file order until TARGET_BYTES, and how many came from each fortune file."""
-    docs: list[str] = []
+    """Every STRIDE-th cleaned document of all the files in file order, so the text spans the package (its
+    technical prose, the classics, proverbs, poetry) rather than its first file's first pages; STRIDE is what
+    brings the total to about TARGET_BYTES. Also: how many came from each fortune file."""
+    pool: list[tuple[str, str]] = []
     seen: set[str] = set()
-    used: dict[str, int] = {}
-    size = 0
     for name in SOURCES:
         src = FORTUNES / name
         if not src.is_file():
             continue
         for piece in re.split(r"^%[ \t]*$", src.read_text(encoding="utf-8", errors="replace"), flags=re.M):
             doc = clean_fortune(piece)
-            if not doc or doc in seen:
-                continue
-            seen.add(doc)
-            docs.append(doc)
-            used[name] = used.get(name, 0) + 1
-            size += len(doc.encode()) + 2
-            if size > TARGET_BYTES:
-                return docs, used
+            if doc and doc not in seen:
+                seen.add(doc)
+                pool.append((name, doc))
+    total = sum(len(doc.encode()) + 2 for _, doc in pool)
+    stride = max(1, -(-total // TARGET_BYTES))
+    docs, used = [], {}
+    for name, doc in pool[::stride]:
+        docs.append(doc)
+        used[name] = used.get(name, 0) + 1
     return docs, used
 
 
@@ -141,8 +142,8 @@ def render(docs: list[str], used: dict[str, int], version: str) -> str:
     files = ", ".join(f"{FORTUNES / n} ({k} documents)" for n, k in used.items())
     header = [
         "# Held-out Chinese text for glmx quantization accuracy reports: verbatim fortunes, not written by glmx.",
-        f"# Source: Debian package {PACKAGE} {version}; files used: {files}; in file order until "
-        f"{TARGET_BYTES} bytes.",
+        f"# Source: Debian package {PACKAGE} {version}; files used: {files}; every k-th document of them in file "
+        f"order, k chosen for about {TARGET_BYTES} bytes.",
         f"# Cleaned by glm_export/data/get_corpus_zh.py, cleaning {CLEANING}: colour codes, attributions, "
         f"headings, code, lists and footnotes removed, lines joined; kept if >= {MIN_CJK} CJK ideographs and "
         f"CJK share >= {MIN_CJK_SHARE}; duplicates dropped; each cut to <= {MAX_CHARS} chars at 。！？: "
