@@ -282,13 +282,15 @@ def run_calls(session: Session, calls: Sequence[Call], record: list | None = Non
 
 
 def describe(session: Session) -> str:
-    kind = type(session).__name__
-    where = getattr(session, "folder", None)
-    if where is not None and Path(where).name.endswith(".partial"):  # the staged folder of the artifact written
-        where = "the artifact being written"
+    """'OnnxRuntimeSession CPUExecutionProvider on FOLDER (fp32)': what a record's reference / candidate was."""
+    parts = [type(session).__name__]
     providers = getattr(session, "providers", None)
-    return f"{kind}" + (f" {providers[0] if isinstance(providers[0], str) else providers[0][0]}" if providers else "") \
-        + (f" on {where}" if where else "") + f" ({getattr(session, 'precision', '?')})"
+    if providers:
+        parts.append(providers[0] if isinstance(providers[0], str) else providers[0][0])
+    where = getattr(session, "folder", None)
+    if where is not None:  # the staged folder of the artifact being written has a random hidden name
+        parts.append(f"on {'the artifact being written' if Path(where).name.endswith('.partial') else where}")
+    return " ".join(parts) + f" ({getattr(session, 'precision', '?')})"
 
 
 @dataclass
