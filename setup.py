@@ -23,5 +23,5 @@ setup(
         "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10.0", "cuda-python>=12.0"],
         "dev": ["pytest>=7", "matplotlib>=3.7", "psutil>=5.9"],
     },
-    entry_points={"console_scripts": ["glmx=glm_export.cli:main"]},
+    entry_points={"console_scripts": ["glmx=glm_runtime.cli:run"]},
 )

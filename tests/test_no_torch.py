@@ -110,3 +110,16 @@ print(len(scores), result["predictions"][0]["label"] in ("a", "b"))
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["2", "True"]
+
+
+def test_the_runtime_command_group_stands_alone():
+    """glm_runtime.cli holds the runtime's commands without the export side; the console script adds those."""
+    proc = _python("""
+import sys
+from glm_runtime.cli import main
+print(sorted(main.commands))
+print(any(m.split(".")[0] in ("torch", "glm_export") for m in sys.modules))
+""")
+    assert proc.returncode == 0, proc.stderr
+    names, leaked = proc.stdout.splitlines()
+    assert names == str(["classify", "config", "fill", "score"]) and leaked == "False"
