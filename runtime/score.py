@@ -163,11 +163,34 @@ def _span_pass(session: Any, context: dict[str, np.ndarray], lengths: list[int],
     positions = np.stack([np.repeat(mask_pos[prompt_of][:, None], T, axis=1), blocks], axis=1)
     past_len = next(iter(context.values())).shape[2]
     visible = np.arange(past_len)[None, :] < np.asarray(lengths)[prompt_of][:, None]  # [R, past]
-    feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": masks.chunk_mask(visible, T),
-             **{past: np.ascontiguousarray(context[present][prompt_of])
-                for pair_past, pair_present in zip(past_names(session.io), present_names(session.io))
-                for past, present in zip(pair_past, pair_present)}}
-    return _host(session.run(feeds)["logits"])
+    names = [(past, present) for pair_past, pair_present in zip(past_names(session.io), present_names(session.io))
+             for past, present in zip(pair_past, pair_present)]
+    pasts = {past: np.ascontiguousarray(context[present][prompt_of]) for past, present in names}
+    if _takes_chunks(session, R, T, past_len):
+        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": masks.chunk_mask(visible, T),
+                 **pasts}
+        return _host(session.run(feeds)["logits"])
+    # an engine whose profiles take one token per row over a cache (TensorRT's "decode"): the span goes in T
+    # single-token calls, each seeing the context, the span so far, and itself
+    logits = []
+    for t in range(T):
+        feeds = {"input_ids": ids[:, t:t + 1], "position_ids": positions[:, :, t:t + 1],
+                 "attention_mask": masks.decode_mask(visible), **pasts}
+        out = session.run(feeds)
+        logits.append(_host(out["logits"])[:, -1])
+        for past, present in names:
+            pasts[past] = np.concatenate([pasts[past], _host(out[present]).astype(pasts[past].dtype)], axis=2)
+        visible = np.concatenate([visible, np.ones((R, 1), dtype=bool)], axis=1)
+    return np.stack(logits, axis=1)
+
+
+def _takes_chunks(session: Any, batch: int, seq: int, past: int) -> bool:
+    """Whether one call of `seq` tokens over a `past`-slot cache fits the session (only engines have limits)."""
+    profiles = getattr(session, "profiles", None)
+    if not profiles:
+        return True
+    dims = {"batch": batch, "seq": seq, "past_seq": past, "total_seq": past + seq}
+    return any(not profile.misfits(dims) for profile in profiles)
 
 
 # ---------------------------------------------------------------- classification: template + verbalizer

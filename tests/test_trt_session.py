@@ -536,3 +536,25 @@ def test_build_parity_figures_on_the_stand_in(stand_in):
     assert {"blank_mid_context", "gmask_at_end"} <= set(result["cases"]) and result["tolerance"]["atol"] == 1e-4
     assert result["stage"] == "build-engine" and "TensorRTSession" in result["candidate"]
     session.close()
+
+
+def test_cloze_scoring_runs_on_an_engine_in_one_call_or_in_single_token_steps(stand_in, tmp_path, monkeypatch):
+    """The span call fits the engine's context profile (past 0..max_past); an engine whose profiles would not
+    take it gets the span one token per call. Both give ONNX Runtime's scores."""
+    from glm_runtime import score
+    from glm_runtime.session import open_session
+    from tests.fill_fixtures import make_tokenizer
+    onnx, engine, _ = stand_in
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    trt, ref = open_session(engine, "tensorrt"), open_session(onnx, "onnxruntime")
+    assert score._takes_chunks(trt, 4, 3, 8) and not score._takes_chunks(trt, 4, 3, 49)  # past beyond max_past
+    prompts = ["the quick [MASK] fox", "a stitch in [MASK] saves nine"]
+    candidates = [[" brown", " lazy dog"], [" time", " the nick of time"]]
+    want = score.score_candidates(ref, tok, prompts, candidates)
+    one_call = score.score_candidates(trt, tok, prompts, candidates)
+    monkeypatch.setattr(score, "_takes_chunks", lambda *a: False)
+    stepwise = score.score_candidates(trt, tok, prompts, candidates)
+    for a, b, w in zip(one_call, stepwise, want):
+        assert [c.total for c in a] == pytest.approx([c.total for c in w], abs=1e-4)
+        assert [c.total for c in b] == pytest.approx([c.total for c in w], abs=1e-4)
+    trt.close()
