@@ -24,7 +24,7 @@ from glm_runtime.manifest import (
     write_manifest,
 )
 from glm_runtime.tokenizer import GLMTokenizer, TokenizerError, tokenizer_entry
-from glm_runtime.tokenizer_folder import load_recorded_tokenizer, resolve_tokenizer
+from glm_runtime.tokenizer_folder import check_fits, load_recorded_tokenizer, resolve_tokenizer
 
 LAYOUTS = ("glmx", "hf", "megatron")
 WEIGHTS_NAME = "model.safetensors"
@@ -437,7 +437,8 @@ def _resolve_tokenizer(tokenizer: Union[str, Path, None], kind: Optional[str], c
     config's `tokenizer` field then names its kind."""
     try:
         if tokenizer is None and kind is None and found.layout == "glmx" and found.manifest.tokenizer.get("file"):
-            tok = load_recorded_tokenizer(found.files[0].parent, found.manifest.tokenizer)
+            tok = check_fits(load_recorded_tokenizer(found.files[0].parent, found.manifest.tokenizer), cfg,
+                             str(found.config_file))
             found.notes.append(f"tokenizer: {tok.kind} (recorded in {found.config_file})")
         else:
             path = Path(tokenizer) if tokenizer is not None else found.tokenizer_file
@@ -446,11 +447,8 @@ def _resolve_tokenizer(tokenizer: Union[str, Path, None], kind: Optional[str], c
                 return None, cfg
             tok, notes = resolve_tokenizer(path, kind=kind, config=cfg, layout=found.layout)
             found.notes.extend(notes)
-    except TokenizerError as exc:
+    except TokenizerError as exc:  # includes a tokenizer that does not fit the embedding (check_fits)
         raise CheckpointError(str(exc)) from None
-    if tok.vocab_size > cfg.vocab_size or (tok.kind != "json" and tok.padded_vocab_size() != cfg.vocab_size):
-        raise CheckpointError(f"the {tok.kind} tokenizer ({tok.vocab_size} ids) does not fit the model's "
-                              f"{cfg.vocab_size} embedding rows; pass the model's own tokenizer (--tokenizer)")
     return tok, cfg.replace(tokenizer=tok.kind)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
-from glm_runtime.session import Session
+from glm_runtime.session import Session, host_array
 
 # ------------------------------------------------------------------ tolerances and budgets (the one table)
 
@@ -193,19 +193,18 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
 # ------------------------------------------------------------------ running a case on a session
 
 
-def _host(value: Any) -> np.ndarray:
-    value = value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else value
-    return np.asarray(value)
-
-
 class _Past:
     """The cache of one session over a case: exact-length numpy past for host sessions (past_seq grows call by
     call, as the runtime's loop feeds it, and starts at 0), the session's own device cache otherwise."""
 
     def __init__(self, session: Session, batch: int, capacity: int):
         from glm_runtime.kvcache import KVCache, new_cache
-        cache = new_cache(session, batch, capacity)
-        self.device = None if isinstance(cache, KVCache) else cache
+        probe = new_cache(session, batch, 1)  # which kind of cache the session keeps, for one slot
+        self.device = None
+        if not isinstance(probe, KVCache):
+            if hasattr(probe, "close"):
+                probe.close()
+            self.device = new_cache(session, batch, capacity)
         self.names = past_names(session.io)
         cfg = session.config
         empty = np.zeros((batch, cfg.num_attention_heads, 0, cfg.head_dim), dtype=session.kv_dtype)
@@ -224,8 +223,8 @@ class _Past:
             self.device.append(out, [count] * self.device.batch)
             return
         for (pk, pv), (nk, nv) in zip(self.names, self.present):
-            self.arrays[pk] = np.concatenate([self.arrays[pk], _host(out[nk])], axis=2)
-            self.arrays[pv] = np.concatenate([self.arrays[pv], _host(out[nv])], axis=2)
+            self.arrays[pk] = np.concatenate([self.arrays[pk], host_array(out[nk])], axis=2)
+            self.arrays[pv] = np.concatenate([self.arrays[pv], host_array(out[nv])], axis=2)
 
     def close(self) -> None:
         if self.device is not None and hasattr(self.device, "close"):
@@ -239,7 +238,7 @@ def _check_shapes(session: Session, out: dict[str, Any], B: int, T: int, k: int,
     expected.update({name: (B, cfg.num_attention_heads, T, cfg.head_dim) for pair in present_names(session.io)
                      for name in pair})
     for name, shape in expected.items():
-        got = tuple(_host(out[name]).shape)
+        got = tuple(host_array(out[name]).shape)
         if got != shape:
             raise ParityError(f"call {k}: output {name!r} of {describe(session)} has shape {list(got)}, expected "
                               f"{list(shape)}")
@@ -270,7 +269,7 @@ def run_calls(session: Session, calls: Sequence[Call], record: list | None = Non
                 record.append(feeds)
             out = session.run(feeds)
             _check_shapes(session, out, B, T, len(outputs), 1 if last else T)
-            outputs.append({k: _host(v).astype(np.float32, copy=False) for k, v in out.items()})
+            outputs.append({k: host_array(v).astype(np.float32, copy=False) for k, v in out.items()})
             past.append(out, T)
             seen = np.concatenate([seen, call.keep], axis=1)
     finally:

@@ -84,5 +84,6 @@ def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_
     from glm_export.compare import compare_artifact
     from glm_runtime.session import OnnxRuntimeSession
     write_manifest(stage, child)
-    return compare_artifact(OnnxRuntimeSession(stage, staging=True), OnnxRuntimeSession(src_dir), tok, stage=stage_name,
-                            scheme=scheme, text=eval_text)
+    # read_parent verified the parent's hashes at the start of this stage; hashing its GBs again gains nothing
+    child_session, parent = OnnxRuntimeSession(stage, staging=True), OnnxRuntimeSession(src_dir, verify=False)
+    return compare_artifact(child_session, parent, tok, stage=stage_name, scheme=scheme, text=eval_text)

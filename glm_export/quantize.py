@@ -349,8 +349,9 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     if manifest.precision != "fp32":
         raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; quantize the fp32 export it came from "
                             f"({manifest.parent.get('path', 'its parent')})")
-    feeds, calib_record = _calibration(OnnxRuntimeSession(src_dir), tok, calibration) if scheme == "qdq-int8" \
-        else ([], None)
+    # read_parent verified the parent's hashes just now
+    feeds, calib_record = ([], None) if scheme != "qdq-int8" else \
+        _calibration(OnnxRuntimeSession(src_dir, verify=False), tok, calibration)
     model = _named(onnx.load(src_model))
     keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
     if scheme != "fp16" and "head" not in keep_fp32:

@@ -23,6 +23,7 @@ from glm_runtime import masks
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
 from glm_runtime.sampling import log_softmax
+from glm_runtime.session import host_array
 from glm_runtime.steps import empty_past
 from glm_runtime.tokenizer import BlankError, build_context_ids, find_blanks
 
@@ -44,10 +45,6 @@ class CandidateScore:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _host(value: Any) -> np.ndarray:
-    return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
 
 
 def _prepare(tokenizer: Any, prompt: str, candidates: Sequence[str], single_token: bool, positions: int,
@@ -145,9 +142,9 @@ def _context_pass(session: Any, tokenizer: Any, contexts: list[list[int]],
     out = session.run(feeds)
     logits = None
     if rows is not None:
-        full = _host(out["logits"])
+        full = host_array(out["logits"])
         logits = full[np.arange(len(contexts)), rows - (seq - full.shape[1])]
-    return {name: _host(out[name]) for pair in present_names(session.io) for name in pair}, logits
+    return {name: host_array(out[name]) for pair in present_names(session.io) for name in pair}, logits
 
 
 def _span_pass(session: Any, context: dict[str, np.ndarray], lengths: list[int], mask_pos: np.ndarray,
@@ -169,7 +166,7 @@ def _span_pass(session: Any, context: dict[str, np.ndarray], lengths: list[int],
     if _takes_chunks(session, R, T, past_len):
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": masks.chunk_mask(visible, T),
                  **pasts}
-        return _host(session.run(feeds)["logits"])
+        return host_array(session.run(feeds)["logits"])
     # an engine whose profiles take one token per row over a cache (TensorRT's "decode"): the span goes in T
     # single-token calls, each seeing the context, the span so far, and itself
     logits = []
@@ -177,9 +174,9 @@ def _span_pass(session: Any, context: dict[str, np.ndarray], lengths: list[int],
         feeds = {"input_ids": ids[:, t:t + 1], "position_ids": positions[:, :, t:t + 1],
                  "attention_mask": masks.decode_mask(visible), **pasts}
         out = session.run(feeds)
-        logits.append(_host(out["logits"])[:, -1])
+        logits.append(host_array(out["logits"])[:, -1])
         for past, present in names:
-            pasts[past] = np.concatenate([pasts[past], _host(out[present]).astype(pasts[past].dtype)], axis=2)
+            pasts[past] = np.concatenate([pasts[past], host_array(out[present]).astype(pasts[past].dtype)], axis=2)
         visible = np.concatenate([visible, np.ones((R, 1), dtype=bool)], axis=1)
     return np.stack(logits, axis=1)
 

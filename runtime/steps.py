@@ -9,6 +9,7 @@ import numpy as np
 
 from glm_runtime import masks
 from glm_runtime.iotable import LOGITS_START, accepts
+from glm_runtime.session import host_array
 
 
 def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
@@ -84,6 +85,5 @@ def repeat_rows(outputs: dict[str, Any], times: int) -> dict[str, np.ndarray]:
     """A batch-1 call's outputs repeated `times` along the batch (beam search shares one context pass)."""
     out = {}
     for name, value in outputs.items():
-        host = value if isinstance(value, np.ndarray) else value.numpy()
-        out[name] = np.repeat(host, times, axis=0)
+        out[name] = np.repeat(host_array(value), times, axis=0)
     return out

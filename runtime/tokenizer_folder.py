@@ -76,7 +76,7 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
         raise TokenizerError(f"tokenizer path {path} does not exist")
     if path.is_dir() and (path / META_NAME).is_file():  # written by GLMTokenizer.save: its kind is recorded
         tok = load_tokenizer(path, kind)
-        return _fits(tok, config, f"{path / META_NAME}"), [f"tokenizer: {tok.kind} (recorded in {path / META_NAME})"]
+        return check_fits(tok, config, f"{path / META_NAME}"), [f"tokenizer: {tok.kind} (recorded in {path / META_NAME})"]
     folder = path.parent if path.is_file() else path
     cls, cls_file = _hf_tokenizer_class(folder)
     family = _files_family(path)
@@ -134,11 +134,11 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
     hf_gmask = kind == "chinese-sp" and layout == "hf"
     if hf_gmask:
         notes.append("tokenizer: Hugging Face gMASK convention (gMASK = sop + 3, its row a copy of eop's)")
-    tok = load_tokenizer(path, kind, hf_gmask=hf_gmask) if hf_gmask else load_tokenizer(path, kind)
-    return _fits(tok, config, str(path)), notes
+    tok = load_tokenizer(path, kind, hf_gmask=hf_gmask)
+    return check_fits(tok, config, str(path)), notes
 
 
-def _fits(tok: GLMTokenizer, config: Any, where: str) -> GLMTokenizer:
+def check_fits(tok: GLMTokenizer, config: Any, where: str) -> GLMTokenizer:
     """The tokenizer must belong to the model: every id an embedding row, and for the released vocabularies the
     model's V is exactly the tokenizer's size padded to 128 (spec 6)."""
     rows = getattr(config, "vocab_size", None)
