@@ -328,7 +328,7 @@ def fill_blanks(session: Any, tokenizer: Any, prompts: Sequence[str] | str, *, m
 
 def fill_model(prompts: Sequence[str] | str, *, model: Optional[str] = None, backend: str = "onnxruntime",
                **settings: Any) -> list[FillResult]:
-    """fill_blanks on a model folder (None = the bundled model) opened on `backend`; `glmx fill` calls this."""
+    """fill_blanks on a model folder (None = the bundled model) opened on `backend`, in one call."""
     from glm_runtime.session import open_model
     session, tokenizer = open_model(model, backend)
     return fill_blanks(session, tokenizer, prompts, **settings)

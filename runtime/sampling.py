@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -27,12 +27,16 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
         raise GenerationError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
 
 
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}")
+
+
 def prompt_generators(seed: int | None, prompts: Sequence[str]) -> list[np.random.Generator]:
     """One stream per prompt from the seed and that prompt's text alone (SeedSequence([seed, sha256(text)])):
     the same prompt and seed sample the same wherever the prompt sits, alone, in a file or in a served batch.
     seed None: fresh entropy for each prompt."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}")
+    _check_seed(seed)
     out = []
     for text in prompts:
         if seed is None:
@@ -46,8 +50,7 @@ def prompt_generators(seed: int | None, prompts: Sequence[str]) -> list[np.rando
 
 def make_generators(seed: int | None, count: int) -> list[np.random.Generator]:
     """One independent stream per row, all derived from `seed` (None = fresh entropy)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}")
+    _check_seed(seed)
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(count)]
 
 
