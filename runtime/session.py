@@ -12,7 +12,7 @@ import numpy as np
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import accepted_tables, kv_dtype, required_inputs
-from glm_runtime.manifest import Manifest, ManifestError, load_manifest
+from glm_runtime.manifest import Manifest, ManifestError, check_complete, load_manifest
 
 MODEL_FILE = "model.onnx"
 CPU_PROVIDERS = ("CPUExecutionProvider",)
@@ -136,7 +136,6 @@ def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -
 def check_export(folder: Path, manifest: Manifest, staging: bool = False) -> tuple[GLMConfig, Path | None]:
     """The manifest's parts must agree: config parses, IO table is the config's, tokenizer file is hashed, every
     file the artifact reads is hashed and the parity record is there (manifest.check_complete)."""
-    from glm_runtime.manifest import check_complete
     check_complete(folder, manifest, staging=staging)
     try:
         config = GLMConfig.from_dict(manifest.config)
@@ -185,11 +184,10 @@ def _check_graph_types(model_file: Path, graph: Sequence[Any], table: Mapping[st
         if dtype != entry["dtype"]:
             raise ManifestError(f"{model_file}: {node.name} is {dtype} in the graph but {entry['dtype']} in the "
                                 f"manifest (precision {entry['dtype']!r} does not describe this graph); re-export")
-        fixed = [(a, d) for a, (d, w) in enumerate(zip(node.shape, entry["shape"])) if isinstance(w, int)]
-        for axis, size in fixed:
-            if isinstance(size, int) and size != entry["shape"][axis]:
+        for axis, (size, want) in enumerate(zip(node.shape, entry["shape"])):  # symbolic dims are strings
+            if isinstance(want, int) and isinstance(size, int) and size != want:
                 raise ManifestError(f"{model_file}: {node.name} has size {size} on axis {axis} in the graph but "
-                                    f"{entry['shape'][axis]} in the manifest's config (heads, head width or "
+                                    f"{want} in the manifest's config (heads, head width or "
                                     f"vocabulary differ); the manifest is from another model, re-export")
 
 
