@@ -53,18 +53,31 @@ def quantized(model: Any, fmt: str, tmp: Path) -> Any:
     """The graph in weight format `fmt`, made with glmx's own recipe for that scheme (glm_export.quantize)."""
     import onnx
 
-    from glm_export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, _int4_weight, int8_dynamic_file
+    from onnx import helper, numpy_helper
+
+    from glm_export.onnx_graph import CONTRIB, NBits
+    from glm_export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, int8_dynamic_file
     if fmt == "fp32":
         return model
     if fmt == "int8-dynamic":
         onnx.save(model, tmp / "fp32.onnx")
         int8_dynamic_file(tmp / "fp32.onnx", tmp / "int8.onnx")
         return onnx.load(tmp / "int8.onnx")
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # the quantizer rewrites the graph it is given
-    _int4_weight(copy, tmp / "fp32.onnx", tmp / "int4.onnx", [], block_size=DEFAULT_BLOCK_SIZE,
-                 accuracy_level=DEFAULT_ACCURACY_LEVEL)
-    return onnx.load(tmp / "int4.onnx")
+    # int4-weight: each MatMul as the MatMulNBits node glm_export.onnx_graph.NBits writes for the scheme
+    nbits = NBits(4, DEFAULT_BLOCK_SIZE, DEFAULT_ACCURACY_LEVEL, keep=lambda prefix: False)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes, inits = [], []
+    for node in model.graph.node:
+        w = weights[node.input[1]]
+        packed, scales = nbits.pack(w)
+        inits += [numpy_helper.from_array(packed, f"{node.input[1]}.Q4"),
+                  numpy_helper.from_array(scales, f"{node.input[1]}.scales")]
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{node.input[1]}.Q4", f"{node.input[1]}.scales"],
+                                      list(node.output), name=f"{node.name}_Q4", domain=CONTRIB, K=w.shape[0],
+                                      N=w.shape[1], bits=4, block_size=DEFAULT_BLOCK_SIZE,
+                                      accuracy_level=DEFAULT_ACCURACY_LEVEL))
+    graph = helper.make_graph(nodes, model.graph.name, list(model.graph.input), list(model.graph.output), inits)
+    return helper.make_model(graph, opset_imports=list(model.opset_import) + [helper.make_opsetid(CONTRIB, 1)])
 
 
 def weight_bytes(model: Any) -> int:

@@ -12,12 +12,14 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from glm_export.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
+from glm_export.weights import Entry, Weights, WeightsError, _dtype_of, _to_numpy, read_safetensors
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, atomic_write_json, claims_output, load_manifest, staged_folder, tool_versions,
@@ -48,7 +50,7 @@ PRECISION = {v: k for k, v in DTYPES.items()}
 DEFAULT_GELU = {"hf": "erf", "megatron": "tanh"}
 
 
-class CheckpointError(GLMXError, ValueError):
+class CheckpointError(WeightsError):
     """A checkpoint cannot be read: unknown layout, unreadable file, or weights that do not fit the config."""
 
 
@@ -108,24 +110,24 @@ def _read_pickle(path: Path) -> Any:
                               f"({type(exc).__name__}: {exc}); re-download or re-save it") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path) -> Weights:
     try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt "
-                              f"({type(exc).__name__}: {exc}); re-download or re-save it") from None
+        return read_safetensors(path)  # the header now, each tensor when it is used (glm_export.weights)
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """One flat state dict from a .safetensors or pickled file; checks every value is a tensor."""
-    sd = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
+def _read_weights(path: Path) -> Weights:
+    """One flat state dict from a .safetensors or pickled file, read lazily; checks every value is a tensor."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    sd = _read_pickle(path)
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path} holds a {type(sd).__name__}, expected a dict of tensors")
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
     if bad:
         raise CheckpointError(f"{path} is not a flat state dict: {bad[:5]} are not tensors")
-    return dict(sd)
+    return Weights.from_arrays(sd, str(path))
 
 
 def _read_json(path: Path) -> Any:
@@ -156,8 +158,25 @@ def _mp_rule(key: str) -> str:
     return "replicated"  # LayerNorms, row-parallel biases, position tables
 
 
-def merge_model_parallel(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Merge k model-parallel state dicts (rank order) into one MP-1 state dict."""
+def _merge_key(key: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One key of k model-parallel ranks (rank order) as the MP-1 tensor."""
+    rule = _mp_rule(key)
+    try:
+        if rule == "qkv":
+            thirds = [p.chunk(3, dim=0) for p in parts]  # per rank: q_r, k_r, v_r
+            return torch.cat([t[j] for j in range(3) for t in thirds], dim=0)
+        if rule in ("rows", "cols"):
+            return torch.cat(list(parts), dim=0 if rule == "rows" else 1)
+    except RuntimeError as exc:  # torch.cat on incompatible shapes
+        raise CheckpointError(f"cannot merge {key} across model-parallel shards: "
+                              f"{[list(p.shape) for p in parts]} ({exc})") from None
+    if any(p.shape != parts[0].shape or not torch.equal(p, parts[0]) for p in parts[1:]):
+        raise CheckpointError(f"{key} should be identical on every model-parallel rank but differs: "
+                              f"the shards come from different checkpoints")
+    return parts[0]
+
+
+def _check_same_keys(shards: Sequence[Mapping[str, Any]]) -> list[str]:
     if not shards:
         raise CheckpointError("no model-parallel shards to merge")
     keys = list(shards[0])
@@ -165,25 +184,28 @@ def merge_model_parallel(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, 
         if set(shard) != set(keys):
             diff = sorted(set(shard) ^ set(keys))
             raise CheckpointError(f"model-parallel shard {r} has different keys than shard 0: {diff[:5]}")
-    merged = {}
-    for key in keys:
-        parts = [shard[key] for shard in shards]
+    return keys
+
+
+def merge_model_parallel(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Merge k model-parallel state dicts (rank order) into one MP-1 state dict."""
+    return {key: _merge_key(key, [s[key] for s in shards]) for key in _check_same_keys(shards)}
+
+
+def _merged_lazily(shards: list[Mapping[str, torch.Tensor]], where: str) -> Weights:
+    """merge_model_parallel one key at a time, when the key is read (the shards stay memory-mapped)."""
+    entries = {}
+    for key in _check_same_keys(shards):
+        parts = [s[key] for s in shards]
         rule = _mp_rule(key)
-        try:
-            if rule == "qkv":
-                thirds = [p.chunk(3, dim=0) for p in parts]  # per rank: q_r, k_r, v_r
-                merged[key] = torch.cat([t[j] for j in range(3) for t in thirds], dim=0)
-            elif rule in ("rows", "cols"):
-                merged[key] = torch.cat(parts, dim=0 if rule == "rows" else 1)
-            else:
-                if any(p.shape != parts[0].shape or not torch.equal(p, parts[0]) for p in parts[1:]):
-                    raise CheckpointError(f"{key} should be identical on every model-parallel rank but differs: "
-                                          f"the shards come from different checkpoints")
-                merged[key] = parts[0]
-        except RuntimeError as exc:  # torch.cat on incompatible shapes
-            raise CheckpointError(f"cannot merge {key} across model-parallel shards: "
-                                  f"{[list(p.shape) for p in parts]} ({exc})") from None
-    return merged
+        shape = list(parts[0].shape)
+        if rule in ("qkv", "rows") and shape:
+            shape[0] = sum(p.shape[0] for p in parts)
+        elif rule == "cols" and len(shape) > 1:
+            shape[1] = sum(p.shape[1] for p in parts)
+        read = (lambda key=key, parts=parts: _to_numpy(_merge_key(key, parts)))
+        entries[key] = Entry(shape, _dtype_of(parts[0]), read, where)
+    return Weights(entries)
 
 
 def split_model_parallel(state_dict: Mapping[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
@@ -211,7 +233,7 @@ def split_model_parallel(state_dict: Mapping[str, torch.Tensor], k: int) -> list
 @dataclass
 class _Found:
     layout: str
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Weights  # read lazily, tensor by tensor
     files: list[Path]
     config: Optional[GLMConfig] = None  # from config.json / manifest
     tokenizer_file: Optional[Path] = None
@@ -258,11 +280,10 @@ def _read_hf(folder: Path) -> _Found:
         files = [folder / f for f in sorted(set(weight_map.values()))]
     else:
         files = [folder / name]
-    sd: dict[str, torch.Tensor] = {}
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in {folder / name} but missing")
-        sd.update(_read_weights(path))
+    sd = Weights.merged([_read_weights(path) for path in files])  # shard by shard, tensor by tensor
     return _Found("hf", sd, files, config, _find_tokenizer(folder), config_file=folder / CONFIG_NAME,
                   gelu_stated=gelu_stated)
 
@@ -299,7 +320,8 @@ def _read_megatron(path: Path) -> _Found:
         roots = (folder, folder.parent)  # the iteration folder, then the checkpoint root
     shards = []
     for f in files:
-        obj = _read_weights(f) if f.suffix == ".safetensors" else _read_pickle(f)
+        obj = ({k: torch.from_numpy(v) for k, v in _read_weights(f).items()} if f.suffix == ".safetensors"
+               else _read_pickle(f))
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{f} holds a {type(obj).__name__}, expected a dict with a 'module' entry")
         world = obj.get("mp_world_size")
@@ -317,7 +339,8 @@ def _read_megatron(path: Path) -> _Found:
         if bad:
             raise CheckpointError(f"{f}: 'module' is not a flat state dict ({bad[:5]} are not tensors)")
         shards.append(dict(sd))
-    sd = shards[0] if len(shards) == 1 else merge_model_parallel(shards)
+    where = ", ".join(str(f) for f in files[:2]) + (" ..." if len(files) > 2 else "")
+    sd = Weights.from_arrays(shards[0], where) if len(shards) == 1 else _merged_lazily(shards, where)
     if len(shards) > 1:
         notes.append(f"merged {len(shards)} model-parallel shards")
     found = _Found("megatron", sd, files, None, _find_tokenizer(*roots), notes=notes)
@@ -348,29 +371,31 @@ def _detect(path: Path) -> _Found:
 
 # ---------------------------------------------------------------- keys, config and shapes
 
-def _strip_prefix(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _strip_prefix(sd: Weights) -> tuple[Weights, list[str]]:
     """Official names (spec 1.1) from keys with or without a base-model prefix; downstream heads set aside."""
     for prefix in BASE_PREFIXES:
         if any(k.startswith((prefix + "word_embeddings.", prefix + "transformer.")) for k in sd):
-            base = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            names = {k: k[len(prefix):] for k in sd if k.startswith(prefix)}
             heads = [k for k in sd if not k.startswith(prefix) and k.startswith(HEAD_PREFIXES)]
-            for k, v in sd.items():  # anything else stays under its own name and is reported if unexpected
+            for k in sd:  # anything else stays under its own name and is reported if unexpected
                 if not k.startswith(prefix) and k not in heads:
-                    if k in base:
+                    if k in names.values():
                         raise CheckpointError(f"{k} appears both with and without the {prefix!r} prefix")
-                    base[k] = v
-            return base, heads
+                    names[k] = k
+            return sd.renamed(names), heads
     return sd, []
 
 
-def _sizes(sd: Mapping[str, torch.Tensor]) -> Optional[dict[str, int]]:
+def _sizes(sd: Weights) -> Optional[dict[str, int]]:
     """num_layers, hidden_size, vocab_size, max_sequence_length as the weights' shapes say (None if unknowable)."""
-    emb, pos = sd.get("word_embeddings.weight"), sd.get("transformer.position_embeddings.weight")
-    if emb is None or pos is None or emb.dim() != 2 or pos.dim() != 2:
+    if "word_embeddings.weight" not in sd or "transformer.position_embeddings.weight" not in sd:
+        return None
+    emb, pos = sd.shape("word_embeddings.weight"), sd.shape("transformer.position_embeddings.weight")
+    if len(emb) != 2 or len(pos) != 2:
         return None
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
-    return {"num_layers": max(layers) + 1 if layers else 0, "hidden_size": emb.shape[1],
-            "vocab_size": emb.shape[0], "max_sequence_length": pos.shape[0] - 1}  # tables have P + 1 rows
+    return {"num_layers": max(layers) + 1 if layers else 0, "hidden_size": emb[1],
+            "vocab_size": emb[0], "max_sequence_length": pos[0] - 1}  # tables have P + 1 rows
 
 
 def _resolve_config(config: Union[GLMConfig, str, Path, None], found: _Found) -> GLMConfig:
@@ -452,8 +477,9 @@ def _resolve_tokenizer(tokenizer: Union[str, Path, None], kind: Optional[str], c
     return tok, cfg.replace(tokenizer=tok.kind)
 
 
-def _check_weights(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], config: GLMConfig,
-                   source: str) -> None:
+def _check_weights(sd: Weights, expected: Mapping[str, Sequence[int]], config: GLMConfig, source: str) -> None:
+    """Names and shapes against the config, from the files' headers (NaN / inf are checked as each tensor is
+    read, by glm_export.weights.Weights)."""
     sizes = _sizes(sd)
     if sizes is not None:
         diff = [f"{k}: config {getattr(config, k)}, weights {v}" for k, v in sizes.items() if getattr(config, k) != v]
@@ -468,18 +494,65 @@ def _check_weights(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
     if unexpected:
         raise CheckpointError(f"{source} has unexpected keys {unexpected[:6]}: glmx loads only the GLM base model "
                               f"(spec 1.1); remove them or save the base model's weights")
-    wrong = [f"{k}: expected {list(v.shape)}, got {list(sd[k].shape)}" for k, v in expected.items()
-             if sd[k].shape != v.shape]
+    wrong = [f"{k}: expected {list(v)}, got {list(sd.shape(k))}" for k, v in expected.items()
+             if tuple(sd.shape(k)) != tuple(v)]
     if wrong:
         raise CheckpointError(f"{source} has mis-shaped weights for config {config.name!r}: {'; '.join(wrong[:6])}")
-    for key in expected:  # a NaN or inf in the weights is named here, not found later as a "parity miss"
-        bad = int((~torch.isfinite(sd[key])).sum()) if sd[key].is_floating_point() else 0
-        if bad:
-            raise CheckpointError(f"{source}: {key} holds {bad} NaN or inf value(s) of {sd[key].numel()}: the "
-                                  f"checkpoint is corrupt or its training diverged; use an earlier checkpoint")
 
 
 # ---------------------------------------------------------------- entry points
+
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint decided and checked but not read: config, tokenizer and notes as load_checkpoint has them,
+    and `weights` (glm_export.weights.Weights, official names) that read each tensor from the files when used."""
+    config: GLMConfig
+    layout: str
+    weights: Weights
+    tokenizer: Optional[GLMTokenizer]
+    tokenizer_file: Optional[Path]
+    manifest: Optional[Manifest]
+    source_dtype: str  # "fp32" | "fp16" | "bf16": the word embedding's dtype in the files
+    files: tuple[Path, ...]
+    ignored_keys: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+SOURCE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def open_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Path, None] = None,
+                    tokenizer: Union[str, Path, None] = None, tokenizer_kind: Optional[str] = None,
+                    gelu: Optional[str] = None) -> OpenedCheckpoint:
+    """Everything load_checkpoint decides, from the files' headers only: names and shapes are checked against
+    the config; the weights are read one tensor at a time when asked for (and checked for NaN / inf then)."""
+    found = _detect(Path(path))
+    sd, ignored = _strip_prefix(found.state_dict)
+    sd.error = CheckpointError
+    found.state_dict = sd
+    cfg = _resolve_gelu(_resolve_config(config, found), gelu, found)
+    tok, cfg = _resolve_tokenizer(tokenizer, tokenizer_kind, cfg, found)
+    with torch.device("meta"):  # no memory and no random init: only the expected names and shapes
+        expected = {k: tuple(v.shape) for k, v in GLMModel(cfg).state_dict().items()}
+    source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
+    _check_weights(sd, expected, cfg, source)
+    sd = sd.renamed({k: k for k in expected})  # the model's own order: embeddings, layers 0.., final LN
+    if ignored:
+        found.notes.append(f"ignored {len(ignored)} downstream head weights ({ignored[0]} ...)")
+    tok_file = Path(next(iter(tok.files.values()))) if tok is not None else None
+    dtype = SOURCE_DTYPES.get(sd.dtype_name("word_embeddings.weight"), sd.dtype_name("word_embeddings.weight"))
+    return OpenedCheckpoint(cfg, found.layout, sd, tok, tok_file, found.manifest, dtype, tuple(found.files),
+                            tuple(ignored), tuple(found.notes))
+
+
+def model_from_weights(config: GLMConfig, weights: Mapping[str, Any], dtype: torch.dtype) -> GLMModel:
+    """The whole reference GLMModel (eval mode) from official-name weights, each converted to `dtype` as read."""
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = GLMModel(config)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(weights[k])).to(dtype) for k in weights}, strict=True,
+                          assign=True)
+    return model.eval()
+
 
 def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Path, None] = None,
                     dtype: Optional[torch.dtype] = torch.float32, tokenizer: Union[str, Path, None] = None,
@@ -491,25 +564,13 @@ def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Pat
     its kind when the folder cannot tell (glm_runtime.tokenizer.resolve_tokenizer decides otherwise). gelu:
     'tanh' | 'erf' over the config's (DEFAULT_GELU when it does not say). dtype: the model's dtype; None keeps
     the files'. Every decision is in `.notes`. Errors raise CheckpointError (ManifestError for a glmx folder
-    whose files do not match their manifest).
+    whose files do not match their manifest). The whole model is in memory: open_checkpoint reads lazily.
     """
-    found = _detect(Path(path))
-    sd, ignored = _strip_prefix(found.state_dict)
-    found.state_dict = sd
-    cfg = _resolve_gelu(_resolve_config(config, found), gelu, found)
-    tok, cfg = _resolve_tokenizer(tokenizer, tokenizer_kind, cfg, found)
-    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = GLMModel(cfg)
-    source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
-    _check_weights(sd, model.state_dict(), cfg, source)
-    source_dtype = sd["word_embeddings.weight"].dtype
-    target = dtype or source_dtype
-    model.load_state_dict({k: v.to(target) for k, v in sd.items()}, strict=True, assign=True)
-    if ignored:
-        found.notes.append(f"ignored {len(ignored)} downstream head weights ({ignored[0]} ...)")
-    tok_file = Path(next(iter(tok.files.values()))) if tok is not None else None
-    return LoadedCheckpoint(model.eval(), cfg, found.layout, tok_file, found.manifest, source_dtype,
-                            tuple(found.files), tuple(ignored), tuple(found.notes), tok)
+    opened = open_checkpoint(path, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu)
+    source_dtype = DTYPES[opened.source_dtype]
+    model = model_from_weights(opened.config, opened.weights, dtype or source_dtype)
+    return LoadedCheckpoint(model, opened.config, opened.layout, opened.tokenizer_file, opened.manifest,
+                            source_dtype, opened.files, opened.ignored_keys, opened.notes, opened.tokenizer)
 
 
 def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *,

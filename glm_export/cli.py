@@ -201,6 +201,10 @@ def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: 
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-validate", "validate", is_flag=True, flag_value=False, default=True,
               help="skip the parity check against the torch reference (recorded as skipped)")
+@click.option("--check", type=click.Choice(["auto", "whole", "piecewise"]), default="auto", show_default=True,
+              help="how the parity check runs: whole = one session of the graph and of the torch model (holds "
+                   "both in memory); piecewise = one layer at a time, same cases and budgets; auto = whole up to "
+                   "256 MiB of fp32 weights")
 @click.option("--no-tokenizer", is_flag=True,
               help="export the graph without a tokenizer (it then cannot fill text or be quantized)")
 def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu,
@@ -209,6 +213,8 @@ def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokeni
 
     CHECKPOINT is a glmx folder, a Hugging Face folder as the hub publishes it, or a Megatron/DeepSpeed folder.
     What was decided about it (config, GeLU, tokenizer kind) is printed and recorded in the manifest.
+    The weights are read one tensor at a time and written as the graph is built: memory stays near the largest
+    tensor whatever the model's size (GLM-10B on a 24 GiB machine; benchmarks/results/scale.md).
     """
     require_export_extra()
     from glm_export.checkpoint import CheckpointError
@@ -272,31 +278,41 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 @main.command("quantize")
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="folder to write")
-@click.option("--scheme", required=True, type=click.Choice(["int8-dynamic", "int4-weight", "qdq-int8", "fp16"]))
+@click.option("--scheme", required=True,
+              type=click.Choice(["int4-weight", "int8-weight", "int8-dynamic", "qdq-int8", "fp16"]),
+              help="int4-weight / int8-weight: MatMulNBits weights, activations fp32, written one tensor at a time "
+                   "(any size, from an fp32 or fp16 export); int8-dynamic (MatMulInteger) and qdq-int8 (TensorRT) "
+                   "run ONNX Runtime's quantizers on the whole model (up to 2 GB); fp16: the exporter's fp16 graph")
+@click.option("--check", type=click.Choice(["auto", "whole", "piecewise"]), default="auto", show_default=True,
+              help="how child and parent are compared: whole sessions (with greedy fills), or one layer at a time "
+                   "(teacher-forced text only); auto = whole up to 256 MiB of fp32 weights")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="qdq-int8: real text to calibrate on [default: glm_export/data/calibration.txt]")
-@click.option("--block-size", type=int, default=None, help="int4-weight: weights per scale [default: 32]")
-@click.option("--accuracy-level", type=int, default=None, help="int4-weight: MatMulNBits compute level [default: 4]")
+@click.option("--block-size", type=int, default=None, help="int4/int8-weight: weights per scale [default: 32]")
+@click.option("--accuracy-level", type=int, default=None,
+              help="int4/int8-weight: MatMulNBits compute level (4 = int8 products) [default: 4]")
 @click.option("--keep-fp32", multiple=True, default=None,
               help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
                    "option [default: embedding, head; int8-dynamic and qdq-int8 also first-layer]")
 @click.option("--accept-loss", is_flag=True, help="write the artifact even if it misses its accuracy budget")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
-    """Quantize an fp32 ONNX folder; refuses (writes nothing) when it misses its accuracy budget."""
+    """Quantize an exported ONNX folder; refuses (writes nothing) when it misses its accuracy budget."""
     require_export_extra(torch=False)
     from glm_export.compare import BudgetError
     from glm_export.derive import DeriveError
     from glm_export.quantize import QuantizeError, quantize_onnx
     from glm_runtime.manifest import ManifestError, load_manifest
     try:
-        out = quantize_onnx(src_dir, out_dir, **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None))
+        out = quantize_onnx(src_dir, out_dir, log=lambda msg: click.echo(msg, err=True),
+                            **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None))
     except (QuantizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
     acc = load_manifest(out).parity["text"]
-    click.echo(f"against the fp32 parent on {acc['positions']} positions of {acc['language']} held-out text "
+    fills = "not run (piecewise check)" if acc["fill_agreement"] is None else f"{acc['fill_agreement']:.3f}"
+    click.echo(f"against its parent on {acc['positions']} positions of {acc['language']} held-out text "
                f"({acc['heldout']['source']}): top-1 agreement {acc['top1_agreement']:.4f}, fill agreement "
-               f"{acc['fill_agreement']:.3f}, Part B ppl change {acc['ppl_change']:+.4f}, max logit diff "
+               f"{fills}, Part B ppl change {acc['ppl_change']:+.4f}, max logit diff "
                f"{acc['max_logit_diff']:.3g}"
                + ("" if acc["within_budget"] else f" (OVER BUDGET, accepted: {'; '.join(acc['misses'])})"))
     click.echo(str(out))

@@ -78,12 +78,43 @@ def child_manifest(parent: Manifest, src_dir: Path, stage: Path, *, precision: s
 
 
 def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_name: str, scheme: str,
-                eval_text: str | None):
-    """Write the child's manifest, open child and parent on ONNX Runtime and compare them (GLM's cases, then
-    held-out text in the model's language). -> the Comparison; the caller decides what a miss means."""
-    from glm_export.compare import compare_artifact
-    from glm_runtime.session import OnnxRuntimeSession
+                eval_text: str | None, method: str = "whole", log=None):
+    """Write the child's manifest, then compare child and parent (GLM's cases, then held-out text in the model's
+    language): as two whole ONNX Runtime sessions, or one layer at a time (method "piecewise",
+    glm_export.pieces; no greedy fills then). -> the Comparison; the caller decides what a miss means."""
+    from glm_export.compare import BUDGETS, budget_misses, compare_artifact, heldout_text, language_of
     write_manifest(stage, child)
-    # read_parent verified the parent's hashes at the start of this stage; hashing its GBs again gains nothing
-    child_session, parent = OnnxRuntimeSession(stage, staging=True), OnnxRuntimeSession(src_dir, verify=False)
-    return compare_artifact(child_session, parent, tok, stage=stage_name, scheme=scheme, text=eval_text)
+    if method != "piecewise":
+        from glm_runtime.session import OnnxRuntimeSession
+        # read_parent verified the parent's hashes at the start of this stage; hashing its GBs again gains nothing
+        child_session, parent = OnnxRuntimeSession(stage, staging=True), OnnxRuntimeSession(src_dir, verify=False)
+        return compare_artifact(child_session, parent, tok, stage=stage_name, scheme=scheme, text=eval_text)
+    from glm_export.pieces import OnnxLayers, compare_by_layer, text_by_layer
+    from glm_export.progress import Progress
+    from glm_runtime.config import GLMConfig
+    say = log or (lambda msg: None)
+    parent_manifest = load_manifest(src_dir, kind="onnx", verify=False)
+    cfg = GLMConfig.from_dict(child.config)
+    candidate = OnnxLayers(stage / MODEL_FILE, cfg, child.precision, "the artifact being written")
+    reference = OnnxLayers(src_dir / parent_manifest.extra.get("model_file", MODEL_FILE), cfg,
+                           parent_manifest.precision, str(src_dir))
+    bar = Progress(f"{stage_name}: checked layers (GLM's cases)", cfg.num_layers, say)
+    try:
+        result = compare_by_layer(candidate, reference, stage=stage_name, log=lambda i, n: bar.update(i))
+    finally:
+        bar.close()
+    if eval_text is None:
+        eval_text, source = heldout_text(tok.kind)
+    else:
+        source = {"language": language_of(tok.kind), "source": "text given by the caller"}
+    bar = Progress(f"{stage_name}: checked layers (held-out text)", cfg.num_layers, say)
+    try:
+        figures = text_by_layer(candidate, reference, tok, eval_text, language=source["language"],
+                                log=lambda i, n: bar.update(i))
+    finally:
+        bar.close()
+    misses = budget_misses(scheme, figures)
+    result.text = dict(figures, scheme=scheme, budget=BUDGETS[scheme], heldout=source, within_budget=not misses,
+                       misses=misses)
+    say(result.table())
+    return result

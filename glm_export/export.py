@@ -25,6 +25,8 @@ from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, claims
                                   sha256_file, staged_folder, tool_versions, write_manifest)
 from glm_runtime.tokenizer import TokenizerError, tokenizer_entry
 from glm_runtime.tokenizer_folder import resolve_tokenizer
+from glm_export.progress import Progress
+from glm_export.weights import Weights
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -78,27 +80,39 @@ class ExternalData:
         self._offset += data.nbytes
         return tensor
 
+    @property
+    def written(self) -> int:
+        return self._offset
+
     def close(self) -> None:
         self._fh.flush()
         self._fh.close()
 
 
-def _weight_bytes(model: torch.nn.Module, precision: str) -> int:
+def _weight_bytes(weights: Weights, precision: str) -> int:
+    """The graph's weight bytes: fp16 MatMul weights and tables in fp16, LayerNorms fp32 (onnx_graph)."""
     itemsize = 2 if precision == "fp16" else 4
-    return sum(p.numel() for p in model.parameters()) * itemsize
+    return sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in weights) * itemsize
 
 
 # ------------------------------------------------------------------ the source: model object or checkpoint folder
 
 class _Source:
-    """What is exported: the model, its tokenizer, and where they came from (a checkpoint folder, its notes)."""
+    """What is exported: its config, its weights (read one tensor at a time from a checkpoint folder, or the
+    tensors of a model object), its tokenizer, and where they came from (a checkpoint folder, its notes)."""
 
-    def __init__(self, model: torch.nn.Module, folder: Optional[Path] = None, tokenizer: Any = None,
-                 notes: Sequence[str] = (), layout: Optional[str] = None):
-        if not isinstance(getattr(model, "config", None), GLMConfig):
-            raise ExportError("the model has no GLMConfig `.config`; pass a glm_export.model.GLMModel")
-        self.model, self.folder, self.tokenizer = model, folder, tokenizer
+    def __init__(self, config: GLMConfig, weights: Weights, folder: Optional[Path] = None, tokenizer: Any = None,
+                 notes: Sequence[str] = (), layout: Optional[str] = None, model: Optional[torch.nn.Module] = None):
+        self.config, self.weights, self.model = config, weights, model
+        self.folder, self.tokenizer = folder, tokenizer
         self.notes, self.layout = list(notes), layout
+
+    def reference_model(self) -> torch.nn.Module:
+        """The whole fp32 torch model, for the whole-graph check of a small export."""
+        if self.model is not None:
+            return self.model
+        from glm_export.checkpoint import model_from_weights
+        return model_from_weights(self.config, self.weights, torch.float32)
 
 
 def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_file: Any = None,
@@ -106,24 +120,55 @@ def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_f
     """The model and its tokenizer: a GLMModel (with tokenizer_file if given) or any checkpoint layout, where
     glm_export.checkpoint decides config, GeLU and tokenizer from the folder and the options."""
     if isinstance(source, torch.nn.Module):
+        if not isinstance(getattr(source, "config", None), GLMConfig):
+            raise ExportError("the model has no GLMConfig `.config`; pass a glm_export.model.GLMModel")
         if any(v is not None for v in load_options.values()):
             raise ExportError(f"{sorted(k for k, v in load_options.items() if v is not None)} apply to a checkpoint "
                               f"folder, not to a model object")
-        if tokenizer_file is None:
-            return _Source(source)
-        try:
-            tok, notes = resolve_tokenizer(tokenizer_file, config=source.config)
-        except TokenizerError as exc:
-            raise ExportError(str(exc)) from None
-        if tok.kind != source.config.tokenizer:
-            source.config = source.config.replace(tokenizer=tok.kind)
-        return _Source(source, tokenizer=tok, notes=notes)
+        tok, notes = None, []
+        if tokenizer_file is not None:
+            try:
+                tok, notes = resolve_tokenizer(tokenizer_file, config=source.config)
+            except TokenizerError as exc:
+                raise ExportError(str(exc)) from None
+            if tok.kind != source.config.tokenizer:
+                source.config = source.config.replace(tokenizer=tok.kind)
+        weights = Weights.from_arrays(source.state_dict(), "the model object")
+        return _Source(source.config, weights, tokenizer=tok, notes=notes, model=source)
     folder = default_checkpoint() if source is None else Path(source)
     if not folder.exists():
         raise ExportError(f"checkpoint {folder} does not exist")
-    from glm_export.checkpoint import load_checkpoint  # any layout: glmx, Hugging Face, Megatron
-    loaded = load_checkpoint(folder, tokenizer=tokenizer_file, **load_options)
-    return _Source(loaded.model, folder, loaded.tokenizer, loaded.notes, loaded.layout)
+    from glm_export.checkpoint import open_checkpoint  # any layout: glmx, Hugging Face, Megatron
+    opened = open_checkpoint(folder, tokenizer=tokenizer_file, **load_options)
+    return _Source(opened.config, opened.weights, folder, opened.tokenizer, opened.notes, opened.layout)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse before writing when the output's file system cannot hold `needed` bytes (plus 1% and 64 MiB)."""
+    import shutil
+    probe = Path(folder).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    margin = needed // 100 + 2 ** 26
+    if free < needed + margin:
+        raise ExportError(f"{what} needs about {(needed + margin) / 1e9:.2f} GB on {probe}, which has "
+                          f"{free / 1e9:.2f} GB free; free some space or write elsewhere (-o)")
+
+
+CHECKS = ("auto", "whole", "piecewise")
+# auto: a model whose fp32 weights fit in this many bytes is checked whole (torch and ONNX Runtime each hold it
+# once, ~3x this); larger ones one layer at a time (glm_export.pieces), so the check stays within the export's
+# memory bound of about 1 GB plus a few of the largest tensor.
+WHOLE_CHECK_MAX_BYTES = 256 * 2 ** 20
+
+
+def check_method(check: str, weights: Weights) -> str:
+    if check not in CHECKS:
+        raise ExportError(f"check must be one of {CHECKS}, got {check!r}")
+    if check != "auto":
+        return check
+    return "whole" if _weight_bytes(weights, "fp32") <= WHOLE_CHECK_MAX_BYTES else "piecewise"
 
 
 # ------------------------------------------------------------------ the entry function
@@ -134,24 +179,30 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
                 precision: str = "fp32", opset: int = DEFAULT_OPSET, external_data: Optional[bool] = None,
                 tokenizer_file: Optional[Union[str, Path]] = None, config: Union[GLMConfig, str, Path, None] = None,
                 tokenizer_kind: Optional[str] = None, gelu: Optional[str] = None, no_tokenizer: bool = False,
-                overwrite: bool = False, validate: bool = True, log: Optional[Log] = None) -> Path:
+                overwrite: bool = False, validate: bool = True, check: str = "auto",
+                log: Optional[Log] = None) -> Path:
     """Write out_dir/ = model.onnx [+ model.onnx.data] [+ tokenizer] + manifest.json; returns out_dir.
 
     config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
     name or config file; the tokenizer's kind; tanh | erf); what was decided is printed and recorded.
     external_data: None = only when the weights pass ~2 GB (protobuf's limit), True = always, False = never.
+    The weights are read from the checkpoint one tensor at a time and streamed into the data file as the graph is
+    built, so memory does not grow with the number of layers.
     validate: compare with the fp32 torch reference on GLM's cases (glm_export.compare); a miss raises ParityError
-    and nothing is written.
+    and nothing is written. check: "whole" (one session of each), "piecewise" (one layer at a time,
+    glm_export.pieces) or "auto" (whole up to WHOLE_CHECK_MAX_BYTES of fp32 weights).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
+    if check not in CHECKS:
+        raise ExportError(f"check must be one of {CHECKS}, got {check!r}")
     source = _resolve_source(model_or_checkpoint, tokenizer_file, config=config, tokenizer_kind=tokenizer_kind,
                              gelu=gelu)
-    model, checkpoint = source.model, source.folder
-    config: GLMConfig = model.config
+    checkpoint = source.folder
+    config: GLMConfig = source.config
     for note in source.notes:
         say(f"export: {note}")
     if no_tokenizer and tokenizer_file is not None:
@@ -163,22 +214,26 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     if no_tokenizer and source.tokenizer is not None:
         say("export: --no-tokenizer: the checkpoint's tokenizer is left out as asked")
         source.tokenizer = None
-    size = _weight_bytes(model, precision)
+    size = _weight_bytes(source.weights, precision)
     if external_data is None:
         external_data = size > EXTERNAL_DATA_THRESHOLD
     elif not external_data and size > EXTERNAL_DATA_THRESHOLD:
         raise ExportError(f"the {precision} weights take {size / 2**30:.1f} GiB, past protobuf's 2 GiB limit for "
                           f"one file; export with external data (drop --no-external-data)")
-    weights = {k: v.detach().to("cpu", torch.float32).numpy() for k, v in model.state_dict().items()}
+    method = check_method(check, source.weights) if validate else None
+    check_free_space(Path(out_dir).parent, size, f"the {precision} export of {config.name}")
     try:
         with staged_folder(out_dir, overwrite=overwrite) as stage:
             say(f"export: building the {precision} graph of {config.name} (L={config.num_layers}, "
                 f"h={config.hidden_size}, V={config.vocab_size}, opset {opset}, "
-                f"{'external data' if external_data else 'inline weights'})")
+                f"{'external data' if external_data else 'inline weights'}, {size / 1e9:.2f} GB of weights)")
             store = ExternalData(stage) if external_data else None
+            bar = Progress("export: layers", config.num_layers, say,
+                           written=(lambda: store.written) if store is not None else None)
             try:
-                graph = build_model(config, weights, precision, opset, store)
+                graph = build_model(config, source.weights, precision, opset, store, progress=bar.update)
             finally:
+                bar.close()
                 if store is not None:
                     store.close()
             path = stage / MODEL_FILE
@@ -209,8 +264,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
                        if precision == "fp16" else None})
             write_manifest(stage, manifest)
             if validate:
-                say("export: comparing with the fp32 torch reference on onnxruntime (CPU), GLM's cases")
-                manifest.parity = validate_export(stage, model, precision, say).to_dict()
+                manifest.parity = validate_export(stage, source, precision, method, say).to_dict()
                 write_manifest(stage, manifest)
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None
@@ -218,22 +272,41 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     return Path(out_dir)
 
 
-def validate_export(folder: Path, model: torch.nn.Module, precision: str, log: Optional[Log] = None):
-    """The exported folder on ONNX Runtime against the fp32 torch reference (glm_export.compare); raises
-    ParityError with the table on a miss, returns the Comparison otherwise."""
-    import copy
-
+def validate_export(folder: Path, source: Any, precision: str, method: str = "whole", log: Optional[Log] = None):
+    """The exported folder on ONNX Runtime against the fp32 torch reference (glm_export.compare; one layer at a
+    time with method "piecewise", glm_export.pieces); raises ParityError with the table on a miss, returns the
+    Comparison otherwise. source: a _Source, or a GLMModel."""
     from glm_export.compare import ParityError, compare_sessions
-    from glm_export.reference_session import TorchSession
-    from glm_runtime.session import OnnxRuntimeSession
-    ref_model = model if all(p.dtype == torch.float32 for p in model.parameters()) else copy.deepcopy(model).float()
-    was_training = ref_model.training
-    try:
-        result = compare_sessions(OnnxRuntimeSession(folder, staging=True), TorchSession(ref_model.eval()),
-                                  stage="export")
-    finally:
-        ref_model.train(was_training)
-    (log or (lambda msg: print(msg, file=sys.stderr)))(result.table())
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    if isinstance(source, torch.nn.Module):
+        source = _Source(source.config, Weights.from_arrays(source.state_dict()), model=source)
+    if method == "piecewise":
+        from glm_export.pieces import OnnxLayers, TorchLayers, compare_by_layer
+        cfg = source.config
+        say(f"export: comparing with the fp32 torch reference one layer at a time ({cfg.num_layers} layers, "
+            f"onnxruntime CPU), GLM's cases")
+        bar = Progress("export: checked layers", cfg.num_layers, say)
+        try:
+            result = compare_by_layer(OnnxLayers(folder / MODEL_FILE, cfg, precision, "the artifact being written"),
+                                      TorchLayers(cfg, source.weights, "torch reference (GLMModel layers, fp32)"),
+                                      stage="export", log=lambda i, n: bar.update(i))
+        finally:
+            bar.close()
+    else:
+        import copy
+
+        from glm_export.reference_session import TorchSession
+        from glm_runtime.session import OnnxRuntimeSession
+        say("export: comparing with the fp32 torch reference on onnxruntime (CPU), GLM's cases")
+        model = source.reference_model()
+        ref_model = model if all(p.dtype == torch.float32 for p in model.parameters()) else copy.deepcopy(model).float()
+        was_training = ref_model.training
+        try:
+            result = compare_sessions(OnnxRuntimeSession(folder, staging=True), TorchSession(ref_model.eval()),
+                                      stage="export")
+        finally:
+            ref_model.train(was_training)
+    say(result.table())
     if not result.passed:
         raise ParityError(f"{MODEL_FILE} misses its {precision} parity budget\n{result.table()}")
     return result

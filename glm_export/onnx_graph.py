@@ -24,13 +24,55 @@ MIN_OPSET = 17  # LayerNormalization
 MAX_OPSET = 24  # the newest opset TensorRT 10.15's parser reads (glm_export/data/trt_onnx_support.json)
 
 AddWeight = Callable[[str, np.ndarray], TensorProto]  # how an initializer is stored (inline or external data)
+CONTRIB = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
+
+
+class NBits:
+    """MatMul weights stored as ONNX Runtime's MatMulNBits: `bits` (4 or 8) symmetric blocks of `block_size`
+    along K, quantized by ONNX Runtime's own C++ routine (quantize_matmul_4bits / _8bits, the one its
+    MatMulNBitsQuantizer calls), so the packing is exactly what the kernel reads. `keep(prefix)`: leave that
+    linear as a float MatMul. `head`: the tied head as a MatMulNBits of the table's transposed copy."""
+
+    def __init__(self, bits: int, block_size: int, accuracy_level: int, keep: Callable[[str], bool],
+                 head: bool = False):
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.bits, self.block_size, self.accuracy_level, self.keep, self.head = bits, block_size, accuracy_level, \
+            keep, head
+
+    def pack(self, w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[K, N] float -> (packed uint8 [N, K/block, block*bits/8], scales float32 [N * K/block])."""
+        from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+        K, N = w_kn.shape
+        blocks = -(-K // self.block_size)
+        w = np.zeros((blocks * self.block_size, N), dtype=np.float32)
+        w[:K] = w_kn
+        packed = np.zeros((N, blocks, self.block_size * self.bits // 8), dtype=np.uint8)
+        scales = np.zeros((N, blocks), dtype=np.float32)
+        zero_points = np.zeros((N, -(-blocks * self.bits // 8)), dtype=np.uint8)  # unused: symmetric
+        quantize = quantize_matmul_4bits if self.bits == 4 else quantize_matmul_8bits
+        quantize(packed, w, scales, zero_points, self.block_size, N, w.shape[0], True)
+        return packed, scales.reshape(-1)
+
+    def matmul(self, b: "GraphBuilder", x: str, w_kn: np.ndarray, name: str, node: str) -> str:
+        K, N = w_kn.shape
+        packed, scales = self.pack(w_kn)
+        q = b.weight(f"{name}.Q{self.bits}", packed)
+        sc = b.weight(f"{name}.scales", scales)
+        attrs = {"K": K, "N": N, "bits": self.bits, "block_size": self.block_size}
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        b.contrib = True
+        return b.op("MatMulNBits", [x, q, sc], node, domain=CONTRIB, **attrs)
 
 
 class GraphBuilder:
     """Collects nodes and initializers; `op` returns the output name(s) of the node it adds."""
 
-    def __init__(self, opset: int, add_weight: AddWeight, weight_dtype: np.dtype):
+    def __init__(self, opset: int, add_weight: AddWeight, weight_dtype: np.dtype, nbits: NBits | None = None):
         self.opset = opset
+        self.nbits = nbits  # MatMul weights as MatMulNBits (quantize's int4-weight / int8-weight)
+        self.contrib = False  # whether a com.microsoft op was used (the model then imports that domain)
         self.add_weight = add_weight
         self.wdtype = np.dtype(weight_dtype)  # dtype of the big matrices (and of the KV cache)
         self.wtype = helper.np_dtype_to_tensor_dtype(self.wdtype)
@@ -87,7 +129,14 @@ def _linear_weights(b: GraphBuilder, W: Mapping[str, np.ndarray], prefix: str) -
 
 
 def linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str) -> str:
-    """x [B,T,in] (weight dtype) -> MatMul(W.T [in,out]) -> Add(bias) -> [B,T,out] (weight dtype)."""
+    """x [B,T,in] (weight dtype) -> MatMul(W.T [in,out]) -> Add(bias) -> [B,T,out] (weight dtype).
+    With b.nbits (and the prefix not kept): MatMulNBits over the packed W.T, then the same Add."""
+    if b.nbits is not None and not b.nbits.keep(prefix):
+        w_kn = np.asarray(W[f"{prefix}.weight"], dtype=np.float32).T  # [in, out] = [K, N]
+        mm = b.nbits.matmul(b, x, w_kn, f"{prefix}.weight.T", f"/{prefix}/MatMul_Q{b.nbits.bits}")
+        del w_kn
+        bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(b.wdtype))
+        return b.op("Add", [mm, bias], f"/{prefix}/Add")
     w, bias = _linear_weights(b, W, prefix)
     return b.op("Add", [b.op("MatMul", [x, w], f"/{prefix}/MatMul"), bias], f"/{prefix}/Add")
 
@@ -229,8 +278,13 @@ def transformer_layer(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: i
 #   - Gemm(transB=1, word_embeddings [V,h]) -> [B*T',V] - Reshape [B,T',V] -Cast*-> logits
 # The tied head reads the SAME initializer as the embedding Gather: the [V,h] matrix is stored once.
 # logits_start is an optional input (a graph input with an initializer of the same name, value [0]).
-def lm_head(b: GraphBuilder, y: str, table: str, vocab: int, hidden: int) -> str:
+def lm_head(b: GraphBuilder, y: str, table: str, vocab: int, hidden: int,
+            W: Mapping[str, np.ndarray] | None = None) -> str:
     y = b.op("Slice", [y, LOGITS_START, b.const("end", [INT64_MAX]), b.const("axis1", [1])], "/lm_head/rows")
+    if b.nbits is not None and b.nbits.head:  # an untied, quantized copy of the table: [B,T',h] -> [B,T',V]
+        w_kn = np.asarray(W["word_embeddings.weight"], dtype=np.float32).T  # [h, V]
+        logits = b.nbits.matmul(b, y, w_kn, "lm_head.weight.T", f"/lm_head/MatMul_Q{b.nbits.bits}")
+        return b.op("Identity", [logits], "/lm_head/logits", outputs=["logits"])
     flat = b.op("Reshape", [b.to_weight_dtype(y, "/lm_head"), b.const("flat", [-1, hidden])], "/lm_head/flatten")
     scores = b.op("Gemm", [flat, table], "/lm_head/Gemm", transB=1)
     out_shape = b.op("Concat", [b.op("Shape", [y], "/lm_head/batch_rows", start=0, end=2),
@@ -246,28 +300,36 @@ def _value_info(entry: Mapping) -> onnx.ValueInfoProto:
 
 
 def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], precision: str, opset: int,
-                add_weight: AddWeight | None = None) -> onnx.ModelProto:
-    """The whole graph: embeddings -> L layers -> final LN -> tied head, IO exactly io_table(config, precision)."""
+                add_weight: AddWeight | None = None, progress=None, nbits: NBits | None = None) -> onnx.ModelProto:
+    """The whole graph: embeddings -> L layers -> final LN -> tied head, IO exactly io_table(config, precision).
+    weights: read once each, in graph order (a glm_export.weights.Weights reads them from disk as asked);
+    add_weight: where each initializer goes (ExternalData streams it to disk); progress(i): after layer i;
+    nbits: MatMul weights as MatMulNBits (an fp32 graph only)."""
+    if nbits is not None and precision != "fp32":
+        raise ValueError("MatMulNBits weights go into an fp32 graph (fp32 activations and cache)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17; TensorRT "
                          f"10.x parses up to {MAX_OPSET}), got {opset}")
     table = io_table(config, precision)
     wdtype = np.float16 if precision == "fp16" else np.float32
-    b = GraphBuilder(opset, add_weight or (lambda name, a: numpy_helper.from_array(a, name)), wdtype)
+    b = GraphBuilder(opset, add_weight or (lambda name, a: numpy_helper.from_array(a, name)), wdtype, nbits)
     x, word_table = embeddings(b, weights)
     # P = past_seq, shared by all layers: [1] int64, used to split the probabilities into past | new
     past_len = b.op("Gather", [b.op("Shape", ["past_key_values.0.key"], "/past_shape"), b.const("axis2", [2])],
                     "/past_len")
     for i in range(config.num_layers):
         x = transformer_layer(b, x, weights, i, config, past_len)
+        if progress is not None:
+            progress(i + 1)
     y = layer_norm(b, x, weights, "transformer.final_layernorm", config.layernorm_epsilon)
-    lm_head(b, y, word_table, config.vocab_size, config.hidden_size)
+    lm_head(b, y, word_table, config.vocab_size, config.hidden_size, weights)
     defaults = [numpy_helper.from_array(np.asarray(e["default"], dtype=e["dtype"]), e["name"])
                 for e in table["inputs"] if "default" in e]
     graph = helper.make_graph(b.nodes, "glm", [_value_info(e) for e in table["inputs"]],
                               [_value_info(e) for e in table["outputs"]], initializer=b.initializers + defaults)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="glmx",
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(CONTRIB, 1)] if b.contrib else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="glmx",
                               doc_string=f"GLM {config.name} ({precision}), cache semantics present-is-new")
     # the oldest IR that carries this opset, so older runtimes and TensorRT parsers accept the file
-    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     return model

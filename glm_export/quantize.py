@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -24,7 +25,7 @@ from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import io_table, required_inputs
 from glm_runtime.manifest import claims_output, sha256_file, staged_folder, write_manifest
 
-SCHEMES = ("int8-dynamic", "int4-weight", "qdq-int8", "fp16")
+SCHEMES = ("int8-dynamic", "int4-weight", "int8-weight", "qdq-int8", "fp16")
 # Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
 # "head": the tied output head. Keeping the head fp32 is the default: see BUDGETS and the measured figures.
 KEEP_FP32 = ("embedding", "head", "first-layer", "last-layer")  # roles; node names may be given too
@@ -266,20 +267,6 @@ def restore_gemm(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.ModelProt
     return model
 
 
-def _int4_weight(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, block_size: int,
-                 accuracy_level: int, **_) -> dict[str, Any]:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    if block_size < 16 or block_size & (block_size - 1):
-        raise QuantizeError(f"block_size must be a power of two >= 16, got {block_size}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise QuantizeError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                             accuracy_level=accuracy_level, nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",))
-    q.process()
-    onnx.save(q.model.model, dst)
-    return {"weights": f"int4 symmetric, blocks of {block_size}", "accuracy_level": accuracy_level}
-
-
 def _qdq_int8(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, feeds: list[dict],
               **_) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -293,29 +280,76 @@ def _qdq_int8(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], 
     return {"weights": "int8 symmetric per output channel (axis 1)", "activations": "int8 symmetric, MinMax"}
 
 
-def graph_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Official-name weights back from an fp32 glmx graph (MatMul weights are stored as `<name>.T`)."""
-    out = {}
-    for t in model.graph.initializer:
-        if t.name.startswith("const/"):
-            continue
-        a = numpy_helper.to_array(t)
-        out[t.name[:-2] if t.name.endswith(".weight.T") else t.name] = a.T if t.name.endswith(".weight.T") else a
-    return out
+_SCHEMES = {"int8-dynamic": _int8_dynamic, "qdq-int8": _qdq_int8}  # the whole-model ones (ONNX Runtime's)
+
+# ---------------------------------------------------------------- streamed schemes: the graph rebuilt tensor by tensor
+
+# These are rebuilt by glmx's own graph builder from the parent's weights, read one tensor at a time from its
+# external data and written to the child's as they are made: memory stays near the largest tensor, whatever the
+# model's size. int8-dynamic and qdq-int8 run ONNX Runtime's quantizers, which hold the whole model (twice).
+STREAMED = ("int4-weight", "int8-weight", "fp16")
+NBITS = {"int4-weight": 4, "int8-weight": 8}
+ORT_QUANTIZER_MAX_BYTES = 2 ** 31  # parents past this are refused by the whole-model quantizers (memory)
 
 
-def _fp16(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, config, **_) -> dict[str, Any]:
-    """fp16 is the exporter's own fp16 graph (LayerNorm, QK/mask/softmax in fp32 islands), rebuilt from the
-    parent's weights, so there is one fp16 recipe in glmx."""
-    from glm_export.onnx_graph import build_model
+def keep_rule(config: Mapping[str, Any], keep_fp32: Sequence[str], node_names: set[str]):
+    """prefix (e.g. 'transformer.layers.3.mlp.dense_h_to_4h') -> whether its MatMul stays float."""
+    if "embedding" not in keep_fp32:
+        raise QuantizeError("the embedding Gather always stays fp32 (only MatMul weights are quantized); keep "
+                            "'embedding' in keep_fp32")
+    unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in node_names]
+    if unknown:
+        raise QuantizeError(f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
+                            f"of the graph; pass one of those roles, or a node name as model.onnx spells it")
+    last = int(config["num_layers"]) - 1
+
+    def keep(prefix: str) -> bool:
+        m = re.match(r"transformer\.layers\.(\d+)\.", prefix)
+        layer = int(m.group(1)) if m else None
+        return (("first-layer" in keep_fp32 and layer == 0) or ("last-layer" in keep_fp32 and layer == last)
+                or f"/{prefix}/MatMul" in keep_fp32)
+    return keep
+
+
+def plain_export(manifest: Any, src_dir: Path) -> None:
+    """The streamed schemes rebuild glmx's own graph: the parent must be an export (fp32 or fp16), not a
+    derived artifact whose graph was rewritten."""
+    if manifest.extra.get("graph") != "glm_export.onnx_graph (hand-built)" or manifest.extra.get("optimization") \
+            or manifest.extra.get("quantization"):
+        raise QuantizeError(f"{src_dir} is a derived artifact ({manifest.precision}); quantize the export it came "
+                            f"from ({manifest.parent.get('path', 'its parent')})")
+
+
+def rebuild(src_model: Path, stage: Path, config: Mapping[str, Any], scheme: str, keep, *, head: bool,
+            block_size: int, accuracy_level: int, log) -> tuple[onnx.ModelProto, Optional[str]]:
+    """The child graph of a streamed scheme in `stage` (model.onnx [+ model.onnx.data]) from the parent's weights,
+    read one at a time. -> (the child graph without its data, the data file name or None)."""
+    from glm_export import derive
+    from glm_export.export import DATA_FILE, ExternalData
+    from glm_export.onnx_graph import NBits, build_model
+    from glm_export.progress import Progress
+    from glm_export.weights import official_weights, read_onnx_weights
     from glm_runtime.config import GLMConfig
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    onnx.save(build_model(GLMConfig.from_dict(config), graph_weights(model), "fp16", opset), dst)
-    # judged like every child: against the fp32 parent with the fp16 tolerance on GLM's cases (glm_export.compare)
-    return {"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(precision='fp16')"}
-
-
-_SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int8": _qdq_int8, "fp16": _fp16}
+    cfg = GLMConfig.from_dict(config)
+    parent = onnx.load(str(src_model), load_external_data=False)
+    opset = next(o.version for o in parent.opset_import if o.domain in ("", "ai.onnx"))
+    weights = official_weights(read_onnx_weights(src_model, parent.graph))
+    del parent
+    precision = "fp16" if scheme == "fp16" else "fp32"
+    nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head) if scheme in NBITS else None
+    fp32_bytes = sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in weights) * 4
+    external = fp32_bytes * (0.5 if scheme == "fp16" else 1) > derive.EXTERNAL_DATA_THRESHOLD
+    store = ExternalData(stage) if external else None
+    bar = Progress(f"quantize: {scheme} layers", cfg.num_layers, log,
+                   written=(lambda: store.written) if store is not None else None)
+    try:
+        graph = build_model(cfg, weights, precision, opset, store, progress=bar.update, nbits=nbits)
+    finally:
+        bar.close()
+        if store is not None:
+            store.close()
+    (stage / "model.onnx").write_bytes(graph.SerializeToString())
+    return graph, (DATA_FILE if external else None)
 
 
 # ---------------------------------------------------------------- the stage
@@ -324,7 +358,7 @@ _SCHEMES = {"int8-dynamic": _int8_dynamic, "int4-weight": _int4_weight, "qdq-int
 def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None,
                   block_size: int | None = None, accuracy_level: int | None = None,
                   keep_fp32: Sequence[str] | None = None, accept_loss: bool = False, overwrite: bool = False,
-                  eval_text: str | None = None) -> Path:
+                  eval_text: str | None = None, check: str = "auto", log=None) -> Path:
     """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its parent (glm_export.compare: GLM's
     cases, then held-out text in the model's language against BUDGETS[scheme]).
 
@@ -340,15 +374,33 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     if calibration is not None and scheme != "qdq-int8":
         raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}; drop --calibration")
     for name, value in (("block-size", block_size), ("accuracy-level", accuracy_level)):
-        if value is not None and scheme != "int4-weight":
-            raise QuantizeError(f"--{name} applies to --scheme int4-weight, not {scheme}; drop it")
+        if value is not None and scheme not in NBITS:
+            raise QuantizeError(f"--{name} applies to --scheme int4-weight or int8-weight, not {scheme}; drop it")
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     accuracy_level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    if scheme in NBITS:
+        if block_size < 16 or block_size & (block_size - 1):
+            raise QuantizeError(f"block_size must be a power of two >= 16, got {block_size}")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise QuantizeError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, src_model, tok = read_parent(src_dir)
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    if scheme in STREAMED:
+        plain_export(manifest, src_dir)
+        if scheme == "fp16" and manifest.precision != "fp32":
+            raise QuantizeError(f"{src_dir} is already {manifest.precision}; fp16 is made from an fp32 export")
+        return _quantize_streamed(manifest, src_dir, src_model, tok, Path(out_dir), scheme, keep_fp32=keep_fp32,
+                                  block_size=block_size, accuracy_level=accuracy_level, accept_loss=accept_loss,
+                                  overwrite=overwrite, eval_text=eval_text, check=check, say=say)
     if manifest.precision != "fp32":
-        raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; quantize the fp32 export it came from "
-                            f"({manifest.parent.get('path', 'its parent')})")
+        raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; {scheme} is made from the fp32 export "
+                            f"it came from ({manifest.parent.get('path', 'its parent')})")
+    parent_bytes = sum(p.stat().st_size for p in src_dir.glob("model.onnx*"))
+    if parent_bytes > ORT_QUANTIZER_MAX_BYTES:
+        raise QuantizeError(f"{scheme} runs ONNX Runtime's quantizer, which holds the whole {parent_bytes / 1e9:.1f} GB "
+                            f"model in memory more than once; use --scheme int8-weight or int4-weight, which are "
+                            f"written one tensor at a time")
     # read_parent verified the parent's hashes just now
     feeds, calib_record = ([], None) if scheme != "qdq-int8" else \
         _calibration(OnnxRuntimeSession(src_dir, verify=False), tok, calibration)
@@ -379,6 +431,61 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
                                io=io_table(manifest.config, "fp16" if scheme == "fp16" else manifest.precision),
                                extra=extra)
         result = judge_child(stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text)
+        structural = [f for f in result.failures if not f.startswith("text: ")]
+        misses = result.text["misses"]
+        if structural or (misses and not accept_loss):
+            raise BudgetError(
+                f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(structural + misses)} (max logit "
+                f"diff {result.text['max_logit_diff']:.4g} over {result.text['positions']} positions of "
+                f"{result.text['language']} text); nothing was written. Keep more layers in fp32 (--keep-fp32), use "
+                f"another scheme, or pass --accept-loss to write it anyway with the loss recorded")
+        child.parity = dict(result.to_dict(), accept_loss=accept_loss)
+        write_manifest(stage, child)
+    return out_dir
+
+
+def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, out_dir: Path, scheme: str, *,
+                       keep_fp32, block_size: int, accuracy_level: int, accept_loss: bool, overwrite: bool,
+                       eval_text: str | None, check: str, say) -> Path:
+    from glm_export.export import check_free_space, check_method
+    from glm_export.weights import read_onnx_weights
+    keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
+    parent_graph = onnx.load(str(src_model), load_external_data=False)
+    keep = keep_rule(manifest.config, keep_fp32, {n.name for n in parent_graph.graph.node}) if scheme in NBITS else None
+    parent_weights = read_onnx_weights(src_model, parent_graph.graph)
+    del parent_graph
+    method = check_method(check, parent_weights)
+    fp32_bytes = sum(int(np.prod(parent_weights.shape(k), dtype=np.int64)) for k in parent_weights) * 4
+    check_free_space(out_dir.parent, fp32_bytes // (2 if scheme == "fp16" else 4 if scheme == "int8-weight" else 7),
+                     f"the {scheme} child of {src_dir}")
+    say(f"quantize: {scheme} of {src_dir} ({manifest.precision}), rebuilt one tensor at a time; check: {method}")
+    with staged_folder(out_dir, overwrite=overwrite) as stage:
+        graph, data_file = rebuild(src_model, stage, manifest.config, scheme, keep, head="head" not in keep_fp32,
+                                   block_size=block_size, accuracy_level=accuracy_level, log=say)
+        ops = op_histogram(graph)
+        kept = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight.T")]
+        del graph
+        findings = trt_findings(stage / "model.onnx")  # MatMulNBits is ONNX Runtime-only: recorded
+        if findings and scheme == "fp16":
+            raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
+        settings = ({"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(precision='fp16')"}
+                    if scheme == "fp16" else
+                    {"weights": f"int{NBITS[scheme]} symmetric, blocks of {block_size} along K (MatMulNBits)",
+                     "packing": "onnxruntime.capi._pybind_state.quantize_matmul_%dbits" % NBITS[scheme],
+                     "activations": "fp32 (MatMulNBits accuracy_level %d)" % accuracy_level})
+        extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file)
+        extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": kept,
+                                 "block_size": block_size if scheme in NBITS else None,
+                                 "accuracy_level": accuracy_level if scheme in NBITS else None,
+                                 "calibration": None, "ops": ops, "streamed": True,
+                                 "trt_findings": None if findings is None else findings[:10],
+                                 "trt_finding_count": None if findings is None else len(findings),
+                                 "accept_loss": accept_loss, **settings}
+        precision = "fp16" if scheme == "fp16" else scheme
+        child = child_manifest(manifest, src_dir, stage, precision=precision,
+                               io=io_table(manifest.config, "fp16" if scheme == "fp16" else "fp32"), extra=extra)
+        result = judge_child(stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text,
+                             method=method, log=say)
         structural = [f for f in result.failures if not f.startswith("text: ")]
         misses = result.text["misses"]
         if structural or (misses and not accept_loss):

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 PRECISIONS = ("fp32", "fp16")  # what export_onnx writes
 # Quantized graphs (glm_export/quantize.py) keep the fp32 IO of their parent: only weights change.
-QUANTIZED_PRECISIONS = ("int8-dynamic", "int4-weight", "qdq-int8")
+QUANTIZED_PRECISIONS = ("int8-dynamic", "int4-weight", "int8-weight", "qdq-int8")
 KV_PATTERNS = {
     "past_key": "past_key_values.{i}.key",
     "past_value": "past_key_values.{i}.value",

@@ -1,0 +1,341 @@
+"""The comparison harness one layer at a time: parity and accuracy of a model larger than memory.
+
+In: two layer stacks (an exported ONNX folder cut at its layer boundaries, each piece an ONNX Runtime session over
+the folder's own external data; or the torch reference built layer by layer from a checkpoint's lazily read
+weights), GLM's cases or held-out text windows. Out: the same `Comparison` record as glm_export.compare, with
+`method` saying what was run.
+
+How: both stacks are run in lockstep, one layer at a time. Every call of every case enters layer i with its own
+hidden state; each side holds only its layer i (weights and this layer's cache), and the presents of layer i are
+judged before layer i + 1 is loaded. The pieces are the exported graph's own nodes and bytes, so chaining them is
+the whole graph's computation; the one thing not run is the optional logits_start input (always 0 here) and, on
+text, greedy fills (they need every layer for each token).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from glm_export.compare import (Call, Case, Comparison, ParityError, Tolerance, TOLERANCES, WINDOW, _nll,
+                                _versions, blank_calls, glm_cases, text_windows)
+from glm_runtime.config import GLMConfig
+
+Layer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple], tuple[np.ndarray, np.ndarray, np.ndarray]]
+METHOD = ("piecewise: the graph cut at its layer boundaries (embedding, each layer, final LayerNorm + head), each "
+          "piece run on its own with the artifact's own weight bytes, both sides in lockstep one layer at a time")
+
+
+def embed_output() -> str:
+    return "/embed/add_block/out"
+
+
+def layer_output(i: int) -> str:
+    return f"/transformer.layers.{i}/residual_mlp/out"
+
+
+# ------------------------------------------------------------------ the ONNX side: pieces of an exported graph
+
+class OnnxLayers:
+    """An exported glmx graph cut at its residual-stream boundaries; each piece an ONNX Runtime session that
+    reads its initializers from the folder's external data (loaded when the piece is opened, freed after)."""
+
+    def __init__(self, model_path: Path, config: GLMConfig, precision: str, label: str,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnx
+        self.path, self.config, self.precision, self.label = Path(model_path), config, precision, label
+        self.providers = list(providers)
+        self.model = onnx.load(str(model_path), load_external_data=False)  # the graph only
+        g = self.model.graph
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_inputs = {v.name: v for v in g.input}
+        self.graph_outputs = {v.name: v for v in g.output}
+        missing = [b for b in [embed_output()] + [layer_output(i) for i in range(config.num_layers)]
+                   if b not in self.producer]
+        if missing:
+            raise ParityError(f"{model_path} has no layer boundary {missing[0]!r} (the residual stream's tensor "
+                              f"names of glm_export.onnx_graph), so it cannot be checked one layer at a time; "
+                              f"an ONNX Runtime-optimized graph renames them: use --level fuse")
+        kv = next(v for v in g.input if v.name == "past_key_values.0.key").type.tensor_type.elem_type
+        self.kv_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kv))
+
+    def _piece(self, inputs: Sequence[str], outputs: Sequence[str]):
+        """A ModelProto of the nodes between `inputs` (boundaries or graph inputs) and `outputs`."""
+        import onnx
+        from onnx import TensorProto, helper
+        stop = set(inputs) | set(self.inits)
+        nodes, seen, taken, todo = [], set(), set(), list(outputs)
+        while todo:
+            name = todo.pop()
+            if name in seen or name in stop or name == "":
+                continue
+            seen.add(name)
+            node = self.producer.get(name)
+            if node is None:
+                if name in self.graph_inputs:
+                    stop.add(name)
+                    continue
+                raise ParityError(f"{self.path}: tensor {name!r} has no producer")
+            if id(node) not in taken:
+                taken.add(id(node))
+                nodes.append(node)
+            todo.extend(node.input)
+        order = {id(n): k for k, n in enumerate(self.model.graph.node)}
+        nodes.sort(key=lambda n: order[id(n)])
+        used = {i for n in nodes for i in n.input}
+        h = self.config.hidden_size
+        ins = []
+        for name in list(inputs) + sorted(used & set(self.graph_inputs) - set(inputs)):
+            if name in self.graph_inputs:
+                ins.append(self.graph_inputs[name])
+            else:  # a residual-stream boundary: fp32 [B, T, h] in every precision
+                ins.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "seq", h]))
+        outs = [self.graph_outputs[o] if o in self.graph_outputs else
+                helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", "seq", h]) for o in outputs]
+        inits = [self.inits[n] for n in sorted(used) if n in self.inits]
+        graph = helper.make_graph(nodes, "glm_piece", ins, outs, initializer=inits)
+        piece = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        piece.ir_version = self.model.ir_version
+        return piece
+
+    @contextmanager
+    def _session(self, inputs: Sequence[str], outputs: Sequence[str]) -> Iterator[Any]:
+        import onnxruntime as ort
+        from glm_runtime.session import quiet_options
+        options = quiet_options()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(self.path.parent))
+        session = ort.InferenceSession(self._piece(inputs, outputs).SerializeToString(), options,
+                                       providers=self.providers)
+        try:
+            yield session
+        finally:
+            del session
+
+    @contextmanager
+    def embedding(self) -> Iterator[Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+        with self._session(["input_ids", "position_ids"], [embed_output()]) as s:
+            yield lambda ids, pos: s.run(None, {"input_ids": ids, "position_ids": pos})[0]
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[Layer]:
+        x_in = embed_output() if i == 0 else layer_output(i - 1)
+        names = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outs = [layer_output(i), f"present.{i}.key", f"present.{i}.value"]
+        with self._session([x_in, "attention_mask", *names], outs) as s:
+            wanted = {v.name for v in s.get_inputs()}
+
+            def run(x, mask, past_k, past_v, past0_shape):
+                feeds = {x_in: x, "attention_mask": mask, names[0]: past_k.astype(self.kv_dtype, copy=False),
+                         names[1]: past_v.astype(self.kv_dtype, copy=False)}
+                if "past_key_values.0.key" in wanted and i:  # only its length is read (past_len), by every layer
+                    feeds["past_key_values.0.key"] = np.zeros(past0_shape, dtype=self.kv_dtype)
+                return tuple(s.run(None, feeds))
+            yield run
+
+    @contextmanager
+    def head(self) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        x_in = layer_output(self.config.num_layers - 1)
+        with self._session([x_in], ["logits"]) as s:
+            yield lambda x: s.run(None, {x_in: x})[0]
+
+
+# ------------------------------------------------------------------ the torch side: the reference, layer by layer
+
+class TorchLayers:
+    """The reference GLM (glm_export.model) one layer at a time, fp32, its weights read from `weights`
+    (glm_export.weights.Weights, official names) as each layer is opened."""
+
+    precision = "fp32"
+    kv_dtype = np.dtype(np.float32)
+
+    def __init__(self, config: GLMConfig, weights: Any, label: str):
+        self.config, self.weights, self.label = config, weights, label
+
+    def _tensor(self, name: str):
+        import torch
+        return torch.from_numpy(np.asarray(self.weights[name], dtype=np.float32))
+
+    @contextmanager
+    def embedding(self):
+        import torch
+        tables = [self._tensor(n) for n in ("word_embeddings.weight", "transformer.position_embeddings.weight",
+                                              "transformer.block_position_embeddings.weight")]
+
+        def run(ids, pos):
+            with torch.inference_mode():
+                word, p, b = (torch.as_tensor(a) for a in (ids, pos[:, 0], pos[:, 1]))
+                return (tables[0][word] + tables[1][p] + tables[2][b]).numpy()
+        yield run
+        del tables
+
+    @contextmanager
+    def layer(self, i: int):
+        import torch
+        from glm_export.model import TransformerLayer
+        prefix = f"transformer.layers.{i}."
+        with torch.device("meta"):
+            module = TransformerLayer(self.config)
+        module.load_state_dict({k: self._tensor(prefix + k) for k in module.state_dict()}, assign=True)
+        module.eval()
+
+        def run(x, mask, past_k, past_v, _past0_shape):
+            with torch.inference_mode():
+                P = past_k.shape[2]
+                past = (torch.as_tensor(past_k), torch.as_tensor(past_v)) if P else None
+                y, (k, v) = module(torch.as_tensor(x), torch.as_tensor(mask.astype(np.float32)), past)
+                return y.numpy(), k[:, :, P:].numpy(), v[:, :, P:].numpy()
+        yield run
+        del module
+
+    @contextmanager
+    def head(self):
+        import torch
+        import torch.nn.functional as F
+        eps = self.config.layernorm_epsilon
+        ln_w, ln_b = self._tensor("transformer.final_layernorm.weight"), self._tensor("transformer.final_layernorm.bias")
+        table = self._tensor("word_embeddings.weight")
+
+        def run(x):
+            with torch.inference_mode():
+                y = F.layer_norm(torch.as_tensor(x), (x.shape[-1],), ln_w, ln_b, eps)
+                return F.linear(y, table).numpy()
+        yield run
+        del table
+
+
+# ------------------------------------------------------------------ running both stacks in lockstep
+
+def _masks(calls: Sequence[Call]) -> list[np.ndarray]:
+    """The attention mask of each call as glm_export.compare.run_calls feeds a host session (exact-length past)."""
+    B = calls[0].input_ids.shape[0]
+    seen = np.zeros((B, 0), dtype=bool)
+    out = []
+    for call in calls:
+        T = call.input_ids.shape[1]
+        out.append(np.ascontiguousarray(np.concatenate(
+            [np.broadcast_to(seen[:, None, :], (B, T, seen.shape[1])), call.block], axis=2)[:, None]))
+        seen = np.concatenate([seen, call.keep], axis=1)
+    return out
+
+
+def lockstep(candidate: Any, reference: Any, cases: Sequence[Case], *, on_present=None,
+             rows: Optional[Callable[[int, int], bool]] = None, log=None) -> tuple[list, list]:
+    """Both stacks over every call of every case, one layer at a time.
+    on_present(case index, call index, layer, (cand k, cand v), (ref k, ref v)): called as each layer's presents
+    are made (they are then dropped). rows(case, call): whether that call's logits are wanted.
+    -> (candidate logits, reference logits): per case, per call, [B, T, V] float32 or None."""
+    cfg = candidate.config
+    masks = [_masks(case.calls) for case in cases]
+    hidden: list[list[list[np.ndarray]]] = [[[], []] for _ in cases]  # [case][side][call]
+    for side, stack in enumerate((candidate, reference)):
+        with stack.embedding() as embed:
+            for c, case in enumerate(cases):
+                hidden[c][side] = [embed(call.input_ids, call.position_ids) for call in case.calls]
+    n, d = cfg.num_attention_heads, cfg.head_dim
+    for i in range(cfg.num_layers):
+        with candidate.layer(i) as run_c, reference.layer(i) as run_r:
+            for c, case in enumerate(cases):
+                B = case.calls[0].input_ids.shape[0]
+                past = [[np.zeros((B, n, 0, d), np.float32)] * 2 for _ in range(2)]
+                for k, call in enumerate(case.calls):
+                    presents = []
+                    for side, run in enumerate((run_c, run_r)):
+                        pk, pv = past[side]
+                        y, nk, nv = run(hidden[c][side][k], masks[c][k], pk, pv, pk.shape)
+                        hidden[c][side][k] = np.asarray(y, dtype=np.float32)
+                        nk, nv = np.asarray(nk, np.float32), np.asarray(nv, np.float32)
+                        past[side] = [np.concatenate([pk, nk], axis=2), np.concatenate([pv, nv], axis=2)]
+                        presents.append((nk, nv))
+                    if on_present is not None:
+                        on_present(c, k, i, presents[0], presents[1])
+        if log is not None:
+            log(i + 1, cfg.num_layers)
+    logits: list = [[], []]
+    for side, stack in enumerate((candidate, reference)):
+        with stack.head() as head:
+            logits[side] = [[np.asarray(head(h), np.float32) if rows is None or rows(c, k) else None
+                             for k, h in enumerate(hidden[c][side])] for c in range(len(cases))]
+    return logits[0], logits[1]
+
+
+def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: Optional[Tolerance] = None,
+                     cases: Optional[Sequence[Case]] = None, log=None) -> Comparison:
+    """glm_export.compare.compare_sessions one layer at a time: the same figures, the same record."""
+    cfg = reference.config
+    cases = list(cases) if cases is not None else glm_cases(cfg.vocab_size)
+    tol = tolerance or TOLERANCES.get(candidate.precision)
+    unjudged = Tolerance(float("inf"), 0.0)
+    figures = {case.name: {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0,
+                           "ref_present": 0.0, "worst_present_key": "", "worst_present_value": "", "non_finite": [],
+                           "calls": len(case.calls)} for case in cases}
+
+    def on_present(c, k, i, got, want):
+        f = figures[cases[c].name]
+        for part, g, w in (("key", got[0], want[0]), ("value", got[1], want[1])):
+            if not np.isfinite(g).all():
+                f["non_finite"].append(f"call {k} present.{i}.{part}")
+            diff = float(np.abs(g - w).max())
+            f["ref_present"] = max(f["ref_present"], float(np.abs(w).max()))
+            if diff >= f[f"present_{part}"]:
+                f[f"present_{part}"], f[f"worst_present_{part}"] = diff, f"present.{i}.{part}"
+
+    got_all, want_all = lockstep(candidate, reference, cases, on_present=on_present, log=log)
+    agree = total = decisive = 0
+    for c, case in enumerate(cases):
+        f = figures[case.name]
+        for k, (got, ref) in enumerate(zip(got_all[c], want_all[c])):
+            if not np.isfinite(got).all():
+                f["non_finite"].append(f"call {k} logits")
+            f["logits"] = max(f["logits"], float(np.abs(got - ref).max()))
+            f["ref_logits"] = max(f["ref_logits"], float(np.abs(ref).max()))
+        for got, ref in zip(got_all[c], want_all[c]):
+            top2 = np.partition(ref, -2, axis=-1)[..., -2:]
+            same = got.argmax(-1) == ref.argmax(-1)
+            agree += int(same.sum())
+            total += same.size
+            decisive += int((~same & (top2[..., 1] - top2[..., 0] > 2 * (tol or unjudged).allowed(
+                f["ref_logits"]))).sum())
+        f["allowed_logits"] = (tol or unjudged).allowed(f["ref_logits"])
+        f["allowed_present_key"] = f["allowed_present_value"] = (tol or unjudged).allowed(f["ref_present"])
+    result = Comparison(stage, f"{reference.label} ({reference.precision})", f"{candidate.label} "
+                        f"({candidate.precision})", candidate.precision, tol, figures, agree / max(total, 1),
+                        decisive, versions=_versions(), method=METHOD)
+    return result
+
+
+def text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, language: str = "?",
+                  max_windows: int = 16, log=None) -> dict[str, Any]:
+    """glm_export.compare.compare_on_text's teacher-forced figures one layer at a time (greedy fills are not
+    run: each generated token needs every layer)."""
+    cfg = reference.config
+    window = min(WINDOW, (cfg.max_sequence_length - 2) // 2 * 2)
+    chunks = text_windows(tok, text, cfg.vocab_size, window, max_windows)
+    if len(chunks) < 2:
+        raise ValueError(f"held-out text gives fewer than 2 windows of {window} tokens: pass a longer text")
+    cases, targets = [], []
+    for j, chunk in enumerate(chunks):
+        calls, target = blank_calls(tok, chunk)
+        cases.append(Case(f"window_{j}", "teacher-forced blank", calls))
+        targets.append(target)
+    got_all, want_all = lockstep(candidate, reference, cases, rows=lambda c, k: k == 1, log=log)
+    diffs, agree, nll_c, nll_r, finite = [], [], [], [], True
+    for c, target in enumerate(targets):
+        got, want = got_all[c][1][0], want_all[c][1][0]
+        finite &= bool(np.isfinite(got).all())
+        diffs.append(float(np.abs(got - want).max()))
+        agree.append(got.argmax(-1) == want.argmax(-1))
+        nll_c.append(_nll(got, target))
+        nll_r.append(_nll(want, target))
+    agree_all = np.concatenate(agree)
+    ppl_r, ppl_c = math.exp(np.concatenate(nll_r).mean()), math.exp(np.concatenate(nll_c).mean())
+    return {"language": language, "tokenizer": tok.kind, "positions": int(agree_all.size), "windows": len(chunks),
+            "window": window, "finite": finite, "max_logit_diff": max(diffs),
+            "top1_agreement": float(agree_all.mean()), "fill_prompts": 0,
+            "fill_method": "not run: the check runs one layer at a time, and a greedy fill needs every layer for "
+                           "each token", "fill_tokens": 0, "fill_agreement": None, "fill_token_agreement": None,
+            "ppl_reference": ppl_r, "ppl_candidate": ppl_c, "ppl_change": ppl_c / ppl_r - 1.0, "method": METHOD}
