@@ -197,7 +197,7 @@ def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: 
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--external-data/--no-external-data", default=None,
-              help="weights in model.onnx.data beside model.onnx [default: only past 2 GB]")
+              help="weights in model.onnx.data beside model.onnx, streamed as the graph is built [default: past 256 MiB]")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--no-validate", "validate", is_flag=True, flag_value=False, default=True,
               help="skip the parity check against the torch reference (recorded as skipped)")

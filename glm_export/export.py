@@ -32,7 +32,10 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DEFAULT_OPSET = 17
 # protobuf cannot serialize a message past 2 GiB; leave room for the graph itself
-EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 27
+PROTOBUF_LIMIT = 2 ** 31 - 2 ** 27
+# external_data=None: weights past this go to model.onnx.data, streamed as the graph is built. An inline graph is
+# held whole in memory, and twice while it is serialized (GLM-Large fp16 inline: 2.8 GB peak; streamed: 0.5 GB).
+EXTERNAL_DATA_THRESHOLD = 256 * 2 ** 20
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "glmx-small"
 
 Log = Callable[[str], None]
@@ -185,7 +188,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
 
     config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
     name or config file; the tokenizer's kind; tanh | erf); what was decided is printed and recorded.
-    external_data: None = only when the weights pass ~2 GB (protobuf's limit), True = always, False = never.
+    external_data: None = when the weights pass EXTERNAL_DATA_THRESHOLD (256 MiB), True = always, False = never.
     The weights are read from the checkpoint one tensor at a time and streamed into the data file as the graph is
     built, so memory does not grow with the number of layers.
     validate: compare with the fp32 torch reference on GLM's cases (glm_export.compare); a miss raises ParityError
@@ -217,7 +220,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     size = _weight_bytes(source.weights, precision)
     if external_data is None:
         external_data = size > EXTERNAL_DATA_THRESHOLD
-    elif not external_data and size > EXTERNAL_DATA_THRESHOLD:
+    elif not external_data and size > PROTOBUF_LIMIT:
         raise ExportError(f"the {precision} weights take {size / 2**30:.1f} GiB, past protobuf's 2 GiB limit for "
                           f"one file; export with external data (drop --no-external-data)")
     method = check_method(check, source.weights) if validate else None

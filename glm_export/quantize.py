@@ -324,8 +324,7 @@ def rebuild(src_model: Path, stage: Path, config: Mapping[str, Any], scheme: str
             block_size: int, accuracy_level: int, log) -> tuple[onnx.ModelProto, Optional[str]]:
     """The child graph of a streamed scheme in `stage` (model.onnx [+ model.onnx.data]) from the parent's weights,
     read one at a time. -> (the child graph without its data, the data file name or None)."""
-    from glm_export import derive
-    from glm_export.export import DATA_FILE, ExternalData
+    from glm_export import derive, export
     from glm_export.onnx_graph import NBits, build_model
     from glm_export.progress import Progress
     from glm_export.weights import official_weights, read_onnx_weights
@@ -338,8 +337,9 @@ def rebuild(src_model: Path, stage: Path, config: Mapping[str, Any], scheme: str
     precision = "fp16" if scheme == "fp16" else "fp32"
     nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head) if scheme in NBITS else None
     fp32_bytes = sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in weights) * 4
-    external = fp32_bytes * (0.5 if scheme == "fp16" else 1) > derive.EXTERNAL_DATA_THRESHOLD
-    store = ExternalData(stage) if external else None
+    threshold = min(derive.EXTERNAL_DATA_THRESHOLD, export.EXTERNAL_DATA_THRESHOLD)  # streamed, as export does
+    external = fp32_bytes * (0.5 if scheme == "fp16" else 1) > threshold
+    store = export.ExternalData(stage) if external else None
     bar = Progress(f"quantize: {scheme} layers", cfg.num_layers, log,
                    written=(lambda: store.written) if store is not None else None)
     try:
@@ -349,7 +349,7 @@ def rebuild(src_model: Path, stage: Path, config: Mapping[str, Any], scheme: str
         if store is not None:
             store.close()
     (stage / "model.onnx").write_bytes(graph.SerializeToString())
-    return graph, (DATA_FILE if external else None)
+    return graph, (export.DATA_FILE if external else None)
 
 
 # ---------------------------------------------------------------- the stage

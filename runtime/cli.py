@@ -317,6 +317,9 @@ EXPORT_COMMANDS = "glm_export.cli"  # the export side's commands, joined to the 
 def run() -> None:
     """The `glmx` console script: the runtime's commands plus the export side's, when it is installed."""
     import importlib
+
+    from glm_runtime.memory import large_buffers_to_os
+    large_buffers_to_os()  # export, quantize and fill free weight-sized buffers all the time
     try:
         importlib.import_module(EXPORT_COMMANDS)
     except ImportError:  # a runtime without the export package: its commands alone

@@ -221,6 +221,8 @@ class OnnxRuntimeSession(Closable):
                                f"{ort.get_available_providers()}); for CUDA install onnxruntime-gpu on a machine "
                                f"with an NVIDIA GPU, or use backend 'onnxruntime'")
         self.providers = list(providers)
+        from glm_runtime.memory import large_buffers_to_os
+        large_buffers_to_os()  # the originals ONNX Runtime drops after pre-packing go back to the OS
         self._session = ort.InferenceSession(str(model_file), quiet_options(session_options),
                                              providers=self.providers)
         graph_in = {i.name for i in self._session.get_inputs()}

@@ -344,9 +344,10 @@ def test_argument_errors(tmp_path, monkeypatch):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         export_onnx(model, tmp_path / "exists", validate=False, log=lambda m: None)
-    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend the tiny model is huge
+    monkeypatch.setattr(export_mod, "PROTOBUF_LIMIT", 1000)  # pretend the tiny model is past 2 GiB
     with pytest.raises(ExportError, match=r"past protobuf.s 2 GiB limit .*\(drop --no-external-data\)"):
         export_onnx(model, tmp_path / "b", external_data=False)
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend the tiny model is large
     folder = export_onnx(model, tmp_path / "auto", validate=False, log=lambda m: None)
     assert (folder / "model.onnx.data").is_file()  # auto picked external data
     with pytest.raises(ExportError, match="tokenizer path .* does not exist"):
