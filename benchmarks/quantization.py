@@ -36,6 +36,8 @@ COMMANDS = [
                       "--keep-fp32 first-layer"),
     ("int4-weight", "quantize $MODEL -o $OUT/int4-weight --scheme int4-weight"),
     ("int4-weight-head", "quantize $MODEL -o $OUT/int4-weight-head --scheme int4-weight --keep-fp32 embedding"),
+    ("int8-weight", "quantize $MODEL -o $OUT/int8-weight --scheme int8-weight"),
+    ("int8-weight-head", "quantize $MODEL -o $OUT/int8-weight-head --scheme int8-weight --keep-fp32 embedding"),
     ("optimized", "optimize $MODEL -o $OUT/optimized"),
     ("optimized+int8-dynamic", "quantize $OUT/optimized -o $OUT/optimized-int8-dynamic --scheme int8-dynamic"),
 ]

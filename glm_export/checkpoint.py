@@ -517,6 +517,9 @@ class OpenedCheckpoint:
     ignored_keys: tuple[str, ...]
     notes: tuple[str, ...]
 
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(self.weights.shape(k), dtype=np.int64)) for k in self.weights)
+
 
 SOURCE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -580,13 +583,23 @@ def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *,
     """Write glmx's checkpoint folder: model.safetensors (official names), config.json (HF fields + a glmx block),
     the tokenizer if given (a GLMTokenizer, or a file whose kind its folder decides; checked against the model),
     manifest.json last. dtype: weights dtype on disk (None = the model's)."""
-    config: GLMConfig = model.config
-    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    precision = PRECISION.get(sd["word_embeddings.weight"].dtype)
+    precision = PRECISION.get(dtype or model.word_embeddings.weight.dtype)
     if precision is None:
-        raise CheckpointError(f"cannot save weights of dtype {sd['word_embeddings.weight'].dtype}; "
+        raise CheckpointError(f"cannot save weights of dtype {dtype or model.word_embeddings.weight.dtype}; "
                               f"use one of {sorted(DTYPES)}")
-    tok = tokenizer_file
+    return write_checkpoint(model.config, Weights.from_arrays(model.state_dict()), out_dir, precision,
+                            tokenizer=tokenizer_file, extra=extra, overwrite=overwrite)
+
+
+NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def write_checkpoint(config: GLMConfig, weights: Weights, out_dir: Union[str, Path], precision: str, *,
+                     tokenizer: Union[str, Path, GLMTokenizer, None] = None, extra: Optional[dict[str, Any]] = None,
+                     overwrite: bool = False) -> Path:
+    """glmx's checkpoint folder from official-name weights read one tensor at a time (memory: the largest
+    tensor, whatever the model's size); model.safetensors holds them in `precision` (fp32 | fp16 | bf16)."""
+    tok = tokenizer
     if tok is not None and not isinstance(tok, GLMTokenizer):
         try:
             tok, _ = resolve_tokenizer(tok, config=config)
@@ -594,14 +607,16 @@ def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *,
             raise CheckpointError(str(exc)) from None
     if tok is not None and tok.kind != config.tokenizer:
         config = config.replace(tokenizer=tok.kind)
-    from safetensors.torch import save_file
+    from glm_export.weights import write_safetensors
+    dtype = NUMPY_DTYPES[precision]
     out_dir = Path(out_dir)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
-        save_file(sd, str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_safetensors(stage / WEIGHTS_NAME, [(k, weights.shape(k), dtype) for k in weights],
+                          lambda k: weights[k].astype(np.float32 if dtype == "bfloat16" else dtype, copy=False))
         atomic_write_json(stage / CONFIG_NAME, config.to_hf_dict())
-        tokenizer = tokenizer_entry(tok, stage) if tok is not None else {}
+        tokenizer_record = tokenizer_entry(tok, stage) if tok is not None else {}
         write_manifest(stage, Manifest(kind="checkpoint", config=config.to_dict(), precision=precision,
-                                       tokenizer=tokenizer, versions=tool_versions("torch", "safetensors"),
+                                       tokenizer=tokenizer_record, versions=tool_versions("torch", "safetensors"),
                                        extra=dict(extra or {})))
     return out_dir
 
@@ -610,14 +625,15 @@ def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *,
 def convert_checkpoint(src: Union[str, Path], out_dir: Union[str, Path], *,
                        config: Union[GLMConfig, str, Path, None] = None, dtype: Optional[str] = None,
                        tokenizer: Union[str, Path, None] = None, tokenizer_kind: Optional[str] = None,
-                       gelu: Optional[str] = None, overwrite: bool = False) -> tuple[LoadedCheckpoint, Path]:
-    """Any supported layout -> glmx folder. dtype: 'fp32' | 'fp16' | 'bf16', or None to keep the source's.
-    config / tokenizer / tokenizer_kind / gelu: as load_checkpoint; what was decided goes into the manifest."""
+                       gelu: Optional[str] = None, overwrite: bool = False) -> tuple[OpenedCheckpoint, Path]:
+    """Any supported layout -> glmx folder, one tensor at a time. dtype: 'fp32' | 'fp16' | 'bf16', or None to
+    keep the source's. config / tokenizer / tokenizer_kind / gelu: as load_checkpoint; what was decided goes
+    into the manifest."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    loaded = load_checkpoint(src, config=config, dtype=DTYPES[dtype] if dtype else None, tokenizer=tokenizer,
-                             tokenizer_kind=tokenizer_kind, gelu=gelu)
-    source = {"path": str(src), "layout": loaded.layout, "dtype": PRECISION.get(loaded.source_dtype, "?")}
-    out = save_checkpoint(loaded.model, out_dir, tokenizer_file=loaded.tokenizer,
-                          extra={"source": source, "notes": list(loaded.notes)}, overwrite=overwrite)
-    return loaded, out
+    opened = open_checkpoint(src, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu)
+    source = {"path": str(src), "layout": opened.layout, "dtype": opened.source_dtype}
+    out = write_checkpoint(opened.config, opened.weights, out_dir, dtype or opened.source_dtype,
+                           tokenizer=opened.tokenizer, extra={"source": source, "notes": list(opened.notes)},
+                           overwrite=overwrite)
+    return opened, out

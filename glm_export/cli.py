@@ -260,7 +260,10 @@ def check_trt_cmd(model: str) -> None:
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="folder to write")
 @click.option("--level", type=click.Choice(["fuse", "basic", "extended"]), default="fuse", show_default=True,
               help="fuse: glmx's rewrite (each GeLU subgraph -> one standard Gelu op, opset 20); basic / "
-                   "extended: ONNX Runtime's offline optimizer (kept only if TensorRT can still parse it)")
+                   "extended: ONNX Runtime's offline optimizer (kept only if TensorRT can still parse it; holds "
+                   "the whole model, so up to 2 GB)")
+@click.option("--check", type=click.Choice(["auto", "whole", "piecewise"]), default="auto", show_default=True,
+              help="how child and parent are compared (as glmx quantize --check)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Optimize an exported ONNX folder offline, re-checked against its parent."""
@@ -270,7 +273,7 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     from glm_export.optimize import OptimizeError, optimize_onnx
     from glm_runtime.manifest import ManifestError
     try:
-        click.echo(str(optimize_onnx(src_dir, out_dir, **kwargs)))
+        click.echo(str(optimize_onnx(src_dir, out_dir, log=lambda msg: click.echo(msg, err=True), **kwargs)))
     except (OptimizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
 

@@ -8,6 +8,7 @@ graph's own weights, and against its parent on held-out text; the manifest recor
 from __future__ import annotations
 
 import itertools
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from glm_export.compare import BudgetError
-from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
+from glm_export.derive import DATA_FILE, child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
 from glm_export.onnx_graph import MAX_OPSET
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import claims_output, staged_folder, write_manifest
@@ -26,6 +27,7 @@ from glm_runtime.session import quiet_options
 LEVELS = ("fuse", "basic", "extended")
 STANDARD_DOMAINS = ("", "ai.onnx")
 GELU_OPSET = 20  # the first opset with a standard Gelu op
+ORT_LEVEL_MAX_BYTES = 2 ** 31  # ONNX Runtime's optimizer holds the whole model: larger parents use "fuse"
 assert GELU_OPSET <= MAX_OPSET
 CONST_RTOL = 1e-3  # GeLU constants are matched within fp16 rounding (0.044715 is stored as 0.04471 in fp16)
 GELU_A, GELU_K, SQRT2 = 0.044715, 0.7978845608028654, float(np.sqrt(2.0))
@@ -238,8 +240,8 @@ def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> 
     """(the graph at `level`, what the level did). "fuse" must leave one Gelu per layer; ORT levels must leave
     only standard ops. "fuse" runs no ORT pass: on glmx graphs basic changes nothing in fp32, and in fp16 it
     saves CPU-only rewrites (Casts to fp32 around ops without an fp16 CPU kernel, Gelu's function body inlined)."""
-    if level == "fuse":
-        model, rewrites = fuse_gelu(onnx.load(src_model))
+    if level == "fuse":  # a graph-only rewrite: the weights stay in the parent's data file, never loaded
+        model, rewrites = fuse_gelu(onnx.load(src_model, load_external_data=False))
         gelus = sum(n.op_type == "Gelu" for n in model.graph.node)
         if gelus != num_layers:
             raise OptimizeError(f"fuse found {gelus} GeLU subgraphs (or Gelu nodes) for {num_layers} layers: the "
@@ -260,7 +262,7 @@ def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> 
 
 @claims_output(lambda a: [a["src_dir"]])
 def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fuse", overwrite: bool = False,
-                  eval_text: str | None = None) -> Path:
+                  eval_text: str | None = None, check: str = "auto", log=None) -> Path:
     """Write `out_dir` = `src_dir` optimized at `level`; refuses (writes nothing) a graph TensorRT could not parse,
     or one that misses its precision's tolerance against the parent on GLM's cases or the "optimized" budget on
     held-out text in the model's language (glm_export.compare)."""
@@ -272,10 +274,25 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
     if manifest.precision not in ("fp32", "fp16"):
         raise OptimizeError(f"{src_dir} is an artifact of precision {manifest.precision}; optimize the fp32 (or fp16) export, "
                             f"then quantize the optimized folder")
+    parent_bytes = sum(p.stat().st_size for p in src_dir.glob("model.onnx*"))
+    if level != "fuse" and parent_bytes > ORT_LEVEL_MAX_BYTES:
+        raise OptimizeError(f"level {level} runs ONNX Runtime's optimizer, which holds the whole "
+                            f"{parent_bytes / 1e9:.1f} GB model in memory; use --level fuse (a graph-only rewrite)")
+    from glm_export.export import check_free_space, check_method
+    from glm_export.weights import read_onnx_weights
+    check_free_space(out_dir.parent, parent_bytes, f"the optimized copy of {src_dir}")
+    method = check_method(check, read_onnx_weights(src_model))
     with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
         optimized, record = optimized_graph(src_model, level, int(manifest.config["num_layers"]), Path(tmp))
-        onnx.checker.check_model(optimized, full_check=True)
-        data_file = save_graph(optimized, stage)
+        if level == "fuse" and any(t.data_location == onnx.TensorProto.EXTERNAL for t in optimized.graph.initializer):
+            # the same tensors at the same offsets: the parent's data file, copied in blocks, serves the child
+            shutil.copyfile(src_dir / DATA_FILE, stage / DATA_FILE)
+            (stage / "model.onnx").write_bytes(optimized.SerializeToString())
+            onnx.checker.check_model(str(stage / "model.onnx"), full_check=True)
+            data_file = DATA_FILE
+        else:
+            onnx.checker.check_model(optimized, full_check=True)
+            data_file = save_graph(optimized, stage)
         findings = trt_findings(stage / "model.onnx")
         if findings:
             raise OptimizeError(f"the {level}-optimized graph would not parse in TensorRT: {findings[:3]}")
@@ -285,7 +302,8 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
                                    "trt_findings": findings, "bytes": (stage / "model.onnx").stat().st_size})
         child = child_manifest(manifest, src_dir, stage, precision=manifest.precision, io=manifest.io, extra=extra)
         scheme = "optimized-fp16" if manifest.precision == "fp16" else "optimized"
-        result = judge_child(stage, src_dir, child, tok, stage_name="optimize", scheme=scheme, eval_text=eval_text)
+        result = judge_child(stage, src_dir, child, tok, stage_name="optimize", scheme=scheme, eval_text=eval_text,
+                             method=method, log=log)
         if not result.passed:
             raise BudgetError(f"the {level}-optimized graph drifts from its parent: {'; '.join(result.failures)}; "
                               f"nothing was written")

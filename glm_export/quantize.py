@@ -332,13 +332,14 @@ def rebuild(src_model: Path, stage: Path, config: Mapping[str, Any], scheme: str
     cfg = GLMConfig.from_dict(config)
     parent = onnx.load(str(src_model), load_external_data=False)
     opset = next(o.version for o in parent.opset_import if o.domain in ("", "ai.onnx"))
+    parent_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in parent.graph.initializer)
     weights = official_weights(read_onnx_weights(src_model, parent.graph))
     del parent
     precision = "fp16" if scheme == "fp16" else "fp32"
     nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head) if scheme in NBITS else None
     fp32_bytes = sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in weights) * 4
     threshold = min(derive.EXTERNAL_DATA_THRESHOLD, export.EXTERNAL_DATA_THRESHOLD)  # streamed, as export does
-    external = fp32_bytes * (0.5 if scheme == "fp16" else 1) > threshold
+    external = parent_external or fp32_bytes * (0.5 if scheme == "fp16" else 1) > threshold
     store = export.ExternalData(stage) if external else None
     bar = Progress(f"quantize: {scheme} layers", cfg.num_layers, log,
                    written=(lambda: store.written) if store is not None else None)

@@ -220,3 +220,41 @@ def official_weights(graph_weights: Weights) -> Weights:
         else:
             entries[name] = e
     return Weights(entries, graph_weights.files)
+
+
+# ---------------------------------------------------------------- writing safetensors tensor by tensor
+
+_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounded to nearest even as torch rounds."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))
+    return (rounded >> 16).astype(np.uint16)
+
+
+def write_safetensors(path: Path, tensors: Sequence[tuple[str, Sequence[int], str]],
+                      make: Callable[[str], np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None:
+    """A .safetensors file written one tensor at a time: the header from (name, shape, dtype name) first, then
+    make(name) for each in order, converted to its dtype ('bfloat16' from float32 values)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in tensors:
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        n = int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": [int(x) for x in shape],
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name, shape, dtype in tensors:
+            value = np.asarray(make(name))
+            if tuple(value.shape) != tuple(int(x) for x in shape):
+                raise WeightsError(f"{name}: made a {list(value.shape)} tensor for a {list(shape)} header entry")
+            data = to_bf16_bits(value) if dtype == "bfloat16" else np.ascontiguousarray(value, dtype=np.dtype(dtype).newbyteorder("<"))
+            fh.write(memoryview(data).cast("B"))
