@@ -392,8 +392,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:])
     records = [dict(r, command=r.get("command", previous.get("command"))) for r in previous["models"]]
     for name in args.models.split(","):  # a model measured again replaces its earlier record
-        record = run_model(name, Path(args.cache), Path(args.work), stages=[s for s in args.stages.split(",") if s])
+        stages = [s for s in args.stages.split(",") if s]
+        record = run_model(name, Path(args.cache), Path(args.work), stages=stages)
         record["command"] = command
+        old = next((r for r in records if r["model"] == name), None)
+        if stages and old is not None:  # a rerun of some stages updates those stages of the earlier record
+            for stage, figures in record["stages"].items():
+                old["stages"][stage] = dict(figures, command_of_run=command)
+            record = old
         records = [r for r in records if r["model"] != name] + [record]
         records.sort(key=lambda r: r["parameters"])
         write_report(records, command, out)

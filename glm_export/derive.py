@@ -89,7 +89,7 @@ def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_
         # read_parent verified the parent's hashes at the start of this stage; hashing its GBs again gains nothing
         child_session, parent = OnnxRuntimeSession(stage, staging=True), OnnxRuntimeSession(src_dir, verify=False)
         return compare_artifact(child_session, parent, tok, stage=stage_name, scheme=scheme, text=eval_text)
-    from glm_export.pieces import OnnxLayers, compare_by_layer, text_by_layer
+    from glm_export.pieces import OnnxLayers, compare_with_text_by_layer
     from glm_export.progress import Progress
     from glm_runtime.config import GLMConfig
     say = log or (lambda msg: None)
@@ -98,19 +98,14 @@ def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_
     candidate = OnnxLayers(stage / MODEL_FILE, cfg, child.precision, "the artifact being written")
     reference = OnnxLayers(src_dir / parent_manifest.extra.get("model_file", MODEL_FILE), cfg,
                            parent_manifest.precision, str(src_dir))
-    bar = Progress(f"{stage_name}: checked layers (GLM's cases)", cfg.num_layers, say)
-    try:
-        result = compare_by_layer(candidate, reference, stage=stage_name, log=lambda i, n: bar.update(i))
-    finally:
-        bar.close()
     if eval_text is None:
         eval_text, source = heldout_text(tok.kind)
     else:
         source = {"language": language_of(tok.kind), "source": "text given by the caller"}
-    bar = Progress(f"{stage_name}: checked layers (held-out text)", cfg.num_layers, say)
+    bar = Progress(f"{stage_name}: checked layers (GLM's cases and held-out text)", cfg.num_layers, say)
     try:
-        figures = text_by_layer(candidate, reference, tok, eval_text, language=source["language"],
-                                log=lambda i, n: bar.update(i))
+        result, figures = compare_with_text_by_layer(candidate, reference, tok, eval_text, stage=stage_name,
+                                                     language=source["language"], log=lambda i, n: bar.update(i))
     finally:
         bar.close()
     misses = budget_misses(scheme, figures)

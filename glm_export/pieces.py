@@ -264,10 +264,14 @@ def lockstep(candidate: Any, reference: Any, cases: Sequence[Case], *, on_presen
 
 
 def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: Optional[Tolerance] = None,
-                     cases: Optional[Sequence[Case]] = None, log=None) -> Comparison:
-    """glm_export.compare.compare_sessions one layer at a time: the same figures, the same record."""
+                     cases: Optional[Sequence[Case]] = None, log=None, _lockstep=None,
+                     _judged: Optional[int] = None) -> Comparison:
+    """glm_export.compare.compare_sessions one layer at a time: the same figures, the same record.
+    (_lockstep, _judged: compare_with_text_by_layer runs extra cases in the same pass; only the first
+    _judged cases are judged here.)"""
     cfg = reference.config
-    cases = list(cases) if cases is not None else glm_cases(cfg.vocab_size)
+    all_cases = list(cases) if cases is not None else glm_cases(cfg.vocab_size)
+    cases = all_cases[:_judged] if _judged is not None else all_cases
     tol = tolerance or TOLERANCES.get(candidate.precision)
     unjudged = Tolerance(float("inf"), 0.0)
     figures = {case.name: {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0,
@@ -275,6 +279,8 @@ def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: O
                            "calls": len(case.calls)} for case in cases}
 
     def on_present(c, k, i, got, want):
+        if c >= len(cases):
+            return
         f = figures[cases[c].name]
         for part, g, w in (("key", got[0], want[0]), ("value", got[1], want[1])):
             if not np.isfinite(g).all():
@@ -284,7 +290,10 @@ def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: O
             if diff >= f[f"present_{part}"]:
                 f[f"present_{part}"], f[f"worst_present_{part}"] = diff, f"present.{i}.{part}"
 
-    got_all, want_all = lockstep(candidate, reference, cases, on_present=on_present, log=log)
+    if _lockstep is not None:
+        got_all, want_all = _lockstep(candidate, reference, all_cases, on_present=on_present, log=log)
+    else:
+        got_all, want_all = lockstep(candidate, reference, cases, on_present=on_present, log=log)
     agree = total = decisive = 0
     for c, case in enumerate(cases):
         f = figures[case.name]
@@ -308,11 +317,29 @@ def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: O
     return result
 
 
-def text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, language: str = "?",
-                  max_windows: int = 16, log=None) -> dict[str, Any]:
-    """glm_export.compare.compare_on_text's teacher-forced figures one layer at a time (greedy fills are not
-    run: each generated token needs every layer)."""
+def compare_with_text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, stage: str,
+                               language: str = "?", max_windows: int = 16, log=None) -> tuple[Comparison, dict]:
+    """compare_by_layer on GLM's cases and text_by_layer's figures in ONE lockstep pass: each layer of each side
+    is loaded once for both (a large model's check is bound by reading its weights)."""
     cfg = reference.config
+    cases = glm_cases(cfg.vocab_size)
+    windows, targets, window = _windows(tok, text, cfg)
+    n = len(cases)
+    seen: dict[str, Any] = {}
+
+    def capture(cand, ref, all_cases, *, on_present=None, rows=None, log=None):
+        got, want = lockstep(cand, ref, all_cases, on_present=on_present,
+                             rows=lambda c, k: c < n or k == 1, log=log)
+        seen["text"] = (got[n:], want[n:])
+        return got[:n], want[:n]
+
+    result = compare_by_layer(candidate, reference, stage=stage, cases=cases + windows, log=log,
+                              _lockstep=capture, _judged=n)
+    got, want = seen["text"]
+    return result, _text_figures(tok, got, want, targets, window, language)
+
+
+def _windows(tok: Any, text: str, cfg: GLMConfig, max_windows: int = 16):
     window = min(WINDOW, (cfg.max_sequence_length - 2) // 2 * 2)
     chunks = text_windows(tok, text, cfg.vocab_size, window, max_windows)
     if len(chunks) < 2:
@@ -322,7 +349,10 @@ def text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, langua
         calls, target = blank_calls(tok, chunk)
         cases.append(Case(f"window_{j}", "teacher-forced blank", calls))
         targets.append(target)
-    got_all, want_all = lockstep(candidate, reference, cases, rows=lambda c, k: k == 1, log=log)
+    return cases, targets, window
+
+
+def _text_figures(tok, got_all, want_all, targets, window, language) -> dict[str, Any]:
     diffs, agree, nll_c, nll_r, finite = [], [], [], [], True
     for c, target in enumerate(targets):
         got, want = got_all[c][1][0], want_all[c][1][0]
@@ -333,9 +363,18 @@ def text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, langua
         nll_r.append(_nll(want, target))
     agree_all = np.concatenate(agree)
     ppl_r, ppl_c = math.exp(np.concatenate(nll_r).mean()), math.exp(np.concatenate(nll_c).mean())
-    return {"language": language, "tokenizer": tok.kind, "positions": int(agree_all.size), "windows": len(chunks),
+    return {"language": language, "tokenizer": tok.kind, "positions": int(agree_all.size), "windows": len(targets),
             "window": window, "finite": finite, "max_logit_diff": max(diffs),
             "top1_agreement": float(agree_all.mean()), "fill_prompts": 0,
             "fill_method": "not run: the check runs one layer at a time, and a greedy fill needs every layer for "
                            "each token", "fill_tokens": 0, "fill_agreement": None, "fill_token_agreement": None,
             "ppl_reference": ppl_r, "ppl_candidate": ppl_c, "ppl_change": ppl_c / ppl_r - 1.0, "method": METHOD}
+
+
+def text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, language: str = "?",
+                  max_windows: int = 16, log=None) -> dict[str, Any]:
+    """glm_export.compare.compare_on_text's teacher-forced figures one layer at a time (greedy fills are not
+    run: each generated token needs every layer)."""
+    cases, targets, window = _windows(tok, text, reference.config, max_windows)
+    got_all, want_all = lockstep(candidate, reference, cases, rows=lambda c, k: k == 1, log=log)
+    return _text_figures(tok, got_all, want_all, targets, window, language)

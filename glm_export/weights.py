@@ -68,6 +68,9 @@ class Weights(Mapping):
                                    f"checkpoint is corrupt or its training diverged; use an earlier checkpoint")
         return array
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
