@@ -237,12 +237,23 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, inputs: A
 
 # ---------------------------------------------------------------- hashing
 
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> digest, for files hashed earlier in this process
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The file's sha256. A file this process hashed before and that has not changed since (same inode, size and
+    modification time) is not read again: a stage writes its manifest twice (before and after its check), and a
+    GLM-10B data file is 20 GB."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _HASHED:
+        return _HASHED[key]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
-    return digest.hexdigest()
+    _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
 
 
 def tool_versions(*modules: str) -> dict[str, str]:
