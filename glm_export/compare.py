@@ -493,29 +493,38 @@ def compare_on_text(candidate: Session, reference: Session, tok: Any, text: str,
     chunks = text_windows(tok, text, cfg.vocab_size, window, max_windows)
     if len(chunks) < 2:
         raise ValueError(f"held-out text gives fewer than 2 windows of {window} tokens: pass a longer text")
-    diffs, agree, nll_c, nll_r, finite = [], [], [], [], True
+    spans = []
     for chunk in chunks:
         calls, targets = blank_calls(tok, chunk)
-        got, want = run_calls(candidate, calls)[1]["logits"][0], run_calls(reference, calls)[1]["logits"][0]
+        spans.append((run_calls(candidate, calls)[1]["logits"][0], run_calls(reference, calls)[1]["logits"][0],
+                      targets))
+    figures = span_figures(spans)
+    texts = fill_prompts(tok, text, cfg.vocab_size, prompts)
+    fills = [[r.spans[0].token_ids for r in fill_blanks(s, tok, texts, max_new_tokens=FILL_TOKENS)]
+             for s in (reference, candidate)]
+    same = [a == b for a, b in zip(*fills)]
+    tok_agree = [sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1) for a, b in zip(*fills)]
+    return {"language": language, "tokenizer": tok.kind, "windows": len(chunks), "window": window, **figures,
+            "fill_prompts": len(same),
+            "fill_method": "glm_runtime.generate.fill_blanks (greedy)", "fill_tokens": FILL_TOKENS,
+            "fill_agreement": float(np.mean(same)) if same else 1.0,
+            "fill_token_agreement": float(np.mean(tok_agree)) if tok_agree else 1.0}
+
+
+def span_figures(spans: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Teacher-forced figures of (candidate logits, reference logits, targets) per window's Part B span."""
+    diffs, agree, nll_c, nll_r, finite = [], [], [], [], True
+    for got, want, targets in spans:
         finite &= bool(np.isfinite(got).all())
         diffs.append(float(np.abs(got - want).max()))
         agree.append(got.argmax(-1) == want.argmax(-1))
         nll_c.append(_nll(got, targets))
         nll_r.append(_nll(want, targets))
     agree_all = np.concatenate(agree)
-    texts = fill_prompts(tok, text, cfg.vocab_size, prompts)
-    fills = [[r.spans[0].token_ids for r in fill_blanks(s, tok, texts, max_new_tokens=FILL_TOKENS)]
-             for s in (reference, candidate)]
-    same = [a == b for a, b in zip(*fills)]
-    tok_agree = [sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1) for a, b in zip(*fills)]
     ppl_r, ppl_c = math.exp(np.concatenate(nll_r).mean()), math.exp(np.concatenate(nll_c).mean())
-    return {"language": language, "tokenizer": tok.kind, "positions": int(agree_all.size), "windows": len(chunks),
-            "window": window, "finite": finite, "max_logit_diff": max(diffs),
-            "top1_agreement": float(agree_all.mean()), "fill_prompts": len(same),
-            "fill_method": "glm_runtime.generate.fill_blanks (greedy)", "fill_tokens": FILL_TOKENS,
-            "fill_agreement": float(np.mean(same)) if same else 1.0,
-            "fill_token_agreement": float(np.mean(tok_agree)) if tok_agree else 1.0,
-            "ppl_reference": ppl_r, "ppl_candidate": ppl_c, "ppl_change": ppl_c / ppl_r - 1.0}
+    return {"positions": int(agree_all.size), "finite": finite, "max_logit_diff": max(diffs),
+            "top1_agreement": float(agree_all.mean()), "ppl_reference": ppl_r, "ppl_candidate": ppl_c,
+            "ppl_change": ppl_c / ppl_r - 1.0}
 
 
 def budget_misses(scheme: str, figures: dict[str, Any]) -> list[str]:

@@ -13,15 +13,14 @@ text, greedy fills (they need every layer for each token).
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from glm_export.compare import (Call, Case, Comparison, ParityError, Tolerance, TOLERANCES, WINDOW, _nll,
-                                _versions, blank_calls, glm_cases, text_windows)
+from glm_export.compare import (Call, Case, Comparison, ParityError, Tolerance, TOLERANCES, WINDOW, _versions,
+                                blank_calls, glm_cases, span_figures, text_windows)
 from glm_runtime.config import GLMConfig
 
 Layer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -353,22 +352,11 @@ def _windows(tok: Any, text: str, cfg: GLMConfig, max_windows: int = 16):
 
 
 def _text_figures(tok, got_all, want_all, targets, window, language) -> dict[str, Any]:
-    diffs, agree, nll_c, nll_r, finite = [], [], [], [], True
-    for c, target in enumerate(targets):
-        got, want = got_all[c][1][0], want_all[c][1][0]
-        finite &= bool(np.isfinite(got).all())
-        diffs.append(float(np.abs(got - want).max()))
-        agree.append(got.argmax(-1) == want.argmax(-1))
-        nll_c.append(_nll(got, target))
-        nll_r.append(_nll(want, target))
-    agree_all = np.concatenate(agree)
-    ppl_r, ppl_c = math.exp(np.concatenate(nll_r).mean()), math.exp(np.concatenate(nll_c).mean())
-    return {"language": language, "tokenizer": tok.kind, "positions": int(agree_all.size), "windows": len(targets),
-            "window": window, "finite": finite, "max_logit_diff": max(diffs),
-            "top1_agreement": float(agree_all.mean()), "fill_prompts": 0,
-            "fill_method": "not run: the check runs one layer at a time, and a greedy fill needs every layer for "
-                           "each token", "fill_tokens": 0, "fill_agreement": None, "fill_token_agreement": None,
-            "ppl_reference": ppl_r, "ppl_candidate": ppl_c, "ppl_change": ppl_c / ppl_r - 1.0, "method": METHOD}
+    figures = span_figures([(got_all[c][1][0], want_all[c][1][0], t) for c, t in enumerate(targets)])
+    return {"language": language, "tokenizer": tok.kind, "windows": len(targets), "window": window, **figures,
+            "fill_prompts": 0, "fill_method": "not run: the check runs one layer at a time, and a greedy fill needs "
+                                              "every layer for each token",
+            "fill_tokens": 0, "fill_agreement": None, "fill_token_agreement": None, "method": METHOD}
 
 
 def text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, language: str = "?",

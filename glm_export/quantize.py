@@ -431,18 +431,26 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
         child = child_manifest(manifest, src_dir, stage, precision=precision,
                                io=io_table(manifest.config, "fp16" if scheme == "fp16" else manifest.precision),
                                extra=extra)
-        result = judge_child(stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text)
-        structural = [f for f in result.failures if not f.startswith("text: ")]
-        misses = result.text["misses"]
-        if structural or (misses and not accept_loss):
-            raise BudgetError(
-                f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(structural + misses)} (max logit "
-                f"diff {result.text['max_logit_diff']:.4g} over {result.text['positions']} positions of "
-                f"{result.text['language']} text); nothing was written. Keep more layers in fp32 (--keep-fp32), use "
-                f"another scheme, or pass --accept-loss to write it anyway with the loss recorded")
-        child.parity = dict(result.to_dict(), accept_loss=accept_loss)
-        write_manifest(stage, child)
+        _judge_and_seal(stage, src_dir, child, tok, scheme, eval_text=eval_text, accept_loss=accept_loss)
     return out_dir
+
+
+def _judge_and_seal(stage: Path, src_dir: Path, child: Any, tok: Any, scheme: str, *, eval_text: str | None,
+                    accept_loss: bool, method: str = "whole", say=None) -> None:
+    """Judge the staged child against its parent; a structural miss, or a text miss without accept_loss,
+    raises BudgetError (nothing is written); else the parity record goes into the child's manifest."""
+    result = judge_child(stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text,
+                         method=method, log=say)
+    structural = [f for f in result.failures if not f.startswith("text: ")]
+    misses = result.text["misses"]
+    if structural or (misses and not accept_loss):
+        raise BudgetError(
+            f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(structural + misses)} (max logit "
+            f"diff {result.text['max_logit_diff']:.4g} over {result.text['positions']} positions of "
+            f"{result.text['language']} text); nothing was written. Keep more layers in fp32 (--keep-fp32), use "
+            f"another scheme, or pass --accept-loss to write it anyway with the loss recorded")
+    child.parity = dict(result.to_dict(), accept_loss=accept_loss)
+    write_manifest(stage, child)
 
 
 def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, out_dir: Path, scheme: str, *,
@@ -485,16 +493,6 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
         precision = "fp16" if scheme == "fp16" else scheme
         child = child_manifest(manifest, src_dir, stage, precision=precision,
                                io=io_table(manifest.config, "fp16" if scheme == "fp16" else "fp32"), extra=extra)
-        result = judge_child(stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text,
-                             method=method, log=say)
-        structural = [f for f in result.failures if not f.startswith("text: ")]
-        misses = result.text["misses"]
-        if structural or (misses and not accept_loss):
-            raise BudgetError(
-                f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(structural + misses)} (max logit "
-                f"diff {result.text['max_logit_diff']:.4g} over {result.text['positions']} positions of "
-                f"{result.text['language']} text); nothing was written. Keep more layers in fp32 (--keep-fp32), use "
-                f"another scheme, or pass --accept-loss to write it anyway with the loss recorded")
-        child.parity = dict(result.to_dict(), accept_loss=accept_loss)
-        write_manifest(stage, child)
+        _judge_and_seal(stage, src_dir, child, tok, scheme, eval_text=eval_text, accept_loss=accept_loss,
+                        method=method, say=say)
     return out_dir
