@@ -518,7 +518,7 @@ class OpenedCheckpoint:
     notes: tuple[str, ...]
 
     def num_parameters(self) -> int:
-        return sum(int(np.prod(self.weights.shape(k), dtype=np.int64)) for k in self.weights)
+        return self.weights.numel()
 
 
 SOURCE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

@@ -95,7 +95,7 @@ class ExternalData:
 def _weight_bytes(weights: Weights, precision: str) -> int:
     """The graph's weight bytes: fp16 MatMul weights and tables in fp16, LayerNorms fp32 (onnx_graph)."""
     itemsize = 2 if precision == "fp16" else 4
-    return sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in weights) * itemsize
+    return weights.numel() * itemsize
 
 
 # ------------------------------------------------------------------ the source: model object or checkpoint folder

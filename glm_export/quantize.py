@@ -320,24 +320,23 @@ def plain_export(manifest: Any, src_dir: Path) -> None:
                             f"from ({manifest.parent.get('path', 'its parent')})")
 
 
-def rebuild(src_model: Path, stage: Path, config: Mapping[str, Any], scheme: str, keep, *, head: bool,
-            block_size: int, accuracy_level: int, log) -> tuple[onnx.ModelProto, Optional[str]]:
-    """The child graph of a streamed scheme in `stage` (model.onnx [+ model.onnx.data]) from the parent's weights,
-    read one at a time. -> (the child graph without its data, the data file name or None)."""
+def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: Mapping[str, Any], scheme: str, keep,
+            *, head: bool, block_size: int, accuracy_level: int, log) -> tuple[onnx.ModelProto, Optional[str]]:
+    """The child graph of a streamed scheme in `stage` (model.onnx [+ model.onnx.data]) from the parent's weights
+    (its graph without data, and glm_export.weights.read_onnx_weights of it), read one at a time.
+    -> (the child graph without its data, the data file name or None)."""
     from glm_export import derive, export
     from glm_export.onnx_graph import NBits, build_model
     from glm_export.progress import Progress
-    from glm_export.weights import official_weights, read_onnx_weights
+    from glm_export.weights import official_weights
     from glm_runtime.config import GLMConfig
     cfg = GLMConfig.from_dict(config)
-    parent = onnx.load(str(src_model), load_external_data=False)
     opset = next(o.version for o in parent.opset_import if o.domain in ("", "ai.onnx"))
     parent_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in parent.graph.initializer)
-    weights = official_weights(read_onnx_weights(src_model, parent.graph))
-    del parent
+    weights = official_weights(parent_weights)
     precision = "fp16" if scheme == "fp16" else "fp32"
     nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head) if scheme in NBITS else None
-    fp32_bytes = sum(int(np.prod(weights.shape(k), dtype=np.int64)) for k in weights) * 4
+    fp32_bytes = weights.numel() * 4
     threshold = min(derive.EXTERNAL_DATA_THRESHOLD, export.EXTERNAL_DATA_THRESHOLD)  # streamed, as export does
     external = parent_external or fp32_bytes * (0.5 if scheme == "fp16" else 1) > threshold
     store = export.ExternalData(stage) if external else None
@@ -462,15 +461,16 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
     parent_graph = onnx.load(str(src_model), load_external_data=False)
     keep = keep_rule(manifest.config, keep_fp32, {n.name for n in parent_graph.graph.node}) if scheme in NBITS else None
     parent_weights = read_onnx_weights(src_model, parent_graph.graph)
-    del parent_graph
     method = check_method(check, parent_weights)
-    fp32_bytes = sum(int(np.prod(parent_weights.shape(k), dtype=np.int64)) for k in parent_weights) * 4
+    fp32_bytes = parent_weights.numel() * 4
     check_free_space(out_dir.parent, fp32_bytes // (2 if scheme == "fp16" else 4 if scheme == "int8-weight" else 7),
                      f"the {scheme} child of {src_dir}")
     say(f"quantize: {scheme} of {src_dir} ({manifest.precision}), rebuilt one tensor at a time; check: {method}")
     with staged_folder(out_dir, overwrite=overwrite) as stage:
-        graph, data_file = rebuild(src_model, stage, manifest.config, scheme, keep, head="head" not in keep_fp32,
-                                   block_size=block_size, accuracy_level=accuracy_level, log=say)
+        graph, data_file = rebuild(parent_graph, parent_weights, stage, manifest.config, scheme, keep,
+                                   head="head" not in keep_fp32, block_size=block_size,
+                                   accuracy_level=accuracy_level, log=say)
+        del parent_graph
         ops = op_histogram(graph)
         kept = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight.T")]
         del graph

@@ -87,6 +87,10 @@ class Weights(Mapping):
         d = self._entries[key].dtype
         return d if isinstance(d, str) else np.dtype(d).name
 
+    def numel(self) -> int:
+        """Values in all tensors (from the headers; nothing is read)."""
+        return sum(int(np.prod(e.shape, dtype=np.int64)) for e in self._entries.values())
+
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
 
