@@ -8,13 +8,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import numpy as np
-
-from glm_runtime import masks
 from glm_runtime.beam import beam_search_span, check_beam
 from glm_runtime.kvcache import new_cache
-from glm_runtime.sampling import GenerationError, check_sampling, greedy, prompt_generators, sample
-from glm_runtime.steps import context_pass, decode_step, prefill_span
+from glm_runtime.sampling import GenerationError, check_sampling
+from glm_runtime.steps import context_pass, prefill_span
 from glm_runtime.tokenizer import build_context_ids, find_blanks
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -42,8 +39,9 @@ class FillResult:
 
 @dataclass
 class StreamEvent:
-    kind: str  # "token" (a new span token), "span" (a finished span), "result" (a finished prompt)
-    prompt: int  # index of the prompt
+    kind: str  # "token" (a new span token), "span" (a finished span), "result" (a finished prompt),
+    #            "cancelled" / "failed" (the request ended without a result; text says why when failed)
+    prompt: Any  # index of the prompt (the engine's request id)
     blank: int = -1  # index of the blank within the prompt
     token_id: Optional[int] = None
     text: str = ""  # the token's or span's text
@@ -94,35 +92,30 @@ def resolve_settings(max_new_tokens: Any = 32, strategy: str = "greedy", **optio
     return {"max_new_tokens": max_new_tokens, "strategy": strategy, **settings}
 
 
-def prepare_prompts(tokenizer: Any, prompts: Sequence[str], append_gmask: bool, max_new_tokens: int,
-                    max_positions: int) -> list[_Prompt]:
-    """Context ids and blanks of every prompt; refuses, before any work, a prompt that cannot fit.
+def prepare_prompt(tokenizer: Any, text: Any, index: Any, append_gmask: bool, max_new_tokens: int,
+                   max_positions: int) -> _Prompt:
+    """Context ids and blanks of one prompt; refuses, before any work, a prompt that cannot fit.
 
     GLM was trained on sequences of at most P tokens (Part A + every sop + span), and the original generator
-    keeps at most P - 1 memory positions (spec 3.3); so C + blanks x (1 + max_new_tokens) must be <= P,
+    keeps at most P - 1 memory positions (docs/glm.md 3.3); so C + blanks x (1 + max_new_tokens) must be <= P,
     which also keeps every block position (<= max_new_tokens + 1) inside the table.
     """
-    if isinstance(prompts, str) or not len(prompts):
-        raise GenerationError("prompts must be a non-empty list of strings")
-    prepared = []
-    for i, text in enumerate(prompts):
-        if not isinstance(text, str):
-            raise GenerationError(f"prompt {i} is a {type(text).__name__}, expected a string")
-        try:
-            ids = build_context_ids(tokenizer, text, append_gmask=append_gmask)
-        except ValueError as exc:
-            raise GenerationError(f"prompt {i}: {exc}") from None
-        blanks = find_blanks(ids, tokenizer)
-        need = len(ids) + len(blanks) * (1 + max_new_tokens)
-        if need > max_positions:
-            room = (max_positions - len(ids)) // len(blanks) - 1
-            fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room >= 1
-                   else "shorten the prompt or use fewer blanks")
-            raise GenerationError(
-                f"prompt {i} is too long for the model: {len(ids)} context tokens + {len(blanks)} blank(s) x "
-                f"(1 + {max_new_tokens} new tokens) = {need} positions > max_sequence_length {max_positions}; {fix}")
-        prepared.append(_Prompt(i, text, ids, blanks))
-    return prepared
+    if not isinstance(text, str):
+        raise GenerationError(f"prompt {index} is a {type(text).__name__}, expected a string")
+    try:
+        ids = build_context_ids(tokenizer, text, append_gmask=append_gmask)
+    except ValueError as exc:
+        raise GenerationError(f"prompt {index}: {exc}") from None
+    blanks = find_blanks(ids, tokenizer)
+    need = len(ids) + len(blanks) * (1 + max_new_tokens)
+    if need > max_positions:
+        room = (max_positions - len(ids)) // len(blanks) - 1
+        fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room >= 1
+               else "shorten the prompt or use fewer blanks")
+        raise GenerationError(
+            f"prompt {index} is too long for the model: {len(ids)} context tokens + {len(blanks)} blank(s) x "
+            f"(1 + {max_new_tokens} new tokens) = {need} positions > max_sequence_length {max_positions}; {fix}")
+    return _Prompt(index, text, ids, blanks)
 
 
 # ---------------------------------------------------------------- text out
@@ -159,78 +152,6 @@ def _assemble(tokenizer: Any, prompt: _Prompt, spans: list[Span], timings: dict[
 
 def _blank_name(tokenizer: Any, mask_id: int) -> str:
     return tokenizer.id_to_token(mask_id)
-
-
-# ---------------------------------------------------------------- greedy and sampling: one batch, row by row
-
-class _Row:
-    """One prompt's progress: which blank, which step t of the span, the token to feed next."""
-
-    def __init__(self, prompt: _Prompt, sop: int):
-        self.prompt, self.sop = prompt, sop
-        self.blank = 0
-        self.step = 0  # t of the token fed next (sop is t = 0)
-        self.feed = sop
-        self.flush = False  # the next feed only stores a budget-ended span's last token (logits unused)
-        self.span: list[int] = []
-        self.spans: list[Span] = []
-
-    @property
-    def done(self) -> bool:
-        return self.blank >= len(self.prompt.blanks)
-
-    @property
-    def mask_pos(self) -> int:
-        return self.prompt.blanks[self.blank][0] if not self.done else 0
-
-
-def _fill_batch(session: Any, tokenizer: Any, prompts: list[_Prompt], max_new_tokens: int,
-                choose: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Iterator[StreamEvent]:
-    special = tokenizer.special
-    stops = {special["eop"]: "eop", special["eos"]: "eos"}
-    t0 = time.perf_counter()
-    capacity = max(len(p.ids) + len(p.blanks) * (1 + max_new_tokens) for p in prompts) + 1
-    cache = new_cache(session, len(prompts), capacity)
-    context_pass(session, cache, [p.ids for p in prompts], special["pad"])
-    t1 = time.perf_counter()
-    rows = [_Row(p, special["sop"]) for p in prompts]
-    steps = 0
-    while not all(r.done for r in rows):
-        live = np.array([not r.done for r in rows])
-        tokens = [r.feed if not r.done else special["pad"] for r in rows]
-        positions = masks.decode_positions([r.mask_pos for r in rows], [r.step for r in rows])
-        positions[~live] = 0  # finished rows feed a dummy at (0, 0) that nobody sees and nothing stores
-        logits = decode_step(session, cache, tokens, positions, live)
-        steps += 1
-        pick = np.flatnonzero(live & ~np.array([r.flush for r in rows]))
-        chosen = dict(zip(pick.tolist(), choose(logits[pick], pick).tolist())) if pick.size else {}
-        for b, row in enumerate(rows):
-            if row.done:
-                continue
-            if row.flush:  # the budget-ended span is now wholly in the cache: on to the next blank
-                row.blank, row.flush, row.feed, row.step, row.span = row.blank + 1, False, row.sop, 0, []
-                continue
-            token = chosen[b]
-            if token not in stops:
-                row.span.append(token)
-                yield StreamEvent("token", row.prompt.index, row.blank, token, _decode(tokenizer, [token]))
-            if token not in stops and len(row.span) < max_new_tokens:
-                row.feed, row.step = token, row.step + 1
-                continue
-            pos, mask_id = row.prompt.blanks[row.blank]
-            span = Span(_decode(tokenizer, row.span), row.span, _blank_name(tokenizer, mask_id), pos,
-                        stops.get(token, "length"))
-            row.spans.append(span)
-            yield StreamEvent("span", row.prompt.index, row.blank, text=span.text, span=span)
-            last = row.blank + 1 == len(row.prompt.blanks)
-            if token in stops or last:  # every span token is in the cache (a stop token is never fed)
-                row.blank, row.feed, row.step, row.span = row.blank + 1, row.sop, 0, []
-            else:  # budget spent: feed the last token too, so later spans see the whole span (spec 4.1 step 5)
-                row.feed, row.step, row.flush = token, len(row.span), True
-    timings = _timings(t0, t1, time.perf_counter(), steps, sum(len(s.token_ids) for r in rows for s in r.spans))
-    for row in rows:
-        result = _assemble(tokenizer, row.prompt, row.spans, dict(timings))
-        yield StreamEvent("result", row.prompt.index, text=result.text, result=result)
 
 
 def _timings(t0: float, t1: float, t2: float, steps: int, generated: int) -> dict[str, float]:
@@ -278,39 +199,37 @@ def stream_blanks(session: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
                   strategy: str = "greedy", temperature: Optional[float] = None, top_k: Optional[int] = None,
                   top_p: Optional[float] = None, seed: Optional[int] = None, num_beams: Optional[int] = None,
                   length_penalty: Optional[float] = None, early_stopping: Optional[bool] = None,
-                  append_gmask: bool = False) -> Iterator[StreamEvent]:
-    """fill_blanks as an iterator of StreamEvents: tokens and spans as they come, then one result per prompt."""
-    s = resolve_settings(max_new_tokens, strategy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
-    generators = prompt_generators(s["seed"], prompts) if strategy == "sample" else []
-    prepared = prepare_prompts(tokenizer, prompts, append_gmask, max_new_tokens,
-                               session.config.max_sequence_length)
-    if strategy == "beam":
-        for prompt in prepared:
-            yield from _fill_beam(session, tokenizer, prompt, max_new_tokens, s["num_beams"], s["length_penalty"],
-                                  s["early_stopping"])
-        return
-
-    def choose(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        if strategy == "greedy":
-            return greedy(logits)
-        return sample(logits, [generators[r] for r in rows], s["temperature"], s["top_k"], s["top_p"])
-
-    yield from _fill_batch(session, tokenizer, prepared, max_new_tokens, choose)
+                  append_gmask: bool = False, rows: Optional[int] = None) -> Iterator[StreamEvent]:
+    """fill_blanks as an iterator of StreamEvents: tokens and spans as they come, each prompt's result when it
+    is done. Runs on the engine (runtime/engine.py): every prompt is checked and submitted first (a bad one is
+    refused before any work), then the engine steps until all are done. rows: how many prompts decode together
+    (None = all of them); the others wait for a row."""
+    from glm_runtime.engine import Engine
+    if isinstance(prompts, str) or not len(prompts):
+        raise GenerationError("prompts must be a non-empty list of strings")
+    engine = Engine(session, tokenizer, rows=len(prompts) if rows is None else rows)
+    options = dict(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed, num_beams=num_beams, length_penalty=length_penalty,
+                   early_stopping=early_stopping, append_gmask=append_gmask)
+    for i, text in enumerate(prompts):
+        engine.submit(text, request_id=i, **options)
+    while engine.has_work():
+        yield from engine.step()
 
 
 def fill_blanks(session: Any, tokenizer: Any, prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
                 strategy: str = "greedy", temperature: Optional[float] = None, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, seed: Optional[int] = None, num_beams: Optional[int] = None,
                 length_penalty: Optional[float] = None, early_stopping: Optional[bool] = None,
-                append_gmask: bool = False,
+                append_gmask: bool = False, rows: Optional[int] = None,
                 stream: Optional[Callable[[StreamEvent], None]] = None) -> list[FillResult]:
     """Fill every blank of every prompt; `stream(event)` is called for each token, span and result.
 
     strategy: "greedy" (batched), "sample" (temperature / top_k / top_p; each prompt's random stream comes from
     the seed and the prompt's text alone, so a prompt samples the same alone, in a file or in a served batch), or
     "beam" (num_beams per prompt, per span; score = sum log-prob / length ** length_penalty). Settings that the
-    strategy does not read are refused (resolve_settings), never ignored.
+    strategy does not read are refused (resolve_settings), never ignored. rows: prompts decoding together
+    (None = all); a prompt's answer does not depend on which others share its batch.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -318,7 +237,7 @@ def fill_blanks(session: Any, tokenizer: Any, prompts: Sequence[str] | str, *, m
     for event in stream_blanks(session, tokenizer, prompts, max_new_tokens=max_new_tokens, strategy=strategy,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                num_beams=num_beams, length_penalty=length_penalty,
-                               early_stopping=early_stopping, append_gmask=append_gmask):
+                               early_stopping=early_stopping, append_gmask=append_gmask, rows=rows):
         if stream is not None:
             stream(event)
         if event.kind == "result":

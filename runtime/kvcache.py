@@ -45,11 +45,48 @@ class _SlotCache:
             self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
         self.filled += counts
 
-    def feeds(self) -> dict[str, Any]:
+    sliceable = False  # whether feeds(width) can hand the first `width` rows alone (host numpy: a free view)
+
+    def feeds(self, width: int | None = None) -> dict[str, Any]:
+        """past_key_values.* for a call over rows 0..width-1 (all rows when None; only a sliceable cache can
+        give fewer: the engine keeps its running rows packed at the front so that the view costs nothing)."""
+        if width is not None and width != self.batch and not self.sliceable:
+            raise ValueError(f"this cache feeds all {self.batch} rows; it cannot give the first {width} alone")
         out = {}
         for (kn, vn), k, v in zip(self.past, self.keys, self.values):
-            out[kn], out[vn] = k, v
+            out[kn], out[vn] = (k, v) if width is None or width == self.batch else (k[:width], v[:width])
         return out
+
+    def _counts(self, counts: Sequence[int]) -> np.ndarray:
+        """counts per row as int64 [B]; a call over the first rows only (feeds(width)) leaves the rest at 0."""
+        counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        if counts.size < self.batch:
+            counts = np.concatenate([counts, np.zeros(self.batch - counts.size, dtype=np.int64)])
+        return counts
+
+    def free_rows(self, rows: Sequence[int]) -> None:
+        """Forget everything rows hold (a finished or cancelled request): their next slot is 0 again."""
+        filled = self.filled.copy()
+        filled[np.asarray(rows, dtype=np.int64)] = 0
+        self.truncate(filled)
+
+    def load_rows(self, rows: Sequence[int], outputs: Mapping[str, Any], lengths: Sequence[int]) -> None:
+        """Rows rows[i] start over with the first lengths[i] tokens of row i of a separate call's present.*
+        (a context pass over just the admitted requests). Generic path: pad the outputs to every row on the host
+        and append; rows not named keep their slots (the padding lands in free slots nobody sees)."""
+        from glm_runtime.session import host_array
+        rows = np.asarray(rows, dtype=np.int64)
+        self.free_rows(rows)
+        counts = np.zeros(self.batch, dtype=np.int64)
+        counts[rows] = np.asarray(lengths, dtype=np.int64)
+        padded = {}
+        for kn, vn in self.present:
+            for name in (kn, vn):
+                new = host_array(outputs[name])
+                full = np.zeros((self.batch, *new.shape[1:]), dtype=self.dtype)
+                full[rows] = new[:len(rows)]
+                padded[name] = full
+        self.append(padded, counts)
 
     def truncate(self, filled: Sequence[int]) -> None:
         """Forget every slot at or after filled[b] (the buffers keep their old bytes; the mask hides them)."""
@@ -60,6 +97,8 @@ class _SlotCache:
 
 class KVCache(_SlotCache):
     """Host cache: keys[l], values[l] are numpy [B, n, capacity, d]."""
+
+    sliceable = True
 
     def _alloc(self, capacity: int) -> np.ndarray:
         return np.zeros((self.batch, self.heads, capacity, self.head_dim), dtype=self.dtype)
@@ -80,9 +119,10 @@ class KVCache(_SlotCache):
     def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
         """Store the first counts[b] of this call's T tokens of row b at its next slots, and mark them visible.
 
-        Rows with count 0 (finished rows fed a dummy token) keep their cache unchanged.
+        Rows with count 0 (finished rows fed a dummy token) keep their cache unchanged. A call over the first
+        rows only (feeds(width)) gives counts and outputs for those rows.
         """
-        counts = np.asarray(counts, dtype=np.int64)
+        counts = self._counts(counts)
         self.reserve(int((self.filled + counts).max()))
         rows = np.flatnonzero(counts)
         T = np.asarray(outputs[self.present[0][0]]).shape[2]
@@ -96,6 +136,20 @@ class KVCache(_SlotCache):
                     f, c = self.filled[b], counts[b]
                     k[b, :, f:f + c] = nk[b, :, :c]
                     v[b, :, f:f + c] = nv[b, :, :c]
+        self._mark_appended(counts)
+
+    def load_rows(self, rows: Sequence[int], outputs: Mapping[str, Any], lengths: Sequence[int]) -> None:
+        """As _SlotCache.load_rows, written straight into the named rows (no padding)."""
+        rows, lengths = np.asarray(rows, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+        self.free_rows(rows)
+        self.reserve(int(lengths.max()))
+        for (kn, vn), k, v in zip(self.present, self.keys, self.values):
+            nk, nv = np.asarray(outputs[kn]), np.asarray(outputs[vn])
+            for i, (r, n) in enumerate(zip(rows, lengths)):
+                k[r, :, :n] = nk[i, :, :n]
+                v[r, :, :n] = nv[i, :, :n]
+        counts = np.zeros(self.batch, dtype=np.int64)
+        counts[rows] = lengths
         self._mark_appended(counts)
 
     def reorder(self, index: Sequence[int]) -> None:
@@ -193,7 +247,7 @@ class DeviceKVCache(_SlotCache):
         self._writer.run_with_iobinding(binding)
 
     def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
-        counts = np.asarray(counts, dtype=np.int64)
+        counts = self._counts(counts)
         first = outputs[self.present[0][0]]
         T = first.shape[2] if isinstance(first, np.ndarray) else first.shape()[2]
         # Every row writes all T tokens at its next free slots (one scatter per buffer, no loop over rows):

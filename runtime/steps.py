@@ -19,12 +19,10 @@ def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
     return {entry["name"]: empty for entry in session.inputs if entry["name"].startswith("past_key_values.")}
 
 
-def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pad_id: int,
-                 repeat: int = 1) -> np.ndarray:
-    """Run every row's context (right-padded with pad_id) and store its K/V at slots 0..C_b-1.
-
-    repeat > 1: each context fills `repeat` consecutive cache rows (the beams of one prompt) from one pass.
-    """
+def run_context(session: Any, contexts: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, Any], np.ndarray]:
+    """One call over every row's context (right-padded with pad_id, past_seq = 0) -> (outputs, logits [B, V] at
+    each row's last real token). The caller stores present.* (cache.append, or cache.load_rows for rows that
+    join a running pool)."""
     lengths = [len(ids) for ids in contexts]
     seq = max(lengths)
     input_ids = np.full((len(contexts), seq), pad_id, dtype=np.int64)
@@ -34,7 +32,17 @@ def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pa
              "position_ids": masks.context_positions(lengths, seq),
              "attention_mask": masks.context_mask(lengths, seq),
              **empty_past(session, len(contexts))}
-    out, logits = run_for_rows(session, feeds, np.asarray(lengths) - 1)
+    return run_for_rows(session, feeds, np.asarray(lengths) - 1)
+
+
+def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pad_id: int,
+                 repeat: int = 1) -> np.ndarray:
+    """Run every row's context (right-padded with pad_id) and store its K/V at slots 0..C_b-1.
+
+    repeat > 1: each context fills `repeat` consecutive cache rows (the beams of one prompt) from one pass.
+    """
+    lengths = [len(ids) for ids in contexts]
+    out, logits = run_context(session, contexts, pad_id)
     if repeat > 1:
         out, lengths = repeat_rows(out, repeat), [n for n in lengths for _ in range(repeat)]
         logits = np.repeat(logits, repeat, axis=0)
@@ -44,12 +52,14 @@ def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pa
 
 def decode_step(session: Any, cache: Any, tokens: Sequence[int], positions: np.ndarray,
                 store: Sequence[bool]) -> np.ndarray:
-    """Feed one token per row (positions [B, 2, 1]); rows with store=False (finished, fed a dummy) keep
-    their cache unchanged. Returns logits [B, V]."""
+    """Feed one token per row (positions [W, 2, 1]); rows with store=False (finished, fed a dummy) keep
+    their cache unchanged. W may be fewer than the cache's rows when the cache is sliceable (the first W
+    rows run alone). Returns logits [W, V]."""
+    width = len(tokens)
     feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1),
              "position_ids": positions,
-             "attention_mask": masks.decode_mask(cache.visible),
-             **cache.feeds()}
+             "attention_mask": masks.decode_mask(cache.visible[:width]),
+             **cache.feeds(width)}
     out = session.run(feeds)
     cache.append(out, np.asarray(store, dtype=np.int64))
     return out["logits"][:, -1]

@@ -414,7 +414,7 @@ class TensorRTKVCache(_SlotCache):
     def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
         """Store the first counts[b] of this call's T tokens of row b at its next slots (device to device when
         present.* are DeviceArrays, else from the host), and mark them visible. Rows with count 0 are untouched."""
-        counts = np.asarray(counts, dtype=np.int64)
+        counts = self._counts(counts)
         self.reserve(int((self.filled + counts).max()))
         T = int(outputs[self.present[0][0]].shape[2])
         row, cap, n = self.head_dim * self.dtype.itemsize, self.capacity, self.heads  # row: bytes per slot

@@ -317,7 +317,7 @@ def test_positions_and_masks_fed_by_the_loop(tok):
     assert seen == [C + 1, C + 2, C + 3, C + 4, C + 5]  # every filled slot + itself: later spans see earlier
 
 
-def test_batch_rows_are_padded_and_finished_rows_fed_a_dummy(tok):
+def test_batch_rows_are_padded_and_finished_rows_leave_the_batch(tok):
     short, long = "a [MASK]", "all that glitters [MASK] not [MASK]"
     ids_s, ids_l = build_context_ids(tok, short), build_context_ids(tok, long)
     plans = {p: [60] for p, _ in find_blanks(ids_s, tok) + find_blanks(ids_l, tok)}
@@ -326,8 +326,11 @@ def test_batch_rows_are_padded_and_finished_rows_fed_a_dummy(tok):
     context = session.calls[0]
     assert context["input_ids"][0].tolist() == ids_s + [tok.special["pad"]] * (len(ids_l) - len(ids_s))
     assert not context["attention_mask"][0, 0, :len(ids_s), len(ids_s):].any()
-    last = session.calls[-1]  # the short prompt (one blank) finished first
-    assert last["input_ids"][0, 0] == tok.special["pad"] and last["position_ids"][0, :, 0].tolist() == [0, 0]
+    # the short prompt (one blank) finished first: its row left, the long prompt's row moved up (rows stay packed)
+    widths = [call["input_ids"].shape[0] for call in session.calls[1:]]
+    assert widths[0] == 2 and widths[-1] == 1 and widths == sorted(widths, reverse=True)
+    m2 = find_blanks(ids_l, tok)[1][0]
+    assert session.calls[-1]["position_ids"][0, 0, 0] == m2
 
 
 # ---------------------------------------------------------------- bad input: each message, before any work
