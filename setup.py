@@ -21,7 +21,11 @@ setup(
         "export": ["torch>=2.1,<2.15", "onnx>=1.16", "onnx-ir>=0.1", "safetensors>=0.4", "sentencepiece>=0.1.99"],
         # replaces onnxruntime with onnxruntime-gpu (uninstall onnxruntime first: both provide the module)
         "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10.0", "cuda-python>=12.0"],
-        "dev": ["pytest>=7", "matplotlib>=3.7", "psutil>=5.9"],
+        # glmx serve: the ASGI app, its server, its metrics (runtime only: no torch)
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        # glmx serve on a Ray cluster: replicas of the same app under Ray Serve's autoscaling
+        "serve-ray": ["ray[serve]>=2.9", "starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "psutil>=5.9", "httpx>=0.24"],
     },
     entry_points={"console_scripts": ["glmx=glm_runtime.cli:run"]},
 )

@@ -56,7 +56,7 @@ def main() -> None:
     """glmx: GLM blank infilling from a PyTorch checkpoint to ONNX Runtime and TensorRT.
 
     \b
-    Stages:  convert -> export -> optimize / quantize -> build-engine -> fill / score / classify / bench
+    Stages:  convert -> export -> optimize / quantize -> build-engine -> fill / serve / score / classify / bench
     Every artifact folder carries a manifest.json that later stages check; every failure is one Error line.
     """
 
@@ -94,7 +94,10 @@ prompt's random stream comes from the seed and the prompt's text alone (numpy Se
 sha256(prompt)])): the same prompt and seed give the same sample alone, anywhere in a file, or in a server's
 batch. --jsonl lines are a string or {"prompt": ..., and any of max_new_tokens, strategy, temperature, top_k,
 top_p, seed, num_beams, length_penalty, early_stopping, append_gmask}; a line's own settings win for that line.
-Timings in --json are seconds."""
+Prompts run on the engine of glmx serve: --rows of them decode together and the next takes a row as soon as one
+frees, so memory follows --rows, not the input's length. Results are printed as they finish, in input order.
+A line that is refused (bad JSON, a bad setting, too long) is named with its line number at the end and the
+exit status is 1; every other line is still filled. Timings in --json are seconds."""
 
 JSONL_KEYS = ("prompt", "max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed", "num_beams",
               "length_penalty", "early_stopping", "append_gmask")
@@ -121,17 +124,25 @@ def _json_lines(text: str, name: str):
                 raise GLMXError(f"{name} line {n} is not JSON: {exc}") from None
 
 
-def _jsonl_requests(text: str, name: str) -> list[dict]:
-    requests = []
-    for n, item in _json_lines(text, name):
+def _jsonl_requests(text: str, name: str):
+    """(line number, request dict or the line's error message) of every non-empty line of a JSON-lines text."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield n, f"{name} line {n} is not JSON: {exc}"
+            continue
         item = {"prompt": item} if isinstance(item, str) else item
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise GLMXError(f'{name} line {n}: expected a string or an object with a "prompt" string')
+            yield n, f'{name} line {n}: expected a string or an object with a "prompt" string'
+            continue
         unknown = sorted(set(item) - set(JSONL_KEYS))
         if unknown:
-            raise GLMXError(f"{name} line {n}: unknown key {unknown[0]!r}; a line may set {', '.join(JSONL_KEYS)}")
-        requests.append(item)
-    return requests
+            yield n, f"{name} line {n}: unknown key {unknown[0]!r}; a line may set {', '.join(JSONL_KEYS)}"
+            continue
+        yield n, item
 
 
 @main.command("fill", help=FILL_HELP)
@@ -151,49 +162,127 @@ def _jsonl_requests(text: str, name: str) -> list[dict]:
 @click.option("--length-penalty", type=float, default=None, help="beam: score = log-prob / length ** this [default: 1]")
 @click.option("--early-stopping", is_flag=True, default=None, help="beam: stop a span once num_beams hypotheses ended")
 @click.option("--append-gmask", is_flag=True, help="a prompt without a blank is continued at its end ([gMASK])")
+@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True,
+              help="prompts decoding together (memory grows with this, not with the number of prompts)")
 @click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
               default="onnxruntime", show_default=True, help="torch needs the export extra")
-def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, **settings) -> None:
-    from glm_runtime.generate import STRATEGY_OPTIONS, fill_blanks, resolve_settings
+def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **settings) -> None:
+    from glm_runtime.engine import Engine
+    from glm_runtime.sampling import GenerationError
     from glm_runtime.session import open_model
     sources = [s for s in (prompt is not None, from_stdin, jsonl is not None) if s]
     if len(sources) != 1:
         raise GLMXError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
-    if from_stdin:
-        requests = [{"prompt": line} for line in _read_text(sys.stdin.buffer, "stdin").splitlines() if line.strip()]
-    elif jsonl is not None:
-        requests = _jsonl_requests(_read_text(jsonl, jsonl.name), jsonl.name)
-    else:
-        requests = [{"prompt": prompt}]
-    if not requests:
-        raise GLMXError("no prompts given (the input was empty)")
     settings["early_stopping"] = settings["early_stopping"] or None  # a flag not given is "not set"
-    groups: dict[str, list[int]] = {}  # prompts that share their settings are filled as one batch
-    resolved = []
-    for n, request in enumerate(requests):
-        mine = {**settings, **{k: v for k, v in request.items() if k != "prompt"}}
-        append = bool(mine.pop("append_gmask", False))
+    if from_stdin:
+        lines = [(n, {"prompt": line}) for n, line in
+                 enumerate(_read_text(sys.stdin.buffer, "stdin").splitlines(), 1) if line.strip()]
+        name = "stdin"
+    elif jsonl is not None:
+        lines, name = list(_jsonl_requests(_read_text(jsonl, jsonl.name), jsonl.name)), jsonl.name
+    else:
+        lines, name = [(0, {"prompt": prompt})], None
+    if not lines:
+        raise GLMXError("no prompts given (the input was empty)")
+
+    def check(n, item):
+        """The engine's keyword arguments for one input, or its error message (with the line number)."""
+        if isinstance(item, str):
+            return item
+        mine = {**settings, **{k: v for k, v in item.items() if k != "prompt"}}
+        mine["append_gmask"] = bool(mine.get("append_gmask", False))
         try:
-            mine = resolve_settings(**mine)
+            from glm_runtime.generate import resolve_settings
+            resolve_settings(**{k: v for k, v in mine.items() if k != "append_gmask"})
         except ValueError as exc:
-            where = f"{jsonl.name} line {n + 1}: " if jsonl is not None else ""
-            raise GLMXError(where + " ".join(str(exc).split())) from None
-        key = json.dumps([mine, append], sort_keys=True)
-        groups.setdefault(key, []).append(n)
-        resolved.append((mine, append))
+            return (f"{name} line {n}: " if name else "") + " ".join(str(exc).split())
+        return mine
+
+    checked = [(n, item, check(n, item)) for n, item in lines]
+    if name is None and isinstance(checked[0][2], str):
+        raise GLMXError(checked[0][2])
     session, tokenizer = open_model(model, backend)
-    results = [None] * len(requests)
-    for rows in groups.values():
-        mine, append = resolved[rows[0]]
-        applies = {k: v for k, v in mine.items()
-                   if k in ("max_new_tokens", "strategy") or k in STRATEGY_OPTIONS[mine["strategy"]]}
-        filled = fill_blanks(session, tokenizer, [requests[r]["prompt"] for r in rows], append_gmask=append,
-                             **applies)
-        for r, result in zip(rows, filled):
-            results[r] = result
-    for request, result in zip(requests, results):
-        text = request["prompt"]
-        click.echo(json.dumps({"prompt": text, **result.to_dict()}, ensure_ascii=False) if as_json else result.text)
+    engine = Engine(session, tokenizer, rows=rows)
+    done: dict[int, object] = {}  # input index -> FillResult or error message, until printed in input order
+    bad, printed, fed = [], 0, 0
+
+    def refuse(i, message):
+        done[i] = message
+        bad.append(message)
+
+    def flush():
+        nonlocal printed
+        while printed in done:
+            outcome = done.pop(printed)
+            if not isinstance(outcome, str):  # a refused line is said at the end; the others go on
+                text = checked[printed][1]["prompt"]
+                click.echo(json.dumps({"prompt": text, **outcome.to_dict()}, ensure_ascii=False) if as_json
+                           else outcome.text)
+            printed += 1
+
+    while printed < len(checked):
+        while fed < len(checked) and engine.waiting < rows:  # a short queue: memory is bounded by the rows
+            n, item, mine = checked[fed]
+            if isinstance(mine, str):
+                refuse(fed, mine)
+            else:
+                try:
+                    engine.submit(item["prompt"], request_id=fed, **mine)
+                except GenerationError as exc:
+                    message = " ".join(str(exc).split())  # "prompt 3: ..." / "prompt 3 is ...": the line says which
+                    message = message.replace(f"prompt {fed}: ", "", 1).replace(f"prompt {fed} ", "the prompt ", 1)
+                    if name is None:
+                        raise GLMXError(message) from None
+                    refuse(fed, f"{name} line {n}: {message}")
+            fed += 1
+        for event in engine.step() if engine.has_work() else []:
+            if event.kind == "result":
+                done[event.prompt] = event.result
+        flush()
+    for message in bad if len(bad) > 1 else []:
+        click.echo(message, err=True)
+    if bad:
+        raise GLMXError(bad[0] if len(bad) == 1 else f"{len(bad)} of {len(checked)} inputs were refused (each named "
+                                                     f"above); the other {len(checked) - len(bad)} were filled")
+
+
+SERVE_HELP = """Serve blank filling over HTTP with continuous batching (needs the serve extra: pip install
+'glmx[serve]').
+
+
+Routes:  POST /v1/completions  OpenAI-shaped: "prompt" may hold blanks; "suffix" means prompt + [MASK] + suffix;
+                               a prompt without a blank is continued at its end; "max_tokens" is the budget per
+                               blank; "echo" returns the filled text; "stream" sends server-sent events ending in
+                               [DONE]; each choice's "glmx" field holds the spans. temperature > 0 (or top_p < 1)
+                               samples, otherwise greedy; "glmx": {"strategy", "top_k", "num_beams", ...} for the
+                               rest. Options glmx does not implement (n > 1, logprobs, best_of, stop, penalties)
+                               answer 400.
+         POST /v1/fill         glmx fill --json's fields and answer ("stream": true for events).
+         GET /health (503 while loading or after the engine failed), GET /v1/models, GET /metrics (Prometheus).
+Bounded: --rows requests decode together, --max-waiting more may wait; past that a request gets 429 with
+Retry-After. A client that hangs up frees its row; --timeout answers 504. SIGTERM / Ctrl-C stop accepting, let
+running requests finish, then exit. Binds 127.0.0.1 unless --host says otherwise; with --api-key (or
+GLMX_API_KEY) /v1/* need "Authorization: Bearer KEY".
+Example:  glmx serve --port 8000 &
+          curl -s localhost:8000/v1/completions -d '{"prompt": "The capital of France is [MASK].", "max_tokens": 8}'"""
+
+
+@main.command("serve", help=SERVE_HELP)
+@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
+@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+              default="onnxruntime", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 = every interface)")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True,
+              help="requests decoding together (the KV cache's rows)")
+@click.option("--max-waiting", type=click.IntRange(min=0), default=64, show_default=True,
+              help="requests that may wait for a row before new ones get 429")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="seconds a request may take before it is cancelled (504)")
+@click.option("--api-key", envvar="GLMX_API_KEY", default=None, help="require this bearer token on /v1/*")
+def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key) -> None:
+    from glm_runtime.serve import serve
+    serve(model, backend, host, port, rows, max_waiting, timeout, api_key, log=lambda m: click.echo(m, err=True))
 
 
 SCORE_HELP = """Score candidate answers for the one blank of PROMPT (GLM's cloze scoring), best first.

@@ -33,6 +33,10 @@ from glm_runtime.sampling import GenerationError, greedy, prompt_generators, sam
 from glm_runtime.steps import decode_step, run_context
 
 
+ENDINGS = ("finished", "cancelled", "timeout", "failed")  # a request's last state; its last event is
+# "result" (finished) or an event of the state's own name
+
+
 class EngineError(GLMXError, RuntimeError):
     """The engine cannot take a request (its queue is full) or cannot run on this session (too many rows)."""
 
@@ -53,7 +57,7 @@ class Request:
     settings: dict[str, Any]  # resolve_settings' output
     generator: Optional[np.random.Generator]  # sample: this request's own stream
     on_event: Optional[Callable[[Any], None]] = None
-    state: str = "waiting"  # waiting -> running -> finished | cancelled | failed
+    state: str = "waiting"  # waiting -> running -> one of ENDINGS
     error: Optional[str] = None
     result: Any = None  # generate.FillResult once finished
     # progress in the loop (docs/glm.md 4.1): blank index, step t of the token fed next (sop is t = 0)
@@ -64,7 +68,7 @@ class Request:
     span: list[int] = field(default_factory=list)
     spans: list[Any] = field(default_factory=list)
     decode_calls: int = 0
-    cancel_requested: bool = False
+    cancel_requested: Optional[str] = None  # "cancelled" or "timeout": the row is freed at the next step
     # wall-clock times (time.perf_counter): submitted, admitted (context pass done), first token, finished
     submitted_at: float = 0.0
     context_s: float = 0.0
@@ -74,7 +78,7 @@ class Request:
 
     @property
     def done(self) -> bool:
-        return self.state in ("finished", "cancelled", "failed")
+        return self.state in ENDINGS
 
     @property
     def mask_pos(self) -> int:
@@ -89,11 +93,13 @@ class Engine:
     """Continuous batching over `rows` rows of one KV cache. See the module docstring.
 
     rows: how many requests decode together (the KV pool's batch); max_waiting: how many may wait for a row
-    (None = unbounded; past it submit() raises QueueFull). A step admits waiting requests into free rows, runs
+    (None = unbounded; past it submit() raises QueueFull); on_end(request) is called as each request ends
+    (finished, cancelled, timeout, failed), in the thread that runs step(). A step admits waiting requests into free rows, runs
     their context pass (one call), then one decode call for every running row.
     """
 
-    def __init__(self, session: Any, tokenizer: Any, rows: int = 8, max_waiting: Optional[int] = None):
+    def __init__(self, session: Any, tokenizer: Any, rows: int = 8, max_waiting: Optional[int] = None,
+                 on_end: Optional[Callable[[Request], None]] = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise EngineError(f"rows must be an integer >= 1, got {rows!r}")
         if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
@@ -104,7 +110,7 @@ class Engine:
             raise EngineError(f"{rows} rows do not fit the TensorRT engine's profile (max batch "
                               f"{limits['max_batch']}): use --rows {limits['max_batch']} or rebuild the engine")
         self.session, self.tokenizer = session, tokenizer
-        self.rows, self.max_waiting = rows, max_waiting
+        self.rows, self.max_waiting, self.on_end = rows, max_waiting, on_end
         self.max_positions = int(session.config.max_sequence_length)
         self.max_past = getattr(session, "max_past", None)  # TensorRT: the profile's largest past_seq
         special = tokenizer.special
@@ -153,10 +159,14 @@ class Engine:
         per_step = getattr(self, "_step_s", 0.05)
         return max(1.0, float(np.mean(left)) * per_step)
 
-    def cancel(self, request: Request) -> None:
-        """Stop a request: a waiting one leaves the queue, a running one frees its row at the next step."""
+    def cancel(self, request: Request, reason: str = "cancelled") -> None:
+        """Stop a request (reason "cancelled" or "timeout"): a waiting one leaves the queue, a running one frees
+        its row at the next step. A request that has ended already is left as it is."""
+        if reason not in ("cancelled", "timeout"):
+            raise ValueError(f"reason must be 'cancelled' or 'timeout', got {reason!r}")
         with self._lock:
-            request.cancel_requested = True
+            if request.cancel_requested is None:
+                request.cancel_requested = reason
 
     @property
     def waiting(self) -> int:
@@ -216,6 +226,8 @@ class Engine:
         from glm_runtime.generate import StreamEvent
         request.state, request.error, request.finished_at = state, error, time.perf_counter()
         self._emit(request, StreamEvent(state, request.id, text=error or ""), events)
+        if self.on_end is not None:
+            self.on_end(request)
 
     def _drop_cancelled(self, events: list[Any]) -> None:
         with self._lock:
@@ -223,10 +235,10 @@ class Engine:
             for request in gone:
                 self._waiting.remove(request)
         for request in gone:
-            self._end(request, "cancelled", events)
+            self._end(request, request.cancel_requested, events)
         leaving = [r for r, request in enumerate(self.running) if request.cancel_requested]
         for r in leaving:
-            self._end(self.running[r], "cancelled", events)
+            self._end(self.running[r], self.running[r].cancel_requested, events)
         self._free(leaving)
 
     def _admit(self) -> tuple[list[Request], list[Request]]:
@@ -302,6 +314,8 @@ class Engine:
             request.state, request.finished_at = "finished", time.perf_counter()
             self._emit(request, StreamEvent("result", request.id, text=request.result.text, result=request.result),
                        events)
+            if self.on_end is not None:
+                self.on_end(request)
         self._free(finished)
 
     def _choose(self, logits: np.ndarray, rows: list[int]) -> dict[int, int]:
@@ -361,3 +375,5 @@ class Engine:
                 request.result.timings["queue_s"] = request.admitted_at - request.submitted_at
                 request.state, request.finished_at = "finished", time.perf_counter()
             self._emit(request, event, events)
+            if event.kind == "result" and self.on_end is not None:
+                self.on_end(request)
