@@ -92,8 +92,8 @@ class Request:
 class Engine:
     """Continuous batching over `rows` rows of one KV cache. See the module docstring.
 
-    rows: how many requests decode together (the KV pool's batch); max_waiting: how many may wait for a row
-    (None = unbounded; past it submit() raises QueueFull); on_end(request) is called as each request ends
+    rows: how many requests decode together (the KV pool's batch); max_waiting: how many may wait beyond the
+    rows (None = unbounded; past rows + max_waiting, submit() raises QueueFull); on_end(request) is called as each request ends
     (finished, cancelled, timeout, failed), in the thread that runs step(). A step admits waiting requests into free rows, runs
     their context pass (one call), then one decode call for every running row.
     """
@@ -144,7 +144,8 @@ class Engine:
         request = Request(index, prepared, settings, generator, on_event, feed=self.sop,
                           submitted_at=time.perf_counter())
         with self._lock:
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+            free = max(self.rows - len(self.running), 0)  # waiting requests that will take a row next step
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting + free:
                 raise QueueFull(f"the server is busy: {len(self.running)} request(s) running on {self.rows} rows "
                                 f"and {len(self._waiting)} waiting (the limit); retry later",
                                 retry_after=self._retry_after())

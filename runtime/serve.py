@@ -528,4 +528,12 @@ def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, m
                      api_key=api_key, log=log)
     log(f"glmx serve: http://{host}:{port} model {model_id!r} backend {backend}, rows {rows}, "
         f"max waiting {max_waiting}, timeout {timeout:g} s{', API key required' if api_key else ''}")
+    import signal
+    import sys
+
+    def drained(signum, frame):  # uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown: exit 0 then
+        sys.exit(0)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, drained)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout))
+    log("glmx serve: stopped")

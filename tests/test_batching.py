@@ -149,12 +149,14 @@ def test_cancel_while_waiting_never_runs(model):
 def test_queue_limit_and_too_long_prompts_are_refused_before_taking_a_row(model):
     session, tok = model
     engine = Engine(session, tok, rows=1, max_waiting=1)
-    engine.submit(PROMPTS[0], max_new_tokens=N)
+    engine.submit(PROMPTS[0], max_new_tokens=N)  # takes the row at the next step
+    engine.submit(PROMPTS[1], max_new_tokens=N)  # waits
     with pytest.raises(QueueFull, match="busy") as info:
-        engine.submit(PROMPTS[1], max_new_tokens=N)
+        engine.submit(PROMPTS[2], max_new_tokens=N)
     assert info.value.retry_after >= 1
-    engine.step()  # the first takes the row: one more may wait
-    engine.submit(PROMPTS[1], max_new_tokens=N)
+    engine.step()  # the first runs, the second still waits: the limit holds
+    with pytest.raises(QueueFull):
+        engine.submit(PROMPTS[2], max_new_tokens=N)
     P = session.config.max_sequence_length
     with pytest.raises(GenerationError, match=f"too long for the model.*max_sequence_length {P}"):
         engine.submit("word " * P + "[MASK]", max_new_tokens=N)

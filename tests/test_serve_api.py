@@ -1,0 +1,257 @@
+"""runtime/serve.py in-process (Starlette's test client, no socket): both routes' schemas as JSON and as
+server-sent events, answers equal to fill_blanks, statuses 400 / 401 / 404 / 429 / 503, every metric name.
+Every wait is bounded."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+pytest.importorskip("prometheus_client")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from glm_runtime.generate import fill_blanks  # noqa: E402
+from glm_runtime.serve import METRIC_NAMES, create_app  # noqa: E402
+from glm_runtime.session import open_model  # noqa: E402
+
+WAIT_S = 30  # the longest any test waits for the server to reach a state
+
+
+@pytest.fixture(scope="module")
+def model():
+    return open_model(None, "onnxruntime")
+
+
+def wait_until(check, what):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not reached within {WAIT_S} s: {what}")
+
+
+def started(app):
+    client = TestClient(app)
+    client.__enter__()
+    wait_until(lambda: client.get("/health").status_code == 200, "health 200")
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    c = started(create_app(lambda: model, model_id="tiny", rows=4, max_waiting=8))
+    yield c
+    c.__exit__(None, None, None)
+
+
+def alone(model, prompt, **settings):
+    session, tok = model
+    (result,) = fill_blanks(session, tok, [prompt], **settings)
+    return result
+
+
+def sse_events(response):
+    assert response.headers["content-type"].startswith("text/event-stream")
+    chunks = [c for c in response.text.split("\n\n") if c.strip()]
+    assert all(c.startswith("data: ") for c in chunks)
+    assert chunks[-1] == "data: [DONE]"
+    return [json.loads(c[len("data: "):]) for c in chunks[:-1]]
+
+
+def test_completion_schema_and_answer(client, model):
+    prompt = "He went to the [MASK] and bought [MASK] for dinner."
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+    (choice,) = body["choices"]
+    assert set(choice) == {"index", "text", "logprobs", "finish_reason", "glmx"}
+    want = alone(model, prompt, max_new_tokens=6)
+    assert choice["glmx"]["text"] == want.text
+    assert [s["token_ids"] for s in choice["glmx"]["spans"]] == [s.token_ids for s in want.spans]
+    assert choice["text"] == "".join(s.text for s in want.spans)
+    assert choice["finish_reason"] == ("length" if any(s.stop == "length" for s in want.spans) else "stop")
+    usage = body["usage"]
+    assert usage["completion_tokens"] == sum(len(s.token_ids) for s in want.spans)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_suffix_echo_lists_and_continuation(client, model):
+    r = client.post("/v1/completions", json={"prompt": "The capital of France is", "suffix": ". It is big.",
+                                             "max_tokens": 5, "echo": True}).json()
+    want = alone(model, "The capital of France is[MASK]. It is big.", max_new_tokens=5)
+    assert r["choices"][0]["text"] == want.text  # echo: the filled text
+    r = client.post("/v1/completions", json={"prompt": ["Once upon a time", "Water boils at [MASK] degrees."],
+                                             "max_tokens": 4}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    cont = alone(model, "Once upon a time", max_new_tokens=4, append_gmask=True)  # no blank: continued
+    assert r["choices"][0]["glmx"]["text"] == cont.text
+    assert r["choices"][1]["glmx"]["text"] == alone(model, "Water boils at [MASK] degrees.", max_new_tokens=4).text
+
+
+def test_seeded_sampling_equals_one_by_one(client, model):
+    prompt = "She said that [MASK] would come."
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0.8, "seed": 11,
+                                             "glmx": {"top_k": 40}}).json()
+    want = alone(model, prompt, max_new_tokens=6, strategy="sample", temperature=0.8, seed=11, top_k=40)
+    assert r["choices"][0]["glmx"]["text"] == want.text
+
+
+def test_completion_stream(client, model):
+    prompt = "Once upon a time [gMASK]"
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "stream": True})
+    events = sse_events(r)
+    want = alone(model, prompt, max_new_tokens=6)
+    tokens = [e["choices"][0]["glmx"]["token_id"] for e in events if "token_id" in e["choices"][0].get("glmx", {})]
+    assert tokens == want.spans[0].token_ids
+    assert "".join(e["choices"][0]["text"] for e in events) == want.spans[0].text
+    last = events[-1]["choices"][0]
+    assert last["finish_reason"] in ("stop", "length") and last["glmx"]["text"] == want.text
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+
+
+def test_fill_route_json_and_stream(client, model):
+    prompt = "The [sMASK] was very good."
+    body = {"prompt": prompt, "max_new_tokens": 5, "strategy": "beam", "num_beams": 2}
+    r = client.post("/v1/fill", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = alone(model, prompt, max_new_tokens=5, strategy="beam", num_beams=2)
+    assert set(got) == {"prompt", "text", "spans", "tokens", "timings"}  # glmx fill --json's keys
+    assert got["prompt"] == prompt and got["tokens"] == want.tokens and got["text"] == want.text
+    events = sse_events(client.post("/v1/fill", json={**body, "stream": True}))
+    assert [e["kind"] for e in events][-2:] == ["span", "result"]
+    assert events[-1]["tokens"] == want.tokens
+
+
+@pytest.mark.parametrize("route,body,message", [
+    ("/v1/completions", {"prompt": "a [MASK]", "n": 2}, "n=2 is not supported"),
+    ("/v1/completions", {"prompt": "a [MASK]", "logprobs": 1}, "logprobs=1 is not supported"),
+    ("/v1/completions", {"prompt": "a [MASK]", "best_of": 3}, "best_of=3"),
+    ("/v1/completions", {"prompt": "a [MASK]", "stop": ["\n"]}, "stop="),
+    ("/v1/completions", {"prompt": "a [MASK]", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "a [MASK]", "temprature": 0.5}, "unknown field 'temprature'"),
+    ("/v1/completions", {"prompt": "a [MASK]", "seed": 3}, "seed applies to sampling"),
+    ("/v1/completions", {"prompt": "a [MASK]", "echo": True, "stream": True}, "echo with stream"),
+    ("/v1/completions", {"prompt": 3}, '"prompt" must be a string'),
+    ("/v1/completions", {"prompt": "a [MASK]", "max_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "word " * 600 + "[MASK]"}, "too long for the model"),
+    ("/v1/fill", {"prompt": "no blank here"}, "no blank to fill"),
+    ("/v1/fill", {"prompt": "a [MASK]", "num_beams": 2}, "--num-beams applies to --strategy beam"),
+    ("/v1/fill", {"prompt": "a [MASK]", "temp": 2}, "unknown field 'temp'"),
+    ("/v1/fill", {"text": "a [MASK]"}, "unknown field 'text'"),
+])
+def test_bad_requests_answer_400_with_glmx_message(client, route, body, message):
+    r = client.post(route, json=body)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_not_json_404s_and_models(client):
+    r = client.post("/v1/fill", content=b"{not json")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    assert client.get("/v1/nothing").status_code == 404
+    r = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "a [MASK]"})
+    assert r.status_code == 404 and "tiny" in r.json()["error"]["message"]
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["glmx"]["max_sequence_length"] == 512
+
+
+def test_every_metric_is_exported(client):
+    client.post("/v1/completions", json={"prompt": "a [MASK]", "max_tokens": 3})
+    text = client.get("/metrics").text
+    for name in METRIC_NAMES:
+        assert f"\n{name}" in "\n" + text or text.startswith(name), name
+    finished = [line for line in text.splitlines() if line.startswith('glmx:requests_total{outcome="finished"}')]
+    assert float(finished[0].split()[-1]) >= 1
+    assert 'glmx:requests_total{outcome="invalid"}' in text
+
+
+class Slow:
+    """The bundled session, slowed per call, so a request stays running while the test looks."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, feeds):
+        time.sleep(self.delay)
+        return self.inner.run(feeds)
+
+
+def test_full_server_answers_429_with_retry_after(model):
+    session, tok = model
+    client = started(create_app(lambda: (Slow(session, 0.02), tok), rows=1, max_waiting=0))
+    try:
+        holder = threading.Thread(target=client.post, args=("/v1/completions",),
+                                  kwargs={"json": {"prompt": "Once upon a time", "max_tokens": 60}})
+        holder.start()
+        wait_until(lambda: client.get("/health").json()["running"] == 1, "one running request")
+        r = client.post("/v1/completions", json={"prompt": "a [MASK]", "max_tokens": 3})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "busy" in r.json()["error"]["message"]
+        holder.join(WAIT_S)
+        assert 'glmx:requests_total{outcome="rejected"} 1.0' in client.get("/metrics").text
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_503_while_loading_and_after_a_failed_load(model):
+    release = threading.Event()
+
+    def load():
+        release.wait(WAIT_S)
+        return model
+
+    client = TestClient(create_app(load))
+    with client:
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/completions", json={"prompt": "a [MASK]"})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        release.set()
+        wait_until(lambda: client.get("/health").status_code == 200, "loaded")
+
+    def broken():
+        raise FileNotFoundError("no model.onnx here")
+
+    with TestClient(create_app(broken)) as client:
+        wait_until(lambda: client.get("/health").json()["status"] == "error", "load failed")
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/fill", json={"prompt": "a [MASK]"})
+        assert r.status_code == 503 and "no model.onnx here" in r.json()["error"]["message"]
+
+
+def test_503_after_the_engine_died(model):
+    session, tok = model
+
+    class Dying(Slow):
+        def run(self, feeds):
+            if feeds["input_ids"].shape[1] == 1:
+                raise RuntimeError("device lost")
+            return self.inner.run(feeds)
+
+    client = started(create_app(lambda: (Dying(session, 0), tok)))
+    try:
+        r = client.post("/v1/fill", json={"prompt": "a [MASK]"})
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503
+        assert client.post("/v1/fill", json={"prompt": "a [MASK]"}).status_code == 503
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_api_key(model):
+    with TestClient(create_app(lambda: model, api_key="s3cret")) as client:
+        wait_until(lambda: client.get("/health").status_code == 200, "loaded")
+        assert client.post("/v1/fill", json={"prompt": "a [MASK]"}).status_code == 401
+        ok = client.post("/v1/fill", json={"prompt": "a [MASK]", "max_new_tokens": 2},
+                         headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
