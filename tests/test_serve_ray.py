@@ -1,0 +1,62 @@
+"""glmx on Ray Serve: a local Ray instance on 127.0.0.1, two replicas of the glmx serve app, concurrent requests
+each answered as one-by-one, everything shut down at the end (about 15 s, most of it Ray starting)."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.request
+
+import pytest
+
+from glm_runtime.generate import fill_blanks
+from glm_runtime.serve import ServeError
+from glm_runtime.session import open_model
+
+PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
+           "The [sMASK] was very good.", "Water boils at [MASK] degrees."]
+
+
+def test_build_refuses_unknown_arguments():
+    from glm_runtime.serve_ray import build
+    with pytest.raises(ServeError, match="unknown argument 'replicas'"):
+        build({"replicas": "2"})
+    with pytest.raises(ServeError, match="bad argument value"):
+        build({"rows": "many"})
+
+
+def test_two_replicas_answer_as_one_by_one():
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    pytest.importorskip("starlette")
+    from glm_runtime.serve_ray import deployment
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(num_replicas=2, rows=4), name="glmx", route_prefix="/")
+        status = serve.status().applications["glmx"].deployments["glmx"]
+        assert status.replica_states == {"RUNNING": 2}
+        replies: dict[int, dict] = {}
+
+        def ask(i):
+            body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 3 + i % 4}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/fill", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                replies[i] = json.loads(response.read())
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        session, tok = open_model(None, "onnxruntime")
+        for i in range(16):
+            (alone,) = fill_blanks(session, tok, [PROMPTS[i % len(PROMPTS)]], max_new_tokens=3 + i % 4)
+            assert replies[i]["tokens"] == alone.tokens
+    finally:
+        serve.shutdown()
+        ray.shutdown()
