@@ -558,3 +558,35 @@ def test_cloze_scoring_runs_on_an_engine_in_one_call_or_in_single_token_steps(st
         assert [c.total for c in a] == pytest.approx([c.total for c in w], abs=1e-4)
         assert [c.total for c in b] == pytest.approx([c.total for c in w], abs=1e-4)
     trt.close()
+
+
+def test_the_serving_engine_runs_on_an_engine_within_its_profiles(stand_in, tmp_path):
+    """runtime/engine.py on the TensorRT session (device cache, every row fed): staggered requests give ONNX
+    Runtime's one-by-one tokens; more rows than the profile's batch, or a request past its max past, are refused."""
+    from glm_runtime.engine import Engine, EngineError
+    from glm_runtime.generate import fill_blanks
+    from glm_runtime.sampling import GenerationError
+    from glm_runtime.session import open_session
+    from tests.fill_fixtures import make_tokenizer
+    onnx, engine, _ = stand_in
+    tok = make_tokenizer(tmp_path / "tokenizer.json")
+    trt, ref = open_session(engine, "tensorrt"), open_session(onnx, "onnxruntime")
+    with pytest.raises(EngineError, match="max batch 4"):
+        Engine(trt, tok, rows=5)
+    served = Engine(trt, tok, rows=3)
+    assert not served.cache.sliceable
+    prompts = ["the quick [MASK] fox", "a stitch [MASK] nine", "all [MASK] is [MASK] gold", "where there [MASK]",
+               "[MASK] over the lazy dog"]
+    requests = []
+    for step in range(200):
+        if step % 2 == 0 and len(requests) < len(prompts):
+            requests.append(served.submit(prompts[len(requests)], max_new_tokens=4))
+        if not served.has_work() and len(requests) == len(prompts):
+            break
+        served.step()
+    for prompt, request in zip(prompts, requests):
+        (alone,) = fill_blanks(ref, tok, [prompt], max_new_tokens=4)
+        assert request.result.tokens == alone.tokens
+    with pytest.raises(GenerationError, match="TensorRT engine was built for at most 48"):
+        served.submit("the quick brown fox jumps over the lazy dog " * 3 + "[MASK]", max_new_tokens=16)
+    trt.close()
