@@ -3,6 +3,8 @@ give exactly their one-by-one answers (greedy and seeded sampling), rows stay pa
 others unchanged, the queue limit and too-long prompts give their errors. Every loop is bounded in steps."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -189,3 +191,23 @@ def test_failure_ends_every_request(model):
     victims = engine.fail_all("the session died")
     assert set(victims) == set(requests) and all(r.state == "failed" for r in requests)
     assert not engine.has_work() and np.all(engine.cache.filled == 0)
+
+
+def test_cli_jsonl_fills_every_good_line_and_names_the_bad_one(model, tmp_path):
+    """glmx fill --jsonl on the engine: the good lines print in input order, equal to one by one; a bad line is
+    named with its line number and the exit status is 1, without losing the others."""
+    from click.testing import CliRunner
+
+    from glm_runtime.cli import main
+    session, tok = model
+    lines = [{"prompt": PROMPTS[0]}, {"prompt": "no blank here"}, PROMPTS[1], {"prompt": PROMPTS[3], "max_new_tokens": 3}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["fill", "--jsonl", str(path), "--json", "--max-new-tokens", str(N),
+                                       "--rows", "2"])
+    assert result.exit_code == 1
+    out = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    want = [alone(session, tok, PROMPTS[0], max_new_tokens=N), alone(session, tok, PROMPTS[1], max_new_tokens=N),
+            alone(session, tok, PROMPTS[3], max_new_tokens=3)]
+    assert [o["tokens"] for o in out] == [w.tokens for w in want]
+    assert result.output.splitlines()[-1].startswith(f"Error: {path} line 2: the text has no blank to fill")

@@ -122,4 +122,28 @@ print(any(m.split(".")[0] in ("torch", "glm_export") for m in sys.modules))
 """)
     assert proc.returncode == 0, proc.stderr
     names, leaked = proc.stdout.splitlines()
-    assert names == str(["classify", "config", "fill", "score"]) and leaked == "False"
+    assert names == str(["classify", "config", "fill", "score", "serve"]) and leaked == "False"
+
+
+def test_the_server_never_imports_torch():
+    """glmx serve's app on the bundled model answers a fill and a completion with torch blocked; neither torch nor
+    glm_export is imported (Ray Serve's wrapper imports the same app)."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("httpx")
+    proc = _python("""
+import time
+from starlette.testclient import TestClient
+from glm_runtime.serve import create_app
+from glm_runtime.session import open_model
+with TestClient(create_app(lambda: open_model(None))) as client:
+    for _ in range(300):
+        if client.get("/health").status_code == 200:
+            break
+        time.sleep(0.05)
+    a = client.post("/v1/fill", json={"prompt": "a [MASK] b", "max_new_tokens": 3}).status_code
+    b = client.post("/v1/completions", json={"prompt": "a [MASK] b", "max_tokens": 3}).status_code
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "glm_export"))
+print(a, b, leaked)
+""")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["200", "200", "[]"]

@@ -1,0 +1,223 @@
+"""What continuous batching buys: throughput and latency of the engine and of a real `glmx serve`, against
+running the same requests one by one, measured interleaved in one process, several rounds, medians.
+
+    python -m benchmarks.serve [--model DIR ...] [--requests 32] [--rows 8] [--max-new-tokens 16] [--rounds 3]
+
+Per model: (1) engine level, no HTTP: the requests one by one (fill_blanks([p]) each) vs all submitted to one
+Engine(rows) at once; (2) for the bundled model also HTTP level: a `glmx serve --rows R` subprocess driven by 1
+client vs R concurrent clients, the same requests. Records requests/s, new tokens/s, mean decode batch, p50/p95
+latency, and the CPU flags. Writes benchmarks/results/serve.{json,md} (or --out DIR). Nothing else may share
+the cores while it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from glm_runtime.engine import Engine
+from glm_runtime.generate import fill_blanks
+from glm_runtime.session import open_model
+
+PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
+           "Once upon a time [gMASK]", "The [sMASK] was very good.", "[MASK] is the best way to learn.",
+           "She said that [MASK] would come [MASK] the [MASK].", "Water boils at [MASK] degrees.",
+           "A long time ago, in a small village near the sea, there lived an old fisherman who [sMASK]"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_flags() -> dict:
+    flags = []
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Flags:"):
+                flags = [f for f in line.split()[1:] if f.startswith(("avx", "amx", "fma", "f16c"))]
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        name = platform.processor()
+    return {"cpu": locals().get("name", ""), "flags": flags}
+
+
+def one_by_one(session, tok, prompts, budget):
+    t0 = time.perf_counter()
+    results = [fill_blanks(session, tok, [p], max_new_tokens=budget)[0] for p in prompts]
+    wall = time.perf_counter() - t0
+    latencies = [r.timings["total_s"] for r in results]  # each starts when the previous ended: its own time
+    waited = [sum(latencies[:i + 1]) for i in range(len(latencies))]  # what a client queued behind others saw
+    return wall, results, waited, 1.0  # one row per decode call
+
+
+def batched(session, tok, prompts, budget, rows):
+    engine = Engine(session, tok, rows=rows)
+    t0 = time.perf_counter()
+    requests = [engine.submit(p, max_new_tokens=budget) for p in prompts]
+    engine.run_until_done(100000)
+    wall = time.perf_counter() - t0
+    latencies = [r.finished_at - r.submitted_at for r in requests]
+    return wall, [r.result for r in requests], latencies, engine.decode_rows / max(engine.steps, 1)
+
+
+def summary(wall, results, latencies, mean_batch, count):
+    tokens = sum(len(s.token_ids) for r in results for s in r.spans)
+    return {"wall_s": wall, "requests_per_s": count / wall, "new_tokens_per_s": tokens / wall,
+            "new_tokens": tokens, "mean_decode_batch": mean_batch,
+            "latency_p50_s": statistics.median(latencies),
+            "latency_p95_s": sorted(latencies)[max(int(0.95 * len(latencies)) - 1, 0)]}
+
+
+def engine_level(model, prompts, budget, rows, rounds):
+    session, tok = open_model(model)
+    fill_blanks(session, tok, prompts[:2], max_new_tokens=2)  # warm-up
+    runs = {"one_by_one": [], "engine": []}
+    same = True
+    for _ in range(rounds):  # interleaved
+        a = one_by_one(session, tok, prompts, budget)
+        b = batched(session, tok, prompts, budget, rows)
+        same &= [r.tokens for r in a[1]] == [r.tokens for r in b[1]]
+        runs["one_by_one"].append(summary(*a, len(prompts)))
+        runs["engine"].append(summary(*b, len(prompts)))
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    return {"answers_equal": same, "median": med,
+            "throughput_ratio": med["engine"]["requests_per_s"] / med["one_by_one"]["requests_per_s"],
+            "rounds": runs}
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_level(model, prompts, budget, rows, rounds):
+    port = _free_port()
+    cmd = [sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port", str(port),
+           "--rows", str(rows), "--max-waiting", str(4 * len(prompts))]
+    if model:
+        cmd += ["--model", str(model)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())[
+                        "status"] == "ok":
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+        def ask(prompt):
+            body = json.dumps({"prompt": prompt, "max_new_tokens": budget}).encode()
+            t0 = time.perf_counter()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/fill", body, {"Content-Type": "application/json"})
+            reply = json.loads(urllib.request.urlopen(req, timeout=600).read())
+            return time.perf_counter() - t0, sum(len(s["token_ids"]) for s in reply["spans"])
+
+        def drive(clients):
+            latencies, tokens, lock = [], [0], threading.Lock()
+            queue = list(prompts)
+
+            def worker():
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        prompt = queue.pop(0)
+                    dt, n = ask(prompt)
+                    with lock:
+                        latencies.append(dt)
+                        tokens[0] += n
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=worker) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            return {"clients": clients, "wall_s": wall, "requests_per_s": len(prompts) / wall,
+                    "new_tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(latencies),
+                    "latency_p95_s": sorted(latencies)[max(int(0.95 * len(latencies)) - 1, 0)]}
+
+        ask(prompts[0])  # warm-up
+        runs = {"1_client": [], f"{rows}_clients": []}
+        for _ in range(rounds):
+            runs["1_client"].append(drive(1))
+            runs[f"{rows}_clients"].append(drive(rows))
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("glmx:decode_batch_rows_")}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    return {"median": med, "throughput_ratio": med[f"{rows}_clients"]["requests_per_s"] /
+            med["1_client"]["requests_per_s"],
+            "server_mean_decode_batch": values.get("glmx:decode_batch_rows_sum", 0) /
+            max(values.get("glmx:decode_batch_rows_count", 1), 1), "rounds": runs}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", default=None,
+                        help="exported folder (repeat); default: the bundled model")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
+    record = {"command": "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": cpu_flags(), "requests": args.requests,
+              "rows": args.rows, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "models": {}}
+    for model in args.model or [None]:
+        name = "bundled" if model is None else Path(model).name
+        print(f"{name}: engine level ...", flush=True)
+        entry = {"engine": engine_level(model, prompts, args.max_new_tokens, args.rows, args.rounds)}
+        if model is None:
+            print(f"{name}: HTTP level ...", flush=True)
+            entry["http"] = http_level(model, prompts, args.max_new_tokens, args.rows, args.rounds)
+        record["models"][name] = entry
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["# Continuous batching: throughput against one by one", "",
+             f"`{record['command']}` on {record['date']}; CPU {record['machine']['cpu']} "
+             f"({' '.join(record['machine']['flags'])}); {args.requests} requests (mixed blanks), "
+             f"max_new_tokens {args.max_new_tokens}, rows {args.rows}, median of {args.rounds} interleaved rounds.",
+             "", "| model | path | requests/s | new tokens/s | mean decode batch | p50 / p95 latency s | ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, entry in record["models"].items():
+        e = entry["engine"]["median"]
+        for path, key in (("one by one (`fill_blanks([p])` each)", "one_by_one"),
+                          (f"engine, rows {args.rows}, all submitted", "engine")):
+            m = e[key]
+            ratio = f"{entry['engine']['throughput_ratio']:.2f}x" if key == "engine" else "1.00x"
+            lines.append(f"| {name} | {path} | {m['requests_per_s']:.1f} | {m['new_tokens_per_s']:.0f} | "
+                         f"{m['mean_decode_batch']:.2f} | {m['latency_p50_s']:.3f} / {m['latency_p95_s']:.3f} | "
+                         f"{ratio} |")
+        if "http" in entry:
+            h = entry["http"]["median"]
+            for key, m in h.items():
+                ratio = f"{entry['http']['throughput_ratio']:.2f}x" if key != "1_client" else "1.00x"
+                lines.append(f"| {name} | `glmx serve --rows {args.rows}`, {key.replace('_', ' ')} | "
+                             f"{m['requests_per_s']:.1f} | {m['new_tokens_per_s']:.0f} | "
+                             f"{entry['http']['server_mean_decode_batch']:.2f} (server, all rounds) | "
+                             f"{m['latency_p50_s']:.3f} / {m['latency_p95_s']:.3f} | {ratio} |")
+        lines.append(f"| {name} | answers equal one by one (token ids) | {entry['engine']['answers_equal']} | | | | |")
+    lines += ["", "One by one, a request's latency includes waiting for the ones before it (a client queued behind "
+              "them); the engine's latency is submit to result with every request submitted at t = 0."]
+    (args.out / "serve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
