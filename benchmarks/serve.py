@@ -122,7 +122,14 @@ def http_level(model, prompts, budget, rows, rounds):
             reply = json.loads(urllib.request.urlopen(req, timeout=600).read())
             return time.perf_counter() - t0, sum(len(s["token_ids"]) for s in reply["spans"])
 
+        def batch_rows():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith("glmx:decode_batch_rows_")}
+            return values["glmx:decode_batch_rows_sum"], values["glmx:decode_batch_rows_count"]
+
         def drive(clients):
+            rows0, calls0 = batch_rows()
             latencies, tokens, lock = [], [0], threading.Lock()
             queue = list(prompts)
 
@@ -143,7 +150,8 @@ def http_level(model, prompts, budget, rows, rounds):
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
-            return {"clients": clients, "wall_s": wall, "requests_per_s": len(prompts) / wall,
+            rows1, calls1 = batch_rows()
+            return {"clients": clients, "wall_s": wall, "mean_decode_batch": (rows1 - rows0) / max(calls1 - calls0, 1), "requests_per_s": len(prompts) / wall,
                     "new_tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(latencies),
                     "latency_p95_s": sorted(latencies)[max(int(0.95 * len(latencies)) - 1, 0)]}
 
@@ -152,23 +160,18 @@ def http_level(model, prompts, budget, rows, rounds):
         for _ in range(rounds):
             runs["1_client"].append(drive(1))
             runs[f"{rows}_clients"].append(drive(rows))
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        values = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
-                  if line.startswith("glmx:decode_batch_rows_")}
     finally:
         proc.terminate()
         proc.wait(60)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     return {"median": med, "throughput_ratio": med[f"{rows}_clients"]["requests_per_s"] /
-            med["1_client"]["requests_per_s"],
-            "server_mean_decode_batch": values.get("glmx:decode_batch_rows_sum", 0) /
-            max(values.get("glmx:decode_batch_rows_count", 1), 1), "rounds": runs}
+            med["1_client"]["requests_per_s"], "rounds": runs}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=None,
-                        help="exported folder (repeat); default: the bundled model")
+                        help="exported folder (repeat; 'bundled' = the bundled model, the default)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -179,7 +182,8 @@ def main(argv=None) -> None:
     record = {"command": "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": cpu_flags(), "requests": args.requests,
               "rows": args.rows, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "models": {}}
-    for model in args.model or [None]:
+    for model in args.model or ["bundled"]:
+        model = None if model == "bundled" else model
         name = "bundled" if model is None else Path(model).name
         print(f"{name}: engine level ...", flush=True)
         entry = {"engine": engine_level(model, prompts, args.max_new_tokens, args.rows, args.rounds)}
@@ -210,7 +214,7 @@ def main(argv=None) -> None:
                 ratio = f"{entry['http']['throughput_ratio']:.2f}x" if key != "1_client" else "1.00x"
                 lines.append(f"| {name} | `glmx serve --rows {args.rows}`, {key.replace('_', ' ')} | "
                              f"{m['requests_per_s']:.1f} | {m['new_tokens_per_s']:.0f} | "
-                             f"{entry['http']['server_mean_decode_batch']:.2f} (server, all rounds) | "
+                             f"{m['mean_decode_batch']:.2f} (server's /metrics) | "
                              f"{m['latency_p50_s']:.3f} / {m['latency_p95_s']:.3f} | {ratio} |")
         lines.append(f"| {name} | answers equal one by one (token ids) | {entry['engine']['answers_equal']} | | | | |")
     lines += ["", "One by one, a request's latency includes waiting for the ones before it (a client queued behind "
