@@ -6,8 +6,10 @@ Out: StreamEvents per step (tokens, spans, results); `fill_blanks`, `glmx fill` 
                                           every running row: one decode call, whatever blank / span it is in
                                           finished / cancelled rows free their row at once; rows stay packed
 
-Rows are packed (the running requests are rows 0..m-1), so on a host cache a step feeds only those m rows (a
-view, nothing copied); a device cache (CUDA IO binding, TensorRT) feeds every row, the free ones a dummy.
+On a host cache the rows are packed (the running requests are rows 0..m-1: when one finishes, the last moves
+into its row), so a step feeds only those m rows (a view, nothing copied). A device cache (CUDA IO binding,
+TensorRT) cannot be sliced: it feeds every row, free ones a dummy that is never stored, and rows never move
+(moving one would cost a copy for nothing).
 Each row runs the loop of docs/glm.md 4.1 alone: its own blank, span step, budget and random generator, so a
 request gives the same tokens whoever shares the batch (the rounding of a batched call is the one thing that
 could differ; tests compare token ids). Beam search runs outside the pool: a beam request runs whole, on its
@@ -117,7 +119,7 @@ class Engine:
         self.sop, self.pad = special["sop"], special["pad"]
         self.stops = {special["eop"]: "eop", special["eos"]: "eos"}
         self.cache = new_cache(session, rows, 1)  # grows (geometrically) to what the admitted requests need
-        self.running: list[Request] = []  # running[r] holds cache row r
+        self.slots: list[Optional[Request]] = [None] * rows  # slots[r]: the request holding cache row r
         self._waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -144,7 +146,7 @@ class Engine:
         request = Request(index, prepared, settings, generator, on_event, feed=self.sop,
                           submitted_at=time.perf_counter())
         with self._lock:
-            free = max(self.rows - len(self.running), 0)  # waiting requests that will take a row next step
+            free = self.slots.count(None)  # waiting requests that will take a row at the next step
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting + free:
                 raise QueueFull(f"the server is busy: {len(self.running)} request(s) running on {self.rows} rows "
                                 f"and {len(self._waiting)} waiting (the limit); retry later",
@@ -173,12 +175,17 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def running(self) -> list[Request]:
+        """The requests holding a row, in row order."""
+        return [r for r in self.slots if r is not None]
+
     def has_work(self) -> bool:
         return bool(self.running or self._waiting)
 
     def slots_used(self) -> int:
         """KV slots the running requests hold (the cache's filled positions)."""
-        return int(self.cache.filled[:len(self.running)].sum())
+        return int(sum(self.cache.filled[r] for r, q in enumerate(self.slots) if q is not None))
 
     # ------------------------------------------------------------ one step
 
@@ -212,7 +219,7 @@ class Engine:
         with self._lock:
             victims = list(self.running) + list(self._waiting)
             self._waiting.clear()
-        self.running = []
+        self.slots = [None] * self.rows
         self.cache.free_rows(range(self.cache.batch))
         for request in victims:
             self._end(request, "failed", [], error=message)
@@ -237,9 +244,9 @@ class Engine:
                 self._waiting.remove(request)
         for request in gone:
             self._end(request, request.cancel_requested, events)
-        leaving = [r for r, request in enumerate(self.running) if request.cancel_requested]
+        leaving = [r for r, q in enumerate(self.slots) if q is not None and q.cancel_requested]
         for r in leaving:
-            self._end(self.running[r], self.running[r].cancel_requested, events)
+            self._end(self.slots[r], self.slots[r].cancel_requested, events)
         self._free(leaving)
 
     def _admit(self) -> tuple[list[Request], list[Request]]:
@@ -247,41 +254,41 @@ class Engine:
         admitted, beams = [], []
         with self._lock:
             while self._waiting and (self._waiting[0].settings["strategy"] == "beam"
-                                     or len(self.running) + len(admitted) < self.rows):
+                                     or len(admitted) < self.slots.count(None)):
                 request = self._waiting.popleft()
                 (beams if request.settings["strategy"] == "beam" else admitted).append(request)
         return admitted, beams
 
     def _context_pass(self, admitted: list[Request]) -> None:
         t0 = time.perf_counter()
-        first = len(self.running)
-        rows = list(range(first, first + len(admitted)))
+        rows = [r for r, q in enumerate(self.slots) if q is None][:len(admitted)]  # packed: the rows after the last
         contexts = [r.prompt.ids for r in admitted]
         need = max(len(r.prompt.ids) + len(r.prompt.blanks) * (1 + r.settings["max_new_tokens"]) for r in admitted)
         self.cache.reserve(max(need + 1, int(self.cache.filled.max()) + 1))
         out, _ = run_context(self.session, contexts, self.pad)
         self.cache.load_rows(rows, out, [len(ids) for ids in contexts])
         now = time.perf_counter()
-        for request in admitted:
+        for row, request in zip(rows, admitted):
             request.state, request.admitted_at, request.context_s = "running", now, now - t0
-        self.running += admitted
+            self.slots[row] = request
 
     def _decode(self, events: list[Any]) -> None:
         from glm_runtime.generate import Span, StreamEvent, _assemble, _decode
-        running = self.running
-        m = len(running)
-        width = m if self.cache.sliceable else self.cache.batch
-        tokens = [r.feed for r in running] + [self.pad] * (width - m)
-        mask_pos = [r.mask_pos for r in running] + [0] * (width - m)
-        step = [r.step for r in running] + [-1] * (width - m)  # free rows: a dummy at (0, 0), never stored
-        store = [True] * m + [False] * (width - m)
-        logits = decode_step(self.session, self.cache, tokens, masks.decode_positions(mask_pos, step), store)
+        slots = self.slots
+        occupied = [r for r, q in enumerate(slots) if q is not None]
+        width = occupied[-1] + 1 if self.cache.sliceable else self.cache.batch  # packed: width = running rows
+        live = [slots[r] is not None for r in range(width)]
+        tokens = [slots[r].feed if live[r] else self.pad for r in range(width)]
+        mask_pos = [slots[r].mask_pos if live[r] else 0 for r in range(width)]
+        step = [slots[r].step if live[r] else -1 for r in range(width)]  # free rows: a dummy at (0, 0), not stored
+        logits = decode_step(self.session, self.cache, tokens, masks.decode_positions(mask_pos, step), live)
         self.steps += 1
-        self.decode_rows += m
-        chosen = self._choose(logits, [r for r in range(m) if not running[r].flush])
+        self.decode_rows += len(occupied)
+        chosen = self._choose(logits, [r for r in occupied if not slots[r].flush])
         finished = []
         now = time.perf_counter()
-        for r, request in enumerate(running):
+        for r in occupied:
+            request = slots[r]
             request.decode_calls += 1
             if request.flush:  # the budget-ended span is now wholly in the cache: on to the next blank
                 request.blank, request.flush, request.feed, request.step, request.span = \
@@ -310,7 +317,7 @@ class Engine:
             else:  # budget spent: feed the last token too, so later spans see the whole span (docs/glm.md 4.1)
                 request.feed, request.step, request.flush = token, len(request.span), True
         for r in finished:
-            request = running[r]
+            request = slots[r]
             request.result = _assemble(self.tokenizer, request.prompt, request.spans, self._timings(request))
             request.state, request.finished_at = "finished", time.perf_counter()
             self._emit(request, StreamEvent("result", request.id, text=request.result.text, result=request.result),
@@ -323,7 +330,7 @@ class Engine:
         """The next token of each row in rows: greedy rows at once, sampling rows grouped by their settings."""
         groups: dict[tuple, list[int]] = {}
         for r in rows:
-            s = self.running[r].settings
+            s = self.slots[r].settings
             key = ("greedy",) if s["strategy"] == "greedy" else (s["temperature"], s["top_k"], s["top_p"])
             groups.setdefault(key, []).append(r)
         chosen: dict[int, int] = {}
@@ -331,23 +338,27 @@ class Engine:
             if key == ("greedy",):
                 picked = greedy(logits[members])
             else:
-                picked = sample(logits[members], [self.running[r].generator for r in members], *key)
+                picked = sample(logits[members], [self.slots[r].generator for r in members], *key)
             chosen.update(zip(members, picked.tolist()))
         return chosen
 
     def _free(self, rows: list[int]) -> None:
-        """Free rows and keep the running ones packed: a running row from the end moves into each hole."""
+        """Free rows. On a sliceable (host) cache keep the running rows packed: the last running row moves into
+        each hole, so the next call's width shrinks. A device cache's rows stay where they are."""
         if not rows:
             return
-        leaving, m = set(rows), len(self.running)
-        kept = m - len(leaving)
-        holes = sorted(r for r in leaving if r < kept)
-        movers = [r for r in range(kept, m) if r not in leaving]
+        for r in rows:
+            self.slots[r] = None
+        if not self.cache.sliceable:
+            self.cache.free_rows(rows)
+            return
+        kept = self.rows - self.slots.count(None)
+        holes = [r for r in range(kept) if self.slots[r] is None]
+        movers = [r for r in range(kept, self.rows) if self.slots[r] is not None]
         index = np.arange(self.cache.batch)  # row b of the cache becomes a copy of row index[b]
-        running = list(self.running)
         for hole, mover in zip(holes, movers):
-            index[hole], running[hole] = mover, self.running[mover]
-        self.running = running[:kept]
+            index[hole] = mover
+            self.slots[hole], self.slots[mover] = self.slots[mover], None
         self.cache.reorder(index)
         self.cache.free_rows(range(kept, self.cache.batch))
 
