@@ -219,7 +219,8 @@ def completion_settings(body: dict) -> tuple[list[str], dict, bool, bool]:
     if strategy is None:  # OpenAI's knobs pick the strategy: temperature 0 or none given = greedy
         sampling = (temperature not in (None, 0, 0.0)) or (top_p not in (None, 1, 1.0)) or "top_k" in extra
         strategy = "sample" if sampling else "greedy"
-    settings = {"max_new_tokens": body.get("max_tokens", DEFAULT_MAX_TOKENS), "strategy": strategy,
+    budget = body.get("max_tokens")
+    settings = {"max_new_tokens": DEFAULT_MAX_TOKENS if budget is None else budget, "strategy": strategy,
                 **{k: v for k, v in extra.items() if k != "strategy"}}
     if strategy == "sample":
         settings.update(temperature=temperature if temperature not in (None,) else None, top_p=top_p,
@@ -229,7 +230,7 @@ def completion_settings(body: dict) -> tuple[list[str], dict, bool, bool]:
                            ("seed", body.get("seed"))):
             if value is not None:
                 raise BadRequest(f"{key} applies to sampling, not {strategy}; drop it or set temperature > 0")
-    echo, stream = body.get("echo", False), body.get("stream", False)
+    echo, stream = bool(body.get("echo") or False), body.get("stream") or False
     if not isinstance(echo, bool) or not isinstance(stream, bool):
         raise BadRequest('"echo" and "stream" must be true or false')
     if echo and stream:
@@ -316,7 +317,8 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
             raise BadRequest("the body must be a JSON object")
         return body
 
-    def submit_all(loop: EngineLoop, prompts: list[str], settings: dict) -> tuple[list[Any], asyncio.Queue]:
+    def submit_all(loop: EngineLoop, prompts: list[str], settings: dict,
+                   route: str) -> tuple[list[Any], asyncio.Queue]:
         """Submit every prompt of one HTTP request onto one queue; all or none (a refusal cancels the rest)."""
         queue: asyncio.Queue = asyncio.Queue()
         aio = asyncio.get_running_loop()
@@ -335,7 +337,10 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
             for r in requests:
                 loop.cancel(r)
             metrics.requests.labels("invalid").inc()
-            raise BadRequest(" ".join(str(exc).split())) from None
+            message = " ".join(str(exc).split())
+            if route == "completions":  # say it in the route's own field names
+                message = message.replace("max_new_tokens", "max_tokens")
+            raise BadRequest(message) from None
         return requests, queue
 
     async def events_of(loop: EngineLoop, requests: list[Any], queue: asyncio.Queue, http: Request):
@@ -343,8 +348,13 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
         deadline passes (then raises BadRequest 504)."""
         deadline = time.monotonic() + timeout
         open_ids = {r.id for r in requests}
+        checked = time.monotonic()
         try:
             while open_ids:
+                if time.monotonic() - checked > 0.25:  # a hang-up is noticed within ~0.25 s, busy or not
+                    checked = time.monotonic()
+                    if await http.is_disconnected():
+                        return
                 left = deadline - time.monotonic()
                 if left <= 0:
                     for r in requests:
@@ -353,8 +363,6 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
                 try:
                     event = await asyncio.wait_for(queue.get(), min(left, 0.5))
                 except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
                     continue
                 if event.kind in ("result", "cancelled", "timeout", "failed"):
                     open_ids.discard(event.prompt)
@@ -383,7 +391,7 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
             else:
                 prompt, settings, stream = fill_settings(body)
                 prompts, echo = [prompt], False
-            requests, queue = submit_all(loop, prompts, settings)
+            requests, queue = submit_all(loop, prompts, settings, route)
         except BadRequest as exc:
             return error(str(exc), exc.status, exc.kind, exc.headers)
         created, cid = int(time.time()), f"cmpl-{requests[0].id}"

@@ -140,7 +140,7 @@ def test_fill_route_json_and_stream(client, model):
     ("/v1/completions", {"prompt": "a [MASK]", "seed": 3}, "seed applies to sampling"),
     ("/v1/completions", {"prompt": "a [MASK]", "echo": True, "stream": True}, "echo with stream"),
     ("/v1/completions", {"prompt": 3}, '"prompt" must be a string'),
-    ("/v1/completions", {"prompt": "a [MASK]", "max_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ("/v1/completions", {"prompt": "a [MASK]", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ("/v1/completions", {"prompt": "word " * 600 + "[MASK]"}, "too long for the model"),
     ("/v1/fill", {"prompt": "no blank here"}, "no blank to fill"),
     ("/v1/fill", {"prompt": "a [MASK]", "num_beams": 2}, "--num-beams applies to --strategy beam"),

@@ -154,20 +154,28 @@ def _completion_tokens(tok, prompt, spans):
     return ids
 
 
-def test_a_client_that_hangs_up_frees_its_row(server):
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting-for-json"])
+def test_a_client_that_hangs_up_frees_its_row(server, stream):
+    # a seeded sample that runs its whole 400-token budget here (about 1 s): the client leaves while it runs
     port, _ = server
     before = metric(port, 'glmx:requests_total{outcome="cancelled"}')
+    finished = metric(port, 'glmx:requests_total{outcome="finished"}')
+    body = {"prompt": "Once upon a time [gMASK]", "max_new_tokens": 400, "strategy": "sample", "temperature": 1.5,
+            "seed": 2, "stream": stream}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_S)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 400,
-                                                        "stream": True}), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.readline().startswith(b"data: ")  # the request is running
+    conn.request("POST", "/v1/fill", json.dumps(body), {"Content-Type": "application/json"})
+    if stream:
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # the request is running
+    else:
+        wait_until(lambda: json.loads(get(port, "/health"))["running"] == 1, "running", REQUEST_S)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     wait_until(lambda: metric(port, 'glmx:requests_total{outcome="cancelled"}') == before + 1, "cancelled",
                REQUEST_S)
     wait_until(lambda: json.loads(get(port, "/health"))["running"] == 0, "row freed", REQUEST_S)
+    assert metric(port, 'glmx:requests_total{outcome="finished"}') == finished  # it stopped before its end
 
 
 def test_sigterm_drains_then_exits(server):
