@@ -255,3 +255,15 @@ def test_api_key(model):
         ok = client.post("/v1/fill", json={"prompt": "a [MASK]", "max_new_tokens": 2},
                          headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
+
+
+def test_timeout_answers_504_and_frees_the_row(model):
+    session, tok = model
+    client = started(create_app(lambda: (Slow(session, 0.02), tok), timeout=0.3))
+    try:
+        r = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 200})
+        assert r.status_code == 504 and "--timeout 0.3 s" in r.json()["error"]["message"]
+        wait_until(lambda: 'glmx:requests_total{outcome="timeout"} 1.0' in client.get("/metrics").text, "counted")
+        assert client.get("/health").json()["running"] == 0
+    finally:
+        client.__exit__(None, None, None)
