@@ -294,9 +294,13 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 @click.option("--block-size", type=int, default=None, help="int4/int8-weight: weights per scale [default: 32]")
 @click.option("--accuracy-level", type=int, default=None,
               help="int4/int8-weight: MatMulNBits compute level (4 = int8 products) [default: 4]")
+@click.option("--head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="int4/int8-weight: bits of the quantized output head [default: 8]")
+@click.option("--head-block-size", type=int, default=None,
+              help="int4/int8-weight: weights per scale in the head [default: 32]")
 @click.option("--keep-fp32", multiple=True, default=None,
               help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
-                   "option [default: embedding, head; int8-dynamic and qdq-int8 also first-layer]")
+                   "option [default: embedding; int8-dynamic and qdq-int8 also head and first-layer]")
 @click.option("--accept-loss", is_flag=True, help="write the artifact even if it misses its accuracy budget")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
@@ -307,8 +311,9 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     from glm_export.quantize import QuantizeError, quantize_onnx
     from glm_runtime.manifest import ManifestError, load_manifest
     try:
+        head_bits = None if kwargs["head_bits"] is None else int(kwargs["head_bits"])
         out = quantize_onnx(src_dir, out_dir, log=lambda msg: click.echo(msg, err=True),
-                            **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None))
+                            **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None, head_bits=head_bits))
     except (QuantizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
         raise GLMXError(str(exc)) from None
     acc = load_manifest(out).parity["text"]

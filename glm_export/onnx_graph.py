@@ -31,35 +31,43 @@ class NBits:
     """MatMul weights stored as ONNX Runtime's MatMulNBits: `bits` (4 or 8) symmetric blocks of `block_size`
     along K, quantized by ONNX Runtime's own C++ routine (quantize_matmul_4bits / _8bits, the one its
     MatMulNBitsQuantizer calls), so the packing is exactly what the kernel reads. `keep(prefix)`: leave that
-    linear as a float MatMul. `head`: the tied head as a MatMulNBits of the table's transposed copy."""
+    linear as a float MatMul. `head`: the tied head as a MatMulNBits of the table's transposed copy, in its own
+    format (head_bits, head_block_size; default: the layers' own)."""
 
     def __init__(self, bits: int, block_size: int, accuracy_level: int, keep: Callable[[str], bool],
-                 head: bool = False):
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
+                 head: bool = False, head_bits: int | None = None, head_block_size: int | None = None):
+        for value in (bits, head_bits):
+            if value is not None and value not in (4, 8):
+                raise ValueError(f"bits must be 4 or 8, got {value}")
         self.bits, self.block_size, self.accuracy_level, self.keep, self.head = bits, block_size, accuracy_level, \
             keep, head
+        self.head_bits = bits if head_bits is None else head_bits
+        self.head_block_size = block_size if head_block_size is None else head_block_size
 
-    def pack(self, w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def pack(self, w_kn: np.ndarray, bits: int | None = None,
+             block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[K, N] float -> (packed uint8 [N, K/block, block*bits/8], scales float32 [N * K/block])."""
         from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+        bits, block_size = bits or self.bits, block_size or self.block_size
         K, N = w_kn.shape
-        blocks = -(-K // self.block_size)
-        w = np.zeros((blocks * self.block_size, N), dtype=np.float32)
+        blocks = -(-K // block_size)
+        w = np.zeros((blocks * block_size, N), dtype=np.float32)
         w[:K] = w_kn
-        packed = np.zeros((N, blocks, self.block_size * self.bits // 8), dtype=np.uint8)
+        packed = np.zeros((N, blocks, block_size * bits // 8), dtype=np.uint8)
         scales = np.zeros((N, blocks), dtype=np.float32)
-        zero_points = np.zeros((N, -(-blocks * self.bits // 8)), dtype=np.uint8)  # unused: symmetric
-        quantize = quantize_matmul_4bits if self.bits == 4 else quantize_matmul_8bits
-        quantize(packed, w, scales, zero_points, self.block_size, N, w.shape[0], True)
+        zero_points = np.zeros((N, -(-blocks * bits // 8)), dtype=np.uint8)  # unused: symmetric
+        quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+        quantize(packed, w, scales, zero_points, block_size, N, w.shape[0], True)
         return packed, scales.reshape(-1)
 
-    def matmul(self, b: "GraphBuilder", x: str, w_kn: np.ndarray, name: str, node: str) -> str:
+    def matmul(self, b: "GraphBuilder", x: str, w_kn: np.ndarray, name: str, node: str, bits: int | None = None,
+               block_size: int | None = None) -> str:
+        bits, block_size = bits or self.bits, block_size or self.block_size
         K, N = w_kn.shape
-        packed, scales = self.pack(w_kn)
-        q = b.weight(f"{name}.Q{self.bits}", packed)
+        packed, scales = self.pack(w_kn, bits, block_size)
+        q = b.weight(f"{name}.Q{bits}", packed)
         sc = b.weight(f"{name}.scales", scales)
-        attrs = {"K": K, "N": N, "bits": self.bits, "block_size": self.block_size}
+        attrs = {"K": K, "N": N, "bits": bits, "block_size": block_size}
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
         b.contrib = True
@@ -283,7 +291,9 @@ def lm_head(b: GraphBuilder, y: str, table: str, vocab: int, hidden: int,
     y = b.op("Slice", [y, LOGITS_START, b.const("end", [INT64_MAX]), b.const("axis1", [1])], "/lm_head/rows")
     if b.nbits is not None and b.nbits.head:  # an untied, quantized copy of the table: [B,T',h] -> [B,T',V]
         w_kn = np.asarray(W["word_embeddings.weight"], dtype=np.float32).T  # [h, V]
-        logits = b.nbits.matmul(b, y, w_kn, "lm_head.weight.T", f"/lm_head/MatMul_Q{b.nbits.bits}")
+        nb = b.nbits
+        logits = nb.matmul(b, y, w_kn, "lm_head.weight.T", f"/lm_head/MatMul_Q{nb.head_bits}", bits=nb.head_bits,
+                           block_size=nb.head_block_size)
         return b.op("Identity", [logits], "/lm_head/logits", outputs=["logits"])
     flat = b.op("Reshape", [b.to_weight_dtype(y, "/lm_head"), b.const("flat", [-1, hidden])], "/lm_head/flatten")
     scores = b.op("Gemm", [flat, table], "/lm_head/Gemm", transB=1)

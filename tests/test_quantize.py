@@ -84,11 +84,24 @@ def test_graphs_quantize_what_they_say(children):
     assert "MatMulInteger" in ops["int8-dynamic"] and "MatMulNBits" in ops["int4-weight"]
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops["qdq-int8"]
     assert "Cast" in ops["fp16"]
-    for scheme in ("int8-dynamic", "int4-weight", "qdq-int8"):  # default: tied head stays the fp32 Gemm
+    for scheme in ("int8-dynamic", "qdq-int8"):  # default: tied head stays the fp32 Gemm
         model = onnx.load(children[scheme] / "model.onnx")
         head = head_node(model)
         assert head.op_type == "Gemm" and head.input[1] == "word_embeddings.weight"
         assert not [t.name for t in model.graph.initializer if "Transposed" in t.name or t.name.endswith(".weight.T.T")]
+    # int4-weight's default head: 8-bit blocks of 32 (an untied copy); the Gather keeps the fp32 table
+    model = onnx.load(children["int4-weight"] / "model.onnx")
+    head = head_node(model)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
+    assert head.op_type == "MatMulNBits" and (attrs["bits"], attrs["block_size"]) == (8, 32)
+    layer_bits = {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+                  and n is not head for a in n.attribute if a.name == "bits"}
+    assert layer_bits == {4}
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and "word_embeddings" in n.input[0])
+    table = next(t for t in model.graph.initializer if t.name == gather.input[0])
+    assert table.data_type == onnx.TensorProto.FLOAT
+    quant = load_manifest(children["int4-weight"]).extra["quantization"]
+    assert quant["head"] == {"bits": 8, "block_size": 32} and quant["keep_fp32"] == ["embedding"]
 
 
 def test_qdq_is_symmetric_per_channel_and_spares_attention(children):
