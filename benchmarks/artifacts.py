@@ -27,6 +27,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "ort-fused-int8-head": ("onnxruntime", "optimized/int8-dynamic+head"),  # the same, of the optimized graph
     "ort-qdq-int8": ("onnxruntime", "qdq-int8"),
     "ort-int4": ("onnxruntime", "int4-weight"),
+    "ort-int8-weight": ("onnxruntime", "int8-weight"),
     "tensorrt-fp16": ("tensorrt", "engine"),
 }
 REFERENCE = "torch-fp32"

@@ -26,5 +26,5 @@ rm -rf "$OUT/bin" && mv "$OUT/bin.partial" "$OUT/bin"   # whole or not at all
 { echo "llama-cpp-python $VERSION"; echo "llama.cpp commit $COMMIT (from its CHANGELOG)"
   echo "cmake: Release, GGML_NATIVE=ON, static, llama-bench + llama-quantize only"
   echo "compiler: $(c++ --version | head -1)"; echo "built: $(date -u +%FT%TZ) on $(uname -m)"
-  grep -m1 '^Flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|amx|fma|f16c)' | tr '\n' ' '; echo; } > "$OUT/BUILD_INFO"
+  echo "cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|amx|fma|f16c)' | tr '\n' ' ')"; } > "$OUT/BUILD_INFO"
 echo "$OUT/bin"

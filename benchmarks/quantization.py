@@ -35,9 +35,18 @@ COMMANDS = [
     ("qdq-int8-head", "quantize $MODEL -o $OUT/qdq-int8-head --scheme qdq-int8 --keep-fp32 embedding "
                       "--keep-fp32 first-layer"),
     ("int4-weight", "quantize $MODEL -o $OUT/int4-weight --scheme int4-weight"),
-    ("int4-weight-head", "quantize $MODEL -o $OUT/int4-weight-head --scheme int4-weight --keep-fp32 embedding"),
+    ("int4-weight, head fp32", "quantize $MODEL -o $OUT/int4-weight-head-fp32 --scheme int4-weight "
+                               "--keep-fp32 embedding --keep-fp32 head"),
+    ("int4-weight, head 8-bit blocks of 64", "quantize $MODEL -o $OUT/int4-weight-head8-64 --scheme int4-weight "
+                                             "--head-block-size 64"),
+    ("int4-weight, head 8-bit blocks of 128", "quantize $MODEL -o $OUT/int4-weight-head8-128 --scheme int4-weight "
+                                              "--head-block-size 128"),
+    ("int4-weight, head int4 too", "quantize $MODEL -o $OUT/int4-weight-head4 --scheme int4-weight --head-bits 4"),
     ("int8-weight", "quantize $MODEL -o $OUT/int8-weight --scheme int8-weight"),
-    ("int8-weight-head", "quantize $MODEL -o $OUT/int8-weight-head --scheme int8-weight --keep-fp32 embedding"),
+    ("int8-weight, head fp32", "quantize $MODEL -o $OUT/int8-weight-head-fp32 --scheme int8-weight "
+                               "--keep-fp32 embedding --keep-fp32 head"),
+    ("int8-weight, head 8-bit blocks of 128", "quantize $MODEL -o $OUT/int8-weight-head8-128 --scheme int8-weight "
+                                              "--head-block-size 128"),
     ("optimized", "optimize $MODEL -o $OUT/optimized"),
     ("optimized+int8-dynamic", "quantize $OUT/optimized -o $OUT/optimized-int8-dynamic --scheme int8-dynamic"),
 ]

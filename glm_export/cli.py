@@ -347,9 +347,13 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
                    "in rotated order; the report gives each target's median and range over the rounds "
                    "[default: 3; --quick: 2]")
 @click.option("--no-plots", "plots", is_flag=True, flag_value=False, default=True, help="skip the PNG plots")
+@click.option("--llamacpp", "llamacpp", type=click.Path(file_okay=False), envvar="GLMX_LLAMACPP", default=None,
+              help="a llama.cpp build (bin/llama-bench, bin/llama-quantize; benchmarks/build_llamacpp.sh makes one):"
+                   " adds llama.cpp's decode at fp32 / Q8_0 / Q4_0 beside glmx's fp32 / int8-weight / int4-weight on"
+                   " the GLM-Large shape, interleaved (llamacpp.json / .md)")
 @click.option("--readme-table", "readme_json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="only print the README's performance table from this results.json")
-def bench_cmd(readme_json: str | None, **kwargs) -> None:
+def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
     """Benchmark every backend/precision against torch eager fp32 and the hardware floor."""
     import shlex
     if readme_json:
@@ -357,6 +361,12 @@ def bench_cmd(readme_json: str | None, **kwargs) -> None:
         print_readme_table(readme_json)
         return
     require_export_extra()
+    if llamacpp is not None:
+        from benchmarks.llamacpp import PeerError, find_llamacpp
+        try:
+            find_llamacpp(llamacpp)  # before any work: a wrong folder is one line, not a failure at the end
+        except PeerError as exc:
+            raise GLMXError(str(exc)) from None
     from benchmarks.bench import BenchmarkError, run_benchmarks
     for key in ("models", "variants", "contexts", "pasts", "batches"):
         kwargs[key] = tuple(kwargs[key]) or None
@@ -379,6 +389,10 @@ def bench_cmd(readme_json: str | None, **kwargs) -> None:
         results = run_benchmarks(command=shlex.join(command), **kwargs)
     except (BenchmarkError, ValueError) as exc:
         raise GLMXError(str(exc)) from None
+    if llamacpp is not None:
+        from benchmarks.llamacpp import llamacpp_column
+        llamacpp_column(llamacpp, kwargs["cache_dir"], results["out_dir"], threads=kwargs["threads"],
+                        log=lambda m: click.echo(m, err=True))
     click.echo(results["out_dir"])
 
 
