@@ -61,7 +61,8 @@ class NBits:
         return packed, scales.reshape(-1)
 
     def matmul(self, b: "GraphBuilder", x: str, w_kn: np.ndarray, name: str, node: str, bits: int | None = None,
-               block_size: int | None = None) -> str:
+               block_size: int | None = None, bias: str | None = None) -> str:
+        """x @ w_kn (+ bias, MatMulNBits' own optional input 5: no separate Add node)."""
         bits, block_size = bits or self.bits, block_size or self.block_size
         K, N = w_kn.shape
         packed, scales = self.pack(w_kn, bits, block_size)
@@ -71,7 +72,8 @@ class NBits:
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
         b.contrib = True
-        return b.op("MatMulNBits", [x, q, sc], node, domain=CONTRIB, **attrs)
+        inputs = [x, q, sc] if bias is None else [x, q, sc, "", "", bias]  # zero_points, g_idx absent
+        return b.op("MatMulNBits", inputs, node, domain=CONTRIB, **attrs)
 
 
 class GraphBuilder:
@@ -138,15 +140,22 @@ def _linear_weights(b: GraphBuilder, W: Mapping[str, np.ndarray], prefix: str) -
 
 def linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str) -> str:
     """x [B,T,in] (weight dtype) -> MatMul(W.T [in,out]) -> Add(bias) -> [B,T,out] (weight dtype).
-    With b.nbits (and the prefix not kept): MatMulNBits over the packed W.T, then the same Add."""
+    With b.nbits (and the prefix not kept): one MatMulNBits over the packed W.T, the bias its own input."""
     if b.nbits is not None and not b.nbits.keep(prefix):
-        w_kn = np.asarray(W[f"{prefix}.weight"], dtype=np.float32).T  # [in, out] = [K, N]
-        mm = b.nbits.matmul(b, x, w_kn, f"{prefix}.weight.T", f"/{prefix}/MatMul_Q{b.nbits.bits}")
-        del w_kn
-        bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(b.wdtype))
-        return b.op("Add", [mm, bias], f"/{prefix}/Add")
+        return nbits_linear(b, x, W, prefix, fuse_bias=True)
     w, bias = _linear_weights(b, W, prefix)
     return b.op("Add", [b.op("MatMul", [x, w], f"/{prefix}/MatMul"), bias], f"/{prefix}/Add")
+
+
+def nbits_linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str,
+                 fuse_bias: bool) -> str | tuple[str, str]:
+    """MatMulNBits over the packed W.T; fuse_bias: the bias as its input 5 (-> output), else (output, bias name)
+    for a consumer that takes the bias itself (FastGelu / BiasGelu)."""
+    w_kn = np.asarray(W[f"{prefix}.weight"], dtype=np.float32).T  # [in, out] = [K, N]
+    bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(b.wdtype))
+    mm = b.nbits.matmul(b, x, w_kn, f"{prefix}.weight.T", f"/{prefix}/MatMul_Q{b.nbits.bits}",
+                        bias=bias if fuse_bias else None)
+    return mm if fuse_bias else (mm, bias)
 
 
 # input_ids [B,T] ----------------------- Gather(word_embeddings [V,h]) ---- Cast* --.
@@ -247,10 +256,17 @@ def _mask_scores(b: GraphBuilder, scores: str, s: float, name: str) -> str:
 
 
 # b [B,T,h] (LN output, fp32) -Cast*- MatMul/Add(h->4h) - GeLU - MatMul/Add(4h->h) -> [B,T,h] (weight dtype)
+# An NBits graph (ONNX Runtime only already) takes h->4h's bias and the GeLU in one contrib node: FastGelu
+# (tanh: the same formula as gelu() below) or BiasGelu (erf); standard graphs write GeLU out (TensorRT parses it).
 def mlp(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, gelu_kind: str) -> str:
     prefix = f"transformer.layers.{i}.mlp"
-    hidden = linear(b, b.to_weight_dtype(x, f"/{prefix}"), W, f"{prefix}.dense_h_to_4h")
-    return linear(b, gelu(b, hidden, gelu_kind, f"/{prefix}/gelu"), W, f"{prefix}.dense_4h_to_h")
+    up = f"{prefix}.dense_h_to_4h"
+    if b.nbits is not None and not b.nbits.keep(up):
+        mm, bias = nbits_linear(b, b.to_weight_dtype(x, f"/{prefix}"), W, up, fuse_bias=False)
+        act = b.op("FastGelu" if gelu_kind == "tanh" else "BiasGelu", [mm, bias], f"/{prefix}/gelu", domain=CONTRIB)
+    else:
+        act = gelu(b, linear(b, b.to_weight_dtype(x, f"/{prefix}"), W, up), gelu_kind, f"/{prefix}/gelu")
+    return linear(b, act, W, f"{prefix}.dense_4h_to_h")
 
 
 # tanh (spec 1.2): 0.5*x*(1 + Tanh(0.7978845608028654 * x * (1 + 0.044715*x*x)))
