@@ -25,7 +25,7 @@ setup(
         "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],
         # glmx serve on a Ray cluster: replicas of the same app under Ray Serve's autoscaling
         "serve-ray": ["ray[serve]>=2.9", "starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],
-        "dev": ["pytest>=7", "matplotlib>=3.7", "psutil>=5.9", "httpx>=0.24"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "psutil>=5.9", "httpx>=0.24", "gguf>=0.10"],
     },
     entry_points={"console_scripts": ["glmx=glm_runtime.cli:run"]},
 )

@@ -105,6 +105,12 @@ CASES = [
      None, "--block-size applies to --scheme int4-weight or int8-weight"),
     ("accuracy-level-qdq", ["quantize", "{root}/onnx", "-o", O, "--scheme", "qdq-int8", "--accuracy-level", "1"],
      None, "--accuracy-level applies to --scheme int4-weight or int8-weight"),
+    ("head-bits-with-fp32-head", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int4-weight", "--keep-fp32",
+                                  "head", "--head-bits", "8"], None, "the head is kept fp32"),
+    ("head-bits-int8-dynamic", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int8-dynamic", "--head-bits", "8"],
+     None, "--head-bits applies to --scheme int4-weight or int8-weight"),
+    ("bench-llamacpp-missing", ["bench", "--llamacpp", "{root}/no-llama", "-o", O], None,
+     "benchmarks/build_llamacpp.sh"),
     ("calibration-int4", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int4-weight", "--calibration",
                           "{root}/not-utf8.txt"], None, "only used by qdq-int8"),
     # unreadable input
