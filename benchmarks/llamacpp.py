@@ -127,6 +127,35 @@ def llama_decode_ms(tools: dict[str, Path], model: Path, past: int, threads: int
     return 1000.0 / float(row["avg_ts"])
 
 
+def llama_prompt_ms(tools: dict[str, Path], model: Path, tokens: int, threads: int) -> float:
+    """ms for a prompt of `tokens` tokens, batch 1 (llama-bench -p tokens -n 0, its mean)."""
+    proc = subprocess.run([str(tools["bench"]), "-m", str(model), "-p", str(tokens), "-n", "0", "-t", str(threads),
+                           "-r", "3", "-o", "json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PeerError(f"llama-bench failed on {model.name}: {proc.stderr.strip().splitlines()[-1:]}")
+    (row,) = [r for r in json.loads(proc.stdout) if r.get("n_prompt") == tokens]
+    return 1000.0 * tokens / float(row["avg_ts"])
+
+
+def glmx_context_ms(folder: Path, tokens: int, threads: int, repeats: int = 3) -> float:
+    """ms of glmx's context pass over `tokens` tokens, batch 1 (the runtime's own call: logits at the last row)."""
+    import onnxruntime as ort
+
+    from glm_runtime import steps
+    from glm_runtime.session import OnnxRuntimeSession
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = OnnxRuntimeSession(folder, session_options=options, verify=False)
+    steps.run_context(session, [[5] * tokens], 0)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        steps.run_context(session, [[5] * tokens], 0)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
 def glmx_decode_ms(folder: Path, past: int, threads: int, tokens: int = 16) -> float:
     """ms per decode step of one token at past `past`, batch 1, on ONNX Runtime with `threads` threads: the
     context pass of `past` tokens, then `tokens` steps; the median step."""
@@ -165,17 +194,25 @@ def compare(llamacpp: Optional[str | Path], glmx: dict[str, Path], *, shape: dic
     for key in glmx:  # "int4" or "int4/label" (another glmx recipe at the same bits)
         kind = LLAMA_TYPES[key.split("/")[0]]
         models[key] = f32 if kind == "F32" else quantize_gguf(tools, f32, work / f"{tag}-{kind}.gguf", kind)
-    runs: dict[str, dict[str, list[float]]] = {b: {"llama.cpp": [], "glmx": []} for b in glmx}
+    keys = ("llama.cpp", "glmx", "llama.cpp prompt", "glmx context")
+    runs: dict[str, dict[str, list[float]]] = {b: {k: [] for k in keys} for b in glmx}
     for r in range(rounds):
         for bits in glmx:
-            runs[bits]["llama.cpp"].append(llama_decode_ms(tools, models[bits], past, threads))
-            runs[bits]["glmx"].append(glmx_decode_ms(Path(glmx[bits]), past, threads))
-            say(f"llamacpp: round {r + 1} {bits}: llama.cpp {runs[bits]['llama.cpp'][-1]:.1f} ms, glmx "
-                f"{runs[bits]['glmx'][-1]:.1f} ms")
+            v = runs[bits]
+            v["llama.cpp"].append(llama_decode_ms(tools, models[bits], past, threads))
+            v["glmx"].append(glmx_decode_ms(Path(glmx[bits]), past, threads))
+            v["llama.cpp prompt"].append(llama_prompt_ms(tools, models[bits], past, threads))
+            v["glmx context"].append(glmx_context_ms(Path(glmx[bits]), past, threads))
+            say(f"llamacpp: round {r + 1} {bits}: decode llama.cpp {v['llama.cpp'][-1]:.1f} ms, glmx "
+                f"{v['glmx'][-1]:.1f} ms; {past}-token prompt llama.cpp {v['llama.cpp prompt'][-1]:.0f} ms, glmx "
+                f"{v['glmx context'][-1]:.0f} ms")
     rows = {}
     for bits, v in runs.items():
-        lm, gm = statistics.median(v["llama.cpp"]), statistics.median(v["glmx"])
-        rows[bits] = {"llama_type": LLAMA_TYPES[bits.split("/")[0]], "llama_ms": lm, "glmx_ms": gm, "glmx_over_llama": gm / lm,
+        med = {k: statistics.median(x) for k, x in v.items()}
+        rows[bits] = {"llama_type": LLAMA_TYPES[bits.split("/")[0]], "llama_ms": med["llama.cpp"],
+                      "glmx_ms": med["glmx"], "glmx_over_llama": med["glmx"] / med["llama.cpp"],
+                      "llama_prompt_ms": med["llama.cpp prompt"], "glmx_context_ms": med["glmx context"],
+                      "context_glmx_over_llama": med["glmx context"] / med["llama.cpp prompt"],
                       "llama_file_mb": models[bits].stat().st_size / 1e6, "rounds": v,
                       "glmx_artifact": str(glmx[bits])}
     return {"past": past, "threads": threads, "batch": 1, "rounds": rounds, "shape": shape,
@@ -183,11 +220,13 @@ def compare(llamacpp: Optional[str | Path], glmx: dict[str, Path], *, shape: dic
 
 
 def table(record: dict[str, Any]) -> str:
-    lines = ["| bits | llama.cpp type | llama.cpp ms/token | glmx ms/token | glmx / llama.cpp |",
-             "|---|---|---:|---:|---:|"]
+    p = record["past"]
+    lines = [f"| bits | llama.cpp type | decode ms/token: llama.cpp | glmx | glmx / llama.cpp | {p}-token prompt ms: "
+             f"llama.cpp | glmx | glmx / llama.cpp |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for bits, r in record["rows"].items():
         lines.append(f"| {bits} | {r['llama_type']} ({r['llama_file_mb']:.0f} MB) | {r['llama_ms']:.1f} | "
-                     f"{r['glmx_ms']:.1f} | {r['glmx_over_llama']:.2f}x |")
+                     f"{r['glmx_ms']:.1f} | {r['glmx_over_llama']:.2f}x | {r['llama_prompt_ms']:.0f} | "
+                     f"{r['glmx_context_ms']:.0f} | {r['context_glmx_over_llama']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -216,8 +255,8 @@ def write_record(record: dict[str, Any], out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "llamacpp.json").write_text(json.dumps(record, indent=1) + "\n")
     info = record["llama_cpp"].splitlines()
-    md = (f"# glmx against llama.cpp: decode of one token, past {record['past']}, batch 1, {record['threads']} "
-          f"threads\n\n`{command}` on {record['date']}; median of {record['rounds']} interleaved rounds; "
+    md = (f"# glmx against llama.cpp: decode of one token at past {record['past']} and a {record['past']}-token "
+          f"prompt, batch 1, {record['threads']} threads\n\n`{command}` on {record['date']}; median of {record['rounds']} interleaved rounds; "
           f"{'; '.join(info[:2])}\nCPU flags: "
           f"{' '.join(f for f in record['cpu_flags'] if f.startswith(('avx', 'amx', 'fma')))}\n\n"
           + table(record) + "\n")
