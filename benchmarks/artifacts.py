@@ -44,7 +44,7 @@ def is_export_folder(name: str) -> bool:
 
 def model_config(name: str) -> Any:
     from glm_runtime.config import get_preset
-    if name == "glm-large-shape":  # GLM-Large's shape with the 50k GPT-2/RoBERTa vocabulary (spec 6)
+    if name == "glm-large-shape":  # GLM-Large's shape with the 50k GPT-2/RoBERTa vocabulary (docs/glm.md 6)
         return get_preset("glm-roberta-large").replace(name="glm-large-shape", hidden_dropout=0.0,
                                                        attention_dropout=0.0)
     if name == "tiny":  # V = the bundled tokenizer's 8000 ids padded to 128, so its tokenizer belongs to it

@@ -9,7 +9,7 @@ bandwidth floor. Every stage is the `glmx` command a user runs, in its own proce
 
     python -m benchmarks.scale --models glm-large,glm-2b,glm-10b --cache /work/scale-cache --work /work/scale-work
 
-The weights are random at GLM's init scale (spec 1.4), so accuracy figures are meaningless and the quantize
+The weights are random at GLM's init scale (docs/glm.md 1.4), so accuracy figures are meaningless and the quantize
 stages pass --accept-loss (recorded); memory, time and speed are what is measured.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def write_gpt2_vocab(folder: Path) -> None:
 
 
 def init_std(name: str, num_layers: int) -> Optional[float]:
-    """GLM's init (spec 1.4): N(0, 0.02), output projections N(0, 0.02/sqrt(2L)); None for LayerNorm/bias."""
+    """GLM's init (docs/glm.md 1.4): N(0, 0.02), output projections N(0, 0.02/sqrt(2L)); None for LayerNorm/bias."""
     if name.endswith("layernorm.weight") or name.endswith(".bias"):
         return None
     if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):

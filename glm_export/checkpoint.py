@@ -1,6 +1,6 @@
 """Checkpoints: load a GLM from glmx's own folder, a Hugging Face folder or Megatron/DeepSpeed shards; save glmx's own.
 
-In: a path in one of three layouts (spec 8.1-8.3), optionally a config or preset name.
+In: a path in one of three layouts (docs/glm.md 8.1-8.3), optionally a config or preset name.
 Out: `LoadedCheckpoint` (reference GLMModel in eval mode, its config, what was found); `save_checkpoint` writes
 model.safetensors + config.json (+ tokenizer) + manifest.json atomically.
 """
@@ -33,19 +33,19 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # Hugging Face weight files, in order of preference (safetensors first: no pickle).
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / DeepSpeed (spec 8.1)
+TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / DeepSpeed (docs/glm.md 8.1)
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-# Tokenizer files looked for beside the weights, first found wins (GLM's vocabularies, spec 7); vocab.json
+# Tokenizer files looked for beside the weights, first found wins (GLM's vocabularies, docs/glm.md 7); vocab.json
 # brings merges.txt along (glm_runtime.tokenizer.tokenizer_files).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "cog-pretrain.model", "vocab.json", "spiece.model",
                    "tokenizer.model")
 # The base model sits under "glm." in HF downstream classes and under "model." in the original's
-# GLMForSequenceClassification; beside it only these head modules are skipped (spec 8.1, 8.2).
+# GLMForSequenceClassification; beside it only these head modules are skipped (docs/glm.md 8.1, 8.2).
 BASE_PREFIXES = ("glm.", "model.")
 HEAD_PREFIXES = ("pool_layer.", "multichoice_head.", "dense.", "out_proj.")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION = {v: k for k, v in DTYPES.items()}
-# GeLU when the config does not say (spec 1.2): the original training code (Megatron layout) uses the tanh
+# GeLU when the config does not say (docs/glm.md 1.2): the original training code (Megatron layout) uses the tanh
 # approximation, the Hugging Face remote code exact erf. Printed and recorded either way; --gelu overrides.
 DEFAULT_GELU = {"hf": "erf", "megatron": "tanh"}
 
@@ -145,7 +145,7 @@ def _find_tokenizer(*folders: Path) -> Optional[Path]:
     return None
 
 
-# ---------------------------------------------------------------- model parallelism (spec 1.5, 8.3)
+# ---------------------------------------------------------------- model parallelism (docs/glm.md 1.5, 8.3)
 
 def _mp_rule(key: str) -> str:
     """How a key is split across model-parallel ranks: 'qkv', 'rows', 'cols' or 'replicated'."""
@@ -252,7 +252,7 @@ def _read_glmx(folder: Path) -> _Found:
 
 
 def read_config_file(path: Union[str, Path]) -> tuple[GLMConfig, bool]:
-    """A config file in either form: glmx's GLMConfig JSON, or a Hugging Face config.json (spec 8.2).
+    """A config file in either form: glmx's GLMConfig JSON, or a Hugging Face config.json (docs/glm.md 8.2).
     -> (config, whether the file states the GeLU kind)."""
     path = Path(path)
     if not path.is_file():
@@ -372,7 +372,7 @@ def _detect(path: Path) -> _Found:
 # ---------------------------------------------------------------- keys, config and shapes
 
 def _strip_prefix(sd: Weights) -> tuple[Weights, list[str]]:
-    """Official names (spec 1.1) from keys with or without a base-model prefix; downstream heads set aside."""
+    """Official names (docs/glm.md 1.1) from keys with or without a base-model prefix; downstream heads set aside."""
     for prefix in BASE_PREFIXES:
         if any(k.startswith((prefix + "word_embeddings.", prefix + "transformer.")) for k in sd):
             names = {k: k[len(prefix):] for k in sd if k.startswith(prefix)}
@@ -493,7 +493,7 @@ def _check_weights(sd: Weights, expected: Mapping[str, Sequence[int]], config: G
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
         raise CheckpointError(f"{source} has unexpected keys {unexpected[:6]}: glmx loads only the GLM base model "
-                              f"(spec 1.1); remove them or save the base model's weights")
+                              f"(docs/glm.md 1.1); remove them or save the base model's weights")
     wrong = [f"{k}: expected {list(v)}, got {list(sd.shape(k))}" for k, v in expected.items()
              if tuple(sd.shape(k)) != tuple(v)]
     if wrong:

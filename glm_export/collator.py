@@ -39,7 +39,7 @@ class CollatorConfig:
     max_block_length: int = 40  # span lengths are 1 .. max_block_length - 1
     gpt_min_ratio: float = 0.25
     # gpt mode, per one-document sample: probability of the prefix + [gMASK] + suffix form; otherwise one span of
-    # G tokens inside the document becomes a single [gMASK]. GLM's value (spec 5 `gpt_infill_prob`) is 0.5. The
+    # G tokens inside the document becomes a single [gMASK]. GLM's value (docs/glm.md 5 `gpt_infill_prob`) is 0.5. The
     # default 1.0 always takes the prefix form and draws no random number for the choice, so the random stream,
     # and with it the recipe of the bundled model (trained before this option existed), stays reproducible.
     gpt_infill_prob: float = 1.0
@@ -103,7 +103,7 @@ def place_spans(lengths: Sequence[int], start: int, end: int, rng: np.random.Gen
 
 def sample_bert_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorConfig,
                       rng: np.random.Generator, weights: np.ndarray, max_tries: int = 20) -> list[Span]:
-    """Token-level spans (spec 5, bert): Poisson span lengths until int(ratio * len) tokens are masked,
+    """Token-level spans (docs/glm.md 5, bert): Poisson span lengths until int(ratio * len) tokens are masked,
     placed inside documents only, non-overlapping and non-adjacent. Empty if nothing fits after retries."""
     docs = document_bounds(tokens, special)
     if not docs:
@@ -138,7 +138,7 @@ def sample_bert_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorC
 
 def sample_sentence_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorConfig,
                           rng: np.random.Generator, sentence_end: np.ndarray) -> list[Span]:
-    """Whole sentences (spec 5, sentence): split document interiors after sentence-ending tokens, shuffle,
+    """Whole sentences (docs/glm.md 5, sentence): split document interiors after sentence-ending tokens, shuffle,
     take sentences until int(ratio * len) tokens are covered. `sentence_end` is a bool table over the vocab."""
     sentences: list[Span] = []
     for s, e in document_bounds(tokens, special):
@@ -171,7 +171,7 @@ def make_block_sample(tokens: np.ndarray, spans: Sequence[Span], order: Sequence
                       sop_id: int, eop_id: int, dblock_id: int | None = None,
                       dblock_flags: np.ndarray | None = None) -> BlockSample:
     """Part A = tokens with each span collapsed to one mask token; Part B = spans in `order`, each as
-    inputs "sop span" / targets "span eop" (spec 3.4). Positions: Part A counts each span as one token;
+    inputs "sop span" / targets "span eop" (docs/glm.md 3.4). Positions: Part A counts each span as one token;
     every Part B token takes its mask's position, block ids 1 .. len+1. sep = len - sum(spans) + #spans.
 
     dblock_flags (optional, bool per Part B input token) replaces those inputs with [dBLOCK].
@@ -207,7 +207,7 @@ def make_block_sample(tokens: np.ndarray, spans: Sequence[Span], order: Sequence
 
 
 def make_gpt_sample(tokens: np.ndarray, suffix_len: int, gmask_id: int, sop_id: int) -> BlockSample:
-    """Document mode (spec 5, gpt): Part A = prefix + [gMASK] (position len(prefix), block 0);
+    """Document mode (docs/glm.md 5, gpt): Part A = prefix + [gMASK] (position len(prefix), block 0);
     Part B inputs = sop + suffix[:-1], targets = suffix (no eop), positions all len(prefix)."""
     split = len(tokens) - suffix_len
     prefix, suffix = tokens[:split].tolist(), tokens[split:].tolist()
@@ -221,7 +221,7 @@ def make_gpt_sample(tokens: np.ndarray, suffix_len: int, gmask_id: int, sop_id: 
 
 
 def pad_batch(samples: Sequence[BlockSample], pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Right-pad to the longest sample (spec 5): token pad_id, position (0, 0), target pad_id, loss 0."""
+    """Right-pad to the longest sample (docs/glm.md 5): token pad_id, position (0, 0), target pad_id, loss 0."""
     T = max(len(s.input_ids) for s in samples)
     B = len(samples)
     batch = {
@@ -261,7 +261,7 @@ class BlockCollator:
         return "gpt"
 
     def make_document_sample(self, tokens: np.ndarray, length: int, rng: np.random.Generator) -> BlockSample:
-        """One gpt-mode sample (spec 5) with `length` = min(G, len - 2) generated tokens.
+        """One gpt-mode sample (docs/glm.md 5) with `length` = min(G, len - 2) generated tokens.
 
         Prefix form (make_gpt_sample) if the sample holds several documents or with prob gpt_infill_prob; else
         one span of `length` tokens placed uniformly inside the document, replaced by one [gMASK] and laid out

@@ -1,7 +1,7 @@
 """The one comparison harness: an artifact against its reference, both behind the runtime's session contract.
 
 In: two sessions (glm_runtime.session.Session: ONNX Runtime, TensorRT or the torch reference), GLM's cases (the
-blank-filling layouts of spec 2-4, built here from the spec's formulas) and, for derived artifacts, held-out
+blank-filling layouts of docs/glm.md 2-4, built here from its formulas) and, for derived artifacts, held-out
 text tokenized by the runtime's tokenizer of any GLM kind. Out: a `Comparison` whose `to_dict()` is the one
 shape of every manifest's `parity` record (export, optimize, quantize, build-engine), judged against the one
 tolerance table (structure) and the one budget table (text).
@@ -37,7 +37,7 @@ class Tolerance:
 
 # fp32: the same arithmetic, only summation order differs, so the error grows with the values summed. Measured:
 # the bundled model 1.6e-5 at max|ref| 12 (1.3e-6 of it), tiny hub-shaped models 4e-6 at 10, while a GeLU slip
-# (tanh for erf, spec 1.2) on a tiny model whose GeLU inputs are O(1) moves logits 6e-4..9e-4 at max|ref| 10
+# (tanh for erf, docs/glm.md 1.2) on a tiny model whose GeLU inputs are O(1) moves logits 6e-4..9e-4 at max|ref| 10
 # (tests/test_published.py). atol 1e-4 + rtol 3e-5 allows 4e-4 there (the slip is caught) and 1.6e-3 for
 # GLM-10B-sized logits (max|ref| ~ 50: 25x the bundled model's relative rounding, for 48 layers of 4096).
 # fp16: weights and the KV cache rounded to fp16 (LayerNorm, QK product, masking and softmax kept in fp32); on
@@ -106,7 +106,8 @@ def _call(ids: Sequence[Sequence[int]], pos: np.ndarray, block: np.ndarray, keep
     return Call(ids, np.asarray(pos, dtype=np.int64).reshape(B, 2, T), block, keep)
 
 
-# GLM's layouts from the spec's own formulas (positions spec 2, masks spec 3.1), independent of glm_runtime.masks.
+# GLM's layouts from docs/glm.md's own formulas (positions: section 2, masks: 3.1), independent of
+# glm_runtime.masks.
 def _context_pos(c: int) -> np.ndarray:
     return np.stack([np.arange(c), np.zeros(c, dtype=np.int64)])  # Part A: (0..c-1, block 0)
 
@@ -127,7 +128,7 @@ FIRST_TEXT_ID = 8
 
 
 def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
-    """The blank-filling situations an exported graph must get right (spec 3 and 4)."""
+    """The blank-filling situations an exported graph must get right (docs/glm.md 3 and 4)."""
     if vocab_size < FIRST_TEXT_ID + 8:
         raise ValueError(f"parity cases need a vocabulary of at least {FIRST_TEXT_ID + 8} ids, got {vocab_size}")
     rng = np.random.default_rng(seed)
@@ -144,7 +145,7 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
     cases.append(Case("blank_mid_context", "context pass with a [MASK] mid-text, sep = C, past 0",
                       [one(ctx, _context_pos(C), _sep(C, C))]))
 
-    # two blanks filled one after the other through the cache (spec 4.2): span 1 token by token, span 2 on top
+    # two blanks filled one after the other through the cache (docs/glm.md 4.2): span 1 token by token, span 2 on top
     # of it as a 3-token chunk (seq > 1 with past > 0), then one more single step
     t = text(5)
     ctx = [CLS, t[0], MASK, t[1], t[2], MASK, t[3], EOS]
@@ -157,7 +158,7 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
     case.calls.append(one(text(1), _span_pos(m2, 3, 1), _sep(1, 0)))
     cases.append(case)
 
-    ctx = [CLS] + text(4) + [GMASK]  # [gMASK] at the end: no eos after it (spec 4.1)
+    ctx = [CLS] + text(4) + [GMASK]  # [gMASK] at the end: no eos after it (docs/glm.md 4.1)
     C = len(ctx)
     case = Case("gmask_at_end", "prefix [gMASK] context pass, then sop and two tokens through the cache",
                 [one(ctx, _context_pos(C), _sep(C, C))])
@@ -165,7 +166,7 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
         case.calls.append(one([tok], _span_pos(C - 1, k, 1), _sep(1, 0)))
     cases.append(case)
 
-    t = text(8)  # the training-equivalent single pass: Part A + both spans, sep = C (spec 4.2)
+    t = text(8)  # the training-equivalent single pass: Part A + both spans, sep = C (docs/glm.md 4.2)
     ctx = [CLS, t[0], MASK, t[1], t[2], MASK, t[3], EOS]
     C = len(ctx)
     ids = ctx + [SOP, t[4], t[5], SOP, t[6], t[7]]
@@ -453,7 +454,7 @@ def text_windows(tok: Any, text: str, vocab_size: int, window: int, limit: int) 
 
 
 def blank_calls(tok: Any, chunk: np.ndarray) -> tuple[list[Call], np.ndarray]:
-    """A teacher-forced document blank (spec 5, gpt mode) as two calls, context then span.
+    """A teacher-forced document blank (docs/glm.md 5, gpt mode) as two calls, context then span.
 
     Part A = [CLS] chunk[:a] [gMASK]   positions 0..a+1, block 0, bidirectional
     Part B = sop chunk[a:-1]           position of the [gMASK], blocks 1.., sees Part A + causal

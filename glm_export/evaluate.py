@@ -129,7 +129,8 @@ def known_length_match(model, tok, left: str, right: str, word: str) -> bool:
 
 @torch.no_grad()
 def greedy_fill(model, tok, left: str, right: str) -> list[int]:
-    """Greedy blank filling (spec 4.1): context pass with sep = C, then sop at (mask_pos, 1), ... until eop/eos."""
+    """Greedy blank filling (docs/glm.md 4.1): context pass with sep = C, then sop at (mask_pos, 1), ... until
+    eop/eos."""
     sp = special_ids()
     ids, mask_pos = _context(model, tok, left, right)
     C = len(ids)

@@ -4,7 +4,7 @@ In: input_ids [B, T], position_ids [B, 2, T] (position, block position), an atte
 original's forms, and optionally a per-layer (key, value) cache of `past` earlier tokens.
 Out: logits [B, T, V] (tied to the word embeddings, no bias) and the updated cache.
 Every fact here is from ../shared/glm_reference_spec.md; section numbers are cited inline.
-Parameter names are the official ones (spec 1.1), so loading a checkpoint is a literal key map.
+Parameter names are the official ones (docs/glm.md 1.1), so loading a checkpoint is a literal key map.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from glm_export.config import GLMConfig
 
-# Masked scores are pushed down by the fp16 minimum, not -inf (spec 1.3, 9.5).
+# Masked scores are pushed down by the fp16 minimum, not -inf (docs/glm.md 1.3, 9.5).
 MASK_FILL = 65504.0
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value [B, n, past, d]
@@ -28,9 +28,9 @@ def build_attention_mask(attention_mask: MaskArg, batch: int, query_len: int, pa
                          device: torch.device | None = None) -> torch.Tensor:
     """Turn any of the original's mask forms into an explicit 0/1 float mask [B|1, 1, T, past+T].
 
-    Forms (spec 3.1): a Python int or one-element tensor = scalar sep; a [B] tensor = per-sample sep;
+    Forms (docs/glm.md 3.1): a Python int or one-element tensor = scalar sep; a [B] tensor = per-sample sep;
     anything else = explicit mask whose last past+T columns are used. With sep, query i (of the T new
-    tokens) sees key j iff j < sep or j <= i; all past columns are visible (spec 3.1, memory).
+    tokens) sees key j iff j < sep or j <= i; all past columns are visible (docs/glm.md 3.1, memory).
     """
     total = past_len + query_len
     if isinstance(attention_mask, int) or (torch.is_tensor(attention_mask) and attention_mask.numel() == 1
@@ -62,7 +62,7 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         h = config.hidden_size
-        self.query_key_value = nn.Linear(h, 3 * h)  # rows: [all Q; all K; all V], head-major (spec 1.3)
+        self.query_key_value = nn.Linear(h, 3 * h)  # rows: [all Q; all K; all V], head-major (docs/glm.md 1.3)
         self.dense = nn.Linear(h, h)
         self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.output_dropout = nn.Dropout(config.hidden_dropout)
@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
         if self.scale == 1.0:
             scores = q @ (k / math.sqrt(d)).transpose(-1, -2)  # (B, n, T, past+T); K scaled first
             scores = scores * mask - MASK_FILL * (1.0 - mask)
-        else:  # spec 1.3: same softmax, different fp16 numerics
+        else:  # docs/glm.md 1.3: same softmax, different fp16 numerics
             s = self.scale
             scores = (q / math.sqrt(s)) @ (k / math.sqrt(d * s)).transpose(-1, -2)
             scores = scores * mask
@@ -99,7 +99,7 @@ class MLP(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
         h = config.hidden_size
-        self.dense_h_to_4h = nn.Linear(h, 4 * h)  # FFN is always 4h (spec 1.1)
+        self.dense_h_to_4h = nn.Linear(h, 4 * h)  # FFN is always 4h (docs/glm.md 1.1)
         self.dense_4h_to_h = nn.Linear(4 * h, h)
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
         self.dropout = nn.Dropout(config.hidden_dropout)
@@ -109,7 +109,7 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-LN block (spec 1.2): x + Attn(LN(x)), then + MLP(LN(.))."""
+    """Pre-LN block (docs/glm.md 1.2): x + Attn(LN(x)), then + MLP(LN(.))."""
 
     def __init__(self, config: GLMConfig):
         super().__init__()
@@ -129,7 +129,7 @@ class TransformerLayer(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
-        h, rows = config.hidden_size, config.position_table_rows  # P + 1 rows (spec 9.2)
+        h, rows = config.hidden_size, config.position_table_rows  # P + 1 rows (docs/glm.md 9.2)
         self.position_embeddings = nn.Embedding(rows, h)
         self.block_position_embeddings = nn.Embedding(rows, h)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
@@ -147,7 +147,7 @@ class GLMModel(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The original init (spec 1.4): N(0, 0.02), output projections N(0, 0.02/sqrt(2L)), LN 1/0."""
+        """The original init (docs/glm.md 1.4): N(0, 0.02), output projections N(0, 0.02/sqrt(2L)), LN 1/0."""
         out_std = 0.02 / math.sqrt(2.0 * self.config.num_layers)
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight"):
@@ -181,7 +181,7 @@ class GLMModel(nn.Module):
             raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {L}")
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         mask = build_attention_mask(attention_mask, B, T, past_len, input_ids.device)  # (B|1, 1, T, past+T)
-        mask = mask.to(self.word_embeddings.weight.dtype)  # masking runs in the model dtype (spec 9.19)
+        mask = mask.to(self.word_embeddings.weight.dtype)  # masking runs in the model dtype (docs/glm.md 9.19)
 
         tr = self.transformer
         x = self.word_embeddings(input_ids)  # (B, T, h), no sqrt(h) scaling

@@ -1,4 +1,4 @@
-"""The GLM forward pass (spec 1.2-1.3) as a hand-built ONNX graph, one function per subgraph.
+"""The GLM forward pass (docs/glm.md 1.2-1.3) as a hand-built ONNX graph, one function per subgraph.
 
 In: a GLMConfig, the official-name weights as numpy arrays, a precision ("fp32" | "fp16") and an opset.
 Out: an onnx.ModelProto whose inputs and outputs are exactly glm_runtime.iotable.io_table(config, precision).
@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import LOGITS_START, io_table
 
-MASK_FILL = 65504.0  # masked scores become -65504 (the fp16 minimum), never -inf (spec 1.3, 9.5)
+MASK_FILL = 65504.0  # masked scores become -65504 (the fp16 minimum), never -inf (docs/glm.md 1.3, 9.5)
 INT64_MAX = np.iinfo(np.int64).max
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
                "bool": TensorProto.BOOL}
@@ -212,7 +212,7 @@ def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int,
     else:
         q, k, v = b.op("Split", [qkv, b.const("qkv_split", [h, h, h])], f"/{prefix}/Split", n_out=3, axis=-1)
     q = _heads(b, q, n, d, f"/{prefix}/q")
-    k = _heads(b, k, n, d, f"/{prefix}/k", output=f"present.{i}.key")  # un-scaled K (spec 1.3)
+    k = _heads(b, k, n, d, f"/{prefix}/k", output=f"present.{i}.key")  # un-scaled K (docs/glm.md 1.3)
     v = _heads(b, v, n, d, f"/{prefix}/v", output=f"present.{i}.value")
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
 
@@ -240,7 +240,7 @@ def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int,
 
 
 # attention_scale s = 1:  Where(mask, scores, -65504)      (== scores*mask - 65504*(1-mask) for finite scores)
-# s > 1 (spec 1.3):       m = scores*mask;  t = (m - ReduceMax(m, axis 3)) * s;  Where(mask, t, t - 65504)
+# s > 1 (docs/glm.md 1.3):       m = scores*mask;  t = (m - ReduceMax(m, axis 3)) * s;  Where(mask, t, t - 65504)
 def _mask_scores(b: GraphBuilder, scores: str, s: float, name: str) -> str:
     fill = b.const("mask_fill", -MASK_FILL, np.float32)
     if s == 1.0:
@@ -269,7 +269,7 @@ def mlp(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, gelu_kind:
     return linear(b, act, W, f"{prefix}.dense_4h_to_h")
 
 
-# tanh (spec 1.2): 0.5*x*(1 + Tanh(0.7978845608028654 * x * (1 + 0.044715*x*x)))
+# tanh (docs/glm.md 1.2): 0.5*x*(1 + Tanh(0.7978845608028654 * x * (1 + 0.044715*x*x)))
 # erf  (HF):       0.5*x*(1 + Erf(x / sqrt 2))
 # Written out with Mul/Add/Tanh/Erf so every opset >= 17 and TensorRT parse it; x*x (not x^3) keeps fp16
 # finite up to |x| = 256.
@@ -290,7 +290,7 @@ def gelu(b: GraphBuilder, x: str, kind: str, name: str) -> str:
 
 def transformer_layer(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig,
                       past_len: str) -> str:
-    """Pre-LN block (spec 1.2): x + Attn(LN_in(x)), then + MLP(LN_post(.)); residual stream fp32."""
+    """Pre-LN block (docs/glm.md 1.2): x + Attn(LN_in(x)), then + MLP(LN_post(.)); residual stream fp32."""
     p, eps = f"transformer.layers.{i}", cfg.layernorm_epsilon
     attn = self_attention(b, layer_norm(b, x, W, f"{p}.input_layernorm", eps), W, i, cfg, past_len)
     x = b.op("Add", [x, b.to_float(attn, f"/{p}/attn")], f"/{p}/residual_attn")

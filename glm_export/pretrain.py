@@ -33,7 +33,7 @@ from glm_runtime.tokenizer import JSON_SPECIAL_TOKENS
 SPECIAL_TOKENS = JSON_SPECIAL_TOKENS
 STATE_FILE = "train_state.pt"
 TOKENIZER_FILE = "tokenizer.json"
-SENTENCE_END_CHARS = ".?!;:\n"  # spec 5, gap-sentence splitting
+SENTENCE_END_CHARS = ".?!;:\n"  # docs/glm.md 5, gap-sentence splitting
 POSITION_INITS = ("local", "sinusoidal", "normal")
 TOP_FREQUENCY = 3.0  # rad per position of the fastest sin/cos pair (see sinusoidal_positions)
 LOCAL_HEAD_OFFSETS = (-1, 1)  # layer-0 heads that start looking at the previous / next token
@@ -152,7 +152,7 @@ def token_stream(tok, docs: list[str]) -> np.ndarray:
 
 
 def cut_samples(stream: np.ndarray, seq_length: int) -> np.ndarray:
-    """[N, seq_length] consecutive windows of the stream (samples span documents, spec 5 sample_across_doc)."""
+    """[N, seq_length] consecutive windows of the stream (samples span documents, docs/glm.md 5 sample_across_doc)."""
     n = len(stream) // seq_length
     if n == 0:
         raise PretrainError(f"the corpus has {len(stream)} tokens, fewer than one sample of seq_length {seq_length}")
@@ -160,7 +160,7 @@ def cut_samples(stream: np.ndarray, seq_length: int) -> np.ndarray:
 
 
 def padded_vocab(tokenizer_size: int) -> int:
-    return -(-tokenizer_size // 128) * 128  # spec 6: multiple of 128
+    return -(-tokenizer_size // 128) * 128  # docs/glm.md 6: multiple of 128
 
 
 # ---------------------------------------------------------------- training pieces
@@ -226,7 +226,7 @@ def init_positions(model: GLMModel, how: str) -> None:
     qkv = model.transformer.layers[0].attention.query_key_value
     for head, offset in enumerate(LOCAL_HEAD_OFFSETS[: model.config.num_attention_heads]):
         wq, wk = local_head_weights(h, d, offset)
-        qkv.weight[head * d:(head + 1) * d] = wq  # rows [all Q; all K; all V], head-major (spec 1.3)
+        qkv.weight[head * d:(head + 1) * d] = wq  # rows [all Q; all K; all V], head-major (docs/glm.md 1.3)
         qkv.weight[h + head * d:h + (head + 1) * d] = wk
         qkv.bias[head * d:(head + 1) * d] = 0.0
         qkv.bias[h + head * d:h + (head + 1) * d] = 0.0
@@ -246,7 +246,7 @@ def part_b_logits(model: GLMModel, batch: dict[str, torch.Tensor]) -> tuple[torc
 
 def model_loss(model: GLMModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean fp32 cross entropy over the Part B rows (part_b_logits); logit i predicts target i, with no shift
-    (spec 5 and 9.9)."""
+    (docs/glm.md 5 and 9.9)."""
     logits, targets = part_b_logits(model, batch)
     return F.cross_entropy(logits.float(), targets)
 

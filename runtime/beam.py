@@ -41,7 +41,7 @@ def beam_search_span(session: Any, cache: Any, mask_pos: int, *, sop: int, stops
     """Search one span -> (best hypothesis, decode calls made). Leaves the cache holding some beams' tokens
     (the caller truncates it to the span's start and feeds the winner once).
 
-    Each step keeps the top 2k candidates (the original draws them with multinomial, spec 4.1; glmx is
+    Each step keeps the top 2k candidates (the original draws them with multinomial, docs/glm.md 4.1; glmx is
     deterministic); a stop among the first k ends a hypothesis; a span reaching the budget has length = budget.
     """
     k = num_beams

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 from glm_runtime.errors import GLMXError
 
-LAYERNORM_EPS = 1e-5  # fixed in the original, whatever --layernorm-epsilon says (spec 9.18)
-GELU_KINDS = ("tanh", "erf")  # tanh = original training code; erf = HF remote code (spec 1.2)
+LAYERNORM_EPS = 1e-5  # fixed in the original, whatever --layernorm-epsilon says (docs/glm.md 9.18)
+GELU_KINDS = ("tanh", "erf")  # tanh = original training code; erf = HF remote code (docs/glm.md 1.2)
 TOKENIZER_KINDS = ("gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json")
 
 
@@ -106,7 +106,7 @@ class GLMConfig:
             raise ConfigError("config JSON must be an object")
         return cls.from_dict(data)
 
-    # Hugging Face config.json (GLMConfig of the THUDM remote code, spec 8.2)
+    # Hugging Face config.json (GLMConfig of the THUDM remote code, docs/glm.md 8.2)
     def to_hf_dict(self) -> dict[str, Any]:
         return {
             "model_type": "glm",
@@ -155,7 +155,7 @@ class GLMConfig:
             "hidden_dropout": data.get("output_dropout_prob", data.get("embedding_dropout_prob", 0.1)),
             "attention_dropout": data.get("attention_dropout_prob", 0.1),
             "attention_scale": float(data.get("attention_scale", 1.0)),
-            # The HF remote code uses exact erf GeLU (spec 1.2); a glmx-written file says otherwise.
+            # The HF remote code uses exact erf GeLU (docs/glm.md 1.2); a glmx-written file says otherwise.
             "gelu": extra.get("gelu", "erf"),
             "tokenizer": extra.get("tokenizer", "json"),
             "name": extra.get("name", "custom"),

@@ -1,4 +1,4 @@
-"""GLM's blank-filling loop (spec 4.1): fill every [MASK] / [sMASK] / [gMASK] left to right on one growing cache.
+"""GLM's blank-filling loop (docs/glm.md 4.1): fill every [MASK] / [sMASK] / [gMASK] left to right on one growing cache.
 In: a session (ONNX Runtime, TensorRT or the torch reference), a GLMTokenizer, prompts, decoding settings.
 Out: one FillResult per prompt (filled text, spans, tokens, timings), or StreamEvents as tokens come."""
 from __future__ import annotations
@@ -121,7 +121,7 @@ def prepare_prompt(tokenizer: Any, text: Any, index: Any, append_gmask: bool, ma
 # ---------------------------------------------------------------- text out
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Text of ids, skipping ids that have no text (padded vocabulary rows a model may still pick, spec 9.8)."""
+    """Text of ids, skipping ids that have no text (padded vocabulary rows a model may still pick, docs/glm.md 9.8)."""
     known = []
     for i in ids:
         try:

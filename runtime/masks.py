@@ -1,4 +1,4 @@
-"""GLM's 2-D positions and attention masks in numpy (spec 2, 3, 4.1-4.2), independent of the torch model.
+"""GLM's 2-D positions and attention masks in numpy (docs/glm.md 2, 3, 4.1-4.2), independent of the torch model.
 In: context lengths, mask positions, span steps, which cache slots each row has filled.
 Out: int64 position_ids [B, 2, T] and bool attention masks [B, 1, T, past + T] (True = visible)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _lengths(lengths: Sequence[int], seq: int | None) -> tuple[np.ndarray, int]:
     return lengths, seq
 
 
-# ---------------------------------------------------------------- positions (spec 2)
+# ---------------------------------------------------------------- positions (docs/glm.md 2)
 
 def context_positions(lengths: Sequence[int], seq: int | None = None) -> np.ndarray:
     """Part A positions for right-padded rows: (0..C_b-1, block 0); padding gets (0, 0). -> [B, 2, seq]."""
@@ -41,7 +41,7 @@ def span_positions(mask_pos: int, first_step: int, count: int) -> np.ndarray:
 
 
 def filled_layout(context_len: int, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, int]:
-    """The training-equivalent single sequence after filling (spec 4.2): context, then per blank sop + span.
+    """The training-equivalent single sequence after filling (docs/glm.md 4.2): context, then per blank sop + span.
 
     spans: (mask_pos, number of span tokens fed after sop) in fill order. -> (positions [2, total], sep = C).
     """
@@ -50,7 +50,7 @@ def filled_layout(context_len: int, spans: Sequence[tuple[int, int]]) -> tuple[n
     return np.concatenate(parts, axis=1), context_len
 
 
-# ---------------------------------------------------------------- masks (spec 3)
+# ---------------------------------------------------------------- masks (docs/glm.md 3)
 
 def sep_mask(sep: int, seq: int) -> np.ndarray:
     """The explicit form of the original's scalar sep: query i sees key j iff j < sep or j <= i. -> [seq, seq]."""

@@ -1,4 +1,4 @@
-"""The three forward phases of blank filling (spec 4.1), each one `session.run` on the shared cache.
+"""The three forward phases of blank filling (docs/glm.md 4.1), each one `session.run` on the shared cache.
 In: a session, a cache, token ids (context / one token per row / a span). Out: logits [B, V] of each row's
 last fed token; the cache gains the fed tokens' keys and values."""
 from __future__ import annotations

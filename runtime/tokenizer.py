@@ -1,7 +1,7 @@
 """GLM's tokenizers without torch: the original vocabularies with the command-token ids of spec section 7.
 
 In: GPT-2 / RoBERTa / BERT / Chinese SentencePiece vocabulary files or glmx's tokenizer.json. Out: `GLMTokenizer`
-and the blank-filling context ids of spec 4.1 (`build_context_ids`, `find_blanks`).
+and the blank-filling context ids of docs/glm.md 4.1 (`build_context_ids`, `find_blanks`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from glm_runtime.config import TOKENIZER_KINDS
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
 
-# Command-token names of the original code, in the order the ids are reported (spec 7).
+# Command-token names of the original code, in the order the ids are reported (docs/glm.md 7).
 COMMAND_NAMES = ("pad", "eos", "sep", "ENC", "MASK", "unk", "sop", "eop", "gMASK", "sMASK", "dBLOCK")
 BLANK_NAMES = ("MASK", "sMASK", "gMASK")
 COMMAND_STRINGS = {"pad": "<|endoftext|>", "eos": "<|endoftext|>", "sep": "[SEP]", "ENC": "[CLS]", "MASK": "[MASK]",
@@ -28,8 +28,8 @@ JSON_SPECIAL_TOKENS = ("<|endoftext|>", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]",
 _JSON_REQUIRED = ("pad", "eos", "ENC", "MASK", "sop", "eop")
 META_NAME = "glmx_tokenizer.json"  # kind and options, written by GLMTokenizer.save
 BPE_FILES = ("vocab.json", "merges.txt")  # a GPT-2 / RoBERTa byte-level BPE is this pair, side by side
-# (task_mask, decoder_mask) of the released models: [gMASK]/[sMASK] only for task-mask models (spec 9.14),
-# [dBLOCK] where the spec's table lists it (GLM-2B/10B and both Chinese models).
+# (task_mask, decoder_mask) of the released models: [gMASK]/[sMASK] only for task-mask models (docs/glm.md 9.14),
+# [dBLOCK] where docs/glm.md 7's table lists it (GLM-2B/10B and both Chinese models).
 _DEFAULT_OPTIONS = {"gpt2": (True, True), "roberta": (False, False), "bert": (False, False),
                     "chinese-sp": (True, True), "chinese-sp-fix": (True, True)}
 _FAMILY = {"gpt2": "bpe", "roberta": "bpe", "bert": "wordpiece", "chinese-sp": "sp", "chinese-sp-fix": "sp",
@@ -118,7 +118,7 @@ class GLMTokenizer:
         return f"GLMTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, special={self.special})"
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
-        """The model's V: this size rounded up to a multiple of 128 (spec 6)."""
+        """The model's V: this size rounded up to a multiple of 128 (docs/glm.md 6)."""
         return -(-self.vocab_size // multiple) * multiple
 
     # encoding
@@ -208,7 +208,7 @@ class GLMTokenizer:
                 "options": dict(self.options)}
 
 
-# ---------------------------------------------------------------- command-token id tables (spec 7)
+# ---------------------------------------------------------------- command-token id tables (docs/glm.md 7)
 
 def _after_vocab(start: int, options: dict[str, Any], middle: Sequence[str] = ()) -> dict[str, int]:
     """GPT-2 / RoBERTa / BERT: added commands take the next free ids after the vocabulary, in this order."""
@@ -222,7 +222,7 @@ def chinese_sp_special_ids(num_pieces: int, fix_command_token: bool, task_mask: 
     """Command ids of ChineseSPTokenizer for a SentencePiece model of `num_pieces` pieces (50000 in GLM).
 
     The original counter advances by 5 after unk, so n+5 is never used and sop/eop are n+6/n+7; without
-    fix_command_token it then advances by only 2, so gMASK gets n+7 == eop (GLM-10B-Chinese, spec 9.12).
+    fix_command_token it then advances by only 2, so gMASK gets n+7 == eop (GLM-10B-Chinese, docs/glm.md 9.12).
     hf_gmask=True gives the Hugging Face convention for that model: gMASK = n+9 (its embedding row is a copy
     of row n+7), and no dBLOCK (it would collide).
     """
@@ -383,7 +383,7 @@ def _load_bpe(kind: str, files: dict[str, Path], options: dict[str, Any]) -> GLM
     t = tok.token_to_id
     if kind == "gpt2":
         _require(t, ["<|endoftext|>"], vocab, "GPT-2 vocabulary (a RoBERTa vocab.json needs kind='roberta')")
-        # GLM-2B/10B: sop, eop, ENC, MASK, sep, unk, then gMASK, sMASK, dBLOCK after the 50257 ids (spec 7)
+        # GLM-2B/10B: sop, eop, ENC, MASK, sep, unk, then gMASK, sMASK, dBLOCK after the 50257 ids (docs/glm.md 7)
         special = {"pad": t("<|endoftext|>"), "eos": t("<|endoftext|>"),
                    **_after_vocab(n, options, middle=("ENC", "MASK", "sep", "unk"))}
     else:
@@ -400,7 +400,7 @@ def _load_bert(files: dict[str, Path], options: dict[str, Any]) -> GLMTokenizer:
         tok = Tokenizer(models.WordPiece.from_file(str(vocab), unk_token="[UNK]"))
     except Exception as exc:
         raise TokenizerError(f"cannot read WordPiece vocabulary {vocab}: {exc}") from None
-    # uncased BERT: clean text, split CJK characters, lower-case and strip accents (spec 7: lower-casing on)
+    # uncased BERT: clean text, split CJK characters, lower-case and strip accents (docs/glm.md 7: lower-casing on)
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
@@ -490,7 +490,7 @@ def train_bpe_tokenizer(files_or_iterator: Any, vocab_size: int, out_file: str |
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    blanks = {COMMAND_STRINGS[n] for n in BLANK_NAMES}  # lstrip, so other tools strip like GLM does (spec 7)
+    blanks = {COMMAND_STRINGS[n] for n in BLANK_NAMES}  # lstrip, so other tools strip like GLM does (docs/glm.md 7)
     specials = [AddedToken(s, special=True, normalized=False, lstrip=s in blanks) for s in JSON_SPECIAL_TOKENS]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -503,16 +503,16 @@ def train_bpe_tokenizer(files_or_iterator: Any, vocab_size: int, out_file: str |
     return load_tokenizer(out_file, kind="json")
 
 
-# ---------------------------------------------------------------- the blank-filling context (spec 4.1)
+# ---------------------------------------------------------------- the blank-filling context (docs/glm.md 4.1)
 
 def find_blanks(ids: Sequence[int], tok: GLMTokenizer) -> list[tuple[int, int]]:
-    """(position, mask id) of every blank token in `ids`, ascending (spec 4.1 step 3)."""
+    """(position, mask id) of every blank token in `ids`, ascending (docs/glm.md 4.1 step 3)."""
     masks = set(tok.mask_ids)
     return [(pos, int(i)) for pos, i in enumerate(ids) if int(i) in masks]
 
 
 def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = False) -> list[int]:
-    """[ENC] + encode(text) + [eos], without eos when the text ends with [gMASK] (spec 4.1, 9.11).
+    """[ENC] + encode(text) + [eos], without eos when the text ends with [gMASK] (docs/glm.md 4.1, 9.11).
 
     A text without a blank is refused unless append_gmask, which appends " [gMASK]" (" [MASK]" for a
     vocabulary without [gMASK]) so the model continues the text.

@@ -21,7 +21,8 @@ HF_TOKENIZER_CLASSES = {"GLMBertTokenizer": "bert", "GLMGPT2Tokenizer": "gpt2", 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 _FAMILY_FILES = {"json": "tokenizer.json", "bpe": "vocab.json + merges.txt", "wordpiece": "vocab.txt",
                  "sp": "a SentencePiece *.model"}
-# Chinese SentencePiece: which id table a model of these sizes was trained with (spec 7; presets of spec 6)
+# Chinese SentencePiece: which id table a model of these sizes was trained with (docs/glm.md 7; presets:
+# docs/glm.md 6)
 _CHINESE_BY_SIZE = {(24, 1024): "chinese-sp-fix", (48, 4096): "chinese-sp"}
 
 
@@ -67,7 +68,7 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
     The folder decides, in this order: an explicit `kind`; tokenizer_config.json's tokenizer_class (the hub's
     GLMBertTokenizer, GLMGPT2Tokenizer, GLMRobertaTokenizer, GLMChineseTokenizer); the files present (a BPE
     vocabulary's own tokens tell GPT-2 from RoBERTa); for a Chinese SentencePiece model, the preset whose sizes
-    match `config` (GLM-Large-Chinese vs GLM-10B-Chinese ids, spec 7). A conflict between two of these, or a
+    match `config` (GLM-Large-Chinese vs GLM-10B-Chinese ids, docs/glm.md 7). A conflict between two of these, or a
     vocabulary that does not fit `config.vocab_size`, raises a one-line TokenizerError naming both sides.
     Returns (tokenizer, notes): the notes say what was decided and why, for the console and the manifest.
     """
@@ -123,7 +124,7 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
             notes.append(f"tokenizer: {kind} ({source}SentencePiece model; the model's sizes L={sizes[0]} "
                          f"h={sizes[1]} are {preset}'s, whose id table this is)")
         elif layout == "hf":
-            # both Hugging Face Chinese checkpoints use the fixed command ids (gMASK 50009, spec 7 and 8.2)
+            # both Hugging Face Chinese checkpoints use the fixed command ids (gMASK 50009, docs/glm.md 7 and 8.2)
             kind = "chinese-sp-fix"
             notes.append(f"tokenizer: chinese-sp-fix ({source}SentencePiece model in a Hugging Face folder: the "
                          f"hub's Chinese GLMs use gMASK = sop + 3; sizes match no preset) - ASSUMED")
@@ -140,7 +141,7 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
 
 def check_fits(tok: GLMTokenizer, config: Any, where: str) -> GLMTokenizer:
     """The tokenizer must belong to the model: every id an embedding row, and for the released vocabularies the
-    model's V is exactly the tokenizer's size padded to 128 (spec 6)."""
+    model's V is exactly the tokenizer's size padded to 128 (docs/glm.md 6)."""
     rows = getattr(config, "vocab_size", None)
     if rows is None:
         return tok

@@ -1,6 +1,6 @@
 """Independent float64 numpy oracle of GLM (Du et al. 2021), written from glm_reference_spec.md only.
 
-In: a state dict with the official unprefixed names (spec 1.1) and a small cfg dict.
+In: a state dict with the official unprefixed names (docs/glm.md 1.1) and a small cfg dict.
 Out: logits of one sequence (no cache), greedy blank filling by full recomputation, and a loader for
 Hugging Face hub folders. Imports numpy only at module level; never imports glm_export / glm_runtime.
 """
@@ -12,14 +12,14 @@ import os
 
 import numpy as np
 
-LN_EPS = 1e-5          # spec 1.2 / 9.18: fixed, whatever the config says
-MASK_FILL = 65504.0    # spec 1.3 / 9.5: fp16 minimum, added as -65504 * (1 - mask)
+LN_EPS = 1e-5          # docs/glm.md 1.2 / 9.18: fixed, whatever the config says
+MASK_FILL = 65504.0    # docs/glm.md 1.3 / 9.5: fp16 minimum, added as -65504 * (1 - mask)
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def _gelu(x: np.ndarray, gelu: str) -> np.ndarray:
-    """spec 1.2: "tanh" = original training code (gelu_impl), "erf" = HF remote code."""
+    """docs/glm.md 1.2: "tanh" = original training code (gelu_impl), "erf" = HF remote code."""
     if gelu == "tanh":
         return 0.5 * x * (1.0 + np.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
     if gelu == "erf":
@@ -34,22 +34,22 @@ def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _linear(x: np.ndarray, sd: dict, name: str) -> np.ndarray:
-    return x @ sd[name + ".weight"].T + sd[name + ".bias"]  # weights are [out, in] (spec 1.1)
+    return x @ sd[name + ".weight"].T + sd[name + ".bias"]  # weights are [out, in] (docs/glm.md 1.1)
 
 
 def sep_mask(T: int, sep: int) -> np.ndarray:
-    """spec 3.1 sep form: query i sees key j iff j < sep or j <= i. Returns (T, T) of 0/1 float64."""
+    """docs/glm.md 3.1 sep form: query i sees key j iff j < sep or j <= i. Returns (T, T) of 0/1 float64."""
     i = np.arange(T)[:, None]
     j = np.arange(T)[None, :]
     return ((j < sep) | (j <= i)).astype(np.float64)
 
 
 def _attention(a: np.ndarray, sd: dict, p: str, n: int, mask: np.ndarray, s: float) -> np.ndarray:
-    """spec 1.3. a: (T, h) already input-LayerNormed. Returns the dense output (T, h)."""
+    """docs/glm.md 1.3. a: (T, h) already input-LayerNormed. Returns the dense output (T, h)."""
     T, h = a.shape
     d = h // n
     qkv = _linear(a, sd, p + "attention.query_key_value")        # (T, 3h): [all Q | all K | all V]
-    q, k, v = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]         # NOT interleaved per head (spec 9.1)
+    q, k, v = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]         # NOT interleaved per head (docs/glm.md 9.1)
     q = q.reshape(T, n, d).transpose(1, 0, 2)                     # (n, T, d), head j = features [j*d, (j+1)*d)
     k = k.reshape(T, n, d).transpose(1, 0, 2)
     v = v.reshape(T, n, d).transpose(1, 0, 2)
@@ -57,7 +57,7 @@ def _attention(a: np.ndarray, sd: dict, p: str, n: int, mask: np.ndarray, s: flo
         scores = q @ (k / math.sqrt(d)).transpose(0, 2, 1)        # (n, T, T), K divided first
         scores = scores * mask - MASK_FILL * (1.0 - mask)
     else:
-        # spec 1.3 attention_scale branch: scale, mask-multiply, subtract row max (masked entries are 0
+        # docs/glm.md 1.3 attention_scale branch: scale, mask-multiply, subtract row max (masked entries are 0
         # then), multiply by s, add the fill. Same softmax as s = 1 up to rounding.
         scores = (q / math.sqrt(s)) @ (k / math.sqrt(d * s)).transpose(0, 2, 1)
         scores = scores * mask
@@ -73,7 +73,7 @@ def _attention(a: np.ndarray, sd: dict, p: str, n: int, mask: np.ndarray, s: flo
 
 def forward(sd: dict, cfg: dict, input_ids: list, position_ids: list, block_ids: list, sep: int,
             gelu: str) -> np.ndarray:
-    """Logits (T, V) of one sequence, no memory, dropout off (spec 1.2, 1.3, 2, 3.1 sep form)."""
+    """Logits (T, V) of one sequence, no memory, dropout off (docs/glm.md 1.2, 1.3, 2, 3.1 sep form)."""
     L, h, n = int(cfg["num_layers"]), int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     s = float(cfg.get("attention_scale", 1.0) or 1.0)
     if h % n:
@@ -109,17 +109,17 @@ def greedy_fill(sd: dict, cfg: dict, context_ids: list, mask_id_set: set, sop: i
                 max_new_tokens: int, gelu: str, eos: int | None = None) -> list:
     """Greedy blank filling, every step a full forward (no cache). Returns one id list per blank.
 
-    Follows spec 4.1 (original interactive loop) with argmax instead of sampling, in its training-
-    equivalent single-pass form of spec 4.2:
+    Follows docs/glm.md 4.1 (original interactive loop) with argmax instead of sampling, in its training-
+    equivalent single-pass form of docs/glm.md 4.2:
     - context_ids is the finished Part A ([CLS] ... [eos] built by the caller); its tokens get
-      position 0..C-1 and block 0; sep = C (Part A bidirectional, Part B causal, spec 3.1).
-    - blanks = every index of context_ids whose id is in mask_id_set, ascending (spec 4.1 step 3).
+      position 0..C-1 and block 0; sep = C (Part A bidirectional, Part B causal, docs/glm.md 3.1).
+    - blanks = every index of context_ids whose id is in mask_id_set, ascending (docs/glm.md 4.1 step 3).
     - for blank m: append sop at (m, 1); the t-th token fed for that span (t = 0 is sop) is at
-      (m, t + 1) (spec 2, 9.3); the next token = argmax of the logits of the LAST position.
-    - stop on eop (spec 4.1 step 4; also on `eos` when given, the original's eod stop): the stop token is
+      (m, t + 1) (docs/glm.md 2, 9.3); the next token = argmax of the logits of the LAST position.
+    - stop on eop (docs/glm.md 4.1 step 4; also on `eos` when given, the original's eod stop): the stop token is
       neither returned NOR kept in the sequence; or stop after max_new_tokens tokens (counter < limit).
     - the sequence keeps growing as context + sop span1 + sop span2 ..., so later blanks attend to
-      every earlier span (spec 3.2, 4.1 step 5, 9.15).
+      every earlier span (docs/glm.md 3.2, 4.1 step 5, 9.15).
     """
     stops = {int(eop)} | ({int(eos)} if eos is not None else set())
     C = len(context_ids)
@@ -142,7 +142,7 @@ def greedy_fill(sd: dict, cfg: dict, context_ids: list, mask_id_set: set, sop: i
 
 
 def load_hf_folder(folder: str) -> tuple:
-    """(sd, cfg) from a hub folder: config.json + pytorch_model.bin | model.safetensors (spec 8.2).
+    """(sd, cfg) from a hub folder: config.json + pytorch_model.bin | model.safetensors (docs/glm.md 8.2).
 
     Also reads sharded `*.index.json` checkpoints. Strips a leading "glm." prefix; float64 arrays.
     """

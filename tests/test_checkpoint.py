@@ -1,4 +1,4 @@
-"""Checkpoints: the three layouts load to the same model, model-parallel shards merge per spec 8.3,
+"""Checkpoints: the three layouts load to the same model, model-parallel shards merge per docs/glm.md 8.3,
 glmx folders round-trip and refuse tampering, and every error path says what is wrong."""
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def outputs(model):
 
 
 def write_megatron(root, shards, tag="release", tracker="latest_checkpointed_iteration.txt", extra=None):
-    """Original layout (spec 8.1): tracker + <tag>/mp_rank_XX_model_states.pt with the weights under 'module'."""
+    """Original layout (docs/glm.md 8.1): tracker + <tag>/mp_rank_XX_model_states.pt with the weights under 'module'."""
     folder = root / tag
     folder.mkdir(parents=True)
     if tracker:
@@ -145,7 +145,7 @@ def test_hub_style_config_json_and_downstream_heads(tmp_path, tiny_config, sourc
     assert not torch.equal(outputs(loaded.model), outputs(ref))  # the GeLU choice is visible
 
 
-# ---------------------------------------------------------------- model parallelism (spec 8.3)
+# ---------------------------------------------------------------- model parallelism (docs/glm.md 8.3)
 
 def test_split_matches_hand_built_shards_and_merge_inverts_it(source):
     model, _, _ = source
@@ -247,7 +247,7 @@ def test_save_load_round_trip(tmp_path, tiny_config):
 
 
 def bert_vocab(path, lines: int = 400):
-    """A BERT-style vocab.txt (spec 7 special ids) of `lines` entries: with sop/eop, V = 512 (glm-tiny)."""
+    """A BERT-style vocab.txt (docs/glm.md 7 special ids) of `lines` entries: with sop/eop, V = 512 (glm-tiny)."""
     words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat"]
     path.write_text("\n".join(words + [f"w{i}" for i in range(lines - len(words))]) + "\n", encoding="utf-8")
     return path

@@ -1,4 +1,5 @@
-"""The blank-infilling collator: spec 3.4's worked example, span statistics, document boundaries, modes, padding."""
+"""The blank-infilling collator: docs/glm.md 3.4's worked example, span statistics, document boundaries, modes,
+padding."""
 from __future__ import annotations
 
 from collections import Counter
@@ -25,12 +26,12 @@ def random_sample(rng: np.random.Generator, length: int, n_docs: int) -> np.ndar
 
 
 def visible(sep: int, T: int) -> np.ndarray:
-    """Independent numpy form of spec 3.1's sep mask: [T, T] bool, query i sees key j iff j < sep or j <= i."""
+    """Independent numpy form of docs/glm.md 3.1's sep mask: [T, T] bool, query i sees key j iff j < sep or j <= i."""
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     return (j < sep) | (j <= i)
 
 
-# ---------------------------------------------------------------- spec 3.4, by hand
+# ---------------------------------------------------------------- docs/glm.md 3.4, by hand
 
 def test_spec_worked_example_reproduced_exactly():
     CLS, EOS, M, SOP, EOP = SP.cls, SP.eos, SP.mask, SP.sop, SP.eop
@@ -272,7 +273,7 @@ def test_infill_form_attention_part_a_never_sees_the_span():
 
 
 def is_infill_form(batch: dict, b: int) -> bool:
-    """Infill form ends its Part B targets with eop; the prefix form never writes eop (spec 5)."""
+    """Infill form ends its Part B targets with eop; the prefix form never writes eop (docs/glm.md 5)."""
     return SP.eop in batch["target_ids"][b, int(batch["sep"][b]):].tolist()
 
 

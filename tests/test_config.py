@@ -1,4 +1,4 @@
-"""GLMConfig: presets against the spec's size table, JSON and Hugging Face round trips, refusals."""
+"""GLMConfig: presets against docs/glm.md 6's size table, JSON and Hugging Face round trips, refusals."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,7 @@ def test_presets_match_the_spec(name):
 
 
 def test_glm_10b_parameter_count():
-    # spec 6: 48*12*4096^2 + 50304*4096 + 2*1025*4096 ~= 9.88 B (plus biases and LNs)
+    # docs/glm.md 6: 48*12*4096^2 + 50304*4096 + 2*1025*4096 ~= 9.88 B (plus biases and LNs)
     assert abs(get_preset("GLM-10B").num_parameters() / 1e9 - 9.88) < 0.01
 
 

@@ -36,7 +36,7 @@ EXPORTS = {
     "tiny_s0_fp16": (TINY, 0, "fp16", {}),
     "odd_fp16": (ODD, 2, "fp16", {}),
     "tiny_s0_fp32_external": (TINY, 0, "fp32", {"external_data": True}),
-    # erf GeLU, attention_scale > 1 (spec 1.3) and opset 18 (Split / ReduceMax take their newer forms)
+    # erf GeLU, attention_scale > 1 (docs/glm.md 1.3) and opset 18 (Split / ReduceMax take their newer forms)
     "variant_fp32": (ODD.replace(gelu="erf", attention_scale=2.0), 3, "fp32", {"opset": 18}),
 }
 
@@ -96,7 +96,7 @@ def test_fp16_within_budget_and_finite(exported, name):
 
 def test_one_file_serves_context_pass_and_decode_steps(exported):
     """Independent of parity.py: context pass with past 0, then decode steps with past > 0 chaining the
-    present-is-new outputs, equal the reference's single training-equivalent pass (spec 4.2)."""
+    present-is-new outputs, equal the reference's single training-equivalent pass (docs/glm.md 4.2)."""
     model, folder = exported["tiny_s1_fp32"]
     config = model.config
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])

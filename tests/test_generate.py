@@ -1,5 +1,5 @@
 """runtime/generate.py and friends: the blank-filling loop on ONNX Runtime against the torch reference, the
-incremental cache against one full pass (spec 4.2), batches, beam search, sampling, streaming, the loop's
+incremental cache against one full pass (docs/glm.md 4.2), batches, beam search, sampling, streaming, the loop's
 feeds on a scripted session, every bad input's message, and `glmx fill`."""
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_greedy_onnx_equals_torch_token_for_token(greedy_ort, torch_session, tok
 
 
 def test_result_layout(greedy_ort, tok):
-    # tokens = context ids, then sop + span per blank (spec 4.1 output); one span per blank, in order
+    # tokens = context ids, then sop + span per blank (docs/glm.md 4.1 output); one span per blank, in order
     for prompt, result in zip(PROMPTS, greedy_ort):
         ids = build_context_ids(tok, prompt)
         assert result.tokens[:len(ids)] == ids

@@ -1,4 +1,4 @@
-"""runtime/masks.py: numpy positions and masks against small cases worked out by hand (spec 2, 3, 4.2) and
+"""runtime/masks.py: numpy positions and masks against small cases worked out by hand (docs/glm.md 2, 3, 4.2) and
 against the torch reference's build_attention_mask for the sep forms."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_context_positions_by_hand():
 
 
 def test_decode_and_span_positions_by_hand():
-    # spec 2: token t of a span (t = 0 is sop) sits at (mask_pos, t + 1)
+    # docs/glm.md 2: token t of a span (t = 0 is sop) sits at (mask_pos, t + 1)
     assert masks.decode_positions([2, 5], [0, 3]).tolist() == [[[2], [1]], [[5], [4]]]
     assert masks.span_positions(5, 0, 3).tolist() == [[5, 5, 5], [1, 2, 3]]
     assert masks.span_positions(5, 2, 2).tolist() == [[5, 5], [3, 4]]
@@ -105,7 +105,7 @@ def test_context_mask_equals_torch_sep_on_real_tokens():
 
 @needs_torch
 def test_decode_mask_equals_torch_sep_zero_with_memory():
-    # a decode step in the original: scalar sep 0 over one new token, all memory visible (spec 4.1 step 2)
+    # a decode step in the original: scalar sep 0 over one new token, all memory visible (docs/glm.md 4.1 step 2)
     from glm_export.model import build_attention_mask
     past = 6
     ref = build_attention_mask(0, 1, 1, past)[0, 0].numpy().astype(bool)

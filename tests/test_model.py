@@ -10,7 +10,7 @@ from glm_export.model import GLMModel, build_attention_mask  # noqa: E402
 from tests import oracle_glm  # noqa: E402
 from tests.random_models import random_weights_model  # noqa: E402
 
-# Multi-span blank-filling layout of spec 4.2: context "t1 [M] t2 t3 [M] t4" (C = 8) then two spans.
+# Multi-span blank-filling layout of docs/glm.md 4.2: context "t1 [M] t2 t3 [M] t4" (C = 8) then two spans.
 CONTEXT = [1, 11, 2, 12, 13, 2, 14, 0]  # [CLS] t1 [MASK] t2 t3 [MASK] t4 eos (glm-tiny json ids)
 SOP = 5
 SPAN1 = [21, 22]  # u1 u2, fed after sop at mask position 2
@@ -18,7 +18,7 @@ SPAN2 = [31, 32, 33]  # v1 v2 v3, fed after sop at mask position 5
 
 
 def multi_span_layout():
-    """input ids, positions [2, T], sep for the training-equivalent single pass (spec 4.2)."""
+    """input ids, positions [2, T], sep for the training-equivalent single pass (docs/glm.md 4.2)."""
     ids = CONTEXT + [SOP] + SPAN1 + [SOP] + SPAN2
     pos = list(range(8)) + [2] * 3 + [5] * 4
     block = [0] * 8 + [1, 2, 3] + [1, 2, 3, 4]
@@ -46,11 +46,11 @@ def test_matches_independent_numpy_forward(tiny_config, gelu):
 
 
 def test_gelu_variants_differ_as_the_spec_says(tiny_config):
-    """tanh and erf GeLU differ by at most ~4.7e-4 (spec 1.2), so the option must change the outputs."""
+    """tanh and erf GeLU differ by at most ~4.7e-4 (docs/glm.md 1.2), so the option must change the outputs."""
     x = torch.linspace(-6, 6, 100001)
     diff = (torch.nn.functional.gelu(x, approximate="tanh") - torch.nn.functional.gelu(x)).abs()
     assert 4.0e-4 < diff.max().item() < 5.0e-4
-    assert abs(abs(x[diff.argmax()].item()) - 2.70) < 0.05  # the spec's x = -2.70 (and its mirror)
+    assert abs(abs(x[diff.argmax()].item()) - 2.70) < 0.05  # docs/glm.md's x = -2.70 (and its mirror)
     model_tanh = random_weights_model(tiny_config, seed=5)
     model_erf = GLMModel(tiny_config.replace(gelu="erf")).eval()
     model_erf.load_state_dict(model_tanh.state_dict())
@@ -61,7 +61,7 @@ def test_gelu_variants_differ_as_the_spec_says(tiny_config):
 
 
 def test_incremental_cache_equals_one_pass(tiny_config):
-    """Context pass, then span after span through the cache (spec 4.2) == one sep-masked pass."""
+    """Context pass, then span after span through the cache (docs/glm.md 4.2) == one sep-masked pass."""
     model = random_weights_model(tiny_config, seed=2)
     ids, pos, sep = multi_span_layout()
     ids_t, pos_t = torch.tensor([ids]), torch.tensor(pos)[None]
@@ -100,7 +100,7 @@ def test_part_a_ignores_part_b_and_part_b_is_causal(tiny_config):
 
 
 def test_mask_forms_agree():
-    """Scalar sep, per-sample sep and the explicit mask are the same thing (spec 3.1)."""
+    """Scalar sep, per-sample sep and the explicit mask are the same thing (docs/glm.md 3.1)."""
     T, past = 5, 3
     scalar = build_attention_mask(2, 2, T, past)
     vector = build_attention_mask(torch.tensor([2, 2]), 2, T, past)

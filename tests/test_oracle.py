@@ -75,7 +75,7 @@ def test_greedy_spans_match_one_pass_layout_and_scale_branch():
     mask, sop, eop = 60, 61, 62
     context = [1, 7, mask, 9, mask, 4, 0]
     spans = oracle_glm.greedy_fill(sd, CFG, context, {mask}, sop, eop, 3, "tanh")
-    # spec 4.2 single pass: context, then sop+span per blank; each fed token predicts the next one.
+    # docs/glm.md 4.2 single pass: context, then sop+span per blank; each fed token predicts the next one.
     ids, pos, blk = list(context), list(range(7)), [0] * 7
     for m, span in zip((2, 4), spans):
         ids += [sop] + span; pos += [m] * (len(span) + 1); blk += list(range(1, len(span) + 2))
@@ -85,7 +85,7 @@ def test_greedy_spans_match_one_pass_layout_and_scale_branch():
         assert [int(t) for t in logits[at:at + len(span)].argmax(-1)] == span
         at += len(span) + 1
     scaled = oracle_glm.forward(sd, dict(CFG, attention_scale=4.0), ids, pos, blk, 7, "tanh")
-    np.testing.assert_allclose(scaled, logits, atol=1e-9)  # spec 1.3: same softmax for any scale
+    np.testing.assert_allclose(scaled, logits, atol=1e-9)  # docs/glm.md 1.3: same softmax for any scale
 
 
 def test_load_hf_folder_strips_prefix(tmp_path):

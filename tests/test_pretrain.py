@@ -112,7 +112,7 @@ def test_export_then_evaluate_writes_metrics_beside_the_baseline(corpus, tmp_pat
 
 def _known_length_equals_the_cached_loop(checkpoint, corpus):
     """known_length_match (one teacher-forced pass over Part B) == feeding sop + the answer through the cache
-    one token at a time (spec 4.1's loop), answer by answer; and an answer made of the model's own greedy
+    one token at a time (docs/glm.md 4.1's loop), answer by answer; and an answer made of the model's own greedy
     tokens always matches."""
     import torch
     from glm_export.checkpoint import load_checkpoint

@@ -3,8 +3,8 @@
 Folders are laid out as the Hugging Face hub publishes THUDM/glm-* (config.json with the remote-code fields,
 pytorch_model.bin with `glm.` keys, the vocabulary files and tokenizer_config.json naming the GLM tokenizer
 class, the remote-code .py files) or as the original Megatron code writes them, with tiny sizes, random
-weights and vocabularies made here at the real sizes and special ids (spec 7). The golden reference is
-tests/oracle_glm.py, a numpy GLM written from the spec alone.
+weights and vocabularies made here at the real sizes and special ids (docs/glm.md 7). The golden reference is
+tests/oracle_glm.py, a numpy GLM written from docs/glm.md alone.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ MAX_NEW = 6
 
 
 def write_vocab(kind: str, folder: Path) -> int:
-    """The kind's vocabulary files in `folder`; -> the model's V (the tokenizer's size padded to 128, spec 6)."""
+    """The kind's vocabulary files in `folder`; -> the model's V (the tokenizer's size padded to 128, docs/glm.md 6)."""
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "gpt2":  # GPT-2: 50257 ids, <|endoftext|> last
         _write_bpe(folder, [], 50257, ["<|endoftext|>"])
@@ -365,7 +365,7 @@ def test_derived_stages_refuse_an_export_without_tokenizer_in_one_line(tmp_path)
 
 
 def test_gelu_slip_is_caught_by_the_fp32_budget(tmp_path):
-    """The scaled fp32 budget still catches tanh-for-erf on a tiny model (spec 1.2: the HF code uses erf), while
+    """The scaled fp32 budget still catches tanh-for-erf on a tiny model (docs/glm.md 1.2: the HF code uses erf), while
     the right GeLU passes with room to spare."""
     from glm_export.compare import compare_sessions
     from glm_export.export import export_onnx
@@ -386,7 +386,7 @@ def test_gelu_slip_is_caught_by_the_fp32_budget(tmp_path):
 
 
 def test_chinese_id_table_follows_the_preset_sizes_and_the_layout(tmp_path):
-    """GLM-Large-Chinese vs GLM-10B-Chinese (spec 7): the SentencePiece model is the same file, the ids differ;
+    """GLM-Large-Chinese vs GLM-10B-Chinese (docs/glm.md 7): the SentencePiece model is the same file, the ids differ;
     the model's sizes pick the table, and a Hugging Face folder uses gMASK = sop + 3 (its converter's copy)."""
     from types import SimpleNamespace
 

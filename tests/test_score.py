@@ -1,5 +1,5 @@
 """Cloze scoring and classification (glm_runtime.score) against the torch reference's teacher-forced full
-forward (context + sop + answer, sep = C; spec 4.2), on the bundled model: multi-token and single-token scores,
+forward (context + sop + answer, sep = C; docs/glm.md 4.2), on the bundled model: multi-token and single-token scores,
 a batch of prompts with blanks at different places, classification whose gold labels come from the reference's
 own scores, a quantized artifact's winners, and every bad input as one CLI line."""
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """glm_runtime.tokenizer: spec-7 special ids for every GLM vocabulary, the [MASK] whitespace rule, round trips,
-the spec-4.1 context layout, and each error path. Every vocabulary is built here in tmp folders (nothing downloaded).
+the docs/glm.md 4.1 context layout, and each error path. Every vocabulary is built here in tmp folders (nothing
+downloaded).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def sp_model(tmp_path_factory):
     lines = [" ".join("".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(1, 4))) if rng.random() < 0.7
                       else rng.choice(WORDS + ["GLM"]) for _ in range(10)) for _ in range(200)]
     model = io.BytesIO()
-    # cog-pretrain has <unk> 0, <s> 1, </s> 2, <n> 3 (spec 7); same layout, 120 pieces instead of 50000
+    # cog-pretrain has <unk> 0, <s> 1, </s> 2, <n> 3 (docs/glm.md 7); same layout, 120 pieces instead of 50000
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=120,
                                    user_defined_symbols=["<n>"], character_coverage=1.0, minloglevel=2)
     path = tmp_path_factory.mktemp("zh") / "cog-pretrain.model"
@@ -104,7 +105,7 @@ def bert(bert_dir):
     return load_tokenizer(bert_dir[0])
 
 
-# ---------------------------------------------------------------- special-token ids (spec 7 tables)
+# ---------------------------------------------------------------- special-token ids (docs/glm.md 7 tables)
 
 def test_gpt2_special_ids_match_spec_table(gpt2):
     assert gpt2.kind == "gpt2"
@@ -148,7 +149,7 @@ def test_chinese_formula_gives_spec_table_for_50000():
     assert fix == {"pad": 50000, "eos": 50000, "sep": 50001, "ENC": 50002, "MASK": 50003, "unk": 50004,
                    "sop": 50006, "eop": 50007, "sMASK": 50008, "gMASK": 50009, "dBLOCK": 50010}
     no_fix = chinese_sp_special_ids(50000, fix_command_token=False)
-    assert no_fix == {**fix, "gMASK": 50007, "dBLOCK": 50009}  # gMASK == eop in GLM-10B-Chinese (spec 9.12)
+    assert no_fix == {**fix, "gMASK": 50007, "dBLOCK": 50009}  # gMASK == eop in GLM-10B-Chinese (docs/glm.md 9.12)
     hf = chinese_sp_special_ids(50000, fix_command_token=False, decoder_mask=False, hf_gmask=True)
     assert hf["gMASK"] == 50009 and hf["sMASK"] == 50008 and "dBLOCK" not in hf
     assert 50005 not in fix.values() and 50005 not in no_fix.values()  # never assigned in the original
@@ -197,7 +198,7 @@ def test_gpt2_encode_golden_and_mask_whitespace_rule(gpt2, gpt2_dir):
     v = gpt2_dir[1]
     assert gpt2.encode("the cat") == [v["t"], v["he"], v["Ġcat"]]
     assert gpt2.encode(" the") == [v["Ġthe"]]
-    # spec 7: "at [MASK] (" -> "at", [MASK], " ("  (whitespace before the mask dropped, after it kept)
+    # docs/glm.md 7: "at [MASK] (" -> "at", [MASK], " ("  (whitespace before the mask dropped, after it kept)
     assert gpt2.encode("at [MASK] (") == [v["at"], 50260, v["Ġ"], v["("]]
     assert gpt2.encode("at\n [sMASK] x [gMASK]") == [v["at"], 50264, v["Ġ"], v["x"], 50263]
     # other command tokens are split out but keep the whitespace before them
@@ -252,14 +253,14 @@ def test_roberta_command_strings_map_to_roberta_ids(roberta_dir):
     assert tok.decode([0, 2, 3]) == "[CLS]<|endoftext|>[UNK]"  # an id shared by pad/eos/sep decodes as pad's string
 
 
-# ---------------------------------------------------------------- the blank-filling context (spec 4.1)
+# ---------------------------------------------------------------- the blank-filling context (docs/glm.md 4.1)
 
 def test_context_layout_gpt2(gpt2):
     body = gpt2.encode("the [MASK] cat at [MASK] the")
     ids = build_context_ids(gpt2, "the [MASK] cat at [MASK] the")
     assert ids == [50259] + body + [50256]
     assert find_blanks(ids, gpt2) == [(3, 50260), (7, 50260)]
-    # trailing [gMASK]: no eos (spec 9.11); [gMASK] in the middle: eos as usual
+    # trailing [gMASK]: no eos (docs/glm.md 9.11); [gMASK] in the middle: eos as usual
     assert build_context_ids(gpt2, "the cat [gMASK]") == [50259] + gpt2.encode("the cat") + [50263]
     assert build_context_ids(gpt2, "[gMASK] the cat")[-1] == 50256
     assert build_context_ids(gpt2, "the cat", append_gmask=True) == [50259] + gpt2.encode("the cat") + [50263]
@@ -407,7 +408,7 @@ def test_error_decode_id_outside_vocabulary(gpt2, sp_model):
     with pytest.raises(TokenizerError, match=r"id 50300 is not a token of this gpt2 tokenizer.*padded ids"):
         gpt2.decode([50300])
     tok = load_tokenizer(sp_model, kind="chinese-sp-fix")
-    with pytest.raises(TokenizerError, match=r"id 125 is not a token"):  # n+5: never assigned (spec 7)
+    with pytest.raises(TokenizerError, match=r"id 125 is not a token"):  # n+5: never assigned (docs/glm.md 7)
         tok.decode([125])
 
 
