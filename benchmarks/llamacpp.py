@@ -26,11 +26,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from glm_runtime.errors import GLMXError
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}  # glmx bit width -> llama.cpp type
 
 
-class PeerError(RuntimeError):
+class PeerError(GLMXError, RuntimeError):
     """llama.cpp is not where it was said to be, or one of its tools failed."""
 
 

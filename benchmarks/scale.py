@@ -96,6 +96,7 @@ def write_random_hub(folder: Path, config: Any, seed: int = 0, dtype=np.float16,
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    from glm_export.config import to_hf_dict
     from glm_export.weights import write_safetensors
     shapes = official_shapes(config)
     rng = np.random.default_rng(seed)
@@ -125,7 +126,7 @@ def write_random_hub(folder: Path, config: Any, seed: int = 0, dtype=np.float16,
     total = sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(dtype).itemsize
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    hf = config.to_hf_dict()
+    hf = to_hf_dict(config)
     hf["torch_dtype"] = "float16" if dtype == np.float16 else "float32"
     (tmp / "config.json").write_text(json.dumps(hf, indent=1))
     if tokenizer_file is not None:  # e.g. a small tokenizer.json for tests

@@ -17,10 +17,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from glm_export.config import from_hf_dict, to_hf_dict
 from glm_export.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
 from glm_export.weights import Entry, Weights, WeightsError, _dtype_of, _to_numpy, read_safetensors
-from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, atomic_write_json, claims_output, load_manifest, staged_folder, tool_versions,
     write_manifest,
@@ -263,7 +263,7 @@ def read_config_file(path: Union[str, Path]) -> tuple[GLMConfig, bool]:
     try:
         if "gelu" in data and "hidden_dropout" in data:  # glmx's own form (GLMConfig.to_json)
             return GLMConfig.from_dict(data), True
-        return GLMConfig.from_hf_dict(data), "gelu" in (data.get("glmx") or {})
+        return from_hf_dict(data), "gelu" in (data.get("glmx") or {})
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
@@ -613,7 +613,7 @@ def write_checkpoint(config: GLMConfig, weights: Weights, out_dir: Union[str, Pa
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         write_safetensors(stage / WEIGHTS_NAME, [(k, weights.shape(k), dtype) for k in weights],
                           lambda k: weights[k].astype(np.float32 if dtype == "bfloat16" else dtype, copy=False))
-        atomic_write_json(stage / CONFIG_NAME, config.to_hf_dict())
+        atomic_write_json(stage / CONFIG_NAME, to_hf_dict(config))
         tokenizer_record = tokenizer_entry(tok, stage) if tok is not None else {}
         write_manifest(stage, Manifest(kind="checkpoint", config=config.to_dict(), precision=precision,
                                        tokenizer=tokenizer_record, versions=tool_versions("torch", "safetensors"),

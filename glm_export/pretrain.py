@@ -110,8 +110,8 @@ def split_documents(docs: list[str], fraction: float) -> tuple[list[str], list[s
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> None:
-    """Byte-level BPE with glmx's special tokens at ids 0..9 (glm_runtime.tokenizer.train_bpe_tokenizer)."""
-    from glm_runtime.tokenizer import train_bpe_tokenizer
+    """Byte-level BPE with glmx's special tokens at ids 0..9 (glm_export.tokenizer_training.train_bpe_tokenizer)."""
+    from glm_export.tokenizer_training import train_bpe_tokenizer
     train_bpe_tokenizer(texts, vocab_size, out_file)
 
 

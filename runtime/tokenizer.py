@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 from glm_runtime.config import TOKENIZER_KINDS
 from glm_runtime.errors import GLMXError
-from glm_runtime.manifest import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
+from glm_runtime.manifest import atomic_write_bytes, atomic_write_json, sha256_file
 
 # Command-token names of the original code, in the order the ids are reported (docs/glm.md 7).
 COMMAND_NAMES = ("pad", "eos", "sep", "ENC", "MASK", "unk", "sop", "eop", "gMASK", "sMASK", "dBLOCK")
@@ -22,7 +22,7 @@ BLANK_NAMES = ("MASK", "sMASK", "gMASK")
 COMMAND_STRINGS = {"pad": "<|endoftext|>", "eos": "<|endoftext|>", "sep": "[SEP]", "ENC": "[CLS]", "MASK": "[MASK]",
                    "unk": "[UNK]", "sop": "<|startofpiece|>", "eop": "<|endofpiece|>", "gMASK": "[gMASK]",
                    "sMASK": "[sMASK]", "dBLOCK": "[dBLOCK]"}
-# glmx's tokenizer.json: these added tokens sit at ids 0..9 in this order (train_bpe_tokenizer writes them).
+# glmx's tokenizer.json: these added tokens sit at ids 0..9 in this order (glm_export.tokenizer_training.train_bpe_tokenizer writes them).
 JSON_SPECIAL_TOKENS = ("<|endoftext|>", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<|startofpiece|>",
                        "<|endofpiece|>", "[SEP]", "[UNK]", "[dBLOCK]")
 _JSON_REQUIRED = ("pad", "eos", "ENC", "MASK", "sop", "eop")
@@ -440,7 +440,7 @@ def _load_json(files: dict[str, Path]) -> GLMTokenizer:
     special = {name: i for name, i in special.items() if i is not None}  # look up by string, never assume
     missing = [COMMAND_STRINGS[name] for name in _JSON_REQUIRED if name not in special]
     if missing:
-        raise TokenizerError(f"{path} lacks GLM's special tokens {missing}; train it with train_bpe_tokenizer "
+        raise TokenizerError(f"{path} lacks GLM's special tokens {missing}; train it with glm_export.tokenizer_training.train_bpe_tokenizer "
                              f"(special tokens {list(JSON_SPECIAL_TOKENS)})")
     return GLMTokenizer("json", _TokenizersText(tok), special, files, {})
 
@@ -461,46 +461,6 @@ def _files_family(path: Path) -> str | None:
     if (folder / "vocab.txt").is_file():
         return "wordpiece"
     return "sp" if any(folder.glob("*.model")) else None
-
-
-# ---------------------------------------------------------------- training glmx's own tokenizer
-
-def train_bpe_tokenizer(files_or_iterator: Any, vocab_size: int, out_file: str | os.PathLike, *,
-                        min_frequency: int = 0) -> GLMTokenizer:
-    """Train a byte-level BPE with JSON_SPECIAL_TOKENS at ids 0..9 and write it to `out_file` (atomically).
-
-    files_or_iterator: a path (str or Path), a list of pathlib.Path, or any other iterable of training texts.
-    Deterministic: the same input gives a byte-identical file.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    floor = len(JSON_SPECIAL_TOKENS) + 256  # the specials plus the 256-symbol byte alphabet
-    if vocab_size < floor:
-        raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE with GLM's specials "
-                             f"needs at least {floor}")
-    files = None
-    if isinstance(files_or_iterator, (str, os.PathLike)):
-        files = [Path(files_or_iterator)]
-    elif isinstance(files_or_iterator, (list, tuple)) and files_or_iterator and all(
-            isinstance(f, os.PathLike) for f in files_or_iterator):
-        files = [Path(f) for f in files_or_iterator]
-    if files is not None:
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise TokenizerError(f"training files not found: {missing}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    blanks = {COMMAND_STRINGS[n] for n in BLANK_NAMES}  # lstrip, so other tools strip like GLM does (docs/glm.md 7)
-    specials = [AddedToken(s, special=True, normalized=False, lstrip=s in blanks) for s in JSON_SPECIAL_TOKENS]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    if files is not None:
-        tok.train([str(f) for f in files], trainer)
-    else:
-        tok.train_from_iterator(files_or_iterator, trainer)
-    with atomic_path(out_file) as tmp:
-        tok.save(str(tmp), pretty=True)
-    return load_tokenizer(out_file, kind="json")
 
 
 # ---------------------------------------------------------------- the blank-filling context (docs/glm.md 4.1)

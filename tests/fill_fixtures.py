@@ -21,7 +21,7 @@ def tiny_config(vocab_size: int = 384):
 
 
 def make_tokenizer(path: Path):
-    from glm_runtime.tokenizer import train_bpe_tokenizer
+    from glm_export.tokenizer_training import train_bpe_tokenizer
     return train_bpe_tokenizer(LINES, 300, path)
 
 

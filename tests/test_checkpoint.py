@@ -28,6 +28,7 @@ from glm_runtime.manifest import ManifestError, load_manifest  # noqa: E402
 from glm_runtime.tokenizer import load_tokenizer  # noqa: E402
 from tests.random_models import random_weights_model  # noqa: E402
 from tests.test_tokenizer import _write_bpe  # noqa: E402
+from glm_export.config import from_hf_dict, to_hf_dict  # noqa: E402
 
 
 def random_model(config, seed=0):
@@ -64,7 +65,7 @@ def write_megatron(root, shards, tag="release", tracker="latest_checkpointed_ite
 
 def write_hf(folder, sd, config, *, prefix="glm.", fmt="bin", hf_config=None):
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(hf_config or config.to_hf_dict()))
+    (folder / "config.json").write_text(json.dumps(hf_config or to_hf_dict(config)))
     keyed = {prefix + k: v for k, v in sd.items()}
     if fmt == "bin":
         torch.save(keyed, folder / "pytorch_model.bin")
@@ -119,7 +120,7 @@ def test_hub_style_config_json_and_downstream_heads(tmp_path, tiny_config, sourc
     """A hub config.json (no glmx block) means the HF remote code's erf GeLU; sequence-classification heads
     beside a "glm."-prefixed base are skipped and reported; sharded index files are read."""
     _, sd16, ref = source
-    hub = {k: v for k, v in tiny_config.to_hf_dict().items() if k != "glmx"}
+    hub = {k: v for k, v in to_hf_dict(tiny_config).items() if k != "glmx"}
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(hub))
@@ -210,7 +211,7 @@ def test_heads_are_never_guessed_without_a_config(tmp_path):
     given = load_checkpoint(root, config=tmp_path / "given.json")
     assert given.config.num_attention_heads == 4 and given.config.gelu == "erf"
     assert any("given.json (given)" in n for n in given.notes)
-    (root / "config.json").write_text(json.dumps(config.to_hf_dict() | {"glmx": {}}))  # HF form, says no GeLU
+    (root / "config.json").write_text(json.dumps(to_hf_dict(config) | {"glmx": {}}))  # HF form, says no GeLU
     beside = load_checkpoint(root)
     assert beside.config.num_attention_heads == 4 and beside.config.gelu == "tanh"  # Megatron's default
     assert any("gelu: tanh (the config does not say" in n and "ASSUMED" in n for n in beside.notes)
@@ -232,7 +233,7 @@ def test_save_load_round_trip(tmp_path, tiny_config):
     assert manifest.precision == "fp32" and manifest.tokenizer["file"] == "tokenizer.json"
     assert manifest.config == tiny_config.to_dict() and manifest.extra == {"note": "x"}
     assert "torch" in manifest.versions and "safetensors" in manifest.versions
-    assert GLMConfig.from_hf_dict(json.loads((out / "config.json").read_text())) == tiny_config
+    assert from_hf_dict(json.loads((out / "config.json").read_text())) == tiny_config
     loaded = load_checkpoint(out)
     assert loaded.layout == "glmx" and loaded.config == tiny_config and loaded.manifest.kind == "checkpoint"
     assert loaded.tokenizer_file == out / "tokenizer.json"
@@ -395,7 +396,7 @@ def test_inconsistent_model_parallel_shards(tmp_path, tiny_config, source):
 
 def test_config_mismatch_with_weights(tmp_path, tiny_config, source):
     _, sd16, _ = source
-    hf = tiny_config.to_hf_dict() | {"num_layers": 3}
+    hf = to_hf_dict(tiny_config) | {"num_layers": 3}
     with pytest.raises(CheckpointError, match="do not match config.*num_layers: config 3, weights 2"):
         load_checkpoint(write_hf(tmp_path / "hf", sd16, tiny_config, hf_config=hf))
     with pytest.raises(CheckpointError, match="hidden_size: config 1024, weights 64"):

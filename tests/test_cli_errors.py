@@ -4,7 +4,6 @@ the same wherever the prompt sits, JSONL lines carry their own settings, a UTF-8
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,13 +12,14 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 from glm_export.cli import main  # noqa: E402
+from glm_export.config import to_hf_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A small checkpoint, its export and an int8 child, and the bad inputs the cases read."""
     from glm_export.checkpoint import save_checkpoint
-    from glm_runtime.tokenizer import train_bpe_tokenizer
+    from glm_export.tokenizer_training import train_bpe_tokenizer
     from tests.fill_fixtures import LINES, make_model, make_tokenizer
     from tests.test_checkpoint import bert_vocab
     from tests.test_published import write_megatron
@@ -45,7 +45,7 @@ def files(tmp_path_factory):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["transformer.layers.1.mlp.dense_4h_to_h.weight"][0, 0] = float("nan")
     write_megatron(root / "nan", [sd])
-    (root / "nan" / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    (root / "nan" / "config.json").write_text(json.dumps(to_hf_dict(model.config)))
     (root / "lines.jsonl").write_text('{"prompt": "a [MASK]", "num_beams": 3}\n', encoding="utf-8")
     (root / "unknown.jsonl").write_text('{"prompt": "a [MASK]", "temp": 3}\n', encoding="utf-8")
     (root / "broken.jsonl").write_text('{"prompt": "a [MASK]"\n', encoding="utf-8")

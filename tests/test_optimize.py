@@ -36,7 +36,7 @@ TANH_GELU_OPS = {"Mul": 6, "Add": 2, "Tanh": 1}
 def parents(tmp_path_factory):
     """fp32 and fp16 exports (with a tokenizer) of one seeded tiny GLM with spread-out weights."""
     from glm_export.export import export_onnx
-    from glm_runtime.tokenizer import train_bpe_tokenizer
+    from glm_export.tokenizer_training import train_bpe_tokenizer
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("opt_parents")
     text = strip_provenance(HELDOUT["en"].read_text(encoding="utf-8"))

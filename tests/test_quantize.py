@@ -33,7 +33,7 @@ def parent(tmp_path_factory):
     from glm_export.export import export_onnx
     from glm_export.model import GLMModel
     from glm_runtime.config import get_preset
-    from glm_runtime.tokenizer import train_bpe_tokenizer
+    from glm_export.tokenizer_training import train_bpe_tokenizer
     root = tmp_path_factory.mktemp("quant")
     text = accuracy.strip_provenance(HELDOUT["en"].read_text(encoding="utf-8"))
     train_bpe_tokenizer([text], 512, root / "tokenizer.json")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from glm_export.tokenizer_training import train_bpe_tokenizer
 from glm_runtime.tokenizer import (
     JSON_SPECIAL_TOKENS, BlankError, TokenizerError, build_context_ids, chinese_sp_special_ids,
-    copy_tokenizer_files, find_blanks, load_tokenizer, tokenizer_files, train_bpe_tokenizer)
+    copy_tokenizer_files, find_blanks, load_tokenizer, tokenizer_files)
 
 # ---------------------------------------------------------------- fixtures: vocabularies with the real sizes
 
