@@ -1,2 +1,2 @@
 """glmx's benchmark suite: latency, throughput, memory and accuracy of every backend, against torch and the floor.
-Entry: benchmarks.bench.run_benchmarks (CLI: `glmx bench`); results under benchmarks/results/."""
+Entry: glmx_benchmarks.bench.run_benchmarks (CLI: `glmx bench`); results under benchmarks/results/."""

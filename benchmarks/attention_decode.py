@@ -2,7 +2,7 @@
 probabilities split again; present-is-new) against ONNX Runtime's GroupQueryAttention with a shared past/present
 buffer (the graph writes the new K/V into the preallocated cache), 24 layers of GLM-Large's heads (16 x 64).
 
-    python -m benchmarks.attention_decode [--past 128 512] [--rounds 20]
+    python -m glmx_benchmarks.attention_decode [--past 128 512] [--rounds 20]
 
 Why glmx's attention reads the cache at ~10 GB/s: each layer's two products are 16 per-head matrix-vector
 products (M = 1) that ONNX Runtime's MatMul runs as small batched GEMMs; past the L3 cache (P = 512) they fall to
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
             t = statistics.median(v[3:])
             row[k + "_ms"], row[k + "_gb_per_s"] = 1000 * t, mb / 1000 / t
         rows.append(row)
-    record = {"command": "python -m benchmarks.attention_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": "python -m glmx_benchmarks.attention_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "onnxruntime": ort.__version__, "threads": 2, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attention_decode.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from benchmarks import artifacts, floor, report
+from glmx_benchmarks import artifacts, floor, report
 from glm_runtime.config import GLMConfig
 from glm_runtime.errors import GLMXError
 
@@ -69,11 +69,11 @@ def machine_info(threads: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- one backend, in its own process
 
 def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Start benchmarks.worker on `spec`; its last 'BENCH-RESULT' line is the result (or an error)."""
+    """Start glmx_benchmarks.worker on `spec`; its last 'BENCH-RESULT' line is the result (or an error)."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, "-m", "glmx_benchmarks.worker", json.dumps(spec)], cwd=root, env=env,
                           stdout=subprocess.PIPE, stderr=None if spec.get("progress") else subprocess.PIPE,
                           text=True, timeout=WORKER_TIMEOUT_S)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-RESULT ")]
@@ -398,7 +398,7 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if command is None:
-        command = (f"python -c 'from benchmarks.bench import run_benchmarks; run_benchmarks(models={tuple(models)!r}, "
+        command = (f"python -c 'from glmx_benchmarks.bench import run_benchmarks; run_benchmarks(models={tuple(models)!r}, "
                    f"variants={variants!r}, quick={quick}, out_dir={str(out_dir)!r}, threads={threads}, "
                    f"rounds={rounds})'")
     results: dict[str, Any] = {"command": command, "quick": quick, "machine": machine_info(threads),
@@ -469,7 +469,7 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
 
 def worker_spec(backend: str, folder: str | Path, contexts, pasts, batches, batch_past: int, budget, threads: int,
                 progress: bool, first_context: int = TARGET_CONTEXT) -> dict[str, Any]:
-    """The JSON spec benchmarks.worker measures: one backend on one folder over the given grid."""
+    """The JSON spec glmx_benchmarks.worker measures: one backend on one folder over the given grid."""
     return {"backend": backend, "folder": str(folder), "threads": threads, "contexts": list(contexts),
             "pasts": list(pasts), "batches": list(batches), "batch_past": batch_past, "budget": budget,
             "progress": progress, "first_context": first_context, "deadline_s": budget["variant_s"]}

@@ -5,7 +5,7 @@ first-token distribution (the prediction made from sop) when the Part A token ri
 [MASK] is replaced, and when a token 40 places away is replaced. A model that uses the blank's surroundings
 moves far more for a neighbour than for a distant token; one that ignores them moves the same (tiny) amount.
 
-Usage: python -m benchmarks.context_sensitivity glm_export/bundled/glmx-small data/corpus [--samples 8]
+Usage: python -m glmx_benchmarks.context_sensitivity glm_export/bundled/glmx-small data/corpus [--samples 8]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 model's decode shapes (one token through every layer's four matmuls), against the read bandwidth measured in the
 same run; and, given an exported folder, what attention over the cache adds to a decode step.
 
-    python -m benchmarks.kernel_rates [--model glm-large-shape] [--threads 1 2] [--folder FOLDER] [--past 128]
+    python -m glmx_benchmarks.kernel_rates [--model glm-large-shape] [--threads 1 2] [--folder FOLDER] [--past 128]
 
 Out (stdout, Markdown): per format and thread count, the median time of all layers' matmuls, the weight bytes
 they read, the rate and its share of the read bandwidth. A kernel that reads at less than the bandwidth is bound
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.floor import _median_seconds
+from glmx_benchmarks.floor import _median_seconds
 
 FORMATS = ("fp32", "int8-dynamic", "int4-weight")
 
@@ -104,7 +104,7 @@ def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[i
     """The runtime's decode step (batch 1) at past 0 and at `past`: median seconds each."""
     import onnxruntime as ort
 
-    from benchmarks.worker import fill_cache
+    from glmx_benchmarks.worker import fill_cache
     from glm_runtime import masks
     from glm_runtime.session import open_session
     from glm_runtime.steps import decode_step
@@ -124,8 +124,8 @@ def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks import floor
-    from benchmarks.artifacts import model_config
+    from glmx_benchmarks import floor
+    from glmx_benchmarks.artifacts import model_config
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="glm-large-shape", help="a benchmark model's shape (default glm-large-shape)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])

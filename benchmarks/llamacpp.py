@@ -6,7 +6,7 @@ random weights is a fair stand-in for decode speed. This module writes that GGUF
 quantizes it with llama.cpp's own `llama-quantize` (Q8_0, Q4_0), and times `llama-bench` against glmx's
 fp32 / int8-weight / int4-weight artifacts of the same shape, round by round.
 
-    python -m benchmarks.llamacpp --llamacpp DIR --glmx fp32=FOLDER --glmx int8=FOLDER --glmx int4=FOLDER
+    python -m glmx_benchmarks.llamacpp --llamacpp DIR --glmx fp32=FOLDER --glmx int8=FOLDER --glmx int4=FOLDER
     glmx bench --llamacpp DIR        (the same, on glmx bench's GLM-Large-shape artifacts)
 
 DIR holds bin/llama-bench and bin/llama-quantize (benchmarks/build_llamacpp.sh builds them; GLMX_LLAMACPP may
@@ -236,7 +236,7 @@ def llamacpp_column(llamacpp: str | Path, cache_dir: str | Path, out_dir: str | 
                     past: int = 128, rounds: int = 3, log=lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """glmx bench --llamacpp: the comparison on glmx bench's own GLM-Large-shape artifacts (built into cache_dir
     if they are not there), written to out_dir/llamacpp.{json,md}."""
-    from benchmarks import artifacts
+    from glmx_benchmarks import artifacts
     model = artifacts.prepare_model("glm-large-shape", Path(cache_dir), log)
     glmx = {bits: artifacts.prepare_variant(model, variant, log)[1]
             for bits, variant in (("fp32", "ort-fp32"), ("int8", "ort-int8-weight"), ("int4", "ort-int4"))}
@@ -292,7 +292,7 @@ def main(argv=None) -> None:
                          threads=args.threads, rounds=args.rounds)
     except PeerError as exc:
         sys.exit(f"Error: {exc}")
-    write_record(record, args.out, "python -m benchmarks.llamacpp " +
+    write_record(record, args.out, "python -m glmx_benchmarks.llamacpp " +
                  " ".join(argv if argv is not None else sys.argv[1:]))
 
 

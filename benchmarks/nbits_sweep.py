@@ -1,8 +1,8 @@
 """The 4-bit weight stream's kernel-level choices, timed on one token through every layer's four matmuls of a
-model's shape (benchmarks.kernel_rates' graph): MatMulNBits block size 32 / 64 / 128, accuracy level 0 / 1 / 4
+model's shape (glmx_benchmarks.kernel_rates' graph): MatMulNBits block size 32 / 64 / 128, accuracy level 0 / 1 / 4
 (fp32 products / fp32 / int8 products), symmetric or with zero points. Interleaved rounds, medians.
 
-    python -m benchmarks.nbits_sweep [--model glm-large-shape] [--threads 2] [--rounds 5] [--repeats 15]
+    python -m glmx_benchmarks.nbits_sweep [--model glm-large-shape] [--threads 2] [--rounds 5] [--repeats 15]
 
 Out: benchmarks/results/nbits_sweep.{json,md} with the installed onnxruntime's version and the CPU flags.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.kernel_rates import kernel_rate, matmul_graph
+from glmx_benchmarks.kernel_rates import kernel_rate, matmul_graph
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import onnxruntime
 
-    from benchmarks.artifacts import model_config
+    from glmx_benchmarks.artifacts import model_config
     config = model_config(args.model)
     base = matmul_graph(config)
     settings = [(4, b, lvl, sym) for b in (32, 64, 128) for lvl in (0, 1, 4) for sym in (True, False)]
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
                      "vs_fp32": fp32 / t, "rounds_ms": [1000 * x for x in times[s]]})
     flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].split() for line in flags.splitlines() if line.startswith("Flags:")), [])
-    record = {"command": "python -m benchmarks.nbits_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": "python -m glmx_benchmarks.nbits_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "onnxruntime": onnxruntime.__version__,
               "model": args.model, "threads": args.threads, "fp32_ms": 1000 * fp32,
               "cpu_flags": [f for f in cpu if f.startswith(("avx", "amx", "fma"))], "rows": rows}

@@ -3,9 +3,9 @@
 In: an exported ONNX folder, threads, past length. Out (stdout): the median step time with profiling on, the
 nodes per step, and kernel time per op type, heaviest first.
 The profiler adds a cost to every node it times, so a graph of many small nodes looks slower than it runs (an
-int4 GLM-Large step: 39 ms profiled, 25-28 ms not); benchmarks.kernel_rates times kernels without it.
+int4 GLM-Large step: 39 ms profiled, 25-28 ms not); glmx_benchmarks.kernel_rates times kernels without it.
 
-    python -m benchmarks.profile_decode FOLDER [--threads 2] [--past 128] [--steps 20]
+    python -m glmx_benchmarks.profile_decode FOLDER [--threads 2] [--past 128] [--steps 20]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
-    from benchmarks.worker import fill_cache
+    from glmx_benchmarks.worker import fill_cache
     from glm_runtime import masks
     from glm_runtime.session import open_session
     from glm_runtime.steps import decode_step

@@ -4,7 +4,7 @@ In: an fp32 ONNX folder (default: the bundled model), a work folder for the arti
 Out: benchmarks/results/quantization_bundled.json (the commands, budgets, and per artifact: accuracy figures
 against its parent, size, op counts) and the Markdown table README shows, printed.
 
-    python -m benchmarks.quantization [--model DIR] [--work DIR] [-o FILE]
+    python -m glmx_benchmarks.quantization [--model DIR] [--work DIR] [-o FILE]
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = dict(artifact_row(ROOT / argv[argv.index("-o") + 1]), seconds=round(time.perf_counter() - t0, 1))
     parent = load_manifest(ROOT / args.model)  # an absolute path replaces ROOT
     result = {"model": args.model, "parent_config": parent.config, "parent_files": parent.files,
-              "budgets": BUDGETS, "commands": commands, "reproduce": "python -m benchmarks.quantization",
+              "budgets": BUDGETS, "commands": commands, "reproduce": "python -m glmx_benchmarks.quantization",
               "eval_text": "glm_export/data/calibration.txt, odd documents (held-out text)",
               "calibration": "glm_export/data/calibration.txt, even documents (qdq-int8 only)",
               "how": "each command writes a folder whose manifest.json holds parity.text "

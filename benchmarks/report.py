@@ -17,7 +17,7 @@ MB = 2 ** 20
 
 def _order(name: str) -> tuple[int, str]:
     """Variants in artifacts.VARIANTS' order (torch first), whatever order results.json stored them in."""
-    from benchmarks.artifacts import VARIANTS
+    from glmx_benchmarks.artifacts import VARIANTS
     names = list(VARIANTS)
     return (names.index(name) if name in names else len(names), name)
 

@@ -7,7 +7,7 @@ int8-weight, fill, decode) the peak resident memory of the whole process tree, w
 against the memory goal (1 GB + 3x the largest fp32 tensor); decode ms per token at batch 1 against the model's
 bandwidth floor. Every stage is the `glmx` command a user runs, in its own process.
 
-    python -m benchmarks.scale --models glm-large,glm-2b,glm-10b --cache /work/scale-cache --work /work/scale-work
+    python -m glmx_benchmarks.scale --models glm-large,glm-2b,glm-10b --cache /work/scale-cache --work /work/scale-work
 
 The weights are random at GLM's init scale (docs/glm.md 1.4), so accuracy figures are meaningless and the quantize
 stages pass --accept-loss (recorded); memory, time and speed are what is measured.
@@ -250,7 +250,7 @@ def lscpu_flags() -> list[str]:
 
 
 def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[str] = ()) -> dict[str, Any]:
-    from benchmarks import floor
+    from glmx_benchmarks import floor
     from glm_export.config import get_preset
     cfg = get_preset(name)
     params = sum(int(np.prod(s)) for s in official_shapes(cfg).values())
@@ -274,8 +274,8 @@ def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[st
                            "--accept-loss", "--overwrite"], out / "int8"),
         ("fill-int4", [*glmx, "fill", "--model", out / "int4", "--max-new-tokens", "8", PROMPT], None),
         ("fill-int8", [*glmx, "fill", "--model", out / "int8", "--max-new-tokens", "8", PROMPT], None),
-        ("decode-int4", [sys.executable, "-m", "benchmarks.scale", "--decode", out / "int4"], None),
-        ("decode-int8", [sys.executable, "-m", "benchmarks.scale", "--decode", out / "int8"], None),
+        ("decode-int4", [sys.executable, "-m", "glmx_benchmarks.scale", "--decode", out / "int4"], None),
+        ("decode-int8", [sys.executable, "-m", "glmx_benchmarks.scale", "--decode", out / "int8"], None),
     ]
     bandwidth = floor.measure_bandwidth()["read_bytes_per_s"]
     record["bandwidth_bytes_per_s"] = bandwidth
@@ -390,7 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     out = Path(args.out)
     previous = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {"models": []}
-    command = "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:])
+    command = "python -m glmx_benchmarks.scale " + " ".join(argv or sys.argv[1:])
     records = [dict(r, command=r.get("command", previous.get("command"))) for r in previous["models"]]
     for name in args.models.split(","):  # a model measured again replaces its earlier record
         stages = [s for s in args.stages.split(",") if s]

@@ -7,7 +7,7 @@ a full forward of context + sop + answer (THUDM/GLM GLMForMultiTokenCloze does o
 Interleaved rounds, medians; threads fixed; the CPU's vector flags recorded (int8 and kernel rates move with
 them). The scores of the two are compared too (max |difference| per target token).
 
-    python -m benchmarks.score [--large] [--rounds 3] [--threads 2] [-o benchmarks/results]
+    python -m glmx_benchmarks.score [--large] [--rounds 3] [--threads 2] [-o benchmarks/results]
 """
 from __future__ import annotations
 
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", default="/tmp/glmx-bench-cache")
     ap.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    from benchmarks import artifacts
-    from benchmarks.bench import machine_info
+    from glmx_benchmarks import artifacts
+    from glmx_benchmarks.bench import machine_info
     from glm_export.export import BUNDLED_CHECKPOINT
     from glm_runtime.manifest import atomic_write_json, atomic_write_text
     from glm_runtime.session import BUNDLED_MODEL
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         prepared = artifacts.prepare_model("glm-large-shape", Path(args.cache_dir), lambda m: print(m, file=sys.stderr))
         models["glm-large-shape"] = measure("glm-large-shape", prepared["fp32"], prepared["checkpoint"],
                                             args.rounds, args.threads)
-    result = {"command": "python -m benchmarks.score " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "python -m glmx_benchmarks.score " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": dict(machine_info(args.threads), cpu_flags=cpu_flags()), "prompts": PROMPTS,
               "rounds": args.rounds, "models": models,
               "how": "candidates scored per second (median of interleaved rounds); glmx = glm_runtime.score on "

@@ -1,7 +1,7 @@
 """What continuous batching buys: throughput and latency of the engine and of a real `glmx serve`, against
 running the same requests one by one, measured interleaved in one process, several rounds, medians.
 
-    python -m benchmarks.serve [--model DIR ...] [--requests 32] [--rows 8] [--max-new-tokens 16] [--rounds 3]
+    python -m glmx_benchmarks.serve [--model DIR ...] [--requests 32] [--rows 8] [--max-new-tokens 16] [--rounds 3]
 
 Per model: (1) engine level, no HTTP: the requests one by one (fill_blanks([p]) each) vs all submitted to one
 Engine(rows) at once; (2) for the bundled model also HTTP level: a `glmx serve --rows R` subprocess driven by 1
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
-    record = {"command": "python -m benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": "python -m glmx_benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": cpu_flags(), "requests": args.requests,
               "rows": args.rows, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "models": {}}
     for model in args.model or ["bundled"]:

@@ -2,7 +2,7 @@
 
 In: a JSON spec (backend, folder, threads, contexts, pasts, batches, timing budget) as argv[1].
 Out: one JSON line on stdout: load time, context-pass and decode timings (every sample), peak RSS.
-Run as `python -m benchmarks.worker SPEC`; bench.py starts it.
+Run as `python -m glmx_benchmarks.worker SPEC`; bench.py starts it.
 """
 from __future__ import annotations
 

@@ -357,17 +357,17 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
     """Benchmark every backend/precision against torch eager fp32 and the hardware floor."""
     import shlex
     if readme_json:
-        from benchmarks.report import print_readme_table
+        from glmx_benchmarks.report import print_readme_table
         print_readme_table(readme_json)
         return
     require_export_extra()
     if llamacpp is not None:
-        from benchmarks.llamacpp import PeerError, find_llamacpp
+        from glmx_benchmarks.llamacpp import PeerError, find_llamacpp
         try:
             find_llamacpp(llamacpp)  # before any work: a wrong folder is one line, not a failure at the end
         except PeerError as exc:
             raise GLMXError(str(exc)) from None
-    from benchmarks.bench import BenchmarkError, run_benchmarks
+    from glmx_benchmarks.bench import BenchmarkError, run_benchmarks
     for key in ("models", "variants", "contexts", "pasts", "batches"):
         kwargs[key] = tuple(kwargs[key]) or None
     if kwargs["models"] is None:
@@ -390,7 +390,7 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
     except (BenchmarkError, ValueError) as exc:
         raise GLMXError(str(exc)) from None
     if llamacpp is not None:
-        from benchmarks.llamacpp import llamacpp_column
+        from glmx_benchmarks.llamacpp import llamacpp_column
         llamacpp_column(llamacpp, kwargs["cache_dir"], results["out_dir"], threads=kwargs["threads"],
                         log=lambda m: click.echo(m, err=True))
     click.echo(results["out_dir"])

@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 
-from benchmarks import bench, floor  # noqa: E402
-from benchmarks.report import readme_table  # noqa: E402
+from glmx_benchmarks import bench, floor  # noqa: E402
+from glmx_benchmarks.report import readme_table  # noqa: E402
 from glm_export.cli import main  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def test_unknown_variant_is_refused_with_the_choices(quick_run, tmp_path):
 
 
 def test_floor_counts_match_hand_computed_values(quick_run):
-    from benchmarks.artifacts import model_config
+    from glmx_benchmarks.artifacts import model_config
     cfg = model_config("tiny")  # L=2, h=64, V=8064 (the bundled tokenizer's size)
     T, h, L, V = 16, 64, 2, 8064
     assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (L, h, V)

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"glm_export": ROOT / "glm_export", "glm_runtime": ROOT / "runtime", "benchmarks": ROOT / "benchmarks"}
+PACKAGES = {"glm_export": ROOT / "glm_export", "glm_runtime": ROOT / "runtime", "glmx_benchmarks": ROOT / "benchmarks"}
 
 
 def module_graph() -> dict[str, set[str]]:
@@ -52,3 +52,21 @@ def test_the_runtime_imports_only_the_runtime():
     for name, deps in module_graph().items():
         if name.startswith("glm_runtime."):
             assert all(d.startswith("glm_runtime.") for d in deps), (name, deps)
+
+
+def test_the_benchmarks_install_under_their_own_name():
+    """setup.py installs benchmarks/ as glmx_benchmarks (no top-level `benchmarks` in site-packages), and no
+    module of the project imports it by its folder's name."""
+    import ast as _ast
+    setup = _ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in _ast.walk(setup) if isinstance(n, _ast.Call) and getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: _ast.literal_eval(k.value) for k in call.keywords if k.arg in ("packages", "package_dir")}
+    assert "benchmarks" not in kw["packages"] and kw["package_dir"]["glmx_benchmarks"] == "benchmarks"
+    stale = []
+    for folder in (ROOT / "glm_export", ROOT / "runtime", ROOT / "benchmarks", ROOT / "tests"):
+        for path in folder.rglob("*.py"):
+            for node in _ast.walk(_ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, _ast.Import) else \
+                    [node.module or ""] if isinstance(node, _ast.ImportFrom) else []
+                stale += [f"{path.name}: {n}" for n in names if n == "benchmarks" or n.startswith("benchmarks.")]
+    assert not stale, stale

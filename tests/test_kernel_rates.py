@@ -1,4 +1,4 @@
-"""benchmarks.kernel_rates: the graphs it times compute what a decode step's matmuls compute, in each format."""
+"""glmx_benchmarks.kernel_rates: the graphs it times compute what a decode step's matmuls compute, in each format."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 
 pytest.importorskip("onnx")  # the export extra: a runtime-only install skips this module
-from benchmarks import kernel_rates  # noqa: E402
-from benchmarks.artifacts import model_config  # noqa: E402
+from glmx_benchmarks import kernel_rates  # noqa: E402
+from glmx_benchmarks.artifacts import model_config  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 

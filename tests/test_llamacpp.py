@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from benchmarks.llamacpp import PeerError, find_llamacpp, write_gpt2_gguf
+from glmx_benchmarks.llamacpp import PeerError, find_llamacpp, write_gpt2_gguf
 
 SHAPE = dict(layers=2, hidden=64, heads=4, vocab=512, positions=256)
 
@@ -37,7 +37,7 @@ def test_a_missing_build_is_named_with_the_fix(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not os.environ.get("GLMX_LLAMACPP"), reason="no llama.cpp build (set GLMX_LLAMACPP)")
 def test_llama_bench_runs_on_a_quantized_tiny_gguf(tmp_path):
-    from benchmarks.llamacpp import llama_decode_ms, quantize_gguf
+    from glmx_benchmarks.llamacpp import llama_decode_ms, quantize_gguf
     tools = find_llamacpp(None)
     f32 = write_gpt2_gguf(tmp_path / "m.gguf", **SHAPE)
     q4 = quantize_gguf(tools, f32, tmp_path / "m-q4.gguf", "Q4_0")

@@ -115,7 +115,7 @@ def test_piecewise_check_fails_an_export_whose_layer_bytes_changed(exported, tmp
 
 def test_export_streams_a_checkpoint_folder_without_building_the_model(exported, tmp_path, monkeypatch):
     """A checkpoint folder is exported from its files: the whole torch model is never built (piecewise check)."""
-    from benchmarks.scale import write_random_hub
+    from glmx_benchmarks.scale import write_random_hub
     import glm_export.checkpoint as ck
     root = exported[0]
     hub = write_random_hub(tmp_path / "hub", CFG, dtype=np.float16, log=lambda m: None,

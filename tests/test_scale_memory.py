@@ -37,7 +37,7 @@ def peak_of(*cmd) -> int:
 
 @pytest.fixture(scope="module")
 def hubs(tmp_path_factory):
-    from benchmarks.scale import write_random_hub
+    from glmx_benchmarks.scale import write_random_hub
     from glm_runtime.config import GLMConfig
     from tests.fill_fixtures import make_tokenizer
     import numpy as np
