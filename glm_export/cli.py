@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from glm_runtime.cli import GLMXError, _one_line, main  # noqa: F401 (GLMXError, main: the names callers use)
+from glm_runtime.cli import CommandError, _one_line, main  # noqa: F401 (main: the name callers use)
 
 
 def require_export_extra(torch: bool = True) -> None:
@@ -18,7 +18,7 @@ def require_export_extra(torch: bool = True) -> None:
     import importlib.util
     missing = [m for m in (("torch", "onnx") if torch else ("onnx",)) if importlib.util.find_spec(m) is None]
     if missing:
-        raise GLMXError(f"this command needs the export extra ({', '.join(missing)} missing): "
+        raise CommandError(f"this command needs the export extra ({', '.join(missing)} missing): "
                         f"pip install 'glmx[export]'")
 
 
@@ -49,7 +49,7 @@ def _source_options(command):
 def _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu) -> dict:
     from pathlib import Path
     if preset is not None and config_file is not None:
-        raise GLMXError("give --preset or --config, not both")
+        raise CommandError("give --preset or --config, not both")
     return {"config": Path(config_file) if config_file else preset, "tokenizer": tokenizer_file,
             "tokenizer_kind": tokenizer_kind, "gelu": gelu}
 
@@ -75,7 +75,7 @@ def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tok
     try:
         loaded, out = convert_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite, **options)
     except (CheckpointError, ConfigError, ManifestError, FileExistsError) as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     cfg = loaded.config
     click.echo(f"layout: {loaded.layout} ({len(loaded.files)} weight file(s), {loaded.source_dtype})")
     click.echo(f"config: {cfg.name} L={cfg.num_layers} h={cfg.hidden_size} n={cfg.num_attention_heads} "
@@ -134,7 +134,7 @@ def pretrain_cmd(**kwargs) -> None:
     try:
         result = pretrain(**kwargs)
     except (PretrainError, FileExistsError) as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     click.echo(json.dumps({"step": result["step"], "evals": result["evals"][-1:], "export_dir": result["export_dir"]}))
 
 
@@ -152,7 +152,7 @@ def evaluate_cmd(**kwargs) -> None:
     try:
         metrics = evaluate(**kwargs)
     except EvaluateError as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     click.echo(json.dumps({k: v for k, v in metrics.items() if k != "examples"}, indent=2))
 
 
@@ -177,7 +177,7 @@ def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: 
                            max_new_tokens=max_new_tokens, workspace_gb=workspace_gb, timing_cache=timing_cache,
                            overwrite=overwrite)
     except (EngineBuildError, TensorRTError, ManifestError, FileExistsError) as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     m = load_manifest(out, kind="engine")
     gpu, parity = m.extra["gpu"], m.parity
     click.echo(f"TensorRT {m.extra['tensorrt']['version']} on {gpu['name']} (sm {gpu['compute_capability']}), "
@@ -227,7 +227,7 @@ def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokeni
     try:
         out = export_onnx(checkpoint, out_dir, log=lambda msg: click.echo(msg, err=True), **options, **kwargs)
     except (ExportError, ParityError, CheckpointError, ConfigError, ManifestError) as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     click.echo(str(out))
 
 
@@ -238,20 +238,20 @@ def check_trt_cmd(model: str) -> None:
     try:
         from glm_export.trt_check import check_trt, support_list
     except ImportError as exc:
-        raise GLMXError(f"check-trt reads the graph with the onnx package, which is not installed ({exc}): "
+        raise CommandError(f"check-trt reads the graph with the onnx package, which is not installed ({exc}): "
                         f"pip install 'glmx[export]'") from None
     try:
         findings = check_trt(model)
     except Exception as exc:  # noqa: BLE001 - onnx's DecodeError and friends: the file is not a readable graph
         if isinstance(exc, (OSError, click.ClickException)):
             raise
-        raise GLMXError(f"{model} is not a readable ONNX graph ({type(exc).__name__}: {_one_line(exc)}); "
+        raise CommandError(f"{model} is not a readable ONNX graph ({type(exc).__name__}: {_one_line(exc)}); "
                         f"re-export it (glmx export)") from None
     src = support_list()["source"]
     for f in findings:
         click.echo(str(f))
     if findings:
-        raise GLMXError(f"{len(findings)} finding(s) against TensorRT {src['tensorrt_version']}'s ONNX parser")
+        raise CommandError(f"{len(findings)} finding(s) against TensorRT {src['tensorrt_version']}'s ONNX parser")
     click.echo(f"ok: every node is supported by TensorRT {src['tensorrt_version']}'s ONNX parser ({src['document']})")
 
 
@@ -275,7 +275,7 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     try:
         click.echo(str(optimize_onnx(src_dir, out_dir, log=lambda msg: click.echo(msg, err=True), **kwargs)))
     except (OptimizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 @main.command("quantize")
@@ -315,7 +315,7 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
         out = quantize_onnx(src_dir, out_dir, log=lambda msg: click.echo(msg, err=True),
                             **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None, head_bits=head_bits))
     except (QuantizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     acc = load_manifest(out).parity["text"]
     fills = "not run (piecewise check)" if acc["fill_agreement"] is None else f"{acc['fill_agreement']:.3f}"
     click.echo(f"against its parent on {acc['positions']} positions of {acc['language']} held-out text "
@@ -366,7 +366,7 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
         try:
             find_llamacpp(llamacpp)  # before any work: a wrong folder is one line, not a failure at the end
         except PeerError as exc:
-            raise GLMXError(str(exc)) from None
+            raise CommandError(str(exc)) from None
     from glmx_benchmarks.bench import BenchmarkError, run_benchmarks
     for key in ("models", "variants", "contexts", "pasts", "batches"):
         kwargs[key] = tuple(kwargs[key]) or None
@@ -388,7 +388,7 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
     try:
         results = run_benchmarks(command=shlex.join(command), **kwargs)
     except (BenchmarkError, ValueError) as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     if llamacpp is not None:
         from glmx_benchmarks.llamacpp import llamacpp_column
         llamacpp_column(llamacpp, kwargs["cache_dir"], results["out_dir"], threads=kwargs["threads"],

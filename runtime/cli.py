@@ -12,8 +12,9 @@ import sys
 import click
 
 
-class GLMXError(click.ClickException):
-    """A user-facing failure: printed as one line, exit status 1."""
+class CommandError(click.ClickException):
+    """A command's failure as click prints it: one `Error:` line, exit status 1 (every glm_runtime.errors.GLMXError
+    reaching the command group becomes one)."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -36,17 +37,17 @@ class _Commands(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Failure as exc:
-            raise GLMXError(_one_line(exc)) from None
+            raise CommandError(_one_line(exc)) from None
         except UnicodeDecodeError as exc:
-            raise GLMXError(f"the input is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+            raise CommandError(f"the input is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
                             f"and try again") from None
         except OSError as exc:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            raise GLMXError(f"{exc.strerror or exc}{where}") from None
+            raise CommandError(f"{exc.strerror or exc}{where}") from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, said as one line
             if os.environ.get("GLMX_DEBUG"):
                 raise
-            raise GLMXError(f"internal error in glmx ({type(exc).__name__}: {_one_line(exc)}); this is a bug: "
+            raise CommandError(f"internal error in glmx ({type(exc).__name__}: {_one_line(exc)}); this is a bug: "
                             f"please report it with the command (GLMX_DEBUG=1 shows the traceback)") from None
 
 
@@ -75,7 +76,7 @@ def config_cmd(preset: str | None) -> None:
     try:
         click.echo(get_preset(preset).to_json())
     except ConfigError as exc:
-        raise GLMXError(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 FILL_HELP = """Fill the blanks of PROMPT, or of each prompt read with --stdin / --jsonl.
@@ -111,7 +112,7 @@ def _read_text(stream, name: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise GLMXError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        raise CommandError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
 
 
 def _json_lines(text: str, name: str):
@@ -121,7 +122,7 @@ def _json_lines(text: str, name: str):
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise GLMXError(f"{name} line {n} is not JSON: {exc}") from None
+                raise CommandError(f"{name} line {n} is not JSON: {exc}") from None
 
 
 def _jsonl_requests(text: str, name: str):
@@ -172,7 +173,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
     from glm_runtime.session import open_model
     sources = [s for s in (prompt is not None, from_stdin, jsonl is not None) if s]
     if len(sources) != 1:
-        raise GLMXError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
+        raise CommandError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
     settings["early_stopping"] = settings["early_stopping"] or None  # a flag not given is "not set"
     if from_stdin:
         lines = [(n, {"prompt": line}) for n, line in
@@ -183,7 +184,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
     else:
         lines, name = [(0, {"prompt": prompt})], None
     if not lines:
-        raise GLMXError("no prompts given (the input was empty)")
+        raise CommandError("no prompts given (the input was empty)")
 
     def check(n, item):
         """The engine's keyword arguments for one input, or its error message (with the line number)."""
@@ -200,7 +201,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
 
     checked = [(n, item, check(n, item)) for n, item in lines]
     if name is None and isinstance(checked[0][2], str):
-        raise GLMXError(checked[0][2])
+        raise CommandError(checked[0][2])
     session, tokenizer = open_model(model, backend)
     engine = Engine(session, tokenizer, rows=rows)
     done: dict[int, object] = {}  # input index -> FillResult or error message, until printed in input order
@@ -232,7 +233,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
                     message = " ".join(str(exc).split())  # "prompt 3: ..." / "prompt 3 is ...": the line says which
                     message = message.replace(f"prompt {fed}: ", "", 1).replace(f"prompt {fed} ", "the prompt ", 1)
                     if name is None:
-                        raise GLMXError(message) from None
+                        raise CommandError(message) from None
                     refuse(fed, f"{name} line {n}: {message}")
             fed += 1
         for event in engine.step() if engine.has_work() else []:
@@ -242,7 +243,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
     for message in bad if len(bad) > 1 else []:
         click.echo(message, err=True)
     if bad:
-        raise GLMXError(bad[0] if len(bad) == 1 else f"{len(bad)} of {len(checked)} inputs were refused (each named "
+        raise CommandError(bad[0] if len(bad) == 1 else f"{len(bad)} of {len(checked)} inputs were refused (each named "
                                                      f"above); the other {len(checked) - len(bad)} were filled")
 
 
@@ -356,12 +357,12 @@ def classify_cmd(records, task_file, template, verbalizer, aggregate, length_pen
         try:
             task = json.loads(_read_text(task_file, task_file.name))
         except json.JSONDecodeError as exc:
-            raise GLMXError(f"{task_file.name} is not JSON: {exc}") from None
+            raise CommandError(f"{task_file.name} is not JSON: {exc}") from None
         if not isinstance(task, dict):
-            raise GLMXError(f"{task_file.name} must be a JSON object with template and verbalizer")
+            raise CommandError(f"{task_file.name} must be a JSON object with template and verbalizer")
         unknown = sorted(set(task) - {"template", "verbalizer", "aggregate", "length_penalty", "single_token"})
         if unknown:
-            raise GLMXError(f"{task_file.name}: unknown key {unknown[0]!r}; a task has template, verbalizer, "
+            raise CommandError(f"{task_file.name}: unknown key {unknown[0]!r}; a task has template, verbalizer, "
                             f"aggregate, length_penalty, single_token")
     if template is not None:
         task["template"] = template
@@ -369,17 +370,17 @@ def classify_cmd(records, task_file, template, verbalizer, aggregate, length_pen
         try:
             task["verbalizer"] = json.loads(verbalizer)
         except json.JSONDecodeError as exc:
-            raise GLMXError(f"--verbalizer is not JSON: {exc}") from None
+            raise CommandError(f"--verbalizer is not JSON: {exc}") from None
     for key, value in (("aggregate", aggregate), ("length_penalty", length_penalty), ("single_token", single_token)):
         if value is not None:
             task[key] = value
     if not isinstance(task.get("template"), str) or not isinstance(task.get("verbalizer"), dict):
-        raise GLMXError("a task needs a template (a string) and a verbalizer (a JSON object): --task FILE, or "
+        raise CommandError("a task needs a template (a string) and a verbalizer (a JSON object): --task FILE, or "
                         "--template and --verbalizer")
     rows = []
     for n, item in _json_lines(_read_text(records, records.name), records.name):
         if not isinstance(item, dict):
-            raise GLMXError(f"{records.name} line {n}: a record is a JSON object of the template's fields")
+            raise CommandError(f"{records.name} line {n}: a record is a JSON object of the template's fields")
         rows.append(item)
     session, tokenizer = open_model(model, backend)
     result = classify(session, tokenizer, rows, task["template"], task["verbalizer"],
