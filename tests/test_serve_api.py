@@ -267,3 +267,23 @@ def test_timeout_answers_504_and_frees_the_row(model):
         assert client.get("/health").json()["running"] == 0
     finally:
         client.__exit__(None, None, None)
+
+
+def test_stream_of_a_prompt_list_tags_each_choice(client, model):
+    prompts = ["Water boils at [MASK] degrees.", "The capital of France is [MASK]."]
+    events = sse_events(client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 4, "stream": True}))
+    for i, prompt in enumerate(prompts):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        want = alone(model, prompt, max_new_tokens=4)
+        assert [c["glmx"]["token_id"] for c in mine if "token_id" in c.get("glmx", {})] == want.spans[0].token_ids
+        assert mine[-1]["finish_reason"] in ("stop", "length") and mine[-1]["glmx"]["text"] == want.text
+
+
+def test_glmx_serve_help_and_a_bad_option():
+    from click.testing import CliRunner
+
+    from glm_runtime.cli import main
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert result.exit_code == 0 and "/v1/completions" in result.output and "--max-waiting" in result.output
+    result = CliRunner().invoke(main, ["serve", "--port", "0"])
+    assert result.exit_code == 2 and "--port" in result.output
