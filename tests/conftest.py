@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny deterministic models and temporary folders."""
+"""Shared fixtures: tiny deterministic models and temporary folders.
+
+The blank-filling model (tests/fill_fixtures.py: a tiny tokenizer, a seeded GLM that sometimes ends spans with
+eop) is made once per test session, with its glmx checkpoint and its ONNX export; tests read these folders and
+never write into them."""
 from __future__ import annotations
 
 import pytest
@@ -16,3 +20,43 @@ def tiny_model(tiny_config):
     from glm_export.model import GLMModel
     torch.manual_seed(0)
     return GLMModel(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def fill_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("fill-model")
+
+
+@pytest.fixture(scope="session")
+def fill_tok_file(fill_root):
+    from tests.fill_fixtures import make_tokenizer
+    path = fill_root / "tokenizer.json"
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fill_tok(fill_tok_file):
+    from glm_runtime.tokenizer import load_tokenizer
+    return load_tokenizer(fill_tok_file)
+
+
+@pytest.fixture(scope="session")
+def fill_model(fill_tok):
+    pytest.importorskip("torch")
+    from tests.fill_fixtures import make_model
+    return make_model(fill_tok)
+
+
+@pytest.fixture(scope="session")
+def fill_checkpoint(fill_model, fill_tok_file, fill_root):
+    """The fill model as a glmx checkpoint folder (read-only for tests)."""
+    from glm_export.checkpoint import save_checkpoint
+    return save_checkpoint(fill_model, fill_root / "checkpoint", tokenizer_file=fill_tok_file)
+
+
+@pytest.fixture(scope="session")
+def fill_onnx(fill_model, fill_tok_file, fill_root):
+    """The fill model's fp32 ONNX export (read-only for tests)."""
+    from tests.fill_fixtures import export_tiny
+    return export_tiny(fill_model, fill_root / "onnx", fill_tok_file)

@@ -11,8 +11,8 @@ import pytest
 from glm_runtime import sampling
 from glm_runtime.generate import fill_blanks, stream_blanks
 from glm_runtime.sampling import GenerationError
-from glm_runtime.tokenizer import build_context_ids, find_blanks, load_tokenizer
-from tests.fill_fixtures import PROMPTS, ScriptedSession, export_tiny, make_model, make_tokenizer
+from glm_runtime.tokenizer import build_context_ids, find_blanks
+from tests.fill_fixtures import PROMPTS, ScriptedSession
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -21,20 +21,18 @@ N = 8  # max_new_tokens in most tests: some spans end with eop, some reach this 
 
 
 @pytest.fixture(scope="module")
-def tok_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    make_tokenizer(path)
-    return path
+def tok_file(fill_tok_file):
+    return fill_tok_file
 
 
 @pytest.fixture(scope="module")
-def tok(tok_file):
-    return load_tokenizer(tok_file)
+def tok(fill_tok):
+    return fill_tok
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return make_model(tok)
+def model(fill_model):
+    return fill_model
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +42,8 @@ def torch_session(model):
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(model, tok_file, tmp_path_factory):
-    return export_tiny(model, tmp_path_factory.mktemp("export") / "onnx", tok_file)
+def onnx_dir(fill_onnx):
+    return fill_onnx
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.fill_fixtures import export_tiny, make_model, make_tokenizer
-
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 # Any attempt to import torch raises, so a lazy import on the fill path fails loudly instead of passing unseen.
 BLOCK_TORCH = """
@@ -25,11 +23,8 @@ sys.meta_path.insert(0, _NoTorch())
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory):
-    pytest.importorskip("torch")
-    folder = tmp_path_factory.mktemp("notorch")
-    tok = make_tokenizer(folder / "tokenizer.json")
-    return export_tiny(make_model(tok), folder / "onnx", folder / "tokenizer.json")
+def onnx_dir(fill_onnx):  # conftest.py's session-wide tiny export
+    return fill_onnx
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

@@ -41,15 +41,12 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A checkpoint folder (a small glmx one: the stages run in subprocesses, so small is fast) and its export."""
-    from glm_export.checkpoint import save_checkpoint
-    from tests.fill_fixtures import make_model, make_tokenizer
-    root = tmp_path_factory.mktemp("lost")
-    tok = make_tokenizer(root / "tokenizer.json")
-    save_checkpoint(make_model(tok, vocab_size=384), root / "hub", tokenizer_file=tok)
-    assert cli("export", root / "hub", "-o", root / "onnx").exit_code == 0
-    return root / "hub", root / "onnx"
+def exported(fill_checkpoint, tmp_path_factory):
+    """A checkpoint folder (conftest.py's session-wide fill model: small, since the stages run in subprocesses)
+    and its export by `glmx export`, validated, so its manifest carries the parity record the edits below touch."""
+    onnx = tmp_path_factory.mktemp("lost") / "onnx"
+    assert cli("export", fill_checkpoint, "-o", onnx).exit_code == 0
+    return fill_checkpoint, onnx
 
 
 def test_a_hub_folder_is_guarded_like_any_input(tmp_path):
