@@ -250,9 +250,8 @@ def llamacpp_column(llamacpp: str | Path, cache_dir: str | Path, out_dir: str | 
 
 
 def write_record(record: dict[str, Any], out: Path, command: str) -> None:
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    record["cpu_flags"] = next((line.split(":", 1)[1].split() for line in flags.splitlines()
-                                if line.startswith("Flags:")), [])
+    from glmx_benchmarks.machine import cpu_facts
+    record["cpu_flags"] = cpu_facts()["flags"]
     record["command"], record["date"] = command, time.strftime("%Y-%m-%d %H:%M")
     out.mkdir(parents=True, exist_ok=True)
     (out / "llamacpp.json").write_text(json.dumps(record, indent=1) + "\n")

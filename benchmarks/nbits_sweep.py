@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,8 +87,8 @@ def main(argv=None) -> None:
         rows.append({"bits": bits, "block_size": block, "accuracy_level": level, "symmetric": sym,
                      "ms": 1000 * t, "weight_mb": nbytes[s] / 1e6, "gb_per_s": nbytes[s] / t / 1e9,
                      "vs_fp32": fp32 / t, "rounds_ms": [1000 * x for x in times[s]]})
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].split() for line in flags.splitlines() if line.startswith("Flags:")), [])
+    from glmx_benchmarks.machine import cpu_facts
+    cpu = cpu_facts()["flags"]
     record = {"command": "python -m glmx_benchmarks.nbits_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "onnxruntime": onnxruntime.__version__,
               "model": args.model, "threads": args.threads, "fp32_ms": 1000 * fp32,

@@ -239,14 +239,8 @@ def memory_goal(config: Any) -> int:
 
 
 def lscpu_flags() -> list[str]:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Flags:"):
-                keep = ("avx", "fma", "f16c", "amx", "vnni", "bf16")
-                return sorted(f for f in line.split()[1:] if any(k in f for k in keep))
-    except OSError:
-        pass
-    return []
+    from glmx_benchmarks.machine import cpu_facts
+    return cpu_facts()["flags"]
 
 
 def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[str] = ()) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from glm_runtime.engine import Engine
+from glmx_benchmarks.machine import cpu_facts
 from glm_runtime.generate import fill_blanks
 from glm_runtime.session import open_model
 
@@ -31,20 +31,6 @@ PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought
            "She said that [MASK] would come [MASK] the [MASK].", "Water boils at [MASK] degrees.",
            "A long time ago, in a small village near the sea, there lived an old fisherman who [sMASK]"]
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_flags() -> dict:
-    flags = []
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Flags:"):
-                flags = [f for f in line.split()[1:] if f.startswith(("avx", "amx", "fma", "f16c"))]
-            if line.startswith("Model name:"):
-                name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        name = platform.processor()
-    return {"cpu": locals().get("name", ""), "flags": flags}
 
 
 def one_by_one(session, tok, prompts, budget):
@@ -180,7 +166,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     record = {"command": "python -m glmx_benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": cpu_flags(), "requests": args.requests,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": cpu_facts(), "requests": args.requests,
               "rows": args.rows, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "models": {}}
     for model in args.model or ["bundled"]:
         model = None if model == "bundled" else model
