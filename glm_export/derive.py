@@ -25,6 +25,40 @@ class DeriveError(GLMXError, ValueError):
     """The parent folder cannot be derived from (no tokenizer to judge the child with, wrong kind)."""
 
 
+class StageError(GLMXError, RuntimeError):
+    """A stage cannot start: its output would not fit on the disk, or its --check is unknown."""
+
+
+# ---------------------------------------------------------------- before any stage writes (export, optimize, quantize)
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse before writing when the output's file system cannot hold `needed` bytes (plus 1% and 64 MiB)."""
+    probe = Path(folder).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    margin = needed // 100 + 2 ** 26
+    if free < needed + margin:
+        raise StageError(f"{what} needs about {(needed + margin) / 1e9:.2f} GB on {probe}, which has "
+                          f"{free / 1e9:.2f} GB free; free some space or write elsewhere (-o)")
+
+
+CHECKS = ("auto", "whole", "piecewise")
+# auto: a model whose fp32 weights fit in this many bytes is checked whole (torch and ONNX Runtime each hold it
+# once, ~3x this); larger ones one layer at a time (glm_export.pieces), so the check stays within the export's
+# memory bound of about 1 GB plus a few of the largest tensor.
+WHOLE_CHECK_MAX_BYTES = 256 * 2 ** 20
+
+
+def check_method(check: str, weights: Any) -> str:
+    """"whole" or "piecewise" for a --check value and the weights (glm_export.weights.Weights) to be checked."""
+    if check not in CHECKS:
+        raise StageError(f"check must be one of {CHECKS}, got {check!r}")
+    if check != "auto":
+        return check
+    return "whole" if weights.numel() * 4 <= WHOLE_CHECK_MAX_BYTES else "piecewise"
+
+
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for n in model.graph.node:

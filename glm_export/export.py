@@ -17,6 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from glm_export.derive import CHECKS, check_free_space, check_method
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
@@ -144,34 +145,6 @@ def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_f
     from glm_export.checkpoint import open_checkpoint  # any layout: glmx, Hugging Face, Megatron
     opened = open_checkpoint(folder, tokenizer=tokenizer_file, **load_options)
     return _Source(opened.config, opened.weights, folder, opened.tokenizer, opened.notes, opened.layout)
-
-
-def check_free_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse before writing when the output's file system cannot hold `needed` bytes (plus 1% and 64 MiB)."""
-    import shutil
-    probe = Path(folder).resolve()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    margin = needed // 100 + 2 ** 26
-    if free < needed + margin:
-        raise ExportError(f"{what} needs about {(needed + margin) / 1e9:.2f} GB on {probe}, which has "
-                          f"{free / 1e9:.2f} GB free; free some space or write elsewhere (-o)")
-
-
-CHECKS = ("auto", "whole", "piecewise")
-# auto: a model whose fp32 weights fit in this many bytes is checked whole (torch and ONNX Runtime each hold it
-# once, ~3x this); larger ones one layer at a time (glm_export.pieces), so the check stays within the export's
-# memory bound of about 1 GB plus a few of the largest tensor.
-WHOLE_CHECK_MAX_BYTES = 256 * 2 ** 20
-
-
-def check_method(check: str, weights: Weights) -> str:
-    if check not in CHECKS:
-        raise ExportError(f"check must be one of {CHECKS}, got {check!r}")
-    if check != "auto":
-        return check
-    return "whole" if _weight_bytes(weights, "fp32") <= WHOLE_CHECK_MAX_BYTES else "piecewise"
 
 
 # ------------------------------------------------------------------ the entry function

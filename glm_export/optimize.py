@@ -278,7 +278,7 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
     if level != "fuse" and parent_bytes > ORT_LEVEL_MAX_BYTES:
         raise OptimizeError(f"level {level} runs ONNX Runtime's optimizer, which holds the whole "
                             f"{parent_bytes / 1e9:.1f} GB model in memory; use --level fuse (a graph-only rewrite)")
-    from glm_export.export import check_free_space, check_method
+    from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
     check_free_space(out_dir.parent, parent_bytes, f"the optimized copy of {src_dir}")
     method = check_method(check, read_onnx_weights(src_model))

@@ -470,7 +470,7 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
                        keep_fp32, block_size: int, accuracy_level: int, accept_loss: bool, overwrite: bool,
                        eval_text: str | None, check: str, say, head_bits: Optional[int] = None,
                        head_block_size: Optional[int] = None) -> Path:
-    from glm_export.export import check_free_space, check_method
+    from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
     keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
     if "head" in keep_fp32 and (head_bits is not None or head_block_size is not None):
