@@ -262,17 +262,9 @@ def lockstep(candidate: Any, reference: Any, cases: Sequence[Case], *, on_presen
     return logits[0], logits[1]
 
 
-def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: Optional[Tolerance] = None,
-                     cases: Optional[Sequence[Case]] = None, log=None, _lockstep=None,
-                     _judged: Optional[int] = None) -> Comparison:
-    """glm_export.compare.compare_sessions one layer at a time: the same figures, the same record.
-    (_lockstep, _judged: compare_with_text_by_layer runs extra cases in the same pass; only the first
-    _judged cases are judged here.)"""
-    cfg = reference.config
-    all_cases = list(cases) if cases is not None else glm_cases(cfg.vocab_size)
-    cases = all_cases[:_judged] if _judged is not None else all_cases
-    tol = tolerance or TOLERANCES.get(candidate.precision)
-    unjudged = Tolerance(float("inf"), 0.0)
+def _present_figures(cases: Sequence[Case]) -> tuple[dict, Any]:
+    """Per case, the figures compare_sessions records, and the lockstep callback that fills in the presents'
+    (calls of cases beyond `cases`, e.g. text windows run in the same pass, are not judged)."""
     figures = {case.name: {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0,
                            "ref_present": 0.0, "worst_present_key": "", "worst_present_value": "", "non_finite": [],
                            "calls": len(case.calls)} for case in cases}
@@ -289,10 +281,13 @@ def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: O
             if diff >= f[f"present_{part}"]:
                 f[f"present_{part}"], f[f"worst_present_{part}"] = diff, f"present.{i}.{part}"
 
-    if _lockstep is not None:
-        got_all, want_all = _lockstep(candidate, reference, all_cases, on_present=on_present, log=log)
-    else:
-        got_all, want_all = lockstep(candidate, reference, cases, on_present=on_present, log=log)
+    return figures, on_present
+
+
+def _judge(candidate: Any, reference: Any, stage: str, cases: Sequence[Case], tol: Optional[Tolerance],
+           figures: dict, got_all: list, want_all: list) -> Comparison:
+    """The logits' figures and top-1 agreement of each case, and the record compare_sessions would write."""
+    unjudged = Tolerance(float("inf"), 0.0)
     agree = total = decisive = 0
     for c, case in enumerate(cases):
         f = figures[case.name]
@@ -310,10 +305,19 @@ def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: O
                 f["ref_logits"]))).sum())
         f["allowed_logits"] = (tol or unjudged).allowed(f["ref_logits"])
         f["allowed_present_key"] = f["allowed_present_value"] = (tol or unjudged).allowed(f["ref_present"])
-    result = Comparison(stage, f"{reference.label} ({reference.precision})", f"{candidate.label} "
-                        f"({candidate.precision})", candidate.precision, tol, figures, agree / max(total, 1),
-                        decisive, versions=_versions(), method=METHOD)
-    return result
+    return Comparison(stage, f"{reference.label} ({reference.precision})", f"{candidate.label} "
+                      f"({candidate.precision})", candidate.precision, tol, figures, agree / max(total, 1),
+                      decisive, versions=_versions(), method=METHOD)
+
+
+def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: Optional[Tolerance] = None,
+                     cases: Optional[Sequence[Case]] = None, log=None) -> Comparison:
+    """glm_export.compare.compare_sessions one layer at a time: the same figures, the same record."""
+    cases = list(cases) if cases is not None else glm_cases(reference.config.vocab_size)
+    figures, on_present = _present_figures(cases)
+    got, want = lockstep(candidate, reference, cases, on_present=on_present, log=log)
+    return _judge(candidate, reference, stage, cases, tolerance or TOLERANCES.get(candidate.precision), figures,
+                  got, want)
 
 
 def compare_with_text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, stage: str,
@@ -324,18 +328,12 @@ def compare_with_text_by_layer(candidate: Any, reference: Any, tok: Any, text: s
     cases = glm_cases(cfg.vocab_size)
     windows, targets, window = _windows(tok, text, cfg)
     n = len(cases)
-    seen: dict[str, Any] = {}
-
-    def capture(cand, ref, all_cases, *, on_present=None, rows=None, log=None):
-        got, want = lockstep(cand, ref, all_cases, on_present=on_present,
-                             rows=lambda c, k: c < n or k == 1, log=log)
-        seen["text"] = (got[n:], want[n:])
-        return got[:n], want[:n]
-
-    result = compare_by_layer(candidate, reference, stage=stage, cases=cases + windows, log=log,
-                              _lockstep=capture, _judged=n)
-    got, want = seen["text"]
-    return result, _text_figures(tok, got, want, targets, window, language)
+    figures, on_present = _present_figures(cases)
+    got, want = lockstep(candidate, reference, cases + windows, on_present=on_present,
+                         rows=lambda c, k: c < n or k == 1, log=log)  # a window's logits: its span call only
+    result = _judge(candidate, reference, stage, cases, TOLERANCES.get(candidate.precision), figures, got[:n],
+                    want[:n])
+    return result, _text_figures(tok, got[n:], want[n:], targets, window, language)
 
 
 def _windows(tok: Any, text: str, cfg: GLMConfig, max_windows: int = 16):
