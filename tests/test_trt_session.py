@@ -15,7 +15,7 @@ import pytest
 from glm_runtime.manifest import _seal
 
 from glm_export.engine import compute_profiles, engine_io, resolve_limits
-from glm_runtime import trt_session
+from glm_runtime import trt_memory, trt_session
 from glm_runtime.iotable import io_table
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, staged_folder, write_manifest
 from glm_runtime.session import FeedError
@@ -461,7 +461,7 @@ def stand_in(tiny_model, tmp_path, monkeypatch):
     manifest.parity = {"stage": "build-engine", "passed": True, "note": "stand-in record"}
     engine = write_engine_folder(tmp_path / "engine", plan, onnx, manifest)
     cudart = _HostCudart()
-    monkeypatch.setattr(trt_session, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_memory, "import_cudart", lambda: cudart)  # what _Cuda (runtime/trt_memory.py) calls
     monkeypatch.setattr(trt_session, "import_tensorrt", lambda: _HostTensorRT(cudart))
     return onnx, engine, cudart
 
