@@ -25,6 +25,10 @@ class DeriveError(GLMXError, ValueError):
     """The parent folder cannot be derived from (no tokenizer to judge the child with, wrong kind)."""
 
 
+class QuantizeError(GLMXError, ValueError):
+    """A quantization request that cannot be honoured (bad scheme, no or unusable calibration data, ...)."""
+
+
 class StageError(GLMXError, RuntimeError):
     """A stage cannot start: its output would not fit on the disk, or its --check is unknown."""
 

@@ -6,7 +6,6 @@ records what it is, and that every refusal (calibration, budget, keep_fp32, sche
 """
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -18,7 +17,8 @@ pytest.importorskip("onnxruntime")
 
 from glm_export import compare as accuracy  # noqa: E402
 from glm_export.compare import HELDOUT, blank_calls, run_calls  # noqa: E402
-from glm_export.quantize import QuantizeError, calibration_feeds, head_node, quantize_onnx  # noqa: E402
+from glm_export.calibration import calibration_feeds  # noqa: E402
+from glm_export.quantize import QuantizeError, head_node, quantize_onnx  # noqa: E402
 from glm_runtime.manifest import load_manifest, sha256_file  # noqa: E402
 
 # max |child - parent| logit over the report's windows on the tiny model, per scheme (measured: fp16 6e-4,
