@@ -18,7 +18,7 @@ from glm_export.checkpoint import load_checkpoint
 from glm_export.collator import BlockCollator
 from glm_export.evaluate import _settings
 from glm_export.pretrain import (
-    batch_to_tensors, cut_samples, load_tokenizer, read_documents, special_ids, split_documents, token_stream,
+    batch_to_tensors, cut_samples, load_corpus_tokenizer, read_documents, layout_special_ids, split_documents, token_stream,
 )
 
 OFFSETS = {"neighbour": (-1, 1), "far": (-40, 40)}
@@ -29,7 +29,7 @@ SPANS_PER_SAMPLE = 4
 def sensitivity(checkpoint: str, corpus: str, samples: int = 8, seed: int = 0) -> dict[str, float]:
     loaded = load_checkpoint(checkpoint)
     model, s = loaded.model.float().eval(), _settings(loaded.manifest)
-    tok, sp = load_tokenizer(loaded.tokenizer_file), special_ids()
+    tok, sp = load_corpus_tokenizer(loaded.tokenizer_file), layout_special_ids()
     _, held_docs = split_documents(read_documents(corpus), s.heldout_fraction)
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)
     b = batch_to_tensors(BlockCollator(sp)(list(held[:samples]), np.random.default_rng(seed), mode="bert"))

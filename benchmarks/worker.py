@@ -11,9 +11,12 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported when measuring starts: the worker's memory is the backend's
+    from glm_runtime.session import Session
 
 
 def timed(fn: Callable[[], Any], budget: dict[str, float]) -> dict[str, Any]:
@@ -70,10 +73,9 @@ def open_backend(backend: str, folder: str, threads: int) -> Any:
     return open_session(folder, backend)
 
 
-def fill_cache(session: Any, batch: int, past: int, rng: np.random.Generator) -> Any:
+def fill_cache(session: Session, batch: int, past: int, rng: np.random.Generator) -> Any:
     """A preallocated cache of past + 1 slots: `past` filled with random K/V, one free slot for the new token."""
-    from glm_runtime.kvcache import new_cache
-    cache = new_cache(session, batch, past + 1)
+    cache = session.new_cache(batch, past + 1)
     for store in (cache.keys, cache.values):
         for buf in store:
             buf[:, :, :past] = rng.standard_normal(buf[:, :, :past].shape, dtype=np.float32) * 0.5
@@ -84,7 +86,6 @@ def fill_cache(session: Any, batch: int, past: int, rng: np.random.Generator) ->
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from glm_runtime import masks
-    from glm_runtime.kvcache import new_cache
     from glm_runtime.steps import context_pass, decode_step
 
     budget = spec["budget"]
@@ -115,7 +116,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     def context_timing(context: int) -> dict[str, Any]:
         ids = rng.integers(100, vocab, size=context).tolist()
-        cache = new_cache(session, 1, context)
+        cache = session.new_cache(1, context)
 
         def one_context_pass() -> None:
             cache.truncate([0])

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-Span = tuple[int, int]  # [start, end) in the uncorrupted sample
+Interval = tuple[int, int]  # [start, end) in the uncorrupted sample
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def span_length_weights(avg_block_length: float = 3.0, max_block_length: int = 4
     return pmf / pmf.sum()
 
 
-def document_bounds(tokens: np.ndarray, special: SpecialIds) -> list[Span]:
+def document_bounds(tokens: np.ndarray, special: SpecialIds) -> list[Interval]:
     """Interiors [start, end) of the documents of a sample: the tokens strictly between [CLS] and <eos>.
 
     A sample may start or end inside a document; those pieces count as documents too.
@@ -82,7 +82,7 @@ def document_bounds(tokens: np.ndarray, special: SpecialIds) -> list[Span]:
     return bounds
 
 
-def place_spans(lengths: Sequence[int], start: int, end: int, rng: np.random.Generator) -> list[Span] | None:
+def place_spans(lengths: Sequence[int], start: int, end: int, rng: np.random.Generator) -> list[Interval] | None:
     """Place spans of the given lengths, in order, at random inside [start, end), >= 1 token apart.
 
     The free tokens (those not needed for spans and their one-token gaps) are shared out at random before,
@@ -102,7 +102,7 @@ def place_spans(lengths: Sequence[int], start: int, end: int, rng: np.random.Gen
 
 
 def sample_bert_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorConfig,
-                      rng: np.random.Generator, weights: np.ndarray, max_tries: int = 20) -> list[Span]:
+                      rng: np.random.Generator, weights: np.ndarray, max_tries: int = 20) -> list[Interval]:
     """Token-level spans (docs/glm.md 5, bert): Poisson span lengths until int(ratio * len) tokens are masked,
     placed inside documents only, non-overlapping and non-adjacent. Empty if nothing fits after retries."""
     docs = document_bounds(tokens, special)
@@ -125,7 +125,7 @@ def sample_bert_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorC
             while rest and sum(per_doc[d]) + rest[0] <= quota:
                 per_doc[d].append(rest.pop(0))
         per_doc[longest] = rest
-        spans: list[Span] = []
+        spans: list[Interval] = []
         for d, (s, e) in enumerate(docs):
             placed = place_spans(per_doc[d], s, e, rng)
             if placed is None:
@@ -137,10 +137,10 @@ def sample_bert_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorC
 
 
 def sample_sentence_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorConfig,
-                          rng: np.random.Generator, sentence_end: np.ndarray) -> list[Span]:
+                          rng: np.random.Generator, sentence_end: np.ndarray) -> list[Interval]:
     """Whole sentences (docs/glm.md 5, sentence): split document interiors after sentence-ending tokens, shuffle,
     take sentences until int(ratio * len) tokens are covered. `sentence_end` is a bool table over the vocab."""
-    sentences: list[Span] = []
+    sentences: list[Interval] = []
     for s, e in document_bounds(tokens, special):
         begin = s
         for i in range(s, e):
@@ -167,7 +167,7 @@ class BlockSample:
     sep: int
 
 
-def make_block_sample(tokens: np.ndarray, spans: Sequence[Span], order: Sequence[int], mask_id: int,
+def make_block_sample(tokens: np.ndarray, spans: Sequence[Interval], order: Sequence[int], mask_id: int,
                       sop_id: int, eop_id: int, dblock_id: int | None = None,
                       dblock_flags: np.ndarray | None = None) -> BlockSample:
     """Part A = tokens with each span collapsed to one mask token; Part B = spans in `order`, each as

@@ -203,13 +203,13 @@ class _Past:
     call, as the runtime's loop feeds it, and starts at 0), the session's own device cache otherwise."""
 
     def __init__(self, session: Session, batch: int, capacity: int):
-        from glm_runtime.kvcache import KVCache, new_cache
-        probe = new_cache(session, batch, 1)  # which kind of cache the session keeps, for one slot
+        from glm_runtime.kvcache import KVCache
+        probe = session.new_cache(batch, 1)  # which kind of cache the session keeps, for one slot
         self.device = None
         if not isinstance(probe, KVCache):
             if hasattr(probe, "close"):
                 probe.close()
-            self.device = new_cache(session, batch, capacity)
+            self.device = session.new_cache(batch, capacity)
         self.names = past_names(session.io)
         cfg = session.config
         empty = np.zeros((batch, cfg.num_attention_heads, 0, cfg.head_dim), dtype=session.kv_dtype)
@@ -294,7 +294,7 @@ def describe(session: Session) -> str:
     where = getattr(session, "folder", None)
     if where is not None:  # the staged folder of the artifact being written has a random hidden name
         parts.append(f"on {'the artifact being written' if Path(where).name.endswith('.partial') else where}")
-    return " ".join(parts) + f" ({getattr(session, 'precision', '?')})"
+    return " ".join(parts) + f" ({session.precision})"
 
 
 @dataclass

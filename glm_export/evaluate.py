@@ -19,8 +19,8 @@ import torch
 
 from glm_export.collator import BlockCollator, CollatorConfig
 from glm_export.pretrain import (
-    PretrainSettings, cut_samples, eval_batches, heldout_metrics, load_tokenizer, read_documents,
-    special_ids, split_documents, token_stream,
+    PretrainSettings, cut_samples, eval_batches, heldout_metrics, load_corpus_tokenizer, read_documents,
+    layout_special_ids, split_documents, token_stream,
 )
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_write_json
@@ -49,7 +49,7 @@ def unigram_part_b_counts(collator: BlockCollator, train: np.ndarray, s: Pretrai
     eop), and of each span's first token only (the one predicted from sop)."""
     rng = np.random.default_rng([s.seed, 5])
     counts, first_counts = np.ones(vocab, dtype=np.float64), np.ones(vocab, dtype=np.float64)
-    sop = special_ids().sop
+    sop = layout_special_ids().sop
     for _ in range(UNIGRAM_TRAIN_BATCHES):
         idx = rng.choice(len(train), size=s.batch_size, replace=False)
         batch = collator(list(train[idx]), rng, mode="bert")
@@ -68,7 +68,7 @@ def part_b_perplexity(model, batches: list[dict[str, torch.Tensor]], unigram: np
     figures = heldout_metrics(model, batches)
     logp_unigram = np.log(unigram / unigram.sum())
     total_uni, n, first_uni, firsts = 0.0, 0, 0, 0
-    sop = special_ids().sop
+    sop = layout_special_ids().sop
     for batch in batches:
         rows = batch["loss_mask"] == 1
         targets, first = batch["target_ids"][rows], batch["input_ids"][rows] == sop
@@ -105,7 +105,7 @@ def single_word_blanks(docs: list[str], n: int, seed: int) -> list[tuple[str, st
 
 def _context(model, tok, left: str, right: str) -> tuple[list[int], int]:
     """[CLS] left [MASK] right <eos>, each side cut to fit the position tables; returns (ids, mask position)."""
-    sp = special_ids()
+    sp = layout_special_ids()
     half = (model.config.max_sequence_length - 3) // 2  # [CLS] left [MASK] right <eos> must fit the tables
     left_ids = tok.encode(left, add_special_tokens=False).ids[-half:]
     right_ids = tok.encode(right, add_special_tokens=False).ids[:half]
@@ -117,7 +117,7 @@ def _context(model, tok, left: str, right: str) -> tuple[list[int], int]:
 def known_length_match(model, tok, left: str, right: str, word: str) -> bool:
     """GLM's cloze protocol (LAMBADA-style): with the answer's length given, is every answer token the argmax
     after sop + the answer tokens before it (teacher forced, one pass over Part B)?"""
-    sp = special_ids()
+    sp = layout_special_ids()
     ids, mask_pos = _context(model, tok, left, right)
     answer = tok.encode(" " + word, add_special_tokens=False).ids
     C, n = len(ids), len(answer)
@@ -128,10 +128,10 @@ def known_length_match(model, tok, left: str, right: str, word: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_fill(model, tok, left: str, right: str) -> list[int]:
+def greedy_fill_torch(model, tok, left: str, right: str) -> list[int]:
     """Greedy blank filling (docs/glm.md 4.1): context pass with sep = C, then sop at (mask_pos, 1), ... until
     eop/eos."""
-    sp = special_ids()
+    sp = layout_special_ids()
     ids, mask_pos = _context(model, tok, left, right)
     C = len(ids)
     positions = torch.stack([torch.arange(C), torch.zeros(C, dtype=torch.long)]).unsqueeze(0)  # (1, 2, C)
@@ -155,12 +155,12 @@ def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str |
     s = _settings(loaded.manifest)
     if loaded.tokenizer_file is None:
         raise EvaluateError(f"{checkpoint_dir} has no tokenizer file; it must hold the tokenizer it was trained with")
-    tok = load_tokenizer(loaded.tokenizer_file)
+    tok = load_corpus_tokenizer(loaded.tokenizer_file)
     model = loaded.model.eval()
     train_docs, held_docs = split_documents(read_documents(corpus_dir), s.heldout_fraction)
     train = cut_samples(token_stream(tok, train_docs), s.seq_length)
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)
-    collator = BlockCollator(special_ids(), CollatorConfig())
+    collator = BlockCollator(layout_special_ids(), CollatorConfig())
 
     batches = eval_batches(collator, held, s.batch_size, ppl_batches, s.seed)
     unigram, first_counts = unigram_part_b_counts(collator, train, s, tok.get_vocab_size())
@@ -176,7 +176,7 @@ def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str |
     blanks = single_word_blanks(held_docs, fill_examples, s.seed)
     hits, hits_first, hits_known, hits_uni, examples = 0, 0, 0, 0, []
     for left, word, right in blanks:
-        fill = tok.decode(greedy_fill(model, tok, left, right)).strip()
+        fill = tok.decode(greedy_fill_torch(model, tok, left, right)).strip()
         hits += fill == word
         hits_first += (fill.split() or [""])[0].strip(".,;:!?\"'") == word
         hits_known += known_length_match(model, tok, left, right, word)

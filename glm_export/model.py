@@ -20,7 +20,7 @@ from glm_export.config import GLMConfig
 # Masked scores are pushed down by the fp16 minimum, not -inf (docs/glm.md 1.3, 9.5).
 MASK_FILL = 65504.0
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value [B, n, past, d]
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value [B, n, past, d]
 MaskArg = Union[int, torch.Tensor]
 
 
@@ -161,7 +161,7 @@ class GLMModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: MaskArg,
                 past_key_values: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
-                ) -> tuple[torch.Tensor, KVCache]:
+                ) -> tuple[torch.Tensor, LayerKV]:
         x, presents = self.hidden_states(input_ids, position_ids, attention_mask, past_key_values)
         return self.lm_head(x), presents
 
@@ -171,7 +171,7 @@ class GLMModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: MaskArg,
                       past_key_values: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
-                      ) -> tuple[torch.Tensor, KVCache]:
+                      ) -> tuple[torch.Tensor, LayerKV]:
         """The final-LayerNorm output (B, T, h) and the per-layer presents; forward() without the head."""
         B, T = input_ids.shape
         if position_ids.shape != (B, 2, T):
@@ -187,7 +187,7 @@ class GLMModel(nn.Module):
         x = self.word_embeddings(input_ids)  # (B, T, h), no sqrt(h) scaling
         x = x + tr.position_embeddings(position_ids[:, 0]) + tr.block_position_embeddings(position_ids[:, 1])
         x = tr.embedding_dropout(x)
-        presents: KVCache = []
+        presents: LayerKV = []
         for i, layer in enumerate(tr.layers):
             x, present = layer(x, mask, None if past_key_values is None else past_key_values[i])
             presents.append(present)

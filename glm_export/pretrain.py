@@ -115,7 +115,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_file: str | Path)
     train_bpe_tokenizer(texts, vocab_size, out_file)
 
 
-def load_tokenizer(path: str | Path):
+def load_corpus_tokenizer(path: str | Path):
     """The raw `tokenizers` object (its encode_batch is fast on the whole corpus), with the id layout checked."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(path))
@@ -126,7 +126,7 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def special_ids() -> SpecialIds:
+def layout_special_ids() -> SpecialIds:
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     return SpecialIds(eos=ids["<|endoftext|>"], cls=ids["[CLS]"], mask=ids["[MASK]"], smask=ids["[sMASK]"],
                       gmask=ids["[gMASK]"], sop=ids["<|startofpiece|>"], eop=ids["<|endofpiece|>"],
@@ -144,7 +144,7 @@ def sentence_end_table(tok) -> np.ndarray:
 
 def token_stream(tok, docs: list[str]) -> np.ndarray:
     """[CLS] doc <eos> [CLS] doc <eos> ... as one int32 array."""
-    sp = special_ids()
+    sp = layout_special_ids()
     parts = []
     for enc in tok.encode_batch(docs, add_special_tokens=False):
         parts.append(np.array([sp.cls, *enc.ids, sp.eos], dtype=np.int32))
@@ -303,7 +303,7 @@ def heldout_metrics(model: GLMModel, batches: list[dict[str, torch.Tensor]]) -> 
     was_training = model.training
     model.eval()
     total, count, first_hits, firsts = 0.0, 0, 0, 0
-    sop = special_ids().sop
+    sop = layout_special_ids().sop
     for batch in batches:
         logits, targets = part_b_logits(model, batch)
         logits = logits.float()
@@ -348,7 +348,7 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Pat
     tok_file = work / TOKENIZER_FILE
     if not tok_file.exists():
         train_tokenizer(iter(train_docs), s.vocab_size, tok_file)
-    tok = load_tokenizer(tok_file)
+    tok = load_corpus_tokenizer(tok_file)
     config = GLMConfig(num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
                        vocab_size=padded_vocab(tok.get_vocab_size()), max_sequence_length=s.max_sequence_length,
                        hidden_dropout=s.dropout, attention_dropout=s.dropout, name=s.name)
@@ -358,7 +358,7 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Pat
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)
     modes = CollatorConfig(bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob,
                            gpt_infill_prob=s.gpt_infill_prob)
-    collator = BlockCollator(special_ids(), modes, sentence_end=sentence_end_table(tok))
+    collator = BlockCollator(layout_special_ids(), modes, sentence_end=sentence_end_table(tok))
     evals_fixed = eval_batches(collator, held, s.batch_size, s.eval_batches, s.seed)
 
     torch.manual_seed(s.seed)

@@ -39,9 +39,8 @@ class TorchSession(Closable):
         self.model = model.to(TORCH_DTYPES[precision]).eval()
 
     def new_cache(self, batch: int, capacity: int) -> Any:
-        from glm_runtime.kvcache import KVCache
-        c = self.config
-        return KVCache(self.io, batch, c.num_attention_heads, c.head_dim, capacity, self.kv_dtype)
+        from glm_runtime.kvcache import host_cache
+        return host_cache(self, batch, capacity)
 
     def close(self) -> None:
         self.model = None

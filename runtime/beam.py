@@ -12,6 +12,7 @@ import numpy as np
 from glm_runtime import masks
 from glm_runtime.sampling import GenerationError, log_softmax
 from glm_runtime.steps import decode_step
+from glm_runtime.session import Session
 
 
 @dataclass
@@ -35,7 +36,7 @@ def _top_candidates(scores: np.ndarray, count: int) -> list[tuple[float, int]]:
     return [(float(flat[part[i]]), int(part[i])) for i in order]
 
 
-def beam_search_span(session: Any, cache: Any, mask_pos: int, *, sop: int, stops: dict[int, str],
+def beam_search_span(session: Session, cache: Any, mask_pos: int, *, sop: int, stops: dict[int, str],
                      num_beams: int, max_new_tokens: int, length_penalty: float,
                      early_stopping: bool) -> tuple[Hypothesis, int]:
     """Search one span -> (best hypothesis, decode calls made). Leaves the cache holding some beams' tokens

@@ -30,9 +30,9 @@ import numpy as np
 
 from glm_runtime import masks
 from glm_runtime.errors import GLMXError
-from glm_runtime.kvcache import new_cache
 from glm_runtime.sampling import GenerationError, greedy, prompt_generators, sample
 from glm_runtime.steps import decode_step, run_context
+from glm_runtime.session import Session
 
 
 ENDINGS = ("finished", "cancelled", "timeout", "failed")  # a request's last state; its last event is
@@ -100,25 +100,25 @@ class Engine:
     their context pass (one call), then one decode call for every running row.
     """
 
-    def __init__(self, session: Any, tokenizer: Any, rows: int = 8, max_waiting: Optional[int] = None,
+    def __init__(self, session: Session, tokenizer: Any, rows: int = 8, max_waiting: Optional[int] = None,
                  on_end: Optional[Callable[[Request], None]] = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise EngineError(f"rows must be an integer >= 1, got {rows!r}")
         if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
                                         or max_waiting < 0):
             raise EngineError(f"max_waiting must be an integer >= 0 or None, got {max_waiting!r}")
-        limits = getattr(getattr(session, "info", None), "limits", None) or {}
+        limits = session.limits
         if limits.get("max_batch") and rows > limits["max_batch"]:
             raise EngineError(f"{rows} rows do not fit the TensorRT engine's profile (max batch "
                               f"{limits['max_batch']}): use --rows {limits['max_batch']} or rebuild the engine")
         self.session, self.tokenizer = session, tokenizer
         self.rows, self.max_waiting, self.on_end = rows, max_waiting, on_end
         self.max_positions = int(session.config.max_sequence_length)
-        self.max_past = getattr(session, "max_past", None)  # TensorRT: the profile's largest past_seq
+        self.max_past = limits.get("max_past")  # TensorRT: the profiles' largest past_seq
         special = tokenizer.special
         self.sop, self.pad = special["sop"], special["pad"]
         self.stops = {special["eop"]: "eop", special["eos"]: "eos"}
-        self.cache = new_cache(session, rows, 1)  # grows (geometrically) to what the admitted requests need
+        self.cache = session.new_cache(rows, 1)  # grows (geometrically) to what the admitted requests need
         self.slots: list[Optional[Request]] = [None] * rows  # slots[r]: the request holding cache row r
         self._waiting: deque[Request] = deque()
         self._lock = threading.Lock()

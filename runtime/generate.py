@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from glm_runtime.beam import beam_search_span, check_beam
-from glm_runtime.kvcache import new_cache
 from glm_runtime.sampling import GenerationError, check_sampling
 from glm_runtime.steps import context_pass, prefill_span
+from glm_runtime.session import Session
 from glm_runtime.tokenizer import build_context_ids, find_blanks
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -162,13 +162,13 @@ def _timings(t0: float, t1: float, t2: float, steps: int, generated: int) -> dic
 
 # ---------------------------------------------------------------- beam search: one prompt, beams as rows
 
-def _fill_beam(session: Any, tokenizer: Any, prompt: _Prompt, max_new_tokens: int, num_beams: int,
+def _fill_beam(session: Session, tokenizer: Any, prompt: _Prompt, max_new_tokens: int, num_beams: int,
                length_penalty: float, early_stopping: bool) -> Iterator[StreamEvent]:
     special = tokenizer.special
     stops = {special["eop"]: "eop", special["eos"]: "eos"}
     t0 = time.perf_counter()
     capacity = len(prompt.ids) + len(prompt.blanks) * (1 + max_new_tokens) + 1
-    cache = new_cache(session, num_beams, capacity)
+    cache = session.new_cache(num_beams, capacity)
     context_pass(session, cache, [prompt.ids], special["pad"], repeat=num_beams)
     t1 = time.perf_counter()
     spans: list[Span] = []
@@ -195,7 +195,7 @@ def _fill_beam(session: Any, tokenizer: Any, prompt: _Prompt, max_new_tokens: in
 
 # ---------------------------------------------------------------- entry points
 
-def stream_blanks(session: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32,
+def stream_blanks(session: Session, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 32,
                   strategy: str = "greedy", temperature: Optional[float] = None, top_k: Optional[int] = None,
                   top_p: Optional[float] = None, seed: Optional[int] = None, num_beams: Optional[int] = None,
                   length_penalty: Optional[float] = None, early_stopping: Optional[bool] = None,
@@ -217,7 +217,7 @@ def stream_blanks(session: Any, tokenizer: Any, prompts: Sequence[str], *, max_n
         yield from engine.step()
 
 
-def fill_blanks(session: Any, tokenizer: Any, prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
+def fill_blanks(session: Session, tokenizer: Any, prompts: Sequence[str] | str, *, max_new_tokens: int = 32,
                 strategy: str = "greedy", temperature: Optional[float] = None, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, seed: Optional[int] = None, num_beams: Optional[int] = None,
                 length_penalty: Optional[float] = None, early_stopping: Optional[bool] = None,

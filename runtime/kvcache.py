@@ -271,10 +271,8 @@ class DeviceKVCache(_SlotCache):
         self.filled = self.filled[index]
 
 
-def new_cache(session: Any, batch: int, capacity: int) -> Any:
-    """The cache a session wants: its own `new_cache` when it has one (device-resident), else a host KVCache."""
-    make = getattr(session, "new_cache", None)
-    if make is not None:
-        return make(batch, capacity)
+def host_cache(session: Any, batch: int, capacity: int) -> KVCache:
+    """A host KVCache shaped for `session` (its IO table, heads, head width and K/V dtype): what a session whose
+    run returns numpy presents gives from its new_cache."""
     config = session.config
     return KVCache(session.io, batch, config.num_attention_heads, config.head_dim, capacity, session.kv_dtype)

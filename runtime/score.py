@@ -23,7 +23,7 @@ from glm_runtime import masks
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
 from glm_runtime.sampling import log_softmax
-from glm_runtime.session import host_array
+from glm_runtime.session import Session, host_array
 from glm_runtime.steps import empty_past
 from glm_runtime.tokenizer import BlankError, build_context_ids, find_blanks
 
@@ -82,7 +82,7 @@ def _prepare(tokenizer: Any, prompt: str, candidates: Sequence[str], single_toke
     return ids, blanks[0][0], encoded
 
 
-def score_candidates(session: Any, tokenizer: Any, prompts: Sequence[str] | str,
+def score_candidates(session: Session, tokenizer: Any, prompts: Sequence[str] | str,
                      candidates: Sequence[Sequence[str]] | Sequence[str], *, length_penalty: float = 0.0,
                      single_token: bool = False) -> list[list[CandidateScore]] | list[CandidateScore]:
     """Score every candidate answer of the blank of each prompt (see the module docstring).
@@ -127,7 +127,7 @@ def score_candidates(session: Any, tokenizer: Any, prompts: Sequence[str] | str,
     return results[0] if single else results
 
 
-def _context_pass(session: Any, tokenizer: Any, contexts: list[list[int]],
+def _context_pass(session: Session, tokenizer: Any, contexts: list[list[int]],
                   rows: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Every prompt's context in one right-padded call. -> (host K/V of every layer, logits at `rows` or None)."""
     lengths = [len(c) for c in contexts]
@@ -147,7 +147,7 @@ def _context_pass(session: Any, tokenizer: Any, contexts: list[list[int]],
     return {name: host_array(out[name]) for pair in present_names(session.io) for name in pair}, logits
 
 
-def _span_pass(session: Any, context: dict[str, np.ndarray], lengths: list[int], mask_pos: np.ndarray,
+def _span_pass(session: Session, context: dict[str, np.ndarray], lengths: list[int], mask_pos: np.ndarray,
                rows: list[tuple[int, int]], spans: list[list[int]]) -> np.ndarray:
     """Every candidate's sop + answer in one call on its prompt's gathered context K/V. -> logits [R, T, V]."""
     R, T = len(spans), max(len(s) for s in spans)
@@ -181,13 +181,9 @@ def _span_pass(session: Any, context: dict[str, np.ndarray], lengths: list[int],
     return np.stack(logits, axis=1)
 
 
-def _takes_chunks(session: Any, batch: int, seq: int, past: int) -> bool:
+def _takes_chunks(session: Session, batch: int, seq: int, past: int) -> bool:
     """Whether one call of `seq` tokens over a `past`-slot cache fits the session (only engines have limits)."""
-    profiles = getattr(session, "profiles", None)
-    if not profiles:
-        return True
-    dims = {"batch": batch, "seq": seq, "past_seq": past, "total_seq": past + seq}
-    return any(not profile.misfits(dims) for profile in profiles)
+    return session.fits(batch, seq, past)
 
 
 # ---------------------------------------------------------------- classification: template + verbalizer
@@ -202,7 +198,7 @@ def fill_template(template: str, record: Mapping[str, Any], where: str) -> str:
         raise ScoreError(f"the template {template!r} is not a valid format string: {exc}") from None
 
 
-def classify(session: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], template: str,
+def classify(session: Session, tokenizer: Any, records: Sequence[Mapping[str, Any]], template: str,
              verbalizer: Mapping[str, Sequence[str] | str], *, aggregate: str = "max", length_penalty: float = 0.0,
              single_token: bool = False) -> dict[str, Any]:
     """The label of each record: its template filled, every answer of every label scored, a label's score the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -37,7 +38,9 @@ class Session(Protocol):
     io: the IO table (iotable.io_table), inputs/outputs its two lists; config: the GLMConfig; precision: the
     manifest's precision; kv_dtype: the dtype of past/present. run(feeds) takes the IO table's names and returns
     {"logits": [B, T', V] float32 numpy, "present.{i}.key|value": this call's K/V [B, n, T, d]}; new_cache(batch,
-    capacity) gives the KV cache that run's presents belong in (host numpy or device buffers).
+    capacity) gives the KV cache that run's presents belong in (host numpy or device buffers). limits: what one
+    call may hold ({} when only memory bounds it; a TensorRT engine: max_batch, max_context, max_new_tokens,
+    max_past); fits(batch, seq, past) says whether one call of that shape runs (an engine: some profile takes it).
     """
     io: dict[str, Any]
     inputs: list[dict[str, Any]]
@@ -45,10 +48,13 @@ class Session(Protocol):
     config: GLMConfig
     precision: str
     kv_dtype: np.dtype
+    limits: Mapping[str, int]
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
 
     def new_cache(self, batch: int, capacity: int) -> Any: ...
+
+    def fits(self, batch: int, seq: int, past: int) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -59,9 +65,14 @@ class Session(Protocol):
 
 class Closable:
     """`with open_session(...) as session:` for every backend; close() frees what the session holds (device
-    buffers, the native session) and a closed session refuses to run."""
+    buffers, the native session) and a closed session refuses to run. Also the defaults of a session that only
+    memory bounds: no limits, every call shape fits."""
 
     closed = False
+    limits: Mapping[str, int] = MappingProxyType({})
+
+    def fits(self, batch: int, seq: int, past: int) -> bool:
+        return True
 
     def close(self) -> None:
         self.closed = True

@@ -9,17 +9,17 @@ import numpy as np
 
 from glm_runtime import masks
 from glm_runtime.iotable import LOGITS_START, accepts
-from glm_runtime.session import host_array
+from glm_runtime.session import Session, host_array
 
 
-def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
+def empty_past(session: Session, batch: int) -> dict[str, np.ndarray]:
     """past_key_values with past_seq = 0 for the context pass (nothing is cached yet)."""
     c = session.config
     empty = np.zeros((batch, c.num_attention_heads, 0, c.head_dim), dtype=session.kv_dtype)
     return {entry["name"]: empty for entry in session.inputs if entry["name"].startswith("past_key_values.")}
 
 
-def run_context(session: Any, contexts: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, Any], np.ndarray]:
+def run_context(session: Session, contexts: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, Any], np.ndarray]:
     """One call over every row's context (right-padded with pad_id, past_seq = 0) -> (outputs, logits [B, V] at
     each row's last real token). The caller stores present.* (cache.append, or cache.load_rows for rows that
     join a running pool)."""
@@ -35,7 +35,7 @@ def run_context(session: Any, contexts: Sequence[Sequence[int]], pad_id: int) ->
     return run_for_rows(session, feeds, np.asarray(lengths) - 1)
 
 
-def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pad_id: int,
+def context_pass(session: Session, cache: Any, contexts: Sequence[Sequence[int]], pad_id: int,
                  repeat: int = 1) -> np.ndarray:
     """Run every row's context (right-padded with pad_id) and store its K/V at slots 0..C_b-1.
 
@@ -50,7 +50,7 @@ def context_pass(session: Any, cache: Any, contexts: Sequence[Sequence[int]], pa
     return logits
 
 
-def decode_step(session: Any, cache: Any, tokens: Sequence[int], positions: np.ndarray,
+def decode_step(session: Session, cache: Any, tokens: Sequence[int], positions: np.ndarray,
                 store: Sequence[bool]) -> np.ndarray:
     """Feed one token per row (positions [W, 2, 1]); rows with store=False (finished, fed a dummy) keep
     their cache unchanged. W may be fewer than the cache's rows when the cache is sliceable (the first W
@@ -65,7 +65,7 @@ def decode_step(session: Any, cache: Any, tokens: Sequence[int], positions: np.n
     return out["logits"][:, -1]
 
 
-def prefill_span(session: Any, cache: Any, tokens: Sequence[int], mask_pos: int) -> np.ndarray:
+def prefill_span(session: Session, cache: Any, tokens: Sequence[int], mask_pos: int) -> np.ndarray:
     """Feed the same span tokens (sop first, steps 0..T-1) to every row in one call; returns logits [B, V]."""
     batch, seq = cache.batch, len(tokens)
     feeds = {"input_ids": np.tile(np.asarray(tokens, dtype=np.int64), (batch, 1)),
@@ -77,7 +77,7 @@ def prefill_span(session: Any, cache: Any, tokens: Sequence[int], mask_pos: int)
     return logits
 
 
-def run_for_rows(session: Any, feeds: dict[str, Any], rows: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+def run_for_rows(session: Session, feeds: dict[str, Any], rows: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
     """Run, and return (outputs, logits [B, V] at position rows[b] of row b).
 
     Where the graph takes logits_start, only positions min(rows).. get the head; the offset of the returned

@@ -127,7 +127,7 @@ class TensorRTKVCache(_SlotCache):
     and each call's present.* are copied device to device into each row's next free slots. Nothing about the
     cache crosses to the host per token; `visible` / `filled` (tiny) stay on the host to build masks.
 
-    The generate loop needs no TensorRT code: kvcache.new_cache(session, ...) calls session.new_cache, and each
+    The generate loop needs no TensorRT code: it calls session.new_cache, and each
     step is `out = session.run({..., "attention_mask": masks.decode_mask(cache.visible), **cache.feeds()})`
     then `cache.append(out, counts)` (runtime/steps.py). Capacity never exceeds the engine's max past_seq.
     """

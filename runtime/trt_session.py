@@ -207,6 +207,15 @@ class TensorRTSession(Closable):
     def max_past(self) -> int:
         return max(p.dims["past_seq"][2] for p in self.profiles)
 
+    @property
+    def limits(self) -> dict[str, int]:
+        """The manifest's limits, max_past as the profiles give it (the largest past_seq any profile takes)."""
+        return {**self.info.limits, "max_past": self.max_past}
+
+    def fits(self, batch: int, seq: int, past: int) -> bool:
+        dims = {"batch": batch, "seq": seq, "past_seq": past, "total_seq": past + seq}
+        return any(not profile.misfits(dims) for profile in self.profiles)
+
     def _buffer(self, key: str, nbytes: int) -> int:
         ptr, capacity = self._scratch.get(key, (0, 0))
         if nbytes > capacity or not ptr:  # an empty tensor (past_seq 0) still gets a real address

@@ -8,6 +8,8 @@ import numpy as np
 
 from glm_runtime.config import get_preset
 from glm_runtime.iotable import io_table
+from glm_runtime.kvcache import host_cache
+from glm_runtime.session import Closable
 
 LINES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
          "all that glitters is not gold", "where there is smoke there is fire"] * 4
@@ -46,7 +48,7 @@ def export_tiny(model, out_dir: Path, tokenizer_file: Path) -> Path:
     return export_onnx(model, out_dir, tokenizer_file=tokenizer_file, validate=False, log=lambda msg: None)
 
 
-class ScriptedSession:
+class ScriptedSession(Closable):
     """The session contract without a network: a decode call at (mask_pos, block) answers plan[mask_pos][block-1]
     (eop once the plan runs out); every feed is recorded. present.* are zeros."""
 
@@ -58,6 +60,9 @@ class ScriptedSession:
         self.tokenizer_path = None
         self.plan, self.eop = plan, eop
         self.calls: list[dict[str, np.ndarray]] = []
+
+    def new_cache(self, batch, capacity):
+        return host_cache(self, batch, capacity)
 
     def run(self, feeds):
         from glm_runtime.session import check_feeds

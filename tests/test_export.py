@@ -417,10 +417,16 @@ def test_parity_cases_cover_glm_layouts():
     """The case builders follow the spec: 2D positions, sep masks, padded batches with masked holes."""
     from glm_export.compare import run_calls
 
-    class Recorder:  # a stand-in session that records the feeds the harness gives
+    from glm_runtime.kvcache import host_cache
+    from glm_runtime.session import Closable
+
+    class Recorder(Closable):  # a stand-in session that records the feeds the harness gives
         def __init__(self):
             cfg = TINY
             self.io, self.config, self.kv_dtype, self.feeds = io_table(cfg), cfg, np.dtype("float32"), []
+
+        def new_cache(self, batch, capacity):
+            return host_cache(self, batch, capacity)
 
         def run(self, feeds):
             self.feeds.append(feeds)
@@ -453,9 +459,13 @@ def test_parity_cases_cover_glm_layouts():
 def test_the_harness_checks_every_outputs_shape():
     """A backend returning a wrong shape (here logits of 4 columns for V = 512) is refused by name."""
     from glm_export.compare import run_calls
+    from glm_runtime.kvcache import host_cache
 
     class Wrong:
-        io, config, kv_dtype = io_table(TINY), TINY, np.dtype("float32")
+        io, config, kv_dtype, precision = io_table(TINY), TINY, np.dtype("float32"), "fp32"
+
+        def new_cache(self, batch, capacity):
+            return host_cache(self, batch, capacity)
 
         def run(self, feeds):
             B, T = feeds["input_ids"].shape

@@ -58,12 +58,13 @@ def greedy_ort(ort, tok):
 
 
 class Recording:
-    """Wraps a session and keeps every call's feeds and outputs."""
+    """Wraps a session and keeps every call's feeds and outputs (everything else is the inner session's)."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
-        for name in ("config", "io", "inputs", "outputs", "kv_dtype", "tokenizer_path"):
-            setattr(self, name, getattr(inner, name))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def run(self, feeds):
         out = self.inner.run(feeds)

@@ -116,10 +116,10 @@ def _known_length_equals_the_cached_loop(checkpoint, corpus):
     tokens always matches."""
     import torch
     from glm_export.checkpoint import load_checkpoint
-    from glm_export.evaluate import _context, greedy_fill, known_length_match, single_word_blanks
-    from glm_export.pretrain import load_tokenizer, read_documents, special_ids
+    from glm_export.evaluate import _context, greedy_fill_torch, known_length_match, single_word_blanks
+    from glm_export.pretrain import load_corpus_tokenizer, read_documents, layout_special_ids
     loaded = load_checkpoint(checkpoint)
-    model, tok, sp = loaded.model.float().eval(), load_tokenizer(loaded.tokenizer_file), special_ids()
+    model, tok, sp = loaded.model.float().eval(), load_corpus_tokenizer(loaded.tokenizer_file), layout_special_ids()
     for left, word, right in single_word_blanks(read_documents(corpus), 12, 0):
         ids, mask_pos = _context(model, tok, left, right)
         answer = tok.encode(" " + word, add_special_tokens=False).ids
@@ -132,7 +132,7 @@ def _known_length_equals_the_cached_loop(checkpoint, corpus):
                 hits.append(int(logits[0, -1].argmax()) == want)
                 token = want
         assert known_length_match(model, tok, left, right, word) == all(hits)
-        own = greedy_fill(model, tok, left, right)
+        own = greedy_fill_torch(model, tok, left, right)
         text = tok.decode(own)
         if own and text.startswith(" ") and tok.encode(text, add_special_tokens=False).ids == own:
             assert known_length_match(model, tok, left, right, text[1:])  # the model's own tokens match
@@ -259,21 +259,21 @@ def test_heldout_first_token_accuracy_matches_the_full_forward(corpus, tiny_mode
     import torch
     from glm_export.collator import BlockCollator
     from glm_export.pretrain import (
-        batch_to_tensors, cut_samples, heldout_metrics, read_documents, special_ids, token_stream,
-        train_tokenizer, load_tokenizer,
+        batch_to_tensors, cut_samples, heldout_metrics, read_documents, layout_special_ids, token_stream,
+        train_tokenizer, load_corpus_tokenizer,
     )
     tok_file = Path(str(corpus)) / ".." / "tok-first.json"
     train_tokenizer(iter(read_documents(corpus)), 300, tok_file)
-    samples = cut_samples(token_stream(load_tokenizer(tok_file), read_documents(corpus)), 32)
+    samples = cut_samples(token_stream(load_corpus_tokenizer(tok_file), read_documents(corpus)), 32)
     rng = np.random.default_rng(1)
-    batches = [batch_to_tensors(BlockCollator(special_ids())(list(samples[:4]), rng)) for _ in range(2)]
+    batches = [batch_to_tensors(BlockCollator(layout_special_ids())(list(samples[:4]), rng)) for _ in range(2)]
     model = tiny_model.eval()
     got = heldout_metrics(model, batches)
     hits = n = 0
     with torch.no_grad():
         for b in batches:
             logits, _ = model(b["input_ids"], b["position_ids"], b["sep"])
-            first = (b["input_ids"] == special_ids().sop) & (b["loss_mask"] == 1)
+            first = (b["input_ids"] == layout_special_ids().sop) & (b["loss_mask"] == 1)
             hits += int((logits.argmax(-1) == b["target_ids"])[first].sum())
             n += int(first.sum())
     assert n > 0 and got["heldout_first_token_acc"] == pytest.approx(hits / n)
