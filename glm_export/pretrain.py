@@ -318,6 +318,102 @@ def heldout_metrics(model: GLMModel, batches: list[dict[str, torch.Tensor]]) -> 
 
 # ---------------------------------------------------------------- the entry function
 
+@dataclasses.dataclass
+class TrainingData:
+    """What a run trains and is judged on, derived from the corpus folder and the settings (deterministically)."""
+    tokenizer_file: Path
+    config: GLMConfig
+    train: np.ndarray  # [samples, seq_length] token ids
+    held: np.ndarray
+    collator: BlockCollator
+    eval_fixed: list[dict[str, torch.Tensor]]  # the held-out batches every evaluation scores
+
+
+def prepare_data(corpus_dir: str | Path, work: Path, s: PretrainSettings) -> TrainingData:
+    """Split the corpus, train (once, kept in work) and load the tokenizer, cut samples, fix the eval batches."""
+    docs = read_documents(corpus_dir)
+    train_docs, held_docs = split_documents(docs, s.heldout_fraction)
+    tok_file = work / TOKENIZER_FILE
+    if not tok_file.exists():
+        train_tokenizer(iter(train_docs), s.vocab_size, tok_file)
+    tok = load_corpus_tokenizer(tok_file)
+    config = GLMConfig(num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
+                       vocab_size=padded_vocab(tok.get_vocab_size()), max_sequence_length=s.max_sequence_length,
+                       hidden_dropout=s.dropout, attention_dropout=s.dropout, name=s.name)
+    if s.seq_length + 1 > s.max_sequence_length:  # gpt mode adds one token ([gMASK]) before Part B
+        raise PretrainError(f"seq_length {s.seq_length} needs max_sequence_length >= {s.seq_length + 1}")
+    train = cut_samples(token_stream(tok, train_docs), s.seq_length)
+    held = cut_samples(token_stream(tok, held_docs), s.seq_length)
+    modes = CollatorConfig(bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob,
+                           gpt_infill_prob=s.gpt_infill_prob)
+    collator = BlockCollator(layout_special_ids(), modes, sentence_end=sentence_end_table(tok))
+    return TrainingData(tok_file, config, train, held, collator,
+                        eval_batches(collator, held, s.batch_size, s.eval_batches, s.seed))
+
+
+def read_saved_state(state_path: Path, s: PretrainSettings) -> dict[str, Any] | None:
+    """The saved train state to resume from (None: start), refused when it was trained with other settings."""
+    if not state_path.exists():
+        return None
+    saved = torch.load(state_path, weights_only=False)
+    # a setting added since the save takes its default, which reproduces the old run
+    saved["settings"] = {**dataclasses.asdict(PretrainSettings()), **saved["settings"]}
+    now = dataclasses.asdict(s)
+    if saved["settings"] != now:
+        diff = {k: (v, now[k]) for k, v in saved["settings"].items() if now[k] != v}
+        raise PretrainError(f"{state_path} was trained with other settings (saved, now): {diff}; "
+                            f"use the same settings to resume, or another work_dir to start over")
+    return saved
+
+
+class Trainer:
+    """The model, its optimizer and schedule, the step and the evaluations so far: what a checkpoint saves and a
+    resume restores (with the three RNG states), so a resumed run is bitwise the uninterrupted one."""
+
+    def __init__(self, config: GLMConfig, s: PretrainSettings):
+        torch.manual_seed(s.seed)
+        self.settings, self.config = s, config
+        self.model = GLMModel(config).train()
+        init_positions(self.model, s.position_init)
+        self.optimizer = make_optimizer(self.model, s)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, s))
+        self.step, self.evals = 0, []
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+        self.step, self.evals = saved["step"], saved["evals"]
+
+    def save(self, state_path: Path) -> None:
+        state = {"settings": dataclasses.asdict(self.settings), "config": self.config.to_dict(), "step": self.step,
+                 "evals": self.evals, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        with atomic_path(state_path) as tmp:
+            torch.save(state, tmp)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """One optimizer step on one batch. -> (loss, gradient norm before clipping)."""
+        loss = model_loss(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return float(loss.detach()), float(grad_norm)
+
+    def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        ev = {"step": self.step, **heldout_metrics(self.model, batches)}
+        ev["heldout_ppl"] = math.exp(ev["heldout_loss"])
+        self.evals.append(ev)
+        return ev
+
+
 def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Path | None = None, *,
              checkpoint_every: int = 100, eval_every: int = 100, stop_after: int | None = None,
              threads: int = 2, overwrite: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
@@ -335,104 +431,54 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Pat
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     state_path = work / STATE_FILE
-    saved = torch.load(state_path, weights_only=False) if state_path.exists() else None
-    if saved is not None:  # a setting added since the save takes its default, which reproduces the old run
-        saved["settings"] = {**dataclasses.asdict(PretrainSettings()), **saved["settings"]}
-    if saved is not None and saved["settings"] != dataclasses.asdict(s):
-        diff = {k: (v, dataclasses.asdict(s)[k]) for k, v in saved["settings"].items() if dataclasses.asdict(s)[k] != v}
-        raise PretrainError(f"{state_path} was trained with other settings (saved, now): {diff}; "
-                            f"use the same settings to resume, or another work_dir to start over")
-
-    docs = read_documents(corpus_dir)
-    train_docs, held_docs = split_documents(docs, s.heldout_fraction)
-    tok_file = work / TOKENIZER_FILE
-    if not tok_file.exists():
-        train_tokenizer(iter(train_docs), s.vocab_size, tok_file)
-    tok = load_corpus_tokenizer(tok_file)
-    config = GLMConfig(num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
-                       vocab_size=padded_vocab(tok.get_vocab_size()), max_sequence_length=s.max_sequence_length,
-                       hidden_dropout=s.dropout, attention_dropout=s.dropout, name=s.name)
-    if s.seq_length + 1 > s.max_sequence_length:  # gpt mode adds one token ([gMASK]) before Part B
-        raise PretrainError(f"seq_length {s.seq_length} needs max_sequence_length >= {s.seq_length + 1}")
-    train = cut_samples(token_stream(tok, train_docs), s.seq_length)
-    held = cut_samples(token_stream(tok, held_docs), s.seq_length)
-    modes = CollatorConfig(bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob,
-                           gpt_infill_prob=s.gpt_infill_prob)
-    collator = BlockCollator(layout_special_ids(), modes, sentence_end=sentence_end_table(tok))
-    evals_fixed = eval_batches(collator, held, s.batch_size, s.eval_batches, s.seed)
-
-    torch.manual_seed(s.seed)
-    model = GLMModel(config).train()
-    init_positions(model, s.position_init)
-    optimizer = make_optimizer(model, s)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, s))
-    step, evals = 0, []
+    saved = read_saved_state(state_path, s)
+    data = prepare_data(corpus_dir, work, s)
+    trainer = Trainer(data.config, s)
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        np.random.set_state(saved["rng"]["numpy"])
-        random.setstate(saved["rng"]["python"])
-        step, evals = saved["step"], saved["evals"]
-
-    def save_state() -> None:
-        state = {"settings": dataclasses.asdict(s), "config": config.to_dict(), "step": step, "evals": evals,
-                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
-        with atomic_path(state_path) as tmp:
-            torch.save(state, tmp)
+        trainer.restore(saved)
 
     def log(record: dict[str, Any]) -> None:
         with open(work / "log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
     losses: list[float] = []
-    end = s.steps if stop_after is None else min(s.steps, step + stop_after)
+    end = s.steps if stop_after is None else min(s.steps, trainer.step + stop_after)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=s.steps, initial=step, desc="pretrain", unit="step", mininterval=5.0, file=sys.stderr)
+        bar = tqdm(total=s.steps, initial=trainer.step, desc="pretrain", unit="step", mininterval=5.0, file=sys.stderr)
     t0 = time.time()
-    while step < end:
-        idx = batch_indices(step, len(train), s.batch_size, s.seed)
-        batch = batch_to_tensors(collate_step(collator, train[idx], step, s.seed))
-        loss = model_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        losses.append(float(loss.detach()))
+    while trainer.step < end:
+        step = trainer.step
+        idx = batch_indices(step, len(data.train), s.batch_size, s.seed)
+        loss, grad_norm = trainer.train_step(batch_to_tensors(collate_step(data.collator, data.train[idx], step, s.seed)))
+        step = trainer.step
+        losses.append(loss)
+        lr = trainer.scheduler.get_last_lr()[0]
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         if step % 10 == 0 or step == end:
-            log({"step": step, "loss": losses[-1], "grad_norm": float(grad_norm),
-                 "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)})
+            log({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "elapsed_s": round(time.time() - t0, 1)})
         if step % eval_every == 0 or step == s.steps:
-            ev = {"step": step, **heldout_metrics(model, evals_fixed)}
-            ev["heldout_ppl"] = math.exp(ev["heldout_loss"])
-            evals.append(ev)
+            ev = trainer.evaluate(data.eval_fixed)
             log(ev)
             if bar is not None:
                 bar.write(f"step {step}: held-out Part B loss {ev['heldout_loss']:.4f} (ppl {ev['heldout_ppl']:.1f}), "
                           f"span first-token accuracy {ev['heldout_first_token_acc']:.3f}")
         if step % checkpoint_every == 0 or step == end:
-            save_state()
+            trainer.save(state_path)
     if bar is not None:
         bar.close()
 
-    result: dict[str, Any] = {"step": step, "losses": losses, "evals": evals, "export_dir": None}
-    if step >= s.steps and export_dir is not None:
+    result: dict[str, Any] = {"step": trainer.step, "losses": losses, "evals": trainer.evals, "export_dir": None}
+    if trainer.step >= s.steps and export_dir is not None:
         corpus_info = Path(corpus_dir) / "corpus.json"
-        extra = {"pretraining": {"settings": dataclasses.asdict(s), "steps_done": step, "evals": evals,
+        extra = {"pretraining": {"settings": dataclasses.asdict(s), "steps_done": trainer.step, "evals": trainer.evals,
                                  "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                                  "corpus": json.loads(corpus_info.read_text()) if corpus_info.exists() else None,
-                                 "train_samples": int(len(train)), "heldout_samples": int(len(held))}}
-        export_model(model.eval(), export_dir, tok_file, extra, overwrite=overwrite)
+                                 "train_samples": int(len(data.train)), "heldout_samples": int(len(data.held))}}
+        export_model(trainer.model.eval(), export_dir, data.tokenizer_file, extra, overwrite=overwrite)
         result["export_dir"] = str(export_dir)
     return result
 
