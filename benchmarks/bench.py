@@ -15,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from glmx_benchmarks import artifacts, floor, report
+from glmx_benchmarks.machine import cpu_facts
 from glm_runtime.config import GLMConfig
 from glm_runtime.errors import GLMXError
 
@@ -61,7 +63,8 @@ def machine_info(threads: int) -> dict[str, Any]:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads_used": threads, "platform": platform.platform(),
+    return {"cpu": cpu, "cpu_flags": cpu_facts()["flags"], "cores": os.cpu_count(), "threads_used": threads,
+            "platform": platform.platform(),
             "load_average_start": list(os.getloadavg()), "versions": versions,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -363,6 +366,58 @@ def _grid(quick: bool, contexts, pasts, batches) -> tuple[list[int], list[int], 
     return [int(c) for c in contexts], [int(p) for p in pasts], [int(b) for b in batches], batch_past
 
 
+@dataclass
+class Plan:
+    """What one run measures, with every default resolved (quick or full) and every name checked."""
+    models: tuple[str, ...]
+    variants: tuple[str, ...]
+    quick: bool
+    out_dir: Path
+    cache: Path
+    contexts: list[int]
+    pasts: list[int]
+    batches: list[int]
+    batch_past: int
+    budget: Mapping[str, float]
+    rounds: int
+    threads: int
+
+    @property
+    def rounds_model(self) -> str:
+        return TARGET_MODEL if TARGET_MODEL in self.models else self.models[0]
+
+    def grid(self) -> dict[str, Any]:
+        return {"contexts": self.contexts, "pasts": self.pasts, "batches": self.batches,
+                "batch_past": self.batch_past, "budget": self.budget, "rounds": self.rounds,
+                "rounds_model": self.rounds_model,
+                "round_figures": round_grid(self.contexts, self.batches, self.batch_past)}
+
+
+def make_plan(models: Sequence[str], variants: Sequence[str] | None, quick: bool, out_dir: str | Path | None,
+              cache_dir: str | Path, contexts, pasts, batches, threads: int, rounds: int | None) -> Plan:
+    """Resolve --quick's defaults and refuse unknown models, variants and round counts (ValueError)."""
+    if quick:
+        models = ("tiny",) if tuple(models) == ("bundled", "glm-large-shape") else tuple(models)
+        variants = variants or QUICK_VARIANTS
+        out_dir = out_dir or tempfile.mkdtemp(prefix="glmx-bench-")
+    variants = tuple(variants or DEFAULT_VARIANTS)
+    for m in models:
+        if m not in artifacts.MODELS and not artifacts.is_export_folder(m):
+            raise ValueError(f"unknown model {m!r}; choose from {artifacts.MODELS} or give an exported fp32 ONNX "
+                             f"folder (glmx export CHECKPOINT -o FOLDER)")
+    for v in variants:
+        if v not in artifacts.VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {sorted(artifacts.VARIANTS)}")
+    if out_dir is None:
+        raise ValueError("out_dir is required for a full run (--quick writes to a temporary folder)")
+    contexts, pasts, batches, batch_past = _grid(quick, contexts, pasts, batches)
+    rounds = (QUICK_ROUNDS if quick else FULL_ROUNDS) if rounds is None else int(rounds)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    return Plan(tuple(models), variants, quick, Path(out_dir), Path(cache_dir), contexts, pasts, batches, batch_past,
+                QUICK_BUDGET if quick else FULL_BUDGET, rounds, threads)
+
+
 def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), variants: Sequence[str] | None = None,
                    quick: bool = False, out_dir: str | Path | None = "benchmarks/results",
                    cache_dir: str | Path = artifacts.DEFAULT_CACHE, contexts: Sequence[int] | None = None,
@@ -377,38 +432,16 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
     as a median and range over rounds. Raises BenchmarkError when a written figure is not sane.
     """
     say: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    if quick:
-        models = ("tiny",) if tuple(models) == ("bundled", "glm-large-shape") else tuple(models)
-        variants = variants or QUICK_VARIANTS
-        out_dir = out_dir or tempfile.mkdtemp(prefix="glmx-bench-")
-    variants = tuple(variants or DEFAULT_VARIANTS)
-    for m in models:
-        if m not in artifacts.MODELS and not artifacts.is_export_folder(m):
-            raise ValueError(f"unknown model {m!r}; choose from {artifacts.MODELS} or give an exported fp32 ONNX "
-                             f"folder (glmx export CHECKPOINT -o FOLDER)")
-    for v in variants:
-        if v not in artifacts.VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {sorted(artifacts.VARIANTS)}")
-    contexts, pasts, batches, batch_past = _grid(quick, contexts, pasts, batches)
-    budget = QUICK_BUDGET if quick else FULL_BUDGET
-    rounds = (QUICK_ROUNDS if quick else FULL_ROUNDS) if rounds is None else int(rounds)
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    rounds_model = TARGET_MODEL if TARGET_MODEL in models else models[0]
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(models, variants, quick, out_dir, cache_dir, contexts, pasts, batches, threads, rounds)
+    plan.cache.mkdir(parents=True, exist_ok=True)
     if command is None:
-        command = (f"python -c 'from glmx_benchmarks.bench import run_benchmarks; run_benchmarks(models={tuple(models)!r}, "
-                   f"variants={variants!r}, quick={quick}, out_dir={str(out_dir)!r}, threads={threads}, "
-                   f"rounds={rounds})'")
+        command = (f"python -c 'from glmx_benchmarks.bench import run_benchmarks; run_benchmarks(models={plan.models!r}, "
+                   f"variants={plan.variants!r}, quick={quick}, out_dir={str(plan.out_dir)!r}, threads={threads}, "
+                   f"rounds={plan.rounds})'")
     results: dict[str, Any] = {"command": command, "quick": quick, "machine": machine_info(threads),
-                               "grid": {"contexts": contexts, "pasts": pasts, "batches": batches,
-                                        "batch_past": batch_past, "budget": budget, "rounds": rounds,
-                                        "rounds_model": rounds_model,
-                                        "round_figures": round_grid(contexts, batches, batch_past)},
-                               "models": {}}
+                               "grid": plan.grid(), "models": {}}
     # --quick measures random-weight models only; the full run judges targets on paths within budget
-    status = None if quick else budget_status(variants, cache, say)
+    status = None if quick else budget_status(plan.variants, plan.cache, say)
     say(f"bench: measuring memory bandwidth and matmul rate ({threads} threads)")
     samples: list[dict[str, Any]] = []
 
@@ -417,40 +450,60 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
                                                repeats=3 if quick else 7))
     sample_bandwidth()
     results["floor"] = {"bandwidth": samples[0], "matmul": {}}
-    bar = _progress_bar(len(models) * len(variants), progress)
-    for model_name in models:
-        entry: dict[str, Any] = {"variants": {}, "batch_past": batch_past}
-        results["models"][model_name] = entry
-        try:
-            model = artifacts.prepare_model(model_name, cache, say)
-        except artifacts.SkipVariant as exc:
-            entry["skipped"] = str(exc)
-            say(f"bench: {model_name} skipped: {exc}")
-            bar.update(len(variants))
-            continue
-        if model_name != models[0]:
+    bar = _progress_bar(len(plan.models) * len(plan.variants), progress)
+    for model_name in plan.models:
+        if model_name != plan.models[0]:
             sample_bandwidth()
-        config = artifacts.load_config(model["fp32"])
-        entry.update(config=config.to_dict(), random_weights=model["random_weights"])
-        matmul = floor.measure_matmul(config, tokens=TARGET_CONTEXT if not quick else 32, repeats=3 if quick else 5)
-        results["floor"]["matmul"][model_name] = matmul
-        fp32_bytes = floor.streamed_weight_bytes(model["fp32"])["streamed_bytes"]
-        for variant in variants:
-            bar.set_description(f"{model_name} {variant}")
-            entry["variants"][variant] = _measure_variant(model, variant, fp32_bytes, contexts, pasts, batches,
-                                                          batch_past, budget, threads, progress, say)
-            bar.update(1)
-        if status is not None:
-            entry["budget_status"] = {k: v for k, v in status.items() if k in entry["variants"]}
-        if model_name == rounds_model:
-            run_target_rounds(entry, model, rounds, results["grid"]["round_figures"], budget, threads, progress,
-                              say, before_round=sample_bandwidth)
-        if model_name != TARGET_MODEL:
-            entry["targets_note"] = f"the issue's targets are set for {TARGET_MODEL}; shown here for reference"
+        results["models"][model_name] = measure_model(plan, model_name, results, status, bar, progress, say,
+                                                      sample_bandwidth)
     bar.close()
     sample_bandwidth()
-    # the floor is the fastest this machine was seen to read: a sample taken while a neighbour loaded it would
-    # put a floor above real timings (ratios < 1), so every ratio is scored against the best sample of the run
+    settle_floor(results, samples)
+    results["machine"]["load_average_end"] = list(os.getloadavg())
+    check_results(results)
+    report.write_all(results, plan.out_dir, plots=plots, log=say)
+    results["out_dir"] = str(plan.out_dir)
+    return results
+
+
+def measure_model(plan: Plan, model_name: str, results: dict[str, Any], status: Mapping[str, Any] | None, bar: Any,
+                  progress: bool, say: Callable[[str], None], sample_bandwidth: Callable[[], None]) -> dict[str, Any]:
+    """One model's entry: its artifacts prepared (or the reason it was skipped), its matmul rate (into
+    results["floor"]), every variant in its own process, then the target rounds if it is the rounds model."""
+    entry: dict[str, Any] = {"variants": {}, "batch_past": plan.batch_past}
+    try:
+        model = artifacts.prepare_model(model_name, plan.cache, say)
+    except artifacts.SkipVariant as exc:
+        entry["skipped"] = str(exc)
+        say(f"bench: {model_name} skipped: {exc}")
+        bar.update(len(plan.variants))
+        return entry
+    config = artifacts.load_config(model["fp32"])
+    entry.update(config=config.to_dict(), random_weights=model["random_weights"])
+    results["floor"]["matmul"][model_name] = floor.measure_matmul(
+        config, tokens=TARGET_CONTEXT if not plan.quick else 32, repeats=3 if plan.quick else 5)
+    fp32_bytes = floor.streamed_weight_bytes(model["fp32"])["streamed_bytes"]
+    for variant in plan.variants:
+        bar.set_description(f"{model_name} {variant}")
+        entry["variants"][variant] = _measure_variant(model, variant, fp32_bytes, plan.contexts, plan.pasts,
+                                                      plan.batches, plan.batch_past, plan.budget, plan.threads,
+                                                      progress, say)
+        bar.update(1)
+    if status is not None:
+        entry["budget_status"] = {k: v for k, v in status.items() if k in entry["variants"]}
+    if model_name == plan.rounds_model:
+        run_target_rounds(entry, model, plan.rounds, results["grid"]["round_figures"], plan.budget, plan.threads,
+                          progress, say, before_round=sample_bandwidth)
+    if model_name != TARGET_MODEL:
+        entry["targets_note"] = f"the issue's targets are set for {TARGET_MODEL}; shown here for reference"
+    return entry
+
+
+def settle_floor(results: dict[str, Any], samples: Sequence[Mapping[str, Any]]) -> None:
+    """Score every model against the best bandwidth sample of the run.
+
+    The floor is the fastest this machine was seen to read: a sample taken while a neighbour loaded it would put
+    a floor above real timings (ratios < 1), so every ratio is scored against the best sample of the run."""
     best = max(samples, key=lambda b: b["read_bytes_per_s"])
     results["floor"]["bandwidth"] = dict(
         best, samples_read_bytes_per_s=[b["read_bytes_per_s"] for b in samples],
@@ -460,11 +513,6 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
         if "config" in entry:
             score_model(entry, results["grid"]["round_figures"], best["read_bytes_per_s"],
                         results["floor"]["matmul"][model_name]["flops_per_s"])
-    results["machine"]["load_average_end"] = list(os.getloadavg())
-    check_results(results)
-    report.write_all(results, Path(out_dir), plots=plots, log=say)
-    results["out_dir"] = str(out_dir)
-    return results
 
 
 def worker_spec(backend: str, folder: str | Path, contexts, pasts, batches, batch_past: int, budget, threads: int,

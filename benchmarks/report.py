@@ -129,6 +129,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads_used']} threads used), {m['platform']}; "
              f"load average at start {m['load_average_start'][0]:.2f}, at end {m['load_average_end'][0]:.2f}; "
              f"{m['date_utc']}.", "",
+             "CPU flags: " + (" ".join(m.get("cpu_flags") or []) or "not read (no lscpu)"), "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
              f"Floor: read bandwidth {bw['read_bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f} "
              f"GB/s); fp32 GEMM rate " + ", ".join(f"{k} {v['flops_per_s'] / 1e9:.0f} GFLOP/s"

@@ -35,6 +35,8 @@ def test_quick_writes_every_figure(quick_run):
         assert (out / name).stat().st_size > 0
     variants = results["models"]["tiny"]["variants"]
     assert set(variants) == {"torch-fp32", "ort-fp32"}
+    flags = results["machine"]["cpu_flags"]  # every result says which kernels the CPU has (lscpu)
+    assert isinstance(flags, list) and ("CPU flags: " + " ".join(flags)) in (out / "results.md").read_text()
     grid = results["grid"]
     for name, v in variants.items():
         assert set(v["context"]) == {str(c) for c in grid["contexts"]}
