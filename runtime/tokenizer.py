@@ -1,7 +1,9 @@
-"""GLM's tokenizers without torch: the original vocabularies with the command-token ids of spec section 7.
+"""GLM's tokenizers without torch: one of the original vocabularies (read by glm_runtime.vocabularies, with the
+command-token ids of docs/glm.md 7) behind one GLMTokenizer.
 
-In: GPT-2 / RoBERTa / BERT / Chinese SentencePiece vocabulary files or glmx's tokenizer.json. Out: `GLMTokenizer`
-and the blank-filling context ids of docs/glm.md 4.1 (`build_context_ids`, `find_blanks`).
+In: GPT-2 / RoBERTa / BERT / Chinese SentencePiece vocabulary files or glmx's tokenizer.json, a folder or a file.
+Out: `GLMTokenizer` (`load_tokenizer` decides the kind and the files) and the blank-filling context ids of
+docs/glm.md 4.1 (`build_context_ids`, `find_blanks`).
 """
 from __future__ import annotations
 
@@ -13,21 +15,19 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from glm_runtime.config import TOKENIZER_KINDS
-from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_write_bytes, atomic_write_json, sha256_file
+from glm_runtime.vocabularies import (BPE_FILES, COMMAND_NAMES, COMMAND_STRINGS, JSON_SPECIAL_TOKENS, TextVocabulary,
+                                      TokenizerError, chinese_sp_special_ids, read_bert, read_bpe, read_json,
+                                      read_sentencepiece)
 
-# Command-token names of the original code, in the order the ids are reported (docs/glm.md 7).
-COMMAND_NAMES = ("pad", "eos", "sep", "ENC", "MASK", "unk", "sop", "eop", "gMASK", "sMASK", "dBLOCK")
+# Callers import these from here, with the tokenizer (the vocabularies are how it reads its files).
+__all__ = ["BLANK_NAMES", "BPE_FILES", "COMMAND_NAMES", "COMMAND_STRINGS", "JSON_SPECIAL_TOKENS", "META_NAME",
+           "BlankError", "GLMTokenizer", "TokenizerError", "build_context_ids", "chinese_sp_special_ids",
+           "copy_tokenizer_files", "find_blanks", "load_tokenizer", "tokenizer_entry", "tokenizer_files"]
+
 BLANK_NAMES = ("MASK", "sMASK", "gMASK")
-COMMAND_STRINGS = {"pad": "<|endoftext|>", "eos": "<|endoftext|>", "sep": "[SEP]", "ENC": "[CLS]", "MASK": "[MASK]",
-                   "unk": "[UNK]", "sop": "<|startofpiece|>", "eop": "<|endofpiece|>", "gMASK": "[gMASK]",
-                   "sMASK": "[sMASK]", "dBLOCK": "[dBLOCK]"}
-# glmx's tokenizer.json: these added tokens sit at ids 0..9 in this order (glm_export.tokenizer_training.train_bpe_tokenizer writes them).
-JSON_SPECIAL_TOKENS = ("<|endoftext|>", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<|startofpiece|>",
-                       "<|endofpiece|>", "[SEP]", "[UNK]", "[dBLOCK]")
-_JSON_REQUIRED = ("pad", "eos", "ENC", "MASK", "sop", "eop")
+
 META_NAME = "glmx_tokenizer.json"  # kind and options, written by GLMTokenizer.save
-BPE_FILES = ("vocab.json", "merges.txt")  # a GPT-2 / RoBERTa byte-level BPE is this pair, side by side
 # (task_mask, decoder_mask) of the released models: [gMASK]/[sMASK] only for task-mask models (docs/glm.md 9.14),
 # [dBLOCK] where docs/glm.md 7's table lists it (GLM-2B/10B and both Chinese models).
 _DEFAULT_OPTIONS = {"gpt2": (True, True), "roberta": (False, False), "bert": (False, False),
@@ -36,53 +36,8 @@ _FAMILY = {"gpt2": "bpe", "roberta": "bpe", "bert": "wordpiece", "chinese-sp": "
            "json": "json"}
 
 
-class TokenizerError(GLMXError, ValueError):
-    """A tokenizer cannot be loaded, or a token or id the caller asked for is not in its vocabulary."""
-
-
 class BlankError(TokenizerError):
     """A blank-filling prompt has no blank token ([MASK], [sMASK] or [gMASK]) to fill."""
-
-
-# ---------------------------------------------------------------- text tokenizers (the vocabulary without commands)
-
-class _TokenizersText:
-    """A `tokenizers.Tokenizer` (byte-level BPE or WordPiece) used on text segments only."""
-
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-        self.size = tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    def id_to_token(self, i: int) -> str | None:
-        return self.tok.id_to_token(i)
-
-
-class _SentencePieceText:
-    def __init__(self, sp: Any) -> None:
-        self.sp = sp
-        self.size = sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
-
-    def token_to_id(self, token: str) -> int | None:
-        i = self.sp.piece_to_id(token)  # unknown pieces map to <unk>; tell them apart
-        return i if self.sp.id_to_piece(i) == token else None
-
-    def id_to_token(self, i: int) -> str | None:
-        return self.sp.id_to_piece(i)
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -94,7 +49,7 @@ class GLMTokenizer:
     sMASK, dBLOCK; only those this vocabulary has) to ids; `mask_ids` are the blank tokens present.
     """
 
-    def __init__(self, kind: str, text: Any, special: dict[str, int], files: dict[str, Path],
+    def __init__(self, kind: str, text: TextVocabulary, special: dict[str, int], files: dict[str, Path],
                  options: dict[str, Any]) -> None:
         self.kind, self._text, self.files, self.options = kind, text, dict(files), dict(options)
         self.special = {name: special[name] for name in COMMAND_NAMES if name in special}
@@ -208,38 +163,6 @@ class GLMTokenizer:
                 "options": dict(self.options)}
 
 
-# ---------------------------------------------------------------- command-token id tables (docs/glm.md 7)
-
-def _after_vocab(start: int, options: dict[str, Any], middle: Sequence[str] = ()) -> dict[str, int]:
-    """GPT-2 / RoBERTa / BERT: added commands take the next free ids after the vocabulary, in this order."""
-    names = ["sop", "eop", *middle] + (["gMASK", "sMASK"] if options["task_mask"] else []) \
-        + (["dBLOCK"] if options["decoder_mask"] else [])
-    return {name: start + k for k, name in enumerate(names)}
-
-
-def chinese_sp_special_ids(num_pieces: int, fix_command_token: bool, task_mask: bool = True,
-                           decoder_mask: bool = True, hf_gmask: bool = False) -> dict[str, int]:
-    """Command ids of ChineseSPTokenizer for a SentencePiece model of `num_pieces` pieces (50000 in GLM).
-
-    The original counter advances by 5 after unk, so n+5 is never used and sop/eop are n+6/n+7; without
-    fix_command_token it then advances by only 2, so gMASK gets n+7 == eop (GLM-10B-Chinese, docs/glm.md 9.12).
-    hf_gmask=True gives the Hugging Face convention for that model: gMASK = n+9 (its embedding row is a copy
-    of row n+7), and no dBLOCK (it would collide).
-    """
-    n = num_pieces
-    ids = {"pad": n, "eos": n, "sep": n + 1, "ENC": n + 2, "MASK": n + 3, "unk": n + 4, "sop": n + 6, "eop": n + 7}
-    following = n + 8 if fix_command_token else n + 7
-    if task_mask:
-        first, second = ("sMASK", "gMASK") if fix_command_token else ("gMASK", "sMASK")
-        ids[first], ids[second] = following, following + 1
-        following += 2
-        if hf_gmask:
-            ids["gMASK"] = n + 9
-    if decoder_mask:
-        ids["dBLOCK"] = following
-    return ids
-
-
 # ---------------------------------------------------------------- loading
 
 def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mask: bool | None = None,
@@ -274,7 +197,7 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mas
         if task_mask is not None or decoder_mask is not None or hf_gmask:
             raise TokenizerError("task_mask / decoder_mask / hf_gmask do not apply to a tokenizer.json: "
                                  "its special tokens are looked up by string")
-        return _load_json(files)
+        return GLMTokenizer("json", *read_json(files), files, {})
     if hf_gmask and kind != "chinese-sp":
         raise TokenizerError(f"hf_gmask applies only to kind 'chinese-sp' (GLM-10B-Chinese), not {kind!r}")
     default_task, default_decoder = _DEFAULT_OPTIONS[kind]
@@ -285,10 +208,12 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mas
                              "(the HF GLM-10B-Chinese [gMASK] 50009 is the original [dBLOCK] id)")
     options = {"task_mask": task_mask, "decoder_mask": decoder_mask, "hf_gmask": hf_gmask}
     if kind in ("gpt2", "roberta"):
-        return _load_bpe(kind, files, options)
-    if kind == "bert":
-        return _load_bert(files, options)
-    return _load_sentencepiece(kind, files, options)
+        text, special = read_bpe(kind, files, options)
+    elif kind == "bert":
+        text, special = read_bert(files, options)
+    else:
+        text, special = read_sentencepiece(kind, files, options)
+    return GLMTokenizer(kind, text, special, files, options)
 
 
 def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
@@ -361,88 +286,6 @@ def copy_tokenizer_files(files: dict[str, Path], folder: str | os.PathLike) -> d
 def tokenizer_entry(tok: GLMTokenizer, folder: str | os.PathLike) -> dict[str, Any]:
     """Copy the tokenizer's files into `folder`; -> its manifest entry (kind, options, special ids, hashes)."""
     return {**tok.describe(), **copy_tokenizer_files({n: Path(p) for n, p in tok.files.items()}, folder)}
-
-
-def _require(vocab_has: Any, tokens: Sequence[str], where: Path, what: str) -> None:
-    missing = [t for t in tokens if vocab_has(t) is None]
-    if missing:
-        raise TokenizerError(f"{where} lacks {missing}: not a {what}")
-
-
-def _load_bpe(kind: str, files: dict[str, Path], options: dict[str, Any]) -> GLMTokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    vocab, merges = files["vocab.json"], files["merges.txt"]
-    try:
-        tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise TokenizerError(f"cannot read byte-level BPE files {vocab} and {merges}: {exc}") from None
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = _TokenizersText(tok)
-    n = text.size  # the original's num_tokens = len(encoder)
-    t = tok.token_to_id
-    if kind == "gpt2":
-        _require(t, ["<|endoftext|>"], vocab, "GPT-2 vocabulary (a RoBERTa vocab.json needs kind='roberta')")
-        # GLM-2B/10B: sop, eop, ENC, MASK, sep, unk, then gMASK, sMASK, dBLOCK after the 50257 ids (docs/glm.md 7)
-        special = {"pad": t("<|endoftext|>"), "eos": t("<|endoftext|>"),
-                   **_after_vocab(n, options, middle=("ENC", "MASK", "sep", "unk"))}
-    else:
-        _require(t, ["<s>", "</s>", "<unk>", "<mask>"], vocab, "RoBERTa vocabulary")
-        special = {"pad": t("</s>"), "eos": t("</s>"), "sep": t("</s>"), "ENC": t("<s>"), "MASK": t("<mask>"),
-                   "unk": t("<unk>"), **_after_vocab(n, options)}
-    return GLMTokenizer(kind, text, special, files, options)
-
-
-def _load_bert(files: dict[str, Path], options: dict[str, Any]) -> GLMTokenizer:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    vocab = files["vocab.txt"]
-    try:
-        tok = Tokenizer(models.WordPiece.from_file(str(vocab), unk_token="[UNK]"))
-    except Exception as exc:
-        raise TokenizerError(f"cannot read WordPiece vocabulary {vocab}: {exc}") from None
-    # uncased BERT: clean text, split CJK characters, lower-case and strip accents (docs/glm.md 7: lower-casing on)
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    t = tok.token_to_id
-    _require(t, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], vocab, "BERT vocabulary")
-    text = _TokenizersText(tok)
-    special = {"pad": t("[PAD]"), "eos": t("[PAD]"), "sep": t("[SEP]"), "ENC": t("[CLS]"), "MASK": t("[MASK]"),
-               "unk": t("[UNK]"), **_after_vocab(text.size, options)}
-    return GLMTokenizer("bert", text, special, files, options)
-
-
-def _load_sentencepiece(kind: str, files: dict[str, Path], options: dict[str, Any]) -> GLMTokenizer:
-    try:
-        import sentencepiece
-    except ImportError:
-        raise TokenizerError("the Chinese SentencePiece tokenizer needs the sentencepiece package: "
-                             "pip install sentencepiece") from None
-    (model,) = files.values()
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
-    except Exception as exc:
-        raise TokenizerError(f"cannot read SentencePiece model {model}: {exc}") from None
-    text = _SentencePieceText(sp)
-    special = chinese_sp_special_ids(text.size, kind == "chinese-sp-fix", options["task_mask"],
-                                     options["decoder_mask"], options["hf_gmask"])
-    return GLMTokenizer(kind, text, special, files, options)
-
-
-def _load_json(files: dict[str, Path]) -> GLMTokenizer:
-    from tokenizers import Tokenizer
-    (path,) = files.values()
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise TokenizerError(f"cannot read {path} as a tokenizers JSON file: {exc}") from None
-    special = {name: tok.token_to_id(COMMAND_STRINGS[name]) for name in COMMAND_NAMES}
-    special = {name: i for name, i in special.items() if i is not None}  # look up by string, never assume
-    missing = [COMMAND_STRINGS[name] for name in _JSON_REQUIRED if name not in special]
-    if missing:
-        raise TokenizerError(f"{path} lacks GLM's special tokens {missing}; train it with glm_export.tokenizer_training.train_bpe_tokenizer "
-                             f"(special tokens {list(JSON_SPECIAL_TOKENS)})")
-    return GLMTokenizer("json", _TokenizersText(tok), special, files, {})
 
 
 # ---------------------------------------------------------------- the files of a tokenizer
