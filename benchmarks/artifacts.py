@@ -10,6 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
+from glm_runtime.errors import GLMXError
+
 MODELS = ("bundled", "glm-large-shape", "tiny")
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "glm_export" / "bundled" / "glmx-small"
 TRAINING_TOKENIZER = Path(__file__).resolve().parents[1] / "runs" / "glmx-small" / "tokenizer.json"
@@ -33,7 +35,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
 REFERENCE = "torch-fp32"
 
 
-class SkipVariant(RuntimeError):
+class SkipVariant(GLMXError, RuntimeError):
     """This variant cannot be measured here; the message says why (recorded in the results)."""
 
 
@@ -91,7 +93,7 @@ def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[st
     if name == "bundled":
         if not _ready(BUNDLED_CHECKPOINT):
             raise SkipVariant(f"the bundled checkpoint {BUNDLED_CHECKPOINT} is not present (train it first: "
-                              f"glmx pretrain ... --export-dir {BUNDLED_CHECKPOINT})")
+                              f"glmx pretrain ... --checkpoint-dir {BUNDLED_CHECKPOINT})")
         key = hashlib.sha256((BUNDLED_CHECKPOINT / "manifest.json").read_bytes()).hexdigest()[:12]
         root = cache / f"bundled-{key}"
         checkpoint = BUNDLED_CHECKPOINT

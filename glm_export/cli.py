@@ -89,7 +89,9 @@ def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tok
 @main.command("pretrain")
 @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("work_dir", type=click.Path(file_okay=False))
-@click.option("--export-dir", type=click.Path(file_okay=False), help="glmx checkpoint folder written at the last step")
+@click.option("--checkpoint-dir", "--export-dir", "checkpoint_dir", type=click.Path(file_okay=False),
+              help="glmx checkpoint folder written at the last step (a checkpoint, not ONNX: `glmx export` makes that; "
+                   "--export-dir is its old name)")
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seq-length", type=int, default=256, show_default=True, help="tokens per sample before corruption")
@@ -126,7 +128,7 @@ def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tok
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default="glmx-pretrained", show_default=True, help="model name written into the config")
-@click.option("--overwrite", is_flag=True, help="replace an existing --export-dir")
+@click.option("--overwrite", is_flag=True, help="replace an existing --checkpoint-dir")
 def pretrain_cmd(**kwargs) -> None:
     """Pretrain a GLM from scratch (blank infilling) on CORPUS_DIR's .txt files; resumes from WORK_DIR."""
     require_export_extra()
@@ -135,7 +137,7 @@ def pretrain_cmd(**kwargs) -> None:
         result = pretrain(**kwargs)
     except (PretrainError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
-    click.echo(json.dumps({"step": result["step"], "evals": result["evals"][-1:], "export_dir": result["export_dir"]}))
+    click.echo(json.dumps({"step": result["step"], "evals": result["evals"][-1:], "checkpoint_dir": result["checkpoint_dir"]}))
 
 
 @main.command("evaluate")

@@ -1,7 +1,9 @@
 """The GLM forward pass (docs/glm.md 1.2-1.3) as a hand-built ONNX graph, one function per subgraph.
 
-In: a GLMConfig, the official-name weights as numpy arrays, a precision ("fp32" | "fp16") and an opset.
-Out: an onnx.ModelProto whose inputs and outputs are exactly glm_runtime.iotable.io_table(config, precision).
+In: a GLMConfig, the official-name weights as numpy arrays, a float type ("fp32" | "fp16": the dtype of its float
+weights, cache and logits; a manifest's `precision` names the whole artifact format, e.g. "int4-weight", whose
+graph is fp32) and an opset.
+Out: an onnx.ModelProto whose inputs and outputs are exactly glm_runtime.iotable.io_table(config, float_type).
 """
 from __future__ import annotations
 
@@ -161,7 +163,7 @@ def nbits_linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: s
 # input_ids [B,T] ----------------------- Gather(word_embeddings [V,h]) ---- Cast* --.
 # position_ids [B,2,T] -+- Gather(0,axis 1) -> pos [B,T] -- Gather(position table) -- Cast* -- Add -- Add -> x
 #                       `- Gather(1,axis 1) -> blk [B,T] -- Gather(block table) ----- Cast* ---------'
-# x: [B,T,h] fp32, the residual stream (fp32 in both precisions).   * fp16 graphs only
+# x: [B,T,h] fp32, the residual stream (fp32 in both float types).   * fp16 graphs only
 def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray]) -> tuple[str, str]:
     """Returns (x [B,T,h] fp32, name of the word-embedding initializer, reused by the tied head)."""
     table = b.weight("word_embeddings.weight", W["word_embeddings.weight"].astype(b.wdtype))
@@ -325,19 +327,21 @@ def _value_info(entry: Mapping) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], list(entry["shape"]))
 
 
-def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], precision: str, opset: int,
+def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], float_type: str, opset: int,
                 add_weight: AddWeight | None = None, progress=None, nbits: NBits | None = None) -> onnx.ModelProto:
-    """The whole graph: embeddings -> L layers -> final LN -> tied head, IO exactly io_table(config, precision).
+    """The whole graph: embeddings -> L layers -> final LN -> tied head, IO exactly io_table(config, float_type).
     weights: read once each, in graph order (a glm_export.weights.Weights reads them from disk as asked);
     add_weight: where each initializer goes (ExternalData streams it to disk); progress(i): after layer i;
     nbits: MatMul weights as MatMulNBits (an fp32 graph only)."""
-    if nbits is not None and precision != "fp32":
+    if float_type not in ("fp32", "fp16"):
+        raise ValueError(f"float_type is fp32 or fp16, got {float_type!r}")
+    if nbits is not None and float_type != "fp32":
         raise ValueError("MatMulNBits weights go into an fp32 graph (fp32 activations and cache)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17; TensorRT "
                          f"10.x parses up to {MAX_OPSET}), got {opset}")
-    table = io_table(config, precision)
-    wdtype = np.float16 if precision == "fp16" else np.float32
+    table = io_table(config, float_type)
+    wdtype = np.float16 if float_type == "fp16" else np.float32
     b = GraphBuilder(opset, add_weight or (lambda name, a: numpy_helper.from_array(a, name)), wdtype, nbits)
     x, word_table = embeddings(b, weights)
     # P = past_seq, shared by all layers: [1] int64, used to split the probabilities into past | new
@@ -355,7 +359,7 @@ def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], precision:
                               [_value_info(e) for e in table["outputs"]], initializer=b.initializers + defaults)
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(CONTRIB, 1)] if b.contrib else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="glmx",
-                              doc_string=f"GLM {config.name} ({precision}), cache semantics present-is-new")
+                              doc_string=f"GLM {config.name} ({float_type}), cache semantics present-is-new")
     # the oldest IR that carries this opset, so older runtimes and TensorRT parsers accept the file
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     return model

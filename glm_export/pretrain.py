@@ -414,19 +414,19 @@ class Trainer:
         return ev
 
 
-def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Path | None = None, *,
+def pretrain(corpus_dir: str | Path, work_dir: str | Path, checkpoint_dir: str | Path | None = None, *,
              checkpoint_every: int = 100, eval_every: int = 100, stop_after: int | None = None,
              threads: int = 2, overwrite: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
-    """Train (or resume) a GLM in work_dir; at the last step export a glmx checkpoint to export_dir.
+    """Train (or resume) a GLM in work_dir; at the last step save a glmx checkpoint to checkpoint_dir.
 
     settings: fields of PretrainSettings. If work_dir holds a train_state.pt it is resumed, and the settings
     must equal the saved ones. stop_after = stop (with a checkpoint) after this many steps of this call.
-    Returns {"step", "losses" (this call's per-step training losses), "evals", "export_dir"}.
+    Returns {"step", "losses" (this call's per-step training losses), "evals", "checkpoint_dir"}.
     """
     s = PretrainSettings(**settings)
-    if export_dir is not None:  # refused now, not after hours of training
+    if checkpoint_dir is not None:  # refused now, not after hours of training
         from glm_runtime.manifest import check_output
-        check_output(export_dir, overwrite=overwrite, inputs=[corpus_dir, work_dir])
+        check_output(checkpoint_dir, overwrite=overwrite, inputs=[corpus_dir, work_dir])
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
@@ -471,21 +471,21 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, export_dir: str | Pat
     if bar is not None:
         bar.close()
 
-    result: dict[str, Any] = {"step": trainer.step, "losses": losses, "evals": trainer.evals, "export_dir": None}
-    if trainer.step >= s.steps and export_dir is not None:
+    result: dict[str, Any] = {"step": trainer.step, "losses": losses, "evals": trainer.evals, "checkpoint_dir": None}
+    if trainer.step >= s.steps and checkpoint_dir is not None:
         corpus_info = Path(corpus_dir) / "corpus.json"
         extra = {"pretraining": {"settings": dataclasses.asdict(s), "steps_done": trainer.step, "evals": trainer.evals,
                                  "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                                  "corpus": json.loads(corpus_info.read_text()) if corpus_info.exists() else None,
                                  "train_samples": int(len(data.train)), "heldout_samples": int(len(data.held))}}
-        export_model(trainer.model.eval(), export_dir, data.tokenizer_file, extra, overwrite=overwrite)
-        result["export_dir"] = str(export_dir)
+        save_trained_checkpoint(trainer.model.eval(), checkpoint_dir, data.tokenizer_file, extra, overwrite=overwrite)
+        result["checkpoint_dir"] = str(checkpoint_dir)
     return result
 
 
-def export_model(model: GLMModel, export_dir: str | Path, tokenizer_file: Path, extra: dict[str, Any],
-                 overwrite: bool = False) -> None:
+def save_trained_checkpoint(model: GLMModel, checkpoint_dir: str | Path, tokenizer_file: Path, extra: dict[str, Any],
+                            overwrite: bool = False) -> None:
     """Write the trained model as a glmx checkpoint folder (fp16 safetensors + tokenizer + manifest)."""
     from glm_export.checkpoint import save_checkpoint
-    save_checkpoint(model, export_dir, tokenizer_file=str(tokenizer_file), extra=extra, dtype=torch.float16,
+    save_checkpoint(model, checkpoint_dir, tokenizer_file=str(tokenizer_file), extra=extra, dtype=torch.float16,
                     overwrite=overwrite)

@@ -234,7 +234,7 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
     opset = next(o.version for o in parent.opset_import if o.domain in ("", "ai.onnx"))
     parent_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in parent.graph.initializer)
     weights = official_weights(parent_weights)
-    precision = "fp16" if scheme == "fp16" else "fp32"
+    float_type = "fp16" if scheme == "fp16" else "fp32"  # the graph's; the manifest's precision is the scheme
     nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head, head_bits=head_bits,
                   head_block_size=head_block_size) if scheme in NBITS else None
     fp32_bytes = weights.numel() * 4
@@ -244,7 +244,7 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
     bar = Progress(f"quantize: {scheme} layers", cfg.num_layers, log,
                    written=(lambda: store.written) if store is not None else None)
     try:
-        graph = build_model(cfg, weights, precision, opset, store, progress=bar.update, nbits=nbits)
+        graph = build_model(cfg, weights, float_type, opset, store, progress=bar.update, nbits=nbits)
     finally:
         bar.close()
         if store is not None:
@@ -392,7 +392,7 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
         findings = trt_findings(stage / "model.onnx")  # MatMulNBits is ONNX Runtime-only: recorded
         if findings and scheme == "fp16":
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
-        settings = ({"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(precision='fp16')"}
+        settings = ({"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(float_type='fp16')"}
                     if scheme == "fp16" else
                     {"weights": f"int{NBITS[scheme]} symmetric, blocks of {block_size} along K (MatMulNBits)",
                      "packing": "onnxruntime.capi._pybind_state.quantize_matmul_%dbits" % NBITS[scheme],

@@ -277,3 +277,15 @@ def test_heldout_first_token_accuracy_matches_the_full_forward(corpus, tiny_mode
             hits += int((logits.argmax(-1) == b["target_ids"])[first].sum())
             n += int(first.sum())
     assert n > 0 and got["heldout_first_token_acc"] == pytest.approx(hits / n)
+
+
+def test_pretrain_writes_a_checkpoint_dir_and_keeps_the_old_spelling():
+    """`--checkpoint-dir` (a checkpoint, not an export); `--export-dir`, in the bundled model's recorded training
+    command, still parses to the same option."""
+    import click
+    from glm_export.cli import main
+    cmd = main.get_command(click.Context(main), "pretrain")
+    (opt,) = [p for p in cmd.params if p.name == "checkpoint_dir"]
+    assert opt.opts == ["--checkpoint-dir", "--export-dir"]
+    ctx = cmd.make_context("pretrain", [".", "run", "--export-dir", "out"])
+    assert ctx.params["checkpoint_dir"] == "out"
