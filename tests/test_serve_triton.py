@@ -1,0 +1,80 @@
+"""docs/examples/pytriton_glmx.py: the engine behind NVIDIA Triton (KServe v2 over HTTP) with PyTriton. Runs where
+nvidia-pytriton is installed (not in glmx's extras: it ships a ~200 MB Triton server); skipped elsewhere."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install nvidia-pytriton)")
+if sys.version_info[:2] == (3, 11) and sys.version_info[2] >= 6:  # seen here with nvidia-pytriton 0.7.0
+    pytest.skip("PyTriton's Python stub fails to start on CPython 3.11.6+ ('_thread.RLock' object has no attribute "
+                "'_recursion_count', triton-inference-server/pytriton#51)", allow_module_level=True)
+
+from glm_runtime.generate import fill_blanks  # noqa: E402
+from glm_runtime.session import open_model  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "pytriton_glmx.py"
+PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
+           "The [sMASK] was very good.", "Water boils at [MASK] degrees."]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _infer(port: int, prompt: str, max_new: int) -> dict:
+    body = {"inputs": [{"name": "PROMPT", "shape": [1], "datatype": "BYTES", "data": [prompt]},
+                       {"name": "MAX_NEW_TOKENS", "shape": [1], "datatype": "INT32", "data": [max_new]}]}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/glmx/infer", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return {o["name"]: o["data"][0] for o in json.loads(response.read())["outputs"]}
+
+
+def test_triton_answers_equal_one_by_one_and_a_bad_prompt_gets_glmx_message():
+    spec = importlib.util.spec_from_file_location("pytriton_glmx", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    ports = [_free_port() for _ in range(3)]
+    ready, stop, failed = threading.Event(), threading.Event(), []
+
+    def run():
+        try:
+            example.serve(None, 4, *ports, ready=ready, stop=stop)
+        except Exception as exc:  # noqa: BLE001 - reported by the test below
+            failed.append(exc)
+            ready.set()
+    server = threading.Thread(target=run, daemon=True)
+    server.start()
+    try:
+        assert ready.wait(180) and not failed, failed
+        replies: dict[int, dict] = {}
+
+        def ask(i):
+            replies[i] = _infer(ports[0], PROMPTS[i % len(PROMPTS)], 3 + i % 4)
+        clients = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(120)
+        session, tok = open_model(None, "onnxruntime")
+        for i in range(8):
+            (alone,) = fill_blanks(session, tok, [PROMPTS[i % len(PROMPTS)]], max_new_tokens=3 + i % 4)
+            assert replies[i]["TEXT"] == alone.text
+            assert [s["token_ids"] for s in json.loads(replies[i]["SPANS"])] == [s.token_ids for s in alone.spans]
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            _infer(ports[0], "no blank here", 4)
+        assert "blank" in bad.value.read().decode()
+    finally:
+        stop.set()
+        server.join(60)
