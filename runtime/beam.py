@@ -11,8 +11,8 @@ import numpy as np
 
 from glm_runtime import masks
 from glm_runtime.sampling import GenerationError, log_softmax
-from glm_runtime.steps import decode_step
 from glm_runtime.session import Session
+from glm_runtime.steps import decode_step
 
 
 @dataclass

@@ -31,8 +31,8 @@ import numpy as np
 from glm_runtime import masks
 from glm_runtime.errors import GLMXError
 from glm_runtime.sampling import GenerationError, greedy, prompt_generators, sample
-from glm_runtime.steps import decode_step, run_context
 from glm_runtime.session import Session
+from glm_runtime.steps import decode_step, run_context
 
 
 ENDINGS = ("finished", "cancelled", "timeout", "failed")  # a request's last state; its last event is

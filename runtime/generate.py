@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from glm_runtime.beam import beam_search_span, check_beam
 from glm_runtime.sampling import GenerationError, check_sampling
-from glm_runtime.steps import context_pass, prefill_span
 from glm_runtime.session import Session
+from glm_runtime.steps import context_pass, prefill_span
 from glm_runtime.tokenizer import build_context_ids, find_blanks
 
 STRATEGIES = ("greedy", "sample", "beam")
