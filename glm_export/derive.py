@@ -12,13 +12,11 @@ from typing import Any
 
 import onnx
 
+from glm_export.external_data import DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file, \
     tokenizer_file_names, write_manifest
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 27  # protobuf cannot serialize a message past 2 GiB (export.py)
 
 
 class DeriveError(GLMXError, ValueError):
@@ -98,7 +96,7 @@ def read_parent(src_dir: Path) -> tuple[Manifest, Path, Any]:
 
 def save_graph(model: onnx.ModelProto, folder: Path) -> str | None:
     """model.onnx into `folder`, its weights in model.onnx.data when the graph passes ~2 GB; -> the data file."""
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    external = model.ByteSize() > PROTOBUF_LIMIT
     onnx.save(model, folder / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
     return DATA_FILE if external else None

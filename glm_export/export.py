@@ -15,9 +15,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from glm_export.derive import CHECKS, check_free_space, check_method
+from glm_export.external_data import DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT, STREAM_THRESHOLD, ExternalData
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
@@ -29,14 +30,7 @@ from glm_runtime.tokenizer_folder import resolve_tokenizer
 from glm_export.progress import Progress
 from glm_export.weights import Weights
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 DEFAULT_OPSET = 17
-# protobuf cannot serialize a message past 2 GiB; leave room for the graph itself
-PROTOBUF_LIMIT = 2 ** 31 - 2 ** 27
-# external_data=None: weights past this go to model.onnx.data, streamed as the graph is built. An inline graph is
-# held whole in memory, and twice while it is serialized (GLM-Large fp16 inline: 2.8 GB peak; streamed: 0.5 GB).
-EXTERNAL_DATA_THRESHOLD = 256 * 2 ** 20
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "glmx-small"
 
 Log = Callable[[str], None]
@@ -52,45 +46,6 @@ def default_checkpoint() -> Path:
         raise ExportError(f"the bundled model {BUNDLED_CHECKPOINT} is not present in this install; pass a "
                           f"CHECKPOINT folder (glmx export CHECKPOINT -o OUT)")
     return BUNDLED_CHECKPOINT
-
-
-# ------------------------------------------------------------------ weights: inline or external data
-
-class ExternalData:
-    """Streams initializers into one `model.onnx.data` file as the graph is built (never two copies in memory).
-
-    Tensors under `min_bytes` stay inline; each tensor starts at a 4 KiB-aligned offset so runtimes can map it.
-    """
-
-    ALIGN = 4096
-
-    def __init__(self, folder: Path, name: str = DATA_FILE, min_bytes: int = 1024):
-        self.name, self.min_bytes = name, min_bytes
-        self._fh = open(folder / name, "wb")
-        self._offset = 0
-
-    def __call__(self, name: str, array: np.ndarray) -> TensorProto:
-        if array.nbytes < self.min_bytes:
-            return numpy_helper.from_array(array, name)
-        pad = -self._offset % self.ALIGN
-        self._fh.write(b"\0" * pad)
-        self._offset += pad
-        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # ONNX raw data is little-endian
-        self._fh.write(memoryview(data).cast("B"))
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        for key, value in (("location", self.name), ("offset", self._offset), ("length", data.nbytes)):
-            tensor.external_data.add(key=key, value=str(value))
-        tensor.data_location = TensorProto.EXTERNAL
-        self._offset += data.nbytes
-        return tensor
-
-    @property
-    def written(self) -> int:
-        return self._offset
-
-    def close(self) -> None:
-        self._fh.flush()
-        self._fh.close()
 
 
 def _weight_bytes(weights: Weights, precision: str) -> int:
@@ -161,7 +116,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
 
     config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
     name or config file; the tokenizer's kind; tanh | erf); what was decided is printed and recorded.
-    external_data: None = when the weights pass EXTERNAL_DATA_THRESHOLD (256 MiB), True = always, False = never.
+    external_data: None = when the weights pass STREAM_THRESHOLD (256 MiB), True = always, False = never.
     The weights are read from the checkpoint one tensor at a time and streamed into the data file as the graph is
     built, so memory does not grow with the number of layers.
     validate: compare with the fp32 torch reference on GLM's cases (glm_export.compare); a miss raises ParityError
@@ -192,7 +147,7 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
         source.tokenizer = None
     size = _weight_bytes(source.weights, precision)
     if external_data is None:
-        external_data = size > EXTERNAL_DATA_THRESHOLD
+        external_data = size > STREAM_THRESHOLD
     elif not external_data and size > PROTOBUF_LIMIT:
         raise ExportError(f"the {precision} weights take {size / 2**30:.1f} GiB, past protobuf's 2 GiB limit for "
                           f"one file; export with external data (drop --no-external-data)")

@@ -18,7 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from glm_export.compare import BudgetError
-from glm_export.derive import DATA_FILE, child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
+from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
+from glm_export.external_data import DATA_FILE
 from glm_export.onnx_graph import MAX_OPSET
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import claims_output, staged_folder, write_manifest

@@ -225,7 +225,7 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
     """The child graph of a streamed scheme in `stage` (model.onnx [+ model.onnx.data]) from the parent's weights
     (its graph without data, and glm_export.weights.read_onnx_weights of it), read one at a time.
     -> (the child graph without its data, the data file name or None)."""
-    from glm_export import derive, export
+    from glm_export import derive, external_data
     from glm_export.onnx_graph import NBits, build_model
     from glm_export.progress import Progress
     from glm_export.weights import official_weights
@@ -238,9 +238,9 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
     nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head, head_bits=head_bits,
                   head_block_size=head_block_size) if scheme in NBITS else None
     fp32_bytes = weights.numel() * 4
-    threshold = min(derive.EXTERNAL_DATA_THRESHOLD, export.EXTERNAL_DATA_THRESHOLD)  # streamed, as export does
+    threshold = min(derive.PROTOBUF_LIMIT, external_data.STREAM_THRESHOLD)  # streamed, as export does
     external = parent_external or fp32_bytes * (0.5 if scheme == "fp16" else 1) > threshold
-    store = export.ExternalData(stage) if external else None
+    store = external_data.ExternalData(stage) if external else None
     bar = Progress(f"quantize: {scheme} layers", cfg.num_layers, log,
                    written=(lambda: store.written) if store is not None else None)
     try:
@@ -250,7 +250,7 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
         if store is not None:
             store.close()
     (stage / "model.onnx").write_bytes(graph.SerializeToString())
-    return graph, (export.DATA_FILE if external else None)
+    return graph, (external_data.DATA_FILE if external else None)
 
 
 # ---------------------------------------------------------------- the stage

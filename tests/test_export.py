@@ -347,7 +347,7 @@ def test_argument_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "PROTOBUF_LIMIT", 1000)  # pretend the tiny model is past 2 GiB
     with pytest.raises(ExportError, match=r"past protobuf.s 2 GiB limit .*\(drop --no-external-data\)"):
         export_onnx(model, tmp_path / "b", external_data=False)
-    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend the tiny model is large
+    monkeypatch.setattr(export_mod, "STREAM_THRESHOLD", 1000)  # pretend the tiny model is large
     folder = export_onnx(model, tmp_path / "auto", validate=False, log=lambda m: None)
     assert (folder / "model.onnx.data").is_file()  # auto picked external data
     with pytest.raises(ExportError, match="tokenizer path .* does not exist"):

@@ -142,3 +142,25 @@ print(a, b, leaked)
 """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["200", "200", "[]"]
+
+
+def test_optimize_and_quantize_need_onnx_but_not_torch(onnx_dir, tmp_path):
+    """README: optimize, quantize and check-trt need the export extra's onnx, not torch. The streamed int4 rebuild
+    once reached torch through export.py (for its external-data writer) and died as an internal error."""
+    code = f"""
+from glm_export.cli import main
+for args in (["quantize", {str(onnx_dir)!r}, "-o", {str(tmp_path / "int4")!r}, "--scheme", "int4-weight",
+              "--accept-loss"],
+             ["optimize", {str(onnx_dir)!r}, "-o", {str(tmp_path / "optimized")!r}],
+             ["check-trt", {str(onnx_dir)!r}]):
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), (args[0], exc.code)
+assert "torch" not in sys.modules and not any(m.startswith("torch.") for m in sys.modules)
+"""
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from glm_runtime.manifest import load_manifest
+    assert load_manifest(tmp_path / "int4").precision == "int4-weight"
+    assert load_manifest(tmp_path / "optimized").kind == "onnx"

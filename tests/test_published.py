@@ -424,7 +424,7 @@ def test_derived_stages_write_external_data_past_the_protobuf_limit(tmp_path, mo
     from glm_export import derive
     hub, _ = write_hub_folder("bert", tmp_path / "hub")
     assert run_cli("export", hub, "-o", tmp_path / "onnx", "--no-validate").exit_code == 0
-    monkeypatch.setattr(derive, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend the tiny graph is past 2 GB
+    monkeypatch.setattr(derive, "PROTOBUF_LIMIT", 1000)  # pretend the tiny graph is past 2 GB
     out = quantize_onnx(tmp_path / "onnx", tmp_path / "fp16", scheme="fp16", eval_text=short_text("en"),
                         accept_loss=True)
     manifest = load_manifest(out)
