@@ -260,9 +260,11 @@ def fill_settings(body: dict) -> tuple[str, dict, bool]:
 
 def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", rows: int = 8,
                max_waiting: int = 64, timeout: float = 600.0, api_key: Optional[str] = None,
-               load_now: bool = False, log: Callable[[str], None] = lambda message: None) -> Any:
+               load_now: bool = False, log: Callable[[str], None] = lambda message: None,
+               on_load_error: Optional[Callable[[str], None]] = None) -> Any:
     """The Starlette app. load() -> (session, tokenizer) runs in a thread at startup (GET /health answers 503
-    until it is done), or at once when load_now (Ray Serve replicas)."""
+    until it is done), or at once when load_now (Ray Serve replicas). If it fails, /health answers 503 with the
+    reason and on_load_error(reason) is called (`glmx serve` then stops with the reason and exit status 1)."""
     _require_serve_extra()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -279,13 +281,16 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
             session, tokenizer = load()
             engine = Engine(session, tokenizer, rows=rows, max_waiting=max_waiting, on_end=metrics.ended)
             state["loop"] = EngineLoop(engine, metrics)
-            state["model"] = {"precision": getattr(session, "precision", None),
+            state["model"] = {"precision": session.precision,
                               "max_sequence_length": session.config.max_sequence_length,
                               "vocab_size": session.config.vocab_size, "rows": rows, "max_waiting": max_waiting}
             log(f"glmx serve: model loaded ({state['model']})")
         except Exception as exc:  # noqa: BLE001 - /health says why
             state["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            log(f"glmx serve: the model did not load: {state['error']}")
+            if on_load_error is not None:
+                on_load_error(state["error"])
+            else:
+                log(f"glmx serve: the model did not load: {state['error']}")
         finally:
             state["loading"] = False
 
@@ -532,8 +537,15 @@ def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, m
         return open_model(model, backend)
 
     model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
+    failure: dict[str, str] = {}
+
+    def load_failed(reason: str) -> None:  # a server that cannot serve stops, so a supervisor sees the failure
+        failure["reason"] = reason
+        server.should_exit = True
     app = create_app(load, model_id=model_id, rows=rows, max_waiting=max_waiting, timeout=timeout,
-                     api_key=api_key, log=log)
+                     api_key=api_key, log=log, on_load_error=load_failed)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=int(timeout)))
     log(f"glmx serve: http://{host}:{port} model {model_id!r} backend {backend}, rows {rows}, "
         f"max waiting {max_waiting}, timeout {timeout:g} s{', API key required' if api_key else ''}")
     import signal
@@ -543,5 +555,7 @@ def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, m
         sys.exit(0)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, drained)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout))
+    server.run()
+    if failure:
+        raise ServeError(f"the model did not load: {failure['reason']}")
     log("glmx serve: stopped")

@@ -196,3 +196,23 @@ def test_sigterm_drains_then_exits(server):
     assert rest.rstrip().endswith("data: [DONE]")
     assert events[-1]["kind"] == "result" and len(events[-1]["spans"][0]["token_ids"]) == 400
     assert proc.wait(REQUEST_S) == 0
+
+
+def test_a_model_that_does_not_load_stops_the_server_with_its_reason(tmp_path):
+    """A server that cannot serve exits 1 with one Error line (a supervisor sees it), instead of answering 503
+    for ever."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port",
+                             str(port), "--model", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: the model did not load: ManifestError: {tmp_path} has no manifest.json: not a glmx "
+                      f"artifact folder, or an interrupted write"], out
+    assert "Traceback" not in out
