@@ -13,6 +13,7 @@ up cancels its request and frees its row; --timeout cancels and answers 504.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import threading
@@ -524,6 +525,25 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
     return app
 
 
+def listening_socket(host: str, port: int) -> Any:
+    """A socket bound to host:port for uvicorn to serve on; ServeError with the reason when it cannot be bound."""
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror} (--host takes an address or a name of "
+                         f"this machine)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = " (another server is there: pick another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from None
+    return sock
+
+
 def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, max_waiting: int, timeout: float,
           api_key: Optional[str], log: Callable[[str], None] = print) -> None:
     """Run the app under uvicorn until SIGINT / SIGTERM (uvicorn stops accepting, lets running requests finish,
@@ -546,6 +566,7 @@ def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, m
                      api_key=api_key, log=log, on_load_error=load_failed)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=int(timeout)))
+    sock = listening_socket(host, port)  # before anything loads: a taken port is one clear line
     log(f"glmx serve: http://{host}:{port} model {model_id!r} backend {backend}, rows {rows}, "
         f"max waiting {max_waiting}, timeout {timeout:g} s{', API key required' if api_key else ''}")
     import signal
@@ -555,7 +576,7 @@ def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, m
         sys.exit(0)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, drained)
-    server.run()
+    server.run(sockets=[sock])
     if failure:
         raise ServeError(f"the model did not load: {failure['reason']}")
     log("glmx serve: stopped")

@@ -216,3 +216,17 @@ def test_a_model_that_does_not_load_stops_the_server_with_its_reason(tmp_path):
     assert errors == [f"Error: the model did not load: ManifestError: {tmp_path} has no manifest.json: not a glmx "
                       f"artifact folder, or an interrupted write"], out
     assert "Traceback" not in out
+
+
+def test_a_taken_port_is_one_error_line():
+    """A server on a port another program holds stops before loading anything, naming the port."""
+    import socket
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port",
+                               str(port)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"Error: cannot listen on 127.0.0.1:{port}: Address already in "
+                                                   f"use (another server is there: pick another --port)")
