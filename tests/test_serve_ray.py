@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import urllib.request
 
 import pytest
 
-from glm_runtime.generate import fill_blanks
 from glm_runtime.serve import ServeError
-from glm_runtime.session import open_model
-
-PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
-           "The [sMASK] was very good.", "Water boils at [MASK] degrees."]
+from tests.serve_helpers import concurrently, mixed_request, one_by_one
 
 
 def test_build_refuses_unknown_arguments():
@@ -42,20 +37,14 @@ def test_two_replicas_answer_as_one_by_one():
         replies: dict[int, dict] = {}
 
         def ask(i):
-            body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 3 + i % 4}
+            prompt, max_new = mixed_request(i)
+            body = {"prompt": prompt, "max_new_tokens": max_new}
             request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/fill", json.dumps(body).encode(),
                                              {"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=60) as response:
                 replies[i] = json.loads(response.read())
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        session, tok = open_model(None, "onnxruntime")
-        for i in range(16):
-            (alone,) = fill_blanks(session, tok, [PROMPTS[i % len(PROMPTS)]], max_new_tokens=3 + i % 4)
+        concurrently(ask, 16)
+        for i, alone in enumerate(one_by_one(16)):
             assert replies[i]["tokens"] == alone.tokens
     finally:
         serve.shutdown()

@@ -18,12 +18,9 @@ if sys.version_info[:2] == (3, 11) and sys.version_info[2] >= 6:  # seen here wi
     pytest.skip("PyTriton's Python stub fails to start on CPython 3.11.6+ ('_thread.RLock' object has no attribute "
                 "'_recursion_count', triton-inference-server/pytriton#51)", allow_module_level=True)
 
-from glm_runtime.generate import fill_blanks  # noqa: E402
-from glm_runtime.session import open_model  # noqa: E402
+from tests.serve_helpers import concurrently, mixed_request, one_by_one  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "pytriton_glmx.py"
-PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
-           "The [sMASK] was very good.", "Water boils at [MASK] degrees."]
 
 
 def _free_port() -> int:
@@ -61,15 +58,9 @@ def test_triton_answers_equal_one_by_one_and_a_bad_prompt_gets_glmx_message():
         replies: dict[int, dict] = {}
 
         def ask(i):
-            replies[i] = _infer(ports[0], PROMPTS[i % len(PROMPTS)], 3 + i % 4)
-        clients = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-        for c in clients:
-            c.start()
-        for c in clients:
-            c.join(120)
-        session, tok = open_model(None, "onnxruntime")
-        for i in range(8):
-            (alone,) = fill_blanks(session, tok, [PROMPTS[i % len(PROMPTS)]], max_new_tokens=3 + i % 4)
+            replies[i] = _infer(ports[0], *mixed_request(i))
+        concurrently(ask, 8)
+        for i, alone in enumerate(one_by_one(8)):
             assert replies[i]["TEXT"] == alone.text
             assert [s["token_ids"] for s in json.loads(replies[i]["SPANS"])] == [s.token_ids for s in alone.spans]
         with pytest.raises(urllib.error.HTTPError) as bad:
