@@ -4,15 +4,16 @@ running the same requests one by one, measured interleaved in one process, sever
     python -m glmx_benchmarks.serve [--model DIR ...] [--requests 32] [--rows 8] [--max-new-tokens 16] [--rounds 3]
 
 Per model: (1) engine level, no HTTP: the requests one by one (fill_blanks([p]) each) vs all submitted to one
-Engine(rows) at once; (2) for the bundled model also HTTP level: a `glmx serve --rows R` subprocess driven by 1
-client vs R concurrent clients, the same requests. Records requests/s, new tokens/s, mean decode batch, p50/p95
-latency, and the CPU flags. Writes benchmarks/results/serve.{json,md} (or --out DIR). Nothing else may share
+Engine(rows) at once; (2) HTTP level: two `glmx serve` subprocesses, `--rows R` (continuous batching) and
+`--rows 1` (one row), each driven by 1, 4, 8 and 16 concurrent streaming clients, interleaved. Records
+requests/s, new tokens/s, mean decode batch, p50/p99 latency, p50/p99 time to first token, and the CPU flags. Writes benchmarks/results/serve.{json,md} (or --out DIR). Nothing else may share
 the cores while it runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought
            "She said that [MASK] would come [MASK] the [MASK].", "Water boils at [MASK] degrees.",
            "A long time ago, in a small village near the sea, there lived an old fisherman who [sMASK]"]
 RESULTS = Path(__file__).resolve().parent / "results"
+CLIENTS = (1, 4, 8, 16)
 
 
 def one_by_one(session, tok, prompts, budget):
@@ -84,74 +86,116 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def http_level(model, prompts, budget, rows, rounds):
+def _start_server(model, rows, max_waiting):
+    """A `glmx serve --rows ROWS` subprocess on a free port, once /health says ok. -> (process, port)."""
     port = _free_port()
     cmd = [sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port", str(port),
-           "--rows", str(rows), "--max-waiting", str(4 * len(prompts))]
+           "--rows", str(rows), "--max-waiting", str(max_waiting)]
     if model:
         cmd += ["--model", str(model)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"glmx serve exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())[
+                    "status"] == "ok":
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"glmx serve did not get healthy in 120 s: {' '.join(cmd)}")
+
+
+def stream_fill(port, prompt, budget):
+    """One streamed POST /v1/fill. -> (latency s: to the last event, time to first token s, new tokens)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_new_tokens": budget, "stream": True})
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/fill", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    first, tokens = None, 0
+    for raw in response:
+        line = raw.decode("utf-8").strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            break
+        event = json.loads(line[len("data: "):])
+        if event.get("kind") == "token":
+            tokens += 1
+            first = time.perf_counter() - t0 if first is None else first
+    latency = time.perf_counter() - t0
+    conn.close()
+    return latency, latency if first is None else first, tokens
+
+
+def _percentile(values, q):
+    """Nearest rank: the smallest value with at least q of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
+def drive(port, prompts, budget, clients):
+    """`clients` concurrent clients work through `prompts` (each takes the next one when its last is answered)."""
+    def batch_rows():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith("glmx:decode_batch_rows_")}
+        return values["glmx:decode_batch_rows_sum"], values["glmx:decode_batch_rows_count"]
+
+    rows0, calls0 = batch_rows()
+    latencies, ttfts, tokens, lock = [], [], [0], threading.Lock()
+    queue = list(prompts)
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                prompt = queue.pop(0)
+            dt, first, n = stream_fill(port, prompt, budget)
+            with lock:
+                latencies.append(dt)
+                ttfts.append(first)
+                tokens[0] += n
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    rows1, calls1 = batch_rows()
+    return {"clients": clients, "wall_s": wall, "requests_per_s": len(prompts) / wall,
+            "new_tokens_per_s": tokens[0] / wall, "mean_decode_batch": (rows1 - rows0) / max(calls1 - calls0, 1),
+            "latency_p50_s": statistics.median(latencies), "latency_p99_s": _percentile(latencies, 0.99),
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": _percentile(ttfts, 0.99)}
+
+
+def http_level(model, prompts, budget, rows, rounds, clients=CLIENTS):
+    """Two real servers, `--rows ROWS` (continuous batching) and `--rows 1` (one request at a time), each driven
+    by 1, 4, 8 and 16 concurrent streaming clients; rounds interleave every (clients, server) pair."""
+    servers = {}
     try:
-        for _ in range(600):
-            try:
-                if json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())[
-                        "status"] == "ok":
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-
-        def ask(prompt):
-            body = json.dumps({"prompt": prompt, "max_new_tokens": budget}).encode()
-            t0 = time.perf_counter()
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/fill", body, {"Content-Type": "application/json"})
-            reply = json.loads(urllib.request.urlopen(req, timeout=600).read())
-            return time.perf_counter() - t0, sum(len(s["token_ids"]) for s in reply["spans"])
-
-        def batch_rows():
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-            values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
-                      if line.startswith("glmx:decode_batch_rows_")}
-            return values["glmx:decode_batch_rows_sum"], values["glmx:decode_batch_rows_count"]
-
-        def drive(clients):
-            rows0, calls0 = batch_rows()
-            latencies, tokens, lock = [], [0], threading.Lock()
-            queue = list(prompts)
-
-            def worker():
-                while True:
-                    with lock:
-                        if not queue:
-                            return
-                        prompt = queue.pop(0)
-                    dt, n = ask(prompt)
-                    with lock:
-                        latencies.append(dt)
-                        tokens[0] += n
-            t0 = time.perf_counter()
-            threads = [threading.Thread(target=worker) for _ in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            rows1, calls1 = batch_rows()
-            return {"clients": clients, "wall_s": wall, "mean_decode_batch": (rows1 - rows0) / max(calls1 - calls0, 1), "requests_per_s": len(prompts) / wall,
-                    "new_tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(latencies),
-                    "latency_p95_s": sorted(latencies)[max(int(0.95 * len(latencies)) - 1, 0)]}
-
-        ask(prompts[0])  # warm-up
-        runs = {"1_client": [], f"{rows}_clients": []}
+        for name, r in (("batching", rows), ("one_row", 1)):
+            servers[name] = _start_server(model, r, max_waiting=4 * len(prompts))
+            stream_fill(servers[name][1], prompts[0], budget)  # warm-up
+        runs = {f"{name}_{c}": [] for c in clients for name in servers}
         for _ in range(rounds):
-            runs["1_client"].append(drive(1))
-            runs[f"{rows}_clients"].append(drive(rows))
+            for c in clients:
+                for name, (_, port) in servers.items():
+                    runs[f"{name}_{c}"].append(drive(port, prompts, budget, c))
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(60)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    return {"median": med, "throughput_ratio": med[f"{rows}_clients"]["requests_per_s"] /
-            med["1_client"]["requests_per_s"], "rounds": runs}
+    ratios = {str(c): med[f"batching_{c}"]["requests_per_s"] / med[f"one_row_{c}"]["requests_per_s"]
+              for c in clients}
+    return {"median": med, "throughput_ratio": ratios, "clients": list(clients), "rows": rows, "rounds": runs}
 
 
 def main(argv=None) -> None:
@@ -173,9 +217,8 @@ def main(argv=None) -> None:
         name = "bundled" if model is None else Path(model).name
         print(f"{name}: engine level ...", flush=True)
         entry = {"engine": engine_level(model, prompts, args.max_new_tokens, args.rows, args.rounds)}
-        if model is None:
-            print(f"{name}: HTTP level ...", flush=True)
-            entry["http"] = http_level(model, prompts, args.max_new_tokens, args.rows, args.rounds)
+        print(f"{name}: HTTP level ...", flush=True)
+        entry["http"] = http_level(model, prompts, args.max_new_tokens, args.rows, args.rounds)
         record["models"][name] = entry
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -194,17 +237,27 @@ def main(argv=None) -> None:
             lines.append(f"| {name} | {path} | {m['requests_per_s']:.1f} | {m['new_tokens_per_s']:.0f} | "
                          f"{m['mean_decode_batch']:.2f} | {m['latency_p50_s']:.3f} / {m['latency_p95_s']:.3f} | "
                          f"{ratio} |")
-        if "http" in entry:
-            h = entry["http"]["median"]
-            for key, m in h.items():
-                ratio = f"{entry['http']['throughput_ratio']:.2f}x" if key != "1_client" else "1.00x"
-                lines.append(f"| {name} | `glmx serve --rows {args.rows}`, {key.replace('_', ' ')} | "
-                             f"{m['requests_per_s']:.1f} | {m['new_tokens_per_s']:.0f} | "
-                             f"{m['mean_decode_batch']:.2f} (server's /metrics) | "
-                             f"{m['latency_p50_s']:.3f} / {m['latency_p95_s']:.3f} | {ratio} |")
         lines.append(f"| {name} | answers equal one by one (token ids) | {entry['engine']['answers_equal']} | | | | |")
     lines += ["", "One by one, a request's latency includes waiting for the ones before it (a client queued behind "
-              "them); the engine's latency is submit to result with every request submitted at t = 0."]
+              "them); the engine's latency is submit to result with every request submitted at t = 0.", "",
+              f"## A real `glmx serve`: `--rows {args.rows}` (continuous batching) against `--rows 1` (one request at "
+              f"a time)", "",
+              f"Each client streams `POST /v1/fill` and sends its next request when the last is answered; "
+              f"{args.requests} requests per run. Latency: request to last event; TTFT: request to first token "
+              f"event; p99 is the nearest rank (of {args.requests}: the slowest). Mean decode batch from the "
+              f"server's /metrics.", "",
+              "| model | clients | server | requests/s | p50 / p99 latency s | p50 / p99 TTFT s | mean decode batch | "
+              "requests/s vs one row |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, entry in record["models"].items():
+        h = entry["http"]
+        for c in h["clients"]:
+            for server in ("batching", "one_row"):
+                m = h["median"][f"{server}_{c}"]
+                label = f"`--rows {args.rows}`" if server == "batching" else "`--rows 1`"
+                ratio = f"{h['throughput_ratio'][str(c)]:.2f}x" if server == "batching" else "1.00x"
+                lines.append(f"| {name} | {c} | {label} | {m['requests_per_s']:.2f} | {m['latency_p50_s']:.3f} / "
+                             f"{m['latency_p99_s']:.3f} | {m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f} | "
+                             f"{m['mean_decode_batch']:.2f} | {ratio} |")
     (args.out / "serve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
