@@ -13,7 +13,6 @@ sees every filled slot of its row), not the bidirectional context pass. Out: res
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto as TP
 from onnx import helper
+from glmx_benchmarks.report import save_record
 
 n, d, L = 16, 64, 24
 h = n * d
@@ -118,8 +118,6 @@ def main(argv=None) -> None:
         rows.append(row)
     record = {"command": "python -m glmx_benchmarks.attention_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "onnxruntime": ort.__version__, "threads": 2, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attention_decode.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = ["# Attention over the cache, one decode token, 24 layers x 16 heads x 64, 2 threads", "",
              f"`{record['command']}` on {record['date']}, onnxruntime {record['onnxruntime']}, median of "
              f"{args.rounds} interleaved rounds.", "",
@@ -128,8 +126,7 @@ def main(argv=None) -> None:
     for r in rows:
         lines.append(f"| {r['past']} | {r['cache_mb']:.1f} | {r['glmx_ms']:.2f} ({r['glmx_gb_per_s']:.1f}) | "
                      f"{r['gqa_ms']:.2f} ({r['gqa_gb_per_s']:.1f}) | {r['glmx_ms'] / r['gqa_ms']:.2f}x |")
-    (args.out / "attention_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_record(args.out, "attention_decode", record, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -251,18 +251,16 @@ def llamacpp_column(llamacpp: str | Path, cache_dir: str | Path, out_dir: str | 
 
 def write_record(record: dict[str, Any], out: Path, command: str) -> None:
     from glmx_benchmarks.machine import cpu_facts
+    from glmx_benchmarks.report import save_record
     record["cpu_flags"] = cpu_facts()["flags"]
     record["command"], record["date"] = command, time.strftime("%Y-%m-%d %H:%M")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "llamacpp.json").write_text(json.dumps(record, indent=1) + "\n")
     info = record["llama_cpp"].splitlines()
     md = (f"# glmx against llama.cpp: decode of one token at past {record['past']} and a {record['past']}-token "
           f"prompt, batch 1, {record['threads']} threads\n\n`{command}` on {record['date']}; median of {record['rounds']} interleaved rounds; "
           f"{'; '.join(info[:2])}\nCPU flags: "
           f"{' '.join(f for f in record['cpu_flags'] if f.startswith(('avx', 'amx', 'fma')))}\n\n"
-          + table(record) + "\n")
-    (out / "llamacpp.md").write_text(md)
-    print(md)
+          + table(record))
+    save_record(out, "llamacpp", record, md)
 
 
 def main(argv=None) -> None:

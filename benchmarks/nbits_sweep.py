@@ -9,7 +9,6 @@ Out: benchmarks/results/nbits_sweep.{json,md} with the installed onnxruntime's v
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from glmx_benchmarks.kernel_rates import kernel_rate, matmul_graph
+from glmx_benchmarks.report import save_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,8 +93,6 @@ def main(argv=None) -> None:
               "date": time.strftime("%Y-%m-%d %H:%M"), "onnxruntime": onnxruntime.__version__,
               "model": args.model, "threads": args.threads, "fp32_ms": 1000 * fp32,
               "cpu_flags": [f for f in cpu if f.startswith(("avx", "amx", "fma"))], "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "nbits_sweep.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = [f"# MatMulNBits settings: one token through every layer's matmuls ({args.model}, {args.threads} threads)",
              "", f"`{record['command']}` on {record['date']}, onnxruntime {record['onnxruntime']}, median of "
              f"{args.rounds} interleaved rounds; fp32 MatMul: {1000 * fp32:.2f} ms. CPU flags: "
@@ -105,8 +103,7 @@ def main(argv=None) -> None:
         lines.append(f"| {r['bits']} | {r['block_size']} | {r['accuracy_level']} | "
                      f"{'no' if r['symmetric'] else 'yes'} | {r['ms']:.2f} | {r['weight_mb']:.0f} | "
                      f"{r['gb_per_s']:.1f} | {r['vs_fp32']:.2f}x |")
-    (args.out / "nbits_sweep.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_record(args.out, "nbits_sweep", record, "\n".join(lines))
 
 
 if __name__ == "__main__":

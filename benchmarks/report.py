@@ -15,6 +15,15 @@ from glm_runtime.manifest import atomic_write_json, atomic_write_text
 MB = 2 ** 20
 
 
+def save_record(out_dir: Path, stem: str, record: Mapping[str, Any], markdown: str) -> None:
+    """A stand-alone benchmark's results: out_dir/STEM.json (the record) and out_dir/STEM.md (its report), each
+    written atomically (a killed run leaves the last complete file); the report is printed too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out_dir / f"{stem}.md", markdown + "\n")
+    print(markdown)
+
+
 def _order(name: str) -> tuple[int, str]:
     """Variants in artifacts.VARIANTS' order (torch first), whatever order results.json stored them in."""
     from glmx_benchmarks.artifacts import VARIANTS

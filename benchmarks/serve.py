@@ -24,6 +24,7 @@ from pathlib import Path
 
 from glm_runtime.engine import Engine
 from glmx_benchmarks.machine import cpu_facts
+from glmx_benchmarks.report import save_record
 from glm_runtime.generate import fill_blanks
 from glm_runtime.session import open_model
 
@@ -220,8 +221,6 @@ def main(argv=None) -> None:
         print(f"{name}: HTTP level ...", flush=True)
         entry["http"] = http_level(model, prompts, args.max_new_tokens, args.rows, args.rounds)
         record["models"][name] = entry
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve.json").write_text(json.dumps(record, indent=1) + "\n")
     lines = ["# Continuous batching: throughput against one by one", "",
              f"`{record['command']}` on {record['date']}; CPU {record['machine']['cpu']} "
              f"({' '.join(record['machine']['flags'])}); {args.requests} requests (mixed blanks), "
@@ -258,8 +257,7 @@ def main(argv=None) -> None:
                 lines.append(f"| {name} | {c} | {label} | {m['requests_per_s']:.2f} | {m['latency_p50_s']:.3f} / "
                              f"{m['latency_p99_s']:.3f} | {m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f} | "
                              f"{m['mean_decode_batch']:.2f} | {ratio} |")
-    (args.out / "serve.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_record(args.out, "serve", record, "\n".join(lines))
 
 
 if __name__ == "__main__":
