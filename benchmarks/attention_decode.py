@@ -76,9 +76,11 @@ def gqa(cap):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--past", type=int, nargs="+", default=[128, 512])
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=20, help="timed rounds; the first 3 are warm-up (at least 4)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.rounds < 4:
+        ap.error(f"--rounds must be at least 4 (the first 3 are warm-up), got {args.rounds}")
     rng = np.random.default_rng(0)
     rows = []
     for P in args.past:
