@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from glmx_benchmarks.machine import cpu_facts
+
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2 ** 30
 PROMPT = "The capital of France is [MASK], a city on the Seine."
@@ -238,11 +240,6 @@ def memory_goal(config: Any) -> int:
     return GIB + 3 * largest
 
 
-def lscpu_flags() -> list[str]:
-    from glmx_benchmarks.machine import cpu_facts
-    return cpu_facts()["flags"]
-
-
 def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[str] = ()) -> dict[str, Any]:
     from glmx_benchmarks import floor
     from glm_export.config import get_preset
@@ -310,7 +307,7 @@ def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[st
 
 def write_report(records: list[dict[str, Any]], command: str, path: Path = RESULTS) -> None:
     import platform
-    doc = {"command": command, "machine": {"cpu_flags": lscpu_flags(), "cores": os.cpu_count(),
+    doc = {"command": command, "machine": {"cpu_flags": cpu_facts()["flags"], "cores": os.cpu_count(),
                                            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                                            "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": records}

@@ -12,7 +12,6 @@ them). The scores of the two are compared too (max |difference| per target token
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,18 +22,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = (2, 4, 16)
 PROMPTS = 8
-FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in FLAGS if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def workload(tok, vocab_size: int, count: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:
@@ -139,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         models["glm-large-shape"] = measure("glm-large-shape", prepared["fp32"], prepared["checkpoint"],
                                             args.rounds, args.threads)
     result = {"command": "python -m glmx_benchmarks.score " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": dict(machine_info(args.threads), cpu_flags=cpu_flags()), "prompts": PROMPTS,
+              "machine": machine_info(args.threads), "prompts": PROMPTS,
               "rounds": args.rounds, "models": models,
               "how": "candidates scored per second (median of interleaved rounds); glmx = glm_runtime.score on "
                      "ONNX Runtime CPU (one context pass per prompt, all candidates in one span call); torch = "
