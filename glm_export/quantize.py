@@ -29,8 +29,9 @@ SCHEMES = ("int8-dynamic", "int4-weight", "int8-weight", "qdq-int8", "fp16")
 # Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
 # "head": the tied output head. int4-weight and int8-weight quantize it by default to 8-bit blocks of 32 (an
 # untied copy; the Gather keeps the float table): that head keeps both recipes within their budgets on the
-# bundled model (int4 top-1 0.9772 vs 0.9779 with an fp32 head, int8 0.9928 vs 0.9974; an int4 head: 0.9434, a
-# miss), and it is 58 MB instead of 206 MB at GLM-Large's vocabulary (benchmarks/results/head_formats.md).
+# bundled model (int4 top-1 0.9766 vs 0.9785 with an fp32 head, int8 0.9928 vs 0.9974; an int4 head: 0.9440, a
+# miss), and it is 58 MB instead of 206 MB at GLM-Large's vocabulary (README's quantization table,
+# benchmarks/results/quantization_bundled.json).
 KEEP_FP32 = ("embedding", "head", "first-layer", "last-layer")  # roles; node names may be given too
 LAYER_NODE = re.compile(r"/transformer\.layers\.(\d+)\.")
 # What stays fp32 unless the caller says otherwise. The embedding is a Gather (never quantized) and the tied
@@ -282,14 +283,13 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     accuracy_level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     if scheme in NBITS:
-        if block_size < 16 or block_size & (block_size - 1):
-            raise QuantizeError(f"block_size must be a power of two >= 16, got {block_size}")
+        for name, size in (("block_size", block_size), ("head_block_size", head_block_size)):
+            if size is not None and (size < 16 or size & (size - 1)):
+                raise QuantizeError(f"{name} must be a power of two >= 16, got {size}")
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise QuantizeError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
         if head_bits not in (None, 4, 8):
             raise QuantizeError(f"head_bits must be 4 or 8, got {head_bits}")
-        if head_block_size is not None and (head_block_size < 16 or head_block_size & (head_block_size - 1)):
-            raise QuantizeError(f"head_block_size must be a power of two >= 16, got {head_block_size}")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, src_model, tok = read_parent(src_dir)
     say = log or (lambda msg: print(msg, file=sys.stderr))
