@@ -139,16 +139,21 @@ def llama_prompt_ms(tools: dict[str, Path], model: Path, tokens: int, threads: i
     return 1000.0 * tokens / float(row["avg_ts"])
 
 
-def glmx_context_ms(folder: Path, tokens: int, threads: int, repeats: int = 3) -> float:
-    """ms of glmx's context pass over `tokens` tokens, batch 1 (the runtime's own call: logits at the last row)."""
+def glmx_session(folder: Path, threads: int):
+    """glmx's ONNX Runtime session on `threads` intra-op threads, one inter-op (the benchmark's settings)."""
     import onnxruntime as ort
 
-    from glm_runtime import steps
     from glm_runtime.session import OnnxRuntimeSession
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = OnnxRuntimeSession(folder, session_options=options, verify=False)
+    return OnnxRuntimeSession(folder, session_options=options, verify=False)
+
+
+def glmx_context_ms(folder: Path, tokens: int, threads: int, repeats: int = 3) -> float:
+    """ms of glmx's context pass over `tokens` tokens, batch 1 (the runtime's own call: logits at the last row)."""
+    from glm_runtime import steps
+    session = glmx_session(folder, threads)
     steps.run_context(session, [[5] * tokens], 0)  # warm-up
     times = []
     for _ in range(repeats):
@@ -161,14 +166,8 @@ def glmx_context_ms(folder: Path, tokens: int, threads: int, repeats: int = 3) -
 def glmx_decode_ms(folder: Path, past: int, threads: int, tokens: int = 16) -> float:
     """ms per decode step of one token at past `past`, batch 1, on ONNX Runtime with `threads` threads: the
     context pass of `past` tokens, then `tokens` steps; the median step."""
-    import onnxruntime as ort
-
     from glm_runtime import masks, steps
-    from glm_runtime.session import OnnxRuntimeSession
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = OnnxRuntimeSession(folder, session_options=options, verify=False)
+    session = glmx_session(folder, threads)
     cache = session.new_cache(1, past + tokens + 2)
     steps.context_pass(session, cache, [[5] * past], 0)
     times = []
