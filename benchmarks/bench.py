@@ -445,8 +445,8 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
     say(f"bench: measuring memory bandwidth and matmul rate ({threads} threads)")
     samples: list[dict[str, Any]] = []
 
-    def sample_bandwidth() -> None:
-        samples.append(floor.measure_bandwidth(megabytes=64 if quick else 512, threads=threads,
+    def sample_bandwidth() -> None:  # --quick checks the path: a small array (its figures judge nothing)
+        samples.append(floor.measure_bandwidth(megabytes=16 if quick else 512, threads=threads,
                                                repeats=3 if quick else 7))
     sample_bandwidth()
     results["floor"] = {"bandwidth": samples[0], "matmul": {}}

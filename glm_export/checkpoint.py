@@ -535,8 +535,7 @@ def open_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Pat
     found.state_dict = sd
     cfg = _resolve_gelu(_resolve_config(config, found), gelu, found)
     tok, cfg = _resolve_tokenizer(tokenizer, tokenizer_kind, cfg, found)
-    with torch.device("meta"):  # no memory and no random init: only the expected names and shapes
-        expected = {k: tuple(v.shape) for k, v in GLMModel(cfg).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in GLMModel.skeleton(cfg).state_dict().items()}
     source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
     _check_weights(sd, expected, cfg, source)
     sd = sd.renamed({k: k for k in expected})  # the model's own order: embeddings, layers 0.., final LN
@@ -550,8 +549,7 @@ def open_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Pat
 
 def model_from_weights(config: GLMConfig, weights: Mapping[str, Any], dtype: torch.dtype) -> GLMModel:
     """The whole reference GLMModel (eval mode) from official-name weights, each converted to `dtype` as read."""
-    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        model = GLMModel(config)
+    model = GLMModel.skeleton(config)
     model.load_state_dict({k: torch.from_numpy(np.asarray(weights[k])).to(dtype) for k in weights}, strict=True,
                           assign=True)
     return model.eval()

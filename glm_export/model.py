@@ -9,7 +9,8 @@ Parameter names are the official ones (docs/glm.md 1.1), so loading a checkpoint
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -137,13 +138,35 @@ class Transformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(h, eps=config.layernorm_epsilon)
 
 
+@contextmanager
+def meta_without_init() -> Iterator[None]:
+    """Modules built inside are on the meta device (names and shapes, no memory) and skip nn.init.normal_:
+    on a meta tensor normal_ runs a Python decomposition whose first use imports torch._dynamo (1.7 s a
+    process with torch 2.13, measured), and a skeleton's values are never read."""
+    normal = nn.init.normal_
+    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.init.normal_ = normal
+
+
 class GLMModel(nn.Module):
-    def __init__(self, config: GLMConfig):
+    def __init__(self, config: GLMConfig, *, init: bool = True):
         super().__init__()
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.transformer = Transformer(config)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
+
+    @classmethod
+    def skeleton(cls, config: GLMConfig) -> "GLMModel":
+        """The model on the meta device, uninitialised: its parameter names and shapes, for weights to be
+        assigned (load_state_dict(..., assign=True)) or checked against."""
+        with meta_without_init():
+            return cls(config, init=False)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

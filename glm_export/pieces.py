@@ -175,9 +175,9 @@ class TorchLayers:
     @contextmanager
     def layer(self, i: int):
         import torch
-        from glm_export.model import TransformerLayer
+        from glm_export.model import TransformerLayer, meta_without_init
         prefix = f"transformer.layers.{i}."
-        with torch.device("meta"):
+        with meta_without_init():
             module = TransformerLayer(self.config)
         module.load_state_dict({k: self._tensor(prefix + k) for k in module.state_dict()}, assign=True)
         module.eval()
