@@ -35,14 +35,18 @@ COMMANDS = [
     ("qdq-int8-head", "quantize $MODEL -o $OUT/qdq-int8-head --scheme qdq-int8 --keep-fp32 embedding "
                       "--keep-fp32 first-layer"),
     ("int4-weight", "quantize $MODEL -o $OUT/int4-weight --scheme int4-weight"),
+    ("int4-weight, every matmul in blocks of 32 (the default before)",
+     "quantize $MODEL -o $OUT/int4-weight-blocks-32 --scheme int4-weight --block-size 32 --head-block-size 32"),
+    ("int4-weight, layers in blocks of 64", "quantize $MODEL -o $OUT/int4-weight-blocks-64 --scheme int4-weight "
+                                            "--block-size 64"),
+    ("int4-weight, layers in blocks of 128", "quantize $MODEL -o $OUT/int4-weight-blocks-128 --scheme int4-weight "
+                                             "--block-size 128"),
     ("int4-weight, head fp32", "quantize $MODEL -o $OUT/int4-weight-head-fp32 --scheme int4-weight "
                                "--keep-fp32 embedding --keep-fp32 head"),
-    ("int4-weight, head 8-bit blocks of 64", "quantize $MODEL -o $OUT/int4-weight-head8-64 --scheme int4-weight "
-                                             "--head-block-size 64"),
-    ("int4-weight, head 8-bit blocks of 128", "quantize $MODEL -o $OUT/int4-weight-head8-128 --scheme int4-weight "
-                                              "--head-block-size 128"),
     ("int4-weight, head int4 too", "quantize $MODEL -o $OUT/int4-weight-head4 --scheme int4-weight --head-bits 4"),
     ("int8-weight", "quantize $MODEL -o $OUT/int8-weight --scheme int8-weight"),
+    ("int8-weight, every matmul in blocks of 32 (the default before)",
+     "quantize $MODEL -o $OUT/int8-weight-blocks-32 --scheme int8-weight --block-size 32"),
     ("int8-weight, head fp32", "quantize $MODEL -o $OUT/int8-weight-head-fp32 --scheme int8-weight "
                                "--keep-fp32 embedding --keep-fp32 head"),
     ("int8-weight, head 8-bit blocks of 128", "quantize $MODEL -o $OUT/int8-weight-head8-128 --scheme int8-weight "

@@ -293,13 +293,18 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
                    "(teacher-forced text only); auto = whole up to 256 MiB of fp32 weights")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="qdq-int8: real text to calibrate on [default: glm_export/data/calibration.txt]")
-@click.option("--block-size", type=int, default=None, help="int4/int8-weight: weights per scale [default: 32]")
+@click.option("--block-size", type=int, default=None,
+              help="int4/int8-weight: weights per scale in the attention matmuls, and in the MLP's too when "
+                   "--mlp-block-size is not given [default: 32, the MLP's 128]")
 @click.option("--accuracy-level", type=int, default=None,
               help="int4/int8-weight: MatMulNBits compute level (4 = int8 products) [default: 4]")
 @click.option("--head-bits", type=click.Choice(["4", "8"]), default=None,
               help="int4/int8-weight: bits of the quantized output head [default: 8]")
 @click.option("--head-block-size", type=int, default=None,
-              help="int4/int8-weight: weights per scale in the head [default: 32]")
+              help="int4/int8-weight: weights per scale in the head [default: int4-weight 128, int8-weight 32]")
+@click.option("--mlp-block-size", type=int, default=None,
+              help="int4/int8-weight: weights per scale in each layer's two MLP matmuls, 2/3 of its weights "
+                   "[default: 128, or --block-size when that is given]")
 @click.option("--keep-fp32", multiple=True, default=None,
               help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
                    "option [default: embedding; int8-dynamic and qdq-int8 also head and first-layer]")

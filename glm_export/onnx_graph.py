@@ -34,10 +34,12 @@ class NBits:
     along K, quantized by ONNX Runtime's own C++ routine (quantize_matmul_4bits / _8bits, the one its
     MatMulNBitsQuantizer calls), so the packing is exactly what the kernel reads. `keep(prefix)`: leave that
     linear as a float MatMul. `head`: the tied head as a MatMulNBits of the table's transposed copy, in its own
-    format (head_bits, head_block_size; default: the layers' own)."""
+    format (head_bits, head_block_size; default: the layers' own). mlp_block_size: the block of the MLP's two
+    matmuls (2/3 of a layer's weights; default: block_size)."""
 
     def __init__(self, bits: int, block_size: int, accuracy_level: int, keep: Callable[[str], bool],
-                 head: bool = False, head_bits: int | None = None, head_block_size: int | None = None):
+                 head: bool = False, head_bits: int | None = None, head_block_size: int | None = None,
+                 mlp_block_size: int | None = None):
         for value in (bits, head_bits):
             if value is not None and value not in (4, 8):
                 raise ValueError(f"bits must be 4 or 8, got {value}")
@@ -45,6 +47,11 @@ class NBits:
             keep, head
         self.head_bits = bits if head_bits is None else head_bits
         self.head_block_size = block_size if head_block_size is None else head_block_size
+        self.mlp_block_size = block_size if mlp_block_size is None else mlp_block_size
+
+    def block_size_for(self, prefix: str) -> int:
+        """The block size of the linear `prefix` (transformer.layers.i.{attention,mlp}.*)."""
+        return self.mlp_block_size if ".mlp." in prefix else self.block_size
 
     def pack(self, w_kn: np.ndarray, bits: int | None = None,
              block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +163,7 @@ def nbits_linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: s
     w_kn = np.asarray(W[f"{prefix}.weight"], dtype=np.float32).T  # [in, out] = [K, N]
     bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(b.wdtype))
     mm = b.nbits.matmul(b, x, w_kn, f"{prefix}.weight.T", f"/{prefix}/MatMul_Q{b.nbits.bits}",
-                        bias=bias if fuse_bias else None)
+                        block_size=b.nbits.block_size_for(prefix), bias=bias if fuse_bias else None)
     return mm if fuse_bias else (mm, bias)
 
 

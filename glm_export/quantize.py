@@ -27,11 +27,10 @@ from glm_runtime.manifest import claims_output, staged_folder, write_manifest
 
 SCHEMES = ("int8-dynamic", "int4-weight", "int8-weight", "qdq-int8", "fp16")
 # Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
-# "head": the tied output head. int4-weight and int8-weight quantize it by default to 8-bit blocks of 32 (an
-# untied copy; the Gather keeps the float table): that head keeps both recipes within their budgets on the
-# bundled model (int4 top-1 0.9766 vs 0.9785 with an fp32 head, int8 0.9928 vs 0.9974; an int4 head: 0.9440, a
-# miss), and it is 58 MB instead of 206 MB at GLM-Large's vocabulary (README's quantization table,
-# benchmarks/results/quantization_bundled.json).
+# "head": the tied output head. int4-weight and int8-weight quantize it by default to 8-bit blocks (an untied
+# copy; the Gather keeps the float table): that head keeps both recipes within their budgets on the bundled model
+# (an int4 head misses), and it is 52-58 MB instead of 206 MB at GLM-Large's vocabulary (README's quantization
+# table, benchmarks/results/quantization_bundled.json).
 KEEP_FP32 = ("embedding", "head", "first-layer", "last-layer")  # roles; node names may be given too
 LAYER_NODE = re.compile(r"/transformer\.layers\.(\d+)\.")
 # What stays fp32 unless the caller says otherwise. The embedding is a Gather (never quantized) and the tied
@@ -43,8 +42,14 @@ LAYER_NODE = re.compile(r"/transformer\.layers\.(\d+)\.")
 DEFAULT_KEEP_FP32 = {"int8-dynamic": ("embedding", "head", "first-layer"),
                      "qdq-int8": ("embedding", "head", "first-layer"),
                      "int4-weight": ("embedding",), "int8-weight": ("embedding",)}
-DEFAULT_BLOCK_SIZE, DEFAULT_ACCURACY_LEVEL = 32, 4  # int4-weight: weights per scale, MatMulNBits compute level
-DEFAULT_HEAD_BITS, DEFAULT_HEAD_BLOCK_SIZE = 8, 32  # int4-weight / int8-weight: the quantized head's format
+# int4-weight / int8-weight: weights per scale and MatMulNBits' compute level (4: int8 products). Per role: the
+# attention matmuls in blocks of 32, the MLP's (2/3 of a layer's weights) in blocks of 128, which the kernel reads
+# faster (results/nbits_sweep.md) and which keep the bundled model within budget, where the attention matmuls in
+# blocks of 128 do not (README's quantization table); the head 8-bit, in blocks of 128 for int4-weight and 32
+# for int8-weight (blocks of 128 miss int8-weight's budget).
+DEFAULT_BLOCK_SIZE, DEFAULT_MLP_BLOCK_SIZE, DEFAULT_ACCURACY_LEVEL = 32, 128, 4
+DEFAULT_HEAD_BITS = 8
+DEFAULT_HEAD_BLOCK_SIZE = {"int4-weight": 128, "int8-weight": 32}
 
 
 def default_keep_fp32(scheme: str) -> tuple[str, ...]:
@@ -222,7 +227,8 @@ def plain_export(manifest: Any, src_dir: Path) -> None:
 
 def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: Mapping[str, Any], scheme: str, keep,
             *, head: bool, block_size: int, accuracy_level: int, log, head_bits: Optional[int] = None,
-            head_block_size: Optional[int] = None) -> tuple[onnx.ModelProto, Optional[str]]:
+            head_block_size: Optional[int] = None, mlp_block_size: Optional[int] = None,
+            ) -> tuple[onnx.ModelProto, Optional[str]]:
     """The child graph of a streamed scheme in `stage` (model.onnx [+ model.onnx.data]) from the parent's weights
     (its graph without data, and glm_export.weights.read_onnx_weights of it), read one at a time.
     -> (the child graph without its data, the data file name or None)."""
@@ -237,7 +243,7 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
     weights = official_weights(parent_weights)
     float_type = "fp16" if scheme == "fp16" else "fp32"  # the graph's; the manifest's precision is the scheme
     nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head, head_bits=head_bits,
-                  head_block_size=head_block_size) if scheme in NBITS else None
+                  head_block_size=head_block_size, mlp_block_size=mlp_block_size) if scheme in NBITS else None
     fp32_bytes = weights.numel() * 4
     threshold = min(derive.PROTOBUF_LIMIT, external_data.STREAM_THRESHOLD)  # streamed, as export does
     external = parent_external or fp32_bytes * (0.5 if scheme == "fp16" else 1) > threshold
@@ -261,7 +267,7 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
                   block_size: int | None = None, accuracy_level: int | None = None,
                   keep_fp32: Sequence[str] | None = None, accept_loss: bool = False, overwrite: bool = False,
                   eval_text: str | None = None, check: str = "auto", head_bits: int | None = None,
-                  head_block_size: int | None = None, log=None) -> Path:
+                  head_block_size: int | None = None, mlp_block_size: int | None = None, log=None) -> Path:
     """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its parent (glm_export.compare: GLM's
     cases, then held-out text in the model's language against BUDGETS[scheme]).
 
@@ -277,13 +283,16 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     if calibration is not None and scheme != "qdq-int8":
         raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}; drop --calibration")
     for name, value in (("block-size", block_size), ("accuracy-level", accuracy_level), ("head-bits", head_bits),
-                        ("head-block-size", head_block_size)):
+                        ("head-block-size", head_block_size), ("mlp-block-size", mlp_block_size)):
         if value is not None and scheme not in NBITS:
             raise QuantizeError(f"--{name} applies to --scheme int4-weight or int8-weight, not {scheme}; drop it")
+    if mlp_block_size is None:  # an explicit --block-size alone sets every layer matmul, as it says
+        mlp_block_size = DEFAULT_MLP_BLOCK_SIZE if block_size is None else block_size
     block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     accuracy_level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     if scheme in NBITS:
-        for name, size in (("block_size", block_size), ("head_block_size", head_block_size)):
+        for name, size in (("block_size", block_size), ("head_block_size", head_block_size),
+                           ("mlp_block_size", mlp_block_size)):
             if size is not None and (size < 16 or size & (size - 1)):
                 raise QuantizeError(f"{name} must be a power of two >= 16, got {size}")
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -300,7 +309,8 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
         return _quantize_streamed(manifest, src_dir, src_model, tok, Path(out_dir), scheme, keep_fp32=keep_fp32,
                                   block_size=block_size, accuracy_level=accuracy_level, accept_loss=accept_loss,
                                   overwrite=overwrite, eval_text=eval_text, check=check, say=say,
-                                  head_bits=head_bits, head_block_size=head_block_size)
+                                  head_bits=head_bits, head_block_size=head_block_size,
+                                  mlp_block_size=mlp_block_size)
     if manifest.precision != "fp32":
         raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; {scheme} is made from the fp32 export "
                             f"it came from ({manifest.parent.get('path', 'its parent')})")
@@ -363,7 +373,7 @@ def _judge_and_seal(stage: Path, src_dir: Path, child: Any, tok: Any, scheme: st
 def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, out_dir: Path, scheme: str, *,
                        keep_fp32, block_size: int, accuracy_level: int, accept_loss: bool, overwrite: bool,
                        eval_text: str | None, check: str, say, head_bits: Optional[int] = None,
-                       head_block_size: Optional[int] = None) -> Path:
+                       head_block_size: Optional[int] = None, mlp_block_size: Optional[int] = None) -> Path:
     from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
     keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
@@ -371,7 +381,7 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
         raise QuantizeError("--head-bits / --head-block-size set the quantized head's format, but the head is kept "
                             "fp32 (--keep-fp32 head); drop one of them")
     head_bits = DEFAULT_HEAD_BITS if head_bits is None else head_bits
-    head_block_size = DEFAULT_HEAD_BLOCK_SIZE if head_block_size is None else head_block_size
+    head_block_size = DEFAULT_HEAD_BLOCK_SIZE.get(scheme) if head_block_size is None else head_block_size
     parent_graph = onnx.load(str(src_model), load_external_data=False)
     keep = keep_rule(manifest.config, keep_fp32, {n.name for n in parent_graph.graph.node}) if scheme in NBITS else None
     parent_weights = read_onnx_weights(src_model, parent_graph.graph)
@@ -380,11 +390,15 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
     check_free_space(out_dir.parent, fp32_bytes // (2 if scheme == "fp16" else 4 if scheme == "int8-weight" else 7),
                      f"the {scheme} child of {src_dir}")
     say(f"quantize: {scheme} of {src_dir} ({manifest.precision}), rebuilt one tensor at a time; check: {method}")
+    if scheme in NBITS:  # the recipe, every default resolved
+        head = "fp32" if "head" in keep_fp32 else f"{head_bits}-bit in blocks of {head_block_size}"
+        say(f"quantize: weights {NBITS[scheme]}-bit, attention in blocks of {block_size}, MLP in blocks of "
+            f"{mlp_block_size}; head {head}; accuracy level {accuracy_level}; kept fp32: {', '.join(keep_fp32)}")
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         graph, data_file = rebuild(parent_graph, parent_weights, stage, manifest.config, scheme, keep,
                                    head="head" not in keep_fp32, block_size=block_size,
                                    accuracy_level=accuracy_level, log=say, head_bits=head_bits,
-                                   head_block_size=head_block_size)
+                                   head_block_size=head_block_size, mlp_block_size=mlp_block_size)
         del parent_graph
         ops = op_histogram(graph)
         kept = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight.T")]
@@ -394,12 +408,14 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
         settings = ({"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(float_type='fp16')"}
                     if scheme == "fp16" else
-                    {"weights": f"int{NBITS[scheme]} symmetric, blocks of {block_size} along K (MatMulNBits)",
+                    {"weights": f"int{NBITS[scheme]} symmetric, blocks of {block_size} along K (MatMulNBits)"
+                                + (f", the MLP's in blocks of {mlp_block_size}" if mlp_block_size != block_size else ""),
                      "packing": "onnxruntime.capi._pybind_state.quantize_matmul_%dbits" % NBITS[scheme],
                      "activations": "fp32 (MatMulNBits accuracy_level %d)" % accuracy_level})
         extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file)
         extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": kept,
                                  "block_size": block_size if scheme in NBITS else None,
+                                 "mlp_block_size": mlp_block_size if scheme in NBITS else None,
                                  "accuracy_level": accuracy_level if scheme in NBITS else None,
                                  "head": None if scheme not in NBITS or "head" in keep_fp32 else
                                  {"bits": head_bits, "block_size": head_block_size},

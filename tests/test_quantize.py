@@ -89,19 +89,48 @@ def test_graphs_quantize_what_they_say(children):
         head = head_node(model)
         assert head.op_type == "Gemm" and head.input[1] == "word_embeddings.weight"
         assert not [t.name for t in model.graph.initializer if "Transposed" in t.name or t.name.endswith(".weight.T.T")]
-    # int4-weight's default head: 8-bit blocks of 32 (an untied copy); the Gather keeps the fp32 table
+    # int4-weight's default: attention 4-bit blocks of 32, MLP 4-bit blocks of 128, head 8-bit blocks of 128 (an
+    # untied copy); the Gather keeps the fp32 table
     model = onnx.load(children["int4-weight"] / "model.onnx")
     head = head_node(model)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
-    assert head.op_type == "MatMulNBits" and (attrs["bits"], attrs["block_size"]) == (8, 32)
-    layer_bits = {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
-                  and n is not head for a in n.attribute if a.name == "bits"}
-    assert layer_bits == {4}
+    assert head.op_type == "MatMulNBits" and (attrs["bits"], attrs["block_size"]) == (8, 128)
+    layers = {(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")),
+               onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")),
+               "mlp" if ".mlp." in n.name else "attention")
+              for n in model.graph.node if n.op_type == "MatMulNBits" and n is not head}
+    assert layers == {(4, 32, "attention"), (4, 128, "mlp")}
     gather = next(n for n in model.graph.node if n.op_type == "Gather" and "word_embeddings" in n.input[0])
     table = next(t for t in model.graph.initializer if t.name == gather.input[0])
     assert table.data_type == onnx.TensorProto.FLOAT
     quant = load_manifest(children["int4-weight"]).extra["quantization"]
-    assert quant["head"] == {"bits": 8, "block_size": 32} and quant["keep_fp32"] == ["embedding"]
+    assert quant["head"] == {"bits": 8, "block_size": 128} and quant["keep_fp32"] == ["embedding"]
+    assert (quant["block_size"], quant["mlp_block_size"]) == (32, 128)
+
+
+def test_mlp_block_size_sets_only_the_mlp_matmuls(parent, tmp_path):
+    out = quantize_onnx(parent, tmp_path / "mlp64", scheme="int4-weight", block_size=32, mlp_block_size=64,
+                        head_block_size=16, accept_loss=True, eval_text=EVAL_SHORT)
+    model = onnx.load(out / "model.onnx")
+    blocks = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["block_size"]
+              for n in model.graph.node if n.op_type == "MatMulNBits"}
+    head = head_node(model).name
+    roles = {name: 16 if name == head else 64 if ".mlp." in name else 32 for name in blocks}
+    assert blocks == roles and {64, 32} <= set(blocks.values())
+    quant = load_manifest(out).extra["quantization"]
+    assert (quant["block_size"], quant["mlp_block_size"], quant["head"]["block_size"]) == (32, 64, 16)
+    assert "the MLP's in blocks of 64" in quant["weights"]
+    # defaults: int8-weight keeps its head in blocks of 32; --block-size alone sets the MLP's blocks too
+    for scheme, args, want in (("int8-weight", {}, (32, 128, 32)), ("int4-weight", {"block_size": 64}, (64, 64, 128))):
+        out = quantize_onnx(parent, tmp_path / f"{scheme}-{args}", scheme=scheme, accept_loss=True,
+                            eval_text=EVAL_SHORT, **args)
+        quant = load_manifest(out).extra["quantization"]
+        assert (quant["block_size"], quant["mlp_block_size"], quant["head"]["block_size"]) == want, scheme
+    for scheme, size, why in (("int8-dynamic", 64, "applies to --scheme int4-weight"),
+                              ("int4-weight", 48, "mlp_block_size must be a power of two")):
+        with pytest.raises(QuantizeError, match=why):
+            quantize_onnx(parent, tmp_path / "no", scheme=scheme, mlp_block_size=size, eval_text=EVAL_SHORT)
+    assert not (tmp_path / "no").exists()
 
 
 def test_qdq_is_symmetric_per_channel_and_spares_attention(children):
