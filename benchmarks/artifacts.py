@@ -141,7 +141,7 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
     folder = model["root"] / f"onnx-{'' if parent == fp32 else parent.name[5:] + '-'}{how.replace('+', '-')}"
     scheme, _, extra = how.partition("+")
     keep = None if how == "optimized" else keep_fp32(scheme, head=extra == "head")
-    if _ready(folder) and (keep is None or _recorded_keep(folder) == list(keep)):
+    if _ready(folder) and (keep is None or _recorded_recipe(folder) == current_recipe(scheme, keep)):
         return backend, folder
     from glm_runtime.manifest import load_manifest
     if not load_manifest(fp32, verify=False).tokenizer.get("file"):
@@ -170,10 +170,26 @@ def keep_fp32(scheme: str, head: bool = False) -> tuple[str, ...]:
     return tuple(k for k in default_keep_fp32(scheme) if not (head and k == "head"))
 
 
-def _recorded_keep(folder: Path) -> list[str] | None:
-    """The keep_fp32 a cached quantized folder was made with (a folder from an older recipe is rebuilt)."""
+RECIPE_KEYS = ("keep_fp32", "block_size", "mlp_block_size", "head")
+
+
+def current_recipe(scheme: str, keep: tuple[str, ...]) -> dict[str, Any]:
+    """What `glmx quantize --scheme scheme` records today with keep_fp32 = keep and every other default."""
+    from glm_export import quantize as q
+    if scheme not in q.NBITS:
+        return {"keep_fp32": list(keep)}
+    head = None if "head" in keep else {"bits": q.DEFAULT_HEAD_BITS, "block_size": q.DEFAULT_HEAD_BLOCK_SIZE[scheme]}
+    return {"keep_fp32": list(keep), "block_size": q.DEFAULT_BLOCK_SIZE, "mlp_block_size": q.DEFAULT_MLP_BLOCK_SIZE,
+            "head": head}
+
+
+def _recorded_recipe(folder: Path) -> dict[str, Any]:
+    """The recipe a cached quantized folder was made with, in current_recipe's keys (a folder from an older
+    recipe differs and is rebuilt)."""
     from glm_runtime.manifest import load_manifest
-    return (load_manifest(folder, verify=False).extra.get("quantization") or {}).get("keep_fp32")
+    recorded = load_manifest(folder, verify=False).extra.get("quantization") or {}
+    want = RECIPE_KEYS if recorded.get("scheme") in ("int4-weight", "int8-weight") else RECIPE_KEYS[:1]
+    return {k: recorded.get(k) for k in want}
 
 
 def accuracy_figures(folder: Path) -> dict[str, Any]:

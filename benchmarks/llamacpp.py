@@ -182,7 +182,10 @@ def glmx_decode_ms(folder: Path, past: int, threads: int, tokens: int = 16) -> f
 def compare(llamacpp: Optional[str | Path], glmx: dict[str, Path], *, shape: dict[str, int], past: int = 128,
             threads: int = 2, rounds: int = 3, work: Path = Path("/tmp/glmx-llamacpp"),
             say=lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:
-    """Per bit width: llama.cpp's and glmx's ms/token, measured interleaved over `rounds`, medians and ratio."""
+    """Per bit width: llama.cpp's and glmx's ms/token, measured interleaved over `rounds`, medians and ratio; and
+    glmx's step against its bandwidth floor: the bytes it reads (streamed weights + cached K/V at `past`) over the
+    best read bandwidth sampled at the start of each round (glmx_benchmarks.floor, as glmx bench does)."""
+    from glmx_benchmarks import floor
     tools = find_llamacpp(llamacpp)
     folder = tools["bench"].parent.parent
     work.mkdir(parents=True, exist_ok=True)
@@ -197,7 +200,9 @@ def compare(llamacpp: Optional[str | Path], glmx: dict[str, Path], *, shape: dic
         models[key] = f32 if kind == "F32" else quantize_gguf(tools, f32, work / f"{tag}-{kind}.gguf", kind)
     keys = ("llama.cpp", "glmx", "llama.cpp prompt", "glmx context")
     runs: dict[str, dict[str, list[float]]] = {b: {k: [] for k in keys} for b in glmx}
+    bandwidth: list[dict[str, Any]] = []
     for r in range(rounds):
+        bandwidth.append(floor.measure_bandwidth(megabytes=512, threads=threads, repeats=5))
         for bits in glmx:
             v = runs[bits]
             v["llama.cpp"].append(llama_decode_ms(tools, models[bits], past, threads))
@@ -207,27 +212,41 @@ def compare(llamacpp: Optional[str | Path], glmx: dict[str, Path], *, shape: dic
             say(f"llamacpp: round {r + 1} {bits}: decode llama.cpp {v['llama.cpp'][-1]:.1f} ms, glmx "
                 f"{v['glmx'][-1]:.1f} ms; {past}-token prompt llama.cpp {v['llama.cpp prompt'][-1]:.0f} ms, glmx "
                 f"{v['glmx context'][-1]:.0f} ms")
+    best = max(bandwidth, key=lambda b: b["read_bytes_per_s"])
+    kv = 2 * shape["layers"] * past * shape["hidden"] * 4  # fp32 K and V of every layer, batch 1
     rows = {}
     for bits, v in runs.items():
         med = {k: statistics.median(x) for k, x in v.items()}
+        read = floor.streamed_weight_bytes(glmx[bits])["streamed_bytes"] + kv
+        floor_ms = read / best["read_bytes_per_s"] * 1e3
         rows[bits] = {"llama_type": LLAMA_TYPES[bits.split("/")[0]], "llama_ms": med["llama.cpp"],
                       "glmx_ms": med["glmx"], "glmx_over_llama": med["glmx"] / med["llama.cpp"],
                       "llama_prompt_ms": med["llama.cpp prompt"], "glmx_context_ms": med["glmx context"],
                       "context_glmx_over_llama": med["glmx context"] / med["llama.cpp prompt"],
                       "llama_file_mb": models[bits].stat().st_size / 1e6, "rounds": v,
+                      "glmx_read_mb": read / 1e6, "glmx_floor_ms": floor_ms, "glmx_over_floor": med["glmx"] / floor_ms,
                       "glmx_artifact": str(glmx[bits])}
     return {"past": past, "threads": threads, "batch": 1, "rounds": rounds, "shape": shape,
-            "llama_cpp": build_info(folder), "rows": rows}
+            "llama_cpp": build_info(folder), "rows": rows,
+            "bandwidth": {"read_bytes_per_s": best["read_bytes_per_s"], "read_kernel": best["read_kernel"],
+                          "samples_read_bytes_per_s": [b["read_bytes_per_s"] for b in bandwidth],
+                          "method": best["method"] + "; the best of one sample per round"}}
 
 
 def table(record: dict[str, Any]) -> str:
     p = record["past"]
-    lines = [f"| bits | llama.cpp type | decode ms/token: llama.cpp | glmx | glmx / llama.cpp | {p}-token prompt ms: "
-             f"llama.cpp | glmx | glmx / llama.cpp |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| bits | llama.cpp type | decode ms/token: llama.cpp | glmx | glmx / llama.cpp | glmx reads | glmx / "
+             f"floor | {p}-token prompt ms: llama.cpp | glmx | glmx / llama.cpp |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for bits, r in record["rows"].items():
+        floor = (f"{r['glmx_read_mb']:.0f} MB | {r['glmx_over_floor']:.2f}x" if "glmx_over_floor" in r else " | ")
         lines.append(f"| {bits} | {r['llama_type']} ({r['llama_file_mb']:.0f} MB) | {r['llama_ms']:.1f} | "
-                     f"{r['glmx_ms']:.1f} | {r['glmx_over_llama']:.2f}x | {r['llama_prompt_ms']:.0f} | "
+                     f"{r['glmx_ms']:.1f} | {r['glmx_over_llama']:.2f}x | {floor} | {r['llama_prompt_ms']:.0f} | "
                      f"{r['glmx_context_ms']:.0f} | {r['context_glmx_over_llama']:.2f}x |")
+    if "bandwidth" in record:
+        lines.append(f"\nFloor: the bytes a glmx step reads (streamed weights + fp32 K/V at past {p}) over "
+                     f"{record['bandwidth']['read_bytes_per_s'] / 1e9:.1f} GB/s, the best read bandwidth of the run "
+                     f"({record['bandwidth']['read_kernel']}, one sample per round).")
     return "\n".join(lines)
 
 

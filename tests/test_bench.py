@@ -239,3 +239,17 @@ def test_round_summary_gives_median_range_and_verdict():
     assert s["verdict"] == "met in 2 of 3 rounds"
     assert bench.summarize_rounds([targets(1.4, False)] * 2)["decode_vs_floor"]["verdict"] == "missed in every round"
     assert bench.summarize_rounds([targets(6.0, True)] * 3)["batch8_speedup"]["verdict"] == "met in every round"
+
+
+def test_a_cached_quantized_variant_from_an_older_recipe_is_not_reused(fill_onnx, tmp_path):
+    """The benchmark's cache reuses a quantized folder only if it was made with today's defaults: blocks, MLP
+    blocks and head format as well as what stays fp32 (an int4 folder from the all-32 recipe is rebuilt)."""
+    from glm_export.quantize import quantize_onnx
+    from glmx_benchmarks.artifacts import _recorded_recipe, current_recipe, keep_fp32
+    keep = keep_fp32("int4-weight")
+    today = quantize_onnx(fill_onnx, tmp_path / "today", scheme="int4-weight", accept_loss=True, log=lambda m: None)
+    older = quantize_onnx(fill_onnx, tmp_path / "older", scheme="int4-weight", block_size=32, head_block_size=32,
+                          accept_loss=True, log=lambda m: None)
+    assert _recorded_recipe(today) == current_recipe("int4-weight", keep)
+    assert _recorded_recipe(older) != current_recipe("int4-weight", keep)
+    assert _recorded_recipe(older)["mlp_block_size"] == 32

@@ -43,3 +43,21 @@ def test_llama_bench_runs_on_a_quantized_tiny_gguf(tmp_path):
     q4 = quantize_gguf(tools, f32, tmp_path / "m-q4.gguf", "Q4_0")
     assert q4.stat().st_size < f32.stat().st_size / 3
     assert 0 < llama_decode_ms(tools, q4, past=16, threads=1, tokens=4) < 1000
+
+
+@pytest.mark.skipif(not os.environ.get("GLMX_LLAMACPP"), reason="no llama.cpp build (set GLMX_LLAMACPP)")
+def test_compare_reports_both_and_glmx_against_its_floor(fill_onnx, tmp_path):
+    from glm_runtime.manifest import load_manifest
+    from glmx_benchmarks import floor
+    from glmx_benchmarks.llamacpp import compare, table
+    cfg = load_manifest(fill_onnx).config
+    shape = dict(layers=cfg["num_layers"], hidden=cfg["hidden_size"], heads=cfg["num_attention_heads"],
+                 vocab=cfg["vocab_size"], positions=cfg["max_sequence_length"])
+    record = compare(None, {"fp32": fill_onnx}, shape=shape, past=16, threads=1, rounds=1, work=tmp_path,
+                     say=lambda m: None)
+    row = record["rows"]["fp32"]
+    assert row["llama_ms"] > 0 and row["glmx_ms"] > 0 and row["glmx_over_llama"] == row["glmx_ms"] / row["llama_ms"]
+    read = floor.streamed_weight_bytes(fill_onnx)["streamed_bytes"] + 2 * shape["layers"] * 16 * shape["hidden"] * 4
+    assert row["glmx_read_mb"] == read / 1e6
+    assert row["glmx_floor_ms"] == read / record["bandwidth"]["read_bytes_per_s"] * 1e3
+    assert f"{row['glmx_over_floor']:.2f}x" in table(record)
