@@ -186,9 +186,10 @@ def current_recipe(scheme: str, keep: tuple[str, ...]) -> dict[str, Any]:
 def _recorded_recipe(folder: Path) -> dict[str, Any]:
     """The recipe a cached quantized folder was made with, in current_recipe's keys (a folder from an older
     recipe differs and is rebuilt)."""
+    from glm_export.quantize import NBITS
     from glm_runtime.manifest import load_manifest
     recorded = load_manifest(folder, verify=False).extra.get("quantization") or {}
-    want = RECIPE_KEYS if recorded.get("scheme") in ("int4-weight", "int8-weight") else RECIPE_KEYS[:1]
+    want = RECIPE_KEYS if recorded.get("scheme") in NBITS else RECIPE_KEYS[:1]
     return {k: recorded.get(k) for k in want}
 
 

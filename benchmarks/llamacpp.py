@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import numpy as np
@@ -213,7 +214,7 @@ def compare(llamacpp: Optional[str | Path], glmx: dict[str, Path], *, shape: dic
                 f"{v['glmx'][-1]:.1f} ms; {past}-token prompt llama.cpp {v['llama.cpp prompt'][-1]:.0f} ms, glmx "
                 f"{v['glmx context'][-1]:.0f} ms")
     best = max(bandwidth, key=lambda b: b["read_bytes_per_s"])
-    kv = 2 * shape["layers"] * past * shape["hidden"] * 4  # fp32 K and V of every layer, batch 1
+    kv = floor.kv_bytes(SimpleNamespace(num_layers=shape["layers"], hidden_size=shape["hidden"]), past, batch=1)
     rows = {}
     for bits, v in runs.items():
         med = {k: statistics.median(x) for k, x in v.items()}
