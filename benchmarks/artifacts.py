@@ -174,13 +174,13 @@ RECIPE_KEYS = ("keep_fp32", "block_size", "mlp_block_size", "head")
 
 
 def current_recipe(scheme: str, keep: tuple[str, ...]) -> dict[str, Any]:
-    """What `glmx quantize --scheme scheme` records today with keep_fp32 = keep and every other default."""
+    """What `glmx quantize --scheme scheme` records today with keep_fp32 = keep and every other default
+    (glm_export.quantize.nbits_recipe, the rules quantize itself resolves), in RECIPE_KEYS."""
     from glm_export import quantize as q
     if scheme not in q.NBITS:
         return {"keep_fp32": list(keep)}
-    head = None if "head" in keep else {"bits": q.DEFAULT_HEAD_BITS, "block_size": q.DEFAULT_HEAD_BLOCK_SIZE[scheme]}
-    return {"keep_fp32": list(keep), "block_size": q.DEFAULT_BLOCK_SIZE, "mlp_block_size": q.DEFAULT_MLP_BLOCK_SIZE,
-            "head": head}
+    recipe = q.nbits_recipe(scheme, keep)
+    return {k: list(recipe[k]) if k == "keep_fp32" else recipe[k] for k in RECIPE_KEYS}
 
 
 def _recorded_recipe(folder: Path) -> dict[str, Any]:

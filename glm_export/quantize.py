@@ -194,6 +194,37 @@ _SCHEMES = {"int8-dynamic": _int8_dynamic, "qdq-int8": _qdq_int8}  # the whole-m
 # model's size. int8-dynamic and qdq-int8 run ONNX Runtime's quantizers, which hold the whole model (twice).
 STREAMED = ("int4-weight", "int8-weight", "fp16")
 NBITS = {"int4-weight": 4, "int8-weight": 8}
+
+
+def nbits_recipe(scheme: str, keep_fp32: Sequence[str] | None = None, *, block_size: int | None = None,
+                 mlp_block_size: int | None = None, accuracy_level: int | None = None, head_bits: int | None = None,
+                 head_block_size: int | None = None) -> dict[str, Any]:
+    """An int4-weight / int8-weight recipe with every default resolved, in the keys the manifest records
+    (extra.quantization): keep_fp32, block_size (attention), mlp_block_size, accuracy_level, head ({"bits",
+    "block_size"}, or None when the head stays fp32). The one place the defaulting rules live: quantize builds,
+    prints and records this, and glmx bench's cache compares a folder's record with it. An explicit block_size
+    alone sets the MLP's blocks too (as --block-size says); the head's block default is per scheme."""
+    keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
+    for option, size in (("--block-size", block_size), ("--mlp-block-size", mlp_block_size),
+                         ("--head-block-size", head_block_size)):
+        if size is not None and (size < 16 or size & (size - 1)):
+            raise QuantizeError(f"{option} must be a power of two >= 16, got {size}")
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise QuantizeError(f"--accuracy-level must be 0..4 (MatMulNBits), got {accuracy_level}")
+    if head_bits not in (None, 4, 8):
+        raise QuantizeError(f"--head-bits must be 4 or 8, got {head_bits}")
+    if "head" in keep_fp32 and (head_bits is not None or head_block_size is not None):
+        raise QuantizeError("--head-bits / --head-block-size set the quantized head's format, but the head is kept "
+                            "fp32 (--keep-fp32 head); drop one of them")
+    head = None if "head" in keep_fp32 else {
+        "bits": DEFAULT_HEAD_BITS if head_bits is None else head_bits,
+        "block_size": DEFAULT_HEAD_BLOCK_SIZE[scheme] if head_block_size is None else head_block_size}
+    return {"keep_fp32": keep_fp32,
+            "block_size": DEFAULT_BLOCK_SIZE if block_size is None else block_size,
+            "mlp_block_size": (mlp_block_size if mlp_block_size is not None else
+                               block_size if block_size is not None else DEFAULT_MLP_BLOCK_SIZE),
+            "accuracy_level": DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+            "head": head}
 ORT_QUANTIZER_MAX_BYTES = 2 ** 31  # parents past this are refused by the whole-model quantizers (memory)
 
 
@@ -286,19 +317,9 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
                         ("head-block-size", head_block_size), ("mlp-block-size", mlp_block_size)):
         if value is not None and scheme not in NBITS:
             raise QuantizeError(f"--{name} applies to --scheme int4-weight or int8-weight, not {scheme}; drop it")
-    if mlp_block_size is None:  # an explicit --block-size alone sets every layer matmul, as it says
-        mlp_block_size = DEFAULT_MLP_BLOCK_SIZE if block_size is None else block_size
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    accuracy_level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    if scheme in NBITS:
-        for name, size in (("block_size", block_size), ("head_block_size", head_block_size),
-                           ("mlp_block_size", mlp_block_size)):
-            if size is not None and (size < 16 or size & (size - 1)):
-                raise QuantizeError(f"{name} must be a power of two >= 16, got {size}")
-        if accuracy_level not in (0, 1, 2, 3, 4):
-            raise QuantizeError(f"accuracy_level must be 0..4 (MatMulNBits), got {accuracy_level}")
-        if head_bits not in (None, 4, 8):
-            raise QuantizeError(f"head_bits must be 4 or 8, got {head_bits}")
+    recipe = nbits_recipe(scheme, keep_fp32, block_size=block_size, mlp_block_size=mlp_block_size,
+                          accuracy_level=accuracy_level, head_bits=head_bits,
+                          head_block_size=head_block_size) if scheme in NBITS else None  # bad values: nothing read
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, src_model, tok = read_parent(src_dir)
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -307,10 +328,8 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
         if scheme == "fp16" and manifest.precision != "fp32":
             raise QuantizeError(f"{src_dir} is already {manifest.precision}; fp16 is made from an fp32 export")
         return _quantize_streamed(manifest, src_dir, src_model, tok, Path(out_dir), scheme, keep_fp32=keep_fp32,
-                                  block_size=block_size, accuracy_level=accuracy_level, accept_loss=accept_loss,
-                                  overwrite=overwrite, eval_text=eval_text, check=check, say=say,
-                                  head_bits=head_bits, head_block_size=head_block_size,
-                                  mlp_block_size=mlp_block_size)
+                                  recipe=recipe, accept_loss=accept_loss, overwrite=overwrite, eval_text=eval_text,
+                                  check=check, say=say)
     if manifest.precision != "fp32":
         raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; {scheme} is made from the fp32 export "
                             f"it came from ({manifest.parent.get('path', 'its parent')})")
@@ -329,8 +348,7 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     exclude = excluded_nodes(model, keep_fp32) if scheme != "fp16" else []
     with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
         settings = _SCHEMES[scheme](model, Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", exclude,
-                                    block_size=block_size, accuracy_level=accuracy_level, feeds=feeds,
-                                    config=manifest.config)
+                                    feeds=feeds, config=manifest.config)
         quantized = onnx.load(Path(tmp) / "out.onnx")
         data_file = save_graph(quantized, stage)
         findings = trt_findings(stage / "model.onnx")  # int8-dynamic / int4 are ONNX Runtime-only: recorded
@@ -338,8 +356,7 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
         extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file)
         extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": exclude,
-                                 "block_size": block_size if scheme == "int4-weight" else None,
-                                 "accuracy_level": accuracy_level if scheme == "int4-weight" else None,
+                                 "block_size": None, "accuracy_level": None,  # an NBits scheme's only
                                  "calibration": calib_record, "ops": op_histogram(quantized),
                                  "trt_findings": None if findings is None else findings[:10],
                                  "trt_finding_count": None if findings is None else len(findings),
@@ -371,17 +388,13 @@ def _judge_and_seal(stage: Path, src_dir: Path, child: Any, tok: Any, scheme: st
 
 
 def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, out_dir: Path, scheme: str, *,
-                       keep_fp32, block_size: int, accuracy_level: int, accept_loss: bool, overwrite: bool,
-                       eval_text: str | None, check: str, say, head_bits: Optional[int] = None,
-                       head_block_size: Optional[int] = None, mlp_block_size: Optional[int] = None) -> Path:
+                       keep_fp32, recipe: Optional[dict[str, Any]], accept_loss: bool, overwrite: bool,
+                       eval_text: str | None, check: str, say) -> Path:
+    """recipe: nbits_recipe's for int4-weight / int8-weight, None for fp16."""
     from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
-    keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
-    if "head" in keep_fp32 and (head_bits is not None or head_block_size is not None):
-        raise QuantizeError("--head-bits / --head-block-size set the quantized head's format, but the head is kept "
-                            "fp32 (--keep-fp32 head); drop one of them")
-    head_bits = DEFAULT_HEAD_BITS if head_bits is None else head_bits
-    head_block_size = DEFAULT_HEAD_BLOCK_SIZE.get(scheme) if head_block_size is None else head_block_size
+    keep_fp32 = recipe["keep_fp32"] if recipe else default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
+    r = recipe or {}
     parent_graph = onnx.load(str(src_model), load_external_data=False)
     keep = keep_rule(manifest.config, keep_fp32, {n.name for n in parent_graph.graph.node}) if scheme in NBITS else None
     parent_weights = read_onnx_weights(src_model, parent_graph.graph)
@@ -390,15 +403,18 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
     check_free_space(out_dir.parent, fp32_bytes // (2 if scheme == "fp16" else 4 if scheme == "int8-weight" else 7),
                      f"the {scheme} child of {src_dir}")
     say(f"quantize: {scheme} of {src_dir} ({manifest.precision}), rebuilt one tensor at a time; check: {method}")
-    if scheme in NBITS:  # the recipe, every default resolved
-        head = "fp32" if "head" in keep_fp32 else f"{head_bits}-bit in blocks of {head_block_size}"
-        say(f"quantize: weights {NBITS[scheme]}-bit, attention in blocks of {block_size}, MLP in blocks of "
-            f"{mlp_block_size}; head {head}; accuracy level {accuracy_level}; kept fp32: {', '.join(keep_fp32)}")
+    if recipe:  # every default resolved
+        head = "fp32" if r["head"] is None else "{bits}-bit in blocks of {block_size}".format(**r["head"])
+        say(f"quantize: weights {NBITS[scheme]}-bit, attention in blocks of {r['block_size']}, MLP in blocks of "
+            f"{r['mlp_block_size']}; head {head}; accuracy level {r['accuracy_level']}; kept fp32: "
+            f"{', '.join(keep_fp32)}")
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         graph, data_file = rebuild(parent_graph, parent_weights, stage, manifest.config, scheme, keep,
-                                   head="head" not in keep_fp32, block_size=block_size,
-                                   accuracy_level=accuracy_level, log=say, head_bits=head_bits,
-                                   head_block_size=head_block_size, mlp_block_size=mlp_block_size)
+                                   head="head" not in keep_fp32, block_size=r.get("block_size"),
+                                   accuracy_level=r.get("accuracy_level"), log=say,
+                                   head_bits=(r.get("head") or {}).get("bits"),
+                                   head_block_size=(r.get("head") or {}).get("block_size"),
+                                   mlp_block_size=r.get("mlp_block_size"))
         del parent_graph
         ops = op_histogram(graph)
         kept = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight.T")]
@@ -408,17 +424,14 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
         settings = ({"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(float_type='fp16')"}
                     if scheme == "fp16" else
-                    {"weights": f"int{NBITS[scheme]} symmetric, blocks of {block_size} along K (MatMulNBits)"
-                                + (f", the MLP's in blocks of {mlp_block_size}" if mlp_block_size != block_size else ""),
+                    {"weights": f"int{NBITS[scheme]} symmetric, blocks of {r['block_size']} along K (MatMulNBits)"
+                                + (f", the MLP's in blocks of {r['mlp_block_size']}"
+                                   if r["mlp_block_size"] != r["block_size"] else ""),
                      "packing": "onnxruntime.capi._pybind_state.quantize_matmul_%dbits" % NBITS[scheme],
-                     "activations": "fp32 (MatMulNBits accuracy_level %d)" % accuracy_level})
+                     "activations": "fp32 (MatMulNBits accuracy_level %d)" % r["accuracy_level"]})
         extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file)
         extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": kept,
-                                 "block_size": block_size if scheme in NBITS else None,
-                                 "mlp_block_size": mlp_block_size if scheme in NBITS else None,
-                                 "accuracy_level": accuracy_level if scheme in NBITS else None,
-                                 "head": None if scheme not in NBITS or "head" in keep_fp32 else
-                                 {"bits": head_bits, "block_size": head_block_size},
+                                 **{k: r.get(k) for k in ("block_size", "mlp_block_size", "accuracy_level", "head")},
                                  "calibration": None, "ops": ops, "streamed": True,
                                  "trt_findings": None if findings is None else findings[:10],
                                  "trt_finding_count": None if findings is None else len(findings),

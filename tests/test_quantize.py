@@ -127,7 +127,7 @@ def test_mlp_block_size_sets_only_the_mlp_matmuls(parent, tmp_path):
         quant = load_manifest(out).extra["quantization"]
         assert (quant["block_size"], quant["mlp_block_size"], quant["head"]["block_size"]) == want, scheme
     for scheme, size, why in (("int8-dynamic", 64, "applies to --scheme int4-weight"),
-                              ("int4-weight", 48, "mlp_block_size must be a power of two")):
+                              ("int4-weight", 48, "--mlp-block-size must be a power of two")):
         with pytest.raises(QuantizeError, match=why):
             quantize_onnx(parent, tmp_path / "no", scheme=scheme, mlp_block_size=size, eval_text=EVAL_SHORT)
     assert not (tmp_path / "no").exists()
@@ -264,8 +264,14 @@ def test_bad_requests(parent, tmp_path):
         quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", keep_fp32=("head",))
     with pytest.raises(QuantizeError, match="neither a role"):
         quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", keep_fp32=("embedding", "head", "nosuch"))
-    with pytest.raises(QuantizeError, match="block_size must be a power of two"):
+    with pytest.raises(QuantizeError, match="--block-size must be a power of two >= 16, got 24"):
         quantize_onnx(parent, tmp_path / "q", scheme="int4-weight", block_size=24)
+    for args, why in (({"head_bits": 6}, "--head-bits must be 4 or 8, got 6"),
+                      ({"accuracy_level": 7}, "--accuracy-level must be 0..4"),
+                      ({"keep_fp32": ("embedding", "head"), "head_block_size": 64}, "the head is kept fp32")):
+        with pytest.raises(QuantizeError, match=why):
+            quantize_onnx(parent, tmp_path / "q", scheme="int8-weight", **args)
+    assert not (tmp_path / "q").exists()
 
 
 def test_optimize_basic_keeps_parity_and_records_it(parent, tmp_path):
