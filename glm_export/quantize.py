@@ -225,6 +225,8 @@ def nbits_recipe(scheme: str, keep_fp32: Sequence[str] | None = None, *, block_s
                                block_size if block_size is not None else DEFAULT_MLP_BLOCK_SIZE),
             "accuracy_level": DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
             "head": head}
+
+
 ORT_QUANTIZER_MAX_BYTES = 2 ** 31  # parents past this are refused by the whole-model quantizers (memory)
 
 
@@ -393,8 +395,11 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
     """recipe: nbits_recipe's for int4-weight / int8-weight, None for fp16."""
     from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
-    keep_fp32 = recipe["keep_fp32"] if recipe else default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
-    r = recipe or {}
+    if recipe:
+        keep_fp32 = recipe["keep_fp32"]
+    else:
+        keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
+    r, head = recipe or {}, (recipe or {}).get("head") or {}
     parent_graph = onnx.load(str(src_model), load_external_data=False)
     keep = keep_rule(manifest.config, keep_fp32, {n.name for n in parent_graph.graph.node}) if scheme in NBITS else None
     parent_weights = read_onnx_weights(src_model, parent_graph.graph)
@@ -404,16 +409,15 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
                      f"the {scheme} child of {src_dir}")
     say(f"quantize: {scheme} of {src_dir} ({manifest.precision}), rebuilt one tensor at a time; check: {method}")
     if recipe:  # every default resolved
-        head = "fp32" if r["head"] is None else "{bits}-bit in blocks of {block_size}".format(**r["head"])
+        head_text = "fp32" if r["head"] is None else "{bits}-bit in blocks of {block_size}".format(**r["head"])
         say(f"quantize: weights {NBITS[scheme]}-bit, attention in blocks of {r['block_size']}, MLP in blocks of "
-            f"{r['mlp_block_size']}; head {head}; accuracy level {r['accuracy_level']}; kept fp32: "
+            f"{r['mlp_block_size']}; head {head_text}; accuracy level {r['accuracy_level']}; kept fp32: "
             f"{', '.join(keep_fp32)}")
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         graph, data_file = rebuild(parent_graph, parent_weights, stage, manifest.config, scheme, keep,
                                    head="head" not in keep_fp32, block_size=r.get("block_size"),
                                    accuracy_level=r.get("accuracy_level"), log=say,
-                                   head_bits=(r.get("head") or {}).get("bits"),
-                                   head_block_size=(r.get("head") or {}).get("block_size"),
+                                   head_bits=head.get("bits"), head_block_size=head.get("block_size"),
                                    mlp_block_size=r.get("mlp_block_size"))
         del parent_graph
         ops = op_histogram(graph)
