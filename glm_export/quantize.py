@@ -399,7 +399,8 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
         keep_fp32 = recipe["keep_fp32"]
     else:
         keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
-    r, head = recipe or {}, (recipe or {}).get("head") or {}
+    r = recipe or {}
+    head = r.get("head") or {}  # the quantized head's format; empty when it stays fp32 (or fp16)
     parent_graph = onnx.load(str(src_model), load_external_data=False)
     keep = keep_rule(manifest.config, keep_fp32, {n.name for n in parent_graph.graph.node}) if scheme in NBITS else None
     parent_weights = read_onnx_weights(src_model, parent_graph.graph)
