@@ -66,6 +66,7 @@ BUDGETS: dict[str, dict[str, float]] = {
 }
 WINDOW = 64  # tokens per teacher-forced window: half Part A, half Part B
 FILL_TOKENS = 8  # greedy tokens generated per blank prompt
+TEXT_BATCH = 8  # held-out windows per teacher-forced call (one batch row each: the same figures, fewer calls)
 
 
 WHOLE = "whole graph: every call of every case through one session of the artifact, and of the reference"
@@ -459,15 +460,19 @@ def blank_calls(tok: Any, chunk: np.ndarray) -> tuple[list[Call], np.ndarray]:
     Part A = [CLS] chunk[:a] [gMASK]   positions 0..a+1, block 0, bidirectional
     Part B = sop chunk[a:-1]           position of the [gMASK], blocks 1.., sees Part A + causal
     -> (calls, targets of Part B = chunk[a:]). A vocabulary without [gMASK] (BERT, RoBERTa) uses [MASK].
+    chunk: one window [W], or B windows of one length [B, W], one row of each call per window (targets [B, W-a]).
     """
-    a = len(chunk) // 2
+    rows = np.atleast_2d(np.asarray(chunk, dtype=np.int64))
+    B, W = rows.shape
+    a = W // 2
     blank = tok.special.get("gMASK", tok.special["MASK"])
-    head = [tok.special["ENC"], *chunk[:a].tolist(), blank]
-    c = len(head)
-    span = [tok.special["sop"], *chunk[a:-1].tolist()]
-    t = len(span)
-    return [_call([head], _context_pos(c)[None], _sep(c, c)[None]),
-            _call([span], _span_pos(c - 1, 0, t)[None], _sep(t, 0)[None])], chunk[a:]
+    head = np.concatenate([np.full((B, 1), tok.special["ENC"]), rows[:, :a], np.full((B, 1), blank)], axis=1)
+    c = head.shape[1]
+    span = np.concatenate([np.full((B, 1), tok.special["sop"]), rows[:, a:-1]], axis=1)
+    t = span.shape[1]
+    pos_a, pos_b = np.broadcast_to(_context_pos(c), (B, 2, c)), np.broadcast_to(_span_pos(c - 1, 0, t), (B, 2, t))
+    calls = [_call(head, pos_a, _sep(c, c)[None]), _call(span, pos_b, _sep(t, 0)[None])]
+    return calls, (rows[:, a:] if np.ndim(chunk) == 2 else rows[0, a:])
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -495,10 +500,10 @@ def compare_on_text(candidate: Session, reference: Session, tok: Any, text: str,
     if len(chunks) < 2:
         raise ValueError(f"held-out text gives fewer than 2 windows of {window} tokens: pass a longer text")
     spans = []
-    for chunk in chunks:
-        calls, targets = blank_calls(tok, chunk)
-        spans.append((run_calls(candidate, calls)[1]["logits"][0], run_calls(reference, calls)[1]["logits"][0],
-                      targets))
+    for first in range(0, len(chunks), TEXT_BATCH):  # windows of one length: TEXT_BATCH rows per call
+        calls, targets = blank_calls(tok, np.stack(chunks[first:first + TEXT_BATCH]))
+        got, want = (run_calls(session, calls)[1]["logits"] for session in (candidate, reference))
+        spans += zip(got, want, targets)
     figures = span_figures(spans)
     texts = fill_prompts(tok, text, cfg.vocab_size, prompts)
     fills = [[r.spans[0].token_ids for r in fill_blanks(s, tok, texts, max_new_tokens=FILL_TOKENS)]
