@@ -57,12 +57,10 @@ def machine_info(threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {"python": platform.python_version()}
-    for name in ("numpy", "onnx", "onnxruntime", "torch"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
+    from glm_runtime.manifest import tool_versions
+    # read from the installed metadata where not imported (importing torch for its version cost 2 s a run)
+    versions = {"numpy": None, "onnx": None, "onnxruntime": None, "torch": None,
+                **tool_versions("onnx", "onnxruntime", "torch")}
     return {"cpu": cpu, "cpu_flags": cpu_facts()["flags"], "cores": os.cpu_count(), "threads_used": threads,
             "platform": platform.platform(),
             "load_average_start": list(os.getloadavg()), "versions": versions,

@@ -33,6 +33,8 @@ def test_quick_writes_every_figure(quick_run):
     out, results, _ = quick_run
     for name in ("results.json", "results.md", "README.md"):
         assert (out / name).stat().st_size > 0
+    for section in ("decode", "batch", "context"):  # one plot per section, a real PNG
+        assert (out / f"tiny-{section}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", section
     variants = results["models"]["tiny"]["variants"]
     assert set(variants) == {"torch-fp32", "ort-fp32"}
     flags = results["machine"]["cpu_flags"]  # every result says which kernels the CPU has (lscpu)
