@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +15,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from glm_export.cli import main  # noqa: E402
 from glm_runtime.manifest import ManifestError, load_manifest, staging_folders  # noqa: E402
+from tests.forked_cli import Child, ForkedCLI  # noqa: E402
 from tests.test_published import write_hub_folder  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args):
@@ -96,28 +92,31 @@ def test_the_existence_check_runs_before_any_work(exported, tmp_path, monkeypatc
     refused(cli("convert", hub, "-o", tmp_path / "out"), "already exists")
 
 
-def _glmx(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "glm_export.cli", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+@pytest.fixture(scope="module")
+def glmx(tmp_path_factory):
+    """Starts glmx commands as processes of their own (tests/forked_cli.py: forked after the imports)."""
+    with ForkedCLI(tmp_path_factory.mktemp("forked")) as forked:
+        yield forked.start
 
 
-def _wait_for(predicate, proc: subprocess.Popen, limit: float = 60.0) -> None:
+def _wait_for(predicate, proc: Child, limit: float = 60.0) -> None:
     t0 = time.monotonic()
     while not predicate():
-        assert proc.poll() is None, f"the stage ended before the moment to test: {proc.communicate()}"
+        assert proc.running(), f"the stage ended before the moment to test: {proc.wait()}, {proc.stderr}"
         assert time.monotonic() - t0 < limit, "timed out waiting for the stage"
         time.sleep(0.02)
 
 
-def test_two_writers_of_one_output_the_second_fails_at_once(exported, tmp_path):
+def test_two_writers_of_one_output_the_second_fails_at_once(exported, tmp_path, glmx):
     """While one writer holds OUT (here this test process, as a stage does for its whole run), a second glmx
     process fails at once, naming the first; the lock goes with the writer."""
     from glm_runtime.manifest import claim_output
     hub, _ = exported
     out = tmp_path / "onnx"
     with claim_output(out):
-        second = _glmx("export", hub, "-o", out, "--overwrite")
-        _, err = second.communicate(timeout=60)
+        second = glmx("export", hub, "-o", out, "--overwrite")
+        second.wait()
+        err = second.stderr
         assert second.returncode == 1 and f"is being written by glmx pid {os.getpid()}" in err, err
         assert "Traceback" not in err and not out.exists()
     assert not (tmp_path / ".onnx.lock").exists()
@@ -126,7 +125,7 @@ def test_two_writers_of_one_output_the_second_fails_at_once(exported, tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["export", "convert", "quantize", "optimize"])
-def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(exported, tmp_path, stage):
+def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(exported, tmp_path, stage, glmx):
     hub, onnx = exported
     out = tmp_path / "out"
     if stage == "convert":  # a small folder converts in a blink: ~70 MB of weights take long enough to kill
@@ -137,11 +136,11 @@ def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(export
     # after the staging folder appears: at once, and into the work (quantize, the fastest stage, at three points)
     for delay in ((0.0, 0.3, 0.8) if stage == "quantize" else (0.1,)):
         left = set(staging_folders(out))  # the last kill's leftover: this run removes it, then makes its own
-        proc = _glmx(*args)
+        proc = glmx(*args)
         _wait_for(lambda: bool(set(staging_folders(out)) - left), proc)
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
+        proc.kill()
+        proc.wait(timeout=30)
         if out.exists():  # killed after the final rename: then it is whole
             load_manifest(out)
             break

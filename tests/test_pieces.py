@@ -126,3 +126,27 @@ def test_export_streams_a_checkpoint_folder_without_building_the_model(exported,
                       log=lambda m: None)
     parity = load_manifest(out).parity
     assert parity["passed"] and parity["method"].startswith("piecewise") and parity["precision"] == "fp16"
+
+
+def test_piecewise_int4_quantize_never_holds_the_whole_model(exported, tmp_path, monkeypatch):
+    """The streamed int4 stage with the piecewise check reads the graph without its weights and never opens a
+    session on a whole model (the default suite's structural guard; tests/test_scale_memory.py measures it)."""
+    import onnx
+    import onnxruntime as ort
+    root, _, _, out = exported
+    load, session = onnx.load, ort.InferenceSession
+
+    def graph_only(f, *args, **kwargs):
+        assert kwargs.get("load_external_data", True) is False, f"the whole model was loaded: {f}"
+        return load(f, *args, **kwargs)
+
+    def no_whole_session(model, *args, **kwargs):
+        assert not (isinstance(model, (str, bytes)) and str(model).endswith("model.onnx")), f"a session on {model}"
+        return session(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", graph_only)
+    monkeypatch.setattr(onnx, "load_model", graph_only)
+    monkeypatch.setattr(ort, "InferenceSession", no_whole_session)
+    q = quantize_onnx(out["whole"], tmp_path / "int4", scheme="int4-weight", check="piecewise", eval_text=TEXT,
+                      accept_loss=True, log=lambda m: None)
+    assert load_manifest(q).parity["method"].startswith("piecewise")

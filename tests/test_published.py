@@ -130,7 +130,7 @@ def oracle_fill(folder: Path, tok, prompt: str, gelu: str = "erf") -> list[list[
 
 
 def short_text(lang: str) -> str:
-    return split_text(HELDOUT[lang].read_text(encoding="utf-8"))[1][:1500]  # ~20 windows: enough to judge
+    return split_text(HELDOUT[lang].read_text(encoding="utf-8"))[1][:700]  # ~10 windows: enough to judge
 
 
 # ---------------------------------------------------------------- every kind, every stage

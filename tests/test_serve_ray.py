@@ -1,5 +1,6 @@
 """glmx on Ray Serve: a local Ray instance on 127.0.0.1, two replicas of the glmx serve app, concurrent requests
-each answered as one-by-one, everything shut down at the end (about 15 s, most of it Ray starting)."""
+each answered as one-by-one, everything shut down at the end. That test is `slow` (8-11 s here, nearly all of it
+Ray starting its cluster and stopping it): `python -m pytest -q -m slow` runs it, and so does `.ci/run`."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ def test_build_refuses_unknown_arguments():
         build({"rows": "many"})
 
 
+@pytest.mark.slow
 def test_two_replicas_answer_as_one_by_one():
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
@@ -28,10 +30,11 @@ def test_two_replicas_answer_as_one_by_one():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    # two CPUs, replicas of half a CPU each: more slots only start idle workers that compete for two cores (-3 s)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(num_replicas=2, rows=4), name="glmx", route_prefix="/")
+        serve.run(deployment(num_replicas=2, rows=4, num_cpus=0.5), name="glmx", route_prefix="/")
         status = serve.status().applications["glmx"].deployments["glmx"]
         assert status.replica_states == {"RUNNING": 2}
         replies: dict[int, dict] = {}
