@@ -251,11 +251,14 @@ def _check_shapes(session: Session, out: dict[str, Any], B: int, T: int, k: int,
 
 
 def run_calls(session: Session, calls: Sequence[Call], record: list | None = None,
-              last_row_only: bool = False) -> list[dict[str, np.ndarray]]:
+              last_row_only: bool = False, context_logits: bool = True) -> list[dict[str, np.ndarray]]:
     """Every call of a case through `session`, each seeing the kept tokens of the calls before it.
     -> per call {"logits": [B,T,V] float32, present name: [B,n,T,d] float32}. record: the feeds given, appended.
-    last_row_only: the final call asks for the last position's logits only (logits_start = -1)."""
+    last_row_only: the final call asks for the last position's logits only (logits_start = -1).
+    context_logits=False: the calls before the final one ask for their last row only where the session takes
+    logits_start (a teacher-forced check that reads the final call's logits alone; [B,1,V] for those calls)."""
     B = calls[0].input_ids.shape[0]
+    trim_context = not context_logits and accepts(session, LOGITS_START)
     past = _Past(session, B, sum(c.input_ids.shape[1] for c in calls))
     seen = np.zeros((B, 0), dtype=bool)  # which fed tokens later calls may see, in cache slot order
     outputs = []
@@ -268,13 +271,14 @@ def run_calls(session: Session, calls: Sequence[Call], record: list | None = Non
             mask = np.concatenate([np.broadcast_to(visible[:, None, :], (B, T, slots)), call.block], axis=2)
             feeds = {"input_ids": call.input_ids, "position_ids": call.position_ids,
                      "attention_mask": np.ascontiguousarray(mask[:, None]), **past.feeds()}
-            last = last_row_only and len(outputs) == len(calls) - 1
-            if last:
+            final = len(outputs) == len(calls) - 1
+            one_row = (last_row_only and final) or (trim_context and not final)
+            if one_row:
                 feeds[LOGITS_START] = np.array([-1], dtype=np.int64)
             if record is not None:
                 record.append(feeds)
             out = session.run(feeds)
-            _check_shapes(session, out, B, T, len(outputs), 1 if last else T)
+            _check_shapes(session, out, B, T, len(outputs), 1 if one_row else T)
             outputs.append({k: host_array(v).astype(np.float32, copy=False) for k, v in out.items()})
             past.append(out, T)
             seen = np.concatenate([seen, call.keep], axis=1)
@@ -476,9 +480,10 @@ def blank_calls(tok: Any, chunk: np.ndarray) -> tuple[list[Call], np.ndarray]:
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return -logp[np.arange(len(targets)), targets]
+    """-log softmax(logits)[target] per row: logsumexp minus the target's logit (no full log-probability array)."""
+    top = logits.max(-1)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+    return lse - logits[np.arange(len(targets)), targets]
 
 
 def fill_prompts(tok: Any, text: str, vocab_size: int, count: int, length: int = 24, hole: int = 4) -> list[str]:
@@ -502,7 +507,7 @@ def compare_on_text(candidate: Session, reference: Session, tok: Any, text: str,
     spans = []
     for first in range(0, len(chunks), TEXT_BATCH):  # windows of one length: TEXT_BATCH rows per call
         calls, targets = blank_calls(tok, np.stack(chunks[first:first + TEXT_BATCH]))
-        got, want = (run_calls(session, calls)[1]["logits"] for session in (candidate, reference))
+        got, want = (run_calls(s, calls, context_logits=False)[1]["logits"] for s in (candidate, reference))
         spans += zip(got, want, targets)
     figures = span_figures(spans)
     texts = fill_prompts(tok, text, cfg.vocab_size, prompts)
