@@ -36,6 +36,14 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def glmx(tmp_path_factory):
+    """Starts glmx commands as processes of their own (tests/forked_cli.py: forked after the imports). Autouse:
+    the helper does its imports (~2 s) on the other core while this module's first tests run."""
+    with ForkedCLI(tmp_path_factory.mktemp("forked")) as forked:
+        yield forked.start
+
+
 @pytest.fixture(scope="module")
 def exported(fill_checkpoint, tmp_path_factory):
     """A checkpoint folder (conftest.py's session-wide fill model: small, since the stages run in subprocesses)
@@ -92,13 +100,6 @@ def test_the_existence_check_runs_before_any_work(exported, tmp_path, monkeypatc
     refused(cli("convert", hub, "-o", tmp_path / "out"), "already exists")
 
 
-@pytest.fixture(scope="module")
-def glmx(tmp_path_factory):
-    """Starts glmx commands as processes of their own (tests/forked_cli.py: forked after the imports)."""
-    with ForkedCLI(tmp_path_factory.mktemp("forked")) as forked:
-        yield forked.start
-
-
 def _wait_for(predicate, proc: Child, limit: float = 60.0) -> None:
     t0 = time.monotonic()
     while not predicate():
@@ -134,7 +135,7 @@ def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(export
             "quantize": ("quantize", onnx, "-o", out, "--scheme", "qdq-int8", "--accept-loss"),
             "optimize": ("optimize", onnx, "-o", out)}[stage]
     # after the staging folder appears: at once, and into the work (quantize, the fastest stage, at three points)
-    for delay in ((0.0, 0.3, 0.8) if stage == "quantize" else (0.1,)):
+    for delay in ((0.0, 0.1, 0.25) if stage == "quantize" else (0.1,)):  # qdq-int8 here: ~0.4 s of work
         left = set(staging_folders(out))  # the last kill's leftover: this run removes it, then makes its own
         proc = glmx(*args)
         _wait_for(lambda: bool(set(staging_folders(out)) - left), proc)
