@@ -131,32 +131,32 @@ class Transformer(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
         h, rows = config.hidden_size, config.position_table_rows  # P + 1 rows (docs/glm.md 9.2)
-        self.position_embeddings = nn.Embedding(rows, h)
-        self.block_position_embeddings = nn.Embedding(rows, h)
+        self.position_embeddings = _embedding(rows, h)
+        self.block_position_embeddings = _embedding(rows, h)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(h, eps=config.layernorm_epsilon)
 
 
+def _embedding(rows: int, width: int) -> nn.Embedding:
+    """An embedding table left uninitialised (GLMModel.reset_parameters gives every parameter GLM's init). Its
+    own N(0, 1) init is skipped: on the meta device it runs a Python decomposition whose first use imports
+    torch._dynamo (1.7 s a process with torch 2.13, measured), and elsewhere reset_parameters overwrites it."""
+    return nn.Embedding(rows, width, _weight=torch.empty(rows, width))
+
+
 @contextmanager
 def meta_without_init() -> Iterator[None]:
-    """Modules built inside are on the meta device (names and shapes, no memory) and skip nn.init.normal_:
-    on a meta tensor normal_ runs a Python decomposition whose first use imports torch._dynamo (1.7 s a
-    process with torch 2.13, measured), and a skeleton's values are never read."""
-    normal = nn.init.normal_
-    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        nn.init.normal_ = normal
+    """Modules built inside are on the meta device: names and shapes, no memory, values never read."""
+    with torch.device("meta"):
+        yield
 
 
 class GLMModel(nn.Module):
     def __init__(self, config: GLMConfig, *, init: bool = True):
         super().__init__()
         self.config = config
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings = _embedding(config.vocab_size, config.hidden_size)
         self.transformer = Transformer(config)
         if init:
             self.reset_parameters()
