@@ -97,8 +97,9 @@ batch. --jsonl lines are a string or {"prompt": ..., and any of max_new_tokens, 
 top_p, seed, num_beams, length_penalty, early_stopping, append_gmask}; a line's own settings win for that line.
 Prompts run on the engine of glmx serve: --rows of them decode together and the next takes a row as soon as one
 frees, so memory follows --rows, not the input's length. Results are printed as they finish, in input order.
-A line that is refused (bad JSON, a bad setting, too long) is named with its line number at the end and the
-exit status is 1; every other line is still filled. Timings in --json are seconds."""
+Each input line gives one output line: a line break inside a result is written as the two characters \\n
+(--json keeps the exact text). A line that is refused (bad JSON, a bad setting, too long) is named with its line
+number at the end and the exit status is 1; every other line is still filled. Timings in --json are seconds."""
 
 JSONL_KEYS = ("prompt", "max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed", "num_beams",
               "length_penalty", "early_stopping", "append_gmask")
@@ -115,9 +116,20 @@ def _read_text(stream, name: str) -> str:
         raise CommandError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
 
 
+def _lines(text: str) -> list[str]:
+    """A text's lines as files and pipes have them: split at \\n only, a CRLF file's \\r dropped. (str.splitlines
+    also splits at form feeds, U+2028 and other separators that may sit inside one prompt or JSON line.)"""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
+def _result_line(text: str) -> str:
+    """A result written as one output line per input: its line breaks as the two characters \\n."""
+    return text.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
+
+
 def _json_lines(text: str, name: str):
     """(line number, parsed value) of every non-empty line of a JSON-lines text; a bad line is one Error."""
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_lines(text), 1):
         if line.strip():
             try:
                 yield n, json.loads(line)
@@ -127,7 +139,7 @@ def _json_lines(text: str, name: str):
 
 def _jsonl_requests(text: str, name: str):
     """(line number, request dict or the line's error message) of every non-empty line of a JSON-lines text."""
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -177,7 +189,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
     settings["early_stopping"] = settings["early_stopping"] or None  # a flag not given is "not set"
     if from_stdin:
         lines = [(n, {"prompt": line}) for n, line in
-                 enumerate(_read_text(sys.stdin.buffer, "stdin").splitlines(), 1) if line.strip()]
+                 enumerate(_lines(_read_text(sys.stdin.buffer, "stdin")), 1) if line.strip()]
         name = "stdin"
     elif jsonl is not None:
         lines, name = list(_jsonl_requests(_read_text(jsonl, jsonl.name), jsonl.name)), jsonl.name
@@ -218,7 +230,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
             if not isinstance(outcome, str):  # a refused line is said at the end; the others go on
                 text = checked[printed][1]["prompt"]
                 click.echo(json.dumps({"prompt": text, **outcome.to_dict()}, ensure_ascii=False) if as_json
-                           else outcome.text)
+                           else outcome.text if name is None else _result_line(outcome.text))
             printed += 1
 
     while printed < len(checked):

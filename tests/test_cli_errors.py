@@ -163,7 +163,7 @@ def test_the_table_covers_the_issue(files):
 def _fill(files, *args, stdin=None):
     result = CliRunner().invoke(main, ["fill", "--model", str(files / "onnx"), *map(str, args)], input=stdin)
     assert result.exit_code == 0, result.output
-    return result.output.splitlines()
+    return result.output.split("\n")[:-1]  # at \n alone: a sampled result may hold a form feed or U+2028
 
 
 def test_a_prompt_samples_the_same_alone_and_anywhere_in_a_file(files):
@@ -174,6 +174,19 @@ def test_a_prompt_samples_the_same_alone_and_anywhere_in_a_file(files):
     batch = _fill(files, "--strategy", "sample", "--seed", "7", "--max-new-tokens", "6", "--stdin", stdin=lines)
     assert batch[1] == batch[3] == alone[0]  # line 2 and line 4 of a file, and alone: one stream per prompt
     assert other != alone  # the seed matters
+
+
+def test_one_output_line_per_input_line_whatever_the_line_holds(files, tmp_path):
+    """Input lines split at \\n alone (a form feed or U+2028 inside a prompt or a JSON string stays in it; CRLF
+    files work), and a result's own line breaks are written as \\n, so output line i answers input line i."""
+    from glm_runtime.cli import _result_line
+    prompts = ["a stitch\x0cin [MASK] nine", "all that\u2028[MASK] is gold", "the quick [MASK] fox"]
+    stdin = ("\r\n".join(prompts) + "\r\n").encode()
+    out = _fill(files, "--max-new-tokens", "3", "--stdin", stdin=stdin)
+    assert len(out) == 3 and out == [_fill(files, "--max-new-tokens", "3", p)[0] for p in prompts]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
+    assert _fill(files, "--max-new-tokens", "3", "--jsonl", tmp_path / "in.jsonl") == out
+    assert _result_line("one\ntwo\r\nthree\rfour") == "one\\ntwo\\nthree\\nfour"
 
 
 def test_jsonl_lines_carry_their_own_settings(files, tmp_path):
