@@ -50,36 +50,48 @@ def vi(name, shape, t=TP.FLOAT):
 
 
 def current():
-    nodes=[];inputs=[helper.make_tensor_value_info("q",TP.FLOAT,[1,n,1,d]),helper.make_tensor_value_info("k",TP.FLOAT,[1,n,1,d]),helper.make_tensor_value_info("v",TP.FLOAT,[1,n,1,d]),helper.make_tensor_value_info("mask",TP.BOOL,[1,1,1,"PT"])]
-    outs=[]
-    inits=[helper.make_tensor("fill",TP.FLOAT,[],[-65504.0]),helper.make_tensor("s0",TP.INT64,[1],[0]),helper.make_tensor("ax3",TP.INT64,[1],[3]),helper.make_tensor("big",TP.INT64,[1],[2**62])]
-    nodes.append(helper.make_node("Shape",["pk0"],["pks"],start=2,end=3))
+    """glmx's own graph per layer: scores against the past and the new key apart, one softmax over both, the two
+    value products added (the contract's split-score attention; the past K is read transposed, not copied)."""
+    inputs = [vi("q", [1, n, 1, d]), vi("k", [1, n, 1, d]), vi("v", [1, n, 1, d]), vi("mask", [1, 1, 1, "PT"], TP.BOOL)]
+    inits = [helper.make_tensor("fill", TP.FLOAT, [], [-65504.0]), helper.make_tensor("s0", TP.INT64, [1], [0]),
+             helper.make_tensor("ax3", TP.INT64, [1], [3]), helper.make_tensor("big", TP.INT64, [1], [2 ** 62])]
+    nodes, outs = [helper.make_node("Shape", ["pk0"], ["pks"], start=2, end=3)], []
+    node = helper.make_node
     for i in range(L):
-        inputs += [helper.make_tensor_value_info(f"pk{i}",TP.FLOAT,[1,n,"P",d]),helper.make_tensor_value_info(f"pv{i}",TP.FLOAT,[1,n,"P",d])]
-        p=f"l{i}/"
-        nodes += [helper.make_node("Transpose",[f"pk{i}"],[p+"kt"],perm=[0,1,3,2]),
-                  helper.make_node("Transpose",["k"],[p+"knt"],perm=[0,1,3,2]),
-                  helper.make_node("MatMul",["q",p+"kt"],[p+"sp"]),helper.make_node("MatMul",["q",p+"knt"],[p+"sn"]),
-                  helper.make_node("Concat",[p+"sp",p+"sn"],[p+"s"],axis=3),
-                  helper.make_node("Where",["mask",p+"s","fill"],[p+"m"]),
-                  helper.make_node("Softmax",[p+"m"],[p+"pr"],axis=-1),
-                  helper.make_node("Slice",[p+"pr","s0","pks","ax3"],[p+"pp"]),
-                  helper.make_node("Slice",[p+"pr","pks","big","ax3"],[p+"pn"]),
-                  helper.make_node("MatMul",[p+"pp",f"pv{i}"],[p+"cp"]),helper.make_node("MatMul",[p+"pn","v"],[p+"cn"]),
-                  helper.make_node("Add",[p+"cp",p+"cn"],[f"out{i}"])]
-        outs.append(helper.make_tensor_value_info(f"out{i}",TP.FLOAT,[1,n,1,d]))
-    g=helper.make_graph(nodes,"att",inputs,outs,inits)
-    return sess(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+        inputs += [vi(f"pk{i}", [1, n, "P", d]), vi(f"pv{i}", [1, n, "P", d])]
+        p = f"l{i}/"
+        nodes += [node("Transpose", [f"pk{i}"], [p + "kt"], perm=[0, 1, 3, 2]),
+                  node("Transpose", ["k"], [p + "knt"], perm=[0, 1, 3, 2]),
+                  node("MatMul", ["q", p + "kt"], [p + "sp"]),
+                  node("MatMul", ["q", p + "knt"], [p + "sn"]),
+                  node("Concat", [p + "sp", p + "sn"], [p + "s"], axis=3),
+                  node("Where", ["mask", p + "s", "fill"], [p + "m"]),
+                  node("Softmax", [p + "m"], [p + "pr"], axis=-1),
+                  node("Slice", [p + "pr", "s0", "pks", "ax3"], [p + "pp"]),
+                  node("Slice", [p + "pr", "pks", "big", "ax3"], [p + "pn"]),
+                  node("MatMul", [p + "pp", f"pv{i}"], [p + "cp"]),
+                  node("MatMul", [p + "pn", "v"], [p + "cn"]),
+                  node("Add", [p + "cp", p + "cn"], [f"out{i}"])]
+        outs.append(vi(f"out{i}", [1, n, 1, d]))
+    graph = helper.make_graph(nodes, "att", inputs, outs, inits)
+    return sess(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def gqa(cap):
-    nodes=[];ins=[vi("q",[1,1,h]),vi("k",[1,1,h]),vi("v",[1,1,h]),vi("seqlens",[1],TP.INT32),vi("total",[],TP.INT32)];outs=[]
+    """GroupQueryAttention per layer over a preallocated past of `cap` slots shared with the present (the
+    contract change measured: seqlens / total say how much of the buffer is filled)."""
+    ins = [vi("q", [1, 1, h]), vi("k", [1, 1, h]), vi("v", [1, 1, h]), vi("seqlens", [1], TP.INT32),
+           vi("total", [], TP.INT32)]
+    nodes, outs = [], []
     for i in range(L):
-        ins+=[vi(f"pk{i}",[1,n,cap,d]),vi(f"pv{i}",[1,n,cap,d])]
-        nodes.append(helper.make_node("GroupQueryAttention",["q","k","v",f"pk{i}",f"pv{i}","seqlens","total"],[f"o{i}",f"prk{i}",f"prv{i}"],domain="com.microsoft",num_heads=n,kv_num_heads=n))
-        outs+=[vi(f"o{i}",None),vi(f"prk{i}",None),vi(f"prv{i}",None)]
-    g=helper.make_graph(nodes,"g",ins,outs)
-    return sess(helper.make_model(g,opset_imports=[helper.make_opsetid("",17),helper.make_opsetid("com.microsoft",1)]))
+        ins += [vi(f"pk{i}", [1, n, cap, d]), vi(f"pv{i}", [1, n, cap, d])]
+        o = [f"o{i}", f"prk{i}", f"prv{i}"]
+        nodes.append(helper.make_node("GroupQueryAttention", ["q", "k", "v", f"pk{i}", f"pv{i}", "seqlens", "total"],
+                                      o, domain="com.microsoft", num_heads=n, kv_num_heads=n))
+        outs += [vi(x, None) for x in o]
+    graph = helper.make_graph(nodes, "g", ins, outs)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return sess(helper.make_model(graph, opset_imports=opsets))
 
 
 def fused(kind):
@@ -120,7 +132,8 @@ def main(argv=None) -> None:
               "k": rng.standard_normal((1, n, 1, d), dtype=np.float32),
               "v": rng.standard_normal((1, n, 1, d), dtype=np.float32), "mask": np.ones((1, 1, 1, P + 1), bool)}
         io = g.io_binding()
-        small = {"q": rng.standard_normal((1, 1, h), dtype=np.float32), "k": rng.standard_normal((1, 1, h), dtype=np.float32),
+        small = {"q": rng.standard_normal((1, 1, h), dtype=np.float32),
+                 "k": rng.standard_normal((1, 1, h), dtype=np.float32),
                  "v": rng.standard_normal((1, 1, h), dtype=np.float32), "seqlens": np.array([P], np.int32),
                  "total": np.array(P + 1, np.int32)}
         for k, v in small.items():
@@ -160,7 +173,8 @@ def main(argv=None) -> None:
             row[k + "_ms"], row[k + "_gb_per_s"] = 1000 * t, mb / 1000 / t
         rows.append(row)
     cpu = cpu_facts()
-    record = {"command": "python -m glmx_benchmarks.attention_decode " + " ".join(argv if argv is not None else sys.argv[1:]),
+    given = argv if argv is not None else sys.argv[1:]
+    record = {"command": "python -m glmx_benchmarks.attention_decode " + " ".join(given),
               "date": time.strftime("%Y-%m-%d %H:%M"), "onnxruntime": ort.__version__, "threads": 2,
               "intra_op_spinning": False, "cpu": cpu["cpu"], "cpu_flags": cpu["flags"], "rows": rows}
     lines = ["# Attention over the cache, one decode token, 24 layers x 16 heads x 64, 2 threads", "",
