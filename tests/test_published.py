@@ -217,7 +217,7 @@ def test_optimize_and_every_quantize_scheme_then_fill(published):
 @pytest.mark.parametrize("kind", sorted(SLOW_SCHEMES_BY_KIND))
 def test_the_rest_of_the_english_schemes_then_fill(kind, tmp_path):
     root = tmp_path / kind
-    hub, model = write_hub_folder(kind, root / "hub")
+    hub, _ = write_hub_folder(kind, root / "hub")
     assert run_cli("export", hub, "-o", root / "onnx").exit_code == 0
     derive_and_fill({"kind": kind, "root": root, "onnx": root / "onnx"}, SLOW_SCHEMES_BY_KIND[kind])
 

@@ -10,8 +10,8 @@ Each command's process is forked from one that has imported torch, onnx and glm_
 sizes is what the command itself holds.
 
 `slow` (7-10 s here, a measurement rather than a unit check): `python -m pytest -q -m slow` runs it, and so does
-`.ci/run`. The default suite keeps the structural guard, tests/test_pieces.py's export that streams a checkpoint
-folder without building the model.
+`.ci/run`. The default suite keeps the structural guards in tests/test_pieces.py: the export that streams a
+checkpoint folder without building the model, and the piecewise int4 stage that never loads the whole model.
 """
 from __future__ import annotations
 
