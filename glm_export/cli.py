@@ -171,7 +171,7 @@ def evaluate_cmd(**kwargs) -> None:
 def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: int | None, max_new_tokens: int,
                      workspace_gb: float | None, timing_cache: str | None, overwrite: bool) -> None:
     """Build a TensorRT engine folder from a glmx ONNX folder (needs an NVIDIA GPU and TensorRT >= 10)."""
-    from glm_export.engine import EngineBuildError, build_engine
+    from glm_export.trt_build import EngineBuildError, build_engine
     from glm_runtime.manifest import ManifestError, load_manifest
     from glm_runtime.trt_session import TensorRTError
     try:

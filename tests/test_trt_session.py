@@ -14,7 +14,7 @@ import pytest
 
 from glm_runtime.manifest import _seal
 
-from glm_export.engine import compute_profiles, engine_io, resolve_limits
+from glm_export.trt_build import compute_profiles, engine_io, resolve_limits
 from glm_runtime import trt_memory, trt_session
 from glm_runtime.iotable import io_table
 from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, staged_folder, write_manifest
@@ -204,7 +204,7 @@ def built(tmp_path_factory):
     """(onnx folder, engine folder) of glm-tiny fp32, built on this GPU."""
     _need_tensorrt_gpu()
     torch = pytest.importorskip("torch")
-    from glm_export.engine import build_engine
+    from glm_export.trt_build import build_engine
     from glm_export.export import export_onnx
     from glm_export.model import GLMModel
     from glm_runtime.config import get_preset
@@ -448,7 +448,7 @@ class _HostContext:
 @pytest.fixture
 def stand_in(tiny_model, tmp_path, monkeypatch):
     """(ONNX folder, engine folder whose "plan" runs on the stand-in, the stand-in cudart)."""
-    from glm_export.engine import engine_manifest, write_engine_folder
+    from glm_export.trt_build import engine_manifest, write_engine_folder
     from glm_export.export import export_onnx
     from glm_runtime.manifest import load_manifest
     onnx = export_onnx(tiny_model, tmp_path / "onnx", precision="fp32", validate=False, log=lambda m: None)
@@ -526,7 +526,7 @@ def test_outputs_stay_on_the_device_and_calls_outside_the_profiles_are_refused(s
 
 
 def test_build_parity_figures_on_the_stand_in(stand_in):
-    from glm_export.engine import measure_parity
+    from glm_export.trt_build import measure_parity
     onnx, engine, _ = stand_in
     session = TensorRTSession(engine)
     from glm_runtime.manifest import load_manifest

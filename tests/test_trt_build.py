@@ -14,7 +14,7 @@ import pytest
 
 from glm_runtime.manifest import _seal
 
-from glm_export.engine import (
+from glm_export.trt_build import (
     EngineBuildError, _load_timing_cache, _network_flags, _save_timing_cache, build_engine, compute_profiles,
     engine_io,
     default_timing_cache, engine_manifest, resolve_limits, write_engine_folder,
