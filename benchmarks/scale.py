@@ -95,7 +95,7 @@ def write_random_hub(folder: Path, config: Any, seed: int = 0, dtype=np.float16,
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    from glm_export.config import to_hf_dict
+    from glm_export.hf_config import to_hf_dict
     from glm_export.weights import write_safetensors
     shapes = official_shapes(config)
     rng = np.random.default_rng(seed)
@@ -239,7 +239,7 @@ def memory_goal(config: Any) -> int:
 
 def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[str] = ()) -> dict[str, Any]:
     from glmx_benchmarks import floor
-    from glm_export.config import get_preset
+    from glm_runtime.config import get_preset
     cfg = get_preset(name)
     params = sum(int(np.prod(s)) for s in official_shapes(cfg).values())
     started = time.monotonic()

@@ -17,8 +17,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from glm_export.config import from_hf_dict, to_hf_dict
-from glm_export.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
+from glm_export.hf_config import from_hf_dict, to_hf_dict
+from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
 from glm_export.weights import Entry, Weights, WeightsError, _dtype_of, _to_numpy, read_safetensors
 from glm_runtime.manifest import (

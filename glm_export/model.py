@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glm_export.config import GLMConfig
+from glm_runtime.config import GLMConfig
 
 # Masked scores are pushed down by the fp16 minimum, not -inf (docs/glm.md 1.3, 9.5).
 MASK_FILL = 65504.0

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from glm_export.collator import BlockCollator, CollatorConfig, SpecialIds
-from glm_export.config import GLMConfig
+from glm_runtime.config import GLMConfig
 from glm_export.model import GLMModel
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_path

@@ -22,13 +22,13 @@ from glm_export.checkpoint import (  # noqa: E402
     CheckpointError, convert_checkpoint, load_checkpoint, merge_model_parallel, save_checkpoint,
     split_model_parallel,
 )
-from glm_export.config import GLMConfig  # noqa: E402
+from glm_runtime.config import GLMConfig  # noqa: E402
 from glm_export.model import GLMModel  # noqa: E402
 from glm_runtime.manifest import ManifestError, load_manifest  # noqa: E402
 from glm_runtime.tokenizer import load_tokenizer  # noqa: E402
 from tests.random_models import random_weights_model  # noqa: E402
 from tests.test_tokenizer import _write_bpe  # noqa: E402
-from glm_export.config import from_hf_dict, to_hf_dict  # noqa: E402
+from glm_export.hf_config import from_hf_dict, to_hf_dict  # noqa: E402
 
 
 def random_model(config, seed=0):

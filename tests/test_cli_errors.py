@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 from glm_export.cli import main  # noqa: E402
-from glm_export.config import to_hf_dict  # noqa: E402
+from glm_export.hf_config import to_hf_dict  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from glm_runtime.config import PRESETS, ConfigError, GLMConfig, get_preset
-from glm_export.config import from_hf_dict, to_hf_dict  # noqa: E402
+from glm_export.hf_config import from_hf_dict, to_hf_dict  # noqa: E402
 
 # spec section 6: (L, h, n, P, V, tokenizer)
 SPEC_TABLE = {

@@ -1,13 +1,14 @@
 """Cloze scoring speed: candidates scored per second by glm_runtime.score against the official code's way.
 
 In: the bundled model (and, with --large, the GLM-Large shape from the bench cache). Out:
-benchmarks/results/score.json and score.md. For 2, 4 and 16 candidates per prompt: glmx on ONNX Runtime (one
-context pass per prompt, every candidate in one span call) against the torch reference scoring each candidate by
-a full forward of context + sop + answer (THUDM/GLM GLMForMultiTokenCloze does one such row per candidate).
+benchmarks/results/scoring_speed.json and scoring_speed.md. For 2, 4 and 16 candidates per prompt: glmx on ONNX
+Runtime (one context pass per prompt, every candidate in one span call) against the torch reference scoring each
+candidate by a full forward of context + sop + answer (THUDM/GLM GLMForMultiTokenCloze does one such row per
+candidate).
 Interleaved rounds, medians; threads fixed; the CPU's vector flags recorded (int8 and kernel rates move with
 them). The scores of the two are compared too (max |difference| per target token).
 
-    python -m glmx_benchmarks.score [--large] [--rounds 3] [--threads 2] [-o benchmarks/results]
+    python -m glmx_benchmarks.scoring_speed [--large] [--rounds 3] [--threads 2] [-o benchmarks/results]
 """
 from __future__ import annotations
 
@@ -125,14 +126,15 @@ def main(argv: list[str] | None = None) -> None:
         prepared = artifacts.prepare_model("glm-large-shape", Path(args.cache_dir), lambda m: print(m, file=sys.stderr))
         models["glm-large-shape"] = measure("glm-large-shape", prepared["fp32"], prepared["checkpoint"],
                                             args.rounds, args.threads)
-    result = {"command": "python -m glmx_benchmarks.score " + " ".join(argv if argv is not None else sys.argv[1:]),
+    given = argv if argv is not None else sys.argv[1:]
+    result = {"command": "python -m glmx_benchmarks.scoring_speed " + " ".join(given),
               "machine": machine_info(args.threads), "prompts": PROMPTS,
               "rounds": args.rounds, "models": models,
               "how": "candidates scored per second (median of interleaved rounds); glmx = glm_runtime.score on "
                      "ONNX Runtime CPU (one context pass per prompt, all candidates in one span call); torch = "
                      "the reference GLMModel, one full forward of context + sop + answer per candidate"}
     out = Path(args.out)
-    atomic_write_json(out / "score.json", result)
+    atomic_write_json(out / "scoring_speed.json", result)
     lines = [f"# Cloze scoring speed\n\n`{result['command']}` on {result['machine']['cpu']} "
              f"({', '.join(result['machine']['cpu_flags'])}), {args.threads} threads, {PROMPTS} prompts, median of "
              f"{args.rounds} interleaved rounds.\n",
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             c = r["candidates_per_s"]
             lines.append(f"| {name} | {count} | {c['glmx-ort']:.1f} | {c['torch-per-candidate']:.1f} | "
                          f"{r['speedup']:.1f}x | {r['max_abs_diff_per_target_token']:.1e} |")
-    atomic_write_text(out / "score.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "scoring_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

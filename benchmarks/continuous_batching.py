@@ -1,13 +1,15 @@
 """What continuous batching buys: throughput and latency of the engine and of a real `glmx serve`, against
 running the same requests one by one, measured interleaved in one process, several rounds, medians.
 
-    python -m glmx_benchmarks.serve [--model DIR ...] [--requests 32] [--rows 8] [--max-new-tokens 16] [--rounds 3]
+    python -m glmx_benchmarks.continuous_batching [--model DIR ...] [--requests 32] [--rows 8]
+        [--max-new-tokens 16] [--rounds 3]
 
 Per model: (1) engine level, no HTTP: the requests one by one (fill_blanks([p]) each) vs all submitted to one
 Engine(rows) at once; (2) HTTP level: two `glmx serve` subprocesses, `--rows R` (continuous batching) and
 `--rows 1` (one row), each driven by 1, 4, 8 and 16 concurrent streaming clients, interleaved. Records
-requests/s, new tokens/s, mean decode batch, p50/p99 latency, p50/p99 time to first token, and the CPU flags. Writes benchmarks/results/serve.{json,md} (or --out DIR). Nothing else may share
-the cores while it runs.
+requests/s, new tokens/s, mean decode batch, p50/p99 latency, p50/p99 time to first token, and the CPU flags.
+Writes benchmarks/results/continuous_batching.{json,md} (or --out DIR). Nothing else may share the cores while it
+runs.
 """
 from __future__ import annotations
 
@@ -210,7 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
-    record = {"command": "python -m glmx_benchmarks.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
+    given = argv if argv is not None else sys.argv[1:]
+    record = {"command": "python -m glmx_benchmarks.continuous_batching " + " ".join(given),
               "date": time.strftime("%Y-%m-%d %H:%M"), "machine": cpu_facts(), "requests": args.requests,
               "rows": args.rows, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "models": {}}
     for model in args.model or ["bundled"]:
@@ -257,7 +260,7 @@ def main(argv=None) -> None:
                 lines.append(f"| {name} | {c} | {label} | {m['requests_per_s']:.2f} | {m['latency_p50_s']:.3f} / "
                              f"{m['latency_p99_s']:.3f} | {m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f} | "
                              f"{m['mean_decode_batch']:.2f} | {ratio} |")
-    save_record(args.out, "serve", record, "\n".join(lines))
+    save_record(args.out, "continuous_batching", record, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
-"""GLMConfig lives in the torch-free runtime (glm_runtime.config) so both sides share one definition; mapping
-Hugging Face config.json files to it is the export side's (only checkpoint loading and conversion read or write
-them)."""
+"""The Hugging Face config.json mapping: a GLMConfig (glm_runtime.config, the one definition both sides share) to
+and from the THUDM remote code's config.json. In: a GLMConfig or a parsed config.json. Out: the other. Only
+checkpoint loading and conversion read or write these files; the runtime reads glmx manifests."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from glm_runtime.config import (  # noqa: F401
-    GELU_KINDS, LAYERNORM_EPS, PRESETS, TOKENIZER_KINDS, ConfigError, GLMConfig, get_preset,
-)
+from glm_runtime.config import ConfigError, GLMConfig
 
 
 def to_hf_dict(config: GLMConfig) -> dict[str, Any]:
