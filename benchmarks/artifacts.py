@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from glm_runtime.errors import GLMXError
+from glm_runtime.manifest import MANIFEST_NAME
 
 MODELS = ("bundled", "glm-large-shape", "tiny")
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[1] / "glm_export" / "bundled" / "glmx-small"
@@ -41,7 +42,7 @@ class SkipVariant(GLMXError, RuntimeError):
 
 def is_export_folder(name: str) -> bool:
     """A model named by the path of an exported ONNX folder rather than one of MODELS."""
-    return name not in MODELS and (Path(name) / "manifest.json").is_file()
+    return name not in MODELS and (Path(name) / MANIFEST_NAME).is_file()
 
 
 def model_config(name: str) -> Any:
@@ -70,7 +71,7 @@ def _tokenizer_file() -> Path | None:
 
 
 def _ready(folder: Path) -> bool:
-    return (folder / "manifest.json").is_file()
+    return (folder / MANIFEST_NAME).is_file()
 
 
 def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[st
         if manifest.precision != "fp32":
             raise SkipVariant(f"{fp32} is a {manifest.precision} artifact; benchmark the fp32 export (the variants "
                               f"are derived from it)")
-        key = hashlib.sha256((fp32 / "manifest.json").read_bytes()).hexdigest()[:12]
+        key = hashlib.sha256((fp32 / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
         parent = manifest.parent.get("path")
         checkpoint = (fp32 / parent).resolve() if parent and not Path(parent).is_absolute() else parent
         return {"name": fp32.name, "root": cache / f"export-{key}", "checkpoint": checkpoint and Path(checkpoint),
@@ -94,7 +95,7 @@ def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[st
         if not _ready(BUNDLED_CHECKPOINT):
             raise SkipVariant(f"the bundled checkpoint {BUNDLED_CHECKPOINT} is not present (train it first: "
                               f"glmx pretrain ... --checkpoint-dir {BUNDLED_CHECKPOINT})")
-        key = hashlib.sha256((BUNDLED_CHECKPOINT / "manifest.json").read_bytes()).hexdigest()[:12]
+        key = hashlib.sha256((BUNDLED_CHECKPOINT / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
         root = cache / f"bundled-{key}"
         checkpoint = BUNDLED_CHECKPOINT
         random_weights = False

@@ -141,10 +141,10 @@ def streamed_weight_bytes(onnx_folder: str | Path) -> dict[str, int]:
     import onnx
     from onnx import helper
 
-    from glm_runtime.manifest import load_manifest
+    from glm_runtime.manifest import MODEL_FILE, load_manifest
     folder = Path(onnx_folder)
     manifest = load_manifest(folder, kind="onnx", verify=False)
-    model = onnx.load(str(folder / manifest.extra.get("model_file", "model.onnx")), load_external_data=False)
+    model = onnx.load(str(folder / manifest.extra.get("model_file", MODEL_FILE)), load_external_data=False)
     consumers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for name in node.input:

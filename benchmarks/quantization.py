@@ -70,10 +70,10 @@ def artifact_row(folder: Path) -> dict[str, Any]:
     import onnx
 
     from glm_export.derive import op_histogram
-    from glm_runtime.manifest import load_manifest
+    from glm_runtime.manifest import MODEL_FILE, load_manifest
     manifest = load_manifest(folder)
     acc = (manifest.parity or {}).get("text") or {}
-    model = onnx.load(str(folder / manifest.extra.get("model_file", "model.onnx")), load_external_data=False)
+    model = onnx.load(str(folder / manifest.extra.get("model_file", MODEL_FILE)), load_external_data=False)
     quant = manifest.extra.get("quantization") or {}
     return {"precision": manifest.precision, "keep_fp32": quant.get("keep_fp32"),
             "bytes": sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model")),

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from glm_runtime.manifest import CONFIG_FILE, MODEL_FILE
 from glmx_benchmarks.machine import cpu_facts
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,7 +91,7 @@ def write_random_hub(folder: Path, config: Any, seed: int = 0, dtype=np.float16,
                      log=print, tokenizer_file: Optional[Path] = None) -> Path:
     """A hub-layout checkpoint of `config`'s shape with random init-scale weights (keys under "glm."), written to
     folder.partial and renamed when complete, so a killed run leaves nothing that looks finished."""
-    if (folder / "config.json").is_file():
+    if (folder / CONFIG_FILE).is_file():
         return folder
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -127,7 +128,7 @@ def write_random_hub(folder: Path, config: Any, seed: int = 0, dtype=np.float16,
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     hf = to_hf_dict(config)
     hf["torch_dtype"] = "float16" if dtype == np.float16 else "float32"
-    (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+    (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1))
     if tokenizer_file is not None:  # e.g. a small tokenizer.json for tests
         shutil.copy2(tokenizer_file, tmp / Path(tokenizer_file).name)
     else:
@@ -284,7 +285,7 @@ def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[st
             result["vs_floor"] = result["decode_ms"] / result["floor_ms"]
         if stage.startswith(("fill", "decode")):
             variant = out / stage.split("-")[1]
-            weights = sum(f.stat().st_size for f in variant.glob("model.onnx*"))
+            weights = sum(f.stat().st_size for f in variant.glob(f"{MODEL_FILE}*"))
             result["artifact_weight_bytes"] = weights
             result["rss_over_weights"] = result["peak_rss_bytes"] / weights if weights else None
         if stage.startswith(("export", "quantize")) and result["rc"] == 0:

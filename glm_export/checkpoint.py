@@ -22,15 +22,13 @@ from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_
 from glm_export.model import GLMModel
 from glm_export.weights import Entry, Weights, WeightsError, _dtype_of, _to_numpy, read_safetensors
 from glm_runtime.manifest import (
-    MANIFEST_NAME, Manifest, atomic_write_json, claims_output, load_manifest, staged_folder, tool_versions,
-    write_manifest,
+    CONFIG_FILE, MANIFEST_NAME, WEIGHTS_FILE, Manifest, atomic_write_json, claims_output, load_manifest,
+    staged_folder, tool_versions, write_manifest,
 )
 from glm_runtime.tokenizer import GLMTokenizer, TokenizerError, tokenizer_entry
 from glm_runtime.tokenizer_folder import check_fits, load_recorded_tokenizer, resolve_tokenizer
 
 LAYOUTS = ("glmx", "hf", "megatron")
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 # Hugging Face weight files, in order of preference (safetensors first: no pickle).
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / DeepSpeed (docs/glm.md 8.1)
@@ -247,7 +245,7 @@ def _read_glmx(folder: Path) -> _Found:
     manifest = load_manifest(folder, kind="checkpoint")  # checks the sha256 of every file
     config = GLMConfig.from_dict(manifest.config)
     tok = manifest.tokenizer.get("file")
-    return _Found("glmx", _read_weights(folder / WEIGHTS_NAME), [folder / WEIGHTS_NAME], config,
+    return _Found("glmx", _read_weights(folder / WEIGHTS_FILE), [folder / WEIGHTS_FILE], config,
                   folder / tok if tok else None, manifest, config_file=folder / MANIFEST_NAME, gelu_stated=True)
 
 
@@ -269,7 +267,7 @@ def read_config_file(path: Union[str, Path]) -> tuple[GLMConfig, bool]:
 
 
 def _read_hf(folder: Path) -> _Found:
-    config, gelu_stated = read_config_file(folder / CONFIG_NAME)
+    config, gelu_stated = read_config_file(folder / CONFIG_FILE)
     if config.name == "custom":  # the hub's config.json has no name: the folder's (glm-10b, ...) says it
         config = config.replace(name=folder.resolve().name)
     name = next(n for n in HF_WEIGHTS if (folder / n).is_file())
@@ -284,7 +282,7 @@ def _read_hf(folder: Path) -> _Found:
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in {folder / name} but missing")
     sd = Weights.merged([_read_weights(path) for path in files])  # shard by shard, tensor by tensor
-    return _Found("hf", sd, files, config, _find_tokenizer(folder), config_file=folder / CONFIG_NAME,
+    return _Found("hf", sd, files, config, _find_tokenizer(folder), config_file=folder / CONFIG_FILE,
                   gelu_stated=gelu_stated)
 
 
@@ -344,7 +342,7 @@ def _read_megatron(path: Path) -> _Found:
     if len(shards) > 1:
         notes.append(f"merged {len(shards)} model-parallel shards")
     found = _Found("megatron", sd, files, None, _find_tokenizer(*roots), notes=notes)
-    beside = next((r / CONFIG_NAME for r in roots if (r / CONFIG_NAME).is_file()), None)
+    beside = next((r / CONFIG_FILE for r in roots if (r / CONFIG_FILE).is_file()), None)
     if beside is not None:  # a config.json beside the shards describes them (HF or glmx form)
         found.config, found.gelu_stated = read_config_file(beside)
         found.config_file = beside
@@ -354,17 +352,17 @@ def _read_megatron(path: Path) -> _Found:
 def _detect(path: Path) -> _Found:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
         return _read_glmx(path)
-    if path.is_dir() and (path / CONFIG_NAME).is_file() and any((path / n).is_file() for n in HF_WEIGHTS):
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and any((path / n).is_file() for n in HF_WEIGHTS):
         return _read_hf(path)
     if path.is_file() or any((path / t).is_file() for t in TRACKER_FILES) or _mp_files(path):
         return _read_megatron(path)
     found = sorted(p.name for p in path.iterdir())[:12]
     raise CheckpointError(
         f"{path} is not a GLM checkpoint glmx can read; expected one of: "
-        f"(glmx) manifest.json + {WEIGHTS_NAME} + {CONFIG_NAME}; "
-        f"(hf) {CONFIG_NAME} + one of {', '.join(HF_WEIGHTS)}; "
+        f"(glmx) manifest.json + {WEIGHTS_FILE} + {CONFIG_FILE}; "
+        f"(hf) {CONFIG_FILE} + one of {', '.join(HF_WEIGHTS)}; "
         f"(megatron) {' or '.join(TRACKER_FILES)} + <iteration|release>/mp_rank_00_model_states.pt, "
         f"or mp_rank_XX_model_states.pt files, or the path of one such file. Found: {found}")
 
@@ -429,7 +427,7 @@ def _resolve_config(config: Union[GLMConfig, str, Path, None], found: _Found) ->
             return preset
     shown = " ".join(f"{k}={v}" for k, v in sizes.items())
     raise CheckpointError(
-        f"{found.files[0]} carries no config, no {CONFIG_NAME} is beside it, and its sizes ({shown}) match no "
+        f"{found.files[0]} carries no config, no {CONFIG_FILE} is beside it, and its sizes ({shown}) match no "
         f"preset: the number of attention heads cannot be read from the weights; pass --config FILE (a "
         f"config.json) or --preset NAME")
 
@@ -485,7 +483,7 @@ def _check_weights(sd: Weights, expected: Mapping[str, Sequence[int]], config: G
         diff = [f"{k}: config {getattr(config, k)}, weights {v}" for k, v in sizes.items() if getattr(config, k) != v]
         if diff:
             raise CheckpointError(f"weights in {source} do not match config {config.name!r}: {'; '.join(diff)}. "
-                                  f"Pass the right config / --preset, or fix {CONFIG_NAME}")
+                                  f"Pass the right config / --preset, or fix {CONFIG_FILE}")
     missing = [k for k in expected if k not in sd]
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} of {len(expected)} GLM weights: {missing[:6]}; "
@@ -609,9 +607,9 @@ def write_checkpoint(config: GLMConfig, weights: Weights, out_dir: Union[str, Pa
     dtype = NUMPY_DTYPES[precision]
     out_dir = Path(out_dir)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
-        write_safetensors(stage / WEIGHTS_NAME, [(k, weights.shape(k), dtype) for k in weights],
+        write_safetensors(stage / WEIGHTS_FILE, [(k, weights.shape(k), dtype) for k in weights],
                           lambda k: weights[k].astype(np.float32 if dtype == "bfloat16" else dtype, copy=False))
-        atomic_write_json(stage / CONFIG_NAME, to_hf_dict(config))
+        atomic_write_json(stage / CONFIG_FILE, to_hf_dict(config))
         tokenizer_record = tokenizer_entry(tok, stage) if tok is not None else {}
         write_manifest(stage, Manifest(kind="checkpoint", config=config.to_dict(), precision=precision,
                                        tokenizer=tokenizer_record, versions=tool_versions("torch", "safetensors"),

@@ -12,10 +12,10 @@ from typing import Any
 
 import onnx
 
-from glm_export.external_data import DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT
+from glm_export.external_data import PROTOBUF_LIMIT
 from glm_runtime.errors import GLMXError
-from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file, \
-    tokenizer_file_names, write_manifest
+from glm_runtime.manifest import DATA_FILE, MANIFEST_NAME, MODEL_FILE, Manifest, ManifestError, load_manifest, \
+    sha256_file, tokenizer_file_names, write_manifest
 
 
 

@@ -18,13 +18,13 @@ import torch
 from onnx import helper, numpy_helper
 
 from glm_export.derive import CHECKS, check_free_space, check_method
-from glm_export.external_data import DATA_FILE, MODEL_FILE, PROTOBUF_LIMIT, STREAM_THRESHOLD, ExternalData
+from glm_export.external_data import PROTOBUF_LIMIT, STREAM_THRESHOLD, ExternalData
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
-from glm_runtime.manifest import (MANIFEST_NAME, Manifest, ManifestError, claims_output, load_manifest,
-                                  sha256_file, staged_folder, tool_versions, write_manifest)
+from glm_runtime.manifest import (DATA_FILE, MANIFEST_NAME, MODEL_FILE, Manifest, ManifestError, claims_output,
+                                  load_manifest, sha256_file, staged_folder, tool_versions, write_manifest)
 from glm_runtime.tokenizer import TokenizerError, tokenizer_entry
 from glm_runtime.tokenizer_folder import resolve_tokenizer
 from glm_export.progress import Progress

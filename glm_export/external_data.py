@@ -1,5 +1,6 @@
-"""ONNX weights outside the graph: the file names, the two size limits and the writer that streams initializers
-into model.onnx.data as a graph is built. Torch-free: export, optimize and quantize all write through it.
+"""ONNX weights outside the graph: the two size limits and the writer that streams initializers into the data
+file (glm_runtime.manifest.DATA_FILE) as a graph is built. Torch-free: export, optimize and quantize all write
+through it.
 
 In: initializers as numpy arrays, one at a time. Out: TensorProtos that point into one 4 KiB-aligned data file.
 """
@@ -10,8 +11,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
+from glm_runtime.manifest import DATA_FILE
 # protobuf cannot serialize a message past 2 GiB; leave room for the graph itself
 PROTOBUF_LIMIT = 2 ** 31 - 2 ** 27
 # a graph built with weights past this streams them into DATA_FILE as it is built. An inline graph is held whole

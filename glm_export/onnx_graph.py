@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import LOGITS_START, io_table
+from glm_runtime.iotable import LOGITS_START, io_table, kv_names
 
 MASK_FILL = 65504.0  # masked scores become -65504 (the fp16 minimum), never -inf (docs/glm.md 1.3, 9.5)
 INT64_MAX = np.iinfo(np.int64).max
@@ -220,10 +220,11 @@ def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int,
         q, k, v = b.op("Split", [qkv], f"/{prefix}/Split", n_out=3, axis=-1, num_outputs=3)
     else:
         q, k, v = b.op("Split", [qkv, b.const("qkv_split", [h, h, h])], f"/{prefix}/Split", n_out=3, axis=-1)
+    present_k, present_v = kv_names("present", i)
     q = _heads(b, q, n, d, f"/{prefix}/q")
-    k = _heads(b, k, n, d, f"/{prefix}/k", output=f"present.{i}.key")  # un-scaled K (docs/glm.md 1.3)
-    v = _heads(b, v, n, d, f"/{prefix}/v", output=f"present.{i}.value")
-    past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+    k = _heads(b, k, n, d, f"/{prefix}/k", output=present_k)  # un-scaled K (docs/glm.md 1.3)
+    v = _heads(b, v, n, d, f"/{prefix}/v", output=present_v)
+    past_k, past_v = kv_names("past", i)
 
     s = cfg.attention_scale
     # Q/(s*sqrt d) . K^T == (Q/sqrt s).(K/sqrt(d s))^T of the original; for s = 1 and d a power of 4
@@ -352,7 +353,7 @@ def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], float_type
     b = GraphBuilder(opset, add_weight or (lambda name, a: numpy_helper.from_array(a, name)), wdtype, nbits)
     x, word_table = embeddings(b, weights)
     # P = past_seq, shared by all layers: [1] int64, used to split the probabilities into past | new
-    past_len = b.op("Gather", [b.op("Shape", ["past_key_values.0.key"], "/past_shape"), b.const("axis2", [2])],
+    past_len = b.op("Gather", [b.op("Shape", [kv_names("past", 0)[0]], "/past_shape"), b.const("axis2", [2])],
                     "/past_len")
     for i in range(config.num_layers):
         x = transformer_layer(b, x, weights, i, config, past_len)

@@ -19,10 +19,9 @@ from onnx import helper, numpy_helper
 
 from glm_export.compare import BudgetError
 from glm_export.derive import child_manifest, judge_child, op_histogram, read_parent, save_graph, trt_findings
-from glm_export.external_data import DATA_FILE
 from glm_export.onnx_graph import MAX_OPSET
 from glm_runtime.errors import GLMXError
-from glm_runtime.manifest import claims_output, staged_folder, write_manifest
+from glm_runtime.manifest import DATA_FILE, MODEL_FILE, claims_output, staged_folder, write_manifest
 from glm_runtime.session import quiet_options
 
 LEVELS = ("fuse", "basic", "extended")
@@ -248,8 +247,8 @@ def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> 
             raise OptimizeError(f"fuse found {gelus} GeLU subgraphs (or Gelu nodes) for {num_layers} layers: the "
                                 f"graph is not in the form glm_export.onnx_graph writes; use level='basic'")
         return model, {"tool": "glmx GeLU fusion (glm_export.optimize.fuse_gelu)", "rewrites": rewrites}
-    ort_optimize(src_model, tmp / "model.onnx", level)
-    model = onnx.load(tmp / "model.onnx")
+    ort_optimize(src_model, tmp / MODEL_FILE, level)
+    model = onnx.load(tmp / MODEL_FILE)
     odd = nonstandard_ops(model)
     if odd:
         raise OptimizeError(f"the {level} level produced non-standard ops {odd}, which TensorRT's ONNX parser "
@@ -275,7 +274,7 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
     if manifest.precision not in ("fp32", "fp16"):
         raise OptimizeError(f"{src_dir} is an artifact of precision {manifest.precision}; optimize the fp32 (or fp16) export, "
                             f"then quantize the optimized folder")
-    parent_bytes = sum(p.stat().st_size for p in src_dir.glob("model.onnx*"))
+    parent_bytes = sum(p.stat().st_size for p in src_dir.glob(f"{MODEL_FILE}*"))
     if level != "fuse" and parent_bytes > ORT_LEVEL_MAX_BYTES:
         raise OptimizeError(f"level {level} runs ONNX Runtime's optimizer, which holds the whole "
                             f"{parent_bytes / 1e9:.1f} GB model in memory; use --level fuse (a graph-only rewrite)")
@@ -288,19 +287,19 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
         if level == "fuse" and any(t.data_location == onnx.TensorProto.EXTERNAL for t in optimized.graph.initializer):
             # the same tensors at the same offsets: the parent's data file, copied in blocks, serves the child
             shutil.copyfile(src_dir / DATA_FILE, stage / DATA_FILE)
-            (stage / "model.onnx").write_bytes(optimized.SerializeToString())
-            onnx.checker.check_model(str(stage / "model.onnx"), full_check=True)
+            (stage / MODEL_FILE).write_bytes(optimized.SerializeToString())
+            onnx.checker.check_model(str(stage / MODEL_FILE), full_check=True)
             data_file = DATA_FILE
         else:
             onnx.checker.check_model(optimized, full_check=True)
             data_file = save_graph(optimized, stage)
-        findings = trt_findings(stage / "model.onnx")
+        findings = trt_findings(stage / MODEL_FILE)
         if findings:
             raise OptimizeError(f"the {level}-optimized graph would not parse in TensorRT: {findings[:3]}")
-        extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file,
+        extra = dict(manifest.extra, model_file=MODEL_FILE, external_data=data_file,
                      optimization={"level": level, **record, "ops": op_histogram(optimized),
                                    "ops_parent": op_histogram(onnx.load(src_model, load_external_data=False)),
-                                   "trt_findings": findings, "bytes": (stage / "model.onnx").stat().st_size})
+                                   "trt_findings": findings, "bytes": (stage / MODEL_FILE).stat().st_size})
         child = child_manifest(manifest, src_dir, stage, precision=manifest.precision, io=manifest.io, extra=extra)
         scheme = "optimized-fp16" if manifest.precision == "fp16" else "optimized"
         result = judge_child(stage, src_dir, child, tok, stage_name="optimize", scheme=scheme, eval_text=eval_text,

@@ -22,6 +22,7 @@ import numpy as np
 from glm_export.compare import (Call, Case, Comparison, ParityError, Tolerance, TOLERANCES, WINDOW, _versions,
                                 blank_calls, glm_cases, span_figures, text_windows)
 from glm_runtime.config import GLMConfig
+from glm_runtime.iotable import kv_names
 
 Layer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple], tuple[np.ndarray, np.ndarray, np.ndarray]]
 METHOD = ("piecewise: the graph cut at its layer boundaries (embedding, each layer, final LayerNorm + head), each "
@@ -59,7 +60,7 @@ class OnnxLayers:
             raise ParityError(f"{model_path} has no layer boundary {missing[0]!r} (the residual stream's tensor "
                               f"names of glm_export.onnx_graph), so it cannot be checked one layer at a time; "
                               f"an ONNX Runtime-optimized graph renames them: use --level fuse")
-        kv = next(v for v in g.input if v.name == "past_key_values.0.key").type.tensor_type.elem_type
+        kv = self.graph_inputs[kv_names("past", 0)[0]].type.tensor_type.elem_type
         self.kv_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kv))
 
     def _piece(self, inputs: Sequence[str], outputs: Sequence[str]):
@@ -123,16 +124,17 @@ class OnnxLayers:
     @contextmanager
     def layer(self, i: int) -> Iterator[Layer]:
         x_in = embed_output() if i == 0 else layer_output(i - 1)
-        names = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outs = [layer_output(i), f"present.{i}.key", f"present.{i}.value"]
+        names = kv_names("past", i)
+        outs = [layer_output(i), *kv_names("present", i)]
+        first_past = kv_names("past", 0)[0]
         with self._session([x_in, "attention_mask", *names], outs) as s:
             wanted = {v.name for v in s.get_inputs()}
 
             def run(x, mask, past_k, past_v, past0_shape):
                 feeds = {x_in: x, "attention_mask": mask, names[0]: past_k.astype(self.kv_dtype, copy=False),
                          names[1]: past_v.astype(self.kv_dtype, copy=False)}
-                if "past_key_values.0.key" in wanted and i:  # only its length is read (past_len), by every layer
-                    feeds["past_key_values.0.key"] = np.zeros(past0_shape, dtype=self.kv_dtype)
+                if first_past in wanted and i:  # only its length is read (past_len), by every layer
+                    feeds[first_past] = np.zeros(past0_shape, dtype=self.kv_dtype)
                 return tuple(s.run(None, feeds))
             yield run
 
@@ -274,12 +276,13 @@ def _present_figures(cases: Sequence[Case]) -> tuple[dict, Any]:
             return
         f = figures[cases[c].name]
         for part, g, w in (("key", got[0], want[0]), ("value", got[1], want[1])):
+            name = kv_names("present", i)[0 if part == "key" else 1]
             if not np.isfinite(g).all():
-                f["non_finite"].append(f"call {k} present.{i}.{part}")
+                f["non_finite"].append(f"call {k} {name}")
             diff = float(np.abs(g - w).max())
             f["ref_present"] = max(f["ref_present"], float(np.abs(w).max()))
             if diff >= f[f"present_{part}"]:
-                f[f"present_{part}"], f[f"worst_present_{part}"] = diff, f"present.{i}.{part}"
+                f[f"present_{part}"], f[f"worst_present_{part}"] = diff, name
 
     return figures, on_present
 

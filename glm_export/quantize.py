@@ -23,7 +23,7 @@ from glm_export.compare import BudgetError
 from glm_export.derive import (QuantizeError, child_manifest, judge_child, op_histogram, read_parent, save_graph,
                                trt_findings)
 from glm_runtime.iotable import io_table
-from glm_runtime.manifest import claims_output, staged_folder, write_manifest
+from glm_runtime.manifest import DATA_FILE, MODEL_FILE, claims_output, staged_folder, write_manifest
 
 SCHEMES = ("int8-dynamic", "int4-weight", "int8-weight", "qdq-int8", "fp16")
 # Roles that may stay fp32. "embedding": the word-embedding Gather (never quantized: only MatMul weights are);
@@ -289,8 +289,8 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
         bar.close()
         if store is not None:
             store.close()
-    (stage / "model.onnx").write_bytes(graph.SerializeToString())
-    return graph, (external_data.DATA_FILE if external else None)
+    (stage / MODEL_FILE).write_bytes(graph.SerializeToString())
+    return graph, (DATA_FILE if external else None)
 
 
 # ---------------------------------------------------------------- the stage
@@ -335,7 +335,7 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     if manifest.precision != "fp32":
         raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; {scheme} is made from the fp32 export "
                             f"it came from ({manifest.parent.get('path', 'its parent')})")
-    parent_bytes = sum(p.stat().st_size for p in src_dir.glob("model.onnx*"))
+    parent_bytes = sum(p.stat().st_size for p in src_dir.glob(f"{MODEL_FILE}*"))
     if parent_bytes > ORT_QUANTIZER_MAX_BYTES:
         raise QuantizeError(f"{scheme} runs ONNX Runtime's quantizer, which holds the whole {parent_bytes / 1e9:.1f} GB "
                             f"model in memory more than once; use --scheme int8-weight or int4-weight, which are "
@@ -353,10 +353,10 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
                                     feeds=feeds, config=manifest.config)
         quantized = onnx.load(Path(tmp) / "out.onnx")
         data_file = save_graph(quantized, stage)
-        findings = trt_findings(stage / "model.onnx")  # int8-dynamic / int4 are ONNX Runtime-only: recorded
+        findings = trt_findings(stage / MODEL_FILE)  # int8-dynamic / int4 are ONNX Runtime-only: recorded
         if findings and scheme in ("qdq-int8", "fp16"):
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
-        extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file)
+        extra = dict(manifest.extra, model_file=MODEL_FILE, external_data=data_file)
         extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": exclude,
                                  "block_size": None, "accuracy_level": None,  # an NBits scheme's only
                                  "calibration": calib_record, "ops": op_histogram(quantized),
@@ -424,7 +424,7 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
         ops = op_histogram(graph)
         kept = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight.T")]
         del graph
-        findings = trt_findings(stage / "model.onnx")  # MatMulNBits is ONNX Runtime-only: recorded
+        findings = trt_findings(stage / MODEL_FILE)  # MatMulNBits is ONNX Runtime-only: recorded
         if findings and scheme == "fp16":
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
         settings = ({"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(float_type='fp16')"}
@@ -434,7 +434,7 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
                                    if r["mlp_block_size"] != r["block_size"] else ""),
                      "packing": "onnxruntime.capi._pybind_state.quantize_matmul_%dbits" % NBITS[scheme],
                      "activations": "fp32 (MatMulNBits accuracy_level %d)" % r["accuracy_level"]})
-        extra = dict(manifest.extra, model_file="model.onnx", external_data=data_file)
+        extra = dict(manifest.extra, model_file=MODEL_FILE, external_data=data_file)
         extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": kept,
                                  **{k: r.get(k) for k in ("block_size", "mlp_block_size", "accuracy_level", "head")},
                                  "calibration": None, "ops": ops, "streamed": True,

@@ -18,12 +18,10 @@ from glm_runtime.config import GLMConfig
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import accepted_tables, io_table, without_optional_inputs
 from glm_runtime.manifest import (
-    MANIFEST_NAME, Manifest, claims_output, ManifestError, atomic_write_bytes, load_manifest, sha256_file, staged_folder,
-    tokenizer_file_names, tool_versions, write_manifest,
+    ENGINE_FILE, MANIFEST_NAME, Manifest, claims_output, ManifestError, atomic_write_bytes, load_manifest, sha256_file,
+    staged_folder, tokenizer_file_names, tool_versions, write_manifest,
 )
-from glm_runtime.trt_session import (
-    ENGINE_FILE, EngineInfo, Profile, TensorRTSession, gpu_identity, import_tensorrt,
-)
+from glm_runtime.trt_session import EngineInfo, Profile, TensorRTSession, gpu_identity, import_tensorrt
 
 DEFAULT_MAX_NEW_TOKENS = 64
 

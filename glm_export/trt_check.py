@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper, shape_inference
 
+from glm_runtime.manifest import MODEL_FILE
+
 SUPPORT_FILE = Path(__file__).resolve().parent / "data" / "trt_onnx_support.json"
 INDEX_TYPES = ("INT32", "INT64")
 
@@ -159,9 +161,9 @@ def check_trt(onnx_path: Union[str, Path]) -> list[Finding]:
     """Every node (and model-level fact) TensorRT's ONNX parser does not support; empty means all parse."""
     path = Path(onnx_path)
     if path.is_dir():
-        path = path / "model.onnx"
+        path = path / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass an .onnx file or a folder holding model.onnx")
+        raise FileNotFoundError(f"{path} does not exist: pass an .onnx file or a folder holding {MODEL_FILE}")
     model = onnx.load(str(path), load_external_data=False)  # types and shapes only; weights are not needed
     try:
         model = shape_inference.infer_shapes(model)

@@ -103,3 +103,9 @@ def past_names(table: Mapping[str, Any]) -> list[tuple[str, str]]:
 def present_names(table: Mapping[str, Any]) -> list[tuple[str, str]]:
     p = table["kv_patterns"]
     return [(p["present_key"].format(i=i), p["present_value"].format(i=i)) for i in range(table["num_layers"])]
+
+
+def kv_names(kind: str, i: int) -> tuple[str, str]:
+    """Layer i's (key, value) names in the graphs glmx builds: kind "past" (inputs) or "present" (outputs). What
+    builds or cuts a graph asks here; what runs one reads its manifest's table (past_names, present_names)."""
+    return KV_PATTERNS[f"{kind}_key"].format(i=i), KV_PATTERNS[f"{kind}_value"].format(i=i)

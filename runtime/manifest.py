@@ -20,7 +20,13 @@ from typing import Any, Iterator, Mapping
 
 from glm_runtime.errors import GLMXError
 
-MANIFEST_NAME = "manifest.json"
+# The file names of glmx's artifact folders, declared once: every stage that writes or reads one names it here.
+MANIFEST_NAME = "manifest.json"  # every artifact's manifest
+MODEL_FILE = "model.onnx"  # an onnx folder's graph
+DATA_FILE = "model.onnx.data"  # its weights, when they live outside the graph (streamed, or past protobuf's 2 GiB)
+ENGINE_FILE = "model.engine"  # an engine folder's serialized TensorRT engine
+WEIGHTS_FILE = "model.safetensors"  # a glmx checkpoint's weights
+CONFIG_FILE = "config.json"  # a checkpoint's Hugging Face config (glm_export.hf_config)
 SCHEMA = "glmx.manifest/1"
 ARTIFACT_KINDS = ("checkpoint", "onnx", "engine")
 
@@ -384,9 +390,9 @@ ARTIFACT_SUFFIXES = (".onnx", ".data", ".engine", ".plan", ".safetensors", ".bin
 def required_files(manifest: Manifest) -> list[str]:
     """The files the artifact itself reads (graph and its external data, engine, weights, tokenizer)."""
     extra = manifest.extra or {}
-    names = {"onnx": [extra.get("model_file") or "model.onnx", extra.get("external_data")],
-             "engine": [extra.get("engine_file") or "model.engine"],
-             "checkpoint": ["model.safetensors", "config.json"]}.get(manifest.kind, [])
+    names = {"onnx": [extra.get("model_file") or MODEL_FILE, extra.get("external_data")],
+             "engine": [extra.get("engine_file") or ENGINE_FILE],
+             "checkpoint": [WEIGHTS_FILE, CONFIG_FILE]}.get(manifest.kind, [])
     return [n for n in names if n] + tokenizer_file_names(manifest.tokenizer)
 
 
