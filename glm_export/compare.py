@@ -388,55 +388,90 @@ def _check_names(candidate: Session, reference: Session) -> None:
 
 def compare_sessions(candidate: Session, reference: Session, *, stage: str, tolerance: Tolerance | None = None,
                      cases: Iterable[Case] | None = None) -> Comparison:
-    """Run GLM's cases through both sessions; check names, then shapes, then values (and top-1)."""
+    """Run GLM's cases through both sessions (names checked first, each call's shapes as it returns), then `judge`
+    the values (and top-1)."""
     _check_names(candidate, reference)
-    cfg = reference.config
     tol = tolerance or TOLERANCES.get(candidate.precision)  # None for quantized precisions
-    unjudged = Tolerance(float("inf"), 0.0)
-    V = cfg.vocab_size
+    cases = list(cases) if cases is not None else glm_cases(reference.config.vocab_size)
+    # the candidate's last row asked for alone (logits_start = -1); not for quantized graphs, whose dynamic
+    # activation scales depend on which rows are in the call
+    last_row = tol is not None and accepts(candidate, LOGITS_START) and accepts(reference, LOGITS_START)
+    presents = present_names(reference.io)
     figures: dict[str, dict[str, Any]] = {}
-    agree = total = decisive = 0
-    logits_start = accepts(candidate, LOGITS_START) and accepts(reference, LOGITS_START)
-    for case in cases if cases is not None else glm_cases(V):
+    logits: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    last_rows: dict[str, np.ndarray] = {}
+    for case in cases:
         got_all, want_all = run_calls(candidate, case.calls), run_calls(reference, case.calls)
-        f = {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0, "ref_present": 0.0,
-             "worst_present_key": "", "worst_present_value": "", "non_finite": [], "calls": len(case.calls)}
-        for k, (call, got, want) in enumerate(zip(case.calls, got_all, want_all)):
-            ref = want["logits"]
-            f["logits"] = max(f["logits"], float(np.abs(got["logits"] - ref).max()))
+        f = figures[case.name] = case_figures(case)
+        for k, (got, want) in enumerate(zip(got_all, want_all)):
+            for i, names in enumerate(presents):
+                measure_present(f, k, i, names, [got[n] for n in names], [want[n] for n in names])
+        logits.append([(got["logits"], want["logits"]) for got, want in zip(got_all, want_all)])
+        if last_row and case.calls[-1].input_ids.shape[1] > 1:
+            last_rows[case.name] = run_calls(candidate, case.calls, last_row_only=True)[-1]["logits"]
+    return judge(stage, describe(candidate), describe(reference), candidate.precision, tol, cases, figures, logits,
+                 last_rows=last_rows)
+
+
+# ------------------------------------------------------------------ the one judge (whole graph and piecewise)
+
+
+def case_figures(case: Case) -> dict[str, Any]:
+    """A case's figures before anything is measured; `measure_present` and `judge` fill them in."""
+    return {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0, "ref_present": 0.0,
+            "worst_present_key": "", "worst_present_value": "", "non_finite": [], "calls": len(case.calls)}
+
+
+def measure_present(f: dict[str, Any], k: int, i: int, names: Sequence[str], got: Sequence[np.ndarray],
+                    want: Sequence[np.ndarray]) -> None:
+    """Layer i's presents (key, value) of call k into its case's figures, as they are made: the piecewise check
+    drops them after. A non-finite entry is (call, layer, part, text) until `judge` orders it."""
+    for j, (part, name, g, w) in enumerate(zip(("key", "value"), names, got, want)):
+        if not np.isfinite(g).all():
+            f["non_finite"].append((k, i, j, f"call {k} {name}"))
+        diff = float(np.abs(g - w).max())
+        f["ref_present"] = max(f["ref_present"], float(np.abs(w).max()))
+        if diff >= f[f"present_{part}"]:
+            f[f"present_{part}"], f[f"worst_present_{part}"] = diff, name
+
+
+def judge(stage: str, candidate: str, reference: str, precision: str, tolerance: Tolerance | None,
+          cases: Sequence[Case], figures: dict[str, dict[str, Any]],
+          logits: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], *, last_rows: dict[str, np.ndarray] | None = None,
+          method: str = WHOLE) -> Comparison:
+    """The one judge of GLM's cases, for the whole-graph check (compare_sessions) and the piecewise one
+    (glm_export.pieces) alike. Everything has run: `figures` hold each case's presents (measure_present),
+    `logits` each case's calls as (candidate, reference) pairs, `last_rows` the candidate's logits_start=-1
+    answer per case. Measures the logits, counts top-1 agreement and decisive mismatches against the case's
+    budget, and returns the record; `Comparison.failures` lists what misses."""
+    budget = tolerance or Tolerance(float("inf"), 0.0)  # no tolerance: values unjudged (text judges them)
+    agree = total = decisive = 0
+    for case, pairs in zip(cases, logits):
+        f = figures[case.name]
+        for k, (got, ref) in enumerate(pairs):
+            if not np.isfinite(got).all():
+                f["non_finite"].append((k, -1, 0, f"call {k} logits"))
+            f["logits"] = max(f["logits"], float(np.abs(got - ref).max()))
             f["ref_logits"] = max(f["ref_logits"], float(np.abs(ref).max()))
-            for name, value in got.items():
-                if not np.isfinite(value).all():
-                    f["non_finite"].append(f"call {k} {name}")
-            for kn, vn in present_names(reference.io):
-                for part, name in (("key", kn), ("value", vn)):
-                    diff = float(np.abs(got[name] - want[name]).max())
-                    f["ref_present"] = max(f["ref_present"], float(np.abs(want[name]).max()))
-                    if diff >= f[f"present_{part}"]:
-                        f[f"present_{part}"], f[f"worst_present_{part}"] = diff, name
+        allowed = budget.allowed(f["ref_logits"])
+        for got, ref in pairs:
             top2 = np.partition(ref, -2, axis=-1)[..., -2:]
-            same = got["logits"].argmax(-1) == ref.argmax(-1)
+            same = got.argmax(-1) == ref.argmax(-1)
             agree += int(same.sum())
             total += same.size
-            decisive += int((~same & (top2[..., 1] - top2[..., 0] > 2 * (tol or unjudged).allowed(
-                f["ref_logits"]))).sum())
-        # the candidate's last row against its own full logits; not for quantized graphs, whose dynamic activation
-        # scales depend on which rows are in the call
-        if logits_start and tol is not None:
-            _check_logits_start(candidate, case, got_all[-1]["logits"], tol.allowed(f["ref_logits"]))
-        f["allowed_logits"] = (tol or unjudged).allowed(f["ref_logits"])
-        f["allowed_present_key"] = f["allowed_present_value"] = (tol or unjudged).allowed(f["ref_present"])
-        figures[case.name] = f
-    return Comparison(stage, describe(reference), describe(candidate), candidate.precision, tol, figures,
-                      agree / max(total, 1), decisive, versions=_versions())
+            decisive += int((~same & (top2[..., 1] - top2[..., 0] > 2 * allowed)).sum())
+        if last_rows and case.name in last_rows:
+            _check_last_row(case, last_rows[case.name], pairs[-1][0], allowed)
+        f["non_finite"] = [text for *_, text in sorted(f["non_finite"])]  # by call: logits, then layer by layer
+        f["allowed_logits"] = allowed
+        f["allowed_present_key"] = f["allowed_present_value"] = budget.allowed(f["ref_present"])
+    return Comparison(stage, reference, candidate, precision, tolerance, figures, agree / max(total, 1), decisive,
+                      versions=_versions(), method=method)
 
 
-def _check_logits_start(session: Session, case: Case, full: np.ndarray, allowed: float) -> None:
+def _check_last_row(case: Case, last: np.ndarray, full: np.ndarray, allowed: float) -> None:
     """logits_start = -1 must return the last position of the full logits (the same rows through the same
     weights; a one-row product may take another kernel, so within the logit budget)."""
-    if case.calls[-1].input_ids.shape[1] < 2:
-        return
-    last = run_calls(session, case.calls, last_row_only=True)[-1]["logits"]
     if last.shape != full[:, -1:].shape:
         raise ParityError(f"case {case.name!r}: logits_start=-1 gave logits of shape {list(last.shape)}, expected "
                           f"{list(full[:, -1:].shape)}")
@@ -555,6 +590,15 @@ def budget_misses(scheme: str, figures: dict[str, Any]) -> list[str]:
     return misses
 
 
+def judge_text(result: Comparison, scheme: str, figures: dict[str, Any], heldout: dict[str, Any]) -> Comparison:
+    """Held-out text figures (compare_on_text, or glm_export.pieces one layer at a time) judged against
+    BUDGETS[scheme], into the record's `text`; a miss shows in `result.failures` as "text: ..."."""
+    misses = budget_misses(scheme, figures)
+    result.text = dict(figures, scheme=scheme, budget=BUDGETS[scheme], heldout=heldout, within_budget=not misses,
+                       misses=misses)
+    return result
+
+
 # ------------------------------------------------------------------ held-out text in the model's language
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -591,17 +635,19 @@ def heldout_text(tokenizer_kind: str | None, half: int = 1) -> tuple[str, dict[s
         "sha256": sha256_file(path)}
 
 
+def text_to_judge(tokenizer_kind: str | None, text: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(text, record of its source): the caller's text, or the bundled held-out half in the model's language."""
+    if text is None:
+        return heldout_text(tokenizer_kind)
+    return text, {"language": language_of(tokenizer_kind), "source": "text given by the caller"}
+
+
 def compare_artifact(candidate: Session, reference: Session, tok: Any, *, stage: str, scheme: str | None,
                      text: str | None = None, tolerance: Tolerance | None = None) -> Comparison:
     """Structure (GLM's cases) and, with a scheme, held-out text judged against BUDGETS[scheme]."""
     result = compare_sessions(candidate, reference, stage=stage, tolerance=tolerance)
     if scheme is not None:
-        if text is None:
-            text, source = heldout_text(tok.kind)
-        else:
-            source = {"language": language_of(tok.kind), "source": "text given by the caller"}
-        figures = compare_on_text(candidate, reference, tok, text, language=source["language"])
-        misses = budget_misses(scheme, figures)
-        result.text = dict(figures, scheme=scheme, budget=BUDGETS[scheme], heldout=source,
-                           within_budget=not misses, misses=misses)
+        text, source = text_to_judge(tok.kind, text)
+        judge_text(result, scheme, compare_on_text(candidate, reference, tok, text, language=source["language"]),
+                   source)
     return result

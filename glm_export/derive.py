@@ -118,7 +118,7 @@ def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_
     """Write the child's manifest, then compare child and parent (GLM's cases, then held-out text in the model's
     language): as two whole ONNX Runtime sessions, or one layer at a time (method "piecewise",
     glm_export.pieces; no greedy fills then). -> the Comparison; the caller decides what a miss means."""
-    from glm_export.compare import BUDGETS, budget_misses, compare_artifact, heldout_text, language_of
+    from glm_export.compare import compare_artifact, judge_text, text_to_judge
     write_manifest(stage, child)
     if method != "piecewise":
         from glm_runtime.session import OnnxRuntimeSession
@@ -134,18 +134,13 @@ def judge_child(stage: Path, src_dir: Path, child: Manifest, tok: Any, *, stage_
     candidate = OnnxLayers(stage / MODEL_FILE, cfg, child.precision, "the artifact being written")
     reference = OnnxLayers(src_dir / parent_manifest.extra.get("model_file", MODEL_FILE), cfg,
                            parent_manifest.precision, str(src_dir))
-    if eval_text is None:
-        eval_text, source = heldout_text(tok.kind)
-    else:
-        source = {"language": language_of(tok.kind), "source": "text given by the caller"}
+    eval_text, source = text_to_judge(tok.kind, eval_text)
     bar = Progress(f"{stage_name}: checked layers (GLM's cases and held-out text)", cfg.num_layers, say)
     try:
         result, figures = compare_with_text_by_layer(candidate, reference, tok, eval_text, stage=stage_name,
                                                      language=source["language"], log=lambda i, n: bar.update(i))
     finally:
         bar.close()
-    misses = budget_misses(scheme, figures)
-    result.text = dict(figures, scheme=scheme, budget=BUDGETS[scheme], heldout=source, within_budget=not misses,
-                       misses=misses)
+    judge_text(result, scheme, figures, source)
     say(result.table())
     return result

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from glm_export.compare import (Call, Case, Comparison, ParityError, Tolerance, TOLERANCES, WINDOW, _versions,
-                                blank_calls, glm_cases, span_figures, text_windows)
+from glm_export.compare import (Call, Case, Comparison, ParityError, Tolerance, TOLERANCES, WINDOW, blank_calls,
+                                case_figures, glm_cases, judge, measure_present, span_figures, text_windows)
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import kv_names
 
@@ -265,52 +265,24 @@ def lockstep(candidate: Any, reference: Any, cases: Sequence[Case], *, on_presen
 
 
 def _present_figures(cases: Sequence[Case]) -> tuple[dict, Any]:
-    """Per case, the figures compare_sessions records, and the lockstep callback that fills in the presents'
-    (calls of cases beyond `cases`, e.g. text windows run in the same pass, are not judged)."""
-    figures = {case.name: {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0,
-                           "ref_present": 0.0, "worst_present_key": "", "worst_present_value": "", "non_finite": [],
-                           "calls": len(case.calls)} for case in cases}
+    """Per case, the figures compare_sessions records, and the lockstep callback that measures the presents into
+    them as each layer makes them (calls of cases beyond `cases`, e.g. text windows run in the same pass, are not
+    judged)."""
+    figures = {case.name: case_figures(case) for case in cases}
 
     def on_present(c, k, i, got, want):
-        if c >= len(cases):
-            return
-        f = figures[cases[c].name]
-        for part, g, w in (("key", got[0], want[0]), ("value", got[1], want[1])):
-            name = kv_names("present", i)[0 if part == "key" else 1]
-            if not np.isfinite(g).all():
-                f["non_finite"].append(f"call {k} {name}")
-            diff = float(np.abs(g - w).max())
-            f["ref_present"] = max(f["ref_present"], float(np.abs(w).max()))
-            if diff >= f[f"present_{part}"]:
-                f[f"present_{part}"], f[f"worst_present_{part}"] = diff, name
+        if c < len(cases):
+            measure_present(figures[cases[c].name], k, i, kv_names("present", i), got, want)
 
     return figures, on_present
 
 
-def _judge(candidate: Any, reference: Any, stage: str, cases: Sequence[Case], tol: Optional[Tolerance],
+def _judge_stacks(candidate: Any, reference: Any, stage: str, cases: Sequence[Case], tol: Optional[Tolerance],
            figures: dict, got_all: list, want_all: list) -> Comparison:
-    """The logits' figures and top-1 agreement of each case, and the record compare_sessions would write."""
-    unjudged = Tolerance(float("inf"), 0.0)
-    agree = total = decisive = 0
-    for c, case in enumerate(cases):
-        f = figures[case.name]
-        for k, (got, ref) in enumerate(zip(got_all[c], want_all[c])):
-            if not np.isfinite(got).all():
-                f["non_finite"].append(f"call {k} logits")
-            f["logits"] = max(f["logits"], float(np.abs(got - ref).max()))
-            f["ref_logits"] = max(f["ref_logits"], float(np.abs(ref).max()))
-        for got, ref in zip(got_all[c], want_all[c]):
-            top2 = np.partition(ref, -2, axis=-1)[..., -2:]
-            same = got.argmax(-1) == ref.argmax(-1)
-            agree += int(same.sum())
-            total += same.size
-            decisive += int((~same & (top2[..., 1] - top2[..., 0] > 2 * (tol or unjudged).allowed(
-                f["ref_logits"]))).sum())
-        f["allowed_logits"] = (tol or unjudged).allowed(f["ref_logits"])
-        f["allowed_present_key"] = f["allowed_present_value"] = (tol or unjudged).allowed(f["ref_present"])
-    return Comparison(stage, f"{reference.label} ({reference.precision})", f"{candidate.label} "
-                      f"({candidate.precision})", candidate.precision, tol, figures, agree / max(total, 1),
-                      decisive, versions=_versions(), method=METHOD)
+    """glm_export.compare.judge over both stacks' logits, labelled as the piecewise check."""
+    logits = [list(zip(got_all[c], want_all[c])) for c in range(len(cases))]
+    return judge(stage, f"{candidate.label} ({candidate.precision})", f"{reference.label} ({reference.precision})",
+                 candidate.precision, tol, cases, figures, logits, method=METHOD)
 
 
 def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: Optional[Tolerance] = None,
@@ -319,7 +291,7 @@ def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: O
     cases = list(cases) if cases is not None else glm_cases(reference.config.vocab_size)
     figures, on_present = _present_figures(cases)
     got, want = lockstep(candidate, reference, cases, on_present=on_present, log=log)
-    return _judge(candidate, reference, stage, cases, tolerance or TOLERANCES.get(candidate.precision), figures,
+    return _judge_stacks(candidate, reference, stage, cases, tolerance or TOLERANCES.get(candidate.precision), figures,
                   got, want)
 
 
@@ -334,7 +306,7 @@ def compare_with_text_by_layer(candidate: Any, reference: Any, tok: Any, text: s
     figures, on_present = _present_figures(cases)
     got, want = lockstep(candidate, reference, cases + windows, on_present=on_present,
                          rows=lambda c, k: c < n or k == 1, log=log)  # a window's logits: its span call only
-    result = _judge(candidate, reference, stage, cases, TOLERANCES.get(candidate.precision), figures, got[:n],
+    result = _judge_stacks(candidate, reference, stage, cases, TOLERANCES.get(candidate.precision), figures, got[:n],
                     want[:n])
     return result, _text_figures(tok, got[n:], want[n:], targets, window, language)
 
