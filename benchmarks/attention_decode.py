@@ -9,11 +9,12 @@ heads (16 x 64):
 
     python -m glmx_benchmarks.attention_decode [--past 128 512] [--rounds 20]
 
-Why glmx's attention reads the cache at ~10 GB/s: each layer's two products are 16 per-head matrix-vector
-products (M = 1) that ONNX Runtime's MatMul runs as small batched GEMMs (FusedMatMul with transB for the scores);
-past the L3 cache (P = 512) they fall to ~5 GB/s while numpy's own matrix-vector product streams the same bytes at
-~14 GB/s on one thread. GroupQueryAttention is causal with per-row lengths (seqlens_k): it fits GLM's decode and
-span steps (a new token sees every filled slot of its row), not the bidirectional context pass. The two fused
+Why glmx's attention reads the cache below the machine's bandwidth (the rates it reaches are in
+results/attention_decode.md): each layer's two products are 16 per-head matrix-vector products (M = 1) that ONNX
+Runtime's MatMul runs as small batched GEMMs (FusedMatMul with transB for the scores), each call with its own
+dispatch, where numpy's own matrix-vector product streams the same bytes faster on one thread.
+GroupQueryAttention is causal with per-row lengths (seqlens_k): it fits GLM's decode and span steps (a new token
+sees every filled slot of its row), not the bidirectional context pass. The two fused
 kernels' outputs are checked against glmx's graph on the same inputs (max abs difference recorded) before they are
 timed. The sessions run with intra-op spinning off: with it on, each session's idle threads spin through the next
 session's run and the interleaved timings measure that contention (2-5x here), not the kernels.

@@ -58,7 +58,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     except OSError:
         pass
     from glm_runtime.manifest import tool_versions
-    # read from the installed metadata where not imported (importing torch for its version cost 2 s a run)
+    # read from the installed metadata where not imported (importing torch only for its version costs seconds a run)
     versions = {"numpy": None, "onnx": None, "onnxruntime": None, "torch": None,
                 **tool_versions("onnx", "onnxruntime", "torch")}
     return {"cpu": cpu, "cpu_flags": cpu_facts()["flags"], "cores": os.cpu_count(), "threads_used": threads,

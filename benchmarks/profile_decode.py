@@ -2,8 +2,9 @@
 
 In: an exported ONNX folder, threads, past length. Out (stdout): the median step time with profiling on, the
 nodes per step, and kernel time per op type, heaviest first.
-The profiler adds a cost to every node it times, so a graph of many small nodes looks slower than it runs (an
-int4 GLM-Large step: 39 ms profiled, 25-28 ms not); glmx_benchmarks.kernel_rates times kernels without it.
+The profiler adds a cost to every node it times, so a graph of many small nodes looks slower than it runs (compare
+the step time printed here with the unprofiled one in benchmarks/results/results.md); glmx_benchmarks.kernel_rates
+times kernels without it.
 
     python -m glmx_benchmarks.profile_decode FOLDER [--threads 2] [--past 128] [--steps 20]
 """

@@ -1,4 +1,4 @@
-"""GLM's blank-infilling pretraining collator (spec sections 2, 3.4 and 5), in numpy only.
+"""GLM's blank-infilling pretraining collator (docs/glm.md 2, 3.4 and 5), in numpy only.
 
 In: token samples, each "[CLS] doc <eos> [CLS] doc <eos> ..." (1-D int arrays), and a numpy Generator.
 Out: a padded batch dict: input_ids [B, T], position_ids [B, 2, T], target_ids [B, T], loss_mask [B, T]
@@ -17,7 +17,7 @@ Interval = tuple[int, int]  # [start, end) in the uncorrupted sample
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """Ids of the command tokens the collator writes (spec section 7 names)."""
+    """Ids of the command tokens the collator writes (the names of docs/glm.md 7)."""
     eos: int
     cls: int
     mask: int
@@ -31,7 +31,7 @@ class SpecialIds:
 
 @dataclass(frozen=True)
 class CollatorConfig:
-    """The pretraining knobs of spec section 5 (defaults: GLM-Large's bert-only objective)."""
+    """The pretraining knobs of docs/glm.md 5 (defaults: GLM-Large's bert-only objective)."""
     bert_prob: float = 1.0
     gap_sentence_prob: float = 0.0  # the rest (1 - bert - sentence) is gpt / document mode
     mask_ratio: float = 0.15  # bert_ratio: masked tokens per sample in bert and sentence modes

@@ -48,7 +48,7 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
 CHECKS = ("auto", "whole", "piecewise")
 # auto: a model whose fp32 weights fit in this many bytes is checked whole (torch and ONNX Runtime each hold it
 # once, ~3x this); larger ones one layer at a time (glm_export.pieces), so the check stays within the export's
-# memory bound of about 1 GB plus a few of the largest tensor.
+# memory goal of about 1 GB plus a few of the largest tensor (benchmarks/results/scale.md measures it).
 WHOLE_CHECK_MAX_BYTES = 256 * 2 ** 20
 
 

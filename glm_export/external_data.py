@@ -15,7 +15,7 @@ from glm_runtime.manifest import DATA_FILE
 # protobuf cannot serialize a message past 2 GiB; leave room for the graph itself
 PROTOBUF_LIMIT = 2 ** 31 - 2 ** 27
 # a graph built with weights past this streams them into DATA_FILE as it is built. An inline graph is held whole
-# in memory, and twice while it is serialized (GLM-Large fp16 inline: 2.8 GB peak; streamed: 0.5 GB).
+# in memory, and twice while it is serialized; a streamed export's peak is in benchmarks/results/scale.md.
 STREAM_THRESHOLD = 256 * 2 ** 20
 
 

@@ -3,7 +3,7 @@
 In: input_ids [B, T], position_ids [B, 2, T] (position, block position), an attention mask in one of the
 original's forms, and optionally a per-layer (key, value) cache of `past` earlier tokens.
 Out: logits [B, T, V] (tied to the word embeddings, no bias) and the updated cache.
-Every fact here is from ../shared/glm_reference_spec.md; section numbers are cited inline.
+Every fact here is from docs/glm.md; its section numbers are cited inline.
 Parameter names are the official ones (docs/glm.md 1.1), so loading a checkpoint is a literal key map.
 """
 from __future__ import annotations

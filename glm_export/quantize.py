@@ -34,11 +34,11 @@ SCHEMES = ("int8-dynamic", "int4-weight", "int8-weight", "qdq-int8", "fp16")
 KEEP_FP32 = ("embedding", "head", "first-layer", "last-layer")  # roles; node names may be given too
 LAYER_NODE = re.compile(r"/transformer\.layers\.(\d+)\.")
 # What stays fp32 unless the caller says otherwise. The embedding is a Gather (never quantized) and the tied
-# head is the most sensitive matrix (quantizing it cost the bundled model 1-3 points of top-1). The int8
-# activation schemes also keep layer 0: in the bundled model (trained with pretrain's "local" position init) it
-# holds the neighbour-attention heads on a large sinusoidal table, and per-tensor int8 activations there cost
-# 2-3 points of top-1 (0.964 -> 0.995 int8-dynamic, 0.973 -> 0.998 qdq-int8; benchmarks/quantization.py); on a
-# 24-layer model that is 1/24 of the weights.
+# head is the most sensitive matrix (the "-head" rows of benchmarks/results/quantization_bundled.json quantize it
+# too and lose top-1). The int8 activation schemes also keep layer 0: in the bundled model (trained with
+# pretrain's "local" position init) it holds the neighbour-attention heads on a large sinusoidal table, where
+# per-tensor int8 activations lose top-1 (the "first layer int8 too" rows of the same file); on a 24-layer model
+# that is 1/24 of the weights.
 DEFAULT_KEEP_FP32 = {"int8-dynamic": ("embedding", "head", "first-layer"),
                      "qdq-int8": ("embedding", "head", "first-layer"),
                      "int4-weight": ("embedding",), "int8-weight": ("embedding",)}

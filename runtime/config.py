@@ -2,7 +2,7 @@
 
 In: keyword values, a preset name, glmx JSON, or a Hugging Face `config.json` dict.
 Out: a validated, immutable config that round-trips through JSON and goes into every manifest.
-Facts: glm_reference_spec.md sections 1.1, 6 and 8.2. Torch-free on purpose (the runtime reads it too).
+Facts: docs/glm.md sections 1.1, 6 and 8.2. Torch-free on purpose (the runtime reads it too).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class GLMConfig:
     attention_dropout: float = 0.1
     gelu: str = "tanh"
     attention_scale: float = 1.0
-    tokenizer: str = "json"  # which GLM vocabulary the ids belong to (spec section 7)
+    tokenizer: str = "json"  # which GLM vocabulary the ids belong to (docs/glm.md 7)
     name: str = "custom"
 
     def __post_init__(self) -> None:

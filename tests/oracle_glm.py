@@ -1,4 +1,4 @@
-"""Independent float64 numpy oracle of GLM (Du et al. 2021), written from glm_reference_spec.md only.
+"""Independent float64 numpy oracle of GLM (Du et al. 2021), written from the facts of docs/glm.md only.
 
 In: a state dict with the official unprefixed names (docs/glm.md 1.1) and a small cfg dict.
 Out: logits of one sequence (no cache), greedy blank filling by full recomputation, and a loader for

@@ -8,7 +8,7 @@ import pytest
 from glm_runtime.config import PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.hf_config import from_hf_dict, to_hf_dict  # noqa: E402
 
-# spec section 6: (L, h, n, P, V, tokenizer)
+# docs/glm.md 6: (L, h, n, P, V, tokenizer)
 SPEC_TABLE = {
     "glm-base": (12, 768, 12, 512, 30592, "bert"),
     "glm-large": (24, 1024, 16, 512, 30592, "bert"),
