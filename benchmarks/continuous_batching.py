@@ -28,6 +28,7 @@ from glm_runtime.engine import Engine
 from glmx_benchmarks.machine import cpu_facts
 from glmx_benchmarks.report import save_record
 from glm_runtime.generate import fill_blanks
+from glm_runtime.requests import FillRequest
 from glm_runtime.session import open_model
 
 PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
@@ -50,11 +51,12 @@ def one_by_one(session, tok, prompts, budget):
 def batched(session, tok, prompts, budget, rows):
     engine = Engine(session, tok, rows=rows)
     t0 = time.perf_counter()
-    requests = [engine.submit(p, max_new_tokens=budget) for p in prompts]
-    engine.run_until_done(100000)
+    requests = [FillRequest.make(p, max_new_tokens=budget, id=i) for i, p in enumerate(prompts)]
+    done = {e.prompt: e.result for e in engine.run(requests) if e.kind == "result"}
     wall = time.perf_counter() - t0
-    latencies = [r.finished_at - r.submitted_at for r in requests]
-    return wall, [r.result for r in requests], latencies, engine.decode_rows / max(engine.steps, 1)
+    results = [done[i] for i in range(len(prompts))]
+    latencies = [r.timings["total_s"] for r in results]  # submitted (all at once) to finished
+    return wall, results, latencies, engine.decode_rows / max(engine.steps, 1)
 
 
 def summary(wall, results, latencies, mean_batch, count):

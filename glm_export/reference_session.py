@@ -95,4 +95,6 @@ def load_torch_session(folder: str | Path, precision: Optional[str] = None, veri
     session = TorchSession(loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path,
                            logits_start=logits_start)
     session.tokenizer = None if exported else loaded.tokenizer  # an exported folder's is read from its manifest
+    if exported:
+        session.tokenizer_record = manifest.tokenizer
     return session

@@ -1,18 +1,21 @@
-"""Deterministic beam search over one span, the beams of one prompt being the batch rows of the cache.
-In: a session, a cache whose rows hold the same prefix, the blank's mask position, settings.
-Out: the best hypothesis; score = sum of log-probs / length ** length_penalty (length counts eop / eos)."""
+"""Beam search: one prompt's beams are the rows of a cache of its own, run whole (every blank, left to right).
+In: a session, a tokenizer, a prepared prompt and its settings. Out: StreamEvents (tokens, spans, the result);
+each span's score = sum of log-probs / length ** length_penalty (length counts eop / eos), deterministic.
+The engine (runtime/engine.py) runs a beam request this way, outside its pool of rows, in the step that takes it."""
 from __future__ import annotations
 
-import numbers
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Iterator
 
 import numpy as np
 
 from glm_runtime import masks
-from glm_runtime.sampling import GenerationError, log_softmax
-from glm_runtime.session import Session
-from glm_runtime.steps import decode_step
+from glm_runtime.backend import KVCacheLike, Session
+from glm_runtime.requests import Prompt, Settings, Span, StreamEvent, assemble_result, decode_text
+from glm_runtime.sampling import log_softmax
+from glm_runtime.steps import context_pass, decode_step, prefill_span
+from glm_runtime.tokenizer import GLMTokenizer
 
 
 @dataclass
@@ -36,7 +39,7 @@ def _top_candidates(scores: np.ndarray, count: int) -> list[tuple[float, int]]:
     return [(float(flat[part[i]]), int(part[i])) for i in order]
 
 
-def beam_search_span(session: Session, cache: Any, mask_pos: int, *, sop: int, stops: dict[int, str],
+def beam_search_span(session: Session, cache: KVCacheLike, mask_pos: int, *, sop: int, stops: dict[int, str],
                      num_beams: int, max_new_tokens: int, length_penalty: float,
                      early_stopping: bool) -> tuple[Hypothesis, int]:
     """Search one span -> (best hypothesis, decode calls made). Leaves the cache holding some beams' tokens
@@ -100,12 +103,36 @@ def beam_search_span(session: Session, cache: Any, mask_pos: int, *, sop: int, s
     return finished[0], steps
 
 
-def check_beam(num_beams: Any, length_penalty: Any, early_stopping: Any) -> None:
-    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
-        raise GenerationError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
-            or not np.isfinite(length_penalty):
-        raise GenerationError(f"length_penalty must be a finite number (0 = sum of log-probs), got {length_penalty!r}")
-    if not isinstance(early_stopping, bool):
-        raise GenerationError(f"early_stopping must be True or False, got {early_stopping!r}")
-
+def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, settings: Settings) -> Iterator[StreamEvent]:
+    """Every blank of one prompt by beam search: num_beams rows of one cache, the winner of each span fed once
+    before the next blank (the beams overwrote each other's slots)."""
+    special = tokenizer.special
+    stops = {special["eop"]: "eop", special["eos"]: "eos"}
+    t0 = time.perf_counter()
+    cache = session.new_cache(settings.num_beams, prompt.positions_needed(settings.max_new_tokens) + 1)
+    context_pass(session, cache, [prompt.ids], special["pad"], repeat=settings.num_beams)
+    t1 = time.perf_counter()
+    spans: list[Span] = []
+    steps = 0
+    for k, (pos, mask_id) in enumerate(prompt.blanks):
+        start = cache.filled.copy()
+        best, calls = beam_search_span(session, cache, pos, sop=special["sop"], stops=stops,
+                                       num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
+                                       length_penalty=settings.length_penalty,
+                                       early_stopping=settings.early_stopping)
+        steps += calls
+        for token in best.tokens:
+            yield StreamEvent("token", prompt.index, k, token, decode_text(tokenizer, [token]))
+        span = Span(decode_text(tokenizer, best.tokens), best.tokens, tokenizer.id_to_token(mask_id), pos, best.stop)
+        spans.append(span)
+        yield StreamEvent("span", prompt.index, k, text=span.text, span=span)
+        if k + 1 < len(prompt.blanks):  # keep the prefix, feed the winner once
+            cache.truncate(start)
+            prefill_span(session, cache, [special["sop"], *best.tokens], pos)
+            steps += 1
+    t2 = time.perf_counter()
+    generated = sum(len(s.token_ids) for s in spans)
+    timings = {"context_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "decode_steps": float(steps),
+               "new_tokens": float(generated), "tokens_per_s": generated / (t2 - t1) if t2 > t1 else 0.0}
+    result = assemble_result(tokenizer, prompt, spans, timings)
+    yield StreamEvent("result", prompt.index, text=result.text, result=result)

@@ -6,6 +6,7 @@ Torch-free: nothing here imports torch or glm_export (the export commands are lo
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -181,8 +182,10 @@ def _jsonl_requests(text: str, name: str):
               default="onnxruntime", show_default=True, help="torch needs the export extra")
 def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **settings) -> None:
     from glm_runtime.engine import Engine
+    from glm_runtime.requests import FillRequest
     from glm_runtime.sampling import GenerationError
     from glm_runtime.session import open_model
+
     sources = [s for s in (prompt is not None, from_stdin, jsonl is not None) if s]
     if len(sources) != 1:
         raise CommandError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
@@ -197,66 +200,74 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
         lines, name = [(0, {"prompt": prompt})], None
     if not lines:
         raise CommandError("no prompts given (the input was empty)")
-
-    def check(n, item):
-        """The engine's keyword arguments for one input, or its error message (with the line number)."""
-        if isinstance(item, str):
-            return item
-        mine = {**settings, **{k: v for k, v in item.items() if k != "prompt"}}
-        mine["append_gmask"] = bool(mine.get("append_gmask", False))
-        try:
-            from glm_runtime.generate import resolve_settings
-            resolve_settings(**{k: v for k, v in mine.items() if k != "append_gmask"})
-        except ValueError as exc:
-            return (f"{name} line {n}: " if name else "") + " ".join(str(exc).split())
-        return mine
-
-    checked = [(n, item, check(n, item)) for n, item in lines]
-    if name is None and isinstance(checked[0][2], str):
-        raise CommandError(checked[0][2])
+    inputs = [_fill_request(i, item, settings) for i, (_, item) in enumerate(lines)]
+    where = [f"{name} line {n}: " if name else "" for n, _ in lines]
+    if name is None and isinstance(inputs[0], GenerationError):
+        raise CommandError(_said(inputs[0]))
     session, tokenizer = open_model(model, backend)
     engine = Engine(session, tokenizer, rows=rows)
     done: dict[int, object] = {}  # input index -> FillResult or error message, until printed in input order
-    bad, printed, fed = [], 0, 0
+    bad: list[str] = []
 
-    def refuse(i, message):
+    def refuse(i: int, message: str) -> None:
         done[i] = message
-        bad.append(message)
+        bad.append(where[i] + message)
 
-    def flush():
-        nonlocal printed
+    for i, item in enumerate(inputs):
+        if isinstance(item, (str, GenerationError)):
+            refuse(i, item if isinstance(item, str) else _said(item))
+
+    def refused(request, exc) -> None:
+        if name is None:
+            raise CommandError(_said(exc))
+        refuse(request.id, _said(exc))
+
+    printed = 0
+    requests = (r for r in inputs if isinstance(r, FillRequest))
+    events = engine.run(requests, lookahead=rows, on_refused=refused)  # a short queue: memory follows the rows
+    for event in itertools.chain(events, [None]):
+        if event is not None and event.kind != "result":
+            continue
+        if event is not None:
+            done[event.prompt] = event.result
         while printed in done:
             outcome = done.pop(printed)
             if not isinstance(outcome, str):  # a refused line is said at the end; the others go on
-                text = checked[printed][1]["prompt"]
+                text = lines[printed][1]["prompt"]
                 click.echo(json.dumps({"prompt": text, **outcome.to_dict()}, ensure_ascii=False) if as_json
                            else outcome.text if name is None else _result_line(outcome.text))
             printed += 1
-
-    while printed < len(checked):
-        while fed < len(checked) and engine.waiting < rows:  # a short queue: memory is bounded by the rows
-            n, item, mine = checked[fed]
-            if isinstance(mine, str):
-                refuse(fed, mine)
-            else:
-                try:
-                    engine.submit(item["prompt"], request_id=fed, **mine)
-                except GenerationError as exc:
-                    message = " ".join(str(exc).split())  # "prompt 3: ..." / "prompt 3 is ...": the line says which
-                    message = message.replace(f"prompt {fed}: ", "", 1).replace(f"prompt {fed} ", "the prompt ", 1)
-                    if name is None:
-                        raise CommandError(message) from None
-                    refuse(fed, f"{name} line {n}: {message}")
-            fed += 1
-        for event in engine.step() if engine.has_work() else []:
-            if event.kind == "result":
-                done[event.prompt] = event.result
-        flush()
     for message in bad if len(bad) > 1 else []:
         click.echo(message, err=True)
     if bad:
-        raise CommandError(bad[0] if len(bad) == 1 else f"{len(bad)} of {len(checked)} inputs were refused (each named "
-                                                     f"above); the other {len(checked) - len(bad)} were filled")
+        raise CommandError(bad[0] if len(bad) == 1 else f"{len(bad)} of {len(lines)} inputs were refused (each named "
+                                                     f"above); the other {len(lines) - len(bad)} were filled")
+
+
+def _said(exc: Exception) -> str:
+    """A refused input's message as glmx fill says it: the input is named by its line, not its index."""
+    from glm_runtime.sampling import GenerationError
+
+    if isinstance(exc, GenerationError) and exc.field == "prompt":  # "prompt 3: <why>" / "prompt 3 is ..."
+        said = exc.detail[2:] if exc.detail.startswith(": ") else exc.said_as({"prompt": "the prompt"})
+        return " ".join(said.split())
+    return " ".join(str(exc).split())
+
+
+def _fill_request(index: int, item, settings: dict):
+    """One input as a FillRequest (the command's settings, then the line's own), or its error: a message for a
+    line that is not a request, a GenerationError for a bad setting."""
+    from glm_runtime.requests import FillRequest
+    from glm_runtime.sampling import GenerationError
+
+    if isinstance(item, str):
+        return item
+    mine = {**settings, **{k: v for k, v in item.items() if k != "prompt"}}
+    mine["append_gmask"] = bool(mine.get("append_gmask", False))
+    try:
+        return FillRequest.make(item["prompt"], id=index, **mine)
+    except GenerationError as exc:
+        return exc
 
 
 SERVE_HELP = """Serve blank filling over HTTP with continuous batching (needs the serve extra: pip install

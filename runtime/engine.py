@@ -1,6 +1,9 @@
 """The steppable blank-filling engine: requests share the rows of one KV cache, and each step is ONE decode call.
 In: a session, its tokenizer, requests (a prompt with blanks and its own settings) submitted at any time.
-Out: StreamEvents per step (tokens, spans, results); `fill_blanks`, `glmx fill` and `glmx serve` all run on it.
+Out: StreamEvents (runtime/requests.py) per step: tokens, spans, results, scores.
+
+`Engine.run(requests)` is the one driver: `fill_blanks`, `stream_blanks`, `glmx fill` (a prompt, --stdin,
+--jsonl), `score_candidates` / `classify` and the server's engine thread all reach the engine through it.
 
     submit() -> waiting queue --step()--> admitted into free rows: one context pass for all admitted
                                           every running row: one decode call, whatever blank / span it is in
@@ -12,8 +15,9 @@ TensorRT) cannot be sliced: it feeds every row, free ones a dummy that is never 
 (moving one would cost a copy for nothing).
 Each row runs the loop of docs/glm.md 4.1 alone: its own blank, span step, budget and random generator, so a
 request gives the same tokens whoever shares the batch (the rounding of a batched call is the one thing that
-could differ; tests compare token ids). Beam search runs outside the pool: a beam request runs whole, on its
-own cache of num_beams rows, in the step that takes it from the queue (the running rows wait that step).
+could differ; tests compare token ids). Whole requests run outside the pool: a beam request (runtime/beam.py,
+on its own cache of num_beams rows) or a scoring request (runtime/cloze.py) runs whole in the step that takes it
+from the queue (the running rows wait that step).
 
 Thread safety: submit() and cancel() may be called from any thread while another thread runs step().
 """
@@ -24,19 +28,35 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
 from glm_runtime import masks
+from glm_runtime.backend import Session
+from glm_runtime.beam import fill_beam
+from glm_runtime.cloze import ClozeBatch, check_scoring, score_cloze
 from glm_runtime.errors import GLMXError
+from glm_runtime.requests import (
+    ENDINGS,
+    CandidateScore,
+    FillRequest,
+    FillResult,
+    Prompt,
+    Request,
+    ScoreRequest,
+    Settings,
+    Span,
+    StreamEvent,
+    assemble_result,
+    decode_text,
+    prepare_prompt,
+)
 from glm_runtime.sampling import GenerationError, greedy, prompt_generators, sample
-from glm_runtime.session import Session
 from glm_runtime.steps import decode_step, run_context
+from glm_runtime.tokenizer import GLMTokenizer
 
-
-ENDINGS = ("finished", "cancelled", "timeout", "failed")  # a request's last state; its last event is
-# "result" (finished) or an event of the state's own name
+__all__ = ["ENDINGS", "Engine", "EngineError", "Job", "QueueFull"]
 
 
 class EngineError(GLMXError, RuntimeError):
@@ -51,24 +71,29 @@ class QueueFull(EngineError):
         self.retry_after = retry_after
 
 
-@dataclass(eq=False)  # a request is itself: compared and hashed by identity
-class Request:
-    """One prompt in the engine: what it asked for, where its row is in the loop, and when things happened."""
+@dataclass(eq=False)  # a job is itself: compared and hashed by identity
+class Job:
+    """One request in the engine: what it asked, where its row is in the loop, and when things happened.
+    A fill has its prompt; a scoring request its checked batch (cloze); both run whole when `whole`."""
+
     id: Any
-    prompt: Any  # generate._Prompt: text, context ids, blanks
-    settings: dict[str, Any]  # resolve_settings' output
-    generator: Optional[np.random.Generator]  # sample: this request's own stream
-    on_event: Optional[Callable[[Any], None]] = None
+    request: Request
+    settings: Settings
+    prompt: Optional[Prompt] = None  # a fill's context ids and blanks
+    cloze: Optional[ClozeBatch] = None  # a scoring request, checked
+    generator: Optional[np.random.Generator] = None  # sample: this request's own stream
+    on_event: Optional[Callable[[StreamEvent], None]] = None
     state: str = "waiting"  # waiting -> running -> one of ENDINGS
     error: Optional[str] = None
-    result: Any = None  # generate.FillResult once finished
+    result: Optional[FillResult] = None
+    scores: Optional[list[list[CandidateScore]]] = None
     # progress in the loop (docs/glm.md 4.1): blank index, step t of the token fed next (sop is t = 0)
     blank: int = 0
     step: int = 0
     feed: int = 0
     flush: bool = False  # the next feed only stores a budget-ended span's last token (its logits are unused)
     span: list[int] = field(default_factory=list)
-    spans: list[Any] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
     decode_calls: int = 0
     cancel_requested: Optional[str] = None  # "cancelled" or "timeout": the row is freed at the next step
     # wall-clock times (time.perf_counter): submitted, admitted (context pass done), first token, finished
@@ -83,7 +108,19 @@ class Request:
         return self.state in ENDINGS
 
     @property
+    def whole(self) -> bool:
+        """Runs outside the pool, whole, in the step that takes it: beam search and scoring."""
+        return self.cloze is not None or self.settings.strategy == "beam"
+
+    @property
+    def context_tokens(self) -> int:
+        if self.prompt is not None:
+            return len(self.prompt.ids)
+        return sum(len(ids) for ids in self.cloze.contexts) if self.cloze is not None else 0
+
+    @property
     def mask_pos(self) -> int:
+        assert self.prompt is not None
         return self.prompt.blanks[self.blank][0]
 
     @property
@@ -95,13 +132,15 @@ class Engine:
     """Continuous batching over `rows` rows of one KV cache. See the module docstring.
 
     rows: how many requests decode together (the KV pool's batch); max_waiting: how many may wait beyond the
-    rows (None = unbounded; past rows + max_waiting, submit() raises QueueFull); on_end(request) is called as each request ends
-    (finished, cancelled, timeout, failed), in the thread that runs step(). A step admits waiting requests into free rows, runs
-    their context pass (one call), then one decode call for every running row.
+    rows (None = unbounded; past rows + max_waiting, submit() raises QueueFull); on_end(job) is called as each
+    request ends (finished, cancelled, timeout, failed) and on_step(engine, rows fed) after each step, in the
+    thread that runs the engine. A step admits waiting requests into free rows, runs their context pass (one
+    call), then one decode call for every running row.
     """
 
-    def __init__(self, session: Session, tokenizer: Any, rows: int = 8, max_waiting: Optional[int] = None,
-                 on_end: Optional[Callable[[Request], None]] = None):
+    def __init__(self, session: Session, tokenizer: GLMTokenizer, rows: int = 8, max_waiting: Optional[int] = None,
+                 on_end: Optional[Callable[[Job], None]] = None,
+                 on_step: Optional[Callable[[Engine, int], None]] = None):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise EngineError(f"rows must be an integer >= 1, got {rows!r}")
         if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
@@ -112,233 +151,282 @@ class Engine:
             raise EngineError(f"{rows} rows do not fit the TensorRT engine's profile (max batch "
                               f"{limits['max_batch']}): use --rows {limits['max_batch']} or rebuild the engine")
         self.session, self.tokenizer = session, tokenizer
-        self.rows, self.max_waiting, self.on_end = rows, max_waiting, on_end
+        self.rows, self.max_waiting, self.on_end, self.on_step = rows, max_waiting, on_end, on_step
         self.max_positions = int(session.config.max_sequence_length)
         self.max_past = limits.get("max_past")  # TensorRT: the profiles' largest past_seq
         special = tokenizer.special
         self.sop, self.pad = special["sop"], special["pad"]
         self.stops = {special["eop"]: "eop", special["eos"]: "eos"}
         self.cache = session.new_cache(rows, 1)  # grows (geometrically) to what the admitted requests need
-        self.slots: list[Optional[Request]] = [None] * rows  # slots[r]: the request holding cache row r
-        self._waiting: deque[Request] = deque()
+        self.slots: list[Optional[Job]] = [None] * rows  # slots[r]: the job holding cache row r
+        self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._step_s = 0.05  # the last decode call's time (a guess until one ran)
         self.steps = 0  # decode calls made
         self.decode_rows = 0  # rows fed over all decode calls (mean batch = decode_rows / steps)
 
+    # ------------------------------------------------------------ the driver
+
+    def run(self, requests: Iterable[Request] = (), *, lookahead: Optional[int] = None,
+            on_refused: Optional[Callable[[Request, GLMXError], None]] = None,
+            idle: Optional[Callable[[], bool]] = None) -> Iterator[StreamEvent]:
+        """Submit `requests` and step until every request has ended, yielding every event as it comes.
+
+        lookahead: None submits every request before the first step (a bad one is refused before any work); n
+        keeps at most n waiting and reads the next requests as rows free (memory follows the rows, not the input).
+        on_refused(request, error): a request the engine refuses is reported there and the rest go on (default:
+        the error is raised). idle(): called when nothing runs, waits or is left to read; True means more may
+        come (other threads submit: the server) and the driver goes on, False ends it.
+        """
+        source = iter(requests)
+        more = True
+        while True:
+            while more and (lookahead is None or self.waiting < lookahead):
+                request = next(source, None)
+                if request is None:
+                    more = False
+                    break
+                try:
+                    self.submit(request)
+                except (GenerationError, EngineError, ValueError) as exc:
+                    if on_refused is None or not isinstance(exc, GLMXError):
+                        raise
+                    on_refused(request, exc)
+            if self.has_work():
+                yield from self.step()
+            elif not more and (idle is None or not idle()):
+                return
+
     # ------------------------------------------------------------ taking requests
 
-    def submit(self, prompt: str, *, max_new_tokens: int = 32, strategy: str = "greedy",
-               append_gmask: bool = False, request_id: Any = None, on_event: Optional[Callable] = None,
-               **options: Any) -> Request:
-        """Check a request and queue it; it joins a row at a later step(). Raises GenerationError for a bad
-        setting or a prompt too long for the model (before it takes a row), QueueFull when the queue is full."""
-        from glm_runtime.generate import prepare_prompt, resolve_settings
-        settings = resolve_settings(max_new_tokens, strategy, **options)
-        index = next(self._ids) if request_id is None else request_id
-        prepared = prepare_prompt(self.tokenizer, prompt, index, append_gmask, max_new_tokens, self.max_positions)
-        if self.max_past is not None:
-            need = len(prepared.ids) + len(prepared.blanks) * (1 + max_new_tokens) + 1
-            if need > self.max_past:
-                raise GenerationError(f"prompt {index} needs {need} cache slots but the TensorRT engine was built "
-                                      f"for at most {self.max_past}: lower max_new_tokens or shorten the prompt")
-        generator = prompt_generators(settings["seed"], [prompt])[0] if strategy == "sample" else None
-        request = Request(index, prepared, settings, generator, on_event, feed=self.sop,
-                          submitted_at=time.perf_counter())
+    def submit(self, request: Request, on_event: Optional[Callable[[StreamEvent], None]] = None) -> Job:
+        """Check a request and queue it; it joins a row at a later step(). Raises GenerationError (ScoreError for
+        a scoring request) for a bad setting or a prompt too long for the model, before it takes a row, and
+        QueueFull when the queue is full. The job's id is the request's, or the next number."""
+        job_id = next(self._ids) if request.id is None else request.id
+        if isinstance(request, ScoreRequest):
+            job = Job(job_id, request, Settings(), cloze=check_scoring(self.tokenizer, request, self.max_positions))
+        else:
+            job = self._fill_job(job_id, request)
+        job.on_event, job.submitted_at = on_event, time.perf_counter()
         with self._lock:
             free = self.slots.count(None)  # waiting requests that will take a row at the next step
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting + free:
                 raise QueueFull(f"the server is busy: {len(self.running)} request(s) running on {self.rows} rows "
                                 f"and {len(self._waiting)} waiting (the limit); retry later",
                                 retry_after=self._retry_after())
-            self._waiting.append(request)
-        return request
+            self._waiting.append(job)
+        return job
+
+    def _fill_job(self, job_id: Any, request: FillRequest) -> Job:
+        settings = request.settings
+        budget = settings.max_new_tokens
+        prompt = prepare_prompt(self.tokenizer, request.prompt, job_id, request.append_gmask, budget,
+                                self.max_positions)
+        if self.max_past is not None:
+            need = prompt.positions_needed(budget) + 1
+            if need > self.max_past:
+                raise GenerationError(f" needs {need} cache slots but the TensorRT engine was built for at most "
+                                      f"{self.max_past}: lower max_new_tokens or shorten the prompt",
+                                      field="prompt", subject=f"prompt {job_id}")
+        generator = prompt_generators(settings.seed, [request.prompt])[0] if settings.strategy == "sample" else None
+        return Job(job_id, request, settings, prompt=prompt, generator=generator, feed=self.sop)
 
     def _retry_after(self) -> float:
         """A rough wait until a row frees: the running requests' mean remaining budget at this engine's step rate."""
         if not self.running or not self.steps:
             return 1.0
-        left = [max(r.settings["max_new_tokens"] - len(r.span), 1) for r in self.running]
-        per_step = getattr(self, "_step_s", 0.05)
-        return max(1.0, float(np.mean(left)) * per_step)
+        left = [max(j.settings.max_new_tokens - len(j.span), 1) for j in self.running]
+        return max(1.0, float(np.mean(left)) * self._step_s)
 
-    def cancel(self, request: Request, reason: str = "cancelled") -> None:
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
         """Stop a request (reason "cancelled" or "timeout"): a waiting one leaves the queue, a running one frees
         its row at the next step. A request that has ended already is left as it is."""
         if reason not in ("cancelled", "timeout"):
             raise ValueError(f"reason must be 'cancelled' or 'timeout', got {reason!r}")
         with self._lock:
-            if request.cancel_requested is None:
-                request.cancel_requested = reason
+            if job.cancel_requested is None:
+                job.cancel_requested = reason
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     @property
-    def running(self) -> list[Request]:
-        """The requests holding a row, in row order."""
-        return [r for r in self.slots if r is not None]
+    def running(self) -> list[Job]:
+        """The jobs holding a row, in row order."""
+        return [j for j in self.slots if j is not None]
 
     def has_work(self) -> bool:
         return bool(self.running or self._waiting)
 
     def slots_used(self) -> int:
         """KV slots the running requests hold (the cache's filled positions)."""
-        return int(sum(self.cache.filled[r] for r, q in enumerate(self.slots) if q is not None))
+        return int(sum(self.cache.filled[r] for r, j in enumerate(self.slots) if j is not None))
 
     # ------------------------------------------------------------ one step
 
-    def step(self) -> list[Any]:
+    def step(self) -> list[StreamEvent]:
         """Admit, run the context pass of the admitted, run one decode call for every running row; returns the
-        StreamEvents of this step (each also goes to its request's on_event)."""
-        events: list[Any] = []
+        events of this step (each also goes to its job's on_event)."""
+        events: list[StreamEvent] = []
+        rows_before = self.decode_rows
         self._drop_cancelled(events)
-        admitted, beams = self._admit()
-        for request in beams:
-            self._run_beam(request, events)
+        admitted, whole = self._admit()
+        for job in whole:
+            self._run_whole(job, events)
         if admitted:
             self._context_pass(admitted)
         if self.running:
             t0 = time.perf_counter()
             self._decode(events)
             self._step_s = time.perf_counter() - t0
+        if self.on_step is not None:
+            self.on_step(self, self.decode_rows - rows_before)
         return events
 
-    def run_until_done(self, max_steps: Optional[int] = None) -> list[Any]:
+    def run_until_done(self, max_steps: Optional[int] = None) -> list[StreamEvent]:
         """step() until nothing is running or waiting (at most max_steps steps); returns every event."""
-        events: list[Any] = []
+        events: list[StreamEvent] = []
         for _ in itertools.count() if max_steps is None else range(max_steps):
             if not self.has_work():
                 break
             events += self.step()
         return events
 
-    def fail_all(self, message: str) -> list[Request]:
+    def fail_all(self, message: str) -> list[Job]:
         """The session failed: every running and waiting request ends as failed with `message`."""
         with self._lock:
             victims = list(self.running) + list(self._waiting)
             self._waiting.clear()
         self.slots = [None] * self.rows
         self.cache.free_rows(range(self.cache.batch))
-        for request in victims:
-            self._end(request, "failed", [], error=message)
+        for job in victims:
+            self._end(job, "failed", [], error=message)
         return victims
 
-    def _emit(self, request: Request, event: Any, events: list[Any]) -> None:
+    def _emit(self, job: Job, event: StreamEvent, events: list[StreamEvent]) -> None:
         events.append(event)
-        if request.on_event is not None:
-            request.on_event(event)
+        if job.on_event is not None:
+            job.on_event(event)
 
-    def _end(self, request: Request, state: str, events: list[Any], error: Optional[str] = None) -> None:
-        from glm_runtime.generate import StreamEvent
-        request.state, request.error, request.finished_at = state, error, time.perf_counter()
-        self._emit(request, StreamEvent(state, request.id, text=error or ""), events)
+    def _end(self, job: Job, state: str, events: list[StreamEvent], error: Optional[str] = None) -> None:
+        job.state, job.error, job.finished_at = state, error, time.perf_counter()
+        if state == "finished":
+            if job.scores is not None:
+                event = StreamEvent("scores", job.id, scores=job.scores)
+            else:
+                assert job.result is not None
+                event = StreamEvent("result", job.id, text=job.result.text, result=job.result)
+        else:
+            event = StreamEvent(state, job.id, text=error or "")
+        self._emit(job, event, events)
         if self.on_end is not None:
-            self.on_end(request)
+            self.on_end(job)
 
-    def _drop_cancelled(self, events: list[Any]) -> None:
+    def _drop_cancelled(self, events: list[StreamEvent]) -> None:
         with self._lock:
-            gone = [r for r in self._waiting if r.cancel_requested]
-            for request in gone:
-                self._waiting.remove(request)
-        for request in gone:
-            self._end(request, request.cancel_requested, events)
-        leaving = [r for r, q in enumerate(self.slots) if q is not None and q.cancel_requested]
-        for r in leaving:
-            self._end(self.slots[r], self.slots[r].cancel_requested, events)
+            gone = [j for j in self._waiting if j.cancel_requested]
+            for job in gone:
+                self._waiting.remove(job)
+        leaving = [r for r, j in enumerate(self.slots) if j is not None and j.cancel_requested]
+        for job in gone + [self.slots[r] for r in leaving]:  # type: ignore[misc]
+            assert job is not None and job.cancel_requested is not None
+            self._end(job, job.cancel_requested, events)
         self._free(leaving)
 
-    def _admit(self) -> tuple[list[Request], list[Request]]:
-        """Move waiting requests into free rows (FIFO); a beam request at the head runs outside the pool."""
-        admitted, beams = [], []
+    def _admit(self) -> tuple[list[Job], list[Job]]:
+        """Move waiting jobs into free rows (FIFO); a whole job (beam, scoring) at the head runs outside the pool."""
+        admitted: list[Job] = []
+        whole: list[Job] = []
         with self._lock:
-            while self._waiting and (self._waiting[0].settings["strategy"] == "beam"
-                                     or len(admitted) < self.slots.count(None)):
-                request = self._waiting.popleft()
-                (beams if request.settings["strategy"] == "beam" else admitted).append(request)
-        return admitted, beams
+            while self._waiting and (self._waiting[0].whole or len(admitted) < self.slots.count(None)):
+                job = self._waiting.popleft()
+                (whole if job.whole else admitted).append(job)
+        return admitted, whole
 
-    def _context_pass(self, admitted: list[Request]) -> None:
+    def _context_pass(self, admitted: list[Job]) -> None:
         t0 = time.perf_counter()
-        rows = [r for r, q in enumerate(self.slots) if q is None][:len(admitted)]  # packed: the rows after the last
-        contexts = [r.prompt.ids for r in admitted]
-        need = max(len(r.prompt.ids) + len(r.prompt.blanks) * (1 + r.settings["max_new_tokens"]) for r in admitted)
+        rows = [r for r, j in enumerate(self.slots) if j is None][:len(admitted)]  # packed: the rows after the last
+        prompts = [j.prompt for j in admitted if j.prompt is not None]
+        contexts = [p.ids for p in prompts]
+        need = max(p.positions_needed(j.settings.max_new_tokens) for p, j in zip(prompts, admitted))
         self.cache.reserve(max(need + 1, int(self.cache.filled.max()) + 1))
         out, _ = run_context(self.session, contexts, self.pad)
         self.cache.load_rows(rows, out, [len(ids) for ids in contexts])
         now = time.perf_counter()
-        for row, request in zip(rows, admitted):
-            request.state, request.admitted_at, request.context_s = "running", now, now - t0
-            self.slots[row] = request
+        for row, job in zip(rows, admitted):
+            job.state, job.admitted_at, job.context_s = "running", now, now - t0
+            self.slots[row] = job
 
-    def _decode(self, events: list[Any]) -> None:
-        from glm_runtime.generate import Span, StreamEvent, _assemble, _decode
+    def _decode(self, events: list[StreamEvent]) -> None:
         slots = self.slots
-        occupied = [r for r, q in enumerate(slots) if q is not None]
+        occupied = [r for r, j in enumerate(slots) if j is not None]
         width = occupied[-1] + 1 if self.cache.sliceable else self.cache.batch  # packed: width = running rows
         live = [slots[r] is not None for r in range(width)]
-        tokens = [slots[r].feed if live[r] else self.pad for r in range(width)]
-        mask_pos = [slots[r].mask_pos if live[r] else 0 for r in range(width)]
-        step = [slots[r].step if live[r] else -1 for r in range(width)]  # free rows: a dummy at (0, 0), not stored
+        running = {r: j for r, j in enumerate(slots[:width]) if j is not None}
+        tokens = [running[r].feed if r in running else self.pad for r in range(width)]
+        mask_pos = [running[r].mask_pos if r in running else 0 for r in range(width)]
+        step = [running[r].step if r in running else -1 for r in range(width)]  # free rows: a dummy, not stored
         logits = decode_step(self.session, self.cache, tokens, masks.decode_positions(mask_pos, step), live)
         self.steps += 1
         self.decode_rows += len(occupied)
-        chosen = self._choose(logits, [r for r in occupied if not slots[r].flush])
-        finished = []
+        chosen = self._choose(logits, [r for r in occupied if not running[r].flush])
         now = time.perf_counter()
-        for r in occupied:
-            request = slots[r]
-            request.decode_calls += 1
-            if request.flush:  # the budget-ended span is now wholly in the cache: on to the next blank
-                request.blank, request.flush, request.feed, request.step, request.span = \
-                    request.blank + 1, False, self.sop, 0, []
-                continue
-            token = chosen[r]
-            if token not in self.stops:
-                request.span.append(token)
-                if request.first_token_at is None:
-                    request.first_token_at = now
-                self._emit(request, StreamEvent("token", request.id, request.blank, token,
-                                                _decode(self.tokenizer, [token])), events)
-            if token not in self.stops and len(request.span) < request.settings["max_new_tokens"]:
-                request.feed, request.step = token, request.step + 1
-                continue
-            pos, mask_id = request.prompt.blanks[request.blank]
-            span = Span(_decode(self.tokenizer, request.span), request.span, self.tokenizer.id_to_token(mask_id),
-                        pos, self.stops.get(token, "length"))
-            request.spans.append(span)
-            self._emit(request, StreamEvent("span", request.id, request.blank, text=span.text, span=span), events)
-            last = request.blank + 1 == len(request.prompt.blanks)
-            if token in self.stops or last:  # every span token is in the cache (a stop token is never fed)
-                request.blank, request.feed, request.step, request.span = request.blank + 1, self.sop, 0, []
-                if last:
-                    finished.append(r)
-            else:  # budget spent: feed the last token too, so later spans see the whole span (docs/glm.md 4.1)
-                request.feed, request.step, request.flush = token, len(request.span), True
+        finished = [r for r in occupied if self._advance(running[r], chosen.get(r, -1), now, events)]
         for r in finished:
-            request = slots[r]
-            request.result = _assemble(self.tokenizer, request.prompt, request.spans, self._timings(request))
-            request.state, request.finished_at = "finished", time.perf_counter()
-            self._emit(request, StreamEvent("result", request.id, text=request.result.text, result=request.result),
-                       events)
-            if self.on_end is not None:
-                self.on_end(request)
+            job = running[r]
+            assert job.prompt is not None and job.admitted_at is not None
+            job.result = assemble_result(self.tokenizer, job.prompt, job.spans, self._timings(job))
+            self._end(job, "finished", events)
         self._free(finished)
+
+    def _advance(self, job: Job, token: int, now: float, events: list[StreamEvent]) -> bool:
+        """One decode call's outcome for one row: store the chosen token, end the span or the blank; True when
+        the job's last blank is done. A flushing row's token is unused (-1)."""
+        assert job.prompt is not None
+        job.decode_calls += 1
+        if job.flush:  # flushed: the budget-ended span is now wholly in the cache; on to the next blank
+            job.blank, job.flush, job.feed, job.step, job.span = job.blank + 1, False, self.sop, 0, []
+            return False
+        if token not in self.stops:
+            job.span.append(token)
+            if job.first_token_at is None:
+                job.first_token_at = now
+            self._emit(job, StreamEvent("token", job.id, job.blank, token, decode_text(self.tokenizer, [token])),
+                       events)
+            if len(job.span) < job.settings.max_new_tokens:
+                job.feed, job.step = token, job.step + 1
+                return False
+        pos, mask_id = job.prompt.blanks[job.blank]
+        span = Span(decode_text(self.tokenizer, job.span), job.span, self.tokenizer.id_to_token(mask_id), pos,
+                    self.stops.get(token, "length"))
+        job.spans.append(span)
+        self._emit(job, StreamEvent("span", job.id, job.blank, text=span.text, span=span), events)
+        last = job.blank + 1 == len(job.prompt.blanks)
+        if token in self.stops or last:  # every span token is in the cache (a stop token is never fed)
+            job.blank, job.feed, job.step, job.span = job.blank + 1, self.sop, 0, []
+            return last
+        job.feed, job.step, job.flush = token, len(job.span), True  # feed the last token too (docs/glm.md 4.1)
+        return False
 
     def _choose(self, logits: np.ndarray, rows: list[int]) -> dict[int, int]:
         """The next token of each row in rows: greedy rows at once, sampling rows grouped by their settings."""
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for r in rows:
-            s = self.slots[r].settings
-            key = ("greedy",) if s["strategy"] == "greedy" else (s["temperature"], s["top_k"], s["top_p"])
+            job = self.slots[r]
+            assert job is not None
+            s = job.settings
+            key = ("greedy",) if s.strategy == "greedy" else (s.temperature, s.top_k, s.top_p)
             groups.setdefault(key, []).append(r)
         chosen: dict[int, int] = {}
         for key, members in groups.items():
             if key == ("greedy",):
                 picked = greedy(logits[members])
             else:
-                picked = sample(logits[members], [self.slots[r].generator for r in members], *key)
+                generators = [job.generator for job in (self.slots[r] for r in members) if job is not None]
+                picked = sample(logits[members], generators, *key)
             chosen.update(zip(members, picked.tolist()))
         return chosen
 
@@ -362,30 +450,36 @@ class Engine:
         self.cache.reorder(index)
         self.cache.free_rows(range(kept, self.cache.batch))
 
-    def _timings(self, request: Request) -> dict[str, float]:
+    def _timings(self, job: Job) -> dict[str, float]:
+        assert job.admitted_at is not None
         end = time.perf_counter()
-        decode = end - request.admitted_at
-        new = request.new_tokens
-        return {"queue_s": request.admitted_at - request.context_s - request.submitted_at,
-                "context_s": request.context_s, "decode_s": decode, "total_s": end - request.submitted_at,
-                "decode_steps": float(request.decode_calls), "new_tokens": float(new),
+        decode = end - job.admitted_at
+        new = job.new_tokens
+        return {"queue_s": job.admitted_at - job.context_s - job.submitted_at,
+                "context_s": job.context_s, "decode_s": decode, "total_s": end - job.submitted_at,
+                "decode_steps": float(job.decode_calls), "new_tokens": float(new),
                 "tokens_per_s": new / decode if decode > 0 else 0.0}
 
-    # ------------------------------------------------------------ beam search (outside the pool)
+    # ------------------------------------------------------------ whole requests (outside the pool)
 
-    def _run_beam(self, request: Request, events: list[Any]) -> None:
-        from glm_runtime.generate import _fill_beam
-        s = request.settings
-        request.state, request.admitted_at = "running", time.perf_counter()
-        for event in _fill_beam(self.session, self.tokenizer, request.prompt, s["max_new_tokens"], s["num_beams"],
-                                s["length_penalty"], s["early_stopping"]):
-            event.prompt = request.id
-            if event.kind == "token" and request.first_token_at is None:
-                request.first_token_at = time.perf_counter()
+    def _run_whole(self, job: Job, events: list[StreamEvent]) -> None:
+        """A beam or scoring request, whole: its events carry its id; it ends finished like a pooled one."""
+        job.state, job.admitted_at = "running", time.perf_counter()
+        if job.cloze is not None:
+            job.scores = score_cloze(self.session, self.tokenizer, job.cloze)
+            self._end(job, "finished", events)
+            return
+        assert job.prompt is not None
+        for event in fill_beam(self.session, self.tokenizer, job.prompt, job.settings):
+            event.prompt = job.id
+            if event.kind == "token" and job.first_token_at is None:
+                job.first_token_at = time.perf_counter()
+            if event.kind == "span" and event.span is not None:
+                job.spans.append(event.span)
             if event.kind == "result":
-                request.result = event.result
-                request.result.timings["queue_s"] = request.admitted_at - request.submitted_at
-                request.state, request.finished_at = "finished", time.perf_counter()
-            self._emit(request, event, events)
-            if event.kind == "result" and self.on_end is not None:
-                self.on_end(request)
+                assert event.result is not None
+                job.result = event.result
+                job.result.timings["queue_s"] = job.admitted_at - job.submitted_at
+                self._end(job, "finished", events)
+                continue
+            self._emit(job, event, events)

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from glm_runtime.backend import host_array
 from glm_runtime.iotable import past_names, present_names
 
 
@@ -74,7 +75,6 @@ class _SlotCache:
         """Rows rows[i] start over with the first lengths[i] tokens of row i of a separate call's present.*
         (a context pass over just the admitted requests). Generic path: pad the outputs to every row on the host
         and append; rows not named keep their slots (the padding lands in free slots nobody sees)."""
-        from glm_runtime.session import host_array
         rows = np.asarray(rows, dtype=np.int64)
         self.free_rows(rows)
         counts = np.zeros(self.batch, dtype=np.int64)

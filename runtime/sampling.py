@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -13,23 +13,50 @@ from glm_runtime.errors import GLMXError
 
 
 class GenerationError(GLMXError, ValueError):
-    """A generation setting or prompt is invalid; the message says which and how to fix it."""
+    """A generation setting or prompt is invalid; the message says which and how to fix it.
+
+    field: the request field it concerns (None: the request as a whole). The message is `subject + detail`,
+    subject being how glmx spells the field (max_new_tokens, --top-k, prompt 3); `said_as(names)` gives the same
+    message with the subject in a front end's own words (the server's max_tokens), so no text is rewritten."""
+
+    def __init__(self, detail: str, *, field: str | None = None, subject: str | None = None):
+        self.field, self.detail = field, detail
+        self.subject = subject if subject is not None else (field or "")
+        super().__init__(self.subject + detail)
+
+    def said_as(self, names: Mapping[str, str]) -> str:
+        """The message with the field named as `names` maps it (fields it does not map keep glmx's subject)."""
+        if self.field is None or self.field not in names:
+            return str(self)
+        return names[self.field] + self.detail
 
 
 def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0 \
             or not np.isfinite(temperature):
-        raise GenerationError(f"--temperature must be a number > 0, got {temperature!r}; for the most likely token "
-                              f"every step use --strategy greedy (which takes no temperature)")
+        raise GenerationError(f" must be a number > 0, got {temperature!r}; for the most likely token every step "
+                              f"use --strategy greedy (which takes no temperature)", field="temperature",
+                              subject="--temperature")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise GenerationError(f"top_k must be an integer >= 0 (0 = no top-k filter), got {top_k!r}")
+        raise GenerationError(f" must be an integer >= 0 (0 = no top-k filter), got {top_k!r}", field="top_k")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
-        raise GenerationError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p!r}")
+        raise GenerationError(f" must be in (0, 1] (1 = no nucleus filter), got {top_p!r}", field="top_p")
+
+
+def check_beam(num_beams: Any, length_penalty: Any, early_stopping: Any) -> None:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
+        raise GenerationError(f" must be an integer >= 1, got {num_beams!r}", field="num_beams")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
+            or not np.isfinite(length_penalty):
+        raise GenerationError(f" must be a finite number (0 = sum of log-probs), got {length_penalty!r}",
+                              field="length_penalty")
+    if not isinstance(early_stopping, bool):
+        raise GenerationError(f" must be True or False, got {early_stopping!r}", field="early_stopping")
 
 
 def _check_seed(seed: Any) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}")
+        raise GenerationError(f" must be a non-negative integer or None, got {seed!r}", field="seed")
 
 
 def prompt_generators(seed: int | None, prompts: Sequence[str]) -> list[np.random.Generator]:

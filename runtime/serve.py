@@ -13,15 +13,18 @@ up cancels its request and frees its row; --timeout cancels and answers 504.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import itertools
 import json
 import threading
 import time
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional
 
-from glm_runtime.engine import Engine, EngineError, QueueFull
+from glm_runtime.engine import Engine, EngineError, Job, QueueFull
 from glm_runtime.errors import GLMXError
+from glm_runtime.requests import ENDINGS, FillRequest, FillResult, Span, StreamEvent
 from glm_runtime.sampling import GenerationError
 
 SERVE_EXTRA = "pip install 'glmx[serve]' (starlette, uvicorn, prometheus-client)"
@@ -91,19 +94,19 @@ class Metrics:
         total = engine.cache.batch * engine.cache.capacity
         self.usage.set(used / total if total else 0.0)
 
-    def ended(self, request: Any) -> None:
-        self.requests.labels(request.state).inc()
-        if request.admitted_at is not None:
-            self.queue_time.observe(max(request.admitted_at - request.context_s - request.submitted_at, 0.0))
-        if request.first_token_at is not None:
-            self.ttft.observe(request.first_token_at - request.submitted_at)
-        if request.state == "finished":
-            self.e2e.observe(request.finished_at - request.submitted_at)
-            self.prompt_tokens.inc(len(request.prompt.ids))
-            new = request.new_tokens
+    def ended(self, job: Job) -> None:
+        self.requests.labels(job.state).inc()
+        if job.admitted_at is not None:
+            self.queue_time.observe(max(job.admitted_at - job.context_s - job.submitted_at, 0.0))
+        if job.first_token_at is not None:
+            self.ttft.observe(job.first_token_at - job.submitted_at)
+        if job.state == "finished" and job.finished_at is not None:
+            self.e2e.observe(job.finished_at - job.submitted_at)
+            self.prompt_tokens.inc(job.context_tokens)
+            new = job.new_tokens
             self.generation_tokens.inc(new)
-            if new and request.admitted_at is not None:
-                self.tpot.observe((request.finished_at - request.admitted_at) / new)
+            if new and job.admitted_at is not None:
+                self.tpot.observe((job.finished_at - job.admitted_at) / new)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
@@ -112,48 +115,47 @@ class Metrics:
 
 # ---------------------------------------------------------------- the engine thread
 
-class EngineLoop:
-    """Runs engine.step() in one thread while there is work; submit/cancel from any thread (the handlers')."""
 
-    def __init__(self, engine: Engine, metrics: Optional[Metrics] = None):
-        self.engine, self.metrics = engine, metrics
+class EngineLoop:
+    """Drives the engine (Engine.run) in one thread; the handlers submit and cancel from theirs. When nothing is
+    running or waiting the thread sleeps until a submit wakes it."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
         self.error: Optional[str] = None
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="glmx-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: str, on_event: Callable[[Any], None], **settings: Any) -> Any:
+    def submit(self, request: FillRequest, on_event: Callable[[StreamEvent], None]) -> Job:
         if self.error is not None:
             raise EngineError(f"the engine stopped: {self.error}")
         if self._stopping:
             raise EngineError("the server is shutting down")
-        request = self.engine.submit(prompt, on_event=on_event, **settings)
+        job = self.engine.submit(request, on_event=on_event)
         self._wake.set()
-        return request
+        return job
 
-    def cancel(self, request: Any, reason: str = "cancelled") -> None:
-        self.engine.cancel(request, reason)
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        self.engine.cancel(job, reason)
         self._wake.set()
+
+    def _idle(self) -> bool:
+        """Nothing to do: wait for a submit (True: go on) unless the server is stopping (False: the driver ends)."""
+        if self._stopping:
+            return False
+        self._wake.wait(0.25)
+        self._wake.clear()
+        return True
 
     def _run(self) -> None:
-        engine = self.engine
-        while True:
-            self._wake.clear()
-            if not engine.has_work():
-                if self._stopping:
-                    return
-                self._wake.wait(0.25)
-                continue
-            rows_before = engine.decode_rows
-            try:
-                engine.step()
-            except Exception as exc:  # noqa: BLE001 - the session died: every request ends with the reason
-                self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-                engine.fail_all(self.error)
-                return
-            if self.metrics:
-                self.metrics.after_step(engine, engine.decode_rows - rows_before)
+        try:
+            for _ in self.engine.run(idle=self._idle):  # events reach each request through its on_event
+                pass
+        except Exception as exc:  # noqa: BLE001 - the session died: every request ends with the reason
+            self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            self.engine.fail_all(self.error)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is running and waiting (bounded by timeout), then end the thread."""
@@ -175,30 +177,53 @@ COMPLETION_KEYS = ("model", "prompt", "suffix", "max_tokens", "echo", "stream", 
                    "user", "n", "best_of", "logprobs", "stop", "presence_penalty", "frequency_penalty",
                    "logit_bias", "stream_options", "glmx")
 GLMX_COMPLETION_KEYS = ("strategy", "top_k", "num_beams", "length_penalty", "early_stopping")
+COMPLETION_NAMES = {"max_new_tokens": "max_tokens"}  # glmx's field -> the completion route's, in messages
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class BadRequest(Exception):
+    """A request the server answers with an error: its HTTP status, OpenAI's error type, extra headers."""
+
     def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error",
-                 headers: Optional[dict] = None):
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.kind, self.headers = status, kind, headers or {}
 
 
-def _unsupported(body: dict) -> None:
+@dataclass
+class Ask:
+    """One HTTP request's engine requests, checked, and how to answer: echo the filled text, stream events."""
+
+    route: str  # "completions" or "fill"
+    requests: list[FillRequest]
+    echo: bool
+    stream: bool
+
+
+def _unsupported(body: dict[str, Any]) -> None:
     """OpenAI options glmx does not implement answer 400, never silently ignored (defaults are accepted)."""
-    rules = {"n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1), "logprobs": lambda v: v is None,
-             "stop": lambda v: v in (None, [], ""), "presence_penalty": lambda v: v in (None, 0, 0.0),
-             "frequency_penalty": lambda v: v in (None, 0, 0.0), "logit_bias": lambda v: v in (None, {}),
-             "stream_options": lambda v: v is None}
+    rules: dict[str, Callable[[Any], bool]] = {
+        "n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1), "logprobs": lambda v: v is None,
+        "stop": lambda v: v in (None, [], ""), "presence_penalty": lambda v: v in (None, 0, 0.0),
+        "frequency_penalty": lambda v: v in (None, 0, 0.0), "logit_bias": lambda v: v in (None, {}),
+        "stream_options": lambda v: v is None}
     for key, ok in rules.items():
         if key in body and not ok(body[key]):
             raise BadRequest(f"{key}={json.dumps(body[key])} is not supported by glmx (spans end at eop / eos or "
                              f"max_tokens; one choice per prompt); drop it", kind="unsupported_parameter")
 
 
-def completion_settings(body: dict) -> tuple[list[str], dict, bool, bool]:
-    """(prompts, engine settings, echo, stream) of an OpenAI completion request; BadRequest when it is not one."""
+def _requests(route: str, prompts: list[str], settings: dict[str, Any]) -> list[FillRequest]:
+    """FillRequests of one HTTP request, each checked; a bad setting is one 400 in the route's own field names."""
+    try:
+        return [FillRequest.make(prompt, **settings) for prompt in prompts]
+    except GenerationError as exc:
+        names = COMPLETION_NAMES if route == "completions" else {}
+        raise BadRequest(" ".join(exc.said_as(names).split())) from None
+
+
+def completion_request(body: dict[str, Any]) -> Ask:
+    """An OpenAI completion request as engine requests; BadRequest when it is not one."""
     unknown = sorted(set(body) - set(COMPLETION_KEYS))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; /v1/completions takes {', '.join(COMPLETION_KEYS)}")
@@ -215,7 +240,7 @@ def completion_settings(body: dict) -> tuple[list[str], dict, bool, bool]:
     extra = body.get("glmx") or {}
     if not isinstance(extra, dict) or set(extra) - set(GLMX_COMPLETION_KEYS):
         raise BadRequest(f'"glmx" must be an object with any of {", ".join(GLMX_COMPLETION_KEYS)}')
-    temperature, top_p = body.get("temperature"), body.get("top_p")
+    temperature, top_p, seed = body.get("temperature"), body.get("top_p"), body.get("seed")
     strategy = extra.get("strategy")
     if strategy is None:  # OpenAI's knobs pick the strategy: temperature 0 or none given = greedy
         sampling = (temperature not in (None, 0, 0.0)) or (top_p not in (None, 1, 1.0)) or "top_k" in extra
@@ -224,26 +249,24 @@ def completion_settings(body: dict) -> tuple[list[str], dict, bool, bool]:
     settings = {"max_new_tokens": DEFAULT_MAX_TOKENS if budget is None else budget, "strategy": strategy,
                 **{k: v for k, v in extra.items() if k != "strategy"}}
     if strategy == "sample":
-        settings.update(temperature=temperature if temperature not in (None,) else None, top_p=top_p,
-                        seed=body.get("seed"))
+        settings.update(temperature=temperature, top_p=top_p, seed=seed)
     else:
         for key, value in (("temperature", temperature if temperature not in (0, 0.0) else None), ("top_p", top_p),
-                           ("seed", body.get("seed"))):
+                           ("seed", seed)):
             if value is not None:
                 raise BadRequest(f"{key} applies to sampling, not {strategy}; drop it or set temperature > 0")
-    echo, stream = bool(body.get("echo") or False), body.get("stream") or False
+    echo, stream = body.get("echo", False), body.get("stream", False)
     if not isinstance(echo, bool) or not isinstance(stream, bool):
         raise BadRequest('"echo" and "stream" must be true or false')
     if echo and stream:
         raise BadRequest("echo with stream is not supported: the filled text is known at the end; stream without "
                          "echo (the last chunk's glmx.text holds the filled text)", kind="unsupported_parameter")
     # a prompt without a blank is continued at its end, as a completion ([gMASK] appended)
-    settings["append_gmask"] = True
-    return prompts, settings, echo, stream
+    return Ask("completions", _requests("completions", prompts, {**settings, "append_gmask": True}), echo, stream)
 
 
-def fill_settings(body: dict) -> tuple[str, dict, bool]:
-    """(prompt, engine settings, stream) of a /v1/fill request: glmx fill --jsonl's keys, plus stream."""
+def fill_request(body: dict[str, Any]) -> Ask:
+    """A /v1/fill request: glmx fill --jsonl's keys, plus stream."""
     unknown = sorted(set(body) - set(FILL_KEYS))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; /v1/fill takes {', '.join(FILL_KEYS)}")
@@ -254,106 +277,210 @@ def fill_settings(body: dict) -> tuple[str, dict, bool]:
         raise BadRequest('"stream" must be true or false')
     settings = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
     settings["append_gmask"] = bool(settings.get("append_gmask", False))
-    return body["prompt"], settings, stream
+    return Ask("fill", _requests("fill", [body["prompt"]], settings), False, stream)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _finish_reason(spans: list[Span]) -> str:
+    return "length" if any(s.stop == "length" for s in spans) else "stop"
+
+
+def _error(message: str, status: int = 400, kind: str = "invalid_request_error",
+           headers: Optional[dict[str, str]] = None) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
 # ---------------------------------------------------------------- the app
 
-def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", rows: int = 8,
-               max_waiting: int = 64, timeout: float = 600.0, api_key: Optional[str] = None,
-               load_now: bool = False, log: Callable[[str], None] = lambda message: None,
-               on_load_error: Optional[Callable[[str], None]] = None) -> Any:
-    """The Starlette app. load() -> (session, tokenizer) runs in a thread at startup (GET /health answers 503
-    until it is done), or at once when load_now (Ray Serve replicas). If it fails, /health answers 503 with the
-    reason and on_load_error(reason) is called (`glmx serve` then stops with the reason and exit status 1)."""
-    _require_serve_extra()
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
 
-    state: dict[str, Any] = {"loop": None, "error": None, "loading": True, "model": None}
-    metrics = Metrics(rows)
-    ids = itertools.count()
+class Server:
+    """The server's state (the engine thread, the model's description, load errors, metrics) and its routes.
 
-    def start() -> None:
+    load() -> (session, tokenizer) runs in a thread at startup (GET /health answers 503 until it is done), or at
+    once when load_now (Ray Serve replicas). If it fails, /health answers 503 with the reason and
+    on_load_error(reason) is called (`glmx serve` then stops with the reason and exit status 1)."""
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", rows: int = 8,
+                 max_waiting: int = 64, timeout: float = 600.0, api_key: Optional[str] = None,
+                 log: Callable[[str], None] = lambda message: None,
+                 on_load_error: Optional[Callable[[str], None]] = None):
+        self.load, self.model_id, self.rows, self.max_waiting = load, model_id, rows, max_waiting
+        self.timeout, self.api_key, self.log, self.on_load_error = timeout, api_key, log, on_load_error
+        self.metrics = Metrics(rows)
+        self.loop: Optional[EngineLoop] = None
+        self.error: Optional[str] = None
+        self.loading = True
+        self.model: Optional[dict[str, Any]] = None
+        self._ids = itertools.count()
+
+    def routes(self) -> list[Any]:
+        from starlette.routing import Route
+
+        return [Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/fill", self.fill, methods=["POST"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/metrics", self.metrics_text, methods=["GET"])]
+
+    # ------------------------------------------------------------ the model
+
+    def start(self) -> None:
+        """Load the model and start the engine thread; a failure is kept as the reason /health gives."""
         try:
-            session, tokenizer = load()
-            engine = Engine(session, tokenizer, rows=rows, max_waiting=max_waiting, on_end=metrics.ended)
-            state["loop"] = EngineLoop(engine, metrics)
-            state["model"] = {"precision": session.precision,
-                              "max_sequence_length": session.config.max_sequence_length,
-                              "vocab_size": session.config.vocab_size, "rows": rows, "max_waiting": max_waiting}
-            log(f"glmx serve: model loaded ({state['model']})")
+            session, tokenizer = self.load()
+            engine = Engine(session, tokenizer, rows=self.rows, max_waiting=self.max_waiting,
+                            on_end=self.metrics.ended, on_step=self.metrics.after_step)
+            self.loop = EngineLoop(engine)
+            self.model = {"precision": session.precision, "max_sequence_length": session.config.max_sequence_length,
+                          "vocab_size": session.config.vocab_size, "rows": self.rows, "max_waiting": self.max_waiting}
+            self.log(f"glmx serve: model loaded ({self.model})")
         except Exception as exc:  # noqa: BLE001 - /health says why
-            state["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            if on_load_error is not None:
-                on_load_error(state["error"])
+            self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            if self.on_load_error is not None:
+                self.on_load_error(self.error)
             else:
-                log(f"glmx serve: the model did not load: {state['error']}")
+                self.log(f"glmx serve: the model did not load: {self.error}")
         finally:
-            state["loading"] = False
+            self.loading = False
 
-    def error(message: str, status: int = 400, kind: str = "invalid_request_error", headers=None) -> Response:
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
-
-    def check_key(request: Request) -> Optional[Response]:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            return error("missing or wrong API key: send the header Authorization: Bearer <key>", 401,
-                         "authentication_error")
-        return None
-
-    def engine_loop() -> EngineLoop:
-        if state["loading"]:
-            raise BadRequest("the model is still loading; retry shortly", 503, "unavailable",
-                             {"Retry-After": "1"})
-        loop = state["loop"]
+    def engine_loop(self) -> EngineLoop:
+        if self.loading:
+            raise BadRequest("the model is still loading; retry shortly", 503, "unavailable", {"Retry-After": "1"})
+        loop = self.loop
         if loop is None or not loop.alive:
-            why = state["error"] or (loop.error if loop is not None else None) or "the engine stopped"
+            why = self.error or (loop.error if loop is not None else None) or "the engine stopped"
             raise BadRequest(f"the model is not available: {why}", 503, "unavailable")
         return loop
 
-    async def read_json(request: Request) -> dict:
+    # ------------------------------------------------------------ routes
+
+    async def completions(self, http: Any) -> Any:
+        return await self._answer(http, "completions")
+
+    async def fill(self, http: Any) -> Any:
+        return await self._answer(http, "fill")
+
+    async def health(self, http: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        if self.loading:
+            return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
+        loop = self.loop
+        if loop is None or not loop.alive:
+            return JSONResponse({"status": "error", "error": self.error or (loop.error if loop else None)}, 503)
+        engine = loop.engine
+        return JSONResponse({"status": "ok", "running": len(engine.running), "waiting": engine.waiting,
+                             "rows": engine.rows})
+
+    async def models(self, http: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        denied = self._check_key(http)
+        if denied is not None:
+            return denied
+        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
+                                                         "owned_by": "glmx", "glmx": self.model}]})
+
+    async def metrics_text(self, http: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def not_found(self, http: Any, exc: Any) -> Any:
+        if exc.status_code == 404:
+            return _error(f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/fill, "
+                          f"GET /health, GET /v1/models, GET /metrics", 404, "not_found")
+        return _error(exc.detail, exc.status_code, "invalid_request_error")
+
+    # ------------------------------------------------------------ answering a fill or a completion
+
+    def _check_key(self, http: Any) -> Any:
+        if self.api_key and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            return _error("missing or wrong API key: send the header Authorization: Bearer <key>", 401,
+                          "authentication_error")
+        return None
+
+    async def _read(self, http: Any, route: str) -> Ask:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await http.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
-        return body
+        if route == "fill":
+            return fill_request(body)
+        model = body.get("model")
+        if model is not None and model != self.model_id:
+            raise BadRequest(f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}", 404,
+                             "model_not_found")
+        return completion_request(body)
 
-    def submit_all(loop: EngineLoop, prompts: list[str], settings: dict,
-                   route: str) -> tuple[list[Any], asyncio.Queue]:
-        """Submit every prompt of one HTTP request onto one queue; all or none (a refusal cancels the rest)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        aio = asyncio.get_running_loop()
-        requests = []
+    async def _answer(self, http: Any, route: str) -> Any:
+        from starlette.responses import JSONResponse, Response, StreamingResponse
+
+        denied = self._check_key(http)
+        if denied is not None:
+            return denied
         try:
-            for prompt in prompts:
-                requests.append(loop.submit(prompt, lambda event: aio.call_soon_threadsafe(queue.put_nowait, event),
-                                            request_id=next(ids), **settings))
+            loop = self.engine_loop()
+            ask = await self._read(http, route)
+            jobs, queue = self._submit_all(loop, ask)
+        except BadRequest as exc:
+            if exc.status == 400:
+                self.metrics.requests.labels("invalid").inc()
+            return _error(str(exc), exc.status, exc.kind, exc.headers)
+        if ask.stream:
+            return StreamingResponse(self._stream(ask, loop, jobs, queue, http), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        results: dict[Any, FillResult] = {}
+        try:
+            async for event in self._events(loop, jobs, queue, http):
+                if event.kind == "failed":
+                    raise BadRequest(f"the engine failed: {event.text}", 500, "server_error")
+                if event.kind == "result" and event.result is not None:
+                    results[event.prompt] = event.result
+        except BadRequest as exc:
+            return _error(str(exc), exc.status, exc.kind, exc.headers)
+        if len(results) < len(jobs):  # the client left: nobody reads this
+            return Response(status_code=499)
+        if route == "fill":
+            return JSONResponse({"prompt": ask.requests[0].prompt, **results[jobs[0].id].to_dict()})
+        return JSONResponse(self._completion_body(f"cmpl-{jobs[0].id}", int(time.time()), jobs, results, ask.echo))
+
+    def _submit_all(self, loop: EngineLoop, ask: Ask) -> tuple[list[Job], asyncio.Queue[StreamEvent]]:
+        """Submit every request of one HTTP request onto one queue; all or none (a refusal cancels the rest)."""
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        aio = asyncio.get_running_loop()
+        jobs: list[Job] = []
+        try:
+            for request in ask.requests:
+                numbered = dataclasses.replace(request, id=next(self._ids))
+                jobs.append(loop.submit(numbered, lambda event: aio.call_soon_threadsafe(queue.put_nowait, event)))
         except QueueFull as exc:
-            for r in requests:
-                loop.cancel(r)
-            metrics.requests.labels("rejected").inc()
+            for job in jobs:
+                loop.cancel(job)
+            self.metrics.requests.labels("rejected").inc()
             raise BadRequest(str(exc), 429, "server_busy", {"Retry-After": str(int(round(exc.retry_after)))}) \
                 from None
         except (GenerationError, EngineError) as exc:
-            for r in requests:
-                loop.cancel(r)
-            metrics.requests.labels("invalid").inc()
-            message = " ".join(str(exc).split())
-            if route == "completions":  # say it in the route's own field names
-                message = message.replace("max_new_tokens", "max_tokens")
-            raise BadRequest(message) from None
-        return requests, queue
+            for job in jobs:
+                loop.cancel(job)
+            names = COMPLETION_NAMES if ask.route == "completions" else {}
+            said = exc.said_as(names) if isinstance(exc, GenerationError) else str(exc)
+            raise BadRequest(" ".join(said.split())) from None
+        return jobs, queue
 
-    async def events_of(loop: EngineLoop, requests: list[Any], queue: asyncio.Queue, http: Request):
-        """Every event of these requests until each has ended; cancels them all if the client leaves or the
-        deadline passes (then raises BadRequest 504)."""
-        deadline = time.monotonic() + timeout
-        open_ids = {r.id for r in requests}
+    async def _events(self, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent],
+                      http: Any) -> AsyncIterator[StreamEvent]:
+        """Every event of these jobs until each has ended; cancels them all if the client leaves or the deadline
+        passes (then raises BadRequest 504)."""
+        deadline = time.monotonic() + self.timeout
+        open_ids = {job.id for job in jobs}
         checked = time.monotonic()
         try:
             while open_ids:
@@ -363,165 +490,103 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", r
                         return
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    for r in requests:
-                        loop.cancel(r, "timeout")
-                    raise BadRequest(f"the request did not finish within --timeout {timeout:g} s", 504, "timeout")
+                    for job in jobs:
+                        loop.cancel(job, "timeout")
+                    raise BadRequest(f"the request did not finish within --timeout {self.timeout:g} s", 504,
+                                     "timeout")
                 try:
                     event = await asyncio.wait_for(queue.get(), min(left, 0.5))
                 except asyncio.TimeoutError:
                     continue
-                if event.kind in ("result", "cancelled", "timeout", "failed"):
+                if event.kind in ENDINGS or event.kind == "result":
                     open_ids.discard(event.prompt)
                 yield event
         finally:
-            for r in requests:
-                if not r.done:
-                    loop.cancel(r)
+            for job in jobs:
+                if not job.done:
+                    loop.cancel(job)
 
-    def failed(event: Any) -> BadRequest:
-        return BadRequest(f"the engine failed: {event.text}", 500, "server_error")
-
-    async def handle(http: Request, route: str) -> Response:
-        denied = check_key(http)
-        if denied is not None:
-            return denied
-        try:
-            loop = engine_loop()
-            body = await read_json(http)
-            if route == "completions":
-                model = body.get("model")
-                if model is not None and model != model_id:
-                    return error(f"model {model!r} is not served here; GET /v1/models lists {model_id!r}", 404,
-                                 "model_not_found")
-                prompts, settings, echo, stream = completion_settings(body)
-            else:
-                prompt, settings, stream = fill_settings(body)
-                prompts, echo = [prompt], False
-            requests, queue = submit_all(loop, prompts, settings, route)
-        except BadRequest as exc:
-            return error(str(exc), exc.status, exc.kind, exc.headers)
-        created, cid = int(time.time()), f"cmpl-{requests[0].id}"
-        index = {r.id: i for i, r in enumerate(requests)}
-        if stream:
-            return StreamingResponse(sse(route, loop, requests, queue, http, created, cid, index),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results: dict[Any, Any] = {}
-        try:
-            async for event in events_of(loop, requests, queue, http):
-                if event.kind == "failed":
-                    raise failed(event)
-                if event.kind == "result":
-                    results[event.prompt] = event.result
-        except BadRequest as exc:
-            return error(str(exc), exc.status, exc.kind, exc.headers)
-        if len(results) < len(requests):  # the client left: nobody reads this
-            return Response(status_code=499)
-        ordered = [(r, results[r.id]) for r in requests]
-        if route == "fill":
-            (request, result), = ordered
-            return JSONResponse({"prompt": prompts[0], **result.to_dict()})
-        return JSONResponse(completion_body(cid, created, ordered, echo))
-
-    def completion_body(cid: str, created: int, ordered: list, echo: bool) -> dict:
+    def _completion_body(self, cid: str, created: int, jobs: list[Job], results: dict[Any, FillResult],
+                         echo: bool) -> dict[str, Any]:
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for i, (request, result) in enumerate(ordered):
-            prompt_tokens += len(request.prompt.ids)
-            completion_tokens += request.new_tokens
+        for i, job in enumerate(jobs):
+            result = results[job.id]
+            prompt_tokens += job.context_tokens
+            completion_tokens += job.new_tokens
             choices.append({"index": i, "text": result.text if echo else "".join(s.text for s in result.spans),
-                            "logprobs": None, "finish_reason": finish_reason(result.spans),
+                            "logprobs": None, "finish_reason": _finish_reason(result.spans),
                             "glmx": {"text": result.text, "spans": [vars(s) for s in result.spans]}})
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_id, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
+                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                              "total_tokens": prompt_tokens + completion_tokens}}
 
-    def finish_reason(spans: list) -> str:
-        return "length" if any(s.stop == "length" for s in spans) else "stop"
-
-    async def sse(route, loop, requests, queue, http, created, cid, index):
-        def data(obj: Any) -> str:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    async def _stream(self, ask: Ask, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent],
+                      http: Any) -> AsyncIterator[str]:
+        """Server-sent events: /v1/fill's own kinds, or OpenAI completion chunks; then [DONE]."""
+        cid, created = f"cmpl-{jobs[0].id}", int(time.time())
+        index = {job.id: i for i, job in enumerate(jobs)}
         try:
-            async for event in events_of(loop, requests, queue, http):
+            async for event in self._events(loop, jobs, queue, http):
                 if event.kind == "failed":
-                    yield data({"error": {"message": f"the engine failed: {event.text}", "type": "server_error"}})
+                    yield _sse({"error": {"message": f"the engine failed: {event.text}", "type": "server_error"}})
                     return
-                if event.kind in ("cancelled", "timeout"):
+                if event.kind in ENDINGS:
                     continue
-                if route == "fill":
-                    if event.kind == "token":
-                        yield data({"kind": "token", "blank": event.blank, "token_id": event.token_id,
-                                    "text": event.text})
-                    elif event.kind == "span":
-                        yield data({"kind": "span", "blank": event.blank, "span": vars(event.span)})
-                    else:
-                        yield data({"kind": "result", "prompt": requests[0].prompt.text, **event.result.to_dict()})
+                if ask.route == "fill":
+                    yield _sse(self._fill_chunk(event, ask.requests[0].prompt))
                     continue
-                choice = {"index": index[event.prompt], "text": "", "logprobs": None, "finish_reason": None}
-                if event.kind == "token":
-                    choice.update(text=event.text, glmx={"blank": event.blank, "token_id": event.token_id})
-                elif event.kind == "span":
-                    choice.update(glmx={"blank": event.blank, "span": vars(event.span)})
-                else:
-                    choice.update(finish_reason=finish_reason(event.result.spans),
-                                  glmx={"text": event.result.text, "spans": [vars(s) for s in event.result.spans]})
-                yield data({"id": cid, "object": "text_completion", "created": created, "model": model_id,
-                            "choices": [choice]})
+                yield _sse({"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
+                            "choices": [self._completion_choice(event, index[event.prompt])]})
             yield "data: [DONE]\n\n"
         except BadRequest as exc:
-            yield data({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}})
+            yield _sse({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}})
 
-    async def completions(http: Request) -> Response:
-        return await handle(http, "completions")
+    @staticmethod
+    def _fill_chunk(event: StreamEvent, prompt: str) -> dict[str, Any]:
+        if event.kind == "token":
+            return {"kind": "token", "blank": event.blank, "token_id": event.token_id, "text": event.text}
+        if event.kind == "span":
+            return {"kind": "span", "blank": event.blank, "span": vars(event.span)}
+        assert event.result is not None
+        return {"kind": "result", "prompt": prompt, **event.result.to_dict()}
 
-    async def fill(http: Request) -> Response:
-        return await handle(http, "fill")
+    @staticmethod
+    def _completion_choice(event: StreamEvent, index: int) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
+        if event.kind == "token":
+            choice.update(text=event.text, glmx={"blank": event.blank, "token_id": event.token_id})
+        elif event.kind == "span":
+            choice.update(glmx={"blank": event.blank, "span": vars(event.span)})
+        elif event.result is not None:
+            choice.update(finish_reason=_finish_reason(event.result.spans),
+                          glmx={"text": event.result.text, "spans": [vars(s) for s in event.result.spans]})
+        return choice
 
-    async def health(http: Request) -> Response:
-        if state["loading"]:
-            return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
-        loop = state["loop"]
-        if loop is None or not loop.alive:
-            return JSONResponse({"status": "error", "error": state["error"] or (loop.error if loop else None)}, 503)
-        engine = loop.engine
-        return JSONResponse({"status": "ok", "running": len(engine.running), "waiting": engine.waiting,
-                             "rows": engine.rows})
 
-    async def models(http: Request) -> Response:
-        denied = check_key(http)
-        if denied is not None:
-            return denied
-        return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                                         "owned_by": "glmx", "glmx": state["model"]}]})
+def create_app(load: Callable[[], tuple[Any, Any]], *, load_now: bool = False, **options: Any) -> Any:
+    """The Starlette app of a Server (options: Server's keywords); app.state.glmx is the Server. The model loads in
+    a thread when the app starts, or at once when load_now (Ray Serve replicas)."""
+    _require_serve_extra()
+    import contextlib
 
-    async def metrics_route(http: Request) -> Response:
-        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
 
-    async def not_found(http: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 404:
-            return error(f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/fill, "
-                         f"GET /health, GET /v1/models, GET /metrics", 404, "not_found")
-        return error(exc.detail, exc.status_code, "invalid_request_error")
+    server = Server(load, **options)
 
-    def lifespan(app):
-        import contextlib
-
-        @contextlib.asynccontextmanager
-        async def span():
-            if not load_now:
-                threading.Thread(target=start, name="glmx-load", daemon=True).start()
-            yield
-            if state["loop"] is not None:
-                state["loop"].stop()
-        return span()
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        if not load_now:
+            threading.Thread(target=server.start, name="glmx-load", daemon=True).start()
+        yield
+        if server.loop is not None:
+            server.loop.stop()
 
     if load_now:
-        start()
-    routes = [Route("/v1/completions", completions, methods=["POST"]), Route("/v1/fill", fill, methods=["POST"]),
-              Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"]),
-              Route("/metrics", metrics_route, methods=["GET"])]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
-    app.state.glmx = state
-    app.state.metrics = metrics
+        server.start()
+    app = Starlette(routes=server.routes(), exception_handlers={HTTPException: server.not_found}, lifespan=lifespan)
+    app.state.glmx = server
+    app.state.metrics = server.metrics
     return app
 
 

@@ -47,16 +47,16 @@ def deployment(model: Optional[str] = None, backend: str = "onnxruntime", rows: 
             model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
             self._glmx_app = create_app(lambda: open_model(model, backend), model_id=model_id, rows=rows,
                                   max_waiting=max_waiting, timeout=timeout, api_key=api_key, load_now=True)
-            state = self._glmx_app.state.glmx
-            if state["error"]:
-                raise ServeError(f"the replica could not open the model: {state['error']}")
+            server = self._glmx_app.state.glmx
+            if server.error:
+                raise ServeError(f"the replica could not open the model: {server.error}")
 
         def __serve_build_asgi_app__(self) -> Any:
             return self._glmx_app
 
         def check_health(self) -> None:
             """Ray Serve restarts a replica whose engine died."""
-            loop = self._glmx_app.state.glmx["loop"]
+            loop = self._glmx_app.state.glmx.loop
             if loop is None or not loop.alive:
                 raise RuntimeError(f"glmx engine stopped: {loop.error if loop else 'not loaded'}")
 

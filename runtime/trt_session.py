@@ -16,7 +16,7 @@ import numpy as np
 
 from glm_runtime.iotable import past_names, present_names
 from glm_runtime.manifest import Manifest, ManifestError, load_manifest
-from glm_runtime.session import Closable
+from glm_runtime.backend import Closable, check_export, check_feeds
 from glm_runtime.trt_memory import (  # noqa: F401 (TensorRTError, gpu_identity, import_cudart: this module's API too)
     INSTALL_HINT, DeviceArray, TensorRTError, TensorRTKVCache, _Cuda, gpu_identity, import_cudart)
 
@@ -75,7 +75,6 @@ def select_profile(profiles: Sequence[Profile], dims: Mapping[str, int]) -> int:
 
 def feed_dims(io: Mapping[str, Any], feeds: Mapping[str, Any]) -> dict[str, int]:
     """Check feeds (numpy or DeviceArrays) with the one checker every backend uses (check_feeds, FeedError)."""
-    from glm_runtime.session import check_feeds
     return check_feeds(feeds, io["inputs"])
 
 
@@ -131,7 +130,6 @@ class TensorRTSession(Closable):
     backend = "tensorrt"
 
     def __init__(self, folder: str | Path, *, device: int = 0, strict_gpu: bool = True):
-        from glm_runtime.session import check_export
         folder = Path(folder)
         manifest = load_manifest(folder, kind="engine")
         info = EngineInfo.from_manifest(manifest)
@@ -153,6 +151,7 @@ class TensorRTSession(Closable):
 
     def _open(self, trt: Any, plan: Any, manifest: Manifest, info: EngineInfo, config: Any, device: int) -> None:
         self.manifest, self.info, self.io, self.config = manifest, info, manifest.io, config
+        self.tokenizer_record = manifest.tokenizer
         self.precision = manifest.precision
         self.profiles = list(info.profiles)
         self._trt, self._cuda = trt, _Cuda(device)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from glm_runtime.engine import Engine, EngineError, QueueFull
+from glm_runtime.requests import FillRequest
 from glm_runtime.generate import fill_blanks
 from glm_runtime.sampling import GenerationError
 from glm_runtime.session import BUNDLED_MODEL, OnnxRuntimeSession, open_model
@@ -53,7 +54,7 @@ def run_staggered(engine, prompts, every=1, **settings):
         if pending and (not requests or steps % every == 0):
             for _ in range(2 if not requests else 1):
                 if pending:
-                    requests.append(engine.submit(pending.pop(0), **settings))
+                    requests.append(engine.submit(FillRequest.make(pending.pop(0), **settings)))
         engine.step()
         steps += 1
         assert steps < MAX_STEPS
@@ -83,7 +84,7 @@ def test_mixed_settings_in_one_batch_each_equal_alone(model):
                                                                                 num_beams=2),
              dict(max_new_tokens=7, append_gmask=True)]
     texts = PROMPTS[:4] + ["The weather today is"]
-    requests = [engine.submit(text, **s) for text, s in zip(texts, mixed)]
+    requests = [engine.submit(FillRequest.make(text, **s)) for text, s in zip(texts, mixed)]
     engine.run_until_done(MAX_STEPS)
     for text, s, request in zip(texts, mixed, requests):
         assert request.result.tokens == alone(session, tok, text, **s).tokens, (text, s)
@@ -94,7 +95,7 @@ def test_rows_stay_packed_and_each_step_is_one_call(model):
     counting = Counting(session)
     engine = Engine(counting, tok, rows=3)
     for prompt in PROMPTS:
-        engine.submit(prompt, max_new_tokens=N)
+        engine.submit(FillRequest.make(prompt, max_new_tokens=N))
     for _ in range(MAX_STEPS):
         if not engine.has_work():
             break
@@ -123,7 +124,7 @@ def _fed(request) -> int:
 def test_cancel_mid_span_leaves_the_others_unchanged(model):
     session, tok = model
     engine = Engine(session, tok, rows=4)
-    requests = [engine.submit(p, max_new_tokens=N) for p in PROMPTS[:4]]
+    requests = [engine.submit(FillRequest.make(p, max_new_tokens=N)) for p in PROMPTS[:4]]
     victim = requests[2]  # "Once upon a time [gMASK]": runs the whole budget
     for _ in range(3):
         engine.step()
@@ -132,7 +133,7 @@ def test_cancel_mid_span_leaves_the_others_unchanged(model):
     events = engine.step()
     assert victim.state == "cancelled" and victim not in engine.running
     assert [e.kind for e in events if e.prompt == victim.id] == ["cancelled"]
-    late = engine.submit(PROMPTS[4], max_new_tokens=N)  # takes the freed row
+    late = engine.submit(FillRequest.make(PROMPTS[4], max_new_tokens=N))  # takes the freed row
     engine.run_until_done(MAX_STEPS)
     for prompt, request in zip(PROMPTS[:4] + PROMPTS[4:5], requests + [late]):
         if request is not victim:
@@ -142,7 +143,7 @@ def test_cancel_mid_span_leaves_the_others_unchanged(model):
 def test_cancel_while_waiting_never_runs(model):
     session, tok = model
     engine = Engine(session, tok, rows=1)
-    first, second = engine.submit(PROMPTS[0], max_new_tokens=N), engine.submit(PROMPTS[1], max_new_tokens=N)
+    first, second = engine.submit(FillRequest.make(PROMPTS[0], max_new_tokens=N)), engine.submit(FillRequest.make(PROMPTS[1], max_new_tokens=N))
     engine.cancel(second)
     engine.run_until_done(MAX_STEPS)
     assert first.state == "finished" and second.state == "cancelled" and second.admitted_at is None
@@ -151,19 +152,19 @@ def test_cancel_while_waiting_never_runs(model):
 def test_queue_limit_and_too_long_prompts_are_refused_before_taking_a_row(model):
     session, tok = model
     engine = Engine(session, tok, rows=1, max_waiting=1)
-    engine.submit(PROMPTS[0], max_new_tokens=N)  # takes the row at the next step
-    engine.submit(PROMPTS[1], max_new_tokens=N)  # waits
+    engine.submit(FillRequest.make(PROMPTS[0], max_new_tokens=N))  # takes the row at the next step
+    engine.submit(FillRequest.make(PROMPTS[1], max_new_tokens=N))  # waits
     with pytest.raises(QueueFull, match="busy") as info:
-        engine.submit(PROMPTS[2], max_new_tokens=N)
+        engine.submit(FillRequest.make(PROMPTS[2], max_new_tokens=N))
     assert info.value.retry_after >= 1
     engine.step()  # the first runs, the second still waits: the limit holds
     with pytest.raises(QueueFull):
-        engine.submit(PROMPTS[2], max_new_tokens=N)
+        engine.submit(FillRequest.make(PROMPTS[2], max_new_tokens=N))
     P = session.config.max_sequence_length
     with pytest.raises(GenerationError, match=f"too long for the model.*max_sequence_length {P}"):
-        engine.submit("word " * P + "[MASK]", max_new_tokens=N)
+        engine.submit(FillRequest.make("word " * P + "[MASK]", max_new_tokens=N))
     with pytest.raises(GenerationError, match="max_new_tokens must be"):
-        engine.submit(PROMPTS[0], max_new_tokens=0)
+        engine.submit(FillRequest.make(PROMPTS[0], max_new_tokens=0))
     assert engine.waiting == 1 and len(engine.running) == 1
     with pytest.raises(EngineError, match="rows must be"):
         Engine(session, tok, rows=0)
@@ -186,7 +187,7 @@ def test_device_cache_engine_equals_host(model):
 def test_failure_ends_every_request(model):
     session, tok = model
     engine = Engine(session, tok, rows=2)
-    requests = [engine.submit(p, max_new_tokens=N) for p in PROMPTS[:3]]
+    requests = [engine.submit(FillRequest.make(p, max_new_tokens=N)) for p in PROMPTS[:3]]
     engine.step()
     victims = engine.fail_all("the session died")
     assert set(victims) == set(requests) and all(r.state == "failed" for r in requests)

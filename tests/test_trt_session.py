@@ -541,18 +541,18 @@ def test_build_parity_figures_on_the_stand_in(stand_in):
 def test_cloze_scoring_runs_on_an_engine_in_one_call_or_in_single_token_steps(stand_in, tmp_path, monkeypatch):
     """The span call fits the engine's context profile (past 0..max_past); an engine whose profiles would not
     take it gets the span one token per call. Both give ONNX Runtime's scores."""
-    from glm_runtime import score
+    from glm_runtime import cloze, score
     from glm_runtime.session import open_session
     from tests.fill_fixtures import make_tokenizer
     onnx, engine, _ = stand_in
     tok = make_tokenizer(tmp_path / "tokenizer.json")
     trt, ref = open_session(engine, "tensorrt"), open_session(onnx, "onnxruntime")
-    assert score._takes_chunks(trt, 4, 3, 8) and not score._takes_chunks(trt, 4, 3, 49)  # past beyond max_past
+    assert cloze._takes_chunks(trt, 4, 3, 8) and not cloze._takes_chunks(trt, 4, 3, 49)  # past beyond max_past
     prompts = ["the quick [MASK] fox", "a stitch in [MASK] saves nine"]
     candidates = [[" brown", " lazy dog"], [" time", " the nick of time"]]
     want = score.score_candidates(ref, tok, prompts, candidates)
     one_call = score.score_candidates(trt, tok, prompts, candidates)
-    monkeypatch.setattr(score, "_takes_chunks", lambda *a: False)
+    monkeypatch.setattr(cloze, "_takes_chunks", lambda *a: False)
     stepwise = score.score_candidates(trt, tok, prompts, candidates)
     for a, b, w in zip(one_call, stepwise, want):
         assert [c.total for c in a] == pytest.approx([c.total for c in w], abs=1e-4)
@@ -564,6 +564,7 @@ def test_the_serving_engine_runs_on_an_engine_within_its_profiles(stand_in, tmp_
     """runtime/engine.py on the TensorRT session (device cache, every row fed): staggered requests give ONNX
     Runtime's one-by-one tokens; more rows than the profile's batch, or a request past its max past, are refused."""
     from glm_runtime.engine import Engine, EngineError
+    from glm_runtime.requests import FillRequest
     from glm_runtime.generate import fill_blanks
     from glm_runtime.sampling import GenerationError
     from glm_runtime.session import open_session
@@ -580,7 +581,7 @@ def test_the_serving_engine_runs_on_an_engine_within_its_profiles(stand_in, tmp_
     requests = []
     for step in range(200):
         if step % 2 == 0 and len(requests) < len(prompts):
-            requests.append(served.submit(prompts[len(requests)], max_new_tokens=4))
+            requests.append(served.submit(FillRequest.make(prompts[len(requests)], max_new_tokens=4)))
         if not served.has_work() and len(requests) == len(prompts):
             break
         served.step()
@@ -588,5 +589,5 @@ def test_the_serving_engine_runs_on_an_engine_within_its_profiles(stand_in, tmp_
         (alone,) = fill_blanks(ref, tok, [prompt], max_new_tokens=4)
         assert request.result.tokens == alone.tokens
     with pytest.raises(GenerationError, match="TensorRT engine was built for at most 48"):
-        served.submit("the quick brown fox jumps over the lazy dog " * 3 + "[MASK]", max_new_tokens=16)
+        served.submit(FillRequest.make("the quick brown fox jumps over the lazy dog " * 3 + "[MASK]", max_new_tokens=16))
     trt.close()

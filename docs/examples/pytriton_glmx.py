@@ -21,6 +21,7 @@ import threading
 import numpy as np
 
 from glm_runtime.engine import Engine
+from glm_runtime.requests import FillRequest
 from glm_runtime.serve import EngineLoop
 from glm_runtime.session import open_model
 
@@ -41,7 +42,7 @@ def make_infer(loop: EngineLoop):
                 if event.kind in ("result", "cancelled", "timeout", "failed"):
                     box["event"] = event
                     done.set()
-            loop.submit(prompt, on_event, max_new_tokens=max_new)  # a bad request raises: Triton answers its error
+            loop.submit(FillRequest.make(prompt, max_new_tokens=max_new), on_event)  # a bad request raises: Triton answers its error
             done.wait()
             event = box["event"]
             if event.kind != "result":

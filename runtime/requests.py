@@ -1,0 +1,270 @@
+"""Requests as data: what a caller asks the engine (a fill or a scoring request, with its settings), what the
+engine makes of a prompt (context ids and blanks), and what comes back (spans, results, stream events).
+In: prompt text and settings from the API, the CLI and the server. Out: typed records every layer shares; the
+engine (runtime/engine.py) runs them, nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from glm_runtime.sampling import GenerationError, check_beam, check_sampling
+from glm_runtime.tokenizer import GLMTokenizer, build_context_ids, find_blanks
+
+STRATEGIES = ("greedy", "sample", "beam")
+# which options each strategy reads; passing one another strategy does not read is refused, never ignored
+STRATEGY_OPTIONS = {
+    "greedy": (),
+    "sample": ("temperature", "top_k", "top_p", "seed"),
+    "beam": ("num_beams", "length_penalty", "early_stopping"),
+}
+OPTION_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "seed": None,
+    "num_beams": 1,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+}
+ENDINGS = ("finished", "cancelled", "timeout", "failed")  # a request's last state
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One request's decoding settings, checked and with every default filled in (resolve_settings)."""
+
+    max_new_tokens: int = 32
+    strategy: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_settings(max_new_tokens: Any = 32, strategy: str = "greedy", **options: Any) -> Settings:
+    """Check a request and fill in the defaults: the options a strategy reads (STRATEGY_OPTIONS) take their
+    defaults when left None; an option given (not None) to a strategy that does not read it is refused.
+    Errors name the option as the CLI spells it (--top-k); callers with other field names use `field`."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise GenerationError(f" must be an integer >= 1, got {max_new_tokens!r}", field="max_new_tokens")
+    if strategy not in STRATEGIES:
+        raise GenerationError(
+            f"{strategy!r}; choose one of {STRATEGIES}", field="strategy", subject="unknown strategy "
+        )
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise GenerationError(
+            f"unknown setting {unknown[0]!r}; settings are max_new_tokens, strategy and {', '.join(OPTION_DEFAULTS)}"
+        )
+    for name, value in options.items():
+        if value is not None and name not in STRATEGY_OPTIONS[strategy]:
+            owner = next(k for k, v in STRATEGY_OPTIONS.items() if name in v)
+            flag = "--" + name.replace("_", "-")
+            raise GenerationError(
+                f" applies to --strategy {owner}, not {strategy}; drop it or pass --strategy {owner}",
+                field=name,
+                subject=flag,
+            )
+    chosen = {name: OPTION_DEFAULTS[name] if options.get(name) is None else options[name] for name in OPTION_DEFAULTS}
+    if strategy == "sample":
+        check_sampling(chosen["temperature"], chosen["top_k"], chosen["top_p"])
+    if strategy == "beam":
+        check_beam(chosen["num_beams"], chosen["length_penalty"], chosen["early_stopping"])
+    return Settings(int(max_new_tokens), strategy, **chosen)
+
+
+# ---------------------------------------------------------------- what a caller asks
+
+
+@dataclass(frozen=True)
+class FillRequest:
+    """Fill every blank of one prompt. id: the caller's name for it (events carry it; the engine numbers a
+    request without one). append_gmask: a prompt without a blank is continued at its end."""
+
+    prompt: str
+    settings: Settings = Settings()
+    append_gmask: bool = False
+    id: Any = None
+
+    @classmethod
+    def make(
+        cls,
+        prompt: str,
+        *,
+        max_new_tokens: Any = 32,
+        strategy: str = "greedy",
+        append_gmask: bool = False,
+        id: Any = None,  # noqa: A002 - the field's name in every API that sends one
+        **options: Any,
+    ) -> FillRequest:
+        """A request from keyword settings, checked (GenerationError names the bad one)."""
+        return cls(prompt, resolve_settings(max_new_tokens, strategy, **options), bool(append_gmask), id)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score candidate answers for the one blank of each prompt (GLM's cloze scoring, runtime/cloze.py).
+    candidates: one list per prompt. length_penalty: score = log-prob / (tokens + 1) ** this (0 = the sum)."""
+
+    prompts: tuple[str, ...]
+    candidates: tuple[tuple[str, ...], ...]
+    length_penalty: float = 0.0
+    single_token: bool = False
+    id: Any = None
+
+
+Request = Union[FillRequest, ScoreRequest]
+
+
+# ---------------------------------------------------------------- what the engine makes of a prompt
+
+
+@dataclass
+class Prompt:
+    """A prompt ready to run: its context ids and blanks (position, mask id), in order."""
+
+    index: Any
+    text: str
+    ids: list[int]
+    blanks: list[tuple[int, int]]
+
+    def positions_needed(self, max_new_tokens: int) -> int:
+        """Positions the context and every blank's sop + span take (docs/glm.md 3.3)."""
+        return len(self.ids) + len(self.blanks) * (1 + max_new_tokens)
+
+
+def prepare_prompt(
+    tokenizer: GLMTokenizer, text: Any, index: Any, append_gmask: bool, max_new_tokens: int, max_positions: int
+) -> Prompt:
+    """Context ids and blanks of one prompt; refuses, before any work, a prompt that cannot fit.
+
+    GLM was trained on sequences of at most P tokens (Part A + every sop + span), and the original generator
+    keeps at most P - 1 memory positions (docs/glm.md 3.3); so C + blanks x (1 + max_new_tokens) must be <= P,
+    which also keeps every block position (<= max_new_tokens + 1) inside the table.
+    """
+    if not isinstance(text, str):
+        raise GenerationError(
+            f" is a {type(text).__name__}, expected a string", field="prompt", subject=f"prompt {index}"
+        )
+    try:
+        ids = build_context_ids(tokenizer, text, append_gmask=append_gmask)
+    except ValueError as exc:
+        raise GenerationError(f": {exc}", field="prompt", subject=f"prompt {index}") from None
+    prompt = Prompt(index, text, ids, find_blanks(ids, tokenizer))
+    need = prompt.positions_needed(max_new_tokens)
+    if need > max_positions:
+        blanks = len(prompt.blanks)
+        room = (max_positions - len(ids)) // blanks - 1
+        fix = (
+            f"lower max_new_tokens to {room} or shorten the prompt"
+            if room >= 1
+            else "shorten the prompt or use fewer blanks"
+        )
+        raise GenerationError(
+            f" is too long for the model: {len(ids)} context tokens + {blanks} blank(s) x "
+            f"(1 + {max_new_tokens} new tokens) = {need} positions > max_sequence_length {max_positions}; {fix}",
+            field="prompt",
+            subject=f"prompt {index}",
+        )
+    return prompt
+
+
+# ---------------------------------------------------------------- what comes back
+
+
+@dataclass
+class Span:
+    """One filled blank of a result."""
+
+    text: str
+    token_ids: list[int]
+    blank: str  # the blank token it fills: "[MASK]", "[sMASK]" or "[gMASK]"
+    position: int  # index of that blank in the context ids (its position id)
+    stop: str  # why it ended: "eop", "eos" or "length" (max_new_tokens reached)
+
+
+@dataclass
+class FillResult:
+    text: str  # the prompt with every blank replaced by its span
+    spans: list[Span]
+    tokens: list[int]  # the original's output layout: context ids, then sop + span ids per blank (no eop)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CandidateScore:
+    text: str
+    token_ids: list[int]  # the answer's ids (single-token: the one id)
+    logprobs: list[float]  # per target: answer tokens then eop (single-token: the one)
+    total: float  # sum of logprobs
+    length: int  # number of targets
+    score: float  # total / length ** length_penalty (single-token: total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StreamEvent:
+    """kind: "token" (a new span token), "span" (a finished span), "result" (a finished fill), "scores" (a
+    finished scoring request), or the ending of a request without a result: "cancelled", "timeout", "failed"
+    (text says why)."""
+
+    kind: str
+    prompt: Any  # the request's id
+    blank: int = -1  # index of the blank within the prompt
+    token_id: Optional[int] = None
+    text: str = ""  # the token's or span's text
+    span: Optional[Span] = None
+    result: Optional[FillResult] = None
+    scores: Optional[list[list[CandidateScore]]] = None
+
+
+# ---------------------------------------------------------------- text out
+
+
+def decode_text(tokenizer: GLMTokenizer, ids: Sequence[int]) -> str:
+    """Text of ids, skipping ids that have no text (padded vocabulary rows a model may still pick, docs/glm.md 9.8)."""
+    known = []
+    for i in ids:
+        try:
+            tokenizer.id_to_token(int(i))
+        except ValueError:
+            continue
+        known.append(int(i))
+    return tokenizer.decode(known)
+
+
+def assemble_result(
+    tokenizer: GLMTokenizer, prompt: Prompt, spans: list[Span], timings: dict[str, float]
+) -> FillResult:
+    """Splice each span's ids in place of its blank, drop [ENC] and the final eos, decode once."""
+    special = tokenizer.special
+    by_pos = {s.position: s.token_ids for s in spans}
+    last = len(prompt.ids) - 1
+    drop = {0} if prompt.ids[0] == special["ENC"] else set()
+    if prompt.ids[last] == special["eos"] and last not in by_pos:
+        drop.add(last)
+    spliced: list[int] = []
+    for k, i in enumerate(prompt.ids):
+        if k not in drop:
+            spliced.extend(by_pos.get(k, [i]))
+    tokens = list(prompt.ids)
+    for s in spans:
+        tokens += [special["sop"], *s.token_ids]
+    return FillResult(decode_text(tokenizer, spliced), spans, tokens, timings)
