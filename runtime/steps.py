@@ -8,15 +8,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from glm_runtime import masks
-from glm_runtime.iotable import LOGITS_START, accepts
-from glm_runtime.session import Session, host_array
+from glm_runtime.iotable import LOGITS_START, accepts, past_names
+from glm_runtime.backend import KVCacheLike, Session, host_array
 
 
 def empty_past(session: Session, batch: int) -> dict[str, np.ndarray]:
     """past_key_values with past_seq = 0 for the context pass (nothing is cached yet)."""
     c = session.config
     empty = np.zeros((batch, c.num_attention_heads, 0, c.head_dim), dtype=session.kv_dtype)
-    return {entry["name"]: empty for entry in session.inputs if entry["name"].startswith("past_key_values.")}
+    return {name: empty for pair in past_names(session.io) for name in pair}
 
 
 def run_context(session: Session, contexts: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, Any], np.ndarray]:
@@ -35,7 +35,7 @@ def run_context(session: Session, contexts: Sequence[Sequence[int]], pad_id: int
     return run_for_rows(session, feeds, np.asarray(lengths) - 1)
 
 
-def context_pass(session: Session, cache: Any, contexts: Sequence[Sequence[int]], pad_id: int,
+def context_pass(session: Session, cache: KVCacheLike, contexts: Sequence[Sequence[int]], pad_id: int,
                  repeat: int = 1) -> np.ndarray:
     """Run every row's context (right-padded with pad_id) and store its K/V at slots 0..C_b-1.
 
@@ -50,7 +50,7 @@ def context_pass(session: Session, cache: Any, contexts: Sequence[Sequence[int]]
     return logits
 
 
-def decode_step(session: Session, cache: Any, tokens: Sequence[int], positions: np.ndarray,
+def decode_step(session: Session, cache: KVCacheLike, tokens: Sequence[int], positions: np.ndarray,
                 store: Sequence[bool]) -> np.ndarray:
     """Feed one token per row (positions [W, 2, 1]); rows with store=False (finished, fed a dummy) keep
     their cache unchanged. W may be fewer than the cache's rows when the cache is sliceable (the first W
@@ -65,7 +65,7 @@ def decode_step(session: Session, cache: Any, tokens: Sequence[int], positions: 
     return out["logits"][:, -1]
 
 
-def prefill_span(session: Session, cache: Any, tokens: Sequence[int], mask_pos: int) -> np.ndarray:
+def prefill_span(session: Session, cache: KVCacheLike, tokens: Sequence[int], mask_pos: int) -> np.ndarray:
     """Feed the same span tokens (sop first, steps 0..T-1) to every row in one call; returns logits [B, V]."""
     batch, seq = cache.batch, len(tokens)
     feeds = {"input_ids": np.tile(np.asarray(tokens, dtype=np.int64), (batch, 1)),
