@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from glm_runtime.cli import CommandError, _one_line, main  # noqa: F401 (main: the name callers use)
+from glm_runtime.cli import CommandError, one_line, main  # noqa: F401 (main: the name callers use)
 
 
 def require_export_extra(torch: bool = True) -> None:
@@ -247,7 +247,7 @@ def check_trt_cmd(model: str) -> None:
     except Exception as exc:  # noqa: BLE001 - onnx's DecodeError and friends: the file is not a readable graph
         if isinstance(exc, (OSError, click.ClickException)):
             raise
-        raise CommandError(f"{model} is not a readable ONNX graph ({type(exc).__name__}: {_one_line(exc)}); "
+        raise CommandError(f"{model} is not a readable ONNX graph ({type(exc).__name__}: {one_line(exc)}); "
                         f"re-export it (glmx export)") from None
     src = support_list()["source"]
     for f in findings:

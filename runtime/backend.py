@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from glm_runtime.iotable import accepted_tables
 from glm_runtime.manifest import Manifest, ManifestError, check_complete
 
 # OrtValue.data_type() strings -> numpy names, for feeds that already live on a device
+IntsLike = Union[Sequence[int], np.ndarray]  # per-row counts, slots or row indices: a list or an int array
+
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bool)": "bool", "tensor(int32)": "int32", "tensor(double)": "float64"}
 
@@ -85,17 +87,17 @@ class KVCacheLike(Protocol):
 
     def feeds(self, width: int | None = None) -> dict[str, Any]: ...
 
-    def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None: ...
+    def append(self, outputs: Mapping[str, Any], counts: IntsLike) -> None: ...
 
-    def load_rows(self, rows: Sequence[int], outputs: Mapping[str, Any], lengths: Sequence[int]) -> None: ...
+    def load_rows(self, rows: IntsLike, outputs: Mapping[str, Any], lengths: IntsLike) -> None: ...
 
     def reserve(self, needed: int) -> None: ...
 
-    def reorder(self, index: Sequence[int]) -> None: ...
+    def reorder(self, index: IntsLike) -> None: ...
 
-    def free_rows(self, rows: Sequence[int]) -> None: ...
+    def free_rows(self, rows: IntsLike) -> None: ...
 
-    def truncate(self, filled: Sequence[int]) -> None: ...
+    def truncate(self, filled: IntsLike) -> None: ...
 
 
 class Closable:

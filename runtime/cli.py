@@ -9,8 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:  # for annotations only: the command group itself imports nothing heavy
+    from glm_runtime.requests import FillResult
 
 
 class CommandError(click.ClickException):
@@ -18,7 +22,7 @@ class CommandError(click.ClickException):
     reaching the command group becomes one)."""
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The first line of a message, whitespace folded (a parity table was printed above it already)."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return " ".join(lines[0].split()) if lines else type(exc).__name__
@@ -38,7 +42,7 @@ class _Commands(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Failure as exc:
-            raise CommandError(_one_line(exc)) from None
+            raise CommandError(one_line(exc)) from None
         except UnicodeDecodeError as exc:
             raise CommandError(f"the input is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
                             f"and try again") from None
@@ -48,7 +52,7 @@ class _Commands(click.Group):
         except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, said as one line
             if os.environ.get("GLMX_DEBUG"):
                 raise
-            raise CommandError(f"internal error in glmx ({type(exc).__name__}: {_one_line(exc)}); this is a bug: "
+            raise CommandError(f"internal error in glmx ({type(exc).__name__}: {one_line(exc)}); this is a bug: "
                             f"please report it with the command (GLMX_DEBUG=1 shows the traceback)") from None
 
 
@@ -206,7 +210,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
         raise CommandError(_said(inputs[0]))
     session, tokenizer = open_model(model, backend)
     engine = Engine(session, tokenizer, rows=rows)
-    done: dict[int, object] = {}  # input index -> FillResult or error message, until printed in input order
+    done: dict[int, FillResult | str] = {}  # input index -> FillResult or error message, until printed in input order
     bad: list[str] = []
 
     def refuse(i: int, message: str) -> None:

@@ -331,8 +331,8 @@ class Engine:
             for job in gone:
                 self._waiting.remove(job)
         leaving = [r for r, j in enumerate(self.slots) if j is not None and j.cancel_requested]
-        for job in gone + [self.slots[r] for r in leaving]:  # type: ignore[misc]
-            assert job is not None and job.cancel_requested is not None
+        for job in gone + [j for r in leaving if (j := self.slots[r]) is not None]:
+            assert job.cancel_requested is not None
             self._end(job, job.cancel_requested, events)
         self._free(leaving)
 

@@ -7,11 +7,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from glm_runtime.backend import host_array
+from glm_runtime.backend import IntsLike, host_array
 from glm_runtime.iotable import past_names, present_names
 
 
-class _SlotCache:
+class SlotCache:
     """What every cache shares: the KV names, the slot map `visible` [B, capacity] and `filled[b]` (row b's next
     free slot). Subclasses own the buffers: `_alloc(capacity)`, `reserve`, `append`, `reorder`."""
 
@@ -23,12 +23,20 @@ class _SlotCache:
         capacity = max(int(capacity), 1)
         self.keys = [self._alloc(capacity) for _ in self.past]
         self.values = [self._alloc(capacity) for _ in self.past]
-        self.visible = np.zeros((batch, capacity), dtype=bool)  # which slots each row attends to
-        self.filled = np.zeros(batch, dtype=np.int64)
+        self.visible: np.ndarray = np.zeros((batch, capacity), dtype=bool)  # which slots each row attends to
+        self.filled: np.ndarray = np.zeros(batch, dtype=np.int64)
         self.grown = 0  # how many times the buffers were reallocated (tests check amortisation)
+
+    def append(self, outputs: Mapping[str, Any], counts: IntsLike) -> None:
+        raise NotImplementedError  # each cache stores into its own buffers
 
     def _alloc(self, capacity: int) -> Any:
         raise NotImplementedError
+
+    def _reorder_slots(self, order: np.ndarray) -> None:
+        """The slot map follows the buffers' rows: row b is now what row order[b] was."""
+        self.visible = self.visible[order]
+        self.filled = self.filled[order]
 
     @property
     def capacity(self) -> int:
@@ -58,20 +66,20 @@ class _SlotCache:
             out[kn], out[vn] = (k, v) if width is None or width == self.batch else (k[:width], v[:width])
         return out
 
-    def _counts(self, counts: Sequence[int]) -> np.ndarray:
+    def _counts(self, counts: IntsLike) -> np.ndarray:
         """counts per row as int64 [B]; a call over the first rows only (feeds(width)) leaves the rest at 0."""
         counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         if counts.size < self.batch:
             counts = np.concatenate([counts, np.zeros(self.batch - counts.size, dtype=np.int64)])
         return counts
 
-    def free_rows(self, rows: Sequence[int]) -> None:
+    def free_rows(self, rows: IntsLike) -> None:
         """Forget everything rows hold (a finished or cancelled request): their next slot is 0 again."""
         filled = self.filled.copy()
         filled[np.asarray(rows, dtype=np.int64)] = 0
         self.truncate(filled)
 
-    def load_rows(self, rows: Sequence[int], outputs: Mapping[str, Any], lengths: Sequence[int]) -> None:
+    def load_rows(self, rows: IntsLike, outputs: Mapping[str, Any], lengths: IntsLike) -> None:
         """Rows rows[i] start over with the first lengths[i] tokens of row i of a separate call's present.*
         (a context pass over just the admitted requests). Generic path: pad the outputs to every row on the host
         and append; rows not named keep their slots (the padding lands in free slots nobody sees)."""
@@ -88,14 +96,14 @@ class _SlotCache:
                 padded[name] = full
         self.append(padded, counts)
 
-    def truncate(self, filled: Sequence[int]) -> None:
+    def truncate(self, filled: IntsLike) -> None:
         """Forget every slot at or after filled[b] (the buffers keep their old bytes; the mask hides them)."""
         filled = np.asarray(filled, dtype=np.int64)
         self.visible &= np.arange(self.capacity)[None, :] < filled[:, None]
         self.filled = filled.copy()
 
 
-class KVCache(_SlotCache):
+class KVCache(SlotCache):
     """Host cache: keys[l], values[l] are numpy [B, n, capacity, d]."""
 
     sliceable = True
@@ -116,7 +124,7 @@ class KVCache(_SlotCache):
                 store[i] = buf
         self._grow_slot_map(new_cap)
 
-    def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
+    def append(self, outputs: Mapping[str, Any], counts: IntsLike) -> None:
         """Store the first counts[b] of this call's T tokens of row b at its next slots, and mark them visible.
 
         Rows with count 0 (finished rows fed a dummy token) keep their cache unchanged. A call over the first
@@ -138,8 +146,8 @@ class KVCache(_SlotCache):
                     v[b, :, f:f + c] = nv[b, :, :c]
         self._mark_appended(counts)
 
-    def load_rows(self, rows: Sequence[int], outputs: Mapping[str, Any], lengths: Sequence[int]) -> None:
-        """As _SlotCache.load_rows, written straight into the named rows (no padding)."""
+    def load_rows(self, rows: IntsLike, outputs: Mapping[str, Any], lengths: IntsLike) -> None:
+        """As SlotCache.load_rows, written straight into the named rows (no padding)."""
         rows, lengths = np.asarray(rows, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
         self.free_rows(rows)
         self.reserve(int(lengths.max()))
@@ -152,7 +160,7 @@ class KVCache(_SlotCache):
         counts[rows] = lengths
         self._mark_appended(counts)
 
-    def reorder(self, index: Sequence[int]) -> None:
+    def reorder(self, index: IntsLike) -> None:
         """Beam search: row b becomes a copy of row index[b]. Only changed rows and used slots are copied."""
         index = np.asarray(index, dtype=np.int64)
         changed = np.flatnonzero(index != np.arange(self.batch))
@@ -202,7 +210,7 @@ def _scatter_model(elem_type: int) -> bytes:
     return model.SerializeToString()
 
 
-class DeviceKVCache(_SlotCache):
+class DeviceKVCache(SlotCache):
     """Cache whose buffers are OrtValues on `device` (e.g. "cuda", 0); same methods as KVCache.
 
     New K/V arrive as device OrtValues (the session binds `present.*` outputs to the device) and are scattered
@@ -246,7 +254,7 @@ class DeviceKVCache(_SlotCache):
         binding.bind_ortvalue_output("out", buf)  # in place: ScatterElements skips its copy when out is cache
         self._writer.run_with_iobinding(binding)
 
-    def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
+    def append(self, outputs: Mapping[str, Any], counts: IntsLike) -> None:
         counts = self._counts(counts)
         first = outputs[self.present[0][0]]
         T = first.shape[2] if isinstance(first, np.ndarray) else first.shape()[2]
@@ -260,7 +268,7 @@ class DeviceKVCache(_SlotCache):
             self._write(v, outputs[vn], slots)
         self._mark_appended(counts)
 
-    def reorder(self, index: Sequence[int]) -> None:
+    def reorder(self, index: IntsLike) -> None:
         index = np.asarray(index, dtype=np.int64)
         if (index == np.arange(self.batch)).all():
             return

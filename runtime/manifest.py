@@ -390,9 +390,10 @@ ARTIFACT_SUFFIXES = (".onnx", ".data", ".engine", ".plan", ".safetensors", ".bin
 def required_files(manifest: Manifest) -> list[str]:
     """The files the artifact itself reads (graph and its external data, engine, weights, tokenizer)."""
     extra = manifest.extra or {}
-    names = {"onnx": [extra.get("model_file") or MODEL_FILE, extra.get("external_data")],
-             "engine": [extra.get("engine_file") or ENGINE_FILE],
-             "checkpoint": [WEIGHTS_FILE, CONFIG_FILE]}.get(manifest.kind, [])
+    by_kind: dict[str, list[Any]] = {"onnx": [extra.get("model_file") or MODEL_FILE, extra.get("external_data")],
+                                     "engine": [extra.get("engine_file") or ENGINE_FILE],
+                                     "checkpoint": [WEIGHTS_FILE, CONFIG_FILE]}
+    names = by_kind.get(manifest.kind, [])
     return [n for n in names if n] + tokenizer_file_names(manifest.tokenizer)
 
 

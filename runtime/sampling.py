@@ -4,6 +4,7 @@ Sampling draws from one numpy Generator per row, so the same seed gives the same
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 from typing import Any, Mapping, Sequence
 
@@ -47,7 +48,7 @@ def check_beam(num_beams: Any, length_penalty: Any, early_stopping: Any) -> None
     if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
         raise GenerationError(f" must be an integer >= 1, got {num_beams!r}", field="num_beams")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
-            or not np.isfinite(length_penalty):
+            or not math.isfinite(float(length_penalty)):
         raise GenerationError(f" must be a finite number (0 = sum of log-probs), got {length_penalty!r}",
                               field="length_penalty")
     if not isinstance(early_stopping, bool):

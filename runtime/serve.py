@@ -20,6 +20,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, AsyncIterator, Callable, Optional
 
 from glm_runtime.engine import Engine, EngineError, Job, QueueFull
@@ -280,6 +281,11 @@ def fill_request(body: dict[str, Any]) -> Ask:
     return Ask("fill", _requests("fill", [body["prompt"]], settings), False, stream)
 
 
+def _deliver(aio: asyncio.AbstractEventLoop, queue: asyncio.Queue[StreamEvent], event: StreamEvent) -> None:
+    """An event from the engine thread onto a handler's queue, in the handler's event loop."""
+    aio.call_soon_threadsafe(queue.put_nowait, event)
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -460,7 +466,7 @@ class Server:
         try:
             for request in ask.requests:
                 numbered = dataclasses.replace(request, id=next(self._ids))
-                jobs.append(loop.submit(numbered, lambda event: aio.call_soon_threadsafe(queue.put_nowait, event)))
+                jobs.append(loop.submit(numbered, partial(_deliver, aio, queue)))
         except QueueFull as exc:
             for job in jobs:
                 loop.cancel(job)

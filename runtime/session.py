@@ -22,9 +22,8 @@ from glm_runtime.backend import (  # noqa: F401 - the session interface, importa
     host_array,
 )
 from glm_runtime.iotable import kv_dtype, required_inputs
-from glm_runtime.manifest import ManifestError, load_manifest
+from glm_runtime.manifest import MODEL_FILE, ManifestError, load_manifest
 
-MODEL_FILE = "model.onnx"
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -134,6 +133,7 @@ class OnnxRuntimeSession(Closable):
             else:
                 binding.bind_ortvalue_input(name, value)
         names = [o["name"] for o in self.outputs]
+        assert self.device is not None  # IO binding: the device the cache lives on
         for name in names:
             if name == "logits":
                 binding.bind_output(name, "cpu")  # sampling happens on the host

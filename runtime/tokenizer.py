@@ -32,7 +32,7 @@ META_NAME = "glmx_tokenizer.json"  # kind and options, written by GLMTokenizer.s
 # [dBLOCK] where docs/glm.md 7's table lists it (GLM-2B/10B and both Chinese models).
 _DEFAULT_OPTIONS = {"gpt2": (True, True), "roberta": (False, False), "bert": (False, False),
                     "chinese-sp": (True, True), "chinese-sp-fix": (True, True)}
-_FAMILY = {"gpt2": "bpe", "roberta": "bpe", "bert": "wordpiece", "chinese-sp": "sp", "chinese-sp-fix": "sp",
+FAMILY = {"gpt2": "bpe", "roberta": "bpe", "bert": "wordpiece", "chinese-sp": "sp", "chinese-sp-fix": "sp",
            "json": "json"}
 
 
@@ -197,7 +197,8 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mas
         if task_mask is not None or decoder_mask is not None or hf_gmask:
             raise TokenizerError("task_mask / decoder_mask / hf_gmask do not apply to a tokenizer.json: "
                                  "its special tokens are looked up by string")
-        return GLMTokenizer("json", *read_json(files), files, {})
+        text, special = read_json(files)
+        return GLMTokenizer("json", text, special, files, {})
     if hf_gmask and kind != "chinese-sp":
         raise TokenizerError(f"hf_gmask applies only to kind 'chinese-sp' (GLM-10B-Chinese), not {kind!r}")
     default_task, default_decoder = _DEFAULT_OPTIONS[kind]
@@ -219,11 +220,11 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mas
 def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
     """Which files make up the tokenizer at `path` (a folder or one of its files), and its kind."""
     folder = path.parent if path.is_file() else path
-    family = _files_family(path)
+    family = files_family(path)
     if path.is_file():
         if family is None and kind is None:
             raise TokenizerError(f"cannot tell the tokenizer kind of {path}; pass kind= one of {TOKENIZER_KINDS}")
-        if kind is not None and family is not None and _FAMILY[kind] != family:
+        if kind is not None and family is not None and FAMILY[kind] != family:
             raise TokenizerError(f"{path} is not a {kind!r} tokenizer file")
     else:
         if family is None and kind is None:
@@ -233,8 +234,9 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
         if family == "sp":
             raise TokenizerError(f"a SentencePiece model ({path}) needs an explicit kind: 'chinese-sp-fix' for "
                                  f"GLM-Large-Chinese or 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ)")
+        assert family is not None  # no files and no kind was refused above
         kind = {"json": "json", "bpe": "gpt2", "wordpiece": "bert"}[family]
-    family = _FAMILY[kind]
+    family = FAMILY[kind]
     if family == "bpe":
         files = {name: folder / name for name in BPE_FILES}
     elif family == "json":
@@ -290,7 +292,7 @@ def tokenizer_entry(tok: GLMTokenizer, folder: str | os.PathLike) -> dict[str, A
 
 # ---------------------------------------------------------------- the files of a tokenizer
 
-def _files_family(path: Path) -> str | None:
+def files_family(path: Path) -> str | None:
     """Which tokenizer family the files at `path` (a folder or one of its files) are, None if none."""
     folder = path.parent if path.is_file() else path
     if path.is_file():

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from glm_runtime.config import TOKENIZER_KINDS
-from glm_runtime.tokenizer import META_NAME, _FAMILY, GLMTokenizer, TokenizerError, _files_family, load_tokenizer
+from glm_runtime.tokenizer import META_NAME, FAMILY, GLMTokenizer, TokenizerError, files_family, load_tokenizer
 
 
 # tokenizer_config.json's `tokenizer_class` in the released Hugging Face GLM folders (THUDM remote code)
 HF_TOKENIZER_CLASSES = {"GLMBertTokenizer": "bert", "GLMGPT2Tokenizer": "gpt2", "GLMRobertaTokenizer": "roberta",
                         "GLMChineseTokenizer": "chinese"}
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-_FAMILY_FILES = {"json": "tokenizer.json", "bpe": "vocab.json + merges.txt", "wordpiece": "vocab.txt",
+FAMILY_FILES = {"json": "tokenizer.json", "bpe": "vocab.json + merges.txt", "wordpiece": "vocab.txt",
                  "sp": "a SentencePiece *.model"}
 # Chinese SentencePiece: which id table a model of these sizes was trained with (docs/glm.md 7; presets:
 # docs/glm.md 6)
@@ -80,7 +80,7 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
         return check_fits(tok, config, f"{path / META_NAME}"), [f"tokenizer: {tok.kind} (recorded in {path / META_NAME})"]
     folder = path.parent if path.is_file() else path
     cls, cls_file = _hf_tokenizer_class(folder)
-    family = _files_family(path)
+    family = files_family(path)
     if family is None:
         raise TokenizerError(f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + merges.txt, "
                              f"vocab.txt, or a SentencePiece *.model")
@@ -91,21 +91,22 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
             raise TokenizerError(f"{cls_file} names tokenizer_class {cls!r}, which is not a GLM tokenizer glmx "
                                  f"knows ({', '.join(HF_TOKENIZER_CLASSES)}); pass the kind (--tokenizer-kind)")
         from_class = HF_TOKENIZER_CLASSES[cls]
-        want = "sp" if from_class == "chinese" else _FAMILY[from_class]
+        want = "sp" if from_class == "chinese" else FAMILY[from_class]
         if want != family:
-            raise TokenizerError(f"{cls_file} names {cls} ({_FAMILY_FILES[want]}), but the tokenizer files are "
-                                 f"{_FAMILY_FILES[family]} ({path}); the folder mixes two tokenizers")
+            raise TokenizerError(f"{cls_file} names {cls} ({FAMILY_FILES[want]}), but the tokenizer files are "
+                                 f"{FAMILY_FILES[family]} ({path}); the folder mixes two tokenizers")
     if kind is not None:
         if kind not in TOKENIZER_KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {TOKENIZER_KINDS}")
-        if _FAMILY[kind] != family:
-            raise TokenizerError(f"tokenizer kind {kind!r} was asked for, but {path} holds {_FAMILY_FILES[family]} "
-                                 f"({'a ' + _FAMILY[kind]} tokenizer is {_FAMILY_FILES[_FAMILY[kind]]})")
+        if FAMILY[kind] != family:
+            raise TokenizerError(f"tokenizer kind {kind!r} was asked for, but {path} holds {FAMILY_FILES[family]} "
+                                 f"({'a ' + FAMILY[kind]} tokenizer is {FAMILY_FILES[FAMILY[kind]]})")
         if from_class not in (None, "chinese") and from_class != kind:
             raise TokenizerError(f"tokenizer kind {kind!r} was asked for, but {cls_file} names {cls} ({from_class})")
         notes.append(f"tokenizer: {kind} (as asked)")
     elif from_class is not None and from_class != "chinese":
         kind = from_class
+        assert cls_file is not None  # a tokenizer_class was read from it
         notes.append(f"tokenizer: {kind} ({cls_file.name}: tokenizer_class {cls})")
     elif family == "bpe":
         vocab = (path if path.name == "vocab.json" else folder / "vocab.json")
@@ -113,10 +114,10 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
         notes.append(f"tokenizer: {kind} (vocab.json + merges.txt; its tokens are {kind}'s)")
     elif family in ("json", "wordpiece"):
         kind = {"json": "json", "wordpiece": "bert"}[family]
-        notes.append(f"tokenizer: {kind} ({_FAMILY_FILES[family]})")
+        notes.append(f"tokenizer: {kind} ({FAMILY_FILES[family]})")
     hf_gmask = False
     if family == "sp" and kind is None:
-        sizes = (getattr(config, "num_layers", None), getattr(config, "hidden_size", None))
+        sizes = (getattr(config, "num_layers", 0), getattr(config, "hidden_size", 0))  # 0: not a known size
         kind = _CHINESE_BY_SIZE.get(sizes)
         source = f"tokenizer_class {cls}, " if cls else ""
         if kind is not None:

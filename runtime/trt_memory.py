@@ -1,4 +1,4 @@
-"""Device memory for the TensorRT backend: the few cuda-python runtime calls it needs (`_Cuda`), typed views of
+"""Device memory for the TensorRT backend: the few cuda-python runtime calls it needs (`Cuda`), typed views of
 device memory (`DeviceArray`), and the KV cache whose buffers stay on the GPU (`TensorRTKVCache`).
 In: a TensorRT session (its stream, its engine's max past). Out: buffers the engine reads and writes in place.
 cuda-python is imported only when a device is first used; this module itself needs numpy alone.
@@ -11,7 +11,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from glm_runtime.errors import GLMXError
-from glm_runtime.kvcache import _SlotCache
+from glm_runtime.backend import IntsLike
+from glm_runtime.kvcache import SlotCache
 
 INSTALL_HINT = ("pip install 'glmx[gpu]' on a machine with an NVIDIA GPU and its driver (the tensorrt wheels fetch "
                 "NVIDIA's libraries from pypi.nvidia.com at install time); the ONNX Runtime backend needs neither")
@@ -58,7 +59,7 @@ class DeviceArray:
     Outputs of `run` live in the session's scratch buffers: they are valid until its next call (checked).
     """
 
-    def __init__(self, cuda: "_Cuda", ptr: int, shape: Sequence[int], dtype: Any, owner: Any = None, epoch: int = -1):
+    def __init__(self, cuda: "Cuda", ptr: int, shape: IntsLike, dtype: Any, owner: Any = None, epoch: int = -1):
         self._cuda, self._ptr, self.shape, self.dtype = cuda, ptr, tuple(int(s) for s in shape), np.dtype(dtype)
         self._owner, self._epoch = owner, epoch  # owner: the session whose scratch holds it (None: owned here)
 
@@ -84,7 +85,7 @@ class DeviceArray:
         return out if dtype is None else out.astype(dtype)
 
 
-class _Cuda:
+class Cuda:
     """The few cuda-python runtime calls the session needs, on one stream of one device."""
 
     def __init__(self, device: int = 0):
@@ -121,7 +122,7 @@ class _Cuda:
 
 # ---------------------------------------------------------------- the device-resident KV cache
 
-class TensorRTKVCache(_SlotCache):
+class TensorRTKVCache(SlotCache):
     """glm_runtime.kvcache.KVCache's methods (feeds / append / reorder / truncate / reserve, `visible`, `filled`)
     with the buffers [B, n, capacity, d] in GPU memory: the engine reads them in place as past_key_values.*,
     and each call's present.* are copied device to device into each row's next free slots. Nothing about the
@@ -163,7 +164,7 @@ class TensorRTKVCache(_SlotCache):
                 store[i] = new
         self._grow_slot_map(new_cap)
 
-    def append(self, outputs: Mapping[str, Any], counts: Sequence[int]) -> None:
+    def append(self, outputs: Mapping[str, Any], counts: IntsLike) -> None:
         """Store the first counts[b] of this call's T tokens of row b at its next slots (device to device when
         present.* are DeviceArrays, else from the host), and mark them visible. Rows with count 0 are untouched."""
         counts = self._counts(counts)
@@ -186,22 +187,21 @@ class TensorRTKVCache(_SlotCache):
                     self._cuda.synchronize()  # the host array may go away once this returns
         self._mark_appended(counts)
 
-    def reorder(self, index: Sequence[int]) -> None:
+    def reorder(self, index: IntsLike) -> None:
         """Beam search: row b becomes a copy of row index[b] (whole rows, device to device, into new buffers)."""
-        index = np.asarray(index, dtype=np.int64)
-        if (index == np.arange(self.batch)).all():
+        order = np.asarray(index, dtype=np.int64)
+        if (order == np.arange(self.batch)).all():
             return
         row_bytes = self.heads * self.capacity * self.head_dim * self.dtype.itemsize  # one batch row
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = self._alloc(self.capacity)
-                for b, src in enumerate(index):
+                for b, src in enumerate(order):
                     self._cuda.copy(new.ptr + b * row_bytes, old.ptr + int(src) * row_bytes, row_bytes, "d2d")
                 self._cuda.synchronize()
                 self._cuda.free(old.ptr)
                 store[i] = new
-        self.visible = self.visible[index]
-        self.filled = self.filled[index]
+        self._reorder_slots(order)
 
     def to_host(self) -> dict[str, np.ndarray]:
         """Every past_key_values.* buffer as numpy (tests and debugging only: this is the slow path)."""

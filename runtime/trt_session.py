@@ -15,12 +15,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from glm_runtime.iotable import past_names, present_names
-from glm_runtime.manifest import Manifest, ManifestError, load_manifest
+from glm_runtime.manifest import ENGINE_FILE, Manifest, ManifestError, load_manifest
 from glm_runtime.backend import Closable, check_export, check_feeds
 from glm_runtime.trt_memory import (  # noqa: F401 (TensorRTError, gpu_identity, import_cudart: this module's API too)
-    INSTALL_HINT, DeviceArray, TensorRTError, TensorRTKVCache, _Cuda, gpu_identity, import_cudart)
+    INSTALL_HINT, DeviceArray, TensorRTError, TensorRTKVCache, Cuda, gpu_identity, import_cudart)
 
-ENGINE_FILE = "model.engine"
 # Which build option widens each symbolic dim, for "rebuild with ..." hints.
 _DIM_OPTION = {"batch": "--max-batch", "seq": "--max-context", "past_seq": "--max-context / --max-new-tokens",
                "total_seq": "--max-context / --max-new-tokens"}
@@ -50,7 +49,7 @@ class Profile:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
         return cls(name=data["name"], dims={k: tuple(v) for k, v in data["dims"].items()},
-                   shapes={k: tuple(tuple(s) for s in v) for k, v in data["shapes"].items()})
+                   shapes={k: (tuple(v[0]), tuple(v[1]), tuple(v[2])) for k, v in data["shapes"].items()})
 
     def misfits(self, dims: Mapping[str, int]) -> list[str]:
         """Why `dims` do not fit this profile ("seq=300 not in 1..256"); empty when they fit."""
@@ -128,6 +127,7 @@ class TensorRTSession(Closable):
     One execution context per optimization profile; a call goes to "decode" when seq == 1, else "context".
     """
     backend = "tensorrt"
+    folder: Path | None  # None: engine bytes not yet written to a folder (from_plan)
 
     def __init__(self, folder: str | Path, *, device: int = 0, strict_gpu: bool = True):
         folder = Path(folder)
@@ -154,7 +154,7 @@ class TensorRTSession(Closable):
         self.tokenizer_record = manifest.tokenizer
         self.precision = manifest.precision
         self.profiles = list(info.profiles)
-        self._trt, self._cuda = trt, _Cuda(device)
+        self._trt, self._cuda = trt, Cuda(device)
         self._past = {n for pair in past_names(self.io) for n in pair}
         self._present = {n for pair in present_names(self.io) for n in pair}
         self._logger = trt.Logger(trt.Logger.WARNING)

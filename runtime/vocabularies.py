@@ -7,7 +7,7 @@ glm_runtime.tokenizer.GLMTokenizer wraps; nothing here knows blanks or prompts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from glm_runtime.errors import GLMXError
 
@@ -113,10 +113,18 @@ def chinese_sp_special_ids(num_pieces: int, fix_command_token: bool, task_mask: 
     return ids
 
 
-def _require(vocab_has: Any, tokens: Sequence[str], where: Path, what: str) -> None:
-    missing = [t for t in tokens if vocab_has(t) is None]
+def _lookup(tok: Any, tokens: Sequence[str], where: Path, what: str) -> Callable[[str], int]:
+    """The id of a token by string, once every token of `tokens` is known to be there (else: not a `what`)."""
+    missing = [t for t in tokens if tok.token_to_id(t) is None]
     if missing:
         raise TokenizerError(f"{where} lacks {missing}: not a {what}")
+
+    def token_id(token: str) -> int:
+        found = tok.token_to_id(token)
+        if found is None:
+            raise TokenizerError(f"{where} lacks {token!r}: not a {what}")
+        return int(found)
+    return token_id
 
 
 def read_bpe(kind: str, files: dict[str, Path], options: dict[str, Any]) -> tuple[TextVocabulary, dict[str, int]]:
@@ -131,14 +139,13 @@ def read_bpe(kind: str, files: dict[str, Path], options: dict[str, Any]) -> tupl
     tok.decoder = decoders.ByteLevel()
     text = _TokenizersText(tok)
     n = text.size  # the original's num_tokens = len(encoder)
-    t = tok.token_to_id
     if kind == "gpt2":
-        _require(t, ["<|endoftext|>"], vocab, "GPT-2 vocabulary (a RoBERTa vocab.json needs kind='roberta')")
+        t = _lookup(tok, ["<|endoftext|>"], vocab, "GPT-2 vocabulary (a RoBERTa vocab.json needs kind='roberta')")
         # GLM-2B/10B: sop, eop, ENC, MASK, sep, unk, then gMASK, sMASK, dBLOCK after the 50257 ids (docs/glm.md 7)
         special = {"pad": t("<|endoftext|>"), "eos": t("<|endoftext|>"),
                    **_after_vocab(n, options, middle=("ENC", "MASK", "sep", "unk"))}
     else:
-        _require(t, ["<s>", "</s>", "<unk>", "<mask>"], vocab, "RoBERTa vocabulary")
+        t = _lookup(tok, ["<s>", "</s>", "<unk>", "<mask>"], vocab, "RoBERTa vocabulary")
         special = {"pad": t("</s>"), "eos": t("</s>"), "sep": t("</s>"), "ENC": t("<s>"), "MASK": t("<mask>"),
                    "unk": t("<unk>"), **_after_vocab(n, options)}
     return text, special
@@ -156,8 +163,7 @@ def read_bert(files: dict[str, Path], options: dict[str, Any]) -> tuple[TextVoca
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    t = tok.token_to_id
-    _require(t, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], vocab, "BERT vocabulary")
+    t = _lookup(tok, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], vocab, "BERT vocabulary")
     text = _TokenizersText(tok)
     special = {"pad": t("[PAD]"), "eos": t("[PAD]"), "sep": t("[SEP]"), "ENC": t("[CLS]"), "MASK": t("[MASK]"),
                "unk": t("[UNK]"), **_after_vocab(text.size, options)}
@@ -190,8 +196,8 @@ def read_json(files: dict[str, Path]) -> tuple[TextVocabulary, dict[str, int]]:
         tok = Tokenizer.from_file(str(path))
     except Exception as exc:
         raise TokenizerError(f"cannot read {path} as a tokenizers JSON file: {exc}") from None
-    special = {name: tok.token_to_id(COMMAND_STRINGS[name]) for name in COMMAND_NAMES}
-    special = {name: i for name, i in special.items() if i is not None}  # look up by string, never assume
+    found = {name: tok.token_to_id(COMMAND_STRINGS[name]) for name in COMMAND_NAMES}
+    special = {name: int(i) for name, i in found.items() if i is not None}  # look up by string, never assume
     missing = [COMMAND_STRINGS[name] for name in _JSON_REQUIRED if name not in special]
     if missing:
         raise TokenizerError(f"{path} lacks GLM's special tokens {missing}; train it with glm_export.tokenizer_training.train_bpe_tokenizer "

@@ -24,7 +24,8 @@ from glm_runtime.iotable import io_table
 from glm_runtime.manifest import (
     MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file, staged_folder, write_manifest,
 )
-from glm_runtime.trt_session import ENGINE_FILE, EngineInfo, TensorRTError
+from glm_runtime.manifest import ENGINE_FILE
+from glm_runtime.trt_session import EngineInfo, TensorRTError
 
 
 @pytest.fixture(scope="module")

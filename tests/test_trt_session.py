@@ -461,7 +461,7 @@ def stand_in(tiny_model, tmp_path, monkeypatch):
     manifest.parity = {"stage": "build-engine", "passed": True, "note": "stand-in record"}
     engine = write_engine_folder(tmp_path / "engine", plan, onnx, manifest)
     cudart = _HostCudart()
-    monkeypatch.setattr(trt_memory, "import_cudart", lambda: cudart)  # what _Cuda (runtime/trt_memory.py) calls
+    monkeypatch.setattr(trt_memory, "import_cudart", lambda: cudart)  # what Cuda (runtime/trt_memory.py) calls
     monkeypatch.setattr(trt_session, "import_tensorrt", lambda: _HostTensorRT(cudart))
     return onnx, engine, cudart
 
