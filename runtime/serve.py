@@ -1,9 +1,10 @@
 """`glmx serve`: the engine (runtime/engine.py) behind an HTTP API, on Starlette + uvicorn, metrics for Prometheus.
 In: a loader giving (session, tokenizer), rows, queue bound, per-request timeout, optional API key.
 Out: an ASGI app with POST /v1/completions (OpenAI-shaped), POST /v1/fill (glmx fill --json's shape), GET
-/health, /v1/models, /metrics. Torch-free: the server never imports torch or glm_export.
+/health, /v1/models, /metrics. Torch-free: the server never imports torch or glm_export. The request bodies are
+checked in runtime/http_api.py, the metrics kept in runtime/metrics.py.
 
-    HTTP handlers (asyncio) --submit/cancel--> EngineLoop (one thread: engine.step() while there is work)
+    HTTP handlers (asyncio) --submit/cancel--> EngineLoop (one thread: Engine.run while there is work)
                          <--events (call_soon_threadsafe)-- each request's asyncio.Queue
 
 One engine thread runs every step; handlers only check, submit and wait, so a request joins the running batch at
@@ -19,12 +20,13 @@ import itertools
 import json
 import threading
 import time
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator, Callable, Optional
 
 from glm_runtime.engine import Engine, EngineError, Job, QueueFull
 from glm_runtime.errors import GLMXError
+from glm_runtime.http_api import COMPLETION_NAMES, Ask, BadRequest, completion_request, fill_request
+from glm_runtime.metrics import Metrics
 from glm_runtime.requests import ENDINGS, FillRequest, FillResult, Span, StreamEvent
 from glm_runtime.sampling import GenerationError
 
@@ -44,74 +46,6 @@ def _require_serve_extra() -> None:
             missing.append(module)
     if missing:
         raise ServeError(f"glmx serve needs {', '.join(missing)}: {SERVE_EXTRA}")
-
-
-# ---------------------------------------------------------------- metrics (names follow vLLM's, prefix glmx:)
-
-METRIC_NAMES = ("glmx:requests_total", "glmx:num_requests_running", "glmx:num_requests_waiting",
-                "glmx:request_queue_time_seconds", "glmx:time_to_first_token_seconds",
-                "glmx:time_per_output_token_seconds", "glmx:e2e_request_latency_seconds",
-                "glmx:decode_batch_rows", "glmx:kv_slots_used", "glmx:kv_cache_usage_perc",
-                "glmx:prompt_tokens_total", "glmx:generation_tokens_total")
-OUTCOMES = ("finished", "cancelled", "timeout", "failed", "rejected", "invalid")  # engine endings + refused ones
-
-
-class Metrics:
-    """Prometheus metrics in a registry of their own (two apps in one process do not collide)."""
-
-    def __init__(self, rows: int):
-        import prometheus_client
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        prometheus_client.disable_created_metrics()  # no *_created series beside every counter and histogram
-        self.registry = r = CollectorRegistry()
-        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-        self.requests = Counter("glmx:requests", "Requests by outcome", ["outcome"], registry=r)
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
-        self.running = Gauge("glmx:num_requests_running", "Requests holding a row", registry=r)
-        self.waiting = Gauge("glmx:num_requests_waiting", "Requests waiting for a row", registry=r)
-        self.queue_time = Histogram("glmx:request_queue_time_seconds", "Submit to admission", buckets=latency,
-                                    registry=r)
-        self.ttft = Histogram("glmx:time_to_first_token_seconds", "Submit to first span token", buckets=latency,
-                              registry=r)
-        self.tpot = Histogram("glmx:time_per_output_token_seconds", "Decode time per new token",
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-                              registry=r)
-        self.e2e = Histogram("glmx:e2e_request_latency_seconds", "Submit to result", buckets=latency, registry=r)
-        self.batch = Histogram("glmx:decode_batch_rows", "Rows in each decode call",
-                               buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, rows})), registry=r)
-        self.slots = Gauge("glmx:kv_slots_used", "KV cache slots the running requests hold", registry=r)
-        self.usage = Gauge("glmx:kv_cache_usage_perc", "KV slots used / allocated (0..1)", registry=r)
-        self.prompt_tokens = Counter("glmx:prompt_tokens", "Context tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("glmx:generation_tokens", "Span tokens generated", registry=r)
-
-    def after_step(self, engine: Engine, rows_fed: int) -> None:
-        self.running.set(len(engine.running))
-        self.waiting.set(engine.waiting)
-        if rows_fed:
-            self.batch.observe(rows_fed)
-        used = engine.slots_used()
-        self.slots.set(used)
-        total = engine.cache.batch * engine.cache.capacity
-        self.usage.set(used / total if total else 0.0)
-
-    def ended(self, job: Job) -> None:
-        self.requests.labels(job.state).inc()
-        if job.admitted_at is not None:
-            self.queue_time.observe(max(job.admitted_at - job.context_s - job.submitted_at, 0.0))
-        if job.first_token_at is not None:
-            self.ttft.observe(job.first_token_at - job.submitted_at)
-        if job.state == "finished" and job.finished_at is not None:
-            self.e2e.observe(job.finished_at - job.submitted_at)
-            self.prompt_tokens.inc(job.context_tokens)
-            new = job.new_tokens
-            self.generation_tokens.inc(new)
-            if new and job.admitted_at is not None:
-                self.tpot.observe((job.finished_at - job.admitted_at) / new)
-
-    def text(self) -> bytes:
-        from prometheus_client import generate_latest
-        return generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------- the engine thread
@@ -167,118 +101,6 @@ class EngineLoop:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
-
-
-# ---------------------------------------------------------------- request checking
-
-FILL_KEYS = ("prompt", "max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed", "num_beams",
-             "length_penalty", "early_stopping", "append_gmask", "stream")
-# OpenAI completion fields: what glmx does with each. Anything else is refused with its name.
-COMPLETION_KEYS = ("model", "prompt", "suffix", "max_tokens", "echo", "stream", "temperature", "top_p", "seed",
-                   "user", "n", "best_of", "logprobs", "stop", "presence_penalty", "frequency_penalty",
-                   "logit_bias", "stream_options", "glmx")
-GLMX_COMPLETION_KEYS = ("strategy", "top_k", "num_beams", "length_penalty", "early_stopping")
-COMPLETION_NAMES = {"max_new_tokens": "max_tokens"}  # glmx's field -> the completion route's, in messages
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-class BadRequest(Exception):
-    """A request the server answers with an error: its HTTP status, OpenAI's error type, extra headers."""
-
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error",
-                 headers: Optional[dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.kind, self.headers = status, kind, headers or {}
-
-
-@dataclass
-class Ask:
-    """One HTTP request's engine requests, checked, and how to answer: echo the filled text, stream events."""
-
-    route: str  # "completions" or "fill"
-    requests: list[FillRequest]
-    echo: bool
-    stream: bool
-
-
-def _unsupported(body: dict[str, Any]) -> None:
-    """OpenAI options glmx does not implement answer 400, never silently ignored (defaults are accepted)."""
-    rules: dict[str, Callable[[Any], bool]] = {
-        "n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1), "logprobs": lambda v: v is None,
-        "stop": lambda v: v in (None, [], ""), "presence_penalty": lambda v: v in (None, 0, 0.0),
-        "frequency_penalty": lambda v: v in (None, 0, 0.0), "logit_bias": lambda v: v in (None, {}),
-        "stream_options": lambda v: v is None}
-    for key, ok in rules.items():
-        if key in body and not ok(body[key]):
-            raise BadRequest(f"{key}={json.dumps(body[key])} is not supported by glmx (spans end at eop / eos or "
-                             f"max_tokens; one choice per prompt); drop it", kind="unsupported_parameter")
-
-
-def _requests(route: str, prompts: list[str], settings: dict[str, Any]) -> list[FillRequest]:
-    """FillRequests of one HTTP request, each checked; a bad setting is one 400 in the route's own field names."""
-    try:
-        return [FillRequest.make(prompt, **settings) for prompt in prompts]
-    except GenerationError as exc:
-        names = COMPLETION_NAMES if route == "completions" else {}
-        raise BadRequest(" ".join(exc.said_as(names).split())) from None
-
-
-def completion_request(body: dict[str, Any]) -> Ask:
-    """An OpenAI completion request as engine requests; BadRequest when it is not one."""
-    unknown = sorted(set(body) - set(COMPLETION_KEYS))
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; /v1/completions takes {', '.join(COMPLETION_KEYS)}")
-    _unsupported(body)
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise BadRequest('"prompt" must be a string or a non-empty list of strings')
-    suffix = body.get("suffix")
-    if suffix is not None:
-        if not isinstance(suffix, str):
-            raise BadRequest('"suffix" must be a string')
-        prompts = [p + "[MASK]" + suffix for p in prompts]
-    extra = body.get("glmx") or {}
-    if not isinstance(extra, dict) or set(extra) - set(GLMX_COMPLETION_KEYS):
-        raise BadRequest(f'"glmx" must be an object with any of {", ".join(GLMX_COMPLETION_KEYS)}')
-    temperature, top_p, seed = body.get("temperature"), body.get("top_p"), body.get("seed")
-    strategy = extra.get("strategy")
-    if strategy is None:  # OpenAI's knobs pick the strategy: temperature 0 or none given = greedy
-        sampling = (temperature not in (None, 0, 0.0)) or (top_p not in (None, 1, 1.0)) or "top_k" in extra
-        strategy = "sample" if sampling else "greedy"
-    budget = body.get("max_tokens")
-    settings = {"max_new_tokens": DEFAULT_MAX_TOKENS if budget is None else budget, "strategy": strategy,
-                **{k: v for k, v in extra.items() if k != "strategy"}}
-    if strategy == "sample":
-        settings.update(temperature=temperature, top_p=top_p, seed=seed)
-    else:
-        for key, value in (("temperature", temperature if temperature not in (0, 0.0) else None), ("top_p", top_p),
-                           ("seed", seed)):
-            if value is not None:
-                raise BadRequest(f"{key} applies to sampling, not {strategy}; drop it or set temperature > 0")
-    echo, stream = body.get("echo", False), body.get("stream", False)
-    if not isinstance(echo, bool) or not isinstance(stream, bool):
-        raise BadRequest('"echo" and "stream" must be true or false')
-    if echo and stream:
-        raise BadRequest("echo with stream is not supported: the filled text is known at the end; stream without "
-                         "echo (the last chunk's glmx.text holds the filled text)", kind="unsupported_parameter")
-    # a prompt without a blank is continued at its end, as a completion ([gMASK] appended)
-    return Ask("completions", _requests("completions", prompts, {**settings, "append_gmask": True}), echo, stream)
-
-
-def fill_request(body: dict[str, Any]) -> Ask:
-    """A /v1/fill request: glmx fill --jsonl's keys, plus stream."""
-    unknown = sorted(set(body) - set(FILL_KEYS))
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; /v1/fill takes {', '.join(FILL_KEYS)}")
-    if not isinstance(body.get("prompt"), str):
-        raise BadRequest('"prompt" must be a string')
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest('"stream" must be true or false')
-    settings = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
-    settings["append_gmask"] = bool(settings.get("append_gmask", False))
-    return Ask("fill", _requests("fill", [body["prompt"]], settings), False, stream)
 
 
 def _deliver(aio: asyncio.AbstractEventLoop, queue: asyncio.Queue[StreamEvent], event: StreamEvent) -> None:

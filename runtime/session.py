@@ -22,7 +22,7 @@ from glm_runtime.backend import (  # noqa: F401 - the session interface, importa
     host_array,
 )
 from glm_runtime.iotable import kv_dtype, required_inputs
-from glm_runtime.manifest import MODEL_FILE, ManifestError, load_manifest
+from glm_runtime.manifest import MANIFEST_NAME, MODEL_FILE, ManifestError, load_manifest
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -188,7 +188,7 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "glmx-small-onnx"
 
 
 def default_model() -> Path:
-    if not (BUNDLED_MODEL / "manifest.json").is_file():
+    if not (BUNDLED_MODEL / MANIFEST_NAME).is_file():
         raise ManifestError(f"no model folder given and the bundled model {BUNDLED_MODEL} is not in this install; "
                             f"pass one (--model DIR), e.g. a folder written by `glmx export`")
     return BUNDLED_MODEL
@@ -198,7 +198,7 @@ def _check_backend_fits(folder: Path, backend: str) -> None:
     """A folder of the wrong kind for the backend gets the command that makes the right one."""
     import json
     try:
-        kind = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("kind")
+        kind = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("kind")
     except (OSError, ValueError):
         return  # no readable manifest: the session's own load says what is wrong
     wants = {"tensorrt": "engine", "torch": None}.get(backend, "onnx")

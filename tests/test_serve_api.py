@@ -16,7 +16,8 @@ pytest.importorskip("prometheus_client")
 from starlette.testclient import TestClient  # noqa: E402
 
 from glm_runtime.generate import fill_blanks  # noqa: E402
-from glm_runtime.serve import METRIC_NAMES, create_app  # noqa: E402
+from glm_runtime.metrics import METRIC_NAMES  # noqa: E402
+from glm_runtime.serve import create_app  # noqa: E402
 from glm_runtime.session import open_model  # noqa: E402
 
 WAIT_S = 30  # the longest any test waits for the server to reach a state
