@@ -3,12 +3,14 @@
 In: a model name (bundled, glm-large-shape, tiny), a variant name (VARIANTS), a cache folder.
 Out: (backend, folder) ready for open_session, or SkipVariant with the reason it cannot run here.
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import MANIFEST_NAME
@@ -47,18 +49,22 @@ def is_export_folder(name: str) -> bool:
 
 def model_config(name: str) -> Any:
     from glm_runtime.config import get_preset
+
     if name == "glm-large-shape":  # GLM-Large's shape with the 50k GPT-2/RoBERTa vocabulary (docs/glm.md 6)
-        return get_preset("glm-roberta-large").replace(name="glm-large-shape", hidden_dropout=0.0,
-                                                       attention_dropout=0.0)
+        return get_preset("glm-roberta-large").replace(
+            name="glm-large-shape", hidden_dropout=0.0, attention_dropout=0.0
+        )
     if name == "tiny":  # V = the bundled tokenizer's 8000 ids padded to 128, so its tokenizer belongs to it
-        return get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0, vocab_size=8064,
-                                              name="glm-tiny-8k")
+        return get_preset("glm-tiny").replace(
+            hidden_dropout=0.0, attention_dropout=0.0, vocab_size=8064, name="glm-tiny-8k"
+        )
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
 def load_config(folder: Path) -> Any:
     from glm_runtime.config import GLMConfig
     from glm_runtime.manifest import load_manifest
+
     return GLMConfig.from_dict(load_manifest(folder, verify=False).config)
 
 
@@ -79,22 +85,33 @@ def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[st
     import torch
 
     from glm_export.export import export_onnx
+
     if is_export_folder(name):  # a user's own fp32 export, e.g. of a downloaded checkpoint
         from glm_runtime.manifest import load_manifest
+
         fp32 = Path(name).resolve()  # workers run in another folder
         manifest = load_manifest(fp32, kind="onnx")
         if manifest.precision != "fp32":
-            raise SkipVariant(f"{fp32} is a {manifest.precision} artifact; benchmark the fp32 export (the variants "
-                              f"are derived from it)")
+            raise SkipVariant(
+                f"{fp32} is a {manifest.precision} artifact; benchmark the fp32 export (the variants "
+                f"are derived from it)"
+            )
         key = hashlib.sha256((fp32 / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
         parent = manifest.parent.get("path")
         checkpoint = (fp32 / parent).resolve() if parent and not Path(parent).is_absolute() else parent
-        return {"name": fp32.name, "root": cache / f"export-{key}", "checkpoint": checkpoint and Path(checkpoint),
-                "fp32": fp32, "random_weights": False}
+        return {
+            "name": fp32.name,
+            "root": cache / f"export-{key}",
+            "checkpoint": checkpoint and Path(checkpoint),
+            "fp32": fp32,
+            "random_weights": False,
+        }
     if name == "bundled":
         if not _ready(BUNDLED_CHECKPOINT):
-            raise SkipVariant(f"the bundled checkpoint {BUNDLED_CHECKPOINT} is not present (train it first: "
-                              f"glmx pretrain ... --checkpoint-dir {BUNDLED_CHECKPOINT})")
+            raise SkipVariant(
+                f"the bundled checkpoint {BUNDLED_CHECKPOINT} is not present (train it first: "
+                f"glmx pretrain ... --checkpoint-dir {BUNDLED_CHECKPOINT})"
+            )
         key = hashlib.sha256((BUNDLED_CHECKPOINT / MANIFEST_NAME).read_bytes()).hexdigest()[:12]
         root = cache / f"bundled-{key}"
         checkpoint = BUNDLED_CHECKPOINT
@@ -107,16 +124,20 @@ def prepare_model(name: str, cache: Path, log: Callable[[str], None]) -> dict[st
         if not _ready(checkpoint):
             from glm_export.checkpoint import save_checkpoint
             from glm_export.model import GLMModel
-            log(f"{name}: building a random-weight checkpoint (L={config.num_layers}, h={config.hidden_size}, "
-                f"V={config.vocab_size}); speed does not depend on weight values")
+
+            log(
+                f"{name}: building a random-weight checkpoint (L={config.num_layers}, h={config.hidden_size}, "
+                f"V={config.vocab_size}); speed does not depend on weight values"
+            )
             torch.manual_seed(SEED)
             save_checkpoint(GLMModel(config).eval(), checkpoint, tokenizer_file=_tokenizer_file(), overwrite=True)
     fp32 = root / "onnx-fp32"
     if not _ready(fp32):
         log(f"{name}: exporting fp32 ONNX to {fp32}")
         # parity on a big random model costs minutes and says nothing new: the exporter's tests cover it
-        export_onnx(checkpoint, fp32, precision="fp32", validate=not random_weights or name == "tiny",
-                    overwrite=True, log=log)
+        export_onnx(
+            checkpoint, fp32, precision="fp32", validate=not random_weights or name == "tiny", overwrite=True, log=log
+        )
     return {"name": name, "root": root, "checkpoint": checkpoint, "fp32": fp32, "random_weights": random_weights}
 
 
@@ -130,11 +151,15 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
         return backend, fp32
     if how == "engine":
         if importlib.util.find_spec("tensorrt") is None:
-            raise SkipVariant("TensorRT is not installed here (its PyPI packages fetch NVIDIA's libraries at "
-                              "install time, which this machine cannot reach); build an engine with "
-                              "`glmx build-engine` on a GPU machine and benchmark there")
-        raise SkipVariant("TensorRT is installed but engine benchmarking needs a GPU build of this model: "
-                          "run `glmx build-engine` first (not automated by the benchmark)")
+            raise SkipVariant(
+                "TensorRT is not installed here (its PyPI packages fetch NVIDIA's libraries at "
+                "install time, which this machine cannot reach); build an engine with "
+                "`glmx build-engine` on a GPU machine and benchmark there"
+            )
+        raise SkipVariant(
+            "TensorRT is installed but engine benchmarking needs a GPU build of this model: "
+            "run `glmx build-engine` first (not automated by the benchmark)"
+        )
     parent = fp32
     if "/" in how:  # "<parent variant's how>/<scheme>": quantize a derived folder, not the fp32 export
         parent_how, how = how.split("/", 1)
@@ -145,16 +170,21 @@ def prepare_variant(model: dict[str, Any], variant: str, log: Callable[[str], No
     if _ready(folder) and (keep is None or _recorded_recipe(folder) == current_recipe(scheme, keep)):
         return backend, folder
     from glm_runtime.manifest import load_manifest
+
     if not load_manifest(fp32, verify=False).tokenizer.get("file"):
-        raise SkipVariant(f"{variant} measures its accuracy on held-out text, and {fp32} carries no tokenizer "
-                          f"(the bundled checkpoint's tokenizer is used when present)")
+        raise SkipVariant(
+            f"{variant} measures its accuracy on held-out text, and {fp32} carries no tokenizer "
+            f"(the bundled checkpoint's tokenizer is used when present)"
+        )
     log(f"{model['name']}: making {variant} in {folder}")
     try:
         if how == "optimized":
             from glm_export.optimize import optimize_onnx
+
             optimize_onnx(fp32, folder, overwrite=True)  # the default level: glmx's fusions
         else:
             from glm_export.quantize import quantize_onnx
+
             # random weights miss any budget by construction; the loss is recorded in the manifest, not refused
             quantize_onnx(parent, folder, scheme=scheme, keep_fp32=keep, accept_loss=True, overwrite=True)
     except ImportError as exc:
@@ -168,6 +198,7 @@ def keep_fp32(scheme: str, head: bool = False) -> tuple[str, ...]:
     """What a variant leaves fp32: the scheme's `glmx quantize` default (the recipe whose accuracy the bundled
     model's manifest states), less the tied head for the "+head" variants."""
     from glm_export.quantize import default_keep_fp32
+
     return tuple(k for k in default_keep_fp32(scheme) if not (head and k == "head"))
 
 
@@ -178,6 +209,7 @@ def current_recipe(scheme: str, keep: tuple[str, ...]) -> dict[str, Any]:
     """What `glmx quantize --scheme scheme` records today with keep_fp32 = keep and every other default
     (glm_export.quantize.nbits_recipe, the rules quantize itself resolves), in RECIPE_KEYS."""
     from glm_export import quantize as q
+
     if scheme not in q.NBITS:
         return {"keep_fp32": list(keep)}
     recipe = q.nbits_recipe(scheme, keep)
@@ -189,6 +221,7 @@ def _recorded_recipe(folder: Path) -> dict[str, Any]:
     recipe differs and is rebuilt)."""
     from glm_export.quantize import NBITS
     from glm_runtime.manifest import load_manifest
+
     recorded = load_manifest(folder, verify=False).extra.get("quantization") or {}
     want = RECIPE_KEYS if recorded.get("scheme") in NBITS else RECIPE_KEYS[:1]
     return {k: recorded.get(k) for k in want}
@@ -197,13 +230,18 @@ def _recorded_recipe(folder: Path) -> dict[str, Any]:
 def accuracy_figures(folder: Path) -> dict[str, Any]:
     """Accuracy figures copied from an artifact's manifest (parity vs torch, accuracy vs fp32 parent)."""
     from glm_runtime.manifest import load_manifest
+
     manifest = load_manifest(folder, verify=False)
     parity = manifest.parity or {}
     out: dict[str, Any] = {"precision": manifest.precision}
     acc = parity.get("text") or parity.get("accuracy")  # "accuracy": manifests written before glm_export.compare
     if acc:
-        out.update({k: acc.get(k) for k in ("top1_agreement", "fill_agreement", "ppl_change", "max_logit_diff",
-                                             "within_budget")})
+        out.update(
+            {
+                k: acc.get(k)
+                for k in ("top1_agreement", "fill_agreement", "ppl_change", "max_logit_diff", "within_budget")
+            }
+        )
     elif parity.get("skipped"):
         out["parity"] = "skipped at export (random weights)"
     elif parity:  # the exporter's parity report against the torch reference

@@ -4,6 +4,7 @@ In: models, variants (artifacts.VARIANTS), contexts / past lengths / batches, an
 Out: results.json (machine, versions, every sample, ratios, floors, targets), results.md, PNG plots and a
 README.md naming the command, all checked by `check_results` before they are written.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,17 +16,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from glmx_benchmarks import artifacts, floor, report
-from glmx_benchmarks.machine import cpu_facts
 from glm_runtime.config import GLMConfig
 from glm_runtime.errors import GLMXError
+from glmx_benchmarks import artifacts, floor, report
+from glmx_benchmarks.machine import cpu_facts
 
-DEFAULT_VARIANTS = ("torch-fp32", "ort-fp32", "ort-optimized", "ort-fp16", "ort-int8", "ort-int8-head",
-                    "ort-fused-int8-head", "ort-int4", "ort-qdq-int8", "tensorrt-fp16")
+DEFAULT_VARIANTS = (
+    "torch-fp32",
+    "ort-fp32",
+    "ort-optimized",
+    "ort-fp16",
+    "ort-int8",
+    "ort-int8-head",
+    "ort-fused-int8-head",
+    "ort-int4",
+    "ort-qdq-int8",
+    "tensorrt-fp16",
+)
 QUICK_VARIANTS = ("torch-fp32", "ort-fp32")
 # Timing budgets: warm-up calls, then repeat until min_n samples and min_s seconds (cap max_n, or max_s once n >= 3)
 # variant_s: past this many seconds a backend's remaining figures are left out (listed in not_measured)
@@ -48,6 +60,7 @@ class BenchmarkError(GLMXError, RuntimeError):
 
 # ---------------------------------------------------------------- the machine
 
+
 def machine_info(threads: int) -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
@@ -58,33 +71,57 @@ def machine_info(threads: int) -> dict[str, Any]:
     except OSError:
         pass
     from glm_runtime.manifest import tool_versions
+
     # read from the installed metadata where not imported (importing torch only for its version costs seconds a run)
-    versions = {"numpy": None, "onnx": None, "onnxruntime": None, "torch": None,
-                **tool_versions("onnx", "onnxruntime", "torch")}
-    return {"cpu": cpu, "cpu_flags": cpu_facts()["flags"], "cores": os.cpu_count(), "threads_used": threads,
-            "platform": platform.platform(),
-            "load_average_start": list(os.getloadavg()), "versions": versions,
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    versions = {
+        "numpy": None,
+        "onnx": None,
+        "onnxruntime": None,
+        "torch": None,
+        **tool_versions("onnx", "onnxruntime", "torch"),
+    }
+    return {
+        "cpu": cpu,
+        "cpu_flags": cpu_facts()["flags"],
+        "cores": os.cpu_count(),
+        "threads_used": threads,
+        "platform": platform.platform(),
+        "load_average_start": list(os.getloadavg()),
+        "versions": versions,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 # ---------------------------------------------------------------- one backend, in its own process
 
+
 def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Start glmx_benchmarks.worker on `spec`; its last 'BENCH-RESULT' line is the result (or an error)."""
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run([sys.executable, "-m", "glmx_benchmarks.worker", json.dumps(spec)], cwd=root, env=env,
-                          stdout=subprocess.PIPE, stderr=None if spec.get("progress") else subprocess.PIPE,
-                          text=True, timeout=WORKER_TIMEOUT_S)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS=str(spec["threads"]),
+        MKL_NUM_THREADS=str(spec["threads"]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "glmx_benchmarks.worker", json.dumps(spec)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=None if spec.get("progress") else subprocess.PIPE,
+        text=True,
+        timeout=WORKER_TIMEOUT_S,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-RESULT ")]
     if not lines:
         tail = (proc.stderr or "")[-400:] if proc.stderr else f"exit status {proc.returncode}"
         return {"error": f"worker died without a result ({tail.strip()})"}
-    return json.loads(lines[-1][len("BENCH-RESULT "):])
+    return json.loads(lines[-1][len("BENCH-RESULT ") :])
 
 
 # ---------------------------------------------------------------- derived figures
+
 
 def _ratio(reference: Mapping[str, Any] | None, figure: Mapping[str, Any] | None) -> float | None:
     if not reference or not figure:
@@ -97,7 +134,7 @@ def add_comparisons(model: dict[str, Any], bandwidth: float, matmul_rate: float)
     config = GLMConfig.from_dict(model["config"])
     variants = model["variants"]
     ref = variants.get(artifacts.REFERENCE, {})
-    for name, v in variants.items():
+    for v in variants.values():
         if "error" in v or "skipped" in v:
             continue
         kv_item = 2 if v["precision"] == "fp16" else 4
@@ -112,8 +149,9 @@ def add_comparisons(model: dict[str, Any], bandwidth: float, matmul_rate: float)
             fig["vs_floor"] = fig["median"] / fig["floor_s"]
             fig["speedup_vs_torch"] = _ratio(ref.get("decode", {}).get(past), fig)
         for batch, fig in v["batch"].items():
-            fig["floor_s"] = floor.decode_floor_s(v["streamed_weight_bytes"], config, model["batch_past"],
-                                                  int(batch), bandwidth, kv_item)
+            fig["floor_s"] = floor.decode_floor_s(
+                v["streamed_weight_bytes"], config, model["batch_past"], int(batch), bandwidth, kv_item
+            )
             fig["vs_floor"] = fig["median"] / fig["floor_s"]
             fig["speedup_vs_torch"] = _ratio(ref.get("batch", {}).get(batch), fig)
 
@@ -122,9 +160,12 @@ def budget_verdict(accuracy: Mapping[str, Any]) -> dict[str, Any]:
     """Whether a bundled-model artifact keeps within its accuracy budget, from its manifest's figures."""
     if accuracy.get("within_budget") is not None:
         ok = bool(accuracy["within_budget"])
-        return {"within_budget": ok, "why": f"top-1 {accuracy['top1_agreement']:.4f} vs its fp32 parent, greedy "
-                                            f"fills {accuracy['fill_agreement']:.3f}: {'within' if ok else 'outside'} "
-                                            f"its scheme's budget"}
+        return {
+            "within_budget": ok,
+            "why": f"top-1 {accuracy['top1_agreement']:.4f} vs its fp32 parent, greedy "
+            f"fills {accuracy['fill_agreement']:.3f}: {'within' if ok else 'outside'} "
+            f"its scheme's budget",
+        }
     if accuracy.get("parity_passed") is not None:
         ok = bool(accuracy["parity_passed"])
         return {"within_budget": ok, "why": f"the exporter's parity check against torch {'passed' if ok else 'failed'}"}
@@ -153,8 +194,11 @@ def budget_status(variants: Sequence[str], cache: Path, say: Callable[[str], Non
     return out
 
 
-def evaluate_targets(model: Mapping[str, Any], at: Mapping[str, list[int]] | None = None,
-                     status: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def evaluate_targets(
+    model: Mapping[str, Any],
+    at: Mapping[str, list[int]] | None = None,
+    status: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The issue's targets on this model: best non-reference path per figure, its ratio, met or missed.
 
     at: the figures to judge (round_grid's form); default the issue's context 128, past 128, batch 8.
@@ -162,8 +206,11 @@ def evaluate_targets(model: Mapping[str, Any], at: Mapping[str, list[int]] | Non
     the bundled model's greedy fills unchanged, or within the scheme's stated budget").
     """
     variants = {k: v for k, v in model["variants"].items() if "error" not in v and "skipped" not in v}
-    fast = {k: v for k, v in variants.items() if k != artifacts.REFERENCE
-            and (status is None or (status.get(k) or {}).get("within_budget") is True)}
+    fast = {
+        k: v
+        for k, v in variants.items()
+        if k != artifacts.REFERENCE and (status is None or (status.get(k) or {}).get("within_budget") is True)
+    }
     at = at or {"contexts": [TARGET_CONTEXT], "pasts": [TARGET_PAST], "batches": [TARGET_BATCH]}
     past, context, batch = str(at["pasts"][0]), str(at["contexts"][0]), str(at["batches"][0])
 
@@ -187,17 +234,30 @@ def evaluate_targets(model: Mapping[str, Any], at: Mapping[str, list[int]] | Non
     for key, (label, op, goal) in TARGETS.items():
         variant, value = values[key]
         if value is None:
-            out[key] = {"label": label, "goal": f"{op} {goal}", "variant": variant, "value": None, "met": None,
-                        "note": "not measured in this run"}
+            out[key] = {
+                "label": label,
+                "goal": f"{op} {goal}",
+                "variant": variant,
+                "value": None,
+                "met": None,
+                "note": "not measured in this run",
+            }
             continue
         met = value <= goal if op == "<=" else value >= goal
-        margin = (goal / value if op == "<=" else value / goal)  # > 1: met with room; < 1: missed by that factor
-        out[key] = {"label": label, "goal": f"{op} {goal}", "variant": variant, "value": value, "met": met,
-                    "margin": margin}
+        margin = goal / value if op == "<=" else value / goal  # > 1: met with room; < 1: missed by that factor
+        out[key] = {
+            "label": label,
+            "goal": f"{op} {goal}",
+            "variant": variant,
+            "value": value,
+            "met": met,
+            "margin": margin,
+        }
     return out
 
 
 # ---------------------------------------------------------------- repeated rounds of the target figures
+
 
 def round_grid(contexts: Sequence[int], batches: Sequence[int], batch_past: int) -> dict[str, list[int]]:
     """The figures a target round re-measures: the target context, decode at batch_past, the target batch
@@ -210,7 +270,7 @@ def round_grid(contexts: Sequence[int], batches: Sequence[int], batch_past: int)
 def rotated(names: Sequence[str], k: int) -> list[str]:
     """Round k's variant order: the full pass's order rotated by k, so no variant always runs in the same slot
     (first after the model build, or last when the machine has warmed up)."""
-    return list(names[k % len(names):]) + list(names[:k % len(names)])
+    return list(names[k % len(names) :]) + list(names[: k % len(names)])
 
 
 def round_entry(entry: Mapping[str, Any], figures: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -218,9 +278,12 @@ def round_entry(entry: Mapping[str, Any], figures: Mapping[str, Mapping[str, Any
     variants = {}
     for name, fig in figures.items():
         base = entry["variants"][name]
-        variants[name] = {"backend": base["backend"], "precision": base["precision"],
-                          "streamed_weight_bytes": base["streamed_weight_bytes"],
-                          **{section: fig[section] for section in ("context", "decode", "batch")}}
+        variants[name] = {
+            "backend": base["backend"],
+            "precision": base["precision"],
+            "streamed_weight_bytes": base["streamed_weight_bytes"],
+            **{section: fig[section] for section in ("context", "decode", "batch")},
+        }
     return {"config": entry["config"], "batch_past": entry["batch_past"], "variants": variants}
 
 
@@ -229,23 +292,47 @@ def summarize_rounds(per_round: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     "met in every round", "missed in every round" or "met in k of n rounds"."""
     out: dict[str, Any] = {}
     for key, (label, op, goal) in TARGETS.items():
-        rounds = [{"value": r[key]["value"], "variant": r[key]["variant"], "met": r[key]["met"]}
-                  for r in per_round if r.get(key, {}).get("value") is not None]
+        rounds = [
+            {"value": r[key]["value"], "variant": r[key]["variant"], "met": r[key]["met"]}
+            for r in per_round
+            if r.get(key, {}).get("value") is not None
+        ]
         if not rounds:
             out[key] = {"label": label, "goal": f"{op} {goal}", "rounds": [], "verdict": "not measured"}
             continue
         values = sorted(r["value"] for r in rounds)
         met = sum(bool(r["met"]) for r in rounds)
-        verdict = ("met in every round" if met == len(rounds) else "missed in every round" if met == 0
-                   else f"met in {met} of {len(rounds)} rounds")
-        out[key] = {"label": label, "goal": f"{op} {goal}", "rounds": rounds, "median": statistics.median(values),
-                    "min": values[0], "max": values[-1], "met_rounds": met, "verdict": verdict}
+        verdict = (
+            "met in every round"
+            if met == len(rounds)
+            else "missed in every round"
+            if met == 0
+            else f"met in {met} of {len(rounds)} rounds"
+        )
+        out[key] = {
+            "label": label,
+            "goal": f"{op} {goal}",
+            "rounds": rounds,
+            "median": statistics.median(values),
+            "min": values[0],
+            "max": values[-1],
+            "met_rounds": met,
+            "verdict": verdict,
+        }
     return out
 
 
-def run_target_rounds(entry: dict[str, Any], model: Mapping[str, Any], rounds: int, grid: Mapping[str, list[int]],
-                      budget, threads: int, progress: bool, say: Callable[[str], None],
-                      before_round: Callable[[], None] = lambda: None) -> None:
+def run_target_rounds(
+    entry: dict[str, Any],
+    model: Mapping[str, Any],
+    rounds: int,
+    grid: Mapping[str, list[int]],
+    budget,
+    threads: int,
+    progress: bool,
+    say: Callable[[str], None],
+    before_round: Callable[[], None] = lambda: None,
+) -> None:
     """Re-measure the target figures of every measured variant rounds - 1 more times, in rotated order, into
     entry["rounds"]; score_model turns them into ratios, each round's from that round alone (torch included).
     before_round: called before each round (the run samples the memory bandwidth there)."""
@@ -260,9 +347,20 @@ def run_target_rounds(entry: dict[str, Any], model: Mapping[str, Any], rounds: i
         for name in order:
             say(f"bench: {model['name']} round {k + 1}/{rounds}: {name}")
             v = entry["variants"][name]
-            result = run_worker(worker_spec(v["backend"], v["folder"], grid["contexts"], grid["pasts"],
-                                            grid["batches"], grid["pasts"][0], budget, threads, progress,
-                                            first_context=grid["contexts"][0]))
+            result = run_worker(
+                worker_spec(
+                    v["backend"],
+                    v["folder"],
+                    grid["contexts"],
+                    grid["pasts"],
+                    grid["batches"],
+                    grid["pasts"][0],
+                    budget,
+                    threads,
+                    progress,
+                    first_context=grid["contexts"][0],
+                )
+            )
             if "error" in result:
                 say(f"bench: {model['name']} round {k + 1} {name} failed: {result['error']}")
                 continue
@@ -287,6 +385,7 @@ def score_model(entry: dict[str, Any], grid: Mapping[str, list[int]], bandwidth:
 
 
 # ---------------------------------------------------------------- sanity of everything written
+
 
 def _check_timing(where: str, fig: Any, problems: list[str]) -> None:
     if not isinstance(fig, Mapping):
@@ -344,8 +443,10 @@ def check_results(results: Mapping[str, Any]) -> None:
                     continue
                 if len(t["rounds"]) != want:
                     problems.append(f"{model_name} target {key}: {len(t['rounds'])} rounds, expected {want}")
-                if any(not (isinstance(r["value"], (int, float)) and math.isfinite(r["value"]) and r["value"] > 0)
-                       for r in t["rounds"]):
+                if any(
+                    not (isinstance(r["value"], (int, float)) and math.isfinite(r["value"]) and r["value"] > 0)
+                    for r in t["rounds"]
+                ):
                     problems.append(f"{model_name} target {key}: a round's value is not a positive finite number")
     if measured == 0:
         problems.append("no variant was measured")
@@ -354,6 +455,7 @@ def check_results(results: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- the run
+
 
 def _grid(quick: bool, contexts, pasts, batches) -> tuple[list[int], list[int], list[int], int]:
     if quick:
@@ -367,6 +469,7 @@ def _grid(quick: bool, contexts, pasts, batches) -> tuple[list[int], list[int], 
 @dataclass
 class Plan:
     """What one run measures, with every default resolved (quick or full) and every name checked."""
+
     models: tuple[str, ...]
     variants: tuple[str, ...]
     quick: bool
@@ -385,14 +488,30 @@ class Plan:
         return TARGET_MODEL if TARGET_MODEL in self.models else self.models[0]
 
     def grid(self) -> dict[str, Any]:
-        return {"contexts": self.contexts, "pasts": self.pasts, "batches": self.batches,
-                "batch_past": self.batch_past, "budget": self.budget, "rounds": self.rounds,
-                "rounds_model": self.rounds_model,
-                "round_figures": round_grid(self.contexts, self.batches, self.batch_past)}
+        return {
+            "contexts": self.contexts,
+            "pasts": self.pasts,
+            "batches": self.batches,
+            "batch_past": self.batch_past,
+            "budget": self.budget,
+            "rounds": self.rounds,
+            "rounds_model": self.rounds_model,
+            "round_figures": round_grid(self.contexts, self.batches, self.batch_past),
+        }
 
 
-def make_plan(models: Sequence[str], variants: Sequence[str] | None, quick: bool, out_dir: str | Path | None,
-              cache_dir: str | Path, contexts, pasts, batches, threads: int, rounds: int | None) -> Plan:
+def make_plan(
+    models: Sequence[str],
+    variants: Sequence[str] | None,
+    quick: bool,
+    out_dir: str | Path | None,
+    cache_dir: str | Path,
+    contexts,
+    pasts,
+    batches,
+    threads: int,
+    rounds: int | None,
+) -> Plan:
     """Resolve --quick's defaults and refuse unknown models, variants and round counts (ValueError)."""
     if quick:
         models = ("tiny",) if tuple(models) == ("bundled", "glm-large-shape") else tuple(models)
@@ -401,8 +520,10 @@ def make_plan(models: Sequence[str], variants: Sequence[str] | None, quick: bool
     variants = tuple(variants or DEFAULT_VARIANTS)
     for m in models:
         if m not in artifacts.MODELS and not artifacts.is_export_folder(m):
-            raise ValueError(f"unknown model {m!r}; choose from {artifacts.MODELS} or give an exported fp32 ONNX "
-                             f"folder (glmx export CHECKPOINT -o FOLDER)")
+            raise ValueError(
+                f"unknown model {m!r}; choose from {artifacts.MODELS} or give an exported fp32 ONNX "
+                f"folder (glmx export CHECKPOINT -o FOLDER)"
+            )
     for v in variants:
         if v not in artifacts.VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {sorted(artifacts.VARIANTS)}")
@@ -412,16 +533,38 @@ def make_plan(models: Sequence[str], variants: Sequence[str] | None, quick: bool
     rounds = (QUICK_ROUNDS if quick else FULL_ROUNDS) if rounds is None else int(rounds)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    return Plan(tuple(models), variants, quick, Path(out_dir), Path(cache_dir), contexts, pasts, batches, batch_past,
-                QUICK_BUDGET if quick else FULL_BUDGET, rounds, threads)
+    return Plan(
+        tuple(models),
+        variants,
+        quick,
+        Path(out_dir),
+        Path(cache_dir),
+        contexts,
+        pasts,
+        batches,
+        batch_past,
+        QUICK_BUDGET if quick else FULL_BUDGET,
+        rounds,
+        threads,
+    )
 
 
-def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), variants: Sequence[str] | None = None,
-                   quick: bool = False, out_dir: str | Path | None = "benchmarks/results",
-                   cache_dir: str | Path = artifacts.DEFAULT_CACHE, contexts: Sequence[int] | None = None,
-                   pasts: Sequence[int] | None = None, batches: Sequence[int] | None = None, threads: int = 2,
-                   plots: bool = True, progress: bool = True, command: str | None = None,
-                   rounds: int | None = None) -> dict[str, Any]:
+def run_benchmarks(
+    *,
+    models: Sequence[str] = ("bundled", "glm-large-shape"),
+    variants: Sequence[str] | None = None,
+    quick: bool = False,
+    out_dir: str | Path | None = "benchmarks/results",
+    cache_dir: str | Path = artifacts.DEFAULT_CACHE,
+    contexts: Sequence[int] | None = None,
+    pasts: Sequence[int] | None = None,
+    batches: Sequence[int] | None = None,
+    threads: int = 2,
+    plots: bool = True,
+    progress: bool = True,
+    command: str | None = None,
+    rounds: int | None = None,
+) -> dict[str, Any]:
     """Measure every variant of every model; write and return the results (see the module docstring).
 
     quick: the tiny model, torch and ONNX Runtime fp32 only, a small grid, writing to a temporary folder unless
@@ -433,27 +576,37 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
     plan = make_plan(models, variants, quick, out_dir, cache_dir, contexts, pasts, batches, threads, rounds)
     plan.cache.mkdir(parents=True, exist_ok=True)
     if command is None:
-        command = (f"python -c 'from glmx_benchmarks.bench import run_benchmarks; run_benchmarks(models={plan.models!r}, "
-                   f"variants={plan.variants!r}, quick={quick}, out_dir={str(plan.out_dir)!r}, threads={threads}, "
-                   f"rounds={plan.rounds})'")
-    results: dict[str, Any] = {"command": command, "quick": quick, "machine": machine_info(threads),
-                               "grid": plan.grid(), "models": {}}
+        command = (
+            f"python -c 'from glmx_benchmarks.bench import run_benchmarks; run_benchmarks(models={plan.models!r}, "
+            f"variants={plan.variants!r}, quick={quick}, out_dir={str(plan.out_dir)!r}, threads={threads}, "
+            f"rounds={plan.rounds})'"
+        )
+    results: dict[str, Any] = {
+        "command": command,
+        "quick": quick,
+        "machine": machine_info(threads),
+        "grid": plan.grid(),
+        "models": {},
+    }
     # --quick measures random-weight models only; the full run judges targets on paths within budget
     status = None if quick else budget_status(plan.variants, plan.cache, say)
     say(f"bench: measuring memory bandwidth and matmul rate ({threads} threads)")
     samples: list[dict[str, Any]] = []
 
     def sample_bandwidth() -> None:  # --quick checks the path: a small array (its figures judge nothing)
-        samples.append(floor.measure_bandwidth(megabytes=16 if quick else 512, threads=threads,
-                                               repeats=3 if quick else 7))
+        samples.append(
+            floor.measure_bandwidth(megabytes=16 if quick else 512, threads=threads, repeats=3 if quick else 7)
+        )
+
     sample_bandwidth()
     results["floor"] = {"bandwidth": samples[0], "matmul": {}}
     bar = _progress_bar(len(plan.models) * len(plan.variants), progress)
     for model_name in plan.models:
         if model_name != plan.models[0]:
             sample_bandwidth()
-        results["models"][model_name] = measure_model(plan, model_name, results, status, bar, progress, say,
-                                                      sample_bandwidth)
+        results["models"][model_name] = measure_model(
+            plan, model_name, results, status, bar, progress, say, sample_bandwidth
+        )
     bar.close()
     sample_bandwidth()
     settle_floor(results, samples)
@@ -464,8 +617,16 @@ def run_benchmarks(*, models: Sequence[str] = ("bundled", "glm-large-shape"), va
     return results
 
 
-def measure_model(plan: Plan, model_name: str, results: dict[str, Any], status: Mapping[str, Any] | None, bar: Any,
-                  progress: bool, say: Callable[[str], None], sample_bandwidth: Callable[[], None]) -> dict[str, Any]:
+def measure_model(
+    plan: Plan,
+    model_name: str,
+    results: dict[str, Any],
+    status: Mapping[str, Any] | None,
+    bar: Any,
+    progress: bool,
+    say: Callable[[str], None],
+    sample_bandwidth: Callable[[], None],
+) -> dict[str, Any]:
     """One model's entry: its artifacts prepared (or the reason it was skipped), its matmul rate (into
     results["floor"]), every variant in its own process, then the target rounds if it is the rounds model."""
     entry: dict[str, Any] = {"variants": {}, "batch_past": plan.batch_past}
@@ -479,19 +640,39 @@ def measure_model(plan: Plan, model_name: str, results: dict[str, Any], status: 
     config = artifacts.load_config(model["fp32"])
     entry.update(config=config.to_dict(), random_weights=model["random_weights"])
     results["floor"]["matmul"][model_name] = floor.measure_matmul(
-        config, tokens=TARGET_CONTEXT if not plan.quick else 32, repeats=3 if plan.quick else 5)
+        config, tokens=TARGET_CONTEXT if not plan.quick else 32, repeats=3 if plan.quick else 5
+    )
     fp32_bytes = floor.streamed_weight_bytes(model["fp32"])["streamed_bytes"]
     for variant in plan.variants:
         bar.set_description(f"{model_name} {variant}")
-        entry["variants"][variant] = _measure_variant(model, variant, fp32_bytes, plan.contexts, plan.pasts,
-                                                      plan.batches, plan.batch_past, plan.budget, plan.threads,
-                                                      progress, say)
+        entry["variants"][variant] = _measure_variant(
+            model,
+            variant,
+            fp32_bytes,
+            plan.contexts,
+            plan.pasts,
+            plan.batches,
+            plan.batch_past,
+            plan.budget,
+            plan.threads,
+            progress,
+            say,
+        )
         bar.update(1)
     if status is not None:
         entry["budget_status"] = {k: v for k, v in status.items() if k in entry["variants"]}
     if model_name == plan.rounds_model:
-        run_target_rounds(entry, model, plan.rounds, results["grid"]["round_figures"], plan.budget, plan.threads,
-                          progress, say, before_round=sample_bandwidth)
+        run_target_rounds(
+            entry,
+            model,
+            plan.rounds,
+            results["grid"]["round_figures"],
+            plan.budget,
+            plan.threads,
+            progress,
+            say,
+            before_round=sample_bandwidth,
+        )
     if model_name != TARGET_MODEL:
         entry["targets_note"] = f"the issue's targets are set for {TARGET_MODEL}; shown here for reference"
     return entry
@@ -504,40 +685,72 @@ def settle_floor(results: dict[str, Any], samples: Sequence[Mapping[str, Any]]) 
     a floor above real timings (ratios < 1), so every ratio is scored against the best sample of the run."""
     best = max(samples, key=lambda b: b["read_bytes_per_s"])
     results["floor"]["bandwidth"] = dict(
-        best, samples_read_bytes_per_s=[b["read_bytes_per_s"] for b in samples],
+        best,
+        samples_read_bytes_per_s=[b["read_bytes_per_s"] for b in samples],
         method=best["method"] + f"; the max over {len(samples)} samples spread over the run (start, before each "
-                                "model after the first and each later round, end)")
+        "model after the first and each later round, end)",
+    )
     for model_name, entry in results["models"].items():
         if "config" in entry:
-            score_model(entry, results["grid"]["round_figures"], best["read_bytes_per_s"],
-                        results["floor"]["matmul"][model_name]["flops_per_s"])
+            score_model(
+                entry,
+                results["grid"]["round_figures"],
+                best["read_bytes_per_s"],
+                results["floor"]["matmul"][model_name]["flops_per_s"],
+            )
 
 
-def worker_spec(backend: str, folder: str | Path, contexts, pasts, batches, batch_past: int, budget, threads: int,
-                progress: bool, first_context: int = TARGET_CONTEXT) -> dict[str, Any]:
+def worker_spec(
+    backend: str,
+    folder: str | Path,
+    contexts,
+    pasts,
+    batches,
+    batch_past: int,
+    budget,
+    threads: int,
+    progress: bool,
+    first_context: int = TARGET_CONTEXT,
+) -> dict[str, Any]:
     """The JSON spec glmx_benchmarks.worker measures: one backend on one folder over the given grid."""
-    return {"backend": backend, "folder": str(folder), "threads": threads, "contexts": list(contexts),
-            "pasts": list(pasts), "batches": list(batches), "batch_past": batch_past, "budget": budget,
-            "progress": progress, "first_context": first_context, "deadline_s": budget["variant_s"]}
+    return {
+        "backend": backend,
+        "folder": str(folder),
+        "threads": threads,
+        "contexts": list(contexts),
+        "pasts": list(pasts),
+        "batches": list(batches),
+        "batch_past": batch_past,
+        "budget": budget,
+        "progress": progress,
+        "first_context": first_context,
+        "deadline_s": budget["variant_s"],
+    }
 
 
-def _measure_variant(model, variant, fp32_bytes, contexts, pasts, batches, batch_past, budget, threads, progress,
-                     say) -> dict[str, Any]:
+def _measure_variant(
+    model, variant, fp32_bytes, contexts, pasts, batches, batch_past, budget, threads, progress, say
+) -> dict[str, Any]:
     try:
         backend, folder = artifacts.prepare_variant(model, variant, say)
     except artifacts.SkipVariant as exc:
         say(f"bench: {model['name']} {variant} skipped: {exc}")
         return {"skipped": str(exc)}
-    result = run_worker(worker_spec(backend, folder, contexts, pasts, batches, batch_past, budget, threads,
-                                    progress))
+    result = run_worker(worker_spec(backend, folder, contexts, pasts, batches, batch_past, budget, threads, progress))
     if "error" in result:
         say(f"bench: {model['name']} {variant} failed: {result['error']}")
         return result
     manifest = artifacts.accuracy_figures(folder)
-    result.update(backend=backend, folder=str(folder), precision=manifest.pop("precision"), accuracy=manifest,
-                  disk_bytes=artifacts.disk_bytes(folder if backend != "torch" else model["checkpoint"]),
-                  streamed_weight_bytes=fp32_bytes if backend == "torch"
-                  else floor.streamed_weight_bytes(folder)["streamed_bytes"])
+    result.update(
+        backend=backend,
+        folder=str(folder),
+        precision=manifest.pop("precision"),
+        accuracy=manifest,
+        disk_bytes=artifacts.disk_bytes(folder if backend != "torch" else model["checkpoint"]),
+        streamed_weight_bytes=fp32_bytes
+        if backend == "torch"
+        else floor.streamed_weight_bytes(folder)["streamed_bytes"],
+    )
     if backend == "torch":
         result["precision"] = "fp32"
         result["disk_note"] = "the checkpoint's model.safetensors"
@@ -550,9 +763,16 @@ def _progress_bar(total: int, enabled: bool):
     except ImportError:  # tqdm is a declared dependency; without it, run silently
         enabled = False
     if not enabled:
+
         class _Silent:
-            def update(self, n=1): pass
-            def set_description(self, s): pass
-            def close(self): pass
+            def update(self, n=1):
+                pass
+
+            def set_description(self, s):
+                pass
+
+            def close(self):
+                pass
+
         return _Silent()
     return tqdm(total=total, file=sys.stderr, unit="variant", leave=True)

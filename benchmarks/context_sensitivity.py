@@ -7,6 +7,7 @@ moves far more for a neighbour than for a distant token; one that ignores them m
 
 Usage: python -m glmx_benchmarks.context_sensitivity glm_export/bundled/glmx-small data/corpus [--samples 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,13 @@ from glm_export.checkpoint import load_checkpoint
 from glm_export.collator import BlockCollator
 from glm_export.evaluate import _settings
 from glm_export.pretrain import (
-    batch_to_tensors, cut_samples, load_corpus_tokenizer, read_documents, layout_special_ids, split_documents, token_stream,
+    batch_to_tensors,
+    cut_samples,
+    layout_special_ids,
+    load_corpus_tokenizer,
+    read_documents,
+    split_documents,
+    token_stream,
 )
 
 OFFSETS = {"neighbour": (-1, 1), "far": (-40, 40)}
@@ -53,8 +60,9 @@ def sensitivity(checkpoint: str, corpus: str, samples: int = 8, seed: int = 0) -
                     changed[i, q] = replacement if int(ids[q]) != replacement else fallback
                     lp = first_logp(changed)
                     kls[kind].append(float((base[i, t].exp() * (base[i, t] - lp[i, t])).sum()))
-    return {f"kl_{kind}": float(np.mean(v)) for kind, v in kls.items()} | \
-        {f"n_{kind}": len(v) for kind, v in kls.items()}
+    return {f"kl_{kind}": float(np.mean(v)) for kind, v in kls.items()} | {
+        f"n_{kind}": len(v) for kind, v in kls.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,12 +3,14 @@
 In: a GLMConfig and an exported ONNX folder. Out: bandwidth (bytes/s), GEMM rate (FLOP/s) on the model's own
 shapes, bytes read per decoded token, FLOPs of a context pass; floor time = bytes / bandwidth or FLOPs / rate.
 """
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,19 +30,22 @@ GEMV_ROWS = 4096  # K of the read kernel's weight matrix: a hidden size of the o
 
 def gemv_weights(megabytes: int, rows: int = GEMV_ROWS, seed: int = 0) -> np.ndarray:
     """In: a size in MiB. Out: a random float32 weight matrix (rows, N) of at least that many bytes."""
-    cols = max(1, -(-megabytes * 2 ** 20 // (4 * rows)))  # ceil
+    cols = max(1, -(-megabytes * 2**20 // (4 * rows)))  # ceil
     return np.random.default_rng(seed).random((rows, cols), dtype=np.float32) - 0.5
 
 
 def _gemv_model_bytes(weights: np.ndarray) -> bytes:
     """A serialized ONNX graph y[1, N] = x[1, K] @ W[K, N], with W an initializer (as in an exported model)."""
     from onnx import TensorProto, helper, numpy_helper
+
     k, n = weights.shape
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "weight"], ["y"])], "gemv_read_kernel",
+        [helper.make_node("MatMul", ["x", "weight"], ["y"])],
+        "gemv_read_kernel",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-        [numpy_helper.from_array(weights, "weight")])
+        [numpy_helper.from_array(weights, "weight")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
@@ -49,6 +54,7 @@ def ort_gemv(weights: np.ndarray, threads: int) -> Callable[[np.ndarray], np.nda
     session with intra_op_num_threads = threads, inter_op_num_threads = 1, the benchmark's settings. Each call
     streams all of W, the way a decode step streams a layer's weights."""
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -64,7 +70,7 @@ def measure_bandwidth(megabytes: int = 256, threads: int = 2, repeats: int = 7) 
     reductions), and an ONNX Runtime fp32 MatMul [1, K] x [K, N] on `threads` threads (bytes read = W's bytes).
     The max is taken so the decode floor stays a lower bound on time whichever kernel streams best here.
     Each rate is the median of `repeats` timed calls after one warm-up."""
-    n = megabytes * 2 ** 20 // 4
+    n = megabytes * 2**20 // 4
     a = np.ones(n, dtype=np.float32)
     parts = np.array_split(a, threads)
 
@@ -80,20 +86,29 @@ def measure_bandwidth(megabytes: int = 256, threads: int = 2, repeats: int = 7) 
         kernels["numpy_sum_threads"] = a.nbytes / _median_seconds(parallel_sum, repeats)
     b = np.empty_like(a)
     copy = 2 * a.nbytes / _median_seconds(lambda: np.copyto(b, a), repeats)
-    del a, b, parts
+    a = b = parts = None  # free the buffers (the closures above are not called again)
     weights = gemv_weights(megabytes)
     gemv = ort_gemv(weights, threads)
     x = np.ones((1, weights.shape[0]), dtype=np.float32)
     kernels["ort_gemv"] = weights.nbytes / _median_seconds(lambda: gemv(x), repeats)
     best = max(kernels, key=kernels.get)
     sum_split = f" (numpy_sum_threads: split over {threads} threads)" if threads > 1 else ""
-    return {"read_bytes_per_s": kernels[best], "read_kernel": best, "read_kernels": kernels,
-            "read_1_thread_bytes_per_s": kernels["numpy_sum_1_thread"], "read_threads": threads,
-            "copy_bytes_per_s": copy, "array_bytes": int(n * 4), "gemv_weight_shape": list(weights.shape),
-            "repeats": repeats,
-            "method": (f"read = max over read kernels {sorted(kernels)}, won by {best}: numpy_sum_* = numpy "
-                       f"float32 sum{sum_split}, ort_gemv = ONNX Runtime fp32 MatMul [1,K]x[K,N] on {threads} intra-op "
-                       f"thread(s), bytes = weight bytes; copy = numpy copyto (read + write); medians of {repeats}")}
+    return {
+        "read_bytes_per_s": kernels[best],
+        "read_kernel": best,
+        "read_kernels": kernels,
+        "read_1_thread_bytes_per_s": kernels["numpy_sum_1_thread"],
+        "read_threads": threads,
+        "copy_bytes_per_s": copy,
+        "array_bytes": int(n * 4),
+        "gemv_weight_shape": list(weights.shape),
+        "repeats": repeats,
+        "method": (
+            f"read = max over read kernels {sorted(kernels)}, won by {best}: numpy_sum_* = numpy "
+            f"float32 sum{sum_split}, ort_gemv = ONNX Runtime fp32 MatMul [1,K]x[K,N] on {threads} intra-op "
+            f"thread(s), bytes = weight bytes; copy = numpy copyto (read + write); medians of {repeats}"
+        ),
+    }
 
 
 def gemm_shapes(config: Any, tokens: int) -> list[tuple[int, int, int]]:
@@ -122,14 +137,19 @@ def measure_matmul(config: Any, tokens: int = 128, repeats: int = 5) -> dict[str
         x = rng.standard_normal((m, k), dtype=np.float32)
         w = rng.standard_normal((k, n), dtype=np.float32)
         out = np.empty((m, n), dtype=np.float32)
-        seconds = _median_seconds(lambda: np.matmul(x, w, out=out), repeats)
+        seconds = _median_seconds(lambda: np.matmul(x, w, out=out), repeats)  # noqa: B023 - called within this iteration
         flops = 2.0 * m * k * n
         per_shape[f"{m}x{k}x{n}"] = flops / seconds
         count = gemm_shapes(config, tokens).count((m, k, n))
         total_flops += flops * count
         total_s += seconds * count
-    return {"flops_per_s": total_flops / total_s, "per_shape_flops_per_s": per_shape, "tokens": tokens,
-            "repeats": repeats, "method": "numpy fp32 matmul on the model's shapes, time-weighted by use"}
+    return {
+        "flops_per_s": total_flops / total_s,
+        "per_shape_flops_per_s": per_shape,
+        "tokens": tokens,
+        "repeats": repeats,
+        "method": "numpy fp32 matmul on the model's shapes, time-weighted by use",
+    }
 
 
 def streamed_weight_bytes(onnx_folder: str | Path) -> dict[str, int]:
@@ -142,6 +162,7 @@ def streamed_weight_bytes(onnx_folder: str | Path) -> dict[str, int]:
     from onnx import helper
 
     from glm_runtime.manifest import MODEL_FILE, load_manifest
+
     folder = Path(onnx_folder)
     manifest = load_manifest(folder, kind="onnx", verify=False)
     model = onnx.load(str(folder / manifest.extra.get("model_file", MODEL_FILE)), load_external_data=False)
@@ -169,7 +190,8 @@ def kv_bytes(config: Any, past: int, batch: int, itemsize: int = 4) -> int:
     return 2 * config.num_layers * batch * past * config.hidden_size * itemsize
 
 
-def decode_floor_s(weight_bytes: int, config: Any, past: int, batch: int, bandwidth: float,
-                   kv_itemsize: int = 4) -> float:
+def decode_floor_s(
+    weight_bytes: int, config: Any, past: int, batch: int, bandwidth: float, kv_itemsize: int = 4
+) -> float:
     """Lower bound for one decode step: every streamed weight and every cached K/V read once."""
     return (weight_bytes + kv_bytes(config, past, batch, kv_itemsize)) / bandwidth

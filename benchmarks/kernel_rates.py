@@ -10,6 +10,7 @@ by its own arithmetic (dequantizing, quantizing the activation), which a faster 
 --folder: the runtime's decode step at past 0 and at --past, so attention's cost is their difference.
 The kernel-limited floor of a path = its layers at the kernel's rate + the fp32 head and the K/V at bandwidth.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def layer_shapes(config: Any) -> list[tuple[int, int]]:
 def matmul_graph(config: Any, seed: int = 0) -> Any:
     """Every layer's four MatMuls on one token (inputs x [1,1,h] and x4 [1,1,4h]), weights N(0, 0.02)."""
     from onnx import TensorProto, helper, numpy_helper
+
     rng = np.random.default_rng(seed)
     h = config.hidden_size
     nodes, weights, outputs = [], [], []
@@ -40,11 +42,16 @@ def matmul_graph(config: Any, seed: int = 0) -> Any:
         for k, (rows, cols) in enumerate(layer_shapes(config)):
             w = f"w{layer}_{k}"
             weights.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) * 0.02).astype(np.float32), w))
-            nodes.append(helper.make_node("MatMul", ["x" if rows == h else "x4", w], [f"y{layer}_{k}"],
-                                          name=f"/layers.{layer}/MatMul{k}"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul", ["x" if rows == h else "x4", w], [f"y{layer}_{k}"], name=f"/layers.{layer}/MatMul{k}"
+                )
+            )
             outputs.append(helper.make_tensor_value_info(f"y{layer}_{k}", TensorProto.FLOAT, [1, 1, cols]))
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, h]),
-              helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, 4 * h])]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, h]),
+        helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, 4 * h]),
+    ]
     graph = helper.make_graph(nodes, "decode_matmuls", inputs, outputs, weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -52,11 +59,11 @@ def matmul_graph(config: Any, seed: int = 0) -> Any:
 def quantized(model: Any, fmt: str, tmp: Path) -> Any:
     """The graph in weight format `fmt`, made with glmx's own recipe for that scheme (glm_export.quantize)."""
     import onnx
-
     from onnx import helper, numpy_helper
 
     from glm_export.onnx_graph import CONTRIB, NBits
     from glm_export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, int8_dynamic_file
+
     if fmt == "fp32":
         return model
     if fmt == "int8-dynamic":
@@ -70,18 +77,31 @@ def quantized(model: Any, fmt: str, tmp: Path) -> Any:
     for node in model.graph.node:
         w = weights[node.input[1]]
         packed, scales = nbits.pack(w)
-        inits += [numpy_helper.from_array(packed, f"{node.input[1]}.Q4"),
-                  numpy_helper.from_array(scales, f"{node.input[1]}.scales")]
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{node.input[1]}.Q4", f"{node.input[1]}.scales"],
-                                      list(node.output), name=f"{node.name}_Q4", domain=CONTRIB, K=w.shape[0],
-                                      N=w.shape[1], bits=4, block_size=DEFAULT_BLOCK_SIZE,
-                                      accuracy_level=DEFAULT_ACCURACY_LEVEL))
+        inits += [
+            numpy_helper.from_array(packed, f"{node.input[1]}.Q4"),
+            numpy_helper.from_array(scales, f"{node.input[1]}.scales"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], f"{node.input[1]}.Q4", f"{node.input[1]}.scales"],
+                list(node.output),
+                name=f"{node.name}_Q4",
+                domain=CONTRIB,
+                K=w.shape[0],
+                N=w.shape[1],
+                bits=4,
+                block_size=DEFAULT_BLOCK_SIZE,
+                accuracy_level=DEFAULT_ACCURACY_LEVEL,
+            )
+        )
     graph = helper.make_graph(nodes, model.graph.name, list(model.graph.input), list(model.graph.output), inits)
     return helper.make_model(graph, opset_imports=list(model.opset_import) + [helper.make_opsetid(CONTRIB, 1)])
 
 
 def weight_bytes(model: Any) -> int:
     from onnx import numpy_helper
+
     return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
@@ -90,13 +110,16 @@ def kernel_rate(model: Any, threads: int, repeats: int) -> float:
     import onnxruntime as ort
 
     from glm_runtime.session import quiet_options
+
     options = quiet_options(ort.SessionOptions())
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     h = int(session.get_inputs()[0].shape[-1])
-    feeds = {"x": rng.standard_normal((1, 1, h)).astype(np.float32),
-             "x4": rng.standard_normal((1, 1, 4 * h)).astype(np.float32)}
+    feeds = {
+        "x": rng.standard_normal((1, 1, h)).astype(np.float32),
+        "x4": rng.standard_normal((1, 1, 4 * h)).astype(np.float32),
+    }
     return _median_seconds(lambda: session.run(None, feeds), repeats)
 
 
@@ -104,10 +127,11 @@ def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[i
     """The runtime's decode step (batch 1) at past 0 and at `past`: median seconds each."""
     import onnxruntime as ort
 
-    from glmx_benchmarks.worker import fill_cache
     from glm_runtime import masks
     from glm_runtime.session import open_session
     from glm_runtime.steps import decode_step
+    from glmx_benchmarks.worker import fill_cache
+
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = open_session(folder, "onnxruntime", session_options=options)
@@ -117,8 +141,9 @@ def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[i
         positions = masks.decode_positions([max(p // 2, 0)], [1])
 
         def step() -> None:
-            decode_step(session, cache, [500], positions, [True])
-            cache.truncate([p])
+            decode_step(session, cache, [500], positions, [True])  # noqa: B023 - called within this iteration
+            cache.truncate([p])  # noqa: B023 - called within this iteration
+
         out[p] = _median_seconds(step, repeats)
     return out
 
@@ -126,6 +151,7 @@ def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[i
 def main(argv: list[str] | None = None) -> None:
     from glmx_benchmarks import floor
     from glmx_benchmarks.artifacts import model_config
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="glm-large-shape", help="a benchmark model's shape (default glm-large-shape)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -149,24 +175,33 @@ def main(argv: list[str] | None = None) -> None:
             for threads in args.threads:
                 s = kernel_rate(model, threads, args.repeats)
                 rates[(fmt, threads)] = nbytes / s
-                print(f"| {fmt} | {threads} | {s * 1e3:.2f} | {nbytes / 1e6:.1f} | {nbytes / s / 1e9:.1f} | "
-                      f"{nbytes / s / bw:.2f} |")
+                print(
+                    f"| {fmt} | {threads} | {s * 1e3:.2f} | {nbytes / 1e6:.1f} | {nbytes / s / 1e9:.1f} | "
+                    f"{nbytes / s / bw:.2f} |"
+                )
             if fmt != "fp32":
                 head = config.vocab_size * config.hidden_size * 4
                 kv = floor.kv_bytes(config, args.past, 1)
                 bound = nbytes / rates[(fmt, max(args.threads))] + (head + kv) / bw
-                notes.append(f"- {fmt}: kernel-limited decode at past {args.past} (layers at this kernel's rate, "
-                             f"fp32 head and K/V at bandwidth) = {bound * 1e3:.1f} ms = "
-                             f"{bound / ((nbytes + head + kv) / bw):.2f}x its bandwidth floor")
+                notes.append(
+                    f"- {fmt}: kernel-limited decode at past {args.past} (layers at this kernel's rate, "
+                    f"fp32 head and K/V at bandwidth) = {bound * 1e3:.1f} ms = "
+                    f"{bound / ((nbytes + head + kv) / bw):.2f}x its bandwidth floor"
+                )
     print("\n" + "\n".join(notes))
     if args.folder:
         t = decode_by_past(args.folder, max(args.threads), args.past, args.repeats)
         kv, extra = floor.kv_bytes(config, args.past, 1), t[args.past] - t[0]
-        cost = (f"adds {extra * 1e3:.2f} ms ({kv / extra / 1e9:.1f} GB/s)" if extra > 0
-                else "adds less than this run's noise")
-        print(f"\nDecode step of {args.folder}: past 0 {t[0] * 1e3:.2f} ms, past {args.past} "
-              f"{t[args.past] * 1e3:.2f} ms: attention over {kv / 1e6:.1f} MB of K/V {cost}; at bandwidth "
-              f"{kv / bw * 1e3:.2f} ms")
+        cost = (
+            f"adds {extra * 1e3:.2f} ms ({kv / extra / 1e9:.1f} GB/s)"
+            if extra > 0
+            else "adds less than this run's noise"
+        )
+        print(
+            f"\nDecode step of {args.folder}: past 0 {t[0] * 1e3:.2f} ms, past {args.past} "
+            f"{t[args.past] * 1e3:.2f} ms: attention over {kv / 1e6:.1f} MB of K/V {cost}; at bandwidth "
+            f"{kv / bw * 1e3:.2f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What every benchmark record says about the machine: the CPU's name and the flags that move kernel rates
 (AVX-512 VNNI, AVX2, FMA, F16C, AMX, BF16), from lscpu. Empty when lscpu is not there."""
+
 from __future__ import annotations
 
 import platform

@@ -6,6 +6,7 @@ model's shape (glmx_benchmarks.kernel_rates' graph): MatMulNBits block size 32 /
 
 Out: benchmarks/results/nbits_sweep.{json,md} with the installed onnxruntime's version and the CPU flags.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ def nbits_graph(model, bits: int, block: int, level: int, symmetric: bool):
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     from glm_export.onnx_graph import CONTRIB
+
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     nodes, inits = [], []
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
@@ -40,8 +42,10 @@ def nbits_graph(model, bits: int, block: int, level: int, symmetric: bool):
         zp = np.zeros((N, -(-blocks * bits // 8)), dtype=np.uint8)
         quantize(packed, w, scales, zp, block, N, K, symmetric)
         name = node.input[1]
-        inits += [numpy_helper.from_array(packed, f"{name}.Q"), numpy_helper.from_array(scales.reshape(-1),
-                                                                                         f"{name}.scales")]
+        inits += [
+            numpy_helper.from_array(packed, f"{name}.Q"),
+            numpy_helper.from_array(scales.reshape(-1), f"{name}.scales"),
+        ]
         inputs = [node.input[0], f"{name}.Q", f"{name}.scales"]
         if not symmetric:
             inits.append(numpy_helper.from_array(zp.reshape(-1), f"{name}.zp"))
@@ -49,8 +53,9 @@ def nbits_graph(model, bits: int, block: int, level: int, symmetric: bool):
         attrs = dict(K=K, N=N, bits=bits, block_size=block)
         if level:
             attrs["accuracy_level"] = level
-        nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + "_Q",
-                                      domain=CONTRIB, **attrs))
+        nodes.append(
+            helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name + "_Q", domain=CONTRIB, **attrs)
+        )
     graph = helper.make_graph(nodes, model.graph.name, list(model.graph.input), list(model.graph.output), inits)
     return helper.make_model(graph, opset_imports=list(model.opset_import) + [helper.make_opsetid(CONTRIB, 1)])
 
@@ -66,6 +71,7 @@ def main(argv=None) -> None:
     import onnxruntime
 
     from glmx_benchmarks.artifacts import model_config
+
     config = model_config(args.model)
     base = matmul_graph(config)
     settings = [(4, b, lvl, sym) for b in (32, 64, 128) for lvl in (0, 1, 4) for sym in (True, False)]
@@ -84,25 +90,48 @@ def main(argv=None) -> None:
     for s in settings:
         t = statistics.median(times[s])
         bits, block, level, sym = s
-        rows.append({"bits": bits, "block_size": block, "accuracy_level": level, "symmetric": sym,
-                     "ms": 1000 * t, "weight_mb": nbytes[s] / 1e6, "gb_per_s": nbytes[s] / t / 1e9,
-                     "vs_fp32": fp32 / t, "rounds_ms": [1000 * x for x in times[s]]})
+        rows.append(
+            {
+                "bits": bits,
+                "block_size": block,
+                "accuracy_level": level,
+                "symmetric": sym,
+                "ms": 1000 * t,
+                "weight_mb": nbytes[s] / 1e6,
+                "gb_per_s": nbytes[s] / t / 1e9,
+                "vs_fp32": fp32 / t,
+                "rounds_ms": [1000 * x for x in times[s]],
+            }
+        )
     from glmx_benchmarks.machine import cpu_facts
+
     cpu = cpu_facts()["flags"]
-    record = {"command": "python -m glmx_benchmarks.nbits_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "onnxruntime": onnxruntime.__version__,
-              "model": args.model, "threads": args.threads, "fp32_ms": 1000 * fp32,
-              "cpu_flags": [f for f in cpu if f.startswith(("avx", "amx", "fma"))], "rows": rows}
-    lines = [f"# MatMulNBits settings: one token through every layer's matmuls ({args.model}, {args.threads} threads)",
-             "", f"`{record['command']}` on {record['date']}, onnxruntime {record['onnxruntime']}, median of "
-             f"{args.rounds} interleaved rounds; fp32 MatMul: {1000 * fp32:.2f} ms. CPU flags: "
-             f"{' '.join(record['cpu_flags'])}", "",
-             "| bits | block | accuracy level | zero points | ms | weight MB | GB/s | vs fp32 |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    record = {
+        "command": "python -m glmx_benchmarks.nbits_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "onnxruntime": onnxruntime.__version__,
+        "model": args.model,
+        "threads": args.threads,
+        "fp32_ms": 1000 * fp32,
+        "cpu_flags": [f for f in cpu if f.startswith(("avx", "amx", "fma"))],
+        "rows": rows,
+    }
+    lines = [
+        f"# MatMulNBits settings: one token through every layer's matmuls ({args.model}, {args.threads} threads)",
+        "",
+        f"`{record['command']}` on {record['date']}, onnxruntime {record['onnxruntime']}, median of "
+        f"{args.rounds} interleaved rounds; fp32 MatMul: {1000 * fp32:.2f} ms. CPU flags: "
+        f"{' '.join(record['cpu_flags'])}",
+        "",
+        "| bits | block | accuracy level | zero points | ms | weight MB | GB/s | vs fp32 |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: r["ms"]):
-        lines.append(f"| {r['bits']} | {r['block_size']} | {r['accuracy_level']} | "
-                     f"{'no' if r['symmetric'] else 'yes'} | {r['ms']:.2f} | {r['weight_mb']:.0f} | "
-                     f"{r['gb_per_s']:.1f} | {r['vs_fp32']:.2f}x |")
+        lines.append(
+            f"| {r['bits']} | {r['block_size']} | {r['accuracy_level']} | "
+            f"{'no' if r['symmetric'] else 'yes'} | {r['ms']:.2f} | {r['weight_mb']:.0f} | "
+            f"{r['gb_per_s']:.1f} | {r['vs_fp32']:.2f}x |"
+        )
     save_record(args.out, "nbits_sweep", record, "\n".join(lines))
 
 

@@ -8,6 +8,7 @@ times kernels without it.
 
     python -m glmx_benchmarks.profile_decode FOLDER [--threads 2] [--past 128] [--steps 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,11 @@ import numpy as np
 def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
-    from glmx_benchmarks.worker import fill_cache
     from glm_runtime import masks
     from glm_runtime.session import open_session
     from glm_runtime.steps import decode_step
+    from glmx_benchmarks.worker import fill_cache
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder")
     ap.add_argument("--threads", type=int, default=2)
@@ -49,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
             count[e["args"]["op_name"]] += 1
     runs = sorted(e["dur"] for e in events if e.get("name") == "model_run")
     total = sum(per_op.values())
-    print(f"step median {runs[len(runs) // 2] / 1e3:.2f} ms with profiling on; {sum(count.values()) // args.steps} "
-          f"nodes per step; kernels {total / args.steps / 1e3:.2f} ms per step")
+    print(
+        f"step median {runs[len(runs) // 2] / 1e3:.2f} ms with profiling on; {sum(count.values()) // args.steps} "
+        f"nodes per step; kernels {total / args.steps / 1e3:.2f} ms per step"
+    )
     for op, us in per_op.most_common(15):
         print(f"{op:28s} {us / args.steps / 1e3:8.2f} ms/step {100 * us / total:5.1f}%  x{count[op] // args.steps}")
 

@@ -10,6 +10,7 @@ them). The scores of the two are compared too (max |difference| per target token
 
     python -m glmx_benchmarks.scoring_speed [--large] [--rounds 3] [--threads 2] [-o benchmarks/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,14 @@ PROMPTS = 8
 def workload(tok, vocab_size: int, count: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:
     """PROMPTS held-out sentences with one [MASK] each, `count` candidate answers of 1-4 tokens per prompt."""
     from glm_export.compare import heldout_text, text_windows
+
     text, _ = heldout_text(tok.kind)
     rng = np.random.default_rng(seed)
     windows = text_windows(tok, text, vocab_size, 24, PROMPTS + count * PROMPTS)
-    prompts = [" ".join(f"{tok.decode(w[:10].tolist())} [MASK] {tok.decode(w[14:].tolist())}".split())
-               for w in windows[:PROMPTS]]
+    prompts = [
+        " ".join(f"{tok.decode(w[:10].tolist())} [MASK] {tok.decode(w[14:].tolist())}".split())
+        for w in windows[:PROMPTS]
+    ]
     pool = windows[PROMPTS:]
     candidates = []
     for p in range(PROMPTS):
@@ -51,6 +55,7 @@ def torch_scores(model, tok, prompts, candidates) -> list[list[float]]:
     import torch
 
     from glm_runtime.tokenizer import build_context_ids
+
     out = []
     for prompt, answers in zip(prompts, candidates):
         ctx = build_context_ids(tok, prompt)
@@ -76,6 +81,7 @@ def measure(name: str, onnx_dir: Path, checkpoint: Path, rounds: int, threads: i
     from glm_export.checkpoint import load_checkpoint
     from glm_runtime.score import score_candidates
     from glm_runtime.session import open_model
+
     torch.set_num_threads(threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -99,12 +105,19 @@ def measure(name: str, onnx_dir: Path, checkpoint: Path, rounds: int, threads: i
                 times[which].append(time.perf_counter() - t0)
         n = PROMPTS * count
         med = {k: float(np.median(v)) for k, v in times.items()}
-        rows[str(count)] = {"candidates": n, "seconds": times, "median_s": med,
-                            "candidates_per_s": {k: n / v for k, v in med.items()},
-                            "speedup": med["torch-per-candidate"] / med["glmx-ort"],
-                            "max_abs_diff_per_target_token": diff}
-        print(f"{name} {count:2d} candidates/prompt: glmx {n / med['glmx-ort']:8.1f}/s, torch per candidate "
-              f"{n / med['torch-per-candidate']:8.1f}/s, {rows[str(count)]['speedup']:.1f}x", file=sys.stderr)
+        rows[str(count)] = {
+            "candidates": n,
+            "seconds": times,
+            "median_s": med,
+            "candidates_per_s": {k: n / v for k, v in med.items()},
+            "speedup": med["torch-per-candidate"] / med["glmx-ort"],
+            "max_abs_diff_per_target_token": diff,
+        }
+        print(
+            f"{name} {count:2d} candidates/prompt: glmx {n / med['glmx-ort']:8.1f}/s, torch per candidate "
+            f"{n / med['torch-per-candidate']:8.1f}/s, {rows[str(count)]['speedup']:.1f}x",
+            file=sys.stderr,
+        )
     return {"onnx": str(onnx_dir), "config": session.config.to_dict(), "rows": rows}
 
 
@@ -116,35 +129,46 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", default="/tmp/glmx-bench-cache")
     ap.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    from glmx_benchmarks import artifacts
-    from glmx_benchmarks.bench import machine_info
     from glm_export.export import BUNDLED_CHECKPOINT
     from glm_runtime.manifest import atomic_write_json, atomic_write_text
     from glm_runtime.session import BUNDLED_MODEL
+    from glmx_benchmarks import artifacts
+    from glmx_benchmarks.bench import machine_info
+
     models = {"bundled": measure("bundled", BUNDLED_MODEL, BUNDLED_CHECKPOINT, args.rounds, args.threads)}
     if args.large:
         prepared = artifacts.prepare_model("glm-large-shape", Path(args.cache_dir), lambda m: print(m, file=sys.stderr))
-        models["glm-large-shape"] = measure("glm-large-shape", prepared["fp32"], prepared["checkpoint"],
-                                            args.rounds, args.threads)
+        models["glm-large-shape"] = measure(
+            "glm-large-shape", prepared["fp32"], prepared["checkpoint"], args.rounds, args.threads
+        )
     given = argv if argv is not None else sys.argv[1:]
-    result = {"command": "python -m glmx_benchmarks.scoring_speed " + " ".join(given),
-              "machine": machine_info(args.threads), "prompts": PROMPTS,
-              "rounds": args.rounds, "models": models,
-              "how": "candidates scored per second (median of interleaved rounds); glmx = glm_runtime.score on "
-                     "ONNX Runtime CPU (one context pass per prompt, all candidates in one span call); torch = "
-                     "the reference GLMModel, one full forward of context + sop + answer per candidate"}
+    result = {
+        "command": "python -m glmx_benchmarks.scoring_speed " + " ".join(given),
+        "machine": machine_info(args.threads),
+        "prompts": PROMPTS,
+        "rounds": args.rounds,
+        "models": models,
+        "how": "candidates scored per second (median of interleaved rounds); glmx = glm_runtime.score on "
+        "ONNX Runtime CPU (one context pass per prompt, all candidates in one span call); torch = "
+        "the reference GLMModel, one full forward of context + sop + answer per candidate",
+    }
     out = Path(args.out)
     atomic_write_json(out / "scoring_speed.json", result)
-    lines = [f"# Cloze scoring speed\n\n`{result['command']}` on {result['machine']['cpu']} "
-             f"({', '.join(result['machine']['cpu_flags'])}), {args.threads} threads, {PROMPTS} prompts, median of "
-             f"{args.rounds} interleaved rounds.\n",
-             "| model | candidates / prompt | glmx (ORT) cand/s | torch, one forward per candidate, cand/s | "
-             "speedup | max score diff per token |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Cloze scoring speed\n\n`{result['command']}` on {result['machine']['cpu']} "
+        f"({', '.join(result['machine']['cpu_flags'])}), {args.threads} threads, {PROMPTS} prompts, median of "
+        f"{args.rounds} interleaved rounds.\n",
+        "| model | candidates / prompt | glmx (ORT) cand/s | torch, one forward per candidate, cand/s | "
+        "speedup | max score diff per token |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, m in models.items():
         for count, r in m["rows"].items():
             c = r["candidates_per_s"]
-            lines.append(f"| {name} | {count} | {c['glmx-ort']:.1f} | {c['torch-per-candidate']:.1f} | "
-                         f"{r['speedup']:.1f}x | {r['max_abs_diff_per_target_token']:.1e} |")
+            lines.append(
+                f"| {name} | {count} | {c['glmx-ort']:.1f} | {c['torch-per-candidate']:.1f} | "
+                f"{r['speedup']:.1f}x | {r['max_abs_diff_per_target_token']:.1e} |"
+            )
     atomic_write_text(out / "scoring_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

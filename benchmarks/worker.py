@@ -4,6 +4,7 @@ In: a JSON spec (backend, folder, threads, contexts, pasts, batches, timing budg
 Out: one JSON line on stdout: load time, context-pass and decode timings (every sample), peak RSS.
 Run as `python -m glmx_benchmarks.worker SPEC`; bench.py starts it.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import os
 import resource
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,11 +40,19 @@ def timed(fn: Callable[[], Any], budget: dict[str, float]) -> dict[str, Any]:
         samples.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
         n = len(samples)
-        if n >= budget["max_n"] or (n >= budget["min_n"] and elapsed >= budget["min_s"]) \
-                or (n >= 3 and elapsed >= budget["max_s"]):
+        if (
+            n >= budget["max_n"]
+            or (n >= budget["min_n"] and elapsed >= budget["min_s"])
+            or (n >= 3 and elapsed >= budget["max_s"])
+        ):
             break
-    return {"median": float(np.median(samples)), "p90": float(np.percentile(samples, 90)), "n": len(samples),
-            "warmup": warmup, "samples": samples}
+    return {
+        "median": float(np.median(samples)),
+        "p90": float(np.percentile(samples, 90)),
+        "n": len(samples),
+        "warmup": warmup,
+        "samples": samples,
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -59,13 +69,16 @@ def peak_rss_bytes() -> int:
 
 def open_backend(backend: str, folder: str, threads: int) -> Any:
     from glm_runtime.session import open_session
+
     if backend == "torch":
         import torch
+
         torch.set_num_threads(threads)
         # GLM's own forward computes the head at every position: the reference as users run it today
         return open_session(folder, "torch", logits_start=False)
     if backend.startswith("onnxruntime"):
         import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -112,6 +125,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         def one_step() -> None:  # the runtime's own step: run + in-place cache write; then forget the token
             decode_step(session, cache, tokens, positions, store)
             cache.truncate([past] * batch)
+
         return timed(one_step, budget)
 
     def context_timing(context: int) -> dict[str, Any]:
@@ -121,13 +135,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         def one_context_pass() -> None:
             cache.truncate([0])
             context_pass(session, cache, [ids], pad_id=0)
+
         return timed(one_context_pass, budget)
 
     # Most important first, so a variant that runs out of its time still has the figures the targets use.
     jobs = [("decode", str(p), lambda p=p: decode_timing(1, p)) for p in spec["pasts"]]
     jobs += [("batch", str(b), lambda b=b: decode_timing(b, spec["batch_past"])) for b in spec["batches"]]
-    jobs += [("context", str(c), lambda c=c: context_timing(c))
-             for c in sorted(spec["contexts"], key=lambda c: (c != spec.get("first_context"), c))]
+    jobs += [
+        ("context", str(c), lambda c=c: context_timing(c))
+        for c in sorted(spec["contexts"], key=lambda c: (c != spec.get("first_context"), c))
+    ]
     out["not_measured"] = []
     for section, key, job in jobs:
         if time.perf_counter() - t0 > spec.get("deadline_s", float("inf")):
@@ -148,7 +165,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     try:
         result = measure(spec)
-    except Exception as exc:  # reported to the parent as a skip with its reason, never a crash of the run
+    except Exception as exc:  # reported to the parent as a skip with its reason, never a crash of the run  # noqa: BLE001 - a variant that fails is recorded with its reason, not raised
         result = {"error": f"{type(exc).__name__}: {exc}"}
     print("BENCH-RESULT " + json.dumps(result))
 

@@ -2,4 +2,5 @@
 
 Importing this package does not import torch; the modules that need it do.
 """
+
 from glm_runtime import __version__  # noqa: F401  one version for the whole toolchain

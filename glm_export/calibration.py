@@ -2,10 +2,12 @@
 and decode steps (glm_export.compare's calls), recorded as feeds, and checked against the graph's IO table.
 In: the parent session, its tokenizer, calibration text (default: the held-out half the accuracy report never
 reads), a file, or prepared feeds. Out: feeds for ONNX Runtime's static quantizer and a record of their source."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +44,24 @@ def calibration_feeds(parent: Any, tok: Any, text: str, source: str) -> list[dic
     chunks = text_windows(tok, text, parent.config.vocab_size, CALIBRATION_WINDOW, 64)
     tokens = len(chunks) * CALIBRATION_WINDOW
     if tokens < MIN_CALIBRATION_TOKENS:
-        raise QuantizeError(f"calibration text {source} gives {tokens} tokens in whole windows; qdq-int8 needs at "
-                            f"least {MIN_CALIBRATION_TOKENS} tokens of real text (pass a longer --calibration file)")
+        raise QuantizeError(
+            f"calibration text {source} gives {tokens} tokens in whole windows; qdq-int8 needs at "
+            f"least {MIN_CALIBRATION_TOKENS} tokens of real text (pass a longer --calibration file)"
+        )
     feeds: list[dict[str, np.ndarray]] = []
     for chunk in chunks:
         (context, span), _ = blank_calls(tok, chunk)
         t = span.input_ids.shape[1]
         pieces = [(0, t - 2), (t - 2, t - 1), (t - 1, t)]  # a multi-token chunk, then two decode steps
-        calls = [context] + [type(span)(span.input_ids[:, lo:hi], span.position_ids[:, :, lo:hi],
-                                        span.block[:, lo:hi, lo:hi], span.keep[:, lo:hi]) for lo, hi in pieces]
+        calls = [context] + [
+            type(span)(
+                span.input_ids[:, lo:hi],
+                span.position_ids[:, :, lo:hi],
+                span.block[:, lo:hi, lo:hi],
+                span.keep[:, lo:hi],
+            )
+            for lo, hi in pieces
+        ]
         run_calls(parent, calls, record=feeds)
     return feeds
 
@@ -59,8 +70,10 @@ def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str,
     """Every feed must match the IO table (names, dtypes, ranks, fixed dims, total = past + seq), and the set
     must cover both a context pass (past 0) and a decode step (past > 0)."""
     if len(feeds) < MIN_CALIBRATION_CALLS:
-        raise QuantizeError(f"calibration has {len(feeds)} feeds; qdq-int8 needs at least {MIN_CALIBRATION_CALLS} "
-                            f"(context passes and decode steps of real text)")
+        raise QuantizeError(
+            f"calibration has {len(feeds)} feeds; qdq-int8 needs at least {MIN_CALIBRATION_CALLS} "
+            f"(context passes and decode steps of real text)"
+        )
     entries = {e["name"]: e for e in io["inputs"]}
     required = {e["name"] for e in required_inputs(io)}  # logits_start is optional
     pasts = set()
@@ -74,19 +87,27 @@ def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str,
                 continue
             value = np.asarray(feed[name])
             if value.dtype.name != entry["dtype"] or value.ndim != len(entry["shape"]):
-                raise QuantizeError(f"calibration feed {k}: {name} is {value.dtype.name} of shape {list(value.shape)}, "
-                                    f"the graph takes {entry['dtype']} {entry['shape']}")
+                raise QuantizeError(
+                    f"calibration feed {k}: {name} is {value.dtype.name} of shape {list(value.shape)}, "
+                    f"the graph takes {entry['dtype']} {entry['shape']}"
+                )
             for want, got in zip(entry["shape"], value.shape):
                 if isinstance(want, int) and want != got or dims.setdefault(str(want), got) != got:
-                    raise QuantizeError(f"calibration feed {k}: {name} has shape {list(value.shape)}, which does "
-                                        f"not fit {entry['shape']} (dims so far {dims})")
+                    raise QuantizeError(
+                        f"calibration feed {k}: {name} has shape {list(value.shape)}, which does "
+                        f"not fit {entry['shape']} (dims so far {dims})"
+                    )
         if dims["total_seq"] != dims["past_seq"] + dims["seq"]:
-            raise QuantizeError(f"calibration feed {k}: attention_mask covers {dims['total_seq']} keys, not "
-                                f"past {dims['past_seq']} + seq {dims['seq']}")
+            raise QuantizeError(
+                f"calibration feed {k}: attention_mask covers {dims['total_seq']} keys, not "
+                f"past {dims['past_seq']} + seq {dims['seq']}"
+            )
         pasts.add(dims["past_seq"] > 0)
     if pasts != {False, True}:
-        raise QuantizeError("calibration feeds must include context passes (past_seq 0) and decode steps "
-                            "(past_seq > 0), so the scales cover both shapes")
+        raise QuantizeError(
+            "calibration feeds must include context passes (past_seq 0) and decode steps "
+            "(past_seq > 0), so the scales cover both shapes"
+        )
 
 
 def calibration_data(parent: Any, tok: Any, calibration) -> tuple[list[dict], dict[str, Any]]:
@@ -100,8 +121,9 @@ def calibration_data(parent: Any, tok: Any, calibration) -> tuple[list[dict], di
         try:
             text = strip_provenance(path.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError as exc:
-            raise QuantizeError(f"calibration file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                                f"save it as UTF-8") from None
+            raise QuantizeError(
+                f"calibration file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+            ) from None
         if not text.strip():
             raise QuantizeError(f"calibration file {path} is empty: qdq-int8 will not invent scales without data")
         feeds = calibration_feeds(parent, tok, text, str(path))

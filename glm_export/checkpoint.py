@@ -4,26 +4,36 @@ In: a path in one of three layouts (docs/glm.md 8.1-8.3), optionally a config or
 Out: `LoadedCheckpoint` (reference GLMModel in eval mode, its config, what was found); `save_checkpoint` writes
 model.safetensors + config.json (+ tokenizer) + manifest.json atomically.
 """
+
 from __future__ import annotations
 
 import json
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from glm_export.hf_config import from_hf_dict, to_hf_dict
-from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_export.model import GLMModel
 from glm_export.weights import Entry, Weights, WeightsError, _dtype_of, _to_numpy, read_safetensors
+from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_runtime.manifest import (
-    CONFIG_FILE, MANIFEST_NAME, WEIGHTS_FILE, Manifest, atomic_write_json, claims_output, load_manifest,
-    staged_folder, tool_versions, write_manifest,
+    CONFIG_FILE,
+    MANIFEST_NAME,
+    WEIGHTS_FILE,
+    Manifest,
+    atomic_write_json,
+    claims_output,
+    load_manifest,
+    staged_folder,
+    tool_versions,
+    write_manifest,
 )
 from glm_runtime.tokenizer import GLMTokenizer, TokenizerError, tokenizer_entry
 from glm_runtime.tokenizer_folder import check_fits, load_recorded_tokenizer, resolve_tokenizer
@@ -35,8 +45,7 @@ TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / De
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 # Tokenizer files looked for beside the weights, first found wins (GLM's vocabularies, docs/glm.md 7); vocab.json
 # brings merges.txt along (glm_runtime.tokenizer.tokenizer_files).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "cog-pretrain.model", "vocab.json", "spiece.model",
-                   "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "cog-pretrain.model", "vocab.json", "spiece.model", "tokenizer.model")
 # The base model sits under "glm." in HF downstream classes and under "model." in the original's
 # GLMForSequenceClassification; beside it only these head modules are skipped (docs/glm.md 8.1, 8.2).
 BASE_PREFIXES = ("glm.", "model.")
@@ -57,13 +66,13 @@ class LoadedCheckpoint:
     model: GLMModel  # eval mode, on CPU
     config: GLMConfig
     layout: str  # glmx | hf | megatron
-    tokenizer_file: Optional[Path]
-    manifest: Optional[Manifest]  # glmx layout only
+    tokenizer_file: Path | None
+    manifest: Manifest | None  # glmx layout only
     source_dtype: torch.dtype  # dtype of the weights in the files
     files: tuple[Path, ...] = ()  # the weight files read
     ignored_keys: tuple[str, ...] = ()  # downstream head weights skipped
     notes: tuple[str, ...] = ()  # what was decided and why: printed by the CLI, recorded in every manifest
-    tokenizer: Optional[GLMTokenizer] = None  # the folder's tokenizer, checked against the config
+    tokenizer: GLMTokenizer | None = None  # the folder's tokenizer, checked against the config
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -71,13 +80,16 @@ class LoadedCheckpoint:
 
 # ---------------------------------------------------------------- reading single files
 
+
 def _numpy_and_argparse_globals() -> list:
     """Globals that the original's checkpoints pickle besides tensors (numpy RNG state, argparse args).
 
     They only rebuild arrays, dtypes and a namespace; nothing else is allowed in (weights_only=True).
     """
     import argparse
+
     import numpy as np
+
     mm = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     allowed: list = [np.ndarray, np.dtype, argparse.Namespace]
     for fn in (mm._reconstruct, mm.scalar):  # files from numpy 1.x name them numpy.core.*
@@ -93,19 +105,23 @@ def _read_pickle(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({exc}); "
-                                  f"re-download or re-save it") from None
+            raise CheckpointError(
+                f"cannot read {path}: the file is truncated or corrupt ({exc}); re-download or re-save it"
+            ) from None
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # legacy format: no listing available
+        except Exception:  # legacy format: no listing available  # noqa: BLE001 - torch.load / safetensors raise bare Exceptions on a malformed file
             unsafe = ["(not listable)"]
         raise CheckpointError(
             f"refusing to unpickle {path}: it holds Python objects besides tensors ({', '.join(unsafe)}), "
             f"and glmx loads pickles with weights_only=True so no code runs. If you trust the file, re-save "
-            f"only its weights: torch.save({{'module': torch.load(f, weights_only=False)['module']}}, f)") from None
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt "
-                              f"({type(exc).__name__}: {exc}); re-download or re-save it") from None
+            f"only its weights: torch.save({{'module': torch.load(f, weights_only=False)['module']}}, f)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch.load / safetensors raise bare Exceptions on a malformed file
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated or corrupt "
+            f"({type(exc).__name__}: {exc}); re-download or re-save it"
+        ) from None
 
 
 def _read_safetensors(path: Path) -> Weights:
@@ -135,7 +151,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
 
-def _find_tokenizer(*folders: Path) -> Optional[Path]:
+def _find_tokenizer(*folders: Path) -> Path | None:
     for name in TOKENIZER_FILES:
         for folder in folders:
             if (folder / name).is_file():
@@ -144,6 +160,7 @@ def _find_tokenizer(*folders: Path) -> Optional[Path]:
 
 
 # ---------------------------------------------------------------- model parallelism (docs/glm.md 1.5, 8.3)
+
 
 def _mp_rule(key: str) -> str:
     """How a key is split across model-parallel ranks: 'qkv', 'rows', 'cols' or 'replicated'."""
@@ -166,11 +183,14 @@ def _merge_key(key: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         if rule in ("rows", "cols"):
             return torch.cat(list(parts), dim=0 if rule == "rows" else 1)
     except RuntimeError as exc:  # torch.cat on incompatible shapes
-        raise CheckpointError(f"cannot merge {key} across model-parallel shards: "
-                              f"{[list(p.shape) for p in parts]} ({exc})") from None
+        raise CheckpointError(
+            f"cannot merge {key} across model-parallel shards: {[list(p.shape) for p in parts]} ({exc})"
+        ) from None
     if any(p.shape != parts[0].shape or not torch.equal(p, parts[0]) for p in parts[1:]):
-        raise CheckpointError(f"{key} should be identical on every model-parallel rank but differs: "
-                              f"the shards come from different checkpoints")
+        raise CheckpointError(
+            f"{key} should be identical on every model-parallel rank but differs: "
+            f"the shards come from different checkpoints"
+        )
     return parts[0]
 
 
@@ -201,7 +221,7 @@ def _merged_lazily(shards: list[Mapping[str, torch.Tensor]], where: str) -> Weig
             shape[0] = sum(p.shape[0] for p in parts)
         elif rule == "cols" and len(shape) > 1:
             shape[1] = sum(p.shape[1] for p in parts)
-        read = (lambda key=key, parts=parts: _to_numpy(_merge_key(key, parts)))
+        read = lambda key=key, parts=parts: _to_numpy(_merge_key(key, parts))
         entries[key] = Entry(shape, _dtype_of(parts[0]), read, where)
     return Weights(entries)
 
@@ -228,16 +248,17 @@ def split_model_parallel(state_dict: Mapping[str, torch.Tensor], k: int) -> list
 
 # ---------------------------------------------------------------- the three layouts
 
+
 @dataclass
 class _Found:
     layout: str
     state_dict: Weights  # read lazily, tensor by tensor
     files: list[Path]
-    config: Optional[GLMConfig] = None  # from config.json / manifest
-    tokenizer_file: Optional[Path] = None
-    manifest: Optional[Manifest] = None
+    config: GLMConfig | None = None  # from config.json / manifest
+    tokenizer_file: Path | None = None
+    manifest: Manifest | None = None
     notes: list[str] = field(default_factory=list)
-    config_file: Optional[Path] = None  # where `config` was read from
+    config_file: Path | None = None  # where `config` was read from
     gelu_stated: bool = False  # the config file says which GeLU (a glmx-written one does)
 
 
@@ -245,11 +266,19 @@ def _read_glmx(folder: Path) -> _Found:
     manifest = load_manifest(folder, kind="checkpoint")  # checks the sha256 of every file
     config = GLMConfig.from_dict(manifest.config)
     tok = manifest.tokenizer.get("file")
-    return _Found("glmx", _read_weights(folder / WEIGHTS_FILE), [folder / WEIGHTS_FILE], config,
-                  folder / tok if tok else None, manifest, config_file=folder / MANIFEST_NAME, gelu_stated=True)
+    return _Found(
+        "glmx",
+        _read_weights(folder / WEIGHTS_FILE),
+        [folder / WEIGHTS_FILE],
+        config,
+        folder / tok if tok else None,
+        manifest,
+        config_file=folder / MANIFEST_NAME,
+        gelu_stated=True,
+    )
 
 
-def read_config_file(path: Union[str, Path]) -> tuple[GLMConfig, bool]:
+def read_config_file(path: str | Path) -> tuple[GLMConfig, bool]:
     """A config file in either form: glmx's GLMConfig JSON, or a Hugging Face config.json (docs/glm.md 8.2).
     -> (config, whether the file states the GeLU kind)."""
     path = Path(path)
@@ -282,8 +311,9 @@ def _read_hf(folder: Path) -> _Found:
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in {folder / name} but missing")
     sd = Weights.merged([_read_weights(path) for path in files])  # shard by shard, tensor by tensor
-    return _Found("hf", sd, files, config, _find_tokenizer(folder), config_file=folder / CONFIG_FILE,
-                  gelu_stated=gelu_stated)
+    return _Found(
+        "hf", sd, files, config, _find_tokenizer(folder), config_file=folder / CONFIG_FILE, gelu_stated=gelu_stated
+    )
 
 
 def _mp_files(folder: Path) -> list[Path]:
@@ -292,7 +322,8 @@ def _mp_files(folder: Path) -> list[Path]:
     if ranks and sorted(ranks) != list(range(len(ranks))):
         raise CheckpointError(
             f"model-parallel shards in {folder} are inconsistent: found ranks {sorted(ranks)}, expected "
-            f"mp_rank_00 .. mp_rank_{len(ranks) - 1:02d} with none missing (or extra)")
+            f"mp_rank_00 .. mp_rank_{len(ranks) - 1:02d} with none missing (or extra)"
+        )
     return [ranks[r] for r in sorted(ranks)]
 
 
@@ -300,8 +331,10 @@ def _read_megatron(path: Path) -> _Found:
     notes = []
     if path.is_file():
         if MP_FILE.match(path.name) and len(siblings := _mp_files(path.parent)) > 1:
-            raise CheckpointError(f"{path} is one of {len(siblings)} model-parallel shards; pass the folder "
-                                  f"{path.parent} so that all of them are merged")
+            raise CheckpointError(
+                f"{path} is one of {len(siblings)} model-parallel shards; pass the folder "
+                f"{path.parent} so that all of them are merged"
+            )
         files, roots = [path], (path.parent, path.parent.parent)
     else:
         tracker = next((path / t for t in TRACKER_FILES if (path / t).is_file()), None)
@@ -318,21 +351,28 @@ def _read_megatron(path: Path) -> _Found:
         roots = (folder, folder.parent)  # the iteration folder, then the checkpoint root
     shards = []
     for f in files:
-        obj = ({k: torch.from_numpy(v) for k, v in _read_weights(f).items()} if f.suffix == ".safetensors"
-               else _read_pickle(f))
+        obj = (
+            {k: torch.from_numpy(v) for k, v in _read_weights(f).items()}
+            if f.suffix == ".safetensors"
+            else _read_pickle(f)
+        )
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{f} holds a {type(obj).__name__}, expected a dict with a 'module' entry")
         world = obj.get("mp_world_size")
         if isinstance(world, int) and world != len(files):
-            raise CheckpointError(f"{f} says mp_world_size={world}, but {len(files)} mp_rank files were found "
-                                  f"beside it: shards are missing or come from different runs")
+            raise CheckpointError(
+                f"{f} says mp_world_size={world}, but {len(files)} mp_rank files were found "
+                f"beside it: shards are missing or come from different runs"
+            )
         if "module" in obj:
             sd = obj["module"]
         elif obj and all(torch.is_tensor(v) for v in obj.values()):
             sd = obj  # a bare state dict
         else:
-            raise CheckpointError(f"{f} has no 'module' entry (keys: {sorted(map(str, obj))[:8]}): "
-                                  f"not a Megatron/DeepSpeed model-states file")
+            raise CheckpointError(
+                f"{f} has no 'module' entry (keys: {sorted(map(str, obj))[:8]}): "
+                f"not a Megatron/DeepSpeed model-states file"
+            )
         bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
         if bad:
             raise CheckpointError(f"{f}: 'module' is not a flat state dict ({bad[:5]} are not tensors)")
@@ -364,16 +404,18 @@ def _detect(path: Path) -> _Found:
         f"(glmx) manifest.json + {WEIGHTS_FILE} + {CONFIG_FILE}; "
         f"(hf) {CONFIG_FILE} + one of {', '.join(HF_WEIGHTS)}; "
         f"(megatron) {' or '.join(TRACKER_FILES)} + <iteration|release>/mp_rank_00_model_states.pt, "
-        f"or mp_rank_XX_model_states.pt files, or the path of one such file. Found: {found}")
+        f"or mp_rank_XX_model_states.pt files, or the path of one such file. Found: {found}"
+    )
 
 
 # ---------------------------------------------------------------- keys, config and shapes
+
 
 def _strip_prefix(sd: Weights) -> tuple[Weights, list[str]]:
     """Official names (docs/glm.md 1.1) from keys with or without a base-model prefix; downstream heads set aside."""
     for prefix in BASE_PREFIXES:
         if any(k.startswith((prefix + "word_embeddings.", prefix + "transformer.")) for k in sd):
-            names = {k: k[len(prefix):] for k in sd if k.startswith(prefix)}
+            names = {k: k[len(prefix) :] for k in sd if k.startswith(prefix)}
             heads = [k for k in sd if not k.startswith(prefix) and k.startswith(HEAD_PREFIXES)]
             for k in sd:  # anything else stays under its own name and is reported if unexpected
                 if not k.startswith(prefix) and k not in heads:
@@ -384,7 +426,7 @@ def _strip_prefix(sd: Weights) -> tuple[Weights, list[str]]:
     return sd, []
 
 
-def _sizes(sd: Weights) -> Optional[dict[str, int]]:
+def _sizes(sd: Weights) -> dict[str, int] | None:
     """num_layers, hidden_size, vocab_size, max_sequence_length as the weights' shapes say (None if unknowable)."""
     if "word_embeddings.weight" not in sd or "transformer.position_embeddings.weight" not in sd:
         return None
@@ -392,11 +434,15 @@ def _sizes(sd: Weights) -> Optional[dict[str, int]]:
     if len(emb) != 2 or len(pos) != 2:
         return None
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
-    return {"num_layers": max(layers) + 1 if layers else 0, "hidden_size": emb[1],
-            "vocab_size": emb[0], "max_sequence_length": pos[0] - 1}  # tables have P + 1 rows
+    return {
+        "num_layers": max(layers) + 1 if layers else 0,
+        "hidden_size": emb[1],
+        "vocab_size": emb[0],
+        "max_sequence_length": pos[0] - 1,
+    }  # tables have P + 1 rows
 
 
-def _resolve_config(config: Union[GLMConfig, str, Path, None], found: _Found) -> GLMConfig:
+def _resolve_config(config: GLMConfig | str | Path | None, found: _Found) -> GLMConfig:
     """The caller's config (a GLMConfig, a preset name, or a config file), then the folder's own config file,
     then a preset whose sizes match the weights. Nothing is guessed: with none of these the load is refused."""
     if isinstance(config, Path):
@@ -416,52 +462,65 @@ def _resolve_config(config: Union[GLMConfig, str, Path, None], found: _Found) ->
         return found.config
     sizes = _sizes(found.state_dict)
     if sizes is None:
-        raise CheckpointError(f"{found.files[0]} has no word_embeddings.weight / position table to infer the model "
-                              f"size from; pass --config FILE or --preset NAME")
+        raise CheckpointError(
+            f"{found.files[0]} has no word_embeddings.weight / position table to infer the model "
+            f"size from; pass --config FILE or --preset NAME"
+        )
     for preset in PRESETS.values():
         if all(getattr(preset, k) == v for k, v in sizes.items()):
-            found.notes.append(f"config: preset {preset.name} (no config.json beside the checkpoint; the weights' "
-                               f"sizes L={sizes['num_layers']} h={sizes['hidden_size']} V={sizes['vocab_size']} "
-                               f"P={sizes['max_sequence_length']} are its sizes, so its "
-                               f"{preset.num_attention_heads} heads are ASSUMED)")
+            found.notes.append(
+                f"config: preset {preset.name} (no config.json beside the checkpoint; the weights' "
+                f"sizes L={sizes['num_layers']} h={sizes['hidden_size']} V={sizes['vocab_size']} "
+                f"P={sizes['max_sequence_length']} are its sizes, so its "
+                f"{preset.num_attention_heads} heads are ASSUMED)"
+            )
             return preset
     shown = " ".join(f"{k}={v}" for k, v in sizes.items())
     raise CheckpointError(
         f"{found.files[0]} carries no config, no {CONFIG_FILE} is beside it, and its sizes ({shown}) match no "
         f"preset: the number of attention heads cannot be read from the weights; pass --config FILE (a "
-        f"config.json) or --preset NAME")
+        f"config.json) or --preset NAME"
+    )
 
 
-def _resolve_gelu(cfg: GLMConfig, gelu: Optional[str], found: _Found) -> GLMConfig:
+def _resolve_gelu(cfg: GLMConfig, gelu: str | None, found: _Found) -> GLMConfig:
     """--gelu wins; else what the config file states; else the layout's default (DEFAULT_GELU), said aloud."""
     if gelu is not None:
         if gelu not in GELU_KINDS:
             raise CheckpointError(f"gelu must be one of {GELU_KINDS}, got {gelu!r}")
         if found.layout == "glmx" and gelu != cfg.gelu:
-            raise CheckpointError(f"{found.config_file} says the model was trained with gelu={cfg.gelu}; "
-                                  f"--gelu {gelu} contradicts it")
+            raise CheckpointError(
+                f"{found.config_file} says the model was trained with gelu={cfg.gelu}; --gelu {gelu} contradicts it"
+            )
         found.notes.append(f"gelu: {gelu} (given)")
         return cfg.replace(gelu=gelu)
     if found.gelu_stated or found.layout == "glmx":
         found.notes.append(f"gelu: {cfg.gelu} (from {found.config_file or 'the given config'})")
         return cfg
     default = DEFAULT_GELU[found.layout]
-    why = ("the Hugging Face remote code's exact erf GeLU" if default == "erf"
-           else "the original training code's tanh approximation")
-    found.notes.append(f"gelu: {default} (the config does not say; {why} is the {found.layout} default - "
-                       f"ASSUMED, pass --gelu {'tanh' if default == 'erf' else 'erf'} if the model was trained "
-                       f"otherwise)")
+    why = (
+        "the Hugging Face remote code's exact erf GeLU"
+        if default == "erf"
+        else "the original training code's tanh approximation"
+    )
+    found.notes.append(
+        f"gelu: {default} (the config does not say; {why} is the {found.layout} default - "
+        f"ASSUMED, pass --gelu {'tanh' if default == 'erf' else 'erf'} if the model was trained "
+        f"otherwise)"
+    )
     return cfg.replace(gelu=default)
 
 
-def _resolve_tokenizer(tokenizer: Union[str, Path, None], kind: Optional[str], cfg: GLMConfig,
-                       found: _Found) -> tuple[Optional[GLMTokenizer], GLMConfig]:
+def _resolve_tokenizer(
+    tokenizer: str | Path | None, kind: str | None, cfg: GLMConfig, found: _Found
+) -> tuple[GLMTokenizer | None, GLMConfig]:
     """The checkpoint's tokenizer (or the given one), decided by its folder and checked against cfg; the
     config's `tokenizer` field then names its kind."""
     try:
         if tokenizer is None and kind is None and found.layout == "glmx" and found.manifest.tokenizer.get("file"):
-            tok = check_fits(load_recorded_tokenizer(found.files[0].parent, found.manifest.tokenizer), cfg,
-                             str(found.config_file))
+            tok = check_fits(
+                load_recorded_tokenizer(found.files[0].parent, found.manifest.tokenizer), cfg, str(found.config_file)
+            )
             found.notes.append(f"tokenizer: {tok.kind} (recorded in {found.config_file})")
         else:
             path = Path(tokenizer) if tokenizer is not None else found.tokenizer_file
@@ -482,34 +541,45 @@ def _check_weights(sd: Weights, expected: Mapping[str, Sequence[int]], config: G
     if sizes is not None:
         diff = [f"{k}: config {getattr(config, k)}, weights {v}" for k, v in sizes.items() if getattr(config, k) != v]
         if diff:
-            raise CheckpointError(f"weights in {source} do not match config {config.name!r}: {'; '.join(diff)}. "
-                                  f"Pass the right config / --preset, or fix {CONFIG_FILE}")
+            raise CheckpointError(
+                f"weights in {source} do not match config {config.name!r}: {'; '.join(diff)}. "
+                f"Pass the right config / --preset, or fix {CONFIG_FILE}"
+            )
     missing = [k for k in expected if k not in sd]
     if missing:
-        raise CheckpointError(f"{source} lacks {len(missing)} of {len(expected)} GLM weights: {missing[:6]}; "
-                              f"the file is incomplete or not a GLM base model")
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} of {len(expected)} GLM weights: {missing[:6]}; "
+            f"the file is incomplete or not a GLM base model"
+        )
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise CheckpointError(f"{source} has unexpected keys {unexpected[:6]}: glmx loads only the GLM base model "
-                              f"(docs/glm.md 1.1); remove them or save the base model's weights")
-    wrong = [f"{k}: expected {list(v)}, got {list(sd.shape(k))}" for k, v in expected.items()
-             if tuple(sd.shape(k)) != tuple(v)]
+        raise CheckpointError(
+            f"{source} has unexpected keys {unexpected[:6]}: glmx loads only the GLM base model "
+            f"(docs/glm.md 1.1); remove them or save the base model's weights"
+        )
+    wrong = [
+        f"{k}: expected {list(v)}, got {list(sd.shape(k))}"
+        for k, v in expected.items()
+        if tuple(sd.shape(k)) != tuple(v)
+    ]
     if wrong:
         raise CheckpointError(f"{source} has mis-shaped weights for config {config.name!r}: {'; '.join(wrong[:6])}")
 
 
 # ---------------------------------------------------------------- entry points
 
+
 @dataclass
 class OpenedCheckpoint:
     """A checkpoint decided and checked but not read: config, tokenizer and notes as load_checkpoint has them,
     and `weights` (glm_export.weights.Weights, official names) that read each tensor from the files when used."""
+
     config: GLMConfig
     layout: str
     weights: Weights
-    tokenizer: Optional[GLMTokenizer]
-    tokenizer_file: Optional[Path]
-    manifest: Optional[Manifest]
+    tokenizer: GLMTokenizer | None
+    tokenizer_file: Path | None
+    manifest: Manifest | None
     source_dtype: str  # "fp32" | "fp16" | "bf16": the word embedding's dtype in the files
     files: tuple[Path, ...]
     ignored_keys: tuple[str, ...]
@@ -522,9 +592,14 @@ class OpenedCheckpoint:
 SOURCE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-def open_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Path, None] = None,
-                    tokenizer: Union[str, Path, None] = None, tokenizer_kind: Optional[str] = None,
-                    gelu: Optional[str] = None) -> OpenedCheckpoint:
+def open_checkpoint(
+    path: str | Path,
+    *,
+    config: GLMConfig | str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    tokenizer_kind: str | None = None,
+    gelu: str | None = None,
+) -> OpenedCheckpoint:
     """Everything load_checkpoint decides, from the files' headers only: names and shapes are checked against
     the config; the weights are read one tensor at a time when asked for (and checked for NaN / inf then)."""
     found = _detect(Path(path))
@@ -541,21 +616,38 @@ def open_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Pat
         found.notes.append(f"ignored {len(ignored)} downstream head weights ({ignored[0]} ...)")
     tok_file = Path(next(iter(tok.files.values()))) if tok is not None else None
     dtype = SOURCE_DTYPES.get(sd.dtype_name("word_embeddings.weight"), sd.dtype_name("word_embeddings.weight"))
-    return OpenedCheckpoint(cfg, found.layout, sd, tok, tok_file, found.manifest, dtype, tuple(found.files),
-                            tuple(ignored), tuple(found.notes))
+    return OpenedCheckpoint(
+        cfg,
+        found.layout,
+        sd,
+        tok,
+        tok_file,
+        found.manifest,
+        dtype,
+        tuple(found.files),
+        tuple(ignored),
+        tuple(found.notes),
+    )
 
 
 def model_from_weights(config: GLMConfig, weights: Mapping[str, Any], dtype: torch.dtype) -> GLMModel:
     """The whole reference GLMModel (eval mode) from official-name weights, each converted to `dtype` as read."""
     model = GLMModel.skeleton(config)
-    model.load_state_dict({k: torch.from_numpy(np.asarray(weights[k])).to(dtype) for k in weights}, strict=True,
-                          assign=True)
+    model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(weights[k])).to(dtype) for k in weights}, strict=True, assign=True
+    )
     return model.eval()
 
 
-def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Path, None] = None,
-                    dtype: Optional[torch.dtype] = torch.float32, tokenizer: Union[str, Path, None] = None,
-                    tokenizer_kind: Optional[str] = None, gelu: Optional[str] = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    config: GLMConfig | str | Path | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    tokenizer: str | Path | None = None,
+    tokenizer_kind: str | None = None,
+    gelu: str | None = None,
+) -> LoadedCheckpoint:
     """Load any supported layout into the reference GLMModel (eval mode, CPU).
 
     config: a GLMConfig, a preset name, or a config file (glmx or Hugging Face JSON); it wins over the folder's
@@ -568,31 +660,61 @@ def load_checkpoint(path: Union[str, Path], *, config: Union[GLMConfig, str, Pat
     opened = open_checkpoint(path, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu)
     source_dtype = DTYPES[opened.source_dtype]
     model = model_from_weights(opened.config, opened.weights, dtype or source_dtype)
-    return LoadedCheckpoint(model, opened.config, opened.layout, opened.tokenizer_file, opened.manifest,
-                            source_dtype, opened.files, opened.ignored_keys, opened.notes, opened.tokenizer)
+    return LoadedCheckpoint(
+        model,
+        opened.config,
+        opened.layout,
+        opened.tokenizer_file,
+        opened.manifest,
+        source_dtype,
+        opened.files,
+        opened.ignored_keys,
+        opened.notes,
+        opened.tokenizer,
+    )
 
 
-def save_checkpoint(model: GLMModel, out_dir: Union[str, Path], *,
-                    tokenizer_file: Union[str, Path, GLMTokenizer, None] = None,
-                    extra: Optional[dict[str, Any]] = None, dtype: Optional[torch.dtype] = None,
-                    overwrite: bool = False) -> Path:
+def save_checkpoint(
+    model: GLMModel,
+    out_dir: str | Path,
+    *,
+    tokenizer_file: str | Path | GLMTokenizer | None = None,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write glmx's checkpoint folder: model.safetensors (official names), config.json (HF fields + a glmx block),
     the tokenizer if given (a GLMTokenizer, or a file whose kind its folder decides; checked against the model),
     manifest.json last. dtype: weights dtype on disk (None = the model's)."""
     precision = PRECISION.get(dtype or model.word_embeddings.weight.dtype)
     if precision is None:
-        raise CheckpointError(f"cannot save weights of dtype {dtype or model.word_embeddings.weight.dtype}; "
-                              f"use one of {sorted(DTYPES)}")
-    return write_checkpoint(model.config, Weights.from_arrays(model.state_dict()), out_dir, precision,
-                            tokenizer=tokenizer_file, extra=extra, overwrite=overwrite)
+        raise CheckpointError(
+            f"cannot save weights of dtype {dtype or model.word_embeddings.weight.dtype}; use one of {sorted(DTYPES)}"
+        )
+    return write_checkpoint(
+        model.config,
+        Weights.from_arrays(model.state_dict()),
+        out_dir,
+        precision,
+        tokenizer=tokenizer_file,
+        extra=extra,
+        overwrite=overwrite,
+    )
 
 
 NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def write_checkpoint(config: GLMConfig, weights: Weights, out_dir: Union[str, Path], precision: str, *,
-                     tokenizer: Union[str, Path, GLMTokenizer, None] = None, extra: Optional[dict[str, Any]] = None,
-                     overwrite: bool = False) -> Path:
+def write_checkpoint(
+    config: GLMConfig,
+    weights: Weights,
+    out_dir: str | Path,
+    precision: str,
+    *,
+    tokenizer: str | Path | GLMTokenizer | None = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """glmx's checkpoint folder from official-name weights read one tensor at a time (memory: the largest
     tensor, whatever the model's size); model.safetensors holds them in `precision` (fp32 | fp16 | bf16)."""
     tok = tokenizer
@@ -604,24 +726,43 @@ def write_checkpoint(config: GLMConfig, weights: Weights, out_dir: Union[str, Pa
     if tok is not None and tok.kind != config.tokenizer:
         config = config.replace(tokenizer=tok.kind)
     from glm_export.weights import write_safetensors
+
     dtype = NUMPY_DTYPES[precision]
     out_dir = Path(out_dir)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
-        write_safetensors(stage / WEIGHTS_FILE, [(k, weights.shape(k), dtype) for k in weights],
-                          lambda k: weights[k].astype(np.float32 if dtype == "bfloat16" else dtype, copy=False))
+        write_safetensors(
+            stage / WEIGHTS_FILE,
+            [(k, weights.shape(k), dtype) for k in weights],
+            lambda k: weights[k].astype(np.float32 if dtype == "bfloat16" else dtype, copy=False),
+        )
         atomic_write_json(stage / CONFIG_FILE, to_hf_dict(config))
         tokenizer_record = tokenizer_entry(tok, stage) if tok is not None else {}
-        write_manifest(stage, Manifest(kind="checkpoint", config=config.to_dict(), precision=precision,
-                                       tokenizer=tokenizer_record, versions=tool_versions("torch", "safetensors"),
-                                       extra=dict(extra or {})))
+        write_manifest(
+            stage,
+            Manifest(
+                kind="checkpoint",
+                config=config.to_dict(),
+                precision=precision,
+                tokenizer=tokenizer_record,
+                versions=tool_versions("torch", "safetensors"),
+                extra=dict(extra or {}),
+            ),
+        )
     return out_dir
 
 
 @claims_output(lambda a: [a["src"], a["config"], a["tokenizer"]])
-def convert_checkpoint(src: Union[str, Path], out_dir: Union[str, Path], *,
-                       config: Union[GLMConfig, str, Path, None] = None, dtype: Optional[str] = None,
-                       tokenizer: Union[str, Path, None] = None, tokenizer_kind: Optional[str] = None,
-                       gelu: Optional[str] = None, overwrite: bool = False) -> tuple[OpenedCheckpoint, Path]:
+def convert_checkpoint(
+    src: str | Path,
+    out_dir: str | Path,
+    *,
+    config: GLMConfig | str | Path | None = None,
+    dtype: str | None = None,
+    tokenizer: str | Path | None = None,
+    tokenizer_kind: str | None = None,
+    gelu: str | None = None,
+    overwrite: bool = False,
+) -> tuple[OpenedCheckpoint, Path]:
     """Any supported layout -> glmx folder, one tensor at a time. dtype: 'fp32' | 'fp16' | 'bf16', or None to
     keep the source's. config / tokenizer / tokenizer_kind / gelu: as load_checkpoint; what was decided goes
     into the manifest."""
@@ -629,7 +770,13 @@ def convert_checkpoint(src: Union[str, Path], out_dir: Union[str, Path], *,
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     opened = open_checkpoint(src, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu)
     source = {"path": str(src), "layout": opened.layout, "dtype": opened.source_dtype}
-    out = write_checkpoint(opened.config, opened.weights, out_dir, dtype or opened.source_dtype,
-                           tokenizer=opened.tokenizer, extra={"source": source, "notes": list(opened.notes)},
-                           overwrite=overwrite)
+    out = write_checkpoint(
+        opened.config,
+        opened.weights,
+        out_dir,
+        dtype or opened.source_dtype,
+        tokenizer=opened.tokenizer,
+        extra={"source": source, "notes": list(opened.notes)},
+        overwrite=overwrite,
+    )
     return opened, out

@@ -2,6 +2,7 @@
 build-engine, bench): they join the runtime's command group (glm_runtime.cli) and import torch-side modules only
 inside the commands, so `glmx fill` stays torch-free.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,37 +10,59 @@ import sys
 
 import click
 
-from glm_runtime.cli import CommandError, one_line, main  # noqa: F401 (main: the name callers use)
+from glm_runtime.cli import CommandError, main, one_line
 
 
 def require_export_extra(torch: bool = True) -> None:
     """The export extra must be installed; torch=False: only its ONNX side (optimize, quantize never load torch,
     which takes seconds to import)."""
     import importlib.util
+
     missing = [m for m in (("torch", "onnx") if torch else ("onnx",)) if importlib.util.find_spec(m) is None]
     if missing:
-        raise CommandError(f"this command needs the export extra ({', '.join(missing)} missing): "
-                        f"pip install 'glmx[export]'")
+        raise CommandError(
+            f"this command needs the export extra ({', '.join(missing)} missing): pip install 'glmx[export]'"
+        )
 
 
 def _source_options(command):
     """--preset / --config / --tokenizer / --tokenizer-kind / --gelu: how a checkpoint folder is read, shared by
     convert and export (glm_export.checkpoint.load_checkpoint)."""
     options = [
-        click.option("--preset", default=None,
-                     help="a released model's config (glmx config lists them), for a checkpoint without config.json"),
-        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="config file (a Hugging Face config.json or glmx GLMConfig JSON) instead of the folder's"),
-        click.option("--tokenizer", "tokenizer_file", type=click.Path(exists=True), default=None,
-                     help="tokenizer file or folder to ship [default: the checkpoint's own]"),
-        click.option("--tokenizer-kind", type=click.Choice(["gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix",
-                                                             "json"]), default=None,
-                     help="the tokenizer's kind when the folder cannot tell (a SentencePiece model of unknown size: "
-                          "chinese-sp-fix = GLM-Large-Chinese ids, chinese-sp = GLM-10B-Chinese) [default: "
-                          "tokenizer_config.json, then the files, then the preset whose sizes match]"),
-        click.option("--gelu", type=click.Choice(["tanh", "erf"]), default=None,
-                     help="GeLU the model was trained with [default: the config's; else erf for a Hugging Face folder "
-                          "(its remote code), tanh for a Megatron one (the original training code)]"),
+        click.option(
+            "--preset",
+            default=None,
+            help="a released model's config (glmx config lists them), for a checkpoint without config.json",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="config file (a Hugging Face config.json or glmx GLMConfig JSON) instead of the folder's",
+        ),
+        click.option(
+            "--tokenizer",
+            "tokenizer_file",
+            type=click.Path(exists=True),
+            default=None,
+            help="tokenizer file or folder to ship [default: the checkpoint's own]",
+        ),
+        click.option(
+            "--tokenizer-kind",
+            type=click.Choice(["gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json"]),
+            default=None,
+            help="the tokenizer's kind when the folder cannot tell (a SentencePiece model of unknown size: "
+            "chinese-sp-fix = GLM-Large-Chinese ids, chinese-sp = GLM-10B-Chinese) [default: "
+            "tokenizer_config.json, then the files, then the preset whose sizes match]",
+        ),
+        click.option(
+            "--gelu",
+            type=click.Choice(["tanh", "erf"]),
+            default=None,
+            help="GeLU the model was trained with [default: the config's; else erf for a Hugging Face folder "
+            "(its remote code), tanh for a Megatron one (the original training code)]",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -48,21 +71,39 @@ def _source_options(command):
 
 def _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu) -> dict:
     from pathlib import Path
+
     if preset is not None and config_file is not None:
         raise CommandError("give --preset or --config, not both")
-    return {"config": Path(config_file) if config_file else preset, "tokenizer": tokenizer_file,
-            "tokenizer_kind": tokenizer_kind, "gelu": gelu}
+    return {
+        "config": Path(config_file) if config_file else preset,
+        "tokenizer": tokenizer_file,
+        "tokenizer_kind": tokenizer_kind,
+        "gelu": gelu,
+    }
 
 
 @main.command("convert")
 @click.argument("src", type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="glmx checkpoint folder to write")
 @_source_options
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="weights dtype to write (default: the source's)")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default=None,
+    help="weights dtype to write (default: the source's)",
+)
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
-def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu,
-                dtype: str | None, overwrite: bool) -> None:
+def convert_cmd(
+    src: str,
+    out_dir: str,
+    preset,
+    config_file,
+    tokenizer_file,
+    tokenizer_kind,
+    gelu,
+    dtype: str | None,
+    overwrite: bool,
+) -> None:
     """Convert a GLM checkpoint (glmx, Hugging Face or Megatron/DeepSpeed layout) into a glmx folder.
 
     Everything decided about the model (config, GeLU, tokenizer kind) is printed and written into the manifest.
@@ -71,6 +112,7 @@ def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tok
     from glm_export.checkpoint import CheckpointError, convert_checkpoint
     from glm_runtime.config import ConfigError
     from glm_runtime.manifest import ManifestError
+
     options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu)
     try:
         loaded, out = convert_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite, **options)
@@ -78,8 +120,10 @@ def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tok
         raise CommandError(str(exc)) from None
     cfg = loaded.config
     click.echo(f"layout: {loaded.layout} ({len(loaded.files)} weight file(s), {loaded.source_dtype})")
-    click.echo(f"config: {cfg.name} L={cfg.num_layers} h={cfg.hidden_size} n={cfg.num_attention_heads} "
-               f"P={cfg.max_sequence_length} V={cfg.vocab_size} gelu={cfg.gelu} tokenizer={cfg.tokenizer}")
+    click.echo(
+        f"config: {cfg.name} L={cfg.num_layers} h={cfg.hidden_size} n={cfg.num_attention_heads} "
+        f"P={cfg.max_sequence_length} V={cfg.vocab_size} gelu={cfg.gelu} tokenizer={cfg.tokenizer}"
+    )
     click.echo(f"parameters: {loaded.num_parameters():,}")
     for note in loaded.notes:
         click.echo(f"note: {note}")
@@ -89,9 +133,14 @@ def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tok
 @main.command("pretrain")
 @click.argument("corpus_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("work_dir", type=click.Path(file_okay=False))
-@click.option("--checkpoint-dir", "--export-dir", "checkpoint_dir", type=click.Path(file_okay=False),
-              help="glmx checkpoint folder written at the last step (a checkpoint, not ONNX: `glmx export` makes that; "
-                   "--export-dir is its old name)")
+@click.option(
+    "--checkpoint-dir",
+    "--export-dir",
+    "checkpoint_dir",
+    type=click.Path(file_okay=False),
+    help="glmx checkpoint folder written at the last step (a checkpoint, not ONNX: `glmx export` makes that; "
+    "--export-dir is its old name)",
+)
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seq-length", type=int, default=256, show_default=True, help="tokens per sample before corruption")
@@ -111,20 +160,33 @@ def convert_cmd(src: str, out_dir: str, preset, config_file, tokenizer_file, tok
 @click.option("--max-sequence-length", type=int, default=512, show_default=True)
 @click.option("--bert-prob", type=float, default=1.0, show_default=True)
 @click.option("--gap-sentence-prob", type=float, default=0.0, show_default=True)
-@click.option("--gpt-infill-prob", type=float, default=1.0, show_default=True,
-              help="in document ([gMASK]) mode, the share of prefix + [gMASK] + suffix samples; the rest get one "
-                   "[gMASK] span inside the text (GLM used 0.5; 1.0 is the bundled model's recipe)")
-@click.option("--position-init", type=click.Choice(["local", "sinusoidal", "normal"]), default="local",
-              show_default=True,
-              help="how training starts: 'local' = sine/cosine position table plus two layer-0 heads that look at the "
-                   "previous / next token (lets a small model use a [MASK]'s neighbours within a CPU budget); "
-                   "'sinusoidal' = the table only; 'normal' = GLM's N(0, 0.02) init")
+@click.option(
+    "--gpt-infill-prob",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="in document ([gMASK]) mode, the share of prefix + [gMASK] + suffix samples; the rest get one "
+    "[gMASK] span inside the text (GLM used 0.5; 1.0 is the bundled model's recipe)",
+)
+@click.option(
+    "--position-init",
+    type=click.Choice(["local", "sinusoidal", "normal"]),
+    default="local",
+    show_default=True,
+    help="how training starts: 'local' = sine/cosine position table plus two layer-0 heads that look at the "
+    "previous / next token (lets a small model use a [MASK]'s neighbours within a CPU budget); "
+    "'sinusoidal' = the table only; 'normal' = GLM's N(0, 0.02) init",
+)
 @click.option("--heldout-fraction", type=float, default=0.02, show_default=True)
 @click.option("--eval-batches", type=int, default=4, show_default=True)
 @click.option("--eval-every", type=int, default=100, show_default=True)
 @click.option("--checkpoint-every", type=int, default=100, show_default=True)
-@click.option("--stop-after", type=int, default=None,
-              help="stop (with a checkpoint) after this many steps of this call; run again to resume")
+@click.option(
+    "--stop-after",
+    type=int,
+    default=None,
+    help="stop (with a checkpoint) after this many steps of this call; run again to resume",
+)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default="glmx-pretrained", show_default=True, help="model name written into the config")
@@ -133,11 +195,14 @@ def pretrain_cmd(**kwargs) -> None:
     """Pretrain a GLM from scratch (blank infilling) on CORPUS_DIR's .txt files; resumes from WORK_DIR."""
     require_export_extra()
     from glm_export.pretrain import PretrainError, pretrain
+
     try:
         result = pretrain(**kwargs)
     except (PretrainError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
-    click.echo(json.dumps({"step": result["step"], "evals": result["evals"][-1:], "checkpoint_dir": result["checkpoint_dir"]}))
+    click.echo(
+        json.dumps({"step": result["step"], "evals": result["evals"][-1:], "checkpoint_dir": result["checkpoint_dir"]})
+    )
 
 
 @main.command("evaluate")
@@ -151,6 +216,7 @@ def evaluate_cmd(**kwargs) -> None:
     """Held-out Part B perplexity and single-word [MASK] exact match, each beside a unigram baseline."""
     require_export_extra()
     from glm_export.evaluate import EvaluateError, evaluate
+
     try:
         metrics = evaluate(**kwargs)
     except EvaluateError as exc:
@@ -165,30 +231,54 @@ def evaluate_cmd(**kwargs) -> None:
 @click.option("--max-context", default=None, type=int, help="longest prompt in tokens [default: P - max-new-tokens]")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int, help="most generated tokens per prompt")
 @click.option("--workspace-gb", default=None, type=float, help="builder workspace limit in GiB [default: TensorRT's]")
-@click.option("--timing-cache", default=None, type=click.Path(dir_okay=False),
-              help="timing cache reused across builds [default: ~/.cache/glmx/trt_timing.cache]")
+@click.option(
+    "--timing-cache",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="timing cache reused across builds [default: ~/.cache/glmx/trt_timing.cache]",
+)
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
-def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: int | None, max_new_tokens: int,
-                     workspace_gb: float | None, timing_cache: str | None, overwrite: bool) -> None:
+def build_engine_cmd(
+    model_dir: str,
+    out_dir: str,
+    max_batch: int,
+    max_context: int | None,
+    max_new_tokens: int,
+    workspace_gb: float | None,
+    timing_cache: str | None,
+    overwrite: bool,
+) -> None:
     """Build a TensorRT engine folder from a glmx ONNX folder (needs an NVIDIA GPU and TensorRT >= 10)."""
     from glm_export.trt_build import EngineBuildError, build_engine
     from glm_runtime.manifest import ManifestError, load_manifest
     from glm_runtime.trt_session import TensorRTError
+
     try:
-        out = build_engine(model_dir, out_dir, max_batch=max_batch, max_context=max_context,
-                           max_new_tokens=max_new_tokens, workspace_gb=workspace_gb, timing_cache=timing_cache,
-                           overwrite=overwrite)
+        out = build_engine(
+            model_dir,
+            out_dir,
+            max_batch=max_batch,
+            max_context=max_context,
+            max_new_tokens=max_new_tokens,
+            workspace_gb=workspace_gb,
+            timing_cache=timing_cache,
+            overwrite=overwrite,
+        )
     except (EngineBuildError, TensorRTError, ManifestError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
     m = load_manifest(out, kind="engine")
     gpu, parity = m.extra["gpu"], m.parity
-    click.echo(f"TensorRT {m.extra['tensorrt']['version']} on {gpu['name']} (sm {gpu['compute_capability']}), "
-               f"{m.precision}, built in {m.extra['build']['seconds']} s")
+    click.echo(
+        f"TensorRT {m.extra['tensorrt']['version']} on {gpu['name']} (sm {gpu['compute_capability']}), "
+        f"{m.precision}, built in {m.extra['build']['seconds']} s"
+    )
     for p in m.extra["profiles"]:
         click.echo(f"profile {p['name']:8s} " + " ".join(f"{k}={lo}..{hi}" for k, (lo, _, hi) in p["dims"].items()))
-    click.echo(f"parity vs ONNX Runtime: max |logit diff| {parity['max_abs_diff']['logits']:.3g} "
-               f"(max|ref| {parity['max_abs_ref']['logits']:.3g}, budget {parity['tolerance']['atol']:g} + "
-               f"{parity['tolerance']['rtol']:g}*max|ref|), top-1 agreement {parity['top1_agreement']:.3f}")
+    click.echo(
+        f"parity vs ONNX Runtime: max |logit diff| {parity['max_abs_diff']['logits']:.3g} "
+        f"(max|ref| {parity['max_abs_ref']['logits']:.3g}, budget {parity['tolerance']['atol']:g} + "
+        f"{parity['tolerance']['rtol']:g}*max|ref|), top-1 agreement {parity['top1_agreement']:.3f}"
+    )
     click.echo(f"wrote {out}")
 
 
@@ -198,19 +288,37 @@ def build_engine_cmd(model_dir: str, out_dir: str, max_batch: int, max_context: 
 @_source_options
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
-@click.option("--external-data/--no-external-data", default=None,
-              help="weights in model.onnx.data beside model.onnx, streamed as the graph is built [default: past 256 MiB]")
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="weights in model.onnx.data beside model.onnx, streamed as the graph is built [default: past 256 MiB]",
+)
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
-@click.option("--no-validate", "validate", is_flag=True, flag_value=False, default=True,
-              help="skip the parity check against the torch reference (recorded as skipped)")
-@click.option("--check", type=click.Choice(["auto", "whole", "piecewise"]), default="auto", show_default=True,
-              help="how the parity check runs: whole = one session of the graph and of the torch model (holds "
-                   "both in memory); piecewise = one layer at a time, same cases and budgets; auto = whole up to "
-                   "256 MiB of fp32 weights")
-@click.option("--no-tokenizer", is_flag=True,
-              help="export the graph without a tokenizer (it then cannot fill text or be quantized)")
-def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu,
-               **kwargs) -> None:
+@click.option(
+    "--no-validate",
+    "validate",
+    is_flag=True,
+    flag_value=False,
+    default=True,
+    help="skip the parity check against the torch reference (recorded as skipped)",
+)
+@click.option(
+    "--check",
+    type=click.Choice(["auto", "whole", "piecewise"]),
+    default="auto",
+    show_default=True,
+    help="how the parity check runs: whole = one session of the graph and of the torch model (holds "
+    "both in memory); piecewise = one layer at a time, same cases and budgets; auto = whole up to "
+    "256 MiB of fp32 weights",
+)
+@click.option(
+    "--no-tokenizer",
+    is_flag=True,
+    help="export the graph without a tokenizer (it then cannot fill text or be quantized)",
+)
+def export_cmd(
+    checkpoint: str | None, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu, **kwargs
+) -> None:
     """Export CHECKPOINT (default: the bundled glmx-small) to a validated ONNX folder.
 
     CHECKPOINT is a glmx folder, a Hugging Face folder as the hub publishes it, or a Megatron/DeepSpeed folder.
@@ -224,6 +332,7 @@ def export_cmd(checkpoint: str | None, out_dir: str, preset, config_file, tokeni
     from glm_export.export import ExportError, export_onnx
     from glm_runtime.config import ConfigError
     from glm_runtime.manifest import ManifestError
+
     options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu)
     options["tokenizer_file"] = options.pop("tokenizer")
     try:
@@ -240,15 +349,18 @@ def check_trt_cmd(model: str) -> None:
     try:
         from glm_export.trt_check import check_trt, support_list
     except ImportError as exc:
-        raise CommandError(f"check-trt reads the graph with the onnx package, which is not installed ({exc}): "
-                        f"pip install 'glmx[export]'") from None
+        raise CommandError(
+            f"check-trt reads the graph with the onnx package, which is not installed ({exc}): "
+            f"pip install 'glmx[export]'"
+        ) from None
     try:
         findings = check_trt(model)
-    except Exception as exc:  # noqa: BLE001 - onnx's DecodeError and friends: the file is not a readable graph
+    except Exception as exc:
         if isinstance(exc, (OSError, click.ClickException)):
             raise
-        raise CommandError(f"{model} is not a readable ONNX graph ({type(exc).__name__}: {one_line(exc)}); "
-                        f"re-export it (glmx export)") from None
+        raise CommandError(
+            f"{model} is not a readable ONNX graph ({type(exc).__name__}: {one_line(exc)}); re-export it (glmx export)"
+        ) from None
     src = support_list()["source"]
     for f in findings:
         click.echo(str(f))
@@ -260,12 +372,22 @@ def check_trt_cmd(model: str) -> None:
 @main.command("optimize")
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="folder to write")
-@click.option("--level", type=click.Choice(["fuse", "basic", "extended"]), default="fuse", show_default=True,
-              help="fuse: glmx's rewrite (each GeLU subgraph -> one standard Gelu op, opset 20); basic / "
-                   "extended: ONNX Runtime's offline optimizer (kept only if TensorRT can still parse it; holds "
-                   "the whole model, so up to 2 GB)")
-@click.option("--check", type=click.Choice(["auto", "whole", "piecewise"]), default="auto", show_default=True,
-              help="how child and parent are compared (as glmx quantize --check)")
+@click.option(
+    "--level",
+    type=click.Choice(["fuse", "basic", "extended"]),
+    default="fuse",
+    show_default=True,
+    help="fuse: glmx's rewrite (each GeLU subgraph -> one standard Gelu op, opset 20); basic / "
+    "extended: ONNX Runtime's offline optimizer (kept only if TensorRT can still parse it; holds "
+    "the whole model, so up to 2 GB)",
+)
+@click.option(
+    "--check",
+    type=click.Choice(["auto", "whole", "piecewise"]),
+    default="auto",
+    show_default=True,
+    help="how child and parent are compared (as glmx quantize --check)",
+)
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Optimize an exported ONNX folder offline, re-checked against its parent."""
@@ -274,6 +396,7 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     from glm_export.derive import DeriveError
     from glm_export.optimize import OptimizeError, optimize_onnx
     from glm_runtime.manifest import ManifestError
+
     try:
         click.echo(str(optimize_onnx(src_dir, out_dir, log=lambda msg: click.echo(msg, err=True), **kwargs)))
     except (OptimizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
@@ -283,31 +406,67 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 @main.command("quantize")
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="folder to write")
-@click.option("--scheme", required=True,
-              type=click.Choice(["int4-weight", "int8-weight", "int8-dynamic", "qdq-int8", "fp16"]),
-              help="int4-weight / int8-weight: MatMulNBits weights, activations fp32, written one tensor at a time "
-                   "(any size, from an fp32 or fp16 export); int8-dynamic (MatMulInteger) and qdq-int8 (TensorRT) "
-                   "run ONNX Runtime's quantizers on the whole model (up to 2 GB); fp16: the exporter's fp16 graph")
-@click.option("--check", type=click.Choice(["auto", "whole", "piecewise"]), default="auto", show_default=True,
-              help="how child and parent are compared: whole sessions (with greedy fills), or one layer at a time "
-                   "(teacher-forced text only); auto = whole up to 256 MiB of fp32 weights")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="qdq-int8: real text to calibrate on [default: glm_export/data/calibration.txt]")
-@click.option("--block-size", type=int, default=None,
-              help="int4/int8-weight: weights per scale in the attention matmuls, and in the MLP's too when "
-                   "--mlp-block-size is not given [default: 32, the MLP's 128]")
-@click.option("--accuracy-level", type=int, default=None,
-              help="int4/int8-weight: MatMulNBits compute level (4 = int8 products) [default: 4]")
-@click.option("--head-bits", type=click.Choice(["4", "8"]), default=None,
-              help="int4/int8-weight: bits of the quantized output head [default: 8]")
-@click.option("--head-block-size", type=int, default=None,
-              help="int4/int8-weight: weights per scale in the head [default: int4-weight 128, int8-weight 32]")
-@click.option("--mlp-block-size", type=int, default=None,
-              help="int4/int8-weight: weights per scale in each layer's two MLP matmuls, 2/3 of its weights "
-                   "[default: 128, or --block-size when that is given]")
-@click.option("--keep-fp32", multiple=True, default=None,
-              help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
-                   "option [default: embedding; int8-dynamic and qdq-int8 also head and first-layer]")
+@click.option(
+    "--scheme",
+    required=True,
+    type=click.Choice(["int4-weight", "int8-weight", "int8-dynamic", "qdq-int8", "fp16"]),
+    help="int4-weight / int8-weight: MatMulNBits weights, activations fp32, written one tensor at a time "
+    "(any size, from an fp32 or fp16 export); int8-dynamic (MatMulInteger) and qdq-int8 (TensorRT) "
+    "run ONNX Runtime's quantizers on the whole model (up to 2 GB); fp16: the exporter's fp16 graph",
+)
+@click.option(
+    "--check",
+    type=click.Choice(["auto", "whole", "piecewise"]),
+    default="auto",
+    show_default=True,
+    help="how child and parent are compared: whole sessions (with greedy fills), or one layer at a time "
+    "(teacher-forced text only); auto = whole up to 256 MiB of fp32 weights",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="qdq-int8: real text to calibrate on [default: glm_export/data/calibration.txt]",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=None,
+    help="int4/int8-weight: weights per scale in the attention matmuls, and in the MLP's too when "
+    "--mlp-block-size is not given [default: 32, the MLP's 128]",
+)
+@click.option(
+    "--accuracy-level",
+    type=int,
+    default=None,
+    help="int4/int8-weight: MatMulNBits compute level (4 = int8 products) [default: 4]",
+)
+@click.option(
+    "--head-bits",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="int4/int8-weight: bits of the quantized output head [default: 8]",
+)
+@click.option(
+    "--head-block-size",
+    type=int,
+    default=None,
+    help="int4/int8-weight: weights per scale in the head [default: int4-weight 128, int8-weight 32]",
+)
+@click.option(
+    "--mlp-block-size",
+    type=int,
+    default=None,
+    help="int4/int8-weight: weights per scale in each layer's two MLP matmuls, 2/3 of its weights "
+    "[default: 128, or --block-size when that is given]",
+)
+@click.option(
+    "--keep-fp32",
+    multiple=True,
+    default=None,
+    help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
+    "option [default: embedding; int8-dynamic and qdq-int8 also head and first-layer]",
+)
 @click.option("--accept-loss", is_flag=True, help="write the artifact even if it misses its accuracy budget")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
@@ -317,76 +476,127 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     from glm_export.derive import DeriveError
     from glm_export.quantize import QuantizeError, quantize_onnx
     from glm_runtime.manifest import ManifestError, load_manifest
+
     try:
         head_bits = None if kwargs["head_bits"] is None else int(kwargs["head_bits"])
-        out = quantize_onnx(src_dir, out_dir, log=lambda msg: click.echo(msg, err=True),
-                            **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None, head_bits=head_bits))
+        out = quantize_onnx(
+            src_dir,
+            out_dir,
+            log=lambda msg: click.echo(msg, err=True),
+            **dict(kwargs, keep_fp32=kwargs["keep_fp32"] or None, head_bits=head_bits),
+        )
     except (QuantizeError, BudgetError, DeriveError, ManifestError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
     acc = load_manifest(out).parity["text"]
     fills = "not run (piecewise check)" if acc["fill_agreement"] is None else f"{acc['fill_agreement']:.3f}"
-    click.echo(f"against its parent on {acc['positions']} positions of {acc['language']} held-out text "
-               f"({acc['heldout']['source']}): top-1 agreement {acc['top1_agreement']:.4f}, fill agreement "
-               f"{fills}, Part B ppl change {acc['ppl_change']:+.4f}, max logit diff "
-               f"{acc['max_logit_diff']:.3g}"
-               + ("" if acc["within_budget"] else f" (OVER BUDGET, accepted: {'; '.join(acc['misses'])})"))
+    click.echo(
+        f"against its parent on {acc['positions']} positions of {acc['language']} held-out text "
+        f"({acc['heldout']['source']}): top-1 agreement {acc['top1_agreement']:.4f}, fill agreement "
+        f"{fills}, Part B ppl change {acc['ppl_change']:+.4f}, max logit diff "
+        f"{acc['max_logit_diff']:.3g}"
+        + ("" if acc["within_budget"] else f" (OVER BUDGET, accepted: {'; '.join(acc['misses'])})")
+    )
     click.echo(str(out))
 
 
 @main.command("bench")
-@click.option("--model", "models", multiple=True,
-              help="model(s) to measure: bundled, glm-large-shape, tiny, or the folder of your own fp32 export "
-                   "(glmx export CHECKPOINT -o FOLDER); repeat [default: bundled and glm-large-shape; --quick: tiny]")
-@click.option("--variant", "variants", multiple=True,
-              help="backend/precision variant(s), e.g. torch-fp32, ort-fp32, ort-int8, ort-int4; repeat [default: all]")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="model(s) to measure: bundled, glm-large-shape, tiny, or the folder of your own fp32 export "
+    "(glmx export CHECKPOINT -o FOLDER); repeat [default: bundled and glm-large-shape; --quick: tiny]",
+)
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    help="backend/precision variant(s), e.g. torch-fp32, ort-fp32, ort-int8, ort-int4; repeat [default: all]",
+)
 @click.option("--quick", is_flag=True, help="tiny model, torch + ORT fp32, small grid: seconds (CI)")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="results folder [default: a new glmx-bench-DATE-TIME folder here; --quick: a temporary folder]; "
-                   "the committed results are regenerated with -o benchmarks/results")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default="/tmp/glmx-bench-cache", show_default=True,
-              help="where exported and quantized benchmark models are kept between runs")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="results folder [default: a new glmx-bench-DATE-TIME folder here; --quick: a temporary folder]; "
+    "the committed results are regenerated with -o benchmarks/results",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default="/tmp/glmx-bench-cache",
+    show_default=True,
+    help="where exported and quantized benchmark models are kept between runs",
+)
 @click.option("--context", "contexts", multiple=True, type=int, help="context lengths; repeat")
 @click.option("--past", "pasts", multiple=True, type=int, help="past lengths for decode latency; repeat")
 @click.option("--batch", "batches", multiple=True, type=int, help="batch sizes for throughput; repeat")
 @click.option("--threads", type=int, default=None, help="threads per backend [default: 2; --quick: 1]")
-@click.option("--rounds", type=click.IntRange(min=1), default=None,
-              help="how often the target figures (context 128, decode at past 128, batch 8) are measured, variants "
-                   "in rotated order; the report gives each target's median and range over the rounds "
-                   "[default: 3; --quick: 2]")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="how often the target figures (context 128, decode at past 128, batch 8) are measured, variants "
+    "in rotated order; the report gives each target's median and range over the rounds "
+    "[default: 3; --quick: 2]",
+)
 @click.option("--no-plots", "plots", is_flag=True, flag_value=False, default=True, help="skip the PNG plots")
-@click.option("--llamacpp", "llamacpp", type=click.Path(file_okay=False), envvar="GLMX_LLAMACPP", default=None,
-              help="a llama.cpp build (bin/llama-bench, bin/llama-quantize; benchmarks/build_llamacpp.sh makes one):"
-                   " adds llama.cpp's decode at fp32 / Q8_0 / Q4_0 beside glmx's fp32 / int8-weight / int4-weight on"
-                   " the GLM-Large shape, interleaved (llamacpp.json / .md)")
-@click.option("--readme-table", "readme_json", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="only print the README's performance table from this results.json")
+@click.option(
+    "--llamacpp",
+    "llamacpp",
+    type=click.Path(file_okay=False),
+    envvar="GLMX_LLAMACPP",
+    default=None,
+    help="a llama.cpp build (bin/llama-bench, bin/llama-quantize; benchmarks/build_llamacpp.sh makes one):"
+    " adds llama.cpp's decode at fp32 / Q8_0 / Q4_0 beside glmx's fp32 / int8-weight / int4-weight on"
+    " the GLM-Large shape, interleaved (llamacpp.json / .md)",
+)
+@click.option(
+    "--readme-table",
+    "readme_json",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="only print the README's performance table from this results.json",
+)
 def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
     """Benchmark every backend/precision against torch eager fp32 and the hardware floor."""
     import shlex
+
     if readme_json:
         from glmx_benchmarks.report import print_readme_table
+
         print_readme_table(readme_json)
         return
     require_export_extra()
     if llamacpp is not None:
         from glmx_benchmarks.llamacpp import PeerError, find_llamacpp
+
         try:
             find_llamacpp(llamacpp)  # before any work: a wrong folder is one line, not a failure at the end
         except PeerError as exc:
             raise CommandError(str(exc)) from None
     from glmx_benchmarks.bench import BenchmarkError, run_benchmarks
+
     for key in ("models", "variants", "contexts", "pasts", "batches"):
         kwargs[key] = tuple(kwargs[key]) or None
     if kwargs["models"] is None:
         kwargs["models"] = ("tiny",) if kwargs["quick"] else ("bundled", "glm-large-shape")
     if kwargs["out_dir"] is None and not kwargs["quick"]:  # a new folder: a run never writes over earlier results
         import time
+
         kwargs["out_dir"] = time.strftime("glmx-bench-%Y%m%d-%H%M%S")
     if kwargs["threads"] is None:
         kwargs["threads"] = 1 if kwargs["quick"] else 2
     command = ["glmx", "bench"] + (["--quick"] if kwargs["quick"] else [])  # the options this run resolved to
-    for key, flag in (("models", "--model"), ("variants", "--variant"), ("contexts", "--context"),
-                      ("pasts", "--past"), ("batches", "--batch")):
+    for key, flag in (
+        ("models", "--model"),
+        ("variants", "--variant"),
+        ("contexts", "--context"),
+        ("pasts", "--past"),
+        ("batches", "--batch"),
+    ):
         for value in kwargs[key] or ():
             command += [flag, str(value)]
     command += ["--threads", str(kwargs["threads"]), "--cache-dir", kwargs["cache_dir"]]
@@ -398,8 +608,14 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
         raise CommandError(str(exc)) from None
     if llamacpp is not None:
         from glmx_benchmarks.llamacpp import llamacpp_column
-        llamacpp_column(llamacpp, kwargs["cache_dir"], results["out_dir"], threads=kwargs["threads"],
-                        log=lambda m: click.echo(m, err=True))
+
+        llamacpp_column(
+            llamacpp,
+            kwargs["cache_dir"],
+            results["out_dir"],
+            threads=kwargs["threads"],
+            log=lambda m: click.echo(m, err=True),
+        )
     click.echo(results["out_dir"])
 
 

@@ -4,11 +4,12 @@ In: token samples, each "[CLS] doc <eos> [CLS] doc <eos> ..." (1-D int arrays), 
 Out: a padded batch dict: input_ids [B, T], position_ids [B, 2, T], target_ids [B, T], loss_mask [B, T]
 (1 on Part B only), sep [B] (Part A length; the model builds the Part A / Part B mask from it).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import exp, factorial
-from typing import Sequence
 
 import numpy as np
 
@@ -18,6 +19,7 @@ Interval = tuple[int, int]  # [start, end) in the uncorrupted sample
 @dataclass(frozen=True)
 class SpecialIds:
     """Ids of the command tokens the collator writes (the names of docs/glm.md 7)."""
+
     eos: int
     cls: int
     mask: int
@@ -32,6 +34,7 @@ class SpecialIds:
 @dataclass(frozen=True)
 class CollatorConfig:
     """The pretraining knobs of docs/glm.md 5 (defaults: GLM-Large's bert-only objective)."""
+
     bert_prob: float = 1.0
     gap_sentence_prob: float = 0.0  # the rest (1 - bert - sentence) is gpt / document mode
     mask_ratio: float = 0.15  # bert_ratio: masked tokens per sample in bert and sentence modes
@@ -49,8 +52,10 @@ class CollatorConfig:
     def __post_init__(self) -> None:
         probs = (self.bert_prob, self.gap_sentence_prob)
         if min(probs) < 0 or sum(probs) > 1.0 + 1e-9:
-            raise ValueError(f"bert_prob {self.bert_prob} and gap_sentence_prob {self.gap_sentence_prob} must be "
-                             f">= 0 and sum to at most 1 (the rest is gpt mode)")
+            raise ValueError(
+                f"bert_prob {self.bert_prob} and gap_sentence_prob {self.gap_sentence_prob} must be "
+                f">= 0 and sum to at most 1 (the rest is gpt mode)"
+            )
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.gpt_infill_prob <= 1.0:
@@ -61,8 +66,7 @@ class CollatorConfig:
 
 def span_length_weights(avg_block_length: float = 3.0, max_block_length: int = 40) -> np.ndarray:
     """Probabilities of span lengths 1 .. max_block_length-1: the Poisson(lambda) pmf, renormalised."""
-    pmf = np.array([exp(-avg_block_length) * avg_block_length ** k / factorial(k)
-                    for k in range(1, max_block_length)])
+    pmf = np.array([exp(-avg_block_length) * avg_block_length**k / factorial(k) for k in range(1, max_block_length)])
     return pmf / pmf.sum()
 
 
@@ -101,8 +105,14 @@ def place_spans(lengths: Sequence[int], start: int, end: int, rng: np.random.Gen
     return spans
 
 
-def sample_bert_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorConfig,
-                      rng: np.random.Generator, weights: np.ndarray, max_tries: int = 20) -> list[Interval]:
+def sample_bert_spans(
+    tokens: np.ndarray,
+    special: SpecialIds,
+    config: CollatorConfig,
+    rng: np.random.Generator,
+    weights: np.ndarray,
+    max_tries: int = 20,
+) -> list[Interval]:
     """Token-level spans (docs/glm.md 5, bert): Poisson span lengths until int(ratio * len) tokens are masked,
     placed inside documents only, non-overlapping and non-adjacent. Empty if nothing fits after retries."""
     docs = document_bounds(tokens, special)
@@ -136,8 +146,9 @@ def sample_bert_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorC
     return []
 
 
-def sample_sentence_spans(tokens: np.ndarray, special: SpecialIds, config: CollatorConfig,
-                          rng: np.random.Generator, sentence_end: np.ndarray) -> list[Interval]:
+def sample_sentence_spans(
+    tokens: np.ndarray, special: SpecialIds, config: CollatorConfig, rng: np.random.Generator, sentence_end: np.ndarray
+) -> list[Interval]:
     """Whole sentences (docs/glm.md 5, sentence): split document interiors after sentence-ending tokens, shuffle,
     take sentences until int(ratio * len) tokens are covered. `sentence_end` is a bool table over the vocab."""
     sentences: list[Interval] = []
@@ -160,6 +171,7 @@ def sample_sentence_spans(tokens: np.ndarray, special: SpecialIds, config: Colla
 @dataclass
 class BlockSample:
     """One corrupted sample before batch padding. Arrays are [T] except position_ids [2, T]."""
+
     input_ids: np.ndarray
     position_ids: np.ndarray
     target_ids: np.ndarray
@@ -167,9 +179,16 @@ class BlockSample:
     sep: int
 
 
-def make_block_sample(tokens: np.ndarray, spans: Sequence[Interval], order: Sequence[int], mask_id: int,
-                      sop_id: int, eop_id: int, dblock_id: int | None = None,
-                      dblock_flags: np.ndarray | None = None) -> BlockSample:
+def make_block_sample(
+    tokens: np.ndarray,
+    spans: Sequence[Interval],
+    order: Sequence[int],
+    mask_id: int,
+    sop_id: int,
+    eop_id: int,
+    dblock_id: int | None = None,
+    dblock_flags: np.ndarray | None = None,
+) -> BlockSample:
     """Part A = tokens with each span collapsed to one mask token; Part B = spans in `order`, each as
     inputs "sop span" / targets "span eop" (docs/glm.md 3.4). Positions: Part A counts each span as one token;
     every Part B token takes its mask's position, block ids 1 .. len+1. sep = len - sum(spans) + #spans.
@@ -243,8 +262,9 @@ def pad_batch(samples: Sequence[BlockSample], pad_id: int = 0) -> dict[str, np.n
 class BlockCollator:
     """Draws one mode per batch (bert / sentence / gpt with the configured probabilities) and builds it."""
 
-    def __init__(self, special: SpecialIds, config: CollatorConfig = CollatorConfig(),
-                 sentence_end: np.ndarray | None = None):
+    def __init__(
+        self, special: SpecialIds, config: CollatorConfig = CollatorConfig(), sentence_end: np.ndarray | None = None
+    ):
         if config.gap_sentence_prob > 0 and sentence_end is None:
             raise ValueError("gap_sentence_prob > 0 needs a sentence_end table (bool per vocabulary id)")
         self.special = special
@@ -277,8 +297,9 @@ class BlockCollator:
                     return make_block_sample(tokens, placed, [0], sp.gmask, sp.sop, sp.eop)
         return make_gpt_sample(tokens, length, sp.gmask, sp.sop)
 
-    def __call__(self, samples: Sequence[np.ndarray], rng: np.random.Generator,
-                 mode: str | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self, samples: Sequence[np.ndarray], rng: np.random.Generator, mode: str | None = None
+    ) -> dict[str, np.ndarray]:
         mode = mode or self.choose_mode(rng)
         sp, cfg = self.special, self.config
         built: list[BlockSample] = []
@@ -302,8 +323,9 @@ class BlockCollator:
                 if mode == "bert" and cfg.block_mask_prob > 0:
                     n_b = sum(e - s + 1 for s, e in spans)
                     flags = rng.random(n_b) < cfg.block_mask_prob
-                built.append(make_block_sample(tokens, spans, order.tolist(), mask_id, sp.sop, sp.eop,
-                                               sp.dblock, flags))
+                built.append(
+                    make_block_sample(tokens, spans, order.tolist(), mask_id, sp.sop, sp.eop, sp.dblock, flags)
+                )
         else:
             raise ValueError(f"unknown mode {mode!r}; expected 'bert', 'sentence' or 'gpt'")
         batch = pad_batch(built, sp.pad)

@@ -6,12 +6,14 @@ text tokenized by the runtime's tokenizer of any GLM kind. Out: a `Comparison` w
 shape of every manifest's `parity` record (export, optimize, quantize, build-engine), judged against the one
 tolerance table (structure) and the one budget table (text).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from glm_runtime.session import Session, host_array
 @dataclass(frozen=True)
 class Tolerance:
     """A value passes when max |candidate - reference| <= atol + rtol * max |reference| (per case and output)."""
+
     atol: float
     rtol: float
 
@@ -42,10 +45,7 @@ class Tolerance:
 # rtol term scales the budget with GLM-10B-sized logits (max|ref| ~ 50, 48 layers of 4096).
 # fp16: weights and the KV cache rounded to fp16 (LayerNorm, QK product, masking and softmax kept in fp32); on
 # top of the values, top-1 must agree wherever the reference's top-1 / top-2 margin exceeds twice the budget.
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=1e-4, rtol=3e-5),
-    "fp16": Tolerance(atol=3e-2, rtol=5e-3),
-}
+TOLERANCES: dict[str, Tolerance] = {"fp32": Tolerance(atol=1e-4, rtol=3e-5), "fp16": Tolerance(atol=3e-2, rtol=5e-3)}
 
 # Text budgets per derived artifact, against its parent on held-out text. What each scheme scores on the bundled
 # glmx-small under the current defaults (quantize.default_keep_fp32, quantize.nbits_recipe), and its variants, is
@@ -85,6 +85,7 @@ class BudgetError(GLMXError, ValueError):
 @dataclass
 class Call:
     """One session call of a case. The cache of earlier calls is handled by the harness."""
+
     input_ids: np.ndarray  # int64 [B, T]
     position_ids: np.ndarray  # int64 [B, 2, T]
     block: np.ndarray  # bool [B, T, T]: which of this call's tokens each of them sees (past slots: `seen`)
@@ -142,16 +143,24 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
     cases = []
     ctx = [CLS] + text(2) + [MASK] + text(3) + [EOS]
     C = len(ctx)
-    cases.append(Case("blank_mid_context", "context pass with a [MASK] mid-text, sep = C, past 0",
-                      [one(ctx, _context_pos(C), _sep(C, C))]))
+    cases.append(
+        Case(
+            "blank_mid_context",
+            "context pass with a [MASK] mid-text, sep = C, past 0",
+            [one(ctx, _context_pos(C), _sep(C, C))],
+        )
+    )
 
     # two blanks filled one after the other through the cache (docs/glm.md 4.2): span 1 token by token, span 2 on top
     # of it as a 3-token chunk (seq > 1 with past > 0), then one more single step
     t = text(5)
     ctx = [CLS, t[0], MASK, t[1], t[2], MASK, t[3], EOS]
     C, (m1, m2) = len(ctx), (2, 5)
-    case = Case("two_blanks_through_cache", "context pass, span 1 decoded token by token (past > 0), span 2 on "
-                "top as a chunk and a single step", [one(ctx, _context_pos(C), _sep(C, C))])
+    case = Case(
+        "two_blanks_through_cache",
+        "context pass, span 1 decoded token by token (past > 0), span 2 on top as a chunk and a single step",
+        [one(ctx, _context_pos(C), _sep(C, C))],
+    )
     for k, tok in enumerate([SOP] + text(2)):
         case.calls.append(one([tok], _span_pos(m1, k, 1), _sep(1, 0)))
     case.calls.append(one([SOP] + text(2), _span_pos(m2, 0, 3), _sep(3, 0)))
@@ -160,8 +169,11 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
 
     ctx = [CLS] + text(4) + [GMASK]  # [gMASK] at the end: no eos after it (docs/glm.md 4.1)
     C = len(ctx)
-    case = Case("gmask_at_end", "prefix [gMASK] context pass, then sop and two tokens through the cache",
-                [one(ctx, _context_pos(C), _sep(C, C))])
+    case = Case(
+        "gmask_at_end",
+        "prefix [gMASK] context pass, then sop and two tokens through the cache",
+        [one(ctx, _context_pos(C), _sep(C, C))],
+    )
     for k, tok in enumerate([SOP] + text(2)):
         case.calls.append(one([tok], _span_pos(C - 1, k, 1), _sep(1, 0)))
     cases.append(case)
@@ -171,13 +183,21 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
     C = len(ctx)
     ids = ctx + [SOP, t[4], t[5], SOP, t[6], t[7]]
     pos = np.concatenate([_context_pos(C), _span_pos(2, 0, 3), _span_pos(5, 0, 3)], axis=1)
-    cases.append(Case("one_pass_two_spans", "Part A and two Part B spans in one pass (sep mask, 2D positions)",
-                      [one(ids, pos, _sep(len(ids), C))]))
+    cases.append(
+        Case(
+            "one_pass_two_spans",
+            "Part A and two Part B spans in one pass (sep mask, 2D positions)",
+            [one(ids, pos, _sep(len(ids), C))],
+        )
+    )
 
     # a batch whose rows have blanks at different places and lengths, padded left or right; padding slots get
     # token PAD and position (0, 0), see only themselves, and stay invisible to every later call
-    rows = [[CLS] + text(1) + [MASK] + text(3) + [EOS], [CLS] + text(2) + [MASK, EOS],
-            [CLS] + text(5) + [MASK] + text(2) + [EOS]]
+    rows = [
+        [CLS] + text(1) + [MASK] + text(3) + [EOS],
+        [CLS] + text(2) + [MASK, EOS],
+        [CLS] + text(5) + [MASK] + text(2) + [EOS],
+    ]
     mask_pos = [row.index(MASK) for row in rows]
     B, W = len(rows), max(len(r) for r in rows)
     for side, n_steps in (("right", 3), ("left", 2)):
@@ -186,8 +206,12 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
             cols = slice(W - len(row), W) if side == "left" else slice(0, len(row))
             ids[r, cols], pos[r, :, cols], real[r, cols] = row, _context_pos(len(row)), True
         block = (real[:, None, :] & real[:, :, None]) | np.eye(W, dtype=bool)
-        case = Case(f"batch_{side}_padding", f"3 rows of lengths {[len(r) for r in rows]}, blanks at {mask_pos}, "
-                    f"{side}-padded, then {n_steps} batched decode steps", [_call(ids, pos, block, real)])
+        case = Case(
+            f"batch_{side}_padding",
+            f"3 rows of lengths {[len(r) for r in rows]}, blanks at {mask_pos}, "
+            f"{side}-padded, then {n_steps} batched decode steps",
+            [_call(ids, pos, block, real)],
+        )
         for k in range(n_steps):
             toks = [[SOP]] * B if k == 0 else [text(1) for _ in rows]
             case.calls.append(_call(toks, np.stack([_span_pos(m, k, 1) for m in mask_pos]), np.ones((B, 1, 1))))
@@ -204,6 +228,7 @@ class _Past:
 
     def __init__(self, session: Session, batch: int, capacity: int):
         from glm_runtime.kvcache import KVCache
+
         probe = session.new_cache(batch, 1)  # which kind of cache the session keeps, for one slot
         self.device = None
         if not isinstance(probe, KVCache):
@@ -240,17 +265,24 @@ def _check_shapes(session: Session, out: dict[str, Any], B: int, T: int, k: int,
     """Second check (after names): every output's concrete shape for this call (`rows` logits per row)."""
     cfg = session.config
     expected = {"logits": (B, rows, cfg.vocab_size)}
-    expected.update({name: (B, cfg.num_attention_heads, T, cfg.head_dim) for pair in present_names(session.io)
-                     for name in pair})
+    expected.update(
+        {name: (B, cfg.num_attention_heads, T, cfg.head_dim) for pair in present_names(session.io) for name in pair}
+    )
     for name, shape in expected.items():
         got = tuple(host_array(out[name]).shape)
         if got != shape:
-            raise ParityError(f"call {k}: output {name!r} of {describe(session)} has shape {list(got)}, expected "
-                              f"{list(shape)}")
+            raise ParityError(
+                f"call {k}: output {name!r} of {describe(session)} has shape {list(got)}, expected {list(shape)}"
+            )
 
 
-def run_calls(session: Session, calls: Sequence[Call], record: list | None = None,
-              last_row_only: bool = False, context_logits: bool = True) -> list[dict[str, np.ndarray]]:
+def run_calls(
+    session: Session,
+    calls: Sequence[Call],
+    record: list | None = None,
+    last_row_only: bool = False,
+    context_logits: bool = True,
+) -> list[dict[str, np.ndarray]]:
     """Every call of a case through `session`, each seeing the kept tokens of the calls before it.
     -> per call {"logits": [B,T,V] float32, present name: [B,n,T,d] float32}. record: the feeds given, appended.
     last_row_only: the final call asks for the last position's logits only (logits_start = -1).
@@ -266,10 +298,14 @@ def run_calls(session: Session, calls: Sequence[Call], record: list | None = Non
             T = call.input_ids.shape[1]
             slots = past.slots
             visible = np.zeros((B, slots), dtype=bool)
-            visible[:, :seen.shape[1]] = seen
+            visible[:, : seen.shape[1]] = seen
             mask = np.concatenate([np.broadcast_to(visible[:, None, :], (B, T, slots)), call.block], axis=2)
-            feeds = {"input_ids": call.input_ids, "position_ids": call.position_ids,
-                     "attention_mask": np.ascontiguousarray(mask[:, None]), **past.feeds()}
+            feeds = {
+                "input_ids": call.input_ids,
+                "position_ids": call.position_ids,
+                "attention_mask": np.ascontiguousarray(mask[:, None]),
+                **past.feeds(),
+            }
             final = len(outputs) == len(calls) - 1
             one_row = (last_row_only and final) or (trim_context and not final)
             if one_row:
@@ -304,6 +340,7 @@ def describe(session: Session) -> str:
 @dataclass
 class Comparison:
     """The parity record of one artifact against its reference: structure on GLM's cases, text if measured."""
+
     stage: str
     reference: str
     candidate: str
@@ -322,13 +359,17 @@ class Comparison:
         for name, f in self.cases.items():
             for key in ("logits", "present_key", "present_value"):
                 if self.tolerance is not None and (not np.isfinite(f[key]) or f[key] > f[f"allowed_{key}"]):
-                    out.append(f"{name}: {key} max |diff| {f[key]:.3e} > budget {f[f'allowed_{key}']:.3e} "
-                               f"(max|ref| {f['ref_' + ('logits' if key == 'logits' else 'present')]:.3g})")
+                    out.append(
+                        f"{name}: {key} max |diff| {f[key]:.3e} > budget {f[f'allowed_{key}']:.3e} "
+                        f"(max|ref| {f['ref_' + ('logits' if key == 'logits' else 'present')]:.3g})"
+                    )
             if f["non_finite"]:
                 out.append(f"{name}: the candidate's outputs contain NaN or inf ({', '.join(f['non_finite'][:3])})")
         if self.top1_decisive_mismatches:
-            out.append(f"top-1 differs at {self.top1_decisive_mismatches} position(s) where the reference's margin "
-                       f"exceeds twice the logit budget")
+            out.append(
+                f"top-1 differs at {self.top1_decisive_mismatches} position(s) where the reference's margin "
+                f"exceeds twice the logit budget"
+            )
         if self.text is not None:
             out += [f"text: {m}" for m in self.text.get("misses", [])]
         return out
@@ -341,32 +382,49 @@ class Comparison:
         return max(f[key] for f in self.cases.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "reference": self.reference, "candidate": self.candidate,
-                "precision": self.precision, "passed": self.passed, "failures": self.failures,
-                "tolerance": self.tolerance.to_dict() if self.tolerance is not None else None,
-                "max_abs_diff": {k: self.max_diff(k) for k in ("logits", "present_key", "present_value")},
-                "max_abs_ref": {k: max(f[f"ref_{k}"] for f in self.cases.values()) for k in ("logits", "present")},
-                "top1_agreement": self.top1_agreement, "top1_decisive_mismatches": self.top1_decisive_mismatches,
-                "cases": self.cases, "text": self.text, "versions": self.versions, "method": self.method}
+        return {
+            "stage": self.stage,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "precision": self.precision,
+            "passed": self.passed,
+            "failures": self.failures,
+            "tolerance": self.tolerance.to_dict() if self.tolerance is not None else None,
+            "max_abs_diff": {k: self.max_diff(k) for k in ("logits", "present_key", "present_value")},
+            "max_abs_ref": {k: max(f[f"ref_{k}"] for f in self.cases.values()) for k in ("logits", "present")},
+            "top1_agreement": self.top1_agreement,
+            "top1_decisive_mismatches": self.top1_decisive_mismatches,
+            "cases": self.cases,
+            "text": self.text,
+            "versions": self.versions,
+            "method": self.method,
+        }
 
     def table(self) -> str:
         tol = self.tolerance
         rule = f"budget {tol.atol:g} + {tol.rtol:g}*max|ref|" if tol else "values judged on held-out text only"
-        lines = [f"{self.stage}: {self.candidate} vs {self.reference} ({rule}):",
-                 f"  {'case':26s} {'calls':>5s} {'logits':>10s} {'max|ref|':>9s} {'budget':>9s} {'present.k':>10s} "
-                 f"{'present.v':>10s} {'max|ref|':>9s} {'budget':>9s}"]
+        lines = [
+            f"{self.stage}: {self.candidate} vs {self.reference} ({rule}):",
+            f"  {'case':26s} {'calls':>5s} {'logits':>10s} {'max|ref|':>9s} {'budget':>9s} {'present.k':>10s} "
+            f"{'present.v':>10s} {'max|ref|':>9s} {'budget':>9s}",
+        ]
         for name, f in self.cases.items():
-            lines.append(f"  {name:26s} {f['calls']:5d} {f['logits']:10.3e} {f['ref_logits']:9.3g} "
-                         f"{f['allowed_logits']:9.2e} {f['present_key']:10.3e} {f['present_value']:10.3e} "
-                         f"{f['ref_present']:9.3g} {f['allowed_present_key']:9.2e}")
-        lines.append(f"  top-1 agreement {self.top1_agreement:.4f} ({self.top1_decisive_mismatches} decisive "
-                     f"mismatches)")
+            lines.append(
+                f"  {name:26s} {f['calls']:5d} {f['logits']:10.3e} {f['ref_logits']:9.3g} "
+                f"{f['allowed_logits']:9.2e} {f['present_key']:10.3e} {f['present_value']:10.3e} "
+                f"{f['ref_present']:9.3g} {f['allowed_present_key']:9.2e}"
+            )
+        lines.append(
+            f"  top-1 agreement {self.top1_agreement:.4f} ({self.top1_decisive_mismatches} decisive mismatches)"
+        )
         if self.text is not None:
             t = self.text
             fills = "not run" if t["fill_agreement"] is None else f"{t['fill_agreement']:.3f}"
-            lines.append(f"  held-out text ({t['language']}, {t['positions']} positions, {t['fill_prompts']} fills): "
-                         f"top-1 {t['top1_agreement']:.4f}, fills {fills}, ppl change "
-                         f"{t['ppl_change']:+.4f}, max logit diff {t['max_logit_diff']:.3g}")
+            lines.append(
+                f"  held-out text ({t['language']}, {t['positions']} positions, {t['fill_prompts']} fills): "
+                f"top-1 {t['top1_agreement']:.4f}, fills {fills}, ppl change "
+                f"{t['ppl_change']:+.4f}, max logit diff {t['max_logit_diff']:.3g}"
+            )
         return "\n".join(lines + [f"  MISS {x}" for x in self.failures])
 
     def __str__(self) -> str:
@@ -376,17 +434,26 @@ class Comparison:
 def _check_names(candidate: Session, reference: Session) -> None:
     """First check: the two sessions take and give the same names (the IO table), in the same order."""
     from glm_runtime.iotable import required_inputs
+
     for kind in ("inputs", "outputs"):  # an optional input (logits_start) may be absent from an engine's table
         a = [e["name"] for e in (required_inputs(candidate.io) if kind == "inputs" else candidate.io[kind])]
         b = [e["name"] for e in (required_inputs(reference.io) if kind == "inputs" else reference.io[kind])]
         if a != b:
             missing, extra = [n for n in b if n not in a], [n for n in a if n not in b]
-            raise ParityError(f"{kind} of the candidate do not match the reference's IO table: missing {missing}, "
-                              f"unexpected {extra}" + ("" if missing or extra else f", order {a} != {b}"))
+            raise ParityError(
+                f"{kind} of the candidate do not match the reference's IO table: missing {missing}, "
+                f"unexpected {extra}" + ("" if missing or extra else f", order {a} != {b}")
+            )
 
 
-def compare_sessions(candidate: Session, reference: Session, *, stage: str, tolerance: Tolerance | None = None,
-                     cases: Iterable[Case] | None = None) -> Comparison:
+def compare_sessions(
+    candidate: Session,
+    reference: Session,
+    *,
+    stage: str,
+    tolerance: Tolerance | None = None,
+    cases: Iterable[Case] | None = None,
+) -> Comparison:
     """Run GLM's cases through both sessions (names checked first, each call's shapes as it returns), then `judge`
     the values (and top-1)."""
     _check_names(candidate, reference)
@@ -408,8 +475,17 @@ def compare_sessions(candidate: Session, reference: Session, *, stage: str, tole
         logits.append([(got["logits"], want["logits"]) for got, want in zip(got_all, want_all)])
         if last_row and case.calls[-1].input_ids.shape[1] > 1:
             last_rows[case.name] = run_calls(candidate, case.calls, last_row_only=True)[-1]["logits"]
-    return judge(stage, describe(candidate), describe(reference), candidate.precision, tol, cases, figures, logits,
-                 last_rows=last_rows)
+    return judge(
+        stage,
+        describe(candidate),
+        describe(reference),
+        candidate.precision,
+        tol,
+        cases,
+        figures,
+        logits,
+        last_rows=last_rows,
+    )
 
 
 # ------------------------------------------------------------------ the one judge (whole graph and piecewise)
@@ -417,12 +493,22 @@ def compare_sessions(candidate: Session, reference: Session, *, stage: str, tole
 
 def case_figures(case: Case) -> dict[str, Any]:
     """A case's figures before anything is measured; `measure_present` and `judge` fill them in."""
-    return {"logits": 0.0, "present_key": 0.0, "present_value": 0.0, "ref_logits": 0.0, "ref_present": 0.0,
-            "worst_present_key": "", "worst_present_value": "", "non_finite": [], "calls": len(case.calls)}
+    return {
+        "logits": 0.0,
+        "present_key": 0.0,
+        "present_value": 0.0,
+        "ref_logits": 0.0,
+        "ref_present": 0.0,
+        "worst_present_key": "",
+        "worst_present_value": "",
+        "non_finite": [],
+        "calls": len(case.calls),
+    }
 
 
-def measure_present(f: dict[str, Any], k: int, i: int, names: Sequence[str], got: Sequence[np.ndarray],
-                    want: Sequence[np.ndarray]) -> None:
+def measure_present(
+    f: dict[str, Any], k: int, i: int, names: Sequence[str], got: Sequence[np.ndarray], want: Sequence[np.ndarray]
+) -> None:
     """Layer i's presents (key, value) of call k into its case's figures, as they are made: the piecewise check
     drops them after. A non-finite entry is (call, layer, part, text) until `judge` orders it."""
     for j, (part, name, g, w) in enumerate(zip(("key", "value"), names, got, want)):
@@ -434,10 +520,19 @@ def measure_present(f: dict[str, Any], k: int, i: int, names: Sequence[str], got
             f[f"present_{part}"], f[f"worst_present_{part}"] = diff, name
 
 
-def judge(stage: str, candidate: str, reference: str, precision: str, tolerance: Tolerance | None,
-          cases: Sequence[Case], figures: dict[str, dict[str, Any]],
-          logits: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], *, last_rows: dict[str, np.ndarray] | None = None,
-          method: str = WHOLE) -> Comparison:
+def judge(
+    stage: str,
+    candidate: str,
+    reference: str,
+    precision: str,
+    tolerance: Tolerance | None,
+    cases: Sequence[Case],
+    figures: dict[str, dict[str, Any]],
+    logits: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
+    *,
+    last_rows: dict[str, np.ndarray] | None = None,
+    method: str = WHOLE,
+) -> Comparison:
     """The one judge of GLM's cases, for the whole-graph check (compare_sessions) and the piecewise one
     (glm_export.pieces) alike. Everything has run: `figures` hold each case's presents (measure_present),
     `logits` each case's calls as (candidate, reference) pairs, `last_rows` the candidate's logits_start=-1
@@ -464,16 +559,28 @@ def judge(stage: str, candidate: str, reference: str, precision: str, tolerance:
         f["non_finite"] = [text for *_, text in sorted(f["non_finite"])]  # by call: logits, then layer by layer
         f["allowed_logits"] = allowed
         f["allowed_present_key"] = f["allowed_present_value"] = budget.allowed(f["ref_present"])
-    return Comparison(stage, reference, candidate, precision, tolerance, figures, agree / max(total, 1), decisive,
-                      versions=_versions(), method=method)
+    return Comparison(
+        stage,
+        reference,
+        candidate,
+        precision,
+        tolerance,
+        figures,
+        agree / max(total, 1),
+        decisive,
+        versions=_versions(),
+        method=method,
+    )
 
 
 def _check_last_row(case: Case, last: np.ndarray, full: np.ndarray, allowed: float) -> None:
     """logits_start = -1 must return the last position of the full logits (the same rows through the same
     weights; a one-row product may take another kernel, so within the logit budget)."""
     if last.shape != full[:, -1:].shape:
-        raise ParityError(f"case {case.name!r}: logits_start=-1 gave logits of shape {list(last.shape)}, expected "
-                          f"{list(full[:, -1:].shape)}")
+        raise ParityError(
+            f"case {case.name!r}: logits_start=-1 gave logits of shape {list(last.shape)}, expected "
+            f"{list(full[:, -1:].shape)}"
+        )
     diff = float(np.abs(last - full[:, -1:]).max())
     if diff > allowed:
         raise ParityError(f"case {case.name!r}: logits_start=-1 differs from the full logits' last row by {diff:.3g}")
@@ -481,6 +588,7 @@ def _check_last_row(case: Case, last: np.ndarray, full: np.ndarray, allowed: flo
 
 def _versions() -> dict[str, str]:
     from glm_runtime.manifest import tool_versions
+
     return tool_versions("onnxruntime", "torch")
 
 
@@ -489,7 +597,7 @@ def _versions() -> dict[str, str]:
 
 def text_windows(tok: Any, text: str, vocab_size: int, window: int, limit: int) -> list[np.ndarray]:
     ids = np.asarray([i for i in tok.encode(text) if i < vocab_size], dtype=np.int64)
-    return [ids[s:s + window] for s in range(0, len(ids) - window + 1, window)][:limit]
+    return [ids[s : s + window] for s in range(0, len(ids) - window + 1, window)][:limit]
 
 
 def blank_calls(tok: Any, chunk: np.ndarray) -> tuple[list[Call], np.ndarray]:
@@ -524,15 +632,24 @@ def fill_prompts(tok: Any, text: str, vocab_size: int, count: int, length: int =
     """Text prompts with one [MASK] each: `hole` tokens of held-out text replaced by the blank."""
     out = []
     for chunk in text_windows(tok, text, vocab_size, length, count):
-        left, right = chunk[:length // 3].tolist(), chunk[length // 3 + hole:].tolist()
+        left, right = chunk[: length // 3].tolist(), chunk[length // 3 + hole :].tolist()
         out.append(f"{tok.decode(left)} [MASK] {tok.decode(right)}")
     return out
 
 
-def compare_on_text(candidate: Session, reference: Session, tok: Any, text: str, *, language: str = "?",
-                    max_windows: int = 48, prompts: int = 16) -> dict[str, Any]:
+def compare_on_text(
+    candidate: Session,
+    reference: Session,
+    tok: Any,
+    text: str,
+    *,
+    language: str = "?",
+    max_windows: int = 48,
+    prompts: int = 16,
+) -> dict[str, Any]:
     """Teacher-forced Part B logits and greedy fills (the runtime's fill_blanks) of both sessions on `text`."""
     from glm_runtime.generate import fill_blanks
+
     cfg = reference.config
     window = min(WINDOW, (cfg.max_sequence_length - 2) // 2 * 2)
     chunks = text_windows(tok, text, cfg.vocab_size, window, max_windows)
@@ -540,20 +657,29 @@ def compare_on_text(candidate: Session, reference: Session, tok: Any, text: str,
         raise ValueError(f"held-out text gives fewer than 2 windows of {window} tokens: pass a longer text")
     spans = []
     for first in range(0, len(chunks), TEXT_BATCH):  # windows of one length: TEXT_BATCH rows per call
-        calls, targets = blank_calls(tok, np.stack(chunks[first:first + TEXT_BATCH]))
+        calls, targets = blank_calls(tok, np.stack(chunks[first : first + TEXT_BATCH]))
         got, want = (run_calls(s, calls, context_logits=False)[1]["logits"] for s in (candidate, reference))
         spans += zip(got, want, targets)
     figures = span_figures(spans)
     texts = fill_prompts(tok, text, cfg.vocab_size, prompts)
-    fills = [[r.spans[0].token_ids for r in fill_blanks(s, tok, texts, max_new_tokens=FILL_TOKENS)]
-             for s in (reference, candidate)]
+    fills = [
+        [r.spans[0].token_ids for r in fill_blanks(s, tok, texts, max_new_tokens=FILL_TOKENS)]
+        for s in (reference, candidate)
+    ]
     same = [a == b for a, b in zip(*fills)]
     tok_agree = [sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1) for a, b in zip(*fills)]
-    return {"language": language, "tokenizer": tok.kind, "windows": len(chunks), "window": window, **figures,
-            "fill_prompts": len(same),
-            "fill_method": "glm_runtime.generate.fill_blanks (greedy)", "fill_tokens": FILL_TOKENS,
-            "fill_agreement": float(np.mean(same)) if same else 1.0,
-            "fill_token_agreement": float(np.mean(tok_agree)) if tok_agree else 1.0}
+    return {
+        "language": language,
+        "tokenizer": tok.kind,
+        "windows": len(chunks),
+        "window": window,
+        **figures,
+        "fill_prompts": len(same),
+        "fill_method": "glm_runtime.generate.fill_blanks (greedy)",
+        "fill_tokens": FILL_TOKENS,
+        "fill_agreement": float(np.mean(same)) if same else 1.0,
+        "fill_token_agreement": float(np.mean(tok_agree)) if tok_agree else 1.0,
+    }
 
 
 def span_figures(spans: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, Any]:
@@ -567,9 +693,15 @@ def span_figures(spans: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> 
         nll_r.append(_nll(want, targets))
     agree_all = np.concatenate(agree)
     ppl_r, ppl_c = math.exp(np.concatenate(nll_r).mean()), math.exp(np.concatenate(nll_c).mean())
-    return {"positions": int(agree_all.size), "finite": finite, "max_logit_diff": max(diffs),
-            "top1_agreement": float(agree_all.mean()), "ppl_reference": ppl_r, "ppl_candidate": ppl_c,
-            "ppl_change": ppl_c / ppl_r - 1.0}
+    return {
+        "positions": int(agree_all.size),
+        "finite": finite,
+        "max_logit_diff": max(diffs),
+        "top1_agreement": float(agree_all.mean()),
+        "ppl_reference": ppl_r,
+        "ppl_candidate": ppl_c,
+        "ppl_change": ppl_c / ppl_r - 1.0,
+    }
 
 
 def budget_misses(scheme: str, figures: dict[str, Any]) -> list[str]:
@@ -593,8 +725,9 @@ def judge_text(result: Comparison, scheme: str, figures: dict[str, Any], heldout
     """Held-out text figures (compare_on_text, or glm_export.pieces one layer at a time) judged against
     BUDGETS[scheme], into the record's `text`; a miss shows in `result.failures` as "text: ..."."""
     misses = budget_misses(scheme, figures)
-    result.text = dict(figures, scheme=scheme, budget=BUDGETS[scheme], heldout=heldout, within_budget=not misses,
-                       misses=misses)
+    result.text = dict(
+        figures, scheme=scheme, budget=BUDGETS[scheme], heldout=heldout, within_budget=not misses, misses=misses
+    )
     return result
 
 
@@ -627,11 +760,14 @@ def heldout_text(tokenizer_kind: str | None, half: int = 1) -> tuple[str, dict[s
     """The bundled held-out text in the model's language: (text, record of its source). half 0 calibrates,
     half 1 evaluates; they never share a document."""
     from glm_runtime.manifest import sha256_file
+
     lang = language_of(tokenizer_kind)
     path = HELDOUT[lang]
     return split_text(path.read_text(encoding="utf-8"))[half], {
-        "language": lang, "source": f"glm_export/data/{path.name} ({'odd' if half else 'even'} documents)",
-        "sha256": sha256_file(path)}
+        "language": lang,
+        "source": f"glm_export/data/{path.name} ({'odd' if half else 'even'} documents)",
+        "sha256": sha256_file(path),
+    }
 
 
 def text_to_judge(tokenizer_kind: str | None, text: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -641,12 +777,21 @@ def text_to_judge(tokenizer_kind: str | None, text: str | None = None) -> tuple[
     return text, {"language": language_of(tokenizer_kind), "source": "text given by the caller"}
 
 
-def compare_artifact(candidate: Session, reference: Session, tok: Any, *, stage: str, scheme: str | None,
-                     text: str | None = None, tolerance: Tolerance | None = None) -> Comparison:
+def compare_artifact(
+    candidate: Session,
+    reference: Session,
+    tok: Any,
+    *,
+    stage: str,
+    scheme: str | None,
+    text: str | None = None,
+    tolerance: Tolerance | None = None,
+) -> Comparison:
     """Structure (GLM's cases) and, with a scheme, held-out text judged against BUDGETS[scheme]."""
     result = compare_sessions(candidate, reference, stage=stage, tolerance=tolerance)
     if scheme is not None:
         text, source = text_to_judge(tok.kind, text)
-        judge_text(result, scheme, compare_on_text(candidate, reference, tok, text, language=source["language"]),
-                   source)
+        judge_text(
+            result, scheme, compare_on_text(candidate, reference, tok, text, language=source["language"]), source
+        )
     return result

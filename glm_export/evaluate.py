@@ -4,12 +4,12 @@ In: a glmx checkpoint folder (its manifest's extra.pretraining holds the trainin
 Out: a metrics dict (optionally written as JSON): held-out Part B perplexity and greedy exact match of
 single-word [MASK] fills, with the unigram (frequency) baseline's figure on the same data, and example fills.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,15 @@ import torch
 
 from glm_export.collator import BlockCollator, CollatorConfig
 from glm_export.pretrain import (
-    PretrainSettings, cut_samples, eval_batches, heldout_metrics, load_corpus_tokenizer, read_documents,
-    layout_special_ids, split_documents, token_stream,
+    PretrainSettings,
+    cut_samples,
+    eval_batches,
+    heldout_metrics,
+    layout_special_ids,
+    load_corpus_tokenizer,
+    read_documents,
+    split_documents,
+    token_stream,
 )
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_write_json
@@ -38,13 +45,16 @@ class EvaluateError(GLMXError, ValueError):
 def _settings(manifest) -> PretrainSettings:
     info = (manifest.extra or {}).get("pretraining") if manifest is not None else None
     if not info:
-        raise EvaluateError("the checkpoint's manifest has no extra.pretraining block: evaluate needs a model "
-                            "written by `glmx pretrain` (it re-creates that run's held-out split)")
+        raise EvaluateError(
+            "the checkpoint's manifest has no extra.pretraining block: evaluate needs a model "
+            "written by `glmx pretrain` (it re-creates that run's held-out split)"
+        )
     return PretrainSettings(**info["settings"])
 
 
-def unigram_part_b_counts(collator: BlockCollator, train: np.ndarray, s: PretrainSettings,
-                          vocab: int) -> tuple[np.ndarray, np.ndarray]:
+def unigram_part_b_counts(
+    collator: BlockCollator, train: np.ndarray, s: PretrainSettings, vocab: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Frequencies, add-one smoothed, over bert-mode training batches: of all Part B targets (span tokens and
     eop), and of each span's first token only (the one predicted from sop)."""
     rng = np.random.default_rng([s.seed, 5])
@@ -60,8 +70,9 @@ def unigram_part_b_counts(collator: BlockCollator, train: np.ndarray, s: Pretrai
 
 
 @torch.no_grad()
-def part_b_perplexity(model, batches: list[dict[str, torch.Tensor]], unigram: np.ndarray,
-                      first_token_guess: int) -> dict[str, float]:
+def part_b_perplexity(
+    model, batches: list[dict[str, torch.Tensor]], unigram: np.ndarray, first_token_guess: int
+) -> dict[str, float]:
     """Held-out Part B perplexity and span first-token accuracy (pretrain.heldout_metrics, as logged during
     training), each beside its baseline on the same targets: the unigram distribution, and always guessing
     first_token_guess."""
@@ -76,9 +87,14 @@ def part_b_perplexity(model, batches: list[dict[str, torch.Tensor]], unigram: np
         n += len(targets)
         first_uni += int((targets[first] == first_token_guess).sum())
         firsts += int(first.sum())
-    return {"heldout_part_b_ppl": math.exp(figures["heldout_loss"]), "unigram_part_b_ppl": math.exp(total_uni / n),
-            "part_b_tokens": n, "part_b_first_token_acc": figures["heldout_first_token_acc"],
-            "unigram_part_b_first_token_acc": first_uni / firsts, "part_b_first_tokens": firsts}
+    return {
+        "heldout_part_b_ppl": math.exp(figures["heldout_loss"]),
+        "unigram_part_b_ppl": math.exp(total_uni / n),
+        "part_b_tokens": n,
+        "part_b_first_token_acc": figures["heldout_first_token_acc"],
+        "unigram_part_b_first_token_acc": first_uni / firsts,
+        "part_b_first_tokens": firsts,
+    }
 
 
 def single_word_blanks(docs: list[str], n: int, seed: int) -> list[tuple[str, str, str]]:
@@ -91,12 +107,12 @@ def single_word_blanks(docs: list[str], n: int, seed: int) -> list[tuple[str, st
         if len(doc.split()) < 8 or not words:
             continue
         m = words[int(rng.integers(len(words)))]
-        left = doc[max(0, m.start() - CONTEXT_CHARS):m.start()]
-        right = doc[m.end():m.end() + CONTEXT_CHARS]
+        left = doc[max(0, m.start() - CONTEXT_CHARS) : m.start()]
+        right = doc[m.end() : m.end() + CONTEXT_CHARS]
         if m.start() > CONTEXT_CHARS:  # start and end the window on whole words
-            left = left[left.find(" ") + 1:]
+            left = left[left.find(" ") + 1 :]
         if m.end() + CONTEXT_CHARS < len(doc) and " " in right:
-            right = right[:right.rfind(" ")]
+            right = right[: right.rfind(" ")]
         out.append((left.rstrip(" "), m.group(), right))  # the space before the word belongs to the blank
         if len(out) == n:
             break
@@ -146,10 +162,18 @@ def greedy_fill_torch(model, tok, left: str, right: str) -> list[int]:
     return out
 
 
-def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str | Path | None = None, *,
-             fill_examples: int = 500, ppl_batches: int = 8, threads: int = 2) -> dict[str, Any]:
+def evaluate(
+    checkpoint_dir: str | Path,
+    corpus_dir: str | Path,
+    out_file: str | Path | None = None,
+    *,
+    fill_examples: int = 500,
+    ppl_batches: int = 8,
+    threads: int = 2,
+) -> dict[str, Any]:
     """Compute the metrics of a `glmx pretrain` model on its held-out split; write them to out_file if given."""
     from glm_export.checkpoint import load_checkpoint
+
     torch.set_num_threads(threads)
     loaded = load_checkpoint(checkpoint_dir)
     s = _settings(loaded.manifest)
@@ -166,8 +190,14 @@ def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str |
     unigram, first_counts = unigram_part_b_counts(collator, train, s, tok.get_vocab_size())
     metrics: dict[str, Any] = {"checkpoint": loaded.config.name}
     first_guess = int(first_counts.argmax())
-    metrics.update(part_b_perplexity(model, batches, np.pad(unigram, (0, loaded.config.vocab_size - len(unigram)),
-                                                               constant_values=1.0), first_guess))
+    metrics.update(
+        part_b_perplexity(
+            model,
+            batches,
+            np.pad(unigram, (0, loaded.config.vocab_size - len(unigram)), constant_values=1.0),
+            first_guess,
+        )
+    )
     metrics["unigram_first_token"] = tok.decode([first_guess])
 
     # single-word blanks: the model's greedy fill vs. always answering the most frequent training word
@@ -183,22 +213,28 @@ def evaluate(checkpoint_dir: str | Path, corpus_dir: str | Path, out_file: str |
         hits_uni += top_word == word
         if len(examples) < 40:
             examples.append({"prompt": f"{left} [MASK]{right}", "answer": word, "fill": fill})
-    metrics.update({
-        "mask_fill_exact_match": hits / len(blanks), "unigram_mask_fill_exact_match": hits_uni / len(blanks),
-        # the free fill's first word (the model chooses its span length; a single-word blank does not say so)
-        "mask_fill_first_word_match": hits_first / len(blanks),
-        # GLM's cloze protocol: answer length given, every token the argmax (teacher forced); the unigram
-        # baseline's figure is the same "always the most frequent word" rate
-        "mask_fill_known_length_match": hits_known / len(blanks),
-        "unigram_word": top_word, "mask_fill_examples_scored": len(blanks),
-        "evaluate_command": shlex.join(["glmx", "evaluate", str(checkpoint_dir), str(corpus_dir)] +
-                                       (["--out", str(out_file)] if out_file else []) +
-                                       ["--fill-examples", str(fill_examples), "--ppl-batches", str(ppl_batches)]),
-        "training_command": (loaded.manifest.extra["pretraining"].get("command")),
-        "corpus": loaded.manifest.extra["pretraining"].get("corpus"),
-        "steps": loaded.manifest.extra["pretraining"].get("steps_done"),
-        "examples": examples,
-    })
+    metrics.update(
+        {
+            "mask_fill_exact_match": hits / len(blanks),
+            "unigram_mask_fill_exact_match": hits_uni / len(blanks),
+            # the free fill's first word (the model chooses its span length; a single-word blank does not say so)
+            "mask_fill_first_word_match": hits_first / len(blanks),
+            # GLM's cloze protocol: answer length given, every token the argmax (teacher forced); the unigram
+            # baseline's figure is the same "always the most frequent word" rate
+            "mask_fill_known_length_match": hits_known / len(blanks),
+            "unigram_word": top_word,
+            "mask_fill_examples_scored": len(blanks),
+            "evaluate_command": shlex.join(
+                ["glmx", "evaluate", str(checkpoint_dir), str(corpus_dir)]
+                + (["--out", str(out_file)] if out_file else [])
+                + ["--fill-examples", str(fill_examples), "--ppl-batches", str(ppl_batches)]
+            ),
+            "training_command": (loaded.manifest.extra["pretraining"].get("command")),
+            "corpus": loaded.manifest.extra["pretraining"].get("corpus"),
+            "steps": loaded.manifest.extra["pretraining"].get("steps_done"),
+            "examples": examples,
+        }
+    )
     if out_file is not None:
         atomic_write_json(out_file, metrics)
     return metrics

@@ -4,13 +4,15 @@ In: a GLMModel or a checkpoint folder, a precision and an output folder. Out: ou
 (+ model.onnx.data when large), the tokenizer if given, and manifest.json (IO table, parity figures), written
 through staged_folder so a failed export leaves nothing behind. `load_onnx_model` checks such a folder.
 """
+
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,15 +22,26 @@ from onnx import helper, numpy_helper
 from glm_export.derive import CHECKS, check_free_space, check_method
 from glm_export.external_data import PROTOBUF_LIMIT, STREAM_THRESHOLD, ExternalData
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
+from glm_export.progress import Progress
+from glm_export.weights import Weights
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import PRECISIONS, accepted_tables, io_table
-from glm_runtime.manifest import (DATA_FILE, MANIFEST_NAME, MODEL_FILE, Manifest, ManifestError, claims_output,
-                                  load_manifest, sha256_file, staged_folder, tool_versions, write_manifest)
+from glm_runtime.manifest import (
+    DATA_FILE,
+    MANIFEST_NAME,
+    MODEL_FILE,
+    Manifest,
+    ManifestError,
+    claims_output,
+    load_manifest,
+    sha256_file,
+    staged_folder,
+    tool_versions,
+    write_manifest,
+)
 from glm_runtime.tokenizer import TokenizerError, tokenizer_entry
 from glm_runtime.tokenizer_folder import resolve_tokenizer
-from glm_export.progress import Progress
-from glm_export.weights import Weights
 
 DEFAULT_OPSET = 17
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "bundled" / "glmx-small"
@@ -43,8 +56,10 @@ class ExportError(GLMXError, RuntimeError):
 def default_checkpoint() -> Path:
     """The bundled model, resolved only when asked for (it is produced by the pretraining stage)."""
     if not (BUNDLED_CHECKPOINT / MANIFEST_NAME).is_file():
-        raise ExportError(f"the bundled model {BUNDLED_CHECKPOINT} is not present in this install; pass a "
-                          f"CHECKPOINT folder (glmx export CHECKPOINT -o OUT)")
+        raise ExportError(
+            f"the bundled model {BUNDLED_CHECKPOINT} is not present in this install; pass a "
+            f"CHECKPOINT folder (glmx export CHECKPOINT -o OUT)"
+        )
     return BUNDLED_CHECKPOINT
 
 
@@ -56,12 +71,21 @@ def _weight_bytes(weights: Weights, precision: str) -> int:
 
 # ------------------------------------------------------------------ the source: model object or checkpoint folder
 
+
 class _Source:
     """What is exported: its config, its weights (read one tensor at a time from a checkpoint folder, or the
     tensors of a model object), its tokenizer, and where they came from (a checkpoint folder, its notes)."""
 
-    def __init__(self, config: GLMConfig, weights: Weights, folder: Optional[Path] = None, tokenizer: Any = None,
-                 notes: Sequence[str] = (), layout: Optional[str] = None, model: Optional[torch.nn.Module] = None):
+    def __init__(
+        self,
+        config: GLMConfig,
+        weights: Weights,
+        folder: Path | None = None,
+        tokenizer: Any = None,
+        notes: Sequence[str] = (),
+        layout: str | None = None,
+        model: torch.nn.Module | None = None,
+    ):
         self.config, self.weights, self.model = config, weights, model
         self.folder, self.tokenizer = folder, tokenizer
         self.notes, self.layout = list(notes), layout
@@ -71,19 +95,23 @@ class _Source:
         if self.model is not None:
             return self.model
         from glm_export.checkpoint import model_from_weights
+
         return model_from_weights(self.config, self.weights, torch.float32)
 
 
-def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_file: Any = None,
-                    **load_options: Any) -> _Source:
+def _resolve_source(
+    source: torch.nn.Module | str | Path | None, tokenizer_file: Any = None, **load_options: Any
+) -> _Source:
     """The model and its tokenizer: a GLMModel (with tokenizer_file if given) or any checkpoint layout, where
     glm_export.checkpoint decides config, GeLU and tokenizer from the folder and the options."""
     if isinstance(source, torch.nn.Module):
         if not isinstance(getattr(source, "config", None), GLMConfig):
             raise ExportError("the model has no GLMConfig `.config`; pass a glm_export.model.GLMModel")
         if any(v is not None for v in load_options.values()):
-            raise ExportError(f"{sorted(k for k, v in load_options.items() if v is not None)} apply to a checkpoint "
-                              f"folder, not to a model object")
+            raise ExportError(
+                f"{sorted(k for k, v in load_options.items() if v is not None)} apply to a checkpoint "
+                f"folder, not to a model object"
+            )
         tok, notes = None, []
         if tokenizer_file is not None:
             try:
@@ -98,20 +126,38 @@ def _resolve_source(source: Union[torch.nn.Module, str, Path, None], tokenizer_f
     if not folder.exists():
         raise ExportError(f"checkpoint {folder} does not exist")
     from glm_export.checkpoint import open_checkpoint  # any layout: glmx, Hugging Face, Megatron
+
     opened = open_checkpoint(folder, tokenizer=tokenizer_file, **load_options)
     return _Source(opened.config, opened.weights, folder, opened.tokenizer, opened.notes, opened.layout)
 
 
 # ------------------------------------------------------------------ the entry function
 
-@claims_output(lambda a: [a["model_or_checkpoint"] if a["model_or_checkpoint"] is not None else BUNDLED_CHECKPOINT,
-                          a["tokenizer_file"], a["config"]])
-def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], out_dir: Union[str, Path], *,
-                precision: str = "fp32", opset: int = DEFAULT_OPSET, external_data: Optional[bool] = None,
-                tokenizer_file: Optional[Union[str, Path]] = None, config: Union[GLMConfig, str, Path, None] = None,
-                tokenizer_kind: Optional[str] = None, gelu: Optional[str] = None, no_tokenizer: bool = False,
-                overwrite: bool = False, validate: bool = True, check: str = "auto",
-                log: Optional[Log] = None) -> Path:
+
+@claims_output(
+    lambda a: [
+        a["model_or_checkpoint"] if a["model_or_checkpoint"] is not None else BUNDLED_CHECKPOINT,
+        a["tokenizer_file"],
+        a["config"],
+    ]
+)
+def export_onnx(
+    model_or_checkpoint: torch.nn.Module | str | Path | None,
+    out_dir: str | Path,
+    *,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    tokenizer_file: str | Path | None = None,
+    config: GLMConfig | str | Path | None = None,
+    tokenizer_kind: str | None = None,
+    gelu: str | None = None,
+    no_tokenizer: bool = False,
+    overwrite: bool = False,
+    validate: bool = True,
+    check: str = "auto",
+    log: Log | None = None,
+) -> Path:
     """Write out_dir/ = model.onnx [+ model.onnx.data] [+ tokenizer] + manifest.json; returns out_dir.
 
     config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
@@ -130,8 +176,9 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
         raise ExportError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
     if check not in CHECKS:
         raise ExportError(f"check must be one of {CHECKS}, got {check!r}")
-    source = _resolve_source(model_or_checkpoint, tokenizer_file, config=config, tokenizer_kind=tokenizer_kind,
-                             gelu=gelu)
+    source = _resolve_source(
+        model_or_checkpoint, tokenizer_file, config=config, tokenizer_kind=tokenizer_kind, gelu=gelu
+    )
     checkpoint = source.folder
     config: GLMConfig = source.config
     for note in source.notes:
@@ -139,9 +186,11 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     if no_tokenizer and tokenizer_file is not None:
         raise ExportError("--no-tokenizer and --tokenizer contradict each other; give one")
     if checkpoint is not None and source.tokenizer is None and not no_tokenizer:
-        raise ExportError(f"{checkpoint} has no tokenizer beside its weights, and an export without one cannot "
-                          f"fill text (glmx fill) or be quantized: pass --tokenizer FILE, or --no-tokenizer to "
-                          f"export the graph alone")
+        raise ExportError(
+            f"{checkpoint} has no tokenizer beside its weights, and an export without one cannot "
+            f"fill text (glmx fill) or be quantized: pass --tokenizer FILE, or --no-tokenizer to "
+            f"export the graph alone"
+        )
     if no_tokenizer and source.tokenizer is not None:
         say("export: --no-tokenizer: the checkpoint's tokenizer is left out as asked")
         source.tokenizer = None
@@ -149,18 +198,23 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     if external_data is None:
         external_data = size > STREAM_THRESHOLD
     elif not external_data and size > PROTOBUF_LIMIT:
-        raise ExportError(f"the {precision} weights take {size / 2**30:.1f} GiB, past protobuf's 2 GiB limit for "
-                          f"one file; export with external data (drop --no-external-data)")
+        raise ExportError(
+            f"the {precision} weights take {size / 2**30:.1f} GiB, past protobuf's 2 GiB limit for "
+            f"one file; export with external data (drop --no-external-data)"
+        )
     method = check_method(check, source.weights) if validate else None
     check_free_space(Path(out_dir).parent, size, f"the {precision} export of {config.name}")
     try:
         with staged_folder(out_dir, overwrite=overwrite) as stage:
-            say(f"export: building the {precision} graph of {config.name} (L={config.num_layers}, "
+            say(
+                f"export: building the {precision} graph of {config.name} (L={config.num_layers}, "
                 f"h={config.hidden_size}, V={config.vocab_size}, opset {opset}, "
-                f"{'external data' if external_data else 'inline weights'}, {size / 1e9:.2f} GB of weights)")
+                f"{'external data' if external_data else 'inline weights'}, {size / 1e9:.2f} GB of weights)"
+            )
             store = ExternalData(stage) if external_data else None
-            bar = Progress("export: layers", config.num_layers, say,
-                           written=(lambda: store.written) if store is not None else None)
+            bar = Progress(
+                "export: layers", config.num_layers, say, written=(lambda: store.written) if store is not None else None
+            )
             try:
                 graph = build_model(config, source.weights, precision, opset, store, progress=bar.update)
             finally:
@@ -184,15 +238,26 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
                 if (checkpoint / MANIFEST_NAME).is_file():  # a glmx folder; HF / Megatron ones have none
                     parent["manifest_sha256"] = sha256_file(checkpoint / MANIFEST_NAME)
             manifest = Manifest(
-                kind="onnx", config=config.to_dict(), precision=precision, tokenizer=tokenizer,
-                io=io_table(config, precision), parity={"skipped": True},
-                versions=tool_versions("torch", "onnx", "onnxruntime"), parent=parent,
-                extra={"source": {"layout": source.layout, "notes": source.notes}, "model_file": MODEL_FILE,
-                       "external_data": DATA_FILE if external_data else None,
-                       "opset": opset, "graph": "glm_export.onnx_graph (hand-built)",
-                       "tied_embedding": "word_embeddings.weight, stored once (Gather + Gemm transB=1)",
-                       "fp16_islands": "LayerNorm, QK product, masking, softmax in fp32; residual stream fp32"
-                       if precision == "fp16" else None})
+                kind="onnx",
+                config=config.to_dict(),
+                precision=precision,
+                tokenizer=tokenizer,
+                io=io_table(config, precision),
+                parity={"skipped": True},
+                versions=tool_versions("torch", "onnx", "onnxruntime"),
+                parent=parent,
+                extra={
+                    "source": {"layout": source.layout, "notes": source.notes},
+                    "model_file": MODEL_FILE,
+                    "external_data": DATA_FILE if external_data else None,
+                    "opset": opset,
+                    "graph": "glm_export.onnx_graph (hand-built)",
+                    "tied_embedding": "word_embeddings.weight, stored once (Gather + Gemm transB=1)",
+                    "fp16_islands": "LayerNorm, QK product, masking, softmax in fp32; residual stream fp32"
+                    if precision == "fp16"
+                    else None,
+                },
+            )
             write_manifest(stage, manifest)
             if validate:
                 manifest.parity = validate_export(stage, source, precision, method, say).to_dict()
@@ -203,24 +268,31 @@ def export_onnx(model_or_checkpoint: Union[torch.nn.Module, str, Path, None], ou
     return Path(out_dir)
 
 
-def validate_export(folder: Path, source: Any, precision: str, method: str = "whole", log: Optional[Log] = None):
+def validate_export(folder: Path, source: Any, precision: str, method: str = "whole", log: Log | None = None):
     """The exported folder on ONNX Runtime against the fp32 torch reference (glm_export.compare; one layer at a
     time with method "piecewise", glm_export.pieces); raises ParityError with the table on a miss, returns the
     Comparison otherwise. source: a _Source, or a GLMModel."""
     from glm_export.compare import ParityError, compare_sessions
+
     say = log or (lambda msg: print(msg, file=sys.stderr))
     if isinstance(source, torch.nn.Module):
         source = _Source(source.config, Weights.from_arrays(source.state_dict()), model=source)
     if method == "piecewise":
         from glm_export.pieces import OnnxLayers, TorchLayers, compare_by_layer
+
         cfg = source.config
-        say(f"export: comparing with the fp32 torch reference one layer at a time ({cfg.num_layers} layers, "
-            f"onnxruntime CPU), GLM's cases")
+        say(
+            f"export: comparing with the fp32 torch reference one layer at a time ({cfg.num_layers} layers, "
+            f"onnxruntime CPU), GLM's cases"
+        )
         bar = Progress("export: checked layers", cfg.num_layers, say)
         try:
-            result = compare_by_layer(OnnxLayers(folder / MODEL_FILE, cfg, precision, "the artifact being written"),
-                                      TorchLayers(cfg, source.weights, "torch reference (GLMModel layers, fp32)"),
-                                      stage="export", log=lambda i, n: bar.update(i))
+            result = compare_by_layer(
+                OnnxLayers(folder / MODEL_FILE, cfg, precision, "the artifact being written"),
+                TorchLayers(cfg, source.weights, "torch reference (GLMModel layers, fp32)"),
+                stage="export",
+                log=lambda i, n: bar.update(i),
+            )
         finally:
             bar.close()
     else:
@@ -228,13 +300,15 @@ def validate_export(folder: Path, source: Any, precision: str, method: str = "wh
 
         from glm_export.reference_session import TorchSession
         from glm_runtime.session import OnnxRuntimeSession
+
         say("export: comparing with the fp32 torch reference on onnxruntime (CPU), GLM's cases")
         model = source.reference_model()
         ref_model = model if all(p.dtype == torch.float32 for p in model.parameters()) else copy.deepcopy(model).float()
         was_training = ref_model.training
         try:
-            result = compare_sessions(OnnxRuntimeSession(folder, staging=True), TorchSession(ref_model.eval()),
-                                      stage="export")
+            result = compare_sessions(
+                OnnxRuntimeSession(folder, staging=True), TorchSession(ref_model.eval()), stage="export"
+            )
         finally:
             ref_model.train(was_training)
     say(result.table())
@@ -245,12 +319,18 @@ def validate_export(folder: Path, source: Any, precision: str, method: str = "wh
 
 # ------------------------------------------------------------------ loading an exported folder
 
+
 def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     """A graph's inputs and outputs in the IO-table format (numpy dtype names, ints and symbolic dims)."""
+
     def entry(v: onnx.ValueInfoProto) -> dict[str, Any]:
         t = v.type.tensor_type
-        return {"name": v.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
-                "shape": [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]}
+        return {
+            "name": v.name,
+            "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
+            "shape": [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim],
+        }
+
     defaults = {t.name: t for t in model.graph.initializer}  # an input backed by an initializer is optional
     inputs = []
     for v in model.graph.input:
@@ -260,11 +340,11 @@ def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": inputs, "outputs": [entry(v) for v in model.graph.output]}
 
 
-def _describe(entry: Optional[dict[str, Any]]) -> str:
+def _describe(entry: dict[str, Any] | None) -> str:
     return "nothing" if entry is None else f"{entry['name']} {entry['dtype']} {entry['shape']}"
 
 
-def load_onnx_model(folder: Union[str, Path]) -> tuple[Manifest, Path]:
+def load_onnx_model(folder: str | Path) -> tuple[Manifest, Path]:
     """Check an exported folder and return (manifest, path of model.onnx).
 
     Refuses: a file whose sha256 differs from the manifest, a manifest whose IO table does not follow from its
@@ -279,13 +359,17 @@ def load_onnx_model(folder: Union[str, Path]) -> tuple[Manifest, Path]:
     except (ConfigError, ValueError) as exc:
         raise ManifestError(f"{where} was modified or is corrupt: its config/precision are invalid ({exc})") from None
     if expected is None:
-        raise ManifestError(f"{where} was modified or is corrupt: its IO table does not follow from its config and "
-                            f"precision {manifest.precision!r}; re-export the model")
+        raise ManifestError(
+            f"{where} was modified or is corrupt: its IO table does not follow from its config and "
+            f"precision {manifest.precision!r}; re-export the model"
+        )
     path = folder / manifest.extra.get("model_file", MODEL_FILE)
     actual = graph_io(onnx.load(str(path), load_external_data=False))
     for kind in ("inputs", "outputs"):
         if actual[kind] != expected[kind]:
             a, e = next((a, e) for a, e in zip_longest(actual[kind], expected[kind]) if a != e)
-            raise ManifestError(f"{where} does not describe {path.name}: the graph has {_describe(a)} where the "
-                                f"manifest says {_describe(e)}; the manifest or the model was modified, re-export")
+            raise ManifestError(
+                f"{where} does not describe {path.name}: the graph has {_describe(a)} where the "
+                f"manifest says {_describe(e)}; the manifest or the model was modified, re-export"
+            )
     return manifest, path

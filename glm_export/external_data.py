@@ -4,6 +4,7 @@ through it.
 
 In: initializers as numpy arrays, one at a time. Out: TensorProtos that point into one 4 KiB-aligned data file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +13,12 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from glm_runtime.manifest import DATA_FILE
+
 # protobuf cannot serialize a message past 2 GiB; leave room for the graph itself
-PROTOBUF_LIMIT = 2 ** 31 - 2 ** 27
+PROTOBUF_LIMIT = 2**31 - 2**27
 # a graph built with weights past this streams them into DATA_FILE as it is built. An inline graph is held whole
 # in memory, and twice while it is serialized; a streamed export's peak is in benchmarks/results/scale.md.
-STREAM_THRESHOLD = 256 * 2 ** 20
+STREAM_THRESHOLD = 256 * 2**20
 
 
 class ExternalData:

@@ -1,9 +1,11 @@
 """The Hugging Face config.json mapping: a GLMConfig (glm_runtime.config, the one definition both sides share) to
 and from the THUDM remote code's config.json. In: a GLMConfig or a parsed config.json. Out: the other. Only
 checkpoint loading and conversion read or write these files; the runtime reads glmx manifests."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from glm_runtime.config import ConfigError, GLMConfig
 
@@ -43,9 +45,16 @@ def from_hf_dict(data: Mapping[str, Any], **overrides: Any) -> GLMConfig:
     if data.get("relative_encoding", False):
         raise ConfigError("relative_encoding=True is not supported: no released GLM uses it")
     num_layers = data.get("num_layers", data.get("num_hidden_layers"))
-    missing = [k for k, v in (("num_layers", num_layers), ("hidden_size", data.get("hidden_size")),
-                              ("num_attention_heads", data.get("num_attention_heads")),
-                              ("vocab_size", data.get("vocab_size"))) if v is None]
+    missing = [
+        k
+        for k, v in (
+            ("num_layers", num_layers),
+            ("hidden_size", data.get("hidden_size")),
+            ("num_attention_heads", data.get("num_attention_heads")),
+            ("vocab_size", data.get("vocab_size")),
+        )
+        if v is None
+    ]
     if missing:
         raise ConfigError(f"config.json lacks {missing}")
     extra = dict(data.get("glmx", {}))

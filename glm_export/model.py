@@ -6,11 +6,12 @@ Out: logits [B, T, V] (tied to the word embeddings, no bias) and the updated cac
 Every fact here is from docs/glm.md; its section numbers are cited inline.
 Parameter names are the official ones (docs/glm.md 1.1), so loading a checkpoint is a literal key map.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -22,11 +23,12 @@ from glm_runtime.config import GLMConfig
 MASK_FILL = 65504.0
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value [B, n, past, d]
-MaskArg = Union[int, torch.Tensor]
+MaskArg = int | torch.Tensor
 
 
-def build_attention_mask(attention_mask: MaskArg, batch: int, query_len: int, past_len: int,
-                         device: torch.device | None = None) -> torch.Tensor:
+def build_attention_mask(
+    attention_mask: MaskArg, batch: int, query_len: int, past_len: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Turn any of the original's mask forms into an explicit 0/1 float mask [B|1, 1, T, past+T].
 
     Forms (docs/glm.md 3.1): a Python int or one-element tensor = scalar sep; a [B] tensor = per-sample sep;
@@ -34,8 +36,11 @@ def build_attention_mask(attention_mask: MaskArg, batch: int, query_len: int, pa
     tokens) sees key j iff j < sep or j <= i; all past columns are visible (docs/glm.md 3.1, memory).
     """
     total = past_len + query_len
-    if isinstance(attention_mask, int) or (torch.is_tensor(attention_mask) and attention_mask.numel() == 1
-                                           and not (batch == 1 and attention_mask.dim() == 4)):
+    if isinstance(attention_mask, int) or (
+        torch.is_tensor(attention_mask)
+        and attention_mask.numel() == 1
+        and not (batch == 1 and attention_mask.dim() == 4)
+    ):
         sep = torch.as_tensor(attention_mask, device=device).reshape(1)
     elif torch.is_tensor(attention_mask) and attention_mask.dim() == 1:
         if attention_mask.numel() != batch:
@@ -46,7 +51,8 @@ def build_attention_mask(attention_mask: MaskArg, batch: int, query_len: int, pa
         if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != query_len or mask.shape[3] < total:
             raise ValueError(
                 f"explicit attention_mask must be [B, 1, {query_len}, >= {total}] (past {past_len} + "
-                f"seq {query_len}), got {list(mask.shape)}")
+                f"seq {query_len}), got {list(mask.shape)}"
+            )
         return mask[..., -total:].to(torch.float32)
     i = torch.arange(query_len, device=sep.device).view(1, query_len, 1)  # query index
     j = torch.arange(query_len, device=sep.device).view(1, 1, query_len)  # key index among new tokens
@@ -72,8 +78,9 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n, T, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                past: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, tuple]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple]:
         B, T, h = x.shape
         q, k, v = self.query_key_value(x).split(h, dim=-1)  # each (B, T, h)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, n, T, d)
@@ -162,7 +169,7 @@ class GLMModel(nn.Module):
             self.reset_parameters()
 
     @classmethod
-    def skeleton(cls, config: GLMConfig) -> "GLMModel":
+    def skeleton(cls, config: GLMConfig) -> GLMModel:
         """The model on the meta device, uninitialised: its parameter names and shapes, for weights to be
         assigned (load_state_dict(..., assign=True)) or checked against."""
         with meta_without_init():
@@ -182,9 +189,13 @@ class GLMModel(nn.Module):
             else:
                 p.normal_(0.0, 0.02)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: MaskArg,
-                past_key_values: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
-                ) -> tuple[torch.Tensor, LayerKV]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: MaskArg,
+        past_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, LayerKV]:
         x, presents = self.hidden_states(input_ids, position_ids, attention_mask, past_key_values)
         return self.lm_head(x), presents
 
@@ -192,9 +203,13 @@ class GLMModel(nn.Module):
         """Final hidden states (..., h) -> logits (..., V): the tied embedding, no bias."""
         return F.linear(x, self.word_embeddings.weight)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: MaskArg,
-                      past_key_values: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
-                      ) -> tuple[torch.Tensor, LayerKV]:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: MaskArg,
+        past_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, LayerKV]:
         """The final-LayerNorm output (B, T, h) and the per-layer presents; forward() without the head."""
         B, T = input_ids.shape
         if position_ids.shape != (B, 2, T):

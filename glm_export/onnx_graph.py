@@ -5,11 +5,12 @@ weights, cache and logits; a manifest's `precision` names the whole artifact for
 graph is fp32) and an opset.
 Out: an onnx.ModelProto whose inputs and outputs are exactly glm_runtime.iotable.io_table(config, float_type).
 """
+
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -20,8 +21,12 @@ from glm_runtime.iotable import LOGITS_START, io_table, kv_names
 
 MASK_FILL = 65504.0  # masked scores become -65504 (the fp16 minimum), never -inf (docs/glm.md 1.3, 9.5)
 INT64_MAX = np.iinfo(np.int64).max
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
-               "bool": TensorProto.BOOL}
+ONNX_DTYPES = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "int64": TensorProto.INT64,
+    "bool": TensorProto.BOOL,
+}
 MIN_OPSET = 17  # LayerNormalization
 MAX_OPSET = 24  # the newest opset TensorRT 10.15's parser reads (glm_export/data/trt_onnx_support.json)
 
@@ -37,14 +42,27 @@ class NBits:
     format (head_bits, head_block_size; default: the layers' own). mlp_block_size: the block of the MLP's two
     matmuls (2/3 of a layer's weights; default: block_size)."""
 
-    def __init__(self, bits: int, block_size: int, accuracy_level: int, keep: Callable[[str], bool],
-                 head: bool = False, head_bits: int | None = None, head_block_size: int | None = None,
-                 mlp_block_size: int | None = None):
+    def __init__(
+        self,
+        bits: int,
+        block_size: int,
+        accuracy_level: int,
+        keep: Callable[[str], bool],
+        head: bool = False,
+        head_bits: int | None = None,
+        head_block_size: int | None = None,
+        mlp_block_size: int | None = None,
+    ):
         for value in (bits, head_bits):
             if value is not None and value not in (4, 8):
                 raise ValueError(f"bits must be 4 or 8, got {value}")
-        self.bits, self.block_size, self.accuracy_level, self.keep, self.head = bits, block_size, accuracy_level, \
-            keep, head
+        self.bits, self.block_size, self.accuracy_level, self.keep, self.head = (
+            bits,
+            block_size,
+            accuracy_level,
+            keep,
+            head,
+        )
         self.head_bits = bits if head_bits is None else head_bits
         self.head_block_size = block_size if head_block_size is None else head_block_size
         self.mlp_block_size = block_size if mlp_block_size is None else mlp_block_size
@@ -53,10 +71,12 @@ class NBits:
         """The block size of the linear `prefix` (transformer.layers.i.{attention,mlp}.*)."""
         return self.mlp_block_size if ".mlp." in prefix else self.block_size
 
-    def pack(self, w_kn: np.ndarray, bits: int | None = None,
-             block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def pack(
+        self, w_kn: np.ndarray, bits: int | None = None, block_size: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """[K, N] float -> (packed uint8 [N, K/block, block*bits/8], scales float32 [N * K/block])."""
         from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
         bits, block_size = bits or self.bits, block_size or self.block_size
         K, N = w_kn.shape
         blocks = -(-K // block_size)
@@ -69,8 +89,17 @@ class NBits:
         quantize(packed, w, scales, zero_points, block_size, N, w.shape[0], True)
         return packed, scales.reshape(-1)
 
-    def matmul(self, b: "GraphBuilder", x: str, w_kn: np.ndarray, name: str, node: str, bits: int | None = None,
-               block_size: int | None = None, bias: str | None = None) -> str:
+    def matmul(
+        self,
+        b: GraphBuilder,
+        x: str,
+        w_kn: np.ndarray,
+        name: str,
+        node: str,
+        bits: int | None = None,
+        block_size: int | None = None,
+        bias: str | None = None,
+    ) -> str:
         """x @ w_kn (+ bias, MatMulNBits' own optional input 5: no separate Add node)."""
         bits, block_size = bits or self.bits, block_size or self.block_size
         K, N = w_kn.shape
@@ -108,11 +137,21 @@ class GraphBuilder:
         self._used[name] += 1
         return name if self._used[name] == 1 else f"{name}_{self._used[name] - 1}"
 
-    def op(self, op_type: str, inputs: Sequence[str], name: str, outputs: Sequence[str] | None = None,
-           n_out: int = 1, **attrs) -> str | list[str]:
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        name: str,
+        outputs: Sequence[str] | None = None,
+        n_out: int = 1,
+        **attrs,
+    ) -> str | list[str]:
         node_name = self._unique(name)
-        outputs = list(outputs) if outputs is not None else [
-            f"{node_name}/out" if n_out == 1 else f"{node_name}/out{k}" for k in range(n_out)]
+        outputs = (
+            list(outputs)
+            if outputs is not None
+            else [f"{node_name}/out" if n_out == 1 else f"{node_name}/out{k}" for k in range(n_out)]
+        )
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -156,14 +195,22 @@ def linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str) ->
     return b.op("Add", [b.op("MatMul", [x, w], f"/{prefix}/MatMul"), bias], f"/{prefix}/Add")
 
 
-def nbits_linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str,
-                 fuse_bias: bool) -> str | tuple[str, str]:
+def nbits_linear(
+    b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str, fuse_bias: bool
+) -> str | tuple[str, str]:
     """MatMulNBits over the packed W.T; fuse_bias: the bias as its input 5 (-> output), else (output, bias name)
     for a consumer that takes the bias itself (FastGelu / BiasGelu)."""
     w_kn = np.asarray(W[f"{prefix}.weight"], dtype=np.float32).T  # [in, out] = [K, N]
     bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(b.wdtype))
-    mm = b.nbits.matmul(b, x, w_kn, f"{prefix}.weight.T", f"/{prefix}/MatMul_Q{b.nbits.bits}",
-                        block_size=b.nbits.block_size_for(prefix), bias=bias if fuse_bias else None)
+    mm = b.nbits.matmul(
+        b,
+        x,
+        w_kn,
+        f"{prefix}.weight.T",
+        f"/{prefix}/MatMul_Q{b.nbits.bits}",
+        block_size=b.nbits.block_size_for(prefix),
+        bias=bias if fuse_bias else None,
+    )
     return mm if fuse_bias else (mm, bias)
 
 
@@ -174,10 +221,13 @@ def nbits_linear(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: s
 def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray]) -> tuple[str, str]:
     """Returns (x [B,T,h] fp32, name of the word-embedding initializer, reused by the tied head)."""
     table = b.weight("word_embeddings.weight", W["word_embeddings.weight"].astype(b.wdtype))
-    pos_table = b.weight("transformer.position_embeddings.weight",
-                         W["transformer.position_embeddings.weight"].astype(b.wdtype))
-    blk_table = b.weight("transformer.block_position_embeddings.weight",
-                         W["transformer.block_position_embeddings.weight"].astype(b.wdtype))
+    pos_table = b.weight(
+        "transformer.position_embeddings.weight", W["transformer.position_embeddings.weight"].astype(b.wdtype)
+    )
+    blk_table = b.weight(
+        "transformer.block_position_embeddings.weight",
+        W["transformer.block_position_embeddings.weight"].astype(b.wdtype),
+    )
     pos = b.op("Gather", ["position_ids", b.const("zero", 0)], "/embed/position_row", axis=1)  # [B,T]
     blk = b.op("Gather", ["position_ids", b.const("one", 1)], "/embed/block_row", axis=1)  # [B,T]
     word = b.to_float(b.op("Gather", [table, "input_ids"], "/embed/word"), "/embed/word")
@@ -211,8 +261,7 @@ def _heads(b: GraphBuilder, x: str, n: int, d: int, name: str, output: str | Non
 #   probs - Slice[..., P:] - MatMul(., value) -------+- Add -> ctx [B,n,T,d] - Transpose/Reshape [B,T,h] - dense
 # Past and new keys/values are never concatenated, so a decode step copies no cache.
 # * fp16 graphs: the QK product, masking and softmax are an fp32 island; K/V and the matmuls with V fp16.
-def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig,
-                   past_len: str) -> str:
+def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig, past_len: str) -> str:
     prefix = f"transformer.layers.{i}.attention"
     n, d, h = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
     qkv = linear(b, b.to_weight_dtype(a, f"/{prefix}"), W, f"{prefix}.query_key_value")  # [B,T,3h]
@@ -229,21 +278,27 @@ def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int,
     s = cfg.attention_scale
     # Q/(s*sqrt d) . K^T == (Q/sqrt s).(K/sqrt(d s))^T of the original; for s = 1 and d a power of 4
     # (16, 64) the division is by a power of two, so it is exact.
-    q = b.op("Div", [b.to_float(q, f"/{prefix}/q"), b.const("qk_scale", s * math.sqrt(d), np.float32)],
-             f"/{prefix}/scale_q")
-    kt_past = b.op("Transpose", [b.to_float(past_k, f"/{prefix}/past_k")], f"/{prefix}/past_k/T",
-                   perm=[0, 1, 3, 2])
+    q = b.op(
+        "Div", [b.to_float(q, f"/{prefix}/q"), b.const("qk_scale", s * math.sqrt(d), np.float32)], f"/{prefix}/scale_q"
+    )
+    kt_past = b.op("Transpose", [b.to_float(past_k, f"/{prefix}/past_k")], f"/{prefix}/past_k/T", perm=[0, 1, 3, 2])
     kt_new = b.op("Transpose", [b.to_float(k, f"/{prefix}/k")], f"/{prefix}/k/T", perm=[0, 1, 3, 2])
-    scores = b.op("Concat", [b.op("MatMul", [q, kt_past], f"/{prefix}/scores_past"),
-                             b.op("MatMul", [q, kt_new], f"/{prefix}/scores_new")],
-                  f"/{prefix}/scores", axis=3)  # [B,n,T,P+T] fp32
+    scores = b.op(
+        "Concat",
+        [b.op("MatMul", [q, kt_past], f"/{prefix}/scores_past"), b.op("MatMul", [q, kt_new], f"/{prefix}/scores_new")],
+        f"/{prefix}/scores",
+        axis=3,
+    )  # [B,n,T,P+T] fp32
     scores = _mask_scores(b, scores, s, f"/{prefix}")
     probs = b.to_weight_dtype(b.op("Softmax", [scores], f"/{prefix}/Softmax", axis=-1), f"/{prefix}/probs")
     axis3 = b.const("axis3", [3])
     p_past = b.op("Slice", [probs, b.const("start0", [0]), past_len, axis3], f"/{prefix}/probs_past")
     p_new = b.op("Slice", [probs, past_len, b.const("end", [INT64_MAX]), axis3], f"/{prefix}/probs_new")
-    ctx = b.op("Add", [b.op("MatMul", [p_past, past_v], f"/{prefix}/ctx_past"),
-                       b.op("MatMul", [p_new, v], f"/{prefix}/ctx_new")], f"/{prefix}/ctx")  # [B,n,T,d]
+    ctx = b.op(
+        "Add",
+        [b.op("MatMul", [p_past, past_v], f"/{prefix}/ctx_past"), b.op("MatMul", [p_new, v], f"/{prefix}/ctx_new")],
+        f"/{prefix}/ctx",
+    )  # [B,n,T,d]
     ctx = b.op("Transpose", [ctx], f"/{prefix}/ctx/Transpose", perm=[0, 2, 1, 3])
     ctx = b.op("Reshape", [ctx, b.const("merge_heads", [0, 0, h])], f"/{prefix}/ctx/Reshape")  # [B,T,h]
     return linear(b, ctx, W, f"{prefix}.dense")
@@ -286,11 +341,16 @@ def mlp(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, gelu_kind:
 def gelu(b: GraphBuilder, x: str, kind: str, name: str) -> str:
     def c(tag: str, value: float) -> str:
         return b.const(tag, value, b.wdtype)
+
     if kind == "tanh":
-        inner = b.op("Add", [c("one_w", 1.0), b.op("Mul", [b.op("Mul", [x, x], f"{name}/x2"), c("gelu_a", 0.044715)],
-                                                     f"{name}/ax2")], f"{name}/1+ax2")
-        inner = b.op("Mul", [b.op("Mul", [x, inner], f"{name}/x(1+ax2)"), c("gelu_k", 0.7978845608028654)],
-                     f"{name}/arg")
+        inner = b.op(
+            "Add",
+            [c("one_w", 1.0), b.op("Mul", [b.op("Mul", [x, x], f"{name}/x2"), c("gelu_a", 0.044715)], f"{name}/ax2")],
+            f"{name}/1+ax2",
+        )
+        inner = b.op(
+            "Mul", [b.op("Mul", [x, inner], f"{name}/x(1+ax2)"), c("gelu_k", 0.7978845608028654)], f"{name}/arg"
+        )
         t = b.op("Tanh", [inner], f"{name}/Tanh")
     else:
         t = b.op("Erf", [b.op("Div", [x, c("sqrt2", math.sqrt(2.0))], f"{name}/x/sqrt2")], f"{name}/Erf")
@@ -298,8 +358,9 @@ def gelu(b: GraphBuilder, x: str, kind: str, name: str) -> str:
     return b.op("Mul", [half_x, b.op("Add", [t, c("one_w", 1.0)], f"{name}/1+t")], f"{name}/out")
 
 
-def transformer_layer(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig,
-                      past_len: str) -> str:
+def transformer_layer(
+    b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig, past_len: str
+) -> str:
     """Pre-LN block (docs/glm.md 1.2): x + Attn(LN_in(x)), then + MLP(LN_post(.)); residual stream fp32."""
     p, eps = f"transformer.layers.{i}", cfg.layernorm_epsilon
     attn = self_attention(b, layer_norm(b, x, W, f"{p}.input_layernorm", eps), W, i, cfg, past_len)
@@ -312,19 +373,31 @@ def transformer_layer(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: i
 #   - Gemm(transB=1, word_embeddings [V,h]) -> [B*T',V] - Reshape [B,T',V] -Cast*-> logits
 # The tied head reads the SAME initializer as the embedding Gather: the [V,h] matrix is stored once.
 # logits_start is an optional input (a graph input with an initializer of the same name, value [0]).
-def lm_head(b: GraphBuilder, y: str, table: str, vocab: int, hidden: int,
-            W: Mapping[str, np.ndarray] | None = None) -> str:
+def lm_head(
+    b: GraphBuilder, y: str, table: str, vocab: int, hidden: int, W: Mapping[str, np.ndarray] | None = None
+) -> str:
     y = b.op("Slice", [y, LOGITS_START, b.const("end", [INT64_MAX]), b.const("axis1", [1])], "/lm_head/rows")
     if b.nbits is not None and b.nbits.head:  # an untied, quantized copy of the table: [B,T',h] -> [B,T',V]
         w_kn = np.asarray(W["word_embeddings.weight"], dtype=np.float32).T  # [h, V]
         nb = b.nbits
-        logits = nb.matmul(b, y, w_kn, "lm_head.weight.T", f"/lm_head/MatMul_Q{nb.head_bits}", bits=nb.head_bits,
-                           block_size=nb.head_block_size)
+        logits = nb.matmul(
+            b,
+            y,
+            w_kn,
+            "lm_head.weight.T",
+            f"/lm_head/MatMul_Q{nb.head_bits}",
+            bits=nb.head_bits,
+            block_size=nb.head_block_size,
+        )
         return b.op("Identity", [logits], "/lm_head/logits", outputs=["logits"])
     flat = b.op("Reshape", [b.to_weight_dtype(y, "/lm_head"), b.const("flat", [-1, hidden])], "/lm_head/flatten")
     scores = b.op("Gemm", [flat, table], "/lm_head/Gemm", transB=1)
-    out_shape = b.op("Concat", [b.op("Shape", [y], "/lm_head/batch_rows", start=0, end=2),
-                                b.const("vocab", [vocab])], "/lm_head/shape", axis=0)
+    out_shape = b.op(
+        "Concat",
+        [b.op("Shape", [y], "/lm_head/batch_rows", start=0, end=2), b.const("vocab", [vocab])],
+        "/lm_head/shape",
+        axis=0,
+    )
     if b.fp16:
         logits = b.op("Reshape", [scores, out_shape], "/lm_head/unflatten")
         return b.op("Cast", [logits], "/lm_head/to_fp32", outputs=["logits"], to=TensorProto.FLOAT)
@@ -335,8 +408,15 @@ def _value_info(entry: Mapping) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(entry["name"], ONNX_DTYPES[entry["dtype"]], list(entry["shape"]))
 
 
-def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], float_type: str, opset: int,
-                add_weight: AddWeight | None = None, progress=None, nbits: NBits | None = None) -> onnx.ModelProto:
+def build_model(
+    config: GLMConfig,
+    weights: Mapping[str, np.ndarray],
+    float_type: str,
+    opset: int,
+    add_weight: AddWeight | None = None,
+    progress=None,
+    nbits: NBits | None = None,
+) -> onnx.ModelProto:
     """The whole graph: embeddings -> L layers -> final LN -> tied head, IO exactly io_table(config, float_type).
     weights: read once each, in graph order (a glm_export.weights.Weights reads them from disk as asked);
     add_weight: where each initializer goes (ExternalData streams it to disk); progress(i): after layer i;
@@ -346,28 +426,43 @@ def build_model(config: GLMConfig, weights: Mapping[str, np.ndarray], float_type
     if nbits is not None and float_type != "fp32":
         raise ValueError("MatMulNBits weights go into an fp32 graph (fp32 activations and cache)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17; TensorRT "
-                         f"10.x parses up to {MAX_OPSET}), got {opset}")
+        raise ValueError(
+            f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (LayerNormalization needs 17; TensorRT "
+            f"10.x parses up to {MAX_OPSET}), got {opset}"
+        )
     table = io_table(config, float_type)
     wdtype = np.float16 if float_type == "fp16" else np.float32
     b = GraphBuilder(opset, add_weight or (lambda name, a: numpy_helper.from_array(a, name)), wdtype, nbits)
     x, word_table = embeddings(b, weights)
     # P = past_seq, shared by all layers: [1] int64, used to split the probabilities into past | new
-    past_len = b.op("Gather", [b.op("Shape", [kv_names("past", 0)[0]], "/past_shape"), b.const("axis2", [2])],
-                    "/past_len")
+    past_len = b.op(
+        "Gather", [b.op("Shape", [kv_names("past", 0)[0]], "/past_shape"), b.const("axis2", [2])], "/past_len"
+    )
     for i in range(config.num_layers):
         x = transformer_layer(b, x, weights, i, config, past_len)
         if progress is not None:
             progress(i + 1)
     y = layer_norm(b, x, weights, "transformer.final_layernorm", config.layernorm_epsilon)
     lm_head(b, y, word_table, config.vocab_size, config.hidden_size, weights)
-    defaults = [numpy_helper.from_array(np.asarray(e["default"], dtype=e["dtype"]), e["name"])
-                for e in table["inputs"] if "default" in e]
-    graph = helper.make_graph(b.nodes, "glm", [_value_info(e) for e in table["inputs"]],
-                              [_value_info(e) for e in table["outputs"]], initializer=b.initializers + defaults)
+    defaults = [
+        numpy_helper.from_array(np.asarray(e["default"], dtype=e["dtype"]), e["name"])
+        for e in table["inputs"]
+        if "default" in e
+    ]
+    graph = helper.make_graph(
+        b.nodes,
+        "glm",
+        [_value_info(e) for e in table["inputs"]],
+        [_value_info(e) for e in table["outputs"]],
+        initializer=b.initializers + defaults,
+    )
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(CONTRIB, 1)] if b.contrib else [])
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="glmx",
-                              doc_string=f"GLM {config.name} ({float_type}), cache semantics present-is-new")
+    model = helper.make_model(
+        graph,
+        opset_imports=opsets,
+        producer_name="glmx",
+        doc_string=f"GLM {config.name} ({float_type}), cache semantics present-is-new",
+    )
     # the oldest IR that carries this opset, so older runtimes and TensorRT parsers accept the file
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     return model

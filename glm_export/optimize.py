@@ -5,6 +5,7 @@ becomes one standard `Gelu` node (opset raised to 20); "basic" / "extended": ONN
 Out: a new folder re-checked on the exporter's parity cases against the torch reference rebuilt from the
 graph's own weights, and against its parent on held-out text; the manifest records what changed.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,7 +28,7 @@ from glm_runtime.session import quiet_options
 LEVELS = ("fuse", "basic", "extended")
 STANDARD_DOMAINS = ("", "ai.onnx")
 GELU_OPSET = 20  # the first opset with a standard Gelu op
-ORT_LEVEL_MAX_BYTES = 2 ** 31  # ONNX Runtime's optimizer holds the whole model: larger parents use "fuse"
+ORT_LEVEL_MAX_BYTES = 2**31  # ONNX Runtime's optimizer holds the whole model: larger parents use "fuse"
 assert GELU_OPSET <= MAX_OPSET
 CONST_RTOL = 1e-3  # GeLU constants are matched within fp16 rounding (0.044715 is stored as 0.04471 in fp16)
 GELU_A, GELU_K, SQRT2 = 0.044715, 0.7978845608028654, float(np.sqrt(2.0))
@@ -39,12 +40,16 @@ class OptimizeError(GLMXError, ValueError):
 
 # ---------------------------------------------------------------- ONNX Runtime levels (basic, extended)
 
+
 def ort_optimize(src: Path, dst: Path, level: str) -> None:
     """Let ONNX Runtime fold constants and drop redundant nodes (basic), or also fuse (extended), to a file."""
     import onnxruntime as ort
+
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    opts.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
     opts.optimized_model_filepath = str(dst)
     ort.InferenceSession(str(src), quiet_options(opts), providers=["CPUExecutionProvider"])
 
@@ -54,6 +59,7 @@ def nonstandard_ops(model: onnx.ModelProto) -> list[str]:
 
 
 # ---------------------------------------------------------------- glmx level (fuse): GeLU subgraphs -> Gelu
+
 
 class GraphIndex:
     """Who produces and who reads each tensor, and the scalar constants (initializers that are not inputs)."""
@@ -65,10 +71,14 @@ class GraphIndex:
             for name in set(n.input):
                 self.readers.setdefault(name, []).append(n)
         overridable = {i.name for i in graph.input}  # an initializer that is also an input may be fed
-        self.scalars = {t.name: float(numpy_helper.to_array(t).reshape(-1)[0]) for t in graph.initializer
-                        if t.name not in overridable and np.prod(t.dims, dtype=np.int64) == 1
-                        and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                            onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
+        self.scalars = {
+            t.name: float(numpy_helper.to_array(t).reshape(-1)[0])
+            for t in graph.initializer
+            if t.name not in overridable
+            and np.prod(t.dims, dtype=np.int64) == 1
+            and t.data_type
+            in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+        }
         self.outputs = {o.name for o in graph.output}
 
     def node(self, tensor: str, op_type: str) -> onnx.NodeProto | None:
@@ -161,11 +171,14 @@ def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     if current >= target:
         return model
     from onnx import version_converter
+
     try:
         model = version_converter.convert_version(model, target)
     except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors / ConvertErrors
-        raise OptimizeError(f"onnx's version converter cannot take this graph from opset {current} to "
-                            f"{target} (Gelu needs {GELU_OPSET}): {exc}") from None
+        raise OptimizeError(
+            f"onnx's version converter cannot take this graph from opset {current} to "
+            f"{target} (Gelu needs {GELU_OPSET}): {exc}"
+        ) from None
     model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import)))
     return model
 
@@ -217,16 +230,21 @@ def fuse_gelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     for n in model.graph.node:
         m = final.get(_key(n))
         if m is not None:  # at the final Mul's place: x is written before, its readers come after
-            name = n.name[:-len("/out")] if n.name.endswith("/out") else n.name or m.out.output[0]
-            nodes.append(helper.make_node("Gelu", [m.x], list(n.output), name=f"{name}/Gelu",
-                                          approximate=m.approximate))
+            name = n.name[: -len("/out")] if n.name.endswith("/out") else n.name or m.out.output[0]
+            nodes.append(
+                helper.make_node("Gelu", [m.x], list(n.output), name=f"{name}/Gelu", approximate=m.approximate)
+            )
         elif _key(n) not in dropped:
             nodes.append(n)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     removed = drop_unused(model.graph)
-    return model, {"gelu_fused": len(matches), "approximate": sorted({m.approximate for m in matches}),
-                   "opset": [opset, default_opset(model)], "initializers_removed": sorted(removed)}
+    return model, {
+        "gelu_fused": len(matches),
+        "approximate": sorted({m.approximate for m in matches}),
+        "opset": [opset, default_opset(model)],
+        "initializers_removed": sorted(removed),
+    }
 
 
 def _find_gelus(model: onnx.ModelProto) -> list[GeluMatch]:
@@ -236,6 +254,7 @@ def _find_gelus(model: onnx.ModelProto) -> list[GeluMatch]:
 
 # ---------------------------------------------------------------- the stage
 
+
 def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> tuple[onnx.ModelProto, dict]:
     """(the graph at `level`, what the level did). "fuse" must leave one Gelu per layer; ORT levels must leave
     only standard ops. "fuse" runs no ORT pass: on glmx graphs basic changes nothing in fp32, and in fp16 it
@@ -244,15 +263,19 @@ def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> 
         model, rewrites = fuse_gelu(onnx.load(src_model, load_external_data=False))
         gelus = sum(n.op_type == "Gelu" for n in model.graph.node)
         if gelus != num_layers:
-            raise OptimizeError(f"fuse found {gelus} GeLU subgraphs (or Gelu nodes) for {num_layers} layers: the "
-                                f"graph is not in the form glm_export.onnx_graph writes; use level='basic'")
+            raise OptimizeError(
+                f"fuse found {gelus} GeLU subgraphs (or Gelu nodes) for {num_layers} layers: the "
+                f"graph is not in the form glm_export.onnx_graph writes; use level='basic'"
+            )
         return model, {"tool": "glmx GeLU fusion (glm_export.optimize.fuse_gelu)", "rewrites": rewrites}
     ort_optimize(src_model, tmp / MODEL_FILE, level)
     model = onnx.load(tmp / MODEL_FILE)
     odd = nonstandard_ops(model)
     if odd:
-        raise OptimizeError(f"the {level} level produced non-standard ops {odd}, which TensorRT's ONNX parser "
-                            f"does not read; use level='fuse' or 'basic'")
+        raise OptimizeError(
+            f"the {level} level produced non-standard ops {odd}, which TensorRT's ONNX parser "
+            f"does not read; use level='fuse' or 'basic'"
+        )
     # ORT declares its contrib domain even when no node uses it; keep only the standard opset
     kept = [o for o in model.opset_import if o.domain in STANDARD_DOMAINS]
     del model.opset_import[:]
@@ -261,25 +284,40 @@ def optimized_graph(src_model: Path, level: str, num_layers: int, tmp: Path) -> 
 
 
 @claims_output(lambda a: [a["src_dir"]])
-def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fuse", overwrite: bool = False,
-                  eval_text: str | None = None, check: str = "auto", log=None) -> Path:
+def optimize_onnx(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    level: str = "fuse",
+    overwrite: bool = False,
+    eval_text: str | None = None,
+    check: str = "auto",
+    log=None,
+) -> Path:
     """Write `out_dir` = `src_dir` optimized at `level`; refuses (writes nothing) a graph TensorRT could not parse,
     or one that misses its precision's tolerance against the parent on GLM's cases or the "optimized" budget on
     held-out text in the model's language (glm_export.compare)."""
     if level not in LEVELS:
-        raise OptimizeError(f"level must be one of {LEVELS}, got {level!r} (ORT's 'all' level writes "
-                            f"CPU-only contrib ops that TensorRT cannot parse)")
+        raise OptimizeError(
+            f"level must be one of {LEVELS}, got {level!r} (ORT's 'all' level writes "
+            f"CPU-only contrib ops that TensorRT cannot parse)"
+        )
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, src_model, tok = read_parent(src_dir)
     if manifest.precision not in ("fp32", "fp16"):
-        raise OptimizeError(f"{src_dir} is an artifact of precision {manifest.precision}; optimize the fp32 (or fp16) export, "
-                            f"then quantize the optimized folder")
+        raise OptimizeError(
+            f"{src_dir} is an artifact of precision {manifest.precision}; optimize the fp32 (or fp16) export, "
+            f"then quantize the optimized folder"
+        )
     parent_bytes = sum(p.stat().st_size for p in src_dir.glob(f"{MODEL_FILE}*"))
     if level != "fuse" and parent_bytes > ORT_LEVEL_MAX_BYTES:
-        raise OptimizeError(f"level {level} runs ONNX Runtime's optimizer, which holds the whole "
-                            f"{parent_bytes / 1e9:.1f} GB model in memory; use --level fuse (a graph-only rewrite)")
+        raise OptimizeError(
+            f"level {level} runs ONNX Runtime's optimizer, which holds the whole "
+            f"{parent_bytes / 1e9:.1f} GB model in memory; use --level fuse (a graph-only rewrite)"
+        )
     from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
+
     check_free_space(out_dir.parent, parent_bytes, f"the optimized copy of {src_dir}")
     method = check_method(check, read_onnx_weights(src_model))
     with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
@@ -296,17 +334,36 @@ def optimize_onnx(src_dir: str | Path, out_dir: str | Path, *, level: str = "fus
         findings = trt_findings(stage / MODEL_FILE)
         if findings:
             raise OptimizeError(f"the {level}-optimized graph would not parse in TensorRT: {findings[:3]}")
-        extra = dict(manifest.extra, model_file=MODEL_FILE, external_data=data_file,
-                     optimization={"level": level, **record, "ops": op_histogram(optimized),
-                                   "ops_parent": op_histogram(onnx.load(src_model, load_external_data=False)),
-                                   "trt_findings": findings, "bytes": (stage / MODEL_FILE).stat().st_size})
+        extra = dict(
+            manifest.extra,
+            model_file=MODEL_FILE,
+            external_data=data_file,
+            optimization={
+                "level": level,
+                **record,
+                "ops": op_histogram(optimized),
+                "ops_parent": op_histogram(onnx.load(src_model, load_external_data=False)),
+                "trt_findings": findings,
+                "bytes": (stage / MODEL_FILE).stat().st_size,
+            },
+        )
         child = child_manifest(manifest, src_dir, stage, precision=manifest.precision, io=manifest.io, extra=extra)
         scheme = "optimized-fp16" if manifest.precision == "fp16" else "optimized"
-        result = judge_child(stage, src_dir, child, tok, stage_name="optimize", scheme=scheme, eval_text=eval_text,
-                             method=method, log=log)
+        result = judge_child(
+            stage,
+            src_dir,
+            child,
+            tok,
+            stage_name="optimize",
+            scheme=scheme,
+            eval_text=eval_text,
+            method=method,
+            log=log,
+        )
         if not result.passed:
-            raise BudgetError(f"the {level}-optimized graph drifts from its parent: {'; '.join(result.failures)}; "
-                              f"nothing was written")
+            raise BudgetError(
+                f"the {level}-optimized graph drifts from its parent: {'; '.join(result.failures)}; nothing was written"
+            )
         child.parity = result.to_dict()
         write_manifest(stage, child)
     return out_dir

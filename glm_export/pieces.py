@@ -11,22 +11,40 @@ judged before layer i + 1 is loaded. The pieces are the exported graph's own nod
 the whole graph's computation; the one thing not run is the optional logits_start input (always 0 here) and, on
 text, greedy fills (they need every layer for each token).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
-from glm_export.compare import (Call, Case, Comparison, ParityError, Tolerance, TOLERANCES, WINDOW, blank_calls,
-                                case_figures, glm_cases, judge, measure_present, span_figures, text_windows)
+from glm_export.compare import (
+    TOLERANCES,
+    WINDOW,
+    Call,
+    Case,
+    Comparison,
+    ParityError,
+    Tolerance,
+    blank_calls,
+    case_figures,
+    glm_cases,
+    judge,
+    measure_present,
+    span_figures,
+    text_windows,
+)
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import kv_names
 
 Layer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple], tuple[np.ndarray, np.ndarray, np.ndarray]]
-METHOD = ("piecewise: the graph cut at its layer boundaries (embedding, each layer, final LayerNorm + head), each "
-          "piece run on its own with the artifact's own weight bytes, both sides in lockstep one layer at a time")
+METHOD = (
+    "piecewise: the graph cut at its layer boundaries (embedding, each layer, final LayerNorm + head), each "
+    "piece run on its own with the artifact's own weight bytes, both sides in lockstep one layer at a time"
+)
 
 
 def embed_output() -> str:
@@ -39,13 +57,21 @@ def layer_output(i: int) -> str:
 
 # ------------------------------------------------------------------ the ONNX side: pieces of an exported graph
 
+
 class OnnxLayers:
     """An exported glmx graph cut at its residual-stream boundaries; each piece an ONNX Runtime session that
     reads its initializers from the folder's external data (loaded when the piece is opened, freed after)."""
 
-    def __init__(self, model_path: Path, config: GLMConfig, precision: str, label: str,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(
+        self,
+        model_path: Path,
+        config: GLMConfig,
+        precision: str,
+        label: str,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ):
         import onnx
+
         self.path, self.config, self.precision, self.label = Path(model_path), config, precision, label
         self.providers = list(providers)
         self.model = onnx.load(str(model_path), load_external_data=False)  # the graph only
@@ -54,19 +80,22 @@ class OnnxLayers:
         self.inits = {t.name: t for t in g.initializer}
         self.graph_inputs = {v.name: v for v in g.input}
         self.graph_outputs = {v.name: v for v in g.output}
-        missing = [b for b in [embed_output()] + [layer_output(i) for i in range(config.num_layers)]
-                   if b not in self.producer]
+        missing = [
+            b for b in [embed_output()] + [layer_output(i) for i in range(config.num_layers)] if b not in self.producer
+        ]
         if missing:
-            raise ParityError(f"{model_path} has no layer boundary {missing[0]!r} (the residual stream's tensor "
-                              f"names of glm_export.onnx_graph), so it cannot be checked one layer at a time; "
-                              f"an ONNX Runtime-optimized graph renames them: use --level fuse")
+            raise ParityError(
+                f"{model_path} has no layer boundary {missing[0]!r} (the residual stream's tensor "
+                f"names of glm_export.onnx_graph), so it cannot be checked one layer at a time; "
+                f"an ONNX Runtime-optimized graph renames them: use --level fuse"
+            )
         kv = self.graph_inputs[kv_names("past", 0)[0]].type.tensor_type.elem_type
         self.kv_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kv))
 
     def _piece(self, inputs: Sequence[str], outputs: Sequence[str]):
         """A ModelProto of the nodes between `inputs` (boundaries or graph inputs) and `outputs`."""
-        import onnx
         from onnx import TensorProto, helper
+
         stop = set(inputs) | set(self.inits)
         nodes, seen, taken, todo = [], set(), set(), list(outputs)
         while todo:
@@ -94,8 +123,12 @@ class OnnxLayers:
                 ins.append(self.graph_inputs[name])
             else:  # a residual-stream boundary: fp32 [B, T, h] in every precision
                 ins.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "seq", h]))
-        outs = [self.graph_outputs[o] if o in self.graph_outputs else
-                helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", "seq", h]) for o in outputs]
+        outs = [
+            self.graph_outputs[o]
+            if o in self.graph_outputs
+            else helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", "seq", h])
+            for o in outputs
+        ]
         inits = [self.inits[n] for n in sorted(used) if n in self.inits]
         graph = helper.make_graph(nodes, "glm_piece", ins, outs, initializer=inits)
         piece = helper.make_model(graph, opset_imports=list(self.model.opset_import))
@@ -105,12 +138,14 @@ class OnnxLayers:
     @contextmanager
     def _session(self, inputs: Sequence[str], outputs: Sequence[str]) -> Iterator[Any]:
         import onnxruntime as ort
+
         from glm_runtime.session import quiet_options
+
         options = quiet_options()
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(self.path.parent))
-        session = ort.InferenceSession(self._piece(inputs, outputs).SerializeToString(), options,
-                                       providers=self.providers)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
+        session = ort.InferenceSession(
+            self._piece(inputs, outputs).SerializeToString(), options, providers=self.providers
+        )
         try:
             yield session
         finally:
@@ -131,11 +166,16 @@ class OnnxLayers:
             wanted = {v.name for v in s.get_inputs()}
 
             def run(x, mask, past_k, past_v, past0_shape):
-                feeds = {x_in: x, "attention_mask": mask, names[0]: past_k.astype(self.kv_dtype, copy=False),
-                         names[1]: past_v.astype(self.kv_dtype, copy=False)}
+                feeds = {
+                    x_in: x,
+                    "attention_mask": mask,
+                    names[0]: past_k.astype(self.kv_dtype, copy=False),
+                    names[1]: past_v.astype(self.kv_dtype, copy=False),
+                }
                 if first_past in wanted and i:  # only its length is read (past_len), by every layer
                     feeds[first_past] = np.zeros(past0_shape, dtype=self.kv_dtype)
                 return tuple(s.run(None, feeds))
+
             yield run
 
     @contextmanager
@@ -146,6 +186,7 @@ class OnnxLayers:
 
 
 # ------------------------------------------------------------------ the torch side: the reference, layer by layer
+
 
 class TorchLayers:
     """The reference GLM (glm_export.model) one layer at a time, fp32, its weights read from `weights`
@@ -159,25 +200,36 @@ class TorchLayers:
 
     def _tensor(self, name: str):
         import torch
+
         return torch.from_numpy(np.asarray(self.weights[name], dtype=np.float32))
 
     @contextmanager
     def embedding(self):
         import torch
-        tables = [self._tensor(n) for n in ("word_embeddings.weight", "transformer.position_embeddings.weight",
-                                              "transformer.block_position_embeddings.weight")]
+
+        tables = [
+            self._tensor(n)
+            for n in (
+                "word_embeddings.weight",
+                "transformer.position_embeddings.weight",
+                "transformer.block_position_embeddings.weight",
+            )
+        ]
 
         def run(ids, pos):
             with torch.inference_mode():
                 word, p, b = (torch.as_tensor(a) for a in (ids, pos[:, 0], pos[:, 1]))
-                return (tables[0][word] + tables[1][p] + tables[2][b]).numpy()
+                return (tables[0][word] + tables[1][p] + tables[2][b]).numpy()  # noqa: F821 - deleted after the yield, once this function is no longer called
+
         yield run
         del tables
 
     @contextmanager
     def layer(self, i: int):
         import torch
+
         from glm_export.model import TransformerLayer, meta_without_init
+
         prefix = f"transformer.layers.{i}."
         with meta_without_init():
             module = TransformerLayer(self.config)
@@ -188,8 +240,9 @@ class TorchLayers:
             with torch.inference_mode():
                 P = past_k.shape[2]
                 past = (torch.as_tensor(past_k), torch.as_tensor(past_v)) if P else None
-                y, (k, v) = module(torch.as_tensor(x), torch.as_tensor(mask.astype(np.float32)), past)
+                y, (k, v) = module(torch.as_tensor(x), torch.as_tensor(mask.astype(np.float32)), past)  # noqa: F821 - deleted after the yield, once this function is no longer called
                 return y.numpy(), k[:, :, P:].numpy(), v[:, :, P:].numpy()
+
         yield run
         del module
 
@@ -197,19 +250,25 @@ class TorchLayers:
     def head(self):
         import torch
         import torch.nn.functional as F
+
         eps = self.config.layernorm_epsilon
-        ln_w, ln_b = self._tensor("transformer.final_layernorm.weight"), self._tensor("transformer.final_layernorm.bias")
+        ln_w, ln_b = (
+            self._tensor("transformer.final_layernorm.weight"),
+            self._tensor("transformer.final_layernorm.bias"),
+        )
         table = self._tensor("word_embeddings.weight")
 
         def run(x):
             with torch.inference_mode():
                 y = F.layer_norm(torch.as_tensor(x), (x.shape[-1],), ln_w, ln_b, eps)
-                return F.linear(y, table).numpy()
+                return F.linear(y, table).numpy()  # noqa: F821 - deleted after the yield, once this function is no longer called
+
         yield run
         del table
 
 
 # ------------------------------------------------------------------ running both stacks in lockstep
+
 
 def _masks(calls: Sequence[Call]) -> list[np.ndarray]:
     """The attention mask of each call as glm_export.compare.run_calls feeds a host session (exact-length past)."""
@@ -218,14 +277,24 @@ def _masks(calls: Sequence[Call]) -> list[np.ndarray]:
     out = []
     for call in calls:
         T = call.input_ids.shape[1]
-        out.append(np.ascontiguousarray(np.concatenate(
-            [np.broadcast_to(seen[:, None, :], (B, T, seen.shape[1])), call.block], axis=2)[:, None]))
+        out.append(
+            np.ascontiguousarray(
+                np.concatenate([np.broadcast_to(seen[:, None, :], (B, T, seen.shape[1])), call.block], axis=2)[:, None]
+            )
+        )
         seen = np.concatenate([seen, call.keep], axis=1)
     return out
 
 
-def lockstep(candidate: Any, reference: Any, cases: Sequence[Case], *, on_present=None,
-             rows: Optional[Callable[[int, int], bool]] = None, log=None) -> tuple[list, list]:
+def lockstep(
+    candidate: Any,
+    reference: Any,
+    cases: Sequence[Case],
+    *,
+    on_present=None,
+    rows: Callable[[int, int], bool] | None = None,
+    log=None,
+) -> tuple[list, list]:
     """Both stacks over every call of every case, one layer at a time.
     on_present(case index, call index, layer, (cand k, cand v), (ref k, ref v)): called as each layer's presents
     are made (they are then dropped). rows(case, call): whether that call's logits are wanted.
@@ -243,7 +312,7 @@ def lockstep(candidate: Any, reference: Any, cases: Sequence[Case], *, on_presen
             for c, case in enumerate(cases):
                 B = case.calls[0].input_ids.shape[0]
                 past = [[np.zeros((B, n, 0, d), np.float32)] * 2 for _ in range(2)]
-                for k, call in enumerate(case.calls):
+                for k in range(len(case.calls)):
                     presents = []
                     for side, run in enumerate((run_c, run_r)):
                         pk, pv = past[side]
@@ -259,8 +328,13 @@ def lockstep(candidate: Any, reference: Any, cases: Sequence[Case], *, on_presen
     logits: list = [[], []]
     for side, stack in enumerate((candidate, reference)):
         with stack.head() as head:
-            logits[side] = [[np.asarray(head(h), np.float32) if rows is None or rows(c, k) else None
-                             for k, h in enumerate(hidden[c][side])] for c in range(len(cases))]
+            logits[side] = [
+                [
+                    np.asarray(head(h), np.float32) if rows is None or rows(c, k) else None
+                    for k, h in enumerate(hidden[c][side])
+                ]
+                for c in range(len(cases))
+            ]
     return logits[0], logits[1]
 
 
@@ -277,26 +351,60 @@ def _present_figures(cases: Sequence[Case]) -> tuple[dict, Any]:
     return figures, on_present
 
 
-def _judge_stacks(candidate: Any, reference: Any, stage: str, cases: Sequence[Case], tol: Optional[Tolerance],
-           figures: dict, got_all: list, want_all: list) -> Comparison:
+def _judge_stacks(
+    candidate: Any,
+    reference: Any,
+    stage: str,
+    cases: Sequence[Case],
+    tol: Tolerance | None,
+    figures: dict,
+    got_all: list,
+    want_all: list,
+) -> Comparison:
     """glm_export.compare.judge over both stacks' logits, labelled as the piecewise check."""
     logits = [list(zip(got_all[c], want_all[c])) for c in range(len(cases))]
-    return judge(stage, f"{candidate.label} ({candidate.precision})", f"{reference.label} ({reference.precision})",
-                 candidate.precision, tol, cases, figures, logits, method=METHOD)
+    return judge(
+        stage,
+        f"{candidate.label} ({candidate.precision})",
+        f"{reference.label} ({reference.precision})",
+        candidate.precision,
+        tol,
+        cases,
+        figures,
+        logits,
+        method=METHOD,
+    )
 
 
-def compare_by_layer(candidate: Any, reference: Any, *, stage: str, tolerance: Optional[Tolerance] = None,
-                     cases: Optional[Sequence[Case]] = None, log=None) -> Comparison:
+def compare_by_layer(
+    candidate: Any,
+    reference: Any,
+    *,
+    stage: str,
+    tolerance: Tolerance | None = None,
+    cases: Sequence[Case] | None = None,
+    log=None,
+) -> Comparison:
     """glm_export.compare.compare_sessions one layer at a time: the same figures, the same record."""
     cases = list(cases) if cases is not None else glm_cases(reference.config.vocab_size)
     figures, on_present = _present_figures(cases)
     got, want = lockstep(candidate, reference, cases, on_present=on_present, log=log)
-    return _judge_stacks(candidate, reference, stage, cases, tolerance or TOLERANCES.get(candidate.precision), figures,
-                  got, want)
+    return _judge_stacks(
+        candidate, reference, stage, cases, tolerance or TOLERANCES.get(candidate.precision), figures, got, want
+    )
 
 
-def compare_with_text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, stage: str,
-                               language: str = "?", max_windows: int = 16, log=None) -> tuple[Comparison, dict]:
+def compare_with_text_by_layer(
+    candidate: Any,
+    reference: Any,
+    tok: Any,
+    text: str,
+    *,
+    stage: str,
+    language: str = "?",
+    max_windows: int = 16,
+    log=None,
+) -> tuple[Comparison, dict]:
     """compare_by_layer on GLM's cases and text_by_layer's figures in ONE lockstep pass: each layer of each side
     is loaded once for both (a large model's check is bound by reading its weights)."""
     cfg = reference.config
@@ -304,10 +412,12 @@ def compare_with_text_by_layer(candidate: Any, reference: Any, tok: Any, text: s
     windows, targets, window = _windows(tok, text, cfg)
     n = len(cases)
     figures, on_present = _present_figures(cases)
-    got, want = lockstep(candidate, reference, cases + windows, on_present=on_present,
-                         rows=lambda c, k: c < n or k == 1, log=log)  # a window's logits: its span call only
-    result = _judge_stacks(candidate, reference, stage, cases, TOLERANCES.get(candidate.precision), figures, got[:n],
-                    want[:n])
+    got, want = lockstep(
+        candidate, reference, cases + windows, on_present=on_present, rows=lambda c, k: c < n or k == 1, log=log
+    )  # a window's logits: its span call only
+    result = _judge_stacks(
+        candidate, reference, stage, cases, TOLERANCES.get(candidate.precision), figures, got[:n], want[:n]
+    )
     return result, _text_figures(tok, got[n:], want[n:], targets, window, language)
 
 
@@ -326,14 +436,25 @@ def _windows(tok: Any, text: str, cfg: GLMConfig, max_windows: int = 16):
 
 def _text_figures(tok, got_all, want_all, targets, window, language) -> dict[str, Any]:
     figures = span_figures([(got_all[c][1][0], want_all[c][1][0], t) for c, t in enumerate(targets)])
-    return {"language": language, "tokenizer": tok.kind, "windows": len(targets), "window": window, **figures,
-            "fill_prompts": 0, "fill_method": "not run: the check runs one layer at a time, and a greedy fill needs "
-                                              "every layer for each token",
-            "fill_tokens": 0, "fill_agreement": None, "fill_token_agreement": None, "method": METHOD}
+    return {
+        "language": language,
+        "tokenizer": tok.kind,
+        "windows": len(targets),
+        "window": window,
+        **figures,
+        "fill_prompts": 0,
+        "fill_method": "not run: the check runs one layer at a time, and a greedy fill needs "
+        "every layer for each token",
+        "fill_tokens": 0,
+        "fill_agreement": None,
+        "fill_token_agreement": None,
+        "method": METHOD,
+    }
 
 
-def text_by_layer(candidate: Any, reference: Any, tok: Any, text: str, *, language: str = "?",
-                  max_windows: int = 16, log=None) -> dict[str, Any]:
+def text_by_layer(
+    candidate: Any, reference: Any, tok: Any, text: str, *, language: str = "?", max_windows: int = 16, log=None
+) -> dict[str, Any]:
     """glm_export.compare.compare_on_text's teacher-forced figures one layer at a time (greedy fills are not
     run: each generated token needs every layer)."""
     cases, targets, window = _windows(tok, text, reference.config, max_windows)

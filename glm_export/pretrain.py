@@ -4,6 +4,7 @@ In: a folder of .txt files (documents = blank-line separated blocks), a model sh
 Out: <work_dir>/tokenizer.json, <work_dir>/train_state.pt (everything needed to resume EXACTLY: model, optimizer,
 lr schedule, RNG states, data position), <work_dir>/log.jsonl, and at the end a glmx checkpoint folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,17 +15,18 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from glm_export.collator import BlockCollator, CollatorConfig, SpecialIds
-from glm_runtime.config import GLMConfig
 from glm_export.model import GLMModel
+from glm_runtime.config import GLMConfig
 from glm_runtime.errors import GLMXError
 from glm_runtime.manifest import atomic_path
 from glm_runtime.tokenizer import JSON_SPECIAL_TOKENS
@@ -48,6 +50,7 @@ class PretrainError(GLMXError, ValueError):
 @dataclass(frozen=True)
 class PretrainSettings:
     """Everything that decides the training trajectory; a resume must use the same values."""
+
     vocab_size: int = 8000  # tokenizer size before padding V to a multiple of 128
     num_layers: int = 4
     hidden_size: int = 256
@@ -83,12 +86,15 @@ class PretrainSettings:
 
 # ---------------------------------------------------------------- corpus and tokenizer
 
+
 def read_documents(corpus_dir: str | Path) -> list[str]:
     """All blank-line separated blocks of every .txt file under corpus_dir, in sorted file order."""
     files = sorted(Path(corpus_dir).rglob("*.txt"))
     if not files:
-        raise PretrainError(f"no .txt files under {corpus_dir}; put text files there "
-                            f"(python glm_export/data/get_corpus.py {corpus_dir} installs the default corpus)")
+        raise PretrainError(
+            f"no .txt files under {corpus_dir}; put text files there "
+            f"(python glm_export/data/get_corpus.py {corpus_dir} installs the default corpus)"
+        )
     docs = []
     for f in files:
         docs += [d.strip() for d in f.read_text(encoding="utf-8", errors="replace").split("\n\n") if d.strip()]
@@ -97,40 +103,54 @@ def read_documents(corpus_dir: str | Path) -> list[str]:
 
 def is_heldout(doc: str, fraction: float) -> bool:
     """Deterministic split by content hash, so it does not depend on file order or the seed."""
-    return int(hashlib.sha1(doc.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32 < fraction
+    return int(hashlib.sha1(doc.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < fraction
 
 
 def split_documents(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
     train = [d for d in docs if not is_heldout(d, fraction)]
     held = [d for d in docs if is_heldout(d, fraction)]
     if not train or not held:
-        raise PretrainError(f"the corpus has {len(docs)} documents; with heldout_fraction {fraction} one split "
-                            f"is empty. Add more text or change heldout_fraction")
+        raise PretrainError(
+            f"the corpus has {len(docs)} documents; with heldout_fraction {fraction} one split "
+            f"is empty. Add more text or change heldout_fraction"
+        )
     return train, held
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_file: str | Path) -> None:
     """Byte-level BPE with glmx's special tokens at ids 0..9 (glm_export.tokenizer_training.train_bpe_tokenizer)."""
     from glm_export.tokenizer_training import train_bpe_tokenizer
+
     train_bpe_tokenizer(texts, vocab_size, out_file)
 
 
 def load_corpus_tokenizer(path: str | Path):
     """The raw `tokenizers` object (its encode_batch is fast on the whole corpus), with the id layout checked."""
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(path))
     for i, t in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(t) != i:
-            raise PretrainError(f"{path}: special token {t!r} has id {tok.token_to_id(t)}, expected {i}; "
-                                f"train the tokenizer with glmx's special-token layout")
+            raise PretrainError(
+                f"{path}: special token {t!r} has id {tok.token_to_id(t)}, expected {i}; "
+                f"train the tokenizer with glmx's special-token layout"
+            )
     return tok
 
 
 def layout_special_ids() -> SpecialIds:
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    return SpecialIds(eos=ids["<|endoftext|>"], cls=ids["[CLS]"], mask=ids["[MASK]"], smask=ids["[sMASK]"],
-                      gmask=ids["[gMASK]"], sop=ids["<|startofpiece|>"], eop=ids["<|endofpiece|>"],
-                      dblock=ids["[dBLOCK]"], pad=ids["<|endoftext|>"])
+    return SpecialIds(
+        eos=ids["<|endoftext|>"],
+        cls=ids["[CLS]"],
+        mask=ids["[MASK]"],
+        smask=ids["[sMASK]"],
+        gmask=ids["[gMASK]"],
+        sop=ids["<|startofpiece|>"],
+        eop=ids["<|endofpiece|>"],
+        dblock=ids["[dBLOCK]"],
+        pad=ids["<|endoftext|>"],
+    )
 
 
 def sentence_end_table(tok) -> np.ndarray:
@@ -165,6 +185,7 @@ def padded_vocab(tokenizer_size: int) -> int:
 
 # ---------------------------------------------------------------- training pieces
 
+
 def _frequencies(hidden: int, top_frequency: float) -> torch.Tensor:
     """w_i = top_frequency * 10000^(-2i/hidden), i = 0 .. hidden/2 - 1 (float64)."""
     return top_frequency * torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
@@ -182,8 +203,9 @@ def sinusoidal_positions(rows: int, hidden: int, std: float, top_frequency: floa
     return (table * (std * math.sqrt(2.0))).float()  # each sin/cos pair has squares summing to 1
 
 
-def local_head_weights(hidden: int, head_dim: int, offset: int, gain: float = LOCAL_HEAD_GAIN,
-                       top_frequency: float = TOP_FREQUENCY) -> tuple[torch.Tensor, torch.Tensor]:
+def local_head_weights(
+    hidden: int, head_dim: int, offset: int, gain: float = LOCAL_HEAD_GAIN, top_frequency: float = TOP_FREQUENCY
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_q, W_k), each (head_dim, hidden), of a head whose query at position p scores keys by
     sum_i cos(w_i (p + offset - p')) over the head_dim / 2 highest frequencies of sinusoidal_positions: the
     key at p' = p + offset wins. W_q reads the sin/cos columns as they are; W_k rotates each pair by -offset."""
@@ -226,10 +248,10 @@ def init_positions(model: GLMModel, how: str) -> None:
     qkv = model.transformer.layers[0].attention.query_key_value
     for head, offset in enumerate(LOCAL_HEAD_OFFSETS[: model.config.num_attention_heads]):
         wq, wk = local_head_weights(h, d, offset)
-        qkv.weight[head * d:(head + 1) * d] = wq  # rows [all Q; all K; all V], head-major (docs/glm.md 1.3)
-        qkv.weight[h + head * d:h + (head + 1) * d] = wk
-        qkv.bias[head * d:(head + 1) * d] = 0.0
-        qkv.bias[h + head * d:h + (head + 1) * d] = 0.0
+        qkv.weight[head * d : (head + 1) * d] = wq  # rows [all Q; all K; all V], head-major (docs/glm.md 1.3)
+        qkv.weight[h + head * d : h + (head + 1) * d] = wk
+        qkv.bias[head * d : (head + 1) * d] = 0.0
+        qkv.bias[h + head * d : h + (head + 1) * d] = 0.0
 
 
 def batch_to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -264,9 +286,12 @@ def make_optimizer(model: GLMModel, s: PretrainSettings) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if name.endswith(".bias") or "layernorm" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=s.lr, betas=(s.beta1, s.beta2), eps=s.adam_eps)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(s.beta1, s.beta2),
+        eps=s.adam_eps,
+    )
 
 
 def batch_indices(step: int, n_samples: int, batch_size: int, seed: int) -> np.ndarray:
@@ -276,20 +301,21 @@ def batch_indices(step: int, n_samples: int, batch_size: int, seed: int) -> np.n
         raise PretrainError(f"{n_samples} training samples cannot fill one batch of {batch_size}")
     epoch, k = divmod(step, per_epoch)
     order = np.random.default_rng([seed, 1, epoch]).permutation(n_samples)
-    return order[k * batch_size:(k + 1) * batch_size]
+    return order[k * batch_size : (k + 1) * batch_size]
 
 
 def collate_step(collator: BlockCollator, samples: np.ndarray, step: int, seed: int) -> dict[str, np.ndarray]:
     return collator(list(samples), np.random.default_rng([seed, 2, step]))
 
 
-def eval_batches(collator: BlockCollator, heldout: np.ndarray, batch_size: int, n_batches: int, seed: int,
-                 mode: str = "bert") -> list[dict[str, torch.Tensor]]:
+def eval_batches(
+    collator: BlockCollator, heldout: np.ndarray, batch_size: int, n_batches: int, seed: int, mode: str = "bert"
+) -> list[dict[str, torch.Tensor]]:
     """A fixed set of held-out batches (same corruption every time it is called with the same seed)."""
     rng = np.random.default_rng([seed, 3])
     out = []
     for b in range(n_batches):
-        chunk = heldout[b * batch_size:(b + 1) * batch_size]
+        chunk = heldout[b * batch_size : (b + 1) * batch_size]
         if len(chunk) == 0:
             break
         out.append(batch_to_tensors(collator(list(chunk), rng, mode=mode)))
@@ -318,9 +344,11 @@ def heldout_metrics(model: GLMModel, batches: list[dict[str, torch.Tensor]]) -> 
 
 # ---------------------------------------------------------------- the entry function
 
+
 @dataclasses.dataclass
 class TrainingData:
     """What a run trains and is judged on, derived from the corpus folder and the settings (deterministically)."""
+
     tokenizer_file: Path
     config: GLMConfig
     train: np.ndarray  # [samples, seq_length] token ids
@@ -337,18 +365,27 @@ def prepare_data(corpus_dir: str | Path, work: Path, s: PretrainSettings) -> Tra
     if not tok_file.exists():
         train_tokenizer(iter(train_docs), s.vocab_size, tok_file)
     tok = load_corpus_tokenizer(tok_file)
-    config = GLMConfig(num_layers=s.num_layers, hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
-                       vocab_size=padded_vocab(tok.get_vocab_size()), max_sequence_length=s.max_sequence_length,
-                       hidden_dropout=s.dropout, attention_dropout=s.dropout, name=s.name)
+    config = GLMConfig(
+        num_layers=s.num_layers,
+        hidden_size=s.hidden_size,
+        num_attention_heads=s.num_attention_heads,
+        vocab_size=padded_vocab(tok.get_vocab_size()),
+        max_sequence_length=s.max_sequence_length,
+        hidden_dropout=s.dropout,
+        attention_dropout=s.dropout,
+        name=s.name,
+    )
     if s.seq_length + 1 > s.max_sequence_length:  # gpt mode adds one token ([gMASK]) before Part B
         raise PretrainError(f"seq_length {s.seq_length} needs max_sequence_length >= {s.seq_length + 1}")
     train = cut_samples(token_stream(tok, train_docs), s.seq_length)
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)
-    modes = CollatorConfig(bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob,
-                           gpt_infill_prob=s.gpt_infill_prob)
+    modes = CollatorConfig(
+        bert_prob=s.bert_prob, gap_sentence_prob=s.gap_sentence_prob, gpt_infill_prob=s.gpt_infill_prob
+    )
     collator = BlockCollator(layout_special_ids(), modes, sentence_end=sentence_end_table(tok))
-    return TrainingData(tok_file, config, train, held, collator,
-                        eval_batches(collator, held, s.batch_size, s.eval_batches, s.seed))
+    return TrainingData(
+        tok_file, config, train, held, collator, eval_batches(collator, held, s.batch_size, s.eval_batches, s.seed)
+    )
 
 
 def read_saved_state(state_path: Path, s: PretrainSettings) -> dict[str, Any] | None:
@@ -361,8 +398,10 @@ def read_saved_state(state_path: Path, s: PretrainSettings) -> dict[str, Any] | 
     now = dataclasses.asdict(s)
     if saved["settings"] != now:
         diff = {k: (v, now[k]) for k, v in saved["settings"].items() if now[k] != v}
-        raise PretrainError(f"{state_path} was trained with other settings (saved, now): {diff}; "
-                            f"use the same settings to resume, or another work_dir to start over")
+        raise PretrainError(
+            f"{state_path} was trained with other settings (saved, now): {diff}; "
+            f"use the same settings to resume, or another work_dir to start over"
+        )
     return saved
 
 
@@ -389,10 +428,16 @@ class Trainer:
         self.step, self.evals = saved["step"], saved["evals"]
 
     def save(self, state_path: Path) -> None:
-        state = {"settings": dataclasses.asdict(self.settings), "config": self.config.to_dict(), "step": self.step,
-                 "evals": self.evals, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        state = {
+            "settings": dataclasses.asdict(self.settings),
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "evals": self.evals,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
         with atomic_path(state_path) as tmp:
             torch.save(state, tmp)
 
@@ -414,9 +459,19 @@ class Trainer:
         return ev
 
 
-def pretrain(corpus_dir: str | Path, work_dir: str | Path, checkpoint_dir: str | Path | None = None, *,
-             checkpoint_every: int = 100, eval_every: int = 100, stop_after: int | None = None,
-             threads: int = 2, overwrite: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
+def pretrain(
+    corpus_dir: str | Path,
+    work_dir: str | Path,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    checkpoint_every: int = 100,
+    eval_every: int = 100,
+    stop_after: int | None = None,
+    threads: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> dict[str, Any]:
     """Train (or resume) a GLM in work_dir; at the last step save a glmx checkpoint to checkpoint_dir.
 
     settings: fields of PretrainSettings. If work_dir holds a train_state.pt it is resumed, and the settings
@@ -426,6 +481,7 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, checkpoint_dir: str |
     s = PretrainSettings(**settings)
     if checkpoint_dir is not None:  # refused now, not after hours of training
         from glm_runtime.manifest import check_output
+
         check_output(checkpoint_dir, overwrite=overwrite, inputs=[corpus_dir, work_dir])
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -446,12 +502,15 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, checkpoint_dir: str |
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=s.steps, initial=trainer.step, desc="pretrain", unit="step", mininterval=5.0, file=sys.stderr)
     t0 = time.time()
     while trainer.step < end:
         step = trainer.step
         idx = batch_indices(step, len(data.train), s.batch_size, s.seed)
-        loss, grad_norm = trainer.train_step(batch_to_tensors(collate_step(data.collator, data.train[idx], step, s.seed)))
+        loss, grad_norm = trainer.train_step(
+            batch_to_tensors(collate_step(data.collator, data.train[idx], step, s.seed))
+        )
         step = trainer.step
         losses.append(loss)
         lr = trainer.scheduler.get_last_lr()[0]
@@ -464,8 +523,10 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, checkpoint_dir: str |
             ev = trainer.evaluate(data.eval_fixed)
             log(ev)
             if bar is not None:
-                bar.write(f"step {step}: held-out Part B loss {ev['heldout_loss']:.4f} (ppl {ev['heldout_ppl']:.1f}), "
-                          f"span first-token accuracy {ev['heldout_first_token_acc']:.3f}")
+                bar.write(
+                    f"step {step}: held-out Part B loss {ev['heldout_loss']:.4f} (ppl {ev['heldout_ppl']:.1f}), "
+                    f"span first-token accuracy {ev['heldout_first_token_acc']:.3f}"
+                )
         if step % checkpoint_every == 0 or step == end:
             trainer.save(state_path)
     if bar is not None:
@@ -474,18 +535,28 @@ def pretrain(corpus_dir: str | Path, work_dir: str | Path, checkpoint_dir: str |
     result: dict[str, Any] = {"step": trainer.step, "losses": losses, "evals": trainer.evals, "checkpoint_dir": None}
     if trainer.step >= s.steps and checkpoint_dir is not None:
         corpus_info = Path(corpus_dir) / "corpus.json"
-        extra = {"pretraining": {"settings": dataclasses.asdict(s), "steps_done": trainer.step, "evals": trainer.evals,
-                                 "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                                 "corpus": json.loads(corpus_info.read_text()) if corpus_info.exists() else None,
-                                 "train_samples": int(len(data.train)), "heldout_samples": int(len(data.held))}}
+        extra = {
+            "pretraining": {
+                "settings": dataclasses.asdict(s),
+                "steps_done": trainer.step,
+                "evals": trainer.evals,
+                "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "corpus": json.loads(corpus_info.read_text()) if corpus_info.exists() else None,
+                "train_samples": int(len(data.train)),
+                "heldout_samples": int(len(data.held)),
+            }
+        }
         save_trained_checkpoint(trainer.model.eval(), checkpoint_dir, data.tokenizer_file, extra, overwrite=overwrite)
         result["checkpoint_dir"] = str(checkpoint_dir)
     return result
 
 
-def save_trained_checkpoint(model: GLMModel, checkpoint_dir: str | Path, tokenizer_file: Path, extra: dict[str, Any],
-                            overwrite: bool = False) -> None:
+def save_trained_checkpoint(
+    model: GLMModel, checkpoint_dir: str | Path, tokenizer_file: Path, extra: dict[str, Any], overwrite: bool = False
+) -> None:
     """Write the trained model as a glmx checkpoint folder (fp16 safetensors + tokenizer + manifest)."""
     from glm_export.checkpoint import save_checkpoint
-    save_checkpoint(model, checkpoint_dir, tokenizer_file=str(tokenizer_file), extra=extra, dtype=torch.float16,
-                    overwrite=overwrite)
+
+    save_checkpoint(
+        model, checkpoint_dir, tokenizer_file=str(tokenizer_file), extra=extra, dtype=torch.float16, overwrite=overwrite
+    )

@@ -3,16 +3,23 @@
 In: a label, a total count (layers), the stage's log function, optionally a byte counter. Out: nothing but the
 progress shown; `update(done)` takes the count done so far.
 """
+
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 class Progress:
-    def __init__(self, label: str, total: int, log: Callable[[str], None],
-                 written: Optional[Callable[[], int]] = None, min_interval: float = 5.0):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        log: Callable[[str], None],
+        written: Callable[[], int] | None = None,
+        min_interval: float = 5.0,
+    ):
         self.label, self.total, self.log, self.written = label, max(total, 1), log, written
         self.start = self._last = time.monotonic()
         self._step = -1
@@ -20,6 +27,7 @@ class Progress:
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+
             self.bar = tqdm(total=self.total, desc=label, unit="layer", leave=False)
 
     def _bytes(self) -> str:

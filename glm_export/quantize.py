@@ -5,14 +5,16 @@ Out: a new folder (model.onnx + tokenizer + manifest of kind "onnx", precision =
 table) whose manifest records the scheme, its settings, the parent and the accuracy report; a budget miss
 writes nothing unless accept_loss=True.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,8 +22,15 @@ from onnx import helper, numpy_helper
 
 from glm_export.calibration import FeedReader, calibration_data
 from glm_export.compare import BudgetError
-from glm_export.derive import (QuantizeError, child_manifest, judge_child, op_histogram, read_parent, save_graph,
-                               trt_findings)
+from glm_export.derive import (
+    QuantizeError,
+    child_manifest,
+    judge_child,
+    op_histogram,
+    read_parent,
+    save_graph,
+    trt_findings,
+)
 from glm_runtime.iotable import io_table
 from glm_runtime.manifest import DATA_FILE, MODEL_FILE, claims_output, staged_folder, write_manifest
 
@@ -39,9 +48,12 @@ LAYER_NODE = re.compile(r"/transformer\.layers\.(\d+)\.")
 # pretrain's "local" position init) it holds the neighbour-attention heads on a large sinusoidal table, where
 # per-tensor int8 activations lose top-1 (the "first layer int8 too" rows of the same file); on a 24-layer model
 # that is 1/24 of the weights.
-DEFAULT_KEEP_FP32 = {"int8-dynamic": ("embedding", "head", "first-layer"),
-                     "qdq-int8": ("embedding", "head", "first-layer"),
-                     "int4-weight": ("embedding",), "int8-weight": ("embedding",)}
+DEFAULT_KEEP_FP32 = {
+    "int8-dynamic": ("embedding", "head", "first-layer"),
+    "qdq-int8": ("embedding", "head", "first-layer"),
+    "int4-weight": ("embedding",),
+    "int8-weight": ("embedding",),
+}
 # int4-weight / int8-weight: weights per scale and MatMulNBits' compute level (4: int8 products). Per role: the
 # attention matmuls in blocks of 32, the MLP's (2/3 of a layer's weights) in blocks of 128, which the kernel reads
 # faster (results/nbits_sweep.md) and which keep the bundled model within budget, where the attention matmuls in
@@ -61,6 +73,7 @@ logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # per-n
 
 
 # ---------------------------------------------------------------- graph helpers
+
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every node a unique name: the quantizers exclude nodes by name."""
@@ -113,13 +126,16 @@ def head_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
 def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str]:
     """Node names the quantizer must leave alone: roles from KEEP_FP32 plus any node names given."""
     if "embedding" not in keep_fp32:
-        raise QuantizeError("the embedding Gather always stays fp32 (only MatMul weights are quantized); keep "
-                            "'embedding' in keep_fp32")
+        raise QuantizeError(
+            "the embedding Gather always stays fp32 (only MatMul weights are quantized); keep 'embedding' in keep_fp32"
+        )
     names = {n.name for n in model.graph.node}
     unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in names]
     if unknown:
-        raise QuantizeError(f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
-                            f"of the graph; pass one of those roles, or a node name as model.onnx spells it")
+        raise QuantizeError(
+            f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
+            f"of the graph; pass one of those roles, or a node name as model.onnx spells it"
+        )
     out = [k for k in keep_fp32 if k in names]
     if "head" in keep_fp32:
         out.append(head_node(model).name)
@@ -127,8 +143,13 @@ def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str
     consts = {t.name for t in model.graph.initializer}
     for role, index in (("first-layer", layers[:1]), ("last-layer", layers[-1:])):
         if role in keep_fp32 and index:  # the layer's weight MatMuls (QKV, dense, h->4h, 4h->h)
-            out += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts
-                    and n.name.startswith(f"/transformer.layers.{index[0]}.")]
+            out += [
+                n.name
+                for n in model.graph.node
+                if n.op_type == "MatMul"
+                and n.input[1] in consts
+                and n.name.startswith(f"/transformer.layers.{index[0]}.")
+            ]
     # attention's Q.K^T and probs.V multiply two activations: they stay fp32 in every scheme (FIELD: fp16/int8
     # overflow and accuracy loss start in the scores), and so do the KV cache tensors that feed them
     out += [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in consts]
@@ -137,12 +158,20 @@ def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str
 
 # ---------------------------------------------------------------- the schemes
 
+
 def int8_dynamic_file(src: Path, dst: Path, exclude: Sequence[str] = ()) -> None:
     """glmx's int8-dynamic recipe on a graph file: MatMuls with constant weights, int8 per output channel."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                     extra_options={"MatMulConstBOnly": True})  # attention's activation x activation stays fp32
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude),
+        extra_options={"MatMulConstBOnly": True},
+    )  # attention's activation x activation stays fp32
 
 
 def _int8_dynamic(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], **_) -> dict[str, Any]:
@@ -172,16 +201,31 @@ def restore_gemm(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.ModelProt
     return model
 
 
-def _qdq_int8(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, feeds: list[dict],
-              **_) -> dict[str, Any]:
+def _qdq_int8(
+    model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], *, feeds: list[dict], **_
+) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     onnx.save(model, src)
-    quantize_static(str(src), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,  # TensorRT: zero point 0
-                                   "MatMulConstBOnly": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-                                   "OpTypesToExcludeOutputQuantization": ["MatMul"]})  # Q/DQ on inputs only
+    quantize_static(
+        str(src),
+        str(dst),
+        FeedReader(feeds),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=exclude,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,  # TensorRT: zero point 0
+            "MatMulConstBOnly": True,
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+            "OpTypesToExcludeOutputQuantization": ["MatMul"],
+        },
+    )  # Q/DQ on inputs only
     return {"weights": "int8 symmetric per output channel (axis 1)", "activations": "int8 symmetric, MinMax"}
 
 
@@ -196,17 +240,27 @@ STREAMED = ("int4-weight", "int8-weight", "fp16")
 NBITS = {"int4-weight": 4, "int8-weight": 8}
 
 
-def nbits_recipe(scheme: str, keep_fp32: Sequence[str] | None = None, *, block_size: int | None = None,
-                 mlp_block_size: int | None = None, accuracy_level: int | None = None, head_bits: int | None = None,
-                 head_block_size: int | None = None) -> dict[str, Any]:
+def nbits_recipe(
+    scheme: str,
+    keep_fp32: Sequence[str] | None = None,
+    *,
+    block_size: int | None = None,
+    mlp_block_size: int | None = None,
+    accuracy_level: int | None = None,
+    head_bits: int | None = None,
+    head_block_size: int | None = None,
+) -> dict[str, Any]:
     """An int4-weight / int8-weight recipe with every default resolved, in the keys the manifest records
     (extra.quantization): keep_fp32, block_size (attention), mlp_block_size, accuracy_level, head ({"bits",
     "block_size"}, or None when the head stays fp32). The one place the defaulting rules live: quantize builds,
     prints and records this, and glmx bench's cache compares a folder's record with it. An explicit block_size
     alone sets the MLP's blocks too (as --block-size says); the head's block default is per scheme."""
     keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
-    for option, size in (("--block-size", block_size), ("--mlp-block-size", mlp_block_size),
-                         ("--head-block-size", head_block_size)):
+    for option, size in (
+        ("--block-size", block_size),
+        ("--mlp-block-size", mlp_block_size),
+        ("--head-block-size", head_block_size),
+    ):
         if size is not None and (size < 16 or size & (size - 1)):
             raise QuantizeError(f"{option} must be a power of two >= 16, got {size}")
     if accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -214,54 +268,92 @@ def nbits_recipe(scheme: str, keep_fp32: Sequence[str] | None = None, *, block_s
     if head_bits not in (None, 4, 8):
         raise QuantizeError(f"--head-bits must be 4 or 8, got {head_bits}")
     if "head" in keep_fp32 and (head_bits is not None or head_block_size is not None):
-        raise QuantizeError("--head-bits / --head-block-size set the quantized head's format, but the head is kept "
-                            "fp32 (--keep-fp32 head); drop one of them")
-    head = None if "head" in keep_fp32 else {
-        "bits": DEFAULT_HEAD_BITS if head_bits is None else head_bits,
-        "block_size": DEFAULT_HEAD_BLOCK_SIZE[scheme] if head_block_size is None else head_block_size}
-    return {"keep_fp32": keep_fp32,
-            "block_size": DEFAULT_BLOCK_SIZE if block_size is None else block_size,
-            "mlp_block_size": (mlp_block_size if mlp_block_size is not None else
-                               block_size if block_size is not None else DEFAULT_MLP_BLOCK_SIZE),
-            "accuracy_level": DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
-            "head": head}
+        raise QuantizeError(
+            "--head-bits / --head-block-size set the quantized head's format, but the head is kept "
+            "fp32 (--keep-fp32 head); drop one of them"
+        )
+    head = (
+        None
+        if "head" in keep_fp32
+        else {
+            "bits": DEFAULT_HEAD_BITS if head_bits is None else head_bits,
+            "block_size": DEFAULT_HEAD_BLOCK_SIZE[scheme] if head_block_size is None else head_block_size,
+        }
+    )
+    return {
+        "keep_fp32": keep_fp32,
+        "block_size": DEFAULT_BLOCK_SIZE if block_size is None else block_size,
+        "mlp_block_size": (
+            mlp_block_size
+            if mlp_block_size is not None
+            else block_size
+            if block_size is not None
+            else DEFAULT_MLP_BLOCK_SIZE
+        ),
+        "accuracy_level": DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level,
+        "head": head,
+    }
 
 
-ORT_QUANTIZER_MAX_BYTES = 2 ** 31  # parents past this are refused by the whole-model quantizers (memory)
+ORT_QUANTIZER_MAX_BYTES = 2**31  # parents past this are refused by the whole-model quantizers (memory)
 
 
 def keep_rule(config: Mapping[str, Any], keep_fp32: Sequence[str], node_names: set[str]):
     """prefix (e.g. 'transformer.layers.3.mlp.dense_h_to_4h') -> whether its MatMul stays float."""
     if "embedding" not in keep_fp32:
-        raise QuantizeError("the embedding Gather always stays fp32 (only MatMul weights are quantized); keep "
-                            "'embedding' in keep_fp32")
+        raise QuantizeError(
+            "the embedding Gather always stays fp32 (only MatMul weights are quantized); keep 'embedding' in keep_fp32"
+        )
     unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in node_names]
     if unknown:
-        raise QuantizeError(f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
-                            f"of the graph; pass one of those roles, or a node name as model.onnx spells it")
+        raise QuantizeError(
+            f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
+            f"of the graph; pass one of those roles, or a node name as model.onnx spells it"
+        )
     last = int(config["num_layers"]) - 1
 
     def keep(prefix: str) -> bool:
         m = re.match(r"transformer\.layers\.(\d+)\.", prefix)
         layer = int(m.group(1)) if m else None
-        return (("first-layer" in keep_fp32 and layer == 0) or ("last-layer" in keep_fp32 and layer == last)
-                or f"/{prefix}/MatMul" in keep_fp32)
+        return (
+            ("first-layer" in keep_fp32 and layer == 0)
+            or ("last-layer" in keep_fp32 and layer == last)
+            or f"/{prefix}/MatMul" in keep_fp32
+        )
+
     return keep
 
 
 def plain_export(manifest: Any, src_dir: Path) -> None:
     """The streamed schemes rebuild glmx's own graph: the parent must be an export (fp32 or fp16), not a
     derived artifact whose graph was rewritten."""
-    if manifest.extra.get("graph") != "glm_export.onnx_graph (hand-built)" or manifest.extra.get("optimization") \
-            or manifest.extra.get("quantization"):
-        raise QuantizeError(f"{src_dir} is a derived artifact ({manifest.precision}); quantize the export it came "
-                            f"from ({manifest.parent.get('path', 'its parent')})")
+    if (
+        manifest.extra.get("graph") != "glm_export.onnx_graph (hand-built)"
+        or manifest.extra.get("optimization")
+        or manifest.extra.get("quantization")
+    ):
+        raise QuantizeError(
+            f"{src_dir} is a derived artifact ({manifest.precision}); quantize the export it came "
+            f"from ({manifest.parent.get('path', 'its parent')})"
+        )
 
 
-def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: Mapping[str, Any], scheme: str, keep,
-            *, head: bool, block_size: int, accuracy_level: int, log, head_bits: Optional[int] = None,
-            head_block_size: Optional[int] = None, mlp_block_size: Optional[int] = None,
-            ) -> tuple[onnx.ModelProto, Optional[str]]:
+def rebuild(
+    parent: onnx.ModelProto,
+    parent_weights: Any,
+    stage: Path,
+    config: Mapping[str, Any],
+    scheme: str,
+    keep,
+    *,
+    head: bool,
+    block_size: int,
+    accuracy_level: int,
+    log,
+    head_bits: int | None = None,
+    head_block_size: int | None = None,
+    mlp_block_size: int | None = None,
+) -> tuple[onnx.ModelProto, str | None]:
     """The child graph of a streamed scheme in `stage` (model.onnx [+ model.onnx.data]) from the parent's weights
     (its graph without data, and glm_export.weights.read_onnx_weights of it), read one at a time.
     -> (the child graph without its data, the data file name or None)."""
@@ -270,19 +362,36 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
     from glm_export.progress import Progress
     from glm_export.weights import official_weights
     from glm_runtime.config import GLMConfig
+
     cfg = GLMConfig.from_dict(config)
     opset = next(o.version for o in parent.opset_import if o.domain in ("", "ai.onnx"))
     parent_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in parent.graph.initializer)
     weights = official_weights(parent_weights)
     float_type = "fp16" if scheme == "fp16" else "fp32"  # the graph's; the manifest's precision is the scheme
-    nbits = NBits(NBITS[scheme], block_size, accuracy_level, keep, head=head, head_bits=head_bits,
-                  head_block_size=head_block_size, mlp_block_size=mlp_block_size) if scheme in NBITS else None
+    nbits = (
+        NBits(
+            NBITS[scheme],
+            block_size,
+            accuracy_level,
+            keep,
+            head=head,
+            head_bits=head_bits,
+            head_block_size=head_block_size,
+            mlp_block_size=mlp_block_size,
+        )
+        if scheme in NBITS
+        else None
+    )
     fp32_bytes = weights.numel() * 4
     threshold = min(derive.PROTOBUF_LIMIT, external_data.STREAM_THRESHOLD)  # streamed, as export does
     external = parent_external or fp32_bytes * (0.5 if scheme == "fp16" else 1) > threshold
     store = external_data.ExternalData(stage) if external else None
-    bar = Progress(f"quantize: {scheme} layers", cfg.num_layers, log,
-                   written=(lambda: store.written) if store is not None else None)
+    bar = Progress(
+        f"quantize: {scheme} layers",
+        cfg.num_layers,
+        log,
+        written=(lambda: store.written) if store is not None else None,
+    )
     try:
         graph = build_model(cfg, weights, float_type, opset, store, progress=bar.update, nbits=nbits)
     finally:
@@ -295,12 +404,26 @@ def rebuild(parent: onnx.ModelProto, parent_weights: Any, stage: Path, config: M
 
 # ---------------------------------------------------------------- the stage
 
+
 @claims_output(lambda a: [a["src_dir"], a["calibration"]])
-def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, calibration=None,
-                  block_size: int | None = None, accuracy_level: int | None = None,
-                  keep_fp32: Sequence[str] | None = None, accept_loss: bool = False, overwrite: bool = False,
-                  eval_text: str | None = None, check: str = "auto", head_bits: int | None = None,
-                  head_block_size: int | None = None, mlp_block_size: int | None = None, log=None) -> Path:
+def quantize_onnx(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    scheme: str,
+    calibration=None,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
+    keep_fp32: Sequence[str] | None = None,
+    accept_loss: bool = False,
+    overwrite: bool = False,
+    eval_text: str | None = None,
+    check: str = "auto",
+    head_bits: int | None = None,
+    head_block_size: int | None = None,
+    mlp_block_size: int | None = None,
+    log=None,
+) -> Path:
     """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its parent (glm_export.compare: GLM's
     cases, then held-out text in the model's language against BUDGETS[scheme]).
 
@@ -311,17 +434,33 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
     (default: the bundled text's other half).
     """
     from glm_runtime.session import OnnxRuntimeSession
+
     if scheme not in SCHEMES:
         raise QuantizeError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
     if calibration is not None and scheme != "qdq-int8":
         raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}; drop --calibration")
-    for name, value in (("block-size", block_size), ("accuracy-level", accuracy_level), ("head-bits", head_bits),
-                        ("head-block-size", head_block_size), ("mlp-block-size", mlp_block_size)):
+    for name, value in (
+        ("block-size", block_size),
+        ("accuracy-level", accuracy_level),
+        ("head-bits", head_bits),
+        ("head-block-size", head_block_size),
+        ("mlp-block-size", mlp_block_size),
+    ):
         if value is not None and scheme not in NBITS:
             raise QuantizeError(f"--{name} applies to --scheme int4-weight or int8-weight, not {scheme}; drop it")
-    recipe = nbits_recipe(scheme, keep_fp32, block_size=block_size, mlp_block_size=mlp_block_size,
-                          accuracy_level=accuracy_level, head_bits=head_bits,
-                          head_block_size=head_block_size) if scheme in NBITS else None  # bad values: nothing read
+    recipe = (
+        nbits_recipe(
+            scheme,
+            keep_fp32,
+            block_size=block_size,
+            mlp_block_size=mlp_block_size,
+            accuracy_level=accuracy_level,
+            head_bits=head_bits,
+            head_block_size=head_block_size,
+        )
+        if scheme in NBITS
+        else None
+    )  # bad values: nothing read
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest, src_model, tok = read_parent(src_dir)
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -329,54 +468,97 @@ def quantize_onnx(src_dir: str | Path, out_dir: str | Path, *, scheme: str, cali
         plain_export(manifest, src_dir)
         if scheme == "fp16" and manifest.precision != "fp32":
             raise QuantizeError(f"{src_dir} is already {manifest.precision}; fp16 is made from an fp32 export")
-        return _quantize_streamed(manifest, src_dir, src_model, tok, Path(out_dir), scheme, keep_fp32=keep_fp32,
-                                  recipe=recipe, accept_loss=accept_loss, overwrite=overwrite, eval_text=eval_text,
-                                  check=check, say=say)
+        return _quantize_streamed(
+            manifest,
+            src_dir,
+            src_model,
+            tok,
+            Path(out_dir),
+            scheme,
+            keep_fp32=keep_fp32,
+            recipe=recipe,
+            accept_loss=accept_loss,
+            overwrite=overwrite,
+            eval_text=eval_text,
+            check=check,
+            say=say,
+        )
     if manifest.precision != "fp32":
-        raise QuantizeError(f"{src_dir} has precision {manifest.precision!r}; {scheme} is made from the fp32 export "
-                            f"it came from ({manifest.parent.get('path', 'its parent')})")
+        raise QuantizeError(
+            f"{src_dir} has precision {manifest.precision!r}; {scheme} is made from the fp32 export "
+            f"it came from ({manifest.parent.get('path', 'its parent')})"
+        )
     parent_bytes = sum(p.stat().st_size for p in src_dir.glob(f"{MODEL_FILE}*"))
     if parent_bytes > ORT_QUANTIZER_MAX_BYTES:
-        raise QuantizeError(f"{scheme} runs ONNX Runtime's quantizer, which holds the whole {parent_bytes / 1e9:.1f} GB "
-                            f"model in memory more than once; use --scheme int8-weight or int4-weight, which are "
-                            f"written one tensor at a time")
+        raise QuantizeError(
+            f"{scheme} runs ONNX Runtime's quantizer, which holds the whole {parent_bytes / 1e9:.1f} GB "
+            f"model in memory more than once; use --scheme int8-weight or int4-weight, which are "
+            f"written one tensor at a time"
+        )
     # read_parent verified the parent's hashes just now
-    feeds, calib_record = ([], None) if scheme != "qdq-int8" else \
-        calibration_data(OnnxRuntimeSession(src_dir, verify=False), tok, calibration)
+    feeds, calib_record = (
+        ([], None)
+        if scheme != "qdq-int8"
+        else calibration_data(OnnxRuntimeSession(src_dir, verify=False), tok, calibration)
+    )
     model = _named(onnx.load(src_model))
     keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
     if scheme != "fp16" and "head" not in keep_fp32:
         model = head_as_matmul(model)
     exclude = excluded_nodes(model, keep_fp32) if scheme != "fp16" else []
     with staged_folder(out_dir, overwrite=overwrite) as stage, tempfile.TemporaryDirectory() as tmp:
-        settings = _SCHEMES[scheme](model, Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", exclude,
-                                    feeds=feeds, config=manifest.config)
+        settings = _SCHEMES[scheme](
+            model, Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", exclude, feeds=feeds, config=manifest.config
+        )
         quantized = onnx.load(Path(tmp) / "out.onnx")
         data_file = save_graph(quantized, stage)
         findings = trt_findings(stage / MODEL_FILE)  # int8-dynamic / int4 are ONNX Runtime-only: recorded
         if findings and scheme in ("qdq-int8", "fp16"):
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
         extra = dict(manifest.extra, model_file=MODEL_FILE, external_data=data_file)
-        extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": exclude,
-                                 "block_size": None, "accuracy_level": None,  # an NBits scheme's only
-                                 "calibration": calib_record, "ops": op_histogram(quantized),
-                                 "trt_findings": None if findings is None else findings[:10],
-                                 "trt_finding_count": None if findings is None else len(findings),
-                                 "accept_loss": accept_loss, **settings}
+        extra["quantization"] = {
+            "scheme": scheme,
+            "keep_fp32": list(keep_fp32),
+            "excluded_nodes": exclude,
+            "block_size": None,
+            "accuracy_level": None,  # an NBits scheme's only
+            "calibration": calib_record,
+            "ops": op_histogram(quantized),
+            "trt_findings": None if findings is None else findings[:10],
+            "trt_finding_count": None if findings is None else len(findings),
+            "accept_loss": accept_loss,
+            **settings,
+        }
         precision = "fp16" if scheme == "fp16" else scheme
-        child = child_manifest(manifest, src_dir, stage, precision=precision,
-                               io=io_table(manifest.config, "fp16" if scheme == "fp16" else manifest.precision),
-                               extra=extra)
+        child = child_manifest(
+            manifest,
+            src_dir,
+            stage,
+            precision=precision,
+            io=io_table(manifest.config, "fp16" if scheme == "fp16" else manifest.precision),
+            extra=extra,
+        )
         _judge_and_seal(stage, src_dir, child, tok, scheme, eval_text=eval_text, accept_loss=accept_loss)
     return out_dir
 
 
-def _judge_and_seal(stage: Path, src_dir: Path, child: Any, tok: Any, scheme: str, *, eval_text: str | None,
-                    accept_loss: bool, method: str = "whole", say=None) -> None:
+def _judge_and_seal(
+    stage: Path,
+    src_dir: Path,
+    child: Any,
+    tok: Any,
+    scheme: str,
+    *,
+    eval_text: str | None,
+    accept_loss: bool,
+    method: str = "whole",
+    say=None,
+) -> None:
     """Judge the staged child against its parent; a structural miss, or a text miss without accept_loss,
     raises BudgetError (nothing is written); else the parity record goes into the child's manifest."""
-    result = judge_child(stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text,
-                         method=method, log=say)
+    result = judge_child(
+        stage, src_dir, child, tok, stage_name="quantize", scheme=scheme, eval_text=eval_text, method=method, log=say
+    )
     structural = [f for f in result.failures if not f.startswith("text: ")]
     misses = result.text["misses"]
     if structural or (misses and not accept_loss):
@@ -384,17 +566,32 @@ def _judge_and_seal(stage: Path, src_dir: Path, child: Any, tok: Any, scheme: st
             f"{scheme} of {src_dir} misses its accuracy budget: {'; '.join(structural + misses)} (max logit "
             f"diff {result.text['max_logit_diff']:.4g} over {result.text['positions']} positions of "
             f"{result.text['language']} text); nothing was written. Keep more layers in fp32 (--keep-fp32), use "
-            f"another scheme, or pass --accept-loss to write it anyway with the loss recorded")
+            f"another scheme, or pass --accept-loss to write it anyway with the loss recorded"
+        )
     child.parity = dict(result.to_dict(), accept_loss=accept_loss)
     write_manifest(stage, child)
 
 
-def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, out_dir: Path, scheme: str, *,
-                       keep_fp32, recipe: Optional[dict[str, Any]], accept_loss: bool, overwrite: bool,
-                       eval_text: str | None, check: str, say) -> Path:
+def _quantize_streamed(
+    manifest: Any,
+    src_dir: Path,
+    src_model: Path,
+    tok: Any,
+    out_dir: Path,
+    scheme: str,
+    *,
+    keep_fp32,
+    recipe: dict[str, Any] | None,
+    accept_loss: bool,
+    overwrite: bool,
+    eval_text: str | None,
+    check: str,
+    say,
+) -> Path:
     """recipe: nbits_recipe's for int4-weight / int8-weight, None for fp16."""
     from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
+
     if recipe:
         keep_fp32 = recipe["keep_fp32"]
     else:
@@ -406,20 +603,35 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
     parent_weights = read_onnx_weights(src_model, parent_graph.graph)
     method = check_method(check, parent_weights)
     fp32_bytes = parent_weights.numel() * 4
-    check_free_space(out_dir.parent, fp32_bytes // (2 if scheme == "fp16" else 4 if scheme == "int8-weight" else 7),
-                     f"the {scheme} child of {src_dir}")
+    check_free_space(
+        out_dir.parent,
+        fp32_bytes // (2 if scheme == "fp16" else 4 if scheme == "int8-weight" else 7),
+        f"the {scheme} child of {src_dir}",
+    )
     say(f"quantize: {scheme} of {src_dir} ({manifest.precision}), rebuilt one tensor at a time; check: {method}")
     if recipe:  # every default resolved
         head_text = "fp32" if r["head"] is None else "{bits}-bit in blocks of {block_size}".format(**r["head"])
-        say(f"quantize: weights {NBITS[scheme]}-bit, attention in blocks of {r['block_size']}, MLP in blocks of "
+        say(
+            f"quantize: weights {NBITS[scheme]}-bit, attention in blocks of {r['block_size']}, MLP in blocks of "
             f"{r['mlp_block_size']}; head {head_text}; accuracy level {r['accuracy_level']}; kept fp32: "
-            f"{', '.join(keep_fp32)}")
+            f"{', '.join(keep_fp32)}"
+        )
     with staged_folder(out_dir, overwrite=overwrite) as stage:
-        graph, data_file = rebuild(parent_graph, parent_weights, stage, manifest.config, scheme, keep,
-                                   head="head" not in keep_fp32, block_size=r.get("block_size"),
-                                   accuracy_level=r.get("accuracy_level"), log=say,
-                                   head_bits=head.get("bits"), head_block_size=head.get("block_size"),
-                                   mlp_block_size=r.get("mlp_block_size"))
+        graph, data_file = rebuild(
+            parent_graph,
+            parent_weights,
+            stage,
+            manifest.config,
+            scheme,
+            keep,
+            head="head" not in keep_fp32,
+            block_size=r.get("block_size"),
+            accuracy_level=r.get("accuracy_level"),
+            log=say,
+            head_bits=head.get("bits"),
+            head_block_size=head.get("block_size"),
+            mlp_block_size=r.get("mlp_block_size"),
+        )
         del parent_graph
         ops = op_histogram(graph)
         kept = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1].endswith(".weight.T")]
@@ -427,23 +639,40 @@ def _quantize_streamed(manifest: Any, src_dir: Path, src_model: Path, tok: Any, 
         findings = trt_findings(stage / MODEL_FILE)  # MatMulNBits is ONNX Runtime-only: recorded
         if findings and scheme == "fp16":
             raise QuantizeError(f"{scheme} graph would not parse in TensorRT: {findings[:3]}")
-        settings = ({"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(float_type='fp16')"}
-                    if scheme == "fp16" else
-                    {"weights": f"int{NBITS[scheme]} symmetric, blocks of {r['block_size']} along K (MatMulNBits)"
-                                + (f", the MLP's in blocks of {r['mlp_block_size']}"
-                                   if r["mlp_block_size"] != r["block_size"] else ""),
-                     "packing": "onnxruntime.capi._pybind_state.quantize_matmul_%dbits" % NBITS[scheme],
-                     "activations": "fp32 (MatMulNBits accuracy_level %d)" % r["accuracy_level"]})
+        settings = (
+            {"weights": "fp16", "recipe": "glm_export.onnx_graph.build_model(float_type='fp16')"}
+            if scheme == "fp16"
+            else {
+                "weights": f"int{NBITS[scheme]} symmetric, blocks of {r['block_size']} along K (MatMulNBits)"
+                + (f", the MLP's in blocks of {r['mlp_block_size']}" if r["mlp_block_size"] != r["block_size"] else ""),
+                "packing": f"onnxruntime.capi._pybind_state.quantize_matmul_{NBITS[scheme]}bits",
+                "activations": f"fp32 (MatMulNBits accuracy_level {r['accuracy_level']})",
+            }
+        )
         extra = dict(manifest.extra, model_file=MODEL_FILE, external_data=data_file)
-        extra["quantization"] = {"scheme": scheme, "keep_fp32": list(keep_fp32), "excluded_nodes": kept,
-                                 **{k: r.get(k) for k in ("block_size", "mlp_block_size", "accuracy_level", "head")},
-                                 "calibration": None, "ops": ops, "streamed": True,
-                                 "trt_findings": None if findings is None else findings[:10],
-                                 "trt_finding_count": None if findings is None else len(findings),
-                                 "accept_loss": accept_loss, **settings}
+        extra["quantization"] = {
+            "scheme": scheme,
+            "keep_fp32": list(keep_fp32),
+            "excluded_nodes": kept,
+            **{k: r.get(k) for k in ("block_size", "mlp_block_size", "accuracy_level", "head")},
+            "calibration": None,
+            "ops": ops,
+            "streamed": True,
+            "trt_findings": None if findings is None else findings[:10],
+            "trt_finding_count": None if findings is None else len(findings),
+            "accept_loss": accept_loss,
+            **settings,
+        }
         precision = "fp16" if scheme == "fp16" else scheme
-        child = child_manifest(manifest, src_dir, stage, precision=precision,
-                               io=io_table(manifest.config, "fp16" if scheme == "fp16" else "fp32"), extra=extra)
-        _judge_and_seal(stage, src_dir, child, tok, scheme, eval_text=eval_text, accept_loss=accept_loss,
-                        method=method, say=say)
+        child = child_manifest(
+            manifest,
+            src_dir,
+            stage,
+            precision=precision,
+            io=io_table(manifest.config, "fp16" if scheme == "fp16" else "fp32"),
+            extra=extra,
+        )
+        _judge_and_seal(
+            stage, src_dir, child, tok, scheme, eval_text=eval_text, accept_loss=accept_loss, method=method, say=say
+        )
     return out_dir

@@ -1,18 +1,19 @@
 """The torch reference behind the runtime's session contract (backend "torch"), on glm_export.model.GLMModel.
 In: feeds named by the IO table (numpy), as the ONNX graph takes them; or a checkpoint / exported folder.
 Out: logits and `present.*` holding only this call's keys/values ("present-is-new"), as numpy."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from glm_export.model import GLMModel
 from glm_runtime.config import GLMConfig
-from glm_runtime.iotable import (LOGITS_START, io_table, kv_dtype, past_names, present_names,
-                                 without_optional_inputs)
+from glm_runtime.iotable import LOGITS_START, io_table, kv_dtype, past_names, present_names, without_optional_inputs
 from glm_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from glm_runtime.session import Closable, check_feeds
 
@@ -22,8 +23,14 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 class TorchSession(Closable):
     """GLMModel behind the session contract (backend "torch"): numpy in, numpy out, CPU."""
 
-    def __init__(self, model: GLMModel, config: Optional[GLMConfig] = None, precision: str = "fp32",
-                 tokenizer_path: Optional[Path] = None, logits_start: bool = True):
+    def __init__(
+        self,
+        model: GLMModel,
+        config: GLMConfig | None = None,
+        precision: str = "fp32",
+        tokenizer_path: Path | None = None,
+        logits_start: bool = True,
+    ):
         """logits_start=False: the session does not take the optional input and always returns the logits of
         every position, as GLM's own forward does (the benchmark's "torch eager as users run it")."""
         if precision not in TORCH_DTYPES:
@@ -40,6 +47,7 @@ class TorchSession(Closable):
 
     def new_cache(self, batch: int, capacity: int) -> Any:
         from glm_runtime.kvcache import host_cache
+
         return host_cache(self, batch, capacity)
 
     def close(self) -> None:
@@ -53,8 +61,9 @@ class TorchSession(Closable):
         t = {name: torch.as_tensor(np.asarray(value)) for name, value in feeds.items()}
         past = [(t[k], t[v]) for k, v in past_names(self.io)]
         past_len = past[0][0].shape[2]
-        x, presents = self.model.hidden_states(t["input_ids"], t["position_ids"], t["attention_mask"],
-                                               past_key_values=past if past_len else None)
+        x, presents = self.model.hidden_states(
+            t["input_ids"], t["position_ids"], t["attention_mask"], past_key_values=past if past_len else None
+        )
         start = int(t[LOGITS_START].reshape(-1)[0]) if LOGITS_START in t else 0
         logits = self.model.lm_head(x[:, start:])  # python slicing == ONNX Slice: negative counts from the end
         out = {"logits": logits.float().numpy()}
@@ -65,8 +74,9 @@ class TorchSession(Closable):
         return out
 
 
-def load_torch_session(folder: str | Path, precision: Optional[str] = None, verify: bool = True,
-                       logits_start: bool = True, **_ignored: Any) -> TorchSession:
+def load_torch_session(
+    folder: str | Path, precision: str | None = None, verify: bool = True, logits_start: bool = True, **_ignored: Any
+) -> TorchSession:
     """A TorchSession from a checkpoint folder (any layout glm_export.checkpoint reads), or from an exported
     folder's parent checkpoint (its manifest's `parent.path`). precision: None = the artifact's own."""
     from glm_export.checkpoint import load_checkpoint
@@ -78,8 +88,10 @@ def load_torch_session(folder: str | Path, precision: Optional[str] = None, veri
     if manifest is not None and manifest.kind == "onnx":
         parent = manifest.parent.get("path")
         if not parent:
-            raise ManifestError(f"{folder}/manifest.json records no parent checkpoint, so backend 'torch' cannot "
-                                f"find the weights; pass the checkpoint folder instead")
+            raise ManifestError(
+                f"{folder}/manifest.json records no parent checkpoint, so backend 'torch' cannot "
+                f"find the weights; pass the checkpoint folder instead"
+            )
         source = Path(parent) if Path(parent).is_absolute() else (folder / parent)
         if manifest.tokenizer.get("file"):
             tokenizer_path = folder / manifest.tokenizer["file"]
@@ -87,13 +99,15 @@ def load_torch_session(folder: str | Path, precision: Optional[str] = None, veri
         raise ManifestError(f"backend 'torch' reads checkpoints or exported ONNX folders, not {manifest.kind!r}")
     exported = manifest is not None and manifest.kind == "onnx"
     # an exported folder's config (GeLU and tokenizer as decided at export) describes its parent's weights
-    loaded = load_checkpoint(source, config=GLMConfig.from_dict(manifest.config) if exported else None,
-                             tokenizer=tokenizer_path)
+    loaded = load_checkpoint(
+        source, config=GLMConfig.from_dict(manifest.config) if exported else None, tokenizer=tokenizer_path
+    )
     tokenizer_path = tokenizer_path or loaded.tokenizer_file
     if precision is None:
         precision = manifest.precision if manifest is not None and manifest.precision in TORCH_DTYPES else "fp32"
-    session = TorchSession(loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path,
-                           logits_start=logits_start)
+    session = TorchSession(
+        loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path, logits_start=logits_start
+    )
     session.tokenizer = None if exported else loaded.tokenizer  # an exported folder's is read from its manifest
     if exported:
         session.tokenizer_record = manifest.tokenizer

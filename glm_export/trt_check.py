@@ -4,13 +4,15 @@ In: an ONNX file (or a folder holding model.onnx). Out: one Finding per node who
 attribute/input combination the parser does not support, per glm_export/data/trt_onnx_support.json
 (onnx-tensorrt docs/operators.md for TensorRT 10.15; the file records its source).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any
 
 import numpy as np
 import onnx
@@ -46,7 +48,7 @@ def _type_name(elem_type: int) -> str:
 class _Graph:
     """Tensor facts of one (sub)graph: dtype and rank per name, and which names are build-time constants."""
 
-    def __init__(self, graph: onnx.GraphProto, outer: "_Graph | None" = None):
+    def __init__(self, graph: onnx.GraphProto, outer: _Graph | None = None):
         self.types: dict[str, int] = dict(outer.types) if outer else {}
         self.ranks: dict[str, int] = dict(outer.ranks) if outer else {}
         self.consts: dict[str, Any] = dict(outer.consts) if outer else {}  # name -> TensorProto (or None)
@@ -86,7 +88,8 @@ def _check_node(node: onnx.NodeProto, g: _Graph, rules: dict[str, Any]) -> Itera
         return
     if not spec["supported"]:
         yield f"op {node.op_type} is not supported by TensorRT's ONNX parser" + (
-            f" ({spec['note']})" if "note" in spec else "")
+            f" ({spec['note']})" if "note" in spec else ""
+        )
         return
     types = spec["types"]
     n_in, n_out = range(len(node.input)), range(len(node.output))
@@ -146,18 +149,21 @@ def _check_graph(graph: onnx.GraphProto, rules: dict[str, Any], outer: _Graph | 
     for node in graph.node:
         label = node.name or (node.output[0] if node.output else "<unnamed>")
         if node.domain not in ("", "ai.onnx"):
-            yield Finding(label, f"{node.domain}.{node.op_type}",
-                          f"custom-domain op {node.op_type} (domain {node.domain!r}) is not an ONNX operator; "
-                          f"TensorRT parses it only through a plugin of that name")
+            yield Finding(
+                label,
+                f"{node.domain}.{node.op_type}",
+                f"custom-domain op {node.op_type} (domain {node.domain!r}) is not an ONNX operator; "
+                f"TensorRT parses it only through a plugin of that name",
+            )
             continue
         for problem in _check_node(node, g, rules):
             yield Finding(label, node.op_type, problem)
         for a in node.attribute:  # If / Loop / Scan bodies
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
                 yield from _check_graph(sub, rules, g)
 
 
-def check_trt(onnx_path: Union[str, Path]) -> list[Finding]:
+def check_trt(onnx_path: str | Path) -> list[Finding]:
     """Every node (and model-level fact) TensorRT's ONNX parser does not support; empty means all parse."""
     path = Path(onnx_path)
     if path.is_dir():
@@ -174,8 +180,11 @@ def check_trt(onnx_path: Union[str, Path]) -> list[Finding]:
     lo, hi = rules["opset"]["min"], rules["opset"]["max"]
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx") and not lo <= imp.version <= hi:
-            findings.append(Finding("<model>", "opset", f"default-domain opset {imp.version} is outside the "
-                                    f"parser's range [{lo}, {hi}]"))
+            findings.append(
+                Finding(
+                    "<model>", "opset", f"default-domain opset {imp.version} is outside the parser's range [{lo}, {hi}]"
+                )
+            )
     for v in model.graph.input:
         t = _type_name(v.type.tensor_type.elem_type)
         if t not in ("FP32", "FP16", "BF16", "INT32", "INT64", "BOOL", "UINT8", "INT8", "FP8"):

@@ -10,20 +10,30 @@ resident set until the file is unmapped, so mapping a 20 GB checkpoint and touch
 array; a pickled one (torch.load(mmap=True, weights_only=True)) is mapped by torch and copied out, and its
 touched pages stay mapped until the file is closed (file-backed, reclaimable; the scale benchmark reports it).
 """
+
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from glm_runtime.errors import GLMXError
 
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": np.float64,
-                      "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": "bfloat16",
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class WeightsError(GLMXError, ValueError):
@@ -32,6 +42,7 @@ class WeightsError(GLMXError, ValueError):
 
 class Entry:
     """One tensor: its shape, its dtype in the file ('bfloat16' for bf16), and how to read it."""
+
     __slots__ = ("shape", "dtype", "read", "where")
 
     def __init__(self, shape: Sequence[int], dtype: Any, read: Callable[[], np.ndarray], where: str):
@@ -64,8 +75,10 @@ class Weights(Mapping):
             finite = np.isfinite(array)
             if not finite.all():
                 bad = int(array.size - np.count_nonzero(finite))
-                raise self.error(f"{entry.where}: {key} holds {bad} NaN or inf value(s) of {array.size}: the "
-                                   f"checkpoint is corrupt or its training diverged; use an earlier checkpoint")
+                raise self.error(
+                    f"{entry.where}: {key} holds {bad} NaN or inf value(s) of {array.size}: the "
+                    f"checkpoint is corrupt or its training diverged; use an earlier checkpoint"
+                )
         return array
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
@@ -97,7 +110,7 @@ class Weights(Mapping):
     def largest(self) -> int:
         return max((e.nbytes for e in self._entries.values()), default=0)
 
-    def renamed(self, names: Mapping[str, str]) -> "Weights":
+    def renamed(self, names: Mapping[str, str]) -> Weights:
         """A view under new names (old -> new); keys not in `names` are dropped."""
         view = Weights({new: self._entries[old] for old, new in names.items()}, self.files, self._closers)
         view.error = self.error
@@ -109,14 +122,14 @@ class Weights(Mapping):
         self._closers.clear()
 
     @classmethod
-    def merged(cls, parts: Sequence["Weights"]) -> "Weights":
+    def merged(cls, parts: Sequence[Weights]) -> Weights:
         entries: dict[str, Entry] = {}
         for part in parts:
             entries.update(part._entries)
         return cls(entries, [f for p in parts for f in p.files], [c for p in parts for c in p._closers])
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any], where: str = "the model") -> "Weights":
+    def from_arrays(cls, arrays: Mapping[str, Any], where: str = "the model") -> Weights:
         """In-memory tensors (a state dict of torch tensors or numpy arrays) behind the same interface."""
         entries = {}
         for name, value in arrays.items():
@@ -127,6 +140,7 @@ class Weights(Mapping):
 def _dtype_of(value: Any) -> Any:
     if hasattr(value, "numpy"):  # a torch tensor
         import torch
+
         return "bfloat16" if value.dtype == torch.bfloat16 else np.dtype(str(value.dtype).replace("torch.", ""))
     return np.asarray(value).dtype
 
@@ -134,6 +148,7 @@ def _dtype_of(value: Any) -> Any:
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "numpy"):
         import torch
+
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:
             value = value.float()
@@ -142,6 +157,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- safetensors: the header, then one read per tensor
+
 
 def read_safetensors(path: Path) -> Weights:
     """Every tensor of a .safetensors file, read on access with one readinto at its offset (format: 8-byte
@@ -154,8 +170,10 @@ def read_safetensors(path: Path) -> Weights:
                 raise ValueError(f"header length {length} exceeds the file's {size} bytes")
             header = json.loads(fh.read(length))
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
-        raise WeightsError(f"cannot read {path}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                           f"re-download or re-save it") from None
+        raise WeightsError(
+            f"cannot read {path}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); "
+            f"re-download or re-save it"
+        ) from None
     base = 8 + length
     entries = {}
     for name, info in header.items():
@@ -166,14 +184,17 @@ def read_safetensors(path: Path) -> Weights:
             begin, end = (int(x) for x in info["data_offsets"])
             shape = [int(s) for s in info["shape"]]
         except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"cannot read {path}: tensor {name!r} has an unsupported or malformed header entry "
-                               f"{info}") from None
+            raise WeightsError(
+                f"cannot read {path}: tensor {name!r} has an unsupported or malformed header entry {info}"
+            ) from None
         entry = Entry(shape, dtype, lambda: None, str(path))
         if entry.nbytes != end - begin or base + end > size:
-            raise WeightsError(f"cannot read {path}: the file is truncated or corrupt (tensor {name!r} "
-                               f"{info['dtype']} {shape} does not fit bytes {begin}..{end} of the {size - base} "
-                               f"after the header); re-download or re-save it")
-        entry.read = (lambda p=path, o=base + begin, e=entry: _read_range(p, o, e))
+            raise WeightsError(
+                f"cannot read {path}: the file is truncated or corrupt (tensor {name!r} "
+                f"{info['dtype']} {shape} does not fit bytes {begin}..{end} of the {size - base} "
+                f"after the header); re-download or re-save it"
+            )
+        entry.read = lambda p=path, o=base + begin, e=entry: _read_range(p, o, e)
         entries[name] = entry
     return Weights(entries, [path])
 
@@ -193,11 +214,13 @@ def _read_range(path: Path, offset: int, entry: Entry) -> np.ndarray:
 
 # ---------------------------------------------------------------- an exported ONNX folder's initializers
 
-def read_onnx_weights(model_path: Path, graph: Optional[Any] = None) -> Weights:
+
+def read_onnx_weights(model_path: Path, graph: Any | None = None) -> Weights:
     """The initializers of an ONNX file (loaded without its external data), read on access: external ones from
     their data file at their offset, inline ones from the graph. Names are the graph's own."""
     import onnx
     from onnx import numpy_helper
+
     if graph is None:
         graph = onnx.load(str(model_path), load_external_data=False).graph
     folder = model_path.parent
@@ -207,7 +230,7 @@ def read_onnx_weights(model_path: Path, graph: Optional[Any] = None) -> Weights:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             entry = Entry(t.dims, dtype, lambda: None, str(folder / info["location"]))
-            entry.read = (lambda p=folder / info["location"], o=int(info.get("offset", 0)), e=entry: _read_range(p, o, e))
+            entry.read = lambda p=folder / info["location"], o=int(info.get("offset", 0)), e=entry: _read_range(p, o, e)  # noqa: B008 - the defaults bind this tensor's file and offset now
         else:
             entry = Entry(t.dims, dtype, (lambda t=t: numpy_helper.to_array(t)), str(model_path))
         entries[t.name] = entry
@@ -231,8 +254,17 @@ def official_weights(graph_weights: Weights) -> Weights:
 
 # ---------------------------------------------------------------- writing safetensors tensor by tensor
 
-_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_SAFETENSORS_NAMES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def to_bf16_bits(array: np.ndarray) -> np.ndarray:
@@ -242,8 +274,12 @@ def to_bf16_bits(array: np.ndarray) -> np.ndarray:
     return (rounded >> 16).astype(np.uint16)
 
 
-def write_safetensors(path: Path, tensors: Sequence[tuple[str, Sequence[int], str]],
-                      make: Callable[[str], np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None:
+def write_safetensors(
+    path: Path,
+    tensors: Sequence[tuple[str, Sequence[int], str]],
+    make: Callable[[str], np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """A .safetensors file written one tensor at a time: the header from (name, shape, dtype name) first, then
     make(name) for each in order, converted to its dtype ('bfloat16' from float32 values)."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -251,8 +287,11 @@ def write_safetensors(path: Path, tensors: Sequence[tuple[str, Sequence[int], st
     for name, shape, dtype in tensors:
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         n = int(np.prod(shape, dtype=np.int64)) * itemsize
-        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": [int(x) for x in shape],
-                        "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[dtype],
+            "shape": [int(x) for x in shape],
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned
@@ -263,5 +302,9 @@ def write_safetensors(path: Path, tensors: Sequence[tuple[str, Sequence[int], st
             value = np.asarray(make(name))
             if tuple(value.shape) != tuple(int(x) for x in shape):
                 raise WeightsError(f"{name}: made a {list(value.shape)} tensor for a {list(shape)} header entry")
-            data = to_bf16_bits(value) if dtype == "bfloat16" else np.ascontiguousarray(value, dtype=np.dtype(dtype).newbyteorder("<"))
+            data = (
+                to_bf16_bits(value)
+                if dtype == "bfloat16"
+                else np.ascontiguousarray(value, dtype=np.dtype(dtype).newbyteorder("<"))
+            )
             fh.write(memoryview(data).cast("B"))

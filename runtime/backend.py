@@ -3,11 +3,13 @@ In: nothing but the IO table and manifests. Out: `Session` and `KVCacheLike` (ty
 subclasses them), `Closable` (the defaults), `check_feeds`, `check_export`, `host_array`. No backend imports another;
 each imports this module (Polygraphy's runner interface plays the same part).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,10 +19,16 @@ from glm_runtime.iotable import accepted_tables
 from glm_runtime.manifest import Manifest, ManifestError, check_complete
 
 # OrtValue.data_type() strings -> numpy names, for feeds that already live on a device
-IntsLike = Union[Sequence[int], np.ndarray]  # per-row counts, slots or row indices: a list or an int array
+IntsLike = Sequence[int] | np.ndarray  # per-row counts, slots or row indices: a list or an int array
 
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-              "tensor(bool)": "bool", "tensor(int32)": "int32", "tensor(double)": "float64"}
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+    "tensor(int32)": "int32",
+    "tensor(double)": "float64",
+}
 
 
 class BackendError(GLMXError, RuntimeError):
@@ -65,7 +73,7 @@ class Session(Protocol):
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Session": ...
+    def __enter__(self) -> Session: ...
 
     def __exit__(self, *exc: Any) -> None: ...
 
@@ -130,6 +138,7 @@ class Closable:
 
 # ---------------------------------------------------------------- feed checking (shared by every backend)
 
+
 def _dtype_and_shape(value: Any) -> tuple[str, tuple[int, ...]]:
     if isinstance(value, np.ndarray):
         return value.dtype.name, tuple(value.shape)
@@ -137,8 +146,10 @@ def _dtype_and_shape(value: Any) -> tuple[str, tuple[int, ...]]:
         return ORT_TYPES.get(value.data_type(), value.data_type()), tuple(value.shape())
     if hasattr(value, "dtype") and isinstance(getattr(value, "shape", None), tuple):  # a device array (TensorRT)
         return np.dtype(value.dtype).name, tuple(value.shape)
-    raise FeedError(f"a feed must be a numpy array, an onnxruntime OrtValue or a device array with .dtype and "
-                    f".shape, got {type(value).__name__}")
+    raise FeedError(
+        f"a feed must be a numpy array, an onnxruntime OrtValue or a device array with .dtype and "
+        f".shape, got {type(value).__name__}"
+    )
 
 
 def host_array(value: Any) -> np.ndarray:
@@ -171,14 +182,19 @@ def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -
         for axis, (size, dim) in enumerate(zip(shape, want)):
             if isinstance(dim, int):
                 if size != dim:
-                    raise FeedError(f"input {name!r} must have size {dim} on axis {axis} (shape {want}), "
-                                    f"got shape {list(shape)}")
+                    raise FeedError(
+                        f"input {name!r} must have size {dim} on axis {axis} (shape {want}), got shape {list(shape)}"
+                    )
             elif dims.setdefault(dim, size) != size:
-                raise FeedError(f"input {name!r} has {dim}={size} on axis {axis}, but another input set "
-                                f"{dim}={dims[dim]}; every input must agree")
+                raise FeedError(
+                    f"input {name!r} has {dim}={size} on axis {axis}, but another input set "
+                    f"{dim}={dims[dim]}; every input must agree"
+                )
     if {"seq", "past_seq", "total_seq"} <= set(dims) and dims["total_seq"] != dims["past_seq"] + dims["seq"]:
-        raise FeedError(f"input 'attention_mask' must have past_seq + seq = {dims['past_seq']} + {dims['seq']} "
-                        f"columns, got {dims['total_seq']}")
+        raise FeedError(
+            f"input 'attention_mask' must have past_seq + seq = {dims['past_seq']} + {dims['seq']} "
+            f"columns, got {dims['total_seq']}"
+        )
     return dims
 
 
@@ -195,9 +211,11 @@ def check_export(folder: Path, manifest: Manifest, staging: bool = False) -> tup
     tables = accepted_tables(config, manifest.precision)
     for key in ("inputs", "outputs", "kv_patterns"):
         if all(manifest.io.get(key) != expected[key] for expected in tables):
-            raise ManifestError(f"{folder}/manifest.json: the IO table's {key} do not match its config "
-                                f"({config.num_layers} layers, {config.num_attention_heads} heads, precision "
-                                f"{manifest.precision}); the manifest was edited or is from another model")
+            raise ManifestError(
+                f"{folder}/manifest.json: the IO table's {key} do not match its config "
+                f"({config.num_layers} layers, {config.num_attention_heads} heads, precision "
+                f"{manifest.precision}); the manifest was edited or is from another model"
+            )
     tokenizer_path = None
     name = manifest.tokenizer.get("file")
     if name:
@@ -206,6 +224,8 @@ def check_export(folder: Path, manifest: Manifest, staging: bool = False) -> tup
             raise ManifestError(f"{folder}/manifest.json names tokenizer {name!r} but does not hash it")
         sha = manifest.tokenizer.get("sha256")
         if sha and sha != manifest.files[name]:
-            raise ManifestError(f"{folder}/manifest.json: tokenizer {name!r} has sha256 {sha[:12]}... in its "
-                                f"tokenizer entry but {manifest.files[name][:12]}... in its file list")
+            raise ManifestError(
+                f"{folder}/manifest.json: tokenizer {name!r} has sha256 {sha[:12]}... in its "
+                f"tokenizer entry but {manifest.files[name][:12]}... in its file list"
+            )
     return config, tokenizer_path

@@ -2,11 +2,12 @@
 In: a session, a tokenizer, a prepared prompt and its settings. Out: StreamEvents (tokens, spans, the result);
 each span's score = sum of log-probs / length ** length_penalty (length counts eop / eos), deterministic.
 The engine (runtime/engine.py) runs a beam request this way, outside its pool of rows, in the step that takes it."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -39,9 +40,18 @@ def _top_candidates(scores: np.ndarray, count: int) -> list[tuple[float, int]]:
     return [(float(flat[part[i]]), int(part[i])) for i in order]
 
 
-def beam_search_span(session: Session, cache: KVCacheLike, mask_pos: int, *, sop: int, stops: dict[int, str],
-                     num_beams: int, max_new_tokens: int, length_penalty: float,
-                     early_stopping: bool) -> tuple[Hypothesis, int]:
+def beam_search_span(
+    session: Session,
+    cache: KVCacheLike,
+    mask_pos: int,
+    *,
+    sop: int,
+    stops: dict[int, str],
+    num_beams: int,
+    max_new_tokens: int,
+    length_penalty: float,
+    early_stopping: bool,
+) -> tuple[Hypothesis, int]:
     """Search one span -> (best hypothesis, decode calls made). Leaves the cache holding some beams' tokens
     (the caller truncates it to the span's start and feeds the winner once).
 
@@ -75,8 +85,11 @@ def beam_search_span(session: Session, cache: KVCacheLike, mask_pos: int, *, sop
             if token in stops:
                 if rank < k:  # a stop outside the first k candidates would not have survived anyway
                     length = len(live_tokens[beam]) + 1
-                    add(Hypothesis(list(live_tokens[beam]), stops[token], score,
-                                   _normalise(score, length, length_penalty)))
+                    add(
+                        Hypothesis(
+                            list(live_tokens[beam]), stops[token], score, _normalise(score, length, length_penalty)
+                        )
+                    )
                 continue
             chosen.append((beam, token, score))
             if len(chosen) == k:
@@ -116,10 +129,17 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
     steps = 0
     for k, (pos, mask_id) in enumerate(prompt.blanks):
         start = cache.filled.copy()
-        best, calls = beam_search_span(session, cache, pos, sop=special["sop"], stops=stops,
-                                       num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
-                                       length_penalty=settings.length_penalty,
-                                       early_stopping=settings.early_stopping)
+        best, calls = beam_search_span(
+            session,
+            cache,
+            pos,
+            sop=special["sop"],
+            stops=stops,
+            num_beams=settings.num_beams,
+            max_new_tokens=settings.max_new_tokens,
+            length_penalty=settings.length_penalty,
+            early_stopping=settings.early_stopping,
+        )
         steps += calls
         for token in best.tokens:
             yield StreamEvent("token", prompt.index, k, token, decode_text(tokenizer, [token]))
@@ -132,7 +152,13 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
             steps += 1
     t2 = time.perf_counter()
     generated = sum(len(s.token_ids) for s in spans)
-    timings = {"context_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "decode_steps": float(steps),
-               "new_tokens": float(generated), "tokens_per_s": generated / (t2 - t1) if t2 > t1 else 0.0}
+    timings = {
+        "context_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "total_s": t2 - t0,
+        "decode_steps": float(steps),
+        "new_tokens": float(generated),
+        "tokens_per_s": generated / (t2 - t1) if t2 > t1 else 0.0,
+    }
     result = assemble_result(tokenizer, prompt, spans, timings)
     yield StreamEvent("result", prompt.index, text=result.text, result=result)

@@ -4,6 +4,7 @@ commands join (glm_export.cli: convert, export, optimize, quantize, build-engine
 Every command is a thin wrapper over one function; every failure ends as one `Error:` line and exit status 1.
 Torch-free: nothing here imports torch or glm_export (the export commands are loaded by name, like a plugin).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -37,6 +38,7 @@ class _Commands(click.Group):
         import os
 
         from glm_runtime.errors import GLMXError as Failure
+
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
@@ -44,16 +46,19 @@ class _Commands(click.Group):
         except Failure as exc:
             raise CommandError(one_line(exc)) from None
         except UnicodeDecodeError as exc:
-            raise CommandError(f"the input is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
-                            f"and try again") from None
+            raise CommandError(
+                f"the input is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 and try again"
+            ) from None
         except OSError as exc:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             raise CommandError(f"{exc.strerror or exc}{where}") from None
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, said as one line
+        except Exception as exc:
             if os.environ.get("GLMX_DEBUG"):
                 raise
-            raise CommandError(f"internal error in glmx ({type(exc).__name__}: {one_line(exc)}); this is a bug: "
-                            f"please report it with the command (GLMX_DEBUG=1 shows the traceback)") from None
+            raise CommandError(
+                f"internal error in glmx ({type(exc).__name__}: {one_line(exc)}); this is a bug: "
+                f"please report it with the command (GLMX_DEBUG=1 shows the traceback)"
+            ) from None
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,11 +77,14 @@ def main() -> None:
 def config_cmd(preset: str | None) -> None:
     """Print a preset's GLMConfig as JSON, or list the presets."""
     from glm_runtime.config import PRESETS, ConfigError, get_preset
+
     if preset is None:
         for name, cfg in PRESETS.items():
-            click.echo(f"{name:20s} L={cfg.num_layers:<3d} h={cfg.hidden_size:<5d} n={cfg.num_attention_heads:<3d} "
-                       f"P={cfg.max_sequence_length:<5d} V={cfg.vocab_size:<6d} tokenizer={cfg.tokenizer} "
-                       f"params={cfg.num_parameters() / 1e6:.0f}M")
+            click.echo(
+                f"{name:20s} L={cfg.num_layers:<3d} h={cfg.hidden_size:<5d} n={cfg.num_attention_heads:<3d} "
+                f"P={cfg.max_sequence_length:<5d} V={cfg.vocab_size:<6d} tokenizer={cfg.tokenizer} "
+                f"params={cfg.num_parameters() / 1e6:.0f}M"
+            )
         return
     try:
         click.echo(get_preset(preset).to_json())
@@ -106,8 +114,19 @@ Each input line gives one output line: a line break inside a result is written a
 (--json keeps the exact text). A line that is refused (bad JSON, a bad setting, too long) is named with its line
 number at the end and the exit status is 1; every other line is still filled. Timings in --json are seconds."""
 
-JSONL_KEYS = ("prompt", "max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed", "num_beams",
-              "length_penalty", "early_stopping", "append_gmask")
+JSONL_KEYS = (
+    "prompt",
+    "max_new_tokens",
+    "strategy",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "append_gmask",
+)
 
 
 def _read_text(stream, name: str) -> str:
@@ -167,23 +186,39 @@ def _jsonl_requests(text: str, name: str):
 @click.argument("prompt", required=False)
 @click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
 @click.option("--stdin", "from_stdin", is_flag=True, help="read prompts from stdin, one per line (UTF-8)")
-@click.option("--jsonl", "jsonl", type=click.File("rb"),
-              help='read prompts from a JSON-lines file ("-" = stdin): a string or {"prompt": ..., settings} per line')
+@click.option(
+    "--jsonl",
+    "jsonl",
+    type=click.File("rb"),
+    help='read prompts from a JSON-lines file ("-" = stdin): a string or {"prompt": ..., settings} per line',
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per prompt (spans, tokens, timings in s)")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="budget per blank")
 @click.option("--strategy", type=click.Choice(["greedy", "sample", "beam"]), default="greedy", show_default=True)
 @click.option("--temperature", type=float, default=None, help="sample: > 0 [default: 1]")
-@click.option("--top-k", type=int, default=None, help="sample: keep the k most likely tokens; 0 = no filter [default: 0]")
+@click.option(
+    "--top-k", type=int, default=None, help="sample: keep the k most likely tokens; 0 = no filter [default: 0]"
+)
 @click.option("--top-p", type=float, default=None, help="sample: nucleus mass in (0, 1]; 1 = no filter [default: 1]")
 @click.option("--seed", type=int, default=None, help="sample: seed of every prompt's own stream (see above)")
 @click.option("--num-beams", type=int, default=None, help="beam: beams per span [default: 1]")
 @click.option("--length-penalty", type=float, default=None, help="beam: score = log-prob / length ** this [default: 1]")
 @click.option("--early-stopping", is_flag=True, default=None, help="beam: stop a span once num_beams hypotheses ended")
 @click.option("--append-gmask", is_flag=True, help="a prompt without a blank is continued at its end ([gMASK])")
-@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True,
-              help="prompts decoding together (memory grows with this, not with the number of prompts)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-              default="onnxruntime", show_default=True, help="torch needs the export extra")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="prompts decoding together (memory grows with this, not with the number of prompts)",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="torch needs the export extra",
+)
 def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **settings) -> None:
     from glm_runtime.engine import Engine
     from glm_runtime.requests import FillRequest
@@ -195,8 +230,11 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
         raise CommandError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
     settings["early_stopping"] = settings["early_stopping"] or None  # a flag not given is "not set"
     if from_stdin:
-        lines = [(n, {"prompt": line}) for n, line in
-                 enumerate(_lines(_read_text(sys.stdin.buffer, "stdin")), 1) if line.strip()]
+        lines = [
+            (n, {"prompt": line})
+            for n, line in enumerate(_lines(_read_text(sys.stdin.buffer, "stdin")), 1)
+            if line.strip()
+        ]
         name = "stdin"
     elif jsonl is not None:
         lines, name = list(_jsonl_requests(_read_text(jsonl, jsonl.name), jsonl.name)), jsonl.name
@@ -238,14 +276,23 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
             outcome = done.pop(printed)
             if not isinstance(outcome, str):  # a refused line is said at the end; the others go on
                 text = lines[printed][1]["prompt"]
-                click.echo(json.dumps({"prompt": text, **outcome.to_dict()}, ensure_ascii=False) if as_json
-                           else outcome.text if name is None else _result_line(outcome.text))
+                click.echo(
+                    json.dumps({"prompt": text, **outcome.to_dict()}, ensure_ascii=False)
+                    if as_json
+                    else outcome.text
+                    if name is None
+                    else _result_line(outcome.text)
+                )
             printed += 1
     for message in bad if len(bad) > 1 else []:
         click.echo(message, err=True)
     if bad:
-        raise CommandError(bad[0] if len(bad) == 1 else f"{len(bad)} of {len(lines)} inputs were refused (each named "
-                                                     f"above); the other {len(lines) - len(bad)} were filled")
+        raise CommandError(
+            bad[0]
+            if len(bad) == 1
+            else f"{len(bad)} of {len(lines)} inputs were refused (each named "
+            f"above); the other {len(lines) - len(bad)} were filled"
+        )
 
 
 def _said(exc: Exception) -> str:
@@ -297,19 +344,39 @@ Example:  glmx serve --port 8000 &
 
 @main.command("serve", help=SERVE_HELP)
 @click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
-@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-              default="onnxruntime", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 = every interface)")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--rows", type=click.IntRange(min=1), default=8, show_default=True,
-              help="requests decoding together (the KV cache's rows)")
-@click.option("--max-waiting", type=click.IntRange(min=0), default=64, show_default=True,
-              help="requests that may wait for a row before new ones get 429")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
-              help="seconds a request may take before it is cancelled (504)")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="requests decoding together (the KV cache's rows)",
+)
+@click.option(
+    "--max-waiting",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="requests that may wait for a row before new ones get 429",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="seconds a request may take before it is cancelled (504)",
+)
 @click.option("--api-key", envvar="GLMX_API_KEY", default=None, help="require this bearer token on /v1/*")
 def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key) -> None:
     from glm_runtime.serve import serve
+
     serve(model, backend, host, port, rows, max_waiting, timeout, api_key, log=lambda m: click.echo(m, err=True))
 
 
@@ -328,23 +395,38 @@ Example:  glmx score "The movie was great. It was really [MASK]." -c " good" -c 
 @main.command("score", help=SCORE_HELP)
 @click.argument("prompt")
 @click.option("-c", "--candidate", "candidates", multiple=True, required=True, help="a candidate answer; repeat")
-@click.option("--length-penalty", type=float, default=0.0, show_default=True,
-              help="score = log-prob / (tokens + 1) ** this; 0 = the plain sum")
+@click.option(
+    "--length-penalty",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="score = log-prob / (tokens + 1) ** this; 0 = the plain sum",
+)
 @click.option("--single-token", is_flag=True, help="score each one-token candidate at the blank itself")
 @click.option("--json", "as_json", is_flag=True, help="print every candidate's figures as JSON")
 @click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
-@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-              default="onnxruntime", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+)
 def score_cmd(prompt, candidates, length_penalty, single_token, as_json, model, backend) -> None:
     from glm_runtime.score import score_candidates
     from glm_runtime.session import open_model
+
     session, tokenizer = open_model(model, backend)
-    scores = score_candidates(session, tokenizer, prompt, list(candidates), length_penalty=length_penalty,
-                              single_token=single_token)
+    scores = score_candidates(
+        session, tokenizer, prompt, list(candidates), length_penalty=length_penalty, single_token=single_token
+    )
     ranked = sorted(scores, key=lambda c: -c.score)
     if as_json:
-        click.echo(json.dumps({"prompt": prompt, "winner": ranked[0].text,
-                               "candidates": [c.to_dict() for c in scores]}, ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                {"prompt": prompt, "winner": ranked[0].text, "candidates": [c.to_dict() for c in scores]},
+                ensure_ascii=False,
+            )
+        )
         return
     for c in ranked:
         click.echo(f"{c.score:12.4f}  {c.text!r}  ({c.length} target token(s), log-prob {c.total:.4f})")
@@ -373,12 +455,18 @@ Example:  glmx classify reviews.jsonl --template "{text} It was really [MASK]." 
 @click.option("--single-token", is_flag=True, default=None, help="score one-token answers at the blank itself")
 @click.option("--json", "as_json", is_flag=True, help="print the whole result as one JSON object")
 @click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
-@click.option("--backend", type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-              default="onnxruntime", show_default=True)
-def classify_cmd(records, task_file, template, verbalizer, aggregate, length_penalty, single_token, as_json, model,
-                 backend) -> None:
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+)
+def classify_cmd(
+    records, task_file, template, verbalizer, aggregate, length_penalty, single_token, as_json, model, backend
+) -> None:
     from glm_runtime.score import classify
     from glm_runtime.session import open_model
+
     task: dict = {}
     if task_file is not None:
         try:
@@ -389,8 +477,10 @@ def classify_cmd(records, task_file, template, verbalizer, aggregate, length_pen
             raise CommandError(f"{task_file.name} must be a JSON object with template and verbalizer")
         unknown = sorted(set(task) - {"template", "verbalizer", "aggregate", "length_penalty", "single_token"})
         if unknown:
-            raise CommandError(f"{task_file.name}: unknown key {unknown[0]!r}; a task has template, verbalizer, "
-                            f"aggregate, length_penalty, single_token")
+            raise CommandError(
+                f"{task_file.name}: unknown key {unknown[0]!r}; a task has template, verbalizer, "
+                f"aggregate, length_penalty, single_token"
+            )
     if template is not None:
         task["template"] = template
     if verbalizer is not None:
@@ -402,17 +492,26 @@ def classify_cmd(records, task_file, template, verbalizer, aggregate, length_pen
         if value is not None:
             task[key] = value
     if not isinstance(task.get("template"), str) or not isinstance(task.get("verbalizer"), dict):
-        raise CommandError("a task needs a template (a string) and a verbalizer (a JSON object): --task FILE, or "
-                        "--template and --verbalizer")
+        raise CommandError(
+            "a task needs a template (a string) and a verbalizer (a JSON object): --task FILE, or "
+            "--template and --verbalizer"
+        )
     rows = []
     for n, item in _json_lines(_read_text(records, records.name), records.name):
         if not isinstance(item, dict):
             raise CommandError(f"{records.name} line {n}: a record is a JSON object of the template's fields")
         rows.append(item)
     session, tokenizer = open_model(model, backend)
-    result = classify(session, tokenizer, rows, task["template"], task["verbalizer"],
-                      aggregate=task.get("aggregate", "max"), length_penalty=task.get("length_penalty", 0.0),
-                      single_token=bool(task.get("single_token", False)))
+    result = classify(
+        session,
+        tokenizer,
+        rows,
+        task["template"],
+        task["verbalizer"],
+        aggregate=task.get("aggregate", "max"),
+        length_penalty=task.get("length_penalty", 0.0),
+        single_token=bool(task.get("single_token", False)),
+    )
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
         return
@@ -436,6 +535,7 @@ def run() -> None:
     import importlib
 
     from glm_runtime.memory import large_buffers_to_os
+
     large_buffers_to_os()  # export, quantize and fill free weight-sized buffers all the time
     try:
         importlib.import_module(EXPORT_COMMANDS)

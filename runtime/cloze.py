@@ -12,20 +12,21 @@ position over the candidates' single ids. One context pass per prompt, shared by
 gathered into their rows); every candidate of every prompt in one span call, each row seeing its context and
 its own span only.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import numpy as np
 
 from glm_runtime import masks
+from glm_runtime.backend import Session, host_array
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
-from glm_runtime.sampling import log_softmax
-from glm_runtime.backend import Session, host_array
 from glm_runtime.requests import CandidateScore, ScoreRequest
+from glm_runtime.sampling import log_softmax
 from glm_runtime.steps import empty_past
 from glm_runtime.tokenizer import BlankError, GLMTokenizer, build_context_ids, find_blanks
 
@@ -34,21 +35,24 @@ class ScoreError(GLMXError, ValueError):
     """A scoring request that cannot be answered: no or several blanks, an empty or oversized candidate, ..."""
 
 
-def _prepare(tokenizer: GLMTokenizer, prompt: str, candidates: Sequence[str], single_token: bool, positions: int,
-             where: str) -> tuple[list[int], int, list[list[int]]]:
+def _prepare(
+    tokenizer: GLMTokenizer, prompt: str, candidates: Sequence[str], single_token: bool, positions: int, where: str
+) -> tuple[list[int], int, list[list[int]]]:
     if not isinstance(prompt, str):
         raise ScoreError(f"{where}: the prompt must be a string, got {type(prompt).__name__}")
     try:
         ids = build_context_ids(tokenizer, prompt)
     except BlankError:
-        raise ScoreError(f"{where} has no blank; a cloze question has exactly one ([MASK] where the answer "
-                         f"goes)") from None
+        raise ScoreError(
+            f"{where} has no blank; a cloze question has exactly one ([MASK] where the answer goes)"
+        ) from None
     except ValueError as exc:
         raise ScoreError(f"{where}: {exc}") from None
     blanks = find_blanks(ids, tokenizer)
     if len(blanks) != 1:
-        raise ScoreError(f"{where} has {len(blanks)} blanks; a cloze question has exactly one ([MASK] where the "
-                         f"answer goes)")
+        raise ScoreError(
+            f"{where} has {len(blanks)} blanks; a cloze question has exactly one ([MASK] where the answer goes)"
+        )
     if not candidates:
         raise ScoreError(f"{where}: no candidates to score")
     encoded = []
@@ -59,12 +63,16 @@ def _prepare(tokenizer: GLMTokenizer, prompt: str, candidates: Sequence[str], si
         if any(i in tokenizer.special.values() for i in cand):
             raise ScoreError(f"{where}: candidate {text!r} holds a command token; candidates are plain text")
         if single_token and len(cand) != 1:
-            raise ScoreError(f"{where}: candidate {text!r} is {len(cand)} tokens ({cand}), and single-token "
-                             f"scoring needs answers of one token each; drop --single-token to score it whole")
+            raise ScoreError(
+                f"{where}: candidate {text!r} is {len(cand)} tokens ({cand}), and single-token "
+                f"scoring needs answers of one token each; drop --single-token to score it whole"
+            )
         need = len(ids) + 1 + len(cand)
         if need > positions:
-            raise ScoreError(f"{where}: candidate {text!r} does not fit the model: {len(ids)} context + 1 + "
-                             f"{len(cand)} answer tokens = {need} positions > max_sequence_length {positions}")
+            raise ScoreError(
+                f"{where}: candidate {text!r} does not fit the model: {len(ids)} context + 1 + "
+                f"{len(cand)} answer tokens = {need} positions > max_sequence_length {positions}"
+            )
         encoded.append(cand)
     return ids, blanks[0][0], encoded
 
@@ -82,31 +90,43 @@ class ClozeBatch:
 def check_scoring(tokenizer: GLMTokenizer, request: ScoreRequest, positions: int) -> ClozeBatch:
     """Check every prompt and candidate of a request before any work (ScoreError says which and why)."""
     if len(request.candidates) != len(request.prompts):
-        raise ScoreError(f"{len(request.prompts)} prompts but {len(request.candidates)} candidate lists; give one "
-                         f"list per prompt")
+        raise ScoreError(
+            f"{len(request.prompts)} prompts but {len(request.candidates)} candidate lists; give one list per prompt"
+        )
     if not request.prompts:
         raise ScoreError("no prompts to score")
     penalty = request.length_penalty
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
         raise ScoreError(f"length_penalty must be a finite number (0 = the plain sum), got {penalty!r}")
-    prepared = [_prepare(tokenizer, p, c, request.single_token, positions, f"prompt {i}")
-                for i, (p, c) in enumerate(zip(request.prompts, request.candidates))]
-    return ClozeBatch(request, [ids for ids, _, _ in prepared], np.array([m for _, m, _ in prepared]),
-                      [answers for _, _, answers in prepared])
+    prepared = [
+        _prepare(tokenizer, p, c, request.single_token, positions, f"prompt {i}")
+        for i, (p, c) in enumerate(zip(request.prompts, request.candidates))
+    ]
+    return ClozeBatch(
+        request,
+        [ids for ids, _, _ in prepared],
+        np.array([m for _, m, _ in prepared]),
+        [answers for _, _, answers in prepared],
+    )
 
 
 def score_cloze(session: Session, tokenizer: GLMTokenizer, batch: ClozeBatch) -> list[list[CandidateScore]]:
     """Every candidate of every prompt: one context pass for all prompts, one span call for all candidates."""
     request, contexts, mask_pos = batch.request, batch.contexts, batch.mask_pos
-    context_out, context_logits = _context_pass(session, tokenizer, contexts,
-                                                mask_pos if request.single_token else None)
+    context_out, context_logits = _context_pass(
+        session, tokenizer, contexts, mask_pos if request.single_token else None
+    )
     if request.single_token:
         assert context_logits is not None
         results = []
         for b, answers in enumerate(batch.answers):
             logp = log_softmax(context_logits[b])
-            results.append([CandidateScore(text, ids, [float(logp[ids[0]])], float(logp[ids[0]]), 1,
-                                           float(logp[ids[0]])) for text, ids in zip(request.candidates[b], answers)])
+            results.append(
+                [
+                    CandidateScore(text, ids, [float(logp[ids[0]])], float(logp[ids[0]]), 1, float(logp[ids[0]]))
+                    for text, ids in zip(request.candidates[b], answers)
+                ]
+            )
         return results
     rows = [(b, k) for b, answers in enumerate(batch.answers) for k in range(len(answers))]
     spans = [[tokenizer.special["sop"], *batch.answers[b][k]] for b, k in rows]
@@ -116,25 +136,38 @@ def score_cloze(session: Session, tokenizer: GLMTokenizer, batch: ClozeBatch) ->
     for r, (b, k) in enumerate(rows):
         answer = batch.answers[b][k]
         targets = [*answer, eop]
-        logp = log_softmax(logits[r, :len(targets)])
+        logp = log_softmax(logits[r, : len(targets)])
         per_token = [float(logp[t, target]) for t, target in enumerate(targets)]
         total = float(sum(per_token))
         penalty = request.length_penalty
-        scored[b].append(CandidateScore(request.candidates[b][k], answer, per_token, total, len(targets),
-                                        total / len(targets) ** penalty if penalty else total))
+        scored[b].append(
+            CandidateScore(
+                request.candidates[b][k],
+                answer,
+                per_token,
+                total,
+                len(targets),
+                total / len(targets) ** penalty if penalty else total,
+            )
+        )
     return scored
 
 
-def _context_pass(session: Session, tokenizer: GLMTokenizer, contexts: list[list[int]],
-                  rows: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _context_pass(
+    session: Session, tokenizer: GLMTokenizer, contexts: list[list[int]], rows: np.ndarray | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Every prompt's context in one right-padded call. -> (host K/V of every layer, logits at `rows` or None)."""
     lengths = [len(c) for c in contexts]
     seq = max(lengths)
     ids = np.full((len(contexts), seq), tokenizer.special["pad"], dtype=np.int64)
     for b, c in enumerate(contexts):
-        ids[b, :len(c)] = c
-    feeds = {"input_ids": ids, "position_ids": masks.context_positions(lengths, seq),
-             "attention_mask": masks.context_mask(lengths, seq), **empty_past(session, len(contexts))}
+        ids[b, : len(c)] = c
+    feeds = {
+        "input_ids": ids,
+        "position_ids": masks.context_positions(lengths, seq),
+        "attention_mask": masks.context_mask(lengths, seq),
+        **empty_past(session, len(contexts)),
+    }
     if rows is None and accepts(session, LOGITS_START):
         feeds[LOGITS_START] = np.array([-1], dtype=np.int64)  # the context's logits are not read
     out = session.run(feeds)
@@ -145,32 +178,44 @@ def _context_pass(session: Session, tokenizer: GLMTokenizer, contexts: list[list
     return {name: host_array(out[name]) for pair in present_names(session.io) for name in pair}, logits
 
 
-def _span_pass(session: Session, context: dict[str, np.ndarray], lengths: list[int], mask_pos: np.ndarray,
-               rows: list[tuple[int, int]], spans: list[list[int]]) -> np.ndarray:
+def _span_pass(
+    session: Session,
+    context: dict[str, np.ndarray],
+    lengths: list[int],
+    mask_pos: np.ndarray,
+    rows: list[tuple[int, int]],
+    spans: list[list[int]],
+) -> np.ndarray:
     """Every candidate's sop + answer in one call on its prompt's gathered context K/V. -> logits [R, T, V]."""
     R, T = len(spans), max(len(s) for s in spans)
     prompt_of = np.array([b for b, _ in rows])
     ids = np.zeros((R, T), dtype=np.int64)
     blocks = np.zeros((R, T), dtype=np.int64)
     for r, span in enumerate(spans):
-        ids[r, :len(span)] = span
+        ids[r, : len(span)] = span
         blocks[r] = np.arange(1, T + 1)  # padding continues the block count: hidden, but inside the table
     positions = np.stack([np.repeat(mask_pos[prompt_of][:, None], T, axis=1), blocks], axis=1)
     past_len = next(iter(context.values())).shape[2]
     visible = np.arange(past_len)[None, :] < np.asarray(lengths)[prompt_of][:, None]  # [R, past]
-    names = [(past, present) for pair_past, pair_present in zip(past_names(session.io), present_names(session.io))
-             for past, present in zip(pair_past, pair_present)]
+    names = [
+        (past, present)
+        for pair_past, pair_present in zip(past_names(session.io), present_names(session.io))
+        for past, present in zip(pair_past, pair_present)
+    ]
     pasts = {past: np.ascontiguousarray(context[present][prompt_of]) for past, present in names}
     if _takes_chunks(session, R, T, past_len):
-        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": masks.chunk_mask(visible, T),
-                 **pasts}
+        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": masks.chunk_mask(visible, T), **pasts}
         return host_array(session.run(feeds)["logits"])
     # an engine whose profiles take one token per row over a cache (TensorRT's "decode"): the span goes in T
     # single-token calls, each seeing the context, the span so far, and itself
     logits = []
     for t in range(T):
-        feeds = {"input_ids": ids[:, t:t + 1], "position_ids": positions[:, :, t:t + 1],
-                 "attention_mask": masks.decode_mask(visible), **pasts}
+        feeds = {
+            "input_ids": ids[:, t : t + 1],
+            "position_ids": positions[:, :, t : t + 1],
+            "attention_mask": masks.decode_mask(visible),
+            **pasts,
+        }
         out = session.run(feeds)
         logits.append(host_array(out["logits"])[:, -1])
         for past, present in names:

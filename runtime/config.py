@@ -4,12 +4,14 @@ In: keyword values, a preset name, glmx JSON, or a Hugging Face `config.json` di
 Out: a validated, immutable config that round-trips through JSON and goes into every manifest.
 Facts: docs/glm.md sections 1.1, 6 and 8.2. Torch-free on purpose (the runtime reads it too).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from glm_runtime.errors import GLMXError
 
@@ -75,7 +77,7 @@ class GLMConfig:
         per_layer = 3 * h * h + 3 * h + h * h + h + 8 * h * h + 4 * h + h + 4 * h  # qkv, dense, mlp, 2 LNs
         return self.vocab_size * h + 2 * self.position_table_rows * h + L * per_layer + 2 * h
 
-    def replace(self, **changes: Any) -> "GLMConfig":
+    def replace(self, **changes: Any) -> GLMConfig:
         return dataclasses.replace(self, **changes)
 
     # glmx JSON
@@ -83,7 +85,7 @@ class GLMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GLMConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> GLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -97,7 +99,7 @@ class GLMConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "GLMConfig":
+    def from_json(cls, text: str) -> GLMConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -108,8 +110,15 @@ class GLMConfig:
 
 
 def _preset(name: str, L: int, h: int, n: int, P: int, V: int, tokenizer: str) -> GLMConfig:
-    return GLMConfig(num_layers=L, hidden_size=h, num_attention_heads=n, max_sequence_length=P,
-                     vocab_size=V, tokenizer=tokenizer, name=name)
+    return GLMConfig(
+        num_layers=L,
+        hidden_size=h,
+        num_attention_heads=n,
+        max_sequence_length=P,
+        vocab_size=V,
+        tokenizer=tokenizer,
+        name=name,
+    )
 
 
 # Spec section 6. Keys are the names users type (`--preset glm-10b`).

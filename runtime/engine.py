@@ -21,14 +21,16 @@ from the queue (the running rows wait that step).
 
 Thread safety: submit() and cancel() may be called from any thread while another thread runs step().
 """
+
 from __future__ import annotations
 
 import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -79,14 +81,14 @@ class Job:
     id: Any
     request: Request
     settings: Settings
-    prompt: Optional[Prompt] = None  # a fill's context ids and blanks
-    cloze: Optional[ClozeBatch] = None  # a scoring request, checked
-    generator: Optional[np.random.Generator] = None  # sample: this request's own stream
-    on_event: Optional[Callable[[StreamEvent], None]] = None
+    prompt: Prompt | None = None  # a fill's context ids and blanks
+    cloze: ClozeBatch | None = None  # a scoring request, checked
+    generator: np.random.Generator | None = None  # sample: this request's own stream
+    on_event: Callable[[StreamEvent], None] | None = None
     state: str = "waiting"  # waiting -> running -> one of ENDINGS
-    error: Optional[str] = None
-    result: Optional[FillResult] = None
-    scores: Optional[list[list[CandidateScore]]] = None
+    error: str | None = None
+    result: FillResult | None = None
+    scores: list[list[CandidateScore]] | None = None
     # progress in the loop (docs/glm.md 4.1): blank index, step t of the token fed next (sop is t = 0)
     blank: int = 0
     step: int = 0
@@ -95,13 +97,13 @@ class Job:
     span: list[int] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     decode_calls: int = 0
-    cancel_requested: Optional[str] = None  # "cancelled" or "timeout": the row is freed at the next step
+    cancel_requested: str | None = None  # "cancelled" or "timeout": the row is freed at the next step
     # wall-clock times (time.perf_counter): submitted, admitted (context pass done), first token, finished
     submitted_at: float = 0.0
     context_s: float = 0.0
-    admitted_at: Optional[float] = None
-    first_token_at: Optional[float] = None
-    finished_at: Optional[float] = None
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -138,18 +140,27 @@ class Engine:
     call), then one decode call for every running row.
     """
 
-    def __init__(self, session: Session, tokenizer: GLMTokenizer, rows: int = 8, max_waiting: Optional[int] = None,
-                 on_end: Optional[Callable[[Job], None]] = None,
-                 on_step: Optional[Callable[[Engine, int], None]] = None):
+    def __init__(
+        self,
+        session: Session,
+        tokenizer: GLMTokenizer,
+        rows: int = 8,
+        max_waiting: int | None = None,
+        on_end: Callable[[Job], None] | None = None,
+        on_step: Callable[[Engine, int], None] | None = None,
+    ):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise EngineError(f"rows must be an integer >= 1, got {rows!r}")
-        if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
-                                        or max_waiting < 0):
+        if max_waiting is not None and (
+            isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0
+        ):
             raise EngineError(f"max_waiting must be an integer >= 0 or None, got {max_waiting!r}")
         limits = session.limits
         if limits.get("max_batch") and rows > limits["max_batch"]:
-            raise EngineError(f"{rows} rows do not fit the TensorRT engine's profile (max batch "
-                              f"{limits['max_batch']}): use --rows {limits['max_batch']} or rebuild the engine")
+            raise EngineError(
+                f"{rows} rows do not fit the TensorRT engine's profile (max batch "
+                f"{limits['max_batch']}): use --rows {limits['max_batch']} or rebuild the engine"
+            )
         self.session, self.tokenizer = session, tokenizer
         self.rows, self.max_waiting, self.on_end, self.on_step = rows, max_waiting, on_end, on_step
         self.max_positions = int(session.config.max_sequence_length)
@@ -158,7 +169,7 @@ class Engine:
         self.sop, self.pad = special["sop"], special["pad"]
         self.stops = {special["eop"]: "eop", special["eos"]: "eos"}
         self.cache = session.new_cache(rows, 1)  # grows (geometrically) to what the admitted requests need
-        self.slots: list[Optional[Job]] = [None] * rows  # slots[r]: the job holding cache row r
+        self.slots: list[Job | None] = [None] * rows  # slots[r]: the job holding cache row r
         self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -168,9 +179,14 @@ class Engine:
 
     # ------------------------------------------------------------ the driver
 
-    def run(self, requests: Iterable[Request] = (), *, lookahead: Optional[int] = None,
-            on_refused: Optional[Callable[[Request, GLMXError], None]] = None,
-            idle: Optional[Callable[[], bool]] = None) -> Iterator[StreamEvent]:
+    def run(
+        self,
+        requests: Iterable[Request] = (),
+        *,
+        lookahead: int | None = None,
+        on_refused: Callable[[Request, GLMXError], None] | None = None,
+        idle: Callable[[], bool] | None = None,
+    ) -> Iterator[StreamEvent]:
         """Submit `requests` and step until every request has ended, yielding every event as it comes.
 
         lookahead: None submits every request before the first step (a bad one is refused before any work); n
@@ -200,7 +216,7 @@ class Engine:
 
     # ------------------------------------------------------------ taking requests
 
-    def submit(self, request: Request, on_event: Optional[Callable[[StreamEvent], None]] = None) -> Job:
+    def submit(self, request: Request, on_event: Callable[[StreamEvent], None] | None = None) -> Job:
         """Check a request and queue it; it joins a row at a later step(). Raises GenerationError (ScoreError for
         a scoring request) for a bad setting or a prompt too long for the model, before it takes a row, and
         QueueFull when the queue is full. The job's id is the request's, or the next number."""
@@ -213,23 +229,29 @@ class Engine:
         with self._lock:
             free = self.slots.count(None)  # waiting requests that will take a row at the next step
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting + free:
-                raise QueueFull(f"the server is busy: {len(self.running)} request(s) running on {self.rows} rows "
-                                f"and {len(self._waiting)} waiting (the limit); retry later",
-                                retry_after=self._retry_after())
+                raise QueueFull(
+                    f"the server is busy: {len(self.running)} request(s) running on {self.rows} rows "
+                    f"and {len(self._waiting)} waiting (the limit); retry later",
+                    retry_after=self._retry_after(),
+                )
             self._waiting.append(job)
         return job
 
     def _fill_job(self, job_id: Any, request: FillRequest) -> Job:
         settings = request.settings
         budget = settings.max_new_tokens
-        prompt = prepare_prompt(self.tokenizer, request.prompt, job_id, request.append_gmask, budget,
-                                self.max_positions)
+        prompt = prepare_prompt(
+            self.tokenizer, request.prompt, job_id, request.append_gmask, budget, self.max_positions
+        )
         if self.max_past is not None:
             need = prompt.positions_needed(budget) + 1
             if need > self.max_past:
-                raise GenerationError(f" needs {need} cache slots but the TensorRT engine was built for at most "
-                                      f"{self.max_past}: lower max_new_tokens or shorten the prompt",
-                                      field="prompt", subject=f"prompt {job_id}")
+                raise GenerationError(
+                    f" needs {need} cache slots but the TensorRT engine was built for at most "
+                    f"{self.max_past}: lower max_new_tokens or shorten the prompt",
+                    field="prompt",
+                    subject=f"prompt {job_id}",
+                )
         generator = prompt_generators(settings.seed, [request.prompt])[0] if settings.strategy == "sample" else None
         return Job(job_id, request, settings, prompt=prompt, generator=generator, feed=self.sop)
 
@@ -286,7 +308,7 @@ class Engine:
             self.on_step(self, self.decode_rows - rows_before)
         return events
 
-    def run_until_done(self, max_steps: Optional[int] = None) -> list[StreamEvent]:
+    def run_until_done(self, max_steps: int | None = None) -> list[StreamEvent]:
         """step() until nothing is running or waiting (at most max_steps steps); returns every event."""
         events: list[StreamEvent] = []
         for _ in itertools.count() if max_steps is None else range(max_steps):
@@ -311,7 +333,7 @@ class Engine:
         if job.on_event is not None:
             job.on_event(event)
 
-    def _end(self, job: Job, state: str, events: list[StreamEvent], error: Optional[str] = None) -> None:
+    def _end(self, job: Job, state: str, events: list[StreamEvent], error: str | None = None) -> None:
         job.state, job.error, job.finished_at = state, error, time.perf_counter()
         if state == "finished":
             if job.scores is not None:
@@ -348,7 +370,7 @@ class Engine:
 
     def _context_pass(self, admitted: list[Job]) -> None:
         t0 = time.perf_counter()
-        rows = [r for r, j in enumerate(self.slots) if j is None][:len(admitted)]  # packed: the rows after the last
+        rows = [r for r, j in enumerate(self.slots) if j is None][: len(admitted)]  # packed: the rows after the last
         prompts = [j.prompt for j in admitted if j.prompt is not None]
         contexts = [p.ids for p in prompts]
         need = max(p.positions_needed(j.settings.max_new_tokens) for p, j in zip(prompts, admitted))
@@ -394,14 +416,20 @@ class Engine:
             job.span.append(token)
             if job.first_token_at is None:
                 job.first_token_at = now
-            self._emit(job, StreamEvent("token", job.id, job.blank, token, decode_text(self.tokenizer, [token])),
-                       events)
+            self._emit(
+                job, StreamEvent("token", job.id, job.blank, token, decode_text(self.tokenizer, [token])), events
+            )
             if len(job.span) < job.settings.max_new_tokens:
                 job.feed, job.step = token, job.step + 1
                 return False
         pos, mask_id = job.prompt.blanks[job.blank]
-        span = Span(decode_text(self.tokenizer, job.span), job.span, self.tokenizer.id_to_token(mask_id), pos,
-                    self.stops.get(token, "length"))
+        span = Span(
+            decode_text(self.tokenizer, job.span),
+            job.span,
+            self.tokenizer.id_to_token(mask_id),
+            pos,
+            self.stops.get(token, "length"),
+        )
         job.spans.append(span)
         self._emit(job, StreamEvent("span", job.id, job.blank, text=span.text, span=span), events)
         last = job.blank + 1 == len(job.prompt.blanks)
@@ -455,10 +483,15 @@ class Engine:
         end = time.perf_counter()
         decode = end - job.admitted_at
         new = job.new_tokens
-        return {"queue_s": job.admitted_at - job.context_s - job.submitted_at,
-                "context_s": job.context_s, "decode_s": decode, "total_s": end - job.submitted_at,
-                "decode_steps": float(job.decode_calls), "new_tokens": float(new),
-                "tokens_per_s": new / decode if decode > 0 else 0.0}
+        return {
+            "queue_s": job.admitted_at - job.context_s - job.submitted_at,
+            "context_s": job.context_s,
+            "decode_s": decode,
+            "total_s": end - job.submitted_at,
+            "decode_steps": float(job.decode_calls),
+            "new_tokens": float(new),
+            "tokens_per_s": new / decode if decode > 0 else 0.0,
+        }
 
     # ------------------------------------------------------------ whole requests (outside the pool)
 

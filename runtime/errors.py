@@ -4,6 +4,7 @@ The CLI prints any GLMXError as one line and exits with status 1; anything else 
 Each stage's error class (ConfigError, ManifestError, QuantizeError, ...) derives from it and from the builtin
 exception its callers have always caught (ValueError, RuntimeError).
 """
+
 from __future__ import annotations
 
 

@@ -1,21 +1,53 @@
 """The HTTP API's request bodies: what POST /v1/completions (OpenAI-shaped) and POST /v1/fill accept, checked and
 turned into engine requests. In: a parsed JSON body. Out: an Ask (FillRequests, echo, stream) or BadRequest, the
 one-line error the server answers, in the route's own field names."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from glm_runtime.requests import FillRequest
 from glm_runtime.sampling import GenerationError
 
-FILL_KEYS = ("prompt", "max_new_tokens", "strategy", "temperature", "top_k", "top_p", "seed", "num_beams",
-             "length_penalty", "early_stopping", "append_gmask", "stream")
+FILL_KEYS = (
+    "prompt",
+    "max_new_tokens",
+    "strategy",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "append_gmask",
+    "stream",
+)
 # OpenAI completion fields: what glmx does with each. Anything else is refused with its name.
-COMPLETION_KEYS = ("model", "prompt", "suffix", "max_tokens", "echo", "stream", "temperature", "top_p", "seed",
-                   "user", "n", "best_of", "logprobs", "stop", "presence_penalty", "frequency_penalty",
-                   "logit_bias", "stream_options", "glmx")
+COMPLETION_KEYS = (
+    "model",
+    "prompt",
+    "suffix",
+    "max_tokens",
+    "echo",
+    "stream",
+    "temperature",
+    "top_p",
+    "seed",
+    "user",
+    "n",
+    "best_of",
+    "logprobs",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stream_options",
+    "glmx",
+)
 GLMX_COMPLETION_KEYS = ("strategy", "top_k", "num_beams", "length_penalty", "early_stopping")
 COMPLETION_NAMES = {"max_new_tokens": "max_tokens"}  # glmx's field -> the completion route's, in messages
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -24,8 +56,13 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class BadRequest(Exception):
     """A request the server answers with an error: its HTTP status, OpenAI's error type, extra headers."""
 
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error",
-                 headers: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.kind, self.headers = status, kind, headers or {}
 
@@ -43,14 +80,22 @@ class Ask:
 def _unsupported(body: dict[str, Any]) -> None:
     """OpenAI options glmx does not implement answer 400, never silently ignored (defaults are accepted)."""
     rules: dict[str, Callable[[Any], bool]] = {
-        "n": lambda v: v in (None, 1), "best_of": lambda v: v in (None, 1), "logprobs": lambda v: v is None,
-        "stop": lambda v: v in (None, [], ""), "presence_penalty": lambda v: v in (None, 0, 0.0),
-        "frequency_penalty": lambda v: v in (None, 0, 0.0), "logit_bias": lambda v: v in (None, {}),
-        "stream_options": lambda v: v is None}
+        "n": lambda v: v in (None, 1),
+        "best_of": lambda v: v in (None, 1),
+        "logprobs": lambda v: v is None,
+        "stop": lambda v: v in (None, [], ""),
+        "presence_penalty": lambda v: v in (None, 0, 0.0),
+        "frequency_penalty": lambda v: v in (None, 0, 0.0),
+        "logit_bias": lambda v: v in (None, {}),
+        "stream_options": lambda v: v is None,
+    }
     for key, ok in rules.items():
         if key in body and not ok(body[key]):
-            raise BadRequest(f"{key}={json.dumps(body[key])} is not supported by glmx (spans end at eop / eos or "
-                             f"max_tokens; one choice per prompt); drop it", kind="unsupported_parameter")
+            raise BadRequest(
+                f"{key}={json.dumps(body[key])} is not supported by glmx (spans end at eop / eos or "
+                f"max_tokens; one choice per prompt); drop it",
+                kind="unsupported_parameter",
+            )
 
 
 def engine_requests(route: str, prompts: list[str], settings: dict[str, Any]) -> list[FillRequest]:
@@ -86,21 +131,30 @@ def completion_request(body: dict[str, Any]) -> Ask:
         sampling = (temperature not in (None, 0, 0.0)) or (top_p not in (None, 1, 1.0)) or "top_k" in extra
         strategy = "sample" if sampling else "greedy"
     budget = body.get("max_tokens")
-    settings = {"max_new_tokens": DEFAULT_MAX_TOKENS if budget is None else budget, "strategy": strategy,
-                **{k: v for k, v in extra.items() if k != "strategy"}}
+    settings = {
+        "max_new_tokens": DEFAULT_MAX_TOKENS if budget is None else budget,
+        "strategy": strategy,
+        **{k: v for k, v in extra.items() if k != "strategy"},
+    }
     if strategy == "sample":
         settings.update(temperature=temperature, top_p=top_p, seed=seed)
     else:
-        for key, value in (("temperature", temperature if temperature not in (0, 0.0) else None), ("top_p", top_p),
-                           ("seed", seed)):
+        for key, value in (
+            ("temperature", temperature if temperature not in (0, 0.0) else None),
+            ("top_p", top_p),
+            ("seed", seed),
+        ):
             if value is not None:
                 raise BadRequest(f"{key} applies to sampling, not {strategy}; drop it or set temperature > 0")
     echo, stream = body.get("echo", False), body.get("stream", False)
     if not isinstance(echo, bool) or not isinstance(stream, bool):
         raise BadRequest('"echo" and "stream" must be true or false')
     if echo and stream:
-        raise BadRequest("echo with stream is not supported: the filled text is known at the end; stream without "
-                         "echo (the last chunk's glmx.text holds the filled text)", kind="unsupported_parameter")
+        raise BadRequest(
+            "echo with stream is not supported: the filled text is known at the end; stream without "
+            "echo (the last chunk's glmx.text holds the filled text)",
+            kind="unsupported_parameter",
+        )
     # a prompt without a blank is continued at its end, as a completion ([gMASK] appended)
     return Ask("completions", engine_requests("completions", prompts, {**settings, "append_gmask": True}), echo, stream)
 

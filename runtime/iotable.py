@@ -9,9 +9,11 @@ any slot as long as the mask says which slots are visible. `present.{i}.*` there
 values of the `seq` tokens of this call; the runtime writes them into a preallocated cache in place and
 passes that cache back as `past_key_values.{i}.*`, with unused slots masked out. No step copies the cache.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 PRECISIONS = ("fp32", "fp16")  # what export_onnx writes
 # Quantized graphs (glm_export/quantize.py) keep the fp32 IO of their parent: only weights change.
@@ -59,12 +61,20 @@ def io_table(config: Any, precision: str = "fp32") -> dict[str, Any]:
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "logits_seq", V]}]
     for i in range(L):
         for part in ("key", "value"):
-            inputs.append({"name": KV_PATTERNS[f"past_{part}"].format(i=i), "dtype": kv,
-                           "shape": ["batch", n, "past_seq", d]})
-            outputs.append({"name": KV_PATTERNS[f"present_{part}"].format(i=i), "dtype": kv,
-                            "shape": ["batch", n, "seq", d]})
-    return {"inputs": inputs, "outputs": outputs, "kv_patterns": dict(KV_PATTERNS), "num_layers": L,
-            "cache": "present-is-new", "dims": list(DIMS)}
+            inputs.append(
+                {"name": KV_PATTERNS[f"past_{part}"].format(i=i), "dtype": kv, "shape": ["batch", n, "past_seq", d]}
+            )
+            outputs.append(
+                {"name": KV_PATTERNS[f"present_{part}"].format(i=i), "dtype": kv, "shape": ["batch", n, "seq", d]}
+            )
+    return {
+        "inputs": inputs,
+        "outputs": outputs,
+        "kv_patterns": dict(KV_PATTERNS),
+        "num_layers": L,
+        "cache": "present-is-new",
+        "dims": list(DIMS),
+    }
 
 
 def accepted_tables(config: Any, precision: str = "fp32") -> list[dict[str, Any]]:
@@ -73,9 +83,13 @@ def accepted_tables(config: Any, precision: str = "fp32") -> list[dict[str, Any]
     existed (no optional input, logits over every position). The runtime reads all three."""
     table = io_table(config, precision)
     required = without_optional_inputs(table)
-    legacy = {**required, "dims": [d for d in DIMS if d != "logits_seq"],
-              "outputs": [{**e, "shape": ["batch", "seq", e["shape"][2]]} if e["name"] == "logits" else e
-                          for e in table["outputs"]]}
+    legacy = {
+        **required,
+        "dims": [d for d in DIMS if d != "logits_seq"],
+        "outputs": [
+            {**e, "shape": ["batch", "seq", e["shape"][2]]} if e["name"] == "logits" else e for e in table["outputs"]
+        ],
+    }
     return [table, required, legacy]
 
 

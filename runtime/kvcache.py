@@ -1,9 +1,11 @@
 """The preallocated KV cache fed back as `past_key_values.*`: host numpy (`KVCache`) or device OrtValues.
 In: each call's `present.*` [B, n, T, d] (only that call's tokens, "present-is-new", see iotable.py).
 Out: buffers [B, n, capacity, d] written in place at each row's next slots, and the slot map `visible`."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,14 +46,14 @@ class SlotCache:
 
     def _grow_slot_map(self, new_cap: int) -> None:
         visible = np.zeros((self.batch, new_cap), dtype=bool)
-        visible[:, :self.capacity] = self.visible
+        visible[:, : self.capacity] = self.visible
         self.visible = visible
         self.grown += 1
 
     def _mark_appended(self, counts: np.ndarray) -> None:
         """After the buffers took counts[b] new tokens of row b at its next slots: make those slots visible."""
         for b in np.flatnonzero(counts):
-            self.visible[b, self.filled[b]:self.filled[b] + counts[b]] = True
+            self.visible[b, self.filled[b] : self.filled[b] + counts[b]] = True
         self.filled += counts
 
     sliceable = False  # whether feeds(width) can hand the first `width` rows alone (host numpy: a free view)
@@ -92,7 +94,7 @@ class SlotCache:
             for name in (kn, vn):
                 new = host_array(outputs[name])
                 full = np.zeros((self.batch, *new.shape[1:]), dtype=self.dtype)
-                full[rows] = new[:len(rows)]
+                full[rows] = new[: len(rows)]
                 padded[name] = full
         self.append(padded, counts)
 
@@ -142,8 +144,8 @@ class KVCache(SlotCache):
             else:
                 for b in rows:
                     f, c = self.filled[b], counts[b]
-                    k[b, :, f:f + c] = nk[b, :, :c]
-                    v[b, :, f:f + c] = nv[b, :, :c]
+                    k[b, :, f : f + c] = nk[b, :, :c]
+                    v[b, :, f : f + c] = nv[b, :, :c]
         self._mark_appended(counts)
 
     def load_rows(self, rows: IntsLike, outputs: Mapping[str, Any], lengths: IntsLike) -> None:
@@ -183,15 +185,17 @@ _SCATTER_OPSET = 17
 def _scatter_model(elem_type: int) -> bytes:
     """cache [B,n,cap,d], new [B,n,T,d], slots [B,T] -> cache with new written at slots (in place when bound so).
 
-        slots -Unsqueeze(1,3)-> [B,1,T,1] -Expand(shape(new))-> idx [B,n,T,d]
-        ScatterElements(cache, idx, new, axis=2) -> out
+    slots -Unsqueeze(1,3)-> [B,1,T,1] -Expand(shape(new))-> idx [B,n,T,d]
+    ScatterElements(cache, idx, new, axis=2) -> out
     """
     try:
         from onnx import TensorProto, helper
     except ImportError:
         from glm_runtime.errors import GLMXError
-        raise GLMXError("the device-resident KV cache builds a small scatter graph with the `onnx` package: "
-                           "pip install onnx") from None
+
+        raise GLMXError(
+            "the device-resident KV cache builds a small scatter graph with the `onnx` package: pip install onnx"
+        ) from None
     nodes = [
         helper.make_node("Unsqueeze", ["slots", "axes"], ["slots4"]),
         helper.make_node("Shape", ["new"], ["new_shape"]),
@@ -199,12 +203,16 @@ def _scatter_model(elem_type: int) -> bytes:
         helper.make_node("ScatterElements", ["cache", "index", "new"], ["out"], axis=2),
     ]
     graph = helper.make_graph(
-        nodes, "glmx_kv_write",
-        [helper.make_tensor_value_info("cache", elem_type, ["B", "n", "cap", "d"]),
-         helper.make_tensor_value_info("new", elem_type, ["B", "n", "T", "d"]),
-         helper.make_tensor_value_info("slots", TensorProto.INT64, ["B", "T"])],
+        nodes,
+        "glmx_kv_write",
+        [
+            helper.make_tensor_value_info("cache", elem_type, ["B", "n", "cap", "d"]),
+            helper.make_tensor_value_info("new", elem_type, ["B", "n", "T", "d"]),
+            helper.make_tensor_value_info("slots", TensorProto.INT64, ["B", "T"]),
+        ],
         [helper.make_tensor_value_info("out", elem_type, ["B", "n", "cap", "d"])],
-        [helper.make_tensor("axes", TensorProto.INT64, [2], [1, 3])])
+        [helper.make_tensor("axes", TensorProto.INT64, [2], [1, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _SCATTER_OPSET)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -218,9 +226,19 @@ class DeviceKVCache(SlotCache):
     the host. Beam reorders (beam search only) gather rows through the host.
     """
 
-    def __init__(self, io: Mapping[str, Any], batch: int, heads: int, head_dim: int, capacity: int, dtype: Any,
-                 device: tuple[str, int], providers: Sequence[Any]):
+    def __init__(
+        self,
+        io: Mapping[str, Any],
+        batch: int,
+        heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: Any,
+        device: tuple[str, int],
+        providers: Sequence[Any],
+    ):
         import onnxruntime as ort
+
         self._ort = ort
         self.device = device
         elem = 10 if np.dtype(dtype) == np.float16 else 1  # onnx.TensorProto.FLOAT16 / FLOAT
@@ -239,7 +257,7 @@ class DeviceKVCache(SlotCache):
         for store in (self.keys, self.values):  # rare (geometric): a round trip through the host is fine
             for i, old in enumerate(store):
                 host = np.zeros((self.batch, self.heads, new_cap, self.head_dim), dtype=self.dtype)
-                host[:, :, :self.capacity] = old.numpy()
+                host[:, :, : self.capacity] = old.numpy()
                 store[i] = self._alloc(new_cap, host)
         self._grow_slot_map(new_cap)
 

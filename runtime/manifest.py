@@ -4,6 +4,7 @@ In: a folder of files (checkpoint, ONNX model, engine) and what produced them.
 Out: `manifest.json` beside them (schema, kind, config, tokenizer, precision, IO table, parity, sha256 of
 every file, tool versions), written last and atomically; `load_manifest` refuses a tampered folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,10 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from glm_runtime.errors import GLMXError
 
@@ -36,6 +38,7 @@ class ManifestError(GLMXError, RuntimeError):
 
 
 # ---------------------------------------------------------------- atomic file writing
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -109,8 +112,7 @@ def staging_folders(out_dir: Path) -> list[Path]:
     return sorted(p for p in found if p.is_dir())
 
 
-def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False,
-                 inputs: Any = ()) -> Path:
+def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Any = ()) -> Path:
     """Refuse an output folder that would lose data, before any work: OUT equal to, inside or above an input;
     an existing OUT without --overwrite; with --overwrite, anything but an empty folder or a glmx artifact
     (a folder holding a glmx manifest.json). Returns OUT resolved."""
@@ -120,11 +122,15 @@ def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False,
             continue
         src = Path(item).resolve()
         if out == src or src in out.parents:
-            raise OutputError(f"output {out_dir} is {'the input' if out == src else 'inside the input'} {item}: "
-                              f"write the artifact to a new folder beside it (-o OTHER)")
+            raise OutputError(
+                f"output {out_dir} is {'the input' if out == src else 'inside the input'} {item}: "
+                f"write the artifact to a new folder beside it (-o OTHER)"
+            )
         if out in src.parents:
-            raise OutputError(f"output {out_dir} contains the input {item}: replacing it would delete the input; "
-                              f"write to a new folder (-o OTHER)")
+            raise OutputError(
+                f"output {out_dir} contains the input {item}: replacing it would delete the input; "
+                f"write to a new folder (-o OTHER)"
+            )
     if out == Path.cwd().resolve() or out == Path(out.anchor):
         raise OutputError(f"output {out_dir} is the current folder or a root: name a new folder (-o OUT)")
     if out.exists() or out.is_symlink():
@@ -133,14 +139,17 @@ def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False,
         if not out.is_dir() or out.is_symlink():
             raise OutputError(f"{out_dir} is a file or a link, not an artifact folder; refusing to replace it")
         if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise OutputError(f"{out_dir} holds files but no glmx {MANIFEST_NAME}: it is not a glmx artifact, and "
-                              f"--overwrite replaces only those (or an empty folder); choose another -o")
+            raise OutputError(
+                f"{out_dir} holds files but no glmx {MANIFEST_NAME}: it is not a glmx artifact, and "
+                f"--overwrite replaces only those (or an empty folder); choose another -o"
+            )
     return out
 
 
 @contextlib.contextmanager
-def claim_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Any = (),
-                 log: Any = None) -> Iterator[Path]:
+def claim_output(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Any = (), log: Any = None
+) -> Iterator[Path]:
     """Hold OUT for this writer for the whole stage: check_output, then a lock beside OUT (a second writer fails
     at once, naming the first), then remove staging folders that killed writers left (said through `log`).
     Re-entrant within one process, so staged_folder inside a claimed stage does not lock twice."""
@@ -153,6 +162,7 @@ def claim_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs:
             _CLAIMS[out] -= 1
         return
     import fcntl
+
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_path(out)
     fh = open(lock, "a+", encoding="utf-8")
@@ -162,8 +172,9 @@ def claim_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs:
         except OSError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise OutputError(f"{out_dir} is being written by {holder}; wait for it to finish or choose another "
-                              f"-o") from None
+            raise OutputError(
+                f"{out_dir} is being written by {holder}; wait for it to finish or choose another -o"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"glmx pid {os.getpid()} on {platform.node()}")
@@ -202,13 +213,16 @@ def claims_output(inputs: Any) -> Any:
             log = a.get("log") or (lambda msg: print(msg, file=sys.stderr))
             with claim_output(a["out_dir"], overwrite=bool(a.get("overwrite")), inputs=paths, log=log):
                 return fn(*args, **kwargs)
+
         return stage
+
     return wrap
 
 
 @contextlib.contextmanager
-def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Any = (),
-                  log: Any = None) -> Iterator[Path]:
+def staged_folder(
+    out_dir: str | os.PathLike, overwrite: bool = False, inputs: Any = (), log: Any = None
+) -> Iterator[Path]:
     """Build a whole artifact folder in a hidden sibling, then move it into place.
 
     The caller writes every file (manifest last) into the yielded folder. On failure nothing appears at
@@ -267,6 +281,7 @@ def tool_versions(*modules: str) -> dict[str, str]:
     distribution's (read from its metadata: nothing is imported here, so recording torch's version does not cost
     its multi-second import)."""
     from importlib import metadata
+
     versions = {"python": platform.python_version(), "glmx": _glmx_version()}
     for name in ("numpy", *modules):
         module = sys.modules.get(name)
@@ -284,10 +299,12 @@ def tool_versions(*modules: str) -> dict[str, str]:
 
 def _glmx_version() -> str:
     from glm_runtime import __version__
+
     return __version__
 
 
 # ---------------------------------------------------------------- the manifest
+
 
 @dataclass
 class Manifest:
@@ -305,11 +322,25 @@ class Manifest:
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("schema", "kind", "precision", "config", "tokenizer", "files",
-                                                  "io", "parity", "versions", "parent", "extra")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "schema",
+                "kind",
+                "precision",
+                "config",
+                "tokenizer",
+                "files",
+                "io",
+                "parity",
+                "versions",
+                "parent",
+                "extra",
+            )
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         if data.get("schema") != SCHEMA:
             raise ManifestError(f"unsupported manifest schema {data.get('schema')!r}; this glmx reads {SCHEMA!r}")
         if data.get("kind") not in ARTIFACT_KINDS:
@@ -344,15 +375,18 @@ def _seal(folder: Path, data: Mapping[str, Any]) -> None:
     atomic_write_json(Path(folder) / MANIFEST_NAME, {**data, SELF_HASH: _body_sha256(data)})
 
 
-def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bool = True,
-                  staging: bool = False) -> Manifest:
+def load_manifest(
+    folder: str | os.PathLike, kind: str | None = None, verify: bool = True, staging: bool = False
+) -> Manifest:
     """Read and check `folder/manifest.json`: schema, kind, and (verify=True) every file's sha256.
     staging=True: the stage that is writing the folder checks its own staged artifact."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not staging and folder.name.startswith(".") and folder.name.endswith((STAGING_SUFFIX, ".old")):
-        raise ManifestError(f"{folder} is the staging folder of a write that did not finish (killed or failed); it "
-                            f"is never loadable: run the stage again (it removes the folder)")
+        raise ManifestError(
+            f"{folder} is the staging folder of a write that did not finish (killed or failed); it "
+            f"is never loadable: run the stage again (it removes the folder)"
+        )
     if not path.is_file():
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}: not a glmx artifact folder, or an interrupted write")
     try:
@@ -362,11 +396,15 @@ def load_manifest(folder: str | os.PathLike, kind: str | None = None, verify: bo
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is corrupt (not a JSON object)")
     if SELF_HASH not in data:
-        raise ManifestError(f"{path} carries no self-hash ({SELF_HASH}): it was written by an older glmx or "
-                            f"edited by hand; re-run the stage that wrote the folder")
+        raise ManifestError(
+            f"{path} carries no self-hash ({SELF_HASH}): it was written by an older glmx or "
+            f"edited by hand; re-run the stage that wrote the folder"
+        )
     if data[SELF_HASH] != _body_sha256(data):
-        raise ManifestError(f"{path} was edited after it was written (its {SELF_HASH} does not match its body); "
-                            f"parity figures, flags and hashes in it cannot be trusted: re-run the stage that wrote it")
+        raise ManifestError(
+            f"{path} was edited after it was written (its {SELF_HASH} does not match its body); "
+            f"parity figures, flags and hashes in it cannot be trusted: re-run the stage that wrote it"
+        )
     manifest = Manifest.from_dict(data)
     if kind is not None and manifest.kind != kind:
         raise ManifestError(f"{folder} holds a {manifest.kind!r} artifact, expected {kind!r}")
@@ -390,9 +428,11 @@ ARTIFACT_SUFFIXES = (".onnx", ".data", ".engine", ".plan", ".safetensors", ".bin
 def required_files(manifest: Manifest) -> list[str]:
     """The files the artifact itself reads (graph and its external data, engine, weights, tokenizer)."""
     extra = manifest.extra or {}
-    by_kind: dict[str, list[Any]] = {"onnx": [extra.get("model_file") or MODEL_FILE, extra.get("external_data")],
-                                     "engine": [extra.get("engine_file") or ENGINE_FILE],
-                                     "checkpoint": [WEIGHTS_FILE, CONFIG_FILE]}
+    by_kind: dict[str, list[Any]] = {
+        "onnx": [extra.get("model_file") or MODEL_FILE, extra.get("external_data")],
+        "engine": [extra.get("engine_file") or ENGINE_FILE],
+        "checkpoint": [WEIGHTS_FILE, CONFIG_FILE],
+    }
     names = by_kind.get(manifest.kind, [])
     return [n for n in names if n] + tokenizer_file_names(manifest.tokenizer)
 
@@ -405,16 +445,27 @@ def check_complete(folder: str | os.PathLike, manifest: Manifest, staging: bool 
     where = folder / MANIFEST_NAME
     for name in required_files(manifest):
         if name not in manifest.files:
-            raise ManifestError(f"{where} does not hash {name}, which the artifact reads: the manifest was edited "
-                                f"or is from another folder; re-run the stage that wrote it")
+            raise ManifestError(
+                f"{where} does not hash {name}, which the artifact reads: the manifest was edited "
+                f"or is from another folder; re-run the stage that wrote it"
+            )
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != MANIFEST_NAME and not path.name.startswith(".") \
-                and path.suffix in ARTIFACT_SUFFIXES and path.name not in manifest.files:
-            raise ManifestError(f"{path} is in the artifact folder but not in its manifest: remove it, or re-run "
-                                f"the stage that wrote the folder")
+        if (
+            path.is_file()
+            and path.name != MANIFEST_NAME
+            and not path.name.startswith(".")
+            and path.suffix in ARTIFACT_SUFFIXES
+            and path.name not in manifest.files
+        ):
+            raise ManifestError(
+                f"{path} is in the artifact folder but not in its manifest: remove it, or re-run "
+                f"the stage that wrote the folder"
+            )
     if not staging and manifest.kind in ("onnx", "engine") and not manifest.parity:
-        raise ManifestError(f"{where} has no parity record: the stage that wrote it never checked it against "
-                            f"its parent (or it was removed); re-run that stage")
+        raise ManifestError(
+            f"{where} has no parity record: the stage that wrote it never checked it against "
+            f"its parent (or it was removed); re-run that stage"
+        )
 
 
 def verify_files(folder: str | os.PathLike, manifest: Manifest) -> None:
@@ -424,11 +475,15 @@ def verify_files(folder: str | os.PathLike, manifest: Manifest) -> None:
     recorded = manifest.tokenizer.get("files")
     for name in tokenizer_file_names(manifest.tokenizer):  # no tokenizer file may escape the hash check
         if name not in manifest.files:
-            raise ManifestError(f"{folder / MANIFEST_NAME} names tokenizer file {name!r} but does not hash it; "
-                                f"the manifest was edited or the stage that wrote it did not copy the file")
+            raise ManifestError(
+                f"{folder / MANIFEST_NAME} names tokenizer file {name!r} but does not hash it; "
+                f"the manifest was edited or the stage that wrote it did not copy the file"
+            )
         if isinstance(recorded, Mapping) and recorded.get(name) not in (None, manifest.files[name]):
-            raise ManifestError(f"{folder / MANIFEST_NAME}: tokenizer file {name!r} has one sha256 in its "
-                                f"tokenizer entry and another in its file list; the manifest was edited")
+            raise ManifestError(
+                f"{folder / MANIFEST_NAME}: tokenizer file {name!r} has one sha256 in its "
+                f"tokenizer entry and another in its file list; the manifest was edited"
+            )
     for rel, expected in manifest.files.items():
         path = folder / rel
         if not path.is_file():
@@ -437,4 +492,5 @@ def verify_files(folder: str | os.PathLike, manifest: Manifest) -> None:
         if actual != expected:
             raise ManifestError(
                 f"{path} does not match its manifest (sha256 {actual[:12]}... != {expected[:12]}...): "
-                f"the file was modified or corrupted; re-run the stage that wrote it")
+                f"the file was modified or corrupted; re-run the stage that wrote it"
+            )

@@ -1,9 +1,10 @@
 """GLM's 2-D positions and attention masks in numpy (docs/glm.md 2, 3, 4.1-4.2), independent of the torch model.
 In: context lengths, mask positions, span steps, which cache slots each row has filled.
 Out: int64 position_ids [B, 2, T] and bool attention masks [B, 1, T, past + T] (True = visible)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,6 +20,7 @@ def _lengths(lengths: Sequence[int], seq: int | None) -> tuple[np.ndarray, int]:
 
 
 # ---------------------------------------------------------------- positions (docs/glm.md 2)
+
 
 def context_positions(lengths: Sequence[int], seq: int | None = None) -> np.ndarray:
     """Part A positions for right-padded rows: (0..C_b-1, block 0); padding gets (0, 0). -> [B, 2, seq]."""
@@ -51,6 +53,7 @@ def filled_layout(context_len: int, spans: Sequence[tuple[int, int]]) -> tuple[n
 
 
 # ---------------------------------------------------------------- masks (docs/glm.md 3)
+
 
 def sep_mask(sep: int, seq: int) -> np.ndarray:
     """The explicit form of the original's scalar sep: query i sees key j iff j < sep or j <= i. -> [seq, seq]."""

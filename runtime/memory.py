@@ -7,6 +7,7 @@ original), so the resident set ends near twice the weights. Fixing the threshold
 buffer its own mapping. Measured on GLM-Large (benchmarks/results/scale.md): int8-weight session peak 880 ->
 708 MB, int4-weight 689 -> 564 MB, decode speed unchanged. A no-op off glibc.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -1,14 +1,24 @@
 """glmx serve's metrics for Prometheus, in a registry of their own; names follow vLLM's, with the prefix glmx:.
 In: the engine after each step, each job as it ends. Out: the text GET /metrics answers."""
+
 from __future__ import annotations
 
 from glm_runtime.engine import Engine, Job
 
-METRIC_NAMES = ("glmx:requests_total", "glmx:num_requests_running", "glmx:num_requests_waiting",
-                "glmx:request_queue_time_seconds", "glmx:time_to_first_token_seconds",
-                "glmx:time_per_output_token_seconds", "glmx:e2e_request_latency_seconds",
-                "glmx:decode_batch_rows", "glmx:kv_slots_used", "glmx:kv_cache_usage_perc",
-                "glmx:prompt_tokens_total", "glmx:generation_tokens_total")
+METRIC_NAMES = (
+    "glmx:requests_total",
+    "glmx:num_requests_running",
+    "glmx:num_requests_waiting",
+    "glmx:request_queue_time_seconds",
+    "glmx:time_to_first_token_seconds",
+    "glmx:time_per_output_token_seconds",
+    "glmx:e2e_request_latency_seconds",
+    "glmx:decode_batch_rows",
+    "glmx:kv_slots_used",
+    "glmx:kv_cache_usage_perc",
+    "glmx:prompt_tokens_total",
+    "glmx:generation_tokens_total",
+)
 OUTCOMES = ("finished", "cancelled", "timeout", "failed", "rejected", "invalid")  # engine endings + refused ones
 
 
@@ -18,6 +28,7 @@ class Metrics:
     def __init__(self, rows: int):
         import prometheus_client
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         prometheus_client.disable_created_metrics()  # no *_created series beside every counter and histogram
         self.registry = r = CollectorRegistry()
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -26,16 +37,25 @@ class Metrics:
             self.requests.labels(outcome)
         self.running = Gauge("glmx:num_requests_running", "Requests holding a row", registry=r)
         self.waiting = Gauge("glmx:num_requests_waiting", "Requests waiting for a row", registry=r)
-        self.queue_time = Histogram("glmx:request_queue_time_seconds", "Submit to admission", buckets=latency,
-                                    registry=r)
-        self.ttft = Histogram("glmx:time_to_first_token_seconds", "Submit to first span token", buckets=latency,
-                              registry=r)
-        self.tpot = Histogram("glmx:time_per_output_token_seconds", "Decode time per new token",
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-                              registry=r)
+        self.queue_time = Histogram(
+            "glmx:request_queue_time_seconds", "Submit to admission", buckets=latency, registry=r
+        )
+        self.ttft = Histogram(
+            "glmx:time_to_first_token_seconds", "Submit to first span token", buckets=latency, registry=r
+        )
+        self.tpot = Histogram(
+            "glmx:time_per_output_token_seconds",
+            "Decode time per new token",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.e2e = Histogram("glmx:e2e_request_latency_seconds", "Submit to result", buckets=latency, registry=r)
-        self.batch = Histogram("glmx:decode_batch_rows", "Rows in each decode call",
-                               buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, rows})), registry=r)
+        self.batch = Histogram(
+            "glmx:decode_batch_rows",
+            "Rows in each decode call",
+            buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, rows})),
+            registry=r,
+        )
         self.slots = Gauge("glmx:kv_slots_used", "KV cache slots the running requests hold", registry=r)
         self.usage = Gauge("glmx:kv_cache_usage_perc", "KV slots used / allocated (0..1)", registry=r)
         self.prompt_tokens = Counter("glmx:prompt_tokens", "Context tokens of finished requests", registry=r)
@@ -67,4 +87,5 @@ class Metrics:
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
+
         return generate_latest(self.registry)

@@ -7,8 +7,9 @@ engine (runtime/engine.py) runs them, nothing here runs a model.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 from glm_runtime.sampling import GenerationError, check_beam, check_sampling
 from glm_runtime.tokenizer import GLMTokenizer, build_context_ids, find_blanks
@@ -44,7 +45,7 @@ class Settings:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool = False
@@ -106,7 +107,7 @@ class FillRequest:
         max_new_tokens: Any = 32,
         strategy: str = "greedy",
         append_gmask: bool = False,
-        id: Any = None,  # noqa: A002 - the field's name in every API that sends one
+        id: Any = None,
         **options: Any,
     ) -> FillRequest:
         """A request from keyword settings, checked (GenerationError names the bad one)."""
@@ -125,7 +126,7 @@ class ScoreRequest:
     id: Any = None
 
 
-Request = Union[FillRequest, ScoreRequest]
+Request = FillRequest | ScoreRequest
 
 
 # ---------------------------------------------------------------- what the engine makes of a prompt
@@ -228,11 +229,11 @@ class StreamEvent:
     kind: str
     prompt: Any  # the request's id
     blank: int = -1  # index of the blank within the prompt
-    token_id: Optional[int] = None
+    token_id: int | None = None
     text: str = ""  # the token's or span's text
-    span: Optional[Span] = None
-    result: Optional[FillResult] = None
-    scores: Optional[list[list[CandidateScore]]] = None
+    span: Span | None = None
+    result: FillResult | None = None
+    scores: list[list[CandidateScore]] | None = None
 
 
 # ---------------------------------------------------------------- text out

@@ -1,12 +1,14 @@
 """Choosing the next token: small pure numpy functions (greedy, temperature, top-k, top-p, seeded sampling).
 In: logits [B, V] and settings. Out: token ids [B] (int64) or filtered logits.
 Sampling draws from one numpy Generator per row, so the same seed gives the same tokens."""
+
 from __future__ import annotations
 
 import hashlib
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,11 +35,18 @@ class GenerationError(GLMXError, ValueError):
 
 
 def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0 \
-            or not np.isfinite(temperature):
-        raise GenerationError(f" must be a number > 0, got {temperature!r}; for the most likely token every step "
-                              f"use --strategy greedy (which takes no temperature)", field="temperature",
-                              subject="--temperature")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not temperature > 0
+        or not np.isfinite(temperature)
+    ):
+        raise GenerationError(
+            f" must be a number > 0, got {temperature!r}; for the most likely token every step "
+            f"use --strategy greedy (which takes no temperature)",
+            field="temperature",
+            subject="--temperature",
+        )
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise GenerationError(f" must be an integer >= 0 (0 = no top-k filter), got {top_k!r}", field="top_k")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
@@ -47,10 +56,14 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
 def check_beam(num_beams: Any, length_penalty: Any, early_stopping: Any) -> None:
     if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
         raise GenerationError(f" must be an integer >= 1, got {num_beams!r}", field="num_beams")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) \
-            or not math.isfinite(float(length_penalty)):
-        raise GenerationError(f" must be a finite number (0 = sum of log-probs), got {length_penalty!r}",
-                              field="length_penalty")
+    if (
+        isinstance(length_penalty, bool)
+        or not isinstance(length_penalty, numbers.Real)
+        or not math.isfinite(float(length_penalty))
+    ):
+        raise GenerationError(
+            f" must be a finite number (0 = sum of log-probs), got {length_penalty!r}", field="length_penalty"
+        )
     if not isinstance(early_stopping, bool):
         raise GenerationError(f" must be True or False, got {early_stopping!r}", field="early_stopping")
 
@@ -71,7 +84,7 @@ def prompt_generators(seed: int | None, prompts: Sequence[str]) -> list[np.rando
             out.append(np.random.default_rng())
             continue
         digest = hashlib.sha256(str(text).encode("utf-8")).digest()
-        words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 32, 4)]
+        words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)]
         out.append(np.random.default_rng(np.random.SeedSequence([int(seed), *words])))
     return out
 
@@ -117,8 +130,13 @@ def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
     return np.where(keep, logits, -np.inf)
 
 
-def sample(logits: np.ndarray, generators: Sequence[np.random.Generator], temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+def sample(
+    logits: np.ndarray,
+    generators: Sequence[np.random.Generator],
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> np.ndarray:
     """Temperature, then top-k, then top-p, then one draw per row from that row's generator. [B, V] -> [B]."""
     check_sampling(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64)

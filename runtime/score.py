@@ -6,9 +6,11 @@ In: a session, its tokenizer, prompts with exactly one blank and candidate answe
 winning label and probabilities. Each call is one ScoreRequest run by the engine (Engine.run); the computation
 is runtime/cloze.py's (module docstring there: GLM's multi-token and single-token scoring).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,9 +24,15 @@ AGGREGATES = ("max", "sum")  # several answers of one label: the best one's scor
 __all__ = ["AGGREGATES", "CandidateScore", "ScoreError", "classify", "fill_template", "score_candidates"]
 
 
-def score_candidates(session: Session, tokenizer: GLMTokenizer, prompts: Sequence[str] | str,
-                     candidates: Sequence[Sequence[str]] | Sequence[str], *, length_penalty: float = 0.0,
-                     single_token: bool = False) -> list[list[CandidateScore]] | list[CandidateScore]:
+def score_candidates(
+    session: Session,
+    tokenizer: GLMTokenizer,
+    prompts: Sequence[str] | str,
+    candidates: Sequence[Sequence[str]] | Sequence[str],
+    *,
+    length_penalty: float = 0.0,
+    single_token: bool = False,
+) -> list[list[CandidateScore]] | list[CandidateScore]:
     """Score every candidate answer of the blank of each prompt (runtime/cloze.py says how).
 
     prompts: one prompt (then candidates is its list and one list is returned) or a list of prompts (then
@@ -51,9 +59,17 @@ def fill_template(template: str, record: Mapping[str, Any], where: str) -> str:
         raise ScoreError(f"the template {template!r} is not a valid format string: {exc}") from None
 
 
-def classify(session: Session, tokenizer: GLMTokenizer, records: Sequence[Mapping[str, Any]], template: str,
-             verbalizer: Mapping[str, Sequence[str] | str], *, aggregate: str = "max", length_penalty: float = 0.0,
-             single_token: bool = False) -> dict[str, Any]:
+def classify(
+    session: Session,
+    tokenizer: GLMTokenizer,
+    records: Sequence[Mapping[str, Any]],
+    template: str,
+    verbalizer: Mapping[str, Sequence[str] | str],
+    *,
+    aggregate: str = "max",
+    length_penalty: float = 0.0,
+    single_token: bool = False,
+) -> dict[str, Any]:
     """The label of each record: its template filled, every answer of every label scored, a label's score the
     best of its answers ("max") or the log of their summed probabilities ("sum"). -> {"predictions": [...],
     and with gold labels (a record's "label") "accuracy" and "confusion" (gold -> predicted -> count)}."""
@@ -69,25 +85,42 @@ def classify(session: Session, tokenizer: GLMTokenizer, records: Sequence[Mappin
     if not records:
         raise ScoreError("no records to classify")
     prompts = [fill_template(template, rec, f"record {i}") for i, rec in enumerate(records)]
-    scores = score_candidates(session, tokenizer, prompts, [[a for _, a in flat]] * len(prompts),
-                              length_penalty=length_penalty, single_token=single_token)
+    scores = score_candidates(
+        session,
+        tokenizer,
+        prompts,
+        [[a for _, a in flat]] * len(prompts),
+        length_penalty=length_penalty,
+        single_token=single_token,
+    )
     predictions = []
     for rec, cands in zip(records, scores):
         per_label: dict[str, list[float]] = {label: [] for label in labels}
         for (label, _), cand in zip(flat, cands):
             per_label[label].append(cand.score)
-        label_scores = {label: (max(v) if aggregate == "max" else float(np.logaddexp.reduce(v)))
-                        for label, v in per_label.items()}
+        label_scores = {
+            label: (max(v) if aggregate == "max" else float(np.logaddexp.reduce(v))) for label, v in per_label.items()
+        }
         z = np.array(list(label_scores.values()))
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         best = labels[int(np.argmax(z))]
-        predictions.append({"label": best, "scores": label_scores,
-                            "probabilities": dict(zip(labels, map(float, probs))),
-                            "answers": {a: c.score for (_, a), c in zip(flat, cands)},
-                            **({"gold": rec["label"]} if "label" in rec else {})})
-    result: dict[str, Any] = {"predictions": predictions, "labels": labels, "aggregate": aggregate,
-                              "length_penalty": length_penalty, "single_token": single_token}
+        predictions.append(
+            {
+                "label": best,
+                "scores": label_scores,
+                "probabilities": dict(zip(labels, map(float, probs))),
+                "answers": {a: c.score for (_, a), c in zip(flat, cands)},
+                **({"gold": rec["label"]} if "label" in rec else {}),
+            }
+        )
+    result: dict[str, Any] = {
+        "predictions": predictions,
+        "labels": labels,
+        "aggregate": aggregate,
+        "length_penalty": length_penalty,
+        "single_token": single_token,
+    }
     gold = [p for p in predictions if "gold" in p]
     if gold:
         unknown = sorted({str(p["gold"]) for p in gold} - set(labels))
@@ -96,6 +129,7 @@ def classify(session: Session, tokenizer: GLMTokenizer, records: Sequence[Mappin
         confusion = {g: {p: 0 for p in labels} for g in labels}
         for p in gold:
             confusion[p["gold"]][p["label"]] += 1
-        result.update(accuracy=sum(p["gold"] == p["label"] for p in gold) / len(gold), confusion=confusion,
-                      gold_records=len(gold))
+        result.update(
+            accuracy=sum(p["gold"] == p["label"] for p in gold) / len(gold), confusion=confusion, gold_records=len(gold)
+        )
     return result

@@ -11,6 +11,7 @@ One engine thread runs every step; handlers only check, submit and wait, so a re
 the next decode step. Bounded: past rows + max_waiting a request gets 429 with Retry-After; a client that hangs
 up cancels its request and frees its row; --timeout cancels and answers 504.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,9 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any
 
 from glm_runtime.engine import Engine, EngineError, Job, QueueFull
 from glm_runtime.errors import GLMXError
@@ -57,7 +59,7 @@ class EngineLoop:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.error: Optional[str] = None
+        self.error: str | None = None
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="glmx-engine", daemon=True)
@@ -116,8 +118,9 @@ def _finish_reason(spans: list[Span]) -> str:
     return "length" if any(s.stop == "length" for s in spans) else "stop"
 
 
-def _error(message: str, status: int = 400, kind: str = "invalid_request_error",
-           headers: Optional[dict[str, str]] = None) -> Any:
+def _error(
+    message: str, status: int = 400, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
+) -> Any:
     from starlette.responses import JSONResponse
 
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
@@ -133,27 +136,37 @@ class Server:
     once when load_now (Ray Serve replicas). If it fails, /health answers 503 with the reason and
     on_load_error(reason) is called (`glmx serve` then stops with the reason and exit status 1)."""
 
-    def __init__(self, load: Callable[[], tuple[Any, Any]], *, model_id: str = "glmx", rows: int = 8,
-                 max_waiting: int = 64, timeout: float = 600.0, api_key: Optional[str] = None,
-                 log: Callable[[str], None] = lambda message: None,
-                 on_load_error: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self,
+        load: Callable[[], tuple[Any, Any]],
+        *,
+        model_id: str = "glmx",
+        rows: int = 8,
+        max_waiting: int = 64,
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        log: Callable[[str], None] = lambda message: None,
+        on_load_error: Callable[[str], None] | None = None,
+    ):
         self.load, self.model_id, self.rows, self.max_waiting = load, model_id, rows, max_waiting
         self.timeout, self.api_key, self.log, self.on_load_error = timeout, api_key, log, on_load_error
         self.metrics = Metrics(rows)
-        self.loop: Optional[EngineLoop] = None
-        self.error: Optional[str] = None
+        self.loop: EngineLoop | None = None
+        self.error: str | None = None
         self.loading = True
-        self.model: Optional[dict[str, Any]] = None
+        self.model: dict[str, Any] | None = None
         self._ids = itertools.count()
 
     def routes(self) -> list[Any]:
         from starlette.routing import Route
 
-        return [Route("/v1/completions", self.completions, methods=["POST"]),
-                Route("/v1/fill", self.fill, methods=["POST"]),
-                Route("/health", self.health, methods=["GET"]),
-                Route("/v1/models", self.models, methods=["GET"]),
-                Route("/metrics", self.metrics_text, methods=["GET"])]
+        return [
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/fill", self.fill, methods=["POST"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/metrics", self.metrics_text, methods=["GET"]),
+        ]
 
     # ------------------------------------------------------------ the model
 
@@ -161,11 +174,22 @@ class Server:
         """Load the model and start the engine thread; a failure is kept as the reason /health gives."""
         try:
             session, tokenizer = self.load()
-            engine = Engine(session, tokenizer, rows=self.rows, max_waiting=self.max_waiting,
-                            on_end=self.metrics.ended, on_step=self.metrics.after_step)
+            engine = Engine(
+                session,
+                tokenizer,
+                rows=self.rows,
+                max_waiting=self.max_waiting,
+                on_end=self.metrics.ended,
+                on_step=self.metrics.after_step,
+            )
             self.loop = EngineLoop(engine)
-            self.model = {"precision": session.precision, "max_sequence_length": session.config.max_sequence_length,
-                          "vocab_size": session.config.vocab_size, "rows": self.rows, "max_waiting": self.max_waiting}
+            self.model = {
+                "precision": session.precision,
+                "max_sequence_length": session.config.max_sequence_length,
+                "vocab_size": session.config.vocab_size,
+                "rows": self.rows,
+                "max_waiting": self.max_waiting,
+            }
             self.log(f"glmx serve: model loaded ({self.model})")
         except Exception as exc:  # noqa: BLE001 - /health says why
             self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
@@ -202,8 +226,9 @@ class Server:
         if loop is None or not loop.alive:
             return JSONResponse({"status": "error", "error": self.error or (loop.error if loop else None)}, 503)
         engine = loop.engine
-        return JSONResponse({"status": "ok", "running": len(engine.running), "waiting": engine.waiting,
-                             "rows": engine.rows})
+        return JSONResponse(
+            {"status": "ok", "running": len(engine.running), "waiting": engine.waiting, "rows": engine.rows}
+        )
 
     async def models(self, http: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -211,8 +236,14 @@ class Server:
         denied = self._check_key(http)
         if denied is not None:
             return denied
-        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
-                                                         "owned_by": "glmx", "glmx": self.model}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.model_id, "object": "model", "created": 0, "owned_by": "glmx", "glmx": self.model}
+                ],
+            }
+        )
 
     async def metrics_text(self, http: Any) -> Any:
         from starlette.responses import Response
@@ -221,16 +252,21 @@ class Server:
 
     async def not_found(self, http: Any, exc: Any) -> Any:
         if exc.status_code == 404:
-            return _error(f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/fill, "
-                          f"GET /health, GET /v1/models, GET /metrics", 404, "not_found")
+            return _error(
+                f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/fill, "
+                f"GET /health, GET /v1/models, GET /metrics",
+                404,
+                "not_found",
+            )
         return _error(exc.detail, exc.status_code, "invalid_request_error")
 
     # ------------------------------------------------------------ answering a fill or a completion
 
     def _check_key(self, http: Any) -> Any:
         if self.api_key and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            return _error("missing or wrong API key: send the header Authorization: Bearer <key>", 401,
-                          "authentication_error")
+            return _error(
+                "missing or wrong API key: send the header Authorization: Bearer <key>", 401, "authentication_error"
+            )
         return None
 
     async def _read(self, http: Any, route: str) -> Ask:
@@ -244,8 +280,9 @@ class Server:
             return fill_request(body)
         model = body.get("model")
         if model is not None and model != self.model_id:
-            raise BadRequest(f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}", 404,
-                             "model_not_found")
+            raise BadRequest(
+                f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}", 404, "model_not_found"
+            )
         return completion_request(body)
 
     async def _answer(self, http: Any, route: str) -> Any:
@@ -263,8 +300,11 @@ class Server:
                 self.metrics.requests.labels("invalid").inc()
             return _error(str(exc), exc.status, exc.kind, exc.headers)
         if ask.stream:
-            return StreamingResponse(self._stream(ask, loop, jobs, queue, http), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._stream(ask, loop, jobs, queue, http),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         results: dict[Any, FillResult] = {}
         try:
             async for event in self._events(loop, jobs, queue, http):
@@ -293,8 +333,7 @@ class Server:
             for job in jobs:
                 loop.cancel(job)
             self.metrics.requests.labels("rejected").inc()
-            raise BadRequest(str(exc), 429, "server_busy", {"Retry-After": str(int(round(exc.retry_after)))}) \
-                from None
+            raise BadRequest(str(exc), 429, "server_busy", {"Retry-After": str(int(round(exc.retry_after)))}) from None
         except (GenerationError, EngineError) as exc:
             for job in jobs:
                 loop.cancel(job)
@@ -303,8 +342,9 @@ class Server:
             raise BadRequest(" ".join(said.split())) from None
         return jobs, queue
 
-    async def _events(self, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent],
-                      http: Any) -> AsyncIterator[StreamEvent]:
+    async def _events(
+        self, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent], http: Any
+    ) -> AsyncIterator[StreamEvent]:
         """Every event of these jobs until each has ended; cancels them all if the client leaves or the deadline
         passes (then raises BadRequest 504)."""
         deadline = time.monotonic() + self.timeout
@@ -320,8 +360,7 @@ class Server:
                 if left <= 0:
                     for job in jobs:
                         loop.cancel(job, "timeout")
-                    raise BadRequest(f"the request did not finish within --timeout {self.timeout:g} s", 504,
-                                     "timeout")
+                    raise BadRequest(f"the request did not finish within --timeout {self.timeout:g} s", 504, "timeout")
                 try:
                     event = await asyncio.wait_for(queue.get(), min(left, 0.5))
                 except asyncio.TimeoutError:
@@ -334,22 +373,39 @@ class Server:
                 if not job.done:
                     loop.cancel(job)
 
-    def _completion_body(self, cid: str, created: int, jobs: list[Job], results: dict[Any, FillResult],
-                         echo: bool) -> dict[str, Any]:
+    def _completion_body(
+        self, cid: str, created: int, jobs: list[Job], results: dict[Any, FillResult], echo: bool
+    ) -> dict[str, Any]:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, job in enumerate(jobs):
             result = results[job.id]
             prompt_tokens += job.context_tokens
             completion_tokens += job.new_tokens
-            choices.append({"index": i, "text": result.text if echo else "".join(s.text for s in result.spans),
-                            "logprobs": None, "finish_reason": _finish_reason(result.spans),
-                            "glmx": {"text": result.text, "spans": [vars(s) for s in result.spans]}})
-        return {"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
-                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                              "total_tokens": prompt_tokens + completion_tokens}}
+            choices.append(
+                {
+                    "index": i,
+                    "text": result.text if echo else "".join(s.text for s in result.spans),
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(result.spans),
+                    "glmx": {"text": result.text, "spans": [vars(s) for s in result.spans]},
+                }
+            )
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_id,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
-    async def _stream(self, ask: Ask, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent],
-                      http: Any) -> AsyncIterator[str]:
+    async def _stream(
+        self, ask: Ask, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent], http: Any
+    ) -> AsyncIterator[str]:
         """Server-sent events: /v1/fill's own kinds, or OpenAI completion chunks; then [DONE]."""
         cid, created = f"cmpl-{jobs[0].id}", int(time.time())
         index = {job.id: i for i, job in enumerate(jobs)}
@@ -363,8 +419,15 @@ class Server:
                 if ask.route == "fill":
                     yield _sse(self._fill_chunk(event, ask.requests[0].prompt))
                     continue
-                yield _sse({"id": cid, "object": "text_completion", "created": created, "model": self.model_id,
-                            "choices": [self._completion_choice(event, index[event.prompt])]})
+                yield _sse(
+                    {
+                        "id": cid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model_id,
+                        "choices": [self._completion_choice(event, index[event.prompt])],
+                    }
+                )
             yield "data: [DONE]\n\n"
         except BadRequest as exc:
             yield _sse({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}})
@@ -386,8 +449,10 @@ class Server:
         elif event.kind == "span":
             choice.update(glmx={"blank": event.blank, "span": vars(event.span)})
         elif event.result is not None:
-            choice.update(finish_reason=_finish_reason(event.result.spans),
-                          glmx={"text": event.result.text, "spans": [vars(s) for s in event.result.spans]})
+            choice.update(
+                finish_reason=_finish_reason(event.result.spans),
+                glmx={"text": event.result.text, "spans": [vars(s) for s in event.result.spans]},
+            )
         return choice
 
 
@@ -421,11 +486,13 @@ def create_app(load: Callable[[], tuple[Any, Any]], *, load_now: bool = False, *
 def listening_socket(host: str, port: int) -> Any:
     """A socket bound to host:port for uvicorn to serve on; ServeError with the reason when it cannot be bound."""
     import socket
+
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror} (--host takes an address or a name of "
-                         f"this machine)") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {exc.strerror} (--host takes an address or a name of this machine)"
+        ) from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -437,8 +504,17 @@ def listening_socket(host: str, port: int) -> Any:
     return sock
 
 
-def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, max_waiting: int, timeout: float,
-          api_key: Optional[str], log: Callable[[str], None] = print) -> None:
+def serve(
+    model: str | None,
+    backend: str,
+    host: str,
+    port: int,
+    rows: int,
+    max_waiting: int,
+    timeout: float,
+    api_key: str | None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Run the app under uvicorn until SIGINT / SIGTERM (uvicorn stops accepting, lets running requests finish,
     then the engine drains)."""
     _require_serve_extra()
@@ -455,18 +531,31 @@ def serve(model: Optional[str], backend: str, host: str, port: int, rows: int, m
     def load_failed(reason: str) -> None:  # a server that cannot serve stops, so a supervisor sees the failure
         failure["reason"] = reason
         server.should_exit = True
-    app = create_app(load, model_id=model_id, rows=rows, max_waiting=max_waiting, timeout=timeout,
-                     api_key=api_key, log=log, on_load_error=load_failed)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=int(timeout)))
+
+    app = create_app(
+        load,
+        model_id=model_id,
+        rows=rows,
+        max_waiting=max_waiting,
+        timeout=timeout,
+        api_key=api_key,
+        log=log,
+        on_load_error=load_failed,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout))
+    )
     sock = listening_socket(host, port)  # before anything loads: a taken port is one clear line
-    log(f"glmx serve: http://{host}:{port} model {model_id!r} backend {backend}, rows {rows}, "
-        f"max waiting {max_waiting}, timeout {timeout:g} s{', API key required' if api_key else ''}")
+    log(
+        f"glmx serve: http://{host}:{port} model {model_id!r} backend {backend}, rows {rows}, "
+        f"max waiting {max_waiting}, timeout {timeout:g} s{', API key required' if api_key else ''}"
+    )
     import signal
     import sys
 
     def drained(signum, frame):  # uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown: exit 0 then
         sys.exit(0)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, drained)
     server.run(sockets=[sock])

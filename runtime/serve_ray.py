@@ -10,9 +10,10 @@ In: the same options as `glmx serve` plus replica counts. Out: a Ray Serve Appli
 The model folder must exist at the same path on every node that hosts a replica (a shared or copied folder).
 Needs the serve-ray extra: pip install 'glmx[serve-ray]'.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from glm_runtime.serve import ServeError
 
@@ -27,10 +28,20 @@ def _serve():
     return serve
 
 
-def deployment(model: Optional[str] = None, backend: str = "onnxruntime", rows: int = 8, max_waiting: int = 64,
-               timeout: float = 600.0, api_key: Optional[str] = None, num_replicas: Optional[int] = None,
-               min_replicas: int = 1, max_replicas: int = 1, target_ongoing_requests: Optional[float] = None,
-               num_cpus: float = 1.0, num_gpus: float = 0.0) -> Any:
+def deployment(
+    model: str | None = None,
+    backend: str = "onnxruntime",
+    rows: int = 8,
+    max_waiting: int = 64,
+    timeout: float = 600.0,
+    api_key: str | None = None,
+    num_replicas: int | None = None,
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+    target_ongoing_requests: float | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+) -> Any:
     """The Ray Serve Application: `num_replicas` fixed replicas, or Ray Serve's autoscaling between min_replicas
     and max_replicas aiming at `target_ongoing_requests` per replica (default: rows, a replica's decode batch).
     Each replica takes at most rows + max_waiting requests at once (max_ongoing_requests); past that Ray queues
@@ -44,9 +55,17 @@ def deployment(model: Optional[str] = None, backend: str = "onnxruntime", rows: 
 
         def __init__(self) -> None:
             from glm_runtime.session import open_model
+
             model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
-            self._glmx_app = create_app(lambda: open_model(model, backend), model_id=model_id, rows=rows,
-                                  max_waiting=max_waiting, timeout=timeout, api_key=api_key, load_now=True)
+            self._glmx_app = create_app(
+                lambda: open_model(model, backend),
+                model_id=model_id,
+                rows=rows,
+                max_waiting=max_waiting,
+                timeout=timeout,
+                api_key=api_key,
+                load_now=True,
+            )
             server = self._glmx_app.state.glmx
             if server.error:
                 raise ServeError(f"the replica could not open the model: {server.error}")
@@ -60,19 +79,35 @@ def deployment(model: Optional[str] = None, backend: str = "onnxruntime", rows: 
             if loop is None or not loop.alive:
                 raise RuntimeError(f"glmx engine stopped: {loop.error if loop else 'not loaded'}")
 
-    options: dict[str, Any] = {"max_ongoing_requests": rows + max_waiting,
-                               "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    options: dict[str, Any] = {
+        "max_ongoing_requests": rows + max_waiting,
+        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+    }
     if num_replicas is not None:
         options["num_replicas"] = num_replicas
     else:
-        options["autoscaling_config"] = {"min_replicas": min_replicas, "max_replicas": max_replicas,
-                                         "target_ongoing_requests": target_ongoing_requests or rows}
+        options["autoscaling_config"] = {
+            "min_replicas": min_replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": target_ongoing_requests or rows,
+        }
     return serve.deployment(GlmxReplica, name="glmx", **options).bind()
 
 
-_ARGS = {"model": str, "backend": str, "rows": int, "max_waiting": int, "timeout": float, "api_key": str,
-         "num_replicas": int, "min_replicas": int, "max_replicas": int, "target_ongoing_requests": float,
-         "num_cpus": float, "num_gpus": float}
+_ARGS = {
+    "model": str,
+    "backend": str,
+    "rows": int,
+    "max_waiting": int,
+    "timeout": float,
+    "api_key": str,
+    "num_replicas": int,
+    "min_replicas": int,
+    "max_replicas": int,
+    "target_ongoing_requests": float,
+    "num_cpus": float,
+    "num_gpus": float,
+}
 
 
 def build(args: dict[str, Any]) -> Any:

@@ -1,12 +1,13 @@
 """Sessions: one small interface, `run(feeds) -> outputs` plus IO metadata, over backends picked by a dict.
 In: an exported folder (model.onnx + tokenizer + manifest.json) and a backend name; feeds named by the IO table.
 Out: a session that checks every feed where it enters; `open_model` pairs it with its tokenizer."""
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ def quiet_options(options: Any = None) -> Any:
     that logits_start (an optional input, i.e. a graph input backed by an initializer) is not a constant,
     which is the point of it. Returns `options` (set in place) or new SessionOptions."""
     import onnxruntime as ort
+
     options = options if options is not None else ort.SessionOptions()
     if options.log_severity_level < 0:  # unset: the environment's default, warnings
         options.log_severity_level = 3
@@ -48,13 +50,17 @@ def _check_graph_types(model_file: Path, graph: Sequence[Any], table: Mapping[st
             continue
         dtype = ORT_TYPES.get(node.type, node.type)
         if dtype != entry["dtype"]:
-            raise ManifestError(f"{model_file}: {node.name} is {dtype} in the graph but {entry['dtype']} in the "
-                                f"manifest (precision {entry['dtype']!r} does not describe this graph); re-export")
+            raise ManifestError(
+                f"{model_file}: {node.name} is {dtype} in the graph but {entry['dtype']} in the "
+                f"manifest (precision {entry['dtype']!r} does not describe this graph); re-export"
+            )
         for axis, (size, want) in enumerate(zip(node.shape, entry["shape"])):  # symbolic dims are strings
             if isinstance(want, int) and isinstance(size, int) and size != want:
-                raise ManifestError(f"{model_file}: {node.name} has size {size} on axis {axis} in the graph but "
-                                    f"{want} in the manifest's config (heads, head width or "
-                                    f"vocabulary differ); the manifest is from another model, re-export")
+                raise ManifestError(
+                    f"{model_file}: {node.name} has size {size} on axis {axis} in the graph but "
+                    f"{want} in the manifest's config (heads, head width or "
+                    f"vocabulary differ); the manifest is from another model, re-export"
+                )
 
 
 class OnnxRuntimeSession(Closable):
@@ -67,9 +73,17 @@ class OnnxRuntimeSession(Closable):
     cache there too (kvcache.DeviceKVCache).
     """
 
-    def __init__(self, folder: str | Path, providers: Sequence[Any] = CPU_PROVIDERS, verify: bool = True,
-                 io_binding: bool | None = None, session_options: Any = None, staging: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        providers: Sequence[Any] = CPU_PROVIDERS,
+        verify: bool = True,
+        io_binding: bool | None = None,
+        session_options: Any = None,
+        staging: bool = False,
+    ):
         import onnxruntime as ort  # deferred: the runtime package imports without it
+
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, kind="onnx", verify=verify, staging=staging)
         self.config, self.tokenizer_path = check_export(self.folder, self.manifest, staging=staging)
@@ -84,24 +98,31 @@ class OnnxRuntimeSession(Closable):
         names = [p if isinstance(p, str) else p[0] for p in providers]
         absent = [p for p in names if p not in ort.get_available_providers()]
         if absent:
-            raise BackendError(f"ONNX Runtime provider {absent[0]} is not available here (available: "
-                               f"{ort.get_available_providers()}); for CUDA install onnxruntime-gpu on a machine "
-                               f"with an NVIDIA GPU, or use backend 'onnxruntime'")
+            raise BackendError(
+                f"ONNX Runtime provider {absent[0]} is not available here (available: "
+                f"{ort.get_available_providers()}); for CUDA install onnxruntime-gpu on a machine "
+                f"with an NVIDIA GPU, or use backend 'onnxruntime'"
+            )
         self.providers = list(providers)
         from glm_runtime.memory import large_buffers_to_os
+
         large_buffers_to_os()  # the originals ONNX Runtime drops after pre-packing go back to the OS
-        self._session = ort.InferenceSession(str(model_file), quiet_options(session_options),
-                                             providers=self.providers)
+        self._session = ort.InferenceSession(str(model_file), quiet_options(session_options), providers=self.providers)
         graph_in = {i.name for i in self._session.get_inputs()}
         graph_in |= {i.name for i in self._session.get_overridable_initializers()}  # optional inputs
         graph_out = {o.name for o in self._session.get_outputs()}
         table_in, table_out = {e["name"] for e in self.inputs}, {e["name"] for e in self.outputs}
         if graph_in != table_in or graph_out != table_out:
             diff = sorted((graph_in ^ table_in) | (graph_out ^ table_out))
-            raise ManifestError(f"{model_file}: graph inputs/outputs differ from the manifest's IO table at "
-                                f"{diff[:4]}; re-export the model")
-        _check_graph_types(model_file, [*self._session.get_inputs(), *self._session.get_outputs()],
-                           {e["name"]: e for e in [*self.inputs, *self.outputs]})
+            raise ManifestError(
+                f"{model_file}: graph inputs/outputs differ from the manifest's IO table at "
+                f"{diff[:4]}; re-export the model"
+            )
+        _check_graph_types(
+            model_file,
+            [*self._session.get_inputs(), *self._session.get_outputs()],
+            {e["name"]: e for e in [*self.inputs, *self.outputs]},
+        )
         cuda = "CUDAExecutionProvider" in names
         self.io_binding = cuda if io_binding is None else bool(io_binding)
         self.device = (("cuda" if cuda else "cpu"), 0) if self.io_binding else None
@@ -111,10 +132,14 @@ class OnnxRuntimeSession(Closable):
     def new_cache(self, batch: int, capacity: int) -> Any:
         """A KV cache in the memory `run` returns present.* in: numpy, or OrtValues on self.device."""
         from glm_runtime.kvcache import DeviceKVCache, KVCache
+
         c = self.config
         args = (self.io, batch, c.num_attention_heads, c.head_dim, capacity, self.kv_dtype)
-        return KVCache(*args) if self.device is None else DeviceKVCache(*args, device=self.device,
-                                                                        providers=self.providers)
+        return (
+            KVCache(*args)
+            if self.device is None
+            else DeviceKVCache(*args, device=self.device, providers=self.providers)
+        )
 
     def close(self) -> None:
         self._session = None  # the native session and its weights go with the last reference
@@ -163,6 +188,7 @@ def _torch_session(folder: str | Path, **options: Any) -> Any:
 
 def _tensorrt_session(folder: str | Path, **options: Any) -> Any:
     from glm_runtime.trt_session import TensorRTSession  # tensorrt itself is imported when the session opens
+
     return TensorRTSession(folder, **options)
 
 
@@ -189,14 +215,17 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "glmx-small-onnx"
 
 def default_model() -> Path:
     if not (BUNDLED_MODEL / MANIFEST_NAME).is_file():
-        raise ManifestError(f"no model folder given and the bundled model {BUNDLED_MODEL} is not in this install; "
-                            f"pass one (--model DIR), e.g. a folder written by `glmx export`")
+        raise ManifestError(
+            f"no model folder given and the bundled model {BUNDLED_MODEL} is not in this install; "
+            f"pass one (--model DIR), e.g. a folder written by `glmx export`"
+        )
     return BUNDLED_MODEL
 
 
 def _check_backend_fits(folder: Path, backend: str) -> None:
     """A folder of the wrong kind for the backend gets the command that makes the right one."""
     import json
+
     try:
         kind = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("kind")
     except (OSError, ValueError):
@@ -205,20 +234,27 @@ def _check_backend_fits(folder: Path, backend: str) -> None:
     if wants is None or kind == wants or kind is None:
         return
     if kind == "checkpoint":
-        raise ManifestError(f"{folder} is a checkpoint folder, not an exported model: export it first (glmx export "
-                            f"{folder} -o {folder.name}-onnx), or fill from it directly with --backend torch")
+        raise ManifestError(
+            f"{folder} is a checkpoint folder, not an exported model: export it first (glmx export "
+            f"{folder} -o {folder.name}-onnx), or fill from it directly with --backend torch"
+        )
     if wants == "engine":
-        raise ManifestError(f"{folder} is an ONNX folder, and --backend tensorrt runs engines: build one on an NVIDIA "
-                            f"GPU (glmx build-engine {folder} -o {folder.name}-engine), or use --backend onnxruntime")
+        raise ManifestError(
+            f"{folder} is an ONNX folder, and --backend tensorrt runs engines: build one on an NVIDIA "
+            f"GPU (glmx build-engine {folder} -o {folder.name}-engine), or use --backend onnxruntime"
+        )
     if kind == "engine":
-        raise ManifestError(f"{folder} is a TensorRT engine folder: fill with --backend tensorrt, or pass the ONNX "
-                            f"folder it was built from")
+        raise ManifestError(
+            f"{folder} is a TensorRT engine folder: fill with --backend tensorrt, or pass the ONNX "
+            f"folder it was built from"
+        )
 
 
 def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **options: Any) -> tuple[Any, Any]:
     """(session, tokenizer) for a model folder (None = the bundled model); the two must agree."""
     from glm_runtime.tokenizer import TokenizerError
     from glm_runtime.tokenizer_folder import load_recorded_tokenizer
+
     folder = Path(model) if model is not None else default_model()
     if not folder.is_dir():
         raise ManifestError(f"model folder {folder} does not exist")
@@ -235,6 +271,8 @@ def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **
     except TokenizerError as exc:
         raise ManifestError(str(exc)) from None
     if tokenizer.vocab_size > session.config.vocab_size:
-        raise ManifestError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                            f"{session.config.vocab_size} embedding rows; they do not belong together")
+        raise ManifestError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{session.config.vocab_size} embedding rows; they do not belong together"
+        )
     return session, tokenizer

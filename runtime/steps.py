@@ -1,15 +1,17 @@
 """The three forward phases of blank filling (docs/glm.md 4.1), each one `session.run` on the shared cache.
 In: a session, a cache, token ids (context / one token per row / a span). Out: logits [B, V] of each row's
 last fed token; the cache gains the fed tokens' keys and values."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from glm_runtime import masks
-from glm_runtime.iotable import LOGITS_START, accepts, past_names
 from glm_runtime.backend import KVCacheLike, Session, host_array
+from glm_runtime.iotable import LOGITS_START, accepts, past_names
 
 
 def empty_past(session: Session, batch: int) -> dict[str, np.ndarray]:
@@ -27,16 +29,19 @@ def run_context(session: Session, contexts: Sequence[Sequence[int]], pad_id: int
     seq = max(lengths)
     input_ids = np.full((len(contexts), seq), pad_id, dtype=np.int64)
     for b, ids in enumerate(contexts):
-        input_ids[b, :len(ids)] = ids
-    feeds = {"input_ids": input_ids,
-             "position_ids": masks.context_positions(lengths, seq),
-             "attention_mask": masks.context_mask(lengths, seq),
-             **empty_past(session, len(contexts))}
+        input_ids[b, : len(ids)] = ids
+    feeds = {
+        "input_ids": input_ids,
+        "position_ids": masks.context_positions(lengths, seq),
+        "attention_mask": masks.context_mask(lengths, seq),
+        **empty_past(session, len(contexts)),
+    }
     return run_for_rows(session, feeds, np.asarray(lengths) - 1)
 
 
-def context_pass(session: Session, cache: KVCacheLike, contexts: Sequence[Sequence[int]], pad_id: int,
-                 repeat: int = 1) -> np.ndarray:
+def context_pass(
+    session: Session, cache: KVCacheLike, contexts: Sequence[Sequence[int]], pad_id: int, repeat: int = 1
+) -> np.ndarray:
     """Run every row's context (right-padded with pad_id) and store its K/V at slots 0..C_b-1.
 
     repeat > 1: each context fills `repeat` consecutive cache rows (the beams of one prompt) from one pass.
@@ -50,16 +55,19 @@ def context_pass(session: Session, cache: KVCacheLike, contexts: Sequence[Sequen
     return logits
 
 
-def decode_step(session: Session, cache: KVCacheLike, tokens: Sequence[int], positions: np.ndarray,
-                store: Sequence[bool]) -> np.ndarray:
+def decode_step(
+    session: Session, cache: KVCacheLike, tokens: Sequence[int], positions: np.ndarray, store: Sequence[bool]
+) -> np.ndarray:
     """Feed one token per row (positions [W, 2, 1]); rows with store=False (finished, fed a dummy) keep
     their cache unchanged. W may be fewer than the cache's rows when the cache is sliceable (the first W
     rows run alone). Returns logits [W, V]."""
     width = len(tokens)
-    feeds = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1),
-             "position_ids": positions,
-             "attention_mask": masks.decode_mask(cache.visible[:width]),
-             **cache.feeds(width)}
+    feeds = {
+        "input_ids": np.asarray(tokens, dtype=np.int64).reshape(-1, 1),
+        "position_ids": positions,
+        "attention_mask": masks.decode_mask(cache.visible[:width]),
+        **cache.feeds(width),
+    }
     out = session.run(feeds)
     cache.append(out, np.asarray(store, dtype=np.int64))
     return out["logits"][:, -1]
@@ -68,10 +76,12 @@ def decode_step(session: Session, cache: KVCacheLike, tokens: Sequence[int], pos
 def prefill_span(session: Session, cache: KVCacheLike, tokens: Sequence[int], mask_pos: int) -> np.ndarray:
     """Feed the same span tokens (sop first, steps 0..T-1) to every row in one call; returns logits [B, V]."""
     batch, seq = cache.batch, len(tokens)
-    feeds = {"input_ids": np.tile(np.asarray(tokens, dtype=np.int64), (batch, 1)),
-             "position_ids": np.broadcast_to(masks.span_positions(mask_pos, 0, seq), (batch, 2, seq)).copy(),
-             "attention_mask": masks.chunk_mask(cache.visible, seq),
-             **cache.feeds()}
+    feeds = {
+        "input_ids": np.tile(np.asarray(tokens, dtype=np.int64), (batch, 1)),
+        "position_ids": np.broadcast_to(masks.span_positions(mask_pos, 0, seq), (batch, 2, seq)).copy(),
+        "attention_mask": masks.chunk_mask(cache.visible, seq),
+        **cache.feeds(),
+    }
     out, logits = run_for_rows(session, feeds, np.full(batch, seq - 1))
     cache.append(out, [seq] * batch)
     return logits

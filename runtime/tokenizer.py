@@ -5,35 +5,73 @@ In: GPT-2 / RoBERTa / BERT / Chinese SentencePiece vocabulary files or glmx's to
 Out: `GLMTokenizer` (`load_tokenizer` decides the kind and the files) and the blank-filling context ids of
 docs/glm.md 4.1 (`build_context_ids`, `find_blanks`).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from glm_runtime.config import TOKENIZER_KINDS
 from glm_runtime.manifest import atomic_write_bytes, atomic_write_json, sha256_file
-from glm_runtime.vocabularies import (BPE_FILES, COMMAND_NAMES, COMMAND_STRINGS, JSON_SPECIAL_TOKENS, TextVocabulary,
-                                      TokenizerError, chinese_sp_special_ids, read_bert, read_bpe, read_json,
-                                      read_sentencepiece)
+from glm_runtime.vocabularies import (
+    BPE_FILES,
+    COMMAND_NAMES,
+    COMMAND_STRINGS,
+    JSON_SPECIAL_TOKENS,
+    TextVocabulary,
+    TokenizerError,
+    chinese_sp_special_ids,
+    read_bert,
+    read_bpe,
+    read_json,
+    read_sentencepiece,
+)
 
 # Callers import these from here, with the tokenizer (the vocabularies are how it reads its files).
-__all__ = ["BLANK_NAMES", "BPE_FILES", "COMMAND_NAMES", "COMMAND_STRINGS", "JSON_SPECIAL_TOKENS", "META_NAME",
-           "BlankError", "GLMTokenizer", "TokenizerError", "build_context_ids", "chinese_sp_special_ids",
-           "copy_tokenizer_files", "find_blanks", "load_tokenizer", "tokenizer_entry", "tokenizer_files"]
+__all__ = [
+    "BLANK_NAMES",
+    "BPE_FILES",
+    "COMMAND_NAMES",
+    "COMMAND_STRINGS",
+    "JSON_SPECIAL_TOKENS",
+    "META_NAME",
+    "BlankError",
+    "GLMTokenizer",
+    "TokenizerError",
+    "build_context_ids",
+    "chinese_sp_special_ids",
+    "copy_tokenizer_files",
+    "find_blanks",
+    "load_tokenizer",
+    "tokenizer_entry",
+    "tokenizer_files",
+]
 
 BLANK_NAMES = ("MASK", "sMASK", "gMASK")
 
 META_NAME = "glmx_tokenizer.json"  # kind and options, written by GLMTokenizer.save
 # (task_mask, decoder_mask) of the released models: [gMASK]/[sMASK] only for task-mask models (docs/glm.md 9.14),
 # [dBLOCK] where docs/glm.md 7's table lists it (GLM-2B/10B and both Chinese models).
-_DEFAULT_OPTIONS = {"gpt2": (True, True), "roberta": (False, False), "bert": (False, False),
-                    "chinese-sp": (True, True), "chinese-sp-fix": (True, True)}
-FAMILY = {"gpt2": "bpe", "roberta": "bpe", "bert": "wordpiece", "chinese-sp": "sp", "chinese-sp-fix": "sp",
-           "json": "json"}
+_DEFAULT_OPTIONS = {
+    "gpt2": (True, True),
+    "roberta": (False, False),
+    "bert": (False, False),
+    "chinese-sp": (True, True),
+    "chinese-sp-fix": (True, True),
+}
+FAMILY = {
+    "gpt2": "bpe",
+    "roberta": "bpe",
+    "bert": "wordpiece",
+    "chinese-sp": "sp",
+    "chinese-sp-fix": "sp",
+    "json": "json",
+}
 
 
 class BlankError(TokenizerError):
@@ -42,6 +80,7 @@ class BlankError(TokenizerError):
 
 # ---------------------------------------------------------------- the tokenizer
 
+
 class GLMTokenizer:
     """One GLM vocabulary: text ids from the underlying tokenizer plus GLM's command tokens.
 
@@ -49,8 +88,9 @@ class GLMTokenizer:
     sMASK, dBLOCK; only those this vocabulary has) to ids; `mask_ids` are the blank tokens present.
     """
 
-    def __init__(self, kind: str, text: TextVocabulary, special: dict[str, int], files: dict[str, Path],
-                 options: dict[str, Any]) -> None:
+    def __init__(
+        self, kind: str, text: TextVocabulary, special: dict[str, int], files: dict[str, Path], options: dict[str, Any]
+    ) -> None:
         self.kind, self._text, self.files, self.options = kind, text, dict(files), dict(options)
         self.special = {name: special[name] for name in COMMAND_NAMES if name in special}
         strings = dict(COMMAND_STRINGS, **({"pad": "[PAD]", "eos": "[PAD]"} if kind == "bert" else {}))
@@ -107,7 +147,8 @@ class GLMTokenizer:
             else:
                 raise TokenizerError(
                     f"id {i} is not a token of this {self.kind} tokenizer (text ids 0..{self._text.size - 1}, "
-                    f"command ids {sorted(self._id_to_string)}); padded ids >= {self.vocab_size} have no text")
+                    f"command ids {sorted(self._id_to_string)}); padded ids >= {self.vocab_size} have no text"
+                )
         if run:
             parts.append(self._text.decode(run))
         return (" " if self.kind == "bert" else "").join(parts)  # WordPiece output is space separated
@@ -139,8 +180,10 @@ class GLMTokenizer:
     def _hint(self, token: str) -> str:
         if token in ("[gMASK]", "[sMASK]", "[dBLOCK]") and self.kind != "json":
             option = "decoder_mask" if token == "[dBLOCK]" else "task_mask"
-            return (f": {token} exists only when loaded with {option}=True (load_tokenizer(..., {option}=True)), "
-                    f"which must match how the model was trained")
+            return (
+                f": {token} exists only when loaded with {option}=True (load_tokenizer(..., {option}=True)), "
+                f"which must match how the model was trained"
+            )
         return ""
 
     # saving and describing
@@ -157,16 +200,30 @@ class GLMTokenizer:
         """The manifest's tokenizer entry: kind, options, special ids, and the sha256 of every vocabulary file."""
         hashes = {name: sha256_file(path) for name, path in self.files.items()}
         first = next(iter(self.files))
-        return {"kind": self.kind, "file": first, "sha256": hashes[first], "files": hashes,
-                "special_tokens": dict(self.special), "mask_ids": list(self.mask_ids),
-                "vocab_size": self.vocab_size, "padded_vocab_size": self.padded_vocab_size(),
-                "options": dict(self.options)}
+        return {
+            "kind": self.kind,
+            "file": first,
+            "sha256": hashes[first],
+            "files": hashes,
+            "special_tokens": dict(self.special),
+            "mask_ids": list(self.mask_ids),
+            "vocab_size": self.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size(),
+            "options": dict(self.options),
+        }
 
 
 # ---------------------------------------------------------------- loading
 
-def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mask: bool | None = None,
-                   decoder_mask: bool | None = None, hf_gmask: bool = False) -> GLMTokenizer:
+
+def load_tokenizer(
+    path: str | os.PathLike,
+    kind: str | None = None,
+    *,
+    task_mask: bool | None = None,
+    decoder_mask: bool | None = None,
+    hf_gmask: bool = False,
+) -> GLMTokenizer:
     """Load a GLM tokenizer from a folder or a file.
 
     kind: one of TOKENIZER_KINDS; detected when left out (tokenizer.json -> json, vocab.json + merges.txt ->
@@ -195,8 +252,10 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mas
     kind, files = _find_files(path, kind)
     if kind == "json":
         if task_mask is not None or decoder_mask is not None or hf_gmask:
-            raise TokenizerError("task_mask / decoder_mask / hf_gmask do not apply to a tokenizer.json: "
-                                 "its special tokens are looked up by string")
+            raise TokenizerError(
+                "task_mask / decoder_mask / hf_gmask do not apply to a tokenizer.json: "
+                "its special tokens are looked up by string"
+            )
         text, special = read_json(files)
         return GLMTokenizer("json", text, special, files, {})
     if hf_gmask and kind != "chinese-sp":
@@ -205,8 +264,10 @@ def load_tokenizer(path: str | os.PathLike, kind: str | None = None, *, task_mas
     task_mask = default_task if task_mask is None else bool(task_mask)
     decoder_mask = (default_decoder and not hf_gmask) if decoder_mask is None else bool(decoder_mask)
     if hf_gmask and (decoder_mask or not task_mask):
-        raise TokenizerError("hf_gmask=True needs task_mask=True and decoder_mask=False "
-                             "(the HF GLM-10B-Chinese [gMASK] 50009 is the original [dBLOCK] id)")
+        raise TokenizerError(
+            "hf_gmask=True needs task_mask=True and decoder_mask=False "
+            "(the HF GLM-10B-Chinese [gMASK] 50009 is the original [dBLOCK] id)"
+        )
     options = {"task_mask": task_mask, "decoder_mask": decoder_mask, "hf_gmask": hf_gmask}
     if kind in ("gpt2", "roberta"):
         text, special = read_bpe(kind, files, options)
@@ -228,12 +289,16 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
             raise TokenizerError(f"{path} is not a {kind!r} tokenizer file")
     else:
         if family is None and kind is None:
-            raise TokenizerError(f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + "
-                                 f"merges.txt, vocab.txt, or a SentencePiece *.model")
+            raise TokenizerError(
+                f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + "
+                f"merges.txt, vocab.txt, or a SentencePiece *.model"
+            )
     if kind is None:
         if family == "sp":
-            raise TokenizerError(f"a SentencePiece model ({path}) needs an explicit kind: 'chinese-sp-fix' for "
-                                 f"GLM-Large-Chinese or 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ)")
+            raise TokenizerError(
+                f"a SentencePiece model ({path}) needs an explicit kind: 'chinese-sp-fix' for "
+                f"GLM-Large-Chinese or 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ)"
+            )
         assert family is not None  # no files and no kind was refused above
         kind = {"json": "json", "bpe": "gpt2", "wordpiece": "bert"}[family]
     family = FAMILY[kind]
@@ -269,8 +334,9 @@ def tokenizer_files(path: str | os.PathLike) -> dict[str, Path]:
     files = {name: path.parent / name for name in names}
     missing = [name for name, p in files.items() if not p.is_file()]
     if missing:
-        raise TokenizerError(f"tokenizer {path} needs {' + '.join(files)} side by side in {path.parent}; "
-                             f"missing: {', '.join(missing)}")
+        raise TokenizerError(
+            f"tokenizer {path} needs {' + '.join(files)} side by side in {path.parent}; missing: {', '.join(missing)}"
+        )
     return files
 
 
@@ -292,13 +358,23 @@ def tokenizer_entry(tok: GLMTokenizer, folder: str | os.PathLike) -> dict[str, A
 
 # ---------------------------------------------------------------- the files of a tokenizer
 
+
 def files_family(path: Path) -> str | None:
     """Which tokenizer family the files at `path` (a folder or one of its files) are, None if none."""
     folder = path.parent if path.is_file() else path
     if path.is_file():
         name = path.name
-        return ("bpe" if name in BPE_FILES else "json" if name.endswith(".json") else "sp" if name.endswith(".model")
-                else "wordpiece" if name.endswith(".txt") else None)
+        return (
+            "bpe"
+            if name in BPE_FILES
+            else "json"
+            if name.endswith(".json")
+            else "sp"
+            if name.endswith(".model")
+            else "wordpiece"
+            if name.endswith(".txt")
+            else None
+        )
     if (folder / "tokenizer.json").is_file():
         return "json"
     if (folder / "vocab.json").is_file():
@@ -309,6 +385,7 @@ def files_family(path: Path) -> str | None:
 
 
 # ---------------------------------------------------------------- the blank-filling context (docs/glm.md 4.1)
+
 
 def find_blanks(ids: Sequence[int], tok: GLMTokenizer) -> list[tuple[int, int]]:
     """(position, mask id) of every blank token in `ids`, ascending (docs/glm.md 4.1 step 3)."""
@@ -327,10 +404,18 @@ def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = Fals
         if not append_gmask:
             blanks = " ".join(tok.command_strings[n] for n in BLANK_NAMES if n in tok.special)
             foreign = [s for s in ("[sMASK]", "[gMASK]") if s in text and s not in tok._string_to_id]
-            note = (f"; {' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a blank of this "
-                    f"{tok.kind} tokenizer{tok._hint(foreign[0])}") if foreign else ""
-            raise BlankError(f"the text has no blank to fill: put one of {blanks} where the model should write, "
-                             f"or pass append_gmask=True (glmx fill --append-gmask) to continue the text at its end{note}")
+            note = (
+                (
+                    f"; {' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a blank of this "
+                    f"{tok.kind} tokenizer{tok._hint(foreign[0])}"
+                )
+                if foreign
+                else ""
+            )
+            raise BlankError(
+                f"the text has no blank to fill: put one of {blanks} where the model should write, "
+                f"or pass append_gmask=True (glmx fill --append-gmask) to continue the text at its end{note}"
+            )
         text = text + (" [gMASK]" if "gMASK" in tok.special else " [MASK]")
         ids = tok.encode(text)
     ids = [tok.special["ENC"], *ids]

@@ -4,23 +4,32 @@ In: a folder or tokenizer file (a Hugging Face hub folder, a Megatron checkpoint
 model's config and layout. Out: the loaded GLMTokenizer and notes saying what was decided and why; a conflict
 is a one-line TokenizerError. Also: the tokenizer a manifest's entry records, loaded with its kind and options.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from glm_runtime.config import TOKENIZER_KINDS
-from glm_runtime.tokenizer import META_NAME, FAMILY, GLMTokenizer, TokenizerError, files_family, load_tokenizer
-
+from glm_runtime.tokenizer import FAMILY, META_NAME, GLMTokenizer, TokenizerError, files_family, load_tokenizer
 
 # tokenizer_config.json's `tokenizer_class` in the released Hugging Face GLM folders (THUDM remote code)
-HF_TOKENIZER_CLASSES = {"GLMBertTokenizer": "bert", "GLMGPT2Tokenizer": "gpt2", "GLMRobertaTokenizer": "roberta",
-                        "GLMChineseTokenizer": "chinese"}
+HF_TOKENIZER_CLASSES = {
+    "GLMBertTokenizer": "bert",
+    "GLMGPT2Tokenizer": "gpt2",
+    "GLMRobertaTokenizer": "roberta",
+    "GLMChineseTokenizer": "chinese",
+}
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-FAMILY_FILES = {"json": "tokenizer.json", "bpe": "vocab.json + merges.txt", "wordpiece": "vocab.txt",
-                 "sp": "a SentencePiece *.model"}
+FAMILY_FILES = {
+    "json": "tokenizer.json",
+    "bpe": "vocab.json + merges.txt",
+    "wordpiece": "vocab.txt",
+    "sp": "a SentencePiece *.model",
+}
 # Chinese SentencePiece: which id table a model of these sizes was trained with (docs/glm.md 7; presets:
 # docs/glm.md 6)
 _CHINESE_BY_SIZE = {(24, 1024): "chinese-sp-fix", (48, 4096): "chinese-sp"}
@@ -57,12 +66,14 @@ def _bpe_flavour(vocab: Path) -> str:
         return "roberta"
     if "<|endoftext|>" in tokens:
         return "gpt2"
-    raise TokenizerError(f"{vocab} has neither GPT-2's <|endoftext|> nor RoBERTa's <s>/<mask>: not a GLM "
-                         f"byte-level BPE vocabulary")
+    raise TokenizerError(
+        f"{vocab} has neither GPT-2's <|endoftext|> nor RoBERTa's <s>/<mask>: not a GLM byte-level BPE vocabulary"
+    )
 
 
-def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, config: Any = None,
-                      layout: str | None = None) -> tuple[GLMTokenizer, list[str]]:
+def resolve_tokenizer(
+    path: str | os.PathLike, *, kind: str | None = None, config: Any = None, layout: str | None = None
+) -> tuple[GLMTokenizer, list[str]]:
     """Decide which GLM tokenizer `path` (a folder or a tokenizer file) holds, load it, check it against the model.
 
     The folder decides, in this order: an explicit `kind`; tokenizer_config.json's tokenizer_class (the hub's
@@ -77,30 +88,40 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
         raise TokenizerError(f"tokenizer path {path} does not exist")
     if path.is_dir() and (path / META_NAME).is_file():  # written by GLMTokenizer.save: its kind is recorded
         tok = load_tokenizer(path, kind)
-        return check_fits(tok, config, f"{path / META_NAME}"), [f"tokenizer: {tok.kind} (recorded in {path / META_NAME})"]
+        return check_fits(tok, config, f"{path / META_NAME}"), [
+            f"tokenizer: {tok.kind} (recorded in {path / META_NAME})"
+        ]
     folder = path.parent if path.is_file() else path
     cls, cls_file = _hf_tokenizer_class(folder)
     family = files_family(path)
     if family is None:
-        raise TokenizerError(f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + merges.txt, "
-                             f"vocab.txt, or a SentencePiece *.model")
+        raise TokenizerError(
+            f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + merges.txt, "
+            f"vocab.txt, or a SentencePiece *.model"
+        )
     notes = []
     from_class = None
     if cls is not None:
         if cls not in HF_TOKENIZER_CLASSES:
-            raise TokenizerError(f"{cls_file} names tokenizer_class {cls!r}, which is not a GLM tokenizer glmx "
-                                 f"knows ({', '.join(HF_TOKENIZER_CLASSES)}); pass the kind (--tokenizer-kind)")
+            raise TokenizerError(
+                f"{cls_file} names tokenizer_class {cls!r}, which is not a GLM tokenizer glmx "
+                f"knows ({', '.join(HF_TOKENIZER_CLASSES)}); pass the kind (--tokenizer-kind)"
+            )
         from_class = HF_TOKENIZER_CLASSES[cls]
         want = "sp" if from_class == "chinese" else FAMILY[from_class]
         if want != family:
-            raise TokenizerError(f"{cls_file} names {cls} ({FAMILY_FILES[want]}), but the tokenizer files are "
-                                 f"{FAMILY_FILES[family]} ({path}); the folder mixes two tokenizers")
+            raise TokenizerError(
+                f"{cls_file} names {cls} ({FAMILY_FILES[want]}), but the tokenizer files are "
+                f"{FAMILY_FILES[family]} ({path}); the folder mixes two tokenizers"
+            )
     if kind is not None:
         if kind not in TOKENIZER_KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {TOKENIZER_KINDS}")
         if FAMILY[kind] != family:
-            raise TokenizerError(f"tokenizer kind {kind!r} was asked for, but {path} holds {FAMILY_FILES[family]} "
-                                 f"({'a ' + FAMILY[kind]} tokenizer is {FAMILY_FILES[FAMILY[kind]]})")
+            raise TokenizerError(
+                f"tokenizer kind {kind!r} was asked for, but {path} holds {FAMILY_FILES[family]} "
+                f"({'a ' + FAMILY[kind]} tokenizer is {FAMILY_FILES[FAMILY[kind]]})"
+            )
         if from_class not in (None, "chinese") and from_class != kind:
             raise TokenizerError(f"tokenizer kind {kind!r} was asked for, but {cls_file} names {cls} ({from_class})")
         notes.append(f"tokenizer: {kind} (as asked)")
@@ -109,7 +130,7 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
         assert cls_file is not None  # a tokenizer_class was read from it
         notes.append(f"tokenizer: {kind} ({cls_file.name}: tokenizer_class {cls})")
     elif family == "bpe":
-        vocab = (path if path.name == "vocab.json" else folder / "vocab.json")
+        vocab = path if path.name == "vocab.json" else folder / "vocab.json"
         kind = _bpe_flavour(vocab)
         notes.append(f"tokenizer: {kind} (vocab.json + merges.txt; its tokens are {kind}'s)")
     elif family in ("json", "wordpiece"):
@@ -122,17 +143,23 @@ def resolve_tokenizer(path: str | os.PathLike, *, kind: str | None = None, confi
         source = f"tokenizer_class {cls}, " if cls else ""
         if kind is not None:
             preset = "glm-large-chinese" if kind == "chinese-sp-fix" else "glm-10b-chinese"
-            notes.append(f"tokenizer: {kind} ({source}SentencePiece model; the model's sizes L={sizes[0]} "
-                         f"h={sizes[1]} are {preset}'s, whose id table this is)")
+            notes.append(
+                f"tokenizer: {kind} ({source}SentencePiece model; the model's sizes L={sizes[0]} "
+                f"h={sizes[1]} are {preset}'s, whose id table this is)"
+            )
         elif layout == "hf":
             # both Hugging Face Chinese checkpoints use the fixed command ids (gMASK 50009, docs/glm.md 7 and 8.2)
             kind = "chinese-sp-fix"
-            notes.append(f"tokenizer: chinese-sp-fix ({source}SentencePiece model in a Hugging Face folder: the "
-                         f"hub's Chinese GLMs use gMASK = sop + 3; sizes match no preset) - ASSUMED")
+            notes.append(
+                f"tokenizer: chinese-sp-fix ({source}SentencePiece model in a Hugging Face folder: the "
+                f"hub's Chinese GLMs use gMASK = sop + 3; sizes match no preset) - ASSUMED"
+            )
         else:
-            raise TokenizerError(f"{path} is a SentencePiece model, and the model's sizes (L={sizes[0]}, "
-                                 f"h={sizes[1]}) match no Chinese preset: pass --tokenizer-kind chinese-sp-fix "
-                                 f"(GLM-Large-Chinese ids) or chinese-sp (GLM-10B-Chinese, gMASK == eop)")
+            raise TokenizerError(
+                f"{path} is a SentencePiece model, and the model's sizes (L={sizes[0]}, "
+                f"h={sizes[1]}) match no Chinese preset: pass --tokenizer-kind chinese-sp-fix "
+                f"(GLM-Large-Chinese ids) or chinese-sp (GLM-10B-Chinese, gMASK == eop)"
+            )
     hf_gmask = kind == "chinese-sp" and layout == "hf"
     if hf_gmask:
         notes.append("tokenizer: Hugging Face gMASK convention (gMASK = sop + 3, its row a copy of eop's)")
@@ -150,7 +177,8 @@ def check_fits(tok: GLMTokenizer, config: Any, where: str) -> GLMTokenizer:
         raise TokenizerError(
             f"the {tok.kind} tokenizer at {where} has {tok.vocab_size} ids (a model of V = "
             f"{tok.padded_vocab_size()}), but the model has {rows} embedding rows: they do not belong together; "
-            f"pass the model's own tokenizer (--tokenizer)")
+            f"pass the model's own tokenizer (--tokenizer)"
+        )
     return tok
 
 
@@ -165,10 +193,17 @@ def load_recorded_tokenizer(folder: str | os.PathLike, entry: Mapping[str, Any])
     if kind in (None, "json"):
         tok = load_tokenizer(folder / entry["file"], kind)
     else:
-        tok = load_tokenizer(folder / entry["file"], kind, task_mask=options.get("task_mask"),
-                             decoder_mask=options.get("decoder_mask"), hf_gmask=bool(options.get("hf_gmask")))
+        tok = load_tokenizer(
+            folder / entry["file"],
+            kind,
+            task_mask=options.get("task_mask"),
+            decoder_mask=options.get("decoder_mask"),
+            hf_gmask=bool(options.get("hf_gmask")),
+        )
     recorded = entry.get("special_tokens")
     if recorded and dict(recorded) != tok.special:
-        raise TokenizerError(f"{folder}: the tokenizer's special ids {tok.special} differ from those its manifest "
-                             f"recorded {dict(recorded)}; the files or the manifest were changed")
+        raise TokenizerError(
+            f"{folder}: the tokenizer's special ids {tok.special} differ from those its manifest "
+            f"recorded {dict(recorded)}; the files or the manifest were changed"
+        )
     return tok

@@ -3,19 +3,24 @@ device memory (`DeviceArray`), and the KV cache whose buffers stay on the GPU (`
 In: a TensorRT session (its stream, its engine's max past). Out: buffers the engine reads and writes in place.
 cuda-python is imported only when a device is first used; this module itself needs numpy alone.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from glm_runtime.errors import GLMXError
 from glm_runtime.backend import IntsLike
+from glm_runtime.errors import GLMXError
 from glm_runtime.kvcache import SlotCache
 
-INSTALL_HINT = ("pip install 'glmx[gpu]' on a machine with an NVIDIA GPU and its driver (the tensorrt wheels fetch "
-                "NVIDIA's libraries from pypi.nvidia.com at install time); the ONNX Runtime backend needs neither")
+INSTALL_HINT = (
+    "pip install 'glmx[gpu]' on a machine with an NVIDIA GPU and its driver (the tensorrt wheels fetch "
+    "NVIDIA's libraries from pypi.nvidia.com at install time); the ONNX Runtime backend needs neither"
+)
+
 
 class TensorRTError(GLMXError, RuntimeError):
     """TensorRT or CUDA is missing, the engine does not fit this machine, or a call cannot run on it."""
@@ -53,13 +58,14 @@ def gpu_identity(device: int = 0) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- device memory
 
+
 class DeviceArray:
     """A typed view of device memory [shape] (cuda pointer `ptr`). np.asarray(x) copies it to the host.
 
     Outputs of `run` live in the session's scratch buffers: they are valid until its next call (checked).
     """
 
-    def __init__(self, cuda: "Cuda", ptr: int, shape: IntsLike, dtype: Any, owner: Any = None, epoch: int = -1):
+    def __init__(self, cuda: Cuda, ptr: int, shape: IntsLike, dtype: Any, owner: Any = None, epoch: int = -1):
         self._cuda, self._ptr, self.shape, self.dtype = cuda, ptr, tuple(int(s) for s in shape), np.dtype(dtype)
         self._owner, self._epoch = owner, epoch  # owner: the session whose scratch holds it (None: owned here)
 
@@ -70,8 +76,10 @@ class DeviceArray:
     @property
     def ptr(self) -> int:
         if self._owner is not None and self._owner._epoch != self._epoch:
-            raise TensorRTError("this output was overwritten by a later run(); copy it with np.asarray() first, "
-                                "or keep K/V in session.new_cache()")
+            raise TensorRTError(
+                "this output was overwritten by a later run(); copy it with np.asarray() first, "
+                "or keep K/V in session.new_cache()"
+            )
         return self._ptr
 
     def numpy(self) -> np.ndarray:
@@ -94,8 +102,11 @@ class Cuda:
         self.stream = _cuda_call(self.rt, self.rt.cudaStreamCreate())
         self.handle = int(self.stream)  # what TensorRT's *_async calls take
         kinds = self.rt.cudaMemcpyKind
-        self._kinds = {"h2d": kinds.cudaMemcpyHostToDevice, "d2h": kinds.cudaMemcpyDeviceToHost,
-                       "d2d": kinds.cudaMemcpyDeviceToDevice}
+        self._kinds = {
+            "h2d": kinds.cudaMemcpyHostToDevice,
+            "d2h": kinds.cudaMemcpyDeviceToHost,
+            "d2d": kinds.cudaMemcpyDeviceToDevice,
+        }
 
     def malloc(self, nbytes: int, zero: bool = False) -> int:
         ptr = int(_cuda_call(self.rt, self.rt.cudaMalloc(max(int(nbytes), 256))))  # never null, even if empty
@@ -113,14 +124,17 @@ class Cuda:
     def copy_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: str) -> None:
         """`height` rows of `width` bytes; rows start every dpitch / spitch bytes (a strided slot write)."""
         if width and height:
-            _cuda_call(self.rt, self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
-                                                          self._kinds[kind], self.stream))
+            _cuda_call(
+                self.rt,
+                self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, self._kinds[kind], self.stream),
+            )
 
     def synchronize(self) -> None:
         _cuda_call(self.rt, self.rt.cudaStreamSynchronize(self.stream))
 
 
 # ---------------------------------------------------------------- the device-resident KV cache
+
 
 class TensorRTKVCache(SlotCache):
     """glm_runtime.kvcache.KVCache's methods (feeds / append / reorder / truncate / reserve, `visible`, `filled`)
@@ -136,29 +150,39 @@ class TensorRTKVCache(SlotCache):
     def __init__(self, session: Any, batch: int, capacity: int):  # a trt_session.TensorRTSession
         self._cuda, self.max_capacity = session._cuda, session.max_past
         config = session.config
-        super().__init__(session.io, int(batch), config.num_attention_heads, config.head_dim,
-                         min(max(int(capacity), 1), self.max_capacity), session.kv_dtype)  # grows up to the max
+        super().__init__(
+            session.io,
+            int(batch),
+            config.num_attention_heads,
+            config.head_dim,
+            min(max(int(capacity), 1), self.max_capacity),
+            session.kv_dtype,
+        )  # grows up to the max
 
     def _alloc(self, capacity: int) -> DeviceArray:
         # zeroed: masked slots still enter softmax(.) @ V with weight ~0, and 0 * NaN garbage would be NaN
         shape = (self.batch, self.heads, capacity, self.head_dim)
-        return DeviceArray(self._cuda, self._cuda.malloc(math.prod(shape) * self.dtype.itemsize, zero=True),
-                           shape, self.dtype)
+        return DeviceArray(
+            self._cuda, self._cuda.malloc(math.prod(shape) * self.dtype.itemsize, zero=True), shape, self.dtype
+        )
 
     def reserve(self, needed: int) -> None:
         """Room for `needed` slots per row; grows geometrically but never past the engine's max past_seq."""
         if needed <= self.capacity:
             return
         if needed > self.max_capacity:
-            raise TensorRTError(f"the KV cache needs {needed} slots but the engine was built for at most "
-                                f"{self.max_capacity}: rebuild it with a larger --max-context / --max-new-tokens")
+            raise TensorRTError(
+                f"the KV cache needs {needed} slots but the engine was built for at most "
+                f"{self.max_capacity}: rebuild it with a larger --max-context / --max-new-tokens"
+            )
         new_cap, old_cap = min(max(needed, 2 * self.capacity), self.max_capacity), self.capacity
         row = self.head_dim * self.dtype.itemsize  # bytes per slot
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = self._alloc(new_cap)  # move the old slots: B*n rows of old_cap slots into rows of new_cap
-                self._cuda.copy_2d(new.ptr, new_cap * row, old.ptr, old_cap * row, old_cap * row,
-                                   self.batch * self.heads, "d2d")
+                self._cuda.copy_2d(
+                    new.ptr, new_cap * row, old.ptr, old_cap * row, old_cap * row, self.batch * self.heads, "d2d"
+                )
                 self._cuda.synchronize()
                 self._cuda.free(old.ptr)
                 store[i] = new
@@ -177,12 +201,26 @@ class TensorRTKVCache(SlotCache):
                 host = None if isinstance(new, DeviceArray) else np.ascontiguousarray(new, dtype=self.dtype)
                 src, kind = (new.ptr, "d2d") if host is None else (host.ctypes.data, "h2d")
                 if uniform:  # every row writes the same slots: one strided copy of B*n (row, head) lines
-                    self._cuda.copy_2d(buf.ptr + int(self.filled[0]) * row, cap * row, src, T * row,
-                                       int(counts[0]) * row, self.batch * n, kind)
+                    self._cuda.copy_2d(
+                        buf.ptr + int(self.filled[0]) * row,
+                        cap * row,
+                        src,
+                        T * row,
+                        int(counts[0]) * row,
+                        self.batch * n,
+                        kind,
+                    )
                 else:
                     for b in map(int, np.flatnonzero(counts)):  # [n, counts[b], d] of row b into its slots
-                        self._cuda.copy_2d(buf.ptr + (b * n * cap + int(self.filled[b])) * row, cap * row,
-                                           src + b * n * T * row, T * row, int(counts[b]) * row, n, kind)
+                        self._cuda.copy_2d(
+                            buf.ptr + (b * n * cap + int(self.filled[b])) * row,
+                            cap * row,
+                            src + b * n * T * row,
+                            T * row,
+                            int(counts[b]) * row,
+                            n,
+                            kind,
+                        )
                 if host is not None:
                     self._cuda.synchronize()  # the host array may go away once this returns
         self._mark_appended(counts)

@@ -5,24 +5,37 @@ by the IO table. Out: `run(feeds) -> outputs`, and `new_cache()`, a KV cache who
 tensorrt and cuda-python are imported only when a session is opened; this module itself needs numpy alone.
 Device memory (cuda-python calls, DeviceArray, the device-resident KV cache) is runtime/trt_memory.py.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from glm_runtime.backend import Closable, check_export, check_feeds
 from glm_runtime.iotable import past_names, present_names
 from glm_runtime.manifest import ENGINE_FILE, Manifest, ManifestError, load_manifest
-from glm_runtime.backend import Closable, check_export, check_feeds
 from glm_runtime.trt_memory import (  # noqa: F401 (TensorRTError, gpu_identity, import_cudart: this module's API too)
-    INSTALL_HINT, DeviceArray, TensorRTError, TensorRTKVCache, Cuda, gpu_identity, import_cudart)
+    INSTALL_HINT,
+    Cuda,
+    DeviceArray,
+    TensorRTError,
+    TensorRTKVCache,
+    gpu_identity,
+    import_cudart,
+)
 
 # Which build option widens each symbolic dim, for "rebuild with ..." hints.
-_DIM_OPTION = {"batch": "--max-batch", "seq": "--max-context", "past_seq": "--max-context / --max-new-tokens",
-               "total_seq": "--max-context / --max-new-tokens"}
+_DIM_OPTION = {
+    "batch": "--max-batch",
+    "seq": "--max-context",
+    "past_seq": "--max-context / --max-new-tokens",
+    "total_seq": "--max-context / --max-new-tokens",
+}
 
 
 def import_tensorrt():
@@ -35,26 +48,37 @@ def import_tensorrt():
 
 # ---------------------------------------------------------------- profiles (pure python)
 
+
 @dataclass(frozen=True)
 class Profile:
     """One TensorRT optimization profile: (min, opt, max) of every symbolic dim and of every input's shape."""
+
     name: str  # "context" (prompt pass) or "decode" (one token per row)
     dims: Mapping[str, tuple[int, int, int]]  # batch, seq, past_seq, total_seq (= past_seq + seq)
     shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dims": {k: list(v) for k, v in self.dims.items()},
-                "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
+        return {
+            "name": self.name,
+            "dims": {k: list(v) for k, v in self.dims.items()},
+            "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()},
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Profile":
-        return cls(name=data["name"], dims={k: tuple(v) for k, v in data["dims"].items()},
-                   shapes={k: (tuple(v[0]), tuple(v[1]), tuple(v[2])) for k, v in data["shapes"].items()})
+    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
+        return cls(
+            name=data["name"],
+            dims={k: tuple(v) for k, v in data["dims"].items()},
+            shapes={k: (tuple(v[0]), tuple(v[1]), tuple(v[2])) for k, v in data["shapes"].items()},
+        )
 
     def misfits(self, dims: Mapping[str, int]) -> list[str]:
         """Why `dims` do not fit this profile ("seq=300 not in 1..256"); empty when they fit."""
-        return [f"{k}={dims[k]} not in {lo}..{hi}" for k, (lo, _, hi) in self.dims.items()
-                if k in dims and not lo <= dims[k] <= hi]
+        return [
+            f"{k}={dims[k]} not in {lo}..{hi}"
+            for k, (lo, _, hi) in self.dims.items()
+            if k in dims and not lo <= dims[k] <= hi
+        ]
 
 
 def select_profile(profiles: Sequence[Profile], dims: Mapping[str, int]) -> int:
@@ -68,8 +92,10 @@ def select_profile(profiles: Sequence[Profile], dims: Mapping[str, int]) -> int:
     closest = profiles[order[0]]
     bad = closest.misfits(dims)
     options = sorted({_DIM_OPTION[b.split("=")[0]] for b in bad})
-    raise TensorRTError(f"this call does not fit the engine's {closest.name} profile ({'; '.join(bad)}): "
-                        f"rebuild the engine with a larger {' and '.join(options)}")
+    raise TensorRTError(
+        f"this call does not fit the engine's {closest.name} profile ({'; '.join(bad)}): "
+        f"rebuild the engine with a larger {' and '.join(options)}"
+    )
 
 
 def feed_dims(io: Mapping[str, Any], feeds: Mapping[str, Any]) -> dict[str, int]:
@@ -78,6 +104,7 @@ def feed_dims(io: Mapping[str, Any], feeds: Mapping[str, Any]) -> dict[str, int]
 
 
 # ---------------------------------------------------------------- what an engine manifest must say
+
 
 @dataclass(frozen=True)
 class EngineInfo:
@@ -88,36 +115,51 @@ class EngineInfo:
     limits: Mapping[str, int]  # max_batch, max_context, max_new_tokens, max_past
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> "EngineInfo":
+    def from_manifest(cls, manifest: Manifest) -> EngineInfo:
         extra = manifest.extra
         try:
-            return cls(trt_version=str(extra["tensorrt"]["version"]), gpu_name=str(extra["gpu"]["name"]),
-                       compute_capability=str(extra["gpu"]["compute_capability"]),
-                       profiles=tuple(Profile.from_dict(p) for p in extra["profiles"]), limits=dict(extra["limits"]))
+            return cls(
+                trt_version=str(extra["tensorrt"]["version"]),
+                gpu_name=str(extra["gpu"]["name"]),
+                compute_capability=str(extra["gpu"]["compute_capability"]),
+                profiles=tuple(Profile.from_dict(p) for p in extra["profiles"]),
+                limits=dict(extra["limits"]),
+            )
         except (KeyError, TypeError) as exc:
-            raise ManifestError(f"engine manifest lacks {exc} (tensorrt.version, gpu.name, gpu.compute_capability, "
-                                f"profiles and limits are required): rebuild it with glmx build-engine") from None
+            raise ManifestError(
+                f"engine manifest lacks {exc} (tensorrt.version, gpu.name, gpu.compute_capability, "
+                f"profiles and limits are required): rebuild it with glmx build-engine"
+            ) from None
 
 
-def check_engine_compatibility(info: EngineInfo, trt_version: str, gpu_name: str, compute_capability: str,
-                               strict_gpu: bool = True) -> None:
+def check_engine_compatibility(
+    info: EngineInfo, trt_version: str, gpu_name: str, compute_capability: str, strict_gpu: bool = True
+) -> None:
     """Refuse an engine built by another TensorRT version or for another GPU; the message gives every reason."""
     reasons = []
     if info.trt_version != trt_version:
-        reasons.append(f"it was built by TensorRT {info.trt_version} and this machine has TensorRT {trt_version} "
-                       f"(an engine loads only in the TensorRT version that built it)")
+        reasons.append(
+            f"it was built by TensorRT {info.trt_version} and this machine has TensorRT {trt_version} "
+            f"(an engine loads only in the TensorRT version that built it)"
+        )
     if info.compute_capability != compute_capability:
-        reasons.append(f"it was built for compute capability {info.compute_capability} ({info.gpu_name}) and this "
-                       f"GPU is {compute_capability} ({gpu_name})")
+        reasons.append(
+            f"it was built for compute capability {info.compute_capability} ({info.gpu_name}) and this "
+            f"GPU is {compute_capability} ({gpu_name})"
+        )
     elif strict_gpu and info.gpu_name != gpu_name:
-        reasons.append(f"it was built on a {info.gpu_name} and this GPU is a {gpu_name} (same compute capability: "
-                       f"pass strict_gpu=False to accept it at your own risk)")
+        reasons.append(
+            f"it was built on a {info.gpu_name} and this GPU is a {gpu_name} (same compute capability: "
+            f"pass strict_gpu=False to accept it at your own risk)"
+        )
     if reasons:
-        raise TensorRTError("cannot use this engine: " + "; ".join(reasons) + ". Rebuild it on this machine with "
-                            "glmx build-engine")
+        raise TensorRTError(
+            "cannot use this engine: " + "; ".join(reasons) + ". Rebuild it on this machine with glmx build-engine"
+        )
 
 
 # ---------------------------------------------------------------- the session
+
 
 class TensorRTSession(Closable):
     """run(feeds) -> outputs over a TensorRT engine, plus `inputs` / `outputs` metadata from the IO table.
@@ -126,6 +168,7 @@ class TensorRTSession(Closable):
     host_outputs=True. Feeds may be numpy or DeviceArray (what TensorRTKVCache.feeds() gives: bound, not copied).
     One execution context per optimization profile; a call goes to "decode" when seq == 1, else "context".
     """
+
     backend = "tensorrt"
     folder: Path | None  # None: engine bytes not yet written to a folder (from_plan)
 
@@ -141,9 +184,10 @@ class TensorRTSession(Closable):
         self._open(trt, (folder / ENGINE_FILE).read_bytes(), manifest, info, config, device)
 
     @classmethod
-    def from_plan(cls, plan: Any, manifest: Manifest, info: EngineInfo, device: int = 0) -> "TensorRTSession":
+    def from_plan(cls, plan: Any, manifest: Manifest, info: EngineInfo, device: int = 0) -> TensorRTSession:
         """A session over engine bytes not yet in a folder (the builder's parity check before it writes one)."""
         from glm_runtime.config import GLMConfig
+
         self = cls.__new__(cls)
         self.folder, self.tokenizer_path = None, None
         self._open(import_tensorrt(), plan, manifest, info, GLMConfig.from_dict(manifest.config), device)
@@ -161,8 +205,9 @@ class TensorRTSession(Closable):
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            raise TensorRTError("TensorRT could not deserialize the engine (see its log above): rebuild it with "
-                                "glmx build-engine")
+            raise TensorRTError(
+                "TensorRT could not deserialize the engine (see its log above): rebuild it with glmx build-engine"
+            )
         self._check_engine_io()
         self._contexts = []
         for index in range(len(self.profiles)):
@@ -179,15 +224,19 @@ class TensorRTSession(Closable):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         wanted = {s["name"]: s for s in self.io["inputs"] + self.io["outputs"]}
         if sorted(names) != sorted(wanted) or engine.num_optimization_profiles != len(self.profiles):
-            raise TensorRTError(f"the engine's tensors {sorted(names)} / {engine.num_optimization_profiles} profiles "
-                                f"do not match its manifest ({sorted(wanted)} / {len(self.profiles)})")
+            raise TensorRTError(
+                f"the engine's tensors {sorted(names)} / {engine.num_optimization_profiles} profiles "
+                f"do not match its manifest ({sorted(wanted)} / {len(self.profiles)})"
+            )
         for name in names:
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             spec = wanted[name]
             if is_input != any(s["name"] == name for s in self.io["inputs"]) or dtype != np.dtype(spec["dtype"]):
-                raise TensorRTError(f"engine tensor {name} is {dtype} {'input' if is_input else 'output'}, the "
-                                    f"manifest says {spec['dtype']}")
+                raise TensorRTError(
+                    f"engine tensor {name} is {dtype} {'input' if is_input else 'output'}, the "
+                    f"manifest says {spec['dtype']}"
+                )
 
     # metadata, as in the ONNX Runtime session
     @property
@@ -260,7 +309,7 @@ class TensorRTSession(Closable):
         del keep
         return results
 
-    def new_cache(self, batch: int, capacity: int) -> "TensorRTKVCache":
+    def new_cache(self, batch: int, capacity: int) -> TensorRTKVCache:
         return TensorRTKVCache(self, batch, capacity)
 
     def close(self) -> None:
@@ -269,5 +318,3 @@ class TensorRTSession(Closable):
         self._scratch.clear()
         self._contexts = []
         super().close()
-
-

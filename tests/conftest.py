@@ -3,6 +3,7 @@
 The blank-filling model (tests/fill_fixtures.py: a tiny tokenizer, a seeded GLM that sometimes ends spans with
 eop) is made once per test session, with its glmx checkpoint and its ONNX export; tests read these folders and
 never write into them."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 @pytest.fixture
 def tiny_config():
     from glm_runtime.config import get_preset
+
     return get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
 
 
@@ -18,6 +20,7 @@ def tiny_config():
 def tiny_model(tiny_config):
     torch = pytest.importorskip("torch")
     from glm_export.model import GLMModel
+
     torch.manual_seed(0)
     return GLMModel(tiny_config).eval()
 
@@ -30,6 +33,7 @@ def fill_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fill_tok_file(fill_root):
     from tests.fill_fixtures import make_tokenizer
+
     path = fill_root / "tokenizer.json"
     make_tokenizer(path)
     return path
@@ -38,6 +42,7 @@ def fill_tok_file(fill_root):
 @pytest.fixture(scope="session")
 def fill_tok(fill_tok_file):
     from glm_runtime.tokenizer import load_tokenizer
+
     return load_tokenizer(fill_tok_file)
 
 
@@ -45,6 +50,7 @@ def fill_tok(fill_tok_file):
 def fill_model(fill_tok):
     pytest.importorskip("torch")
     from tests.fill_fixtures import make_model
+
     return make_model(fill_tok)
 
 
@@ -52,6 +58,7 @@ def fill_model(fill_tok):
 def fill_checkpoint(fill_model, fill_tok_file, fill_root):
     """The fill model as a glmx checkpoint folder (read-only for tests)."""
     from glm_export.checkpoint import save_checkpoint
+
     return save_checkpoint(fill_model, fill_root / "checkpoint", tokenizer_file=fill_tok_file)
 
 
@@ -59,4 +66,5 @@ def fill_checkpoint(fill_model, fill_tok_file, fill_root):
 def fill_onnx(fill_model, fill_tok_file, fill_root):
     """The fill model's fp32 ONNX export (read-only for tests)."""
     from tests.fill_fixtures import export_tiny
+
     return export_tiny(fill_model, fill_root / "onnx", fill_tok_file)

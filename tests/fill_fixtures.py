@@ -1,5 +1,6 @@
 """Builders shared by the blank-filling tests: a tiny tokenizer, a tiny GLM that sometimes ends spans with eop,
 its ONNX export, and a scripted numpy session that emits planned tokens and records every feed."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,11 +12,21 @@ from glm_runtime.iotable import io_table
 from glm_runtime.kvcache import host_cache
 from glm_runtime.session import Closable
 
-LINES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
-         "all that glitters is not gold", "where there is smoke there is fire"] * 4
+LINES = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine",
+    "all that glitters is not gold",
+    "where there is smoke there is fire",
+] * 4
 # single [MASK], several blanks, [sMASK], [gMASK] at the end, a blank first, mixed kinds, different lengths
-PROMPTS = ["the quick [MASK] fox jumps [sMASK] dog", "a stitch [gMASK]", "all [MASK] is [MASK] gold",
-           "[MASK] over the lazy [MASK]", "where there is [MASK]", "[sMASK] saves nine [MASK] in time [gMASK]"]
+PROMPTS = [
+    "the quick [MASK] fox jumps [sMASK] dog",
+    "a stitch [gMASK]",
+    "all [MASK] is [MASK] gold",
+    "[MASK] over the lazy [MASK]",
+    "where there is [MASK]",
+    "[sMASK] saves nine [MASK] in time [gMASK]",
+]
 
 
 def tiny_config(vocab_size: int = 384):
@@ -24,6 +35,7 @@ def tiny_config(vocab_size: int = 384):
 
 def make_tokenizer(path: Path):
     from glm_export.tokenizer_training import train_bpe_tokenizer
+
     return train_bpe_tokenizer(LINES, 300, path)
 
 
@@ -31,7 +43,9 @@ def make_model(tokenizer, seed: int = 0, eop_pull: float = 1.0, vocab_size: int 
     """A seeded tiny GLM with spread-out weights (std 0.3, so greedy text varies) whose final LayerNorm bias
     leans toward eop, so some spans end with eop and others reach the budget."""
     import torch
+
     from glm_export.model import GLMModel
+
     torch.manual_seed(seed)
     model = GLMModel(tiny_config(vocab_size)).eval()
     with torch.no_grad():
@@ -45,6 +59,7 @@ def make_model(tokenizer, seed: int = 0, eop_pull: float = 1.0, vocab_size: int 
 
 def export_tiny(model, out_dir: Path, tokenizer_file: Path) -> Path:
     from glm_export.export import export_onnx
+
     return export_onnx(model, out_dir, tokenizer_file=tokenizer_file, validate=False, log=lambda msg: None)
 
 
@@ -66,6 +81,7 @@ class ScriptedSession(Closable):
 
     def run(self, feeds):
         from glm_runtime.session import check_feeds
+
         check_feeds(feeds, self.inputs)
         self.calls.append({k: np.array(v) for k, v in feeds.items() if not k.startswith("past_")})
         B, T = feeds["input_ids"].shape

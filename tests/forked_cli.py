@@ -10,6 +10,7 @@ set; only the imports are inherited. Nothing else runs in the helper, so no thre
         child = cli.start("export", folder, "-o", out)   # -> Child: pid, stderr
         child.kill(); child.wait()                       # -> exit status, and the peak RSS in child.peak_rss
 """
+
 from __future__ import annotations
 
 import json
@@ -101,8 +102,14 @@ class ForkedCLI:
         self.scratch = Path(scratch)
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.count = 0
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=None, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+        )
 
     def _ask(self, request: dict) -> dict:
         self.proc.stdin.write(json.dumps(request) + "\n")

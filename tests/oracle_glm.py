@@ -4,6 +4,7 @@ In: a state dict with the official unprefixed names (docs/glm.md 1.1) and a smal
 Out: logits of one sequence (no cache), greedy blank filling by full recomputation, and a loader for
 Hugging Face hub folders. Imports numpy only at module level; never imports glm_export / glm_runtime.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import os
 
 import numpy as np
 
-LN_EPS = 1e-5          # docs/glm.md 1.2 / 9.18: fixed, whatever the config says
-MASK_FILL = 65504.0    # docs/glm.md 1.3 / 9.5: fp16 minimum, added as -65504 * (1 - mask)
+LN_EPS = 1e-5  # docs/glm.md 1.2 / 9.18: fixed, whatever the config says
+MASK_FILL = 65504.0  # docs/glm.md 1.3 / 9.5: fp16 minimum, added as -65504 * (1 - mask)
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -48,13 +49,13 @@ def _attention(a: np.ndarray, sd: dict, p: str, n: int, mask: np.ndarray, s: flo
     """docs/glm.md 1.3. a: (T, h) already input-LayerNormed. Returns the dense output (T, h)."""
     T, h = a.shape
     d = h // n
-    qkv = _linear(a, sd, p + "attention.query_key_value")        # (T, 3h): [all Q | all K | all V]
-    q, k, v = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]         # NOT interleaved per head (docs/glm.md 9.1)
-    q = q.reshape(T, n, d).transpose(1, 0, 2)                     # (n, T, d), head j = features [j*d, (j+1)*d)
+    qkv = _linear(a, sd, p + "attention.query_key_value")  # (T, 3h): [all Q | all K | all V]
+    q, k, v = qkv[:, :h], qkv[:, h : 2 * h], qkv[:, 2 * h :]  # NOT interleaved per head (docs/glm.md 9.1)
+    q = q.reshape(T, n, d).transpose(1, 0, 2)  # (n, T, d), head j = features [j*d, (j+1)*d)
     k = k.reshape(T, n, d).transpose(1, 0, 2)
     v = v.reshape(T, n, d).transpose(1, 0, 2)
     if s == 1.0:
-        scores = q @ (k / math.sqrt(d)).transpose(0, 2, 1)        # (n, T, T), K divided first
+        scores = q @ (k / math.sqrt(d)).transpose(0, 2, 1)  # (n, T, T), K divided first
         scores = scores * mask - MASK_FILL * (1.0 - mask)
     else:
         # docs/glm.md 1.3 attention_scale branch: scale, mask-multiply, subtract row max (masked entries are 0
@@ -64,15 +65,16 @@ def _attention(a: np.ndarray, sd: dict, p: str, n: int, mask: np.ndarray, s: flo
         scores = scores - scores.max(-1, keepdims=True)
         scores = scores * s
         scores = scores - MASK_FILL * (1.0 - mask)
-    scores = scores - scores.max(-1, keepdims=True)               # stable softmax (shift invariant)
+    scores = scores - scores.max(-1, keepdims=True)  # stable softmax (shift invariant)
     probs = np.exp(scores)
-    probs = probs / probs.sum(-1, keepdims=True)                  # (n, T, T)
-    ctx = (probs @ v).transpose(1, 0, 2).reshape(T, h)            # heads concatenated in head order
+    probs = probs / probs.sum(-1, keepdims=True)  # (n, T, T)
+    ctx = (probs @ v).transpose(1, 0, 2).reshape(T, h)  # heads concatenated in head order
     return _linear(ctx, sd, p + "attention.dense")
 
 
-def forward(sd: dict, cfg: dict, input_ids: list, position_ids: list, block_ids: list, sep: int,
-            gelu: str) -> np.ndarray:
+def forward(
+    sd: dict, cfg: dict, input_ids: list, position_ids: list, block_ids: list, sep: int, gelu: str
+) -> np.ndarray:
     """Logits (T, V) of one sequence, no memory, dropout off (docs/glm.md 1.2, 1.3, 2, 3.1 sep form)."""
     L, h, n = int(cfg["num_layers"]), int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     s = float(cfg.get("attention_scale", 1.0) or 1.0)
@@ -85,28 +87,37 @@ def forward(sd: dict, cfg: dict, input_ids: list, position_ids: list, block_ids:
     T = ids.shape[0]
     if not (pos.shape == blk.shape == (T,)):
         raise ValueError(f"lengths differ: ids {T}, positions {pos.shape}, blocks {blk.shape}")
-    wte = sd["word_embeddings.weight"]                            # (V, h)
-    pe = sd["transformer.position_embeddings.weight"]             # (P+1, h)
-    be = sd["transformer.block_position_embeddings.weight"]       # (P+1, h)
+    wte = sd["word_embeddings.weight"]  # (V, h)
+    pe = sd["transformer.position_embeddings.weight"]  # (P+1, h)
+    be = sd["transformer.block_position_embeddings.weight"]  # (P+1, h)
     for name, arr, table in (("input id", ids, wte), ("position", pos, pe), ("block position", blk, be)):
         if T and (arr.min() < 0 or arr.max() >= table.shape[0]):
             raise IndexError(f"{name} out of range [0, {table.shape[0]}): {arr.min()}..{arr.max()}")
 
-    x = wte[ids] + pe[pos] + be[blk]                              # (T, h), no sqrt(h) scaling
-    mask = sep_mask(T, int(sep))[None]                            # (1, T, T)
+    x = wte[ids] + pe[pos] + be[blk]  # (T, h), no sqrt(h) scaling
+    mask = sep_mask(T, int(sep))[None]  # (1, T, T)
     for i in range(L):
         p = f"transformer.layers.{i}."
         a = _layer_norm(x, sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"])
-        x = x + _attention(a, sd, p, n, mask, s)                  # residual on un-normalised x
+        x = x + _attention(a, sd, p, n, mask, s)  # residual on un-normalised x
         b = _layer_norm(x, sd[p + "post_attention_layernorm.weight"], sd[p + "post_attention_layernorm.bias"])
         f = _linear(_gelu(_linear(b, sd, p + "mlp.dense_h_to_4h"), gelu), sd, p + "mlp.dense_4h_to_h")
         x = x + f
     y = _layer_norm(x, sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"])
-    return y @ wte.T                                              # (T, V), tied head, no bias
+    return y @ wte.T  # (T, V), tied head, no bias
 
 
-def greedy_fill(sd: dict, cfg: dict, context_ids: list, mask_id_set: set, sop: int, eop: int,
-                max_new_tokens: int, gelu: str, eos: int | None = None) -> list:
+def greedy_fill(
+    sd: dict,
+    cfg: dict,
+    context_ids: list,
+    mask_id_set: set,
+    sop: int,
+    eop: int,
+    max_new_tokens: int,
+    gelu: str,
+    eos: int | None = None,
+) -> list:
     """Greedy blank filling, every step a full forward (no cache). Returns one id list per blank.
 
     Follows docs/glm.md 4.1 (original interactive loop) with argmax instead of sampling, in its training-
@@ -128,15 +139,19 @@ def greedy_fill(sd: dict, cfg: dict, context_ids: list, mask_id_set: set, sop: i
     blk = [0] * C
     spans = []
     for m in [i for i, t in enumerate(ids[:C]) if t in mask_id_set]:
-        ids.append(int(sop)); pos.append(m); blk.append(1)
+        ids.append(int(sop))
+        pos.append(m)
+        blk.append(1)
         span = []
         while len(span) < max_new_tokens:
             logits = forward(sd, cfg, ids, pos, blk, C, gelu)
-            nxt = int(np.argmax(logits[-1]))                      # first max on ties, as torch.argmax on CPU
+            nxt = int(np.argmax(logits[-1]))  # first max on ties, as torch.argmax on CPU
             if nxt in stops:
                 break
             span.append(nxt)
-            ids.append(nxt); pos.append(m); blk.append(len(span) + 1)
+            ids.append(nxt)
+            pos.append(m)
+            blk.append(len(span) + 1)
         spans.append(span)
     return spans
 
@@ -168,16 +183,18 @@ def load_hf_folder(folder: str) -> tuple:
     pt_files = files("pytorch_model.bin", "pytorch_model.bin.index.json")
     if st_files:
         from safetensors.numpy import load_file
+
         for f in st_files:
             sd.update(load_file(os.path.join(folder, f)))
     elif pt_files:
         import torch
+
         for f in pt_files:
             part = torch.load(os.path.join(folder, f), map_location="cpu", weights_only=True)
-            sd.update({k: v.float().numpy() for k, v in part.items()})   # .float(): numpy has no bf16
+            sd.update({k: v.float().numpy() for k, v in part.items()})  # .float(): numpy has no bf16
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
     out = {}
     for k, v in sd.items():
-        out[k[len("glm."):] if k.startswith("glm.") else k] = np.asarray(v, dtype=np.float64)
+        out[k[len("glm.") :] if k.startswith("glm.") else k] = np.asarray(v, dtype=np.float64)
     return out, cfg

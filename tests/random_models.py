@@ -1,5 +1,6 @@
 """Seeded GLMs with non-trivial weights for golden tests: LayerNorm and bias values moved off 1/0 (and, by
 default, embeddings scaled up) so that a swapped, dropped or mis-shaped tensor shows in the outputs."""
+
 from __future__ import annotations
 
 
@@ -7,6 +8,7 @@ def random_weights_model(config, seed: int = 0, scale_embeddings: bool = True):
     import torch
 
     from glm_export.model import GLMModel
+
     torch.manual_seed(seed)
     model = GLMModel(config).eval()
     with torch.no_grad():

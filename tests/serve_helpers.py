@@ -1,11 +1,16 @@
 """What the server tests share: a mix of requests and their one-by-one answers, and clients that ask at once."""
+
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
-PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
-           "The [sMASK] was very good.", "Water boils at [MASK] degrees."]
+PROMPTS = [
+    "The capital of France is [MASK].",
+    "He went to the [MASK] and bought [MASK] for dinner.",
+    "The [sMASK] was very good.",
+    "Water boils at [MASK] degrees.",
+]
 
 
 def mixed_request(i: int) -> tuple[str, int]:
@@ -17,6 +22,7 @@ def one_by_one(n: int) -> list:
     """fill_blanks([prompt]) of requests 0..n-1 on the bundled model: what a server must answer for each."""
     from glm_runtime.generate import fill_blanks
     from glm_runtime.session import open_model
+
     session, tok = open_model(None, "onnxruntime")
     answers = []
     for i in range(n):

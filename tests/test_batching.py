@@ -1,6 +1,7 @@
 """runtime/engine.py on the bundled model, without threads or sockets: requests submitted at staggered steps
 give exactly their one-by-one answers (greedy and seeded sampling), rows stay packed, a cancel leaves the
 others unchanged, the queue limit and too-long prompts give their errors. Every loop is bounded in steps."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,24 @@ import numpy as np
 import pytest
 
 from glm_runtime.engine import Engine, EngineError, QueueFull
-from glm_runtime.requests import FillRequest
 from glm_runtime.generate import fill_blanks
+from glm_runtime.requests import FillRequest
 from glm_runtime.sampling import GenerationError
 from glm_runtime.session import BUNDLED_MODEL, OnnxRuntimeSession, open_model
 
 N = 6  # max_new_tokens: some spans end with eop, others reach the budget
 MAX_STEPS = 400  # far above what any test here needs: a loop that does not end fails instead of hanging
 
-PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
-           "Once upon a time [gMASK]", "The [sMASK] was very good.", "[MASK] is the best way to learn.",
-           "She said that [MASK] would come [MASK] the [MASK].", "A long time ago, in a small village near the "
-           "sea, there lived an old fisherman who [sMASK]", "Water boils at [MASK] degrees."]
+PROMPTS = [
+    "The capital of France is [MASK].",
+    "He went to the [MASK] and bought [MASK] for dinner.",
+    "Once upon a time [gMASK]",
+    "The [sMASK] was very good.",
+    "[MASK] is the best way to learn.",
+    "She said that [MASK] would come [MASK] the [MASK].",
+    "A long time ago, in a small village near the sea, there lived an old fisherman who [sMASK]",
+    "Water boils at [MASK] degrees.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +68,11 @@ def run_staggered(engine, prompts, every=1, **settings):
     return requests
 
 
-@pytest.mark.parametrize("settings", [dict(max_new_tokens=N),
-                                      dict(max_new_tokens=N, strategy="sample", seed=7, top_k=20)],
-                         ids=["greedy", "seeded-sample"])
+@pytest.mark.parametrize(
+    "settings",
+    [dict(max_new_tokens=N), dict(max_new_tokens=N, strategy="sample", seed=7, top_k=20)],
+    ids=["greedy", "seeded-sample"],
+)
 def test_staggered_requests_equal_their_one_by_one_answers(model, settings):
     session, tok = model
     engine = Engine(session, tok, rows=3)
@@ -79,10 +88,13 @@ def test_staggered_requests_equal_their_one_by_one_answers(model, settings):
 def test_mixed_settings_in_one_batch_each_equal_alone(model):
     session, tok = model
     engine = Engine(session, tok, rows=4)
-    mixed = [dict(max_new_tokens=3), dict(max_new_tokens=8, strategy="sample", seed=1, temperature=0.7),
-             dict(max_new_tokens=5, strategy="sample", seed=2, top_p=0.9), dict(max_new_tokens=4, strategy="beam",
-                                                                                num_beams=2),
-             dict(max_new_tokens=7, append_gmask=True)]
+    mixed = [
+        dict(max_new_tokens=3),
+        dict(max_new_tokens=8, strategy="sample", seed=1, temperature=0.7),
+        dict(max_new_tokens=5, strategy="sample", seed=2, top_p=0.9),
+        dict(max_new_tokens=4, strategy="beam", num_beams=2),
+        dict(max_new_tokens=7, append_gmask=True),
+    ]
     texts = PROMPTS[:4] + ["The weather today is"]
     requests = [engine.submit(FillRequest.make(text, **s)) for text, s in zip(texts, mixed)]
     engine.run_until_done(MAX_STEPS)
@@ -143,7 +155,10 @@ def test_cancel_mid_span_leaves_the_others_unchanged(model):
 def test_cancel_while_waiting_never_runs(model):
     session, tok = model
     engine = Engine(session, tok, rows=1)
-    first, second = engine.submit(FillRequest.make(PROMPTS[0], max_new_tokens=N)), engine.submit(FillRequest.make(PROMPTS[1], max_new_tokens=N))
+    first, second = (
+        engine.submit(FillRequest.make(PROMPTS[0], max_new_tokens=N)),
+        engine.submit(FillRequest.make(PROMPTS[1], max_new_tokens=N)),
+    )
     engine.cancel(second)
     engine.run_until_done(MAX_STEPS)
     assert first.state == "finished" and second.state == "cancelled" and second.admitted_at is None
@@ -200,15 +215,25 @@ def test_cli_jsonl_fills_every_good_line_and_names_the_bad_one(model, tmp_path):
     from click.testing import CliRunner
 
     from glm_runtime.cli import main
+
     session, tok = model
-    lines = [{"prompt": PROMPTS[0]}, {"prompt": "no blank here"}, PROMPTS[1], {"prompt": PROMPTS[3], "max_new_tokens": 3}]
+    lines = [
+        {"prompt": PROMPTS[0]},
+        {"prompt": "no blank here"},
+        PROMPTS[1],
+        {"prompt": PROMPTS[3], "max_new_tokens": 3},
+    ]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
-    result = CliRunner().invoke(main, ["fill", "--jsonl", str(path), "--json", "--max-new-tokens", str(N),
-                                       "--rows", "2"])
+    result = CliRunner().invoke(
+        main, ["fill", "--jsonl", str(path), "--json", "--max-new-tokens", str(N), "--rows", "2"]
+    )
     assert result.exit_code == 1
     out = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
-    want = [alone(session, tok, PROMPTS[0], max_new_tokens=N), alone(session, tok, PROMPTS[1], max_new_tokens=N),
-            alone(session, tok, PROMPTS[3], max_new_tokens=3)]
+    want = [
+        alone(session, tok, PROMPTS[0], max_new_tokens=N),
+        alone(session, tok, PROMPTS[1], max_new_tokens=N),
+        alone(session, tok, PROMPTS[3], max_new_tokens=3),
+    ]
     assert [o["tokens"] for o in out] == [w.tokens for w in want]
     assert result.output.splitlines()[-1].startswith(f"Error: {path} line 2: the text has no blank to fill")

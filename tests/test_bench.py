@@ -1,5 +1,6 @@
 """`glmx bench --quick` on the tiny model: it writes sane JSON + Markdown, and the sanity check refuses bad figures.
 Also: the floor's FLOP and byte counts against hand-computed values, and the target verdicts."""
+
 from __future__ import annotations
 
 import copy
@@ -12,11 +13,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from glmx_benchmarks import bench, floor  # noqa: E402
-from glmx_benchmarks.report import readme_table  # noqa: E402
-from glm_export.cli import main  # noqa: E402
+from glm_export.cli import main
+from glmx_benchmarks import bench, floor
+from glmx_benchmarks.report import readme_table
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_quick_writes_every_figure(quick_run):
     flags = results["machine"]["cpu_flags"]  # every result says which kernels the CPU has (lscpu)
     assert isinstance(flags, list) and ("CPU flags: " + " ".join(flags)) in (out / "results.md").read_text()
     grid = results["grid"]
-    for name, v in variants.items():
+    for v in variants.values():
         assert set(v["context"]) == {str(c) for c in grid["contexts"]}
         assert set(v["decode"]) == {str(p) for p in grid["pasts"]}
         assert set(v["batch"]) == {str(b) for b in grid["batches"]}
@@ -61,17 +62,23 @@ def test_quick_writes_every_figure(quick_run):
     bench.check_results(results)  # what was written passes the checker
 
 
-@pytest.mark.parametrize("plant, message", [
-    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"]["decode"]["8"].update(median=float("nan")),
-     "decode 8: median = nan"),
-    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"]["context"]["16"].update(p90=1e-9),
-     "context 16: p90"),
-    (lambda r: r["models"]["tiny"]["variants"]["torch-fp32"]["batch"]["4"].pop("median"),
-     "batch 4: field 'median' is missing"),
-    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"].update(peak_rss_bytes=0), "peak_rss_bytes = 0"),
-    (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"].pop("decode"), "no decode figures"),
-    (lambda r: r.pop("machine"), "field 'machine' is missing"),
-])
+@pytest.mark.parametrize(
+    "plant, message",
+    [
+        (
+            lambda r: r["models"]["tiny"]["variants"]["ort-fp32"]["decode"]["8"].update(median=float("nan")),
+            "decode 8: median = nan",
+        ),
+        (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"]["context"]["16"].update(p90=1e-9), "context 16: p90"),
+        (
+            lambda r: r["models"]["tiny"]["variants"]["torch-fp32"]["batch"]["4"].pop("median"),
+            "batch 4: field 'median' is missing",
+        ),
+        (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"].update(peak_rss_bytes=0), "peak_rss_bytes = 0"),
+        (lambda r: r["models"]["tiny"]["variants"]["ort-fp32"].pop("decode"), "no decode figures"),
+        (lambda r: r.pop("machine"), "field 'machine' is missing"),
+    ],
+)
 def test_check_results_refuses_a_planted_bad_figure(quick_run, plant, message):
     results = copy.deepcopy(quick_run[1])
     plant(results)
@@ -89,14 +96,16 @@ def test_readme_table_from_json(quick_run):
 
 
 def test_unknown_variant_is_refused_with_the_choices(quick_run, tmp_path):
-    result = CliRunner().invoke(main, ["bench", "--quick", "--variant", "ort-int3", "-o", str(tmp_path),
-                                       "--cache-dir", str(quick_run[2])])
+    result = CliRunner().invoke(
+        main, ["bench", "--quick", "--variant", "ort-int3", "-o", str(tmp_path), "--cache-dir", str(quick_run[2])]
+    )
     assert result.exit_code == 1
     assert "unknown variant 'ort-int3'" in result.output and "ort-int8" in result.output
 
 
 def test_floor_counts_match_hand_computed_values(quick_run):
     from glmx_benchmarks.artifacts import model_config
+
     cfg = model_config("tiny")  # L=2, h=64, V=8064 (the bundled tokenizer's size)
     T, h, L, V = 16, 64, 2, 8064
     assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (L, h, V)
@@ -117,12 +126,17 @@ def _fig(median, **extra):
 
 
 def test_targets_say_met_or_missed_and_by_how_much():
-    model = {"variants": {
-        "torch-fp32": {"decode": {"128": _fig(0.13)}, "context": {"128": _fig(3.0)}, "batch": {"8": _fig(0.4)}},
-        "ort-int8": {"decode": {"128": _fig(0.02, vs_floor=1.2, speedup_vs_torch=6.5)},
-                     "context": {"128": _fig(1.5, speedup_vs_torch=2.0)},
-                     "batch": {"8": _fig(0.05, speedup_vs_torch=8.0)}},
-        "ort-int4": {"skipped": "not built"}}}
+    model = {
+        "variants": {
+            "torch-fp32": {"decode": {"128": _fig(0.13)}, "context": {"128": _fig(3.0)}, "batch": {"8": _fig(0.4)}},
+            "ort-int8": {
+                "decode": {"128": _fig(0.02, vs_floor=1.2, speedup_vs_torch=6.5)},
+                "context": {"128": _fig(1.5, speedup_vs_torch=2.0)},
+                "batch": {"8": _fig(0.05, speedup_vs_torch=8.0)},
+            },
+            "ort-int4": {"skipped": "not built"},
+        }
+    }
     targets = bench.evaluate_targets(model)
     assert targets["decode_speedup"]["met"] is True and targets["decode_speedup"]["margin"] == pytest.approx(1.3)
     assert targets["decode_vs_floor"]["met"] is False
@@ -132,18 +146,25 @@ def test_targets_say_met_or_missed_and_by_how_much():
 
 
 def test_targets_count_only_paths_within_their_accuracy_budget():
-    model = {"variants": {
-        "torch-fp32": {"decode": {"128": _fig(0.13)}, "context": {"128": _fig(3.0)}, "batch": {"8": _fig(0.4)}},
-        "ort-int8-head": {"decode": {"128": _fig(0.02, vs_floor=1.4, speedup_vs_torch=6.5)},
-                          "context": {"128": _fig(0.9, speedup_vs_torch=3.3)},
-                          "batch": {"8": _fig(0.05, speedup_vs_torch=8.0)}},
-        "ort-int4": {"decode": {"128": _fig(0.025, vs_floor=1.3, speedup_vs_torch=5.2)},
-                     "context": {"128": _fig(2.0, speedup_vs_torch=1.5)},
-                     "batch": {"8": _fig(0.1, speedup_vs_torch=4.0)}}}}
-    status = {"ort-int8-head": bench.budget_verdict({"within_budget": False, "top1_agreement": 0.97,
-                                                     "fill_agreement": 0.6}),
-              "ort-int4": bench.budget_verdict({"within_budget": True, "top1_agreement": 0.978,
-                                                "fill_agreement": 0.8})}
+    model = {
+        "variants": {
+            "torch-fp32": {"decode": {"128": _fig(0.13)}, "context": {"128": _fig(3.0)}, "batch": {"8": _fig(0.4)}},
+            "ort-int8-head": {
+                "decode": {"128": _fig(0.02, vs_floor=1.4, speedup_vs_torch=6.5)},
+                "context": {"128": _fig(0.9, speedup_vs_torch=3.3)},
+                "batch": {"8": _fig(0.05, speedup_vs_torch=8.0)},
+            },
+            "ort-int4": {
+                "decode": {"128": _fig(0.025, vs_floor=1.3, speedup_vs_torch=5.2)},
+                "context": {"128": _fig(2.0, speedup_vs_torch=1.5)},
+                "batch": {"8": _fig(0.1, speedup_vs_torch=4.0)},
+            },
+        }
+    }
+    status = {
+        "ort-int8-head": bench.budget_verdict({"within_budget": False, "top1_agreement": 0.97, "fill_agreement": 0.6}),
+        "ort-int4": bench.budget_verdict({"within_budget": True, "top1_agreement": 0.978, "fill_agreement": 0.8}),
+    }
     assert status["ort-int8-head"]["within_budget"] is False and "outside" in status["ort-int8-head"]["why"]
     unfiltered = bench.evaluate_targets(model)
     assert unfiltered["context_speedup"]["variant"] == "ort-int8-head" and unfiltered["context_speedup"]["met"]
@@ -160,7 +181,7 @@ def test_targets_count_only_paths_within_their_accuracy_budget():
 def test_ort_gemv_read_kernel_computes_x_at_w(threads):
     """The ONNX Runtime read kernel really streams the weights: its output equals x @ W (float64 reference)."""
     w = floor.gemv_weights(1)
-    assert w.dtype == np.float32 and w.shape[0] == floor.GEMV_ROWS and w.nbytes >= 2 ** 20
+    assert w.dtype == np.float32 and w.shape[0] == floor.GEMV_ROWS and w.nbytes >= 2**20
     x = np.random.default_rng(1).standard_normal((1, w.shape[0]), dtype=np.float32)
     y = floor.ort_gemv(w, threads)(x)
     reference = x.astype(np.float64) @ w.astype(np.float64)
@@ -191,7 +212,7 @@ def test_quick_run_measures_the_target_figures_in_rotated_rounds(quick_run):
     grid, model = results["grid"], results["models"]["tiny"]
     assert grid["rounds"] == bench.QUICK_ROUNDS == 1 + len(model["rounds"]) and grid["rounds_model"] == "tiny"
     want, order = grid["round_figures"], list(bench.QUICK_VARIANTS)  # the full pass runs them in this order
-    for k, one in enumerate(model["rounds"], start=1):
+    for one in model["rounds"]:
         assert sorted(one["order"]) == sorted(model["variants"]) and one["order"][0] != order[0]
         order = one["order"]
         for v in one["variants"].values():  # a round re-measures exactly the target figures
@@ -235,6 +256,7 @@ def test_rotated_orders_put_each_variant_in_another_slot():
 def test_round_summary_gives_median_range_and_verdict():
     def targets(value, met):
         return {key: {"value": value, "variant": "v", "met": met} for key in bench.TARGETS}
+
     summary = bench.summarize_rounds([targets(5.5, True), targets(4.0, False), targets(6.0, True)])
     s = summary["decode_speedup"]
     assert (s["median"], s["min"], s["max"], s["met_rounds"]) == (5.5, 4.0, 6.0, 2)
@@ -248,10 +270,18 @@ def test_a_cached_quantized_variant_from_an_older_recipe_is_not_reused(fill_onnx
     blocks and head format as well as what stays fp32 (an int4 folder from the all-32 recipe is rebuilt)."""
     from glm_export.quantize import quantize_onnx
     from glmx_benchmarks.artifacts import _recorded_recipe, current_recipe, keep_fp32
+
     keep = keep_fp32("int4-weight")
     today = quantize_onnx(fill_onnx, tmp_path / "today", scheme="int4-weight", accept_loss=True, log=lambda m: None)
-    older = quantize_onnx(fill_onnx, tmp_path / "older", scheme="int4-weight", block_size=32, head_block_size=32,
-                          accept_loss=True, log=lambda m: None)
+    older = quantize_onnx(
+        fill_onnx,
+        tmp_path / "older",
+        scheme="int4-weight",
+        block_size=32,
+        head_block_size=32,
+        accept_loss=True,
+        log=lambda m: None,
+    )
     assert _recorded_recipe(today) == current_recipe("int4-weight", keep)
     assert _recorded_recipe(older) != current_recipe("int4-weight", keep)
     assert _recorded_recipe(older)["mlp_block_size"] == 32

@@ -1,4 +1,5 @@
 """The bundled model end to end: its ONNX export matches its checkpoint, and ONNX Runtime fills = torch fills."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from glm_export.checkpoint import load_checkpoint  # noqa: E402
-from glm_export.export import BUNDLED_CHECKPOINT  # noqa: E402
-from glm_export.export import validate_export  # noqa: E402
-from glm_export.reference_session import TorchSession, load_torch_session  # noqa: E402
-from glm_runtime.generate import fill_blanks  # noqa: E402
-from glm_runtime.manifest import MANIFEST_NAME, load_manifest, sha256_file  # noqa: E402
-from glm_runtime.session import BUNDLED_MODEL, open_model  # noqa: E402
+from glm_export.checkpoint import load_checkpoint
+from glm_export.export import BUNDLED_CHECKPOINT, validate_export
+from glm_export.reference_session import TorchSession, load_torch_session
+from glm_runtime.generate import fill_blanks
+from glm_runtime.manifest import MANIFEST_NAME, load_manifest, sha256_file
+from glm_runtime.session import BUNDLED_MODEL, open_model
 
 PROMPTS = [
     "A function is defined with the [MASK] keyword.",  # one blank mid-text
@@ -42,8 +42,7 @@ def test_bundled_onnx_matches_its_checkpoint_within_1e_4(bundled):
     report = validate_export(BUNDLED_MODEL, bundled[0].model, "fp32", log=lambda m: None)
     assert not report.failures, report.failures
     assert len(report.cases) >= 5  # blank mid-text, two blanks via the cache, [gMASK], padded batches
-    worst = max(figures[key] for figures in report.cases.values()
-                for key in ("logits", "present_key", "present_value"))
+    worst = max(figures[key] for figures in report.cases.values() for key in ("logits", "present_key", "present_value"))
     assert 0 < worst <= 1e-4, f"bundled ONNX vs checkpoint: max |diff| {worst:.3e} > 1e-4"
 
 
@@ -64,8 +63,12 @@ def test_committed_metrics_name_the_bundled_checkpoint():
     metrics = json.loads((BUNDLED_CHECKPOINT.parent / "glmx-small.metrics.json").read_text())
     assert metrics["checkpoint"] == "glmx-small"
     assert metrics["heldout_part_b_ppl"] > 1 and metrics["unigram_part_b_ppl"] > 1
-    for key in ("mask_fill_exact_match", "mask_fill_first_word_match", "mask_fill_known_length_match",
-                "unigram_mask_fill_exact_match"):
+    for key in (
+        "mask_fill_exact_match",
+        "mask_fill_first_word_match",
+        "mask_fill_known_length_match",
+        "unigram_mask_fill_exact_match",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key  # a rate (0 is a real figure: see README)
     pretraining = load_manifest(BUNDLED_CHECKPOINT).extra["pretraining"]
     assert metrics["training_command"] == pretraining["command"] and metrics["training_command"].startswith("glmx ")

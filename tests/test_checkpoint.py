@@ -1,5 +1,6 @@
 """Checkpoints: the three layouts load to the same model, model-parallel shards merge per docs/glm.md 8.3,
 glmx folders round-trip and refuse tampering, and every error path says what is wrong."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,23 +13,26 @@ import numpy as np
 import pytest
 
 from glm_runtime.manifest import _seal
-
 from tests.fill_fixtures import make_tokenizer
 
 torch = pytest.importorskip("torch")
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
-from glm_export.checkpoint import (  # noqa: E402
-    CheckpointError, convert_checkpoint, load_checkpoint, merge_model_parallel, save_checkpoint,
+from glm_export.checkpoint import (
+    CheckpointError,
+    convert_checkpoint,
+    load_checkpoint,
+    merge_model_parallel,
+    save_checkpoint,
     split_model_parallel,
 )
-from glm_runtime.config import GLMConfig  # noqa: E402
-from glm_export.model import GLMModel  # noqa: E402
-from glm_runtime.manifest import ManifestError, load_manifest  # noqa: E402
-from glm_runtime.tokenizer import load_tokenizer  # noqa: E402
-from tests.random_models import random_weights_model  # noqa: E402
-from tests.test_tokenizer import _write_bpe  # noqa: E402
-from glm_export.hf_config import from_hf_dict, to_hf_dict  # noqa: E402
+from glm_export.hf_config import from_hf_dict, to_hf_dict
+from glm_export.model import GLMModel
+from glm_runtime.config import GLMConfig
+from glm_runtime.manifest import ManifestError, load_manifest
+from glm_runtime.tokenizer import load_tokenizer
+from tests.random_models import random_weights_model
+from tests.test_tokenizer import _write_bpe
 
 
 def random_model(config, seed=0):
@@ -56,8 +60,13 @@ def write_megatron(root, shards, tag="release", tracker="latest_checkpointed_ite
     if tracker:
         (root / tracker).write_text(tag + "\n")
     for r, sd in enumerate(shards):
-        obj = {"module": sd, "iteration": 0, "np_rng_state": np.random.get_state(),
-               "random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()}
+        obj = {
+            "module": sd,
+            "iteration": 0,
+            "np_rng_state": np.random.get_state(),
+            "random_rng_state": random.getstate(),
+            "torch_rng_state": torch.get_rng_state(),
+        }
         obj.update(extra or {})
         torch.save(obj, folder / f"mp_rank_{r:02d}_model_states.pt")
     return root
@@ -85,6 +94,7 @@ def source(tiny_config):
 
 
 # ---------------------------------------------------------------- the layouts agree
+
 
 def test_megatron_hf_and_glmx_layouts_load_to_the_same_model(tmp_path, tiny_config, source):
     _, sd16, ref = source
@@ -126,10 +136,13 @@ def test_hub_style_config_json_and_downstream_heads(tmp_path, tiny_config, sourc
     (folder / "config.json").write_text(json.dumps(hub))
     keys = sorted(sd16)
     half = len(keys) // 2
-    shards = {"model-00001-of-00002.safetensors": {"glm." + k: sd16[k] for k in keys[:half]},
-              "model-00002-of-00002.safetensors": {"glm." + k: sd16[k] for k in keys[half:]}}
-    shards["model-00002-of-00002.safetensors"].update({"dense.weight": torch.zeros(64, 64),
-                                                       "out_proj.weight": torch.zeros(2, 64)})
+    shards = {
+        "model-00001-of-00002.safetensors": {"glm." + k: sd16[k] for k in keys[:half]},
+        "model-00002-of-00002.safetensors": {"glm." + k: sd16[k] for k in keys[half:]},
+    }
+    shards["model-00002-of-00002.safetensors"].update(
+        {"dense.weight": torch.zeros(64, 64), "out_proj.weight": torch.zeros(2, 64)}
+    )
     weight_map = {}
     for name, part in shards.items():
         save_file(part, str(folder / name))
@@ -148,6 +161,7 @@ def test_hub_style_config_json_and_downstream_heads(tmp_path, tiny_config, sourc
 
 # ---------------------------------------------------------------- model parallelism (docs/glm.md 8.3)
 
+
 def test_split_matches_hand_built_shards_and_merge_inverts_it(source):
     model, _, _ = source
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -157,18 +171,28 @@ def test_split_matches_hand_built_shards_and_merge_inverts_it(source):
         rows = slice(r * h // 2, (r + 1) * h // 2)  # heads 2r, 2r+1 of Q, K and V
         for suffix in ("weight", "bias"):
             full = sd[f"transformer.layers.1.attention.query_key_value.{suffix}"]
-            q, k, v = full[:h], full[h:2 * h], full[2 * h:]
+            q, k, v = full[:h], full[h : 2 * h], full[2 * h :]
             by_hand = torch.cat([q[rows], k[rows], v[rows]])
             assert torch.equal(shards[r][f"transformer.layers.1.attention.query_key_value.{suffix}"], by_hand)
-        assert torch.equal(shards[r]["word_embeddings.weight"], sd["word_embeddings.weight"][r * 256:(r + 1) * 256])
-        assert torch.equal(shards[r]["transformer.layers.0.mlp.dense_h_to_4h.bias"],
-                           sd["transformer.layers.0.mlp.dense_h_to_4h.bias"][r * 128:(r + 1) * 128])
-        assert torch.equal(shards[r]["transformer.layers.0.attention.dense.weight"],
-                           sd["transformer.layers.0.attention.dense.weight"][:, r * 32:(r + 1) * 32])
-        assert torch.equal(shards[r]["transformer.layers.0.mlp.dense_4h_to_h.weight"],
-                           sd["transformer.layers.0.mlp.dense_4h_to_h.weight"][:, r * 128:(r + 1) * 128])
-        for key in ("transformer.layers.0.mlp.dense_4h_to_h.bias", "transformer.layers.0.attention.dense.bias",
-                    "transformer.position_embeddings.weight", "transformer.final_layernorm.weight"):
+        assert torch.equal(shards[r]["word_embeddings.weight"], sd["word_embeddings.weight"][r * 256 : (r + 1) * 256])
+        assert torch.equal(
+            shards[r]["transformer.layers.0.mlp.dense_h_to_4h.bias"],
+            sd["transformer.layers.0.mlp.dense_h_to_4h.bias"][r * 128 : (r + 1) * 128],
+        )
+        assert torch.equal(
+            shards[r]["transformer.layers.0.attention.dense.weight"],
+            sd["transformer.layers.0.attention.dense.weight"][:, r * 32 : (r + 1) * 32],
+        )
+        assert torch.equal(
+            shards[r]["transformer.layers.0.mlp.dense_4h_to_h.weight"],
+            sd["transformer.layers.0.mlp.dense_4h_to_h.weight"][:, r * 128 : (r + 1) * 128],
+        )
+        for key in (
+            "transformer.layers.0.mlp.dense_4h_to_h.bias",
+            "transformer.layers.0.attention.dense.bias",
+            "transformer.position_embeddings.weight",
+            "transformer.final_layernorm.weight",
+        ):
             assert torch.equal(shards[r][key], sd[key])  # replicated
     merged = merge_model_parallel(shards)
     assert merged.keys() == sd.keys() and all(torch.equal(merged[k], sd[k]) for k in sd)
@@ -178,8 +202,9 @@ def test_split_matches_hand_built_shards_and_merge_inverts_it(source):
 
 def test_two_way_shards_load_to_the_unsharded_model(tmp_path, source):
     _, sd16, ref = source
-    root = write_megatron(tmp_path, split_model_parallel(sd16, 2), tag="1000", tracker="latest",
-                          extra={"mp_world_size": 2})
+    root = write_megatron(
+        tmp_path, split_model_parallel(sd16, 2), tag="1000", tracker="latest", extra={"mp_world_size": 2}
+    )
     loaded = load_checkpoint(root)
     assert loaded.layout == "megatron" and len(loaded.files) == 2
     assert any("merged 2" in n for n in loaded.notes)
@@ -191,8 +216,11 @@ def test_folder_without_tracker_and_single_file(tmp_path, source):
     write_megatron(tmp_path, [sd16], tag="release", tracker=None)
     bert_vocab(tmp_path / "vocab.txt")
     save_file(sd16, str(tmp_path / "bare.safetensors"))
-    for path in (tmp_path / "release", tmp_path / "release" / "mp_rank_00_model_states.pt",
-                 tmp_path / "bare.safetensors"):
+    for path in (
+        tmp_path / "release",
+        tmp_path / "release" / "mp_rank_00_model_states.pt",
+        tmp_path / "bare.safetensors",
+    ):
         loaded = load_checkpoint(path)
         assert loaded.layout == "megatron" and torch.equal(outputs(loaded.model), outputs(ref))
         assert loaded.tokenizer_file == tmp_path / "vocab.txt"  # found in the checkpoint root
@@ -201,8 +229,15 @@ def test_folder_without_tracker_and_single_file(tmp_path, source):
 def test_heads_are_never_guessed_without_a_config(tmp_path):
     """No config and sizes of no preset: refused (heads cannot be read from the weights); a config.json beside
     the shards, or --config, is used and said."""
-    config = GLMConfig(num_layers=1, hidden_size=128, num_attention_heads=4, vocab_size=256, max_sequence_length=16,
-                       hidden_dropout=0.0, attention_dropout=0.0)  # heads of width 32, not 64
+    config = GLMConfig(
+        num_layers=1,
+        hidden_size=128,
+        num_attention_heads=4,
+        vocab_size=256,
+        max_sequence_length=16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )  # heads of width 32, not 64
     model = random_model(config, seed=3)
     root = write_megatron(tmp_path / "mega", [fp16_state_dict(model)])
     with pytest.raises(CheckpointError, match=r"match no preset: the number of attention heads cannot be read"):
@@ -223,12 +258,17 @@ def test_heads_are_never_guessed_without_a_config(tmp_path):
 
 # ---------------------------------------------------------------- glmx's own folder
 
+
 def test_save_load_round_trip(tmp_path, tiny_config):
     model = random_model(tiny_config, seed=5)
     tok = make_tokenizer(tmp_path / "tokenizer.json").files["tokenizer.json"]
     out = save_checkpoint(model, tmp_path / "ckpt", tokenizer_file=tok, extra={"note": "x"})
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "model.safetensors",
-                                                     "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     manifest = load_manifest(out, kind="checkpoint")
     assert manifest.precision == "fp32" and manifest.tokenizer["file"] == "tokenizer.json"
     assert manifest.config == tiny_config.to_dict() and manifest.extra == {"note": "x"}
@@ -270,13 +310,22 @@ BPE_TEXT = "the cat sat on the mat [MASK] glm"
 def test_bpe_pair_tokenizer_is_copied_hashed_and_guarded(tmp_path, tiny_config):
     vocab = small_gpt2_vocab(tmp_path / "vocab")
     out = save_checkpoint(random_model(tiny_config, seed=8), tmp_path / "ckpt", tokenizer_file=vocab / "vocab.json")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "merges.txt",
-                                                     "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "merges.txt",
+        "model.safetensors",
+        "vocab.json",
+    ]
     manifest = load_manifest(out, kind="checkpoint")
     hashes = {name: _sha(vocab / name) for name in ("vocab.json", "merges.txt")}
     assert {name: manifest.files[name] for name in hashes} == hashes
     assert {k: manifest.tokenizer[k] for k in ("file", "sha256", "files", "kind")} == {
-        "file": "vocab.json", "sha256": hashes["vocab.json"], "files": hashes, "kind": "gpt2"}
+        "file": "vocab.json",
+        "sha256": hashes["vocab.json"],
+        "files": hashes,
+        "kind": "gpt2",
+    }
     loaded = load_checkpoint(out)
     assert loaded.tokenizer_file == out / "vocab.json"
     assert load_tokenizer(loaded.tokenizer_file).encode(BPE_TEXT) == load_tokenizer(vocab).encode(BPE_TEXT)
@@ -308,8 +357,7 @@ def test_convert_keeps_both_bpe_files_of_a_megatron_root(tmp_path, source):
     assert loaded.tokenizer_file == root / "vocab.json"
     for name in ("vocab.json", "merges.txt"):
         assert (out / name).read_bytes() == (root / name).read_bytes()
-    assert load_tokenizer(load_checkpoint(out).tokenizer_file).encode(BPE_TEXT) == \
-        load_tokenizer(root).encode(BPE_TEXT)
+    assert load_tokenizer(load_checkpoint(out).tokenizer_file).encode(BPE_TEXT) == load_tokenizer(root).encode(BPE_TEXT)
 
 
 def test_fp16_save(tmp_path, tiny_config):
@@ -330,6 +378,7 @@ def test_tampered_weight_file_is_refused(tmp_path, tiny_model):
 
 
 # ---------------------------------------------------------------- error paths
+
 
 def test_missing_key(tmp_path, tiny_config, source):
     _, sd16, _ = source
@@ -369,8 +418,11 @@ def test_truncated_file(tmp_path, tiny_config, source, fmt):
 
 def test_unknown_layout(tmp_path):
     (tmp_path / "weights.npz").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match=r"not a GLM checkpoint.*manifest\.json.*pytorch_model\.bin.*"
-                                              r"latest_checkpointed_iteration\.txt.*weights\.npz"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"not a GLM checkpoint.*manifest\.json.*pytorch_model\.bin.*"
+        r"latest_checkpointed_iteration\.txt.*weights\.npz",
+    ):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
@@ -418,6 +470,7 @@ def test_bad_tracker_and_missing_module(tmp_path, source):
 
 def test_unsafe_pickle_is_refused(tmp_path, source):
     import fractions
+
     _, sd16, _ = source
     root = write_megatron(tmp_path, [sd16], extra={"lr": fractions.Fraction(1, 3)})
     with pytest.raises(CheckpointError, match=r"refusing to unpickle .*mp_rank_00.*fractions\.Fraction"):
@@ -426,9 +479,12 @@ def test_unsafe_pickle_is_refused(tmp_path, source):
 
 # ---------------------------------------------------------------- glmx convert
 
+
 def test_convert_command(tmp_path, source):
     from click.testing import CliRunner
+
     from glm_export.cli import main
+
     _, sd16, ref = source
     src = write_megatron(tmp_path / "mega", [sd16])
     result = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "out"), "--dtype", "fp32"])

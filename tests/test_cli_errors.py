@@ -1,6 +1,7 @@
 """Bad input through the CLI, as a careless or hostile user gives it: every case ends in exit status 1 and one
 clear Error line naming the fix, with no traceback and no file written. Also: the same prompt and seed sample
 the same wherever the prompt sits, JSONL lines carry their own settings, a UTF-8 byte-order mark is not text."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from glm_export.cli import main  # noqa: E402
-from glm_export.hf_config import to_hf_dict  # noqa: E402
+from glm_export.cli import main
+from glm_export.hf_config import to_hf_dict
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +24,25 @@ def files(tmp_path_factory):
     from tests.fill_fixtures import LINES, make_model, make_tokenizer
     from tests.test_checkpoint import bert_vocab
     from tests.test_published import write_megatron
+
     root = tmp_path_factory.mktemp("bad")
     tok = make_tokenizer(root / "tokenizer.json")
     model = make_model(tok, vocab_size=384)
     save_checkpoint(model, root / "ckpt", tokenizer_file=tok)
     run = CliRunner().invoke
     assert run(main, ["export", str(root / "ckpt"), "-o", str(root / "onnx")]).exit_code == 0
-    assert run(main, ["quantize", str(root / "onnx"), "-o", str(root / "int8"), "--scheme", "int8-dynamic",
-                      "--accept-loss"]).exit_code == 0
+    assert (
+        run(
+            main,
+            ["quantize", str(root / "onnx"), "-o", str(root / "int8"), "--scheme", "int8-dynamic", "--accept-loss"],
+        ).exit_code
+        == 0
+    )
     big = root / "big"
     big.mkdir()
-    train_bpe_tokenizer(LINES * 20 + [" ".join(f"w{i}x{j}" for j in range(40)) for i in range(200)], 600,
-                        big / "tokenizer.json")
+    train_bpe_tokenizer(
+        LINES * 20 + [" ".join(f"w{i}x{j}" for j in range(40)) for i in range(200)], 600, big / "tokenizer.json"
+    )
     (root / "random.json").write_bytes(bytes(range(256)) * 4)
     bert_vocab(root / "vocab.txt", lines=30522)
     (root / "not-utf8.txt").write_bytes(b"The cat \xff\xfe [MASK] sat.\n")
@@ -53,90 +61,221 @@ def files(tmp_path_factory):
     return root
 
 
-O = "{root}/out"  # every case that writes would write here; none may
+OUT = "{root}/out"  # every case that writes would write here; none may
 CASES = [
     # output folders (data loss)
     ("export-onto-input", ["export", "{root}/ckpt", "-o", "{root}/ckpt", "--overwrite"], None, "is the input"),
-    ("quantize-onto-input", ["quantize", "{root}/onnx", "-o", "{root}/onnx", "--scheme", "fp16", "--overwrite"], None,
-     "is the input"),
+    (
+        "quantize-onto-input",
+        ["quantize", "{root}/onnx", "-o", "{root}/onnx", "--scheme", "fp16", "--overwrite"],
+        None,
+        "is the input",
+    ),
     ("export-inside-input", ["export", "{root}/ckpt", "-o", "{root}/ckpt/sub"], None, "inside the input"),
     ("export-above-input", ["export", "{root}/ckpt", "-o", "{root}", "--overwrite"], None, "contains the input"),
-    ("overwrite-users-folder", ["export", "{root}/ckpt", "-o", "{root}/mine", "--overwrite"], None,
-     "not a glmx artifact"),
-    ("exists-without-overwrite", ["quantize", "{root}/onnx", "-o", "{root}/int8", "--scheme", "int8-dynamic"], None,
-     "already exists; pass --overwrite"),
+    (
+        "overwrite-users-folder",
+        ["export", "{root}/ckpt", "-o", "{root}/mine", "--overwrite"],
+        None,
+        "not a glmx artifact",
+    ),
+    (
+        "exists-without-overwrite",
+        ["quantize", "{root}/onnx", "-o", "{root}/int8", "--scheme", "int8-dynamic"],
+        None,
+        "already exists; pass --overwrite",
+    ),
     # inputs checked where they enter
-    ("tokenizer-too-big", ["export", "{root}/ckpt", "-o", O, "--tokenizer", "{root}/big/tokenizer.json"], None,
-     "embedding rows"),
-    ("tokenizer-random-bytes", ["export", "{root}/ckpt", "-o", O, "--tokenizer", "{root}/random.json"], None,
-     "cannot read"),
-    ("tokenizer-wrong-family", ["export", "{root}/ckpt", "-o", O, "--tokenizer", "{root}/vocab.txt"], None,
-     "embedding rows"),
-    ("tokenizer-and-no-tokenizer", ["export", "{root}/ckpt", "-o", O, "--tokenizer", "{root}/tokenizer.json",
-                                    "--no-tokenizer"], None, "contradict"),
+    (
+        "tokenizer-too-big",
+        ["export", "{root}/ckpt", "-o", OUT, "--tokenizer", "{root}/big/tokenizer.json"],
+        None,
+        "embedding rows",
+    ),
+    (
+        "tokenizer-random-bytes",
+        ["export", "{root}/ckpt", "-o", OUT, "--tokenizer", "{root}/random.json"],
+        None,
+        "cannot read",
+    ),
+    (
+        "tokenizer-wrong-family",
+        ["export", "{root}/ckpt", "-o", OUT, "--tokenizer", "{root}/vocab.txt"],
+        None,
+        "embedding rows",
+    ),
+    (
+        "tokenizer-and-no-tokenizer",
+        ["export", "{root}/ckpt", "-o", OUT, "--tokenizer", "{root}/tokenizer.json", "--no-tokenizer"],
+        None,
+        "contradict",
+    ),
     # found when the tensor is read (weights stream through the export), and nothing is written
-    ("nan-weights", ["export", "{root}/nan", "-o", O, "--no-tokenizer"], None,
-     "transformer.layers.1.mlp.dense_4h_to_h.weight holds 1 NaN or inf"),
-    ("nan-weights-convert", ["convert", "{root}/nan", "-o", O], None, "NaN or inf"),
-    ("unknown-preset", ["convert", "{root}/nan", "-o", O, "--preset", "glm-99b"], None, "unknown preset"),
-    ("preset-and-config", ["convert", "{root}/nan", "-o", O, "--preset", "glm-tiny", "--config",
-                           "{root}/nan/config.json"], None, "not both"),
-    ("kind-mismatch", ["export", "{root}/ckpt", "-o", O, "--tokenizer", "{root}/vocab.txt", "--tokenizer-kind",
-                       "gpt2"], None, "was asked for"),
+    (
+        "nan-weights",
+        ["export", "{root}/nan", "-o", OUT, "--no-tokenizer"],
+        None,
+        "transformer.layers.1.mlp.dense_4h_to_h.weight holds 1 NaN or inf",
+    ),
+    ("nan-weights-convert", ["convert", "{root}/nan", "-o", OUT], None, "NaN or inf"),
+    ("unknown-preset", ["convert", "{root}/nan", "-o", OUT, "--preset", "glm-99b"], None, "unknown preset"),
+    (
+        "preset-and-config",
+        ["convert", "{root}/nan", "-o", OUT, "--preset", "glm-tiny", "--config", "{root}/nan/config.json"],
+        None,
+        "not both",
+    ),
+    (
+        "kind-mismatch",
+        ["export", "{root}/ckpt", "-o", OUT, "--tokenizer", "{root}/vocab.txt", "--tokenizer-kind", "gpt2"],
+        None,
+        "was asked for",
+    ),
     # no ignored option
-    ("beams-without-beam", ["fill", "--model", "{root}/onnx", "--num-beams", "4", "a [MASK]"], None,
-     "--num-beams applies to --strategy beam"),
-    ("sampling-under-beam", ["fill", "--model", "{root}/onnx", "--strategy", "beam", "--top-k", "5", "a [MASK]"],
-     None, "--top-k applies to --strategy sample"),
-    ("seed-under-greedy", ["fill", "--model", "{root}/onnx", "--seed", "3", "a [MASK]"], None,
-     "--seed applies to --strategy sample"),
-    ("temperature-zero", ["fill", "--model", "{root}/onnx", "--strategy", "sample", "--temperature", "0",
-                          "a [MASK]"], None, "use --strategy greedy"),
-    ("early-stopping-greedy", ["fill", "--model", "{root}/onnx", "--early-stopping", "a [MASK]"], None,
-     "--early-stopping applies to --strategy beam"),
-    ("jsonl-line-setting-refused", ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/lines.jsonl"], None,
-     "line 1: --num-beams applies to --strategy beam"),
-    ("jsonl-unknown-key", ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/unknown.jsonl"], None,
-     "unknown key 'temp'"),
+    (
+        "beams-without-beam",
+        ["fill", "--model", "{root}/onnx", "--num-beams", "4", "a [MASK]"],
+        None,
+        "--num-beams applies to --strategy beam",
+    ),
+    (
+        "sampling-under-beam",
+        ["fill", "--model", "{root}/onnx", "--strategy", "beam", "--top-k", "5", "a [MASK]"],
+        None,
+        "--top-k applies to --strategy sample",
+    ),
+    (
+        "seed-under-greedy",
+        ["fill", "--model", "{root}/onnx", "--seed", "3", "a [MASK]"],
+        None,
+        "--seed applies to --strategy sample",
+    ),
+    (
+        "temperature-zero",
+        ["fill", "--model", "{root}/onnx", "--strategy", "sample", "--temperature", "0", "a [MASK]"],
+        None,
+        "use --strategy greedy",
+    ),
+    (
+        "early-stopping-greedy",
+        ["fill", "--model", "{root}/onnx", "--early-stopping", "a [MASK]"],
+        None,
+        "--early-stopping applies to --strategy beam",
+    ),
+    (
+        "jsonl-line-setting-refused",
+        ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/lines.jsonl"],
+        None,
+        "line 1: --num-beams applies to --strategy beam",
+    ),
+    (
+        "jsonl-unknown-key",
+        ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/unknown.jsonl"],
+        None,
+        "unknown key 'temp'",
+    ),
     ("jsonl-not-json", ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/broken.jsonl"], None, "is not JSON"),
-    ("jsonl-no-prompt", ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/notprompt.jsonl"], None,
-     'a "prompt" string'),
-    ("block-size-int8", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int8-dynamic", "--block-size", "64"],
-     None, "--block-size applies to --scheme int4-weight or int8-weight"),
-    ("accuracy-level-qdq", ["quantize", "{root}/onnx", "-o", O, "--scheme", "qdq-int8", "--accuracy-level", "1"],
-     None, "--accuracy-level applies to --scheme int4-weight or int8-weight"),
-    ("head-bits-with-fp32-head", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int4-weight", "--keep-fp32",
-                                  "head", "--head-bits", "8"], None, "the head is kept fp32"),
-    ("head-bits-int8-dynamic", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int8-dynamic", "--head-bits", "8"],
-     None, "--head-bits applies to --scheme int4-weight or int8-weight"),
-    ("bench-llamacpp-missing", ["bench", "--llamacpp", "{root}/no-llama", "-o", O], None,
-     "benchmarks/build_llamacpp.sh"),
-    ("calibration-int4", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int4-weight", "--calibration",
-                          "{root}/not-utf8.txt"], None, "only used by qdq-int8"),
+    (
+        "jsonl-no-prompt",
+        ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/notprompt.jsonl"],
+        None,
+        'a "prompt" string',
+    ),
+    (
+        "block-size-int8",
+        ["quantize", "{root}/onnx", "-o", OUT, "--scheme", "int8-dynamic", "--block-size", "64"],
+        None,
+        "--block-size applies to --scheme int4-weight or int8-weight",
+    ),
+    (
+        "accuracy-level-qdq",
+        ["quantize", "{root}/onnx", "-o", OUT, "--scheme", "qdq-int8", "--accuracy-level", "1"],
+        None,
+        "--accuracy-level applies to --scheme int4-weight or int8-weight",
+    ),
+    (
+        "head-bits-with-fp32-head",
+        ["quantize", "{root}/onnx", "-o", OUT, "--scheme", "int4-weight", "--keep-fp32", "head", "--head-bits", "8"],
+        None,
+        "the head is kept fp32",
+    ),
+    (
+        "head-bits-int8-dynamic",
+        ["quantize", "{root}/onnx", "-o", OUT, "--scheme", "int8-dynamic", "--head-bits", "8"],
+        None,
+        "--head-bits applies to --scheme int4-weight or int8-weight",
+    ),
+    (
+        "bench-llamacpp-missing",
+        ["bench", "--llamacpp", "{root}/no-llama", "-o", OUT],
+        None,
+        "benchmarks/build_llamacpp.sh",
+    ),
+    (
+        "calibration-int4",
+        ["quantize", "{root}/onnx", "-o", OUT, "--scheme", "int4-weight", "--calibration", "{root}/not-utf8.txt"],
+        None,
+        "only used by qdq-int8",
+    ),
     # unreadable input
     ("stdin-not-utf8", ["fill", "--model", "{root}/onnx", "--stdin"], b"a \xff [MASK]\n", "not UTF-8"),
     ("jsonl-not-utf8", ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/not-utf8.txt"], None, "not UTF-8"),
-    ("calibration-not-utf8", ["quantize", "{root}/onnx", "-o", O, "--scheme", "qdq-int8", "--calibration",
-                              "{root}/not-utf8.txt"], None, "not UTF-8"),
+    (
+        "calibration-not-utf8",
+        ["quantize", "{root}/onnx", "-o", OUT, "--scheme", "qdq-int8", "--calibration", "{root}/not-utf8.txt"],
+        None,
+        "not UTF-8",
+    ),
     ("check-trt-corrupt", ["check-trt", "{root}/corrupt.onnx"], None, "not a readable ONNX graph"),
     ("evaluate-empty-corpus", ["evaluate", "{bundled}", "{root}/empty-corpus"], None, "no .txt files"),
     # messages that name the fix
     ("fill-a-checkpoint", ["fill", "--model", "{root}/ckpt", "a [MASK]"], None, "export it first"),
-    ("tensorrt-on-onnx", ["fill", "--model", "{root}/onnx", "--backend", "tensorrt", "a [MASK]"], None,
-     "glmx build-engine"),
-    ("keep-fp32-unknown-role", ["quantize", "{root}/onnx", "-o", O, "--scheme", "int8-dynamic", "--keep-fp32",
-                                "embedding", "--keep-fp32", "heads"], None, "pass one of those roles"),
-    ("optimize-an-int8", ["optimize", "{root}/int8", "-o", O], None, "optimize the fp32"),
-    ("quantize-an-int8", ["quantize", "{root}/int8", "-o", O, "--scheme", "int4-weight"], None,
-     "quantize the export it came from"),
-    ("int8-dynamic-of-an-int8", ["quantize", "{root}/int8", "-o", O, "--scheme", "int8-dynamic"], None,
-     "is made from the fp32 export"),
+    (
+        "tensorrt-on-onnx",
+        ["fill", "--model", "{root}/onnx", "--backend", "tensorrt", "a [MASK]"],
+        None,
+        "glmx build-engine",
+    ),
+    (
+        "keep-fp32-unknown-role",
+        [
+            "quantize",
+            "{root}/onnx",
+            "-o",
+            OUT,
+            "--scheme",
+            "int8-dynamic",
+            "--keep-fp32",
+            "embedding",
+            "--keep-fp32",
+            "heads",
+        ],
+        None,
+        "pass one of those roles",
+    ),
+    ("optimize-an-int8", ["optimize", "{root}/int8", "-o", OUT], None, "optimize the fp32"),
+    (
+        "quantize-an-int8",
+        ["quantize", "{root}/int8", "-o", OUT, "--scheme", "int4-weight"],
+        None,
+        "quantize the export it came from",
+    ),
+    (
+        "int8-dynamic-of-an-int8",
+        ["quantize", "{root}/int8", "-o", OUT, "--scheme", "int8-dynamic"],
+        None,
+        "is made from the fp32 export",
+    ),
     ("no-prompt", ["fill", "--model", "{root}/onnx"], None, "give exactly one of"),
     ("no-blank", ["fill", "--model", "{root}/onnx", "no blank here"], None, "no blank to fill"),
-    ("too-long", ["fill", "--model", "{root}/onnx", "--max-new-tokens", "500", "a [MASK]"], None,
-     "too long for the model"),
+    (
+        "too-long",
+        ["fill", "--model", "{root}/onnx", "--max-new-tokens", "500", "a [MASK]"],
+        None,
+        "too long for the model",
+    ),
     ("missing-model", ["fill", "--model", "{root}/nowhere", "a [MASK]"], None, "does not exist"),
-    ("bench-unknown-model", ["bench", "--model", "nosuch", "-o", O], None, "unknown model"),
+    ("bench-unknown-model", ["bench", "--model", "nosuch", "-o", OUT], None, "unknown model"),
     ("empty-stdin", ["fill", "--model", "{root}/onnx", "--stdin"], b"\n\n", "no prompts given"),
 ]
 
@@ -144,6 +283,7 @@ CASES = [
 @pytest.mark.parametrize("name,args,stdin,expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_ends_in_one_clear_line_and_writes_nothing(files, name, args, stdin, expected):
     from glm_export.export import BUNDLED_CHECKPOINT
+
     before = sorted(p.name for p in files.iterdir())
     argv = [a.format(root=files, bundled=BUNDLED_CHECKPOINT) for a in args]
     result = CliRunner().invoke(main, argv, input=stdin)
@@ -180,6 +320,7 @@ def test_one_output_line_per_input_line_whatever_the_line_holds(files, tmp_path)
     """Input lines split at \\n alone (a form feed or U+2028 inside a prompt or a JSON string stays in it; CRLF
     files work), and a result's own line breaks are written as \\n, so output line i answers input line i."""
     from glm_runtime.cli import _result_line
+
     prompts = ["a stitch\x0cin [MASK] nine", "all that\u2028[MASK] is gold", "the quick [MASK] fox"]
     stdin = ("\r\n".join(prompts) + "\r\n").encode()
     out = _fill(files, "--max-new-tokens", "3", "--stdin", stdin=stdin)
@@ -192,10 +333,18 @@ def test_one_output_line_per_input_line_whatever_the_line_holds(files, tmp_path)
 def test_jsonl_lines_carry_their_own_settings(files, tmp_path):
     prompt = "the quick [MASK] fox"
     path = tmp_path / "requests.jsonl"
-    path.write_text("\n".join(json.dumps(x) for x in [
-        {"prompt": prompt, "max_new_tokens": 1},
-        {"prompt": prompt, "strategy": "sample", "seed": 7, "max_new_tokens": 6},
-        prompt]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"prompt": prompt, "max_new_tokens": 1},
+                {"prompt": prompt, "strategy": "sample", "seed": 7, "max_new_tokens": 6},
+                prompt,
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     out = [json.loads(line) for line in _fill(files, "--jsonl", path, "--json", "--max-new-tokens", "6")]
     assert len(out[0]["spans"][0]["token_ids"]) <= 1 and out[0]["spans"][0]["stop"] in ("length", "eop", "eos")
     sampled = _fill(files, "--strategy", "sample", "--seed", "7", "--max-new-tokens", "6", "--json", prompt)
@@ -205,6 +354,6 @@ def test_jsonl_lines_carry_their_own_settings(files, tmp_path):
 
 
 def test_a_byte_order_mark_is_not_prompt_text(files):
-    plain = _fill(files, "--stdin", "--max-new-tokens", "3", stdin="the quick [MASK] fox\n".encode())
+    plain = _fill(files, "--stdin", "--max-new-tokens", "3", stdin=b"the quick [MASK] fox\n")
     marked = _fill(files, "--stdin", "--max-new-tokens", "3", stdin="\ufeffthe quick [MASK] fox\n".encode("utf-8"))
     assert marked == plain and not marked[0].startswith("\ufeff")

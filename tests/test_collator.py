@@ -1,5 +1,6 @@
 """The blank-infilling collator: docs/glm.md 3.4's worked example, span statistics, document boundaries, modes,
 padding."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -8,8 +9,16 @@ import numpy as np
 import pytest
 
 from glm_export.collator import (
-    BlockCollator, CollatorConfig, SpecialIds, document_bounds, make_block_sample, make_gpt_sample, pad_batch,
-    place_spans, sample_bert_spans, span_length_weights,
+    BlockCollator,
+    CollatorConfig,
+    SpecialIds,
+    document_bounds,
+    make_block_sample,
+    make_gpt_sample,
+    pad_batch,
+    place_spans,
+    sample_bert_spans,
+    span_length_weights,
 )
 
 SP = SpecialIds(eos=0, cls=1, mask=2, smask=3, gmask=4, sop=5, eop=6, dblock=9, pad=0)
@@ -33,6 +42,7 @@ def visible(sep: int, T: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- docs/glm.md 3.4, by hand
 
+
 def test_spec_worked_example_reproduced_exactly():
     CLS, EOS, M, SOP, EOP = SP.cls, SP.eos, SP.mask, SP.sop, SP.eop
     x = {k: 100 + k for k in range(1, 7)}
@@ -51,6 +61,7 @@ def test_spec_worked_example_reproduced_exactly():
 def test_spec_worked_example_through_the_collator_with_a_controlled_draw(monkeypatch):
     """The collator's own path (span draw + shuffle) gives the same layout when the draw is forced."""
     import glm_export.collator as col
+
     monkeypatch.setattr(col, "sample_bert_spans", lambda *a, **k: [(2, 4), (5, 6)])
 
     class FixedOrder:
@@ -59,6 +70,7 @@ def test_spec_worked_example_through_the_collator_with_a_controlled_draw(monkeyp
 
         def random(self, *a):
             return 0.0  # choose_mode -> bert
+
     tokens = np.array([SP.cls, 101, 102, 103, 104, 105, 106, SP.eos])
     batch = BlockCollator(SP)([tokens], FixedOrder())
     assert batch["input_ids"][0].tolist() == [1, 101, 2, 104, 2, 106, 0, 5, 105, 5, 102, 103]
@@ -67,6 +79,7 @@ def test_spec_worked_example_through_the_collator_with_a_controlled_draw(monkeyp
 
 
 # ---------------------------------------------------------------- statistics over many draws
+
 
 def test_span_lengths_follow_truncated_poisson_and_mask_ratio_is_15_percent():
     collator = BlockCollator(SP)
@@ -102,7 +115,7 @@ def test_spans_stay_inside_documents_and_are_not_adjacent():
         for s, e in spans:
             assert any(ds <= s and e <= de for ds, de in docs), (s, e, docs)
             assert not np.isin(tokens[s:e], [SP.cls, SP.eos]).any()
-        for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
+        for (_, e1), (s2, _) in zip(spans, spans[1:]):
             assert s2 > e1, "spans must be separated by at least one token"
 
 
@@ -127,7 +140,7 @@ def test_part_a_never_sees_part_b_and_part_b_is_causal():
         # the loss is on Part B only, and every Part B target is the token fed one step later (or eop)
         assert batch["loss_mask"][b, :sep].sum() == 0
         n_b = int(batch["loss_mask"][b].sum())
-        ids, tg = batch["input_ids"][b, sep:sep + n_b], batch["target_ids"][b, sep:sep + n_b]
+        ids, tg = batch["input_ids"][b, sep : sep + n_b], batch["target_ids"][b, sep : sep + n_b]
         nxt = np.append(ids[1:], SP.sop)
         assert ((tg == nxt) | ((tg == SP.eop) & (nxt == SP.sop))).all()
 
@@ -135,6 +148,7 @@ def test_part_a_never_sees_part_b_and_part_b_is_causal():
 def test_model_mask_from_sep_vector_matches_numpy():
     torch = pytest.importorskip("torch")
     from glm_export.model import build_attention_mask
+
     rng = np.random.default_rng(3)
     batch = BlockCollator(SP)([random_sample(rng, 48, 2) for _ in range(3)], rng, mode="bert")
     T = batch["input_ids"].shape[1]
@@ -144,6 +158,7 @@ def test_model_mask_from_sep_vector_matches_numpy():
 
 
 # ---------------------------------------------------------------- sentence and document modes
+
 
 def test_sentence_mode_masks_whole_sentences_with_smask():
     PERIOD = 50
@@ -160,7 +175,7 @@ def test_sentence_mode_masks_whole_sentences_with_smask():
     assert part_a.count(SP.smask) == 2 and SP.mask not in part_a
     assert sep == 18 - 8 + 2
     part_b = batch["input_ids"][0, sep:].tolist()
-    pieces = [part_b[i + 1:i + 5] for i, t in enumerate(part_b) if t == SP.sop]
+    pieces = [part_b[i + 1 : i + 5] for i, t in enumerate(part_b) if t == SP.sop]
     assert all(p in sents for p in pieces) and len(pieces) == 2
     targets = batch["target_ids"][0, sep:].tolist()
     assert targets.count(SP.eop) == 2
@@ -204,10 +219,11 @@ def test_gpt_batch_uses_one_suffix_length_capped_per_sample():
     for b, tokens in enumerate(samples):
         sep = int(batch["sep"][b])
         assert batch["input_ids"][b, sep - 1] == SP.gmask
-        assert batch["input_ids"][b, :sep - 1].tolist() == tokens[:sep - 1].tolist()
+        assert batch["input_ids"][b, : sep - 1].tolist() == tokens[: sep - 1].tolist()
 
 
 # ---------------------------------------------------------------- document mode: infill form (gpt_infill_prob)
+
 
 def one_doc_sample(rng: np.random.Generator, length: int) -> np.ndarray:
     """A sample holding (part of) ONE document: "[CLS] doc <eos>", "[CLS] doc", "doc <eos>" or "doc"."""
@@ -237,19 +253,19 @@ def test_infill_form_is_one_gmask_span_inside_the_document_laid_out_like_a_bert_
             part_a = ids[:sep].tolist()
             assert part_a.count(SP.gmask) == 1 and SP.mask not in part_a and SP.smask not in part_a
             s = part_a.index(SP.gmask)  # Part A is untouched before the span, so this is also the span start
-            span = tokens[s:s + L].tolist()
-            (ds, de), = document_bounds(tokens, SP)
+            span = tokens[s : s + L].tolist()
+            ((ds, de),) = document_bounds(tokens, SP)
             assert ds <= s and s + L <= de, "the span lies inside the document, never over [CLS] or <eos>"
             rel_starts.append((s - ds) / max(1, de - ds - L))
             assert sep == len(tokens) - L + 1
-            assert part_a == tokens[:s].tolist() + [SP.gmask] + tokens[s + L:].tolist()
+            assert part_a == tokens[:s].tolist() + [SP.gmask] + tokens[s + L :].tolist()
             n_b = int(batch["loss_mask"][b].sum())
             assert n_b == L + 1 and batch["loss_mask"][b, :sep].sum() == 0
-            assert ids[sep:sep + n_b].tolist() == [SP.sop] + span  # Part B input: sop + span
-            assert tg[sep:sep + n_b].tolist() == span + [SP.eop]  # Part B target: span + eop
+            assert ids[sep : sep + n_b].tolist() == [SP.sop] + span  # Part B input: sop + span
+            assert tg[sep : sep + n_b].tolist() == span + [SP.eop]  # Part B target: span + eop
             assert pos[0, :sep].tolist() == list(range(sep)) and (pos[1, :sep] == 0).all()
-            assert pos[0, sep:sep + n_b].tolist() == [s] * n_b  # the [gMASK]'s position
-            assert pos[1, sep:sep + n_b].tolist() == list(range(1, L + 2))
+            assert pos[0, sep : sep + n_b].tolist() == [s] * n_b  # the [gMASK]'s position
+            assert pos[1, sep : sep + n_b].tolist() == list(range(1, L + 2))
     # the start is uniform over the free room of the document: mean 0.5, sd of the mean <= sqrt(1/12/n)
     n = len(rel_starts)
     assert abs(np.mean(rel_starts) - 0.5) < 4 * np.sqrt(1 / 12 / n) + 0.02, np.mean(rel_starts)
@@ -258,6 +274,7 @@ def test_infill_form_is_one_gmask_span_inside_the_document_laid_out_like_a_bert_
 def test_infill_form_attention_part_a_never_sees_the_span():
     torch = pytest.importorskip("torch")
     from glm_export.model import build_attention_mask
+
     rng = np.random.default_rng(8)
     samples = [one_doc_sample(rng, 40) for _ in range(3)]
     batch = BlockCollator(SP, CollatorConfig(bert_prob=0.0, gpt_infill_prob=0.0))(samples, rng, mode="gpt")
@@ -274,7 +291,7 @@ def test_infill_form_attention_part_a_never_sees_the_span():
 
 def is_infill_form(batch: dict, b: int) -> bool:
     """Infill form ends its Part B targets with eop; the prefix form never writes eop (docs/glm.md 5)."""
-    return SP.eop in batch["target_ids"][b, int(batch["sep"][b]):].tolist()
+    return SP.eop in batch["target_ids"][b, int(batch["sep"][b]) :].tolist()
 
 
 def test_gpt_infill_prob_half_gives_both_forms_at_that_rate():
@@ -288,7 +305,7 @@ def test_gpt_infill_prob_half_gives_both_forms_at_that_rate():
             sep = int(batch["sep"][b])
             if not is_infill_form(batch, b):
                 prefix += 1
-                assert batch["input_ids"][b, :sep].tolist() == tokens[:sep - 1].tolist() + [SP.gmask]
+                assert batch["input_ids"][b, :sep].tolist() == tokens[: sep - 1].tolist() + [SP.gmask]
             n += 1
     # prefix form ~ Binomial(800, 0.5): 4 sigma = 0.071
     assert abs(prefix / n - 0.5) < 4 * np.sqrt(0.25 / n), prefix / n
@@ -307,8 +324,8 @@ def test_multi_document_samples_always_take_the_prefix_form():
             L, sep = max(1, min(G, len(tokens) - 2)), int(batch["sep"][b])
             assert not is_infill_form(batch, b)
             assert sep == len(tokens) - L + 1
-            assert batch["input_ids"][b, :sep].tolist() == tokens[:sep - 1].tolist() + [SP.gmask]
-            assert batch["target_ids"][b, sep:sep + L].tolist() == tokens[sep - 1:].tolist()
+            assert batch["input_ids"][b, :sep].tolist() == tokens[: sep - 1].tolist() + [SP.gmask]
+            assert batch["target_ids"][b, sep : sep + L].tolist() == tokens[sep - 1 :].tolist()
             checked += 1
     assert checked > 300
 
@@ -346,6 +363,7 @@ def test_infill_span_that_does_not_fit_the_document_falls_back_to_the_prefix_for
 
 # ---------------------------------------------------------------- padding and options
 
+
 def test_batch_padding_is_appended_with_zero_token_position_and_loss():
     a = make_block_sample(np.array([1, 11, 12, 13, 0]), [(2, 3)], [0], SP.mask, SP.sop, SP.eop)
     b = make_block_sample(np.array([1, 11, 12, 13, 14, 15, 16, 0]), [(2, 4), (5, 6)], [0, 1], SP.mask, SP.sop, SP.eop)
@@ -363,7 +381,7 @@ def test_block_mask_prob_replaces_span_inputs_but_not_targets_or_sop():
     collator = BlockCollator(SP, CollatorConfig(block_mask_prob=0.5))
     batch = collator([random_sample(rng, 128, 1)], rng, mode="bert")
     sep, n = int(batch["sep"][0]), int(batch["loss_mask"][0].sum())
-    ids, tg = batch["input_ids"][0, sep:sep + n], batch["target_ids"][0, sep:sep + n]
+    ids, tg = batch["input_ids"][0, sep : sep + n], batch["target_ids"][0, sep : sep + n]
     assert (ids == SP.dblock).sum() > 0
     assert SP.dblock not in tg.tolist()
     assert (ids == SP.sop).sum() == (tg == SP.eop).sum()

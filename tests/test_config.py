@@ -1,12 +1,14 @@
 """GLMConfig: presets against docs/glm.md 6's size table, JSON and Hugging Face round trips, refusals."""
+
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from glm_export.hf_config import from_hf_dict, to_hf_dict
 from glm_runtime.config import PRESETS, ConfigError, GLMConfig, get_preset
-from glm_export.hf_config import from_hf_dict, to_hf_dict  # noqa: E402
 
 # docs/glm.md 6: (L, h, n, P, V, tokenizer)
 SPEC_TABLE = {
@@ -24,8 +26,14 @@ SPEC_TABLE = {
 def test_presets_match_the_spec(name):
     c = get_preset(name)
     L, h, n, P, V, tok = SPEC_TABLE[name]
-    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.max_sequence_length, c.vocab_size, c.tokenizer) \
-        == (L, h, n, P, V, tok)
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.max_sequence_length, c.vocab_size, c.tokenizer) == (
+        L,
+        h,
+        n,
+        P,
+        V,
+        tok,
+    )
     assert c.head_dim == 64 and c.position_table_rows == P + 1 and c.vocab_size % 128 == 0
 
 
@@ -45,27 +53,47 @@ def test_json_and_hf_round_trips(name):
 
 def test_reads_a_hub_style_config_json():
     """A THUDM-style config.json (no glmx block) reads with the HF code's erf GeLU."""
-    hub = {"architectures": ["GLMModel"], "attention_dropout_prob": 0.1, "attention_scale": 1.0,
-           "block_position_encoding": True, "checkpoint_activations": False, "checkpoint_num_layers": 1,
-           "embedding_dropout_prob": 0.1, "hidden_size": 4096, "initializer_range": 0.02,
-           "max_sequence_length": 1024, "max_memory_length": 0, "model_type": "glm", "num_attention_heads": 64,
-           "num_layers": 48, "output_dropout_prob": 0.1, "output_predict": True, "parallel_output": True,
-           "pool_token": "cls", "relative_encoding": False, "spell_func": "lstm", "spell_length": None,
-           "vocab_size": 50304}
+    hub = {
+        "architectures": ["GLMModel"],
+        "attention_dropout_prob": 0.1,
+        "attention_scale": 1.0,
+        "block_position_encoding": True,
+        "checkpoint_activations": False,
+        "checkpoint_num_layers": 1,
+        "embedding_dropout_prob": 0.1,
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "max_sequence_length": 1024,
+        "max_memory_length": 0,
+        "model_type": "glm",
+        "num_attention_heads": 64,
+        "num_layers": 48,
+        "output_dropout_prob": 0.1,
+        "output_predict": True,
+        "parallel_output": True,
+        "pool_token": "cls",
+        "relative_encoding": False,
+        "spell_func": "lstm",
+        "spell_length": None,
+        "vocab_size": 50304,
+    }
     c = from_hf_dict(hub)
     assert c.replace(gelu="tanh", name="glm-10b", tokenizer="gpt2") == get_preset("glm-10b")
     assert c.gelu == "erf"
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"hidden_size": 66}, "not divisible by num_attention_heads"),
-    ({"num_layers": 0}, "num_layers must be a positive integer"),
-    ({"vocab_size": 1.5}, "vocab_size must be a positive integer"),
-    ({"hidden_dropout": 1.0}, r"hidden_dropout must be in \[0, 1\)"),
-    ({"gelu": "relu"}, "gelu must be one of"),
-    ({"attention_scale": 0.5}, "attention_scale must be a number >= 1.0"),
-    ({"tokenizer": "t5"}, "tokenizer must be one of"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"hidden_size": 66}, "not divisible by num_attention_heads"),
+        ({"num_layers": 0}, "num_layers must be a positive integer"),
+        ({"vocab_size": 1.5}, "vocab_size must be a positive integer"),
+        ({"hidden_dropout": 1.0}, r"hidden_dropout must be in \[0, 1\)"),
+        ({"gelu": "relu"}, "gelu must be one of"),
+        ({"attention_scale": 0.5}, "attention_scale must be a number >= 1.0"),
+        ({"tokenizer": "t5"}, "tokenizer must be one of"),
+    ],
+)
 def test_inconsistent_values_are_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         get_preset("glm-tiny").replace(**changes)
@@ -89,5 +117,5 @@ def test_bad_json_and_hf_inputs_are_refused():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         get_preset("glm-tiny").num_layers = 3  # type: ignore[misc]

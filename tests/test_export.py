@@ -1,4 +1,5 @@
 """ONNX export: parity with the torch reference on GLM's cases, the IO contract, the cache, files and manifests."""
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,23 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from glm_export import export as export_mod  # noqa: E402
-from glm_export import compare as parity  # noqa: E402
-from glm_export.compare import ParityError, glm_cases  # noqa: E402
-from glm_export.export import ExportError, export_onnx, graph_io, load_onnx_model, validate_export  # noqa: E402
-from glm_runtime.config import get_preset  # noqa: E402
-from glm_runtime.iotable import io_table  # noqa: E402
-from glm_runtime.manifest import ManifestError, load_manifest, write_manifest  # noqa: E402
-from tests.random_models import random_weights_model as random_model  # noqa: E402
+from glm_export import compare as parity
+from glm_export import export as export_mod
+from glm_export.compare import ParityError, glm_cases
+from glm_export.export import ExportError, export_onnx, graph_io, load_onnx_model, validate_export
+from glm_runtime.config import get_preset
+from glm_runtime.iotable import io_table
+from glm_runtime.manifest import ManifestError, load_manifest, write_manifest
+from tests.random_models import random_weights_model as random_model
 
-CASES = {"blank_mid_context", "two_blanks_through_cache", "gmask_at_end", "one_pass_two_spans",
-         "batch_right_padding", "batch_left_padding"}
+CASES = {
+    "blank_mid_context",
+    "two_blanks_through_cache",
+    "gmask_at_end",
+    "one_pass_two_spans",
+    "batch_right_padding",
+    "batch_left_padding",
+}
 
 
 TINY = get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
@@ -61,7 +68,7 @@ def feeds_for(config, precision, ids, pos, mask, past=None):
     feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
     for i in range(config.num_layers):
         for j, part in enumerate(("key", "value")):
-            feeds[f"past_key_values.{i}.{part}"] = (np.zeros((B, n, 0, d), dtype) if past is None else past[i][j])
+            feeds[f"past_key_values.{i}.{part}"] = np.zeros((B, n, 0, d), dtype) if past is None else past[i][j]
     return feeds
 
 
@@ -88,7 +95,8 @@ def test_fp16_within_budget_and_finite(exported, name):
     assert report.passed, report.table()
     assert all(not f["non_finite"] for f in report.cases.values())
     assert report.max_diff("logits") <= parity.TOLERANCES["fp16"].atol + 0.005 * max(
-        f["ref_logits"] for f in report.cases.values())
+        f["ref_logits"] for f in report.cases.values()
+    )
     assert report.top1_decisive_mismatches == 0
     # the budget is not vacuous: fp16 really differs from the fp32 reference
     assert report.max_diff("logits") > 1e-5
@@ -108,18 +116,30 @@ def test_one_file_serves_context_pass_and_decode_steps(exported):
     with torch.no_grad():
         full, _ = model(torch.tensor([ids]), torch.tensor([[pos, blk]]), len(ctx))
     C = len(ctx)
-    out = session.run(None, feeds_for(config, "fp32", np.array([ctx]), np.array([[pos[:C], blk[:C]]]),
-                                      np.ones((1, 1, C, C), bool)))
+    out = session.run(
+        None, feeds_for(config, "fp32", np.array([ctx]), np.array([[pos[:C], blk[:C]]]), np.ones((1, 1, C, C), bool))
+    )
     assert out[1].shape == (1, config.num_attention_heads, C, config.head_dim)  # present: this call's K only
     past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(config.num_layers)]
     steps = [out[0]]
     for t in range(C, len(ids)):
         P = past[0][0].shape[2]
-        out = session.run(None, feeds_for(config, "fp32", np.array([[ids[t]]]), np.array([[[pos[t]], [blk[t]]]]),
-                                          np.ones((1, 1, 1, P + 1), bool), past))
+        out = session.run(
+            None,
+            feeds_for(
+                config,
+                "fp32",
+                np.array([[ids[t]]]),
+                np.array([[[pos[t]], [blk[t]]]]),
+                np.ones((1, 1, 1, P + 1), bool),
+                past,
+            ),
+        )
         assert out[1].shape[2] == 1
-        past = [(np.concatenate([k, out[1 + 2 * i]], 2), np.concatenate([v, out[2 + 2 * i]], 2))
-                for i, (k, v) in enumerate(past)]
+        past = [
+            (np.concatenate([k, out[1 + 2 * i]], 2), np.concatenate([v, out[2 + 2 * i]], 2))
+            for i, (k, v) in enumerate(past)
+        ]
         steps.append(out[0])
     err = np.abs(np.concatenate(steps, axis=1) - full.numpy()).max()
     assert err < 1e-4, f"incremental ONNX vs one reference pass: {err:.3e}"
@@ -132,8 +152,10 @@ def test_padded_cache_slots_are_masked_not_read(exported):
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     n, d, P = config.num_attention_heads, config.head_dim, 6
-    past = [(rng.standard_normal((1, n, P, d)).astype(np.float32),
-             rng.standard_normal((1, n, P, d)).astype(np.float32)) for _ in range(config.num_layers)]
+    past = [
+        (rng.standard_normal((1, n, P, d)).astype(np.float32), rng.standard_normal((1, n, P, d)).astype(np.float32))
+        for _ in range(config.num_layers)
+    ]
     mask = np.array([[[[True, True, False, True, False, True, True]]]])  # slots 2 and 4 are holes
     base = session.run(None, feeds_for(config, "fp32", np.array([[9]]), np.array([[[3], [1]]]), mask, past))
     for k, v in past:
@@ -175,8 +197,10 @@ def test_tied_embedding_stored_once(exported, name):
 def test_fp16_graph_is_strongly_typed_with_fp32_islands(exported):
     _, folder = exported["tiny_s0_fp16"]
     model = onnx.shape_inference.infer_shapes(onnx.load(str(folder / "model.onnx")))
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    }
     types.update({t.name: t.data_type for t in model.graph.initializer})
     FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     by_op = {}
@@ -201,8 +225,9 @@ def test_external_data_round_trip(exported):
     assert (external / "model.onnx").stat().st_size < 0.1 * (external / "model.onnx.data").stat().st_size
     manifest, path = load_onnx_model(external)
     assert manifest.extra["external_data"] == "model.onnx.data" and "model.onnx.data" in manifest.files
-    feeds = feeds_for(model.config, "fp32", np.array([[1, 9, 2, 5]]), np.array([[[0, 1, 2, 3], [0] * 4]]),
-                      np.ones((1, 1, 4, 4), bool))
+    feeds = feeds_for(
+        model.config, "fp32", np.array([[1, 9, 2, 5]]), np.array([[[0, 1, 2, 3], [0] * 4]]), np.ones((1, 1, 4, 4), bool)
+    )
     a = ort.InferenceSession(str(inline / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     b = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -289,6 +314,7 @@ def test_parity_catches_swapped_position_rows(exported, tmp_path):
                 node.input[1] = "const/one"
             elif node.name == "/embed/block_row":
                 node.input[1] = "const/zero"
+
     run = _run_planted(folder, tmp_path, model, swap)
     with pytest.raises(ParityError, match=r"logits max \|diff\| \S+ > budget \S+ \(max\|ref\| ") as err:
         run()
@@ -306,8 +332,12 @@ def test_parity_catches_wrong_output_names_and_shapes(exported, tmp_path):
         for o in graph.output:
             if o.name == last:
                 o.name = "renamed"
-    with pytest.raises(ManifestError, match=rf"graph inputs/outputs differ from the manifest's IO table at "
-                                            rf"\['{last}', 'renamed'\]"):
+
+    with pytest.raises(
+        ManifestError,
+        match=rf"graph inputs/outputs differ from the manifest's IO table at "
+        rf"\['{last}', 'renamed'\]",
+    ):
         _run_planted(folder, tmp_path, model, rename)()
 
     def truncate(graph):  # present.0.key loses its last head-dim column
@@ -315,10 +345,18 @@ def test_parity_catches_wrong_output_names_and_shapes(exported, tmp_path):
             node.output[:] = ["k_full" if o == "present.0.key" else o for o in node.output]
             node.input[:] = ["k_full" if i == "present.0.key" else i for i in node.input]
         d = model.config.head_dim
-        graph.initializer.extend([onnx.numpy_helper.from_array(np.array([0, d - 1, 3], np.int64).reshape(3, 1)[i],
-                                                               f"planted/{i}") for i in range(3)])
-        graph.node.append(onnx.helper.make_node("Slice", ["k_full", "planted/0", "planted/1", "planted/2"],
-                                                ["present.0.key"], name="planted_slice"))
+        graph.initializer.extend(
+            [
+                onnx.numpy_helper.from_array(np.array([0, d - 1, 3], np.int64).reshape(3, 1)[i], f"planted/{i}")
+                for i in range(3)
+            ]
+        )
+        graph.node.append(
+            onnx.helper.make_node(
+                "Slice", ["k_full", "planted/0", "planted/1", "planted/2"], ["present.0.key"], name="planted_slice"
+            )
+        )
+
     # the graph's own shapes already disagree with the manifest: the loader refuses before any call
     with pytest.raises(ManifestError, match=r"present.0.key has size 15 on axis 3 in the graph but 16"):
         _run_planted(folder, tmp_path / "t", model, truncate)()
@@ -362,9 +400,11 @@ def test_missing_bundled_model_named(monkeypatch, tmp_path):
 
 def test_cli_exports_checkpoint_folder(tmp_path):
     from click.testing import CliRunner
+
     from glm_export.checkpoint import save_checkpoint
     from glm_export.cli import main
     from tests.fill_fixtures import make_tokenizer
+
     tok = make_tokenizer(tmp_path / "tokenizer.json").files["tokenizer.json"]
     ckpt = save_checkpoint(random_model(TINY, 4), tmp_path / "ckpt", tokenizer_file=tok)
     out = tmp_path / "onnx"
@@ -386,11 +426,13 @@ def test_bpe_pair_tokenizer_travels_to_the_export_and_is_guarded(tmp_path):
     from glm_runtime.session import open_model
     from glm_runtime.tokenizer import load_tokenizer
     from tests.test_checkpoint import BPE_TEXT, small_gpt2_vocab
+
     vocab = small_gpt2_vocab(tmp_path / "vocab")
     pair = ("vocab.json", "merges.txt")
     hashes = {name: export_mod.sha256_file(vocab / name) for name in pair}
-    ckpt = save_checkpoint(random_model(TINY.replace(tokenizer="gpt2"), 9), tmp_path / "ckpt",
-                           tokenizer_file=vocab / "vocab.json")
+    ckpt = save_checkpoint(
+        random_model(TINY.replace(tokenizer="gpt2"), 9), tmp_path / "ckpt", tokenizer_file=vocab / "vocab.json"
+    )
     out = export_onnx(ckpt, tmp_path / "onnx", validate=False, log=lambda m: None)
     manifest, _ = load_onnx_model(out)
     for folder in (ckpt, out):
@@ -408,6 +450,7 @@ def test_bpe_pair_tokenizer_travels_to_the_export_and_is_guarded(tmp_path):
     (tmp_path / "half").mkdir()
     shutil.copyfile(vocab / "vocab.json", tmp_path / "half" / "vocab.json")
     from glm_export.checkpoint import CheckpointError
+
     with pytest.raises((ExportError, CheckpointError), match=r"needs vocab\.json, merges\.txt; missing: .*merges\.txt"):
         export_onnx(ckpt, tmp_path / "onnx_half", tokenizer_file=tmp_path / "half" / "vocab.json", validate=False)
     assert not (tmp_path / "onnx_half").exists()
@@ -416,7 +459,6 @@ def test_bpe_pair_tokenizer_travels_to_the_export_and_is_guarded(tmp_path):
 def test_parity_cases_cover_glm_layouts():
     """The case builders follow the spec: 2D positions, sep masks, padded batches with masked holes."""
     from glm_export.compare import run_calls
-
     from glm_runtime.kvcache import host_cache
     from glm_runtime.session import Closable
 
@@ -432,9 +474,14 @@ def test_parity_cases_cover_glm_layouts():
             self.feeds.append(feeds)
             B, T = feeds["input_ids"].shape
             n, d = self.config.num_attention_heads, self.config.head_dim
-            return {"logits": np.zeros((B, T, self.config.vocab_size), np.float32),
-                    **{f"present.{i}.{p}": np.zeros((B, n, T, d), np.float32)
-                       for i in range(self.config.num_layers) for p in ("key", "value")}}
+            return {
+                "logits": np.zeros((B, T, self.config.vocab_size), np.float32),
+                **{
+                    f"present.{i}.{p}": np.zeros((B, n, T, d), np.float32)
+                    for i in range(self.config.num_layers)
+                    for p in ("key", "value")
+                },
+            }
 
     cases = {c.name: c for c in glm_cases(512)}
     assert set(cases) == CASES
@@ -456,6 +503,7 @@ def test_parity_cases_cover_glm_layouts():
     assert rec.feeds[1]["attention_mask"][1, 0, 0].tolist() == [True] * 5 + [False] * 5 + [True]  # holes masked
     assert rec.feeds[1]["position_ids"][:, :, 0].tolist() == [[2, 1], [3, 1], [6, 1]]  # sop at each row's blank
 
+
 def test_the_harness_checks_every_outputs_shape():
     """A backend returning a wrong shape (here logits of 4 columns for V = 512) is refused by name."""
     from glm_export.compare import run_calls
@@ -470,8 +518,14 @@ def test_the_harness_checks_every_outputs_shape():
         def run(self, feeds):
             B, T = feeds["input_ids"].shape
             n, d = TINY.num_attention_heads, TINY.head_dim
-            return {"logits": np.zeros((B, T, 4), np.float32),
-                    **{f"present.{i}.{p}": np.zeros((B, n, T, d), np.float32)
-                       for i in range(TINY.num_layers) for p in ("key", "value")}}
+            return {
+                "logits": np.zeros((B, T, 4), np.float32),
+                **{
+                    f"present.{i}.{p}": np.zeros((B, n, T, d), np.float32)
+                    for i in range(TINY.num_layers)
+                    for p in ("key", "value")
+                },
+            }
+
     with pytest.raises(ParityError, match=r"output 'logits' .* has shape \[1, 8, 4\], expected \[1, 8, 512\]"):
         run_calls(Wrong(), glm_cases(512)[0].calls)

@@ -1,6 +1,7 @@
 """runtime/generate.py and friends: the blank-filling loop on ONNX Runtime against the torch reference, the
 incremental cache against one full pass (docs/glm.md 4.2), batches, beam search, sampling, streaming, the loop's
 feeds on a scripted session, every bad input's message, and `glmx fill`."""
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ def model(fill_model):
 @pytest.fixture(scope="module")
 def torch_session(model):
     from glm_export.reference_session import TorchSession
+
     return TorchSession(model)
 
 
@@ -49,6 +51,7 @@ def onnx_dir(fill_onnx):
 @pytest.fixture(scope="module")
 def ort(onnx_dir):
     from glm_runtime.session import OnnxRuntimeSession
+
     return OnnxRuntimeSession(onnx_dir)
 
 
@@ -74,6 +77,7 @@ class Recording:
 
 # ---------------------------------------------------------------- ONNX Runtime against the torch reference
 
+
 def test_greedy_onnx_equals_torch_token_for_token(greedy_ort, torch_session, tok):
     ref = fill_blanks(torch_session, tok, PROMPTS, max_new_tokens=N)
     for ours, theirs in zip(greedy_ort, ref):
@@ -90,11 +94,11 @@ def test_result_layout(greedy_ort, tok):
     # tokens = context ids, then sop + span per blank (docs/glm.md 4.1 output); one span per blank, in order
     for prompt, result in zip(PROMPTS, greedy_ort):
         ids = build_context_ids(tok, prompt)
-        assert result.tokens[:len(ids)] == ids
+        assert result.tokens[: len(ids)] == ids
         tail = []
         for span in result.spans:
             tail += [tok.special["sop"], *span.token_ids]
-        assert result.tokens[len(ids):] == tail
+        assert result.tokens[len(ids) :] == tail
         assert [s.position for s in result.spans] == [p for p, _ in find_blanks(ids, tok)]
         assert all(len(s.token_ids) <= N for s in result.spans)
         assert result.timings["total_s"] > 0
@@ -125,8 +129,8 @@ def test_incremental_loop_equals_one_full_pass(ort, tok, model):
         steps = np.concatenate([out["logits"][0] for _, out in rec.calls[1:]])
         assert [int(f["input_ids"][0, 0]) for f, _ in rec.calls[1:]] == tokens[C:]
         # the runtime asks for the context's last position only (logits_start), the one it samples from
-        assert context_logits.shape == full[C - 1:C].shape
-        assert np.abs(context_logits - full[C - 1:C]).max() < 1e-4
+        assert context_logits.shape == full[C - 1 : C].shape
+        assert np.abs(context_logits - full[C - 1 : C]).max() < 1e-4
         assert steps.shape == full[C:].shape
         assert np.abs(steps - full[C:]).max() < 1e-4
     assert flushed  # a budget-ended span before another blank was among the cases
@@ -143,6 +147,7 @@ def test_device_cache_path_equals_host_path(onnx_dir, tok, greedy_ort):
     # io_binding=True is the CUDA path's code (OrtValues + the in-place scatter graph), run on the CPU device
     pytest.importorskip("onnx")
     from glm_runtime.session import OnnxRuntimeSession
+
     session = OnnxRuntimeSession(onnx_dir, io_binding=True)
     assert session.device == ("cpu", 0)
     results = fill_blanks(session, tok, PROMPTS, max_new_tokens=N)
@@ -150,6 +155,7 @@ def test_device_cache_path_equals_host_path(onnx_dir, tok, greedy_ort):
 
 
 # ---------------------------------------------------------------- beam search
+
 
 def test_beam_with_one_beam_equals_greedy(ort, tok, greedy_ort):
     beams = fill_blanks(ort, tok, PROMPTS, max_new_tokens=N, strategy="beam", num_beams=1)
@@ -181,7 +187,7 @@ def _reference_beam(model, tok, prompt, k, budget, length_penalty):
                 cands += [(score + lp[v], b, v) for v in range(len(lp))]
             cands.sort(key=lambda c: -c[0])
             nxt = []
-            for rank, (score, b, v) in enumerate(cands[:2 * k]):
+            for rank, (score, b, v) in enumerate(cands[: 2 * k]):
                 if v in stops:
                     if rank < k:
                         finished.append((score / (len(live[b][0]) + 1) ** length_penalty, live[b][0]))
@@ -194,7 +200,7 @@ def _reference_beam(model, tok, prompt, k, budget, length_penalty):
                 break
             live = nxt
             if step + 1 == budget:
-                finished += [(s / budget ** length_penalty, t) for t, s in live]
+                finished += [(s / budget**length_penalty, t) for t, s in live]
         best = max(finished, key=lambda f: f[0])[1]
         spans.append(best)
         part_b += [(t, mask_pos, j + 1) for j, t in enumerate([sop, *best])]
@@ -216,6 +222,7 @@ def test_beam_search_is_deterministic_and_differs_from_greedy_somewhere(ort, tok
 
 
 # ---------------------------------------------------------------- sampling
+
 
 def test_sampling_same_seed_same_output(ort, tok):
     kw = dict(max_new_tokens=N, strategy="sample", temperature=0.9, top_k=40, top_p=0.95)
@@ -254,6 +261,7 @@ def test_sample_follows_the_distribution():
 
 # ---------------------------------------------------------------- streaming
 
+
 def test_stream_gives_tokens_then_spans_then_results(ort, tok, greedy_ort):
     events = []
     results = fill_blanks(ort, tok, PROMPTS, max_new_tokens=N, stream=events.append)
@@ -268,11 +276,13 @@ def test_stream_gives_tokens_then_spans_then_results(ort, tok, greedy_ort):
             assert mine.index(done) > last_token
         assert mine[-1].kind == "result" and mine[-1].result == result
     iterated = list(stream_blanks(ort, tok, PROMPTS, max_new_tokens=N))
-    assert [(e.kind, e.prompt, e.blank, e.token_id) for e in iterated] == \
-           [(e.kind, e.prompt, e.blank, e.token_id) for e in events]
+    assert [(e.kind, e.prompt, e.blank, e.token_id) for e in iterated] == [
+        (e.kind, e.prompt, e.blank, e.token_id) for e in events
+    ]
 
 
 # ---------------------------------------------------------------- the loop's feeds, on a scripted session
+
 
 def _scripted(tok, prompt, plans):
     ids = build_context_ids(tok, prompt)
@@ -310,8 +320,13 @@ def test_positions_and_masks_fed_by_the_loop(tok):
     assert context["position_ids"].tolist() == [[list(range(C)), [0] * C]]
     assert context["attention_mask"].all()
     fed = [(int(f["input_ids"][0, 0]), *f["position_ids"][0, :, 0].tolist()) for f in steps]
-    assert fed == [(sop, m1, 1), (40, m1, 2), (41, m1, 3),  # sop, t1, then the flush of t2 at block 3
-                   (sop, m2, 1), (50, m2, 2)]  # the last span's last token is never fed
+    assert fed == [
+        (sop, m1, 1),
+        (40, m1, 2),
+        (41, m1, 3),  # sop, t1, then the flush of t2 at block 3
+        (sop, m2, 1),
+        (50, m2, 2),
+    ]  # the last span's last token is never fed
     seen = [int(f["attention_mask"][0, 0, 0].sum()) for f in steps]
     assert seen == [C + 1, C + 2, C + 3, C + 4, C + 5]  # every filled slot + itself: later spans see earlier
 
@@ -324,7 +339,7 @@ def test_batch_rows_are_padded_and_finished_rows_leave_the_batch(tok):
     fill_blanks(session, tok, [short, long], max_new_tokens=4)
     context = session.calls[0]
     assert context["input_ids"][0].tolist() == ids_s + [tok.special["pad"]] * (len(ids_l) - len(ids_s))
-    assert not context["attention_mask"][0, 0, :len(ids_s), len(ids_s):].any()
+    assert not context["attention_mask"][0, 0, : len(ids_s), len(ids_s) :].any()
     # the short prompt (one blank) finished first: its row left, the long prompt's row moved up (rows stay packed)
     widths = [call["input_ids"].shape[0] for call in session.calls[1:]]
     assert widths[0] == 2 and widths[-1] == 1 and widths == sorted(widths, reverse=True)
@@ -334,25 +349,29 @@ def test_batch_rows_are_padded_and_finished_rows_leave_the_batch(tok):
 
 # ---------------------------------------------------------------- bad input: each message, before any work
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(strategy="sample", temperature=0), "temperature must be a number > 0"),
-    (dict(strategy="sample", temperature=-1.0), "temperature must be a number > 0"),
-    (dict(strategy="sample", top_p=0.0), "top_p must be in (0, 1]"),
-    (dict(strategy="sample", top_p=1.5), "top_p must be in (0, 1]"),
-    (dict(strategy="sample", top_k=-1), "top_k must be an integer >= 0"),
-    (dict(strategy="sample", top_k=2.5), "top_k must be an integer >= 0"),
-    (dict(strategy="beam", num_beams=0), "num_beams must be an integer >= 1"),
-    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
-    (dict(strategy="nucleus"), "unknown strategy 'nucleus'"),
-    (dict(strategy="sample", seed=-1), "seed must be a non-negative integer"),
-    (dict(strategy="beam", length_penalty=float("nan")), "length_penalty must be a finite number"),
-    # an option the strategy does not read is refused, never ignored
-    (dict(num_beams=4), "--num-beams applies to --strategy beam, not greedy"),
-    (dict(strategy="beam", temperature=0.7), "--temperature applies to --strategy sample, not beam"),
-    (dict(strategy="beam", seed=1), "--seed applies to --strategy sample, not beam"),
-    (dict(strategy="sample", early_stopping=True), "--early-stopping applies to --strategy beam"),
-    (dict(temperature=0), "--temperature applies to --strategy sample, not greedy"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(strategy="sample", temperature=0), "temperature must be a number > 0"),
+        (dict(strategy="sample", temperature=-1.0), "temperature must be a number > 0"),
+        (dict(strategy="sample", top_p=0.0), "top_p must be in (0, 1]"),
+        (dict(strategy="sample", top_p=1.5), "top_p must be in (0, 1]"),
+        (dict(strategy="sample", top_k=-1), "top_k must be an integer >= 0"),
+        (dict(strategy="sample", top_k=2.5), "top_k must be an integer >= 0"),
+        (dict(strategy="beam", num_beams=0), "num_beams must be an integer >= 1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+        (dict(strategy="nucleus"), "unknown strategy 'nucleus'"),
+        (dict(strategy="sample", seed=-1), "seed must be a non-negative integer"),
+        (dict(strategy="beam", length_penalty=float("nan")), "length_penalty must be a finite number"),
+        # an option the strategy does not read is refused, never ignored
+        (dict(num_beams=4), "--num-beams applies to --strategy beam, not greedy"),
+        (dict(strategy="beam", temperature=0.7), "--temperature applies to --strategy sample, not beam"),
+        (dict(strategy="beam", seed=1), "--seed applies to --strategy sample, not beam"),
+        (dict(strategy="sample", early_stopping=True), "--early-stopping applies to --strategy beam"),
+        (dict(temperature=0), "--temperature applies to --strategy sample, not greedy"),
+    ],
+)
 def test_bad_settings_are_refused(tok, kwargs, message):
     session = ScriptedSession({}, tok.special["eop"])
     with pytest.raises(GenerationError) as info:
@@ -387,9 +406,12 @@ def test_empty_prompt_list_is_refused(tok):
 
 # ---------------------------------------------------------------- glmx fill
 
+
 def _cli(*args, input=None):
     from click.testing import CliRunner
+
     from glm_export.cli import main
+
     return CliRunner().invoke(main, ["fill", *args], input=input)
 
 
@@ -400,8 +422,9 @@ def test_cli_prints_the_filled_text(onnx_dir, greedy_ort):
 
 
 def test_cli_json_stdin_and_jsonl(onnx_dir, greedy_ort, tmp_path):
-    res = _cli("--stdin", "--json", "--model", str(onnx_dir), "--max-new-tokens", str(N),
-               input="\n".join(PROMPTS[:2]) + "\n")
+    res = _cli(
+        "--stdin", "--json", "--model", str(onnx_dir), "--max-new-tokens", str(N), input="\n".join(PROMPTS[:2]) + "\n"
+    )
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in res.output.splitlines()]
     assert [r["tokens"] for r in rows] == [r.tokens for r in greedy_ort[:2]]
@@ -416,21 +439,25 @@ def test_cli_json_stdin_and_jsonl(onnx_dir, greedy_ort, tmp_path):
 
 def test_cli_torch_backend_on_a_checkpoint_matches(model, tok_file, tmp_path, greedy_ort):
     from glm_export.checkpoint import save_checkpoint
+
     ckpt = save_checkpoint(model, tmp_path / "ckpt", tokenizer_file=tok_file)
     res = _cli(PROMPTS[0], "--model", str(ckpt), "--backend", "torch", "--max-new-tokens", str(N), "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["tokens"] == greedy_ort[0].tokens
 
 
-@pytest.mark.parametrize("args,message", [
-    (["no blank here"], "the text has no blank to fill"),
-    (["a [MASK]", "--strategy", "sample", "--temperature", "0"], "temperature must be a number > 0"),
-    (["a [MASK]", "--strategy", "sample", "--top-p", "2"], "top_p must be in (0, 1]"),
-    (["a [MASK]", "--num-beams", "4"], "--num-beams applies to --strategy beam"),
-    (["a [MASK]", "--num-beams", "0", "--strategy", "beam"], "num_beams must be an integer >= 1"),
-    (["a [MASK]", "--max-new-tokens", "500"], "too long for the model"),
-    ([], "give exactly one of"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["no blank here"], "the text has no blank to fill"),
+        (["a [MASK]", "--strategy", "sample", "--temperature", "0"], "temperature must be a number > 0"),
+        (["a [MASK]", "--strategy", "sample", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["a [MASK]", "--num-beams", "4"], "--num-beams applies to --strategy beam"),
+        (["a [MASK]", "--num-beams", "0", "--strategy", "beam"], "num_beams must be an integer >= 1"),
+        (["a [MASK]", "--max-new-tokens", "500"], "too long for the model"),
+        ([], "give exactly one of"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_1(onnx_dir, args, message):
     res = _cli(*args, "--model", str(onnx_dir))
     assert res.exit_code == 1

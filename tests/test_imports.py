@@ -1,6 +1,7 @@
 """Imports point one way: no cycle among the project's modules, counting every import statement at any depth
 (module level, and the imports deferred inside functions: a deferred import still makes two modules depend on
 each other), and the runtime never imports glm_export (test_no_torch also runs it with torch blocked)."""
+
 from __future__ import annotations
 
 import ast
@@ -40,11 +41,12 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                raise _Cycle(stack[stack.index(dep):] + [dep])
+                raise _Cycle(stack[stack.index(dep) :] + [dep])
             if dep not in state:
                 visit(dep)
         stack.pop()
         state[node] = 2
+
     try:
         for node in sorted(graph):
             if node not in state:
@@ -67,7 +69,7 @@ def test_no_import_cycle_at_any_depth():
 
 def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
     """A cycle made only by an import inside a function is found; at module level alone it would not be."""
-    for pkg, folder in PACKAGES.items():
+    for folder in PACKAGES.values():
         (tmp_path / folder.relative_to(ROOT)).mkdir(parents=True)
     runtime = tmp_path / "runtime"
     (runtime / "a.py").write_text("from glm_runtime import b\n")
@@ -88,6 +90,7 @@ def test_the_benchmarks_install_under_their_own_name():
     """pyproject.toml installs benchmarks/ as glmx_benchmarks (no top-level `benchmarks` in site-packages), and no
     module of the project imports it by its folder's name."""
     import ast as _ast
+
     import tomllib
 
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
@@ -96,7 +99,12 @@ def test_the_benchmarks_install_under_their_own_name():
     for folder in (ROOT / "glm_export", ROOT / "runtime", ROOT / "benchmarks", ROOT / "tests"):
         for path in folder.rglob("*.py"):
             for node in _ast.walk(_ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, _ast.Import) else \
-                    [node.module or ""] if isinstance(node, _ast.ImportFrom) else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, _ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, _ast.ImportFrom)
+                    else []
+                )
                 stale += [f"{path.name}: {n}" for n in names if n == "benchmarks" or n.startswith("benchmarks.")]
     assert not stale, stale

@@ -1,6 +1,7 @@
 """benchmarks/llamacpp.py without a llama.cpp build: the GPT-2 GGUF it writes has llama.cpp's tensor names and
 shapes for the asked shape (read back with the gguf package), and a missing build is named with the fix. With
 GLMX_LLAMACPP pointing at a build, the whole comparison runs on a tiny shape."""
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ def test_a_missing_build_is_named_with_the_fix(tmp_path, monkeypatch):
 @pytest.mark.skipif(not os.environ.get("GLMX_LLAMACPP"), reason="no llama.cpp build (set GLMX_LLAMACPP)")
 def test_llama_bench_runs_on_a_quantized_tiny_gguf(tmp_path):
     from glmx_benchmarks.llamacpp import llama_decode_ms, quantize_gguf
+
     tools = find_llamacpp(None)
     f32 = write_gpt2_gguf(tmp_path / "m.gguf", **SHAPE)
     q4 = quantize_gguf(tools, f32, tmp_path / "m-q4.gguf", "Q4_0")
@@ -50,11 +52,18 @@ def test_compare_reports_both_and_glmx_against_its_floor(fill_onnx, tmp_path):
     from glm_runtime.manifest import load_manifest
     from glmx_benchmarks import floor
     from glmx_benchmarks.llamacpp import compare, table
+
     cfg = load_manifest(fill_onnx).config
-    shape = dict(layers=cfg["num_layers"], hidden=cfg["hidden_size"], heads=cfg["num_attention_heads"],
-                 vocab=cfg["vocab_size"], positions=cfg["max_sequence_length"])
-    record = compare(None, {"fp32": fill_onnx}, shape=shape, past=16, threads=1, rounds=1, work=tmp_path,
-                     say=lambda m: None)
+    shape = dict(
+        layers=cfg["num_layers"],
+        hidden=cfg["hidden_size"],
+        heads=cfg["num_attention_heads"],
+        vocab=cfg["vocab_size"],
+        positions=cfg["max_sequence_length"],
+    )
+    record = compare(
+        None, {"fp32": fill_onnx}, shape=shape, past=16, threads=1, rounds=1, work=tmp_path, say=lambda m: None
+    )
     row = record["rows"]["fp32"]
     assert row["llama_ms"] > 0 and row["glmx_ms"] > 0 and row["glmx_over_llama"] == row["glmx_ms"] / row["llama_ms"]
     read = floor.streamed_weight_bytes(fill_onnx)["streamed_bytes"] + 2 * shape["layers"] * 16 * shape["hidden"] * 4

@@ -1,4 +1,5 @@
 """Atomic writes and manifests: nothing half-written survives a failure; tampering is refused on load."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,14 @@ import json
 import pytest
 
 from glm_runtime.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
     _seal,
-    MANIFEST_NAME, Manifest, ManifestError, atomic_write_text, load_manifest, staged_folder, write_manifest,
+    atomic_write_text,
+    load_manifest,
+    staged_folder,
+    write_manifest,
 )
 
 
@@ -89,6 +96,7 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(mod.os, "replace", boom)
     with pytest.raises(OSError):
         atomic_write_text(target, "new")
@@ -99,6 +107,7 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
 def test_artifacts_get_ordinary_permissions(tmp_path):
     """Temp files and folders are private (0600/0700); finished artifacts follow the umask like any new file."""
     import os
+
     _write_artifact(tmp_path / "art")
     mask = os.umask(0)
     os.umask(mask)

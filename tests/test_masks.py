@@ -1,5 +1,6 @@
 """runtime/masks.py: numpy positions and masks against small cases worked out by hand (docs/glm.md 2, 3, 4.2) and
 against the torch reference's build_attention_mask for the sep forms."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -78,6 +79,7 @@ needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (the referen
 @pytest.mark.parametrize("sep,seq", [(0, 5), (3, 5), (5, 5), (1, 1), (4, 7)])
 def test_sep_mask_equals_torch(sep, seq):
     from glm_export.model import build_attention_mask
+
     ref = build_attention_mask(sep, 1, seq, 0)[0, 0].numpy().astype(bool)
     assert np.array_equal(masks.sep_mask(sep, seq), ref)
 
@@ -85,6 +87,7 @@ def test_sep_mask_equals_torch(sep, seq):
 @needs_torch
 def test_per_sample_sep_vector_equals_torch():
     from glm_export.model import build_attention_mask
+
     seps = [2, 5, 0]
     ref = build_attention_mask(torch.tensor(seps), 3, 5, 0)[:, 0].numpy().astype(bool)
     for b, sep in enumerate(seps):
@@ -95,6 +98,7 @@ def test_per_sample_sep_vector_equals_torch():
 def test_context_mask_equals_torch_sep_on_real_tokens():
     # the context pass is the original's sep = C per row; padding keys are the only difference
     from glm_export.model import build_attention_mask
+
     lengths, seq = [4, 2, 6], 6
     ours = masks.context_mask(lengths, seq)[:, 0]
     ref = build_attention_mask(torch.tensor(lengths), 3, seq, 0)[:, 0].numpy().astype(bool)
@@ -107,6 +111,7 @@ def test_context_mask_equals_torch_sep_on_real_tokens():
 def test_decode_mask_equals_torch_sep_zero_with_memory():
     # a decode step in the original: scalar sep 0 over one new token, all memory visible (docs/glm.md 4.1 step 2)
     from glm_export.model import build_attention_mask
+
     past = 6
     ref = build_attention_mask(0, 1, 1, past)[0, 0].numpy().astype(bool)
     assert np.array_equal(masks.decode_mask(np.ones((1, past), dtype=bool))[0, 0], ref)
@@ -115,5 +120,6 @@ def test_decode_mask_equals_torch_sep_zero_with_memory():
 @needs_torch
 def test_chunk_mask_equals_torch_sep_zero_with_memory():
     from glm_export.model import build_attention_mask
+
     ref = build_attention_mask(0, 1, 3, 4)[0, 0].numpy().astype(bool)
     assert np.array_equal(masks.chunk_mask(np.ones((1, 4), dtype=bool), 3)[0, 0], ref)

@@ -1,4 +1,5 @@
 """The reference model against an independent numpy forward, the cache against a full pass, and Part A / B rules."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from glm_export.model import GLMModel, build_attention_mask  # noqa: E402
-from tests import oracle_glm  # noqa: E402
-from tests.random_models import random_weights_model  # noqa: E402
+from glm_export.model import GLMModel, build_attention_mask
+from tests import oracle_glm
+from tests.random_models import random_weights_model
 
 # Multi-span blank-filling layout of docs/glm.md 4.2: context "t1 [M] t2 t3 [M] t4" (C = 8) then two spans.
 CONTEXT = [1, 11, 2, 12, 13, 2, 14, 0]  # [CLS] t1 [MASK] t2 t3 [MASK] t4 eos (glm-tiny json ids)
@@ -37,10 +38,17 @@ def test_matches_independent_numpy_forward(tiny_config, gelu):
     with torch.no_grad():
         logits, _ = model(torch.tensor(ids_b), torch.tensor(pos_b), torch.tensor(seps))
     weights = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
-    cfg = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
-           "num_attention_heads": config.num_attention_heads}
-    ref = np.stack([oracle_glm.forward(weights, cfg, i.tolist(), p[0].tolist(), p[1].tolist(), int(s), gelu)
-                    for i, p, s in zip(ids_b, pos_b, seps)])
+    cfg = {
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+    }
+    ref = np.stack(
+        [
+            oracle_glm.forward(weights, cfg, i.tolist(), p[0].tolist(), p[1].tolist(), int(s), gelu)
+            for i, p, s in zip(ids_b, pos_b, seps)
+        ]
+    )
     err = np.abs(logits.numpy() - ref).max()
     assert err < 1e-5 * max(1.0, np.abs(ref).max()), f"max |torch - numpy| = {err:.3e}"
 
@@ -70,7 +78,7 @@ def test_incremental_cache_equals_one_pass(tiny_config):
         logits, cache = model(ids_t[:, :sep], pos_t[..., :sep], sep)  # bidirectional context pass
         steps = [logits]
         for t in range(sep, len(ids)):  # one token at a time, scalar sep 0: sees all memory and itself
-            logits, cache = model(ids_t[:, t:t + 1], pos_t[..., t:t + 1], 0, cache)
+            logits, cache = model(ids_t[:, t : t + 1], pos_t[..., t : t + 1], 0, cache)
             steps.append(logits)
     incremental = torch.cat(steps, dim=1)
     err = (incremental - full).abs().max().item()
@@ -108,7 +116,7 @@ def test_mask_forms_agree():
     expected = np.concatenate([np.ones((T, past)), oracle_glm.sep_mask(T, 2)], axis=1)
     assert np.array_equal(scalar[0, 0].numpy(), expected)
     explicit = torch.zeros(2, 1, T, past + T + 4)  # extra leading columns are ignored
-    explicit[..., -(past + T):] = vector
+    explicit[..., -(past + T) :] = vector
     assert torch.equal(build_attention_mask(explicit, 2, T, past), vector)
     assert torch.equal(build_attention_mask(explicit.bool(), 2, T, past), vector)
 
@@ -141,11 +149,21 @@ def test_parameter_names_and_shapes_are_official(tiny_config):
     assert sd["transformer.block_position_embeddings.weight"].shape == (P + 1, h)
     assert sd["transformer.layers.0.attention.query_key_value.weight"].shape == (3 * h, h)
     assert sd["transformer.layers.1.mlp.dense_4h_to_h.weight"].shape == (h, 4 * h)
-    per_layer = {"input_layernorm", "attention.query_key_value", "attention.dense", "post_attention_layernorm",
-                 "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}
-    expected = {"word_embeddings.weight", "transformer.position_embeddings.weight",
-                "transformer.block_position_embeddings.weight", "transformer.final_layernorm.weight",
-                "transformer.final_layernorm.bias"}
+    per_layer = {
+        "input_layernorm",
+        "attention.query_key_value",
+        "attention.dense",
+        "post_attention_layernorm",
+        "mlp.dense_h_to_4h",
+        "mlp.dense_4h_to_h",
+    }
+    expected = {
+        "word_embeddings.weight",
+        "transformer.position_embeddings.weight",
+        "transformer.block_position_embeddings.weight",
+        "transformer.final_layernorm.weight",
+        "transformer.final_layernorm.bias",
+    }
     for i in range(tiny_config.num_layers):
         for m in per_layer:
             expected |= {f"transformer.layers.{i}.{m}.weight", f"transformer.layers.{i}.{m}.bias"}

@@ -1,5 +1,6 @@
 """One module name, one meaning: no two Python files of glm_export/, runtime/ and benchmarks/ share a basename
 unless SHARED_ON_PURPOSE says why (docs/architecture.md, "Names that mean one thing")."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -12,7 +13,7 @@ FOLDERS = ("glm_export", "runtime", "benchmarks")
 SHARED_ON_PURPOSE = {
     "__init__.py": "each package's own front door",
     "cli.py": "each package's commands of the one glmx command line (runtime/cli.py builds the group, "
-              "glm_export/cli.py's commands join it)",
+    "glm_export/cli.py's commands join it)",
 }
 
 
@@ -27,14 +28,18 @@ def modules_by_name() -> dict[str, list[str]]:
 
 
 def test_no_two_modules_share_a_name_by_accident():
-    twice = {name: paths for name, paths in modules_by_name().items()
-             if len(paths) > 1 and name not in SHARED_ON_PURPOSE}
-    assert not twice, ("module names that exist twice; rename one to say what it holds, or add the name to "
-                       f"SHARED_ON_PURPOSE with the reason both mean the same thing: {twice}")
+    twice = {
+        name: paths for name, paths in modules_by_name().items() if len(paths) > 1 and name not in SHARED_ON_PURPOSE
+    }
+    assert not twice, (
+        "module names that exist twice; rename one to say what it holds, or add the name to "
+        f"SHARED_ON_PURPOSE with the reason both mean the same thing: {twice}"
+    )
 
 
 def test_the_allow_list_names_only_names_that_are_shared():
     """A name left in SHARED_ON_PURPOSE after a rename would let the next duplicate in unseen."""
     found = modules_by_name()
-    assert all(len(found.get(name, [])) > 1 for name in SHARED_ON_PURPOSE), \
-        {name: found.get(name, []) for name in SHARED_ON_PURPOSE}
+    assert all(len(found.get(name, [])) > 1 for name in SHARED_ON_PURPOSE), {
+        name: found.get(name, []) for name in SHARED_ON_PURPOSE
+    }

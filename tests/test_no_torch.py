@@ -1,5 +1,6 @@
 """The runtime fills blanks without torch: in a fresh interpreter where importing torch fails, a fill on an
 exported tiny model (library call and `glmx fill`) works and leaves torch and glm_export out of sys.modules."""
+
 from __future__ import annotations
 
 import ast
@@ -162,5 +163,6 @@ assert "torch" not in sys.modules and not any(m.startswith("torch.") for m in sy
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from glm_runtime.manifest import load_manifest
+
     assert load_manifest(tmp_path / "int4").precision == "int4-weight"
     assert load_manifest(tmp_path / "optimized").kind == "onnx"

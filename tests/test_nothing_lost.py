@@ -1,5 +1,6 @@
 """Nothing lost: output folders that would destroy input or a user's files are refused before any work, one writer
 per output at a time, and a killed stage leaves nothing loadable while the next run cleans up and succeeds."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from glm_export.cli import main  # noqa: E402
-from glm_runtime.manifest import ManifestError, load_manifest, staging_folders  # noqa: E402
-from tests.forked_cli import Child, ForkedCLI  # noqa: E402
-from tests.test_published import write_hub_folder  # noqa: E402
+from glm_export.cli import main
+from glm_runtime.manifest import ManifestError, load_manifest, staging_folders
+from tests.forked_cli import Child, ForkedCLI
+from tests.test_published import write_hub_folder
 
 
 def cli(*args):
@@ -93,6 +94,7 @@ def test_overwrite_replaces_only_a_glmx_artifact_or_an_empty_folder(exported, tm
 
 def test_the_existence_check_runs_before_any_work(exported, tmp_path, monkeypatch):
     import glm_export.checkpoint as checkpoint
+
     hub, _ = exported
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before refusing"))
@@ -112,6 +114,7 @@ def test_two_writers_of_one_output_the_second_fails_at_once(exported, tmp_path, 
     """While one writer holds OUT (here this test process, as a stage does for its whole run), a second glmx
     process fails at once, naming the first; the lock goes with the writer."""
     from glm_runtime.manifest import claim_output
+
     hub, _ = exported
     out = tmp_path / "onnx"
     with claim_output(out):
@@ -131,14 +134,17 @@ def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(export
     out = tmp_path / "out"
     if stage == "convert":  # a small folder converts in a blink: ~70 MB of weights take long enough to kill
         hub, _ = write_hub_folder("bert", tmp_path / "hub", shape={"hidden_size": 512, "num_attention_heads": 8})
-    args = {"export": ("export", hub, "-o", out), "convert": ("convert", hub, "-o", out),
-            "quantize": ("quantize", onnx, "-o", out, "--scheme", "qdq-int8", "--accept-loss"),
-            "optimize": ("optimize", onnx, "-o", out)}[stage]
+    args = {
+        "export": ("export", hub, "-o", out),
+        "convert": ("convert", hub, "-o", out),
+        "quantize": ("quantize", onnx, "-o", out, "--scheme", "qdq-int8", "--accept-loss"),
+        "optimize": ("optimize", onnx, "-o", out),
+    }[stage]
     # after the staging folder appears: at once, and into the work (quantize, the fastest stage, at three points)
-    for delay in ((0.0, 0.1, 0.25) if stage == "quantize" else (0.1,)):  # qdq-int8 here: ~0.4 s of work
+    for delay in (0.0, 0.1, 0.25) if stage == "quantize" else (0.1,):  # qdq-int8 here: ~0.4 s of work
         left = set(staging_folders(out))  # the last kill's leftover: this run removes it, then makes its own
         proc = glmx(*args)
-        _wait_for(lambda: bool(set(staging_folders(out)) - left), proc)
+        _wait_for(lambda: bool(set(staging_folders(out)) - left), proc)  # noqa: B023 - called within this iteration
         time.sleep(delay)
         proc.kill()
         proc.wait(timeout=30)
@@ -164,16 +170,20 @@ def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(export
 
 def _copy(folder: Path, dst: Path) -> Path:
     import shutil
+
     return Path(shutil.copytree(folder, dst))
 
 
-@pytest.mark.parametrize("edit", [
-    lambda d: d["parity"]["max_abs_diff"].update(logits=0.0),  # parity figures
-    lambda d: d["parity"]["cases"]["blank_mid_context"].update(non_finite=["call 0 logits"]),  # non-finite flags
-    lambda d: d.update(precision="fp16"),  # precision
-    lambda d: d["tokenizer"].update(sha256="0" * 64),  # the tokenizer hash
-    lambda d: d["files"].pop("model.onnx"),  # a file dropped from the list
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["parity"]["max_abs_diff"].update(logits=0.0),  # parity figures
+        lambda d: d["parity"]["cases"]["blank_mid_context"].update(non_finite=["call 0 logits"]),  # non-finite flags
+        lambda d: d.update(precision="fp16"),  # precision
+        lambda d: d["tokenizer"].update(sha256="0" * 64),  # the tokenizer hash
+        lambda d: d["files"].pop("model.onnx"),  # a file dropped from the list
+    ],
+)
 def test_any_edit_of_a_manifest_is_refused(exported, tmp_path, edit):
     _, onnx = exported
     folder = _copy(onnx, tmp_path / "m")
@@ -190,6 +200,7 @@ def test_a_resealed_manifest_still_needs_every_file_it_reads_hashed_and_its_pari
     unlisted model file, or lose its parity record."""
     from glm_runtime.manifest import _seal
     from glm_runtime.session import OnnxRuntimeSession
+
     _, onnx = exported
     folder = _copy(onnx, tmp_path / "a")
     data = json.loads((folder / "manifest.json").read_text())
@@ -208,6 +219,7 @@ def test_a_resealed_manifest_still_needs_every_file_it_reads_hashed_and_its_pari
 
 def test_pretrain_refuses_its_export_folder_before_training(tmp_path, monkeypatch):
     import glm_export.pretrain as pretrain
+
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "notes.txt").write_text("mine")
     monkeypatch.setattr(pretrain, "read_documents", lambda *a: pytest.fail("trained before refusing"))

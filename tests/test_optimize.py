@@ -1,6 +1,7 @@
 """glm_export.optimize, level "fuse": each written-out GeLU becomes one standard Gelu node (opset 20), matched by
 structure; the optimized folder passes parity, fills blanks through the runtime like its parent and records the
 rewrite. fp32 and fp16 exports of one seeded tiny GLM; erf and opset-17 ReduceMax variants built in memory."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,24 +10,23 @@ import pytest
 onnx = pytest.importorskip("onnx")  # the export extra: a runtime-only install skips this module
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
-from onnx import helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper
 
-from glm_export import compare  # noqa: E402
-from glm_export import optimize  # noqa: E402
-from glm_export.compare import HELDOUT, TOLERANCES, blank_calls, run_calls, split_text, strip_provenance  # noqa: E402
-from glm_export.derive import op_histogram  # noqa: E402
-from glm_export.onnx_graph import MAX_OPSET, build_model  # noqa: E402
-from glm_export.optimize import OptimizeError, fuse_gelu, optimize_onnx  # noqa: E402
-from glm_runtime.config import get_preset  # noqa: E402
-from glm_runtime.iotable import LOGITS_START  # noqa: E402
-from glm_runtime.manifest import load_manifest  # noqa: E402
-from tests.fill_fixtures import PROMPTS  # noqa: E402
-from tests.random_models import random_weights_model  # noqa: E402
+from glm_export import optimize
+from glm_export.compare import HELDOUT, TOLERANCES, blank_calls, run_calls, split_text, strip_provenance
+from glm_export.derive import op_histogram
+from glm_export.onnx_graph import MAX_OPSET, build_model
+from glm_export.optimize import OptimizeError, fuse_gelu, optimize_onnx
+from glm_runtime.config import get_preset
+from glm_runtime.iotable import LOGITS_START
+from glm_runtime.manifest import load_manifest
+from tests.fill_fixtures import PROMPTS
+from tests.random_models import random_weights_model
 
 TINY = get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
 L = TINY.num_layers
 EVAL = split_text(HELDOUT["en"].read_text(encoding="utf-8"))[1]
-EVAL_SHORT = EVAL[:len(EVAL) // 2]
+EVAL_SHORT = EVAL[: len(EVAL) // 2]
 GELU_CONSTS = {"const/gelu_a", "const/gelu_k", "const/half", "const/one_w", "const/sqrt2"}
 # one tanh GeLU written out: Mul x*x, *a, x*(.), *k, x*0.5, final Mul; Add 1+ax2, 1+t; Tanh
 TANH_GELU_OPS = {"Mul": 6, "Add": 2, "Tanh": 1}
@@ -37,13 +37,18 @@ def parents(tmp_path_factory):
     """fp32 and fp16 exports (with a tokenizer) of one seeded tiny GLM with spread-out weights."""
     from glm_export.export import export_onnx
     from glm_export.tokenizer_training import train_bpe_tokenizer
+
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("opt_parents")
     text = strip_provenance(HELDOUT["en"].read_text(encoding="utf-8"))
     train_bpe_tokenizer([text], 512, root / "tokenizer.json")
     model = random_weights_model(TINY, seed=0)
-    return {p: export_onnx(model, root / p, precision=p, tokenizer_file=root / "tokenizer.json", validate=False,
-                           log=lambda msg: None) for p in ("fp32", "fp16")}
+    return {
+        p: export_onnx(
+            model, root / p, precision=p, tokenizer_file=root / "tokenizer.json", validate=False, log=lambda msg: None
+        )
+        for p in ("fp32", "fp16")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +108,7 @@ def test_manifest_records_the_rewrite_and_checks(parents, fused, precision):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_fused_graph_matches_parent_within_parity_tolerance(parents, fused, precision):
     from glm_runtime.session import open_model
+
     parent, tok = open_model(parents[precision])
     child, _ = open_model(fused[precision])
     calls, _ = blank_calls(tok, np.asarray(tok.encode(EVAL)[:40]))
@@ -118,6 +124,7 @@ def test_runtime_fills_blanks_like_parent(parents, fused):
     from glm_runtime.generate import fill_blanks
     from glm_runtime.session import open_session
     from glm_runtime.tokenizer import load_tokenizer
+
     m = load_manifest(parents["fp32"])
     tok = load_tokenizer(parents["fp32"] / m.tokenizer["file"])
     want = fill_blanks(open_session(parents["fp32"]), tok, PROMPTS, max_new_tokens=8)
@@ -128,17 +135,22 @@ def test_runtime_fills_blanks_like_parent(parents, fused):
 
 # ---------------------------------------------------------------- the rewrite on graphs built in memory
 
+
 def _run(model: onnx.ModelProto, config, T: int = 6) -> list[np.ndarray]:
     """Outputs of one context pass of T tokens (past empty) on ONNX Runtime CPU."""
     from glm_runtime.session import quiet_options
+
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, config.vocab_size, (1, T)),
-             "position_ids": np.stack([np.arange(T), np.zeros(T, np.int64)])[None].astype(np.int64),
-             "attention_mask": np.tril(np.ones((T, T), bool))[None, None]}
+    feeds = {
+        "input_ids": rng.integers(0, config.vocab_size, (1, T)),
+        "position_ids": np.stack([np.arange(T), np.zeros(T, np.int64)])[None].astype(np.int64),
+        "attention_mask": np.tril(np.ones((T, T), bool))[None, None],
+    }
     for i in range(config.num_layers):
         for part in ("key", "value"):
-            feeds[f"past_key_values.{i}.{part}"] = np.zeros((1, config.num_attention_heads, 0, config.head_dim),
-                                                            np.float32)
+            feeds[f"past_key_values.{i}.{part}"] = np.zeros(
+                (1, config.num_attention_heads, 0, config.head_dim), np.float32
+            )
     session = ort.InferenceSession(model.SerializeToString(), quiet_options(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
@@ -207,6 +219,8 @@ def test_fuse_refuses_a_graph_without_one_gelu_per_layer(parents, tmp_path, monk
 
 def test_cli_optimize_defaults_to_fuse():
     from click.testing import CliRunner
+
     from glm_export.cli import main
+
     result = CliRunner().invoke(main, ["optimize", "--help"])
     assert result.exit_code == 0 and "fuse" in result.output and "[default: fuse]" in result.output

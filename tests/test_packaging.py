@@ -4,6 +4,7 @@ Without pyproject.toml that pip fell back to legacy `setup.py develop`, which lo
 (runtime/ -> glm_runtime) so `import glm_runtime` failed. The test makes a fresh venv in tmp_path, installs this
 checkout editable with --no-deps (setuptools>=64 comes from the package index through build isolation), and imports
 the three packages from outside the checkout. `slow`: the venv and the isolated build take ~10 s."""
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,16 @@ def test_editable_install_with_the_oldest_supported_pip_imports_glm_runtime_from
     installed = _run([python, "-m", "pip", "install", "--no-deps", "-e", ROOT], timeout=300)
     assert installed.returncode == 0, f"{pip_version}\n{installed.stdout}\n{installed.stderr}"
     # from tmp_path, so that the checkout is not on sys.path by way of the working directory
-    imported = _run([python, "-c", "import glm_runtime, glm_export, glmx_benchmarks\n"
-                     "for m in (glm_runtime, glm_export, glmx_benchmarks): print(m.__file__)"],
-                    cwd=tmp_path, timeout=60)
+    imported = _run(
+        [
+            python,
+            "-c",
+            "import glm_runtime, glm_export, glmx_benchmarks\n"
+            "for m in (glm_runtime, glm_export, glmx_benchmarks): print(m.__file__)",
+        ],
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert imported.returncode == 0, f"{pip_version}\n{imported.stderr}"
     files = [Path(line).resolve() for line in imported.stdout.split()]
     assert [f.parent for f in files] == [ROOT / "runtime", ROOT / "glm_export", ROOT / "benchmarks"], pip_version

@@ -4,6 +4,7 @@ Golden comparisons: glm_export.weights reads what the safetensors library reads,
 check (glm_export.pieces) reports the whole-graph check's figures on the same artifact; and it fails an export
 whose bytes of one layer were changed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,25 +13,40 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from glm_export import export as export_mod  # noqa: E402
-from glm_export.compare import ParityError, split_text, HELDOUT  # noqa: E402
-from glm_export.export import export_onnx  # noqa: E402
-from glm_export.quantize import quantize_onnx  # noqa: E402
-from glm_export.weights import WeightsError, read_safetensors  # noqa: E402
-from glm_runtime.config import GLMConfig  # noqa: E402
-from glm_runtime.manifest import load_manifest  # noqa: E402
-from tests.fill_fixtures import make_tokenizer  # noqa: E402
-from tests.random_models import random_weights_model  # noqa: E402
+from glm_export import export as export_mod
+from glm_export.compare import HELDOUT, ParityError, split_text
+from glm_export.export import export_onnx
+from glm_export.quantize import quantize_onnx
+from glm_export.weights import WeightsError, read_safetensors
+from glm_runtime.config import GLMConfig
+from glm_runtime.manifest import load_manifest
+from tests.fill_fixtures import make_tokenizer
+from tests.random_models import random_weights_model
 
-CFG = GLMConfig(name="pieces", num_layers=3, hidden_size=64, num_attention_heads=2, vocab_size=384,
-                max_sequence_length=128, tokenizer="json", gelu="erf", hidden_dropout=0.0, attention_dropout=0.0)
+CFG = GLMConfig(
+    name="pieces",
+    num_layers=3,
+    hidden_size=64,
+    num_attention_heads=2,
+    vocab_size=384,
+    max_sequence_length=128,
+    tokenizer="json",
+    gelu="erf",
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
 TEXT = split_text(HELDOUT["en"].read_text(encoding="utf-8"))[1][:6000]
 
 
 def test_safetensors_reader_matches_the_library_bit_for_bit(tmp_path):
     from safetensors.torch import save_file
-    tensors = {"a": torch.randn(5, 7), "b": torch.randn(3, 4).half(), "c": torch.randn(6, 2).bfloat16(),
-               "d": torch.arange(10, dtype=torch.int64)}
+
+    tensors = {
+        "a": torch.randn(5, 7),
+        "b": torch.randn(3, 4).half(),
+        "c": torch.randn(6, 2).bfloat16(),
+        "d": torch.arange(10, dtype=torch.int64),
+    }
     save_file(tensors, str(tmp_path / "w.safetensors"))
     w = read_safetensors(tmp_path / "w.safetensors")
     assert set(w) == set(tensors) and w.shape("a") == (5, 7) and w.dtype_name("c") == "bfloat16"
@@ -45,6 +61,7 @@ def test_safetensors_reader_matches_the_library_bit_for_bit(tmp_path):
 
 def test_a_nan_is_named_when_its_tensor_is_read(tmp_path):
     from safetensors.torch import save_file
+
     bad = torch.randn(4, 4)
     bad[1, 2] = float("nan")
     save_file({"ok": torch.randn(2), "bad": bad}, str(tmp_path / "w.safetensors"))
@@ -61,8 +78,14 @@ def exported(tmp_path_factory):
     model = random_weights_model(CFG, seed=3)
     out = {}
     for check in ("whole", "piecewise"):
-        out[check] = export_onnx(model, root / f"onnx-{check}", tokenizer_file=root / "tokenizer.json",
-                                 external_data=True, check=check, log=lambda m: None)
+        out[check] = export_onnx(
+            model,
+            root / f"onnx-{check}",
+            tokenizer_file=root / "tokenizer.json",
+            external_data=True,
+            check=check,
+            log=lambda m: None,
+        )
     return root, model, tok, out
 
 
@@ -86,8 +109,15 @@ def test_piecewise_quantize_check_reports_the_whole_checks_figures(exported):
     root, _, _, out = exported
     parity = {}
     for check in ("whole", "piecewise"):
-        q = quantize_onnx(out["whole"], root / f"int4-{check}", scheme="int4-weight", check=check, eval_text=TEXT,
-                          accept_loss=True, log=lambda m: None)
+        q = quantize_onnx(
+            out["whole"],
+            root / f"int4-{check}",
+            scheme="int4-weight",
+            check=check,
+            eval_text=TEXT,
+            accept_loss=True,
+            log=lambda m: None,
+        )
         parity[check] = load_manifest(q).parity
         assert (q / "model.onnx.data").is_file()  # a parent with external data gives a child with it
     whole, piece = parity["whole"], parity["piecewise"]
@@ -115,15 +145,23 @@ def test_piecewise_check_fails_an_export_whose_layer_bytes_changed(exported, tmp
 
 def test_export_streams_a_checkpoint_folder_without_building_the_model(exported, tmp_path, monkeypatch):
     """A checkpoint folder is exported from its files: the whole torch model is never built (piecewise check)."""
-    from glmx_benchmarks.scale import write_random_hub
     import glm_export.checkpoint as ck
+    from glmx_benchmarks.scale import write_random_hub
+
     root = exported[0]
-    hub = write_random_hub(tmp_path / "hub", CFG, dtype=np.float16, log=lambda m: None,
-                           tokenizer_file=root / "tokenizer.json", shard_bytes=200_000)  # several shards
+    hub = write_random_hub(
+        tmp_path / "hub",
+        CFG,
+        dtype=np.float16,
+        log=lambda m: None,
+        tokenizer_file=root / "tokenizer.json",
+        shard_bytes=200_000,
+    )  # several shards
     assert len(list(hub.glob("*.safetensors"))) > 1
     monkeypatch.setattr(ck, "model_from_weights", lambda *a, **k: pytest.fail("the whole model was built"))
-    out = export_onnx(hub, tmp_path / "onnx", precision="fp16", check="piecewise", external_data=True,
-                      log=lambda m: None)
+    out = export_onnx(
+        hub, tmp_path / "onnx", precision="fp16", check="piecewise", external_data=True, log=lambda m: None
+    )
     parity = load_manifest(out).parity
     assert parity["passed"] and parity["method"].startswith("piecewise") and parity["precision"] == "fp16"
 
@@ -133,6 +171,7 @@ def test_piecewise_int4_quantize_never_holds_the_whole_model(exported, tmp_path,
     session on a whole model (the default suite's structural guard; tests/test_scale_memory.py measures it)."""
     import onnx
     import onnxruntime as ort
+
     root, _, _, out = exported
     load, session = onnx.load, ort.InferenceSession
 
@@ -147,6 +186,13 @@ def test_piecewise_int4_quantize_never_holds_the_whole_model(exported, tmp_path,
     monkeypatch.setattr(onnx, "load", graph_only)
     monkeypatch.setattr(onnx, "load_model", graph_only)
     monkeypatch.setattr(ort, "InferenceSession", no_whole_session)
-    q = quantize_onnx(out["whole"], tmp_path / "int4", scheme="int4-weight", check="piecewise", eval_text=TEXT,
-                      accept_loss=True, log=lambda m: None)
+    q = quantize_onnx(
+        out["whole"],
+        tmp_path / "int4",
+        scheme="int4-weight",
+        check="piecewise",
+        eval_text=TEXT,
+        accept_loss=True,
+        log=lambda m: None,
+    )
     assert load_manifest(q).parity["method"].startswith("piecewise")

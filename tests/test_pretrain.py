@@ -1,4 +1,5 @@
 """glmx pretrain / evaluate on a tiny synthetic corpus: the loss falls, resuming is bitwise exact, errors are clear."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from glm_export.pretrain import PretrainError, pretrain  # noqa: E402
+from glm_export.pretrain import PretrainError, pretrain
 
-WORDS = ("the cat dog bird sat ran flew on under over a mat tree house red blue small big quickly slowly "
-         "and then it was very happy sad near far old new").split()
-TINY = dict(vocab_size=300, num_layers=2, hidden_size=32, num_attention_heads=2, max_sequence_length=64,
-            seq_length=32, batch_size=4, heldout_fraction=0.1, eval_batches=2, warmup_steps=2)
+WORDS = (
+    "the cat dog bird sat ran flew on under over a mat tree house red blue small big quickly slowly "
+    "and then it was very happy sad near far old new"
+).split()
+TINY = dict(
+    vocab_size=300,
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=2,
+    max_sequence_length=64,
+    seq_length=32,
+    batch_size=4,
+    heldout_fraction=0.1,
+    eval_batches=2,
+    warmup_steps=2,
+)
 BUNDLED = Path(__file__).resolve().parents[1] / "glm_export" / "bundled"
 
 
@@ -28,16 +41,17 @@ def corpus(tmp_path_factory) -> Path:
     for f in range(3):
         docs = []
         for _ in range(80):
-            sents = [" ".join(rng.choice(WORDS, size=rng.integers(4, 9))).capitalize() + "."
-                     for _ in range(rng.integers(1, 5))]
+            sents = [
+                " ".join(rng.choice(WORDS, size=rng.integers(4, 9))).capitalize() + "."
+                for _ in range(rng.integers(1, 5))
+            ]
             docs.append(" ".join(sents))
         (folder / f"part{f}.txt").write_text("\n\n".join(docs) + "\n")
     return folder
 
 
 def test_a_few_steps_lower_the_held_out_loss(corpus, tmp_path):
-    result = pretrain(corpus, tmp_path / "run", steps=40, lr=3e-3, dropout=0.0, eval_every=1, progress=False,
-                      **TINY)
+    result = pretrain(corpus, tmp_path / "run", steps=40, lr=3e-3, dropout=0.0, eval_every=1, progress=False, **TINY)
     first, last = result["evals"][0]["heldout_loss"], result["evals"][-1]["heldout_loss"]
     assert result["step"] == 40 and len(result["losses"]) == 40
     assert last < first - 1.0, (first, last)
@@ -49,8 +63,9 @@ def test_resume_gives_bitwise_the_uninterrupted_losses_and_weights(corpus, tmp_p
     full = pretrain(corpus, tmp_path / "full", eval_every=3, checkpoint_every=100, progress=False, **settings)
     (tmp_path / "split").mkdir()
     shutil.copy(tmp_path / "full" / "tokenizer.json", tmp_path / "split" / "tokenizer.json")
-    first = pretrain(corpus, tmp_path / "split", eval_every=3, checkpoint_every=100, stop_after=3, progress=False,
-                     **settings)
+    first = pretrain(
+        corpus, tmp_path / "split", eval_every=3, checkpoint_every=100, stop_after=3, progress=False, **settings
+    )
     assert first["step"] == 3 and first["losses"] == full["losses"][:3]
     second = pretrain(corpus, tmp_path / "split", eval_every=3, checkpoint_every=100, progress=False, **settings)
     assert second["step"] == 6
@@ -71,6 +86,7 @@ def test_resume_with_other_settings_is_refused(corpus, tmp_path):
 def test_a_state_saved_before_a_setting_existed_resumes_with_its_default(corpus, tmp_path):
     """train_state.pt written before gpt_infill_prob existed: the default (1.0) is the old behaviour."""
     import torch
+
     run = tmp_path / "run"
     pretrain(corpus, run, steps=2, stop_after=1, progress=False, **TINY)
     state = torch.load(run / "train_state.pt", weights_only=False)
@@ -89,6 +105,7 @@ def test_an_empty_corpus_folder_is_refused(tmp_path):
 def test_export_then_evaluate_writes_metrics_beside_the_baseline(corpus, tmp_path):
     from glm_export.evaluate import evaluate
     from glm_runtime.manifest import load_manifest
+
     out = tmp_path / "model"
     pretrain(corpus, tmp_path / "run", out, steps=30, lr=3e-3, eval_every=100, progress=False, **TINY)
     manifest = load_manifest(out, kind="checkpoint")
@@ -100,8 +117,12 @@ def test_export_then_evaluate_writes_metrics_beside_the_baseline(corpus, tmp_pat
     assert metrics["mask_fill_examples_scored"] == 20 and 0.0 <= metrics["mask_fill_exact_match"] <= 1.0
     assert metrics["unigram_word"] == "the" or metrics["unigram_word"] in WORDS
     assert all("[MASK]" in ex["prompt"] for ex in metrics["examples"])
-    for key in ("mask_fill_first_word_match", "mask_fill_known_length_match", "part_b_first_token_acc",
-                "unigram_part_b_first_token_acc"):
+    for key in (
+        "mask_fill_first_word_match",
+        "mask_fill_known_length_match",
+        "part_b_first_token_acc",
+        "unigram_part_b_first_token_acc",
+    ):
         assert 0.0 <= metrics[key] <= 1.0
     assert 0 < metrics["part_b_first_tokens"] < metrics["part_b_tokens"]
     # the baseline's guess is the most frequent first token of training spans, so on held-out spans it must
@@ -115,17 +136,22 @@ def _known_length_equals_the_cached_loop(checkpoint, corpus):
     one token at a time (docs/glm.md 4.1's loop), answer by answer; and an answer made of the model's own greedy
     tokens always matches."""
     import torch
+
     from glm_export.checkpoint import load_checkpoint
     from glm_export.evaluate import _context, greedy_fill_torch, known_length_match, single_word_blanks
-    from glm_export.pretrain import load_corpus_tokenizer, read_documents, layout_special_ids
+    from glm_export.pretrain import layout_special_ids, load_corpus_tokenizer, read_documents
+
     loaded = load_checkpoint(checkpoint)
     model, tok, sp = loaded.model.float().eval(), load_corpus_tokenizer(loaded.tokenizer_file), layout_special_ids()
     for left, word, right in single_word_blanks(read_documents(corpus), 12, 0):
         ids, mask_pos = _context(model, tok, left, right)
         answer = tok.encode(" " + word, add_special_tokens=False).ids
         with torch.no_grad():
-            _, past = model(torch.tensor([ids]), torch.stack([torch.arange(len(ids)), torch.zeros(len(ids),
-                            dtype=torch.long)]).unsqueeze(0), len(ids))
+            _, past = model(
+                torch.tensor([ids]),
+                torch.stack([torch.arange(len(ids)), torch.zeros(len(ids), dtype=torch.long)]).unsqueeze(0),
+                len(ids),
+            )
             hits, token = [], sp.sop
             for k, want in enumerate(answer):
                 logits, past = model(torch.tensor([[token]]), torch.tensor([[[mask_pos], [k + 1]]]), 0, past)
@@ -141,6 +167,7 @@ def _known_length_equals_the_cached_loop(checkpoint, corpus):
 def test_evaluate_refuses_a_checkpoint_not_written_by_pretrain(tmp_path, tiny_model):
     from glm_export.checkpoint import save_checkpoint
     from glm_export.evaluate import EvaluateError, evaluate
+
     save_checkpoint(tiny_model, tmp_path / "ckpt")
     with pytest.raises(EvaluateError, match="no extra.pretraining block"):
         evaluate(tmp_path / "ckpt", tmp_path)
@@ -148,7 +175,9 @@ def test_evaluate_refuses_a_checkpoint_not_written_by_pretrain(tmp_path, tiny_mo
 
 def test_cli_pretrain_runs_and_reports(corpus, tmp_path):
     from click.testing import CliRunner
+
     from glm_export.cli import main
+
     args = ["pretrain", str(corpus), str(tmp_path / "run"), "--steps", "2", "--eval-every", "1"]
     for k, v in TINY.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -163,6 +192,7 @@ def test_cli_pretrain_runs_and_reports(corpus, tmp_path):
 def test_bundled_metrics_reproduce():
     """Re-run `glmx evaluate` on the bundled model and compare with the committed metrics (needs data/corpus)."""
     from glm_export.evaluate import evaluate
+
     corpus_dir = Path(__file__).resolve().parents[1] / "data" / "corpus"
     if not (corpus_dir / "corpus.json").exists():
         pytest.skip("run `python glm_export/data/get_corpus.py data/corpus` first")
@@ -170,8 +200,12 @@ def test_bundled_metrics_reproduce():
     metrics = evaluate(BUNDLED / "glmx-small", corpus_dir, fill_examples=committed["mask_fill_examples_scored"])
     for key in ("heldout_part_b_ppl", "unigram_part_b_ppl"):
         assert metrics[key] == pytest.approx(committed[key], rel=1e-3), key
-    for key in ("mask_fill_exact_match", "mask_fill_first_word_match", "mask_fill_known_length_match",
-                "part_b_first_token_acc"):
+    for key in (
+        "mask_fill_exact_match",
+        "mask_fill_first_word_match",
+        "mask_fill_known_length_match",
+        "part_b_first_token_acc",
+    ):
         assert abs(metrics[key] - committed[key]) <= 0.01, key
     for key in ("unigram_mask_fill_exact_match", "unigram_part_b_first_token_acc", "unigram_first_token"):
         assert metrics[key] == committed[key], key
@@ -182,7 +216,9 @@ def test_sinusoidal_position_table_depends_only_on_the_offset():
     k to the left" is one query/key map at every position. Element RMS is the std asked for (each sin/cos pair
     has squares summing to 1)."""
     import torch
+
     from glm_export.pretrain import sinusoidal_positions
+
     table = sinusoidal_positions(513, 64, 0.02).double()
     assert table.shape == (513, 64) and float(table.pow(2).mean().sqrt()) == pytest.approx(0.02, rel=1e-6)
     for k in (1, 3, 40):
@@ -194,8 +230,10 @@ def test_sinusoidal_position_table_depends_only_on_the_offset():
 
 def test_position_init_setting(tiny_config):
     import torch
+
     from glm_export.model import GLMModel
     from glm_export.pretrain import POSITION_RMS, PretrainSettings, init_positions, sinusoidal_positions
+
     torch.manual_seed(0)
     model = GLMModel(tiny_config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,11 +242,16 @@ def test_position_init_setting(tiny_config):
     init_positions(model, "sinusoidal")
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"transformer.position_embeddings.weight"}
-    assert torch.equal(model.transformer.position_embeddings.weight,
-                       sinusoidal_positions(*model.transformer.position_embeddings.weight.shape, POSITION_RMS))
+    assert torch.equal(
+        model.transformer.position_embeddings.weight,
+        sinusoidal_positions(*model.transformer.position_embeddings.weight.shape, POSITION_RMS),
+    )
     init_positions(model, "local")  # + layer 0's query/key rows
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"transformer.position_embeddings.weight", "transformer.layers.0.attention.query_key_value.weight"}
+    assert changed == {
+        "transformer.position_embeddings.weight",
+        "transformer.layers.0.attention.query_key_value.weight",
+    }
     assert PretrainSettings().position_init == "local"
     with pytest.raises(PretrainError, match="position_init"):
         PretrainSettings(position_init="rope")
@@ -218,7 +261,9 @@ def test_local_heads_attend_to_the_previous_and_next_position():
     """local_head_weights on the bare sinusoidal table: for every query position the best-scoring key is the one
     at the head's offset (the margin is what makes it survive the token embeddings added at init)."""
     import torch
+
     from glm_export.pretrain import local_head_weights, sinusoidal_positions
+
     table = sinusoidal_positions(300, 64, 1.0)
     for offset in (-1, 1):
         wq, wk = local_head_weights(64, 16, offset, gain=1.0)
@@ -231,9 +276,11 @@ def test_local_init_makes_part_a_attention_local(tiny_config):
     """After init_positions("local"), layer 0's head 0 gives a Part A token more weight on the token before it
     than a uniform head would by an order of magnitude; head 1 the same for the token after it."""
     import torch
+
     import glm_export.model as glm_model
     from glm_export.model import GLMModel
     from glm_export.pretrain import init_positions
+
     cfg = dataclasses.replace(tiny_config, hidden_size=128, num_attention_heads=4)
     torch.manual_seed(0)
     model = GLMModel(cfg).eval()
@@ -257,11 +304,19 @@ def test_heldout_first_token_accuracy_matches_the_full_forward(corpus, tiny_mode
     """heldout_metrics's first-token accuracy (head on Part B rows only) against GLM's full forward, scored
     by hand at the rows whose input is sop."""
     import torch
+
     from glm_export.collator import BlockCollator
     from glm_export.pretrain import (
-        batch_to_tensors, cut_samples, heldout_metrics, read_documents, layout_special_ids, token_stream,
-        train_tokenizer, load_corpus_tokenizer,
+        batch_to_tensors,
+        cut_samples,
+        heldout_metrics,
+        layout_special_ids,
+        load_corpus_tokenizer,
+        read_documents,
+        token_stream,
+        train_tokenizer,
     )
+
     tok_file = Path(str(corpus)) / ".." / "tok-first.json"
     train_tokenizer(iter(read_documents(corpus)), 300, tok_file)
     samples = cut_samples(token_stream(load_corpus_tokenizer(tok_file), read_documents(corpus)), 32)
@@ -283,7 +338,9 @@ def test_pretrain_writes_a_checkpoint_dir_and_keeps_the_old_spelling():
     """`--checkpoint-dir` (a checkpoint, not an export); `--export-dir`, in the bundled model's recorded training
     command, still parses to the same option."""
     import click
+
     from glm_export.cli import main
+
     cmd = main.get_command(click.Context(main), "pretrain")
     (opt,) = [p for p in cmd.params if p.name == "checkpoint_dir"]
     assert opt.opts == ["--checkpoint-dir", "--export-dir"]

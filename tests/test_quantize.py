@@ -4,6 +4,7 @@ Random weights give near-flat logits, so the per-scheme budgets (set on the trai
 these tests judge: they check that each artifact runs, stays within a stated logit tolerance of its parent,
 records what it is, and that every refusal (calibration, budget, keep_fp32, scheme) happens with its message.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,32 +16,34 @@ onnx = pytest.importorskip("onnx")  # the export extra: a runtime-only install s
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from glm_export import compare as accuracy  # noqa: E402
-from glm_export.compare import HELDOUT, blank_calls, run_calls  # noqa: E402
-from glm_export.calibration import calibration_feeds  # noqa: E402
-from glm_export.quantize import QuantizeError, head_node, quantize_onnx  # noqa: E402
-from glm_runtime.manifest import load_manifest, sha256_file  # noqa: E402
+from glm_export import compare as accuracy
+from glm_export.calibration import calibration_feeds
+from glm_export.compare import HELDOUT, blank_calls, run_calls
+from glm_export.quantize import QuantizeError, head_node, quantize_onnx
+from glm_runtime.manifest import load_manifest, sha256_file
 
 # max |child - parent| logit over the report's windows on the tiny model, per scheme (measured: fp16 6e-4,
 # int8-dynamic 0.044, qdq-int8 0.035, int4-weight 0.059)
 LOGIT_TOL = {"fp16": 5e-3, "int8-dynamic": 0.1, "qdq-int8": 0.1, "int4-weight": 0.15}
 EVAL = accuracy.split_text(HELDOUT["en"].read_text(encoding="utf-8"))[1]
-EVAL_SHORT = EVAL[:len(EVAL) // 2]  # ~700 teacher-forced positions: enough for the tests, half the time
+EVAL_SHORT = EVAL[: len(EVAL) // 2]  # ~700 teacher-forced positions: enough for the tests, half the time
 
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     from glm_export.export import export_onnx
     from glm_export.model import GLMModel
-    from glm_runtime.config import get_preset
     from glm_export.tokenizer_training import train_bpe_tokenizer
+    from glm_runtime.config import get_preset
+
     root = tmp_path_factory.mktemp("quant")
     text = accuracy.strip_provenance(HELDOUT["en"].read_text(encoding="utf-8"))
     train_bpe_tokenizer([text], 512, root / "tokenizer.json")
     torch.manual_seed(0)
     model = GLMModel(get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)).eval()
-    return export_onnx(model, root / "fp32", tokenizer_file=root / "tokenizer.json", validate=False,
-                       log=lambda msg: None)
+    return export_onnx(
+        model, root / "fp32", tokenizer_file=root / "tokenizer.json", validate=False, log=lambda msg: None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,7 @@ def children(parent, tmp_path_factory):
 @pytest.mark.parametrize("scheme", sorted(LOGIT_TOL))
 def test_scheme_runs_close_to_parent(parent, children, scheme):
     from glm_runtime.session import open_model
+
     parent_session, tok = open_model(parent)
     child, _ = open_model(children[scheme])
     calls, _ = blank_calls(tok, np.asarray(tok.encode(EVAL)[:40]))
@@ -95,10 +99,15 @@ def test_graphs_quantize_what_they_say(children):
     head = head_node(model)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
     assert head.op_type == "MatMulNBits" and (attrs["bits"], attrs["block_size"]) == (8, 128)
-    layers = {(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")),
-               onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")),
-               "mlp" if ".mlp." in n.name else "attention")
-              for n in model.graph.node if n.op_type == "MatMulNBits" and n is not head}
+    layers = {
+        (
+            onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")),
+            onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")),
+            "mlp" if ".mlp." in n.name else "attention",
+        )
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits" and n is not head
+    }
     assert layers == {(4, 32, "attention"), (4, 128, "mlp")}
     gather = next(n for n in model.graph.node if n.op_type == "Gather" and "word_embeddings" in n.input[0])
     table = next(t for t in model.graph.initializer if t.name == gather.input[0])
@@ -109,11 +118,22 @@ def test_graphs_quantize_what_they_say(children):
 
 
 def test_mlp_block_size_sets_only_the_mlp_matmuls(parent, tmp_path):
-    out = quantize_onnx(parent, tmp_path / "mlp64", scheme="int4-weight", block_size=32, mlp_block_size=64,
-                        head_block_size=16, accept_loss=True, eval_text=EVAL_SHORT)
+    out = quantize_onnx(
+        parent,
+        tmp_path / "mlp64",
+        scheme="int4-weight",
+        block_size=32,
+        mlp_block_size=64,
+        head_block_size=16,
+        accept_loss=True,
+        eval_text=EVAL_SHORT,
+    )
     model = onnx.load(out / "model.onnx")
-    blocks = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["block_size"]
-              for n in model.graph.node if n.op_type == "MatMulNBits"}
+    blocks = {
+        n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["block_size"]
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+    }
     head = head_node(model).name
     roles = {name: 16 if name == head else 64 if ".mlp." in name else 32 for name in blocks}
     assert blocks == roles and {64, 32} <= set(blocks.values())
@@ -122,12 +142,15 @@ def test_mlp_block_size_sets_only_the_mlp_matmuls(parent, tmp_path):
     assert "the MLP's in blocks of 64" in quant["weights"]
     # defaults: int8-weight keeps its head in blocks of 32; --block-size alone sets the MLP's blocks too
     for scheme, args, want in (("int8-weight", {}, (32, 128, 32)), ("int4-weight", {"block_size": 64}, (64, 64, 128))):
-        out = quantize_onnx(parent, tmp_path / f"{scheme}-{args}", scheme=scheme, accept_loss=True,
-                            eval_text=EVAL_SHORT, **args)
+        out = quantize_onnx(
+            parent, tmp_path / f"{scheme}-{args}", scheme=scheme, accept_loss=True, eval_text=EVAL_SHORT, **args
+        )
         quant = load_manifest(out).extra["quantization"]
         assert (quant["block_size"], quant["mlp_block_size"], quant["head"]["block_size"]) == want, scheme
-    for scheme, size, why in (("int8-dynamic", 64, "applies to --scheme int4-weight"),
-                              ("int4-weight", 48, "--mlp-block-size must be a power of two")):
+    for scheme, size, why in (
+        ("int8-dynamic", 64, "applies to --scheme int4-weight"),
+        ("int4-weight", 48, "--mlp-block-size must be a power of two"),
+    ):
         with pytest.raises(QuantizeError, match=why):
             quantize_onnx(parent, tmp_path / "no", scheme=scheme, mlp_block_size=size, eval_text=EVAL_SHORT)
     assert not (tmp_path / "no").exists()
@@ -158,6 +181,7 @@ def test_qdq_passes_check_trt(children):
 def test_folder_opens_in_runtime_session_and_fills(children, scheme):
     from glm_runtime.generate import fill_blanks
     from glm_runtime.session import open_model
+
     session, tok = open_model(children[scheme])
     assert session.precision == scheme
     (result,) = fill_blanks(session, tok, ["the [MASK] of the text"], max_new_tokens=4)
@@ -170,13 +194,20 @@ def test_folder_opens_in_runtime_session_and_fills(children, scheme):
 def test_fp16_passes_the_fp16_tolerance_on_glms_cases(children):
     parity = load_manifest(children["fp16"]).parity
     assert parity["tolerance"]["atol"] == accuracy.TOLERANCES["fp16"].atol and not [
-        f for f in parity["failures"] if not f.startswith("text: ")]
+        f for f in parity["failures"] if not f.startswith("text: ")
+    ]
     assert load_manifest(children["int4-weight"]).parity["tolerance"] is None  # judged on text only
 
 
 def test_quantizing_the_head_is_a_choice(parent, tmp_path):
-    out = quantize_onnx(parent, tmp_path / "int8-head", scheme="int8-dynamic", keep_fp32=("embedding",),
-                        accept_loss=True, eval_text=EVAL_SHORT)
+    out = quantize_onnx(
+        parent,
+        tmp_path / "int8-head",
+        scheme="int8-dynamic",
+        keep_fp32=("embedding",),
+        accept_loss=True,
+        eval_text=EVAL_SHORT,
+    )
     model = onnx.load(out / "model.onnx")
     assert head_node(model).op_type == "MatMulInteger"
     gather_tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
@@ -186,13 +217,16 @@ def test_quantizing_the_head_is_a_choice(parent, tmp_path):
 
 def test_layer_roles_keep_exactly_that_layers_weight_matmuls(parent, children):
     from glm_export.quantize import excluded_nodes
+
     model = onnx.load(parent / "model.onnx")
     last = max(int(m.group(1)) for n in model.graph.node if (m := re.match(r"/transformer\.layers\.(\d+)[./]", n.name)))
     base = set(excluded_nodes(model, ("embedding", "head")))
     for role, index in (("first-layer", 0), ("last-layer", last)):
         extra = set(excluded_nodes(model, ("embedding", "head", role))) - base
-        assert extra == {f"/transformer.layers.{index}.{w}/MatMul" for w in (
-            "attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")}
+        assert extra == {
+            f"/transformer.layers.{index}.{w}/MatMul"
+            for w in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+        }
     # int8-dynamic's default keeps the first layer: its four weight MatMuls are still plain fp32 MatMuls
     m = load_manifest(children["int8-dynamic"])
     assert m.extra["quantization"]["keep_fp32"] == ["embedding", "head", "first-layer"]
@@ -203,6 +237,7 @@ def test_layer_roles_keep_exactly_that_layers_weight_matmuls(parent, children):
 
 def test_compare_on_text_self_is_exact(parent):
     from glm_runtime.session import open_model
+
     session, tok = open_model(parent)
     figures = accuracy.compare_on_text(session, session, tok, EVAL, max_windows=4, prompts=2)
     assert figures["max_logit_diff"] == 0.0 and figures["top1_agreement"] == 1.0
@@ -215,8 +250,7 @@ def test_budget_miss_refuses_unless_accept_loss(parent, tmp_path, monkeypatch):
     with pytest.raises(accuracy.BudgetError, match=r"top-1 agreement .* < 1.01.*--accept-loss"):
         quantize_onnx(parent, tmp_path / "miss", scheme="int8-dynamic", eval_text=EVAL_SHORT)
     assert not (tmp_path / "miss").exists()
-    out = quantize_onnx(parent, tmp_path / "miss", scheme="int8-dynamic", accept_loss=True,
-                        eval_text=EVAL_SHORT)
+    out = quantize_onnx(parent, tmp_path / "miss", scheme="int8-dynamic", accept_loss=True, eval_text=EVAL_SHORT)
     parity = load_manifest(out).parity
     assert parity["text"]["within_budget"] is False and parity["accept_loss"] is True and parity["text"]["misses"]
 
@@ -241,6 +275,7 @@ def test_calibration_errors(parent, tmp_path):
 
 def test_calibration_feeds_must_fit_the_io_table(parent, tmp_path):
     from glm_runtime.session import open_model
+
     session, tok = open_model(parent)
     feeds = calibration_feeds(session, tok, accuracy.split_text(HELDOUT["en"].read_text())[0], "test")
     assert {f["past_key_values.0.key"].shape[2] > 0 for f in feeds} == {False, True}  # context and decode
@@ -266,9 +301,11 @@ def test_bad_requests(parent, tmp_path):
         quantize_onnx(parent, tmp_path / "q", scheme="int8-dynamic", keep_fp32=("embedding", "head", "nosuch"))
     with pytest.raises(QuantizeError, match="--block-size must be a power of two >= 16, got 24"):
         quantize_onnx(parent, tmp_path / "q", scheme="int4-weight", block_size=24)
-    for args, why in (({"head_bits": 6}, "--head-bits must be 4 or 8, got 6"),
-                      ({"accuracy_level": 7}, "--accuracy-level must be 0..4"),
-                      ({"keep_fp32": ("embedding", "head"), "head_block_size": 64}, "the head is kept fp32")):
+    for args, why in (
+        ({"head_bits": 6}, "--head-bits must be 4 or 8, got 6"),
+        ({"accuracy_level": 7}, "--accuracy-level must be 0..4"),
+        ({"keep_fp32": ("embedding", "head"), "head_block_size": 64}, "the head is kept fp32"),
+    ):
         with pytest.raises(QuantizeError, match=why):
             quantize_onnx(parent, tmp_path / "q", scheme="int8-weight", **args)
     assert not (tmp_path / "q").exists()
@@ -276,6 +313,7 @@ def test_bad_requests(parent, tmp_path):
 
 def test_optimize_basic_keeps_parity_and_records_it(parent, tmp_path):
     from glm_export.optimize import optimize_onnx
+
     out = optimize_onnx(parent, tmp_path / "opt", level="basic", eval_text=EVAL_SHORT)
     m = load_manifest(out, kind="onnx")
     assert m.precision == "fp32" and m.io == load_manifest(parent).io
@@ -287,6 +325,7 @@ def test_optimize_basic_keeps_parity_and_records_it(parent, tmp_path):
 
 def test_optimize_refuses_contrib_ops(parent, tmp_path):
     from glm_export.optimize import OptimizeError, optimize_onnx
+
     with pytest.raises(OptimizeError, match="non-standard ops.*TensorRT"):
         optimize_onnx(parent, tmp_path / "opt", level="extended")
     assert not (tmp_path / "opt").exists()
@@ -294,7 +333,9 @@ def test_optimize_refuses_contrib_ops(parent, tmp_path):
 
 def test_cli_quantize_budget_miss_is_one_line_error(parent, tmp_path, monkeypatch):
     from click.testing import CliRunner
+
     from glm_export.cli import main
+
     monkeypatch.setitem(accuracy.BUDGETS, "int4-weight", {"top1": 1.01, "fill": 0.0, "ppl_change": 1.0})
     result = CliRunner().invoke(main, ["quantize", str(parent), "-o", str(tmp_path / "q"), "--scheme", "int4-weight"])
     assert result.exit_code == 1 and "misses its accuracy budget" in result.output

@@ -13,6 +13,7 @@ sizes is what the command itself holds.
 `.ci/run`. The default suite keeps the structural guards in tests/test_pieces.py: the export that streams a
 checkpoint folder without building the model, and the piecewise int4 stage that never loads the whole model.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from tests.forked_cli import ForkedCLI  # noqa: E402
+from tests.forked_cli import ForkedCLI
 
 H, HEADS, V, P = 384, 6, 512, 128
 SIZES = (2, 6)
@@ -42,28 +43,42 @@ def peaks_of(scratch: Path, *commands) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hubs(tmp_path_factory):
-    from glmx_benchmarks.scale import write_random_hub
-    from glm_runtime.config import GLMConfig
-    from tests.fill_fixtures import make_tokenizer
     import numpy as np
+
+    from glm_runtime.config import GLMConfig
+    from glmx_benchmarks.scale import write_random_hub
+    from tests.fill_fixtures import make_tokenizer
+
     root = tmp_path_factory.mktemp("scale")
     make_tokenizer(root / "tokenizer.json")
     out = {}
     for layers in SIZES:
-        cfg = GLMConfig(name=f"random-{layers}", num_layers=layers, hidden_size=H, num_attention_heads=HEADS,
-                        vocab_size=V, max_sequence_length=P, tokenizer="json", gelu="erf")
-        out[layers] = write_random_hub(root / f"hub-{layers}", cfg, dtype=np.float32, log=lambda m: None,
-                                       tokenizer_file=root / "tokenizer.json")
+        cfg = GLMConfig(
+            name=f"random-{layers}",
+            num_layers=layers,
+            hidden_size=H,
+            num_attention_heads=HEADS,
+            vocab_size=V,
+            max_sequence_length=P,
+            tokenizer="json",
+            gelu="erf",
+        )
+        out[layers] = write_random_hub(
+            root / f"hub-{layers}", cfg, dtype=np.float32, log=lambda m: None, tokenizer_file=root / "tokenizer.json"
+        )
     return root, out
 
 
 def export_then_int4(root: Path, layers: int, hub: Path) -> dict:
     """Peak RSS of `glmx export` and of `glmx quantize --scheme int4-weight` on one hub folder, each checked."""
     from glm_runtime.manifest import load_manifest
+
     onnx_dir, int4 = root / f"onnx-{layers}", root / f"int4-{layers}"
     export, quantize = peaks_of(
-        root / f"forked-{layers}", ("export", hub, "-o", onnx_dir, "--external-data", "--check", "piecewise"),
-        ("quantize", onnx_dir, "-o", int4, "--scheme", "int4-weight", "--check", "piecewise", "--accept-loss"))
+        root / f"forked-{layers}",
+        ("export", hub, "-o", onnx_dir, "--external-data", "--check", "piecewise"),
+        ("quantize", onnx_dir, "-o", int4, "--scheme", "int4-weight", "--check", "piecewise", "--accept-loss"),
+    )
     peaks = {("export", layers): export, ("int4", layers): quantize}
     for folder in (onnx_dir, int4):  # both checked, one layer at a time, and recorded as such
         parity = load_manifest(folder).parity
@@ -75,6 +90,7 @@ def export_then_int4(root: Path, layers: int, hub: Path) -> dict:
 @pytest.mark.slow
 def test_export_and_int4_peak_memory_do_not_grow_with_layers(hubs):
     from concurrent.futures import ThreadPoolExecutor
+
     root, folders = hubs
     # the two sizes run side by side (two cores): ru_maxrss is each process's own peak, whatever runs beside it
     with ThreadPoolExecutor(len(folders)) as pool:
@@ -82,8 +98,8 @@ def test_export_and_int4_peak_memory_do_not_grow_with_layers(hubs):
         peaks = {k: v for run in runs for k, v in run.result().items()}
     small, large = SIZES
     growth = (large - small) * LAYER_BYTES
-    report = {k[0] + f"-{k[1]}": round(v / 2 ** 20, 1) for k, v in peaks.items()}
+    report = {k[0] + f"-{k[1]}": round(v / 2**20, 1) for k, v in peaks.items()}
     for stage in ("export", "int4"):
         grew = peaks[(stage, large)] - peaks[(stage, small)]
         # well below the extra layers' weights (28 MB): allocator noise and the larger graph only
-        assert grew < 0.25 * growth, (stage, grew / 2 ** 20, json.dumps(report))
+        assert grew < 0.25 * growth, (stage, grew / 2**20, json.dumps(report))

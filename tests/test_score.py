@@ -2,6 +2,7 @@
 forward (context + sop + answer, sep = C; docs/glm.md 4.2), on the bundled model: multi-token and single-token scores,
 a batch of prompts with blanks at different places, classification whose gold labels come from the reference's
 own scores, a quantized artifact's winners, and every bad input as one CLI line."""
+
 from __future__ import annotations
 
 import json
@@ -11,24 +12,31 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from glm_export.cli import main  # noqa: E402
-from glm_export.compare import TOLERANCES  # noqa: E402
-from glm_runtime.score import classify, score_candidates  # noqa: E402
-from glm_runtime.session import open_model  # noqa: E402
-from glm_runtime.tokenizer import build_context_ids  # noqa: E402
+from glm_export.cli import main
+from glm_export.compare import TOLERANCES
+from glm_runtime.score import classify, score_candidates
+from glm_runtime.session import open_model
+from glm_runtime.tokenizer import build_context_ids
 
-PROMPTS = ["The cat sat on the [MASK].", "A function is defined with the [MASK] keyword in Python.",
-           "[MASK] is better than ugly."]
-CANDIDATES = [[" mat", " floor", " red chair in the corner of the room"],  # 1 to 8 tokens
-              [" def", " lambda", " return"], ["Beautiful", " Explicit is", "Simple and clear code"]]
+PROMPTS = [
+    "The cat sat on the [MASK].",
+    "A function is defined with the [MASK] keyword in Python.",
+    "[MASK] is better than ugly.",
+]
+CANDIDATES = [
+    [" mat", " floor", " red chair in the corner of the room"],  # 1 to 8 tokens
+    [" def", " lambda", " return"],
+    ["Beautiful", " Explicit is", "Simple and clear code"],
+]
 
 
 @pytest.fixture(scope="module")
 def bundled():
     from glm_export.checkpoint import load_checkpoint
     from glm_export.export import BUNDLED_CHECKPOINT
+
     session, tok = open_model(None)
     return session, tok, load_checkpoint(BUNDLED_CHECKPOINT).model
 
@@ -90,8 +98,13 @@ def test_classification_follows_the_models_own_scores(bundled):
     session, tok, model = bundled
     template = "{text} It was [MASK]."
     verbalizer = {"positive": [" good", " great"], "negative": " bad", "odd": " a function"}
-    texts = ["The film was a joy from start to end.", "A slow and tedious evening.", "Python code is readable.",
-             "I would not watch it again.", "The garden was full of flowers."]
+    texts = [
+        "The film was a joy from start to end.",
+        "A slow and tedious evening.",
+        "Python code is readable.",
+        "I would not watch it again.",
+        "The garden was full of flowers.",
+    ]
     records = []
     for text in texts:
         best = {}
@@ -116,8 +129,10 @@ def test_classification_follows_the_models_own_scores(bundled):
 
 def test_a_quantized_artifact_picks_the_same_winner_where_fp32_is_decisive(bundled, tmp_path):
     from glm_export.quantize import quantize_onnx
+
     session, tok, _ = bundled
     from glm_runtime.session import BUNDLED_MODEL
+
     int8 = quantize_onnx(BUNDLED_MODEL, tmp_path / "int8", scheme="int8-dynamic")  # within its budget
     child, _ = open_model(int8)
     fp32 = score_candidates(session, tok, PROMPTS, CANDIDATES)
@@ -131,20 +146,28 @@ def test_a_quantized_artifact_picks_the_same_winner_where_fp32_is_decisive(bundl
         assert per_token < 0.5  # int8's per-token log-prob drift stays well inside a nat
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["score", "no blank here", "-c", " x"], "has no blank"),
-    (["score", "a [MASK] b [MASK]", "-c", " x"], "has 2 blanks"),
-    (["score", "a [MASK]", "-c", "  "], "is empty"),
-    (["score", "a [MASK]", "-c", " good day", "--single-token"], "single-token scoring needs answers of one token"),
-    (["score", "a [MASK]", "-c", " word" * 600], "does not fit the model"),
-    (["score", "a [MASK]"], "Missing option"),
-    (["classify", "{records}", "--template", "{txt} [MASK]", "--verbalizer", '{"a": " b"}'], "has no field 'txt'"),
-    (["classify", "{records}", "--template", "{text} [MASK]", "--verbalizer", "not json"], "--verbalizer is not JSON"),
-    (["classify", "{records}", "--template", "{text} [MASK]", "--verbalizer", '{"a": []}'], "has no answer"),
-    (["classify", "{records}", "--template", "{text} [MASK]", "--verbalizer", '{"a": " b"}'],
-     "gold label 'positive' is not a label"),
-    (["classify", "{records}", "--verbalizer", '{"a": " b"}'], "needs a template"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["score", "no blank here", "-c", " x"], "has no blank"),
+        (["score", "a [MASK] b [MASK]", "-c", " x"], "has 2 blanks"),
+        (["score", "a [MASK]", "-c", "  "], "is empty"),
+        (["score", "a [MASK]", "-c", " good day", "--single-token"], "single-token scoring needs answers of one token"),
+        (["score", "a [MASK]", "-c", " word" * 600], "does not fit the model"),
+        (["score", "a [MASK]"], "Missing option"),
+        (["classify", "{records}", "--template", "{txt} [MASK]", "--verbalizer", '{"a": " b"}'], "has no field 'txt'"),
+        (
+            ["classify", "{records}", "--template", "{text} [MASK]", "--verbalizer", "not json"],
+            "--verbalizer is not JSON",
+        ),
+        (["classify", "{records}", "--template", "{text} [MASK]", "--verbalizer", '{"a": []}'], "has no answer"),
+        (
+            ["classify", "{records}", "--template", "{text} [MASK]", "--verbalizer", '{"a": " b"}'],
+            "gold label 'positive' is not a label",
+        ),
+        (["classify", "{records}", "--verbalizer", '{"a": " b"}'], "needs a template"),
+    ],
+)
 def test_bad_scoring_input_is_one_line(tmp_path, args, expected):
     records = tmp_path / "r.jsonl"
     records.write_text('{"text": "fine", "label": "positive"}\n', encoding="utf-8")

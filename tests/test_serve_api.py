@@ -1,6 +1,7 @@
 """runtime/serve.py in-process (Starlette's test client, no socket): both routes' schemas as JSON and as
 server-sent events, answers equal to fill_blanks, statuses 400 / 401 / 404 / 429 / 503, every metric name.
 Every wait is bounded."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,12 @@ pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client")
 
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from glm_runtime.generate import fill_blanks  # noqa: E402
-from glm_runtime.metrics import METRIC_NAMES  # noqa: E402
-from glm_runtime.serve import create_app  # noqa: E402
-from glm_runtime.session import open_model  # noqa: E402
+from glm_runtime.generate import fill_blanks
+from glm_runtime.metrics import METRIC_NAMES
+from glm_runtime.serve import create_app
+from glm_runtime.session import open_model
 
 WAIT_S = 30  # the longest any test waits for the server to reach a state
 
@@ -62,7 +63,7 @@ def sse_events(response):
     chunks = [c for c in response.text.split("\n\n") if c.strip()]
     assert all(c.startswith("data: ") for c in chunks)
     assert chunks[-1] == "data: [DONE]"
-    return [json.loads(c[len("data: "):]) for c in chunks[:-1]]
+    return [json.loads(c[len("data: ") :]) for c in chunks[:-1]]
 
 
 def test_completion_schema_and_answer(client, model):
@@ -84,12 +85,15 @@ def test_completion_schema_and_answer(client, model):
 
 
 def test_suffix_echo_lists_and_continuation(client, model):
-    r = client.post("/v1/completions", json={"prompt": "The capital of France is", "suffix": ". It is big.",
-                                             "max_tokens": 5, "echo": True}).json()
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": "The capital of France is", "suffix": ". It is big.", "max_tokens": 5, "echo": True},
+    ).json()
     want = alone(model, "The capital of France is[MASK]. It is big.", max_new_tokens=5)
     assert r["choices"][0]["text"] == want.text  # echo: the filled text
-    r = client.post("/v1/completions", json={"prompt": ["Once upon a time", "Water boils at [MASK] degrees."],
-                                             "max_tokens": 4}).json()
+    r = client.post(
+        "/v1/completions", json={"prompt": ["Once upon a time", "Water boils at [MASK] degrees."], "max_tokens": 4}
+    ).json()
     assert [c["index"] for c in r["choices"]] == [0, 1]
     cont = alone(model, "Once upon a time", max_new_tokens=4, append_gmask=True)  # no blank: continued
     assert r["choices"][0]["glmx"]["text"] == cont.text
@@ -98,8 +102,10 @@ def test_suffix_echo_lists_and_continuation(client, model):
 
 def test_seeded_sampling_equals_one_by_one(client, model):
     prompt = "She said that [MASK] would come."
-    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0.8, "seed": 11,
-                                             "glmx": {"top_k": 40}}).json()
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 6, "temperature": 0.8, "seed": 11, "glmx": {"top_k": 40}},
+    ).json()
     want = alone(model, prompt, max_new_tokens=6, strategy="sample", temperature=0.8, seed=11, top_k=40)
     assert r["choices"][0]["glmx"]["text"] == want.text
 
@@ -131,23 +137,26 @@ def test_fill_route_json_and_stream(client, model):
     assert events[-1]["tokens"] == want.tokens
 
 
-@pytest.mark.parametrize("route,body,message", [
-    ("/v1/completions", {"prompt": "a [MASK]", "n": 2}, "n=2 is not supported"),
-    ("/v1/completions", {"prompt": "a [MASK]", "logprobs": 1}, "logprobs=1 is not supported"),
-    ("/v1/completions", {"prompt": "a [MASK]", "best_of": 3}, "best_of=3"),
-    ("/v1/completions", {"prompt": "a [MASK]", "stop": ["\n"]}, "stop="),
-    ("/v1/completions", {"prompt": "a [MASK]", "frequency_penalty": 0.5}, "frequency_penalty"),
-    ("/v1/completions", {"prompt": "a [MASK]", "temprature": 0.5}, "unknown field 'temprature'"),
-    ("/v1/completions", {"prompt": "a [MASK]", "seed": 3}, "seed applies to sampling"),
-    ("/v1/completions", {"prompt": "a [MASK]", "echo": True, "stream": True}, "echo with stream"),
-    ("/v1/completions", {"prompt": 3}, '"prompt" must be a string'),
-    ("/v1/completions", {"prompt": "a [MASK]", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ("/v1/completions", {"prompt": "word " * 600 + "[MASK]"}, "too long for the model"),
-    ("/v1/fill", {"prompt": "no blank here"}, "no blank to fill"),
-    ("/v1/fill", {"prompt": "a [MASK]", "num_beams": 2}, "--num-beams applies to --strategy beam"),
-    ("/v1/fill", {"prompt": "a [MASK]", "temp": 2}, "unknown field 'temp'"),
-    ("/v1/fill", {"text": "a [MASK]"}, "unknown field 'text'"),
-])
+@pytest.mark.parametrize(
+    "route,body,message",
+    [
+        ("/v1/completions", {"prompt": "a [MASK]", "n": 2}, "n=2 is not supported"),
+        ("/v1/completions", {"prompt": "a [MASK]", "logprobs": 1}, "logprobs=1 is not supported"),
+        ("/v1/completions", {"prompt": "a [MASK]", "best_of": 3}, "best_of=3"),
+        ("/v1/completions", {"prompt": "a [MASK]", "stop": ["\n"]}, "stop="),
+        ("/v1/completions", {"prompt": "a [MASK]", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ("/v1/completions", {"prompt": "a [MASK]", "temprature": 0.5}, "unknown field 'temprature'"),
+        ("/v1/completions", {"prompt": "a [MASK]", "seed": 3}, "seed applies to sampling"),
+        ("/v1/completions", {"prompt": "a [MASK]", "echo": True, "stream": True}, "echo with stream"),
+        ("/v1/completions", {"prompt": 3}, '"prompt" must be a string'),
+        ("/v1/completions", {"prompt": "a [MASK]", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ("/v1/completions", {"prompt": "word " * 600 + "[MASK]"}, "too long for the model"),
+        ("/v1/fill", {"prompt": "no blank here"}, "no blank to fill"),
+        ("/v1/fill", {"prompt": "a [MASK]", "num_beams": 2}, "--num-beams applies to --strategy beam"),
+        ("/v1/fill", {"prompt": "a [MASK]", "temp": 2}, "unknown field 'temp'"),
+        ("/v1/fill", {"text": "a [MASK]"}, "unknown field 'text'"),
+    ],
+)
 def test_bad_requests_answer_400_with_glmx_message(client, route, body, message):
     r = client.post(route, json=body)
     assert r.status_code == 400, r.text
@@ -192,8 +201,11 @@ def test_full_server_answers_429_with_retry_after(model):
     session, tok = model
     client = started(create_app(lambda: (Slow(session, 0.02), tok), rows=1, max_waiting=0))
     try:
-        holder = threading.Thread(target=client.post, args=("/v1/completions",),
-                                  kwargs={"json": {"prompt": "Once upon a time", "max_tokens": 60}})
+        holder = threading.Thread(
+            target=client.post,
+            args=("/v1/completions",),
+            kwargs={"json": {"prompt": "Once upon a time", "max_tokens": 60}},
+        )
         holder.start()
         wait_until(lambda: client.get("/health").json()["running"] == 1, "one running request")
         r = client.post("/v1/completions", json={"prompt": "a [MASK]", "max_tokens": 3})
@@ -253,8 +265,9 @@ def test_api_key(model):
     with TestClient(create_app(lambda: model, api_key="s3cret")) as client:
         wait_until(lambda: client.get("/health").status_code == 200, "loaded")
         assert client.post("/v1/fill", json={"prompt": "a [MASK]"}).status_code == 401
-        ok = client.post("/v1/fill", json={"prompt": "a [MASK]", "max_new_tokens": 2},
-                         headers={"Authorization": "Bearer s3cret"})
+        ok = client.post(
+            "/v1/fill", json={"prompt": "a [MASK]", "max_new_tokens": 2}, headers={"Authorization": "Bearer s3cret"}
+        )
         assert ok.status_code == 200
 
 
@@ -284,6 +297,7 @@ def test_glmx_serve_help_and_a_bad_option():
     from click.testing import CliRunner
 
     from glm_runtime.cli import main
+
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert result.exit_code == 0 and "/v1/completions" in result.output and "--max-waiting" in result.output
     result = CliRunner().invoke(main, ["serve", "--port", "0"])

@@ -2,6 +2,7 @@
 with mixed blanks, lengths and routes, each answer equal to its one-by-one answer, decode calls shared (mean
 batch > 1); a client that hangs up frees its row; SIGTERM lets a running request finish, then the process
 exits 0. The server is stopped by PID in `finally`; every wait is bounded."""
+
 from __future__ import annotations
 
 import http.client
@@ -23,15 +24,21 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from glm_runtime.generate import fill_blanks  # noqa: E402
-from glm_runtime.session import open_model  # noqa: E402
+from glm_runtime.generate import fill_blanks
+from glm_runtime.session import open_model
 
 CLIENTS, PER_CLIENT = 8, 25
 START_S, REQUEST_S = 90, 60  # bounds: server start, one request
-PROMPTS = ["The capital of France is [MASK].", "He went to the [MASK] and bought [MASK] for dinner.",
-           "Once upon a time", "The [sMASK] was very good.", "[MASK] is the best way to learn.",
-           "She said that [MASK] would come [MASK] the [MASK].", "Water boils at [MASK] degrees.",
-           "A long time ago, in a small village near the sea, there lived an old fisherman who [sMASK]"]
+PROMPTS = [
+    "The capital of France is [MASK].",
+    "He went to the [MASK] and bought [MASK] for dinner.",
+    "Once upon a time",
+    "The [sMASK] was very good.",
+    "[MASK] is the best way to learn.",
+    "She said that [MASK] would come [MASK] the [MASK].",
+    "Water boils at [MASK] degrees.",
+    "A long time ago, in a small village near the sea, there lived an old fisherman who [sMASK]",
+]
 
 
 def free_port() -> int:
@@ -41,8 +48,9 @@ def free_port() -> int:
 
 
 def post(port, route, body, timeout=REQUEST_S):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{route}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{route}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.status, json.loads(response.read())
 
@@ -74,12 +82,27 @@ def wait_until(check, what, bound=START_S):
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port",
-                             str(port), "--rows", "4", "--max-waiting", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from glm_runtime.cli import run; run()",
+            "serve",
+            "--port",
+            str(port),
+            "--rows",
+            "4",
+            "--max-waiting",
+            "256",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        wait_until(lambda: proc.poll() is None and json.loads(get(port, "/health"))["status"] == "ok",
-                   "glmx serve healthy")
+        wait_until(
+            lambda: proc.poll() is None and json.loads(get(port, "/health"))["status"] == "ok", "glmx serve healthy"
+        )
         yield port, proc
     finally:
         if proc.poll() is None:
@@ -137,8 +160,11 @@ def test_load_answers_equal_one_by_one_and_batches_merge(server):
             if key not in alone_cache:
                 (r,) = fill_blanks(session, tok, [body["prompt"]], append_gmask=True, **settings)
                 alone_cache[key] = r.tokens
-            tokens = reply["tokens"] if route == "/v1/fill" else \
-                _completion_tokens(tok, body["prompt"], reply["choices"][0]["glmx"]["spans"])
+            tokens = (
+                reply["tokens"]
+                if route == "/v1/fill"
+                else _completion_tokens(tok, body["prompt"], reply["choices"][0]["glmx"]["spans"])
+            )
             assert tokens == alone_cache[key], (route, body)
     rows, calls = metric(port, "glmx:decode_batch_rows_sum"), metric(port, "glmx:decode_batch_rows_count")
     assert rows / calls > 1.0, (rows, calls)  # requests shared decode calls
@@ -148,6 +174,7 @@ def test_load_answers_equal_one_by_one_and_batches_merge(server):
 def _completion_tokens(tok, prompt, spans):
     """The FillResult.tokens layout from a completion's spans: context ids, then sop + span ids per blank."""
     from glm_runtime.tokenizer import build_context_ids
+
     ids = build_context_ids(tok, prompt, append_gmask=True)
     for s in spans:
         ids = ids + [tok.special["sop"], *s["token_ids"]]
@@ -160,8 +187,14 @@ def test_a_client_that_hangs_up_frees_its_row(server, stream):
     port, _ = server
     before = metric(port, 'glmx:requests_total{outcome="cancelled"}')
     finished = metric(port, 'glmx:requests_total{outcome="finished"}')
-    body = {"prompt": "Once upon a time [gMASK]", "max_new_tokens": 400, "strategy": "sample", "temperature": 1.5,
-            "seed": 2, "stream": stream}
+    body = {
+        "prompt": "Once upon a time [gMASK]",
+        "max_new_tokens": 400,
+        "strategy": "sample",
+        "temperature": 1.5,
+        "seed": 2,
+        "stream": stream,
+    }
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_S)
     conn.request("POST", "/v1/fill", json.dumps(body), {"Content-Type": "application/json"})
     if stream:
@@ -172,8 +205,7 @@ def test_a_client_that_hangs_up_frees_its_row(server, stream):
         wait_until(lambda: json.loads(get(port, "/health"))["running"] == 1, "running", REQUEST_S)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    wait_until(lambda: metric(port, 'glmx:requests_total{outcome="cancelled"}') == before + 1, "cancelled",
-               REQUEST_S)
+    wait_until(lambda: metric(port, 'glmx:requests_total{outcome="cancelled"}') == before + 1, "cancelled", REQUEST_S)
     wait_until(lambda: json.loads(get(port, "/health"))["running"] == 0, "row freed", REQUEST_S)
     assert metric(port, 'glmx:requests_total{outcome="finished"}') == finished  # it stopped before its end
 
@@ -181,8 +213,14 @@ def test_a_client_that_hangs_up_frees_its_row(server, stream):
 def test_sigterm_drains_then_exits(server):
     # a seeded sample that runs its whole 400-token budget here (about 1 s): SIGTERM arrives once it is running
     port, proc = server
-    body = {"prompt": "Once upon a time [gMASK]", "max_new_tokens": 400, "strategy": "sample", "temperature": 1.5,
-            "seed": 2, "stream": True}
+    body = {
+        "prompt": "Once upon a time [gMASK]",
+        "max_new_tokens": 400,
+        "strategy": "sample",
+        "temperature": 1.5,
+        "seed": 2,
+        "stream": True,
+    }
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_S)
     conn.request("POST", "/v1/fill", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -192,7 +230,7 @@ def test_sigterm_drains_then_exits(server):
     proc.send_signal(signal.SIGTERM)
     rest = response.read().decode()  # the stream goes on to its end
     conn.close()
-    events = [json.loads(c[len("data: "):]) for c in rest.split("\n\n") if c.startswith("data: {")]
+    events = [json.loads(c[len("data: ") :]) for c in rest.split("\n\n") if c.startswith("data: {")]
     assert rest.rstrip().endswith("data: [DONE]")
     assert events[-1]["kind"] == "result" and len(events[-1]["spans"][0]["token_ids"]) == 400
     assert proc.wait(REQUEST_S) == 0
@@ -202,9 +240,21 @@ def test_a_model_that_does_not_load_stops_the_server_with_its_reason(tmp_path):
     """A server that cannot serve exits 1 with one Error line (a supervisor sees it), instead of answering 503
     for ever."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port",
-                             str(port), "--model", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from glm_runtime.cli import run; run()",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -213,20 +263,29 @@ def test_a_model_that_does_not_load_stops_the_server_with_its_reason(tmp_path):
             proc.wait(10)
     assert proc.returncode == 1, out
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
-    assert errors == [f"Error: the model did not load: ManifestError: {tmp_path} has no manifest.json: not a glmx "
-                      f"artifact folder, or an interrupted write"], out
+    assert errors == [
+        f"Error: the model did not load: ManifestError: {tmp_path} has no manifest.json: not a glmx "
+        f"artifact folder, or an interrupted write"
+    ], out
     assert "Traceback" not in out
 
 
 def test_a_taken_port_is_one_error_line():
     """A server on a port another program holds stops before loading anything, naming the port."""
     import socket
+
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port",
-                               str(port)], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", "from glm_runtime.cli import run; run()", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (f"Error: cannot listen on 127.0.0.1:{port}: Address already in "
-                                                   f"use (another server is there: pick another --port)")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in "
+        f"use (another server is there: pick another --port)"
+    )

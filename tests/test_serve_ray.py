@@ -1,6 +1,7 @@
 """glmx on Ray Serve: a local Ray instance on 127.0.0.1, two replicas of the glmx serve app, concurrent requests
 each answered as one-by-one, everything shut down at the end. That test is `slow` (8-11 s here, nearly all of it
 Ray starting its cluster and stopping it): `python -m pytest -q -m slow` runs it, and so does `.ci/run`."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from tests.serve_helpers import concurrently, mixed_request, one_by_one
 
 def test_build_refuses_unknown_arguments():
     from glm_runtime.serve_ray import build
+
     with pytest.raises(ServeError, match="unknown argument 'replicas'"):
         build({"replicas": "2"})
     with pytest.raises(ServeError, match="bad argument value"):
@@ -27,6 +29,7 @@ def test_two_replicas_answer_as_one_by_one():
     serve = pytest.importorskip("ray.serve")
     pytest.importorskip("starlette")
     from glm_runtime.serve_ray import deployment
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -42,10 +45,12 @@ def test_two_replicas_answer_as_one_by_one():
         def ask(i):
             prompt, max_new = mixed_request(i)
             body = {"prompt": prompt, "max_new_tokens": max_new}
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/fill", json.dumps(body).encode(),
-                                             {"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/fill", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(request, timeout=60) as response:
                 replies[i] = json.loads(response.read())
+
         concurrently(ask, 16)
         for i, alone in enumerate(one_by_one(16)):
             assert replies[i]["tokens"] == alone.tokens

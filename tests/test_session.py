@@ -1,5 +1,6 @@
 """runtime/session.py and runtime/kvcache.py: the session contract on ONNX Runtime and the torch reference, feed
 checks (each message), manifest checks, the backend dict, and the preallocated cache."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,9 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from glm_runtime.manifest import _seal
-
 from glm_runtime.iotable import io_table, past_names
 from glm_runtime.kvcache import KVCache
-from glm_runtime.manifest import ManifestError
+from glm_runtime.manifest import ManifestError, _seal
 from glm_runtime.session import FeedError, OnnxRuntimeSession, check_feeds, open_model, open_session
 from tests.fill_fixtures import export_tiny, make_model, make_tokenizer, tiny_config
 
@@ -30,6 +29,7 @@ def tok_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tok_file):
     from glm_runtime.tokenizer import load_tokenizer
+
     return make_model(load_tokenizer(tok_file))
 
 
@@ -43,11 +43,13 @@ def ort(onnx_dir):
     return OnnxRuntimeSession(onnx_dir)
 
 
-def _feeds(config, batch=2, seq=3, past=0, rng=np.random.default_rng(0)):
+def _feeds(config, batch=2, seq=3, past=0, rng=np.random.default_rng(0)):  # noqa: B008 - one stream shared by every call, on purpose
     n, d = config.num_attention_heads, config.head_dim
-    feeds = {"input_ids": rng.integers(10, 300, (batch, seq)).astype(np.int64),
-             "position_ids": np.stack([np.tile(np.arange(seq), (batch, 1)), np.zeros((batch, seq), np.int64)], 1),
-             "attention_mask": np.ones((batch, 1, seq, past + seq), dtype=bool)}
+    feeds = {
+        "input_ids": rng.integers(10, 300, (batch, seq)).astype(np.int64),
+        "position_ids": np.stack([np.tile(np.arange(seq), (batch, 1)), np.zeros((batch, seq), np.int64)], 1),
+        "attention_mask": np.ones((batch, 1, seq, past + seq), dtype=bool),
+    }
     for k, v in past_names(io_table(config)):
         feeds[k] = rng.normal(size=(batch, n, past, d)).astype(np.float32)
         feeds[v] = rng.normal(size=(batch, n, past, d)).astype(np.float32)
@@ -55,6 +57,7 @@ def _feeds(config, batch=2, seq=3, past=0, rng=np.random.default_rng(0)):
 
 
 # ---------------------------------------------------------------- the contract
+
 
 def test_metadata_is_the_manifest_io_table(ort):
     table = io_table(ort.config)
@@ -66,6 +69,7 @@ def test_metadata_is_the_manifest_io_table(ort):
 @pytest.mark.parametrize("past", [0, 4])
 def test_onnx_and_torch_sessions_agree_and_return_only_new_kv(ort, model, past):
     from glm_export.reference_session import TorchSession
+
     feeds = _feeds(ort.config, past=past)
     feeds["attention_mask"][1, 0, :, 1] = False  # a hidden past slot / key in row 1
     ours, ref = ort.run(feeds), TorchSession(model).run(feeds)
@@ -81,6 +85,7 @@ def test_onnx_and_torch_sessions_agree_and_return_only_new_kv(ort, model, past):
 def test_logits_start_returns_the_tail_of_the_full_logits_on_both_backends(ort, model, start):
     """logits_start (optional, default 0) = Slice semantics over this call's positions; presents unchanged."""
     from glm_export.reference_session import TorchSession
+
     feeds = _feeds(ort.config, past=4)
     full = ort.run(feeds)
     for session in (ort, TorchSession(model)):
@@ -92,25 +97,36 @@ def test_logits_start_returns_the_tail_of_the_full_logits_on_both_backends(ort, 
 
 def test_torch_session_rejects_bad_precision(model):
     from glm_export.reference_session import TorchSession
+
     with pytest.raises(ValueError, match="precision must be one of"):
         TorchSession(model, precision="int3")
 
 
 # ---------------------------------------------------------------- feed checks, each message
 
-@pytest.mark.parametrize("change,message", [
-    (lambda f: f.update(tokens=f.pop("input_ids")), "unknown input 'tokens'"),
-    (lambda f: f.pop("past_key_values.1.value"), "missing input 'past_key_values.1.value'"),
-    (lambda f: f.update(input_ids=f["input_ids"].astype(np.int32)), "input 'input_ids' must be int64, got int32"),
-    (lambda f: f.update(attention_mask=f["attention_mask"].astype(np.float32)),
-     "input 'attention_mask' must be bool, got float32"),
-    (lambda f: f.update(position_ids=f["position_ids"][:, 0]), "input 'position_ids' must have rank 3"),
-    (lambda f: f.update(position_ids=np.zeros((2, 3, 3), np.int64)),
-     "input 'position_ids' must have size 2 on axis 1"),
-    (lambda f: f.update(input_ids=f["input_ids"][:1]), "has batch=2 on axis 0, but another input set batch=1"),
-    (lambda f: f.update(attention_mask=np.ones((2, 1, 3, 5), bool)),
-     "input 'attention_mask' must have past_seq + seq = 0 + 3 columns, got 5"),
-])
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda f: f.update(tokens=f.pop("input_ids")), "unknown input 'tokens'"),
+        (lambda f: f.pop("past_key_values.1.value"), "missing input 'past_key_values.1.value'"),
+        (lambda f: f.update(input_ids=f["input_ids"].astype(np.int32)), "input 'input_ids' must be int64, got int32"),
+        (
+            lambda f: f.update(attention_mask=f["attention_mask"].astype(np.float32)),
+            "input 'attention_mask' must be bool, got float32",
+        ),
+        (lambda f: f.update(position_ids=f["position_ids"][:, 0]), "input 'position_ids' must have rank 3"),
+        (
+            lambda f: f.update(position_ids=np.zeros((2, 3, 3), np.int64)),
+            "input 'position_ids' must have size 2 on axis 1",
+        ),
+        (lambda f: f.update(input_ids=f["input_ids"][:1]), "has batch=2 on axis 0, but another input set batch=1"),
+        (
+            lambda f: f.update(attention_mask=np.ones((2, 1, 3, 5), bool)),
+            "input 'attention_mask' must have past_seq + seq = 0 + 3 columns, got 5",
+        ),
+    ],
+)
 def test_bad_feeds_name_the_input(ort, change, message):
     feeds = _feeds(ort.config)
     change(feeds)
@@ -121,6 +137,7 @@ def test_bad_feeds_name_the_input(ort, change, message):
 
 def test_feed_check_is_shared_by_the_torch_session(model):
     from glm_export.reference_session import TorchSession
+
     feeds = _feeds(tiny_config())
     feeds["input_ids"] = feeds["input_ids"].astype(np.int32)
     with pytest.raises(FeedError, match="input 'input_ids' must be int64"):
@@ -134,8 +151,10 @@ def test_check_feeds_accepts_ortvalues(ort):
 
 # ---------------------------------------------------------------- loading: manifest, backends, model folders
 
+
 def _copy(src, dst):
     import shutil
+
     shutil.copytree(src, dst)
     return dst
 
@@ -159,6 +178,7 @@ def test_manifest_io_table_must_follow_its_config(onnx_dir, tmp_path):
 
 def test_a_checkpoint_folder_is_not_an_onnx_model(model, tok_file, tmp_path):
     from glm_export.checkpoint import save_checkpoint
+
     ckpt = save_checkpoint(model, tmp_path / "ckpt", tokenizer_file=tok_file)
     with pytest.raises(ManifestError, match="holds a 'checkpoint' artifact, expected 'onnx'"):
         open_session(ckpt)
@@ -185,6 +205,7 @@ def test_cuda_backend_fills_like_cpu(onnx_dir):
         pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
     from glm_runtime.generate import fill_blanks
     from tests.fill_fixtures import PROMPTS
+
     cpu, tok = open_model(onnx_dir)
     gpu, _ = open_model(onnx_dir, backend="onnxruntime-cuda")
     assert gpu.device == ("cuda", 0)
@@ -199,8 +220,9 @@ def test_open_model_pairs_session_and_tokenizer(onnx_dir):
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tok_file, tmp_path):
-    from glm_runtime.tokenizer import load_tokenizer
     from glm_export.export import ExportError
+    from glm_runtime.tokenizer import load_tokenizer
+
     small = make_model(load_tokenizer(tok_file), vocab_size=256)  # the tokenizer has 300 ids
     with pytest.raises(ExportError, match="has 300 ids .* but the model has 256 embedding rows"):
         export_tiny(small, tmp_path / "small", tok_file)  # refused where it enters, before anything is written
@@ -227,12 +249,14 @@ def test_tokenizer_special_ids_must_match_the_manifest(onnx_dir, tmp_path):
 
 def test_missing_bundled_model_is_a_clear_error(monkeypatch, tmp_path):
     import glm_runtime.session as session_module
+
     monkeypatch.setattr(session_module, "BUNDLED_MODEL", tmp_path / "absent")
     with pytest.raises(ManifestError, match="no model folder given and the bundled model .* is not in this install"):
         open_model()
 
 
 # ---------------------------------------------------------------- the preallocated cache
+
 
 def _cache(batch=2, capacity=4):
     c = tiny_config()
@@ -285,6 +309,7 @@ def test_cache_reorder_and_truncate():
 
 def test_device_array_feeds_are_checked_like_numpy():
     """Any array with .dtype and a tuple .shape (TensorRT's DeviceArray) goes through the same checker."""
+
     class Device:
         def __init__(self, shape, dtype):
             self.shape, self.dtype = tuple(shape), np.dtype(dtype)
@@ -299,6 +324,7 @@ def test_device_array_feeds_are_checked_like_numpy():
 
 def test_a_session_is_a_context_manager_and_refuses_to_run_once_closed(onnx_dir):
     from glm_runtime.generate import fill_blanks
+
     session, tok = open_model(onnx_dir)
     with session as s:
         assert fill_blanks(s, tok, ["the quick [MASK] fox"], max_new_tokens=2)[0].spans

@@ -2,6 +2,7 @@
 the docs/glm.md 4.1 context layout, and each error path. Every vocabulary is built here in tmp folders (nothing
 downloaded).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,16 @@ import pytest
 
 from glm_export.tokenizer_training import train_bpe_tokenizer
 from glm_runtime.tokenizer import (
-    JSON_SPECIAL_TOKENS, BlankError, TokenizerError, build_context_ids, chinese_sp_special_ids,
-    copy_tokenizer_files, find_blanks, load_tokenizer, tokenizer_files)
+    JSON_SPECIAL_TOKENS,
+    BlankError,
+    TokenizerError,
+    build_context_ids,
+    chinese_sp_special_ids,
+    copy_tokenizer_files,
+    find_blanks,
+    load_tokenizer,
+    tokenizer_files,
+)
 
 # ---------------------------------------------------------------- fixtures: vocabularies with the real sizes
 
@@ -28,6 +37,7 @@ WORDS = ["the", "cat", "sat", "on", "mat", "glm", "fills", "blanks", "model", "a
 
 def _byte_alphabet() -> list[str]:
     from tokenizers import pre_tokenizers
+
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
@@ -74,12 +84,25 @@ ZH_CHARS = "我们喜欢模型语言生成填空中文分词测试数据一二�
 def sp_model(tmp_path_factory):
     spm = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
-    lines = [" ".join("".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(1, 4))) if rng.random() < 0.7
-                      else rng.choice(WORDS + ["GLM"]) for _ in range(10)) for _ in range(200)]
+    lines = [
+        " ".join(
+            "".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(1, 4)))
+            if rng.random() < 0.7
+            else rng.choice(WORDS + ["GLM"])
+            for _ in range(10)
+        )
+        for _ in range(200)
+    ]
     model = io.BytesIO()
     # cog-pretrain has <unk> 0, <s> 1, </s> 2, <n> 3 (docs/glm.md 7); same layout, 120 pieces instead of 50000
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=120,
-                                   user_defined_symbols=["<n>"], character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=120,
+        user_defined_symbols=["<n>"],
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     path = tmp_path_factory.mktemp("zh") / "cog-pretrain.model"
     path.write_bytes(model.getvalue())
     return path
@@ -93,7 +116,8 @@ def _corpus(n: int = 300) -> list[str]:
 @pytest.fixture(scope="module")
 def json_file(tmp_path_factory):
     return train_bpe_tokenizer(iter(_corpus()), 400, tmp_path_factory.mktemp("json") / "tokenizer.json").files[
-        "tokenizer.json"]
+        "tokenizer.json"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +132,22 @@ def bert(bert_dir):
 
 # ---------------------------------------------------------------- special-token ids (docs/glm.md 7 tables)
 
+
 def test_gpt2_special_ids_match_spec_table(gpt2):
     assert gpt2.kind == "gpt2"
-    assert gpt2.special == {"pad": 50256, "eos": 50256, "sop": 50257, "eop": 50258, "ENC": 50259, "MASK": 50260,
-                            "sep": 50261, "unk": 50262, "gMASK": 50263, "sMASK": 50264, "dBLOCK": 50265}
+    assert gpt2.special == {
+        "pad": 50256,
+        "eos": 50256,
+        "sop": 50257,
+        "eop": 50258,
+        "ENC": 50259,
+        "MASK": 50260,
+        "sep": 50261,
+        "unk": 50262,
+        "gMASK": 50263,
+        "sMASK": 50264,
+        "dBLOCK": 50265,
+    }
     assert gpt2.mask_ids == (50260, 50264, 50263)
     assert (gpt2.vocab_size, gpt2.padded_vocab_size()) == (50266, 50304)  # V = 50304 for GLM-2B/10B
     assert gpt2.token_to_id("<|startofpiece|>") == 50257 and gpt2.id_to_token(50258) == "<|endofpiece|>"
@@ -124,8 +160,7 @@ def test_gpt2_without_decoder_mask_has_no_dblock(gpt2_dir):
 
 def test_roberta_special_ids_match_spec(roberta_dir):
     tok = load_tokenizer(roberta_dir[0], kind="roberta")
-    assert tok.special == {"pad": 2, "eos": 2, "sep": 2, "ENC": 0, "MASK": 50264, "unk": 3, "sop": 50265,
-                           "eop": 50266}
+    assert tok.special == {"pad": 2, "eos": 2, "sep": 2, "ENC": 0, "MASK": 50264, "unk": 3, "sop": 50265, "eop": 50266}
     assert tok.mask_ids == (50264,) and tok.padded_vocab_size() == 50304
     with_task = load_tokenizer(roberta_dir[0], kind="roberta", task_mask=True)
     assert (with_task.special["gMASK"], with_task.special["sMASK"]) == (50267, 50268)
@@ -138,8 +173,16 @@ def test_roberta_mask_is_the_vocabs_own_mask_id(tmp_path):
 
 
 def test_bert_special_ids_match_spec(bert, bert_dir):
-    assert bert.special == {"pad": 0, "eos": 0, "unk": 100, "ENC": 101, "sep": 102, "MASK": 103, "sop": 30522,
-                            "eop": 30523}
+    assert bert.special == {
+        "pad": 0,
+        "eos": 0,
+        "unk": 100,
+        "ENC": 101,
+        "sep": 102,
+        "MASK": 103,
+        "sop": 30522,
+        "eop": 30523,
+    }
     assert bert.mask_ids == (103,) and (bert.vocab_size, bert.padded_vocab_size()) == (30524, 30592)
     with_task = load_tokenizer(bert_dir[0], task_mask=True)
     assert (with_task.special["gMASK"], with_task.special["sMASK"]) == (30524, 30525)
@@ -147,8 +190,19 @@ def test_bert_special_ids_match_spec(bert, bert_dir):
 
 def test_chinese_formula_gives_spec_table_for_50000():
     fix = chinese_sp_special_ids(50000, fix_command_token=True)
-    assert fix == {"pad": 50000, "eos": 50000, "sep": 50001, "ENC": 50002, "MASK": 50003, "unk": 50004,
-                   "sop": 50006, "eop": 50007, "sMASK": 50008, "gMASK": 50009, "dBLOCK": 50010}
+    assert fix == {
+        "pad": 50000,
+        "eos": 50000,
+        "sep": 50001,
+        "ENC": 50002,
+        "MASK": 50003,
+        "unk": 50004,
+        "sop": 50006,
+        "eop": 50007,
+        "sMASK": 50008,
+        "gMASK": 50009,
+        "dBLOCK": 50010,
+    }
     no_fix = chinese_sp_special_ids(50000, fix_command_token=False)
     assert no_fix == {**fix, "gMASK": 50007, "dBLOCK": 50009}  # gMASK == eop in GLM-10B-Chinese (docs/glm.md 9.12)
     hf = chinese_sp_special_ids(50000, fix_command_token=False, decoder_mask=False, hf_gmask=True)
@@ -179,21 +233,36 @@ def test_chinese_hf_gmask_option(sp_model):
 def test_json_special_ids_are_looked_up_by_string(json_file, tmp_path):
     tok = load_tokenizer(json_file)
     assert tok.kind == "json"
-    assert tok.special == {"pad": 0, "eos": 0, "ENC": 1, "MASK": 2, "sMASK": 3, "gMASK": 4, "sop": 5, "eop": 6,
-                           "sep": 7, "unk": 8, "dBLOCK": 9}
+    assert tok.special == {
+        "pad": 0,
+        "eos": 0,
+        "ENC": 1,
+        "MASK": 2,
+        "sMASK": 3,
+        "gMASK": 4,
+        "sop": 5,
+        "eop": 6,
+        "sep": 7,
+        "unk": 8,
+        "dBLOCK": 9,
+    }
     assert [tok.token_to_id(s) for s in JSON_SPECIAL_TOKENS] == list(range(10))
     # a tokenizer.json with the specials in another order: ids follow the strings, not the positions
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     other = Tokenizer(models.BPE())
     other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    other.train_from_iterator(_corpus(20), trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                               special_tokens=list(reversed(JSON_SPECIAL_TOKENS))))
+    other.train_from_iterator(
+        _corpus(20),
+        trainers.BpeTrainer(vocab_size=300, show_progress=False, special_tokens=list(reversed(JSON_SPECIAL_TOKENS))),
+    )
     other.save(str(tmp_path / "tokenizer.json"))
     reordered = load_tokenizer(tmp_path)
     assert reordered.special["eos"] == 9 and reordered.special["dBLOCK"] == 0 and reordered.special["MASK"] == 7
 
 
 # ---------------------------------------------------------------- encoding: command split and whitespace rule
+
 
 def test_gpt2_encode_golden_and_mask_whitespace_rule(gpt2, gpt2_dir):
     v = gpt2_dir[1]
@@ -256,6 +325,7 @@ def test_roberta_command_strings_map_to_roberta_ids(roberta_dir):
 
 # ---------------------------------------------------------------- the blank-filling context (docs/glm.md 4.1)
 
+
 def test_context_layout_gpt2(gpt2):
     body = gpt2.encode("the [MASK] cat at [MASK] the")
     ids = build_context_ids(gpt2, "the [MASK] cat at [MASK] the")
@@ -300,13 +370,22 @@ def test_context_without_blank_is_refused(gpt2, bert):
 
 # ---------------------------------------------------------------- saving, manifests, training
 
+
 @pytest.mark.parametrize("which", ["gpt2", "bert", "json", "chinese"])
 def test_save_load_round_trip_and_describe(which, gpt2, bert, json_file, sp_model, tmp_path):
-    tok = {"gpt2": lambda: gpt2, "bert": lambda: bert, "json": lambda: load_tokenizer(json_file),
-           "chinese": lambda: load_tokenizer(sp_model, kind="chinese-sp", hf_gmask=True)}[which]()
+    tok = {
+        "gpt2": lambda: gpt2,
+        "bert": lambda: bert,
+        "json": lambda: load_tokenizer(json_file),
+        "chinese": lambda: load_tokenizer(sp_model, kind="chinese-sp", hf_gmask=True),
+    }[which]()
     again = load_tokenizer(tok.save(tmp_path / "saved"))
-    assert (again.kind, again.special, again.options, again.vocab_size) == (tok.kind, tok.special, tok.options,
-                                                                             tok.vocab_size)
+    assert (again.kind, again.special, again.options, again.vocab_size) == (
+        tok.kind,
+        tok.special,
+        tok.options,
+        tok.vocab_size,
+    )
     text = "the cat [MASK] sat"
     assert again.encode(text) == tok.encode(text)
     info = again.describe()
@@ -340,8 +419,11 @@ def test_copied_bpe_pair_loads_alone_and_its_entry_matches_describe(gpt2, gpt2_d
     text = "the cat sat on the mat [MASK] glm"
     assert again.encode(text) == gpt2.encode(text) and gpt2_dir[1]["Ġthe"] in again.encode(text)  # merges read
     described = again.describe()  # hashes computed independently from the loaded tokenizer's own files
-    assert (entry["file"], entry["sha256"], entry["files"]) == (described["file"], described["sha256"],
-                                                               described["files"])
+    assert (entry["file"], entry["sha256"], entry["files"]) == (
+        described["file"],
+        described["sha256"],
+        described["files"],
+    )
 
 
 def test_train_bpe_tokenizer_is_deterministic_and_accepts_files(tmp_path):
@@ -354,11 +436,13 @@ def test_train_bpe_tokenizer_is_deterministic_and_accepts_files(tmp_path):
     assert [c.token_to_id(s) for s in JSON_SPECIAL_TOKENS] == list(range(10))
     # the trained file also strips the space before a blank when used through `tokenizers` directly
     from tokenizers import Tokenizer
+
     raw = Tokenizer.from_file(str(tmp_path / "c.json"))
     assert raw.encode("at [MASK]", add_special_tokens=False).ids == c.encode("at [MASK]")
 
 
 # ---------------------------------------------------------------- errors
+
 
 def test_error_unknown_kind(gpt2_dir):
     with pytest.raises(TokenizerError, match=r"unknown tokenizer kind 'gpt3'; choose one of .*'gpt2'"):
@@ -424,9 +508,11 @@ def test_error_options_that_do_not_apply(gpt2_dir, sp_model, json_file):
 
 def test_error_json_without_glm_specials(tmp_path):
     from tokenizers import Tokenizer, models, trainers
+
     tok = Tokenizer(models.BPE())
-    tok.train_from_iterator(_corpus(20), trainers.BpeTrainer(vocab_size=100, show_progress=False,
-                                                             special_tokens=["<|endoftext|>", "[CLS]"]))
+    tok.train_from_iterator(
+        _corpus(20), trainers.BpeTrainer(vocab_size=100, show_progress=False, special_tokens=["<|endoftext|>", "[CLS]"])
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(TokenizerError, match=r"lacks GLM's special tokens \['\[MASK\]', '<\|startofpiece\|>'"):
         load_tokenizer(tmp_path)
@@ -441,6 +527,7 @@ def test_error_training_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------- dependencies
+
 
 def test_import_and_use_without_torch_or_sentencepiece(gpt2_dir, bert_dir, json_file, sp_model):
     script = f"""

@@ -3,6 +3,7 @@
 The build itself, its parity against ONNX Runtime and the timing cache need TensorRT and a CUDA GPU: those tests
 are marked gpu and skip with the reason elsewhere (no GPU was available where this file was written).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,19 +13,32 @@ from types import SimpleNamespace
 
 import pytest
 
-from glm_runtime.manifest import _seal
-
 from glm_export.trt_build import (
-    EngineBuildError, _load_timing_cache, _network_flags, _save_timing_cache, build_engine, compute_profiles,
+    EngineBuildError,
+    _load_timing_cache,
+    _network_flags,
+    _save_timing_cache,
+    build_engine,
+    compute_profiles,
+    default_timing_cache,
     engine_io,
-    default_timing_cache, engine_manifest, resolve_limits, write_engine_folder,
+    engine_manifest,
+    resolve_limits,
+    write_engine_folder,
 )
 from glm_runtime.config import get_preset
 from glm_runtime.iotable import io_table
 from glm_runtime.manifest import (
-    MANIFEST_NAME, Manifest, ManifestError, load_manifest, sha256_file, staged_folder, write_manifest,
+    ENGINE_FILE,
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    _seal,
+    load_manifest,
+    sha256_file,
+    staged_folder,
+    write_manifest,
 )
-from glm_runtime.manifest import ENGINE_FILE
 from glm_runtime.trt_session import EngineInfo, TensorRTError
 
 
@@ -34,27 +48,31 @@ def onnx_dir(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from glm_export.export import export_onnx
     from glm_export.model import GLMModel
+
     cfg = get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("engine")
     from tests.fill_fixtures import make_tokenizer
+
     tok = make_tokenizer(root / "tokenizer.json").files["tokenizer.json"]  # copied verbatim by the engine stage
-    return export_onnx(GLMModel(cfg).eval(), root / "onnx", precision="fp32", tokenizer_file=tok, validate=False,
-                       log=lambda msg: None)
+    return export_onnx(
+        GLMModel(cfg).eval(), root / "onnx", precision="fp32", tokenizer_file=tok, validate=False, log=lambda msg: None
+    )
 
 
 def _copy_folder(src: Path, dst: Path) -> Path:
     import shutil
+
     shutil.copytree(src, dst)
     return dst
 
 
 # ---------------------------------------------------------------- profiles
 
+
 def test_profiles_golden_tiny(tiny_config):
     """Worked by hand: P=128, max_batch 4, context 32, new 16 -> cache 48 slots; opt past = 8 + 16."""
-    ctx, dec = compute_profiles(tiny_config, max_batch=4, max_context=32, max_new_tokens=16, opt_batch=2,
-                                opt_context=8)
+    ctx, dec = compute_profiles(tiny_config, max_batch=4, max_context=32, max_new_tokens=16, opt_batch=2, opt_context=8)
     assert (ctx.name, dec.name) == ("context", "decode")
     assert ctx.dims == {"batch": (1, 2, 4), "seq": (1, 8, 32), "past_seq": (0, 0, 48), "total_seq": (1, 8, 80)}
     assert dec.dims == {"batch": (1, 2, 4), "seq": (1, 1, 1), "past_seq": (0, 24, 48), "total_seq": (1, 25, 49)}
@@ -66,12 +84,15 @@ def test_profiles_golden_tiny(tiny_config):
     assert dec.shapes["past_key_values.0.key"] == ((1, 4, 0, 16), (2, 4, 24, 16), (4, 4, 48, 16))
 
 
-@pytest.mark.parametrize("preset,kw", [
-    ("glm-tiny", dict(max_batch=1, max_context=100, max_new_tokens=28)),
-    ("glm-tiny", dict(max_batch=8, max_context=1, max_new_tokens=1, opt_batch=8)),
-    ("glm-large", dict(max_batch=16, max_context=384, max_new_tokens=128, opt_batch=4, opt_context=200)),
-    ("glm-10b", dict(max_batch=2, max_context=None, max_new_tokens=256)),
-])
+@pytest.mark.parametrize(
+    "preset,kw",
+    [
+        ("glm-tiny", dict(max_batch=1, max_context=100, max_new_tokens=28)),
+        ("glm-tiny", dict(max_batch=8, max_context=1, max_new_tokens=1, opt_batch=8)),
+        ("glm-large", dict(max_batch=16, max_context=384, max_new_tokens=128, opt_batch=4, opt_context=200)),
+        ("glm-10b", dict(max_batch=2, max_context=None, max_new_tokens=256)),
+    ],
+)
 def test_profiles_are_consistent(preset, kw):
     config = get_preset(preset)
     table = engine_io(io_table(config))  # optional inputs are constants to TensorRT: no profile shapes
@@ -88,8 +109,11 @@ def test_profiles_are_consistent(preset, kw):
                     assert lo[axis] == opt[axis] == hi[axis] == dim
         for k in range(3):  # attention_mask's last dim is past + seq, for min, opt and max alike
             mask = p.shapes["attention_mask"][k]
-            assert mask[-1] == p.dims["past_seq"][k] + p.dims["seq"][k] == p.shapes["past_key_values.0.key"][k][2] \
-                + p.shapes["input_ids"][k][1]
+            assert (
+                mask[-1]
+                == p.dims["past_seq"][k] + p.dims["seq"][k]
+                == p.shapes["past_key_values.0.key"][k][2] + p.shapes["input_ids"][k][1]
+            )
         assert p.dims["batch"][2] == kw["max_batch"] and p.dims["past_seq"][2] == max_context + kw["max_new_tokens"]
     ctx, dec = profiles
     assert ctx.dims["seq"][2] == max_context and ctx.dims["past_seq"][0] == 0  # the prompt pass has no past
@@ -105,27 +129,41 @@ def test_profiles_take_a_manifest_a_config_or_a_dict(tiny_config):
 
 def test_default_context_is_what_the_new_tokens_leave(tiny_config):
     limits = resolve_limits(tiny_config.to_dict(), max_batch=1, max_context=None, max_new_tokens=28)
-    assert limits == {"max_batch": 1, "max_context": 100, "max_new_tokens": 28, "max_past": 128,
-                      "max_sequence_length": 128}
+    assert limits == {
+        "max_batch": 1,
+        "max_context": 100,
+        "max_new_tokens": 28,
+        "max_past": 128,
+        "max_sequence_length": 128,
+    }
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(max_batch=1, max_context=100, max_new_tokens=29),
-     r"max_context 100 \+ max_new_tokens 29 = 129 exceeds the model's max_sequence_length 128"),
-    (dict(max_batch=1, max_context=None, max_new_tokens=128), r"leaves no room for a prompt.*128"),
-    (dict(max_batch=0, max_context=8, max_new_tokens=8), r"max_batch must be an integer >= 1, got 0"),
-    (dict(max_batch=True, max_context=8, max_new_tokens=8), r"max_batch must be an integer >= 1, got True"),
-    (dict(max_batch=1, max_context=0, max_new_tokens=8), r"max_context must be an integer >= 1, got 0"),
-    (dict(max_batch=1, max_context=8, max_new_tokens=-1), r"max_new_tokens must be an integer >= 1, got -1"),
-    (dict(max_batch=2, max_context=8, max_new_tokens=8, opt_batch=3), r"opt_batch 3 must lie in 1..max_batch 2"),
-    (dict(max_batch=2, max_context=8, max_new_tokens=8, opt_context=9), r"opt_context 9 must lie in 1..max_context 8"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (
+            dict(max_batch=1, max_context=100, max_new_tokens=29),
+            r"max_context 100 \+ max_new_tokens 29 = 129 exceeds the model's max_sequence_length 128",
+        ),
+        (dict(max_batch=1, max_context=None, max_new_tokens=128), r"leaves no room for a prompt.*128"),
+        (dict(max_batch=0, max_context=8, max_new_tokens=8), r"max_batch must be an integer >= 1, got 0"),
+        (dict(max_batch=True, max_context=8, max_new_tokens=8), r"max_batch must be an integer >= 1, got True"),
+        (dict(max_batch=1, max_context=0, max_new_tokens=8), r"max_context must be an integer >= 1, got 0"),
+        (dict(max_batch=1, max_context=8, max_new_tokens=-1), r"max_new_tokens must be an integer >= 1, got -1"),
+        (dict(max_batch=2, max_context=8, max_new_tokens=8, opt_batch=3), r"opt_batch 3 must lie in 1..max_batch 2"),
+        (
+            dict(max_batch=2, max_context=8, max_new_tokens=8, opt_context=9),
+            r"opt_context 9 must lie in 1..max_context 8",
+        ),
+    ],
+)
 def test_profiles_refuse_impossible_limits(tiny_config, kw, message):
     with pytest.raises(EngineBuildError, match=message):
         compute_profiles(tiny_config, **kw)
 
 
 # ---------------------------------------------------------------- the engine folder and its manifest
+
 
 def _engine_manifest(onnx_dir: Path, **overrides) -> Manifest:
     parent = load_manifest(onnx_dir, kind="onnx")
@@ -166,6 +204,7 @@ def test_engine_folder_is_all_or_nothing(onnx_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- build_engine refusals (before any GPU work)
+
 
 def test_build_refuses_a_folder_that_is_not_onnx(tmp_path):
     with staged_folder(tmp_path / "ckpt") as stage:
@@ -221,22 +260,29 @@ def test_cli_build_engine_reports_user_errors_in_one_line(onnx_dir, tmp_path):
     from click.testing import CliRunner
 
     from glm_export.cli import main
-    result = CliRunner().invoke(main, ["build-engine", str(onnx_dir), "-o", str(tmp_path / "e"),
-                                       "--max-context", "120", "--max-new-tokens", "16"])
+
+    result = CliRunner().invoke(
+        main,
+        ["build-engine", str(onnx_dir), "-o", str(tmp_path / "e"), "--max-context", "120", "--max-new-tokens", "16"],
+    )
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         "Error: max_context 120 + max_new_tokens 16 = 136 exceeds the model's max_sequence_length 128 (its "
         "position tables and training length): lower --max-context or --max-new-tokens so that they sum to at "
-        "most 128"]
+        "most 128"
+    ]
 
 
 # ---------------------------------------------------------------- TensorRT 10 / 11 feature detection
 
+
 def test_strongly_typed_flag_is_set_only_where_weak_typing_exists():
-    trt10 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1),
-                            BuilderFlag=SimpleNamespace(FP16=0, TF32=6))
-    trt11 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
-                            BuilderFlag=SimpleNamespace(TF32=6))  # FP16 / INT8 removed: always strongly typed
+    trt10 = SimpleNamespace(
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1), BuilderFlag=SimpleNamespace(FP16=0, TF32=6)
+    )
+    trt11 = SimpleNamespace(
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0), BuilderFlag=SimpleNamespace(TF32=6)
+    )  # FP16 / INT8 removed: always strongly typed
     later = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(), BuilderFlag=SimpleNamespace())
     assert (_network_flags(trt10), _network_flags(trt11), _network_flags(later)) == (1 << 1, 0, 0)
 
@@ -260,6 +306,7 @@ class _FakeTimingConfig:
 
             def serialize(self):
                 return self.data + b"+built"
+
         if blob.startswith(b"corrupt"):
             raise RuntimeError("bad timing cache")
         config.last = Cache(blob)
@@ -275,12 +322,15 @@ class _FakeTimingConfig:
         return self.installed
 
 
-@pytest.mark.parametrize("old,state,saved", [
-    (None, "new", b"+built"),
-    (b"mine", "reused", b"mine+mine+built"),
-    (b"other-gpu", "new (the old one came from another", b"+other-gpu+built"),
-    (b"corrupt", "new (the old one came from another", None),
-])
+@pytest.mark.parametrize(
+    "old,state,saved",
+    [
+        (None, "new", b"+built"),
+        (b"mine", "reused", b"mine+mine+built"),
+        (b"other-gpu", "new (the old one came from another", b"+other-gpu+built"),
+        (b"corrupt", "new (the old one came from another", None),
+    ],
+)
 def test_timing_cache_is_reused_replaced_and_saved_atomically(tmp_path, old, state, saved):
     path = tmp_path / "cache" / "trt_timing.cache"
     if old is not None:
@@ -305,19 +355,31 @@ def test_default_timing_cache_location(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- the graph the builder would take
 
+
 def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path, tiny_config):
     pytest.importorskip("glm_export.trt_check", reason="glm_export.trt_check is not in this tree")
     from onnx import TensorProto, helper
+
     # dynamic int8 (ONNX Runtime's MatMulInteger) has no TensorRT parser support: refused before any build
     node = helper.make_node("MatMulInteger", ["a", "b"], ["y"], name="layer0.qkv.matmul_int8")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [2, 4]),
-                                            helper.make_tensor_value_info("b", TensorProto.UINT8, [4, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 3])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [2, 4]),
+            helper.make_tensor_value_info("b", TensorProto.UINT8, [4, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with staged_folder(tmp_path / "onnx") as stage:
         (stage / "model.onnx").write_bytes(model.SerializeToString())
-        write_manifest(stage, Manifest(kind="onnx", config=tiny_config.to_dict(), io=io_table(tiny_config),
-                                       extra={"model_file": "model.onnx"}))
+        write_manifest(
+            stage,
+            Manifest(
+                kind="onnx", config=tiny_config.to_dict(), io=io_table(tiny_config), extra={"model_file": "model.onnx"}
+            ),
+        )
     with pytest.raises(EngineBuildError, match=r"cannot take.*\n  layer0.qkv.matmul_int8 \(MatMulInteger\)"):
         build_engine(tmp_path / "onnx", tmp_path / "engine", max_context=16, max_new_tokens=8)
     assert not (tmp_path / "engine").exists()
@@ -325,18 +387,24 @@ def test_build_refuses_a_graph_tensorrt_cannot_parse(tmp_path, tiny_config):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_trt_check_passes_the_exported_graph(tiny_model, tmp_path, precision):
-    trt_check = pytest.importorskip("glm_export.trt_check", reason="glm_export.trt_check (another engineer's "
-                                    "module) is not in this tree yet; build_engine notes the graph as unchecked")
+    trt_check = pytest.importorskip(
+        "glm_export.trt_check",
+        reason="glm_export.trt_check (another engineer's "
+        "module) is not in this tree yet; build_engine notes the graph as unchecked",
+    )
     from glm_export.export import export_onnx
+
     folder = export_onnx(tiny_model, tmp_path / precision, precision=precision, validate=False, log=lambda m: None)
     assert not trt_check.check_trt(folder / "model.onnx")
 
 
 # ---------------------------------------------------------------- GPU: build, parity, timing cache
 
+
 def _need_tensorrt_gpu():
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'glmx[gpu]' on a GPU machine)")
     from glm_runtime.trt_session import gpu_identity
+
     try:
         gpu_identity(0)
     except TensorRTError as exc:
@@ -351,10 +419,12 @@ def test_build_engine_end_to_end(tiny_model, tmp_path, precision):
 
     from glm_export.export import export_onnx
     from glm_runtime.trt_session import gpu_identity
+
     onnx = export_onnx(tiny_model, tmp_path / "onnx", precision=precision, log=lambda m: None)
     cache = tmp_path / "timing.cache"
-    out = build_engine(onnx, tmp_path / "engine", max_batch=2, max_context=32, max_new_tokens=16,
-                       workspace_gb=1, timing_cache=cache)
+    out = build_engine(
+        onnx, tmp_path / "engine", max_batch=2, max_context=32, max_new_tokens=16, workspace_gb=1, timing_cache=cache
+    )
     m = load_manifest(out, kind="engine")
     assert m.precision == precision and m.extra["tensorrt"]["version"] == tensorrt.__version__
     name, cc = gpu_identity(0)
@@ -363,6 +433,5 @@ def test_build_engine_end_to_end(tiny_model, tmp_path, precision):
     assert m.parity["case"] == {"batch": 2, "context": 8, "decode_steps": 3, "seed": 0}
     assert m.extra["build"]["timing_cache"]["state"] == "new" and cache.stat().st_size > 0
     # a second build reuses the cache it left behind
-    again = build_engine(onnx, tmp_path / "engine2", max_batch=2, max_context=32, max_new_tokens=16,
-                         timing_cache=cache)
+    again = build_engine(onnx, tmp_path / "engine2", max_batch=2, max_context=32, max_new_tokens=16, timing_cache=cache)
     assert load_manifest(again, kind="engine").extra["build"]["timing_cache"]["state"] == "reused"

@@ -1,6 +1,7 @@
 """The TensorRT session: what it refuses (other TensorRT / GPU, missing packages, bad feeds, calls beyond the
 engine's profiles) is tested everywhere; running an engine and its device-resident KV cache needs a GPU.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -12,16 +13,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from glm_runtime.manifest import _seal
-
 from glm_export.trt_build import compute_profiles, engine_io, resolve_limits
 from glm_runtime import trt_memory, trt_session
 from glm_runtime.iotable import io_table
-from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, staged_folder, write_manifest
+from glm_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, _seal, staged_folder, write_manifest
 from glm_runtime.session import FeedError
 from glm_runtime.trt_session import (
-    ENGINE_FILE, DeviceArray, EngineInfo, Profile, TensorRTError, TensorRTSession, check_engine_compatibility,
-    feed_dims, select_profile,
+    ENGINE_FILE,
+    DeviceArray,
+    EngineInfo,
+    Profile,
+    TensorRTError,
+    TensorRTSession,
+    check_engine_compatibility,
+    feed_dims,
+    select_profile,
 )
 
 BUILT_ON = {"trt_version": "10.7.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -34,12 +40,21 @@ def _engine_folder(path, config, **facts):
     profiles = compute_profiles(config, max_batch=4, max_context=32, max_new_tokens=16)
     with staged_folder(path) as stage:
         (stage / ENGINE_FILE).write_bytes(b"not a real engine")
-        write_manifest(stage, Manifest(
-            kind="engine", config=config.to_dict(), io=engine_io(io_table(config)),
-            parity={"stage": "build-engine", "passed": True, "note": "stand-in record"},
-            extra={"tensorrt": {"version": facts["trt_version"]},
-                   "gpu": {"name": facts["gpu_name"], "compute_capability": facts["compute_capability"]},
-                   "profiles": [p.to_dict() for p in profiles], "limits": limits}))
+        write_manifest(
+            stage,
+            Manifest(
+                kind="engine",
+                config=config.to_dict(),
+                io=engine_io(io_table(config)),
+                parity={"stage": "build-engine", "passed": True, "note": "stand-in record"},
+                extra={
+                    "tensorrt": {"version": facts["trt_version"]},
+                    "gpu": {"name": facts["gpu_name"], "compute_capability": facts["compute_capability"]},
+                    "profiles": [p.to_dict() for p in profiles],
+                    "limits": limits,
+                },
+            ),
+        )
     return path
 
 
@@ -55,18 +70,24 @@ def _pretend(monkeypatch, trt_version="10.7.0", gpu=("NVIDIA H100 80GB HBM3", "9
 
 
 def test_importing_the_module_imports_no_gpu_stack():
-    code = ("import sys, glm_runtime.trt_session, glm_runtime.session; "
-            "print(sorted(m for m in ('tensorrt', 'torch', 'cuda', 'onnxruntime', 'glm_export') if m in sys.modules))")
+    code = (
+        "import sys, glm_runtime.trt_session, glm_runtime.session; "
+        "print(sorted(m for m in ('tensorrt', 'torch', 'cuda', 'onnxruntime', 'glm_export') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 # ---------------------------------------------------------------- refusals before any GPU work
 
+
 def test_missing_tensorrt_and_cuda_python_are_named_with_the_fix(engine_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(TensorRTError, match=r"TensorRT is not installed.*pip install 'glmx\[gpu\]' on a machine "
-                                            r"with an NVIDIA GPU"):
+    with pytest.raises(
+        TensorRTError,
+        match=r"TensorRT is not installed.*pip install 'glmx\[gpu\]' on a machine "
+        r"with an NVIDIA GPU",
+    ):
         TensorRTSession(engine_dir)
     monkeypatch.setitem(sys.modules, "cuda", None)
     with pytest.raises(TensorRTError, match=r"cuda-python is not installed.*glmx\[gpu\]"):
@@ -75,24 +96,34 @@ def test_missing_tensorrt_and_cuda_python_are_named_with_the_fix(engine_dir, mon
 
 def test_engine_from_another_tensorrt_version_is_refused(engine_dir, monkeypatch):
     _pretend(monkeypatch, trt_version="10.9.0")
-    with pytest.raises(TensorRTError, match=r"built by TensorRT 10.7.0 and this machine has TensorRT 10.9.0.*"
-                                            r"Rebuild it on this machine with glmx build-engine"):
+    with pytest.raises(
+        TensorRTError,
+        match=r"built by TensorRT 10.7.0 and this machine has TensorRT 10.9.0.*"
+        r"Rebuild it on this machine with glmx build-engine",
+    ):
         TensorRTSession(engine_dir)
 
 
 def test_engine_for_another_gpu_is_refused(engine_dir, monkeypatch):
     _pretend(monkeypatch, gpu=("NVIDIA A100-SXM4-80GB", "8.0"))
-    with pytest.raises(TensorRTError, match=r"built for compute capability 9.0 \(NVIDIA H100 80GB HBM3\) and this "
-                                            r"GPU is 8.0 \(NVIDIA A100-SXM4-80GB\)"):
+    with pytest.raises(
+        TensorRTError,
+        match=r"built for compute capability 9.0 \(NVIDIA H100 80GB HBM3\) and this "
+        r"GPU is 8.0 \(NVIDIA A100-SXM4-80GB\)",
+    ):
         TensorRTSession(engine_dir)
     _pretend(monkeypatch, gpu=("NVIDIA H100 PCIe", "9.0"))
-    with pytest.raises(TensorRTError, match=r"built on a NVIDIA H100 80GB HBM3 and this GPU is a NVIDIA H100 PCIe "
-                                            r"\(same compute capability: pass strict_gpu=False"):
+    with pytest.raises(
+        TensorRTError,
+        match=r"built on a NVIDIA H100 80GB HBM3 and this GPU is a NVIDIA H100 PCIe "
+        r"\(same compute capability: pass strict_gpu=False",
+    ):
         TensorRTSession(engine_dir)
 
 
 def test_every_reason_is_given_and_strict_gpu_only_relaxes_the_name(engine_dir):
     from glm_runtime.manifest import load_manifest
+
     info = EngineInfo.from_manifest(load_manifest(engine_dir, kind="engine"))
     with pytest.raises(TensorRTError) as exc:
         check_engine_compatibility(info, "11.0.0", "NVIDIA L4", "8.9")
@@ -129,12 +160,14 @@ def test_engine_folders_are_checked_before_tensorrt(engine_dir, tmp_path, tiny_c
 
 def test_open_session_reaches_the_tensorrt_backend(engine_dir, monkeypatch):
     from glm_runtime.session import open_session
+
     _pretend(monkeypatch, trt_version="10.8.0")
     with pytest.raises(TensorRTError, match="built by TensorRT 10.7.0"):
         open_session(engine_dir, backend="tensorrt")
 
 
 # ---------------------------------------------------------------- profiles and feeds (pure python)
+
 
 def test_profile_round_trips_through_the_manifest_json(tiny_config):
     for p in compute_profiles(tiny_config, max_batch=2, max_context=16, max_new_tokens=8):
@@ -157,8 +190,11 @@ def test_calls_go_to_the_profile_their_shape_fits(tiny_config):
 
 def _feeds(config, batch=2, seq=3, past=5, kv=np.float32):
     n, d = config.num_attention_heads, config.head_dim
-    feeds = {"input_ids": np.zeros((batch, seq), np.int64), "position_ids": np.zeros((batch, 2, seq), np.int64),
-             "attention_mask": np.ones((batch, 1, seq, past + seq), bool)}
+    feeds = {
+        "input_ids": np.zeros((batch, seq), np.int64),
+        "position_ids": np.zeros((batch, 2, seq), np.int64),
+        "attention_mask": np.ones((batch, 1, seq, past + seq), bool),
+    }
     for i in range(config.num_layers):
         for part in ("key", "value"):  # the cache as the device cache hands it over: pointers, not arrays
             feeds[f"past_key_values.{i}.{part}"] = DeviceArray(None, 0, (batch, n, past, d), kv)
@@ -186,10 +222,11 @@ def test_outputs_of_an_earlier_run_cannot_be_read_after_the_next(tiny_config):
     assert out.ptr == 1234 and out.nbytes == 256
     session._epoch = 2
     with pytest.raises(TensorRTError, match="overwritten by a later run"):
-        out.ptr
+        out.ptr  # noqa: B018 - reading the property is what raises
 
 
 # ---------------------------------------------------------------- GPU: a real engine against ONNX Runtime
+
 
 def _need_tensorrt_gpu():
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'glmx[gpu]' on a GPU machine)")
@@ -204,16 +241,18 @@ def built(tmp_path_factory):
     """(onnx folder, engine folder) of glm-tiny fp32, built on this GPU."""
     _need_tensorrt_gpu()
     torch = pytest.importorskip("torch")
-    from glm_export.trt_build import build_engine
     from glm_export.export import export_onnx
     from glm_export.model import GLMModel
+    from glm_export.trt_build import build_engine
     from glm_runtime.config import get_preset
+
     torch.manual_seed(0)
     model = GLMModel(get_preset("glm-tiny").replace(hidden_dropout=0.0, attention_dropout=0.0)).eval()
     root = tmp_path_factory.mktemp("trt")
     onnx = export_onnx(model, root / "onnx", precision="fp32", log=lambda m: None)
-    engine = build_engine(onnx, root / "engine", max_batch=4, max_context=32, max_new_tokens=16,
-                          timing_cache=root / "timing.cache")
+    engine = build_engine(
+        onnx, root / "engine", max_batch=4, max_context=32, max_new_tokens=16, timing_cache=root / "timing.cache"
+    )
     return onnx, engine
 
 
@@ -222,6 +261,7 @@ def test_engine_matches_onnx_runtime_through_the_device_cache(built):
     from glm_export.compare import TOLERANCES
     from glm_runtime import steps
     from glm_runtime.session import open_session
+
     onnx, engine = built
     ref, trt = open_session(onnx, "onnxruntime"), open_session(engine, "tensorrt")
     assert trt.inputs == [e for e in ref.inputs if "default" not in e]  # logits_start is a constant to TensorRT
@@ -243,7 +283,9 @@ def test_engine_matches_onnx_runtime_through_the_device_cache(built):
         tokens = want.argmax(-1)
     assert trt_cache.capacity >= ref_cache.filled.max() and trt_cache.grown >= 1
     np.testing.assert_array_equal(trt_cache.filled, ref_cache.filled)
-    np.testing.assert_array_equal(trt_cache.visible[:, :ref_cache.capacity], ref_cache.visible[:, :trt_cache.capacity])
+    np.testing.assert_array_equal(
+        trt_cache.visible[:, : ref_cache.capacity], ref_cache.visible[:, : trt_cache.capacity]
+    )
     host = trt_cache.to_host()
     used = int(ref_cache.filled.max())
     for name, value in ref_cache.feeds().items():
@@ -262,13 +304,22 @@ def test_engine_matches_onnx_runtime_through_the_device_cache(built):
 @pytest.mark.gpu
 def test_run_returns_host_arrays_when_asked_and_refuses_calls_beyond_the_profiles(built):
     from glm_runtime.session import open_session
+
     onnx, engine = built
     ref, trt = open_session(onnx, "onnxruntime"), open_session(engine, "tensorrt")
     c = trt.config
-    feeds = {"input_ids": np.arange(1, 7, dtype=np.int64)[None], "position_ids": np.zeros((1, 2, 6), np.int64),
-             "attention_mask": np.ones((1, 1, 6, 6), bool)}
-    feeds.update({e["name"]: np.zeros((1, c.num_attention_heads, 0, c.head_dim), np.float32)
-                  for e in trt.inputs if e["name"].startswith("past_key_values.")})
+    feeds = {
+        "input_ids": np.arange(1, 7, dtype=np.int64)[None],
+        "position_ids": np.zeros((1, 2, 6), np.int64),
+        "attention_mask": np.ones((1, 1, 6, 6), bool),
+    }
+    feeds.update(
+        {
+            e["name"]: np.zeros((1, c.num_attention_heads, 0, c.head_dim), np.float32)
+            for e in trt.inputs
+            if e["name"].startswith("past_key_values.")
+        }
+    )
     want, got = ref.run(feeds), trt.run(feeds, host_outputs=True)
     assert all(isinstance(v, np.ndarray) for v in got.values())
     for name, value in want.items():
@@ -276,8 +327,12 @@ def test_run_returns_host_arrays_when_asked_and_refuses_calls_beyond_the_profile
     device = trt.run(feeds)
     assert isinstance(device["present.0.key"], DeviceArray) and isinstance(device["logits"], np.ndarray)
     np.testing.assert_allclose(np.asarray(device["present.0.key"]), want["present.0.key"], atol=1e-4)
-    too_long = {**feeds, "input_ids": np.zeros((1, 33), np.int64), "position_ids": np.zeros((1, 2, 33), np.int64),
-                "attention_mask": np.ones((1, 1, 33, 33), bool)}
+    too_long = {
+        **feeds,
+        "input_ids": np.zeros((1, 33), np.int64),
+        "position_ids": np.zeros((1, 2, 33), np.int64),
+        "attention_mask": np.ones((1, 1, 33, 33), bool),
+    }
     with pytest.raises(TensorRTError, match="seq=33 not in 1..32.*--max-context"):
         trt.run(too_long)
     trt.close()
@@ -286,6 +341,7 @@ def test_run_returns_host_arrays_when_asked_and_refuses_calls_beyond_the_profile
 @pytest.mark.gpu
 def test_a_real_engine_from_another_tensorrt_version_is_refused(built, tmp_path):
     import shutil
+
     _, engine = built
     copy = shutil.copytree(engine, tmp_path / "engine")
     data = json.loads((copy / MANIFEST_NAME).read_text())
@@ -299,6 +355,7 @@ def test_a_real_engine_from_another_tensorrt_version_is_refused(built, tmp_path)
 # cuda-python and TensorRT replaced by host memory and ONNX Runtime. This proves glmx's part (binding, scratch
 # buffers, the strided slot writes of the device cache, growth, beam reorders, profile choice) exactly, with
 # every "device" access bounds-checked; it proves nothing about TensorRT itself (the gpu tests above do that).
+
 
 class _HostCudart:
     """cuda-python's runtime calls over host memory: a "device pointer" is the address of a numpy block."""
@@ -353,6 +410,7 @@ class _HostCudart:
 
 class _HostTensorRT:
     """The TensorRT calls the session makes; the "engine" is a JSON plan naming an ONNX file and the profiles."""
+
     __version__ = "10.7.0"
     TensorIOMode = SimpleNamespace(INPUT="input", OUTPUT="output")
 
@@ -372,6 +430,7 @@ class _HostTensorRT:
 
             def deserialize_cuda_engine(self, plan):
                 return _HostEngine(json.loads(bytes(plan)), outer.cudart)
+
         self.Runtime = Runtime
 
     @staticmethod
@@ -379,18 +438,26 @@ class _HostTensorRT:
         return np.dtype(dtype).type
 
 
-_ORT_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-              "tensor(bool)": "bool"}
+_ORT_NUMPY = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
 
 
 class _HostEngine:
     def __init__(self, plan, cudart):
         import onnxruntime as ort
+
         self.ort = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
         self.profiles = [Profile.from_dict(p) for p in plan["profiles"]]
         self.cudart = cudart
-        self.io = {v.name: (mode, _ORT_NUMPY[v.type], v.shape) for mode, vs in
-                   (("input", self.ort.get_inputs()), ("output", self.ort.get_outputs())) for v in vs}
+        self.io = {
+            v.name: (mode, _ORT_NUMPY[v.type], v.shape)
+            for mode, vs in (("input", self.ort.get_inputs()), ("output", self.ort.get_outputs()))
+            for v in vs
+        }
         self.num_io_tensors, self.num_optimization_profiles = len(self.io), len(self.profiles)
 
     def get_tensor_name(self, i):
@@ -448,16 +515,25 @@ class _HostContext:
 @pytest.fixture
 def stand_in(tiny_model, tmp_path, monkeypatch):
     """(ONNX folder, engine folder whose "plan" runs on the stand-in, the stand-in cudart)."""
-    from glm_export.trt_build import engine_manifest, write_engine_folder
     from glm_export.export import export_onnx
+    from glm_export.trt_build import engine_manifest, write_engine_folder
     from glm_runtime.manifest import load_manifest
+
     onnx = export_onnx(tiny_model, tmp_path / "onnx", precision="fp32", validate=False, log=lambda m: None)
     parent = load_manifest(onnx, kind="onnx")
     profiles = compute_profiles(parent, max_batch=4, max_context=32, max_new_tokens=16)
     limits = resolve_limits(parent.config, max_batch=4, max_context=32, max_new_tokens=16)
     plan = json.dumps({"onnx": str(onnx / "model.onnx"), "profiles": [p.to_dict() for p in profiles]}).encode()
-    manifest = engine_manifest(parent, onnx, trt_version="10.7.0", gpu_name="Host stand-in", compute_capability="0.0",
-                               profiles=profiles, limits=limits, build={})
+    manifest = engine_manifest(
+        parent,
+        onnx,
+        trt_version="10.7.0",
+        gpu_name="Host stand-in",
+        compute_capability="0.0",
+        profiles=profiles,
+        limits=limits,
+        build={},
+    )
     manifest.parity = {"stage": "build-engine", "passed": True, "note": "stand-in record"}
     engine = write_engine_folder(tmp_path / "engine", plan, onnx, manifest)
     cudart = _HostCudart()
@@ -469,13 +545,15 @@ def stand_in(tiny_model, tmp_path, monkeypatch):
 def test_session_and_device_cache_logic_on_the_stand_in(stand_in):
     from glm_runtime import steps
     from glm_runtime.session import open_session
+
     onnx, engine, cudart = stand_in
     ref, trt = open_session(onnx, "onnxruntime"), open_session(engine, "tensorrt")
     rng = np.random.default_rng(1)
     contexts = [rng.integers(8, 500, size=n).tolist() for n in (9, 5, 12)]  # ragged, right-padded
     ref_cache, trt_cache = ref.new_cache(3, 14), trt.new_cache(3, 14)
-    np.testing.assert_array_equal(steps.context_pass(trt, trt_cache, contexts, 0),
-                                  steps.context_pass(ref, ref_cache, contexts, 0))
+    np.testing.assert_array_equal(
+        steps.context_pass(trt, trt_cache, contexts, 0), steps.context_pass(ref, ref_cache, contexts, 0)
+    )
     tokens = np.zeros(3, np.int64)
     for t in range(14):  # row 1 finishes early and must keep its cache; rows grow the cache past 14 slots
         positions = np.array([[[len(c) - 1], [t + 1]] for c in contexts], dtype=np.int64)
@@ -487,8 +565,9 @@ def test_session_and_device_cache_logic_on_the_stand_in(stand_in):
         if t == 8:  # a beam-search reorder halfway, then an uneven chunk (prefill_span) on every row
             ref_cache.reorder([2, 0, 0])
             trt_cache.reorder([2, 0, 0])
-            np.testing.assert_array_equal(steps.prefill_span(trt, trt_cache, [4, 9, 10], 3),
-                                          steps.prefill_span(ref, ref_cache, [4, 9, 10], 3))
+            np.testing.assert_array_equal(
+                steps.prefill_span(trt, trt_cache, [4, 9, 10], 3), steps.prefill_span(ref, ref_cache, [4, 9, 10], 3)
+            )
     # both grew twice (14 -> 28 -> ...): the host cache to 56, the device cache only to the engine's 48
     assert (trt_cache.grown, ref_cache.grown, trt_cache.capacity, ref_cache.capacity) == (2, 2, 48, 56)
     assert int(ref_cache.filled.max()) <= 48 and not ref_cache.visible[:, 48:].any()
@@ -505,21 +584,33 @@ def test_session_and_device_cache_logic_on_the_stand_in(stand_in):
 
 def test_outputs_stay_on_the_device_and_calls_outside_the_profiles_are_refused(stand_in):
     from glm_runtime.session import open_session
+
     _, engine, _ = stand_in
     trt = open_session(engine, "tensorrt")
     c = trt.config
-    empty = {e["name"]: np.zeros((1, c.num_attention_heads, 0, c.head_dim), np.float32)
-             for e in trt.inputs if e["name"].startswith("past_key_values.")}
-    feeds = {"input_ids": np.arange(1, 7, dtype=np.int64)[None], "position_ids": np.zeros((1, 2, 6), np.int64),
-             "attention_mask": np.ones((1, 1, 6, 6), bool), **empty}
+    empty = {
+        e["name"]: np.zeros((1, c.num_attention_heads, 0, c.head_dim), np.float32)
+        for e in trt.inputs
+        if e["name"].startswith("past_key_values.")
+    }
+    feeds = {
+        "input_ids": np.arange(1, 7, dtype=np.int64)[None],
+        "position_ids": np.zeros((1, 2, 6), np.int64),
+        "attention_mask": np.ones((1, 1, 6, 6), bool),
+        **empty,
+    }
     first = trt.run(feeds)
     assert isinstance(first["present.1.value"], DeviceArray) and isinstance(first["logits"], np.ndarray)
     host = trt.run(feeds, host_outputs=True)
     assert isinstance(host["present.1.value"], np.ndarray)
     with pytest.raises(TensorRTError, match="overwritten by a later run"):
         np.asarray(first["present.1.value"])
-    long = {**feeds, "input_ids": np.zeros((1, 33), np.int64), "position_ids": np.zeros((1, 2, 33), np.int64),
-            "attention_mask": np.ones((1, 1, 33, 33), bool)}
+    long = {
+        **feeds,
+        "input_ids": np.zeros((1, 33), np.int64),
+        "position_ids": np.zeros((1, 2, 33), np.int64),
+        "attention_mask": np.ones((1, 1, 33, 33), bool),
+    }
     with pytest.raises(TensorRTError, match=r"seq=33 not in 1..32.*--max-context"):
         trt.run(long)
     trt.close()
@@ -527,9 +618,11 @@ def test_outputs_stay_on_the_device_and_calls_outside_the_profiles_are_refused(s
 
 def test_build_parity_figures_on_the_stand_in(stand_in):
     from glm_export.trt_build import measure_parity
+
     onnx, engine, _ = stand_in
     session = TensorRTSession(engine)
     from glm_runtime.manifest import load_manifest
+
     result = measure_parity(session, onnx, load_manifest(engine).extra["limits"]).to_dict()
     # the stand-in runs ONNX Runtime on a capacity-sized device cache: only summation order differs
     assert result["passed"] and result["max_abs_diff"]["logits"] <= 1e-5 and result["top1_agreement"] == 1.0
@@ -544,6 +637,7 @@ def test_cloze_scoring_runs_on_an_engine_in_one_call_or_in_single_token_steps(st
     from glm_runtime import cloze, score
     from glm_runtime.session import open_session
     from tests.fill_fixtures import make_tokenizer
+
     onnx, engine, _ = stand_in
     tok = make_tokenizer(tmp_path / "tokenizer.json")
     trt, ref = open_session(engine, "tensorrt"), open_session(onnx, "onnxruntime")
@@ -564,11 +658,12 @@ def test_the_serving_engine_runs_on_an_engine_within_its_profiles(stand_in, tmp_
     """runtime/engine.py on the TensorRT session (device cache, every row fed): staggered requests give ONNX
     Runtime's one-by-one tokens; more rows than the profile's batch, or a request past its max past, are refused."""
     from glm_runtime.engine import Engine, EngineError
-    from glm_runtime.requests import FillRequest
     from glm_runtime.generate import fill_blanks
+    from glm_runtime.requests import FillRequest
     from glm_runtime.sampling import GenerationError
     from glm_runtime.session import open_session
     from tests.fill_fixtures import make_tokenizer
+
     onnx, engine, _ = stand_in
     tok = make_tokenizer(tmp_path / "tokenizer.json")
     trt, ref = open_session(engine, "tensorrt"), open_session(onnx, "onnxruntime")
@@ -576,8 +671,13 @@ def test_the_serving_engine_runs_on_an_engine_within_its_profiles(stand_in, tmp_
         Engine(trt, tok, rows=5)
     served = Engine(trt, tok, rows=3)
     assert not served.cache.sliceable
-    prompts = ["the quick [MASK] fox", "a stitch [MASK] nine", "all [MASK] is [MASK] gold", "where there [MASK]",
-               "[MASK] over the lazy dog"]
+    prompts = [
+        "the quick [MASK] fox",
+        "a stitch [MASK] nine",
+        "all [MASK] is [MASK] gold",
+        "where there [MASK]",
+        "[MASK] over the lazy dog",
+    ]
     requests = []
     for step in range(200):
         if step % 2 == 0 and len(requests) < len(prompts):
@@ -589,5 +689,7 @@ def test_the_serving_engine_runs_on_an_engine_within_its_profiles(stand_in, tmp_
         (alone,) = fill_blanks(ref, tok, [prompt], max_new_tokens=4)
         assert request.result.tokens == alone.tokens
     with pytest.raises(GenerationError, match="TensorRT engine was built for at most 48"):
-        served.submit(FillRequest.make("the quick brown fox jumps over the lazy dog " * 3 + "[MASK]", max_new_tokens=16))
+        served.submit(
+            FillRequest.make("the quick brown fox jumps over the lazy dog " * 3 + "[MASK]", max_new_tokens=16)
+        )
     trt.close()

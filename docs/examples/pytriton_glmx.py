@@ -11,6 +11,7 @@ Inputs: PROMPT (BYTES [1]), MAX_NEW_TOKENS (INT32 [1], optional, default 32). Ou
 text), SPANS (BYTES [1], JSON: the spans as `glmx fill --json` gives them). A bad prompt answers Triton's error
 with glmx's message. Tested by tests/test_serve_triton.py where PyTriton is installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,35 +43,60 @@ def make_infer(loop: EngineLoop):
                 if event.kind in ("result", "cancelled", "timeout", "failed"):
                     box["event"] = event
                     done.set()
-            loop.submit(FillRequest.make(prompt, max_new_tokens=max_new), on_event)  # a bad request raises: Triton answers its error
+
+            loop.submit(
+                FillRequest.make(prompt, max_new_tokens=max_new), on_event
+            )  # a bad request raises: Triton answers its error
             done.wait()
             event = box["event"]
             if event.kind != "result":
                 raise RuntimeError(f"{event.kind}: {event.text}")
             spans = [dataclasses.asdict(s) for s in event.result.spans]
-            answers.append({"TEXT": np.array([event.result.text.encode()], dtype=np.object_),
-                            "SPANS": np.array([json.dumps(spans).encode()], dtype=np.object_)})
+            answers.append(
+                {
+                    "TEXT": np.array([event.result.text.encode()], dtype=np.object_),
+                    "SPANS": np.array([json.dumps(spans).encode()], dtype=np.object_),
+                }
+            )
         return answers
+
     return infer
 
 
-def serve(model: str | None, rows: int, http_port: int, grpc_port: int, metrics_port: int,
-          ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+def serve(
+    model: str | None,
+    rows: int,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> None:
     """Run Triton with the glmx model until interrupted (or until `stop` is set, for tests)."""
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
+
     session, tok = open_model(model)
     loop = EngineLoop(Engine(session, tok, rows=rows, max_waiting=4 * rows))
-    config = TritonConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          http_address="127.0.0.1", grpc_address="127.0.0.1")
+    config = TritonConfig(
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        http_address="127.0.0.1",
+        grpc_address="127.0.0.1",
+    )
     try:
         with Triton(config=config) as triton:
-            triton.bind(model_name="glmx", infer_func=[make_infer(loop) for _ in range(rows)],
-                        inputs=[Tensor(name="PROMPT", dtype=bytes, shape=(1,)),
-                                Tensor(name="MAX_NEW_TOKENS", dtype=np.int32, shape=(1,), optional=True)],
-                        outputs=[Tensor(name="TEXT", dtype=bytes, shape=(1,)),
-                                 Tensor(name="SPANS", dtype=bytes, shape=(1,))],
-                        config=ModelConfig(batching=False))
+            triton.bind(
+                model_name="glmx",
+                infer_func=[make_infer(loop) for _ in range(rows)],
+                inputs=[
+                    Tensor(name="PROMPT", dtype=bytes, shape=(1,)),
+                    Tensor(name="MAX_NEW_TOKENS", dtype=np.int32, shape=(1,), optional=True),
+                ],
+                outputs=[Tensor(name="TEXT", dtype=bytes, shape=(1,)), Tensor(name="SPANS", dtype=bytes, shape=(1,))],
+                config=ModelConfig(batching=False),
+            )
             if stop is None:
                 triton.serve()
             else:

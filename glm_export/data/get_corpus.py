@@ -8,6 +8,7 @@ Both sources are reduced to running prose, so a model of a few million weights s
 not on layout: hard-wrapped lines are joined, whitespace runs become one space, fortunes lose their
 "-- Author" attribution lines, and fortunes that are mostly pictures, tables or numbers are dropped.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ def install_packages() -> None:
     missing = [p for p in PACKAGES if not package_version(p)]
     if missing:
         subprocess.run(["apt-get", "update"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+            check=True,
+            env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
 
 
 def clean_fortune(text: str) -> str:
@@ -99,13 +103,18 @@ def extract(out_dir: Path) -> dict:
     for src in sorted(FORTUNES.iterdir()):
         if src.suffix or src.is_dir() or src.is_symlink() or src.name in NOT_PROSE:
             continue  # skip .dat indexes, .u8 variants and pictures
-        pieces = [clean_fortune(p) for p in re.split(r"^%$", src.read_text(encoding="utf-8", errors="replace"),
-                                                     flags=re.M)]
+        pieces = [
+            clean_fortune(p) for p in re.split(r"^%$", src.read_text(encoding="utf-8", errors="replace"), flags=re.M)
+        ]
         pieces = [p for p in pieces if p]
         (fort_dir / f"{src.name}.txt").write_text("\n\n".join(pieces) + "\n", encoding="utf-8")
         total += sum(len(p.encode()) for p in pieces)
-    info = {"packages": {p: package_version(p) for p in PACKAGES}, "bytes": total, "cleaning": CLEANING,
-            "documents": "python-docs: one file = one document; fortunes: blank-line separated fortunes"}
+    info = {
+        "packages": {p: package_version(p) for p in PACKAGES},
+        "bytes": total,
+        "cleaning": CLEANING,
+        "documents": "python-docs: one file = one document; fortunes: blank-line separated fortunes",
+    }
     (out_dir / "corpus.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 

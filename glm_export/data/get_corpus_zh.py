@@ -13,6 +13,7 @@ code, lists, boxes and footnotes; fortunes with too few CJK characters are dropp
 document longer than MAX_CHARS is cut at the last sentence end (。！？) before it. Documents are taken in file
 order until the file passes TARGET_BYTES, so the same package version always gives a byte-identical file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,11 @@ def package_version(name: str) -> str:
 def install_package() -> None:
     if not package_version(PACKAGE):
         subprocess.run(["apt-get", "update"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", PACKAGE], check=True,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", PACKAGE],
+            check=True,
+            env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
 
 
 def join(a: str, b: str) -> str:
@@ -107,7 +111,7 @@ def clean_fortune(text: str) -> str:
     prose = " ".join(_FOOTMARK.sub("", prose).split())
     if len(prose) > MAX_CHARS:
         ends = [m.end() for m in _SENTENCE_END.finditer(prose, 0, MAX_CHARS)]
-        prose = prose[:ends[-1]] if ends else ""
+        prose = prose[: ends[-1]] if ends else ""
     chars = [c for c in prose if not c.isspace()]
     if sum(_ideograph(c) for c in chars) < MIN_CJK or sum(_cjk(c) for c in chars) < MIN_CJK_SHARE * len(chars):
         return ""
