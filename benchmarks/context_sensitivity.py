@@ -17,7 +17,7 @@ import torch
 
 from glm_export.checkpoint import load_checkpoint
 from glm_export.collator import BlockCollator
-from glm_export.evaluate import _settings
+from glm_export.evaluate import pretraining_settings
 from glm_export.pretrain import (
     batch_to_tensors,
     cut_samples,
@@ -35,7 +35,7 @@ SPANS_PER_SAMPLE = 4
 @torch.no_grad()
 def sensitivity(checkpoint: str, corpus: str, samples: int = 8, seed: int = 0) -> dict[str, float]:
     loaded = load_checkpoint(checkpoint)
-    model, s = loaded.model.float().eval(), _settings(loaded.manifest)
+    model, s = loaded.model.float().eval(), pretraining_settings(loaded.manifest)
     tok, sp = load_corpus_tokenizer(loaded.tokenizer_file), layout_special_ids()
     _, held_docs = split_documents(read_documents(corpus), s.heldout_fraction)
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)

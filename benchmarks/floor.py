@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     fn()  # warm-up: page faults, thread pool start
     times = []
     for _ in range(repeats):
@@ -81,16 +81,16 @@ def measure_bandwidth(megabytes: int = 256, threads: int = 2, repeats: int = 7) 
         for w in workers:
             w.join()
 
-    kernels = {"numpy_sum_1_thread": a.nbytes / _median_seconds(lambda: a.sum(), repeats)}
+    kernels = {"numpy_sum_1_thread": a.nbytes / median_seconds(lambda: a.sum(), repeats)}
     if threads > 1:
-        kernels["numpy_sum_threads"] = a.nbytes / _median_seconds(parallel_sum, repeats)
+        kernels["numpy_sum_threads"] = a.nbytes / median_seconds(parallel_sum, repeats)
     b = np.empty_like(a)
-    copy = 2 * a.nbytes / _median_seconds(lambda: np.copyto(b, a), repeats)
+    copy = 2 * a.nbytes / median_seconds(lambda: np.copyto(b, a), repeats)
     a = b = parts = None  # free the buffers (the closures above are not called again)
     weights = gemv_weights(megabytes)
     gemv = ort_gemv(weights, threads)
     x = np.ones((1, weights.shape[0]), dtype=np.float32)
-    kernels["ort_gemv"] = weights.nbytes / _median_seconds(lambda: gemv(x), repeats)
+    kernels["ort_gemv"] = weights.nbytes / median_seconds(lambda: gemv(x), repeats)
     best = max(kernels, key=kernels.get)
     sum_split = f" (numpy_sum_threads: split over {threads} threads)" if threads > 1 else ""
     return {
@@ -137,7 +137,7 @@ def measure_matmul(config: Any, tokens: int = 128, repeats: int = 5) -> dict[str
         x = rng.standard_normal((m, k), dtype=np.float32)
         w = rng.standard_normal((k, n), dtype=np.float32)
         out = np.empty((m, n), dtype=np.float32)
-        seconds = _median_seconds(lambda: np.matmul(x, w, out=out), repeats)  # noqa: B023 - called within this iteration
+        seconds = median_seconds(lambda: np.matmul(x, w, out=out), repeats)  # noqa: B023 - called within this iteration
         flops = 2.0 * m * k * n
         per_shape[f"{m}x{k}x{n}"] = flops / seconds
         count = gemm_shapes(config, tokens).count((m, k, n))

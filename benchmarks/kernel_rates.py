@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from glmx_benchmarks.floor import _median_seconds
+from glmx_benchmarks.floor import median_seconds
 
 FORMATS = ("fp32", "int8-dynamic", "int4-weight")
 
@@ -120,7 +120,7 @@ def kernel_rate(model: Any, threads: int, repeats: int) -> float:
         "x": rng.standard_normal((1, 1, h)).astype(np.float32),
         "x4": rng.standard_normal((1, 1, 4 * h)).astype(np.float32),
     }
-    return _median_seconds(lambda: session.run(None, feeds), repeats)
+    return median_seconds(lambda: session.run(None, feeds), repeats)
 
 
 def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[int, float]:
@@ -144,7 +144,7 @@ def decode_by_past(folder: str, threads: int, past: int, repeats: int) -> dict[i
             decode_step(session, cache, [500], positions, [True])  # noqa: B023 - called within this iteration
             cache.truncate([p])  # noqa: B023 - called within this iteration
 
-        out[p] = _median_seconds(step, repeats)
+        out[p] = median_seconds(step, repeats)
     return out
 
 

@@ -21,7 +21,7 @@ import torch
 
 from glm_export.hf_config import from_hf_dict, to_hf_dict
 from glm_export.model import GLMModel
-from glm_export.weights import Entry, Weights, WeightsError, _dtype_of, _to_numpy, read_safetensors
+from glm_export.weights import Entry, Weights, WeightsError, dtype_of, read_safetensors, to_numpy
 from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_runtime.manifest import (
     CONFIG_FILE,
@@ -221,8 +221,8 @@ def _merged_lazily(shards: list[Mapping[str, torch.Tensor]], where: str) -> Weig
             shape[0] = sum(p.shape[0] for p in parts)
         elif rule == "cols" and len(shape) > 1:
             shape[1] = sum(p.shape[1] for p in parts)
-        read = lambda key=key, parts=parts: _to_numpy(_merge_key(key, parts))
-        entries[key] = Entry(shape, _dtype_of(parts[0]), read, where)
+        read = lambda key=key, parts=parts: to_numpy(_merge_key(key, parts))
+        entries[key] = Entry(shape, dtype_of(parts[0]), read, where)
     return Weights(entries)
 
 

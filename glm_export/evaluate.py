@@ -42,7 +42,7 @@ class EvaluateError(GLMXError, ValueError):
     """The checkpoint or corpus cannot be evaluated (not from glmx pretrain, corpus missing, ...)."""
 
 
-def _settings(manifest) -> PretrainSettings:
+def pretraining_settings(manifest) -> PretrainSettings:
     info = (manifest.extra or {}).get("pretraining") if manifest is not None else None
     if not info:
         raise EvaluateError(
@@ -176,7 +176,7 @@ def evaluate(
 
     torch.set_num_threads(threads)
     loaded = load_checkpoint(checkpoint_dir)
-    s = _settings(loaded.manifest)
+    s = pretraining_settings(loaded.manifest)
     if loaded.tokenizer_file is None:
         raise EvaluateError(f"{checkpoint_dir} has no tokenizer file; it must hold the tokenizer it was trained with")
     tok = load_corpus_tokenizer(loaded.tokenizer_file)

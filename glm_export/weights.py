@@ -133,11 +133,11 @@ class Weights(Mapping):
         """In-memory tensors (a state dict of torch tensors or numpy arrays) behind the same interface."""
         entries = {}
         for name, value in arrays.items():
-            entries[name] = Entry(tuple(value.shape), _dtype_of(value), (lambda v=value: _to_numpy(v)), where)
+            entries[name] = Entry(tuple(value.shape), dtype_of(value), (lambda v=value: to_numpy(v)), where)
         return cls(entries)
 
 
-def _dtype_of(value: Any) -> Any:
+def dtype_of(value: Any) -> Any:
     if hasattr(value, "numpy"):  # a torch tensor
         import torch
 
@@ -145,7 +145,7 @@ def _dtype_of(value: Any) -> Any:
     return np.asarray(value).dtype
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "numpy"):
         import torch
 

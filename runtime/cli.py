@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from glm_runtime.cli_inputs import fill_request, json_lines, jsonl_requests, read_text, refusal, result_line, text_lines
+
 if TYPE_CHECKING:  # for annotations only: the command group itself imports nothing heavy
     from glm_runtime.requests import FillResult
 
@@ -114,73 +116,6 @@ Each input line gives one output line: a line break inside a result is written a
 (--json keeps the exact text). A line that is refused (bad JSON, a bad setting, too long) is named with its line
 number at the end and the exit status is 1; every other line is still filled. Timings in --json are seconds."""
 
-JSONL_KEYS = (
-    "prompt",
-    "max_new_tokens",
-    "strategy",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "append_gmask",
-)
-
-
-def _read_text(stream, name: str) -> str:
-    """A whole text input as str: UTF-8 (a byte-order mark is dropped, not made prompt text)."""
-    data = stream.read()
-    if isinstance(data, str):
-        return data.lstrip("\ufeff")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CommandError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-
-
-def _lines(text: str) -> list[str]:
-    """A text's lines as files and pipes have them: split at \\n only, a CRLF file's \\r dropped. (str.splitlines
-    also splits at form feeds, U+2028 and other separators that may sit inside one prompt or JSON line.)"""
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-
-
-def _result_line(text: str) -> str:
-    """A result written as one output line per input: its line breaks as the two characters \\n."""
-    return text.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
-
-
-def _json_lines(text: str, name: str):
-    """(line number, parsed value) of every non-empty line of a JSON-lines text; a bad line is one Error."""
-    for n, line in enumerate(_lines(text), 1):
-        if line.strip():
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CommandError(f"{name} line {n} is not JSON: {exc}") from None
-
-
-def _jsonl_requests(text: str, name: str):
-    """(line number, request dict or the line's error message) of every non-empty line of a JSON-lines text."""
-    for n, line in enumerate(_lines(text), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield n, f"{name} line {n} is not JSON: {exc}"
-            continue
-        item = {"prompt": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            yield n, f'{name} line {n}: expected a string or an object with a "prompt" string'
-            continue
-        unknown = sorted(set(item) - set(JSONL_KEYS))
-        if unknown:
-            yield n, f"{name} line {n}: unknown key {unknown[0]!r}; a line may set {', '.join(JSONL_KEYS)}"
-            continue
-        yield n, item
-
 
 @main.command("fill", help=FILL_HELP)
 @click.argument("prompt", required=False)
@@ -232,20 +167,20 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
     if from_stdin:
         lines = [
             (n, {"prompt": line})
-            for n, line in enumerate(_lines(_read_text(sys.stdin.buffer, "stdin")), 1)
+            for n, line in enumerate(text_lines(read_text(sys.stdin.buffer, "stdin")), 1)
             if line.strip()
         ]
         name = "stdin"
     elif jsonl is not None:
-        lines, name = list(_jsonl_requests(_read_text(jsonl, jsonl.name), jsonl.name)), jsonl.name
+        lines, name = list(jsonl_requests(read_text(jsonl, jsonl.name), jsonl.name)), jsonl.name
     else:
         lines, name = [(0, {"prompt": prompt})], None
     if not lines:
         raise CommandError("no prompts given (the input was empty)")
-    inputs = [_fill_request(i, item, settings) for i, (_, item) in enumerate(lines)]
+    inputs = [fill_request(i, item, settings) for i, (_, item) in enumerate(lines)]
     where = [f"{name} line {n}: " if name else "" for n, _ in lines]
     if name is None and isinstance(inputs[0], GenerationError):
-        raise CommandError(_said(inputs[0]))
+        raise CommandError(refusal(inputs[0]))
     session, tokenizer = open_model(model, backend)
     engine = Engine(session, tokenizer, rows=rows)
     done: dict[int, FillResult | str] = {}  # input index -> FillResult or error message, until printed in input order
@@ -257,12 +192,12 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
 
     for i, item in enumerate(inputs):
         if isinstance(item, (str, GenerationError)):
-            refuse(i, item if isinstance(item, str) else _said(item))
+            refuse(i, item if isinstance(item, str) else refusal(item))
 
     def refused(request, exc) -> None:
         if name is None:
-            raise CommandError(_said(exc))
-        refuse(request.id, _said(exc))
+            raise CommandError(refusal(exc))
+        refuse(request.id, refusal(exc))
 
     printed = 0
     requests = (r for r in inputs if isinstance(r, FillRequest))
@@ -281,7 +216,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
                     if as_json
                     else outcome.text
                     if name is None
-                    else _result_line(outcome.text)
+                    else result_line(outcome.text)
                 )
             printed += 1
     for message in bad if len(bad) > 1 else []:
@@ -293,32 +228,6 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
             else f"{len(bad)} of {len(lines)} inputs were refused (each named "
             f"above); the other {len(lines) - len(bad)} were filled"
         )
-
-
-def _said(exc: Exception) -> str:
-    """A refused input's message as glmx fill says it: the input is named by its line, not its index."""
-    from glm_runtime.sampling import GenerationError
-
-    if isinstance(exc, GenerationError) and exc.field == "prompt":  # "prompt 3: <why>" / "prompt 3 is ..."
-        said = exc.detail[2:] if exc.detail.startswith(": ") else exc.said_as({"prompt": "the prompt"})
-        return " ".join(said.split())
-    return " ".join(str(exc).split())
-
-
-def _fill_request(index: int, item, settings: dict):
-    """One input as a FillRequest (the command's settings, then the line's own), or its error: a message for a
-    line that is not a request, a GenerationError for a bad setting."""
-    from glm_runtime.requests import FillRequest
-    from glm_runtime.sampling import GenerationError
-
-    if isinstance(item, str):
-        return item
-    mine = {**settings, **{k: v for k, v in item.items() if k != "prompt"}}
-    mine["append_gmask"] = bool(mine.get("append_gmask", False))
-    try:
-        return FillRequest.make(item["prompt"], id=index, **mine)
-    except GenerationError as exc:
-        return exc
 
 
 SERVE_HELP = """Serve blank filling over HTTP with continuous batching (needs the serve extra: pip install
@@ -470,7 +379,7 @@ def classify_cmd(
     task: dict = {}
     if task_file is not None:
         try:
-            task = json.loads(_read_text(task_file, task_file.name))
+            task = json.loads(read_text(task_file, task_file.name))
         except json.JSONDecodeError as exc:
             raise CommandError(f"{task_file.name} is not JSON: {exc}") from None
         if not isinstance(task, dict):
@@ -497,7 +406,7 @@ def classify_cmd(
             "--template and --verbalizer"
         )
     rows = []
-    for n, item in _json_lines(_read_text(records, records.name), records.name):
+    for n, item in json_lines(read_text(records, records.name), records.name):
         if not isinstance(item, dict):
             raise CommandError(f"{records.name} line {n}: a record is a JSON object of the template's fields")
         rows.append(item)

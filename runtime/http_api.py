@@ -1,16 +1,20 @@
-"""The HTTP API's request bodies: what POST /v1/completions (OpenAI-shaped) and POST /v1/fill accept, checked and
-turned into engine requests. In: a parsed JSON body. Out: an Ask (FillRequests, echo, stream) or BadRequest, the
-one-line error the server answers, in the route's own field names."""
+"""The HTTP API's bodies: what POST /v1/completions (OpenAI-shaped) and POST /v1/fill accept, checked and turned
+into engine requests, and the shapes of their answers. In: a parsed JSON body; the engine's events and results.
+Out: an Ask (FillRequests, echo, stream) or BadRequest (the one-line error the server answers, in the route's own
+field names); answer bodies and server-sent events. runtime/serve.py holds the server that uses them."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from glm_runtime.requests import FillRequest
+from glm_runtime.requests import FillRequest, FillResult, Span, StreamEvent
 from glm_runtime.sampling import GenerationError
+
+if TYPE_CHECKING:
+    from glm_runtime.engine import Job
 
 FILL_KEYS = (
     "prompt",
@@ -172,3 +176,80 @@ def fill_request(body: dict[str, Any]) -> Ask:
     settings = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
     settings["append_gmask"] = bool(settings.get("append_gmask", False))
     return Ask("fill", engine_requests("fill", [body["prompt"]], settings), False, stream)
+
+
+# ---------------------------------------------------------------- answers
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def finish_reason(spans: list[Span]) -> str:
+    return "length" if any(s.stop == "length" for s in spans) else "stop"
+
+
+def error_response(
+    message: str, status: int = 400, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
+) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+def completion_body(
+    model_id: str, cid: str, created: int, jobs: list[Job], results: dict[Any, FillResult], echo: bool
+) -> dict[str, Any]:
+    """A finished /v1/completions answer: one choice per prompt, in order, with usage."""
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for i, job in enumerate(jobs):
+        result = results[job.id]
+        prompt_tokens += job.context_tokens
+        completion_tokens += job.new_tokens
+        choices.append(
+            {
+                "index": i,
+                "text": result.text if echo else "".join(s.text for s in result.spans),
+                "logprobs": None,
+                "finish_reason": finish_reason(result.spans),
+                "glmx": {"text": result.text, "spans": [vars(s) for s in result.spans]},
+            }
+        )
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": model_id,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def fill_chunk(event: StreamEvent, prompt: str) -> dict[str, Any]:
+    """One server-sent event of /v1/fill: a token, a span or the result."""
+    if event.kind == "token":
+        return {"kind": "token", "blank": event.blank, "token_id": event.token_id, "text": event.text}
+    if event.kind == "span":
+        return {"kind": "span", "blank": event.blank, "span": vars(event.span)}
+    assert event.result is not None
+    return {"kind": "result", "prompt": prompt, **event.result.to_dict()}
+
+
+def completion_choice(event: StreamEvent, index: int) -> dict[str, Any]:
+    """The choice of one streamed /v1/completions chunk."""
+    choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
+    if event.kind == "token":
+        choice.update(text=event.text, glmx={"blank": event.blank, "token_id": event.token_id})
+    elif event.kind == "span":
+        choice.update(glmx={"blank": event.blank, "span": vars(event.span)})
+    elif event.result is not None:
+        choice.update(
+            finish_reason=finish_reason(event.result.spans),
+            glmx={"text": event.result.text, "spans": [vars(s) for s in event.result.spans]},
+        )
+    return choice

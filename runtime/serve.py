@@ -26,10 +26,22 @@ from functools import partial
 from typing import Any
 
 from glm_runtime.engine import Engine, EngineError, Job, QueueFull
+from glm_runtime.engine_thread import EngineLoop
 from glm_runtime.errors import GLMXError
-from glm_runtime.http_api import COMPLETION_NAMES, Ask, BadRequest, completion_request, fill_request
+from glm_runtime.http_api import (
+    COMPLETION_NAMES,
+    Ask,
+    BadRequest,
+    completion_body,
+    completion_choice,
+    completion_request,
+    error_response,
+    fill_chunk,
+    fill_request,
+    sse,
+)
 from glm_runtime.metrics import Metrics
-from glm_runtime.requests import ENDINGS, FillRequest, FillResult, Span, StreamEvent
+from glm_runtime.requests import ENDINGS, FillResult, StreamEvent
 from glm_runtime.sampling import GenerationError
 
 SERVE_EXTRA = "pip install 'glmx[serve]' (starlette, uvicorn, prometheus-client)"
@@ -50,80 +62,9 @@ def _require_serve_extra() -> None:
         raise ServeError(f"glmx serve needs {', '.join(missing)}: {SERVE_EXTRA}")
 
 
-# ---------------------------------------------------------------- the engine thread
-
-
-class EngineLoop:
-    """Drives the engine (Engine.run) in one thread; the handlers submit and cancel from theirs. When nothing is
-    running or waiting the thread sleeps until a submit wakes it."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.error: str | None = None
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="glmx-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, request: FillRequest, on_event: Callable[[StreamEvent], None]) -> Job:
-        if self.error is not None:
-            raise EngineError(f"the engine stopped: {self.error}")
-        if self._stopping:
-            raise EngineError("the server is shutting down")
-        job = self.engine.submit(request, on_event=on_event)
-        self._wake.set()
-        return job
-
-    def cancel(self, job: Job, reason: str = "cancelled") -> None:
-        self.engine.cancel(job, reason)
-        self._wake.set()
-
-    def _idle(self) -> bool:
-        """Nothing to do: wait for a submit (True: go on) unless the server is stopping (False: the driver ends)."""
-        if self._stopping:
-            return False
-        self._wake.wait(0.25)
-        self._wake.clear()
-        return True
-
-    def _run(self) -> None:
-        try:
-            for _ in self.engine.run(idle=self._idle):  # events reach each request through its on_event
-                pass
-        except Exception as exc:  # noqa: BLE001 - the session died: every request ends with the reason
-            self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            self.engine.fail_all(self.error)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish what is running and waiting (bounded by timeout), then end the thread."""
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-
 def _deliver(aio: asyncio.AbstractEventLoop, queue: asyncio.Queue[StreamEvent], event: StreamEvent) -> None:
     """An event from the engine thread onto a handler's queue, in the handler's event loop."""
     aio.call_soon_threadsafe(queue.put_nowait, event)
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _finish_reason(spans: list[Span]) -> str:
-    return "length" if any(s.stop == "length" for s in spans) else "stop"
-
-
-def _error(
-    message: str, status: int = 400, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
-) -> Any:
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
 # ---------------------------------------------------------------- the app
@@ -252,19 +193,19 @@ class Server:
 
     async def not_found(self, http: Any, exc: Any) -> Any:
         if exc.status_code == 404:
-            return _error(
+            return error_response(
                 f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/fill, "
                 f"GET /health, GET /v1/models, GET /metrics",
                 404,
                 "not_found",
             )
-        return _error(exc.detail, exc.status_code, "invalid_request_error")
+        return error_response(exc.detail, exc.status_code, "invalid_request_error")
 
     # ------------------------------------------------------------ answering a fill or a completion
 
     def _check_key(self, http: Any) -> Any:
         if self.api_key and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            return _error(
+            return error_response(
                 "missing or wrong API key: send the header Authorization: Bearer <key>", 401, "authentication_error"
             )
         return None
@@ -298,7 +239,7 @@ class Server:
         except BadRequest as exc:
             if exc.status == 400:
                 self.metrics.requests.labels("invalid").inc()
-            return _error(str(exc), exc.status, exc.kind, exc.headers)
+            return error_response(str(exc), exc.status, exc.kind, exc.headers)
         if ask.stream:
             return StreamingResponse(
                 self._stream(ask, loop, jobs, queue, http),
@@ -313,12 +254,14 @@ class Server:
                 if event.kind == "result" and event.result is not None:
                     results[event.prompt] = event.result
         except BadRequest as exc:
-            return _error(str(exc), exc.status, exc.kind, exc.headers)
+            return error_response(str(exc), exc.status, exc.kind, exc.headers)
         if len(results) < len(jobs):  # the client left: nobody reads this
             return Response(status_code=499)
         if route == "fill":
             return JSONResponse({"prompt": ask.requests[0].prompt, **results[jobs[0].id].to_dict()})
-        return JSONResponse(self._completion_body(f"cmpl-{jobs[0].id}", int(time.time()), jobs, results, ask.echo))
+        return JSONResponse(
+            completion_body(self.model_id, f"cmpl-{jobs[0].id}", int(time.time()), jobs, results, ask.echo)
+        )
 
     def _submit_all(self, loop: EngineLoop, ask: Ask) -> tuple[list[Job], asyncio.Queue[StreamEvent]]:
         """Submit every request of one HTTP request onto one queue; all or none (a refusal cancels the rest)."""
@@ -373,36 +316,6 @@ class Server:
                 if not job.done:
                     loop.cancel(job)
 
-    def _completion_body(
-        self, cid: str, created: int, jobs: list[Job], results: dict[Any, FillResult], echo: bool
-    ) -> dict[str, Any]:
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for i, job in enumerate(jobs):
-            result = results[job.id]
-            prompt_tokens += job.context_tokens
-            completion_tokens += job.new_tokens
-            choices.append(
-                {
-                    "index": i,
-                    "text": result.text if echo else "".join(s.text for s in result.spans),
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(result.spans),
-                    "glmx": {"text": result.text, "spans": [vars(s) for s in result.spans]},
-                }
-            )
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": self.model_id,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
-
     async def _stream(
         self, ask: Ask, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent], http: Any
     ) -> AsyncIterator[str]:
@@ -412,48 +325,25 @@ class Server:
         try:
             async for event in self._events(loop, jobs, queue, http):
                 if event.kind == "failed":
-                    yield _sse({"error": {"message": f"the engine failed: {event.text}", "type": "server_error"}})
+                    yield sse({"error": {"message": f"the engine failed: {event.text}", "type": "server_error"}})
                     return
                 if event.kind in ENDINGS:
                     continue
                 if ask.route == "fill":
-                    yield _sse(self._fill_chunk(event, ask.requests[0].prompt))
+                    yield sse(fill_chunk(event, ask.requests[0].prompt))
                     continue
-                yield _sse(
+                yield sse(
                     {
                         "id": cid,
                         "object": "text_completion",
                         "created": created,
                         "model": self.model_id,
-                        "choices": [self._completion_choice(event, index[event.prompt])],
+                        "choices": [completion_choice(event, index[event.prompt])],
                     }
                 )
             yield "data: [DONE]\n\n"
         except BadRequest as exc:
-            yield _sse({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}})
-
-    @staticmethod
-    def _fill_chunk(event: StreamEvent, prompt: str) -> dict[str, Any]:
-        if event.kind == "token":
-            return {"kind": "token", "blank": event.blank, "token_id": event.token_id, "text": event.text}
-        if event.kind == "span":
-            return {"kind": "span", "blank": event.blank, "span": vars(event.span)}
-        assert event.result is not None
-        return {"kind": "result", "prompt": prompt, **event.result.to_dict()}
-
-    @staticmethod
-    def _completion_choice(event: StreamEvent, index: int) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": None}
-        if event.kind == "token":
-            choice.update(text=event.text, glmx={"blank": event.blank, "token_id": event.token_id})
-        elif event.kind == "span":
-            choice.update(glmx={"blank": event.blank, "span": vars(event.span)})
-        elif event.result is not None:
-            choice.update(
-                finish_reason=_finish_reason(event.result.spans),
-                glmx={"text": event.result.text, "spans": [vars(s) for s in event.result.spans]},
-            )
-        return choice
+            yield sse({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}})
 
 
 def create_app(load: Callable[[], tuple[Any, Any]], *, load_now: bool = False, **options: Any) -> Any:

@@ -319,7 +319,7 @@ def test_a_prompt_samples_the_same_alone_and_anywhere_in_a_file(files):
 def test_one_output_line_per_input_line_whatever_the_line_holds(files, tmp_path):
     """Input lines split at \\n alone (a form feed or U+2028 inside a prompt or a JSON string stays in it; CRLF
     files work), and a result's own line breaks are written as \\n, so output line i answers input line i."""
-    from glm_runtime.cli import _result_line
+    from glm_runtime.cli_inputs import result_line
 
     prompts = ["a stitch\x0cin [MASK] nine", "all that\u2028[MASK] is gold", "the quick [MASK] fox"]
     stdin = ("\r\n".join(prompts) + "\r\n").encode()
@@ -327,7 +327,7 @@ def test_one_output_line_per_input_line_whatever_the_line_holds(files, tmp_path)
     assert len(out) == 3 and out == [_fill(files, "--max-new-tokens", "3", p)[0] for p in prompts]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
     assert _fill(files, "--max-new-tokens", "3", "--jsonl", tmp_path / "in.jsonl") == out
-    assert _result_line("one\ntwo\r\nthree\rfour") == "one\\ntwo\\nthree\\nfour"
+    assert result_line("one\ntwo\r\nthree\rfour") == "one\\ntwo\\nthree\\nfour"
 
 
 def test_jsonl_lines_carry_their_own_settings(files, tmp_path):

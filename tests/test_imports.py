@@ -108,3 +108,21 @@ def test_the_benchmarks_install_under_their_own_name():
                 )
                 stale += [f"{path.name}: {n}" for n in names if n == "benchmarks" or n.startswith("benchmarks.")]
     assert not stale, stale
+
+
+def test_no_module_imports_another_modules_underscore_names():
+    """A module's underscore names are its own: across the project's modules no `from X import _name`
+    (tests may reach into a module they test)."""
+    modules = set(module_graph())
+    found = []
+    for pkg, folder in PACKAGES.items():
+        for path in folder.glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and node.module
+                    and (node.module in modules or node.module in PACKAGES)
+                ):
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                    found += [f"{pkg}.{path.stem}: from {node.module} import {name}" for name in private]
+    assert not found, found

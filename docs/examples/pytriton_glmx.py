@@ -22,8 +22,8 @@ import threading
 import numpy as np
 
 from glm_runtime.engine import Engine
+from glm_runtime.engine_thread import EngineLoop
 from glm_runtime.requests import FillRequest
-from glm_runtime.serve import EngineLoop
 from glm_runtime.session import open_model
 
 
