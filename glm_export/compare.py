@@ -328,10 +328,10 @@ def run_calls(
 def describe(session: Session) -> str:
     """'OnnxRuntimeSession CPUExecutionProvider on FOLDER (fp32)': what a record's reference / candidate was."""
     parts = [type(session).__name__]
-    providers = getattr(session, "providers", None)
+    providers = session.providers
     if providers:
         parts.append(providers[0] if isinstance(providers[0], str) else providers[0][0])
-    where = getattr(session, "folder", None)
+    where = session.folder
     if where is not None:  # the staged folder of the artifact being written has a random hidden name
         parts.append(f"on {'the artifact being written' if Path(where).name.endswith('.partial') else where}")
     return " ".join(parts) + f" ({session.precision})"

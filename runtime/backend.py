@@ -49,6 +49,7 @@ class Session(Protocol):
     capacity) gives the KV cache that run's presents belong in (host numpy or device buffers). limits: what one
     call may hold ({} when only memory bounds it; a TensorRT engine: max_batch, max_context, max_new_tokens,
     max_past); fits(batch, seq, past) says whether one call of that shape runs (an engine: some profile takes it).
+    folder / providers: where it came from and ONNX Runtime's providers, for the records that name a session;
     tokenizer: the tokenizer the session's source decided (the torch reference on a checkpoint), else None;
     tokenizer_path / tokenizer_record: the tokenizer file that belongs to the model and its manifest entry (kind,
     options), for open_model to load; None / {} when the artifact names none.
@@ -64,6 +65,8 @@ class Session(Protocol):
     tokenizer: Any
     tokenizer_path: Path | None
     tokenizer_record: Mapping[str, Any]
+    folder: Path | None  # the artifact the session opened (None: built in memory)
+    providers: Sequence[Any]  # ONNX Runtime's execution providers, first choice first (other backends: none)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
 
@@ -118,6 +121,8 @@ class Closable:
     tokenizer: Any = None
     tokenizer_path: Path | None = None
     tokenizer_record: Mapping[str, Any] = MappingProxyType({})
+    folder: Path | None = None
+    providers: Sequence[Any] = ()
 
     def fits(self, batch: int, seq: int, past: int) -> bool:
         return True
