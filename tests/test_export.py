@@ -507,9 +507,10 @@ def test_parity_cases_cover_glm_layouts():
 def test_the_harness_checks_every_outputs_shape():
     """A backend returning a wrong shape (here logits of 4 columns for V = 512) is refused by name."""
     from glm_export.compare import run_calls
+    from glm_runtime.backend import Closable
     from glm_runtime.kvcache import host_cache
 
-    class Wrong:
+    class Wrong(Closable):  # the session defaults (no folder, no providers) with a wrong run
         io, config, kv_dtype, precision = io_table(TINY), TINY, np.dtype("float32"), "fp32"
 
         def new_cache(self, batch, capacity):
