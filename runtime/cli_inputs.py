@@ -13,21 +13,6 @@ class InputError(GLMXError, ValueError):
     """An input file or stream that cannot be read as the command needs (not UTF-8, not JSON)."""
 
 
-JSONL_KEYS = (
-    "prompt",
-    "max_new_tokens",
-    "strategy",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "append_gmask",
-)
-
-
 def read_text(stream, name: str) -> str:
     """A whole text input as str: UTF-8 (a byte-order mark is dropped, not made prompt text)."""
     data = stream.read()
@@ -62,6 +47,8 @@ def json_lines(text: str, name: str):
 
 def jsonl_requests(text: str, name: str):
     """(line number, request dict or the line's error message) of every non-empty line of a JSON-lines text."""
+    from glm_runtime.requests import FILL_FIELDS  # a line's keys are a FillRequest's fields
+
     for n, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
@@ -74,9 +61,9 @@ def jsonl_requests(text: str, name: str):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             yield n, f'{name} line {n}: expected a string or an object with a "prompt" string'
             continue
-        unknown = sorted(set(item) - set(JSONL_KEYS))
+        unknown = sorted(set(item) - set(FILL_FIELDS))
         if unknown:
-            yield n, f"{name} line {n}: unknown key {unknown[0]!r}; a line may set {', '.join(JSONL_KEYS)}"
+            yield n, f"{name} line {n}: unknown key {unknown[0]!r}; a line may set {', '.join(FILL_FIELDS)}"
             continue
         yield n, item
 

@@ -10,26 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from glm_runtime.requests import FillRequest, FillResult, Span, StreamEvent
+from glm_runtime.requests import FILL_FIELDS, FillRequest, FillResult, Span, StreamEvent
 from glm_runtime.sampling import GenerationError
 
 if TYPE_CHECKING:
     from glm_runtime.engine import Job
 
-FILL_KEYS = (
-    "prompt",
-    "max_new_tokens",
-    "strategy",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "num_beams",
-    "length_penalty",
-    "early_stopping",
-    "append_gmask",
-    "stream",
-)
+FILL_KEYS = (*FILL_FIELDS, "stream")  # what POST /v1/fill takes
 # OpenAI completion fields: what glmx does with each. Anything else is refused with its name.
 COMPLETION_KEYS = (
     "model",

@@ -31,6 +31,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "early_stopping": False,
 }
 ENDINGS = ("finished", "cancelled", "timeout", "failed")  # a request's last state
+# a fill request's fields as the CLI's --jsonl lines and the server's /v1/fill spell them
+FILL_FIELDS = ("prompt", "max_new_tokens", "strategy", *OPTION_DEFAULTS, "append_gmask")
 
 
 # ---------------------------------------------------------------- settings
