@@ -94,6 +94,19 @@ def config_cmd(preset: str | None) -> None:
         raise CommandError(str(exc)) from None
 
 
+# the model every runtime command opens, and the backend it runs on
+MODEL_OPTION = click.option(
+    "--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]"
+)
+BACKEND_OPTION = click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="torch needs the export extra; tensorrt an engine folder",
+)
+
+
 FILL_HELP = """Fill the blanks of PROMPT, or of each prompt read with --stdin / --jsonl.
 
 \b
@@ -119,7 +132,7 @@ number at the end and the exit status is 1; every other line is still filled. Ti
 
 @main.command("fill", help=FILL_HELP)
 @click.argument("prompt", required=False)
-@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
+@MODEL_OPTION
 @click.option("--stdin", "from_stdin", is_flag=True, help="read prompts from stdin, one per line (UTF-8)")
 @click.option(
     "--jsonl",
@@ -147,13 +160,7 @@ number at the end and the exit status is 1; every other line is still filled. Ti
     show_default=True,
     help="prompts decoding together (memory grows with this, not with the number of prompts)",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-    default="onnxruntime",
-    show_default=True,
-    help="torch needs the export extra",
-)
+@BACKEND_OPTION
 def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **settings) -> None:
     from glm_runtime.engine import Engine
     from glm_runtime.requests import FillRequest
@@ -252,13 +259,8 @@ Example:  glmx serve --port 8000 &
 
 
 @main.command("serve", help=SERVE_HELP)
-@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
-@click.option(
-    "--backend",
-    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-    default="onnxruntime",
-    show_default=True,
-)
+@MODEL_OPTION
+@BACKEND_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 = every interface)")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option(
@@ -313,13 +315,8 @@ Example:  glmx score "The movie was great. It was really [MASK]." -c " good" -c 
 )
 @click.option("--single-token", is_flag=True, help="score each one-token candidate at the blank itself")
 @click.option("--json", "as_json", is_flag=True, help="print every candidate's figures as JSON")
-@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
-@click.option(
-    "--backend",
-    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-    default="onnxruntime",
-    show_default=True,
-)
+@MODEL_OPTION
+@BACKEND_OPTION
 def score_cmd(prompt, candidates, length_penalty, single_token, as_json, model, backend) -> None:
     from glm_runtime.score import score_candidates
     from glm_runtime.session import open_model
@@ -363,13 +360,8 @@ Example:  glmx classify reviews.jsonl --template "{text} It was really [MASK]." 
 @click.option("--length-penalty", type=float, default=None, help="as in glmx score [default: 0]")
 @click.option("--single-token", is_flag=True, default=None, help="score one-token answers at the blank itself")
 @click.option("--json", "as_json", is_flag=True, help="print the whole result as one JSON object")
-@click.option("--model", type=click.Path(file_okay=False), help="exported model folder [default: the bundled model]")
-@click.option(
-    "--backend",
-    type=click.Choice(["onnxruntime", "onnxruntime-cuda", "torch", "tensorrt"]),
-    default="onnxruntime",
-    show_default=True,
-)
+@MODEL_OPTION
+@BACKEND_OPTION
 def classify_cmd(
     records, task_file, template, verbalizer, aggregate, length_penalty, single_token, as_json, model, backend
 ) -> None:
