@@ -27,7 +27,7 @@ from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
 from glm_runtime.requests import CandidateScore, ScoreRequest
 from glm_runtime.sampling import log_softmax
-from glm_runtime.steps import empty_past
+from glm_runtime.steps import context_feeds
 from glm_runtime.tokenizer import BlankError, GLMTokenizer, build_context_ids, find_blanks
 
 
@@ -157,17 +157,8 @@ def _context_pass(
     session: Session, tokenizer: GLMTokenizer, contexts: list[list[int]], rows: np.ndarray | None
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Every prompt's context in one right-padded call. -> (host K/V of every layer, logits at `rows` or None)."""
-    lengths = [len(c) for c in contexts]
-    seq = max(lengths)
-    ids = np.full((len(contexts), seq), tokenizer.special["pad"], dtype=np.int64)
-    for b, c in enumerate(contexts):
-        ids[b, : len(c)] = c
-    feeds = {
-        "input_ids": ids,
-        "position_ids": masks.context_positions(lengths, seq),
-        "attention_mask": masks.context_mask(lengths, seq),
-        **empty_past(session, len(contexts)),
-    }
+    feeds = context_feeds(session, contexts, tokenizer.special["pad"])
+    seq = feeds["input_ids"].shape[1]
     if rows is None and accepts(session, LOGITS_START):
         feeds[LOGITS_START] = np.array([-1], dtype=np.int64)  # the context's logits are not read
     out = session.run(feeds)

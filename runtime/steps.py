@@ -21,22 +21,27 @@ def empty_past(session: Session, batch: int) -> dict[str, np.ndarray]:
     return {name: empty for pair in past_names(session.io) for name in pair}
 
 
-def run_context(session: Session, contexts: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, Any], np.ndarray]:
-    """One call over every row's context (right-padded with pad_id, past_seq = 0) -> (outputs, logits [B, V] at
-    each row's last real token). The caller stores present.* (cache.append, or cache.load_rows for rows that
-    join a running pool)."""
+def context_feeds(session: Session, contexts: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """The feeds of one call over every row's context: right-padded with pad_id, Part A positions and mask,
+    past_seq = 0."""
     lengths = [len(ids) for ids in contexts]
     seq = max(lengths)
     input_ids = np.full((len(contexts), seq), pad_id, dtype=np.int64)
     for b, ids in enumerate(contexts):
         input_ids[b, : len(ids)] = ids
-    feeds = {
+    return {
         "input_ids": input_ids,
         "position_ids": masks.context_positions(lengths, seq),
         "attention_mask": masks.context_mask(lengths, seq),
         **empty_past(session, len(contexts)),
     }
-    return run_for_rows(session, feeds, np.asarray(lengths) - 1)
+
+
+def run_context(session: Session, contexts: Sequence[Sequence[int]], pad_id: int) -> tuple[dict[str, Any], np.ndarray]:
+    """One call over every row's context -> (outputs, logits [B, V] at each row's last real token). The caller
+    stores present.* (cache.append, or cache.load_rows for rows that join a running pool)."""
+    feeds = context_feeds(session, contexts, pad_id)
+    return run_for_rows(session, feeds, np.asarray([len(ids) for ids in contexts]) - 1)
 
 
 def context_pass(
