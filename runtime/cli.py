@@ -285,10 +285,28 @@ Example:  glmx serve --port 8000 &
     help="seconds a request may take before it is cancelled (504)",
 )
 @click.option("--api-key", envvar="GLMX_API_KEY", default=None, help="require this bearer token on /v1/*")
-def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key) -> None:
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1),
+    default=1 << 20,
+    show_default=True,
+    help="a request body past this answers 413",
+)
+def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key, max_body_bytes) -> None:
     from glm_runtime.serve import serve
 
-    serve(model, backend, host, port, rows, max_waiting, timeout, api_key, log=lambda m: click.echo(m, err=True))
+    serve(
+        model,
+        backend,
+        host,
+        port,
+        rows,
+        max_waiting,
+        timeout,
+        api_key,
+        log=lambda m: click.echo(m, err=True),
+        max_body=max_body_bytes,
+    )
 
 
 SCORE_HELP = """Score candidate answers for the one blank of PROMPT (GLM's cloze scoring), best first.

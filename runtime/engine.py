@@ -134,9 +134,10 @@ class Engine:
     """Continuous batching over `rows` rows of one KV cache. See the module docstring.
 
     rows: how many requests decode together (the KV pool's batch); max_waiting: how many may wait beyond the
-    rows (None = unbounded; past rows + max_waiting, submit() raises QueueFull); on_end(job) is called as each
-    request ends (finished, cancelled, timeout, failed) and on_step(engine, rows fed) after each step, in the
-    thread that runs the engine. A step admits waiting requests into free rows, runs their context pass (one
+    rows (None = unbounded; past rows + max_waiting, submit() raises QueueFull); max_beams: the most beams a
+    request may ask for (a beam request runs on a cache of num_beams rows of its own; None = unbounded);
+    on_end(job) is called as each request ends (finished, cancelled, timeout, failed) and on_step(engine, rows
+    fed) after each step, in the thread that runs the engine. A step admits waiting requests into free rows, runs their context pass (one
     call), then one decode call for every running row.
     """
 
@@ -146,6 +147,7 @@ class Engine:
         tokenizer: GLMTokenizer,
         rows: int = 8,
         max_waiting: int | None = None,
+        max_beams: int | None = None,
         on_end: Callable[[Job], None] | None = None,
         on_step: Callable[[Engine, int], None] | None = None,
     ):
@@ -163,6 +165,7 @@ class Engine:
             )
         self.session, self.tokenizer = session, tokenizer
         self.rows, self.max_waiting, self.on_end, self.on_step = rows, max_waiting, on_end, on_step
+        self.max_beams = max_beams  # a beam request's num_beams rows of cache; None = unbounded
         self.max_positions = int(session.config.max_sequence_length)
         self.max_past = limits.get("max_past")  # TensorRT: the profiles' largest past_seq
         special = tokenizer.special
@@ -239,6 +242,13 @@ class Engine:
 
     def _fill_job(self, job_id: Any, request: FillRequest) -> Job:
         settings = request.settings
+        if settings.strategy == "beam" and self.max_beams is not None and settings.num_beams > self.max_beams:
+            raise GenerationError(
+                f" {settings.num_beams} is more than this engine's {self.max_beams} rows (each beam is a row of "
+                f"cache); ask for at most {self.max_beams}",
+                field="num_beams",
+                subject="num_beams",
+            )
         budget = settings.max_new_tokens
         prompt = prepare_prompt(
             self.tokenizer, request.prompt, job_id, request.append_gmask, budget, self.max_positions

@@ -68,16 +68,22 @@ class Ask:
     stream: bool
 
 
+def _is_number(value: Any) -> bool:
+    """A JSON number: true and false are not numbers (Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _unsupported(body: dict[str, Any]) -> None:
-    """OpenAI options glmx does not implement answer 400, never silently ignored (defaults are accepted)."""
+    """OpenAI options glmx does not implement answer 400, never silently ignored (defaults are accepted, and only
+    as the JSON type OpenAI gives them: `"n": true` is not 1)."""
     rules: dict[str, Callable[[Any], bool]] = {
-        "n": lambda v: v in (None, 1),
-        "best_of": lambda v: v in (None, 1),
+        "n": lambda v: v is None or (_is_number(v) and v == 1),
+        "best_of": lambda v: v is None or (_is_number(v) and v == 1),
         "logprobs": lambda v: v is None,
         "stop": lambda v: v in (None, [], ""),
-        "presence_penalty": lambda v: v in (None, 0, 0.0),
-        "frequency_penalty": lambda v: v in (None, 0, 0.0),
-        "logit_bias": lambda v: v in (None, {}),
+        "presence_penalty": lambda v: v is None or (_is_number(v) and v == 0),
+        "frequency_penalty": lambda v: v is None or (_is_number(v) and v == 0),
+        "logit_bias": lambda v: v is None or v == {},
         "stream_options": lambda v: v is None,
     }
     for key, ok in rules.items():
@@ -94,20 +100,47 @@ def engine_requests(route: str, prompts: list[str], settings: dict[str, Any]) ->
     try:
         return [FillRequest.make(prompt, **settings) for prompt in prompts]
     except GenerationError as exc:
-        names = COMPLETION_NAMES if route == "completions" else {}
-        raise BadRequest(" ".join(exc.said_as(names).split())) from None
+        raise BadRequest(said(exc, route)) from None
 
 
-def completion_request(body: dict[str, Any]) -> Ask:
-    """An OpenAI completion request as engine requests; BadRequest when it is not one."""
+def said(exc: GenerationError, route: str, index: int | None = None) -> str:
+    """A refused setting or prompt in the route's own words: its field names, and a prompt named by its index in
+    the request's list ("prompt 1"), or "the prompt" when the request has one."""
+    names = dict(COMPLETION_NAMES) if route == "completions" else {}
+    names["prompt"] = "the prompt" if index is None else f"prompt {index}"
+    return " ".join(exc.said_as(names).split())
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    """A JSON boolean field (absent: false); "false" or 0 is refused, never read as true or false."""
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f'"{key}" must be true or false, got {json.dumps(value)}')
+    return value
+
+
+def completion_request(body: dict[str, Any], max_prompts: int | None = None) -> Ask:
+    """An OpenAI completion request as engine requests; BadRequest when it is not one. max_prompts: the most
+    prompts the server can ever hold at once (rows + waiting); a longer list could never be admitted."""
     unknown = sorted(set(body) - set(COMPLETION_KEYS))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; /v1/completions takes {', '.join(COMPLETION_KEYS)}")
     _unsupported(body)
+    for key in ("model", "user"):
+        if key in body and not isinstance(body[key], str):
+            raise BadRequest(f'"{key}" must be a string')
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None and not _is_number(body[key]):
+            raise BadRequest(f'"{key}" must be a number, got {json.dumps(body[key])}')
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise BadRequest('"prompt" must be a string or a non-empty list of strings')
+    if max_prompts is not None and len(prompts) > max_prompts:
+        raise BadRequest(
+            f"this request holds {len(prompts)} prompts, and the server holds at most {max_prompts} at once "
+            f"(--rows + --max-waiting): it could never be admitted; send at most {max_prompts} per request"
+        )
     suffix = body.get("suffix")
     if suffix is not None:
         if not isinstance(suffix, str):
@@ -157,11 +190,9 @@ def fill_request(body: dict[str, Any]) -> Ask:
         raise BadRequest(f"unknown field {unknown[0]!r}; /v1/fill takes {', '.join(FILL_KEYS)}")
     if not isinstance(body.get("prompt"), str):
         raise BadRequest('"prompt" must be a string')
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest('"stream" must be true or false')
+    stream = _flag(body, "stream")
     settings = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
-    settings["append_gmask"] = bool(settings.get("append_gmask", False))
+    settings["append_gmask"] = _flag(body, "append_gmask")
     return Ask("fill", engine_requests("fill", [body["prompt"]], settings), False, stream)
 
 

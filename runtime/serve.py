@@ -29,7 +29,6 @@ from glm_runtime.engine import Engine, EngineError, Job, QueueFull
 from glm_runtime.engine_thread import EngineLoop
 from glm_runtime.errors import GLMXError
 from glm_runtime.http_api import (
-    COMPLETION_NAMES,
     Ask,
     BadRequest,
     completion_body,
@@ -38,6 +37,7 @@ from glm_runtime.http_api import (
     error_response,
     fill_chunk,
     fill_request,
+    said,
     sse,
 )
 from glm_runtime.metrics import Metrics
@@ -45,6 +45,9 @@ from glm_runtime.requests import ENDINGS, FillResult, StreamEvent
 from glm_runtime.sampling import GenerationError
 
 SERVE_EXTRA = "pip install 'glmx[serve]' (starlette, uvicorn, prometheus-client)"
+
+
+DEFAULT_MAX_BODY = 1 << 20  # bytes: a request body past this answers 413 (--max-body-bytes)
 
 
 class ServeError(GLMXError, RuntimeError):
@@ -86,10 +89,20 @@ class Server:
         max_waiting: int = 64,
         timeout: float = 600.0,
         api_key: str | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
         log: Callable[[str], None] = lambda message: None,
         on_load_error: Callable[[str], None] | None = None,
     ):
+        if api_key is not None and not api_key.strip():
+            raise ServeError(
+                "--api-key is empty (an unset variable?): give the key, or leave the option and GLMX_API_KEY "
+                "out to serve without one"
+            )
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+            raise ServeError(f"max_body must be a number of bytes >= 1, got {max_body!r}")
         self.load, self.model_id, self.rows, self.max_waiting = load, model_id, rows, max_waiting
+        self.max_body = max_body
+        self.max_prompt_chars: int | None = None  # set when the model loads
         self.timeout, self.api_key, self.log, self.on_load_error = timeout, api_key, log, on_load_error
         self.metrics = Metrics(rows)
         self.loop: EngineLoop | None = None
@@ -120,9 +133,12 @@ class Server:
                 tokenizer,
                 rows=self.rows,
                 max_waiting=self.max_waiting,
+                max_beams=self.rows,  # a beam request takes num_beams rows of memory: no more than the server's
                 on_end=self.metrics.ended,
                 on_step=self.metrics.after_step,
             )
+            # no text longer than this fits the model: each token covers at most its longest string's characters
+            self.max_prompt_chars = session.config.max_sequence_length * tokenizer.longest_token_chars
             self.loop = EngineLoop(engine)
             self.model = {
                 "precision": session.precision,
@@ -210,21 +226,53 @@ class Server:
             )
         return None
 
-    async def _read(self, http: Any, route: str) -> Ask:
+    async def _body(self, http: Any) -> bytes:
+        """The request's body, refused with 413 past max_body bytes: by its Content-Length before reading, or as
+        the chunks of a body without one arrive (nothing past the limit is kept)."""
+        too_big = BadRequest(
+            f"the body is larger than this server's limit of {self.max_body} bytes (--max-body-bytes)",
+            413,
+            "request_too_large",
+        )
+        length = http.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, data: bytes, route: str) -> Ask:
+        """The body as engine requests (run off the event loop: JSON of up to max_body bytes, every check)."""
         try:
-            body = json.loads(await http.body())
+            body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         if route == "fill":
-            return fill_request(body)
-        model = body.get("model")
-        if model is not None and model != self.model_id:
-            raise BadRequest(
-                f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}", 404, "model_not_found"
-            )
-        return completion_request(body)
+            ask = fill_request(body)
+        else:
+            model = body.get("model")
+            if isinstance(model, str) and model != self.model_id:
+                raise BadRequest(
+                    f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}",
+                    404,
+                    "model_not_found",
+                )
+            ask = completion_request(body, max_prompts=self.rows + self.max_waiting)
+        limit = self.max_prompt_chars
+        for i, request in enumerate(ask.requests):
+            if limit is not None and len(request.prompt) > limit:
+                which = "the prompt" if len(ask.requests) == 1 else f"prompt {i}"
+                raise BadRequest(
+                    f"{which} has {len(request.prompt)} characters, and no text of more than {limit} characters fits "
+                    f"this model's max_sequence_length; shorten it"
+                )
+        return ask
 
     async def _answer(self, http: Any, route: str) -> Any:
         from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -234,8 +282,12 @@ class Server:
             return denied
         try:
             loop = self.engine_loop()
-            ask = await self._read(http, route)
-            jobs, queue = self._submit_all(loop, ask)
+            data = await self._body(http)
+            # parsing and tokenizing run in a worker thread: the event loop keeps answering (/health) meanwhile
+            ask = await asyncio.to_thread(self._parse, data, route)
+            queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+            deliver = partial(_deliver, asyncio.get_running_loop(), queue)
+            jobs = await asyncio.to_thread(self._submit_all, loop, ask, deliver)
         except BadRequest as exc:
             if exc.status == 400:
                 self.metrics.requests.labels("invalid").inc()
@@ -263,15 +315,14 @@ class Server:
             completion_body(self.model_id, f"cmpl-{jobs[0].id}", int(time.time()), jobs, results, ask.echo)
         )
 
-    def _submit_all(self, loop: EngineLoop, ask: Ask) -> tuple[list[Job], asyncio.Queue[StreamEvent]]:
-        """Submit every request of one HTTP request onto one queue; all or none (a refusal cancels the rest)."""
-        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        aio = asyncio.get_running_loop()
+    def _submit_all(self, loop: EngineLoop, ask: Ask, deliver: Callable[[StreamEvent], None]) -> list[Job]:
+        """Submit every request of one HTTP request, their events to `deliver`; all or none (a refusal cancels the
+        rest). Tokenizes: runs in a worker thread."""
         jobs: list[Job] = []
         try:
             for request in ask.requests:
                 numbered = dataclasses.replace(request, id=next(self._ids))
-                jobs.append(loop.submit(numbered, partial(_deliver, aio, queue)))
+                jobs.append(loop.submit(numbered, deliver))
         except QueueFull as exc:
             for job in jobs:
                 loop.cancel(job)
@@ -280,10 +331,11 @@ class Server:
         except (GenerationError, EngineError) as exc:
             for job in jobs:
                 loop.cancel(job)
-            names = COMPLETION_NAMES if ask.route == "completions" else {}
-            said = exc.said_as(names) if isinstance(exc, GenerationError) else str(exc)
-            raise BadRequest(" ".join(said.split())) from None
-        return jobs, queue
+            if isinstance(exc, GenerationError):
+                refused = len(jobs)  # the index of the one that raised, in the request's list
+                raise BadRequest(said(exc, ask.route, refused if len(ask.requests) > 1 else None)) from None
+            raise BadRequest(" ".join(str(exc).split())) from None
+        return jobs
 
     async def _events(
         self, loop: EngineLoop, jobs: list[Job], queue: asyncio.Queue[StreamEvent], http: Any
@@ -404,6 +456,7 @@ def serve(
     timeout: float,
     api_key: str | None,
     log: Callable[[str], None] = print,
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> None:
     """Run the app under uvicorn until SIGINT / SIGTERM (uvicorn stops accepting, lets running requests finish,
     then the engine drains)."""
@@ -429,6 +482,7 @@ def serve(
         max_waiting=max_waiting,
         timeout=timeout,
         api_key=api_key,
+        max_body=max_body,
         log=log,
         on_load_error=load_failed,
     )

@@ -8,6 +8,7 @@ docs/glm.md 4.1 (`build_context_ids`, `find_blanks`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -111,6 +112,18 @@ class GLMTokenizer:
 
     def __repr__(self) -> str:
         return f"GLMTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, special={self.special})"
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token's text can hold: its string's length (a byte-level token's string has a
+        character per byte, a WordPiece one its ## too), so no text of more than P x this fits P tokens. (A
+        WordPiece [UNK] stands for a whole unknown word; words past 100 characters are refused by this bound.)"""
+        lengths = [len(self.command_strings[name]) for name in self.special]
+        for i in range(self._text.size):
+            token = self._text.id_to_token(i)
+            if token is not None:
+                lengths.append(len(token))
+        return max(lengths)
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         """The model's V: this size rounded up to a multiple of 128 (docs/glm.md 6)."""

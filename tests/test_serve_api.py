@@ -302,3 +302,70 @@ def test_glmx_serve_help_and_a_bad_option():
     assert result.exit_code == 0 and "/v1/completions" in result.output and "--max-waiting" in result.output
     result = CliRunner().invoke(main, ["serve", "--port", "0"])
     assert result.exit_code == 2 and "--port" in result.output
+
+
+# ---------------------------------------------------------------- a server that one request cannot sink
+
+
+@pytest.fixture(scope="module")
+def guarded(model):
+    """4 rows, 2 may wait, a 4 KiB body limit: small enough to reach every bound from a test."""
+    c = started(create_app(lambda: model, rows=4, max_waiting=2, max_body=4096))
+    yield c
+    c.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    "route,body,status,message",
+    [
+        # JSON booleans only: a string "false" is not false
+        ("/v1/completions", {"prompt": "a [MASK]", "echo": "false"}, 400, '"echo" and "stream" must be true or false'),
+        ("/v1/fill", {"prompt": "a [MASK]", "append_gmask": "false"}, 400, '"append_gmask" must be true or false'),
+        ("/v1/fill", {"prompt": "a [MASK]", "stream": 1}, 400, '"stream" must be true or false'),
+        ("/v1/completions", {"prompt": "a [MASK]", "n": True}, 400, "n=true is not supported"),
+        ("/v1/completions", {"prompt": "a [MASK]", "presence_penalty": False}, 400, "presence_penalty=false"),
+        ("/v1/completions", {"prompt": "a [MASK]", "model": 7}, 400, '"model" must be a string'),
+        ("/v1/completions", {"prompt": "a [MASK]", "user": ["x"]}, 400, '"user" must be a string'),
+        # beams take rows: more than the server's rows can never run
+        ("/v1/fill", {"prompt": "a [MASK]", "strategy": "beam", "num_beams": 10000}, 400, "num_beams 10000 is more"),
+        # more prompts than rows + waiting can never be admitted: 400, not 429 (a client would retry for ever)
+        ("/v1/completions", {"prompt": ["a [MASK]"] * 7, "max_tokens": 2}, 400, "7 prompts"),
+        # a list's bad prompt is named by its index in the list, not the server's request counter
+        ("/v1/completions", {"prompt": ["a [MASK]", "word " * 600 + "[MASK]"]}, 400, "prompt 1 is too long"),
+    ],
+)
+def test_hostile_requests_are_refused_with_their_reason(guarded, route, body, status, message):
+    r = guarded.post(route, json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_answers_413_before_it_is_read(guarded):
+    r = guarded.post("/v1/fill", content=b'{"prompt": "' + b"a" * 5000 + b' [MASK]"}')
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+    chunked = guarded.post("/v1/fill", content=iter([b'{"prompt": "', b"a" * 5000, b' [MASK]"}']))  # no length
+    assert chunked.status_code == 413
+
+
+def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(model, monkeypatch):
+    """The bound is max_sequence_length x the longest token's characters: no longer text can fit."""
+    session, tok = model
+    client = started(create_app(lambda: model, max_body=1 << 22))
+    try:
+        bound = session.config.max_sequence_length * tok.longest_token_chars
+        calls = []
+        monkeypatch.setattr(type(tok), "encode", lambda self, text: calls.append(len(text)) or [])
+        r = client.post("/v1/fill", json={"prompt": "a" * (bound + 1) + " [MASK]"})
+        assert r.status_code == 400 and f"more than {bound} characters" in r.json()["error"]["message"]
+        assert calls == []
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_an_empty_api_key_is_refused_at_start(model):
+    from glm_runtime.serve import ServeError
+
+    with pytest.raises(ServeError, match="--api-key is empty"):
+        create_app(lambda: model, api_key="")
+    with pytest.raises(ServeError, match="--api-key is empty"):
+        create_app(lambda: model, api_key="  ")
