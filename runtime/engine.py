@@ -137,8 +137,8 @@ class Engine:
     rows (None = unbounded; past rows + max_waiting, submit() raises QueueFull); max_beams: the most beams a
     request may ask for (a beam request runs on a cache of num_beams rows of its own; None = unbounded);
     on_end(job) is called as each request ends (finished, cancelled, timeout, failed) and on_step(engine, rows
-    fed) after each step, in the thread that runs the engine. A step admits waiting requests into free rows, runs their context pass (one
-    call), then one decode call for every running row.
+    fed) after each step, in the thread that runs the engine. A step admits waiting requests into free rows,
+    runs their context pass (one call), then one decode call for every running row.
     """
 
     def __init__(
