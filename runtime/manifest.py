@@ -112,11 +112,49 @@ def staging_folders(out_dir: Path) -> list[Path]:
     return sorted(p for p in found if p.is_dir())
 
 
+def is_staging_name(name: str) -> bool:
+    """Whether a folder name is one staging uses (`.OUT.XXXX.partial`, `.OUT.XXXX.old`): no loader opens such a
+    folder, so no stage writes one."""
+    return name.startswith(".") and name.endswith((STAGING_SUFFIX, ".old"))
+
+
+def not_an_artifact(folder: Path) -> str | None:
+    """Why `folder` (existing, not empty) is not a glmx artifact folder, or None when its manifest.json is a glmx
+    manifest sealed by glmx (schema, kind and its own self-hash): only such a folder is ever replaced."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return f"holds files but no glmx {MANIFEST_NAME}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return f"holds a {MANIFEST_NAME} that is not a glmx manifest (not JSON)"
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("kind") not in ARTIFACT_KINDS:
+        return f"holds a {MANIFEST_NAME} that is not a glmx manifest (no schema {SCHEMA!r} and artifact kind)"
+    if data.get(SELF_HASH) != _body_sha256(data):
+        return (
+            f"holds a {MANIFEST_NAME} whose self-hash ({SELF_HASH}) does not match its body (edited, or not "
+            f"written by glmx)"
+        )
+    return None
+
+
 def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Any = ()) -> Path:
-    """Refuse an output folder that would lose data, before any work: OUT equal to, inside or above an input;
-    an existing OUT without --overwrite; with --overwrite, anything but an empty folder or a glmx artifact
-    (a folder holding a glmx manifest.json). Returns OUT resolved."""
-    out = Path(out_dir).resolve()
+    """Refuse an output folder that would lose data, before any work: a symlink (followed or dangling); a name
+    only staging folders have; OUT equal to, inside or above an input; an existing OUT without --overwrite; with
+    --overwrite, anything but an empty folder or a glmx artifact (a folder whose manifest.json is a glmx manifest
+    with a valid self-hash). Returns OUT resolved."""
+    given = Path(out_dir)
+    if given.is_symlink():
+        raise OutputError(
+            f"{out_dir} is a symbolic link (to {os.readlink(given)}): glmx writes a real folder and never "
+            f"replaces a link; pass the folder itself, or choose another -o"
+        )
+    out = given.resolve()
+    if is_staging_name(out.name):
+        raise OutputError(
+            f"{out_dir} is named like a staging folder (.NAME.*{STAGING_SUFFIX} / .NAME.*.old), which no loader "
+            f"opens; choose a name without that leading '.' and suffix (-o OUT)"
+        )
     for item in inputs or ():
         if item is None:
             continue
@@ -133,15 +171,16 @@ def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs:
             )
     if out == Path.cwd().resolve() or out == Path(out.anchor):
         raise OutputError(f"output {out_dir} is the current folder or a root: name a new folder (-o OUT)")
-    if out.exists() or out.is_symlink():
+    if out.exists():
         if not overwrite:
             raise OutputError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
-        if not out.is_dir() or out.is_symlink():
+        if not out.is_dir():
             raise OutputError(f"{out_dir} is a file or a link, not an artifact folder; refusing to replace it")
-        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        why = not_an_artifact(out) if any(out.iterdir()) else None
+        if why is not None:
             raise OutputError(
-                f"{out_dir} holds files but no glmx {MANIFEST_NAME}: it is not a glmx artifact, and "
-                f"--overwrite replaces only those (or an empty folder); choose another -o"
+                f"{out_dir} {why}: it is not a glmx artifact, and --overwrite replaces only those (or an "
+                f"empty folder); choose another -o"
             )
     return out
 
@@ -382,7 +421,7 @@ def load_manifest(
     staging=True: the stage that is writing the folder checks its own staged artifact."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
-    if not staging and folder.name.startswith(".") and folder.name.endswith((STAGING_SUFFIX, ".old")):
+    if not staging and is_staging_name(folder.name):
         raise ManifestError(
             f"{folder} is the staging folder of a write that did not finish (killed or failed); it "
             f"is never loadable: run the stage again (it removes the folder)"

@@ -117,3 +117,73 @@ def test_artifacts_get_ordinary_permissions(tmp_path):
         (stage / "weights.bin").write_bytes(b"w")
         os.chmod(stage / "weights.bin", 0o600)
     assert (tmp_path / "private" / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# ---------------------------------------------------------------- the output guard proves ownership (issue 30)
+
+
+def test_overwrite_replaces_only_a_folder_whose_manifest_is_a_sealed_glmx_manifest(tmp_path):
+    """A folder that merely holds a file named manifest.json (a web app's) is not a glmx artifact: --overwrite
+    refuses it, naming why; an artifact whose manifest was sealed by glmx, or an empty folder, is replaced."""
+    from glm_runtime.manifest import OutputError, check_output
+
+    app = tmp_path / "webapp"
+    (app / "src").mkdir(parents=True)
+    (app / "src" / "app.js").write_text("console.log('mine')")
+    for text, why in [
+        ('{"name": "my-app", "start_url": "/"}', "not a glmx manifest"),
+        ("{not json", "not a glmx manifest"),
+        ('["a"]', "not a glmx manifest"),
+    ]:
+        (app / MANIFEST_NAME).write_text(text)
+        with pytest.raises(OutputError, match=why) as err:
+            check_output(app, overwrite=True)
+        assert "\n" not in str(err.value)
+    _write_artifact(tmp_path / "art")
+    data = json.loads((tmp_path / "art" / MANIFEST_NAME).read_text())
+    data["kind"] = "onnx"  # edited after sealing: its self-hash no longer matches, so glmx cannot vouch for it
+    (tmp_path / "art" / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(OutputError, match="self-hash"):
+        check_output(tmp_path / "art", overwrite=True)
+    _seal(tmp_path / "art", {k: v for k, v in data.items() if k != "manifest_sha256"})
+    assert check_output(tmp_path / "art", overwrite=True) == (tmp_path / "art").resolve()
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", overwrite=True)
+    assert (app / "src" / "app.js").read_text() == "console.log('mine')"
+
+
+@pytest.mark.parametrize("target", ["artifact", "dangling"])
+def test_a_symlink_output_is_refused_with_or_without_overwrite(tmp_path, target):
+    from glm_runtime.manifest import OutputError, check_output
+
+    _write_artifact(tmp_path / "art")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / ("art" if target == "artifact" else "nowhere"))
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="is a symbolic link") as err:
+            check_output(link, overwrite=overwrite)
+        assert "\n" not in str(err.value)
+        with pytest.raises(OutputError, match="is a symbolic link"):
+            _write_artifact_over(link, overwrite=overwrite)
+    assert link.is_symlink() and not list(tmp_path.glob(".link.*"))  # no stray .old link
+    if target == "artifact":
+        load_manifest(tmp_path / "art")
+
+
+def _write_artifact_over(folder, overwrite):
+    with staged_folder(folder, overwrite=overwrite) as stage:
+        (stage / "weights.bin").write_bytes(b"new")
+        write_manifest(stage, Manifest(kind="checkpoint", config={"num_layers": 1}))
+
+
+@pytest.mark.parametrize("name", [".out.abc123.partial", ".out.x.old", ".model.partial"])
+def test_an_output_named_like_a_staging_folder_is_refused(tmp_path, name):
+    """No loader opens a folder named like a staging folder, so no stage may write one."""
+    from glm_runtime.manifest import OutputError, check_output
+
+    with pytest.raises(OutputError, match="named like a staging folder") as err:
+        check_output(tmp_path / name)
+    assert "\n" not in str(err.value)
+    with pytest.raises(OutputError, match="named like a staging folder"):
+        _write_artifact(tmp_path / name)
+    assert not (tmp_path / name).exists()

@@ -92,6 +92,28 @@ def test_overwrite_replaces_only_a_glmx_artifact_or_an_empty_folder(exported, tm
     assert again.exit_code == 0 and load_manifest(empty).precision == "int4-weight"  # an artifact is replaced
 
 
+def test_overwrite_refuses_what_glmx_cannot_prove_it_wrote(exported, tmp_path):
+    """A web app's folder with its own manifest.json, a symlink (to an artifact or to nothing), and a name only
+    staging folders have: each refused in one line, nothing touched."""
+    hub, onnx = exported
+    app = tmp_path / "webapp"
+    (app / "src").mkdir(parents=True)
+    (app / "src" / "app.js").write_text("console.log('mine')")
+    (app / "manifest.json").write_text('{"name": "my-app", "icons": []}')
+    before = tree(app)
+    refused(cli("export", hub, "-o", app, "--overwrite"), "not a glmx manifest")
+    assert tree(app) == before
+    (tmp_path / "link").symlink_to(onnx)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for link in ("link", "dangling"):
+        refused(
+            cli("quantize", onnx, "-o", tmp_path / link, "--scheme", "int8-dynamic", "--overwrite"), "symbolic link"
+        )
+    assert (tmp_path / "link").resolve() == onnx.resolve() and not list(tmp_path.glob(".link*"))
+    refused(cli("export", hub, "-o", tmp_path / ".name.abc.partial"), "named like a staging folder")
+    assert not (tmp_path / ".name.abc.partial").exists()
+
+
 def test_the_existence_check_runs_before_any_work(exported, tmp_path, monkeypatch):
     import glm_export.checkpoint as checkpoint
 
