@@ -11,6 +11,7 @@ import sys
 import click
 
 from glm_runtime.cli import CommandError, main, one_line
+from glm_runtime.errors import EXPORT_EXTRA_HINT
 
 
 def require_export_extra(torch: bool = True) -> None:
@@ -20,9 +21,7 @@ def require_export_extra(torch: bool = True) -> None:
 
     missing = [m for m in (("torch", "onnx") if torch else ("onnx",)) if importlib.util.find_spec(m) is None]
     if missing:
-        raise CommandError(
-            f"this command needs the export extra ({', '.join(missing)} missing): pip install 'glmx[export]'"
-        )
+        raise CommandError(f"this command needs the export extra ({', '.join(missing)} missing): {EXPORT_EXTRA_HINT}")
 
 
 def _source_options(command):
@@ -350,8 +349,7 @@ def check_trt_cmd(model: str) -> None:
         from glm_export.trt_check import check_trt, support_list
     except ImportError as exc:
         raise CommandError(
-            f"check-trt reads the graph with the onnx package, which is not installed ({exc}): "
-            f"pip install 'glmx[export]'"
+            f"check-trt reads the graph with the onnx package, which is not installed ({exc}): {EXPORT_EXTRA_HINT}"
         ) from None
     try:
         findings = check_trt(model)

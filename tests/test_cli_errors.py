@@ -357,3 +357,40 @@ def test_a_byte_order_mark_is_not_prompt_text(files):
     plain = _fill(files, "--stdin", "--max-new-tokens", "3", stdin=b"the quick [MASK] fox\n")
     marked = _fill(files, "--stdin", "--max-new-tokens", "3", stdin="\ufeffthe quick [MASK] fox\n".encode("utf-8"))
     assert marked == plain and not marked[0].startswith("\ufeff")
+
+
+# ---------------------------------------------------------------- hints that name the fix, declared once
+
+HINT_PENDING = {
+    # files that still spell the export extra's hint themselves; each entry says who changes it
+    "runtime/session.py": "the torch backend's import failure (owned by another engineer now; issue 30 item 1)"
+}
+
+
+def test_every_export_extra_hint_installs_the_cpu_torch_first(monkeypatch):
+    """PyPI's Linux torch is the CUDA build (several GB of nvidia-* packages), which README's install section
+    warns against: every "needs the export extra" hint is runtime.errors.EXPORT_EXTRA_HINT, the CPU torch line
+    first, and no module spells its own."""
+    from pathlib import Path
+
+    from glm_export.cli import require_export_extra
+    from glm_runtime.cli import CommandError
+    from glm_runtime.errors import EXPORT_EXTRA_HINT
+
+    cpu = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert EXPORT_EXTRA_HINT.startswith(cpu) and "glmx[export]" in EXPORT_EXTRA_HINT
+    root = Path(__file__).resolve().parents[1]
+    spelled = sorted(
+        path.relative_to(root).as_posix()
+        for folder in ("runtime", "glm_export", "benchmarks")
+        for path in (root / folder).glob("*.py")
+        if "glmx[export]" in path.read_text(encoding="utf-8")
+    )
+    assert spelled == sorted(["runtime/errors.py", *HINT_PENDING]), spelled
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(CommandError) as caught:
+        require_export_extra()
+    assert caught.value.message.endswith(EXPORT_EXTRA_HINT), caught.value.message
