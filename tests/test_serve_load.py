@@ -181,6 +181,82 @@ def _completion_tokens(tok, prompt, spans):
     return ids
 
 
+def post_raw(port, route, data: bytes):
+    """(status, parsed error or answer) of a POST whose body is given as bytes; an HTTP error is an answer too."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_S) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_hostile_requests_are_refused_at_once_while_clients_fill(server):
+    """While 4 clients fill normally: a body of the maximal size holding one huge prompt (400 before tokenizing),
+    a body one byte past it (413), 10000 beams (400) and more prompts than rows + waiting (400, not 429) are each
+    refused at once with their status; the clients' answers equal one by one; GET /health stays under 100 ms; the
+    server's memory stays within 200 MB of its size before."""
+    psutil = pytest.importorskip("psutil")
+    port, proc = server
+    session, tok = open_model(None, "onnxruntime")
+    limit = 1 << 20  # the default --max-body-bytes
+    head, tail = b'{"prompt": "', b' [MASK]"}'
+    hostile = [
+        ("/v1/fill", head + b"a" * (limit - len(head) - len(tail)) + tail, 400, "characters"),
+        ("/v1/fill", head + b"a" * (limit + 1 - len(head) - len(tail)) + tail, 413, "limit"),
+        ("/v1/fill", json.dumps({"prompt": "a [MASK]", "strategy": "beam", "num_beams": 10000}).encode(), 400, "beams"),
+        ("/v1/completions", json.dumps({"prompt": ["a [MASK]"] * 261, "max_tokens": 2}).encode(), 400, "261 prompts"),
+    ]
+    memory = psutil.Process(proc.pid)
+    idle = memory.memory_info().rss
+    peak, health_s, refused, answers, errors = [idle], [], [], {}, []
+    done = threading.Event()
+
+    def watch():  # /health's latency and the server's memory, every 20 ms until the clients are done
+        while not done.is_set():
+            t0 = time.perf_counter()
+            get(port, "/health")
+            health_s.append(time.perf_counter() - t0)
+            peak.append(memory.memory_info().rss)
+            time.sleep(0.02)
+
+    def client(c):
+        for i in range(6):
+            prompt, budget = PROMPTS[(c + i) % len(PROMPTS)], 2 + (c + i) % 5
+            try:
+                answers[(c, i)] = (
+                    prompt,
+                    budget,
+                    post(port, "/v1/fill", {"prompt": prompt, "max_new_tokens": budget, "append_gmask": True}),
+                )
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(f"client {c}: {exc!r}")
+
+    watcher = threading.Thread(target=watch)
+    clients = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    watcher.start()
+    for t in clients:
+        t.start()
+    for route, data, status, word in hostile:
+        t0 = time.perf_counter()
+        got, reply = post_raw(port, route, data)
+        refused.append((route, status, got, word, reply.get("error", {}).get("message", ""), time.perf_counter() - t0))
+    for t in clients:
+        t.join(120)
+    done.set()
+    watcher.join(30)
+    assert not errors, errors[:3]
+    for route, status, got, word, message, seconds in refused:
+        assert got == status and word in message, (route, got, message)
+        assert seconds < 1.0, (route, seconds)  # at once: nothing waited for a row or tokenized a megabyte
+    for prompt, budget, (status, reply) in answers.values():
+        (alone,) = fill_blanks(session, tok, [prompt], max_new_tokens=budget, append_gmask=True)
+        assert status == 200 and reply["tokens"] == alone.tokens
+    assert len(answers) == 24 and len(health_s) > 5
+    assert max(health_s) < 0.1, sorted(health_s)[-5:]
+    assert max(peak) - idle < 200 * 2**20, (idle, max(peak))
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "waiting-for-json"])
 def test_a_client_that_hangs_up_frees_its_row(server, stream):
     # a seeded sample that runs its whole 400-token budget here (about 1 s): the client leaves while it runs
