@@ -79,6 +79,25 @@ class BlankError(TokenizerError):
     """A blank-filling prompt has no blank token ([MASK], [sMASK] or [gMASK]) to fill."""
 
 
+def check_unicode(text: str) -> None:
+    """Text must be Unicode text, which a str may not be: bytes that were not UTF-8 reach Python as lone surrogates
+    U+DC80..U+DCFF (a command-line argument, decoded as os.fsdecode does), and a JSON "\\ud800" escape without
+    its pair is one too. No tokenizer can encode them; say where, and the fix."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        if 0xDC80 <= char <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+            raise TokenizerError(
+                f"the text is not UTF-8: byte 0x{char - 0xDC00:02x} at character {exc.start} is not part of a "
+                f"UTF-8 character (an argument or file in another encoding); write it as UTF-8"
+            ) from None
+        raise TokenizerError(
+            f"the text holds a lone surrogate U+{char:04X} at character {exc.start} (a JSON \\u escape without its "
+            f"pair), which is not Unicode text; send the character itself, or both halves of its escape"
+        ) from None
+
+
 # ---------------------------------------------------------------- the tokenizer
 
 
@@ -132,6 +151,8 @@ class GLMTokenizer:
     # encoding
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, with command-token strings split out first as single ids; nothing added around."""
+        if not text.isascii():
+            check_unicode(text)
         ids: list[int] = []
         parts = self._split.split(text)  # even indices: plain text, odd: a command string
         for k in range(0, len(parts), 2):

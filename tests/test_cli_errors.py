@@ -5,6 +5,7 @@ the same wherever the prompt sits, JSONL lines carry their own settings, a UTF-8
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -58,6 +59,7 @@ def files(tmp_path_factory):
     (root / "unknown.jsonl").write_text('{"prompt": "a [MASK]", "temp": 3}\n', encoding="utf-8")
     (root / "broken.jsonl").write_text('{"prompt": "a [MASK]"\n', encoding="utf-8")
     (root / "notprompt.jsonl").write_text('{"text": 3}\n', encoding="utf-8")
+    (root / "surrogate.jsonl").write_text('{"prompt": "a \\ud800 [MASK]"}\n', encoding="utf-8")
     return root
 
 
@@ -219,6 +221,10 @@ CASES = [
     ),
     # unreadable input
     ("stdin-not-utf8", ["fill", "--model", "{root}/onnx", "--stdin"], b"a \xff [MASK]\n", "not UTF-8"),
+    # argv bytes that are not UTF-8 reach Python as lone surrogates (os.fsdecode), a JSON escape may hold one too
+    ("prompt-not-utf8", ["fill", "--model", "{root}/onnx", os.fsdecode(b"a \xff [MASK]")], None, "byte 0xff"),
+    ("score-not-utf8", ["score", "--model", "{root}/onnx", "a [MASK]", "-c", os.fsdecode(b"\xfe")], None, "not UTF-8"),
+    ("jsonl-lone-surrogate", ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/surrogate.jsonl"], None, "U+D800"),
     ("jsonl-not-utf8", ["fill", "--model", "{root}/onnx", "--jsonl", "{root}/not-utf8.txt"], None, "not UTF-8"),
     (
         "calibration-not-utf8",
