@@ -293,7 +293,12 @@ Example:  glmx serve --port 8000 &
     help="a request body past this answers 413",
 )
 def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key, max_body_bytes) -> None:
+    import os
+
     from glm_runtime.serve import serve
+
+    if api_key is None and os.environ.get("GLMX_API_KEY") is not None:  # click reads a set but empty one as unset
+        api_key = os.environ["GLMX_API_KEY"]  # and the server refuses it: an empty key is no key
 
     serve(
         model,

@@ -369,3 +369,17 @@ def test_an_empty_api_key_is_refused_at_start(model):
         create_app(lambda: model, api_key="")
     with pytest.raises(ServeError, match="--api-key is empty"):
         create_app(lambda: model, api_key="  ")
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_glmx_serve_refuses_an_empty_key_in_one_line(how):
+    from click.testing import CliRunner
+
+    from glm_runtime.cli import main
+
+    args, env = (["serve", "--api-key", ""], {}) if how == "option" else (["serve"], {"GLMX_API_KEY": ""})
+    result = CliRunner().invoke(main, [*args, "--port", "1"], env=env)
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        "Error: --api-key is empty (an unset variable?): give the key, or leave the option and GLMX_API_KEY out "
+        "to serve without one"
+    ]
