@@ -156,8 +156,8 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
         "context_s": t1 - t0,
         "decode_s": t2 - t1,
         "total_s": t2 - t0,
-        "decode_steps": float(steps),
-        "new_tokens": float(generated),
+        "decode_steps": steps,  # counts stay integers in --json
+        "new_tokens": generated,
         "tokens_per_s": generated / (t2 - t1) if t2 > t1 else 0.0,
     }
     result = assemble_result(tokenizer, prompt, spans, timings)

@@ -498,8 +498,8 @@ class Engine:
             "context_s": job.context_s,
             "decode_s": decode,
             "total_s": end - job.submitted_at,
-            "decode_steps": float(job.decode_calls),
-            "new_tokens": float(new),
+            "decode_steps": job.decode_calls,  # counts stay integers in --json
+            "new_tokens": new,
             "tokens_per_s": new / decode if decode > 0 else 0.0,
         }
 

@@ -469,3 +469,17 @@ def test_cli_unknown_backend_and_missing_model(onnx_dir, tmp_path):
     assert res.exit_code == 2 and "tpu" in res.output
     res = _cli("a [MASK]", "--model", str(tmp_path / "nowhere"))
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+@pytest.mark.parametrize("strategy", [["--strategy", "greedy"], ["--strategy", "beam", "--num-beams", "2"]])
+def test_json_timings_count_in_integers(strategy):
+    """--json's decode_steps and new_tokens are counts: JSON integers, not 3.0 (greedy through the pool and beam)."""
+    from click.testing import CliRunner
+
+    from glm_runtime.cli import main
+
+    result = CliRunner().invoke(main, ["fill", "--json", "--max-new-tokens", "3", *strategy, "The [MASK] sat."])
+    assert result.exit_code == 0, result.output
+    timings = json.loads(result.output)["timings"]
+    assert isinstance(timings["decode_steps"], int) and isinstance(timings["new_tokens"], int), timings
+    assert isinstance(timings["total_s"], float)
