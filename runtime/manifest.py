@@ -15,6 +15,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,9 @@ class OutputError(ManifestError, FileExistsError):
 
 
 STAGING_SUFFIX = ".partial"
+# The marker glmx writes first into every staging folder it makes (and into an old OUT before moving it aside):
+# leftovers of killed writers are recognised by it, never by their name alone.
+STAGING_MARKER = ".glmx-staging"
 _CLAIMS: dict[Path, int] = {}  # output folders this process holds the lock of -> nesting depth
 
 
@@ -104,12 +108,24 @@ def _lock_path(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.lock"
 
 
-def staging_folders(out_dir: Path) -> list[Path]:
-    """Hidden staging folders of `out_dir` left by writes that never finished (a kill, a power cut)."""
+def _mark_staging(folder: Path, what: str) -> None:
+    """Write the staging marker into `folder` (who made it, when): the first file of every staging folder."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    (folder / STAGING_MARKER).write_text(f"glmx {what}: pid {os.getpid()} on {platform.node()} at {stamp}\n")
+
+
+def _named_like_staging(out_dir: Path) -> list[Path]:
+    """Folders beside OUT named as OUT's staging folders are (.OUT.*.partial, .OUT.*.old), marked or not."""
     if not out_dir.parent.is_dir():
         return []
     found = [*out_dir.parent.glob(f".{out_dir.name}.*{STAGING_SUFFIX}"), *out_dir.parent.glob(f".{out_dir.name}.*.old")]
-    return sorted(p for p in found if p.is_dir())
+    return sorted(p for p in found if p.is_dir() and not p.is_symlink())
+
+
+def staging_folders(out_dir: Path) -> list[Path]:
+    """Hidden staging folders of `out_dir` left by writes that never finished (a kill, a power cut): those named
+    like OUT's staging folders that carry glmx's STAGING_MARKER. A same-named folder without it is not glmx's."""
+    return [p for p in _named_like_staging(out_dir) if (p / STAGING_MARKER).is_file()]
 
 
 def is_staging_name(name: str) -> bool:
@@ -176,7 +192,7 @@ def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs:
             raise OutputError(f"{out_dir} already exists; pass --overwrite (overwrite=True) to replace it")
         if not out.is_dir():
             raise OutputError(f"{out_dir} is a file or a link, not an artifact folder; refusing to replace it")
-        why = not_an_artifact(out) if any(out.iterdir()) else None
+        why = not_an_artifact(out) if any(p.name != STAGING_MARKER for p in out.iterdir()) else None
         if why is not None:
             raise OutputError(
                 f"{out_dir} {why}: it is not a glmx artifact, and --overwrite replaces only those (or an "
@@ -218,10 +234,18 @@ def claim_output(
         fh.truncate()
         fh.write(f"glmx pid {os.getpid()} on {platform.node()}")
         fh.flush()
-        for stale in staging_folders(out):  # the lock is ours: no live writer owns these
+        say = log if log is not None else (lambda msg: None)
+        for stale in _named_like_staging(out):  # the lock is ours: no live writer owns these
+            if not (stale / STAGING_MARKER).is_file():
+                say(
+                    f"left {stale.name} alone: it is named like a staging folder of {out.name} but carries no "
+                    f"{STAGING_MARKER} marker, so glmx did not make it (remove it yourself if it is not yours)"
+                )
+                continue
             shutil.rmtree(stale, ignore_errors=True)
-            if log is not None:
-                log(f"removed {stale.name}, left by an earlier write to {out.name} that did not finish")
+            say(f"removed {stale.name}, left by an earlier write to {out.name} that did not finish")
+        with contextlib.suppress(OSError):  # a marker left in OUT by a write killed just after its last rename
+            (out / STAGING_MARKER).unlink()
         _CLAIMS[out] = 1
         try:
             yield out
@@ -273,8 +297,9 @@ def staged_folder(
     with claim_output(out_dir, overwrite=overwrite, inputs=inputs, log=log):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=STAGING_SUFFIX, dir=out_dir.parent))
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700
         try:
+            _mark_staging(stage, f"staging folder of {out_dir.name}")  # first: a killed write's folder is known
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700
             yield stage
             for path in stage.rglob("*"):  # some writers (safetensors) make 0600 files; an artifact is shareable
                 if path.is_file() and not path.is_symlink():
@@ -283,11 +308,13 @@ def staged_folder(
             check_output(out_dir, overwrite=overwrite)  # nothing else may have appeared at OUT meanwhile
             if out_dir.exists():
                 trash = stage.with_suffix(".old")
+                _mark_staging(out_dir, f"old {out_dir.name}, being replaced")  # marked before it is moved aside
                 os.replace(out_dir, trash)
                 os.replace(stage, out_dir)
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.replace(stage, out_dir)
+            (out_dir / STAGING_MARKER).unlink()
             _fsync_dir(out_dir.parent)
         finally:
             if stage.exists():

@@ -187,3 +187,52 @@ def test_an_output_named_like_a_staging_folder_is_refused(tmp_path, name):
     with pytest.raises(OutputError, match="named like a staging folder"):
         _write_artifact(tmp_path / name)
     assert not (tmp_path / name).exists()
+
+
+def test_only_folders_glmx_marked_as_its_staging_are_removed(tmp_path):
+    """Leftovers are recognised by the marker glmx writes first into each staging folder, never by name alone: a
+    user's own `.art.backup.old` (or `.art.x.partial`) is left alone and mentioned; glmx's own are removed."""
+    from glm_runtime.manifest import STAGING_MARKER, staging_folders
+
+    mine = tmp_path / ".art.backup.old"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my backup")
+    (tmp_path / ".art.x.partial").mkdir()
+    (tmp_path / ".art.x.partial" / "draft.tex").write_text("mine too")
+    killed = tmp_path / ".art.k1ll3d.partial"  # what a killed writer left: marked first thing
+    killed.mkdir()
+    (killed / STAGING_MARKER).write_text("glmx staging folder of art: pid 1 on host")
+    (killed / "weights.bin").write_bytes(b"half")
+    assert staging_folders(tmp_path / "art") == [killed]
+    said: list[str] = []
+    for overwrite in (False, True):
+        with staged_folder(tmp_path / "art", overwrite=overwrite, log=said.append) as stage:
+            assert (stage / STAGING_MARKER).is_file()  # the marker is there from the start
+            (stage / "weights.bin").write_bytes(b"w")
+            write_manifest(stage, Manifest(kind="checkpoint", config={"num_layers": 1}))
+    assert not killed.exists() and any(f"removed {killed.name}" in s for s in said), said
+    assert (mine / "notes.txt").read_text() == "my backup"
+    assert (tmp_path / ".art.x.partial" / "draft.tex").read_text() == "mine too"
+    assert any(s.startswith("left .art.backup.old alone") for s in said), said
+    assert not (tmp_path / "art" / STAGING_MARKER).exists() and set(load_manifest(tmp_path / "art").files) == {
+        "weights.bin"
+    }
+    assert staging_folders(tmp_path / "art") == []
+
+
+def test_an_old_artifact_moved_aside_is_marked_before_the_move(tmp_path, monkeypatch):
+    """Killed between moving the old OUT aside and deleting it, the `.old` folder still carries the marker (it was
+    written before the move), so the next write removes it."""
+    import glm_runtime.manifest as mod
+    from glm_runtime.manifest import STAGING_MARKER, staging_folders
+
+    _write_artifact(tmp_path / "art")
+    real_rmtree = mod.shutil.rmtree
+    monkeypatch.setattr(mod.shutil, "rmtree", lambda *a, **k: None)  # as if killed before the .old was deleted
+    _write_artifact_over(tmp_path / "art", overwrite=True)
+    monkeypatch.setattr(mod.shutil, "rmtree", real_rmtree)
+    (old,) = staging_folders(tmp_path / "art")
+    assert old.name.endswith(".old") and (old / STAGING_MARKER).is_file()
+    assert not (tmp_path / "art" / STAGING_MARKER).exists()
+    _write_artifact_over(tmp_path / "art", overwrite=True)
+    assert not old.exists() and staging_folders(tmp_path / "art") == []

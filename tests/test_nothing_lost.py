@@ -114,6 +114,20 @@ def test_overwrite_refuses_what_glmx_cannot_prove_it_wrote(exported, tmp_path):
     assert not (tmp_path / ".name.abc.partial").exists()
 
 
+def test_a_users_folder_named_like_a_leftover_is_left_alone(exported, tmp_path):
+    """`.OUT.backup.old` beside OUT is the user's (it carries no glmx staging marker): a stage, with or without
+    --overwrite, leaves it and says so."""
+    hub, _ = exported
+    backup = tmp_path / ".out.backup.old"
+    backup.mkdir()
+    (backup / "model.onnx").write_text("my previous model")
+    for extra in ((), ("--overwrite",)):
+        result = cli("export", hub, "-o", tmp_path / "out", "--no-validate", *extra)
+        assert result.exit_code == 0, result.output
+        assert "left .out.backup.old alone" in result.output, result.output
+    assert (backup / "model.onnx").read_text() == "my previous model"
+
+
 def test_the_existence_check_runs_before_any_work(exported, tmp_path, monkeypatch):
     import glm_export.checkpoint as checkpoint
 
