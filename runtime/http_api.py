@@ -196,6 +196,35 @@ def fill_request(body: dict[str, Any]) -> Ask:
     return Ask("fill", engine_requests("fill", [body["prompt"]], settings), False, stream)
 
 
+def parse_body(data: bytes, route: str, model_id: str, max_prompts: int, max_prompt_chars: int | None) -> Ask:
+    """A POST body of `route` ("completions" or "fill") as engine requests, every check made: JSON, fields, the
+    served model's name, at most max_prompts prompts (rows + waiting), none longer than max_prompt_chars (no
+    longer text fits the model: refused before it is tokenized)."""
+    try:
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    if route == "fill":
+        ask = fill_request(body)
+    else:
+        model = body.get("model")
+        if isinstance(model, str) and model != model_id:
+            raise BadRequest(
+                f"model {model!r} is not served here; GET /v1/models lists {model_id!r}", 404, "model_not_found"
+            )
+        ask = completion_request(body, max_prompts=max_prompts)
+    for i, request in enumerate(ask.requests):
+        if max_prompt_chars is not None and len(request.prompt) > max_prompt_chars:
+            which = "the prompt" if len(ask.requests) == 1 else f"prompt {i}"
+            raise BadRequest(
+                f"{which} has {len(request.prompt)} characters, and no text of more than {max_prompt_chars} "
+                f"characters fits this model's max_sequence_length; shorten it"
+            )
+    return ask
+
+
 # ---------------------------------------------------------------- answers
 
 

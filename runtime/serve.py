@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import errno
 import itertools
-import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,10 +32,9 @@ from glm_runtime.http_api import (
     BadRequest,
     completion_body,
     completion_choice,
-    completion_request,
     error_response,
     fill_chunk,
-    fill_request,
+    parse_body,
     said,
     sse,
 )
@@ -247,32 +245,7 @@ class Server:
 
     def _parse(self, data: bytes, route: str) -> Ask:
         """The body as engine requests (run off the event loop: JSON of up to max_body bytes, every check)."""
-        try:
-            body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object")
-        if route == "fill":
-            ask = fill_request(body)
-        else:
-            model = body.get("model")
-            if isinstance(model, str) and model != self.model_id:
-                raise BadRequest(
-                    f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}",
-                    404,
-                    "model_not_found",
-                )
-            ask = completion_request(body, max_prompts=self.rows + self.max_waiting)
-        limit = self.max_prompt_chars
-        for i, request in enumerate(ask.requests):
-            if limit is not None and len(request.prompt) > limit:
-                which = "the prompt" if len(ask.requests) == 1 else f"prompt {i}"
-                raise BadRequest(
-                    f"{which} has {len(request.prompt)} characters, and no text of more than {limit} characters fits "
-                    f"this model's max_sequence_length; shorten it"
-                )
-        return ask
+        return parse_body(data, route, self.model_id, self.rows + self.max_waiting, self.max_prompt_chars)
 
     async def _answer(self, http: Any, route: str) -> Any:
         from starlette.responses import JSONResponse, Response, StreamingResponse
