@@ -253,8 +253,8 @@ Routes:  POST /v1/completions  OpenAI-shaped: "prompt" may hold blanks; "suffix"
 Bounded: --rows requests decode together, --max-waiting more may wait; past that a request gets 429 with
 Retry-After. A body past --max-body-bytes answers 413; num_beams above --rows, or more prompts in one request
 than --rows + --max-waiting, answer 400. A client that hangs up frees its row; --timeout answers 504.
-SIGTERM / Ctrl-C stop accepting, let running requests finish, then exit. Binds 127.0.0.1 unless --host says otherwise; with --api-key (or
-GLMX_API_KEY) /v1/* need "Authorization: Bearer KEY".
+SIGTERM / Ctrl-C stop accepting, let running requests finish, then exit. Binds 127.0.0.1 unless --host says
+otherwise; with --api-key (or GLMX_API_KEY) /v1/* need "Authorization: Bearer KEY".
 Example:  glmx serve --port 8000 &
           curl -s localhost:8000/v1/completions -d '{"prompt": "The capital of France is [MASK].", "max_tokens": 8}'"""
 
