@@ -60,7 +60,21 @@ def files(tmp_path_factory):
     (root / "broken.jsonl").write_text('{"prompt": "a [MASK]"\n', encoding="utf-8")
     (root / "notprompt.jsonl").write_text('{"text": 3}\n', encoding="utf-8")
     (root / "surrogate.jsonl").write_text('{"prompt": "a \\ud800 [MASK]"}\n', encoding="utf-8")
+    forge_config(root / "onnx", root / "forged-p", max_sequence_length=4096)  # the graph's tables have 129 rows
     return root
+
+
+def forge_config(src, dst, **fields):
+    """A copy of an export whose manifest config says other sizes, resealed so that only the graph can tell."""
+    import shutil
+
+    from glm_runtime.manifest import MANIFEST_NAME, SELF_HASH, _seal
+
+    shutil.copytree(src, dst)
+    data = json.loads((dst / MANIFEST_NAME).read_text(encoding="utf-8"))
+    data.pop(SELF_HASH)
+    data["config"].update(fields)
+    _seal(dst, data)
 
 
 OUT = "{root}/out"  # every case that writes would write here; none may
@@ -281,6 +295,12 @@ CASES = [
         "too long for the model",
     ),
     ("missing-model", ["fill", "--model", "{root}/nowhere", "a [MASK]"], None, "does not exist"),
+    (
+        "forged-max-sequence-length",
+        ["fill", "--model", "{root}/forged-p", "a " * 200 + "[MASK]"],
+        None,
+        "max_sequence_length 4096 disagrees with the graph",
+    ),
     ("bench-unknown-model", ["bench", "--model", "nosuch", "-o", OUT], None, "unknown model"),
     ("empty-stdin", ["fill", "--model", "{root}/onnx", "--stdin"], b"\n\n", "no prompts given"),
 ]
