@@ -500,6 +500,32 @@ class Plan:
         }
 
 
+# What marks a folder as glmx bench's own: its results.json in the format run_benchmarks writes (these keys).
+RESULTS_KEYS = ("command", "machine", "floor", "grid", "models")
+
+
+def check_bench_output(out_dir: str | Path) -> None:
+    """Refuse, before any work, an output folder glmx bench would write over without it being its own: a file,
+    or an existing folder holding anything while its results.json is missing or not one glmx bench wrote (a JSON
+    object with RESULTS_KEYS). An empty or new folder, or an earlier results folder, is taken."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BenchmarkError(f"{out_dir} is a file, not a results folder; choose a new folder (-o DIR)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and all(k in data for k in RESULTS_KEYS) and isinstance(data["command"], str):
+        return
+    raise BenchmarkError(
+        f"{out_dir} holds files but is not a glmx bench results folder (no results.json written by glmx bench), "
+        f"and glmx bench would replace its results.json, results.md, README.md and plots: choose a new or empty "
+        f"folder (-o DIR), or leave out -o for a new glmx-bench-DATE-TIME folder"
+    )
+
+
 def make_plan(
     models: Sequence[str],
     variants: Sequence[str] | None,
@@ -529,6 +555,7 @@ def make_plan(
             raise ValueError(f"unknown variant {v!r}; choose from {sorted(artifacts.VARIANTS)}")
     if out_dir is None:
         raise ValueError("out_dir is required for a full run (--quick writes to a temporary folder)")
+    check_bench_output(out_dir)
     contexts, pasts, batches, batch_past = _grid(quick, contexts, pasts, batches)
     rounds = (QUICK_ROUNDS if quick else FULL_ROUNDS) if rounds is None else int(rounds)
     if rounds < 1:

@@ -103,6 +103,33 @@ def test_unknown_variant_is_refused_with_the_choices(quick_run, tmp_path):
     assert "unknown variant 'ort-int3'" in result.output and "ort-int8" in result.output
 
 
+def test_bench_refuses_an_existing_folder_that_is_not_a_bench_results_folder(quick_run, tmp_path, monkeypatch):
+    """`glmx bench -o DIR` writes README.md and results.json: into a folder of the user's (here: their own README
+    and a results.json glmx bench did not write) it refuses before any work, in one line saying what to do; an
+    earlier bench results folder (the quick run's, the committed benchmarks/results) or an empty one is taken."""
+    from pathlib import Path
+
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "README.md").write_text("# my project")
+    (mine / "results.json").write_text('{"accuracy": 0.93}')
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    monkeypatch.setattr(bench, "machine_info", lambda *a: pytest.fail("measured before refusing"))
+    for args in (["--quick"], []):
+        result = CliRunner().invoke(main, ["bench", *args, "-o", str(mine), "--cache-dir", str(quick_run[2])])
+        line = result.output.strip()
+        assert result.exit_code == 1 and line.startswith("Error: ") and "\n" not in line, result.output
+        assert "not a glmx bench results folder" in line and "-o" in line, line
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    (mine / "results.json").unlink()
+    with pytest.raises(bench.BenchmarkError, match="not a glmx bench results folder"):
+        bench.check_bench_output(mine)  # README.md alone: still the user's
+    for ok in (quick_run[0], Path(bench.__file__).parent / "results", tmp_path / "empty", tmp_path / "new"):
+        if ok.name == "empty":
+            ok.mkdir()
+        bench.check_bench_output(ok)
+
+
 def test_floor_counts_match_hand_computed_values(quick_run):
     from glmx_benchmarks.artifacts import model_config
 
