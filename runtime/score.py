@@ -9,6 +9,7 @@ is runtime/cloze.py's (module docstring there: GLM's multi-token and single-toke
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,16 @@ from glm_runtime.requests import CandidateScore, ScoreRequest
 from glm_runtime.tokenizer import GLMTokenizer
 
 AGGREGATES = ("max", "sum")  # several answers of one label: the best one's score, or the log of their summed p
-__all__ = ["AGGREGATES", "CandidateScore", "ScoreError", "classify", "fill_template", "score_candidates"]
+__all__ = [
+    "AGGREGATES",
+    "CandidateScore",
+    "ScoreError",
+    "classify",
+    "fill_template",
+    "gold_label",
+    "score_candidates",
+    "template_fields",
+]
 
 
 def score_candidates(
@@ -50,13 +60,55 @@ def score_candidates(
 # ---------------------------------------------------------------- classification: template + verbalizer
 
 
+def template_fields(template: str) -> list[str]:
+    """The record keys a template reads: plain {field} names only. str.format's attribute and index access
+    ({text.upper}, {text[0]}) would reach into a record's values, silently (a method's repr) or as an error."""
+    from string import Formatter
+
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError as exc:
+        raise ScoreError(f"the template {template!r} is not a valid format string: {exc}") from None
+    fields = []
+    for _, name, spec, _ in parsed:
+        if name is None:  # literal text only
+            continue
+        if not name or name.isdigit():
+            raise ScoreError(f"the template {template!r} has a positional field {{{name}}}; name a record's key")
+        if any(c in name for c in ".[") or "{" in (spec or ""):
+            raise ScoreError(
+                f"the template's field {{{name}}} reads an attribute or an index of a value (or a nested field); "
+                f"a field is a record's key as it is, e.g. {{{name.split('.')[0].split('[')[0]}}}"
+            )
+        fields.append(name)
+    return fields
+
+
 def fill_template(template: str, record: Mapping[str, Any], where: str) -> str:
+    template_fields(template)
     try:
         return template.format_map(dict(record))
     except KeyError as exc:
         raise ScoreError(f"{where} has no field {exc.args[0]!r}, which the template reads ({template!r})") from None
-    except (ValueError, IndexError) as exc:
-        raise ScoreError(f"the template {template!r} is not a valid format string: {exc}") from None
+    except (ValueError, TypeError) as exc:  # a format spec its value does not take ({n:d} of a string)
+        raise ScoreError(f"{where}: the template {template!r} cannot format its fields: {exc}") from None
+
+
+def gold_label(record: Mapping[str, Any], where: str) -> str | None:
+    """A record's gold label as the verbalizer spells its labels. A verbalizer is a JSON object, so its labels are
+    strings; an integer label (1) means the label of that spelling ("1"). Other types are refused."""
+    if "label" not in record:
+        return None
+    gold = record["label"]
+    if isinstance(gold, str):
+        return gold
+    if isinstance(gold, int) and not isinstance(gold, bool):
+        return str(gold)
+    kind = "a bool" if isinstance(gold, bool) else f"a {type(gold).__name__}"
+    raise ScoreError(
+        f"gold label {json.dumps(gold)} of {where} is {kind}; a label is a string (or an integer, read as its "
+        f"digits) naming one of the verbalizer's labels"
+    )
 
 
 def classify(
@@ -84,7 +136,12 @@ def classify(
     flat = [(label, a) for label in labels for a in answers[label]]
     if not records:
         raise ScoreError("no records to classify")
+    template_fields(template)
     prompts = [fill_template(template, rec, f"record {i}") for i, rec in enumerate(records)]
+    golds = [gold_label(rec, f"record {i}") for i, rec in enumerate(records)]
+    unknown = sorted({g for g in golds if g is not None} - set(labels))
+    if unknown:  # before any scoring
+        raise ScoreError(f"gold label {unknown[0]!r} is not a label of the verbalizer ({', '.join(labels)})")
     scores = score_candidates(
         session,
         tokenizer,
@@ -93,8 +150,8 @@ def classify(
         length_penalty=length_penalty,
         single_token=single_token,
     )
-    predictions = []
-    for rec, cands in zip(records, scores):
+    predictions: list[dict[str, Any]] = []
+    for gold, cands in zip(golds, scores):
         per_label: dict[str, list[float]] = {label: [] for label in labels}
         for (label, _), cand in zip(flat, cands):
             per_label[label].append(cand.score)
@@ -111,7 +168,7 @@ def classify(
                 "scores": label_scores,
                 "probabilities": dict(zip(labels, map(float, probs))),
                 "answers": {a: c.score for (_, a), c in zip(flat, cands)},
-                **({"gold": rec["label"]} if "label" in rec else {}),
+                **({"gold": gold} if gold is not None else {}),
             }
         )
     result: dict[str, Any] = {
@@ -123,9 +180,6 @@ def classify(
     }
     gold = [p for p in predictions if "gold" in p]
     if gold:
-        unknown = sorted({str(p["gold"]) for p in gold} - set(labels))
-        if unknown:
-            raise ScoreError(f"gold label {unknown[0]!r} is not a label of the verbalizer ({', '.join(labels)})")
         confusion = {g: {p: 0 for p in labels} for g in labels}
         for p in gold:
             confusion[p["gold"]][p["label"]] += 1

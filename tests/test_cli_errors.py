@@ -61,6 +61,8 @@ def files(tmp_path_factory):
     (root / "notprompt.jsonl").write_text('{"text": 3}\n', encoding="utf-8")
     (root / "surrogate.jsonl").write_text('{"prompt": "a \\ud800 [MASK]"}\n', encoding="utf-8")
     forge_config(root / "onnx", root / "forged-p", max_sequence_length=4096)  # the graph's tables have 129 rows
+    (root / "records.jsonl").write_text('{"text": "a fine day", "label": "p"}\n', encoding="utf-8")
+    (root / "records-bool.jsonl").write_text('{"text": "a fine day", "label": true}\n', encoding="utf-8")
     return root
 
 
@@ -286,6 +288,66 @@ CASES = [
         None,
         "is made from the fp32 export",
     ),
+    (
+        "classify-template-attribute",
+        [
+            "classify",
+            "--model",
+            "{root}/onnx",
+            "{root}/records.jsonl",
+            "--template",
+            "{{text.foo}} [MASK]",
+            "--verbalizer",
+            '{{"p": " b", "1": " c"}}',
+        ],
+        None,
+        "{text.foo} reads an attribute or an index",
+    ),
+    (
+        "classify-template-method",
+        [
+            "classify",
+            "--model",
+            "{root}/onnx",
+            "{root}/records.jsonl",
+            "--template",
+            "{{text.upper}} [MASK]",
+            "--verbalizer",
+            '{{"p": " b", "1": " c"}}',
+        ],
+        None,
+        "{text.upper} reads an attribute or an index",
+    ),
+    (
+        "classify-template-index",
+        [
+            "classify",
+            "--model",
+            "{root}/onnx",
+            "{root}/records.jsonl",
+            "--template",
+            "{{text[0]}} [MASK]",
+            "--verbalizer",
+            '{{"p": " b", "1": " c"}}',
+        ],
+        None,
+        "{text[0]} reads an attribute or an index",
+    ),
+    (
+        "classify-gold-not-a-label",
+        [
+            "classify",
+            "--model",
+            "{root}/onnx",
+            "{root}/records-bool.jsonl",
+            "--template",
+            "{{text}} [MASK]",
+            "--verbalizer",
+            '{{"p": " b", "1": " c"}}',
+        ],
+        None,
+        "gold label true of record 0 is a bool",
+    ),
     ("no-prompt", ["fill", "--model", "{root}/onnx"], None, "give exactly one of"),
     ("no-blank", ["fill", "--model", "{root}/onnx", "no blank here"], None, "no blank to fill"),
     (
@@ -420,3 +482,15 @@ def test_every_export_extra_hint_installs_the_cpu_torch_first(monkeypatch):
     with pytest.raises(CommandError) as caught:
         require_export_extra()
     assert caught.value.message.endswith(EXPORT_EXTRA_HINT), caught.value.message
+
+
+def test_numeric_gold_labels_are_the_verbalizers_labels_by_their_spelling(files, tmp_path):
+    """A verbalizer is a JSON object, so its labels are strings; a record's integer label 1 means label "1"."""
+    records = tmp_path / "numeric.jsonl"
+    records.write_text('{"text": "a fine day", "label": 1}\n{"text": "a bad day", "label": 0}\n', encoding="utf-8")
+    args = ["classify", "--model", str(files / "onnx"), str(records), "--template", "{text} [MASK]"]
+    result = CliRunner().invoke(main, [*args, "--verbalizer", '{"1": " good", "0": " bad"}', "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert [p["gold"] for p in out["predictions"]] == ["1", "0"] and out["gold_records"] == 2
+    assert sum(sum(row.values()) for row in out["confusion"].values()) == 2
