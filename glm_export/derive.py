@@ -22,6 +22,7 @@ from glm_runtime.manifest import (
     Manifest,
     ManifestError,
     load_manifest,
+    parity_pending,
     sha256_file,
     tokenizer_file_names,
     write_manifest,
@@ -137,6 +138,7 @@ def child_manifest(
         precision=precision,
         tokenizer=parent.tokenizer,
         io=io,
+        parity=parity_pending(),  # until judge_child's record replaces it
         versions=tool_versions("onnx", "onnxruntime"),
         extra=extra,
         parent={"path": str(src_dir), "manifest_sha256": sha256_file(src_dir / MANIFEST_NAME)},

@@ -35,6 +35,7 @@ from glm_runtime.manifest import (
     ManifestError,
     claims_output,
     load_manifest,
+    parity_pending,
     sha256_file,
     staged_folder,
     tool_versions,
@@ -243,7 +244,7 @@ def export_onnx(
                 precision=precision,
                 tokenizer=tokenizer,
                 io=io_table(config, precision),
-                parity={"skipped": True},
+                parity=parity_pending() if validate else {"skipped": True},  # pending until checked
                 versions=tool_versions("torch", "onnx", "onnxruntime"),
                 parent=parent,
                 extra={

@@ -428,6 +428,16 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> Manifest:
     return manifest
 
 
+# A staged manifest's parity record until the stage's checks end (then their record replaces it). No loader takes
+# it: a copy of a staging folder killed during its check says so instead of passing for a deliberate --no-validate.
+PARITY_PENDING = {"pending": True, "note": "written before the stage's checks ended; their record replaces this"}
+
+
+def parity_pending() -> dict[str, Any]:
+    """A fresh PARITY_PENDING record for a staged manifest."""
+    return dict(PARITY_PENDING)
+
+
 SELF_HASH = "manifest_sha256"  # the sha256 of the manifest's own body (every other key), so edits are seen
 
 
@@ -474,6 +484,11 @@ def load_manifest(
     manifest = Manifest.from_dict(data)
     if kind is not None and manifest.kind != kind:
         raise ManifestError(f"{folder} holds a {manifest.kind!r} artifact, expected {kind!r}")
+    if not staging and isinstance(manifest.parity, Mapping) and manifest.parity.get("pending"):
+        raise ManifestError(
+            f"{path}: its parity check is pending: the stage that wrote it was stopped before its checks ended "
+            f"(this is a copy of its staging folder), so nothing vouches for it; re-run the stage"
+        )
     if verify:
         verify_files(folder, manifest)
     return manifest

@@ -201,6 +201,39 @@ def test_a_killed_stage_leaves_nothing_loadable_and_the_next_run_succeeds(export
         assert "left by an earlier write to out that did not finish" in rerun.output
 
 
+def test_an_export_killed_during_its_parity_check_leaves_a_pending_record_no_loader_takes(exported, tmp_path, glmx):
+    """The staged manifest says `pending` until the export's parity check ends (not `skipped`, the record of a
+    deliberate --no-validate): a copy of a staging folder killed during the check is refused by every loader."""
+    import shutil
+
+    from glm_runtime.session import open_model
+
+    hub, _ = exported
+    out = tmp_path / "out"
+
+    def staged() -> list[Path]:
+        return [p for p in staging_folders(out) if (p / "manifest.json").is_file()]
+
+    for _ in range(3):  # the check takes ~1 s here; the kill comes within ~20 ms of the manifest
+        for left in staging_folders(out):
+            shutil.rmtree(left)
+        proc = glmx("export", hub, "-o", out, "--overwrite")
+        _wait_for(lambda: bool(staged()), proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        if staged() and not out.exists():
+            break
+    else:
+        pytest.fail("the export finished its parity check before it could be killed, three times")
+    (stage,) = staged()
+    assert json.loads((stage / "manifest.json").read_text())["parity"].get("pending") is True
+    copy = _copy(stage, tmp_path / "copy")  # what the tester did: a copy under an ordinary name
+    for load in (load_manifest, open_model):
+        with pytest.raises(ManifestError, match="parity check is pending"):
+            load(copy)
+    refused(cli("fill", "--model", copy, "hello [MASK]"), "parity check is pending")
+
+
 # ---------------------------------------------------------------- artifacts that verify themselves whole
 
 
