@@ -55,13 +55,14 @@ def pretraining_settings(manifest) -> PretrainSettings:
 def unigram_part_b_counts(
     collator: BlockCollator, train: np.ndarray, s: PretrainSettings, vocab: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Frequencies, add-one smoothed, over bert-mode training batches: of all Part B targets (span tokens and
-    eop), and of each span's first token only (the one predicted from sop)."""
+    """Frequencies, add-one smoothed, over bert-mode training batches (of at most batch_size samples): of all
+    Part B targets (span tokens and eop), and of each span's first token only (the one predicted from sop)."""
     rng = np.random.default_rng([s.seed, 5])
     counts, first_counts = np.ones(vocab, dtype=np.float64), np.ones(vocab, dtype=np.float64)
     sop = layout_special_ids().sop
+    take = min(s.batch_size, len(train))  # a corpus smaller than one training batch: count what there is
     for _ in range(UNIGRAM_TRAIN_BATCHES):
-        idx = rng.choice(len(train), size=s.batch_size, replace=False)
+        idx = rng.choice(len(train), size=take, replace=False)
         batch = collator(list(train[idx]), rng, mode="bert")
         rows = batch["loss_mask"] == 1
         np.add.at(counts, batch["target_ids"][rows], 1)
@@ -174,6 +175,9 @@ def evaluate(
     """Compute the metrics of a `glmx pretrain` model on its held-out split; write them to out_file if given."""
     from glm_export.checkpoint import load_checkpoint
 
+    for name, value in (("fill_examples", fill_examples), ("ppl_batches", ppl_batches), ("threads", threads)):
+        if value < 1:
+            raise EvaluateError(f"{name} must be at least 1, got {value} (--{name.replace('_', '-')})")
     torch.set_num_threads(threads)
     loaded = load_checkpoint(checkpoint_dir)
     s = pretraining_settings(loaded.manifest)
@@ -182,6 +186,20 @@ def evaluate(
     tok = load_corpus_tokenizer(loaded.tokenizer_file)
     model = loaded.model.eval()
     train_docs, held_docs = split_documents(read_documents(corpus_dir), s.heldout_fraction)
+    # what the figures are measured on, before any work: each must have something in it
+    blanks = single_word_blanks(held_docs, fill_examples, s.seed)
+    if not blanks:
+        raise EvaluateError(
+            f"{corpus_dir}: no single-word blank can be cut from its held-out split ({len(held_docs)} of "
+            f"{len(train_docs) + len(held_docs)} documents): a blank needs a document of 8 or more words with an "
+            f"alphabetic word after a space; evaluate on the corpus the model was trained on, or a larger one"
+        )
+    word_counts = Counter(m.group() for d in train_docs for m in WORD.finditer(d))
+    if not word_counts:
+        raise EvaluateError(
+            f"{corpus_dir}: its training split ({len(train_docs)} documents) holds no alphabetic word after a "
+            f"space, so the unigram baseline has no word to answer; evaluate on the corpus the model was trained on"
+        )
     train = cut_samples(token_stream(tok, train_docs), s.seq_length)
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)
     collator = BlockCollator(layout_special_ids(), CollatorConfig())
@@ -201,9 +219,7 @@ def evaluate(
     metrics["unigram_first_token"] = tok.decode([first_guess])
 
     # single-word blanks: the model's greedy fill vs. always answering the most frequent training word
-    word_counts = Counter(m.group() for d in train_docs for m in WORD.finditer(d))
     top_word = word_counts.most_common(1)[0][0]
-    blanks = single_word_blanks(held_docs, fill_examples, s.seed)
     hits, hits_first, hits_known, hits_uni, examples = 0, 0, 0, 0, []
     for left, word, right in blanks:
         fill = tok.decode(greedy_fill_torch(model, tok, left, right)).strip()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,10 @@ def files(tmp_path_factory):
     (root / "notprompt.jsonl").write_text('{"text": 3}\n', encoding="utf-8")
     (root / "surrogate.jsonl").write_text('{"prompt": "a \\ud800 [MASK]"}\n', encoding="utf-8")
     forge_config(root / "onnx", root / "forged-p", max_sequence_length=4096)  # the graph's tables have 129 rows
+    (root / "short-corpus").mkdir()  # one file of 7-word documents: no single-word blank can be cut from them
+    (root / "short-corpus" / "notes.txt").write_text(
+        "\n\n".join(f"note {i} says the day was long" for i in range(1500)), encoding="utf-8"
+    )
     (root / "records.jsonl").write_text('{"text": "a fine day", "label": "p"}\n', encoding="utf-8")
     (root / "records-bool.jsonl").write_text('{"text": "a fine day", "label": true}\n', encoding="utf-8")
     return root
@@ -250,6 +255,13 @@ CASES = [
     ),
     ("check-trt-corrupt", ["check-trt", "{root}/corrupt.onnx"], None, "not a readable ONNX graph"),
     ("evaluate-empty-corpus", ["evaluate", "{bundled}", "{root}/empty-corpus"], None, "no .txt files"),
+    ("evaluate-no-fills", ["evaluate", "{bundled}", "{root}/short-corpus", "--fill-examples", "0"], None, "at least 1"),
+    (
+        "evaluate-no-blanks",
+        ["evaluate", "{bundled}", "{root}/short-corpus", "--fill-examples", "5", "--ppl-batches", "1"],
+        None,
+        "no single-word blank",
+    ),
     # messages that name the fix
     ("fill-a-checkpoint", ["fill", "--model", "{root}/ckpt", "a [MASK]"], None, "export it first"),
     (
@@ -494,3 +506,21 @@ def test_numeric_gold_labels_are_the_verbalizers_labels_by_their_spelling(files,
     out = json.loads(result.output)
     assert [p["gold"] for p in out["predictions"]] == ["1", "0"] and out["gold_records"] == 2
     assert sum(sum(row.values()) for row in out["confusion"].values()) == 2
+
+
+def test_evaluate_runs_on_a_one_file_corpus_smaller_than_a_training_batch(tmp_path):
+    """One file of the calibration text: 8 training samples, fewer than the bundled run's batch of 16; the
+    unigram baseline counts what there is instead of failing inside numpy."""
+    from glm_export.export import BUNDLED_CHECKPOINT
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "one.txt").write_text(
+        (Path(__file__).resolve().parents[1] / "glm_export" / "data" / "calibration.txt").read_text(encoding="utf-8"),
+        encoding="utf-8",
+    )
+    args = ["evaluate", str(BUNDLED_CHECKPOINT), str(corpus), "--fill-examples", "3", "--ppl-batches", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["mask_fill_examples_scored"] == 3 and metrics["heldout_part_b_ppl"] > 1
