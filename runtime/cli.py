@@ -1,7 +1,8 @@
 """The `glmx` command line: the runtime's commands (config, fill, score, classify) and the group the export side's
 commands join (glm_export.cli: convert, export, optimize, quantize, build-engine, bench, ...) when it is there.
 
-Every command is a thin wrapper over one function; every failure ends as one `Error:` line and exit status 1.
+Every command is a thin wrapper over one function; every failure ends as one `Error:` line and exit status 1
+(a usage error, found by click before the command runs: exit status 2).
 Torch-free: nothing here imports torch or glm_export (the export commands are loaded by name, like a plugin).
 """
 
@@ -31,10 +32,28 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines[0].split()) if lines else type(exc).__name__
 
 
+PIPE_CLOSED = 141  # 128 + SIGPIPE: the status a shell shows for a tool the closed pipe ended (yes | head -1)
+
+
+def stdout_closed() -> click.exceptions.Exit:
+    """The reader of stdout went away (`glmx fill --stdin < lines | head -1`): stop quietly, as Unix tools do.
+    stdout is pointed at /dev/null first, so the interpreter's last flush at exit cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a file descriptor (a test's buffer): nothing to flush there
+        pass
+    return click.exceptions.Exit(PIPE_CLOSED)
+
+
 class _Commands(click.Group):
     """Every command's failures end as one line on stderr and exit status 1: a glmx error with its own message
     and fix, an operating-system error with the file it concerns; anything else is a bug in glmx, said so in one
-    line (GLMX_DEBUG=1 shows the traceback)."""
+    line (GLMX_DEBUG=1 shows the traceback). A usage error (unknown option, bad or missing value) is click's
+    own: the usage line, one Error line, exit status 2. A closed stdout ends the command quietly (PIPE_CLOSED)."""
 
     def invoke(self, ctx: click.Context):
         import os
@@ -45,6 +64,8 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            raise stdout_closed() from None
         except Failure as exc:
             raise CommandError(one_line(exc)) from None
         except UnicodeDecodeError as exc:

@@ -524,3 +524,38 @@ def test_evaluate_runs_on_a_one_file_corpus_smaller_than_a_training_batch(tmp_pa
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
     assert metrics["mask_fill_examples_scored"] == 3 and metrics["heldout_part_b_ppl"] > 1
+
+
+def test_a_usage_error_exits_2_and_readme_says_so():
+    """click's usage errors (an unknown option, a missing argument, a bad value) exit 2 after the usage line, as
+    most Unix tools do; every other failure exits 1. README says both."""
+    for argv in (["fill", "--no-such-option", "a [MASK]"], ["fill", "--rows", "0", "a [MASK]"], ["classify"]):
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert lines[-1].startswith("Error: ") and sum(line.startswith("Error: ") for line in lines) == 1
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert "exit status 1" in readme and "a usage error" in readme and "exits 2" in readme
+
+
+def test_a_closed_stdout_ends_the_command_quietly_with_status_141():
+    """`glmx fill --stdin < lines | head -1`: once the reader has gone, glmx stops without a message, with the
+    status a shell shows for a tool that SIGPIPE ended (128 + 13), as `yes | head -1` does."""
+    import subprocess
+    import sys
+
+    lines = "".join(f"line {i} has a [MASK] in it\n" for i in range(40)).encode()
+    code = "from glm_runtime.cli import run; run()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "fill", "--stdin", "--max-new-tokens", "2", "--rows", "1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdin.write(lines)
+    proc.stdin.close()
+    assert proc.stdout.readline()  # the first result, then the reader goes away
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert stderr == "", stderr
