@@ -534,9 +534,9 @@ def _resolve_tokenizer(
     return tok, cfg.replace(tokenizer=tok.kind)
 
 
-def _check_weights(sd: Weights, expected: Mapping[str, Sequence[int]], config: GLMConfig, source: str) -> None:
-    """Names and shapes against the config, from the files' headers (NaN / inf are checked as each tensor is
-    read, by glm_export.weights.Weights)."""
+def _check_sizes(sd: Weights, config: GLMConfig, source: str) -> None:
+    """The config's sizes (layers, width, V, P) against the weights' shapes, before anything is checked against
+    the config (the tokenizer's ids against its V): a config that misstates the model is named as such."""
     sizes = _sizes(sd)
     if sizes is not None:
         diff = [f"{k}: config {getattr(config, k)}, weights {v}" for k, v in sizes.items() if getattr(config, k) != v]
@@ -545,6 +545,12 @@ def _check_weights(sd: Weights, expected: Mapping[str, Sequence[int]], config: G
                 f"weights in {source} do not match config {config.name!r}: {'; '.join(diff)}. "
                 f"Pass the right config / --preset, or fix {CONFIG_FILE}"
             )
+
+
+def _check_weights(sd: Weights, expected: Mapping[str, Sequence[int]], config: GLMConfig, source: str) -> None:
+    """Names and shapes against the config, from the files' headers (NaN / inf are checked as each tensor is
+    read, by glm_export.weights.Weights)."""
+    _check_sizes(sd, config, source)
     missing = [k for k in expected if k not in sd]
     if missing:
         raise CheckpointError(
@@ -607,9 +613,10 @@ def open_checkpoint(
     sd.error = CheckpointError
     found.state_dict = sd
     cfg = _resolve_gelu(_resolve_config(config, found), gelu, found)
+    source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
+    _check_sizes(sd, cfg, source)  # the config first: the tokenizer is then checked against a true V
     tok, cfg = _resolve_tokenizer(tokenizer, tokenizer_kind, cfg, found)
     expected = {k: tuple(v.shape) for k, v in GLMModel.skeleton(cfg).state_dict().items()}
-    source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
     _check_weights(sd, expected, cfg, source)
     sd = sd.renamed({k: k for k in expected})  # the model's own order: embeddings, layers 0.., final LN
     if ignored:

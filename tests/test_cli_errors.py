@@ -56,6 +56,9 @@ def files(tmp_path_factory):
     sd["transformer.layers.1.mlp.dense_4h_to_h.weight"][0, 0] = float("nan")
     write_megatron(root / "nan", [sd])
     (root / "nan" / "config.json").write_text(json.dumps(to_hf_dict(model.config)))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    write_megatron(root / "wrong-config", [good])  # the weights' 384 embedding rows, a config.json that says 128
+    (root / "wrong-config" / "config.json").write_text(json.dumps(to_hf_dict(model.config.replace(vocab_size=128))))
     (root / "lines.jsonl").write_text('{"prompt": "a [MASK]", "num_beams": 3}\n', encoding="utf-8")
     (root / "unknown.jsonl").write_text('{"prompt": "a [MASK]", "temp": 3}\n', encoding="utf-8")
     (root / "broken.jsonl").write_text('{"prompt": "a [MASK]"\n', encoding="utf-8")
@@ -141,6 +144,12 @@ CASES = [
         "transformer.layers.1.mlp.dense_4h_to_h.weight holds 1 NaN or inf",
     ),
     ("nan-weights-convert", ["convert", "{root}/nan", "-o", OUT], None, "NaN or inf"),
+    (
+        "config-says-other-sizes",
+        ["export", "{root}/wrong-config", "-o", OUT, "--tokenizer", "{root}/tokenizer.json"],
+        None,
+        "vocab_size: config 128, weights 384",
+    ),
     ("unknown-preset", ["convert", "{root}/nan", "-o", OUT, "--preset", "glm-99b"], None, "unknown preset"),
     (
         "preset-and-config",
