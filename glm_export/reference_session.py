@@ -4,6 +4,7 @@ Out: logits and `present.*` holding only this call's keys/values ("present-is-ne
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,12 @@ def load_torch_session(
                 f"find the weights; pass the checkpoint folder instead"
             )
         source = Path(parent) if Path(parent).is_absolute() else (folder / parent)
+        if not source.exists():  # a copied or moved export: its parent was recorded relative to where it was made
+            where = os.path.normpath(source if source.is_absolute() else Path.cwd() / source)
+            raise ManifestError(
+                f"the checkpoint this export was made from (recorded as {parent}) is not at {where}; pass the "
+                f"checkpoint folder itself with --backend torch, or use --backend onnxruntime"
+            )
         if manifest.tokenizer.get("file"):
             tokenizer_path = folder / manifest.tokenizer["file"]
     elif manifest is not None and manifest.kind != "checkpoint":

@@ -21,6 +21,8 @@ from glm_export.hf_config import to_hf_dict
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A small checkpoint, its export and an int8 child, and the bad inputs the cases read."""
+    import shutil
+
     from glm_export.checkpoint import save_checkpoint
     from glm_export.tokenizer_training import train_bpe_tokenizer
     from tests.fill_fixtures import LINES, make_model, make_tokenizer
@@ -64,6 +66,7 @@ def files(tmp_path_factory):
     (root / "broken.jsonl").write_text('{"prompt": "a [MASK]"\n', encoding="utf-8")
     (root / "notprompt.jsonl").write_text('{"text": 3}\n', encoding="utf-8")
     (root / "surrogate.jsonl").write_text('{"prompt": "a \\ud800 [MASK]"}\n', encoding="utf-8")
+    shutil.copytree(root / "onnx", root / "moved" / "onnx")  # its parent checkpoint, recorded relative, is not there
     forge_config(root / "onnx", root / "forged-p", max_sequence_length=4096)  # the graph's tables have 129 rows
     (root / "short-corpus").mkdir()  # one file of 7-word documents: no single-word blank can be cut from them
     (root / "short-corpus" / "notes.txt").write_text(
@@ -274,6 +277,13 @@ CASES = [
     # messages that name the fix
     ("fill-a-checkpoint", ["fill", "--model", "{root}/ckpt", "a [MASK]"], None, "export it first"),
     (
+        "torch-on-a-copied-export",
+        ["fill", "--model", "{root}/moved/onnx", "--backend", "torch", "a [MASK]"],
+        None,
+        "the checkpoint this export was made from (recorded as ../ckpt) is not at {root}/moved/ckpt; pass the "
+        "checkpoint folder itself with --backend torch, or use --backend onnxruntime",
+    ),
+    (
         "tensorrt-on-onnx",
         ["fill", "--model", "{root}/onnx", "--backend", "tensorrt", "a [MASK]"],
         None,
@@ -322,7 +332,7 @@ CASES = [
             '{{"p": " b", "1": " c"}}',
         ],
         None,
-        "{text.foo} reads an attribute or an index",
+        "{{text.foo}} reads an attribute or an index",
     ),
     (
         "classify-template-method",
@@ -337,7 +347,7 @@ CASES = [
             '{{"p": " b", "1": " c"}}',
         ],
         None,
-        "{text.upper} reads an attribute or an index",
+        "{{text.upper}} reads an attribute or an index",
     ),
     (
         "classify-template-index",
@@ -352,7 +362,7 @@ CASES = [
             '{{"p": " b", "1": " c"}}',
         ],
         None,
-        "{text[0]} reads an attribute or an index",
+        "{{text[0]}} reads an attribute or an index",
     ),
     (
         "classify-gold-not-a-label",
@@ -401,7 +411,7 @@ def test_bad_input_ends_in_one_clear_line_and_writes_nothing(files, name, args, 
     errors = [line for line in lines if line.startswith("Error: ")]
     assert errors == lines[-1:], result.output  # progress may come first; one Error line ends it
     assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, KeyError))
-    assert expected in lines[-1], lines[-1]
+    assert expected.format(root=files) in lines[-1], lines[-1]
     assert sorted(p.name for p in files.iterdir()) == before  # no output, no staging folder, no lock
 
 
