@@ -470,7 +470,7 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
 def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     """Quantize an exported ONNX folder; refuses (writes nothing) when it misses its accuracy budget."""
     require_export_extra(torch=False)
-    from glm_export.compare import BudgetError
+    from glm_export.compare import BudgetError, ppl_change_text
     from glm_export.derive import DeriveError
     from glm_export.quantize import QuantizeError, quantize_onnx
     from glm_runtime.manifest import ManifestError, load_manifest
@@ -490,7 +490,7 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     click.echo(
         f"against its parent on {acc['positions']} positions of {acc['language']} held-out text "
         f"({acc['heldout']['source']}): top-1 agreement {acc['top1_agreement']:.4f}, fill agreement "
-        f"{fills}, Part B ppl change {acc['ppl_change']:+.4f}, max logit diff "
+        f"{fills}, Part B ppl change {ppl_change_text(acc['ppl_change'])}, max logit diff "
         f"{acc['max_logit_diff']:.3g}"
         + ("" if acc["within_budget"] else f" (OVER BUDGET, accepted: {'; '.join(acc['misses'])})")
     )

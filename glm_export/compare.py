@@ -423,7 +423,7 @@ class Comparison:
             lines.append(
                 f"  held-out text ({t['language']}, {t['positions']} positions, {t['fill_prompts']} fills): "
                 f"top-1 {t['top1_agreement']:.4f}, fills {fills}, ppl change "
-                f"{t['ppl_change']:+.4f}, max logit diff {t['max_logit_diff']:.3g}"
+                f"{ppl_change_text(t['ppl_change'])}, max logit diff {t['max_logit_diff']:.3g}"
             )
         return "\n".join(lines + [f"  MISS {x}" for x in self.failures])
 
@@ -704,6 +704,12 @@ def span_figures(spans: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> 
     }
 
 
+def ppl_change_text(change: float) -> str:
+    """A recorded ppl_change (a fraction: child ppl / parent ppl - 1) as every printed line says it: percent, as
+    README's quantization table."""
+    return f"{100 * change:+.2f}%"
+
+
 def budget_misses(scheme: str, figures: dict[str, Any]) -> list[str]:
     """Human-readable misses of text `figures` against BUDGETS[scheme] (empty when within budget)."""
     budget = BUDGETS[scheme]
@@ -715,7 +721,9 @@ def budget_misses(scheme: str, figures: dict[str, Any]) -> list[str]:
     if figures["fill_agreement"] is not None and figures["fill_agreement"] < budget["fill"]:
         misses.append(f"greedy fill agreement {figures['fill_agreement']:.3f} < {budget['fill']}")
     if abs(figures["ppl_change"]) > budget["ppl_change"]:
-        misses.append(f"Part B perplexity change {figures['ppl_change']:+.4f} beyond ±{budget['ppl_change']}")
+        misses.append(
+            f"Part B perplexity change {ppl_change_text(figures['ppl_change'])} beyond ±{100 * budget['ppl_change']:g}%"
+        )
     if figures["max_logit_diff"] > budget.get("max_logit_diff", float("inf")):
         misses.append(f"max logit difference {figures['max_logit_diff']:.3g} > {budget['max_logit_diff']}")
     return misses
