@@ -32,6 +32,7 @@ from glm_runtime.files import (  # noqa: F401 - atomic writes and hashes, import
     sha256_file,
     tool_versions,
 )
+from glm_runtime.parity import parity_problem
 
 # The file names of glmx's artifact folders, declared once: every stage that writes or reads one names it here.
 MANIFEST_NAME = "manifest.json"  # every artifact's manifest
@@ -397,6 +398,9 @@ def load_manifest(
             f"{path}: its parity check is pending: the stage that wrote it was stopped before its checks ended "
             f"(this is a copy of its staging folder), so nothing vouches for it; re-run the stage"
         )
+    problem = None if staging else parity_problem(manifest.kind, manifest.precision, manifest.parity, manifest.extra)
+    if problem is not None:
+        raise ManifestError(f"{path}: {problem}")
     if verify:
         verify_files(folder, manifest)
     return manifest

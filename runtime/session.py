@@ -22,6 +22,7 @@ from glm_runtime.backend import (  # noqa: F401 - the session interface, importa
     check_feeds,
     host_array,
 )
+from glm_runtime.graph_ops import graph_facts, precision_problem
 from glm_runtime.iotable import kv_dtype, required_inputs
 from glm_runtime.manifest import MANIFEST_NAME, MODEL_FILE, ManifestError, load_manifest
 
@@ -63,6 +64,20 @@ def _check_graph_types(model_file: Path, graph: Sequence[Any], table: Mapping[st
                 )
 
 
+def check_precision(model_file: Path, precision: str) -> None:
+    """The graph's ops and weights must be of the manifest's precision (glm_runtime.graph_ops reads them from the
+    protobuf, without onnx): an fp32 graph recorded as int4-weight, or a quantized one as fp32, is refused."""
+    try:
+        problem = precision_problem(graph_facts(model_file), precision)
+    except ValueError as exc:  # GraphReadError, or an empty file (mmap)
+        raise ManifestError(f"{model_file} cannot be read as an ONNX graph ({exc}); re-export the model") from None
+    if problem is not None:
+        raise ManifestError(
+            f"{model_file}: {problem} as its manifest says: the manifest was edited or belongs to another "
+            f"model; re-run the stage that wrote the folder"
+        )
+
+
 class OnnxRuntimeSession(Closable):
     """An exported GLM on ONNX Runtime. `run(feeds)` -> {"logits": [B,T',V] float32, "present.{i}.*": ...}.
 
@@ -95,6 +110,7 @@ class OnnxRuntimeSession(Closable):
         model_file = self.folder / self.manifest.extra.get("model_file", MODEL_FILE)
         if not model_file.is_file():
             raise ManifestError(f"{model_file} is missing; re-export the model")
+        check_precision(model_file, self.precision)
         names = [p if isinstance(p, str) else p[0] for p in providers]
         absent = [p for p in names if p not in ort.get_available_providers()]
         if absent:

@@ -271,8 +271,10 @@ def test_tampered_manifest_refused(exported, tmp_path):
         _seal(folder, data)  # planted: re-sealed so the deeper check must see it
         return folder
 
-    with pytest.raises(ManifestError, match="IO table does not follow"):
+    with pytest.raises(ManifestError, match="parity record is for precision 'fp32'"):
         load_onnx_model(edited("precision", lambda d: d.update(precision="fp16")))
+    with pytest.raises(ManifestError, match="IO table does not follow"):  # the record relabelled too
+        load_onnx_model(edited("relabel", lambda d: d.update(precision="fp16") or d["parity"].update(precision="fp16")))
     with pytest.raises(ManifestError, match="IO table does not follow"):
         load_onnx_model(edited("layers", lambda d: d["config"].update(num_layers=3)))
     with pytest.raises(ManifestError, match="config/precision are invalid"):

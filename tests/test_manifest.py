@@ -236,3 +236,73 @@ def test_an_old_artifact_moved_aside_is_marked_before_the_move(tmp_path, monkeyp
     assert not (tmp_path / "art" / STAGING_MARKER).exists()
     _write_artifact_over(tmp_path / "art", overwrite=True)
     assert not old.exists() and staging_folders(tmp_path / "art") == []
+
+
+# ---------------------------------------------------------------- records that cannot lie (issue 30 B7)
+
+
+def _text_record(accept_loss=None, **text):
+    """A quantized artifact's parity record (values judged on held-out text only), within its budget unless
+    `text` says otherwise."""
+    figures = {"top1_agreement": 0.97, "fill_agreement": 0.6, "ppl_change": 0.01, "max_logit_diff": 0.3}
+    figures.update(text)
+    budget = {"top1": 0.95, "fill": 0.5, "ppl_change": 0.08}
+    misses = [f"top-1 agreement {figures['top1_agreement']} < 0.95"] if figures["top1_agreement"] < 0.95 else []
+    case = {"logits": 0.3, "present_key": 0.1, "present_value": 0.1, "ref_logits": 9.0, "ref_present": 4.0}
+    case.update(allowed_logits=float("inf"), allowed_present_key=float("inf"), allowed_present_value=float("inf"))
+    record = {
+        "stage": "quantize",
+        "precision": "int4-weight",
+        "passed": not misses,
+        "failures": [f"text: {m}" for m in misses],
+        "tolerance": None,
+        "max_abs_diff": {"logits": 0.3, "present_key": 0.1, "present_value": 0.1},
+        "cases": {"blank_mid_context": dict(case, non_finite=[], calls=1)},
+        "top1_decisive_mismatches": 0,
+        "text": dict(figures, finite=True, budget=budget, within_budget=not misses, misses=misses),
+    }
+    if accept_loss is not None:
+        record["accept_loss"] = accept_loss
+    return record
+
+
+def _write_record(folder, parity, precision="int4-weight"):
+    with staged_folder(folder, overwrite=True) as stage:
+        (stage / "model.onnx").write_bytes(b"graph")
+        write_manifest(stage, Manifest(kind="onnx", config={}, precision=precision, parity=parity))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r["text"].update(top1_agreement=0.2), "over its own recorded budget"),  # within_budget stays
+        (lambda r: r["text"].update(ppl_change=-4.0), "over its own recorded budget"),
+        (lambda r: r["text"].update(finite=False), "over its own recorded budget"),
+        (lambda r: r.update(passed=False, failures=["text: top-1 agreement 0.2 < 0.95"]), "says it failed"),
+        (lambda r: r.update(passed="yes"), "says neither passed nor failed"),
+        (lambda r: r["cases"]["blank_mid_context"].update(non_finite=["call 0 logits"]), "over its own"),
+    ],
+)
+def test_a_record_over_its_own_budget_or_failed_is_refused(tmp_path, edit, message):
+    record = _text_record()
+    _write_record(tmp_path / "ok", record)
+    load_manifest(tmp_path / "ok")
+    edit(record)
+    _write_record(tmp_path / "bad", record)
+    with pytest.raises(ManifestError, match=message) as err:
+        load_manifest(tmp_path / "bad")
+    assert "\n" not in str(err.value)
+
+
+def test_a_text_loss_accepted_knowingly_loads_and_nothing_else_fails():
+    """--accept-loss writes a record that failed on text only, saying so: it loads; the same record without
+    accept_loss, or with a structural failure too, does not."""
+    from glm_runtime.parity import parity_problem
+
+    accepted = _text_record(accept_loss=True, top1_agreement=0.5)
+    assert not accepted["passed"] and parity_problem("onnx", "int4-weight", accepted, {}) is None
+    refused = _text_record(accept_loss=False, top1_agreement=0.5)
+    assert "says it failed" in parity_problem("onnx", "int4-weight", refused, {})
+    structural = dict(accepted, failures=[*accepted["failures"], "blank_mid_context: the outputs contain NaN"])
+    assert "says it failed" in parity_problem("onnx", "int4-weight", structural, {})

@@ -286,6 +286,58 @@ def test_a_resealed_manifest_still_needs_every_file_it_reads_hashed_and_its_pari
         OnnxRuntimeSession(folder)
 
 
+def _over_budget(data: dict, factor: float = 5000.0, with_allowance: bool = False) -> None:
+    """One case's logit figure `factor` times over its own budget (and the record's maximum with it); with
+    `with_allowance` the case's allowance is raised too, past what its recorded tolerance gives."""
+    parity = data["parity"]
+    case = next(iter(parity["cases"].values()))
+    if with_allowance:
+        case["allowed_logits"] *= 2 * factor
+    case["logits"] = case["allowed_logits"] * (0.5 if with_allowance else factor)
+    parity["max_abs_diff"]["logits"] = max(f["logits"] for f in parity["cases"].values())
+
+
+def _relabel(precision: str, record_too: bool = True):
+    def edit(data: dict) -> None:
+        data["precision"] = precision
+        if record_too:
+            data["parity"]["precision"] = precision
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["parity"].update(passed=False, failures=["top-1 differs at 3 position(s)"]), "says it failed"),
+        (_over_budget, "over its own recorded budget"),
+        (lambda d: _over_budget(d, with_allowance=True), "does not follow from its recorded tolerance"),
+        (lambda d: d["parity"]["max_abs_diff"].update(logits=5.0), "does not match its cases"),
+        (lambda d: d["parity"].update(top1_decisive_mismatches=4), "over its own recorded budget"),
+        (lambda d: d.update(parity={"skipped": True}, extra={**d["extra"], "quantization": {}}), "skipped"),
+        (_relabel("int4-weight", record_too=False), "parity record is for precision 'fp32'"),
+        (_relabel("int4-weight"), "no MatMulNBits with bits=4"),
+        (_relabel("int8-weight"), "no MatMulNBits with bits=8"),
+        (_relabel("qdq-int8"), "no QuantizeLinear"),
+        (_relabel("int8-dynamic"), "no DynamicQuantizeLinear"),
+    ],
+)
+def test_a_resealed_record_that_failed_or_lies_is_refused(exported, tmp_path, edit, message):
+    """A manifest resealed with the documented self-hash recipe still cannot load when its own record says it
+    failed, when its figures are over the budget it records, or when its precision is not the graph's."""
+    from glm_runtime.manifest import _seal
+    from glm_runtime.session import open_model
+
+    _, onnx = exported
+    folder = _copy(onnx, tmp_path / "m")
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    _seal(folder, {k: v for k, v in data.items() if k != "manifest_sha256"})
+    with pytest.raises(ManifestError, match=message):
+        open_model(folder)
+    refused(cli("fill", "--model", folder, "hello [MASK]"), message)
+
+
 def test_pretrain_refuses_its_export_folder_before_training(tmp_path, monkeypatch):
     import glm_export.pretrain as pretrain
 

@@ -331,3 +331,70 @@ def test_a_session_is_a_context_manager_and_refuses_to_run_once_closed(onnx_dir)
     assert session.closed
     with pytest.raises(ManifestError, match="this session was closed"):
         fill_blanks(session, tok, ["the quick [MASK] fox"], max_new_tokens=2)
+
+
+# ---------------------------------------------------------------- the graph's precision (issue 30 B7)
+
+
+def _graph(tmp_path, nodes, initializers=(), name="g.onnx"):
+    """A small ModelProto with these nodes and initializers, saved (never run: only its protobuf is read)."""
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [], list(initializers)
+    )
+    path = tmp_path / name
+    save(helper.make_model(graph), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "nodes, fp16, precision, problem",
+    [
+        ([("MatMulNBits", {"bits": 4})], False, "int4-weight", None),
+        ([("MatMulNBits", {})], False, "int4-weight", None),  # bits default to 4
+        ([("MatMulNBits", {"bits": 8})], False, "int4-weight", "no MatMulNBits with bits=4"),
+        ([("MatMulNBits", {"bits": 8})], False, "int8-weight", None),
+        ([("MatMul", {})], False, "int8-weight", "no MatMulNBits with bits=8"),
+        ([("DynamicQuantizeLinear", {}), ("MatMulInteger", {})], False, "int8-dynamic", None),
+        ([("QuantizeLinear", {}), ("DequantizeLinear", {})], False, "qdq-int8", None),
+        ([("DequantizeLinear", {})], False, "qdq-int8", "no QuantizeLinear and DequantizeLinear"),
+        ([("MatMul", {})], True, "fp16", None),
+        ([("MatMul", {})], False, "fp16", "no float16 weights"),
+        ([("MatMul", {})], False, "fp32", None),
+        ([("MatMul", {})], True, "fp32", "float16 weights"),
+        ([("MatMulNBits", {"bits": 4})], False, "fp32", "MatMulNBits"),
+        ([("MatMulInteger", {})], False, "fp32", "MatMulInteger"),
+    ],
+)
+def test_the_graphs_ops_must_be_its_recorded_precision(tmp_path, nodes, fp16, precision, problem):
+    """graph_ops reads op types, MatMulNBits bits and float16 weights from the protobuf (onnx is not needed); it
+    agrees with onnx's own parse, and precision_problem names what is missing."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from glm_runtime.graph_ops import graph_facts, precision_problem
+
+    made = [
+        helper.make_node(op, ["x"], [f"y{k}"], name=f"n{k}", domain="com.microsoft" if op == "MatMulNBits" else "", **a)
+        for k, (op, a) in enumerate(nodes)
+    ]
+    weights = [helper.make_tensor("w", TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT, [2], [1.0, 2.0])]
+    path = _graph(tmp_path, made, weights)
+    facts = graph_facts(path)
+    parsed = onnx.load(path)
+    assert facts.ops == {n.op_type for n in parsed.graph.node}
+    assert facts.float16 == any(t.data_type == TensorProto.FLOAT16 for t in parsed.graph.initializer)
+    found = precision_problem(facts, precision)
+    assert (found is None) if problem is None else (problem in found), found
+
+
+def test_a_real_export_is_its_own_precision_and_no_other(onnx_dir):
+    """The exporter's fp32 graph is fp32 to the check the session makes before ONNX Runtime loads it, and no other
+    precision (tests/test_nothing_lost.py reseals a validated export's manifest and sees the session refuse it)."""
+    from glm_runtime.session import check_precision
+
+    check_precision(onnx_dir / "model.onnx", "fp32")
+    for precision, missing in [("int8-weight", "MatMulNBits with bits=8"), ("fp16", "float16 weights")]:
+        with pytest.raises(ManifestError, match=f"no {missing}, so it is not {precision} as its manifest says"):
+            check_precision(onnx_dir / "model.onnx", precision)
