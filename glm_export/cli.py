@@ -462,8 +462,8 @@ def optimize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     "--keep-fp32",
     multiple=True,
     default=None,
-    help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the "
-    "option [default: embedding; int8-dynamic and qdq-int8 also head and first-layer]",
+    help="roles (embedding, head, first-layer, last-layer) or node names left in fp32; repeat the option "
+    "[default: embedding; int8-dynamic and qdq-int8 also head and first-layer; fp16 keeps none and refuses it]",
 )
 @click.option("--accept-loss", is_flag=True, help="write the artifact even if it misses its accuracy budget")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")

@@ -65,8 +65,9 @@ DEFAULT_HEAD_BLOCK_SIZE = {"int4-weight": 128, "int8-weight": 32}
 
 
 def default_keep_fp32(scheme: str) -> tuple[str, ...]:
-    """What `scheme` leaves fp32 when the caller names nothing: DEFAULT_KEEP_FP32, else embedding and head."""
-    return DEFAULT_KEEP_FP32.get(scheme, ("embedding", "head"))
+    """What `scheme` leaves fp32 when the caller names nothing: DEFAULT_KEEP_FP32; fp16 nothing (every weight is
+    fp16: --keep-fp32 does not apply to it)."""
+    return DEFAULT_KEEP_FP32.get(scheme, ())
 
 
 logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # per-node INFO chatter
@@ -123,19 +124,24 @@ def head_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str]:
-    """Node names the quantizer must leave alone: roles from KEEP_FP32 plus any node names given."""
-    if "embedding" not in keep_fp32:
-        raise QuantizeError(
-            "the embedding Gather always stays fp32 (only MatMul weights are quantized); keep 'embedding' in keep_fp32"
-        )
-    names = {n.name for n in model.graph.node}
-    unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in names]
+def check_keep_fp32(keep_fp32: Sequence[str], node_names: set[str]) -> None:
+    """Every name is a role (KEEP_FP32) or a node of the graph, said first; then the embedding rule."""
+    unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in node_names]
     if unknown:
         raise QuantizeError(
             f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
             f"of the graph; pass one of those roles, or a node name as model.onnx spells it"
         )
+    if "embedding" not in keep_fp32:
+        raise QuantizeError(
+            "the embedding Gather always stays fp32 (only MatMul weights are quantized); keep 'embedding' in keep_fp32"
+        )
+
+
+def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str]:
+    """Node names the quantizer must leave alone: roles from KEEP_FP32 plus any node names given."""
+    names = {n.name for n in model.graph.node}
+    check_keep_fp32(keep_fp32, names)
     out = [k for k in keep_fp32 if k in names]
     if "head" in keep_fp32:
         out.append(head_node(model).name)
@@ -300,16 +306,7 @@ ORT_QUANTIZER_MAX_BYTES = 2**31  # parents past this are refused by the whole-mo
 
 def keep_rule(config: Mapping[str, Any], keep_fp32: Sequence[str], node_names: set[str]):
     """prefix (e.g. 'transformer.layers.3.mlp.dense_h_to_4h') -> whether its MatMul stays float."""
-    if "embedding" not in keep_fp32:
-        raise QuantizeError(
-            "the embedding Gather always stays fp32 (only MatMul weights are quantized); keep 'embedding' in keep_fp32"
-        )
-    unknown = [k for k in keep_fp32 if k not in KEEP_FP32 and k not in node_names]
-    if unknown:
-        raise QuantizeError(
-            f"--keep-fp32 {unknown[0]!r} is neither a role ({', '.join(KEEP_FP32)}) nor a node name "
-            f"of the graph; pass one of those roles, or a node name as model.onnx spells it"
-        )
+    check_keep_fp32(keep_fp32, node_names)
     last = int(config["num_layers"]) - 1
 
     def keep(prefix: str) -> bool:
@@ -427,8 +424,8 @@ def quantize_onnx(
     """Write `out_dir` = `src_dir` quantized by `scheme`, checked against its parent (glm_export.compare: GLM's
     cases, then held-out text in the model's language against BUDGETS[scheme]).
 
-    keep_fp32: roles (KEEP_FP32) and node names left fp32; None = DEFAULT_KEEP_FP32 of the scheme, else
-    embedding and head.
+    keep_fp32: roles (KEEP_FP32) and node names left fp32; None = DEFAULT_KEEP_FP32 of the scheme. fp16 keeps
+    nothing fp32 (every weight is fp16): a non-empty keep_fp32 is refused there.
     calibration (qdq-int8 only): None = the bundled held-out text's calibration half in the model's language,
     a text file path, or a list of feed dicts in the graph's IO. eval_text: held-out text for the report
     (default: the bundled text's other half).
@@ -439,6 +436,12 @@ def quantize_onnx(
         raise QuantizeError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
     if calibration is not None and scheme != "qdq-int8":
         raise QuantizeError(f"calibration data is only used by qdq-int8, not {scheme}; drop --calibration")
+    if keep_fp32 and scheme not in DEFAULT_KEEP_FP32:  # given, for a scheme that keeps nothing fp32
+        raise QuantizeError(
+            f"--keep-fp32 does not apply to --scheme {scheme}, which writes every weight {scheme} (its fp32 islands, "
+            f"LayerNorm and the attention scores, are fixed); it applies to {', '.join(DEFAULT_KEEP_FP32)}, with the "
+            f"roles {', '.join(KEEP_FP32)} or node names: drop --keep-fp32"
+        )
     for name, value in (
         ("block-size", block_size),
         ("accuracy-level", accuracy_level),
@@ -592,10 +595,7 @@ def _quantize_streamed(
     from glm_export.derive import check_free_space, check_method
     from glm_export.weights import read_onnx_weights
 
-    if recipe:
-        keep_fp32 = recipe["keep_fp32"]
-    else:
-        keep_fp32 = default_keep_fp32(scheme) if keep_fp32 is None else tuple(keep_fp32)
+    keep_fp32 = recipe["keep_fp32"] if recipe else ()  # fp16: every weight is fp16, none is kept fp32
     r = recipe or {}
     head = r.get("head") or {}  # the quantized head's format; empty when it stays fp32 (or fp16)
     parent_graph = onnx.load(str(src_model), load_external_data=False)

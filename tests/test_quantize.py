@@ -311,6 +311,22 @@ def test_bad_requests(parent, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_keep_fp32_is_honoured_or_refused_for_every_scheme_and_unknown_names_are_no_role(parent, children, tmp_path):
+    """fp16 writes every weight fp16, so --keep-fp32 is refused there (it was ignored and recorded as applied); an
+    unknown name is refused for every scheme, naming the roles, even alone (where the embedding rule spoke first)."""
+    out = tmp_path / "q"
+    for keep in (("embedding", "head"), ("decoder",)):
+        with pytest.raises(QuantizeError, match="--keep-fp32 does not apply to --scheme fp16.*first-layer"):
+            quantize_onnx(parent, out, scheme="fp16", keep_fp32=keep)
+    roles = re.escape("'decoder' is neither a role (embedding, head, first-layer, last-layer)")
+    for scheme in ("int4-weight", "int8-weight", "int8-dynamic", "qdq-int8"):
+        for keep in (("decoder",), ("embedding", "decoder")):
+            with pytest.raises(QuantizeError, match=roles):
+                quantize_onnx(parent, out, scheme=scheme, keep_fp32=keep, accept_loss=True)
+    assert not out.exists()
+    assert load_manifest(children["fp16"]).extra["quantization"]["keep_fp32"] == []  # nothing was kept fp32
+
+
 def test_optimize_basic_keeps_parity_and_records_it(parent, tmp_path):
     from glm_export.optimize import optimize_onnx
 
