@@ -31,6 +31,7 @@ from glm_runtime.manifest import (
     atomic_write_json,
     claims_output,
     load_manifest,
+    sha256_file,
     staged_folder,
     tool_versions,
     write_manifest,
@@ -260,6 +261,7 @@ class _Found:
     notes: list[str] = field(default_factory=list)
     config_file: Path | None = None  # where `config` was read from
     gelu_stated: bool = False  # the config file says which GeLU (a glmx-written one does)
+    tokenizer_replaced: dict[str, Any] | None = None  # {checkpoint, given: {file, sha256}} when --tokenizer replaced it
 
 
 def _read_glmx(folder: Path) -> _Found:
@@ -531,7 +533,33 @@ def _resolve_tokenizer(
             found.notes.extend(notes)
     except TokenizerError as exc:  # includes a tokenizer that does not fit the embedding (check_fits)
         raise CheckpointError(str(exc)) from None
+    if tokenizer is not None:
+        _say_replaced(found, Path(next(iter(tok.files.values()))))
     return tok, cfg.replace(tokenizer=tok.kind)
+
+
+def _own_tokenizer(found: _Found) -> Path | None:
+    """The tokenizer file the checkpoint itself holds: its manifest's (a glmx folder), else the one found beside
+    its weights."""
+    if found.manifest is not None and found.manifest.tokenizer.get("file"):
+        return found.files[0].parent / found.manifest.tokenizer["file"]
+    return found.tokenizer_file
+
+
+def _say_replaced(found: _Found, given: Path) -> None:
+    """A --tokenizer that replaces the checkpoint's own tokenizer is said (both files, sha256 prefixes) and
+    recorded (both hashes: found.tokenizer_replaced, which the manifest's extra.source carries)."""
+    own = _own_tokenizer(found)
+    if own is None or not own.is_file():
+        return
+    hashes = {"checkpoint": (own, sha256_file(own)), "given": (given, sha256_file(given))}
+    if hashes["checkpoint"][1] == hashes["given"][1]:
+        return
+    found.tokenizer_replaced = {k: {"file": str(f), "sha256": h} for k, (f, h) in hashes.items()}
+    found.notes.append(
+        f"tokenizer: --tokenizer {given} (sha256 {hashes['given'][1][:12]}...) replaces the checkpoint's own "
+        f"{own} (sha256 {hashes['checkpoint'][1][:12]}...); both hashes are recorded"
+    )
 
 
 def _check_sizes(sd: Weights, config: GLMConfig, source: str) -> None:
@@ -590,6 +618,7 @@ class OpenedCheckpoint:
     files: tuple[Path, ...]
     ignored_keys: tuple[str, ...]
     notes: tuple[str, ...]
+    tokenizer_replaced: dict[str, Any] | None = None  # the checkpoint's own tokenizer and the given one, both hashed
 
     def num_parameters(self) -> int:
         return self.weights.numel()
@@ -634,6 +663,7 @@ def open_checkpoint(
         tuple(found.files),
         tuple(ignored),
         tuple(found.notes),
+        found.tokenizer_replaced,
     )
 
 
@@ -777,6 +807,8 @@ def convert_checkpoint(
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     opened = open_checkpoint(src, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu)
     source = {"path": str(src), "layout": opened.layout, "dtype": opened.source_dtype}
+    if opened.tokenizer_replaced:
+        source["tokenizer_replaced"] = opened.tokenizer_replaced
     out = write_checkpoint(
         opened.config,
         opened.weights,

@@ -86,10 +86,12 @@ class _Source:
         notes: Sequence[str] = (),
         layout: str | None = None,
         model: torch.nn.Module | None = None,
+        tokenizer_replaced: dict[str, Any] | None = None,
     ):
         self.config, self.weights, self.model = config, weights, model
         self.folder, self.tokenizer = folder, tokenizer
         self.notes, self.layout = list(notes), layout
+        self.tokenizer_replaced = tokenizer_replaced  # the checkpoint's own tokenizer and --tokenizer's, both hashed
 
     def reference_model(self) -> torch.nn.Module:
         """The whole fp32 torch model, for the whole-graph check of a small export."""
@@ -129,7 +131,15 @@ def _resolve_source(
     from glm_export.checkpoint import open_checkpoint  # any layout: glmx, Hugging Face, Megatron
 
     opened = open_checkpoint(folder, tokenizer=tokenizer_file, **load_options)
-    return _Source(opened.config, opened.weights, folder, opened.tokenizer, opened.notes, opened.layout)
+    return _Source(
+        opened.config,
+        opened.weights,
+        folder,
+        opened.tokenizer,
+        opened.notes,
+        opened.layout,
+        tokenizer_replaced=opened.tokenizer_replaced,
+    )
 
 
 # ------------------------------------------------------------------ the entry function
@@ -248,7 +258,11 @@ def export_onnx(
                 versions=tool_versions("torch", "onnx", "onnxruntime"),
                 parent=parent,
                 extra={
-                    "source": {"layout": source.layout, "notes": source.notes},
+                    "source": {
+                        "layout": source.layout,
+                        "notes": source.notes,
+                        **({"tokenizer_replaced": source.tokenizer_replaced} if source.tokenizer_replaced else {}),
+                    },
                     "model_file": MODEL_FILE,
                     "external_data": DATA_FILE if external_data else None,
                     "opset": opset,

@@ -532,3 +532,36 @@ def test_the_harness_checks_every_outputs_shape():
 
     with pytest.raises(ParityError, match=r"output 'logits' .* has shape \[1, 8, 4\], expected \[1, 8, 512\]"):
         run_calls(Wrong(), glm_cases(512)[0].calls)
+
+
+def test_a_given_tokenizer_that_replaces_the_checkpoints_own_is_said_and_recorded(fill_checkpoint, tmp_path):
+    """`glmx export --tokenizer OTHER` (and convert) on a checkpoint that has its own tokenizer: one line names both
+    files with their sha256 prefixes, and the manifest records both hashes (it replaced it without a word)."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from glm_export.cli import main
+
+    own = fill_checkpoint / "tokenizer.json"
+    other = tmp_path / "other" / "tokenizer.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(json.loads(own.read_text()), indent=1))  # the same ids, other bytes
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (own, other)}
+    assert sha[own] != sha[other]
+    for command, out in (("export", tmp_path / "onnx"), ("convert", tmp_path / "ckpt")):
+        args = [command, str(fill_checkpoint), "-o", str(out), "--tokenizer", str(other)]
+        result = CliRunner().invoke(main, args + (["--no-validate"] if command == "export" else []))
+        assert result.exit_code == 0, result.output
+        lines = [line for line in result.output.splitlines() if "replaces the checkpoint's own" in line]
+        assert len(lines) == 1, result.output
+        assert str(other) in lines[0] and str(own) in lines[0], lines[0]
+        assert sha[own][:12] in lines[0] and sha[other][:12] in lines[0], lines[0]
+        replaced = load_manifest(out).extra["source"]["tokenizer_replaced"]
+        assert replaced == {
+            "checkpoint": {"file": str(own), "sha256": sha[own]},
+            "given": {"file": str(other), "sha256": sha[other]},
+        }
+    same = CliRunner().invoke(main, ["export", str(fill_checkpoint), "-o", str(tmp_path / "same"), "--no-validate"])
+    assert same.exit_code == 0 and "replaces" not in same.output
+    assert "tokenizer_replaced" not in load_manifest(tmp_path / "same").extra["source"]
