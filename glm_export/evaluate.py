@@ -163,6 +163,27 @@ def greedy_fill_torch(model, tok, left: str, right: str) -> list[int]:
     return out
 
 
+def blanks_and_words(
+    corpus_dir: str | Path, train_docs: list[str], held_docs: list[str], n: int, seed: int
+) -> tuple[list[tuple[str, str, str]], Counter]:
+    """What the fill figures are measured on, before any work: the held-out blanks and the training words (the
+    unigram answer); each must have something in it."""
+    blanks = single_word_blanks(held_docs, n, seed)
+    if not blanks:
+        raise EvaluateError(
+            f"{corpus_dir}: no single-word blank can be cut from its held-out split ({len(held_docs)} of "
+            f"{len(train_docs) + len(held_docs)} documents): a blank needs a document of 8 or more words with an "
+            f"alphabetic word after a space; evaluate on the corpus the model was trained on, or a larger one"
+        )
+    word_counts = Counter(m.group() for d in train_docs for m in WORD.finditer(d))
+    if not word_counts:
+        raise EvaluateError(
+            f"{corpus_dir}: its training split ({len(train_docs)} documents) holds no alphabetic word after a "
+            f"space, so the unigram baseline has no word to answer; evaluate on the corpus the model was trained on"
+        )
+    return blanks, word_counts
+
+
 def evaluate(
     checkpoint_dir: str | Path,
     corpus_dir: str | Path,
@@ -186,20 +207,7 @@ def evaluate(
     tok = load_corpus_tokenizer(loaded.tokenizer_file)
     model = loaded.model.eval()
     train_docs, held_docs = split_documents(read_documents(corpus_dir), s.heldout_fraction)
-    # what the figures are measured on, before any work: each must have something in it
-    blanks = single_word_blanks(held_docs, fill_examples, s.seed)
-    if not blanks:
-        raise EvaluateError(
-            f"{corpus_dir}: no single-word blank can be cut from its held-out split ({len(held_docs)} of "
-            f"{len(train_docs) + len(held_docs)} documents): a blank needs a document of 8 or more words with an "
-            f"alphabetic word after a space; evaluate on the corpus the model was trained on, or a larger one"
-        )
-    word_counts = Counter(m.group() for d in train_docs for m in WORD.finditer(d))
-    if not word_counts:
-        raise EvaluateError(
-            f"{corpus_dir}: its training split ({len(train_docs)} documents) holds no alphabetic word after a "
-            f"space, so the unigram baseline has no word to answer; evaluate on the corpus the model was trained on"
-        )
+    blanks, word_counts = blanks_and_words(corpus_dir, train_docs, held_docs, fill_examples, s.seed)
     train = cut_samples(token_stream(tok, train_docs), s.seq_length)
     held = cut_samples(token_stream(tok, held_docs), s.seq_length)
     collator = BlockCollator(layout_special_ids(), CollatorConfig())
