@@ -277,6 +277,7 @@ than --rows + --max-waiting, answer 400. A client that hangs up frees its row; -
 SIGTERM / Ctrl-C stop accepting, let running requests finish, then exit. Binds 127.0.0.1 unless --host says
 otherwise; with --api-key (or GLMX_API_KEY) /v1/* need "Authorization: Bearer KEY".
 Example:  glmx serve --port 8000 &
+          until curl -sf localhost:8000/health >/dev/null; do sleep 0.2; done
           curl -s localhost:8000/v1/completions -d '{"prompt": "The capital of France is [MASK].", "max_tokens": 8}'"""
 
 
@@ -391,8 +392,9 @@ and a verbalizer mapping each label to one or more answers.
 The task comes from --task FILE ({"template": ..., "verbalizer": {label: answer or [answers]}, and optionally
 "aggregate", "length_penalty", "single_token"}) or from --template and --verbalizer (JSON). A label with several
 answers scores as its best answer (--aggregate max) or the log of their summed probabilities (sum). Records
-with a "label" field are gold: accuracy and the confusion matrix are printed after the predictions.
-Example:  glmx classify reviews.jsonl --template "{text} It was really [MASK]." \\
+with a "label" field are gold (a string naming a label; an integer 1 means label "1"): accuracy and the
+confusion matrix are printed after the predictions. A template field is a record's key as it is: {text}.
+Example:  glmx classify docs/examples/reviews.jsonl --template "{text} It was really [MASK]." \\
             --verbalizer '{"positive": " good", "negative": " bad"}'"""
 
 
