@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import shlex
 import sys
 import time
@@ -388,11 +389,46 @@ def prepare_data(corpus_dir: str | Path, work: Path, s: PretrainSettings) -> Tra
     )
 
 
+def _numpy_state_globals() -> list[Any]:
+    """What numpy's RNG state (a uint32 array) needs to unpickle: train states saved before they held it as a plain
+    list still resume. Only array reconstruction, no other callable."""
+    from numpy._core.multiarray import _reconstruct  # numpy's own pickle hook for arrays
+
+    # numpy 1 wrote the hook's name as numpy.core.multiarray, numpy 2 as numpy._core.multiarray
+    alias = (_reconstruct, "numpy.core.multiarray._reconstruct")
+    return [_reconstruct, alias, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_state(state_path: Path) -> dict[str, Any]:
+    """train_state.pt through torch.load(weights_only=True): tensors and plain containers only, so a planted
+    pickle runs no code; refused in one line (PretrainError) when it holds anything else or is not readable."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_state_globals()):
+            saved = torch.load(state_path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        raise PretrainError(
+            f"{state_path} holds objects other than tensors and plain containers"
+            f"{f' (it names {named.group(1)})' if named else ''}: glmx loads train states with weights_only=True, so "
+            f"none of its code ran; it was not written by glmx pretrain: move it away to start over"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PretrainError(
+            f"{state_path} is not a train state glmx can read ({why}); move it away to start over"
+        ) from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        raise PretrainError(f"{state_path} is not a glmx train state (no settings); move it away to start over")
+    return saved
+
+
 def read_saved_state(state_path: Path, s: PretrainSettings) -> dict[str, Any] | None:
     """The saved train state to resume from (None: start), refused when it was trained with other settings."""
     if not state_path.exists():
         return None
-    saved = torch.load(state_path, weights_only=False)
+    saved = load_state(state_path)
     # a setting added since the save takes its default, which reproduces the old run
     saved["settings"] = {**dataclasses.asdict(PretrainSettings()), **saved["settings"]}
     now = dataclasses.asdict(s)
@@ -403,6 +439,13 @@ def read_saved_state(state_path: Path, s: PretrainSettings) -> dict[str, Any] | 
             f"use the same settings to resume, or another work_dir to start over"
         )
     return saved
+
+
+def numpy_rng_state() -> tuple[Any, ...]:
+    """numpy's global RNG state with its key array as a list of ints: a train state holds tensors and plain
+    containers only, so it loads with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return (name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
 
 
 class Trainer:
@@ -423,7 +466,8 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"]["torch"])
-        np.random.set_state(saved["rng"]["numpy"])
+        name, keys, *rest = saved["rng"]["numpy"]  # keys: a list (plain) or, in older states, a uint32 array
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
         random.setstate(saved["rng"]["python"])
         self.step, self.evals = saved["step"], saved["evals"]
 
@@ -436,7 +480,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate()},
         }
         with atomic_path(state_path) as tmp:
             torch.save(state, tmp)

@@ -71,8 +71,8 @@ def test_resume_gives_bitwise_the_uninterrupted_losses_and_weights(corpus, tmp_p
     assert second["step"] == 6
     assert torch.equal(torch.tensor(second["losses"]), torch.tensor(full["losses"][3:]))
     assert second["evals"] == full["evals"]
-    a = torch.load(tmp_path / "full" / "train_state.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "train_state.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "train_state.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
 
@@ -84,17 +84,57 @@ def test_resume_with_other_settings_is_refused(corpus, tmp_path):
 
 
 def test_a_state_saved_before_a_setting_existed_resumes_with_its_default(corpus, tmp_path):
-    """train_state.pt written before gpt_infill_prob existed: the default (1.0) is the old behaviour."""
+    """train_state.pt written before gpt_infill_prob existed (and before numpy's RNG state was a list): the default
+    (1.0) is the old behaviour, and the state still loads with weights_only=True."""
     import torch
 
     run = tmp_path / "run"
     pretrain(corpus, run, steps=2, stop_after=1, progress=False, **TINY)
-    state = torch.load(run / "train_state.pt", weights_only=False)
+    state = torch.load(run / "train_state.pt", weights_only=True)
     del state["settings"]["gpt_infill_prob"]
+    name, keys, *rest = state["rng"]["numpy"]
+    state["rng"]["numpy"] = (name, np.asarray(keys, dtype=np.uint32), *rest)  # as older states held it: an array
     torch.save(state, run / "train_state.pt")
     assert pretrain(corpus, run, steps=2, progress=False, **TINY)["step"] == 2
     with pytest.raises(PretrainError, match=r"'gpt_infill_prob': \(1.0, 0.5\)"):
         pretrain(corpus, run, steps=3, progress=False, **dict(TINY, gpt_infill_prob=0.5))
+
+
+class _Planted:
+    """A pickle that runs code when loaded without weights_only: it writes the file it names."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.target)!r}, 'w').write('ran')",))
+
+
+def test_a_planted_pickle_in_train_state_runs_no_code_and_is_one_line(corpus, tmp_path):
+    """README: pickles load with weights_only=True. train_state.pt holds tensors and plain containers only (saved
+    that way), so a planted pickle is refused, in one line that is not an internal error, and its code never runs."""
+    from click.testing import CliRunner
+
+    from glm_export.cli import main
+
+    run, ran = tmp_path / "run", tmp_path / "ran.txt"
+    run.mkdir()
+    torch.save({"settings": {}, "step": 0, "payload": _Planted(ran)}, run / "train_state.pt")
+    with pytest.raises(PretrainError, match="holds objects other than tensors and plain containers") as err:
+        pretrain(corpus, run, steps=1, progress=False, **TINY)
+    assert "\n" not in str(err.value) and "(it names exec)" in str(err.value)
+    result = CliRunner().invoke(main, ["pretrain", str(corpus), str(run), "--steps", "1"])
+    line = result.output.strip()
+    assert result.exit_code == 1 and line.startswith("Error: ") and "\n" not in line, result.output
+    assert "internal error" not in line and "weights_only" in line, line
+    assert not ran.exists()
+
+
+def test_the_saved_train_state_loads_with_weights_only(corpus, tmp_path):
+    """What pretrain saves (model, optimizer, schedule, the three RNG states) loads under weights_only=True."""
+    pretrain(corpus, tmp_path / "run", steps=2, stop_after=1, progress=False, **TINY)
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert state["step"] == 1 and set(state["rng"]) == {"torch", "numpy", "python"}
 
 
 def test_an_empty_corpus_folder_is_refused(tmp_path):
