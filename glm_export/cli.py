@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -518,8 +519,8 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     "out_dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="results folder [default: a new glmx-bench-DATE-TIME folder here; --quick: a temporary folder]; "
-    "the committed results are regenerated with -o benchmarks/results",
+    help="results folder [default: a new glmx-bench-DATE-TIME folder here; --quick: a temporary folder, removed at "
+    "the end after its results.md is printed]; the committed results are regenerated with -o benchmarks/results",
 )
 @click.option(
     "--cache-dir",
@@ -600,21 +601,35 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
     command += ["--threads", str(kwargs["threads"]), "--cache-dir", kwargs["cache_dir"]]
     command += ["--rounds", str(kwargs["rounds"])] if kwargs["rounds"] is not None else []
     command += (["-o", kwargs["out_dir"]] if kwargs["out_dir"] else []) + ([] if kwargs["plots"] else ["--no-plots"])
-    try:
-        results = run_benchmarks(command=shlex.join(command), **kwargs)
-    except (BenchmarkError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
-    if llamacpp is not None:
-        from glmx_benchmarks.llamacpp import llamacpp_column
+    scratch = kwargs["out_dir"] is None  # --quick without -o: a temporary folder, gone at the end
+    if scratch:
+        import tempfile
 
-        llamacpp_column(
-            llamacpp,
-            kwargs["cache_dir"],
-            results["out_dir"],
-            threads=kwargs["threads"],
-            log=lambda m: click.echo(m, err=True),
-        )
-    click.echo(results["out_dir"])
+        kwargs["out_dir"] = tempfile.mkdtemp(prefix="glmx-bench-")  # after `command`: no -o was asked for
+    try:
+        try:
+            results = run_benchmarks(command=shlex.join(command), **kwargs)
+        except (BenchmarkError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        if llamacpp is not None:
+            from glmx_benchmarks.llamacpp import llamacpp_column
+
+            llamacpp_column(
+                llamacpp,
+                kwargs["cache_dir"],
+                results["out_dir"],
+                threads=kwargs["threads"],
+                log=lambda m: click.echo(m, err=True),
+            )
+        if scratch:  # what the folder held that a reader wants: the tables
+            click.echo((Path(results["out_dir"]) / "results.md").read_text(encoding="utf-8"), nl=False)
+        else:
+            click.echo(results["out_dir"])
+    finally:
+        if scratch:
+            import shutil
+
+            shutil.rmtree(kwargs["out_dir"], ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -312,3 +312,14 @@ def test_a_cached_quantized_variant_from_an_older_recipe_is_not_reused(fill_onnx
     assert _recorded_recipe(today) == current_recipe("int4-weight", keep)
     assert _recorded_recipe(older) != current_recipe("int4-weight", keep)
     assert _recorded_recipe(older)["mlp_block_size"] == 32
+
+
+def test_quick_without_an_output_folder_prints_its_results_and_leaves_nothing(quick_run, tmp_path, monkeypatch):
+    """`glmx bench --quick` without -o: the results table on stdout, its temporary folder removed (-o keeps one)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a temporary folder would be made
+    result = CliRunner().invoke(main, ["bench", "--quick", "--cache-dir", str(quick_run[2])])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "| backend |" in result.stdout and "ort-fp32" in result.stdout, result.stdout
+    assert list(tmp_path.iterdir()) == []
