@@ -22,6 +22,7 @@ from glm_runtime.backend import (  # noqa: F401 - the session interface, importa
     check_feeds,
     host_array,
 )
+from glm_runtime.errors import EXPORT_EXTRA_HINT
 from glm_runtime.graph_ops import graph_facts, precision_problem
 from glm_runtime.iotable import kv_dtype, required_inputs
 from glm_runtime.manifest import MANIFEST_NAME, MODEL_FILE, ManifestError, load_manifest
@@ -198,7 +199,7 @@ def _torch_session(folder: str | Path, **options: Any) -> Any:
     try:
         module = importlib.import_module(TORCH_REFERENCE)
     except ImportError as exc:
-        raise BackendError(f"backend 'torch' needs the export extra (pip install 'glmx[export]'): {exc}") from None
+        raise BackendError(f"backend 'torch' needs the export extra ({exc}): {EXPORT_EXTRA_HINT}") from None
     return module.load_torch_session(folder, **options)
 
 
