@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny deterministic models and temporary folders.
+"""Shared fixtures: tiny deterministic models and temporary folders (temp_root: a run leaves nothing behind).
 
 The blank-filling model (tests/fill_fixtures.py: a tiny tokenizer, a seeded GLM that sometimes ends spans with
 eop) is made once per test session, with its glmx checkpoint and its ONNX export; tests read these folders and
@@ -6,7 +6,32 @@ never write into them."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_root(tmp_path_factory):
+    """The temp folder of everything the tests run, for this session only, removed at its end: tempfile's default
+    in this process (ONNX Runtime's quantizer, glmx bench --quick, a stage's scratch files) and TMPDIR for every
+    subprocess (a glmx killed mid-write leaves its scratch folders there). pytest's own folders are placed first,
+    in the real temp folder, where pytest.ini's retention policy keeps a failing run's."""
+    tmp_path_factory.getbasetemp()  # before TMPDIR moves: pytest's base folder stays in the real temp folder
+    root = tempfile.mkdtemp(prefix="glmx-tests-")  # short: Ray's socket paths must stay under 108 bytes
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = root, root
+    try:
+        yield root
+    finally:
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
