@@ -16,12 +16,6 @@ from glm_runtime.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-HINT_PENDING = {
-    # files that still spell the export extra's hint themselves; each entry says who changes it
-    "runtime/session.py": "the torch backend's import failure (owned by another engineer now; issue 30 item 1)"
-}
-
-
 def test_every_export_extra_hint_installs_the_cpu_torch_first(monkeypatch):
     """PyPI's Linux torch is the CUDA build (several GB of nvidia-* packages), which README's install section
     warns against: every "needs the export extra" hint is runtime.errors.EXPORT_EXTRA_HINT, the CPU torch line
@@ -38,7 +32,7 @@ def test_every_export_extra_hint_installs_the_cpu_torch_first(monkeypatch):
         for path in (ROOT / folder).glob("*.py")
         if "glmx[export]" in path.read_text(encoding="utf-8")
     )
-    assert "runtime/errors.py" in spelled and set(spelled) <= {"runtime/errors.py", *HINT_PENDING}, spelled
+    assert spelled == ["runtime/errors.py"], spelled
     import importlib.util
 
     real = importlib.util.find_spec
