@@ -2,7 +2,7 @@
 commands join (glm_export.cli: convert, export, optimize, quantize, build-engine, bench, ...) when it is there.
 
 Every command is a thin wrapper over one function; every failure ends as one `Error:` line and exit status 1
-(a usage error, found by click before the command runs: exit status 2).
+(a usage error, found by click before the command runs, after the usage line).
 Torch-free: nothing here imports torch or glm_export (the export commands are loaded by name, like a plugin).
 """
 
@@ -49,11 +49,37 @@ def stdout_closed() -> click.exceptions.Exit:
     return click.exceptions.Exit(PIPE_CLOSED)
 
 
+class UsageError(click.UsageError):
+    """click's usage error (the usage line, then one Error line) with glmx's exit status for every failure, 1."""
+
+    exit_code = 1
+
+
+class NoCommand(click.exceptions.NoArgsIsHelpError):
+    """`glmx` alone: the help, as click shows it, with exit status 1 (no command ran)."""
+
+    exit_code = 1
+
+
+def _exits_1(exc: click.UsageError) -> click.UsageError:
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        assert exc.ctx is not None
+        return NoCommand(exc.ctx)
+    return UsageError(exc.format_message(), exc.ctx)  # with the option it names (BadParameter)
+
+
 class _Commands(click.Group):
     """Every command's failures end as one line on stderr and exit status 1: a glmx error with its own message
     and fix, an operating-system error with the file it concerns; anything else is a bug in glmx, said so in one
-    line (GLMX_DEBUG=1 shows the traceback). A usage error (unknown option, bad or missing value) is click's
-    own: the usage line, one Error line, exit status 2. A closed stdout ends the command quietly (PIPE_CLOSED)."""
+    line (GLMX_DEBUG=1 shows the traceback). A usage error (unknown option or command, bad or missing value) is
+    click's own usage line and one Error line, with exit status 1 too. A closed stdout ends the command quietly
+    (PIPE_CLOSED)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:  # the group's own options
+            raise _exits_1(exc) from None
 
     def invoke(self, ctx: click.Context):
         import os
@@ -62,6 +88,8 @@ class _Commands(click.Group):
 
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a command's options and arguments, an unknown command
+            raise _exits_1(exc) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except BrokenPipeError:
