@@ -17,7 +17,7 @@ from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import accepted_tables
 from glm_runtime.manifest import MODEL_FILE, Manifest, ManifestError, check_complete
-from glm_runtime.onnx_shapes import initializer_shapes
+from glm_runtime.onnx_facts import initializer_shapes
 
 # OrtValue.data_type() strings -> numpy names, for feeds that already live on a device
 IntsLike = Sequence[int] | np.ndarray  # per-row counts, slots or row indices: a list or an int array
@@ -211,7 +211,7 @@ def check_position_tables(folder: Path, manifest: Manifest, config: GLMConfig) -
     """The config's max_sequence_length P must be the graph's: both position tables have P + 1 rows (docs/glm.md
     1.1). Every length check (a prompt too long, a TensorRT profile) trusts P; a manifest that claims more than the
     graph holds would let a position past the table reach ONNX Runtime's Gather. Read from the ONNX file's
-    initializer shapes (onnx_shapes); an engine folder, or a graph without these names, is not checked here."""
+    initializer shapes (onnx_facts); an engine folder, or a graph without these names, is not checked here."""
     model_file = Path(folder) / manifest.extra.get("model_file", MODEL_FILE)
     if model_file.suffix != ".onnx" or not model_file.is_file():
         return

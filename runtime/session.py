@@ -23,9 +23,9 @@ from glm_runtime.backend import (  # noqa: F401 - the session interface, importa
     host_array,
 )
 from glm_runtime.errors import EXPORT_EXTRA_HINT
-from glm_runtime.graph_ops import graph_facts, precision_problem
 from glm_runtime.iotable import kv_dtype, required_inputs
 from glm_runtime.manifest import MANIFEST_NAME, MODEL_FILE, ManifestError, load_manifest
+from glm_runtime.onnx_facts import graph_facts, precision_problem
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -66,7 +66,7 @@ def _check_graph_types(model_file: Path, graph: Sequence[Any], table: Mapping[st
 
 
 def check_precision(model_file: Path, precision: str) -> None:
-    """The graph's ops and weights must be of the manifest's precision (glm_runtime.graph_ops reads them from the
+    """The graph's ops and weights must be of the manifest's precision (glm_runtime.onnx_facts reads them from the
     protobuf, without onnx): an fp32 graph recorded as int4-weight, or a quantized one as fp32, is refused."""
     try:
         problem = precision_problem(graph_facts(model_file), precision)

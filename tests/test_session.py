@@ -368,12 +368,12 @@ def _graph(tmp_path, nodes, initializers=(), name="g.onnx"):
     ],
 )
 def test_the_graphs_ops_must_be_its_recorded_precision(tmp_path, nodes, fp16, precision, problem):
-    """graph_ops reads op types, MatMulNBits bits and float16 weights from the protobuf (onnx is not needed); it
+    """onnx_facts reads op types, MatMulNBits bits and float16 weights from the protobuf (onnx is not needed); it
     agrees with onnx's own parse, and precision_problem names what is missing."""
     import onnx
     from onnx import TensorProto, helper
 
-    from glm_runtime.graph_ops import graph_facts, precision_problem
+    from glm_runtime.onnx_facts import graph_facts, precision_problem
 
     made = [
         helper.make_node(op, ["x"], [f"y{k}"], name=f"n{k}", domain="com.microsoft" if op == "MatMulNBits" else "", **a)

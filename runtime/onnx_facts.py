@@ -1,21 +1,23 @@
-"""What an ONNX graph's nodes and weights are, read from model.onnx's protobuf without onnx: the precision check.
+"""What a session checks of an ONNX graph before ONNX Runtime loads it, read from model.onnx's protobuf without
+the onnx package: its ops and weights against the manifest's precision, its initializers' shapes against the
+manifest's config (the position tables' rows against max_sequence_length, backend.check_export).
 
-In: a model.onnx (ModelProto; its weights inline or in external data) and the precision its manifest records.
-Out: `graph_facts` (op types, MatMulNBits bit widths, whether float16 weights are there) and `precision_problem`,
-one line saying why the graph is not of that precision (None when it is).
+In: a model.onnx (ModelProto; its weights inline or in external data). Out: `graph_facts` (op types, MatMulNBits bit
+widths, whether float16 weights are there, every initializer's dims), `initializer_shapes`, and `precision_problem`,
+one line saying why the graph is not of a precision (None when it is).
 
 ONNX Runtime's session lists no ops, and onnx is optional in the runtime, so this reads the few fields it needs
 from the protobuf wire format itself (ModelProto.graph = 7; GraphProto.node = 1, initializer = 5; NodeProto
-op_type = 4, attribute = 5; AttributeProto name = 1, i = 3, t = 5; TensorProto data_type = 2), over a memory map:
-inline weights (raw_data) are skipped by their length, never read.
+op_type = 4, attribute = 5; AttributeProto name = 1, i = 3, t = 5; TensorProto dims = 1, data_type = 2, name = 8),
+over a memory map: inline weights (raw_data) are skipped by their length, never read.
 """
 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 FLOAT16 = 10  # TensorProto.DataType.FLOAT16
 QUANT_OPS = ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear")
@@ -36,21 +38,22 @@ def _varint(buf: mmap.mmap | bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, value, end) of each field of the message buf[start:end]: a varint's value, or a
-    length-delimited field's start offset (then `end` is its end); fixed-width fields are skipped."""
+def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, value, end) of each field of the message buf[start:end]: a varint's value (wire
+    type 0), or a length-delimited field's start offset (wire type 2; `end` is its end); fixed-width fields are
+    skipped."""
     i = start
     while i < end:
         key, i = _varint(buf, i)
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, i = _varint(buf, i)
-            yield number, value, i
+            yield number, wire, value, i
         elif wire == 2:
             length, i = _varint(buf, i)
             if i + length > end:
                 raise GraphReadError("a field runs past the end of its message")
-            yield number, i, i + length
+            yield number, wire, i, i + length
             i += length
         elif wire in (1, 5):
             i += 8 if wire == 1 else 4
@@ -63,16 +66,17 @@ class GraphFacts:
     ops: set[str] = field(default_factory=set)  # op types of the main graph's nodes
     nbits: set[int] = field(default_factory=set)  # the `bits` of its MatMulNBits nodes
     float16: bool = False  # a float16 initializer (or Constant) is there
+    initializers: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> dims
 
 
 def _node(buf: mmap.mmap, start: int, end: int, facts: GraphFacts) -> None:
     op, bits = "", 4  # MatMulNBits' bits default to 4
-    for number, value, stop in _fields(buf, start, end):
+    for number, _, value, stop in _fields(buf, start, end):
         if number == 4:
             op = bytes(buf[value:stop]).decode("utf-8", "replace")
         elif number == 5:  # an attribute: bits, or a Constant's tensor
             name, ints = "", None
-            for a_number, a_value, a_stop in _fields(buf, value, stop):
+            for a_number, _, a_value, a_stop in _fields(buf, value, stop):
                 if a_number == 1:
                     name = bytes(buf[a_value:a_stop]).decode("utf-8", "replace")
                 elif a_number == 3:
@@ -86,28 +90,50 @@ def _node(buf: mmap.mmap, start: int, end: int, facts: GraphFacts) -> None:
         facts.nbits.add(bits)
 
 
-def _tensor(buf: mmap.mmap, start: int, end: int, facts: GraphFacts) -> None:
-    for number, value, _ in _fields(buf, start, end):
+def _tensor(buf: mmap.mmap, start: int, end: int, facts: GraphFacts, initializer: bool = False) -> None:
+    name, dims = "", []
+    for number, wire, value, stop in _fields(buf, start, end):
         if number == 2 and value == FLOAT16:
             facts.float16 = True
+        elif number == 1 and wire == 0:  # dims, one varint each
+            dims.append(value)
+        elif number == 1:  # dims, packed
+            i = value
+            while i < stop:
+                d, i = _varint(buf, i)
+                dims.append(d)
+        elif number == 8:
+            name = bytes(buf[value:stop]).decode("utf-8", "replace")
+    if initializer:
+        facts.initializers[name] = tuple(dims)
 
 
-def graph_facts(model_file: str | Path) -> GraphFacts:
+def graph_facts(model_file: str | os.PathLike) -> GraphFacts:
     """The op types, MatMulNBits widths and float16 weights of a model.onnx's main graph."""
     facts = GraphFacts()
     with open(model_file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         try:
-            for number, start, end in _fields(buf, 0, len(buf)):
+            for number, _, start, end in _fields(buf, 0, len(buf)):
                 if number != 7:
                     continue
-                for g_number, g_start, g_end in _fields(buf, start, end):
+                for g_number, _, g_start, g_end in _fields(buf, start, end):
                     if g_number == 1:
                         _node(buf, g_start, g_end, facts)
                     elif g_number == 5:
-                        _tensor(buf, g_start, g_end, facts)
+                        _tensor(buf, g_start, g_end, facts, initializer=True)
         except IndexError:
             raise GraphReadError("the file ends inside a field") from None
     return facts
+
+
+def initializer_shapes(model_file: str | os.PathLike, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """{name: dims} of the wanted initializers found in the graph; {} where the file cannot be read this way (the
+    session's own load then says what is wrong)."""
+    try:
+        found = graph_facts(model_file).initializers
+    except (OSError, ValueError):  # unreadable, empty (mmap of 0 bytes) or not a protobuf
+        return {}
+    return {name: found[name] for name in names if name in found}
 
 
 def precision_problem(facts: GraphFacts, precision: str) -> str | None:
