@@ -8,11 +8,12 @@ writes nothing unless accept_loss=True.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,19 +166,45 @@ def excluded_nodes(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> list[str
 # ---------------------------------------------------------------- the schemes
 
 
+class _QuietQuantizer(logging.Filter):
+    """Drops ONNX Runtime's quantizer advice on the root logger ("Please consider to run pre-processing before
+    quantization"): glmx's graphs are shape-inferred already, and the line is not the user's to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizers without their advice line (root logger) and with its C++ warnings off (the
+    calibration session warns that logits_start, an optional input, is not a constant: the point of it)."""
+    import onnxruntime
+
+    quiet = _QuietQuantizer()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        onnxruntime.set_default_logger_severity(2)
+
+
 def int8_dynamic_file(src: Path, dst: Path, exclude: Sequence[str] = ()) -> None:
     """glmx's int8-dynamic recipe on a graph file: MatMuls with constant weights, int8 per output channel."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=list(exclude),
-        extra_options={"MatMulConstBOnly": True},
-    )  # attention's activation x activation stays fp32
+    with quiet_quantizer():
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude),
+            extra_options={"MatMulConstBOnly": True},
+        )  # attention's activation x activation stays fp32
 
 
 def _int8_dynamic(model: onnx.ModelProto, src: Path, dst: Path, exclude: list[str], **_) -> dict[str, Any]:
@@ -213,25 +240,26 @@ def _qdq_int8(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     onnx.save(model, src)
-    quantize_static(
-        str(src),
-        str(dst),
-        FeedReader(feeds),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=exclude,
-        extra_options={
-            "ActivationSymmetric": True,
-            "WeightSymmetric": True,  # TensorRT: zero point 0
-            "MatMulConstBOnly": True,
-            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-            "OpTypesToExcludeOutputQuantization": ["MatMul"],
-        },
-    )  # Q/DQ on inputs only
+    with quiet_quantizer():
+        quantize_static(
+            str(src),
+            str(dst),
+            FeedReader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=exclude,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,  # TensorRT: zero point 0
+                "MatMulConstBOnly": True,
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                "OpTypesToExcludeOutputQuantization": ["MatMul"],
+            },
+        )  # Q/DQ on inputs only
     return {"weights": "int8 symmetric per output channel (axis 1)", "activations": "int8 symmetric, MinMax"}
 
 
