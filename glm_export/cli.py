@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from glm_runtime.cli import CommandError, main, one_line
+from glm_runtime.cli import main
+from glm_runtime.command_group import CommandError, one_line
 from glm_runtime.errors import EXPORT_EXTRA_HINT
 
 

@@ -21,7 +21,7 @@ def test_every_export_extra_hint_installs_the_cpu_torch_first(monkeypatch):
     warns against: every "needs the export extra" hint is runtime.errors.EXPORT_EXTRA_HINT, the CPU torch line
     first, and no module spells its own."""
     from glm_export.cli import require_export_extra
-    from glm_runtime.cli import CommandError
+    from glm_runtime.command_group import CommandError
     from glm_runtime.errors import EXPORT_EXTRA_HINT
 
     cpu = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
