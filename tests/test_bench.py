@@ -314,6 +314,7 @@ def test_a_cached_quantized_variant_from_an_older_recipe_is_not_reused(fill_onnx
     assert _recorded_recipe(older)["mlp_block_size"] == 32
 
 
+@pytest.mark.slow  # a second whole --quick run (9 s here); test_quick_writes_every_figure runs one by default
 def test_quick_without_an_output_folder_prints_its_results_and_leaves_nothing(quick_run, tmp_path, monkeypatch):
     """`glmx bench --quick` without -o: the results table on stdout, its temporary folder removed (-o keeps one)."""
     import tempfile

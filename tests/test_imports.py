@@ -5,10 +5,21 @@ each other), and the runtime never imports glm_export (test_no_torch also runs i
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"glm_export": ROOT / "glm_export", "glm_runtime": ROOT / "runtime", "glmx_benchmarks": ROOT / "benchmarks"}
+
+
+@functools.cache
+def _parsed(path: Path, mtime_ns: int) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def parsed(path: Path) -> ast.Module:
+    """A file's syntax tree, parsed once per version of the file (the tests below walk the same tree)."""
+    return _parsed(path, path.stat().st_mtime_ns)
 
 
 def module_graph(root: Path = ROOT, depth: str = "any") -> dict[str, set[str]]:
@@ -19,7 +30,7 @@ def module_graph(root: Path = ROOT, depth: str = "any") -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps = set()
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tree = parsed(path)
         for node in ast.walk(tree) if depth == "any" else tree.body:
             targets = []
             if isinstance(node, ast.Import):
@@ -89,8 +100,6 @@ def test_the_runtime_imports_only_the_runtime():
 def test_the_benchmarks_install_under_their_own_name():
     """pyproject.toml installs benchmarks/ as glmx_benchmarks (no top-level `benchmarks` in site-packages), and no
     module of the project imports it by its folder's name."""
-    import ast as _ast
-
     import tomllib
 
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
@@ -98,12 +107,12 @@ def test_the_benchmarks_install_under_their_own_name():
     stale = []
     for folder in (ROOT / "glm_export", ROOT / "runtime", ROOT / "benchmarks", ROOT / "tests"):
         for path in folder.rglob("*.py"):
-            for node in _ast.walk(_ast.parse(path.read_text())):
+            for node in ast.walk(parsed(path)):
                 names = (
                     [a.name for a in node.names]
-                    if isinstance(node, _ast.Import)
+                    if isinstance(node, ast.Import)
                     else [node.module or ""]
-                    if isinstance(node, _ast.ImportFrom)
+                    if isinstance(node, ast.ImportFrom)
                     else []
                 )
                 stale += [f"{path.name}: {n}" for n in names if n == "benchmarks" or n.startswith("benchmarks.")]
@@ -117,7 +126,7 @@ def test_no_module_imports_another_modules_underscore_names():
     found = []
     for pkg, folder in PACKAGES.items():
         for path in folder.glob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            for node in ast.walk(parsed(path)):
                 if (
                     isinstance(node, ast.ImportFrom)
                     and node.module
