@@ -154,16 +154,18 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
 
     def refuse(i: int, message: str) -> None:
         done[i] = message
-        bad.append(where[i] + message)
+        bad.append(message)
 
     for i, item in enumerate(inputs):
-        if isinstance(item, (str, GenerationError)):
-            refuse(i, item if isinstance(item, str) else refusal(item))
+        if isinstance(item, str):  # a line that is not a request: its message names its line already
+            refuse(i, item)
+        elif isinstance(item, GenerationError):
+            refuse(i, where[i] + refusal(item))
 
     def refused(request, exc) -> None:
         if name is None:
             raise CommandError(refusal(exc))
-        refuse(request.id, refusal(exc))
+        refuse(request.id, where[request.id] + refusal(exc))
 
     printed = 0
     requests = (r for r in inputs if isinstance(r, FillRequest))

@@ -237,3 +237,25 @@ def test_cli_jsonl_fills_every_good_line_and_names_the_bad_one(model, tmp_path):
     ]
     assert [o["tokens"] for o in out] == [w.tokens for w in want]
     assert result.output.splitlines()[-1].startswith(f"Error: {path} line 2: the text has no blank to fill")
+
+
+def test_cli_jsonl_names_each_bad_line_once(tmp_path):
+    """Lines that are not requests (bad JSON, no prompt, an unknown key) and a bad setting are each named by their
+    line number once, never twice ("f line 2: f line 2 is not JSON")."""
+    from click.testing import CliRunner
+
+    from glm_runtime.cli import main
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"prompt": "a [MASK]", "max_new_tokens": 2}\nnot json\n{"prompt": 3}\n{"prompt": "b [MASK]", "bogus": 1}\n'
+        '{"prompt": "c [MASK]", "top_k": 3}\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(main, ["fill", "--jsonl", str(path)])
+    assert result.exit_code == 1
+    said = [line for line in result.output.splitlines() if "line " in line and not line.startswith("Error")]
+    assert [line.startswith(f"{path} line {n}") for line, n in zip(said, (2, 3, 4, 5))] == [True] * 4, said
+    assert len(said) == 4, said
+    assert all(line.count(f"{path} line") == 1 for line in said), said
+    assert said[0].startswith(f"{path} line 2 is not JSON")
