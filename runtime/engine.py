@@ -208,8 +208,8 @@ class Engine:
                     break
                 try:
                     self.submit(request)
-                except (GenerationError, EngineError, ValueError) as exc:
-                    if on_refused is None or not isinstance(exc, GLMXError):
+                except GLMXError as exc:  # a bad setting or prompt, a scoring request's ScoreError, a full queue
+                    if on_refused is None:
                         raise
                     on_refused(request, exc)
             if self.has_work():
@@ -247,7 +247,6 @@ class Engine:
                 f" {settings.num_beams} is more than this engine's {self.max_beams} rows (each beam is a row of "
                 f"cache); ask for at most {self.max_beams}",
                 field="num_beams",
-                subject="num_beams",
             )
         budget = settings.max_new_tokens
         prompt = prepare_prompt(
