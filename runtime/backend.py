@@ -16,8 +16,7 @@ import numpy as np
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import accepted_tables
-from glm_runtime.manifest import MODEL_FILE, Manifest, ManifestError, check_complete
-from glm_runtime.onnx_facts import initializer_shapes
+from glm_runtime.manifest import Manifest, ManifestError, check_complete
 
 # OrtValue.data_type() strings -> numpy names, for feeds that already live on a device
 IntsLike = Sequence[int] | np.ndarray  # per-row counts, slots or row indices: a list or an int array
@@ -204,30 +203,9 @@ def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[Mapping[str, Any]]) -
     return dims
 
 
-POSITION_TABLES = ("transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight")
-
-
-def check_position_tables(folder: Path, manifest: Manifest, config: GLMConfig) -> None:
-    """The config's max_sequence_length P must be the graph's: both position tables have P + 1 rows (docs/glm.md
-    1.1). Every length check (a prompt too long, a TensorRT profile) trusts P; a manifest that claims more than the
-    graph holds would let a position past the table reach ONNX Runtime's Gather. Read from the ONNX file's
-    initializer shapes (onnx_facts); an engine folder, or a graph without these names, is not checked here."""
-    model_file = Path(folder) / manifest.extra.get("model_file", MODEL_FILE)
-    if model_file.suffix != ".onnx" or not model_file.is_file():
-        return
-    for name, dims in initializer_shapes(model_file, POSITION_TABLES).items():
-        if dims and dims[0] != config.max_sequence_length + 1:
-            raise ManifestError(
-                f"{folder}/manifest.json: max_sequence_length {config.max_sequence_length} disagrees with the "
-                f"graph, whose {name} has {dims[0]} rows (max_sequence_length {dims[0] - 1}); the manifest was "
-                f"edited or is from another model: re-export it"
-            )
-
-
 def check_export(folder: Path, manifest: Manifest, staging: bool = False) -> tuple[GLMConfig, Path | None]:
-    """The manifest's parts must agree: config parses, IO table is the config's, the graph's position tables are
-    the config's max_sequence_length, tokenizer file is hashed, every file the artifact reads is hashed and the
-    parity record is there (manifest.check_complete)."""
+    """The manifest's parts must agree: config parses, IO table is the config's, tokenizer file is hashed, every
+    file the artifact reads is hashed and the parity record is there (manifest.check_complete)."""
     check_complete(folder, manifest, staging=staging)
     try:
         config = GLMConfig.from_dict(manifest.config)
@@ -243,7 +221,6 @@ def check_export(folder: Path, manifest: Manifest, staging: bool = False) -> tup
                 f"({config.num_layers} layers, {config.num_attention_heads} heads, precision "
                 f"{manifest.precision}); the manifest was edited or is from another model"
             )
-    check_position_tables(folder, manifest, config)
     tokenizer_path = None
     name = manifest.tokenizer.get("file")
     if name:

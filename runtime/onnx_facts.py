@@ -1,9 +1,9 @@
 """What a session checks of an ONNX graph before ONNX Runtime loads it, read from model.onnx's protobuf without
 the onnx package: its ops and weights against the manifest's precision, its initializers' shapes against the
-manifest's config (the position tables' rows against max_sequence_length, backend.check_export).
+manifest's config (the position tables' rows against max_sequence_length): session.check_graph.
 
 In: a model.onnx (ModelProto; its weights inline or in external data). Out: `graph_facts` (op types, MatMulNBits bit
-widths, whether float16 weights are there, every initializer's dims), `initializer_shapes`, and `precision_problem`,
+widths, whether float16 weights are there, every initializer's dims) and `precision_problem`,
 one line saying why the graph is not of a precision (None when it is).
 
 ONNX Runtime's session lists no ops, and onnx is optional in the runtime, so this reads the few fields it needs
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 FLOAT16 = 10  # TensorProto.DataType.FLOAT16
@@ -124,16 +124,6 @@ def graph_facts(model_file: str | os.PathLike) -> GraphFacts:
         except IndexError:
             raise GraphReadError("the file ends inside a field") from None
     return facts
-
-
-def initializer_shapes(model_file: str | os.PathLike, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """{name: dims} of the wanted initializers found in the graph; {} where the file cannot be read this way (the
-    session's own load then says what is wrong)."""
-    try:
-        found = graph_facts(model_file).initializers
-    except (OSError, ValueError):  # unreadable, empty (mmap of 0 bytes) or not a protobuf
-        return {}
-    return {name: found[name] for name in names if name in found}
 
 
 def precision_problem(facts: GraphFacts, precision: str) -> str | None:

@@ -22,6 +22,7 @@ from glm_runtime.backend import (  # noqa: F401 - the session interface, importa
     check_feeds,
     host_array,
 )
+from glm_runtime.config import GLMConfig
 from glm_runtime.errors import EXPORT_EXTRA_HINT
 from glm_runtime.iotable import kv_dtype, required_inputs
 from glm_runtime.manifest import MANIFEST_NAME, MODEL_FILE, ManifestError, load_manifest
@@ -65,18 +66,35 @@ def _check_graph_types(model_file: Path, graph: Sequence[Any], table: Mapping[st
                 )
 
 
-def check_precision(model_file: Path, precision: str) -> None:
-    """The graph's ops and weights must be of the manifest's precision (glm_runtime.onnx_facts reads them from the
-    protobuf, without onnx): an fp32 graph recorded as int4-weight, or a quantized one as fp32, is refused."""
+POSITION_TABLES = ("transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight")
+
+
+def check_graph(model_file: Path, precision: str, config: GLMConfig) -> None:
+    """What the manifest says of the graph, held against the graph before ONNX Runtime loads it, in one read of
+    its protobuf (glm_runtime.onnx_facts, without onnx):
+    - its ops and weights must be of the manifest's precision: an fp32 graph recorded as int4-weight, or a
+      quantized one as fp32, is refused;
+    - the config's max_sequence_length P must be the graph's: both position tables have P + 1 rows (docs/glm.md
+      1.1). Every length check (a prompt too long, a TensorRT profile) trusts P; a manifest that claims more than
+      the graph holds would let a position past the table reach ONNX Runtime's Gather."""
     try:
-        problem = precision_problem(graph_facts(model_file), precision)
+        facts = graph_facts(model_file)
     except ValueError as exc:  # GraphReadError, or an empty file (mmap)
         raise ManifestError(f"{model_file} cannot be read as an ONNX graph ({exc}); re-export the model") from None
+    problem = precision_problem(facts, precision)
     if problem is not None:
         raise ManifestError(
             f"{model_file}: {problem} as its manifest says: the manifest was edited or belongs to another "
             f"model; re-run the stage that wrote the folder"
         )
+    for name in POSITION_TABLES:
+        dims = facts.initializers.get(name)
+        if dims and dims[0] != config.max_sequence_length + 1:
+            raise ManifestError(
+                f"{model_file.parent}/manifest.json: max_sequence_length {config.max_sequence_length} disagrees "
+                f"with the graph, whose {name} has {dims[0]} rows (max_sequence_length {dims[0] - 1}); the manifest "
+                f"was edited or is from another model: re-export it"
+            )
 
 
 class OnnxRuntimeSession(Closable):
@@ -111,7 +129,7 @@ class OnnxRuntimeSession(Closable):
         model_file = self.folder / self.manifest.extra.get("model_file", MODEL_FILE)
         if not model_file.is_file():
             raise ManifestError(f"{model_file} is missing; re-export the model")
-        check_precision(model_file, self.precision)
+        check_graph(model_file, self.precision, self.config)
         names = [p if isinstance(p, str) else p[0] for p in providers]
         absent = [p for p in names if p not in ort.get_available_providers()]
         if absent:

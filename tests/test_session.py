@@ -392,9 +392,12 @@ def test_the_graphs_ops_must_be_its_recorded_precision(tmp_path, nodes, fp16, pr
 def test_a_real_export_is_its_own_precision_and_no_other(onnx_dir):
     """The exporter's fp32 graph is fp32 to the check the session makes before ONNX Runtime loads it, and no other
     precision (tests/test_nothing_lost.py reseals a validated export's manifest and sees the session refuse it)."""
-    from glm_runtime.session import check_precision
+    from glm_runtime.config import GLMConfig
+    from glm_runtime.manifest import load_manifest
+    from glm_runtime.session import check_graph
 
-    check_precision(onnx_dir / "model.onnx", "fp32")
+    config = GLMConfig.from_dict(load_manifest(onnx_dir).config)
+    check_graph(onnx_dir / "model.onnx", "fp32", config)
     for precision, missing in [("int8-weight", "MatMulNBits with bits=8"), ("fp16", "float16 weights")]:
         with pytest.raises(ManifestError, match=f"no {missing}, so it is not {precision} as its manifest says"):
-            check_precision(onnx_dir / "model.onnx", precision)
+            check_graph(onnx_dir / "model.onnx", precision, config)
