@@ -243,9 +243,13 @@ class Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _parse(self, data: bytes, route: str) -> Ask:
-        """The body as engine requests (run off the event loop: JSON of up to max_body bytes, every check)."""
-        return parse_body(data, route, self.model_id, self.rows + self.max_waiting, self.max_prompt_chars)
+    def _accept(
+        self, data: bytes, route: str, loop: EngineLoop, deliver: Callable[[StreamEvent], None]
+    ) -> tuple[Ask, list[Job]]:
+        """The body as engine requests, every check made, submitted (JSON of up to max_body bytes, tokenizing:
+        run in a worker thread)."""
+        ask = parse_body(data, route, self.model_id, self.rows + self.max_waiting, self.max_prompt_chars)
+        return ask, self._submit_all(loop, ask, deliver)
 
     async def _answer(self, http: Any, route: str) -> Any:
         from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -256,11 +260,10 @@ class Server:
         try:
             loop = self.engine_loop()
             data = await self._body(http)
-            # parsing and tokenizing run in a worker thread: the event loop keeps answering (/health) meanwhile
-            ask = await asyncio.to_thread(self._parse, data, route)
             queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
             deliver = partial(_deliver, asyncio.get_running_loop(), queue)
-            jobs = await asyncio.to_thread(self._submit_all, loop, ask, deliver)
+            # parsing and tokenizing run in a worker thread: the event loop keeps answering (/health) meanwhile
+            ask, jobs = await asyncio.to_thread(self._accept, data, route, loop, deliver)
         except BadRequest as exc:
             if exc.status == 400:
                 self.metrics.requests.labels("invalid").inc()
@@ -290,7 +293,7 @@ class Server:
 
     def _submit_all(self, loop: EngineLoop, ask: Ask, deliver: Callable[[StreamEvent], None]) -> list[Job]:
         """Submit every request of one HTTP request, their events to `deliver`; all or none (a refusal cancels the
-        rest). Tokenizes: runs in a worker thread."""
+        rest)."""
         jobs: list[Job] = []
         try:
             for request in ask.requests:
