@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from glm_runtime.architecture import ROTARY_INV_FREQ, Architecture, ArchitectureError, get_architecture
 from glm_runtime.errors import GLMXError
 
 LAYERNORM_EPS = 1e-5  # fixed in the original, whatever --layernorm-epsilon says (docs/glm.md 9.18)
 GELU_KINDS = ("tanh", "erf")  # tanh = original training code; erf = HF remote code (docs/glm.md 1.2)
-TOKENIZER_KINDS = ("gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json")
+# chatglm: ChatGLM-6B's ice_text.model (SentencePiece with its own text rules, chatglm_v1_spec.md 6)
+TOKENIZER_KINDS = ("gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json", "chatglm")
 
 
 class ConfigError(GLMXError, ValueError):
@@ -37,6 +39,8 @@ class GLMConfig:
     attention_scale: float = 1.0
     tokenizer: str = "json"  # which GLM vocabulary the ids belong to (docs/glm.md 7)
     name: str = "custom"
+    architecture: str = "glm"  # glm_runtime.architecture: what differs between GLM and ChatGLM-6B, as data
+    rotary_inv_freq: str = "fp16"  # rotary architectures: "fp16" = the HF code's rounded frequencies, "fp32" exact
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
@@ -58,8 +62,23 @@ class GLMConfig:
             raise ConfigError(f"attention_scale must be a number >= 1.0, got {self.attention_scale!r}")
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ConfigError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {self.tokenizer!r}")
+        try:
+            arch = get_architecture(self.architecture)
+        except ArchitectureError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.rotary_inv_freq not in ROTARY_INV_FREQ:
+            raise ConfigError(f"rotary_inv_freq must be one of {ROTARY_INV_FREQ}, got {self.rotary_inv_freq!r}")
+        if arch.rotary and self.head_dim % 4:
+            raise ConfigError(
+                f"{arch.title} rotates two halves of each head in pairs: head_dim {self.head_dim} "
+                f"must be a multiple of 4"
+            )
 
     # derived sizes
+    @property
+    def arch(self) -> Architecture:
+        return get_architecture(self.architecture)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -72,10 +91,16 @@ class GLMConfig:
     def layernorm_epsilon(self) -> float:
         return LAYERNORM_EPS
 
+    @property
+    def position_tables(self) -> bool:
+        """Whether the model adds learned position tables (GLM) rather than rotating (ChatGLM-6B)."""
+        return self.arch.positions == "learned"
+
     def num_parameters(self) -> int:
         h, L = self.hidden_size, self.num_layers
         per_layer = 3 * h * h + 3 * h + h * h + h + 8 * h * h + 4 * h + h + 4 * h  # qkv, dense, mlp, 2 LNs
-        return self.vocab_size * h + 2 * self.position_table_rows * h + L * per_layer + 2 * h
+        tables = 2 * self.position_table_rows * h if self.position_tables else 0
+        return self.vocab_size * h + tables + L * per_layer + 2 * h
 
     def replace(self, **changes: Any) -> GLMConfig:
         return dataclasses.replace(self, **changes)
@@ -109,7 +134,7 @@ class GLMConfig:
         return cls.from_dict(data)
 
 
-def _preset(name: str, L: int, h: int, n: int, P: int, V: int, tokenizer: str) -> GLMConfig:
+def _preset(name: str, L: int, h: int, n: int, P: int, V: int, tokenizer: str, **more: Any) -> GLMConfig:
     return GLMConfig(
         num_layers=L,
         hidden_size=h,
@@ -118,7 +143,11 @@ def _preset(name: str, L: int, h: int, n: int, P: int, V: int, tokenizer: str) -
         vocab_size=V,
         tokenizer=tokenizer,
         name=name,
+        **more,
     )
+
+
+CHATGLM = {"architecture": "chatglm-6b", "gelu": "tanh"}
 
 
 # Spec section 6. Keys are the names users type (`--preset glm-10b`).
@@ -134,6 +163,8 @@ PRESETS: dict[str, GLMConfig] = {
         _preset("glm-10b-chinese", 48, 4096, 64, 1024, 50048, "chinese-sp"),
         # tiny: for tests; two layers, d = 16, a vocabulary big enough for glmx's small tokenizers
         _preset("glm-tiny", 2, 64, 4, 128, 512, "json"),
+        # ChatGLM-6B v1 (chatglm_v1_spec.md 1): the current vocabulary; 150528 before 2023-04-06
+        _preset("chatglm-6b", 28, 4096, 32, 2048, 130528, "chatglm", **CHATGLM),
     )
 }
 

@@ -1,0 +1,132 @@
+"""Which GLM architecture a model is, as data: everything that differs between the 2021 GLM and ChatGLM-6B (v1)
+lives in one Architecture record, and every stage (reference model, graph builder, piecewise check, checkpoint
+reader, quantizer, scale benchmark, runtime prompt rules) reads its side of the difference from here.
+
+In: an architecture name (GLMConfig.architecture). Out: the frozen record. Torch-free: the runtime reads it too.
+Facts: docs/glm.md (GLM) and ../shared/chatglm_v1_spec.md (ChatGLM-6B; GLM-130B is the next architecture: 1D
+rotary, GeGLU, alpha = sqrt(2L), and fits the same fields).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from glm_runtime.errors import GLMXError
+
+
+class ArchitectureError(GLMXError, ValueError):
+    """An architecture name glmx does not know."""
+
+
+@dataclass(frozen=True)
+class PromptRule:
+    """How a prompt's context ids are laid out around the text (the runtime's side).
+
+    cls_first: [CLS] (ENC) opens the context (GLM). eos_unless_last: the end token closes the context unless the
+    text's last token is one of these blanks (GLM: ("gMASK",)); None: no end token is ever added (ChatGLM-6B,
+    whose context is `text [gMASK]` and whose span starts with <sop>, chatglm_v1_spec.md 5).
+    """
+
+    cls_first: bool
+    eos_unless_last: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    title: str  # what a person calls it, in messages
+    positions: str  # "learned": two position tables added to the embedding; "rotary-2d": rotary in attention
+    residual: str  # "pre-ln": x + F(LN(x)); "alpha-ln": alpha*LN(x) + F(LN(x)) (the LN output is the skip path)
+    alpha_layers: int | None  # alpha = sqrt(2 * this); None: the config's num_layers (GLM-130B); unused for pre-ln
+    mask_fill: float  # a masked score becomes -mask_fill ...
+    mask_fill_per_layer: bool  # ... times (layer + 1) (ChatGLM's fill before its x(l+1) rescale)
+    published_qkv: str  # fused QKV rows in the published files: "blocks" [Q;K;V] | "per-head" [h: q,k,v]...
+    default_gelu: str  # what the published code computes when the config does not say
+    gelu_stated: bool  # the architecture fixes the GeLU (no assumption to print)
+    hf_model_type: str  # config.json's model_type
+    published_embedding: str  # the word-embedding key in the published files
+    prompt: PromptRule
+    rotary_base: float = 10000.0
+
+    @property
+    def rotary(self) -> bool:
+        return self.positions.startswith("rotary")
+
+    def alpha(self, num_layers: int) -> float:
+        """The skip-path multiplier of an alpha-ln residual (1.0 for pre-ln)."""
+        if self.residual != "alpha-ln":
+            return 1.0
+        return math.sqrt(2.0 * (self.alpha_layers if self.alpha_layers is not None else num_layers))
+
+    def mask_value(self, layer: int) -> float:
+        """The (negative) score a masked key gets in 0-based layer `layer`."""
+        return -self.mask_fill * ((layer + 1) if self.mask_fill_per_layer else 1)
+
+    def describe(self, num_layers: int, rotary_inv_freq: str) -> dict[str, object]:
+        """Every choice this architecture makes, as the manifest records and the CLI prints it."""
+        out: dict[str, object] = {
+            "architecture": self.name,
+            "positions": self.positions,
+            "residual": self.residual,
+            "mask_value": self.mask_value(0) if not self.mask_fill_per_layer else f"{-self.mask_fill:g} x (layer+1)",
+        }
+        if self.residual == "alpha-ln":
+            out["alpha"] = self.alpha(num_layers)
+        if self.rotary:
+            out["rotary_inv_freq"] = rotary_inv_freq
+            out["rotary_base"] = self.rotary_base
+        return out
+
+
+GLM = Architecture(
+    name="glm",
+    title="GLM (2021)",
+    positions="learned",
+    residual="pre-ln",
+    alpha_layers=None,
+    mask_fill=65504.0,  # docs/glm.md 1.3, 9.5: the fp16 minimum, never -inf
+    mask_fill_per_layer=False,
+    published_qkv="blocks",
+    default_gelu="erf",  # the HF remote code; Megatron folders default to tanh (glm_export.checkpoint)
+    gelu_stated=False,
+    hf_model_type="glm",
+    published_embedding="word_embeddings.weight",
+    prompt=PromptRule(cls_first=True, eos_unless_last=("gMASK",)),
+)
+
+CHATGLM_6B = Architecture(
+    name="chatglm-6b",
+    title="ChatGLM-6B (v1)",
+    positions="rotary-2d",  # chatglm_v1_spec.md 4.2: dims 0..d/2 rotate with the position, the rest with the block
+    residual="alpha-ln",  # spec 3: alpha*LN(x) + F(LN(x))
+    alpha_layers=28,  # spec 3: hard-wired sqrt(2*28) in the released code, whatever num_layers says
+    mask_fill=10000.0,  # spec 4.4: masked_fill(-10000) before the x(layer+1) rescale
+    mask_fill_per_layer=True,
+    published_qkv="per-head",  # spec 2: rows [head 0: q, k, v], [head 1: ...]
+    default_gelu="tanh",  # spec 3: gelu_impl, the tanh form
+    gelu_stated=True,
+    hf_model_type="chatglm",
+    published_embedding="transformer.word_embeddings.weight",
+    prompt=PromptRule(cls_first=False, eos_unless_last=None),
+)
+
+ARCHITECTURES = {a.name: a for a in (GLM, CHATGLM_6B)}
+ROTARY_INV_FREQ = ("fp16", "fp32")  # fp16: the HF code's inv_freq.half() (default); fp32: exact frequencies
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ArchitectureError(f"unknown architecture {name!r}; glmx knows {sorted(ARCHITECTURES)}") from None
+
+
+def rotary_inv_freq(head_dim: int, base: float, rounding: str, two_d: bool = True):
+    """The rotary frequencies of one head (numpy float32 [rot/2]): rot = head_dim/2 per stream for 2D rotary.
+    rounding "fp16": rounded to fp16 as the HF code does even in fp32 (spec 4.2); "fp32": exact."""
+    import numpy as np
+
+    rot = head_dim // 2 if two_d else head_dim
+    inv = 1.0 / (base ** (np.arange(0, rot, 2, dtype=np.float32) / rot))
+    return (inv.astype(np.float16) if rounding == "fp16" else inv).astype(np.float32)
