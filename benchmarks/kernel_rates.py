@@ -61,7 +61,7 @@ def quantized(model: Any, fmt: str, tmp: Path) -> Any:
     import onnx
     from onnx import helper, numpy_helper
 
-    from glm_export.onnx_graph import CONTRIB, NBits
+    from glm_export.nbits import CONTRIB, NBits
     from glm_export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, int8_dynamic_file
 
     if fmt == "fp32":
@@ -70,7 +70,7 @@ def quantized(model: Any, fmt: str, tmp: Path) -> Any:
         onnx.save(model, tmp / "fp32.onnx")
         int8_dynamic_file(tmp / "fp32.onnx", tmp / "int8.onnx")
         return onnx.load(tmp / "int8.onnx")
-    # int4-weight: each MatMul as the MatMulNBits node glm_export.onnx_graph.NBits writes for the scheme
+    # int4-weight: each MatMul as the MatMulNBits node glm_export.nbits.NBits writes for the scheme
     nbits = NBits(4, DEFAULT_BLOCK_SIZE, DEFAULT_ACCURACY_LEVEL, keep=lambda prefix: False)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     nodes, inits = [], []

@@ -21,6 +21,7 @@ import torch
 
 from glm_export.hf_config import from_hf_dict, to_hf_dict
 from glm_export.model import GLMModel
+from glm_export.published import to_glmx_names
 from glm_export.weights import Entry, Weights, WeightsError, dtype_of, read_safetensors, to_numpy
 from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_runtime.manifest import (
@@ -46,7 +47,15 @@ TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / De
 MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 # Tokenizer files looked for beside the weights, first found wins (GLM's vocabularies, docs/glm.md 7); vocab.json
 # brings merges.txt along (glm_runtime.tokenizer.tokenizer_files).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "cog-pretrain.model", "vocab.json", "spiece.model", "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "cog-pretrain.model",
+    "ice_text.model",  # ChatGLM-6B (chatglm_v1_spec.md 6)
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+)
 # The base model sits under "glm." in HF downstream classes and under "model." in the original's
 # GLMForSequenceClassification; beside it only these head modules are skipped (docs/glm.md 8.1, 8.2).
 BASE_PREFIXES = ("glm.", "model.")
@@ -292,7 +301,8 @@ def read_config_file(path: str | Path) -> tuple[GLMConfig, bool]:
     try:
         if "gelu" in data and "hidden_dropout" in data:  # glmx's own form (GLMConfig.to_json)
             return GLMConfig.from_dict(data), True
-        return from_hf_dict(data), "gelu" in (data.get("glmx") or {})
+        config = from_hf_dict(data)
+        return config, "gelu" in (data.get("glmx") or {}) or config.arch.gelu_stated
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
 
@@ -496,6 +506,9 @@ def _resolve_gelu(cfg: GLMConfig, gelu: str | None, found: _Found) -> GLMConfig:
             )
         found.notes.append(f"gelu: {gelu} (given)")
         return cfg.replace(gelu=gelu)
+    if cfg.arch.gelu_stated and found.layout != "glmx":
+        found.notes.append(f"gelu: {cfg.gelu} (what {cfg.arch.title}'s released code computes)")
+        return cfg
     if found.gelu_stated or found.layout == "glmx":
         found.notes.append(f"gelu: {cfg.gelu} (from {found.config_file or 'the given config'})")
         return cfg
@@ -560,6 +573,20 @@ def _say_replaced(found: _Found, given: Path) -> None:
         f"tokenizer: --tokenizer {given} (sha256 {hashes['given'][1][:12]}...) replaces the checkpoint's own "
         f"{own} (sha256 {hashes['checkpoint'][1][:12]}...); both hashes are recorded"
     )
+
+
+def describe_architecture(cfg: GLMConfig) -> str:
+    """One line of every choice the architecture makes (printed, and in the manifest's notes)."""
+    parts = []
+    for key, value in cfg.arch.describe(cfg.num_layers, cfg.rotary_inv_freq).items():
+        if key == "alpha" and cfg.arch.alpha_layers:
+            value = (
+                f"sqrt(2 x {cfg.arch.alpha_layers}) = {value:.6g}, fixed in the released code whatever num_layers says"
+            )
+        elif key == "rotary_inv_freq":
+            value = "fp16-rounded (the HF code's)" if value == "fp16" else "exact fp32 (as chatglm.cpp / TensorRT-LLM)"
+        parts.append(f"{key.replace('_', ' ')} {value}")
+    return f"architecture: {cfg.arch.title}: " + "; ".join(parts[1:])
 
 
 def _check_sizes(sd: Weights, config: GLMConfig, source: str) -> None:
@@ -634,6 +661,7 @@ def open_checkpoint(
     tokenizer: str | Path | None = None,
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
+    rotary_inv_freq: str | None = None,
 ) -> OpenedCheckpoint:
     """Everything load_checkpoint decides, from the files' headers only: names and shapes are checked against
     the config; the weights are read one tensor at a time when asked for (and checked for NaN / inf then)."""
@@ -642,6 +670,11 @@ def open_checkpoint(
     sd.error = CheckpointError
     found.state_dict = sd
     cfg = _resolve_gelu(_resolve_config(config, found), gelu, found)
+    if rotary_inv_freq is not None:
+        cfg = cfg.replace(rotary_inv_freq=rotary_inv_freq)
+    found.notes.append(describe_architecture(cfg))
+    if found.layout != "glmx":  # a published folder's names and layout -> glmx's (GLM: nothing changes)
+        sd = to_glmx_names(sd, cfg, found.notes)
     source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
     _check_sizes(sd, cfg, source)  # the config first: the tokenizer is then checked against a true V
     tok, cfg = _resolve_tokenizer(tokenizer, tokenizer_kind, cfg, found)

@@ -163,6 +163,7 @@ def export_onnx(
     config: GLMConfig | str | Path | None = None,
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
+    rotary_inv_freq: str | None = None,
     no_tokenizer: bool = False,
     overwrite: bool = False,
     validate: bool = True,
@@ -188,7 +189,12 @@ def export_onnx(
     if check not in CHECKS:
         raise ExportError(f"check must be one of {CHECKS}, got {check!r}")
     source = _resolve_source(
-        model_or_checkpoint, tokenizer_file, config=config, tokenizer_kind=tokenizer_kind, gelu=gelu
+        model_or_checkpoint,
+        tokenizer_file,
+        config=config,
+        tokenizer_kind=tokenizer_kind,
+        gelu=gelu,
+        rotary_inv_freq=rotary_inv_freq,
     )
     checkpoint = source.folder
     config: GLMConfig = source.config
@@ -267,6 +273,7 @@ def export_onnx(
                     "external_data": DATA_FILE if external_data else None,
                     "opset": opset,
                     "graph": "glm_export.onnx_graph (hand-built)",
+                    "architecture": config.arch.describe(config.num_layers, config.rotary_inv_freq),
                     "tied_embedding": "word_embeddings.weight, stored once (Gather + Gemm transB=1)",
                     "fp16_islands": "LayerNorm, QK product, masking, softmax in fp32; residual stream fp32"
                     if precision == "fp16"

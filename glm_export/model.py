@@ -1,10 +1,14 @@
-"""The reference GLM (Du et al., 2021) in PyTorch, faithful to the THUDM/GLM checkpoints.
+"""The reference GLM in PyTorch, faithful to the released checkpoints of each architecture: the 2021 GLM (Du et
+al., THUDM/GLM) and ChatGLM-6B v1 (the HF remote code), what differs read from config.arch
+(glm_runtime.architecture), never from the model's name.
 
 In: input_ids [B, T], position_ids [B, 2, T] (position, block position), an attention mask in one of the
-original's forms, and optionally a per-layer (key, value) cache of `past` earlier tokens.
+original's forms, and optionally a per-layer (key, value) cache of `past` earlier tokens (ChatGLM: keys cached
+after rotation).
 Out: logits [B, T, V] (tied to the word embeddings, no bias) and the updated cache.
-Every fact here is from docs/glm.md; its section numbers are cited inline.
-Parameter names are the official ones (docs/glm.md 1.1), so loading a checkpoint is a literal key map.
+GLM's facts are from docs/glm.md, ChatGLM-6B's from ../shared/chatglm_v1_spec.md (cited "spec").
+Parameter names are the official GLM ones (docs/glm.md 1.1) for every architecture, the fused QKV as [Q;K;V]
+blocks: glm_export.checkpoint maps a published ChatGLM folder onto them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glm_runtime.architecture import rotary_inv_freq
 from glm_runtime.config import GLMConfig
 
 # Masked scores are pushed down by the fp16 minimum, not -inf (docs/glm.md 1.3, 9.5).
@@ -62,12 +67,40 @@ def build_attention_mask(
     return torch.cat([memory, current], dim=-1).unsqueeze(1)  # [B|1, 1, T, past+T]
 
 
+def rotary_tables(config: GLMConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, T, d] of ChatGLM's 2D rotary (spec 4.2): the first d/2 columns from the positions, the
+    last d/2 from the block positions, each half [freqs, freqs] (NeoX halves). Angles in fp32 from the fp16-rounded
+    frequencies (the HF code's fp32 mode) unless config.rotary_inv_freq == "fp32"."""
+    inv = torch.from_numpy(rotary_inv_freq(config.head_dim, config.arch.rotary_base, config.rotary_inv_freq)).to(
+        position_ids.device
+    )
+    halves = []
+    for row in (0, 1):
+        freqs = position_ids[:, row].to(torch.float32)[..., None] * inv  # [B, T, d/4]
+        halves.append(torch.cat([freqs, freqs], dim=-1))
+    angles = torch.cat(halves, dim=-1)[:, None]  # [B, 1, T, d]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, n, T, d] rotated: each half (d/2) rotates its pairs (j, j + d/4), rotate_half style (spec 4.2)."""
+    d = x.shape[-1]
+    q = d // 4
+    parts = []
+    for half in (x[..., : d // 2], x[..., d // 2 :]):
+        parts.append(torch.cat([-half[..., q:], half[..., :q]], dim=-1))
+    turned = torch.cat(parts, dim=-1)
+    return (x * cos.to(x.dtype) + turned * sin.to(x.dtype)).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, config: GLMConfig):
+    def __init__(self, config: GLMConfig, layer: int = 0):
         super().__init__()
         self.n_head = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
+        self.rotary = config.arch.rotary
+        self.fill = config.arch.mask_value(layer)
         h = config.hidden_size
         self.query_key_value = nn.Linear(h, 3 * h)  # rows: [all Q; all K; all V], head-major (docs/glm.md 1.3)
         self.dense = nn.Linear(h, h)
@@ -79,16 +112,28 @@ class SelfAttention(nn.Module):
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n, T, d)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple]:
         B, T, h = x.shape
         q, k, v = self.query_key_value(x).split(h, dim=-1)  # each (B, T, h)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, n, T, d)
+        if rotary is not None:  # spec 4.2-4.3: q and k rotated; the cache holds rotated keys
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, n, past+T, d)
             v = torch.cat([past[1], v], dim=2)
         present = (k, v)
         d = self.head_dim
+        if self.rotary:  # spec 4.4: q.k/sqrt(d) in fp32 (the x(l+1) trick is exact there), fill -10000 (l+1)
+            scores = (q.float() / math.sqrt(d)) @ k.float().transpose(-1, -2)
+            scores = torch.where(mask > 0, scores, torch.tensor(self.fill, dtype=scores.dtype))
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+            ctx = (probs @ v).transpose(1, 2).reshape(B, T, h)
+            return self.dense(ctx), present
         if self.scale == 1.0:
             scores = q @ (k / math.sqrt(d)).transpose(-1, -2)  # (B, n, T, past+T); K scaled first
             scores = scores * mask - MASK_FILL * (1.0 - mask)
@@ -117,31 +162,37 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-LN block (docs/glm.md 1.2): x + Attn(LN(x)), then + MLP(LN(.))."""
+    """GLM: pre-LN (docs/glm.md 1.2), x + Attn(LN(x)), then + MLP(LN(.)). ChatGLM-6B (alpha-ln, spec 3):
+    a = LN(x); h = alpha*a + Attn(a); b = LN(h); alpha*b + MLP(b)."""
 
-    def __init__(self, config: GLMConfig):
+    def __init__(self, config: GLMConfig, layer: int = 0):
         super().__init__()
         h, eps = config.hidden_size, config.layernorm_epsilon
         self.input_layernorm = nn.LayerNorm(h, eps=eps)
-        self.attention = SelfAttention(config)
+        self.attention = SelfAttention(config, layer)
         self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
         self.mlp = MLP(config)
+        self.alpha = config.arch.alpha(config.num_layers) if config.arch.residual == "alpha-ln" else None
 
-    def forward(self, x, mask, past):
-        attn, present = self.attention(self.input_layernorm(x), mask, past)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, present
+    def forward(self, x, mask, past, rotary=None):
+        a = self.input_layernorm(x)
+        attn, present = self.attention(a, mask, past, rotary)
+        if self.alpha is None:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x)), present
+        b = self.post_attention_layernorm(self.alpha * a + attn)
+        return self.alpha * b + self.mlp(b), present
 
 
 class Transformer(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
         h, rows = config.hidden_size, config.position_table_rows  # P + 1 rows (docs/glm.md 9.2)
-        self.position_embeddings = _embedding(rows, h)
-        self.block_position_embeddings = _embedding(rows, h)
+        if config.position_tables:  # GLM; a rotary architecture has none
+            self.position_embeddings = _embedding(rows, h)
+            self.block_position_embeddings = _embedding(rows, h)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
-        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(h, eps=config.layernorm_epsilon)
 
 
@@ -223,10 +274,14 @@ class GLMModel(nn.Module):
 
         tr = self.transformer
         x = self.word_embeddings(input_ids)  # (B, T, h), no sqrt(h) scaling
-        x = x + tr.position_embeddings(position_ids[:, 0]) + tr.block_position_embeddings(position_ids[:, 1])
+        rotary = None
+        if self.config.position_tables:
+            x = x + tr.position_embeddings(position_ids[:, 0]) + tr.block_position_embeddings(position_ids[:, 1])
+        else:
+            rotary = rotary_tables(self.config, position_ids)
         x = tr.embedding_dropout(x)
         presents: LayerKV = []
         for i, layer in enumerate(tr.layers):
-            x, present = layer(x, mask, None if past_key_values is None else past_key_values[i])
+            x, present = layer(x, mask, None if past_key_values is None else past_key_values[i], rotary)
             presents.append(present)
         return tr.final_layernorm(x), presents

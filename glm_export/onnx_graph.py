@@ -1,4 +1,6 @@
-"""The GLM forward pass (docs/glm.md 1.2-1.3) as a hand-built ONNX graph, one function per subgraph.
+"""The GLM forward pass (docs/glm.md 1.2-1.3) as a hand-built ONNX graph, one function per subgraph; what differs
+between architectures (learned or rotary positions, pre-LN or alpha residual, the mask value) is read from
+config.arch (glm_runtime.architecture), ChatGLM-6B's facts from ../shared/chatglm_v1_spec.md ("spec").
 
 In: a GLMConfig, the official-name weights as numpy arrays, a float type ("fp32" | "fp16": the dtype of its float
 weights, cache and logits; a manifest's `precision` names the whole artifact format, e.g. "int4-weight", whose
@@ -16,9 +18,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from glm_export.nbits import CONTRIB, NBits
+from glm_runtime.architecture import rotary_inv_freq
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import LOGITS_START, io_table, kv_names
 
+EMBED_OUTPUT = "/embed/add_block/out"  # the residual stream's first tensor, in every architecture (glm_export.pieces)
 MASK_FILL = 65504.0  # masked scores become -65504 (the fp16 minimum), never -inf (docs/glm.md 1.3, 9.5)
 INT64_MAX = np.iinfo(np.int64).max
 ONNX_DTYPES = {
@@ -31,87 +36,6 @@ MIN_OPSET = 17  # LayerNormalization
 MAX_OPSET = 24  # the newest opset TensorRT 10.15's parser reads (glm_export/data/trt_onnx_support.json)
 
 AddWeight = Callable[[str, np.ndarray], TensorProto]  # how an initializer is stored (inline or external data)
-CONTRIB = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
-
-
-class NBits:
-    """MatMul weights stored as ONNX Runtime's MatMulNBits: `bits` (4 or 8) symmetric blocks of `block_size`
-    along K, quantized by ONNX Runtime's own C++ routine (quantize_matmul_4bits / _8bits, the one its
-    MatMulNBitsQuantizer calls), so the packing is exactly what the kernel reads. `keep(prefix)`: leave that
-    linear as a float MatMul. `head`: the tied head as a MatMulNBits of the table's transposed copy, in its own
-    format (head_bits, head_block_size; default: the layers' own). mlp_block_size: the block of the MLP's two
-    matmuls (2/3 of a layer's weights; default: block_size)."""
-
-    def __init__(
-        self,
-        bits: int,
-        block_size: int,
-        accuracy_level: int,
-        keep: Callable[[str], bool],
-        head: bool = False,
-        head_bits: int | None = None,
-        head_block_size: int | None = None,
-        mlp_block_size: int | None = None,
-    ):
-        for value in (bits, head_bits):
-            if value is not None and value not in (4, 8):
-                raise ValueError(f"bits must be 4 or 8, got {value}")
-        self.bits, self.block_size, self.accuracy_level, self.keep, self.head = (
-            bits,
-            block_size,
-            accuracy_level,
-            keep,
-            head,
-        )
-        self.head_bits = bits if head_bits is None else head_bits
-        self.head_block_size = block_size if head_block_size is None else head_block_size
-        self.mlp_block_size = block_size if mlp_block_size is None else mlp_block_size
-
-    def block_size_for(self, prefix: str) -> int:
-        """The block size of the linear `prefix` (transformer.layers.i.{attention,mlp}.*)."""
-        return self.mlp_block_size if ".mlp." in prefix else self.block_size
-
-    def pack(
-        self, w_kn: np.ndarray, bits: int | None = None, block_size: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """[K, N] float -> (packed uint8 [N, K/block, block*bits/8], scales float32 [N * K/block])."""
-        from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-        bits, block_size = bits or self.bits, block_size or self.block_size
-        K, N = w_kn.shape
-        blocks = -(-K // block_size)
-        w = np.zeros((blocks * block_size, N), dtype=np.float32)
-        w[:K] = w_kn
-        packed = np.zeros((N, blocks, block_size * bits // 8), dtype=np.uint8)
-        scales = np.zeros((N, blocks), dtype=np.float32)
-        zero_points = np.zeros((N, -(-blocks * bits // 8)), dtype=np.uint8)  # unused: symmetric
-        quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-        quantize(packed, w, scales, zero_points, block_size, N, w.shape[0], True)
-        return packed, scales.reshape(-1)
-
-    def matmul(
-        self,
-        b: GraphBuilder,
-        x: str,
-        w_kn: np.ndarray,
-        name: str,
-        node: str,
-        bits: int | None = None,
-        block_size: int | None = None,
-        bias: str | None = None,
-    ) -> str:
-        """x @ w_kn (+ bias, MatMulNBits' own optional input 5: no separate Add node)."""
-        bits, block_size = bits or self.bits, block_size or self.block_size
-        K, N = w_kn.shape
-        packed, scales = self.pack(w_kn, bits, block_size)
-        q = b.weight(f"{name}.Q{bits}", packed)
-        sc = b.weight(f"{name}.scales", scales)
-        attrs = {"K": K, "N": N, "bits": bits, "block_size": block_size}
-        if self.accuracy_level:
-            attrs["accuracy_level"] = self.accuracy_level
-        b.contrib = True
-        inputs = [x, q, sc] if bias is None else [x, q, sc, "", "", bias]  # zero_points, g_idx absent
-        return b.op("MatMulNBits", inputs, node, domain=CONTRIB, **attrs)
 
 
 class GraphBuilder:
@@ -218,9 +142,14 @@ def nbits_linear(
 # position_ids [B,2,T] -+- Gather(0,axis 1) -> pos [B,T] -- Gather(position table) -- Cast* -- Add -- Add -> x
 #                       `- Gather(1,axis 1) -> blk [B,T] -- Gather(block table) ----- Cast* ---------'
 # x: [B,T,h] fp32, the residual stream (fp32 in both float types).   * fp16 graphs only
-def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray]) -> tuple[str, str]:
+# A rotary architecture (ChatGLM-6B) adds no tables: x is the word embedding alone, and the positions go to
+# rotary_tables below.
+def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray], cfg: GLMConfig) -> tuple[str, str]:
     """Returns (x [B,T,h] fp32, name of the word-embedding initializer, reused by the tied head)."""
     table = b.weight("word_embeddings.weight", W["word_embeddings.weight"].astype(b.wdtype))
+    if not cfg.position_tables:
+        word = b.to_float(b.op("Gather", [table, "input_ids"], "/embed/word"), "/embed/word")
+        return b.op("Identity", [word], "/embed/output", outputs=[EMBED_OUTPUT]), table
     pos_table = b.weight(
         "transformer.position_embeddings.weight", W["transformer.position_embeddings.weight"].astype(b.wdtype)
     )
@@ -233,8 +162,48 @@ def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray]) -> tuple[str, str]:
     word = b.to_float(b.op("Gather", [table, "input_ids"], "/embed/word"), "/embed/word")
     pos_e = b.to_float(b.op("Gather", [pos_table, pos], "/embed/position"), "/embed/position")
     blk_e = b.to_float(b.op("Gather", [blk_table, blk], "/embed/block"), "/embed/block")
-    x = b.op("Add", [b.op("Add", [word, pos_e], "/embed/add_position"), blk_e], "/embed/add_block")
+    x = b.op(
+        "Add", [b.op("Add", [word, pos_e], "/embed/add_position"), blk_e], "/embed/add_block", outputs=[EMBED_OUTPUT]
+    )
     return x, table
+
+
+# position_ids [B,2,T] -Cast fp32- Gather(0|1, axis 1) -> [B,T] - Unsqueeze - Mul(inv_freq [d/4]) -> [B,T,d/4]
+#   - Concat(f, f) -> [B,T,d/2] per stream - Concat(position, block) -> [B,T,d] - Unsqueeze(1) -> [B,1,T,d]
+#   - Cos | Sin (fp32), computed once and shared by every layer (spec 4.2: the first d/2 columns of a head rotate
+#   with the position, the last d/2 with the block position; inv_freq fp16-rounded unless rotary_inv_freq fp32)
+def rotary_tables(b: GraphBuilder, cfg: GLMConfig) -> tuple[str, str]:
+    inv = rotary_inv_freq(cfg.head_dim, cfg.arch.rotary_base, cfg.rotary_inv_freq)
+    pos = b.cast("position_ids", TensorProto.FLOAT, "/rotary/positions")
+    halves = []
+    for row, tag in ((0, "position"), (1, "block")):
+        p = b.op("Gather", [pos, b.const("zero" if row == 0 else "one", row)], f"/rotary/{tag}_row", axis=1)
+        p = b.op("Unsqueeze", [p, b.const("axes_last", [-1])], f"/rotary/{tag}/unsqueeze")
+        f = b.op("Mul", [p, b.const("inv_freq", inv, np.float32)], f"/rotary/{tag}/freqs")
+        halves.append(b.op("Concat", [f, f], f"/rotary/{tag}/halves", axis=-1))
+    angles = b.op("Concat", halves, "/rotary/angles", axis=-1)
+    angles = b.op("Unsqueeze", [angles, b.const("axes_heads", [1])], "/rotary/per_head")
+    return b.op("Cos", [angles], "/rotary/cos"), b.op("Sin", [angles], "/rotary/sin")
+
+
+# x [B,n,T,d] -Cast*- Split 4 quarters x0|x1|x2|x3 -> turned = Concat(-x1, x0, -x3, x2) (rotate_half per half)
+#   -> x*cos + turned*sin (fp32) -Cast*-> [B,n,T,d] (weight dtype: keys are cached after rotation, spec 4.3)
+def apply_rotary(b: GraphBuilder, x: str, rot: tuple[str, str], d: int, name: str, output: str | None = None) -> str:
+    xf = b.to_float(x, name)
+    q = d // 4
+    if b.opset >= 18:
+        parts = b.op("Split", [xf], f"{name}/quarters", n_out=4, axis=-1, num_outputs=4)
+    else:
+        parts = b.op("Split", [xf, b.const("quarters", [q] * 4)], f"{name}/quarters", n_out=4, axis=-1)
+    neg1 = b.op("Neg", [parts[1]], f"{name}/neg1")
+    neg3 = b.op("Neg", [parts[3]], f"{name}/neg3")
+    turned = b.op("Concat", [neg1, parts[0], neg3, parts[2]], f"{name}/turned", axis=-1)
+    cos, sin = rot
+    summed = [b.op("Mul", [xf, cos], f"{name}/x_cos"), b.op("Mul", [turned, sin], f"{name}/turned_sin")]
+    if b.fp16:
+        added = b.op("Add", summed, f"{name}/rotated")
+        return b.op("Cast", [added], f"{name}/to_fp16", outputs=[output] if output else None, to=b.wtype)
+    return b.op("Add", summed, f"{name}/rotated", outputs=[output] if output else None)
 
 
 def layer_norm(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str, eps: float) -> str:
@@ -261,7 +230,18 @@ def _heads(b: GraphBuilder, x: str, n: int, d: int, name: str, output: str | Non
 #   probs - Slice[..., P:] - MatMul(., value) -------+- Add -> ctx [B,n,T,d] - Transpose/Reshape [B,T,h] - dense
 # Past and new keys/values are never concatenated, so a decode step copies no cache.
 # * fp16 graphs: the QK product, masking and softmax are an fp32 island; K/V and the matmuls with V fp16.
-def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig, past_len: str) -> str:
+# Rotary architectures: q and k are rotated right after the heads are split (apply_rotary), so present.i.key
+# holds rotated keys and a cached slot can sit anywhere the mask allows; the masked score is
+# arch.mask_value(i) (ChatGLM: -10000 x (i+1)).
+def self_attention(
+    b: GraphBuilder,
+    a: str,
+    W: Mapping[str, np.ndarray],
+    i: int,
+    cfg: GLMConfig,
+    past_len: str,
+    rot: tuple[str, str] | None = None,
+) -> str:
     prefix = f"transformer.layers.{i}.attention"
     n, d, h = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
     qkv = linear(b, b.to_weight_dtype(a, f"/{prefix}"), W, f"{prefix}.query_key_value")  # [B,T,3h]
@@ -271,7 +251,11 @@ def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int,
         q, k, v = b.op("Split", [qkv, b.const("qkv_split", [h, h, h])], f"/{prefix}/Split", n_out=3, axis=-1)
     present_k, present_v = kv_names("present", i)
     q = _heads(b, q, n, d, f"/{prefix}/q")
-    k = _heads(b, k, n, d, f"/{prefix}/k", output=present_k)  # un-scaled K (docs/glm.md 1.3)
+    if rot is None:
+        k = _heads(b, k, n, d, f"/{prefix}/k", output=present_k)  # un-scaled K (docs/glm.md 1.3)
+    else:
+        q = apply_rotary(b, q, rot, d, f"/{prefix}/q/rotary")
+        k = apply_rotary(b, _heads(b, k, n, d, f"/{prefix}/k"), rot, d, f"/{prefix}/k/rotary", output=present_k)
     v = _heads(b, v, n, d, f"/{prefix}/v", output=present_v)
     past_k, past_v = kv_names("past", i)
 
@@ -289,7 +273,7 @@ def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int,
         f"/{prefix}/scores",
         axis=3,
     )  # [B,n,T,P+T] fp32
-    scores = _mask_scores(b, scores, s, f"/{prefix}")
+    scores = _mask_scores(b, scores, s, f"/{prefix}", cfg.arch.mask_value(i))
     probs = b.to_weight_dtype(b.op("Softmax", [scores], f"/{prefix}/Softmax", axis=-1), f"/{prefix}/probs")
     axis3 = b.const("axis3", [3])
     p_past = b.op("Slice", [probs, b.const("start0", [0]), past_len, axis3], f"/{prefix}/probs_past")
@@ -306,8 +290,8 @@ def self_attention(b: GraphBuilder, a: str, W: Mapping[str, np.ndarray], i: int,
 
 # attention_scale s = 1:  Where(mask, scores, -65504)      (== scores*mask - 65504*(1-mask) for finite scores)
 # s > 1 (docs/glm.md 1.3):       m = scores*mask;  t = (m - ReduceMax(m, axis 3)) * s;  Where(mask, t, t - 65504)
-def _mask_scores(b: GraphBuilder, scores: str, s: float, name: str) -> str:
-    fill = b.const("mask_fill", -MASK_FILL, np.float32)
+def _mask_scores(b: GraphBuilder, scores: str, s: float, name: str, value: float = -MASK_FILL) -> str:
+    fill = b.const("mask_fill", value, np.float32)
     if s == 1.0:
         return b.op("Where", ["attention_mask", scores, fill], f"{name}/mask")
     zero = b.const("zero_f", 0.0, np.float32)
@@ -359,14 +343,28 @@ def gelu(b: GraphBuilder, x: str, kind: str, name: str) -> str:
 
 
 def transformer_layer(
-    b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig, past_len: str
+    b: GraphBuilder,
+    x: str,
+    W: Mapping[str, np.ndarray],
+    i: int,
+    cfg: GLMConfig,
+    past_len: str,
+    rot: tuple[str, str] | None = None,
 ) -> str:
-    """Pre-LN block (docs/glm.md 1.2): x + Attn(LN_in(x)), then + MLP(LN_post(.)); residual stream fp32."""
+    """Pre-LN block (docs/glm.md 1.2): x + Attn(LN_in(x)), then + MLP(LN_post(.)); residual stream fp32.
+    alpha-ln (ChatGLM-6B, spec 3): a = LN_in(x); h = alpha*a + Attn(a); c = LN_post(h); alpha*c + MLP(c)."""
     p, eps = f"transformer.layers.{i}", cfg.layernorm_epsilon
-    attn = self_attention(b, layer_norm(b, x, W, f"{p}.input_layernorm", eps), W, i, cfg, past_len)
-    x = b.op("Add", [x, b.to_float(attn, f"/{p}/attn")], f"/{p}/residual_attn")
-    out = mlp(b, layer_norm(b, x, W, f"{p}.post_attention_layernorm", eps), W, i, cfg.gelu)
-    return b.op("Add", [x, b.to_float(out, f"/{p}/mlp")], f"/{p}/residual_mlp")
+    a = layer_norm(b, x, W, f"{p}.input_layernorm", eps)
+    attn = b.to_float(self_attention(b, a, W, i, cfg, past_len, rot), f"/{p}/attn")
+    if cfg.arch.residual == "pre-ln":
+        x = b.op("Add", [x, attn], f"/{p}/residual_attn")
+        out = mlp(b, layer_norm(b, x, W, f"{p}.post_attention_layernorm", eps), W, i, cfg.gelu)
+        return b.op("Add", [x, b.to_float(out, f"/{p}/mlp")], f"/{p}/residual_mlp")
+    alpha = b.const("alpha", cfg.arch.alpha(cfg.num_layers), np.float32)
+    h = b.op("Add", [b.op("Mul", [a, alpha], f"/{p}/alpha_a"), attn], f"/{p}/residual_attn")
+    c = layer_norm(b, h, W, f"{p}.post_attention_layernorm", eps)
+    out = b.to_float(mlp(b, c, W, i, cfg.gelu), f"/{p}/mlp")
+    return b.op("Add", [b.op("Mul", [c, alpha], f"/{p}/alpha_c"), out], f"/{p}/residual_mlp")
 
 
 # y [B,T,h] - Slice(logits_start.., axis 1) -> [B,T',h] -Cast*- Reshape [B*T',h]
@@ -433,13 +431,14 @@ def build_model(
     table = io_table(config, float_type)
     wdtype = np.float16 if float_type == "fp16" else np.float32
     b = GraphBuilder(opset, add_weight or (lambda name, a: numpy_helper.from_array(a, name)), wdtype, nbits)
-    x, word_table = embeddings(b, weights)
+    x, word_table = embeddings(b, weights, config)
+    rot = rotary_tables(b, config) if config.arch.rotary else None
     # P = past_seq, shared by all layers: [1] int64, used to split the probabilities into past | new
     past_len = b.op(
         "Gather", [b.op("Shape", [kv_names("past", 0)[0]], "/past_shape"), b.const("axis2", [2])], "/past_len"
     )
     for i in range(config.num_layers):
-        x = transformer_layer(b, x, weights, i, config, past_len)
+        x = transformer_layer(b, x, weights, i, config, past_len, rot)
         if progress is not None:
             progress(i + 1)
     y = layer_norm(b, x, weights, "transformer.final_layernorm", config.layernorm_epsilon)

@@ -37,10 +37,15 @@ from glm_export.compare import (
     span_figures,
     text_windows,
 )
+from glm_export.onnx_graph import EMBED_OUTPUT
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import kv_names
 
-Layer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# (x, mask, past key, past value, past 0's shape, position_ids) -> (y, present key, present value); the positions
+# are read by rotary architectures only (each piece computes its rotary tables from them, as the graph does)
+Layer = Callable[
+    [np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]
+]
 METHOD = (
     "piecewise: the graph cut at its layer boundaries (embedding, each layer, final LayerNorm + head), each "
     "piece run on its own with the artifact's own weight bytes, both sides in lockstep one layer at a time"
@@ -48,7 +53,9 @@ METHOD = (
 
 
 def embed_output() -> str:
-    return "/embed/add_block/out"
+    """The embedding's output, the residual stream's first tensor (glm_export.onnx_graph.embeddings names it so in
+    every architecture)."""
+    return EMBED_OUTPUT
 
 
 def layer_output(i: int) -> str:
@@ -165,13 +172,15 @@ class OnnxLayers:
         with self._session([x_in, "attention_mask", *names], outs) as s:
             wanted = {v.name for v in s.get_inputs()}
 
-            def run(x, mask, past_k, past_v, past0_shape):
+            def run(x, mask, past_k, past_v, past0_shape, pos):
                 feeds = {
                     x_in: x,
                     "attention_mask": mask,
                     names[0]: past_k.astype(self.kv_dtype, copy=False),
                     names[1]: past_v.astype(self.kv_dtype, copy=False),
                 }
+                if "position_ids" in wanted:  # a rotary layer
+                    feeds["position_ids"] = pos
                 if first_past in wanted and i:  # only its length is read (past_len), by every layer
                     feeds[first_past] = np.zeros(past0_shape, dtype=self.kv_dtype)
                 return tuple(s.run(None, feeds))
@@ -207,19 +216,18 @@ class TorchLayers:
     def embedding(self):
         import torch
 
-        tables = [
-            self._tensor(n)
-            for n in (
-                "word_embeddings.weight",
-                "transformer.position_embeddings.weight",
-                "transformer.block_position_embeddings.weight",
-            )
-        ]
+        names = ["word_embeddings.weight"]
+        if self.config.position_tables:
+            names += ["transformer.position_embeddings.weight", "transformer.block_position_embeddings.weight"]
+        tables = [self._tensor(n) for n in names]
 
         def run(ids, pos):
             with torch.inference_mode():
                 word, p, b = (torch.as_tensor(a) for a in (ids, pos[:, 0], pos[:, 1]))
-                return (tables[0][word] + tables[1][p] + tables[2][b]).numpy()  # noqa: F821 - deleted after the yield, once this function is no longer called
+                x = tables[0][word]  # noqa: F821 - deleted after the yield, once this function is no longer called
+                for table, rows in zip(tables[1:], (p, b)):  # noqa: F821 - as above
+                    x = x + table[rows]
+                return x.numpy()
 
         yield run
         del tables
@@ -228,19 +236,20 @@ class TorchLayers:
     def layer(self, i: int):
         import torch
 
-        from glm_export.model import TransformerLayer, meta_without_init
+        from glm_export.model import TransformerLayer, meta_without_init, rotary_tables
 
         prefix = f"transformer.layers.{i}."
         with meta_without_init():
-            module = TransformerLayer(self.config)
+            module = TransformerLayer(self.config, i)
         module.load_state_dict({k: self._tensor(prefix + k) for k in module.state_dict()}, assign=True)
         module.eval()
 
-        def run(x, mask, past_k, past_v, _past0_shape):
+        def run(x, mask, past_k, past_v, _past0_shape, pos):
             with torch.inference_mode():
                 P = past_k.shape[2]
                 past = (torch.as_tensor(past_k), torch.as_tensor(past_v)) if P else None
-                y, (k, v) = module(torch.as_tensor(x), torch.as_tensor(mask.astype(np.float32)), past)  # noqa: F821 - deleted after the yield, once this function is no longer called
+                rotary = None if self.config.position_tables else rotary_tables(self.config, torch.as_tensor(pos))
+                y, (k, v) = module(torch.as_tensor(x), torch.as_tensor(mask.astype(np.float32)), past, rotary)  # noqa: F821 - deleted after the yield, once this function is no longer called
                 return y.numpy(), k[:, :, P:].numpy(), v[:, :, P:].numpy()
 
         yield run
@@ -316,7 +325,8 @@ def lockstep(
                     presents = []
                     for side, run in enumerate((run_c, run_r)):
                         pk, pv = past[side]
-                        y, nk, nv = run(hidden[c][side][k], masks[c][k], pk, pv, pk.shape)
+                        call = case.calls[k]
+                        y, nk, nv = run(hidden[c][side][k], masks[c][k], pk, pv, pk.shape, call.position_ids)
                         hidden[c][side][k] = np.asarray(y, dtype=np.float32)
                         nk, nv = np.asarray(nk, np.float32), np.asarray(nv, np.float32)
                         past[side] = [np.concatenate([pk, nk], axis=2), np.concatenate([pv, nv], axis=2)]

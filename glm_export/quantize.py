@@ -383,7 +383,8 @@ def rebuild(
     (its graph without data, and glm_export.weights.read_onnx_weights of it), read one at a time.
     -> (the child graph without its data, the data file name or None)."""
     from glm_export import derive, external_data
-    from glm_export.onnx_graph import NBits, build_model
+    from glm_export.nbits import NBits
+    from glm_export.onnx_graph import build_model
     from glm_export.progress import Progress
     from glm_export.weights import official_weights
     from glm_runtime.config import GLMConfig

@@ -116,6 +116,16 @@ class Weights(Mapping):
         view.error = self.error
         return view
 
+    def mapped(self, keys: Sequence[str], fn: Callable[[np.ndarray], np.ndarray]) -> Weights:
+        """A view where each of `keys` is read through fn (same shape and dtype, e.g. a row reordering)."""
+        entries = dict(self._entries)
+        for key in keys:
+            e = entries[key]
+            entries[key] = Entry(e.shape, e.dtype, (lambda e=e: fn(e.read())), e.where)
+        view = Weights(entries, self.files, self._closers)
+        view.error = self.error
+        return view
+
     def close(self) -> None:
         for close in self._closers:
             close()

@@ -147,7 +147,8 @@ def _preset(name: str, L: int, h: int, n: int, P: int, V: int, tokenizer: str, *
     )
 
 
-CHATGLM = {"architecture": "chatglm-6b", "gelu": "tanh"}
+# ChatGLM-6B: no dropout in its config (inference only)
+CHATGLM = {"architecture": "chatglm-6b", "gelu": "tanh", "hidden_dropout": 0.0, "attention_dropout": 0.0}
 
 
 # Spec section 6. Keys are the names users type (`--preset glm-10b`).

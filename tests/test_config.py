@@ -106,8 +106,15 @@ def test_bad_json_and_hf_inputs_are_refused():
         GLMConfig.from_dict({"num_layers": 2})
     with pytest.raises(ConfigError, match="not valid JSON"):
         GLMConfig.from_json("{")
-    with pytest.raises(ConfigError, match="model_type 'chatglm'"):
+    with pytest.raises(ConfigError, match="model_type 'bert'; glmx reads 'glm'"):
+        from_hf_dict({"model_type": "bert"})
+    with pytest.raises(ConfigError, match="lacks"):
         from_hf_dict({"model_type": "chatglm"})
+    chatglm2 = {"model_type": "chatglm", "multi_query_attention": True, "padded_vocab_size": 65024}
+    with pytest.raises(ConfigError, match=r"^config.json is a ChatGLM2-6B / ChatGLM3-6B model .*not this model$"):
+        from_hf_dict(chatglm2)
+    with pytest.raises(ConfigError, match="is a GLM-4 model"):
+        from_hf_dict({**chatglm2, "padded_vocab_size": 151552})
     with pytest.raises(ConfigError, match="relative_encoding=True is not supported"):
         from_hf_dict({"model_type": "glm", "relative_encoding": True})
     with pytest.raises(ConfigError, match="lacks"):
