@@ -21,6 +21,7 @@ import torch
 
 from glm_export.hf_config import from_hf_dict, to_hf_dict
 from glm_export.model import GLMModel
+from glm_export.nbits import Released
 from glm_export.published import to_glmx_names
 from glm_export.weights import Entry, Weights, WeightsError, dtype_of, read_safetensors, to_numpy
 from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
@@ -271,6 +272,7 @@ class _Found:
     config_file: Path | None = None  # where `config` was read from
     gelu_stated: bool = False  # the config file says which GeLU (a glmx-written one does)
     tokenizer_replaced: dict[str, Any] | None = None  # {checkpoint, given: {file, sha256}} when --tokenizer replaced it
+    quantization_bit: int = 0  # config.json's (chatglm-6b-int4 / -int8 folders): their linears are integers
 
 
 def _read_glmx(folder: Path) -> _Found:
@@ -323,9 +325,14 @@ def _read_hf(folder: Path) -> _Found:
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in {folder / name} but missing")
     sd = Weights.merged([_read_weights(path) for path in files])  # shard by shard, tensor by tensor
-    return _Found(
+    found = _Found(
         "hf", sd, files, config, _find_tokenizer(folder), config_file=folder / CONFIG_FILE, gelu_stated=gelu_stated
     )
+    bits = _read_json(folder / CONFIG_FILE).get("quantization_bit") or 0
+    if bits not in (0, 4, 8):
+        raise CheckpointError(f"{folder / CONFIG_FILE} has quantization_bit {bits!r}; the released ones are 4 and 8")
+    found.quantization_bit = int(bits)
+    return found
 
 
 def _mp_files(folder: Path) -> list[Path]:
@@ -646,6 +653,7 @@ class OpenedCheckpoint:
     ignored_keys: tuple[str, ...]
     notes: tuple[str, ...]
     tokenizer_replaced: dict[str, Any] | None = None  # the checkpoint's own tokenizer and the given one, both hashed
+    released: Released | None = None  # a chatglm-6b-int4 / -int8 folder's integers (glm_export.nbits)
 
     def num_parameters(self) -> int:
         return self.weights.numel()
@@ -673,8 +681,9 @@ def open_checkpoint(
     if rotary_inv_freq is not None:
         cfg = cfg.replace(rotary_inv_freq=rotary_inv_freq)
     found.notes.append(describe_architecture(cfg))
+    released = None
     if found.layout != "glmx":  # a published folder's names and layout -> glmx's (GLM: nothing changes)
-        sd = to_glmx_names(sd, cfg, found.notes)
+        sd, released = to_glmx_names(sd, cfg, found.notes, found.quantization_bit)
     source = ", ".join(str(f) for f in found.files[:3]) + (" ..." if len(found.files) > 3 else "")
     _check_sizes(sd, cfg, source)  # the config first: the tokenizer is then checked against a true V
     tok, cfg = _resolve_tokenizer(tokenizer, tokenizer_kind, cfg, found)
@@ -697,6 +706,7 @@ def open_checkpoint(
         tuple(ignored),
         tuple(found.notes),
         found.tokenizer_replaced,
+        released,
     )
 
 
@@ -831,6 +841,7 @@ def convert_checkpoint(
     tokenizer: str | Path | None = None,
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
+    rotary_inv_freq: str | None = None,
     overwrite: bool = False,
 ) -> tuple[OpenedCheckpoint, Path]:
     """Any supported layout -> glmx folder, one tensor at a time. dtype: 'fp32' | 'fp16' | 'bf16', or None to
@@ -838,7 +849,14 @@ def convert_checkpoint(
     into the manifest."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    opened = open_checkpoint(src, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu)
+    opened = open_checkpoint(
+        src,
+        config=config,
+        tokenizer=tokenizer,
+        tokenizer_kind=tokenizer_kind,
+        gelu=gelu,
+        rotary_inv_freq=rotary_inv_freq,
+    )
     source = {"path": str(src), "layout": opened.layout, "dtype": opened.source_dtype}
     if opened.tokenizer_replaced:
         source["tokenizer_replaced"] = opened.tokenizer_replaced

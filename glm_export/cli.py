@@ -51,7 +51,7 @@ def _source_options(command):
         ),
         click.option(
             "--tokenizer-kind",
-            type=click.Choice(["gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json"]),
+            type=click.Choice(["gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json", "chatglm"]),
             default=None,
             help="the tokenizer's kind when the folder cannot tell (a SentencePiece model of unknown size: "
             "chinese-sp-fix = GLM-Large-Chinese ids, chinese-sp = GLM-10B-Chinese) [default: "
@@ -62,7 +62,15 @@ def _source_options(command):
             type=click.Choice(["tanh", "erf"]),
             default=None,
             help="GeLU the model was trained with [default: the config's; else erf for a Hugging Face folder "
-            "(its remote code), tanh for a Megatron one (the original training code)]",
+            "(its remote code), tanh for a Megatron one (the original training code); ChatGLM-6B: tanh]",
+        ),
+        click.option(
+            "--rotary-inv-freq",
+            type=click.Choice(["fp16", "fp32"]),
+            default=None,
+            help="ChatGLM-6B's rotary frequencies: fp16 = rounded to fp16 as the HF remote code does even in fp32 "
+            "(what the weights were published with); fp32 = exact, as chatglm.cpp and TensorRT-LLM compute "
+            "(logits 1e-3..1e-2 apart at a few hundred positions) [default: fp16]",
         ),
     ]
     for option in reversed(options):
@@ -70,7 +78,7 @@ def _source_options(command):
     return command
 
 
-def _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu) -> dict:
+def _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu, rotary_inv_freq=None) -> dict:
     from pathlib import Path
 
     if preset is not None and config_file is not None:
@@ -80,6 +88,7 @@ def _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu) -> 
         "tokenizer": tokenizer_file,
         "tokenizer_kind": tokenizer_kind,
         "gelu": gelu,
+        "rotary_inv_freq": rotary_inv_freq,
     }
 
 
@@ -102,6 +111,7 @@ def convert_cmd(
     tokenizer_file,
     tokenizer_kind,
     gelu,
+    rotary_inv_freq,
     dtype: str | None,
     overwrite: bool,
 ) -> None:
@@ -114,7 +124,7 @@ def convert_cmd(
     from glm_runtime.config import ConfigError
     from glm_runtime.manifest import ManifestError
 
-    options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu)
+    options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu, rotary_inv_freq)
     try:
         loaded, out = convert_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite, **options)
     except (CheckpointError, ConfigError, ManifestError, FileExistsError) as exc:
@@ -287,7 +297,13 @@ def build_engine_cmd(
 @click.argument("checkpoint", required=False, type=click.Path(exists=True))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="ONNX folder to write")
 @_source_options
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int4-weight", "int8-weight"]),
+    default=None,
+    help="fp32 or fp16; a published int4 / int8 folder (chatglm-6b-int4 / -int8) exports its own integers as "
+    "int4-weight / int8-weight [default: fp32; such a folder: its own bits]",
+)
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option(
     "--external-data/--no-external-data",
@@ -318,7 +334,15 @@ def build_engine_cmd(
     help="export the graph without a tokenizer (it then cannot fill text or be quantized)",
 )
 def export_cmd(
-    checkpoint: str | None, out_dir: str, preset, config_file, tokenizer_file, tokenizer_kind, gelu, **kwargs
+    checkpoint: str | None,
+    out_dir: str,
+    preset,
+    config_file,
+    tokenizer_file,
+    tokenizer_kind,
+    gelu,
+    rotary_inv_freq,
+    **kwargs,
 ) -> None:
     """Export CHECKPOINT (default: the bundled glmx-small) to a validated ONNX folder.
 
@@ -334,7 +358,7 @@ def export_cmd(
     from glm_runtime.config import ConfigError
     from glm_runtime.manifest import ManifestError
 
-    options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu)
+    options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu, rotary_inv_freq)
     options["tokenizer_file"] = options.pop("tokenizer")
     try:
         out = export_onnx(checkpoint, out_dir, log=lambda msg: click.echo(msg, err=True), **options, **kwargs)

@@ -87,11 +87,13 @@ class _Source:
         layout: str | None = None,
         model: torch.nn.Module | None = None,
         tokenizer_replaced: dict[str, Any] | None = None,
+        released: Any = None,
     ):
         self.config, self.weights, self.model = config, weights, model
         self.folder, self.tokenizer = folder, tokenizer
         self.notes, self.layout = list(notes), layout
         self.tokenizer_replaced = tokenizer_replaced  # the checkpoint's own tokenizer and --tokenizer's, both hashed
+        self.released = released  # a chatglm-6b-int4 / -int8 folder's integers (glm_export.nbits.Released)
 
     def reference_model(self) -> torch.nn.Module:
         """The whole fp32 torch model, for the whole-graph check of a small export."""
@@ -139,6 +141,7 @@ def _resolve_source(
         opened.notes,
         opened.layout,
         tokenizer_replaced=opened.tokenizer_replaced,
+        released=opened.released,
     )
 
 
@@ -156,7 +159,7 @@ def export_onnx(
     model_or_checkpoint: torch.nn.Module | str | Path | None,
     out_dir: str | Path,
     *,
-    precision: str = "fp32",
+    precision: str | None = None,
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     tokenizer_file: str | Path | None = None,
@@ -182,8 +185,8 @@ def export_onnx(
     glm_export.pieces) or "auto" (whole up to WHOLE_CHECK_MAX_BYTES of fp32 weights).
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision is not None and precision not in PRECISIONS + RELEASED_PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS + RELEASED_PRECISIONS}, got {precision!r}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
     if check not in CHECKS:
@@ -200,6 +203,7 @@ def export_onnx(
     config: GLMConfig = source.config
     for note in source.notes:
         say(f"export: {note}")
+    precision, nbits = _released_precision(source, precision, say)
     if no_tokenizer and tokenizer_file is not None:
         raise ExportError("--no-tokenizer and --tokenizer contradict each other; give one")
     if checkpoint is not None and source.tokenizer is None and not no_tokenizer:
@@ -233,7 +237,9 @@ def export_onnx(
                 "export: layers", config.num_layers, say, written=(lambda: store.written) if store is not None else None
             )
             try:
-                graph = build_model(config, source.weights, precision, opset, store, progress=bar.update)
+                graph = build_model(
+                    config, source.weights, "fp32" if nbits else precision, opset, store, bar.update, nbits
+                )
             finally:
                 bar.close()
                 if store is not None:
@@ -259,7 +265,7 @@ def export_onnx(
                 config=config.to_dict(),
                 precision=precision,
                 tokenizer=tokenizer,
-                io=io_table(config, precision),
+                io=io_table(config, "fp32" if nbits else precision),
                 parity=parity_pending() if validate else {"skipped": True},  # pending until checked
                 versions=tool_versions("torch", "onnx", "onnxruntime"),
                 parent=parent,
@@ -278,6 +284,7 @@ def export_onnx(
                     "fp16_islands": "LayerNorm, QK product, masking, softmax in fp32; residual stream fp32"
                     if precision == "fp16"
                     else None,
+                    **({"quantization": _released_record(nbits, precision)} if nbits else {}),
                 },
             )
             write_manifest(stage, manifest)
@@ -288,6 +295,64 @@ def export_onnx(
         raise ExportError(str(exc)) from None
     say(f"export: wrote {out_dir}")
     return Path(out_dir)
+
+
+RELEASED_PRECISIONS = ("int4-weight", "int8-weight")  # a published int4 / int8 folder's own integers
+
+
+def _released_precision(source: _Source, precision: str | None, say: Log) -> tuple[str, Any]:
+    """The precision of the export and, for a published int4 / int8 folder exported in its own bits, the NBits
+    that carries its integers over (glmx's int4-weight / int8-weight recipe otherwise: head, accuracy level)."""
+    released = source.released
+    if released is None:
+        if precision in RELEASED_PRECISIONS:
+            raise ExportError(
+                f"--precision {precision} exports a published int4 / int8 checkpoint's own integers; this one is "
+                f"float: export fp32 and run glmx quantize --scheme {precision}"
+            )
+        return precision or "fp32", None
+    own = f"int{released.bits}-weight"
+    if precision is None or precision == own:
+        from glm_export.nbits import NBits
+        from glm_export.quantize import nbits_recipe
+
+        r = nbits_recipe(own)
+        head = r["head"] or {}
+        say(
+            f"export: {own}: the folder's int{released.bits} linears carried over bit for bit (one scale per row), "
+            f"the head {head.get('bits')}-bit in blocks of {head.get('block_size')} as glmx's {own} recipe"
+        )
+        nbits = NBits(
+            released.bits,
+            r["block_size"],
+            r["accuracy_level"],
+            lambda prefix: False,
+            head=bool(head),
+            head_bits=head.get("bits"),
+            head_block_size=head.get("block_size"),
+            released=released,
+        )
+        return own, nbits
+    if precision in RELEASED_PRECISIONS:
+        raise ExportError(
+            f"the folder's linears are int{released.bits}; --precision {precision} cannot be made from them"
+        )
+    say(
+        f"export: {precision}: the folder's int{released.bits} linears dequantized (q x scale), as the HF code computes"
+    )
+    return precision, None
+
+
+def _released_record(nbits: Any, precision: str) -> dict[str, Any]:
+    return {
+        "scheme": precision,
+        "source": f"the checkpoint's own int{nbits.bits} weights and fp16 row scales, re-packed bit for bit",
+        "weights": f"int{nbits.bits}, one scale per row (MatMulNBits blocks along the row, the scale repeated)",
+        "accuracy_level": nbits.accuracy_level,
+        "head": {"bits": nbits.head_bits, "block_size": nbits.head_block_size} if nbits.head else None,
+        "keep_fp32": ["embedding"],
+        "reference": "the fp32 torch model of the dequantized weights (q x scale)",
+    }
 
 
 def validate_export(folder: Path, source: Any, precision: str, method: str = "whole", log: Log | None = None):

@@ -3,12 +3,32 @@ In: float weights [K, N] (quantized here by ONNX Runtime's own routine). Out: pa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 CONTRIB = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
+
+
+class Released:
+    """The integers of a published int4 / int8 checkpoint (chatglm-6b-int4 / -int8): per linear (glmx's name
+    prefix) a reader of (weight int8 [out, in * bits / 8], scale fp16 [out]) in glmx's row order."""
+
+    def __init__(self, bits: int, readers: Mapping[str, Callable[[], tuple[np.ndarray, np.ndarray]]]):
+        self.bits, self.readers = bits, dict(readers)
+
+    def __contains__(self, prefix: object) -> bool:
+        return prefix in self.readers
+
+    def packed(self, prefix: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+        """MatMulNBits' (packed, scales, (K, N, bits, block_size)) of one linear, re-packed without float weights."""
+        from glm_export.hf_quantized import to_matmulnbits
+
+        weight, scale = self.readers[prefix]()
+        packed, scales, block = to_matmulnbits(weight, scale, self.bits)
+        N, K = weight.shape[0], weight.shape[1] * 8 // self.bits
+        return packed, scales, (K, N, self.bits, block)
 
 
 class NBits:
@@ -29,6 +49,7 @@ class NBits:
         head_bits: int | None = None,
         head_block_size: int | None = None,
         mlp_block_size: int | None = None,
+        released: Released | None = None,
     ):
         for value in (bits, head_bits):
             if value is not None and value not in (4, 8):
@@ -43,6 +64,7 @@ class NBits:
         self.head_bits = bits if head_bits is None else head_bits
         self.head_block_size = block_size if head_block_size is None else head_block_size
         self.mlp_block_size = block_size if mlp_block_size is None else mlp_block_size
+        self.released = released  # a published int4/int8 checkpoint's integers, carried over bit for bit
 
     def block_size_for(self, prefix: str) -> int:
         """The block size of the linear `prefix` (transformer.layers.i.{attention,mlp}.*)."""
@@ -81,6 +103,21 @@ class NBits:
         bits, block_size = bits or self.bits, block_size or self.block_size
         K, N = w_kn.shape
         packed, scales = self.pack(w_kn, bits, block_size)
+        return self.node(b, x, packed, scales, (K, N, bits, block_size), name, node, bias)
+
+    def node(
+        self,
+        b: Any,  # glm_export.onnx_graph.GraphBuilder
+        x: str,
+        packed: np.ndarray,
+        scales: np.ndarray,
+        shape: tuple[int, int, int, int],
+        name: str,
+        node: str,
+        bias: str | None = None,
+    ) -> str:
+        """The MatMulNBits node of already packed weights; shape = (K, N, bits, block_size)."""
+        K, N, bits, block_size = shape
         q = b.weight(f"{name}.Q{bits}", packed)
         sc = b.weight(f"{name}.scales", scales)
         attrs = {"K": K, "N": N, "bits": bits, "block_size": block_size}

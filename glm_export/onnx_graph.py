@@ -124,8 +124,22 @@ def nbits_linear(
 ) -> str | tuple[str, str]:
     """MatMulNBits over the packed W.T; fuse_bias: the bias as its input 5 (-> output), else (output, bias name)
     for a consumer that takes the bias itself (FastGelu / BiasGelu)."""
-    w_kn = np.asarray(W[f"{prefix}.weight"], dtype=np.float32).T  # [in, out] = [K, N]
     bias = b.weight(f"{prefix}.bias", W[f"{prefix}.bias"].astype(b.wdtype))
+    released = b.nbits.released
+    if released is not None and prefix in released:  # a published int checkpoint's integers, as they are
+        packed, scales, shape = released.packed(prefix)
+        mm = b.nbits.node(
+            b,
+            x,
+            packed,
+            scales,
+            shape,
+            f"{prefix}.weight.T",
+            f"/{prefix}/MatMul_Q{shape[2]}",
+            bias if fuse_bias else None,
+        )
+        return mm if fuse_bias else (mm, bias)
+    w_kn = np.asarray(W[f"{prefix}.weight"], dtype=np.float32).T  # [in, out] = [K, N]
     mm = b.nbits.matmul(
         b,
         x,

@@ -12,9 +12,12 @@ embedding and stored once.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
+from glm_export.hf_quantized import QuantizedCheckpointError, dequantize
+from glm_export.nbits import Released
 from glm_export.weights import Weights
 from glm_runtime.config import GLMConfig
 
@@ -59,9 +62,51 @@ def tied_head_note(weights: Weights) -> str:
     )
 
 
-def to_glmx_names(weights: Weights, config: GLMConfig, notes: list[str]) -> Weights:
-    """The published folder's weights under glmx's names and layout (nothing is read except lm_head, compared)."""
+def _released(weights: Weights, bits: int) -> tuple[Weights, dict[str, Any]]:
+    """A chatglm-6b-int4 / -int8 folder (spec 2): each `<linear>.weight` int8 [out, in*bits/8] with its
+    `<linear>.weight_scale` fp16 [out], checked from the headers. -> (the weights with each such weight
+    dequantized when read, float32 [out, in], the scales dropped; per linear, a reader of its integers)."""
+    prefixes = [k[: -len(".weight_scale")] for k in weights if k.endswith(".weight_scale")]
+    if not prefixes:
+        raise QuantizedCheckpointError(
+            f"config.json says quantization_bit {bits}, but no <linear>.weight_scale tensor is in the files: "
+            f"they are not a chatglm-6b-int{bits} checkpoint"
+        )
+    derived: dict[str, Any] = {}
+    readers: dict[str, Any] = {}
+    for prefix in prefixes:
+        w, sc = f"{prefix}.weight", f"{prefix}.weight_scale"
+        (out, width), scale_shape = weights.shape(w), weights.shape(sc)
+        if weights.dtype_name(w) != "int8" or weights.dtype_name(sc) != "float16" or scale_shape != (out,):
+            raise QuantizedCheckpointError(
+                f"{w} is {weights.dtype_name(w)} {[out, width]} with a {weights.dtype_name(sc)} scale "
+                f"{list(scale_shape)}: a chatglm-6b-int{bits} linear is int8 [out, in*{bits}/8] with an fp16 "
+                f"scale [out]"
+            )
+
+        def read(w=w, sc=sc):
+            return weights[w], weights[sc]
+
+        readers[prefix] = read
+        derived[w] = ((out, width * 8 // bits), np.float32, lambda read=read: dequantize(*read(), bits))
+    kept = weights.derived(derived)
+    return kept.renamed({k: k for k in kept if not k.endswith(".weight_scale")}), readers
+
+
+def to_glmx_names(
+    weights: Weights, config: GLMConfig, notes: list[str], bits: int = 0
+) -> tuple[Weights, Released | None]:
+    """The published folder's weights under glmx's names and layout (nothing is read except lm_head, compared).
+    bits: the folder's quantization_bit (4 / 8: a chatglm-6b-int4 / -int8 folder, its integers returned as a
+    Released for glm_export.nbits to carry over; 0: float weights)."""
     arch = config.arch
+    readers: dict[str, Any] = {}
+    if bits:
+        weights, readers = _released(weights, bits)
+        notes.append(
+            f"quantization_bit {bits}: {len(readers)} linears are int{bits} with an fp16 scale per row; read as "
+            f"they are for the int{bits}-weight graph, dequantized (q x scale) for the reference"
+        )
     names: dict[str, str] = {}
     dropped = []
     for key in weights:
@@ -81,4 +126,7 @@ def to_glmx_names(weights: Weights, config: GLMConfig, notes: list[str]) -> Weig
         heads = config.num_attention_heads
         out = out.mapped([k for k in out if QKV.match(k)], lambda a: per_head_to_blocks(a, heads))
         notes.append("query_key_value rows: interleaved per head as published -> [Q;K;V] blocks")
-    return out
+        for prefix in [p for p in readers if p.endswith("query_key_value")]:
+            read = readers[prefix]
+            readers[prefix] = lambda read=read: tuple(per_head_to_blocks(a, heads) for a in read())
+    return out, (Released(bits, readers) if bits else None)

@@ -126,6 +126,16 @@ class Weights(Mapping):
         view.error = self.error
         return view
 
+    def derived(self, new: Mapping[str, tuple[Sequence[int], Any, Callable[[], np.ndarray]]]) -> Weights:
+        """A view with these entries (name -> (shape, dtype, read)) added or replaced, e.g. a dequantized weight."""
+        entries = dict(self._entries)
+        where = self.files[0] if self.files else "the model"
+        for key, (shape, dtype, read) in new.items():
+            entries[key] = Entry(shape, dtype, read, self._entries[key].where if key in self._entries else str(where))
+        view = Weights(entries, self.files, self._closers)
+        view.error = self.error
+        return view
+
     def close(self) -> None:
         for close in self._closers:
             close()

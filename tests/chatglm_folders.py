@@ -121,3 +121,40 @@ def make_chatglm_folder(
     if tokenizer is not None:
         tokenizer(folder, offset)
     return folder
+
+
+QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+
+
+def quantize_like_hf(sd: dict[str, np.ndarray], bits: int) -> None:
+    """The chatglm-6b-int4 / -int8 layout, written here independently of glmx (spec 2): each layer's four linears
+    as int8 `weight` (int4: two per byte, the even column in the high nibble) + fp16 `weight_scale` per row,
+    scale = max|row| / (2^(bits-1) - 1) in fp16, q = round(W / scale)."""
+    top = 2 ** (bits - 1) - 1
+    for key in [k for k in sd if k.endswith(".weight") and any(f".{m}." in k for m in QUANTIZED_LINEARS)]:
+        w = sd[key].astype(np.float32)
+        scale = (np.abs(w).max(axis=1) / top).astype(np.float16)
+        q = np.clip(np.round(w / scale.astype(np.float32)[:, None]), -top - 1, top).astype(np.int8)
+        if bits == 4:
+            nibbles = q.astype(np.uint8) & 0x0F
+            q = ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).astype(np.uint8).view(np.int8)
+        sd[key] = q
+        sd[key + "_scale"] = scale
+
+
+def dequantize_like_hf(sd: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+    """The float state dict the released integers stand for (q x scale): what the HF code computes with."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("_scale"):
+            continue
+        if key + "_scale" in sd:
+            q = value
+            if bits == 4:
+                raw = q.view(np.uint8)
+                hi, lo = (raw >> 4).astype(np.int16), (raw & 0x0F).astype(np.int16)
+                hi, lo = np.where(hi > 7, hi - 16, hi), np.where(lo > 7, lo - 16, lo)
+                q = np.stack([hi, lo], axis=2).reshape(q.shape[0], -1)
+            value = q.astype(np.float32) * sd[key + "_scale"].astype(np.float32)[:, None]
+        out[key] = value
+    return out
