@@ -1,0 +1,193 @@
+"""ChatGLM-6B (v1) through glmx's stages on tiny hub-layout folders (tests/chatglm_folders.py), each judged against
+the independent numpy oracle written from the research note (tests/oracle_chatglm.py), never against glmx's own
+torch reference: the exported graph's logits for a prompt ending [gMASK] <sop>, a left-padded batch as HF's
+tokenizer builds it, decode steps through the cache against full forwards; the released int4 / int8 folders; the
+ChatGLM2 / 3 and GLM-4 folders refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests import oracle_chatglm as oc
+from tests.chatglm_folders import dequantize_like_hf, make_chatglm_folder, quantize_like_hf
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+# The special ids of the tiny model: pieces of no tokenizer (these tests feed ids), inside its 640 rows.
+GMASK, MASK, SOP, EOP = 600, 601, 602, 603
+FP32 = (1e-4, 3e-5)  # glmx's fp32 parity budget: atol + rtol * max|ref| (glm_export.compare.TOLERANCES)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    return make_chatglm_folder(tmp_path_factory.mktemp("chatglm") / "chatglm-6b", seed=3)
+
+
+@pytest.fixture(scope="module")
+def oracle(hub):
+    return oc.load_hf_folder(str(hub))
+
+
+@pytest.fixture(scope="module")
+def exported(hub, tmp_path_factory):
+    from glm_export.export import export_onnx
+
+    return export_onnx(hub, tmp_path_factory.mktemp("onnx") / "fp32", no_tokenizer=True, log=lambda m: None)
+
+
+def _session(folder):
+    from glm_runtime.session import OnnxRuntimeSession
+
+    return OnnxRuntimeSession(folder)
+
+
+def _run(session, ids, pos, visible, past=None):
+    """One call of the graph: ids [B,T], positions [B,2,T], visible [B,1,T,past+T] (True = may attend)."""
+    from glm_runtime.steps import empty_past
+
+    feeds = {"input_ids": np.asarray(ids), "position_ids": np.asarray(pos), "attention_mask": np.asarray(visible)}
+    feeds.update(past if past is not None else empty_past(session, len(ids)))
+    return session.run(feeds)
+
+
+def _within(got, want, budget=FP32):
+    atol, rtol = budget
+    diff = float(np.abs(np.asarray(got, np.float64) - want).max())
+    bound = atol + rtol * float(np.abs(want).max())
+    assert diff <= bound, f"max |diff| {diff:.3g} > budget {bound:.3g}"
+    return diff
+
+
+PROMPT = [5, 17, 33, 9, 44, 71, 12, GMASK, SOP]  # text, then [gMASK] <sop> at the end (spec 5)
+
+
+def test_exported_logits_match_the_oracle_for_a_gmask_prompt(exported, oracle):
+    sd, cfg = oracle
+    pos, mask = oc.chatglm_positions(PROMPT, GMASK, MASK, SOP)
+    want, _ = oc.forward(sd, cfg, [PROMPT], pos[None], mask[None])
+    with _session(exported) as s:
+        got = _run(s, [PROMPT], pos[None], ~mask[None])["logits"]
+    _within(got, want)
+
+
+def test_decode_steps_through_the_cache_equal_full_forwards(exported, oracle):
+    """Greedy: the oracle recomputes the whole sequence each step; glmx runs the context, then one token per
+    call through its cache (rotated keys), at (m, step + 1)."""
+    from glm_runtime.iotable import kv_names
+
+    sd, cfg = oracle
+    want = oc.greedy_generate(sd, cfg, PROMPT, GMASK, MASK, SOP, EOP, 6)
+    m, c = PROMPT.index(GMASK), PROMPT.index(SOP)
+    got: list[int] = []
+    with _session(exported) as s:
+        pos, mask = oc.chatglm_positions(PROMPT, GMASK, MASK, SOP)
+        out = _run(s, [PROMPT], pos[None], ~mask[None])
+        names = [pair for i in range(cfg["num_layers"]) for pair in zip(kv_names("past", i), kv_names("present", i))]
+        past = {p: out[n] for p, n in names}
+        while len(got) < 6:
+            nxt = int(np.argmax(out["logits"][0, -1]))
+            if nxt == EOP:
+                break
+            got.append(nxt)
+            total = len(PROMPT) + len(got)
+            step = np.array([[[m], [total - 1 - c + 1]]])
+            out = _run(s, [[nxt]], step, np.ones((1, 1, 1, total), bool), past)
+            past = {p: np.concatenate([past[p], out[n]], axis=2) for p, n in names}
+    assert got == want and len(want) == 6, (got, want)
+
+
+def test_a_left_padded_batch_stays_finite_and_matches_the_oracle(exported, oracle):
+    """HF's tokenizer pads on the left with fully masked rows (spec 5): -10000, not -inf, keeps them finite."""
+    sd, cfg = oracle
+    seqs = [PROMPT, [8, 9, GMASK, SOP]]
+    ids, pos, mask = oc.left_padded_batch(seqs, 3, GMASK, MASK, SOP, prefer="gmask")
+    want, _ = oc.forward(sd, cfg, ids, pos, mask)
+    with _session(exported) as s:
+        got = _run(s, ids, pos, ~mask)["logits"]
+    assert np.isfinite(got).all()
+    _within(got, want)
+
+
+def test_a_mask_mid_text_gets_its_positions(exported, oracle):
+    """[MASK] in the middle: the span's tokens sit at the [MASK]'s position (no [gMASK] in the prompt)."""
+    sd, cfg = oracle
+    ids = [5, 17, MASK, 9, 44, SOP, 30]
+    pos, mask = oc.chatglm_positions(ids, GMASK, MASK, SOP)
+    assert pos[0].tolist() == [0, 1, 2, 3, 4, 2, 2]
+    want, _ = oc.forward(sd, cfg, [ids], pos[None], mask[None])
+    with _session(exported) as s:
+        _within(_run(s, [ids], pos[None], ~mask[None])["logits"], want)
+
+
+def test_exact_rotary_frequencies_are_a_recorded_choice(hub, oracle, tmp_path):
+    from glm_export.export import export_onnx
+
+    sd, cfg = oracle
+    long = list(range(10, 590)) * 1 + [GMASK, SOP]
+    pos, mask = oc.chatglm_positions(long, GMASK, MASK, SOP)
+    out = export_onnx(hub, tmp_path / "exact", no_tokenizer=True, rotary_inv_freq="fp32", log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["rotary_inv_freq"] == "fp32"
+    assert manifest["extra"]["architecture"]["alpha"] == pytest.approx(56**0.5)
+    with _session(out) as s:
+        got = _run(s, [long], pos[None], ~mask[None])["logits"]
+    exact, _ = oc.forward(sd, cfg, [long], pos[None], mask[None], inv_freq="fp32")
+    rounded, _ = oc.forward(sd, cfg, [long], pos[None], mask[None], inv_freq="fp16")
+    _within(got, exact)
+    with pytest.raises(AssertionError):  # the switch matters: the fp16-rounded model is outside the budget
+        _within(got, rounded)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_released_int_folders_export_their_own_integers(bits, tmp_path):
+    """A chatglm-6b-int4 / -int8 folder (written here in the released layout) exports as int4-weight /
+    int8-weight, judged against the oracle on the dequantized weights (q x scale); glm_export/hf_quantized.py's
+    tests prove the integers bit for bit, so what remains is MatMulNBits' int8 activations and the 8-bit head."""
+    from glm_export.export import export_onnx
+
+    hub = make_chatglm_folder(
+        tmp_path / f"chatglm-6b-int{bits}",
+        seed=5,
+        mutate=lambda sd: quantize_like_hf(sd, bits),
+        config_extra={"quantization_bit": bits},
+    )
+    out = export_onnx(hub, tmp_path / "onnx", no_tokenizer=True, log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == f"int{bits}-weight"
+    assert manifest["parity"]["passed"] and manifest["extra"]["quantization"]["scheme"] == f"int{bits}-weight"
+    import torch
+
+    raw = {}  # the oracle's loader reads float folders: the released tensors, dequantized here independently
+    for f in sorted(hub.glob("pytorch_model-*.bin")):
+        raw.update({k: v.numpy() for k, v in torch.load(f).items()})
+    sd = dequantize_like_hf(raw, bits)
+    cfg = json.loads((hub / "config.json").read_text())
+    pos, mask = oc.chatglm_positions(PROMPT, GMASK, MASK, SOP)
+    want, _ = oc.forward(sd, cfg, [PROMPT], pos[None], mask[None])
+    with _session(out) as s:
+        got = _run(s, [PROMPT], pos[None], ~mask[None])["logits"]
+    # MatMulNBits at accuracy_level 4 rounds activations to int8 and the head is 8-bit: the figure is recorded
+    err = float(np.abs(got - want).max())
+    assert err < 0.05 * float(np.abs(want).max()), err
+    assert int(np.argmax(got[0, -1])) == int(np.argmax(want[0, -1]))
+
+
+def test_chatglm2_and_glm4_folders_are_refused_in_one_line_nothing_written(tmp_path):
+    from glm_export.checkpoint import convert_checkpoint
+    from glm_runtime.errors import GLMXError
+
+    for padded, name in ((65024, "ChatGLM2-6B / ChatGLM3-6B"), (151552, "GLM-4")):
+        hub = make_chatglm_folder(
+            tmp_path / f"v2-{padded}",
+            config_extra={"multi_query_attention": True, "padded_vocab_size": padded, "multi_query_group_num": 2},
+        )
+        out = tmp_path / f"out-{padded}"
+        with pytest.raises(GLMXError) as exc:
+            convert_checkpoint(hub, out)
+        message = str(exc.value)
+        assert "\n" not in message and name in message and "multi_query_attention" in message, message
+        assert not out.exists()
