@@ -1,7 +1,8 @@
 """GLM's tokenizers without torch: one of the original vocabularies (read by glm_runtime.vocabularies, with the
 command-token ids of docs/glm.md 7) behind one GLMTokenizer.
 
-In: GPT-2 / RoBERTa / BERT / Chinese SentencePiece vocabulary files or glmx's tokenizer.json, a folder or a file.
+In: GPT-2 / RoBERTa / BERT / Chinese SentencePiece vocabulary files, ChatGLM-6B's ice_text.model (+ its
+tokenizer_config.json) or glmx's tokenizer.json, a folder or a file.
 Out: `GLMTokenizer` (`load_tokenizer` decides the kind and the files) and the blank-filling context ids of
 docs/glm.md 4.1 (`build_context_ids`, `find_blanks`).
 """
@@ -21,14 +22,19 @@ from glm_runtime.config import TOKENIZER_KINDS
 from glm_runtime.manifest import atomic_write_bytes, atomic_write_json, sha256_file
 from glm_runtime.vocabularies import (
     BPE_FILES,
+    CHATGLM_COMMAND_STRINGS,
+    CHATGLM_MODEL,
     COMMAND_NAMES,
     COMMAND_STRINGS,
     JSON_SPECIAL_TOKENS,
     TextVocabulary,
     TokenizerError,
+    chatglm_image_tokens,
     chinese_sp_special_ids,
+    image_tokens,
     read_bert,
     read_bpe,
+    read_chatglm,
     read_json,
     read_sentencepiece,
 )
@@ -45,6 +51,7 @@ __all__ = [
     "GLMTokenizer",
     "TokenizerError",
     "build_context_ids",
+    "chatglm_image_tokens",
     "chinese_sp_special_ids",
     "copy_tokenizer_files",
     "find_blanks",
@@ -72,7 +79,15 @@ FAMILY = {
     "chinese-sp": "sp",
     "chinese-sp-fix": "sp",
     "json": "json",
+    "chatglm": "sp",
 }
+
+
+def _command_strings(kind: str) -> dict[str, str]:
+    """How each command token is written, in text and in decoded output: ChatGLM has its own ("<sop>", "</s>")."""
+    if kind == "chatglm":
+        return dict(CHATGLM_COMMAND_STRINGS)
+    return dict(COMMAND_STRINGS, **({"pad": "[PAD]", "eos": "[PAD]"} if kind == "bert" else {}))
 
 
 class BlankError(TokenizerError):
@@ -113,7 +128,7 @@ class GLMTokenizer:
     ) -> None:
         self.kind, self._text, self.files, self.options = kind, text, dict(files), dict(options)
         self.special = {name: special[name] for name in COMMAND_NAMES if name in special}
-        strings = dict(COMMAND_STRINGS, **({"pad": "[PAD]", "eos": "[PAD]"} if kind == "bert" else {}))
+        strings = _command_strings(kind)
         self.command_strings = {name: strings[name] for name in self.special}
         self._string_to_id = {strings[name]: i for name, i in self.special.items()}
         self._id_to_string: dict[int, str] = {}
@@ -134,15 +149,12 @@ class GLMTokenizer:
 
     @functools.cached_property
     def longest_token_chars(self) -> int:
-        """The most characters one token's text can hold: its string's length (a byte-level token's string has a
-        character per byte, a WordPiece one its ## too), so no text of more than P x this fits P tokens. (A
-        WordPiece [UNK] stands for a whole unknown word; words past 100 characters are refused by this bound.)"""
+        """The most characters one token's text can hold: a command's string, or what the vocabulary says (a token
+        string's length: a byte-level token's string has a character per byte, a WordPiece one its ## too; 80 for
+        ChatGLM, whose <|blank_80|> is 80 spaces), so no text of more than P x this fits P tokens. (A WordPiece
+        [UNK] stands for a whole unknown word; words past 100 characters are refused by this bound.)"""
         lengths = [len(self.command_strings[name]) for name in self.special]
-        for i in range(self._text.size):
-            token = self._text.id_to_token(i)
-            if token is not None:
-                lengths.append(len(token))
-        return max(lengths)
+        return max([*lengths, self._text.longest_token_chars()])
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         """The model's V: this size rounded up to a multiple of 128 (docs/glm.md 6)."""
@@ -176,12 +188,12 @@ class GLMTokenizer:
                         parts.append(self._text.decode(run))
                         run = []
                     parts.append(self._id_to_string[i])
-            elif 0 <= i < self._text.size:
+            elif self._text.first_id <= i < self._text.size:
                 run.append(i)
             else:
                 raise TokenizerError(
-                    f"id {i} is not a token of this {self.kind} tokenizer (text ids 0..{self._text.size - 1}, "
-                    f"command ids {sorted(self._id_to_string)}); padded ids >= {self.vocab_size} have no text"
+                    f"id {i} is not a token of this {self.kind} tokenizer (text ids {self._text.first_id}.."
+                    f"{self._text.size - 1}, command ids {sorted(self._id_to_string)}); {self._no_text(i)}"
                 )
         if run:
             parts.append(self._text.decode(run))
@@ -198,10 +210,20 @@ class GLMTokenizer:
     def id_to_token(self, i: int) -> str:
         if i in self._id_to_string:
             return self._id_to_string[i]
-        token = self._text.id_to_token(i) if 0 <= i < self._text.size else None
+        token = self._text.id_to_token(i) if self._text.first_id <= i < self._text.size else None
         if token is None:
-            raise TokenizerError(f"id {i} is not a token of this {self.kind} tokenizer (size {self.vocab_size})")
+            raise TokenizerError(
+                f"id {i} is not a token of this {self.kind} tokenizer (size {self.vocab_size}); {self._no_text(i)}"
+            )
         return token
+
+    def _no_text(self, i: int) -> str:
+        """Why id `i` has no text (a padded row, ChatGLM's image tokens, an id no token was given)."""
+        if 0 <= i < self._text.first_id:
+            return f"ids below num_image_tokens = {self._text.first_id} are image tokens, which have no text"
+        if i >= self.vocab_size:
+            return f"padded ids >= {self.vocab_size} have no text"
+        return "no token has this id"
 
     def command_id(self, name: str) -> int:
         """Id of a command token by name ("eos", "gMASK", ...), with a clear error when the vocabulary lacks it."""
@@ -257,14 +279,17 @@ def load_tokenizer(
     task_mask: bool | None = None,
     decoder_mask: bool | None = None,
     hf_gmask: bool = False,
+    num_image_tokens: int | None = None,
 ) -> GLMTokenizer:
     """Load a GLM tokenizer from a folder or a file.
 
     kind: one of TOKENIZER_KINDS; detected when left out (tokenizer.json -> json, vocab.json + merges.txt ->
     gpt2, vocab.txt -> bert, a folder written by GLMTokenizer.save -> its recorded kind). A SentencePiece
-    *.model needs kind "chinese-sp-fix" (GLM-Large-Chinese) or "chinese-sp" (GLM-10B-Chinese, original ids
-    where gMASK == eop == 50007; hf_gmask=True for the Hugging Face checkpoints, gMASK = 50009).
+    *.model needs kind "chinese-sp-fix" (GLM-Large-Chinese), "chinese-sp" (GLM-10B-Chinese, original ids
+    where gMASK == eop == 50007; hf_gmask=True for the Hugging Face checkpoints, gMASK = 50009) or "chatglm"
+    (ChatGLM-6B's ice_text.model).
     task_mask / decoder_mask: add [gMASK]/[sMASK] and [dBLOCK]; default = what the released models used.
+    num_image_tokens (chatglm only): added to every id; default = tokenizer_config.json's (chatglm_image_tokens).
     """
     path = Path(path)
     if not path.exists():
@@ -281,17 +306,28 @@ def load_tokenizer(
         task_mask = saved.get("task_mask") if task_mask is None else task_mask
         decoder_mask = saved.get("decoder_mask") if decoder_mask is None else decoder_mask
         hf_gmask = hf_gmask or saved.get("hf_gmask", False)
+        num_image_tokens = saved.get("num_image_tokens") if num_image_tokens is None else num_image_tokens
     if kind is not None and kind not in TOKENIZER_KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {TOKENIZER_KINDS}")
     kind, files = _find_files(path, kind)
-    if kind == "json":
+    if num_image_tokens is not None and kind != "chatglm":
+        raise TokenizerError(f"num_image_tokens applies only to kind 'chatglm' (ChatGLM-6B), not {kind!r}")
+    if kind in ("json", "chatglm"):
         if task_mask is not None or decoder_mask is not None or hf_gmask:
+            what = "tokenizer.json" if kind == "json" else "chatglm tokenizer"
             raise TokenizerError(
-                "task_mask / decoder_mask / hf_gmask do not apply to a tokenizer.json: "
-                "its special tokens are looked up by string"
+                f"task_mask / decoder_mask / hf_gmask do not apply to a {what}: "
+                f"its special tokens are looked up by string"
             )
-        text, special = read_json(files)
-        return GLMTokenizer("json", text, special, files, {})
+        if kind == "json":
+            text, special = read_json(files)
+            return GLMTokenizer("json", text, special, files, {})
+        (model,) = files.values()
+        if num_image_tokens is None:
+            num_image_tokens, _ = chatglm_image_tokens(model.parent)
+        options: dict[str, Any] = {"num_image_tokens": image_tokens(num_image_tokens, "num_image_tokens")}
+        text, special = read_chatglm(files, options)
+        return GLMTokenizer(kind, text, special, files, options)
     if hf_gmask and kind != "chinese-sp":
         raise TokenizerError(f"hf_gmask applies only to kind 'chinese-sp' (GLM-10B-Chinese), not {kind!r}")
     default_task, default_decoder = _DEFAULT_OPTIONS[kind]
@@ -325,13 +361,14 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
         if family is None and kind is None:
             raise TokenizerError(
                 f"no tokenizer files in {folder}: expected tokenizer.json, vocab.json + "
-                f"merges.txt, vocab.txt, or a SentencePiece *.model"
+                f"merges.txt, vocab.txt, or a SentencePiece *.model ({CHATGLM_MODEL} for ChatGLM-6B)"
             )
     if kind is None:
         if family == "sp":
             raise TokenizerError(
                 f"a SentencePiece model ({path}) needs an explicit kind: 'chinese-sp-fix' for "
-                f"GLM-Large-Chinese or 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ)"
+                f"GLM-Large-Chinese, 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ) or 'chatglm' "
+                f"for ChatGLM-6B's {CHATGLM_MODEL}"
             )
         assert family is not None  # no files and no kind was refused above
         kind = {"json": "json", "bpe": "gpt2", "wordpiece": "bert"}[family]
@@ -344,6 +381,8 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
         files = {"vocab.txt": path if path.is_file() else folder / "vocab.txt"}
     elif path.is_file():
         files = {path.name: path}
+    elif kind == "chatglm":
+        files = {CHATGLM_MODEL: folder / CHATGLM_MODEL}
     else:
         models = sorted(p.name for p in folder.glob("*.model"))
         chosen = "cog-pretrain.model" if "cog-pretrain.model" in models else models[0] if len(models) == 1 else None
@@ -393,22 +432,14 @@ def tokenizer_entry(tok: GLMTokenizer, folder: str | os.PathLike) -> dict[str, A
 # ---------------------------------------------------------------- the files of a tokenizer
 
 
+_FAMILY_BY_SUFFIX = {".json": "json", ".model": "sp", ".txt": "wordpiece"}
+
+
 def files_family(path: Path) -> str | None:
     """Which tokenizer family the files at `path` (a folder or one of its files) are, None if none."""
-    folder = path.parent if path.is_file() else path
     if path.is_file():
-        name = path.name
-        return (
-            "bpe"
-            if name in BPE_FILES
-            else "json"
-            if name.endswith(".json")
-            else "sp"
-            if name.endswith(".model")
-            else "wordpiece"
-            if name.endswith(".txt")
-            else None
-        )
+        return "bpe" if path.name in BPE_FILES else _FAMILY_BY_SUFFIX.get(path.suffix)
+    folder = path
     if (folder / "tokenizer.json").is_file():
         return "json"
     if (folder / "vocab.json").is_file():

@@ -15,6 +15,7 @@ from typing import Any
 
 from glm_runtime.config import TOKENIZER_KINDS
 from glm_runtime.tokenizer import FAMILY, META_NAME, GLMTokenizer, TokenizerError, files_family, load_tokenizer
+from glm_runtime.vocabularies import CHATGLM_CONFIG, CHATGLM_MODEL, chatglm_image_tokens
 
 # tokenizer_config.json's `tokenizer_class` in the released Hugging Face GLM folders (THUDM remote code)
 HF_TOKENIZER_CLASSES = {
@@ -22,6 +23,7 @@ HF_TOKENIZER_CLASSES = {
     "GLMGPT2Tokenizer": "gpt2",
     "GLMRobertaTokenizer": "roberta",
     "GLMChineseTokenizer": "chinese",
+    "ChatGLMTokenizer": "chatglm",  # ChatGLM-6B (chatglm_v1_spec.md 6); ChatGLM2/3 reuse the name, not the files
 }
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 FAMILY_FILES = {
@@ -33,6 +35,8 @@ FAMILY_FILES = {
 # Chinese SentencePiece: which id table a model of these sizes was trained with (docs/glm.md 7; presets:
 # docs/glm.md 6)
 _CHINESE_BY_SIZE = {(24, 1024): "chinese-sp-fix", (48, 4096): "chinese-sp"}
+# ChatGLM-6B's embedding rows in each revision -> its num_image_tokens (chatglm_v1_spec.md 1 and 6)
+_CHATGLM_IMAGE_TOKENS_BY_ROWS = {130528: 0, 150528: 20000}
 
 
 def _json_object(path: Path, what: str) -> dict:
@@ -93,6 +97,8 @@ def resolve_tokenizer(
         ]
     folder = path.parent if path.is_file() else path
     cls, cls_file = _hf_tokenizer_class(folder)
+    if cls == "ChatGLMTokenizer" and not (path.is_file() or (folder / CHATGLM_MODEL).is_file()):
+        raise TokenizerError(f"{cls_file} names {cls}, but {folder} has no {CHATGLM_MODEL}{_chatglm2(folder)}")
     family = files_family(path)
     if family is None:
         raise TokenizerError(
@@ -137,6 +143,9 @@ def resolve_tokenizer(
         kind = {"json": "json", "wordpiece": "bert"}[family]
         notes.append(f"tokenizer: {kind} ({FAMILY_FILES[family]})")
     hf_gmask = False
+    if family == "sp" and kind is None and getattr(config, "architecture", None) == "chatglm-6b":
+        kind = "chatglm"
+        notes.append("tokenizer: chatglm (a SentencePiece model, and the model's architecture is chatglm-6b)")
     if family == "sp" and kind is None:
         sizes = (getattr(config, "num_layers", 0), getattr(config, "hidden_size", 0))  # 0: not a known size
         kind = _CHINESE_BY_SIZE.get(sizes)
@@ -163,21 +172,52 @@ def resolve_tokenizer(
     hf_gmask = kind == "chinese-sp" and layout == "hf"
     if hf_gmask:
         notes.append("tokenizer: Hugging Face gMASK convention (gMASK = sop + 3, its row a copy of eop's)")
-    tok = load_tokenizer(path, kind, hf_gmask=hf_gmask)
+    image_tokens = _chatglm_image_tokens(folder, config, notes) if kind == "chatglm" else None
+    tok = load_tokenizer(path, kind, hf_gmask=hf_gmask, num_image_tokens=image_tokens)
     return check_fits(tok, config, str(path)), notes
 
 
+def _chatglm2(folder: Path) -> str:
+    """ChatGLM2/3-6B name their tokenizer ChatGLMTokenizer too, with a tokenizer.model: say so when it is that."""
+    if (folder / "tokenizer.model").is_file():
+        return " (ChatGLM-6B's vocabulary); its tokenizer.model is ChatGLM2/3-6B's, which glmx does not run"
+    return " (ChatGLM-6B's vocabulary)"
+
+
+def _chatglm_image_tokens(folder: Path, config: Any, notes: list[str]) -> int:
+    """ChatGLM's num_image_tokens: tokenizer_config.json's, else the one of the revision whose V the model has. A
+    file that disagrees with a released V is refused: every id would be off by 20000."""
+    rows = getattr(config, "vocab_size", None)
+    by_rows = _CHATGLM_IMAGE_TOKENS_BY_ROWS.get(rows) if isinstance(rows, int) else None
+    if by_rows is not None and not (folder / CHATGLM_CONFIG).is_file():
+        notes.append(
+            f"tokenizer: num_image_tokens {by_rows} (no {CHATGLM_CONFIG}; V = {rows} is the ChatGLM-6B revision "
+            f"with {by_rows}) - ASSUMED"
+        )
+        return by_rows
+    n, source = chatglm_image_tokens(folder)
+    if by_rows is not None and n != by_rows:
+        raise TokenizerError(
+            f"{folder / CHATGLM_CONFIG} gives num_image_tokens {n} ({source}), but the model's V = {rows} is the "
+            f"ChatGLM-6B revision with {by_rows}: every id would be off by {abs(n - by_rows)}; pass the model's "
+            f"own tokenizer files (--tokenizer)"
+        )
+    notes.append(f"tokenizer: num_image_tokens {n} ({source})")
+    return n
+
+
 def check_fits(tok: GLMTokenizer, config: Any, where: str) -> GLMTokenizer:
-    """The tokenizer must belong to the model: every id an embedding row, and for the released vocabularies the
-    model's V is exactly the tokenizer's size padded to 128 (docs/glm.md 6)."""
+    """The tokenizer must belong to the model: every id an embedding row, and for the released GLM vocabularies the
+    model's V is exactly the tokenizer's size padded to 128 (docs/glm.md 6; not ChatGLM's: 130344 ids, V 130528)."""
     rows = getattr(config, "vocab_size", None)
     if rows is None:
         return tok
-    if tok.vocab_size > rows or (tok.kind != "json" and tok.padded_vocab_size() != rows):
+    padded = tok.kind not in ("json", "chatglm")
+    if tok.vocab_size > rows or (padded and tok.padded_vocab_size() != rows):
+        model_of = f" (a model of V = {tok.padded_vocab_size()})" if padded else ""
         raise TokenizerError(
-            f"the {tok.kind} tokenizer at {where} has {tok.vocab_size} ids (a model of V = "
-            f"{tok.padded_vocab_size()}), but the model has {rows} embedding rows: they do not belong together; "
-            f"pass the model's own tokenizer (--tokenizer)"
+            f"the {tok.kind} tokenizer at {where} has {tok.vocab_size} ids{model_of}, but the model has {rows} "
+            f"embedding rows: they do not belong together; pass the model's own tokenizer (--tokenizer)"
         )
     return tok
 
@@ -192,6 +232,8 @@ def load_recorded_tokenizer(folder: str | os.PathLike, entry: Mapping[str, Any])
     kind = entry.get("kind")
     if kind in (None, "json"):
         tok = load_tokenizer(folder / entry["file"], kind)
+    elif kind == "chatglm":
+        tok = load_tokenizer(folder / entry["file"], kind, num_image_tokens=options.get("num_image_tokens"))
     else:
         tok = load_tokenizer(
             folder / entry["file"],

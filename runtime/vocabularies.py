@@ -1,5 +1,6 @@
 """GLM's vocabularies, one reader per kind: GPT-2 and RoBERTa byte-level BPE, uncased BERT WordPiece, the Chinese
-SentencePiece model and glmx's tokenizer.json, each with the command-token ids of docs/glm.md 7.
+SentencePiece model, ChatGLM-6B's ice_text.model and glmx's tokenizer.json, each with the command-token ids of
+docs/glm.md 7 (ChatGLM's: chatglm_v1_spec.md 6).
 
 In: the files of one kind (glm_runtime.tokenizer.load_tokenizer decides the kind and finds them).
 Out: (text vocabulary, command ids by name), which glm_runtime.tokenizer.GLMTokenizer wraps; nothing here
@@ -8,6 +9,8 @@ knows blanks or prompts.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +47,23 @@ JSON_SPECIAL_TOKENS = (
     "[dBLOCK]",
 )
 _JSON_REQUIRED = ("pad", "eos", "ENC", "MASK", "sop", "eop")
+# ChatGLM-6B's command tokens are pieces of ice_text.model under its own strings (chatglm_v1_spec.md 6); no sep.
+CHATGLM_COMMAND_STRINGS = {
+    "pad": "<pad>",
+    "eos": "</s>",
+    "ENC": "<ENC>",
+    "MASK": "[MASK]",
+    "unk": "<unk>",
+    "sop": "<sop>",
+    "eop": "<eop>",
+    "gMASK": "[gMASK]",
+    "sMASK": "[sMASK]",
+    "dBLOCK": "<dBLOCK>",
+}
+CHATGLM_MODEL = "ice_text.model"  # ChatGLM-6B's SentencePiece model; tokenizer_config.json beside it
+CHATGLM_CONFIG = "tokenizer_config.json"
+CHATGLM_MAX_BLANK = 80  # runs of 2..80 spaces are one <|blank_N|> piece each
+CHATGLM_TEXT_PIECES = ("<n>", "<|tab|>", *(f"<|blank_{n}|>" for n in range(2, CHATGLM_MAX_BLANK + 1)))
 BPE_FILES = ("vocab.json", "merges.txt")  # a GPT-2 / RoBERTa byte-level BPE is this pair, side by side
 
 
@@ -55,9 +75,12 @@ class TokenizerError(GLMXError, ValueError):
 
 
 class TextVocabulary(Protocol):
-    """What GLMTokenizer needs of a vocabulary: text segments to ids and back, token lookups, its size."""
+    """What GLMTokenizer needs of a vocabulary: text segments to ids and back, token lookups, its size.
+
+    Text ids are first_id..size-1; ids below first_id have no text (ChatGLM's image tokens, else none)."""
 
     size: int
+    first_id: int
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -67,9 +90,21 @@ class TextVocabulary(Protocol):
 
     def id_to_token(self, i: int) -> str | None: ...
 
+    def longest_token_chars(self) -> int:
+        """The most characters the text of one id can hold."""
+        ...
+
+
+def _longest_token_string(text: TextVocabulary) -> int:
+    """The longest token string: a byte-level token's string has a character per byte, a WordPiece one its ##
+    too, so its length bounds the characters it stands for."""
+    return max((len(token) for i in range(text.first_id, text.size) if (token := text.id_to_token(i))), default=0)
+
 
 class _TokenizersText:
     """A `tokenizers.Tokenizer` (byte-level BPE or WordPiece) used on text segments only."""
+
+    first_id = 0
 
     def __init__(self, tok: Any) -> None:
         self.tok = tok
@@ -87,8 +122,13 @@ class _TokenizersText:
     def id_to_token(self, i: int) -> str | None:
         return self.tok.id_to_token(i)
 
+    def longest_token_chars(self) -> int:
+        return _longest_token_string(self)
+
 
 class _SentencePieceText:
+    first_id = 0
+
     def __init__(self, sp: Any) -> None:
         self.sp = sp
         self.size = sp.get_piece_size()
@@ -105,6 +145,56 @@ class _SentencePieceText:
 
     def id_to_token(self, i: int) -> str | None:
         return self.sp.id_to_piece(i)
+
+    def longest_token_chars(self) -> int:
+        return _longest_token_string(self)
+
+
+_BLANK_RUN = re.compile(" {2,}")
+_BLANK_PIECE = re.compile(r"<\|blank_([1-9][0-9]?)\|>")  # as written by _blanks (no leading zero)
+
+
+def _blanks(run: re.Match) -> str:
+    """A run of spaces as <|blank_80|> pieces, longest first, then one piece for the rest (a single space stays)."""
+    whole, rest = divmod(len(run.group()), CHATGLM_MAX_BLANK)
+    return f"<|blank_{CHATGLM_MAX_BLANK}|>" * whole + (f"<|blank_{rest}|>" if rest > 1 else " " * rest)
+
+
+def _spaces(piece: re.Match) -> str:
+    n = int(piece.group(1))
+    return " " * n if 2 <= n <= CHATGLM_MAX_BLANK else piece.group()
+
+
+class _ChatGLMText:
+    """ice_text.model behind ChatGLM-6B's text rules (chatglm_v1_spec.md 6): newline, tab and runs of spaces become
+    pieces of their own before SentencePiece and turn back after it; every id is shifted by num_image_tokens."""
+
+    def __init__(self, sp: Any, num_image_tokens: int) -> None:
+        self.sp, self.first_id = sp, num_image_tokens
+        self.size = num_image_tokens + sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        text = _BLANK_RUN.sub(_blanks, text.replace("\n", "<n>").replace("\t", "<|tab|>"))
+        return [i + self.first_id for i in self.sp.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        if any(i < self.first_id for i in ids):  # GLMTokenizer refuses them first; never decode them as text
+            raise TokenizerError(f"ids below {self.first_id} are ChatGLM image tokens, which have no text")
+        text = self.sp.decode([i - self.first_id for i in ids])
+        return _BLANK_PIECE.sub(_spaces, text.replace("<n>", "\n").replace("<|tab|>", "\t"))
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)  # unknown pieces map to <unk>; tell them apart
+        return i + self.first_id if self.sp.id_to_piece(i) == token else None
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i - self.first_id) if self.first_id <= i < self.size else None
+
+    def longest_token_chars(self) -> int:
+        # a piece's string is at least as long as its text (<0xF0> is one byte, <n> one character), except a
+        # <|blank_N|>, which is N spaces
+        longest = max(len(self.sp.id_to_piece(i)) for i in range(self.sp.get_piece_size()))
+        return max(longest, CHATGLM_MAX_BLANK)
 
 
 # ---------------------------------------------------------------- command-token id tables (docs/glm.md 7)
@@ -221,26 +311,80 @@ def read_bert(files: dict[str, Path], options: dict[str, Any]) -> tuple[TextVoca
     return text, special
 
 
-def read_sentencepiece(
-    kind: str, files: dict[str, Path], options: dict[str, Any]
-) -> tuple[TextVocabulary, dict[str, int]]:
-    """The Chinese SentencePiece model (cog-pretrain.model) and ChineseSPTokenizer's command ids."""
+def _load_sentencepiece(model: Path, what: str) -> Any:
+    """A SentencePieceProcessor for `model`; a missing package or a malformed file is a one-line TokenizerError."""
     try:
         import sentencepiece
     except ImportError:
         raise TokenizerError(
-            "the Chinese SentencePiece tokenizer needs the sentencepiece package: pip install sentencepiece"
+            f"the {what} needs the sentencepiece package (one of glmx's dependencies): pip install sentencepiece"
         ) from None
-    (model,) = files.values()
     try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        return sentencepiece.SentencePieceProcessor(model_file=str(model))
     except Exception as exc:  # noqa: BLE001 - tokenizers / sentencepiece raise a bare Exception on a malformed file
         raise TokenizerError(f"cannot read SentencePiece model {model}: {exc}") from None
-    text = _SentencePieceText(sp)
+
+
+def read_sentencepiece(
+    kind: str, files: dict[str, Path], options: dict[str, Any]
+) -> tuple[TextVocabulary, dict[str, int]]:
+    """The Chinese SentencePiece model (cog-pretrain.model) and ChineseSPTokenizer's command ids."""
+    (model,) = files.values()
+    text = _SentencePieceText(_load_sentencepiece(model, "Chinese SentencePiece tokenizer"))
     special = chinese_sp_special_ids(
         text.size, kind == "chinese-sp-fix", options["task_mask"], options["decoder_mask"], options["hf_gmask"]
     )
     return text, special
+
+
+def chatglm_image_tokens(folder: Path) -> tuple[int, str]:
+    """ChatGLM's num_image_tokens as the hub folder's tokenizer_config.json says, and where that came from.
+
+    The current ChatGLM-6B revision writes 0; the file before 2023-04-06 has no such key, and the remote code's
+    default 20000 applies (as for GLM-130B's icetk). No file: a TokenizerError, since every id depends on it.
+    """
+    path = folder / CHATGLM_CONFIG
+    if not path.is_file():
+        raise TokenizerError(
+            f"{folder} has no {CHATGLM_CONFIG} to give ChatGLM's num_image_tokens, which is added to every id and "
+            f"differs by 20000 between revisions (0 in the current ChatGLM-6B, 20000 before 2023-04-06 and in "
+            f"GLM-130B): pass it (load_tokenizer(..., num_image_tokens=0)) or put the hub's {CHATGLM_CONFIG} beside"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read {path} as a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} is not a JSON object")
+    if "num_image_tokens" not in data:
+        return 20000, f"{CHATGLM_CONFIG} has none: the remote code's default, as before 2023-04-06"
+    return image_tokens(data["num_image_tokens"], f"{path}'s num_image_tokens"), CHATGLM_CONFIG
+
+
+def image_tokens(value: Any, what: str) -> int:
+    """A num_image_tokens `value` checked: a whole number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TokenizerError(f"{what} must be a whole number >= 0 (0 or 20000 for ChatGLM-6B), got {value!r}")
+    return value
+
+
+def read_chatglm(files: dict[str, Path], options: dict[str, Any]) -> tuple[TextVocabulary, dict[str, int]]:
+    """ChatGLM-6B's ice_text.model with options["num_image_tokens"] added to every id (chatglm_v1_spec.md 6); its
+    command ids are its own pieces, looked up by string, never assumed."""
+    (model,) = files.values()
+    sp = _load_sentencepiece(model, "ChatGLM-6B tokenizer (ice_text.model)")
+    text = _ChatGLMText(sp, int(options["num_image_tokens"]))
+    special = {name: text.token_to_id(piece) for name, piece in CHATGLM_COMMAND_STRINGS.items()}
+    missing = [piece for piece in CHATGLM_TEXT_PIECES if text.token_to_id(piece) is None]
+    missing = [CHATGLM_COMMAND_STRINGS[name] for name, i in special.items() if i is None] + missing
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise TokenizerError(
+            f"{model} lacks the pieces {shown}: not the current ChatGLM-6B ice_text.model (before 2023-04-06 the "
+            f"remote code added its command, tab, blank and byte pieces at load time; the current file holds them, "
+            f"and that revision's ids are the same pieces shifted by num_image_tokens=20000)"
+        )
+    return text, {name: i for name, i in special.items() if i is not None}
 
 
 def read_json(files: dict[str, Path]) -> tuple[TextVocabulary, dict[str, int]]:
