@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from glm_runtime.architecture import CHATGLM_6B, GLM, PromptRule
 from glm_runtime.config import TOKENIZER_KINDS
 from glm_runtime.manifest import atomic_write_bytes, atomic_write_json, sha256_file
 from glm_runtime.vocabularies import (
@@ -143,6 +144,9 @@ class GLMTokenizer:
         self._split = re.compile(f"({pattern})")
         self.mask_ids = tuple(self.special[n] for n in BLANK_NAMES if n in self.special)
         self.vocab_size = max(text.size, max(self.special.values()) + 1)  # unpadded, specials included
+        # how a prompt's context is laid out (glm_runtime.architecture): the architecture the vocabulary belongs
+        # to by default; glm_runtime.session.open_model sets the model's own
+        self.prompt: PromptRule = (CHATGLM_6B if kind == "chatglm" else GLM).prompt
 
     def __repr__(self) -> str:
         return f"GLMTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, special={self.special})"
@@ -459,12 +463,18 @@ def find_blanks(ids: Sequence[int], tok: GLMTokenizer) -> list[tuple[int, int]]:
 
 
 def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = False) -> list[int]:
-    """[ENC] + encode(text) + [eos], without eos when the text ends with [gMASK] (docs/glm.md 4.1, 9.11).
+    """The context ids of a blank-filling prompt, laid out by tok.prompt (the model's architecture):
+    GLM: [ENC] + encode(text) + [eos], without eos when the text ends with [gMASK] (docs/glm.md 4.1, 9.11);
+    ChatGLM-6B: encode(text) alone, its span's <sop> following (chatglm_v1_spec.md 5).
 
     A text without a blank is refused unless append_gmask, which appends " [gMASK]" (" [MASK]" for a
-    vocabulary without [gMASK]) so the model continues the text.
+    vocabulary without [gMASK]) so the model continues the text; ChatGLM-6B: the [gMASK] id right after the
+    text's ids, exactly as its HF tokenizer appends it.
     """
     ids = tok.encode(text)
+    rule = tok.prompt
+    if not find_blanks(ids, tok) and append_gmask and not rule.cls_first:
+        return [*ids, tok.special["gMASK"]]
     if not find_blanks(ids, tok):
         if not append_gmask:
             blanks = " ".join(tok.command_strings[n] for n in BLANK_NAMES if n in tok.special)
@@ -483,7 +493,10 @@ def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = Fals
             )
         text = text + (" [gMASK]" if "gMASK" in tok.special else " [MASK]")
         ids = tok.encode(text)
-    ids = [tok.special["ENC"], *ids]
-    if not ("gMASK" in tok.special and text.endswith("[gMASK]")):
+    if rule.cls_first:
+        ids = [tok.special["ENC"], *ids]
+    if rule.eos_unless_last is not None and ids[-1] not in {
+        tok.special[n] for n in rule.eos_unless_last if n in tok.special
+    }:
         ids.append(tok.special["eos"])
     return ids
