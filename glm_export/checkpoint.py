@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from glm_export.hf_config import from_hf_dict, to_hf_dict
+from glm_export.lora import merge_lora
 from glm_export.model import GLMModel
 from glm_export.nbits import Released
 from glm_export.published import to_glmx_names
@@ -654,6 +655,7 @@ class OpenedCheckpoint:
     notes: tuple[str, ...]
     tokenizer_replaced: dict[str, Any] | None = None  # the checkpoint's own tokenizer and the given one, both hashed
     released: Released | None = None  # a chatglm-6b-int4 / -int8 folder's integers (glm_export.nbits)
+    lora: dict[str, Any] | None = None  # the merged LoRA adapter's record (glm_export.lora), for the manifest
 
     def num_parameters(self) -> int:
         return self.weights.numel()
@@ -670,9 +672,11 @@ def open_checkpoint(
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
     rotary_inv_freq: str | None = None,
+    lora: str | Path | None = None,
 ) -> OpenedCheckpoint:
     """Everything load_checkpoint decides, from the files' headers only: names and shapes are checked against
-    the config; the weights are read one tensor at a time when asked for (and checked for NaN / inf then)."""
+    the config; the weights are read one tensor at a time when asked for (and checked for NaN / inf then).
+    lora: a PEFT LoRA adapter folder, merged into each targeted weight as it is read (glm_export.lora)."""
     found = _detect(Path(path))
     sd, ignored = _strip_prefix(found.state_dict)
     sd.error = CheckpointError
@@ -681,6 +685,10 @@ def open_checkpoint(
     if rotary_inv_freq is not None:
         cfg = cfg.replace(rotary_inv_freq=rotary_inv_freq)
     found.notes.append(describe_architecture(cfg))
+    lora_record = None
+    if lora is not None:  # PEFT's delta is in the published row order: merged before glmx reorders the rows
+        qkv_rows = "blocks" if found.layout == "glmx" else None
+        sd, lora_record = merge_lora(sd, cfg, lora, found.notes, qkv_rows=qkv_rows)
     released = None
     if found.layout != "glmx":  # a published folder's names and layout -> glmx's (GLM: nothing changes)
         sd, released = to_glmx_names(sd, cfg, found.notes, found.quantization_bit)
@@ -707,6 +715,7 @@ def open_checkpoint(
         tuple(found.notes),
         found.tokenizer_replaced,
         released,
+        lora_record,
     )
 
 
@@ -831,7 +840,7 @@ def write_checkpoint(
     return out_dir
 
 
-@claims_output(lambda a: [a["src"], a["config"], a["tokenizer"]])
+@claims_output(lambda a: [a["src"], a["config"], a["tokenizer"], a["lora"]])
 def convert_checkpoint(
     src: str | Path,
     out_dir: str | Path,
@@ -842,11 +851,13 @@ def convert_checkpoint(
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
     rotary_inv_freq: str | None = None,
+    lora: str | Path | None = None,
     overwrite: bool = False,
 ) -> tuple[OpenedCheckpoint, Path]:
     """Any supported layout -> glmx folder, one tensor at a time. dtype: 'fp32' | 'fp16' | 'bf16', or None to
-    keep the source's. config / tokenizer / tokenizer_kind / gelu: as load_checkpoint; what was decided goes
-    into the manifest."""
+    keep the source's. config / tokenizer / tokenizer_kind / gelu: as load_checkpoint; lora: an adapter folder
+    merged on the way (glm_export.lora; its merged weights are float32 until `dtype` rounds them). What was
+    decided goes into the manifest."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     opened = open_checkpoint(
@@ -856,6 +867,7 @@ def convert_checkpoint(
         tokenizer_kind=tokenizer_kind,
         gelu=gelu,
         rotary_inv_freq=rotary_inv_freq,
+        lora=lora,
     )
     source = {"path": str(src), "layout": opened.layout, "dtype": opened.source_dtype}
     if opened.tokenizer_replaced:
@@ -866,7 +878,7 @@ def convert_checkpoint(
         out_dir,
         dtype or opened.source_dtype,
         tokenizer=opened.tokenizer,
-        extra={"source": source, "notes": list(opened.notes)},
+        extra={"source": source, "notes": list(opened.notes), **({"lora": opened.lora} if opened.lora else {})},
         overwrite=overwrite,
     )
     return opened, out

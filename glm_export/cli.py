@@ -27,8 +27,8 @@ def require_export_extra(torch: bool = True) -> None:
 
 
 def _source_options(command):
-    """--preset / --config / --tokenizer / --tokenizer-kind / --gelu: how a checkpoint folder is read, shared by
-    convert and export (glm_export.checkpoint.load_checkpoint)."""
+    """--preset / --config / --tokenizer / --tokenizer-kind / --gelu / --rotary-inv-freq / --lora: how a checkpoint
+    folder is read, shared by convert and export (glm_export.checkpoint.open_checkpoint)."""
     options = [
         click.option(
             "--preset",
@@ -72,6 +72,15 @@ def _source_options(command):
             "(what the weights were published with); fp32 = exact, as chatglm.cpp and TensorRT-LLM compute "
             "(logits 1e-3..1e-2 apart at a few hundred positions) [default: fp16]",
         ),
+        click.option(
+            "--lora",
+            type=click.Path(exists=True, file_okay=False),
+            metavar="DIR",
+            default=None,
+            help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors or .bin) to merge "
+            "into the weights as they are read: W + lora_alpha/r x B @ A (alpha/sqrt(r) with use_rslora) in "
+            "float32, in the published row order; recorded in the manifest",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -112,6 +121,7 @@ def convert_cmd(
     tokenizer_kind,
     gelu,
     rotary_inv_freq,
+    lora,
     dtype: str | None,
     overwrite: bool,
 ) -> None:
@@ -126,7 +136,7 @@ def convert_cmd(
 
     options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu, rotary_inv_freq)
     try:
-        loaded, out = convert_checkpoint(src, out_dir, dtype=dtype, overwrite=overwrite, **options)
+        loaded, out = convert_checkpoint(src, out_dir, dtype=dtype, lora=lora, overwrite=overwrite, **options)
     except (CheckpointError, ConfigError, ManifestError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
     cfg = loaded.config

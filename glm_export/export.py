@@ -88,12 +88,14 @@ class _Source:
         model: torch.nn.Module | None = None,
         tokenizer_replaced: dict[str, Any] | None = None,
         released: Any = None,
+        lora: dict[str, Any] | None = None,
     ):
         self.config, self.weights, self.model = config, weights, model
         self.folder, self.tokenizer = folder, tokenizer
         self.notes, self.layout = list(notes), layout
         self.tokenizer_replaced = tokenizer_replaced  # the checkpoint's own tokenizer and --tokenizer's, both hashed
         self.released = released  # a chatglm-6b-int4 / -int8 folder's integers (glm_export.nbits.Released)
+        self.lora = lora  # the record of a LoRA adapter merged into the weights (glm_export.lora)
 
     def reference_model(self) -> torch.nn.Module:
         """The whole fp32 torch model, for the whole-graph check of a small export."""
@@ -142,6 +144,7 @@ def _resolve_source(
         opened.layout,
         tokenizer_replaced=opened.tokenizer_replaced,
         released=opened.released,
+        lora=opened.lora,
     )
 
 
@@ -153,6 +156,7 @@ def _resolve_source(
         a["model_or_checkpoint"] if a["model_or_checkpoint"] is not None else BUNDLED_CHECKPOINT,
         a["tokenizer_file"],
         a["config"],
+        a["lora"],
     ]
 )
 def export_onnx(
@@ -167,6 +171,7 @@ def export_onnx(
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
     rotary_inv_freq: str | None = None,
+    lora: str | Path | None = None,
     no_tokenizer: bool = False,
     overwrite: bool = False,
     validate: bool = True,
@@ -177,6 +182,7 @@ def export_onnx(
 
     config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
     name or config file; the tokenizer's kind; tanh | erf); what was decided is printed and recorded.
+    lora: a PEFT LoRA adapter folder merged into the checkpoint's weights as they are read (glm_export.lora).
     external_data: None = when the weights pass STREAM_THRESHOLD (256 MiB), True = always, False = never.
     The weights are read from the checkpoint one tensor at a time and streamed into the data file as the graph is
     built, so memory does not grow with the number of layers.
@@ -198,6 +204,7 @@ def export_onnx(
         tokenizer_kind=tokenizer_kind,
         gelu=gelu,
         rotary_inv_freq=rotary_inv_freq,
+        lora=lora,
     )
     checkpoint = source.folder
     config: GLMConfig = source.config
@@ -285,6 +292,7 @@ def export_onnx(
                     if precision == "fp16"
                     else None,
                     **({"quantization": _released_record(nbits, precision)} if nbits else {}),
+                    **({"lora": source.lora} if source.lora else {}),
                 },
             )
             write_manifest(stage, manifest)
