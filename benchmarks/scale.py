@@ -108,14 +108,18 @@ def write_random_hub(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     from glm_export.hf_config import to_hf_dict
+    from glm_export.published import published_name
     from glm_export.weights import write_safetensors
 
-    shapes = official_shapes(config)
+    # the published names of config's architecture (GLM's under "glm.", as a hub downstream class holds them)
+    prefix = "glm." if config.arch.name == "glm" else ""
+    names = {prefix + published_name(n, config): n for n in official_shapes(config)}
+    shapes = {published: official_shapes(config)[n] for published, n in names.items()}
     rng = np.random.default_rng(seed)
 
     def make(name: str) -> np.ndarray:
-        shape = shapes[name[len("glm.") :]]
-        std = init_std(name[len("glm.") :], config.num_layers)
+        shape = shapes[name]
+        std = init_std(names[name], config.num_layers)
         if std is None:
             return np.ones(shape, np.float32) if name.endswith("weight") else np.zeros(shape, np.float32)
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
@@ -126,7 +130,7 @@ def write_random_hub(
         if current and size + n > shard_bytes:
             shards.append(current)
             current, size = [], 0
-        current.append((f"glm.{name}", shape, np.dtype(dtype).name))
+        current.append((name, shape, np.dtype(dtype).name))
         size += n
     shards.append(current)
     weight_map, started = {}, time.monotonic()
@@ -144,8 +148,10 @@ def write_random_hub(
     (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=1))
     if tokenizer_file is not None:  # e.g. a small tokenizer.json for tests
         shutil.copy2(tokenizer_file, tmp / Path(tokenizer_file).name)
-    else:
+    elif config.tokenizer in ("gpt2", "bert"):
         {"gpt2": write_gpt2_vocab, "bert": write_bert_vocab}[config.tokenizer](tmp)
+    else:
+        raise ValueError(f"scale: no vocabulary writer for a {config.tokenizer} tokenizer; pass tokenizer_file")
     (tmp / "README.md").write_text(
         f"Random GLM weights at init scale (seed {seed}), shape of {config.name}; "
         f"written by benchmarks/scale.py for memory and speed measurements only.\n"

@@ -41,6 +41,12 @@ def blocks_to_per_head(rows: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(rows.reshape(3, heads, d, *shape[1:]).swapaxes(0, 1).reshape(shape))
 
 
+def published_name(name: str, config: GLMConfig) -> str:
+    """The key a published folder of config's architecture holds glmx's weight `name` under (the inverse of
+    to_glmx_names' renaming; a ChatGLM folder's QKV rows are also per head, which random weights need not know)."""
+    return config.arch.published_embedding if name == EMBEDDING else name
+
+
 def tied_head_note(weights: Weights) -> str:
     """Compare lm_head.weight with the embedding, row block by row block (never both whole in float32)."""
     emb, head = weights.entry(EMBEDDING), weights.entry(HEAD)

@@ -191,3 +191,16 @@ def test_chatglm2_and_glm4_folders_are_refused_in_one_line_nothing_written(tmp_p
         message = str(exc.value)
         assert "\n" not in message and name in message and "multi_query_attention" in message, message
         assert not out.exists()
+
+
+def test_the_piecewise_check_of_the_large_model_path_runs_rotary_layers(hub, exported, tmp_path):
+    """The streamed export's one-layer-at-a-time check (a 6.2B model's normal path): each layer piece computes its
+    rotary tables from the position ids, as the whole graph does, so both checks measure the same figures."""
+    from glm_export.export import export_onnx
+
+    out = export_onnx(hub, tmp_path / "pieces", no_tokenizer=True, check="piecewise", external_data=True, log=print)
+    piecewise = json.loads((out / "manifest.json").read_text())["parity"]
+    whole = json.loads((exported / "manifest.json").read_text())["parity"]
+    assert piecewise["passed"] and piecewise["method"].startswith("piecewise")
+    for case, figures in whole["cases"].items():
+        assert piecewise["cases"][case]["logits"] == pytest.approx(figures["logits"], abs=2e-6), case
