@@ -479,14 +479,9 @@ def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = Fals
         if not append_gmask:
             blanks = " ".join(tok.command_strings[n] for n in BLANK_NAMES if n in tok.special)
             foreign = [s for s in ("[sMASK]", "[gMASK]") if s in text and s not in tok._string_to_id]
-            note = (
-                (
-                    f"; {' and '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a blank of this "
-                    f"{tok.kind} tokenizer{tok._hint(foreign[0])}"
-                )
-                if foreign
-                else ""
-            )
+            verb = "is" if len(foreign) == 1 else "are"
+            note = f"; {' and '.join(foreign)} {verb} not a blank of this {tok.kind} tokenizer" if foreign else ""
+            note += tok._hint(foreign[0]) if foreign else ""
             raise BlankError(
                 f"the text has no blank to fill: put one of {blanks} where the model should write, "
                 f"or pass append_gmask=True (glmx fill --append-gmask) to continue the text at its end{note}"
