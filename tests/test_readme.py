@@ -34,6 +34,15 @@ SKIP = {
     '# glm-2b / glm-10b (GPT-2 vocab.json + merges.txt; all three blanks); fits a 24 GiB machine, see "Large '
     'models"': "needs the released glm-10b checkpoint (20 GB)",
     "# glm-large-chinese / glm-10b-chinese (cog-pretrain.model)": "needs the released glm-large-chinese checkpoint",
+    "# chatglm-6b (ice_text.model; [gMASK] <sop> at the end, or a blank anywhere)": (
+        "needs the released chatglm-6b checkpoint (13 GB)"
+    ),
+    "# chatglm-6b-int4 / chatglm-6b-int8 (quantization_bit 4 / 8): their own integers, bit for bit": (
+        "needs the released chatglm-6b-int4 checkpoint"
+    ),
+    "# a P-tuning v2 checkpoint (ChatGLM-6B's ptuning/ output) and a LoRA adapter (PEFT)": (
+        "needs the released chatglm-6b checkpoint and a fine-tune of it"
+    ),
     "python -m pytest -q": "the test suite itself",
     "python -m pytest -q -m slow": "the slow tier of the test suite itself",
     "ruff check . && ruff format --check .   # lint (pyflakes, pycodestyle, isort, bugbear, ...) and format": (
