@@ -53,6 +53,8 @@ class Session(Protocol):
     tokenizer: the tokenizer the session's source decided (the torch reference on a checkpoint), else None;
     tokenizer_path / tokenizer_record: the tokenizer file that belongs to the model and its manifest entry (kind,
     options), for open_model to load; None / {} when the artifact names none.
+    prefix: a P-tuning v2 prefix (glm_runtime.prefix.Prefix) the artifact carries, None without one: the forward
+    phases (runtime/steps.py) put it in front of every row; run itself feeds only what it is given.
     """
 
     io: dict[str, Any]
@@ -67,6 +69,7 @@ class Session(Protocol):
     tokenizer_record: Mapping[str, Any]
     folder: Path | None  # the artifact the session opened (None: built in memory)
     providers: Sequence[Any]  # ONNX Runtime's execution providers, first choice first (other backends: none)
+    prefix: Any  # glm_runtime.prefix.Prefix | None
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
 
@@ -86,12 +89,14 @@ class KVCacheLike(Protocol):
     (kvcache.KVCache), ONNX Runtime's device cache (kvcache.DeviceKVCache) or TensorRT's (trt_memory).
 
     batch rows of capacity slots; filled[b]: slots row b holds; visible: [batch, capacity] bool, the slots each
-    row attends to; sliceable: a call may feed the first rows alone (host memory) or must feed every row."""
+    row attends to; sliceable: a call may feed the first rows alone (host memory) or must feed every row;
+    prefix_slots: the first slots of every row that hold a P-tuning prefix (hold_prefix; 0 without one)."""
 
     batch: int
     filled: np.ndarray
     visible: np.ndarray
     sliceable: bool
+    prefix_slots: int
 
     @property
     def capacity(self) -> int: ...
@@ -108,6 +113,8 @@ class KVCacheLike(Protocol):
 
     def free_rows(self, rows: IntsLike) -> None: ...
 
+    def hold_prefix(self, prefix: Any) -> None: ...
+
     def truncate(self, filled: IntsLike) -> None: ...
 
 
@@ -123,6 +130,7 @@ class Closable:
     tokenizer_record: Mapping[str, Any] = MappingProxyType({})
     folder: Path | None = None
     providers: Sequence[Any] = ()
+    prefix: Any = None  # a P-tuning prefix (glm_runtime.prefix.Prefix), loaded by the session that has one
 
     def fits(self, batch: int, seq: int, past: int) -> bool:
         return True

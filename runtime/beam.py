@@ -15,7 +15,7 @@ from glm_runtime import masks
 from glm_runtime.backend import KVCacheLike, Session
 from glm_runtime.requests import Prompt, Settings, Span, StreamEvent, assemble_result, decode_text
 from glm_runtime.sampling import log_softmax
-from glm_runtime.steps import context_pass, decode_step, prefill_span
+from glm_runtime.steps import context_pass, decode_step, open_cache, prefill_span
 from glm_runtime.tokenizer import GLMTokenizer
 
 
@@ -122,7 +122,7 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
     special = tokenizer.special
     stops = {special["eop"]: "eop", special["eos"]: "eos"}
     t0 = time.perf_counter()
-    cache = session.new_cache(settings.num_beams, prompt.positions_needed(settings.max_new_tokens) + 1)
+    cache = open_cache(session, settings.num_beams, prompt.positions_needed(settings.max_new_tokens) + 1)
     context_pass(session, cache, [prompt.ids], special["pad"], repeat=settings.num_beams)
     t1 = time.perf_counter()
     spans: list[Span] = []

@@ -177,7 +177,8 @@ def _span_pass(
     rows: list[tuple[int, int]],
     spans: list[list[int]],
 ) -> np.ndarray:
-    """Every candidate's sop + answer in one call on its prompt's gathered context K/V. -> logits [R, T, V]."""
+    """Every candidate's sop + answer in one call on its prompt's gathered context K/V (after the session's
+    P-tuning prefix, when it has one). -> logits [R, T, V]."""
     R, T = len(spans), max(len(s) for s in spans)
     prompt_of = np.array([b for b, _ in rows])
     ids = np.zeros((R, T), dtype=np.int64)
@@ -194,6 +195,11 @@ def _span_pass(
         for past, present in zip(pair_past, pair_present)
     ]
     pasts = {past: np.ascontiguousarray(context[present][prompt_of]) for past, present in names}
+    if session.prefix is not None:  # P-tuning: the prefix's slots first, visible to every row
+        front = session.prefix.rows(past_names(session.io), R)
+        pasts = {name: np.concatenate([front[name], value], axis=2) for name, value in pasts.items()}
+        visible = np.concatenate([np.ones((R, session.prefix.length), dtype=bool), visible], axis=1)
+        past_len += session.prefix.length
     if _takes_chunks(session, R, T, past_len):
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": masks.chunk_mask(visible, T), **pasts}
         return host_array(session.run(feeds)["logits"])

@@ -55,7 +55,7 @@ from glm_runtime.requests import (
     prepare_prompt,
 )
 from glm_runtime.sampling import GenerationError, greedy, prompt_generators, sample
-from glm_runtime.steps import decode_step, run_context
+from glm_runtime.steps import decode_step, open_cache, run_context
 from glm_runtime.tokenizer import GLMTokenizer
 
 __all__ = ["ENDINGS", "Engine", "EngineError", "Job", "QueueFull"]
@@ -171,7 +171,8 @@ class Engine:
         special = tokenizer.special
         self.sop, self.pad = special["sop"], special["pad"]
         self.stops = {special["eop"]: "eop", special["eos"]: "eos"}
-        self.cache = session.new_cache(rows, 1)  # grows (geometrically) to what the admitted requests need
+        # grows (geometrically) to what the admitted requests need; a P-tuning prefix fills every row's first slots
+        self.cache = open_cache(session, rows, 1)
         self.slots: list[Job | None] = [None] * rows  # slots[r]: the job holding cache row r
         self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
@@ -253,7 +254,7 @@ class Engine:
             self.tokenizer, request.prompt, job_id, request.append_gmask, budget, self.max_positions
         )
         if self.max_past is not None:
-            need = prompt.positions_needed(budget) + 1
+            need = self.cache.prefix_slots + prompt.positions_needed(budget) + 1  # a P-tuning prefix's slots too
             if need > self.max_past:
                 raise GenerationError(
                     f" needs {need} cache slots but the TensorRT engine was built for at most "
@@ -383,7 +384,7 @@ class Engine:
         prompts = [j.prompt for j in admitted if j.prompt is not None]
         contexts = [p.ids for p in prompts]
         need = max(p.positions_needed(j.settings.max_new_tokens) for p, j in zip(prompts, admitted))
-        self.cache.reserve(max(need + 1, int(self.cache.filled.max()) + 1))
+        self.cache.reserve(max(self.cache.prefix_slots + need + 1, int(self.cache.filled.max()) + 1))
         out, _ = run_context(self.session, contexts, self.pad)
         self.cache.load_rows(rows, out, [len(ids) for ids in contexts])
         now = time.perf_counter()

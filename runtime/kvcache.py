@@ -28,6 +28,7 @@ class SlotCache:
         self.visible: np.ndarray = np.zeros((batch, capacity), dtype=bool)  # which slots each row attends to
         self.filled: np.ndarray = np.zeros(batch, dtype=np.int64)
         self.grown = 0  # how many times the buffers were reallocated (tests check amortisation)
+        self.prefix_slots = 0  # P-tuning: every row's first slots hold the prefix (hold_prefix)
 
     def append(self, outputs: Mapping[str, Any], counts: IntsLike) -> None:
         raise NotImplementedError  # each cache stores into its own buffers
@@ -75,10 +76,19 @@ class SlotCache:
             counts = np.concatenate([counts, np.zeros(self.batch - counts.size, dtype=np.int64)])
         return counts
 
+    def hold_prefix(self, prefix: Any) -> None:
+        """P-tuning v2 (glm_runtime.prefix): every row's first P slots hold the prefix keys and values, visible to
+        every token; a freed row keeps them, so a row that joins later sees them too. Only on an empty cache."""
+        if self.filled.any():
+            raise ValueError("the prefix goes into an empty cache, before any token")
+        self.append(prefix.rows(self.present, self.batch), [prefix.length] * self.batch)
+        self.prefix_slots = prefix.length
+
     def free_rows(self, rows: IntsLike) -> None:
-        """Forget everything rows hold (a finished or cancelled request): their next slot is 0 again."""
+        """Forget everything rows hold (a finished or cancelled request): their next slot is the first after the
+        prefix again (0 without one)."""
         filled = self.filled.copy()
-        filled[np.asarray(rows, dtype=np.int64)] = 0
+        filled[np.asarray(rows, dtype=np.int64)] = self.prefix_slots
         self.truncate(filled)
 
     def load_rows(self, rows: IntsLike, outputs: Mapping[str, Any], lengths: IntsLike) -> None:
@@ -152,12 +162,13 @@ class KVCache(SlotCache):
         """As SlotCache.load_rows, written straight into the named rows (no padding)."""
         rows, lengths = np.asarray(rows, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
         self.free_rows(rows)
-        self.reserve(int(lengths.max()))
+        p = self.prefix_slots  # the context goes after the prefix
+        self.reserve(p + int(lengths.max()))
         for (kn, vn), k, v in zip(self.present, self.keys, self.values):
             nk, nv = np.asarray(outputs[kn]), np.asarray(outputs[vn])
             for i, (r, n) in enumerate(zip(rows, lengths)):
-                k[r, :, :n] = nk[i, :, :n]
-                v[r, :, :n] = nv[i, :, :n]
+                k[r, :, p : p + n] = nk[i, :, :n]
+                v[r, :, p : p + n] = nv[i, :, :n]
         counts = np.zeros(self.batch, dtype=np.int64)
         counts[rows] = lengths
         self._mark_appended(counts)

@@ -419,7 +419,8 @@ ARTIFACT_SUFFIXES = (".onnx", ".data", ".engine", ".plan", ".safetensors", ".bin
 
 
 def required_files(manifest: Manifest) -> list[str]:
-    """The files the artifact itself reads (graph and its external data, engine, weights, tokenizer)."""
+    """The files the artifact itself reads (graph and its external data, engine, weights, P-tuning prefix,
+    tokenizer)."""
     extra = manifest.extra or {}
     by_kind: dict[str, list[Any]] = {
         "onnx": [extra.get("model_file") or MODEL_FILE, extra.get("external_data")],
@@ -427,6 +428,8 @@ def required_files(manifest: Manifest) -> list[str]:
         "checkpoint": [WEIGHTS_FILE, CONFIG_FILE],
     }
     names = by_kind.get(manifest.kind, [])
+    ptuning = extra.get("ptuning") or {}  # a P-tuning prefix (glm_runtime.prefix): onnx and engine folders
+    names.append(ptuning.get("file"))
     return [n for n in names if n] + tokenizer_file_names(manifest.tokenizer)
 
 

@@ -27,6 +27,7 @@ from glm_runtime.errors import EXPORT_EXTRA_HINT
 from glm_runtime.iotable import kv_dtype, required_inputs
 from glm_runtime.manifest import MANIFEST_NAME, MODEL_FILE, ManifestError, load_manifest
 from glm_runtime.onnx_facts import graph_facts, precision_problem
+from glm_runtime.prefix import load_prefix
 
 CPU_PROVIDERS = ("CPUExecutionProvider",)
 CUDA_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -126,6 +127,7 @@ class OnnxRuntimeSession(Closable):
         self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
         self.precision = self.manifest.precision
         self.kv_dtype = np.dtype(kv_dtype(self.precision))
+        self.prefix = load_prefix(self.folder, self.manifest, self.config, self.kv_dtype)  # P-tuning, or None
         model_file = self.folder / self.manifest.extra.get("model_file", MODEL_FILE)
         if not model_file.is_file():
             raise ManifestError(f"{model_file} is missing; re-export the model")

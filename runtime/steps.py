@@ -1,6 +1,8 @@
 """The three forward phases of blank filling (docs/glm.md 4.1), each one `session.run` on the shared cache.
 In: a session, a cache, token ids (context / one token per row / a span). Out: logits [B, V] of each row's
-last fed token; the cache gains the fed tokens' keys and values."""
+last fed token; the cache gains the fed tokens' keys and values.
+A session with a P-tuning prefix (session.prefix, glm_runtime.prefix): open_cache puts it in every row's first
+slots, and a context pass feeds it as its past, visible to every token; positions are as without it."""
 
 from __future__ import annotations
 
@@ -15,25 +17,43 @@ from glm_runtime.iotable import LOGITS_START, accepts, past_names
 
 
 def empty_past(session: Session, batch: int) -> dict[str, np.ndarray]:
-    """past_key_values with past_seq = 0 for the context pass (nothing is cached yet)."""
+    """past_key_values for the context pass: past_seq = 0 (nothing is cached yet), or the session's P-tuning
+    prefix [batch, n, P, d] in every row."""
+    if session.prefix is not None:
+        return {k: v.copy() for k, v in session.prefix.rows(past_names(session.io), batch).items()}  # own arrays
     c = session.config
     empty = np.zeros((batch, c.num_attention_heads, 0, c.head_dim), dtype=session.kv_dtype)
     return {name: empty for pair in past_names(session.io) for name in pair}
 
 
+def open_cache(session: Session, batch: int, capacity: int) -> KVCacheLike:
+    """session.new_cache with room for `capacity` tokens per row after the session's prefix, which it then holds
+    in every row's first slots (KVCacheLike.hold_prefix); a session without one: new_cache itself."""
+    prefix = session.prefix
+    cache = session.new_cache(batch, capacity + (prefix.length if prefix is not None else 0))
+    if prefix is not None:
+        cache.hold_prefix(prefix)
+    return cache
+
+
 def context_feeds(session: Session, contexts: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
     """The feeds of one call over every row's context: right-padded with pad_id, Part A positions and mask,
-    past_seq = 0."""
+    past_seq = 0 (or P: the prefix, which every token sees)."""
     lengths = [len(ids) for ids in contexts]
     seq = max(lengths)
     input_ids = np.full((len(contexts), seq), pad_id, dtype=np.int64)
     for b, ids in enumerate(contexts):
         input_ids[b, : len(ids)] = ids
+    past = empty_past(session, len(contexts))
+    mask = masks.context_mask(lengths, seq)
+    p = next(iter(past.values())).shape[2]
+    if p:
+        mask = np.concatenate([np.ones((len(contexts), 1, seq, p), dtype=bool), mask], axis=3)
     return {
         "input_ids": input_ids,
         "position_ids": masks.context_positions(lengths, seq),
-        "attention_mask": masks.context_mask(lengths, seq),
-        **empty_past(session, len(contexts)),
+        "attention_mask": mask,
+        **past,
     }
 
 

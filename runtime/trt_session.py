@@ -19,6 +19,7 @@ import numpy as np
 from glm_runtime.backend import Closable, check_export, check_feeds
 from glm_runtime.iotable import past_names, present_names
 from glm_runtime.manifest import ENGINE_FILE, Manifest, ManifestError, load_manifest
+from glm_runtime.prefix import load_prefix
 from glm_runtime.trt_memory import (  # noqa: F401 (TensorRTError, gpu_identity, import_cudart: this module's API too)
     INSTALL_HINT,
     Cuda,
@@ -182,15 +183,20 @@ class TensorRTSession(Closable):
         check_engine_compatibility(info, str(trt.__version__), gpu_name, capability, strict_gpu=strict_gpu)
         self.folder, self.tokenizer_path = folder, tokenizer_path
         self._open(trt, (folder / ENGINE_FILE).read_bytes(), manifest, info, config, device)
+        self.prefix = load_prefix(folder, manifest, config, self.kv_dtype)  # P-tuning (glm_runtime.prefix), or None
 
     @classmethod
-    def from_plan(cls, plan: Any, manifest: Manifest, info: EngineInfo, device: int = 0) -> TensorRTSession:
-        """A session over engine bytes not yet in a folder (the builder's parity check before it writes one)."""
+    def from_plan(
+        cls, plan: Any, manifest: Manifest, info: EngineInfo, device: int = 0, prefix: Any = None
+    ) -> TensorRTSession:
+        """A session over engine bytes not yet in a folder (the builder's parity check before it writes one);
+        prefix: the parent's P-tuning prefix (glm_runtime.prefix.Prefix), which the folder will carry."""
         from glm_runtime.config import GLMConfig
 
         self = cls.__new__(cls)
         self.folder, self.tokenizer_path = None, None
         self._open(import_tensorrt(), plan, manifest, info, GLMConfig.from_dict(manifest.config), device)
+        self.prefix = prefix
         return self
 
     def _open(self, trt: Any, plan: Any, manifest: Manifest, info: EngineInfo, config: Any, device: int) -> None:
