@@ -15,6 +15,7 @@ from glm_export.compare import blank_calls, heldout_text, run_calls, strip_prove
 from glm_export.derive import QuantizeError
 from glm_runtime.iotable import required_inputs
 from glm_runtime.manifest import sha256_file
+from glm_runtime.prefix import prefix_length
 
 MIN_CALIBRATION_TOKENS = 256  # fewer real tokens than this gives scales from a handful of activations
 MIN_CALIBRATION_CALLS = 8
@@ -66,9 +67,9 @@ def calibration_feeds(parent: Any, tok: Any, text: str, source: str) -> list[dic
     return feeds
 
 
-def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str, Any]) -> None:
+def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str, Any], prefix: int = 0) -> None:
     """Every feed must match the IO table (names, dtypes, ranks, fixed dims, total = past + seq), and the set
-    must cover both a context pass (past 0) and a decode step (past > 0)."""
+    must cover both a context pass (past 0, or `prefix`: a P-tuning prefix's slots) and a decode step (more)."""
     if len(feeds) < MIN_CALIBRATION_CALLS:
         raise QuantizeError(
             f"calibration has {len(feeds)} feeds; qdq-int8 needs at least {MIN_CALIBRATION_CALLS} "
@@ -102,11 +103,11 @@ def check_calibration_feeds(feeds: Sequence[Mapping[str, Any]], io: Mapping[str,
                 f"calibration feed {k}: attention_mask covers {dims['total_seq']} keys, not "
                 f"past {dims['past_seq']} + seq {dims['seq']}"
             )
-        pasts.add(dims["past_seq"] > 0)
+        pasts.add(dims["past_seq"] > prefix)
     if pasts != {False, True}:
         raise QuantizeError(
-            "calibration feeds must include context passes (past_seq 0) and decode steps "
-            "(past_seq > 0), so the scales cover both shapes"
+            f"calibration feeds must include context passes (past_seq {prefix}) and decode steps "
+            f"(past_seq > {prefix}), so the scales cover both shapes"
         )
 
 
@@ -133,6 +134,6 @@ def calibration_data(parent: Any, tok: Any, calibration) -> tuple[list[dict], di
         record = {"source": "feeds given by the caller"}
     if not feeds:
         raise QuantizeError("no calibration data: qdq-int8 needs real text (a file) or feeds, never random scales")
-    check_calibration_feeds(feeds, parent.io)
+    check_calibration_feeds(feeds, parent.io, prefix_length(parent))
     record.update(calls=len(feeds), tokens=int(sum(f["input_ids"].size for f in feeds)))
     return feeds, record

@@ -343,6 +343,17 @@ def build_engine_cmd(
     is_flag=True,
     help="export the graph without a tokenizer (it then cannot fill text or be quantized)",
 )
+@click.option(
+    "--ptuning",
+    type=click.Path(exists=True, file_okay=False),
+    metavar="DIR",
+    default=None,
+    help="a ChatGLM-6B P-tuning v2 checkpoint (ptuning/main.py's checkpoint-N/: config.json with pre_seq_len and "
+    "prefix_projection, pytorch_model.bin or model.safetensors holding only transformer.prefix_encoder.*): its "
+    "prefix keys/values are computed once (float32) into prefix.safetensors, hashed in the manifest, and put in "
+    "front of every sequence by fill, score and serve (no positions, visible to every token); the parity check "
+    "runs with it. quantize, optimize and build-engine carry it over",
+)
 def export_cmd(
     checkpoint: str | None,
     out_dir: str,

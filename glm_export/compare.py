@@ -19,6 +19,7 @@ import numpy as np
 
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
+from glm_runtime.prefix import prefix_length
 from glm_runtime.session import Session, host_array
 
 # ------------------------------------------------------------------ tolerances and budgets (the one table)
@@ -224,21 +225,21 @@ def glm_cases(vocab_size: int, seed: int = 0) -> list[Case]:
 
 class _Past:
     """The cache of one session over a case: exact-length numpy past for host sessions (past_seq grows call by
-    call, as the runtime's loop feeds it, and starts at 0), the session's own device cache otherwise."""
+    call, as the runtime's loop feeds it, and starts at 0, or at P with the session's P-tuning prefix in front),
+    the session's own device cache otherwise (its first P slots the prefix, as runtime/steps.open_cache makes it)."""
 
     def __init__(self, session: Session, batch: int, capacity: int):
         from glm_runtime.kvcache import KVCache
+        from glm_runtime.steps import empty_past, open_cache
 
         probe = session.new_cache(batch, 1)  # which kind of cache the session keeps, for one slot
         self.device = None
         if not isinstance(probe, KVCache):
             if hasattr(probe, "close"):
                 probe.close()
-            self.device = session.new_cache(batch, capacity)
+            self.device = open_cache(session, batch, capacity)
         self.names = past_names(session.io)
-        cfg = session.config
-        empty = np.zeros((batch, cfg.num_attention_heads, 0, cfg.head_dim), dtype=session.kv_dtype)
-        self.arrays = {name: empty for pair in self.names for name in pair}
+        self.arrays = empty_past(session, batch)  # nothing, or the prefix
         self.present = present_names(session.io)
 
     @property
@@ -291,7 +292,7 @@ def run_calls(
     B = calls[0].input_ids.shape[0]
     trim_context = not context_logits and accepts(session, LOGITS_START)
     past = _Past(session, B, sum(c.input_ids.shape[1] for c in calls))
-    seen = np.zeros((B, 0), dtype=bool)  # which fed tokens later calls may see, in cache slot order
+    seen = np.ones((B, prefix_length(session)), dtype=bool)  # which slots later calls may see: a prefix, then fed
     outputs = []
     try:
         for call in calls:
@@ -444,6 +445,11 @@ def _check_names(candidate: Session, reference: Session) -> None:
                 f"{kind} of the candidate do not match the reference's IO table: missing {missing}, "
                 f"unexpected {extra}" + ("" if missing or extra else f", order {a} != {b}")
             )
+    if prefix_length(candidate) != prefix_length(reference):  # both feed it, or neither (glm_runtime.prefix)
+        raise ParityError(
+            f"the candidate carries a P-tuning prefix of {prefix_length(candidate)} slots and the reference one of "
+            f"{prefix_length(reference)}: they are not the same model"
+        )
 
 
 def compare_sessions(

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from glm_export.external_data import PROTOBUF_LIMIT
@@ -127,11 +128,16 @@ def save_graph(model: onnx.ModelProto, folder: Path) -> str | None:
 def child_manifest(
     parent: Manifest, src_dir: Path, stage: Path, *, precision: str, io: dict[str, Any], extra: dict[str, Any]
 ) -> Manifest:
-    """The child's manifest (config, tokenizer and IO from the parent), with the parent's tokenizer files copied."""
+    """The child's manifest (config, tokenizer and IO from the parent), with the parent's tokenizer files copied,
+    and its P-tuning prefix (glm_runtime.prefix: the file and its record) when it has one."""
     from glm_runtime.manifest import tool_versions
 
     for name in tokenizer_file_names(parent.tokenizer):  # vocab.json + merges.txt for a BPE pair
         shutil.copy2(src_dir / name, stage / name)
+    ptuning = parent.extra.get("ptuning")
+    if ptuning:  # the same bytes (the parent's hash checked them), hashed again in the child's manifest
+        shutil.copy2(src_dir / ptuning["file"], stage / ptuning["file"])
+        extra = {**extra, "ptuning": ptuning}
     return Manifest(
         kind="onnx",
         config=parent.config,
@@ -172,13 +178,24 @@ def judge_child(
     from glm_export.pieces import OnnxLayers, compare_with_text_by_layer
     from glm_export.progress import Progress
     from glm_runtime.config import GLMConfig
+    from glm_runtime.prefix import load_prefix
 
     say = log or (lambda msg: None)
     parent_manifest = load_manifest(src_dir, kind="onnx", verify=False)
     cfg = GLMConfig.from_dict(child.config)
-    candidate = OnnxLayers(stage / MODEL_FILE, cfg, child.precision, "the artifact being written")
+    candidate = OnnxLayers(
+        stage / MODEL_FILE,
+        cfg,
+        child.precision,
+        "the artifact being written",
+        prefix=load_prefix(stage, child, cfg, np.float32),
+    )
     reference = OnnxLayers(
-        src_dir / parent_manifest.extra.get("model_file", MODEL_FILE), cfg, parent_manifest.precision, str(src_dir)
+        src_dir / parent_manifest.extra.get("model_file", MODEL_FILE),
+        cfg,
+        parent_manifest.precision,
+        str(src_dir),
+        prefix=load_prefix(src_dir, parent_manifest, cfg, np.float32),
     )
     eval_text, source = text_to_judge(tok.kind, eval_text)
     bar = Progress(f"{stage_name}: checked layers (GLM's cases and held-out text)", cfg.num_layers, say)

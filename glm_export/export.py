@@ -23,6 +23,7 @@ from glm_export.derive import CHECKS, check_free_space, check_method
 from glm_export.external_data import PROTOBUF_LIMIT, STREAM_THRESHOLD, ExternalData
 from glm_export.onnx_graph import MAX_OPSET, MIN_OPSET, build_model
 from glm_export.progress import Progress
+from glm_export.ptuning import read_ptuning, write_ptuning_prefix
 from glm_export.weights import Weights
 from glm_runtime.config import ConfigError, GLMConfig
 from glm_runtime.errors import GLMXError
@@ -41,6 +42,7 @@ from glm_runtime.manifest import (
     tool_versions,
     write_manifest,
 )
+from glm_runtime.prefix import PREFIX_FILE, load_prefix
 from glm_runtime.tokenizer import TokenizerError, tokenizer_entry
 from glm_runtime.tokenizer_folder import resolve_tokenizer
 
@@ -157,6 +159,7 @@ def _resolve_source(
         a["tokenizer_file"],
         a["config"],
         a["lora"],
+        a["ptuning"],
     ]
 )
 def export_onnx(
@@ -172,6 +175,7 @@ def export_onnx(
     gelu: str | None = None,
     rotary_inv_freq: str | None = None,
     lora: str | Path | None = None,
+    ptuning: str | Path | None = None,
     no_tokenizer: bool = False,
     overwrite: bool = False,
     validate: bool = True,
@@ -183,6 +187,8 @@ def export_onnx(
     config / tokenizer_kind / gelu: for a checkpoint folder, as glm_export.checkpoint.load_checkpoint (a preset
     name or config file; the tokenizer's kind; tanh | erf); what was decided is printed and recorded.
     lora: a PEFT LoRA adapter folder merged into the checkpoint's weights as they are read (glm_export.lora).
+    ptuning: a ChatGLM-6B P-tuning v2 output folder (glm_export.ptuning): its prefix keys and values are computed
+    once, stored as prefix.safetensors (hashed, recorded) and fed in front of every sequence, parity check included.
     external_data: None = when the weights pass STREAM_THRESHOLD (256 MiB), True = always, False = never.
     The weights are read from the checkpoint one tensor at a time and streamed into the data file as the graph is
     built, so memory does not grow with the number of layers.
@@ -211,6 +217,12 @@ def export_onnx(
     for note in source.notes:
         say(f"export: {note}")
     precision, nbits = _released_precision(source, precision, say)
+    tuned = read_ptuning(ptuning, config) if ptuning is not None else None  # checked before anything is written
+    if tuned is not None:
+        say(
+            f"export: P-tuning v2 prefix of {ptuning}: pre_seq_len {tuned.pre_seq_len}, prefix_projection "
+            f"{str(tuned.prefix_projection).lower()}; computed once (float32) into {PREFIX_FILE}"
+        )
     if no_tokenizer and tokenizer_file is not None:
         raise ExportError("--no-tokenizer and --tokenizer contradict each other; give one")
     if checkpoint is not None and source.tokenizer is None and not no_tokenizer:
@@ -257,6 +269,7 @@ def export_onnx(
             say(f"export: checking {MODEL_FILE} with onnx.checker")
             onnx.checker.check_model(str(path), full_check=True)
             tokenizer = tokenizer_entry(source.tokenizer, stage) if source.tokenizer is not None else {}
+            ptuning_record = write_ptuning_prefix(stage, tuned) if tuned is not None else None
             parent = {}
             if checkpoint is not None:
                 # relative to the exported folder, so a checkout or an installed package that moves both
@@ -293,11 +306,13 @@ def export_onnx(
                     else None,
                     **({"quantization": _released_record(nbits, precision)} if nbits else {}),
                     **({"lora": source.lora} if source.lora else {}),
+                    **({"ptuning": ptuning_record} if ptuning_record else {}),
                 },
             )
             write_manifest(stage, manifest)
             if validate:
-                manifest.parity = validate_export(stage, source, precision, method, say).to_dict()
+                prefix = tuned.prefix if tuned is not None else None
+                manifest.parity = validate_export(stage, source, precision, method, say, prefix).to_dict()
                 write_manifest(stage, manifest)
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None
@@ -363,10 +378,14 @@ def _released_record(nbits: Any, precision: str) -> dict[str, Any]:
     }
 
 
-def validate_export(folder: Path, source: Any, precision: str, method: str = "whole", log: Log | None = None):
+def validate_export(
+    folder: Path, source: Any, precision: str, method: str = "whole", log: Log | None = None, prefix: Any = None
+):
     """The exported folder on ONNX Runtime against the fp32 torch reference (glm_export.compare; one layer at a
     time with method "piecewise", glm_export.pieces); raises ParityError with the table on a miss, returns the
-    Comparison otherwise. source: a _Source, or a GLMModel."""
+    Comparison otherwise. source: a _Source, or a GLMModel. prefix: the P-tuning prefix as computed (float32), fed
+    to the reference as past_key_values with always-visible mask columns; the artifact's side reads it back from
+    the folder's own prefix file."""
     from glm_export.compare import ParityError, compare_sessions
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
@@ -383,8 +402,10 @@ def validate_export(folder: Path, source: Any, precision: str, method: str = "wh
         bar = Progress("export: checked layers", cfg.num_layers, say)
         try:
             result = compare_by_layer(
-                OnnxLayers(folder / MODEL_FILE, cfg, precision, "the artifact being written"),
-                TorchLayers(cfg, source.weights, "torch reference (GLMModel layers, fp32)"),
+                OnnxLayers(
+                    folder / MODEL_FILE, cfg, precision, "the artifact being written", prefix=_staged_prefix(folder)
+                ),
+                TorchLayers(cfg, source.weights, "torch reference (GLMModel layers, fp32)", prefix=prefix),
                 stage="export",
                 log=lambda i, n: bar.update(i),
             )
@@ -402,7 +423,7 @@ def validate_export(folder: Path, source: Any, precision: str, method: str = "wh
         was_training = ref_model.training
         try:
             result = compare_sessions(
-                OnnxRuntimeSession(folder, staging=True), TorchSession(ref_model.eval()), stage="export"
+                OnnxRuntimeSession(folder, staging=True), TorchSession(ref_model.eval(), prefix=prefix), stage="export"
             )
         finally:
             ref_model.train(was_training)
@@ -410,6 +431,12 @@ def validate_export(folder: Path, source: Any, precision: str, method: str = "wh
     if not result.passed:
         raise ParityError(f"{MODEL_FILE} misses its {precision} parity budget\n{result.table()}")
     return result
+
+
+def _staged_prefix(folder: Path) -> Any:
+    """The P-tuning prefix the staged folder's own file holds (glm_runtime.prefix), float32; None without one."""
+    manifest = load_manifest(folder, kind="onnx", verify=False, staging=True)
+    return load_prefix(folder, manifest, GLMConfig.from_dict(manifest.config), np.float32)
 
 
 # ------------------------------------------------------------------ loading an exported folder

@@ -76,10 +76,12 @@ class OnnxLayers:
         precision: str,
         label: str,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        prefix: Any = None,
     ):
         import onnx
 
         self.path, self.config, self.precision, self.label = Path(model_path), config, precision, label
+        self.prefix = prefix  # the folder's P-tuning prefix (glm_runtime.prefix.Prefix), fed in front of each case
         self.providers = list(providers)
         self.model = onnx.load(str(model_path), load_external_data=False)  # the graph only
         g = self.model.graph
@@ -204,8 +206,9 @@ class TorchLayers:
     precision = "fp32"
     kv_dtype = np.dtype(np.float32)
 
-    def __init__(self, config: GLMConfig, weights: Any, label: str):
+    def __init__(self, config: GLMConfig, weights: Any, label: str, prefix: Any = None):
         self.config, self.weights, self.label = config, weights, label
+        self.prefix = prefix  # a P-tuning prefix (glm_runtime.prefix.Prefix), as past_key_values in front of each case
 
     def _tensor(self, name: str):
         import torch
@@ -279,10 +282,11 @@ class TorchLayers:
 # ------------------------------------------------------------------ running both stacks in lockstep
 
 
-def _masks(calls: Sequence[Call]) -> list[np.ndarray]:
-    """The attention mask of each call as glm_export.compare.run_calls feeds a host session (exact-length past)."""
+def _masks(calls: Sequence[Call], prefix: int = 0) -> list[np.ndarray]:
+    """The attention mask of each call as glm_export.compare.run_calls feeds a host session (exact-length past;
+    `prefix` always-visible columns in front)."""
     B = calls[0].input_ids.shape[0]
-    seen = np.zeros((B, 0), dtype=bool)
+    seen = np.ones((B, prefix), dtype=bool)
     out = []
     for call in calls:
         T = call.input_ids.shape[1]
@@ -293,6 +297,23 @@ def _masks(calls: Sequence[Call]) -> list[np.ndarray]:
         )
         seen = np.concatenate([seen, call.keep], axis=1)
     return out
+
+
+def _prefix_slots(candidate: Any, reference: Any) -> int:
+    """P of the stacks' P-tuning prefix (0 without); both carry the same length, or they are not one model."""
+    lengths = [0 if s.prefix is None else s.prefix.length for s in (candidate, reference)]
+    if lengths[0] != lengths[1]:
+        raise ParityError(
+            f"the candidate carries a P-tuning prefix of {lengths[0]} slots and the reference one of {lengths[1]}"
+        )
+    return lengths[0]
+
+
+def _first_past(stack: Any, i: int, batch: int, n: int, d: int) -> list[np.ndarray]:
+    """Layer i's past before a case's first call: nothing, or the stack's prefix [batch, n, P, d] float32."""
+    if stack.prefix is None:
+        return [np.zeros((batch, n, 0, d), np.float32)] * 2
+    return [np.repeat(np.asarray(a, np.float32), batch, axis=0) for a in stack.prefix.layer(i)]
 
 
 def lockstep(
@@ -309,7 +330,8 @@ def lockstep(
     are made (they are then dropped). rows(case, call): whether that call's logits are wanted.
     -> (candidate logits, reference logits): per case, per call, [B, T, V] float32 or None."""
     cfg = candidate.config
-    masks = [_masks(case.calls) for case in cases]
+    P = _prefix_slots(candidate, reference)
+    masks = [_masks(case.calls, P) for case in cases]
     hidden: list[list[list[np.ndarray]]] = [[[], []] for _ in cases]  # [case][side][call]
     for side, stack in enumerate((candidate, reference)):
         with stack.embedding() as embed:
@@ -320,7 +342,7 @@ def lockstep(
         with candidate.layer(i) as run_c, reference.layer(i) as run_r:
             for c, case in enumerate(cases):
                 B = case.calls[0].input_ids.shape[0]
-                past = [[np.zeros((B, n, 0, d), np.float32)] * 2 for _ in range(2)]
+                past = [_first_past(stack, i, B, n, d) for stack in (candidate, reference)]
                 for k in range(len(case.calls)):
                     presents = []
                     for side, run in enumerate((run_c, run_r)):

@@ -16,6 +16,7 @@ from glm_export.model import GLMModel
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import LOGITS_START, io_table, kv_dtype, past_names, present_names, without_optional_inputs
 from glm_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from glm_runtime.prefix import Prefix, load_prefix
 from glm_runtime.session import Closable, check_feeds
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -31,9 +32,12 @@ class TorchSession(Closable):
         precision: str = "fp32",
         tokenizer_path: Path | None = None,
         logits_start: bool = True,
+        prefix: Any = None,
     ):
         """logits_start=False: the session does not take the optional input and always returns the logits of
-        every position, as GLM's own forward does (the benchmark's "torch eager as users run it")."""
+        every position, as GLM's own forward does (the benchmark's "torch eager as users run it").
+        prefix: a P-tuning prefix (glm_runtime.prefix.Prefix), cast to the cache dtype: the forward phases feed it
+        as past_key_values with always-visible mask columns (runtime/steps.py), as the official code does."""
         if precision not in TORCH_DTYPES:
             raise ValueError(f"precision must be one of {sorted(TORCH_DTYPES)}, got {precision!r}")
         self.config = config or model.config
@@ -45,6 +49,7 @@ class TorchSession(Closable):
         self.device = None  # outputs are host numpy arrays
         self.tokenizer_path = tokenizer_path
         self.model = model.to(TORCH_DTYPES[precision]).eval()
+        self.prefix = None if prefix is None else Prefix(prefix.kv.astype(self.kv_dtype))
 
     def new_cache(self, batch: int, capacity: int) -> Any:
         from glm_runtime.kvcache import host_cache
@@ -112,8 +117,15 @@ def load_torch_session(
     tokenizer_path = tokenizer_path or loaded.tokenizer_file
     if precision is None:
         precision = manifest.precision if manifest is not None and manifest.precision in TORCH_DTYPES else "fp32"
+    # an exported folder's P-tuning prefix (hash-checked) goes with it: the checkpoint alone has none
+    prefix = load_prefix(folder, manifest, loaded.config, np.float32) if exported else None
     session = TorchSession(
-        loaded.model, loaded.config, precision=precision, tokenizer_path=tokenizer_path, logits_start=logits_start
+        loaded.model,
+        loaded.config,
+        precision=precision,
+        tokenizer_path=tokenizer_path,
+        logits_start=logits_start,
+        prefix=prefix,
     )
     session.tokenizer = None if exported else loaded.tokenizer  # an exported folder's is read from its manifest
     if exported:

@@ -18,7 +18,7 @@ import numpy as np
 
 from glm_runtime.config import GLMConfig
 from glm_runtime.errors import GLMXError
-from glm_runtime.iotable import accepted_tables, io_table, without_optional_inputs
+from glm_runtime.iotable import accepted_tables, io_table, kv_dtype, without_optional_inputs
 from glm_runtime.manifest import (
     ENGINE_FILE,
     MANIFEST_NAME,
@@ -33,6 +33,7 @@ from glm_runtime.manifest import (
     tool_versions,
     write_manifest,
 )
+from glm_runtime.prefix import load_prefix
 from glm_runtime.trt_session import EngineInfo, Profile, TensorRTSession, gpu_identity, import_tensorrt
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -71,9 +72,10 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def resolve_limits(
-    config: Mapping[str, Any], *, max_batch: int, max_context: int | None, max_new_tokens: int
+    config: Mapping[str, Any], *, max_batch: int, max_context: int | None, max_new_tokens: int, prefix: int = 0
 ) -> dict[str, int]:
-    """Check the limits against the model: context + new tokens must fit its max_sequence_length P."""
+    """Check the limits against the model: context + new tokens must fit its max_sequence_length P. prefix: the
+    slots of a P-tuning prefix (glm_runtime.prefix) in front of every row: they take no position, but cache slots."""
     P = int(config["max_sequence_length"])
     _positive_int("max_batch", max_batch)
     _positive_int("max_new_tokens", max_new_tokens)
@@ -95,8 +97,9 @@ def resolve_limits(
         "max_batch": max_batch,
         "max_context": max_context,
         "max_new_tokens": max_new_tokens,
-        "max_past": max_context + max_new_tokens,
+        "max_past": prefix + max_context + max_new_tokens,
         "max_sequence_length": P,
+        **({"prefix_slots": prefix} if prefix else {}),
     }
 
 
@@ -112,22 +115,26 @@ def compute_profiles(
     max_new_tokens: int,
     opt_batch: int = 1,
     opt_context: int | None = None,
+    prefix: int = 0,
 ) -> list[Profile]:
     """Two profiles over the IO table: "context" (prompt pass) and "decode" (one token per row).
 
     max_batch counts rows per call (prompts x beams). The KV cache holds up to max_past = max_context +
     max_new_tokens slots and is passed whole (unused slots masked), so past_seq spans 0..max_past in both.
     The prompt pass usually runs with an empty past (opt 0); decode steps with a cache sized for one prompt.
+    prefix: a P-tuning prefix's slots, in every past (the prompt pass's opt past is then P; max_past grows by P).
     """
     config, io = _config_and_io(manifest_or_config)
-    limits = resolve_limits(config, max_batch=max_batch, max_context=max_context, max_new_tokens=max_new_tokens)
+    limits = resolve_limits(
+        config, max_batch=max_batch, max_context=max_context, max_new_tokens=max_new_tokens, prefix=prefix
+    )
     max_batch, max_context, max_past = limits["max_batch"], limits["max_context"], limits["max_past"]
     if not 1 <= _positive_int("opt_batch", opt_batch) <= max_batch:
         raise EngineBuildError(f"opt_batch {opt_batch} must lie in 1..max_batch {max_batch}")
     opt_context = min(max_context, 128) if opt_context is None else _positive_int("opt_context", opt_context)
     if opt_context > max_context:
         raise EngineBuildError(f"opt_context {opt_context} must lie in 1..max_context {max_context}")
-    opt_past = min(max_past, opt_context + limits["max_new_tokens"])
+    opt_past = min(max_past, prefix + opt_context + limits["max_new_tokens"])
 
     def dims(seq: tuple[int, int, int], past: tuple[int, int, int]) -> dict[str, tuple[int, int, int]]:
         total = tuple(s + p for s, p in zip(seq, past))  # attention_mask's last dim = past_seq + seq
@@ -135,7 +142,7 @@ def compute_profiles(
 
     profiles = []
     for name, d in (
-        ("context", dims((1, opt_context, max_context), (0, 0, max_past))),
+        ("context", dims((1, opt_context, max_context), (0, prefix, max_past))),
         ("decode", dims((1, 1, 1), (0, opt_past, max_past))),
     ):
         shapes = {s["name"]: tuple(_shape(s["shape"], d, k) for k in range(3)) for s in io["inputs"]}
@@ -378,6 +385,8 @@ def write_engine_folder(
         for name in tokenizer_file_names(manifest.tokenizer):  # vocab.json + merges.txt for a BPE pair
             (stage / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(onnx_dir / name, stage / name)
+        if manifest.extra.get("ptuning"):  # the parent's P-tuning prefix file, as it is (glm_runtime.prefix)
+            shutil.copyfile(onnx_dir / manifest.extra["ptuning"]["file"], stage / manifest.extra["ptuning"]["file"])
         write_manifest(stage, manifest)
     return out_dir
 
@@ -413,9 +422,13 @@ def build_engine(
             f"{parent.precision!r} (edited, or from another model); re-export the model"
         )
     onnx_file = onnx_model_file(onnx_dir, parent)
-    limits = resolve_limits(parent.config, max_batch=max_batch, max_context=max_context, max_new_tokens=max_new_tokens)
+    ptuning = parent.extra.get("ptuning") or {}  # a P-tuning prefix: P more cache slots in every profile
+    P = int(ptuning.get("pre_seq_len", 0))
+    limits = resolve_limits(
+        parent.config, max_batch=max_batch, max_context=max_context, max_new_tokens=max_new_tokens, prefix=P
+    )
     profiles = compute_profiles(
-        parent, max_batch=max_batch, max_context=limits["max_context"], max_new_tokens=max_new_tokens
+        parent, max_batch=max_batch, max_context=limits["max_context"], max_new_tokens=max_new_tokens, prefix=P
     )
     engine_tolerance(parent.precision)  # fail before a long build, not after it
     graph_check = check_graph_for_trt(onnx_file)  # static: refuses on any machine, TensorRT or not
@@ -437,7 +450,10 @@ def build_engine(
         limits=limits,
         build=build,
     )
-    session = TensorRTSession.from_plan(plan, manifest, EngineInfo.from_manifest(manifest))
+    if ptuning:
+        manifest.extra["ptuning"] = ptuning
+    prefix = load_prefix(onnx_dir, parent, GLMConfig.from_dict(parent.config), kv_dtype(parent.precision))
+    session = TensorRTSession.from_plan(plan, manifest, EngineInfo.from_manifest(manifest), prefix=prefix)
     try:
         result = measure_parity(session, onnx_dir, limits)
     finally:
