@@ -280,3 +280,20 @@ def test_a_tampered_prefix_file_is_refused_at_load(tuned, tmp_path):
     (folder / "prefix.safetensors").unlink()
     with pytest.raises(ManifestError, match="missing|cannot be read"):
         OnnxRuntimeSession(folder)
+
+
+def test_an_engine_for_a_prefixed_export_has_p_more_cache_slots(tuned):
+    """TensorRT (built on a GPU; the profiles are pure python): every past may hold the prefix's P slots too, the
+    prompt pass's opt past is P, and the limits record them."""
+    from glm_export.trt_build import compute_profiles, resolve_limits
+    from glm_runtime.manifest import load_manifest
+
+    parent = load_manifest(tuned[0], kind="onnx")
+    plain = compute_profiles(parent, max_batch=2, max_context=32, max_new_tokens=16)
+    prefixed = compute_profiles(parent, max_batch=2, max_context=32, max_new_tokens=16, prefix=P)
+    for a, b in zip(plain, prefixed):
+        assert b.dims["past_seq"][2] == a.dims["past_seq"][2] + P == 48 + P
+        assert b.dims["seq"] == a.dims["seq"]
+    assert prefixed[0].dims["past_seq"][1] == P  # the prompt pass runs on the prefix
+    limits = resolve_limits(parent.config, max_batch=2, max_context=32, max_new_tokens=16, prefix=P)
+    assert limits["max_past"] == 48 + P and limits["prefix_slots"] == P
