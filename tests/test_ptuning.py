@@ -297,3 +297,38 @@ def test_an_engine_for_a_prefixed_export_has_p_more_cache_slots(tuned):
     assert prefixed[0].dims["past_seq"][1] == P  # the prompt pass runs on the prefix
     limits = resolve_limits(parent.config, max_batch=2, max_context=32, max_new_tokens=16, prefix=P)
     assert limits["max_past"] == 48 + P and limits["prefix_slots"] == P
+
+
+def test_the_device_cache_holds_the_prefix_too(tuned, oracle):
+    """ONNX Runtime with IO binding (on CPU here) keeps K/V in a DeviceKVCache: the prefix is scattered into every
+    row's first slots and a joining row's context lands after it, as on the host cache."""
+    from glm_runtime.kvcache import DeviceKVCache
+    from glm_runtime.session import OnnxRuntimeSession
+
+    folder, prefix, _ = tuned
+    sd, cfg = oracle
+    want = [oc.greedy_generate(sd, cfg, c + [SOP], GMASK, MASK, SOP, EOP, 5, prefix=prefix) for c in CONTEXTS]
+    with OnnxRuntimeSession(folder, io_binding=True) as s:
+        assert isinstance(s.new_cache(1, 1), DeviceKVCache)
+        assert _greedy(s, CONTEXTS, 5, join_at=2) == want
+
+
+def test_an_fp16_export_keeps_the_prefix_in_its_cache_dtype(hub, oracle, tmp_path):
+    """fp16: the prefix is rounded to the cache's fp16 when loaded (the official code casts it to half too); the
+    logits stay within the fp16 parity budget of the oracle."""
+    from glm_export.export import export_onnx
+    from glm_runtime.steps import empty_past
+
+    sd, cfg = oracle
+    enc = encoder_weights(False, seed=4)
+    pt = make_ptuning_folder(tmp_path / "pt", hub, enc)
+    out = export_onnx(hub, tmp_path / "fp16", precision="fp16", no_tokenizer=True, ptuning=pt, log=lambda m: None)
+    pos, mask = oc.chatglm_positions(PROMPT, GMASK, MASK, SOP)
+    want, _ = oc.forward(sd, cfg, [PROMPT], pos[None], mask[None], prefix=oc.prefix_from_ptuning(enc, cfg, P, False))
+    with _session(out) as s:
+        assert s.prefix.kv.dtype == np.float16
+        visible = np.concatenate([np.ones((1, 1, len(PROMPT), P), bool), ~mask[None]], axis=3)
+        feeds = {"input_ids": np.array([PROMPT]), "position_ids": pos[None], "attention_mask": visible}
+        got = s.run({**feeds, **empty_past(s, 1)})["logits"]
+    diff = _within(got, want, (3e-2, 5e-3))
+    print(f"fp16 P-tuning logits vs oracle: max |diff| {diff:.3g} (max |ref| {np.abs(want).max():.3g})")
