@@ -535,10 +535,17 @@ def _resolve_gelu(cfg: GLMConfig, gelu: str | None, found: _Found) -> GLMConfig:
 
 
 def _resolve_tokenizer(
-    tokenizer: str | Path | None, kind: str | None, cfg: GLMConfig, found: _Found
+    tokenizer: str | Path | GLMTokenizer | None, kind: str | None, cfg: GLMConfig, found: _Found
 ) -> tuple[GLMTokenizer | None, GLMConfig]:
     """The checkpoint's tokenizer (or the given one), decided by its folder and checked against cfg; the
     config's `tokenizer` field then names its kind."""
+    if isinstance(tokenizer, GLMTokenizer):  # already loaded (an exported folder's recorded one)
+        try:
+            tok = check_fits(tokenizer, cfg, "the given tokenizer")
+        except TokenizerError as exc:
+            raise CheckpointError(str(exc)) from None
+        found.notes.append(f"tokenizer: {tok.kind} (given, loaded)")
+        return tok, cfg.replace(tokenizer=tok.kind)
     try:
         if tokenizer is None and kind is None and found.layout == "glmx" and found.manifest.tokenizer.get("file"):
             tok = check_fits(
@@ -668,7 +675,7 @@ def open_checkpoint(
     path: str | Path,
     *,
     config: GLMConfig | str | Path | None = None,
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | GLMTokenizer | None = None,
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
     rotary_inv_freq: str | None = None,
@@ -733,9 +740,10 @@ def load_checkpoint(
     *,
     config: GLMConfig | str | Path | None = None,
     dtype: torch.dtype | None = torch.float32,
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | GLMTokenizer | None = None,
     tokenizer_kind: str | None = None,
     gelu: str | None = None,
+    lora: str | Path | None = None,
 ) -> LoadedCheckpoint:
     """Load any supported layout into the reference GLMModel (eval mode, CPU).
 
@@ -746,7 +754,9 @@ def load_checkpoint(
     the files'. Every decision is in `.notes`. Errors raise CheckpointError (ManifestError for a glmx folder
     whose files do not match their manifest). The whole model is in memory: open_checkpoint reads lazily.
     """
-    opened = open_checkpoint(path, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu)
+    opened = open_checkpoint(
+        path, config=config, tokenizer=tokenizer, tokenizer_kind=tokenizer_kind, gelu=gelu, lora=lora
+    )
     source_dtype = DTYPES[opened.source_dtype]
     model = model_from_weights(opened.config, opened.weights, dtype or source_dtype)
     return LoadedCheckpoint(

@@ -18,6 +18,7 @@ from glm_runtime.iotable import LOGITS_START, io_table, kv_dtype, past_names, pr
 from glm_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from glm_runtime.prefix import Prefix, load_prefix
 from glm_runtime.session import Closable, check_feeds
+from glm_runtime.tokenizer_folder import load_recorded_tokenizer
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -80,6 +81,20 @@ class TorchSession(Closable):
         return out
 
 
+def _recorded_lora(manifest: Any) -> Path | None:
+    """The LoRA adapter an export merged (its manifest's extra.lora), which the torch model must merge too."""
+    record = manifest.extra.get("lora")
+    if not record:
+        return None
+    path = Path(record["path"])
+    if not path.is_dir():
+        raise ManifestError(
+            f"the LoRA adapter this export merged (recorded as {path}) is not there, so backend 'torch' cannot "
+            f"rebuild the model; put it back or use --backend onnxruntime"
+        )
+    return path
+
+
 def load_torch_session(
     folder: str | Path, precision: str | None = None, verify: bool = True, logits_start: bool = True, **_ignored: Any
 ) -> TorchSession:
@@ -110,9 +125,15 @@ def load_torch_session(
     elif manifest is not None and manifest.kind != "checkpoint":
         raise ManifestError(f"backend 'torch' reads checkpoints or exported ONNX folders, not {manifest.kind!r}")
     exported = manifest is not None and manifest.kind == "onnx"
-    # an exported folder's config (GeLU and tokenizer as decided at export) describes its parent's weights
+    # an exported folder's config (GeLU and tokenizer as decided at export) describes its parent's weights, its
+    # tokenizer is the one its manifest records (kind and options: a ChatGLM revision's offset), and a LoRA
+    # adapter it merged is merged again
+    tokenizer = load_recorded_tokenizer(folder, manifest.tokenizer) if tokenizer_path is not None else None
     loaded = load_checkpoint(
-        source, config=GLMConfig.from_dict(manifest.config) if exported else None, tokenizer=tokenizer_path
+        source,
+        config=GLMConfig.from_dict(manifest.config) if exported else None,
+        tokenizer=tokenizer,
+        lora=_recorded_lora(manifest) if exported else None,
     )
     tokenizer_path = tokenizer_path or loaded.tokenizer_file
     if precision is None:

@@ -107,7 +107,14 @@ class GLMConfig:
 
     # glmx JSON
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the architecture fields of a 2021 GLM (its manifests, written before they
+        existed, stay what they were)."""
+        data = dataclasses.asdict(self)
+        if self.architecture == "glm":
+            del data["architecture"]
+        if not self.arch.rotary:
+            del data["rotary_inv_freq"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GLMConfig:

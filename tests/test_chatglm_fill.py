@@ -211,3 +211,16 @@ def test_completions_are_served_on_chatglm(model):
         assert r.status_code == 200, r.text
         (want,) = _greedy(model, ["你好"], append_gmask=True, max_new_tokens=4)
         assert r.json()["choices"][0]["text"] == want.spans[0].text
+
+
+def test_the_torch_backend_reads_the_export_as_recorded(model, folders):
+    """--backend torch on a ChatGLM export: the parent folder's weights, the tokenizer as the manifest records it
+    (the revision's offset; the export holds ice_text.model without tokenizer_config.json), the same fill."""
+    from glm_runtime.generate import fill_blanks
+    from glm_runtime.session import open_model
+
+    session, tok = open_model(folders["onnx"], backend="torch")
+    with session:
+        (got,) = fill_blanks(session, tok, ["你好"], append_gmask=True, max_new_tokens=5)
+    (want,) = _greedy(model, ["你好"], append_gmask=True, max_new_tokens=5)
+    assert tok.options["num_image_tokens"] == 0 and got.tokens == want.tokens
