@@ -13,7 +13,7 @@ import numpy as np
 
 from glm_runtime import masks
 from glm_runtime.backend import KVCacheLike, Session
-from glm_runtime.requests import Prompt, Settings, Span, StreamEvent, assemble_result, decode_text
+from glm_runtime.requests import Prompt, Settings, Span, StreamEvent, assemble_result, decode_text, new_text
 from glm_runtime.sampling import log_softmax
 from glm_runtime.steps import context_pass, decode_step, open_cache, prefill_span
 from glm_runtime.tokenizer import GLMTokenizer
@@ -141,8 +141,11 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
             early_stopping=settings.early_stopping,
         )
         steps += calls
-        for token in best.tokens:
-            yield StreamEvent("token", prompt.index, k, token, decode_text(tokenizer, [token]))
+        shown = ""
+        for n, token in enumerate(best.tokens, 1):
+            text = new_text(tokenizer, best.tokens[:n], shown)
+            shown += text
+            yield StreamEvent("token", prompt.index, k, token, text)
         span = Span(decode_text(tokenizer, best.tokens), best.tokens, tokenizer.id_to_token(mask_id), pos, best.stop)
         spans.append(span)
         yield StreamEvent("span", prompt.index, k, text=span.text, span=span)

@@ -52,6 +52,7 @@ from glm_runtime.requests import (
     StreamEvent,
     assemble_result,
     decode_text,
+    new_text,
     prepare_prompt,
 )
 from glm_runtime.sampling import GenerationError, greedy, prompt_generators, sample
@@ -95,6 +96,7 @@ class Job:
     feed: int = 0
     flush: bool = False  # the next feed only stores a budget-ended span's last token (its logits are unused)
     span: list[int] = field(default_factory=list)
+    shown: str = ""  # the span's text the stream has shown (runtime.requests.new_text)
     spans: list[Span] = field(default_factory=list)
     decode_calls: int = 0
     cancel_requested: str | None = None  # "cancelled" or "timeout": the row is freed at the next step
@@ -420,15 +422,15 @@ class Engine:
         assert job.prompt is not None
         job.decode_calls += 1
         if job.flush:  # flushed: the budget-ended span is now wholly in the cache; on to the next blank
-            job.blank, job.flush, job.feed, job.step, job.span = job.blank + 1, False, self.sop, 0, []
+            job.blank, job.flush, job.feed, job.step, job.span, job.shown = job.blank + 1, False, self.sop, 0, [], ""
             return False
         if token not in self.stops:
             job.span.append(token)
             if job.first_token_at is None:
                 job.first_token_at = now
-            self._emit(
-                job, StreamEvent("token", job.id, job.blank, token, decode_text(self.tokenizer, [token])), events
-            )
+            text = new_text(self.tokenizer, job.span, job.shown)
+            job.shown += text
+            self._emit(job, StreamEvent("token", job.id, job.blank, token, text), events)
             if len(job.span) < job.settings.max_new_tokens:
                 job.feed, job.step = token, job.step + 1
                 return False
@@ -444,7 +446,7 @@ class Engine:
         self._emit(job, StreamEvent("span", job.id, job.blank, text=span.text, span=span), events)
         last = job.blank + 1 == len(job.prompt.blanks)
         if token in self.stops or last:  # every span token is in the cache (a stop token is never fed)
-            job.blank, job.feed, job.step, job.span = job.blank + 1, self.sop, 0, []
+            job.blank, job.feed, job.step, job.span, job.shown = job.blank + 1, self.sop, 0, [], ""
             return last
         job.feed, job.step, job.flush = token, len(job.span), True  # feed the last token too (docs/glm.md 4.1)
         return False

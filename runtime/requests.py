@@ -253,6 +253,17 @@ def decode_text(tokenizer: GLMTokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(known)
 
 
+def new_text(tokenizer: GLMTokenizer, span: Sequence[int], shown: str) -> str:
+    """What a stream shows after the span's latest token: the whole span decoded, less what was already shown;
+    nothing while the text ends in U+FFFD (a character whose UTF-8 bytes, byte-fallback pieces, are not all
+    there yet), so a character is never split. Decoding the whole span keeps the spaces between its pieces,
+    which a piece decoded alone loses."""
+    text = decode_text(tokenizer, span)
+    if text.endswith("\ufffd") or not text.startswith(shown):
+        return ""
+    return text[len(shown) :]
+
+
 def assemble_result(
     tokenizer: GLMTokenizer, prompt: Prompt, spans: list[Span], timings: dict[str, float]
 ) -> FillResult:

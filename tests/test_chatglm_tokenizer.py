@@ -373,21 +373,16 @@ def test_a_stream_built_from_the_decoded_span_never_splits_a_character(tok, old)
     assert tok.decode(tok.encode("a ok")[1:]) == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine.py Engine._advance and beam.py fill_beam give each token event decode_text(tokenizer, [token]): "
-    "a byte piece alone is U+FFFD and a ▁word piece alone loses its space; they need the span's new text "
-    "(stream_texts above)",
-)
-def test_the_engines_token_events_never_split_a_character(tok):
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_the_engines_token_events_never_split_a_character(tok, strategy):
     prompt = "你好[gMASK]"
     ids = build_context_ids(tok, prompt)
     ((mask_pos, _),) = find_blanks(ids, tok)
     span = tok.encode("很好👋！ ok  x")
     session = ScriptedSession({mask_pos: span}, tok.special["eop"], config=tiny_config(512))
     events = []
-    fill_blanks(session, tok, [prompt], stream=events.append, max_new_tokens=len(span) + 1)
+    extra = {"num_beams": 1} if strategy == "beam" else {}
+    fill_blanks(session, tok, [prompt], stream=events.append, max_new_tokens=len(span) + 1, strategy=strategy, **extra)
     shown = [e.text for e in events if e.kind == "token"]
     assert [e.token_id for e in events if e.kind == "token"] == span
     assert not any("\ufffd" in s for s in shown), shown
