@@ -609,7 +609,7 @@ def text_windows(tok: Any, text: str, vocab_size: int, window: int, limit: int) 
 def blank_calls(tok: Any, chunk: np.ndarray) -> tuple[list[Call], np.ndarray]:
     """A teacher-forced document blank (docs/glm.md 5, gpt mode) as two calls, context then span.
 
-    Part A = [CLS] chunk[:a] [gMASK]   positions 0..a+1, block 0, bidirectional
+    Part A = [CLS] chunk[:a] [gMASK]   positions 0..a+1, block 0, bidirectional ([CLS] as the prompt rule says)
     Part B = sop chunk[a:-1]           position of the [gMASK], blocks 1.., sees Part A + causal
     -> (calls, targets of Part B = chunk[a:]). A vocabulary without [gMASK] (BERT, RoBERTa) uses [MASK].
     chunk: one window [W], or B windows of one length [B, W], one row of each call per window (targets [B, W-a]).
@@ -618,7 +618,8 @@ def blank_calls(tok: Any, chunk: np.ndarray) -> tuple[list[Call], np.ndarray]:
     B, W = rows.shape
     a = W // 2
     blank = tok.special.get("gMASK", tok.special["MASK"])
-    head = np.concatenate([np.full((B, 1), tok.special["ENC"]), rows[:, :a], np.full((B, 1), blank)], axis=1)
+    lead = [np.full((B, 1), tok.special["ENC"])] if tok.prompt.cls_first else []  # ChatGLM: no [CLS]
+    head = np.concatenate([*lead, rows[:, :a], np.full((B, 1), blank)], axis=1)
     c = head.shape[1]
     span = np.concatenate([np.full((B, 1), tok.special["sop"]), rows[:, a:-1]], axis=1)
     t = span.shape[1]

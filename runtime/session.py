@@ -298,6 +298,7 @@ def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **
     _check_backend_fits(folder, backend)
     session = open_session(folder, backend, **options)
     if session.tokenizer is not None:  # decided by the session's source (torch: a checkpoint)
+        session.tokenizer.prompt = session.config.arch.prompt
         return session, session.tokenizer
     entry = session.tokenizer_record
     path = session.tokenizer_path or (folder / entry["file"] if entry.get("file") else None)
@@ -307,6 +308,7 @@ def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **
         tokenizer = load_recorded_tokenizer(path.parent, {**entry, "file": path.name})
     except TokenizerError as exc:
         raise ManifestError(str(exc)) from None
+    tokenizer.prompt = session.config.arch.prompt  # the model's architecture lays its prompts out
     if tokenizer.vocab_size > session.config.vocab_size:
         raise ManifestError(
             f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
