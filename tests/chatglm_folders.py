@@ -92,10 +92,27 @@ def write_bin_shards(folder: Path, sd: dict[str, np.ndarray], shards: int = 2) -
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
+def write_safetensors_shards(folder: Path, sd: dict[str, np.ndarray], shards: int = 2) -> None:
+    """model-0000N-of-0000M.safetensors + model.safetensors.index.json (the hub's safetensors layout)."""
+    from safetensors.numpy import save_file
+
+    keys = list(sd)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for k in range(shards):
+        name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {key: np.ascontiguousarray(sd[key]) for key in keys[k * per : (k + 1) * per]}
+        save_file(part, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {"total_size": sum(int(a.nbytes) for a in sd.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def make_chatglm_folder(
     folder: Path,
     *,
     revision: str = "current",
+    safetensors: bool = False,
     layers: int = 2,
     hidden: int = 64,
     heads: int = 4,
@@ -115,7 +132,7 @@ def make_chatglm_folder(
     sd = chatglm_state_dict(layers, hidden, heads, vocab, seed)
     if mutate is not None:
         mutate(sd)
-    write_bin_shards(folder, sd, shards)
+    (write_safetensors_shards if safetensors else write_bin_shards)(folder, sd, shards)
     config = chatglm_config(layers, hidden, heads, vocab, offset, **(config_extra or {}))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:

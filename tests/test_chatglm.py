@@ -204,3 +204,41 @@ def test_the_piecewise_check_of_the_large_model_path_runs_rotary_layers(hub, exp
     assert piecewise["passed"] and piecewise["method"].startswith("piecewise")
     for case, figures in whole["cases"].items():
         assert piecewise["cases"][case]["logits"] == pytest.approx(figures["logits"], abs=2e-6), case
+
+
+def test_a_safetensors_folder_and_an_untied_lm_head(tmp_path, oracle, exported):
+    """The hub's safetensors layout reads as the .bin shards do; an lm_head.weight that differs from the embedding
+    is one line that says what the HF code does (ties them on load, computing with the embedding), and so does
+    glmx: the logits are the embedding's."""
+    from glm_export.export import export_onnx
+
+    def untie(sd):
+        sd["lm_head.weight"] = sd["lm_head.weight"] + np.float16(0.5)
+
+    hub = make_chatglm_folder(tmp_path / "st", seed=3, safetensors=True, mutate=untie)
+    said: list[str] = []
+    out = export_onnx(hub, tmp_path / "onnx", no_tokenizer=True, log=said.append)
+    (line,) = [m for m in said if "lm_head.weight differs" in m]
+    assert "ties lm_head to the embedding on load" in line and "max |diff| 0.5" in line
+    pos, mask = oc.chatglm_positions(PROMPT, GMASK, MASK, SOP)
+    with _session(out) as s, _session(exported) as t:
+        got = _run(s, [PROMPT], pos[None], ~mask[None])["logits"]
+        same_weights = _run(t, [PROMPT], pos[None], ~mask[None])["logits"]
+    np.testing.assert_allclose(got, same_weights, atol=1e-5)  # seed 3: the .bin folder's weights, lm_head unused
+
+
+def test_convert_then_export_round_trips_through_glmx_folders(hub, exported, tmp_path):
+    from glm_export.checkpoint import convert_checkpoint
+    from glm_export.export import export_onnx
+
+    _, folder = convert_checkpoint(hub, tmp_path / "glmx", dtype="fp32")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["config"]["architecture"] == "chatglm-6b"
+    out = export_onnx(folder, tmp_path / "onnx", no_tokenizer=True, log=lambda m: None)
+    pos, mask = oc.chatglm_positions(PROMPT, GMASK, MASK, SOP)
+    with _session(out) as s, _session(exported) as t:
+        np.testing.assert_allclose(
+            _run(s, [PROMPT], pos[None], ~mask[None])["logits"],
+            _run(t, [PROMPT], pos[None], ~mask[None])["logits"],
+            atol=1e-5,
+        )
