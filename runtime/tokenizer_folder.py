@@ -7,7 +7,6 @@ is a one-line TokenizerError. Also: the tokenizer a manifest's entry records, lo
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from glm_runtime.config import TOKENIZER_KINDS
 from glm_runtime.tokenizer import FAMILY, META_NAME, GLMTokenizer, TokenizerError, files_family, load_tokenizer
-from glm_runtime.vocabularies import CHATGLM_CONFIG, CHATGLM_MODEL, chatglm_image_tokens
+from glm_runtime.vocabularies import CHATGLM_CONFIG, CHATGLM_MODEL, chatglm_image_tokens, json_object
 
 # tokenizer_config.json's `tokenizer_class` in the released Hugging Face GLM folders (THUDM remote code)
 HF_TOKENIZER_CLASSES = {
@@ -39,22 +38,12 @@ _CHINESE_BY_SIZE = {(24, 1024): "chinese-sp-fix", (48, 4096): "chinese-sp"}
 _CHATGLM_IMAGE_TOKENS_BY_ROWS = {130528: 0, 150528: 20000}
 
 
-def _json_object(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path} as {what}: {exc}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} is not {what}")
-    return data
-
-
 def _hf_tokenizer_class(folder: Path) -> tuple[str | None, Path | None]:
     """tokenizer_class of `folder`/tokenizer_config.json (or its auto_map's AutoTokenizer), None when absent."""
     path = folder / HF_TOKENIZER_CONFIG
     if not path.is_file():
         return None, None
-    data = _json_object(path, "a JSON object")
+    data = json_object(path, "a JSON object")
     name = data.get("tokenizer_class")
     if not name:
         auto = (data.get("auto_map") or {}).get("AutoTokenizer")
@@ -65,7 +54,7 @@ def _hf_tokenizer_class(folder: Path) -> tuple[str | None, Path | None]:
 
 def _bpe_flavour(vocab: Path) -> str:
     """gpt2 or roberta from the vocabulary itself: RoBERTa has <s>/<mask>, GPT-2 <|endoftext|>."""
-    tokens = _json_object(vocab, "a BPE vocabulary (a JSON object of token -> id)")
+    tokens = json_object(vocab, "a BPE vocabulary (a JSON object of token -> id)")
     if "<mask>" in tokens and "<s>" in tokens:
         return "roberta"
     if "<|endoftext|>" in tokens:

@@ -337,6 +337,17 @@ def read_sentencepiece(
     return text, special
 
 
+def json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object (a tokenizer's config or vocabulary), or a one-line TokenizerError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read {path} as {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} is not {what}")
+    return data
+
+
 def chatglm_image_tokens(folder: Path) -> tuple[int, str]:
     """ChatGLM's num_image_tokens as the hub folder's tokenizer_config.json says, and where that came from.
 
@@ -350,12 +361,7 @@ def chatglm_image_tokens(folder: Path) -> tuple[int, str]:
             f"differs by 20000 between revisions (0 in the current ChatGLM-6B, 20000 before 2023-04-06 and in "
             f"GLM-130B): pass it (load_tokenizer(..., num_image_tokens=0)) or put the hub's {CHATGLM_CONFIG} beside"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path} as a JSON object: {exc}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} is not a JSON object")
+    data = json_object(path, "a JSON object")
     if "num_image_tokens" not in data:
         return 20000, f"{CHATGLM_CONFIG} has none: the remote code's default, as before 2023-04-06"
     return image_tokens(data["num_image_tokens"], f"{path}'s num_image_tokens"), CHATGLM_CONFIG
