@@ -143,7 +143,7 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
         steps += calls
         shown = ""
         for n, token in enumerate(best.tokens, 1):
-            text = new_text(tokenizer, best.tokens[:n], shown)
+            text, _ = new_text(tokenizer, best.tokens[:n], shown)
             shown += text
             yield StreamEvent("token", prompt.index, k, token, text)
         span = Span(decode_text(tokenizer, best.tokens), best.tokens, tokenizer.id_to_token(mask_id), pos, best.stop)

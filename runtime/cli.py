@@ -81,7 +81,8 @@ Strategies: greedy (default; the most likely token), sample (--temperature --top
 prompt's random stream comes from the seed and the prompt's text alone (numpy SeedSequence([seed,
 sha256(prompt)])): the same prompt and seed give the same sample alone, anywhere in a file, or in a server's
 batch. --jsonl lines are a string or {"prompt": ..., and any of max_new_tokens, strategy, temperature, top_k,
-top_p, seed, num_beams, length_penalty, early_stopping, append_gmask}; a line's own settings win for that line.
+top_p, seed, num_beams, length_penalty, early_stopping, stop, append_gmask}; a line's own settings win for that
+line.
 Prompts run on the engine of glmx serve: --rows of them decode together and the next takes a row as soon as one
 frees, so memory follows --rows, not the input's length. Results are printed as they finish, in input order.
 Each input line gives one output line: a line break inside a result is written as the two characters \\n
@@ -113,6 +114,12 @@ number at the end and the exit status is 1; every other line is still filled. Ti
 @click.option("--early-stopping", is_flag=True, default=None, help="beam: stop a span once num_beams hypotheses ended")
 @click.option("--append-gmask", is_flag=True, help="a prompt without a blank is continued at its end ([gMASK])")
 @click.option(
+    "--stop",
+    multiple=True,
+    help="greedy / sample: a span ends where its text first holds this string, which is cut off (stop reason "
+    "'stop'); repeat for up to 4",
+)
+@click.option(
     "--rows",
     type=click.IntRange(min=1),
     default=8,
@@ -130,6 +137,7 @@ def fill_cmd(prompt, from_stdin, jsonl, as_json, model, backend, rows, **setting
     if len(sources) != 1:
         raise CommandError("give exactly one of: a PROMPT argument, --stdin, or --jsonl FILE")
     settings["early_stopping"] = settings["early_stopping"] or None  # a flag not given is "not set"
+    settings["stop"] = list(settings["stop"]) or None
     if from_stdin:
         lines = [
             (n, {"prompt": line})

@@ -424,23 +424,24 @@ class Engine:
         if job.flush:  # flushed: the budget-ended span is now wholly in the cache; on to the next blank
             job.blank, job.flush, job.feed, job.step, job.span, job.shown = job.blank + 1, False, self.sop, 0, [], ""
             return False
+        cut = None  # where a stop string starts in the span's text
         if token not in self.stops:
             job.span.append(token)
             if job.first_token_at is None:
                 job.first_token_at = now
-            text = new_text(self.tokenizer, job.span, job.shown)
+            text, cut = new_text(self.tokenizer, job.span, job.shown, job.settings.stop)
             job.shown += text
             self._emit(job, StreamEvent("token", job.id, job.blank, token, text), events)
-            if len(job.span) < job.settings.max_new_tokens:
+            if cut is None and len(job.span) < job.settings.max_new_tokens:
                 job.feed, job.step = token, job.step + 1
                 return False
         pos, mask_id = job.prompt.blanks[job.blank]
         span = Span(
-            decode_text(self.tokenizer, job.span),
+            decode_text(self.tokenizer, job.span)[:cut],
             job.span,
             self.tokenizer.id_to_token(mask_id),
             pos,
-            self.stops.get(token, "length"),
+            "stop" if cut is not None else self.stops.get(token, "length"),
         )
         job.spans.append(span)
         self._emit(job, StreamEvent("span", job.id, job.blank, text=span.text, span=span), events)

@@ -41,6 +41,7 @@ def stream_blanks(
     num_beams: int | None = None,
     length_penalty: float | None = None,
     early_stopping: bool | None = None,
+    stop: Sequence[str] | str | None = None,
     append_gmask: bool = False,
     rows: int | None = None,
 ) -> Iterator[StreamEvent]:
@@ -62,6 +63,7 @@ def stream_blanks(
             num_beams=num_beams,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
+            stop=stop,
             append_gmask=append_gmask,
             id=i,
         )

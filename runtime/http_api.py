@@ -80,7 +80,6 @@ def _unsupported(body: dict[str, Any]) -> None:
         "n": lambda v: v is None or (_is_number(v) and v == 1),
         "best_of": lambda v: v is None or (_is_number(v) and v == 1),
         "logprobs": lambda v: v is None,
-        "stop": lambda v: v in (None, [], ""),
         "presence_penalty": lambda v: v is None or (_is_number(v) and v == 0),
         "frequency_penalty": lambda v: v is None or (_is_number(v) and v == 0),
         "logit_bias": lambda v: v is None or v == {},
@@ -89,8 +88,8 @@ def _unsupported(body: dict[str, Any]) -> None:
     for key, ok in rules.items():
         if key in body and not ok(body[key]):
             raise BadRequest(
-                f"{key}={json.dumps(body[key])} is not supported by glmx (spans end at eop / eos or "
-                f"max_tokens; one choice per prompt); drop it",
+                f"{key}={json.dumps(body[key])} is not supported by glmx (spans end at eop / eos, a stop string "
+                f"or max_tokens; one choice per prompt); drop it",
                 kind="unsupported_parameter",
             )
 
@@ -160,6 +159,8 @@ def completion_request(body: dict[str, Any], max_prompts: int | None = None) -> 
         "strategy": strategy,
         **{k: v for k, v in extra.items() if k != "strategy"},
     }
+    if body.get("stop") not in (None, [], ""):  # a span ends at the first stop string, which is cut off
+        settings["stop"] = body["stop"]
     if strategy == "sample":
         settings.update(temperature=temperature, top_p=top_p, seed=seed)
     else:

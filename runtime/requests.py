@@ -17,8 +17,8 @@ from glm_runtime.tokenizer import GLMTokenizer, build_context_ids, find_blanks
 STRATEGIES = ("greedy", "sample", "beam")
 # which options each strategy reads; passing one another strategy does not read is refused, never ignored
 STRATEGY_OPTIONS = {
-    "greedy": (),
-    "sample": ("temperature", "top_k", "top_p", "seed"),
+    "greedy": ("stop",),
+    "sample": ("temperature", "top_k", "top_p", "seed", "stop"),
     "beam": ("num_beams", "length_penalty", "early_stopping"),
 }
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -29,7 +29,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "num_beams": 1,
     "length_penalty": 1.0,
     "early_stopping": False,
+    "stop": (),
 }
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on stop strings; a stop string's length
 ENDINGS = ("finished", "cancelled", "timeout", "failed")  # a request's last state
 # a fill request's fields as the CLI's --jsonl lines and the server's /v1/fill spell them
 FILL_FIELDS = ("prompt", "max_new_tokens", "strategy", *OPTION_DEFAULTS, "append_gmask")
@@ -51,6 +53,7 @@ class Settings:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool = False
+    stop: tuple[str, ...] = ()  # a span ends where its text first holds one of these, which is cut off
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,11 +84,34 @@ def resolve_settings(max_new_tokens: Any = 32, strategy: str = "greedy", **optio
                 subject=flag,
             )
     chosen = {name: OPTION_DEFAULTS[name] if options.get(name) is None else options[name] for name in OPTION_DEFAULTS}
+    chosen["stop"] = check_stop(chosen["stop"])
     if strategy == "sample":
         check_sampling(chosen["temperature"], chosen["top_k"], chosen["top_p"])
     if strategy == "beam":
         check_beam(chosen["num_beams"], chosen["length_penalty"], chosen["early_stopping"])
     return Settings(int(max_new_tokens), strategy, **chosen)
+
+
+def check_stop(stop: Any) -> tuple[str, ...]:
+    """Stop strings as OpenAI takes them: one string or a list of at most MAX_STOPS non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise GenerationError(f" must be a string or a list of non-empty strings, got {stop!r}", field="stop")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise GenerationError(
+            f" takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each", field="stop"
+        )
+    return tuple(stops)
+
+
+def stop_cut(text: str, stops: Sequence[str]) -> tuple[int | None, int]:
+    """(where the first stop string starts in text, or None; how much of text a stream may show now): the text
+    before a stop string, else all but a tail that may still begin one."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if found:
+        return min(found), min(found)
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return None, len(text) - hold
 
 
 # ---------------------------------------------------------------- what a caller asks
@@ -195,7 +221,7 @@ class Span:
     token_ids: list[int]
     blank: str  # the blank token it fills: "[MASK]", "[sMASK]" or "[gMASK]"
     position: int  # index of that blank in the context ids (its position id)
-    stop: str  # why it ended: "eop", "eos" or "length" (max_new_tokens reached)
+    stop: str  # why it ended: "eop", "eos", "length" (max_new_tokens reached) or "stop" (a stop string; cut off)
 
 
 @dataclass
@@ -253,15 +279,19 @@ def decode_text(tokenizer: GLMTokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(known)
 
 
-def new_text(tokenizer: GLMTokenizer, span: Sequence[int], shown: str) -> str:
+def new_text(
+    tokenizer: GLMTokenizer, span: Sequence[int], shown: str, stops: Sequence[str] = ()
+) -> tuple[str, int | None]:
     """What a stream shows after the span's latest token: the whole span decoded, less what was already shown;
     nothing while the text ends in U+FFFD (a character whose UTF-8 bytes, byte-fallback pieces, are not all
     there yet), so a character is never split. Decoding the whole span keeps the spaces between its pieces,
-    which a piece decoded alone loses."""
+    which a piece decoded alone loses. With stop strings: the text before the first one, and where it starts
+    (else None; a tail that may still begin one is held back). -> (new text, stop position)."""
     text = decode_text(tokenizer, span)
-    if text.endswith("\ufffd") or not text.startswith(shown):
-        return ""
-    return text[len(shown) :]
+    cut, show = stop_cut(text, stops) if stops else (None, len(text))
+    if (cut is None and text.endswith("\ufffd")) or not text.startswith(shown):
+        return "", cut
+    return text[len(shown) : max(show, len(shown))], cut
 
 
 def assemble_result(
@@ -274,11 +304,17 @@ def assemble_result(
     drop = {0} if prompt.ids[0] == special["ENC"] else set()
     if prompt.ids[last] == special["eos"] and last not in by_pos:
         drop.add(last)
+    cut = {s.position: s for s in spans if s.stop == "stop"}  # cut at a stop string: spliced as text
     spliced: list[int] = []
     for k, i in enumerate(prompt.ids):
         if k not in drop:
-            spliced.extend(by_pos.get(k, [i]))
+            spliced.extend([i] if k in cut else by_pos.get(k, [i]))
     tokens = list(prompt.ids)
     for s in spans:
         tokens += [special["sop"], *s.token_ids]
-    return FillResult(decode_text(tokenizer, spliced), spans, tokens, timings)
+    text, start = decode_text(tokenizer, spliced), 0
+    for position in sorted(cut):  # each such blank still reads as its own string: its span's text goes there
+        span = cut[position]
+        at = text.find(span.blank, start)
+        text, start = text[:at] + span.text + text[at + len(span.blank) :], at + len(span.text)
+    return FillResult(text, spans, tokens, timings)

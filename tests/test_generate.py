@@ -483,3 +483,24 @@ def test_json_timings_count_in_integers(strategy):
     timings = json.loads(result.output)["timings"]
     assert isinstance(timings["decode_steps"], int) and isinstance(timings["new_tokens"], int), timings
     assert isinstance(timings["total_s"], float)
+
+
+def test_a_stop_string_ends_the_span_and_is_cut_off_in_the_span_and_the_text():
+    """greedy through the engine: the span ends at the token whose text completes the stop string; span.text and
+    the result's text stop before it; the stream never showed any of it (a tail that may begin it is held)."""
+    from glm_runtime.generate import fill_blanks
+    from glm_runtime.session import open_model
+
+    session, tok = open_model(None)
+    prompt = "The capital of France is [MASK]. It is known for [MASK]."
+    (free,) = fill_blanks(session, tok, [prompt], max_new_tokens=10)
+    first = free.spans[0].text
+    stop = first[1:4]
+    events = []
+    (got,) = fill_blanks(session, tok, [prompt], max_new_tokens=10, stop=[stop], stream=events.append)
+    cut = got.spans[0]
+    assert cut.stop == "stop" and cut.text == first[: first.find(stop)]
+    assert got.text.startswith("The capital of France is" + cut.text + ".")
+    shown = "".join(e.text for e in events if e.kind == "token" and e.blank == 0)
+    assert shown == cut.text and stop not in shown
+    assert len(got.spans) == 2  # the next blank is still filled

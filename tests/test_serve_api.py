@@ -137,13 +137,33 @@ def test_fill_route_json_and_stream(client, model):
     assert events[-1]["tokens"] == want.tokens
 
 
+def test_stop_strings_cut_the_answer_on_both_routes_streamed_or_not(client, model):
+    """A span ends where its text first holds a stop string, which is not returned; the reason is "stop"."""
+    prompt = "The capital of France is"
+    whole = alone(model, prompt + " [gMASK]", max_new_tokens=8).spans[0].text
+    stop = whole[len(whole) // 2 :][:3]  # a string from the middle of the unstopped answer
+    want = whole[: whole.find(stop)]
+    body = {"prompt": prompt, "max_tokens": 8, "stop": [stop, "never appears"]}
+    r = client.post("/v1/completions", json=body)
+    (choice,) = r.json()["choices"]
+    assert choice["text"] == want and choice["finish_reason"] == "stop", (whole, stop, choice)
+    chunks = sse_events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    r = client.post("/v1/fill", json={"prompt": prompt + " [gMASK]", "max_new_tokens": 8, "stop": stop})
+    (span,) = r.json()["spans"]
+    assert span["text"] == want and span["stop"] == "stop" and r.json()["text"] == prompt + want
+
+
 @pytest.mark.parametrize(
     "route,body,message",
     [
         ("/v1/completions", {"prompt": "a [MASK]", "n": 2}, "n=2 is not supported"),
         ("/v1/completions", {"prompt": "a [MASK]", "logprobs": 1}, "logprobs=1 is not supported"),
         ("/v1/completions", {"prompt": "a [MASK]", "best_of": 3}, "best_of=3"),
-        ("/v1/completions", {"prompt": "a [MASK]", "stop": ["\n"]}, "stop="),
+        ("/v1/completions", {"prompt": "a [MASK]", "stop": [""]}, "stop must be a string or a list of non-empty"),
+        ("/v1/completions", {"prompt": "a [MASK]", "stop": list("abcde")}, "stop takes at most 4 strings"),
+        ("/v1/completions", {"prompt": "a [MASK]", "stop": "x", "glmx": {"strategy": "beam"}}, "stop applies to"),
         ("/v1/completions", {"prompt": "a [MASK]", "frequency_penalty": 0.5}, "frequency_penalty"),
         ("/v1/completions", {"prompt": "a [MASK]", "temprature": 0.5}, "unknown field 'temprature'"),
         ("/v1/completions", {"prompt": "a [MASK]", "seed": 3}, "seed applies to sampling"),
