@@ -444,7 +444,8 @@ class Engine:
             "stop" if cut is not None else self.stops.get(token, "length"),
         )
         job.spans.append(span)
-        self._emit(job, StreamEvent("span", job.id, job.blank, text=span.text, span=span), events)
+        rest = span.text[len(job.shown) :] if span.text.startswith(job.shown) else ""
+        self._emit(job, StreamEvent("span", job.id, job.blank, text=span.text, rest=rest, span=span), events)
         last = job.blank + 1 == len(job.prompt.blanks)
         if token in self.stops or last:  # every span token is in the cache (a stop token is never fed)
             job.blank, job.feed, job.step, job.span, job.shown = job.blank + 1, self.sop, 0, [], ""

@@ -283,7 +283,7 @@ def fill_chunk(event: StreamEvent, prompt: str) -> dict[str, Any]:
     if event.kind == "token":
         return {"kind": "token", "blank": event.blank, "token_id": event.token_id, "text": event.text}
     if event.kind == "span":
-        return {"kind": "span", "blank": event.blank, "span": vars(event.span)}
+        return {"kind": "span", "blank": event.blank, "rest": event.rest, "span": vars(event.span)}
     assert event.result is not None
     return {"kind": "result", "prompt": prompt, **event.result.to_dict()}
 
@@ -294,7 +294,7 @@ def completion_choice(event: StreamEvent, index: int) -> dict[str, Any]:
     if event.kind == "token":
         choice.update(text=event.text, glmx={"blank": event.blank, "token_id": event.token_id})
     elif event.kind == "span":
-        choice.update(glmx={"blank": event.blank, "span": vars(event.span)})
+        choice.update(text=event.rest, glmx={"blank": event.blank, "span": vars(event.span)})
     elif event.result is not None:
         choice.update(
             finish_reason=finish_reason(event.result.spans),

@@ -259,6 +259,7 @@ class StreamEvent:
     blank: int = -1  # index of the blank within the prompt
     token_id: int | None = None
     text: str = ""  # the token's or span's text
+    rest: str = ""  # a span's text that no token event showed (held back for a stop string that never came)
     span: Span | None = None
     result: FillResult | None = None
     scores: list[list[CandidateScore]] | None = None

@@ -504,3 +504,21 @@ def test_a_stop_string_ends_the_span_and_is_cut_off_in_the_span_and_the_text():
     shown = "".join(e.text for e in events if e.kind == "token" and e.blank == 0)
     assert shown == cut.text and stop not in shown
     assert len(got.spans) == 2  # the next blank is still filled
+
+
+def test_text_held_back_for_a_stop_string_that_never_comes_is_in_the_span_event():
+    """The answer's last character begins a stop string that never completes: token events held it back, and
+    the span event's `rest` carries it, so a stream's texts still add up to the span's."""
+    from glm_runtime.generate import fill_blanks
+    from glm_runtime.session import open_model
+
+    session, tok = open_model(None)
+    prompt = "The capital of France is [MASK]."
+    (free,) = fill_blanks(session, tok, [prompt], max_new_tokens=6)
+    whole = free.spans[0].text
+    events = []
+    (got,) = fill_blanks(session, tok, [prompt], max_new_tokens=6, stop=[whole[-1] + "\u2603"], stream=events.append)
+    assert got.spans[0].text == whole and got.spans[0].stop == free.spans[0].stop
+    shown = "".join(e.text for e in events if e.kind == "token")
+    (span_event,) = [e for e in events if e.kind == "span"]
+    assert shown == whole[:-1] and span_event.rest == whole[-1]
