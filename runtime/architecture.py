@@ -33,6 +33,20 @@ class PromptRule:
 
 
 @dataclass(frozen=True)
+class ChatRule:
+    """How a chat model's conversation becomes one prompt (ChatGLM-6B's chat(), chatglm_v1_spec.md 7), and the
+    generation settings its chat() uses. No history: the question alone. Otherwise every earlier round as
+    `past`, then the question as `ask`; the prompt rule then appends [gMASK] and the answer starts at <sop>.
+    The model has no system role: a system text is folded into the first round's question as `system`."""
+
+    past: str = "[Round {i}]\n问：{question}\n答：{answer}\n"
+    ask: str = "[Round {i}]\n问：{question}\n答："
+    system: str = "{system}\n\n{question}"
+    temperature: float = 0.95
+    top_p: float = 0.7
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     title: str  # what a person calls it, in messages
@@ -47,6 +61,7 @@ class Architecture:
     hf_model_type: str  # config.json's model_type
     published_embedding: str  # the word-embedding key in the published files
     prompt: PromptRule
+    chat: ChatRule | None = None  # a chat model's conversation template; None: not a chat model
     rotary_base: float = 10000.0
 
     @property
@@ -109,6 +124,7 @@ CHATGLM_6B = Architecture(
     hf_model_type="chatglm",
     published_embedding="transformer.word_embeddings.weight",
     prompt=PromptRule(cls_first=False, eos_unless_last=None),
+    chat=ChatRule(),
 )
 
 ARCHITECTURES = {a.name: a for a in (GLM, CHATGLM_6B)}

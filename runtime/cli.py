@@ -424,6 +424,7 @@ def classify_cmd(
 
 
 EXPORT_COMMANDS = "glm_export.cli"  # the export side's commands, joined to the group when it is installed
+CHAT_COMMAND = "glm_runtime.chat_cli"  # glmx chat, in its own module
 
 
 def run() -> None:
@@ -433,6 +434,7 @@ def run() -> None:
     from glm_runtime.memory import large_buffers_to_os
 
     large_buffers_to_os()  # export, quantize and fill free weight-sized buffers all the time
+    importlib.import_module(CHAT_COMMAND)
     try:
         importlib.import_module(EXPORT_COMMANDS)
     except ImportError:  # a runtime without the export package: its commands alone

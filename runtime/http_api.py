@@ -62,10 +62,11 @@ class BadRequest(Exception):
 class Ask:
     """One HTTP request's engine requests, checked, and how to answer: echo the filled text, stream events."""
 
-    route: str  # "completions" or "fill"
+    route: str  # "completions", "fill" or "chat"
     requests: list[FillRequest]
     echo: bool
     stream: bool
+    chat: Any = None  # a chat request's fitted prompt (glm_runtime.chat.ChatPrompt)
 
 
 def _is_number(value: Any) -> bool:
@@ -197,16 +198,22 @@ def fill_request(body: dict[str, Any]) -> Ask:
     return Ask("fill", engine_requests("fill", [body["prompt"]], settings), False, stream)
 
 
-def parse_body(data: bytes, route: str, model_id: str, max_prompts: int, max_prompt_chars: int | None) -> Ask:
-    """A POST body of `route` ("completions" or "fill") as engine requests, every check made: JSON, fields, the
-    served model's name, at most max_prompts prompts (rows + waiting), none longer than max_prompt_chars (no
-    longer text fits the model: refused before it is tokenized)."""
+def json_body(data: bytes) -> dict[str, Any]:
+    """A POST body that must be one JSON object."""
     try:
         body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def parse_body(data: bytes, route: str, model_id: str, max_prompts: int, max_prompt_chars: int | None) -> Ask:
+    """A POST body of `route` ("completions" or "fill") as engine requests, every check made: JSON, fields, the
+    served model's name, at most max_prompts prompts (rows + waiting), none longer than max_prompt_chars (no
+    longer text fits the model: refused before it is tokenized)."""
+    body = json_body(data)
     if route == "fill":
         ask = fill_request(body)
     else:

@@ -1,8 +1,8 @@
 """`glmx serve`: the engine (runtime/engine.py) behind an HTTP API, on Starlette + uvicorn, metrics for Prometheus.
-In: a loader giving (session, tokenizer), rows, queue bound, per-request timeout, optional API key.
-Out: an ASGI app with POST /v1/completions (OpenAI-shaped), POST /v1/fill (glmx fill --json's shape), GET
-/health, /v1/models, /metrics. Torch-free: the server never imports torch or glm_export. The request bodies are
-checked in runtime/http_api.py, the metrics kept in runtime/metrics.py.
+In: a loader giving (session, tokenizer), rows, queue bound, per-request timeout, optional API key. Out: an ASGI app
+with POST /v1/completions and /v1/chat/completions (OpenAI-shaped), POST /v1/fill (glmx fill --json's shape), GET
+/health, /v1/models, /metrics. Torch-free: never imports torch or glm_export. Bodies are checked in
+runtime/http_api.py and runtime/chat_api.py, the metrics kept in runtime/metrics.py.
 
     HTTP handlers (asyncio) --submit/cancel--> EngineLoop (one thread: Engine.run while there is work)
                          <--events (call_soon_threadsafe)-- each request's asyncio.Queue
@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
+from glm_runtime.chat_api import ChatChunks, chat_ask, chat_body
 from glm_runtime.engine import Engine, EngineError, Job, QueueFull
 from glm_runtime.engine_thread import EngineLoop
 from glm_runtime.errors import GLMXError
@@ -34,6 +35,7 @@ from glm_runtime.http_api import (
     completion_choice,
     error_response,
     fill_chunk,
+    json_body,
     parse_body,
     said,
     sse,
@@ -53,12 +55,9 @@ class ServeError(GLMXError, RuntimeError):
 
 
 def _require_serve_extra() -> None:
-    missing = []
-    for module in ("starlette", "uvicorn", "prometheus_client"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
     if missing:
         raise ServeError(f"glmx serve needs {', '.join(missing)}: {SERVE_EXTRA}")
 
@@ -114,6 +113,7 @@ class Server:
 
         return [
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/fill", self.fill, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -172,6 +172,9 @@ class Server:
     async def fill(self, http: Any) -> Any:
         return await self._answer(http, "fill")
 
+    async def chat_completions(self, http: Any) -> Any:
+        return await self._answer(http, "chat")
+
     async def health(self, http: Any) -> Any:
         from starlette.responses import JSONResponse
 
@@ -208,7 +211,8 @@ class Server:
     async def not_found(self, http: Any, exc: Any) -> Any:
         if exc.status_code == 404:
             return error_response(
-                f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/fill, "
+                f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/chat/completions, "
+                f"POST /v1/fill, "
                 f"GET /health, GET /v1/models, GET /metrics",
                 404,
                 "not_found",
@@ -248,7 +252,10 @@ class Server:
     ) -> tuple[Ask, list[Job]]:
         """The body as engine requests, every check made, submitted (JSON of up to max_body bytes, tokenizing:
         run in a worker thread)."""
-        ask = parse_body(data, route, self.model_id, self.rows + self.max_waiting, self.max_prompt_chars)
+        if route == "chat":  # the history is fitted to the model's positions here: tokenizing
+            ask = chat_ask(json_body(data), self.model_id, loop.engine.tokenizer, loop.engine.session.config)
+        else:
+            ask = parse_body(data, route, self.model_id, self.rows + self.max_waiting, self.max_prompt_chars)
         return ask, self._submit_all(loop, ask, deliver)
 
     async def _answer(self, http: Any, route: str) -> Any:
@@ -287,6 +294,8 @@ class Server:
             return Response(status_code=499)
         if route == "fill":
             return JSONResponse({"prompt": ask.requests[0].prompt, **results[jobs[0].id].to_dict()})
+        if route == "chat":
+            return JSONResponse(chat_body(self.model_id, jobs[0], results[jobs[0].id], ask.chat))
         return JSONResponse(
             completion_body(self.model_id, f"cmpl-{jobs[0].id}", int(time.time()), jobs, results, ask.echo)
         )
@@ -350,7 +359,10 @@ class Server:
         """Server-sent events: /v1/fill's own kinds, or OpenAI completion chunks; then [DONE]."""
         cid, created = f"cmpl-{jobs[0].id}", int(time.time())
         index = {job.id: i for i, job in enumerate(jobs)}
+        chat = ChatChunks(self.model_id, f"chatcmpl-{jobs[0].id}", created) if ask.route == "chat" else None
         try:
+            if chat is not None:
+                yield sse(chat.first())
             async for event in self._events(loop, jobs, queue, http):
                 if event.kind == "failed":
                     yield sse({"error": {"message": f"the engine failed: {event.text}", "type": "server_error"}})
@@ -359,6 +371,10 @@ class Server:
                     continue
                 if ask.route == "fill":
                     yield sse(fill_chunk(event, ask.requests[0].prompt))
+                    continue
+                if chat is not None:
+                    for chunk in chat.of(event):
+                        yield sse(chunk)
                     continue
                 yield sse(
                     {

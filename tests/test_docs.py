@@ -45,6 +45,7 @@ def resolve(dotted: str):
 def test_the_table_lists_every_command_and_no_other():
     pytest.importorskip("torch")  # the export side's commands join the group only where glm_export imports
     import glm_export.cli  # noqa: F401 - its commands join the group
+    import glm_runtime.chat_cli  # noqa: F401 - glmx chat joins the group too (glm_runtime.cli.run loads both)
     from glm_runtime.cli import main
 
     assert set(command_table()) == set(main.commands)
@@ -53,6 +54,7 @@ def test_the_table_lists_every_command_and_no_other():
 def test_each_commands_function_exists_and_is_what_the_command_calls():
     pytest.importorskip("torch")
     import glm_export.cli  # noqa: F401 - its commands join the group
+    import glm_runtime.chat_cli  # noqa: F401 - glmx chat joins the group too (glm_runtime.cli.run loads both)
     from glm_runtime.cli import main
 
     for command, dotted in command_table().items():
