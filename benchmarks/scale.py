@@ -36,6 +36,8 @@ from glmx_benchmarks.machine import cpu_facts
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2**30
 PROMPT = "The capital of France is [MASK], a city on the Seine."
+CHAT_LINES = '"你好"\\n"晚上睡不着应该怎么办"\\n'  # printf's text: two questions, two rounds
+CHAT_ARGS = "chat --jsonl --temperature 0 --max-new-tokens 8"
 SHARD_BYTES = 4 * 10**9  # the hub's usual shard size is 2-10 GB
 
 
@@ -150,6 +152,11 @@ def write_random_hub(
         shutil.copy2(tokenizer_file, tmp / Path(tokenizer_file).name)
     elif config.tokenizer in ("gpt2", "bert"):
         {"gpt2": write_gpt2_vocab, "bert": write_bert_vocab}[config.tokenizer](tmp)
+    elif config.tokenizer == "chatglm":  # a tiny ice_text.model: its ids fit the real V (130528) many times over
+        from glm_export.tokenizer_training import train_ice_text_model, write_chatglm_tokenizer_config
+
+        train_ice_text_model(tmp / "ice_text.model")
+        write_chatglm_tokenizer_config(tmp, 0)
     else:
         raise ValueError(f"scale: no vocabulary writer for a {config.tokenizer} tokenizer; pass tokenizer_file")
     (tmp / "README.md").write_text(
@@ -234,7 +241,7 @@ def decode_worker(folder: str, steps: int = 16, context: int = 32) -> dict[str, 
     session = open_session(folder)
     cfg = session.config
     rng = np.random.default_rng(0)
-    ids = rng.integers(10, 1000, (1, context)).astype(np.int64)
+    ids = rng.integers(10, 800, (1, context)).astype(np.int64)
     pos = np.stack([np.arange(context), np.zeros(context, np.int64)])[None].astype(np.int64)
     from glm_runtime.iotable import past_names, present_names
 
@@ -242,7 +249,9 @@ def decode_worker(folder: str, steps: int = 16, context: int = 32) -> dict[str, 
     empty = np.zeros((1, n, 0, d), dtype=session.kv_dtype)
     past = {name: empty for pair in past_names(session.io) for name in pair}
     feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": np.ones((1, 1, context, context), bool), **past}
+    t0 = time.perf_counter()
     out = session.run(feeds)
+    context_ms = (time.perf_counter() - t0) * 1e3
     cache = {pk: out[nk] for (pk, _), (nk, _) in zip(past_names(session.io), present_names(session.io))}
     cache.update({pv: out[nv] for (_, pv), (_, nv) in zip(past_names(session.io), present_names(session.io))})
     times = []
@@ -263,6 +272,7 @@ def decode_worker(folder: str, steps: int = 16, context: int = 32) -> dict[str, 
     warm = times[2:] if len(times) > 4 else times
     return {
         "decode_ms": statistics.median(warm) * 1e3,
+        "context_ms": round(context_ms, 1),  # the context pass, once (a chat round runs its whole history so)
         "steps": steps,
         "context": context,
         "samples_ms": [round(t * 1e3, 2) for t in times],
@@ -342,6 +352,19 @@ def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[st
         ("decode-int4", [sys.executable, "-m", "glmx_benchmarks.scale", "--decode", out / "int4"], None),
         ("decode-int8", [sys.executable, "-m", "glmx_benchmarks.scale", "--decode", out / "int8"], None),
     ]
+    if cfg.arch.chat is not None:  # a chat model: two rounds of glmx chat, and what a 512-token history costs
+        plan += [
+            ("chat-int4", ["sh", "-c", f"printf '{CHAT_LINES}' | {glmx[0]} {CHAT_ARGS} --model {out / 'int4'}"], None),
+            ("chat-int8", ["sh", "-c", f"printf '{CHAT_LINES}' | {glmx[0]} {CHAT_ARGS} --model {out / 'int8'}"], None),
+            *(
+                (
+                    f"context512-{v}",
+                    [sys.executable, "-m", "glmx_benchmarks.scale", "--decode", out / v, "--context", "512"],
+                    None,
+                )
+                for v in ("int4", "int8")
+            ),
+        ]
     bandwidth = floor.measure_bandwidth()["read_bytes_per_s"]
     record["bandwidth_bytes_per_s"] = bandwidth
     for stage, cmd, folder in plan:
@@ -354,7 +377,7 @@ def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[st
             if stage.startswith(("export", "quantize"))
             else None
         )
-        if stage.startswith("decode") and result["rc"] == 0:
+        if stage.startswith(("decode", "context")) and result["rc"] == 0:
             line = next((x for x in reversed(result["output_tail"]) if x.startswith("{")), "{}")
             result.update(json.loads(line))
             variant = out / stage.split("-")[1]
@@ -362,7 +385,7 @@ def run_model(name: str, cache: Path, work: Path, log=print, stages: Sequence[st
             result["streamed_weight_bytes"] = streamed
             result["floor_ms"] = streamed / bandwidth * 1e3
             result["vs_floor"] = result["decode_ms"] / result["floor_ms"]
-        if stage.startswith(("fill", "decode")):
+        if stage.startswith(("fill", "decode", "chat", "context")):
             variant = out / stage.split("-")[1]
             weights = sum(f.stat().st_size for f in variant.glob(f"{MODEL_FILE}*"))
             result["artifact_weight_bytes"] = weights
@@ -490,9 +513,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stages", default="", help="comma-separated subset of the stages")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--decode", help=argparse.SUPPRESS)  # worker mode: one folder's decode speed, JSON on stdout
+    p.add_argument("--context", type=int, default=32, help=argparse.SUPPRESS)  # worker mode: its context length
     args = p.parse_args(argv)
     if args.decode:
-        print(json.dumps(decode_worker(args.decode)))
+        print(json.dumps(decode_worker(args.decode, context=args.context)))
         return
     out = Path(args.out)
     previous = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {"models": []}

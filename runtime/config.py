@@ -173,6 +173,7 @@ PRESETS: dict[str, GLMConfig] = {
         _preset("glm-tiny", 2, 64, 4, 128, 512, "json"),
         # ChatGLM-6B v1 (chatglm_v1_spec.md 1): the current vocabulary; 150528 before 2023-04-06
         _preset("chatglm-6b", 28, 4096, 32, 2048, 130528, "chatglm", **CHATGLM),
+        _preset("chatglm-tiny", 2, 64, 4, 2048, 1024, "chatglm", **CHATGLM),  # tests: ChatGLM-6B's layout, tiny
     )
 }
 
