@@ -434,8 +434,10 @@ def write_report(records: list[dict[str, Any]], command: str, path: Path = RESUL
         "# Scale: export, quantize and fill of large GLM shapes on this machine",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {os.cpu_count()} cores, "
+        f"Machine of the last run: {os.cpu_count()} cores, "
         f"{doc['machine']['memory_bytes'] / GIB:.0f} GiB; CPU flags {' '.join(doc['machine']['cpu_flags'])}  ",
+        "Each model's own machine is under its heading (records from before machines were recorded: an earlier "
+        "2-core, 24 GiB machine with AVX-512 VNNI, this file's git history).  ",
         "Peak RSS is of the whole process tree, sampled every 0.2 s. Goal: 1 GB + 3x the largest fp32 tensor.",
         "Weights are random (init scale): quantize runs with --accept-loss; accuracy figures are not meaningful.",
         "",
@@ -449,6 +451,7 @@ def write_report(records: list[dict[str, Any]], command: str, path: Path = RESUL
             "",
             f"memory goal {r['memory_goal_bytes'] / 1e9:.2f} GB; bandwidth {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s",
             "",
+            *([f"machine: CPU flags {' '.join(r['machine']['cpu_flags'])}", ""] if r.get("machine") else []),
             "| stage | rc | wall s | peak RSS GB | anon GB | within goal | disk written GB | notes |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -526,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stages = [s for s in args.stages.split(",") if s]
         record = run_model(name, Path(args.cache), Path(args.work), stages=stages)
         record["command"] = command
+        record["machine"] = {"cpu_flags": cpu_facts()["flags"], "cores": os.cpu_count()}
         old = next((r for r in records if r["model"] == name), None)
         if stages and old is not None:  # a rerun of some stages updates those stages of the earlier record
             for stage, figures in record["stages"].items():
