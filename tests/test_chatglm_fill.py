@@ -206,7 +206,7 @@ def test_completions_are_served_on_chatglm(model):
 
     from glm_runtime.serve import create_app
 
-    with TestClient(create_app(lambda: model, model_id="chatglm", rows=2, max_waiting=4)) as client:
+    with TestClient(create_app(lambda: model, model_id="chatglm", rows=2, max_waiting=4, load_now=True)) as client:
         r = client.post("/v1/completions", json={"prompt": "你好", "max_tokens": 4})
         assert r.status_code == 200, r.text
         (want,) = _greedy(model, ["你好"], append_gmask=True, max_new_tokens=4)

@@ -152,7 +152,7 @@ def test_completions_are_served_with_the_prefix(model):
 
     from glm_runtime.serve import create_app
 
-    with TestClient(create_app(lambda: model, model_id="chatglm-pt", rows=2, max_waiting=4)) as client:
+    with TestClient(create_app(lambda: model, model_id="chatglm-pt", rows=2, max_waiting=4, load_now=True)) as client:
         r = client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
         assert r.status_code == 200, r.text
         (want,) = _fill(model, PROMPTS[:1], strategy="greedy", max_new_tokens=4)
