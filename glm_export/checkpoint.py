@@ -23,7 +23,7 @@ from glm_export.hf_config import from_hf_dict, to_hf_dict
 from glm_export.lora import merge_lora
 from glm_export.model import GLMModel
 from glm_export.nbits import Released
-from glm_export.published import to_glmx_names
+from glm_export.published import BASE_PREFIXES, to_glmx_names
 from glm_export.weights import Entry, Weights, WeightsError, dtype_of, read_safetensors, to_numpy
 from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_runtime.manifest import (
@@ -58,9 +58,7 @@ TOKENIZER_FILES = (
     "spiece.model",
     "tokenizer.model",
 )
-# The base model sits under "glm." in HF downstream classes and under "model." in the original's
-# GLMForSequenceClassification; beside it only these head modules are skipped (docs/glm.md 8.1, 8.2).
-BASE_PREFIXES = ("glm.", "model.")
+# Beside the base model (under published.BASE_PREFIXES) only these head modules are skipped (docs/glm.md 8.1, 8.2).
 HEAD_PREFIXES = ("pool_layer.", "multichoice_head.", "dense.", "out_proj.")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION = {v: k for k, v in DTYPES.items()}

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from glm_export.published import per_head_to_blocks
+from glm_export.published import BASE_PREFIXES, per_head_to_blocks
 from glm_export.weights import Entry, Weights, WeightsError, read_safetensors
 from glm_runtime.config import GLMConfig
 from glm_runtime.manifest import sha256_file
@@ -27,7 +27,6 @@ from glm_runtime.manifest import sha256_file
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order: safetensors first
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model
-BASE_PREFIXES = ("glm.", "model.")  # the base model inside HF's downstream GLM classes (docs/glm.md 8.1, 8.2)
 # `<module>.lora_A.weight` [r, in], `<module>.lora_B.weight` [out, r]; some savers keep the adapter name
 # (`.lora_A.default.weight`).
 KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")

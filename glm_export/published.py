@@ -24,6 +24,9 @@ from glm_runtime.config import GLMConfig
 QKV = re.compile(r"^transformer\.layers\.\d+\.attention\.query_key_value\.(weight|bias|weight_scale)$")
 INV_FREQ = re.compile(r"^transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq$")
 EMBEDDING = "word_embeddings.weight"
+# The base model sits under "glm." in HF downstream classes and under "model." in the original's
+# GLMForSequenceClassification (docs/glm.md 8.1, 8.2): checkpoint reading and LoRA adapters strip them alike.
+BASE_PREFIXES = ("glm.", "model.")
 HEAD = "lm_head.weight"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from glm_runtime.chat import (
@@ -20,7 +21,7 @@ from glm_runtime.chat import (
     fit_conversation,
     process_response,
 )
-from glm_runtime.http_api import Ask, BadRequest, said
+from glm_runtime.http_api import Ask, BadRequest, refuse_unsupported, said
 from glm_runtime.requests import FillResult, StreamEvent
 from glm_runtime.sampling import GenerationError
 
@@ -51,7 +52,7 @@ CHAT_KEYS = (
     "stream_options",
 )
 # what glmx does not do, with the value that means "not used" (sent by some clients) allowed
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "n": lambda v: v in (None, 1),
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v in (None, 0),
@@ -76,13 +77,7 @@ def chat_ask(body: Any, model_id: str, tokenizer: Any, config: Any) -> Ask:
     unknown = sorted(set(body) - set(CHAT_KEYS))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}; /v1/chat/completions takes {', '.join(CHAT_KEYS)}")
-    for key, ok in UNSUPPORTED.items():
-        if key in body and not ok(body[key]):
-            raise BadRequest(
-                f"{key}={json.dumps(body[key])} is not supported by glmx (one plain-text answer per request; "
-                f"no tools, log-probabilities or penalties); drop it",
-                kind="unsupported_parameter",
-            )
+    refuse_unsupported(body, UNSUPPORTED, "one plain-text answer per request; no tools, log-probabilities or penalties")
     model = body.get("model")
     if model is not None and model != model_id:
         raise BadRequest(

@@ -86,12 +86,16 @@ def _unsupported(body: dict[str, Any]) -> None:
         "logit_bias": lambda v: v is None or v == {},
         "stream_options": lambda v: v is None,
     }
+    refuse_unsupported(body, rules, "spans end at eop / eos, a stop string or max_tokens; one choice per prompt")
+
+
+def refuse_unsupported(body: dict[str, Any], rules: dict[str, Callable[[Any], bool]], why: str) -> None:
+    """The first option of body that its rule does not accept (a value meaning "not used") answers 400 with its
+    name and value, and why glmx does not do it: never silently ignored."""
     for key, ok in rules.items():
         if key in body and not ok(body[key]):
             raise BadRequest(
-                f"{key}={json.dumps(body[key])} is not supported by glmx (spans end at eop / eos, a stop string "
-                f"or max_tokens; one choice per prompt); drop it",
-                kind="unsupported_parameter",
+                f"{key}={json.dumps(body[key])} is not supported by glmx ({why}); drop it", kind="unsupported_parameter"
             )
 
 
