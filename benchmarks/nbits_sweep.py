@@ -60,9 +60,21 @@ def nbits_graph(model, bits: int, block: int, level: int, symmetric: bool):
     return helper.make_model(graph, opset_imports=list(model.opset_import) + [helper.make_opsetid(CONTRIB, 1)])
 
 
+def sweep_config(model: str, layers: int | None):
+    """A benchmark model's config (artifacts.model_config) or a runtime preset's, cut to `layers` layers: the
+    kernels' rates do not depend on how many layers are timed, and a 6B model's fp32 matmuls do not fit whole."""
+    from glm_runtime.config import get_preset
+    from glmx_benchmarks.artifacts import MODELS, model_config
+
+    config = model_config(model) if model in MODELS else get_preset(model)
+    return config if layers is None else config.replace(num_layers=layers)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="glm-large-shape")
+    ap.add_argument("--model", default="glm-large-shape", help="a benchmark model (glm-large-shape, tiny) or a preset")
+    ap.add_argument("--layers", type=int, default=None, help="time this many of its layers [default: all]")
+    ap.add_argument("--bits", type=int, choices=(4, 8), default=4, help="the grid: 4-bit (default) or 8-bit")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=15)
@@ -70,12 +82,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import onnxruntime
 
-    from glmx_benchmarks.artifacts import model_config
-
-    config = model_config(args.model)
+    config = sweep_config(args.model, args.layers)
     base = matmul_graph(config)
-    settings = [(4, b, lvl, sym) for b in (32, 64, 128) for lvl in (0, 1, 4) for sym in (True, False)]
-    settings += [(8, 32, 4, True), (8, 128, 4, True)]
+    if args.bits == 4:
+        settings = [(4, b, lvl, sym) for b in (32, 64, 128) for lvl in (0, 1, 4) for sym in (True, False)]
+        settings += [(8, 32, 4, True), (8, 128, 4, True)]
+    else:  # the 8-bit stream's choices, and the 4-bit recipe's settings beside them
+        settings = [(8, b, lvl, True) for b in (32, 64, 128) for lvl in (0, 1, 4)]
+        settings += [(4, 32, 4, True), (4, 128, 4, True)]
     graphs = {s: nbits_graph(base, *s) for s in settings}
     nbytes = {s: sum(t.raw_data.__len__() or 0 for t in g.graph.initializer) for s, g in graphs.items()}
     times: dict[tuple, list[float]] = {s: [] for s in settings}
@@ -111,13 +125,15 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "onnxruntime": onnxruntime.__version__,
         "model": args.model,
+        "layers": config.num_layers,
         "threads": args.threads,
         "fp32_ms": 1000 * fp32,
         "cpu_flags": [f for f in cpu if f.startswith(("avx", "amx", "fma"))],
         "rows": rows,
     }
     lines = [
-        f"# MatMulNBits settings: one token through every layer's matmuls ({args.model}, {args.threads} threads)",
+        f"# MatMulNBits settings: one token through {config.num_layers} layers' matmuls ({args.model}, "
+        f"{args.threads} threads)",
         "",
         f"`{record['command']}` on {record['date']}, onnxruntime {record['onnxruntime']}, median of "
         f"{args.rounds} interleaved rounds; fp32 MatMul: {1000 * fp32:.2f} ms. CPU flags: "
@@ -132,7 +148,9 @@ def main(argv=None) -> None:
             f"{'no' if r['symmetric'] else 'yes'} | {r['ms']:.2f} | {r['weight_mb']:.0f} | "
             f"{r['gb_per_s']:.1f} | {r['vs_fp32']:.2f}x |"
         )
-    save_record(args.out, "nbits_sweep", record, "\n".join(lines))
+    plain = args.model == "glm-large-shape" and args.bits == 4
+    name = "nbits_sweep" if plain else f"nbits_sweep_{args.model}_{args.bits}"
+    save_record(args.out, name, record, "\n".join(lines))
 
 
 if __name__ == "__main__":

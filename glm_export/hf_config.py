@@ -19,6 +19,8 @@ def to_hf_dict(config: GLMConfig) -> dict[str, Any]:
     ChatGLMConfig, chatglm_v1_spec.md 1)."""
     if config.arch.hf_model_type == "chatglm":
         return _to_chatglm_dict(config)
+    if config.arch.hf_model_type == "glm-130b":  # no HF layout was ever published: glmx's own fields, whole
+        return {"model_type": "glm-130b", **config.to_dict()}
     return {
         "model_type": "glm",
         "architectures": ["GLMModel"],
@@ -123,10 +125,13 @@ def from_hf_dict(data: Mapping[str, Any], **overrides: Any) -> GLMConfig:
     """A GLMConfig from a Hugging Face config.json (docs/glm.md 8.2); ConfigError for what glmx cannot run."""
     if data.get("model_type") == "chatglm":
         return from_chatglm_dict(data, **overrides)
+    if data.get("model_type") == "glm-130b":  # glmx's own folder of a GLM-130B-architecture model
+        return GLMConfig.from_dict({**{k: v for k, v in data.items() if k != "model_type"}, **overrides})
     if data.get("model_type", "glm") != "glm":
         raise ConfigError(
-            f"config.json has model_type {data.get('model_type')!r}; glmx reads 'glm' (GLM) and 'chatglm' "
-            f"(ChatGLM-6B v1)"
+            f"config.json has model_type {data.get('model_type')!r}; glmx reads 'glm' (GLM), 'chatglm' "
+            f"(ChatGLM-6B v1) and 'glm-130b' (glmx's own GLM-130B folders; the released SAT shards: glmx convert "
+            f"SAT_DIR --config model_glm_130b.sh)"
         )
     if not data.get("block_position_encoding", True):
         raise ConfigError("block_position_encoding=False is not supported: every released GLM uses it")

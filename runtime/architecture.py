@@ -1,10 +1,10 @@
-"""Which GLM architecture a model is, as data: everything that differs between the 2021 GLM and ChatGLM-6B (v1)
-lives in one Architecture record, and every stage (reference model, graph builder, piecewise check, checkpoint
+"""Which GLM architecture a model is, as data: everything that differs between the 2021 GLM, ChatGLM-6B (v1) and
+GLM-130B lives in one Architecture record, and every stage (reference model, graph builder, piecewise check, checkpoint
 reader, quantizer, scale benchmark, runtime prompt rules) reads its side of the difference from here.
 
 In: an architecture name (GLMConfig.architecture). Out: the frozen record. Torch-free: the runtime reads it too.
-Facts: docs/glm.md (GLM) and ../shared/chatglm_v1_spec.md (ChatGLM-6B; GLM-130B is the next architecture: 1D
-rotary, GeGLU, alpha = sqrt(2L), and fits the same fields).
+Facts: docs/glm.md (GLM) and ../shared/chatglm_v1_spec.md (ChatGLM-6B; GLM-130B: 1D rotary over the whole head,
+a GeGLU MLP, alpha = sqrt(2L), its generate.py prompt rules).
 """
 
 from __future__ import annotations
@@ -24,12 +24,23 @@ class PromptRule:
     """How a prompt's context ids are laid out around the text (the runtime's side).
 
     cls_first: [CLS] (ENC) opens the context (GLM). eos_unless_last: the end token closes the context unless the
-    text's last token is one of these blanks (GLM: ("gMASK",)); None: no end token is ever added (ChatGLM-6B,
-    whose context is `text [gMASK]` and whose span starts with <sop>, chatglm_v1_spec.md 5).
+    text's last token is one of these blanks (GLM: ("gMASK",); GLM-130B: any blank); None: no end token is ever
+    added (ChatGLM-6B, whose context is `text [gMASK]` and whose span starts with <sop>, chatglm_v1_spec.md 5).
+    gmask_when_no_blank: a text without a blank gets [gMASK] appended without being asked (GLM-130B's
+    generate.py); otherwise that takes append_gmask. gmask_counts: the positions of a [gMASK] span keep counting
+    up from its <sop> (1D: sop at the context length, then +1 per token; GLM-130B) instead of staying at the
+    mask's position with the block position counting (GLM, ChatGLM-6B). blanks: how several blanks are filled:
+    "appended" (each span after the context, docs/glm.md 4.2) or "spliced" (each span written into the text in
+    place of its blank and the context run again before the next, GLM-130B's fill_blanks). stop: the token
+    names that end a span besides eop (GLM-130B: eos too).
     """
 
     cls_first: bool
     eos_unless_last: tuple[str, ...] | None
+    gmask_when_no_blank: bool = False
+    gmask_counts: bool = False
+    blanks: str = "appended"
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,8 @@ class ChatRule:
 class Architecture:
     name: str
     title: str  # what a person calls it, in messages
-    positions: str  # "learned": two position tables added to the embedding; "rotary-2d": rotary in attention
+    positions: str  # "learned": two position tables added to the embedding; "rotary-2d" (ChatGLM-6B: half the
+    # head with the position, half with the block position) | "rotary-1d" (GLM-130B: the whole head, row 0 only)
     residual: str  # "pre-ln": x + F(LN(x)); "alpha-ln": alpha*LN(x) + F(LN(x)) (the LN output is the skip path)
     alpha_layers: int | None  # alpha = sqrt(2 * this); None: the config's num_layers (GLM-130B); unused for pre-ln
     mask_fill: float  # a masked score becomes -mask_fill ...
@@ -63,6 +75,7 @@ class Architecture:
     prompt: PromptRule
     chat: ChatRule | None = None  # a chat model's conversation template; None: not a chat model
     rotary_base: float = 10000.0
+    mlp: str = "gelu"  # "gelu": 4h(gelu(h->4h)); "geglu": h->2*inner split [value | gate], value * gelu(gate)
 
     @property
     def rotary(self) -> bool:
@@ -91,6 +104,8 @@ class Architecture:
         if self.rotary:
             out["rotary_inv_freq"] = rotary_inv_freq
             out["rotary_base"] = self.rotary_base
+        if self.mlp != "gelu":
+            out["mlp"] = self.mlp
         return out
 
 
@@ -127,7 +142,31 @@ CHATGLM_6B = Architecture(
     chat=ChatRule(),
 )
 
-ARCHITECTURES = {a.name: a for a in (GLM, CHATGLM_6B)}
+GLM_130B = Architecture(
+    name="glm-130b",
+    title="GLM-130B",
+    positions="rotary-1d",  # spec 4.2: the full head rotates with one position row; SAT 2022 has no 2D flag
+    residual="alpha-ln",  # spec 3: DeepNormWithGLUMixin, the same alpha*LN(x) + F(LN(x)) as ChatGLM-6B
+    alpha_layers=None,  # alpha = sqrt(2 * num_layers): sqrt(140) for the released 70 layers
+    mask_fill=10000.0,  # spec 4.4: the same SAT attention_fn: -10000 before the x(layer+1) rescale
+    mask_fill_per_layer=True,
+    published_qkv="per-head",  # spec 2: per-head interleaved, each TP rank holding whole heads
+    default_gelu="erf",  # spec 3: F.gelu, the exact erf form, inside the GeGLU
+    gelu_stated=True,
+    hf_model_type="glm-130b",  # no HF folder exists: the SAT layout (glm_export.sat) names it
+    published_embedding="transformer.word_embeddings.weight",
+    prompt=PromptRule(
+        cls_first=False,
+        eos_unless_last=("MASK", "sMASK", "gMASK"),  # spec 5: </s> unless the text ends with a blank
+        gmask_when_no_blank=True,  # spec 5: " [gMASK]" appended to a text without a blank
+        gmask_counts=True,  # spec 5: with [gMASK] the positions keep increasing
+        blanks="spliced",  # spec 5: fill_blanks splices each span back and restarts
+        stop=("eos",),  # spec 5: eop and </s> (20002) both stop
+    ),
+    mlp="geglu",  # spec 3: dense_h_to_4h emits 2 x inner; the gate is the second half
+)
+
+ARCHITECTURES = {a.name: a for a in (GLM, CHATGLM_6B, GLM_130B)}
 ROTARY_INV_FREQ = ("fp16", "fp32")  # fp16: the HF code's inv_freq.half() (default); fp32: exact frequencies
 
 
@@ -139,7 +178,8 @@ def get_architecture(name: str) -> Architecture:
 
 
 def rotary_inv_freq(head_dim: int, base: float, rounding: str, two_d: bool = True):
-    """The rotary frequencies of one head (numpy float32 [rot/2]): rot = head_dim/2 per stream for 2D rotary.
+    """The rotary frequencies of one head (numpy float32 [rot/2]): rot = head_dim/2 per stream for 2D rotary, the
+    whole head_dim for 1D (GLM-130B: 64 frequencies for its 128-wide head).
     rounding "fp16": rounded to fp16 as the HF code does even in fp32 (spec 4.2); "fp32": exact."""
     import numpy as np
 

@@ -19,7 +19,8 @@ from glm_runtime.errors import GLMXError
 LAYERNORM_EPS = 1e-5  # fixed in the original, whatever --layernorm-epsilon says (docs/glm.md 9.18)
 GELU_KINDS = ("tanh", "erf")  # tanh = original training code; erf = HF remote code (docs/glm.md 1.2)
 # chatglm: ChatGLM-6B's ice_text.model (SentencePiece with its own text rules, chatglm_v1_spec.md 6)
-TOKENIZER_KINDS = ("gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json", "chatglm")
+# icetk: GLM-130B's icetk text model (the old ice_text.model, ids +20000) with its specials appended (spec 6)
+TOKENIZER_KINDS = ("gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json", "chatglm", "icetk")
 
 
 class ConfigError(GLMXError, ValueError):
@@ -41,6 +42,7 @@ class GLMConfig:
     name: str = "custom"
     architecture: str = "glm"  # glm_runtime.architecture: what differs between GLM and ChatGLM-6B, as data
     rotary_inv_freq: str = "fp16"  # rotary architectures: "fp16" = the HF code's rounded frequencies, "fp32" exact
+    inner_hidden_size: int | None = None  # the MLP's inner width; None: 4 x hidden (GLM-130B: 32768, GeGLU x2)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
@@ -68,6 +70,12 @@ class GLMConfig:
             raise ConfigError(str(exc)) from None
         if self.rotary_inv_freq not in ROTARY_INV_FREQ:
             raise ConfigError(f"rotary_inv_freq must be one of {ROTARY_INV_FREQ}, got {self.rotary_inv_freq!r}")
+        if self.inner_hidden_size is not None and (
+            not isinstance(self.inner_hidden_size, int)
+            or isinstance(self.inner_hidden_size, bool)
+            or self.inner_hidden_size <= 0
+        ):
+            raise ConfigError(f"inner_hidden_size must be a positive integer or null, got {self.inner_hidden_size!r}")
         if arch.rotary and self.head_dim % 4:
             raise ConfigError(
                 f"{arch.title} rotates two halves of each head in pairs: head_dim {self.head_dim} "
@@ -84,6 +92,16 @@ class GLMConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def inner_size(self) -> int:
+        """The MLP's inner width (the GeGLU's per half): inner_hidden_size, or 4 x hidden."""
+        return 4 * self.hidden_size if self.inner_hidden_size is None else self.inner_hidden_size
+
+    @property
+    def mlp_in_size(self) -> int:
+        """Rows of dense_h_to_4h: the inner width, twice it for a GeGLU ([value; gate])."""
+        return self.inner_size * (2 if self.arch.mlp == "geglu" else 1)
+
+    @property
     def position_table_rows(self) -> int:
         return self.max_sequence_length + 1
 
@@ -98,7 +116,8 @@ class GLMConfig:
 
     def num_parameters(self) -> int:
         h, L = self.hidden_size, self.num_layers
-        per_layer = 3 * h * h + 3 * h + h * h + h + 8 * h * h + 4 * h + h + 4 * h  # qkv, dense, mlp, 2 LNs
+        i, j = self.inner_size, self.mlp_in_size
+        per_layer = 3 * h * h + 3 * h + h * h + h + j * h + j + i * h + h + 4 * h  # qkv, dense, mlp, 2 LNs
         tables = 2 * self.position_table_rows * h if self.position_tables else 0
         return self.vocab_size * h + tables + L * per_layer + 2 * h
 
@@ -114,6 +133,8 @@ class GLMConfig:
             del data["architecture"]
         if not self.arch.rotary:
             del data["rotary_inv_freq"]
+        if self.inner_hidden_size is None:
+            del data["inner_hidden_size"]
         return data
 
     @classmethod
@@ -156,6 +177,8 @@ def _preset(name: str, L: int, h: int, n: int, P: int, V: int, tokenizer: str, *
 
 # ChatGLM-6B: no dropout in its config (inference only)
 CHATGLM = {"architecture": "chatglm-6b", "gelu": "tanh", "hidden_dropout": 0.0, "attention_dropout": 0.0}
+# GLM-130B (chatglm_v1_spec.md 1): configs/model_glm_130b.sh; erf GeLU inside its GeGLU
+GLM130B = {"architecture": "glm-130b", "gelu": "erf", "hidden_dropout": 0.0, "attention_dropout": 0.0}
 
 
 # Spec section 6. Keys are the names users type (`--preset glm-10b`).
@@ -174,6 +197,9 @@ PRESETS: dict[str, GLMConfig] = {
         # ChatGLM-6B v1 (chatglm_v1_spec.md 1): the current vocabulary; 150528 before 2023-04-06
         _preset("chatglm-6b", 28, 4096, 32, 2048, 130528, "chatglm", **CHATGLM),
         _preset("chatglm-tiny", 2, 64, 4, 2048, 1024, "chatglm", **CHATGLM),  # tests: ChatGLM-6B's layout, tiny
+        _preset("glm-130b", 70, 12288, 96, 2048, 150528, "icetk", inner_hidden_size=32768, **GLM130B),
+        # tests: GLM-130B's layout, tiny (its icetk ids start at 20000, so V holds the image-token rows too)
+        _preset("glm-130b-tiny", 2, 64, 4, 2048, 21120, "icetk", inner_hidden_size=96, **GLM130B),
     )
 }
 
