@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from glmx_benchmarks.llamacpp import PeerError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PERF = re.compile(r"(prompt|output) time: ([\d.]+) ms / (\d+) tokens \(([\d.]+) ms/token\)")
@@ -84,9 +87,11 @@ def convert(hub: Path, out: Path, qtype: str, cpp: Path) -> Path:
     return out
 
 
-def cpp_run(main: Path, model: Path, prompt: str, new_tokens: int) -> dict[str, float]:
-    """One chatglm.cpp generation (greedy, generate mode): its own prompt and output timings."""
+def cpp_run(main: Path, model: Path, prompt: str, new_tokens: int, threads: int = 0) -> dict[str, float]:
+    """One chatglm.cpp generation (greedy, generate mode): its own prompt and output timings. threads 0: its own
+    choice (2 on this 2-vCPU machine)."""
     cmd = [str(main), "-m", str(model), "--mode", "generate", "-p", prompt, "--max_new_tokens", str(new_tokens)]
+    cmd += ["-t", str(threads)] if threads else []
     run = subprocess.run([*cmd, "--temp", "0", "-v"], capture_output=True, text=True, timeout=1800)
     if run.returncode:
         raise RuntimeError(f"chatglm.cpp failed: {run.stderr[-500:]}")
@@ -123,6 +128,154 @@ def glmx_eight(folder: Path, prompts: list[str], new_tokens: int) -> dict[str, f
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
 
 
+def find_chatglmcpp(folder: str | Path | None) -> Path:
+    """A chatglm.cpp build folder (build_chatglmcpp.sh's OUT_DIR: bin/main and chatglm_cpp/convert.py), or PeerError
+    saying how to make one."""
+    if folder is None:
+        raise PeerError("no chatglm.cpp build: pass --chatglmcpp DIR or set GLMX_CHATGLMCPP")
+    cpp = Path(folder)
+    missing = [p for p in ("bin/main", "chatglm_cpp/convert.py") if not (cpp / p).is_file()]
+    if missing:
+        raise PeerError(
+            f"{cpp} is not a chatglm.cpp build (no {missing[0]}): make one with benchmarks/build_chatglmcpp.sh {cpp}"
+        )
+    return cpp
+
+
+def compare(
+    hub: Path, int4: Path, int8: Path, cpp: Path, work: Path, rounds: int, new_tokens: int, threads: int, say=print
+) -> dict[str, Any]:
+    """The whole comparison: decode and the ~512-token prompt pass at int4 / Q4_0 and int8 / Q8_0 in interleaved
+    rounds (every variant once per round; medians), then 8 chats (glmx: 8 rows of one engine; chatglm.cpp: one
+    after another). -> the record chatglmcpp.json holds."""
+    work.mkdir(parents=True, exist_ok=True)
+    files = {q: convert(hub, work / f"{hub.name}-{q}.bin", q, cpp) for q in ("q4_0", "q8_0")}
+    short, long = "你好" * 16, "你好" * 256  # the tiny ice_text.model: 2 tokens per repeat
+    pairs = [("int4", int4, "q4_0"), ("int8", int8, "q8_0")]
+    rows: dict[str, list[dict[str, float]]] = {}
+    main = cpp / "bin" / "main"
+    for r in range(rounds):
+        for name, folder, q in pairs:
+            c = cpp_run(main, files[q], short, new_tokens, threads)
+            rows.setdefault(f"chatglm.cpp {q}", []).append(c)
+            rows.setdefault(f"glmx {name}", []).append(glmx_decode(folder, c["prompt_tokens"], new_tokens))
+            c512 = cpp_run(main, files[q], long, 2, threads)
+            rows.setdefault(f"chatglm.cpp {q} prompt", []).append(c512)
+            rows.setdefault(f"glmx {name} prompt", []).append(glmx_decode(folder, c512["prompt_tokens"], 2))
+        say(f"chatglm.cpp comparison: round {r + 1}/{rounds} done")
+    medians = {
+        k: {m: statistics.median(r[m] for r in v) for m in v[0] if isinstance(v[0][m], (int, float))}
+        for k, v in rows.items()
+    }
+    questions = [f"你好{k}" for k in range(8)]  # 8 different chats
+    eight = {"glmx int4, 8 rows": glmx_eight(int4, questions, new_tokens)}
+    runs = [cpp_run(main, files["q4_0"], q, new_tokens, threads) for q in questions]
+    seconds = sum(r["prompt_ms"] + r["output_ms"] for r in runs) / 1e3  # one after another, load time left out
+    tokens = sum(r["output_tokens"] for r in runs)
+    eight["chatglm.cpp q4_0, one at a time"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"rounds": rounds, "threads": threads, "rows": rows, "medians": medians, "eight_chats": eight}
+
+
+def table(record: dict[str, Any]) -> str:
+    """The Markdown table of a record: glmx against chatglm.cpp per bit width, and the 8-chat line."""
+    m = record["medians"]
+    lines = [
+        "| measure | glmx int4 | chatglm.cpp Q4_0 | ratio (cpp / glmx) | glmx int8 | chatglm.cpp Q8_0 | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    cells = []
+    for g, c in (("glmx int4", "chatglm.cpp q4_0"), ("glmx int8", "chatglm.cpp q8_0")):
+        cells.append((m[g]["decode_ms"], m[c]["decode_ms"]))
+    tokens = int(m["chatglm.cpp q4_0"]["prompt_tokens"])
+    lines.append(
+        f"| decode ms/token, batch 1, after a {tokens}-token prompt | "
+        + " | ".join(f"{g:.1f} | {c:.1f} | {c / g:.2f}x" for g, c in cells)
+        + " |"
+    )
+    cells = []
+    for g, c in (("glmx int4 prompt", "chatglm.cpp q4_0 prompt"), ("glmx int8 prompt", "chatglm.cpp q8_0 prompt")):
+        cells.append((m[g]["context_ms"] / 1e3, m[c]["prompt_ms"] / 1e3))
+    tokens = int(m["chatglm.cpp q4_0 prompt"]["prompt_tokens"])
+    lines.append(
+        f"| prompt pass of {tokens} tokens, s | "
+        + " | ".join(f"{g:.1f} | {c:.1f} | {c / g:.2f}x" for g, c in cells)
+        + " |"
+    )
+    e = record["eight_chats"]
+    g, c = e["glmx int4, 8 rows"]["tokens_per_s"], e["chatglm.cpp q4_0, one at a time"]["tokens_per_s"]
+    lines.append(
+        f"\n8 chats: glmx int4 on 8 rows of one engine {g:.2f} tokens/s; chatglm.cpp Q4_0 one after another "
+        f"{c:.2f} tokens/s: {g / c:.2f}x."
+    )
+    return "\n".join(lines)
+
+
+def prepare(cache: Path, layers: int, log=print) -> tuple[Path, Path, Path]:
+    """A random ChatGLM-6B-shaped hub folder (`layers` of its 28 layers) and glmx's int4-weight / int8-weight
+    exports of it, in `cache`, each made once (the glmx CLI, as a user runs it)."""
+    from glm_runtime.config import get_preset
+    from glmx_benchmarks.scale import write_random_hub
+
+    cfg = get_preset("chatglm-6b")
+    name = "chatglm-6b" if layers == cfg.num_layers else f"chatglm-6b-{layers}-layers"
+    hub = write_random_hub(cache / f"{name}-random-fp16", cfg.replace(num_layers=layers, name=name), log=log)
+    glmx = shutil.which("glmx") or "glmx"
+    out = cache / f"{name}-glmx"
+    steps = [
+        ("fp16", [glmx, "export", str(hub), "-o", str(out / "fp16"), "--precision", "fp16"]),
+        ("int4", [glmx, "quantize", str(out / "fp16"), "-o", str(out / "int4"), "--scheme", "int4-weight"]),
+        ("int8", [glmx, "quantize", str(out / "fp16"), "-o", str(out / "int8"), "--scheme", "int8-weight"]),
+    ]
+    for variant, cmd in steps:
+        if not (out / variant / "manifest.json").is_file():
+            log(f"chatglm.cpp comparison: glmx {variant} of {hub.name} (once; kept in {out})")
+            subprocess.run(
+                [*cmd, "--accept-loss", "--overwrite"] if variant != "fp16" else [*cmd, "--overwrite"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+    return hub, out / "int4", out / "int8"
+
+
+def write_record(record: dict[str, Any], out: Path, command: str) -> None:
+    from glmx_benchmarks.machine import cpu_facts
+    from glmx_benchmarks.report import save_record
+
+    flags = [f for f in cpu_facts()["flags"] if f.startswith(("avx", "amx", "fma", "f16c"))]
+    record.update(command=command, date=time.strftime("%Y-%m-%d %H:%M"), cpu_flags=flags)
+    build = (Path(record["chatglm_cpp"]) / "BUILD_INFO") if record.get("chatglm_cpp") else None
+    info = build.read_text().strip().splitlines()[0] if build is not None and build.is_file() else "unknown build"
+    md = (
+        f"# ChatGLM-6B shape ({record['layers']} layers): glmx against chatglm.cpp, same random weights, one run\n\n"
+        f"`{command}` on {record['date']}; median of {record['rounds']} interleaved rounds; {record['threads']} "
+        f"threads; chatglm.cpp: {info}\nCPU flags: {' '.join(flags)}\n\n" + table(record)
+    )
+    save_record(out, "chatglmcpp", record, md)
+
+
+def chatglmcpp_column(
+    cpp: str | Path,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    threads: int = 2,
+    layers: int = 28,
+    rounds: int = 2,
+    new_tokens: int = 16,
+    log=lambda m: print(m, file=sys.stderr),
+) -> dict[str, Any]:
+    """glmx bench --chatglmcpp: the comparison on a ChatGLM-6B-shaped model built into cache_dir (the full 28
+    layers by default: about 30 minutes the first time on 2 cores; fewer layers of the same width in minutes),
+    written to out_dir/chatglmcpp.{json,md}."""
+    folder = find_chatglmcpp(cpp)
+    cache = Path(cache_dir) / "chatglmcpp"
+    hub, int4, int8 = prepare(cache, layers, log)
+    record = compare(hub, int4, int8, folder, cache / "ggml", rounds, new_tokens, threads, log)
+    record.update(layers=layers, chatglm_cpp=str(folder))
+    write_record(record, Path(out_dir), f"glmx bench --chatglmcpp {cpp} --chatglmcpp-layers {layers}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hub", required=True, help="the random chatglm-6b hub folder (benchmarks/scale.py's cache)")
@@ -132,37 +285,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="/tmp/glmx-chatglmcpp", help="where its converted files go")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2, help="chatglm.cpp's -t (glmx's decode worker uses the machine's)")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    cpp, work = Path(args.cpp), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    files = {q: convert(Path(args.hub), work / f"chatglm-6b-{q}.bin", q, cpp) for q in ("q4_0", "q8_0")}
-    short, long = "你好" * 16, "你好" * 256  # the tiny ice_text.model: 2 tokens per repeat
-    pairs = [("int4", Path(args.int4), "q4_0"), ("int8", Path(args.int8), "q8_0")]
-    rows: dict[str, list[dict[str, float]]] = {}
-    for _ in range(args.rounds):  # interleaved: every variant once per round
-        for name, folder, q in pairs:
-            c = cpp_run(cpp / "bin" / "main", files[q], short, args.new_tokens)
-            rows.setdefault(f"chatglm.cpp {q}", []).append(c)
-            g = glmx_decode(folder, c["prompt_tokens"], args.new_tokens)
-            rows.setdefault(f"glmx {name}", []).append(g)
-            c512 = cpp_run(cpp / "bin" / "main", files[q], long, 2)
-            rows.setdefault(f"chatglm.cpp {q} prompt", []).append(c512)
-            g512 = glmx_decode(folder, c512["prompt_tokens"], 2)
-            rows.setdefault(f"glmx {name} prompt", []).append(g512)
-    summary = {
-        k: {m: statistics.median(r[m] for r in v) for m in v[0] if isinstance(v[0][m], (int, float))}
-        for k, v in rows.items()
-    }
-    questions = [f"{q}{k}" for k in range(8) for q in ["你好"]]  # 8 different chats
-    eight = {"glmx int4, 8 rows": glmx_eight(Path(args.int4), questions, args.new_tokens)}
-    runs = [cpp_run(cpp / "bin" / "main", files["q4_0"], q, args.new_tokens) for q in questions]
-    seconds = sum(r["prompt_ms"] + r["output_ms"] for r in runs) / 1e3  # one after another, load time left out
-    tokens = sum(r["output_tokens"] for r in runs)
-    eight["chatglm.cpp q4_0, one at a time"] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
-    record = {"command": " ".join(sys.argv), "rows": rows, "medians": summary, "eight_chats": eight}
-    (RESULTS / "chatglmcpp.json").write_text(json.dumps(record, indent=1))
-    summary["eight_chats"] = eight
-    print(json.dumps(summary, indent=1))
+    try:
+        cpp = find_chatglmcpp(args.cpp)
+    except PeerError as exc:
+        sys.exit(f"Error: {exc}")
+    hub = Path(args.hub)
+    record = compare(
+        hub, Path(args.int4), Path(args.int8), cpp, Path(args.work), args.rounds, args.new_tokens, args.threads
+    )
+    layers = json.loads((hub / "config.json").read_text()).get("num_layers", 28)
+    record.update(layers=layers, chatglm_cpp=str(cpp))
+    write_record(
+        record, args.out, "python benchmarks/chatglmcpp.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
 
 
 if __name__ == "__main__":

@@ -599,13 +599,33 @@ def quantize_cmd(src_dir: str, out_dir: str, **kwargs) -> None:
     " the GLM-Large shape, interleaved (llamacpp.json / .md)",
 )
 @click.option(
+    "--chatglmcpp",
+    "chatglmcpp",
+    type=click.Path(file_okay=False),
+    envvar="GLMX_CHATGLMCPP",
+    default=None,
+    help="a chatglm.cpp build (bin/main, chatglm_cpp/convert.py; benchmarks/build_chatglmcpp.sh makes one): adds "
+    "chatglm.cpp's Q4_0 / Q8_0 beside glmx's int4-weight / int8-weight on a random ChatGLM-6B-shaped model built "
+    "into --cache-dir: decode at batch 1, a 512-token prompt, 8 chats, interleaved (chatglmcpp.json / .md)",
+)
+@click.option(
+    "--chatglmcpp-layers",
+    type=click.IntRange(1, 28),
+    default=28,
+    show_default=True,
+    help="how many of ChatGLM-6B's 28 layers that model has (its full width and vocabulary either way): 28 takes "
+    "about 30 minutes to build the first time on 2 cores and 20 GB of disk; 2 a few minutes",
+)
+@click.option(
     "--readme-table",
     "readme_json",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="only print the README's performance table from this results.json",
 )
-def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
+def bench_cmd(
+    readme_json: str | None, llamacpp: str | None, chatglmcpp: str | None, chatglmcpp_layers: int, **kwargs
+) -> None:
     """Benchmark every backend/precision against torch eager fp32 and the hardware floor."""
     import shlex
 
@@ -620,6 +640,14 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
 
         try:
             find_llamacpp(llamacpp)  # before any work: a wrong folder is one line, not a failure at the end
+        except PeerError as exc:
+            raise CommandError(str(exc)) from None
+    if chatglmcpp is not None:
+        from glmx_benchmarks.chatglmcpp import find_chatglmcpp
+        from glmx_benchmarks.llamacpp import PeerError
+
+        try:
+            find_chatglmcpp(chatglmcpp)  # as for llama.cpp: a wrong folder is one line before any work
         except PeerError as exc:
             raise CommandError(str(exc)) from None
     from glmx_benchmarks.bench import BenchmarkError, run_benchmarks
@@ -665,6 +693,17 @@ def bench_cmd(readme_json: str | None, llamacpp: str | None, **kwargs) -> None:
                 kwargs["cache_dir"],
                 results["out_dir"],
                 threads=kwargs["threads"],
+                log=lambda m: click.echo(m, err=True),
+            )
+        if chatglmcpp is not None:
+            from glmx_benchmarks.chatglmcpp import chatglmcpp_column
+
+            chatglmcpp_column(
+                chatglmcpp,
+                kwargs["cache_dir"],
+                results["out_dir"],
+                threads=kwargs["threads"],
+                layers=chatglmcpp_layers,
                 log=lambda m: click.echo(m, err=True),
             )
         if scratch:  # what the folder held that a reader wants: the tables

@@ -244,6 +244,12 @@ CASES = [
         "benchmarks/build_llamacpp.sh",
     ),
     (
+        "bench-chatglmcpp-missing",
+        ["bench", "--chatglmcpp", "{root}/no-chatglmcpp", "-o", OUT],
+        None,
+        "benchmarks/build_chatglmcpp.sh",
+    ),
+    (
         "calibration-int4",
         ["quantize", "{root}/onnx", "-o", OUT, "--scheme", "int4-weight", "--calibration", "{root}/not-utf8.txt"],
         None,
