@@ -218,6 +218,8 @@ Routes:  POST /v1/completions  OpenAI-shaped: "prompt" may hold blanks; "suffix"
                                rest. Options glmx does not implement (n > 1, logprobs, best_of, stop, penalties)
                                answer 400.
          POST /v1/fill         glmx fill --json's fields and answer ("stream": true for events).
+         POST /v1/score        {"prompt", "candidates"}: glmx score --json's answer, probabilities added.
+         GET /                 the web playground (fill, score, chat) in a browser; --no-ui leaves it out.
          GET /health (503 while loading or after the engine failed), GET /v1/models, GET /metrics (Prometheus).
 Bounded: --rows requests decode together, --max-waiting more may wait; past that a request gets 429 with
 Retry-After. A body past --max-body-bytes answers 413; num_beams above --rows, or more prompts in one request
@@ -263,7 +265,8 @@ Example:  glmx serve --port 8000 &
     show_default=True,
     help="a request body past this answers 413",
 )
-def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key, max_body_bytes) -> None:
+@click.option("--no-ui", is_flag=True, help="serve the API alone, without the web playground at GET /")
+def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key, max_body_bytes, no_ui) -> None:
     import os
 
     from glm_runtime.serve import serve
@@ -282,6 +285,7 @@ def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key, m
         api_key,
         log=lambda m: click.echo(m, err=True),
         max_body=max_body_bytes,
+        ui=not no_ui,
     )
 
 

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 
 from glm_runtime.engine import Engine, EngineError, Job
-from glm_runtime.requests import FillRequest, StreamEvent
+from glm_runtime.requests import Request, StreamEvent
 
 
 class EngineLoop:
@@ -23,7 +23,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="glmx-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: FillRequest, on_event: Callable[[StreamEvent], None]) -> Job:
+    def submit(self, request: Request, on_event: Callable[[StreamEvent], None]) -> Job:
         if self.error is not None:
             raise EngineError(f"the engine stopped: {self.error}")
         if self._stopping:

@@ -41,6 +41,7 @@ from glm_runtime.http_api import (
     sse,
 )
 from glm_runtime.metrics import Metrics
+from glm_runtime.playground import model_facts, playground_routes
 from glm_runtime.requests import ENDINGS, FillResult, StreamEvent
 from glm_runtime.sampling import GenerationError
 
@@ -87,6 +88,7 @@ class Server:
         timeout: float = 600.0,
         api_key: str | None = None,
         max_body: int = DEFAULT_MAX_BODY,
+        ui: bool = True,
         log: Callable[[str], None] = lambda message: None,
         on_load_error: Callable[[str], None] | None = None,
     ):
@@ -98,7 +100,7 @@ class Server:
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
             raise ServeError(f"max_body must be a number of bytes >= 1, got {max_body!r}")
         self.load, self.model_id, self.rows, self.max_waiting = load, model_id, rows, max_waiting
-        self.max_body = max_body
+        self.max_body, self.ui = max_body, ui  # ui: the web playground (runtime/playground.py) at GET /
         self.max_prompt_chars: int | None = None  # set when the model loads
         self.timeout, self.api_key, self.log, self.on_load_error = timeout, api_key, log, on_load_error
         self.metrics = Metrics(rows)
@@ -118,6 +120,7 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
+            *playground_routes(self, self.ui),  # POST /v1/score; GET / unless --no-ui
         ]
 
     # ------------------------------------------------------------ the model
@@ -144,6 +147,7 @@ class Server:
                 "vocab_size": session.config.vocab_size,
                 "rows": self.rows,
                 "max_waiting": self.max_waiting,
+                **model_facts(session),
             }
             self.log(f"glmx serve: model loaded ({self.model})")
         except Exception as exc:  # noqa: BLE001 - /health says why
@@ -191,7 +195,7 @@ class Server:
     async def models(self, http: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        denied = self._check_key(http)
+        denied = self.check_key(http)
         if denied is not None:
             return denied
         return JSONResponse(
@@ -210,25 +214,20 @@ class Server:
 
     async def not_found(self, http: Any, exc: Any) -> Any:
         if exc.status_code == 404:
-            return error_response(
-                f"no route {http.method} {http.url.path}; routes: POST /v1/completions, POST /v1/chat/completions, "
-                f"POST /v1/fill, "
-                f"GET /health, GET /v1/models, GET /metrics",
-                404,
-                "not_found",
-            )
+            known = ", ".join(f"{m} {r.path}" for r in self.routes() for m in sorted(r.methods - {"HEAD"}))
+            return error_response(f"no route {http.method} {http.url.path}; routes: {known}", 404, "not_found")
         return error_response(exc.detail, exc.status_code, "invalid_request_error")
 
     # ------------------------------------------------------------ answering a fill or a completion
 
-    def _check_key(self, http: Any) -> Any:
+    def check_key(self, http: Any) -> Any:
         if self.api_key and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
             return error_response(
                 "missing or wrong API key: send the header Authorization: Bearer <key>", 401, "authentication_error"
             )
         return None
 
-    async def _body(self, http: Any) -> bytes:
+    async def read_body(self, http: Any) -> bytes:
         """The request's body, refused with 413 past max_body bytes: by its Content-Length before reading, or as
         the chunks of a body without one arrive (nothing past the limit is kept)."""
         too_big = BadRequest(
@@ -261,12 +260,12 @@ class Server:
     async def _answer(self, http: Any, route: str) -> Any:
         from starlette.responses import JSONResponse, Response, StreamingResponse
 
-        denied = self._check_key(http)
+        denied = self.check_key(http)
         if denied is not None:
             return denied
         try:
             loop = self.engine_loop()
-            data = await self._body(http)
+            data = await self.read_body(http)
             queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
             deliver = partial(_deliver, asyncio.get_running_loop(), queue)
             # parsing and tokenizing run in a worker thread: the event loop keeps answering (/health) meanwhile
@@ -449,6 +448,7 @@ def serve(
     api_key: str | None,
     log: Callable[[str], None] = print,
     max_body: int = DEFAULT_MAX_BODY,
+    ui: bool = True,
 ) -> None:
     """Run the app under uvicorn until SIGINT / SIGTERM (uvicorn stops accepting, lets running requests finish,
     then the engine drains)."""
@@ -457,9 +457,7 @@ def serve(
 
     from glm_runtime.session import open_model
 
-    def load():
-        return open_model(model, backend)
-
+    load = partial(open_model, model, backend)
     model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
     failure: dict[str, str] = {}
 
@@ -475,6 +473,7 @@ def serve(
         timeout=timeout,
         api_key=api_key,
         max_body=max_body,
+        ui=ui,
         log=log,
         on_load_error=load_failed,
     )
@@ -485,6 +484,7 @@ def serve(
     log(
         f"glmx serve: http://{host}:{port} model {model_id!r} backend {backend}, rows {rows}, "
         f"max waiting {max_waiting}, timeout {timeout:g} s{', API key required' if api_key else ''}"
+        f"{f'; the playground: open http://{host}:{port}/ in a browser' if ui else ''}"
     )
     import signal
     import sys
