@@ -1,7 +1,8 @@
 """Training glmx's own tokenizer (export side: only pretraining, the tests and the benchmarks make vocabularies; the
 runtime only loads them). In: texts or files, a vocabulary size. Out: a tokenizer.json with GLM's specials at ids
 0..9; or a tiny SentencePiece model laid out like ChatGLM-6B's ice_text.model (random-weight ChatGLM folders of
-the tests and of the scale benchmark: nothing can be downloaded here)."""
+the tests and of the scale benchmark: nothing can be downloaded here), or like the text model the old ChatGLM-6B
+file and GLM-130B's icetk are, without the pieces their tokenizers append (train_icetk_text_model)."""
 
 from __future__ import annotations
 
@@ -166,4 +167,47 @@ def write_chatglm_tokenizer_config(folder: Path, num_image_tokens: int | None) -
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tokenizer_config.json"
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- an icetk text model (GLM-130B; old ChatGLM-6B)
+
+ICETK_CORPUS = [*CHATGLM_CORPUS[:-1], "def main():<n>print('hello world') # greeting"]
+
+
+def train_icetk_text_model(path: Path, seed: int = 0) -> Path:
+    """Train a SentencePiece unigram model of about 500 pieces on ICETK_CORPUS and write it to `path` laid out like
+    icetk's ice_text.model (GLM-130B's text model, and ChatGLM-6B's file before 2023-04-06): <unk> 0, <s> 1, </s> 2,
+    <pad> 3, <n> 4, then the trained pieces, and none of the command, tab, blank or byte pieces, nor byte fallback
+    (glm_runtime.ice_text appends them, as the original tokenizers did at load time). Identity normalization and no
+    whitespace squeezing, as train_ice_text_model. ~500 pieces keep 20000 + pieces + 344 under the glm-130b-tiny
+    preset's V = 21120. Deterministic for a seed; takes ~0.1 s."""
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    lines = [line for line in ICETK_CORPUS for _ in range(rng.randint(10, 30))]  # the seed weighs the lines
+    rng.shuffle(lines)
+    spm.set_random_generator_seed(seed)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        model_type="unigram",
+        vocab_size=600,
+        hard_vocab_limit=False,  # the corpus yields fewer pieces: take what it gives
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        pad_piece="<pad>",
+        user_defined_symbols=["<n>"],  # id 4, right after the four above
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(buf.getvalue())
     return path

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from glm_runtime.architecture import CHATGLM_6B, GLM, PromptRule
+from glm_runtime.architecture import CHATGLM_6B, GLM, GLM_130B, PromptRule
 from glm_runtime.config import TOKENIZER_KINDS
+from glm_runtime.ice_text import read_ice_text
 from glm_runtime.manifest import atomic_write_bytes, atomic_write_json, sha256_file
 from glm_runtime.vocabularies import (
     BPE_FILES,
@@ -32,10 +33,8 @@ from glm_runtime.vocabularies import (
     TokenizerError,
     chatglm_image_tokens,
     chinese_sp_special_ids,
-    image_tokens,
     read_bert,
     read_bpe,
-    read_chatglm,
     read_json,
     read_sentencepiece,
 )
@@ -81,12 +80,13 @@ FAMILY = {
     "chinese-sp-fix": "sp",
     "json": "json",
     "chatglm": "sp",
+    "icetk": "sp",
 }
 
 
 def _command_strings(kind: str) -> dict[str, str]:
     """How each command token is written, in text and in decoded output: ChatGLM has its own ("<sop>", "</s>")."""
-    if kind == "chatglm":
+    if kind in ("chatglm", "icetk"):  # GLM-130B's icetk: the same pieces, appended (glm_runtime.ice_text)
         return dict(CHATGLM_COMMAND_STRINGS)
     return dict(COMMAND_STRINGS, **({"pad": "[PAD]", "eos": "[PAD]"} if kind == "bert" else {}))
 
@@ -146,7 +146,7 @@ class GLMTokenizer:
         self.vocab_size = max(text.size, max(self.special.values()) + 1)  # unpadded, specials included
         # how a prompt's context is laid out (glm_runtime.architecture): the architecture the vocabulary belongs
         # to by default; glm_runtime.session.open_model sets the model's own
-        self.prompt: PromptRule = (CHATGLM_6B if kind == "chatglm" else GLM).prompt
+        self.prompt: PromptRule = {"chatglm": CHATGLM_6B, "icetk": GLM_130B}.get(kind, GLM).prompt
 
     def __repr__(self) -> str:
         return f"GLMTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, special={self.special})"
@@ -291,9 +291,9 @@ def load_tokenizer(
     gpt2, vocab.txt -> bert, a folder written by GLMTokenizer.save -> its recorded kind). A SentencePiece
     *.model needs kind "chinese-sp-fix" (GLM-Large-Chinese), "chinese-sp" (GLM-10B-Chinese, original ids
     where gMASK == eop == 50007; hf_gmask=True for the Hugging Face checkpoints, gMASK = 50009) or "chatglm"
-    (ChatGLM-6B's ice_text.model).
+    (ChatGLM-6B's ice_text.model, either revision) or "icetk" (GLM-130B's icetk ice_text.model).
     task_mask / decoder_mask: add [gMASK]/[sMASK] and [dBLOCK]; default = what the released models used.
-    num_image_tokens (chatglm only): added to every id; default = tokenizer_config.json's (chatglm_image_tokens).
+    num_image_tokens (chatglm, icetk): added to every id; default glm_runtime.ice_text.read_ice_text's.
     """
     path = Path(path)
     if not path.exists():
@@ -314,11 +314,11 @@ def load_tokenizer(
     if kind is not None and kind not in TOKENIZER_KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {TOKENIZER_KINDS}")
     kind, files = _find_files(path, kind)
-    if num_image_tokens is not None and kind != "chatglm":
-        raise TokenizerError(f"num_image_tokens applies only to kind 'chatglm' (ChatGLM-6B), not {kind!r}")
-    if kind in ("json", "chatglm"):
+    if num_image_tokens is not None and kind not in ("chatglm", "icetk"):
+        raise TokenizerError(f"num_image_tokens applies only to kinds 'chatglm' and 'icetk', not {kind!r}")
+    if kind in ("json", "chatglm", "icetk"):
         if task_mask is not None or decoder_mask is not None or hf_gmask:
-            what = "tokenizer.json" if kind == "json" else "chatglm tokenizer"
+            what = "tokenizer.json" if kind == "json" else f"{kind} tokenizer"
             raise TokenizerError(
                 f"task_mask / decoder_mask / hf_gmask do not apply to a {what}: "
                 f"its special tokens are looked up by string"
@@ -326,11 +326,7 @@ def load_tokenizer(
         if kind == "json":
             text, special = read_json(files)
             return GLMTokenizer("json", text, special, files, {})
-        (model,) = files.values()
-        if num_image_tokens is None:
-            num_image_tokens, _ = chatglm_image_tokens(model.parent)
-        options: dict[str, Any] = {"num_image_tokens": image_tokens(num_image_tokens, "num_image_tokens")}
-        text, special = read_chatglm(files, options)
+        text, special, options = read_ice_text(kind, files, num_image_tokens)
         return GLMTokenizer(kind, text, special, files, options)
     if hf_gmask and kind != "chinese-sp":
         raise TokenizerError(f"hf_gmask applies only to kind 'chinese-sp' (GLM-10B-Chinese), not {kind!r}")
@@ -371,8 +367,8 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
         if family == "sp":
             raise TokenizerError(
                 f"a SentencePiece model ({path}) needs an explicit kind: 'chinese-sp-fix' for "
-                f"GLM-Large-Chinese, 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ) or 'chatglm' "
-                f"for ChatGLM-6B's {CHATGLM_MODEL}"
+                f"GLM-Large-Chinese, 'chinese-sp' for GLM-10B-Chinese (their [gMASK] ids differ), 'chatglm' "
+                f"for ChatGLM-6B's {CHATGLM_MODEL} or 'icetk' for GLM-130B's"
             )
         assert family is not None  # no files and no kind was refused above
         kind = {"json": "json", "bpe": "gpt2", "wordpiece": "bert"}[family]
@@ -385,7 +381,7 @@ def _find_files(path: Path, kind: str | None) -> tuple[str, dict[str, Path]]:
         files = {"vocab.txt": path if path.is_file() else folder / "vocab.txt"}
     elif path.is_file():
         files = {path.name: path}
-    elif kind == "chatglm":
+    elif kind in ("chatglm", "icetk"):
         files = {CHATGLM_MODEL: folder / CHATGLM_MODEL}
     else:
         models = sorted(p.name for p in folder.glob("*.model"))

@@ -132,9 +132,10 @@ def resolve_tokenizer(
         kind = {"json": "json", "wordpiece": "bert"}[family]
         notes.append(f"tokenizer: {kind} ({FAMILY_FILES[family]})")
     hf_gmask = False
-    if family == "sp" and kind is None and getattr(config, "architecture", None) == "chatglm-6b":
-        kind = "chatglm"
-        notes.append("tokenizer: chatglm (a SentencePiece model, and the model's architecture is chatglm-6b)")
+    ice = {"chatglm-6b": "chatglm", "glm-130b": "icetk"}.get(getattr(config, "architecture", None) or "")
+    if family == "sp" and kind is None and ice is not None:
+        kind = ice
+        notes.append(f"tokenizer: {kind} (a SentencePiece model; the model's architecture is {config.architecture})")
     if family == "sp" and kind is None:
         sizes = (getattr(config, "num_layers", 0), getattr(config, "hidden_size", 0))  # 0: not a known size
         kind = _CHINESE_BY_SIZE.get(sizes)
@@ -163,6 +164,13 @@ def resolve_tokenizer(
         notes.append("tokenizer: Hugging Face gMASK convention (gMASK = sop + 3, its row a copy of eop's)")
     image_tokens = _chatglm_image_tokens(folder, config, notes) if kind == "chatglm" else None
     tok = load_tokenizer(path, kind, hf_gmask=hf_gmask, num_image_tokens=image_tokens)
+    if kind == "icetk":
+        notes.append(f"tokenizer: num_image_tokens {tok.options['num_image_tokens']} (icetk's constant)")
+    if tok.options.get("pieces_appended"):
+        notes.append(
+            f"tokenizer: its file holds no command, tab, blank or byte pieces: appended at load as the original "
+            f"tokenizer did ({tok.kind} ids {tok.special['MASK']}.. for [MASK]..<dBLOCK>)"
+        )
     return check_fits(tok, config, str(path)), notes
 
 
@@ -197,11 +205,12 @@ def _chatglm_image_tokens(folder: Path, config: Any, notes: list[str]) -> int:
 
 def check_fits(tok: GLMTokenizer, config: Any, where: str) -> GLMTokenizer:
     """The tokenizer must belong to the model: every id an embedding row, and for the released GLM vocabularies the
-    model's V is exactly the tokenizer's size padded to 128 (docs/glm.md 6; not ChatGLM's: 130344 ids, V 130528)."""
+    model's V is exactly the tokenizer's size padded to 128 (docs/glm.md 6; not ChatGLM's: 130344 ids, V 130528,
+    nor GLM-130B's: 150344, V 150528)."""
     rows = getattr(config, "vocab_size", None)
     if rows is None:
         return tok
-    padded = tok.kind not in ("json", "chatglm")
+    padded = tok.kind not in ("json", "chatglm", "icetk")
     if tok.vocab_size > rows or (padded and tok.padded_vocab_size() != rows):
         model_of = f" (a model of V = {tok.padded_vocab_size()})" if padded else ""
         raise TokenizerError(
@@ -221,7 +230,7 @@ def load_recorded_tokenizer(folder: str | os.PathLike, entry: Mapping[str, Any])
     kind = entry.get("kind")
     if kind in (None, "json"):
         tok = load_tokenizer(folder / entry["file"], kind)
-    elif kind == "chatglm":
+    elif kind in ("chatglm", "icetk"):
         tok = load_tokenizer(folder / entry["file"], kind, num_image_tokens=options.get("num_image_tokens"))
     else:
         tok = load_tokenizer(

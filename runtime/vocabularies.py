@@ -165,7 +165,7 @@ def _spaces(piece: re.Match) -> str:
     return " " * n if 2 <= n <= CHATGLM_MAX_BLANK else piece.group()
 
 
-class _ChatGLMText:
+class ChatGLMText:
     """ice_text.model behind ChatGLM-6B's text rules (chatglm_v1_spec.md 6): newline, tab and runs of spaces become
     pieces of their own before SentencePiece and turn back after it; every id is shifted by num_image_tokens."""
 
@@ -311,8 +311,9 @@ def read_bert(files: dict[str, Path], options: dict[str, Any]) -> tuple[TextVoca
     return text, special
 
 
-def _load_sentencepiece(model: Path, what: str) -> Any:
-    """A SentencePieceProcessor for `model`; a missing package or a malformed file is a one-line TokenizerError."""
+def load_sentencepiece(model: Path, what: str, proto: bytes | None = None) -> Any:
+    """A SentencePieceProcessor for `model` (or for `proto`, its bytes as edited, glm_runtime.ice_text); a missing
+    package or a malformed file is a one-line TokenizerError."""
     try:
         import sentencepiece
     except ImportError:
@@ -320,6 +321,8 @@ def _load_sentencepiece(model: Path, what: str) -> Any:
             f"the {what} needs the sentencepiece package (one of glmx's dependencies): pip install sentencepiece"
         ) from None
     try:
+        if proto is not None:
+            return sentencepiece.SentencePieceProcessor(model_proto=proto)
         return sentencepiece.SentencePieceProcessor(model_file=str(model))
     except Exception as exc:  # noqa: BLE001 - tokenizers / sentencepiece raise a bare Exception on a malformed file
         raise TokenizerError(f"cannot read SentencePiece model {model}: {exc}") from None
@@ -330,7 +333,7 @@ def read_sentencepiece(
 ) -> tuple[TextVocabulary, dict[str, int]]:
     """The Chinese SentencePiece model (cog-pretrain.model) and ChineseSPTokenizer's command ids."""
     (model,) = files.values()
-    text = _SentencePieceText(_load_sentencepiece(model, "Chinese SentencePiece tokenizer"))
+    text = _SentencePieceText(load_sentencepiece(model, "Chinese SentencePiece tokenizer"))
     special = chinese_sp_special_ids(
         text.size, kind == "chinese-sp-fix", options["task_mask"], options["decoder_mask"], options["hf_gmask"]
     )
@@ -372,25 +375,6 @@ def image_tokens(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise TokenizerError(f"{what} must be a whole number >= 0 (0 or 20000 for ChatGLM-6B), got {value!r}")
     return value
-
-
-def read_chatglm(files: dict[str, Path], options: dict[str, Any]) -> tuple[TextVocabulary, dict[str, int]]:
-    """ChatGLM-6B's ice_text.model with options["num_image_tokens"] added to every id (chatglm_v1_spec.md 6); its
-    command ids are its own pieces, looked up by string, never assumed."""
-    (model,) = files.values()
-    sp = _load_sentencepiece(model, "ChatGLM-6B tokenizer (ice_text.model)")
-    text = _ChatGLMText(sp, int(options["num_image_tokens"]))
-    special = {name: text.token_to_id(piece) for name, piece in CHATGLM_COMMAND_STRINGS.items()}
-    missing = [piece for piece in CHATGLM_TEXT_PIECES if text.token_to_id(piece) is None]
-    missing = [CHATGLM_COMMAND_STRINGS[name] for name, i in special.items() if i is None] + missing
-    if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise TokenizerError(
-            f"{model} lacks the pieces {shown}: not the current ChatGLM-6B ice_text.model (before 2023-04-06 the "
-            f"remote code added its command, tab, blank and byte pieces at load time; the current file holds them, "
-            f"and that revision's ids are the same pieces shifted by num_image_tokens=20000)"
-        )
-    return text, {name: i for name, i in special.items() if i is not None}
 
 
 def read_json(files: dict[str, Path]) -> tuple[TextVocabulary, dict[str, int]]:
