@@ -1,12 +1,12 @@
 """The reference GLM in PyTorch, faithful to the released checkpoints of each architecture: the 2021 GLM (Du et
-al., THUDM/GLM) and ChatGLM-6B v1 (the HF remote code), what differs read from config.arch
-(glm_runtime.architecture), never from the model's name.
+al., THUDM/GLM), ChatGLM-6B v1 (the HF remote code) and GLM-130B (SAT's glm130B_model.py), what differs read from
+config.arch (glm_runtime.architecture), never from the model's name.
 
 In: input_ids [B, T], position_ids [B, 2, T] (position, block position), an attention mask in one of the
-original's forms, and optionally a per-layer (key, value) cache of `past` earlier tokens (ChatGLM: keys cached
-after rotation).
+original's forms, and optionally a per-layer (key, value) cache of `past` earlier tokens (rotary: keys cached
+after rotation; GLM-130B's 1D rotary reads row 0 of the positions only).
 Out: logits [B, T, V] (tied to the word embeddings, no bias) and the updated cache.
-GLM's facts are from docs/glm.md, ChatGLM-6B's from ../shared/chatglm_v1_spec.md (cited "spec").
+GLM's facts are from docs/glm.md, ChatGLM-6B's and GLM-130B's from ../shared/chatglm_v1_spec.md (cited "spec").
 Parameter names are the official GLM ones (docs/glm.md 1.1) for every architecture, the fused QKV as [Q;K;V]
 blocks: glm_export.checkpoint maps a published ChatGLM folder onto them.
 """
@@ -68,27 +68,30 @@ def build_attention_mask(
 
 
 def rotary_tables(config: GLMConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, T, d] of ChatGLM's 2D rotary (spec 4.2): the first d/2 columns from the positions, the
-    last d/2 from the block positions, each half [freqs, freqs] (NeoX halves). Angles in fp32 from the fp16-rounded
-    frequencies (the HF code's fp32 mode) unless config.rotary_inv_freq == "fp32"."""
-    inv = torch.from_numpy(rotary_inv_freq(config.head_dim, config.arch.rotary_base, config.rotary_inv_freq)).to(
-        position_ids.device
-    )
+    """cos and sin [B, 1, T, d] of the rotary positions, each stream [freqs, freqs] (NeoX halves). 2D (ChatGLM-6B,
+    spec 4.2): the first d/2 columns from the positions, the last d/2 from the block positions. 1D (GLM-130B):
+    the whole head from the positions (row 0) alone. Angles in fp32 from the fp16-rounded frequencies (the HF
+    code's fp32 mode) unless config.rotary_inv_freq == "fp32"."""
+    two_d = config.arch.positions == "rotary-2d"
+    inv = rotary_inv_freq(config.head_dim, config.arch.rotary_base, config.rotary_inv_freq, two_d=two_d)
+    inv = torch.from_numpy(inv).to(position_ids.device)
     halves = []
-    for row in (0, 1):
-        freqs = position_ids[:, row].to(torch.float32)[..., None] * inv  # [B, T, d/4]
+    for row in (0, 1) if two_d else (0,):
+        freqs = position_ids[:, row].to(torch.float32)[..., None] * inv  # [B, T, rot/2]
         halves.append(torch.cat([freqs, freqs], dim=-1))
     angles = torch.cat(halves, dim=-1)[:, None]  # [B, 1, T, d]
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, n, T, d] rotated: each half (d/2) rotates its pairs (j, j + d/4), rotate_half style (spec 4.2)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, streams: int = 2) -> torch.Tensor:
+    """x [B, n, T, d] rotated: each of `streams` equal parts (2: ChatGLM's halves, 1: GLM-130B's whole head) rotates
+    its pairs (j, j + part/2), rotate_half style (spec 4.2)."""
     d = x.shape[-1]
-    q = d // 4
+    w = d // streams
     parts = []
-    for half in (x[..., : d // 2], x[..., d // 2 :]):
-        parts.append(torch.cat([-half[..., q:], half[..., :q]], dim=-1))
+    for k in range(streams):
+        part = x[..., k * w : (k + 1) * w]
+        parts.append(torch.cat([-part[..., w // 2 :], part[..., : w // 2]], dim=-1))
     turned = torch.cat(parts, dim=-1)
     return (x * cos.to(x.dtype) + turned * sin.to(x.dtype)).to(x.dtype)
 
@@ -100,6 +103,7 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.rotary = config.arch.rotary
+        self.streams = 2 if config.arch.positions == "rotary-2d" else 1
         self.fill = config.arch.mask_value(layer)
         h = config.hidden_size
         self.query_key_value = nn.Linear(h, 3 * h)  # rows: [all Q; all K; all V], head-major (docs/glm.md 1.3)
@@ -122,7 +126,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.query_key_value(x).split(h, dim=-1)  # each (B, T, h)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, n, T, d)
         if rotary is not None:  # spec 4.2-4.3: q and k rotated; the cache holds rotated keys
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = apply_rotary(q, *rotary, self.streams), apply_rotary(k, *rotary, self.streams)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, n, past+T, d)
             v = torch.cat([past[1], v], dim=2)
@@ -149,16 +153,26 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """gelu (GLM, ChatGLM-6B): dense_4h_to_h(gelu(dense_h_to_4h(x))), inner 4h. geglu (GLM-130B, spec 3):
+    dense_h_to_4h emits 2 x inner = [value | gate]; dense_4h_to_h(value * gelu(gate))."""
+
     def __init__(self, config: GLMConfig):
         super().__init__()
         h = config.hidden_size
-        self.dense_h_to_4h = nn.Linear(h, 4 * h)  # FFN is always 4h (docs/glm.md 1.1)
-        self.dense_4h_to_h = nn.Linear(4 * h, h)
+        self.dense_h_to_4h = nn.Linear(h, config.mlp_in_size)  # 4h (docs/glm.md 1.1), 2 x inner for a GeGLU
+        self.dense_4h_to_h = nn.Linear(config.inner_size, h)
+        self.geglu = config.arch.mlp == "geglu"
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate)))
+        u = self.dense_h_to_4h(x)
+        if self.geglu:
+            value, gate = u.chunk(2, dim=-1)
+            act = value * F.gelu(gate, approximate=self.approximate)
+        else:
+            act = F.gelu(u, approximate=self.approximate)
+        return self.dropout(self.dense_4h_to_h(act))
 
 
 class TransformerLayer(nn.Module):

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from glm_export.nbits import CONTRIB, NBits
-from glm_runtime.architecture import rotary_inv_freq
+from glm_export.onnx_rotary import apply_rotary, rotary_tables, streams
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import LOGITS_START, io_table, kv_names
 
@@ -157,7 +157,7 @@ def nbits_linear(
 #                       `- Gather(1,axis 1) -> blk [B,T] -- Gather(block table) ----- Cast* ---------'
 # x: [B,T,h] fp32, the residual stream (fp32 in both float types).   * fp16 graphs only
 # A rotary architecture (ChatGLM-6B) adds no tables: x is the word embedding alone, and the positions go to
-# rotary_tables below.
+# glm_export.onnx_rotary.
 def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray], cfg: GLMConfig) -> tuple[str, str]:
     """Returns (x [B,T,h] fp32, name of the word-embedding initializer, reused by the tied head)."""
     table = b.weight("word_embeddings.weight", W["word_embeddings.weight"].astype(b.wdtype))
@@ -180,44 +180,6 @@ def embeddings(b: GraphBuilder, W: Mapping[str, np.ndarray], cfg: GLMConfig) -> 
         "Add", [b.op("Add", [word, pos_e], "/embed/add_position"), blk_e], "/embed/add_block", outputs=[EMBED_OUTPUT]
     )
     return x, table
-
-
-# position_ids [B,2,T] -Cast fp32- Gather(0|1, axis 1) -> [B,T] - Unsqueeze - Mul(inv_freq [d/4]) -> [B,T,d/4]
-#   - Concat(f, f) -> [B,T,d/2] per stream - Concat(position, block) -> [B,T,d] - Unsqueeze(1) -> [B,1,T,d]
-#   - Cos | Sin (fp32), computed once and shared by every layer (spec 4.2: the first d/2 columns of a head rotate
-#   with the position, the last d/2 with the block position; inv_freq fp16-rounded unless rotary_inv_freq fp32)
-def rotary_tables(b: GraphBuilder, cfg: GLMConfig) -> tuple[str, str]:
-    inv = rotary_inv_freq(cfg.head_dim, cfg.arch.rotary_base, cfg.rotary_inv_freq)
-    pos = b.cast("position_ids", TensorProto.FLOAT, "/rotary/positions")
-    halves = []
-    for row, tag in ((0, "position"), (1, "block")):
-        p = b.op("Gather", [pos, b.const("zero" if row == 0 else "one", row)], f"/rotary/{tag}_row", axis=1)
-        p = b.op("Unsqueeze", [p, b.const("axes_last", [-1])], f"/rotary/{tag}/unsqueeze")
-        f = b.op("Mul", [p, b.const("inv_freq", inv, np.float32)], f"/rotary/{tag}/freqs")
-        halves.append(b.op("Concat", [f, f], f"/rotary/{tag}/halves", axis=-1))
-    angles = b.op("Concat", halves, "/rotary/angles", axis=-1)
-    angles = b.op("Unsqueeze", [angles, b.const("axes_heads", [1])], "/rotary/per_head")
-    return b.op("Cos", [angles], "/rotary/cos"), b.op("Sin", [angles], "/rotary/sin")
-
-
-# x [B,n,T,d] -Cast*- Split 4 quarters x0|x1|x2|x3 -> turned = Concat(-x1, x0, -x3, x2) (rotate_half per half)
-#   -> x*cos + turned*sin (fp32) -Cast*-> [B,n,T,d] (weight dtype: keys are cached after rotation, spec 4.3)
-def apply_rotary(b: GraphBuilder, x: str, rot: tuple[str, str], d: int, name: str, output: str | None = None) -> str:
-    xf = b.to_float(x, name)
-    q = d // 4
-    if b.opset >= 18:
-        parts = b.op("Split", [xf], f"{name}/quarters", n_out=4, axis=-1, num_outputs=4)
-    else:
-        parts = b.op("Split", [xf, b.const("quarters", [q] * 4)], f"{name}/quarters", n_out=4, axis=-1)
-    neg1 = b.op("Neg", [parts[1]], f"{name}/neg1")
-    neg3 = b.op("Neg", [parts[3]], f"{name}/neg3")
-    turned = b.op("Concat", [neg1, parts[0], neg3, parts[2]], f"{name}/turned", axis=-1)
-    cos, sin = rot
-    summed = [b.op("Mul", [xf, cos], f"{name}/x_cos"), b.op("Mul", [turned, sin], f"{name}/turned_sin")]
-    if b.fp16:
-        added = b.op("Add", summed, f"{name}/rotated")
-        return b.op("Cast", [added], f"{name}/to_fp16", outputs=[output] if output else None, to=b.wtype)
-    return b.op("Add", summed, f"{name}/rotated", outputs=[output] if output else None)
 
 
 def layer_norm(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], prefix: str, eps: float) -> str:
@@ -244,7 +206,7 @@ def _heads(b: GraphBuilder, x: str, n: int, d: int, name: str, output: str | Non
 #   probs - Slice[..., P:] - MatMul(., value) -------+- Add -> ctx [B,n,T,d] - Transpose/Reshape [B,T,h] - dense
 # Past and new keys/values are never concatenated, so a decode step copies no cache.
 # * fp16 graphs: the QK product, masking and softmax are an fp32 island; K/V and the matmuls with V fp16.
-# Rotary architectures: q and k are rotated right after the heads are split (apply_rotary), so present.i.key
+# Rotary architectures: q and k are rotated right after the heads are split (glm_export.onnx_rotary), so present.i.key
 # holds rotated keys and a cached slot can sit anywhere the mask allows; the masked score is
 # arch.mask_value(i) (ChatGLM: -10000 x (i+1)).
 def self_attention(
@@ -268,8 +230,10 @@ def self_attention(
     if rot is None:
         k = _heads(b, k, n, d, f"/{prefix}/k", output=present_k)  # un-scaled K (docs/glm.md 1.3)
     else:
-        q = apply_rotary(b, q, rot, d, f"/{prefix}/q/rotary")
-        k = apply_rotary(b, _heads(b, k, n, d, f"/{prefix}/k"), rot, d, f"/{prefix}/k/rotary", output=present_k)
+        parts = streams(cfg)
+        q = apply_rotary(b, q, rot, d, f"/{prefix}/q/rotary", parts=parts)
+        k = _heads(b, k, n, d, f"/{prefix}/k")
+        k = apply_rotary(b, k, rot, d, f"/{prefix}/k/rotary", output=present_k, parts=parts)
     v = _heads(b, v, n, d, f"/{prefix}/v", output=present_v)
     past_k, past_v = kv_names("past", i)
 
@@ -321,10 +285,20 @@ def _mask_scores(b: GraphBuilder, scores: str, s: float, name: str, value: float
 # b [B,T,h] (LN output, fp32) -Cast*- MatMul/Add(h->4h) - GeLU - MatMul/Add(4h->h) -> [B,T,h] (weight dtype)
 # An NBits graph (ONNX Runtime only already) takes h->4h's bias and the GeLU in one contrib node: FastGelu
 # (tanh: the same formula as gelu() below) or BiasGelu (erf); standard graphs write GeLU out (TensorRT parses it).
-def mlp(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, gelu_kind: str) -> str:
+# GeGLU (GLM-130B, spec 3): MatMul/Add(h->2i) -> [B,T,2i] - Split -> value | gate - Mul(value, GeLU(gate)) -> [B,T,i]
+#   - MatMul/Add(i->h); an NBits graph fuses the bias into its MatMulNBits and writes the GeLU out.
+def mlp(b: GraphBuilder, x: str, W: Mapping[str, np.ndarray], i: int, cfg: GLMConfig) -> str:
     prefix = f"transformer.layers.{i}.mlp"
-    up = f"{prefix}.dense_h_to_4h"
-    if b.nbits is not None and not b.nbits.keep(up):
+    up, gelu_kind = f"{prefix}.dense_h_to_4h", cfg.gelu
+    if cfg.arch.mlp == "geglu":
+        u = linear(b, b.to_weight_dtype(x, f"/{prefix}"), W, up)  # [B,T,2i]
+        inner = cfg.inner_size
+        if b.opset >= 18:
+            value, gate = b.op("Split", [u], f"/{prefix}/Split", n_out=2, axis=-1, num_outputs=2)
+        else:
+            value, gate = b.op("Split", [u, b.const("glu_split", [inner, inner])], f"/{prefix}/Split", n_out=2, axis=-1)
+        act = b.op("Mul", [value, gelu(b, gate, gelu_kind, f"/{prefix}/gelu")], f"/{prefix}/glu")
+    elif b.nbits is not None and not b.nbits.keep(up):
         mm, bias = nbits_linear(b, b.to_weight_dtype(x, f"/{prefix}"), W, up, fuse_bias=False)
         act = b.op("FastGelu" if gelu_kind == "tanh" else "BiasGelu", [mm, bias], f"/{prefix}/gelu", domain=CONTRIB)
     else:
@@ -372,12 +346,12 @@ def transformer_layer(
     attn = b.to_float(self_attention(b, a, W, i, cfg, past_len, rot), f"/{p}/attn")
     if cfg.arch.residual == "pre-ln":
         x = b.op("Add", [x, attn], f"/{p}/residual_attn")
-        out = mlp(b, layer_norm(b, x, W, f"{p}.post_attention_layernorm", eps), W, i, cfg.gelu)
+        out = mlp(b, layer_norm(b, x, W, f"{p}.post_attention_layernorm", eps), W, i, cfg)
         return b.op("Add", [x, b.to_float(out, f"/{p}/mlp")], f"/{p}/residual_mlp")
     alpha = b.const("alpha", cfg.arch.alpha(cfg.num_layers), np.float32)
     h = b.op("Add", [b.op("Mul", [a, alpha], f"/{p}/alpha_a"), attn], f"/{p}/residual_attn")
     c = layer_norm(b, h, W, f"{p}.post_attention_layernorm", eps)
-    out = b.to_float(mlp(b, c, W, i, cfg.gelu), f"/{p}/mlp")
+    out = b.to_float(mlp(b, c, W, i, cfg), f"/{p}/mlp")
     return b.op("Add", [b.op("Mul", [c, alpha], f"/{p}/alpha_c"), out], f"/{p}/residual_mlp")
 
 
