@@ -102,47 +102,14 @@ class OnnxLayers:
         self.kv_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kv))
 
     def _piece(self, inputs: Sequence[str], outputs: Sequence[str]):
-        """A ModelProto of the nodes between `inputs` (boundaries or graph inputs) and `outputs`."""
-        from onnx import TensorProto, helper
+        """A ModelProto of the nodes between `inputs` (boundaries or graph inputs) and `outputs`
+        (glm_runtime.stages.cut_graph, which cuts pipeline stages the same way)."""
+        from glm_runtime.stages import StageError, cut_graph
 
-        stop = set(inputs) | set(self.inits)
-        nodes, seen, taken, todo = [], set(), set(), list(outputs)
-        while todo:
-            name = todo.pop()
-            if name in seen or name in stop or name == "":
-                continue
-            seen.add(name)
-            node = self.producer.get(name)
-            if node is None:
-                if name in self.graph_inputs:
-                    stop.add(name)
-                    continue
-                raise ParityError(f"{self.path}: tensor {name!r} has no producer")
-            if id(node) not in taken:
-                taken.add(id(node))
-                nodes.append(node)
-            todo.extend(node.input)
-        order = {id(n): k for k, n in enumerate(self.model.graph.node)}
-        nodes.sort(key=lambda n: order[id(n)])
-        used = {i for n in nodes for i in n.input}
-        h = self.config.hidden_size
-        ins = []
-        for name in list(inputs) + sorted(used & set(self.graph_inputs) - set(inputs)):
-            if name in self.graph_inputs:
-                ins.append(self.graph_inputs[name])
-            else:  # a residual-stream boundary: fp32 [B, T, h] in every precision
-                ins.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "seq", h]))
-        outs = [
-            self.graph_outputs[o]
-            if o in self.graph_outputs
-            else helper.make_tensor_value_info(o, TensorProto.FLOAT, ["batch", "seq", h])
-            for o in outputs
-        ]
-        inits = [self.inits[n] for n in sorted(used) if n in self.inits]
-        graph = helper.make_graph(nodes, "glm_piece", ins, outs, initializer=inits)
-        piece = helper.make_model(graph, opset_imports=list(self.model.opset_import))
-        piece.ir_version = self.model.ir_version
-        return piece
+        try:
+            return cut_graph(self.model, inputs, outputs, self.config.hidden_size)
+        except StageError as exc:
+            raise ParityError(f"{self.path}: {exc}") from None
 
     @contextmanager
     def _session(self, inputs: Sequence[str], outputs: Sequence[str]) -> Iterator[Any]:

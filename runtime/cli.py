@@ -266,27 +266,41 @@ Example:  glmx serve --port 8000 &
     help="a request body past this answers 413",
 )
 @click.option("--no-ui", is_flag=True, help="serve the API alone, without the web playground at GET /")
-def serve_cmd(model, backend, host, port, rows, max_waiting, timeout, api_key, max_body_bytes, no_ui) -> None:
+@click.option(
+    "--stages",
+    type=click.IntRange(min=1),
+    default=None,
+    help="cut the model into this many pipeline stages, each a Ray actor holding its layers and their KV cache "
+    "(docs/pipeline.md); placed one per node (STRICT_SPREAD) when the cluster has that many nodes, else "
+    "together on one (PACK); onnxruntime backend only",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="with --stages: the Ray cluster (auto = the one `ray start --head` made here, ray://HOST:10001, "
+    "HOST:6379); default: a local Ray of this process",
+)
+def serve_cmd(
+    model, backend, host, port, rows, max_waiting, timeout, api_key, max_body_bytes, no_ui, stages, address
+) -> None:
     import os
 
     from glm_runtime.serve import serve
 
     if api_key is None and os.environ.get("GLMX_API_KEY") is not None:  # click reads a set but empty one as unset
         api_key = os.environ["GLMX_API_KEY"]  # and the server refuses it: an empty key is no key
+    args = (host, port, rows, max_waiting, timeout, api_key)
+    options = {"log": lambda m: click.echo(m, err=True), "max_body": max_body_bytes, "ui": not no_ui}
+    if stages is None and address is not None:
+        raise click.UsageError("--address names the Ray cluster of --stages: give --stages N too")
+    if stages is not None:
+        if backend != "onnxruntime":
+            raise click.UsageError(f"--stages runs ONNX Runtime stages; --backend {backend} cannot be cut")
+        from glm_runtime.serve_pipeline import serve_stages
 
-    serve(
-        model,
-        backend,
-        host,
-        port,
-        rows,
-        max_waiting,
-        timeout,
-        api_key,
-        log=lambda m: click.echo(m, err=True),
-        max_body=max_body_bytes,
-        ui=not no_ui,
-    )
+        serve_stages(model, stages, address, *args, **options)
+        return
+    serve(model, backend, *args, **options)
 
 
 SCORE_HELP = """Score candidate answers for the one blank of PROMPT (GLM's cloze scoring), best first.

@@ -289,17 +289,22 @@ def _check_backend_fits(folder: Path, backend: str) -> None:
 
 def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **options: Any) -> tuple[Any, Any]:
     """(session, tokenizer) for a model folder (None = the bundled model); the two must agree."""
-    from glm_runtime.tokenizer import TokenizerError
-    from glm_runtime.tokenizer_folder import load_recorded_tokenizer
-
     folder = Path(model) if model is not None else default_model()
     if not folder.is_dir():
         raise ManifestError(f"model folder {folder} does not exist")
     _check_backend_fits(folder, backend)
     session = open_session(folder, backend, **options)
+    return session, session_tokenizer(session, folder)
+
+
+def session_tokenizer(session: Any, folder: Path) -> Any:
+    """The tokenizer that belongs to an open session of the model in `folder` (its own, or the manifest's)."""
+    from glm_runtime.tokenizer import TokenizerError
+    from glm_runtime.tokenizer_folder import load_recorded_tokenizer
+
     if session.tokenizer is not None:  # decided by the session's source (torch: a checkpoint)
         session.tokenizer.prompt = session.config.arch.prompt
-        return session, session.tokenizer
+        return session.tokenizer
     entry = session.tokenizer_record
     path = session.tokenizer_path or (folder / entry["file"] if entry.get("file") else None)
     if path is None:
@@ -314,4 +319,4 @@ def open_model(model: str | Path | None = None, backend: str = "onnxruntime", **
             f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
             f"{session.config.vocab_size} embedding rows; they do not belong together"
         )
-    return session, tokenizer
+    return tokenizer

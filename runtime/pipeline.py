@@ -1,0 +1,424 @@
+"""One model across processes or machines: its stages (runtime/stages.py) as Ray actors, one session in front.
+In: an exported ONNX folder, a stage count, a Ray address (None: a local Ray on this machine; "auto"; "ray://...").
+Out: `open_pipeline` -> (PipelineSession, tokenizer). The session is the ordinary session interface (run(feeds) ->
+logits and presents, new_cache), so the engine, streaming, metrics and the HTTP API run on it unchanged.
+
+    driver: run(feeds) --rows split in micro-batches--> stage 0 --x [b, T, h] fp32--> stage 1 --> ... --> logits
+            new_cache(...) -> PipelineCache: the slot map here, the K/V rows in each stage (its layers only)
+
+Micro-batch m enters stage k + 1 while micro-batch m + 1 runs on stage k: every actor call is submitted at once and
+Ray starts each as its input (an object ref) is ready, so the stages work at the same time. Presents never leave
+their stage: the cache's append / load_rows name the run they came from. Every wait has a timeout; a stage that
+dies fails the call with one line (PipelineError) and `broken` says why until `recover` finds every stage back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glm_runtime.backend import Closable, check_export, check_feeds
+from glm_runtime.errors import GLMXError
+from glm_runtime.iotable import kv_dtype, past_names
+from glm_runtime.kvcache import SlotCache
+from glm_runtime.manifest import ManifestError, load_manifest
+from glm_runtime.stage_worker import StageWorker
+from glm_runtime.stages import cut_stages, stage_ranges
+
+RAY_HINT = "pip install 'glmx[serve-ray]' (ray, onnx)"
+
+
+class PipelineError(GLMXError, RuntimeError):
+    """A stage failed (died, timed out, or cannot be placed): the call's requests fail with this one line."""
+
+
+def layer_span(start: int, stop: int) -> str:
+    return f"layer {start}" if stop == start + 1 else f"layers {start}-{stop - 1}"
+
+
+class CacheRows:
+    """A past feed that stays in the stages: rows 0..width-1 of cache `cid` (PipelineCache.feeds)."""
+
+    def __init__(self, cid: str, width: int):
+        self.cid, self.width = cid, width
+
+
+class RemotePresent:
+    """A present.* output left in its stage; .numpy() fetches it (beam search's repeat, cloze scoring)."""
+
+    def __init__(self, session: PipelineSession, run: int, stage: int, name: str):
+        self.session, self.run, self.stage, self.name = session, run, stage, name
+
+    def numpy(self) -> np.ndarray:
+        return self.session.fetch(self.run, self.stage)[self.name]
+
+
+# ---------------------------------------------------------------- where the stages run: in-process or Ray actors
+
+
+class LocalStages:
+    """The stages as objects in this process (tests; a quick check without Ray): calls run at once."""
+
+    def __init__(self, workers: Sequence[StageWorker]):
+        self.workers = list(workers)
+
+    def submit(self, k: int, method: str, *args: Any) -> Any:
+        return getattr(self.workers[k], method)(*args)
+
+    def wait(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
+        return refs
+
+    def ping(self, timeout: float) -> list[Any]:
+        return [w.ping() for w in self.workers]
+
+
+class RayStages:
+    """The stages as Ray actors (handles); every wait bounded by `timeout` seconds."""
+
+    def __init__(self, handles: Sequence[Any], ranges: Sequence[tuple[int, int]], timeout: float, group: Any = None):
+        self.handles, self.ranges, self.timeout = list(handles), list(ranges), timeout
+        self.group = group  # the placement group the stages are pinned by
+
+    def submit(self, k: int, method: str, *args: Any) -> Any:
+        return getattr(self.handles[k], method).remote(*args)
+
+    def wait(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.timeout if timeout is None else timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise PipelineError(f"a pipeline stage did not answer {what} within {self.timeout:g} s") from None
+        except ray.exceptions.RayActorError as exc:
+            stage = self._which(exc)
+            raise PipelineError(
+                f"pipeline stage {stage} died during {what} ({type(exc).__name__}); Ray restarts it, and the "
+                f"server answers again once it has reloaded its layers"
+            ) from None
+        except ray.exceptions.RayTaskError as exc:
+            raise PipelineError(f"a pipeline stage failed {what}: {' '.join(str(exc.cause).split())[:300]}") from None
+
+    def _which(self, exc: Any) -> str:
+        actor = getattr(exc, "actor_id", None)
+        for k, handle in enumerate(self.handles):
+            if actor is not None and handle._actor_id.hex() == actor:
+                return f"{k} ({layer_span(*self.ranges[k])})"
+        return "?"
+
+    def ping(self, timeout: float) -> list[Any]:
+        return self.wait([h.ping.remote() for h in self.handles], "a health check", timeout)
+
+
+# ---------------------------------------------------------------- the session
+
+
+class PipelineSession(Closable):
+    """The exported model in `folder`, run as `stages` (LocalStages or RayStages). See the module docstring."""
+
+    def __init__(self, folder: Path, stages: Any, ranges: Sequence[tuple[int, int]], info: Sequence[Mapping]):
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder, kind="onnx")
+        self.config, self.tokenizer_path = check_export(self.folder, self.manifest)
+        if self.manifest.extra.get("prefix"):
+            raise ManifestError(f"{folder} carries a P-tuning prefix, which pipeline stages do not take yet")
+        self.tokenizer_record = self.manifest.tokenizer
+        self.io = self.manifest.io
+        self.inputs, self.outputs = self.io["inputs"], self.io["outputs"]
+        self.precision = self.manifest.precision
+        self.kv_dtype = np.dtype(kv_dtype(self.precision))
+        self.stages, self.ranges, self.info = stages, list(ranges), list(info)
+        self.broken: str | None = None  # why the pipeline cannot run (a stage died), until recover()
+        self._runs = itertools.count()
+        self._fetched: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+
+    def _wait(self, refs: list[Any], what: str) -> list[Any]:
+        if self.broken is not None:
+            raise PipelineError(self.broken)
+        try:
+            return self.stages.wait(refs, what)
+        except PipelineError as exc:
+            self.broken = str(exc)
+            raise
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        self._check_open()
+        if self.broken is not None:
+            raise PipelineError(self.broken)
+        names = past_names(self.io)
+        first = feeds.get(names[0][0])
+        if isinstance(first, CacheRows):
+            plain = [e for e in self.inputs if not e["name"].startswith("past_key_values.")]
+            check_feeds({k: v for k, v in feeds.items() if not isinstance(v, CacheRows)}, plain)
+        else:
+            check_feeds(feeds, self.inputs)
+        batch = feeds["input_ids"].shape[0]
+        run = next(self._runs)
+        bounds = np.linspace(0, batch, min(len(self.ranges), batch) + 1).round().astype(int)
+        last = []
+        for part, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            a, b = int(a), int(b)
+            x = None
+            for k, (start, stop) in enumerate(self.ranges):
+                mine = {n: v[a:b] for n, v in feeds.items() if n in ("position_ids", "attention_mask")}
+                if k == 0:
+                    mine["input_ids"] = feeds["input_ids"][a:b]
+                if k == len(self.ranges) - 1 and "logits_start" in feeds:
+                    mine["logits_start"] = feeds["logits_start"]
+                if isinstance(first, CacheRows):
+                    past: Any = ("cache", first.cid)
+                else:
+                    past = {n: feeds[n][a:b] for pair in names[start:stop] for n in pair}
+                x = self.stages.submit(k, "forward", run, part, (a, b), mine, past, x)
+            last.append(x)
+        logits = np.concatenate(self._wait(last, "a forward pass"), axis=0)
+        out: dict[str, Any] = {"logits": logits}
+        for k, (start, stop) in enumerate(self.ranges):
+            for i in range(start, stop):
+                for name in (f"present.{i}.key", f"present.{i}.value"):
+                    out[name] = RemotePresent(self, run, k, name)
+        return out
+
+    def fetch(self, run: int, k: int) -> dict[str, np.ndarray]:
+        key = (run, k)
+        if key not in self._fetched:
+            self._fetched = {key: self._wait([self.stages.submit(k, "fetch", run)], "fetching presents")[0]}
+        return self._fetched[key]
+
+    def new_cache(self, batch: int, capacity: int) -> PipelineCache:
+        return PipelineCache(self, batch, capacity)
+
+    def to_all(self, method: str, *args: Any, what: str = "") -> list[Any]:
+        """One call on every stage, waited for."""
+        return self._wait([self.stages.submit(k, method, *args) for k in range(len(self.ranges))], what or method)
+
+    def probe(self, timeout: float = 2.0) -> str | None:
+        """None when every stage answers a ping within `timeout` (a restarted one once it has reloaded its
+        layers), else why not: "died" (Ray says the actor died or is restarting) or "slow" (no answer yet)."""
+        try:
+            self.info = self.stages.ping(timeout)
+            return None
+        except PipelineError as exc:
+            return "slow" if "did not answer" in str(exc) else "died"
+        except Exception:  # noqa: BLE001 - an actor still restarting answers with Ray's own errors
+            return "died"
+
+    def recover(self) -> None:
+        """After every stage answers again: each forgets its caches and runs, and the pipeline runs again."""
+        self.broken = None
+        self._fetched = {}
+        self.to_all("reset", what="a reset")
+
+    def close(self) -> None:
+        self.broken = "the pipeline was closed"
+        super().close()
+
+
+class PipelineCache(SlotCache):
+    """The engine's KV cache of a pipeline: the slot map (visible, filled) here, the keys and values in each stage
+    (stage_worker.stage_cache over its layers), every method applied to both so they stay in step."""
+
+    sliceable = True
+
+    def __init__(self, session: PipelineSession, batch: int, capacity: int):
+        c = session.config
+        self.session, self.cid = session, uuid.uuid4().hex
+        super().__init__(session.io, batch, c.num_attention_heads, c.head_dim, capacity, session.kv_dtype)
+        self._remote("cache_new", batch, self.capacity)
+
+    def _alloc(self, capacity: int) -> Any:
+        return None  # the buffers live in the stages
+
+    def _remote(self, op: str, *args: Any) -> None:
+        """One cache method on every stage (skipped once the pipeline is broken: only the slot map is kept)."""
+        if self.session.broken is not None:
+            return
+        if op == "cache_new":
+            self.session.to_all(op, self.cid, *args, what="opening a cache")
+            return
+        caps = self.session.to_all("cache_op", self.cid, op, *args, what=f"the cache's {op}")
+        if any(cap != self.capacity for cap in caps):
+            raise PipelineError(f"the stages' caches hold {caps} slots but the driver's slot map {self.capacity}")
+
+    def _grow(self, needed: int) -> None:
+        if needed > self.capacity:
+            self._grow_slot_map(max(int(needed), 2 * self.capacity))  # KVCache.reserve's rule, which each stage runs
+
+    def _given(self, outputs: Mapping[str, Any]) -> Any:
+        """The run id when every present is still in its stage (RemotePresent), else the arrays by stage."""
+        first = outputs[self.present[0][0]]
+        if isinstance(first, RemotePresent):
+            return first.run
+        from glm_runtime.backend import host_array
+
+        return {n: host_array(outputs[n]) for pair in self.present for n in pair}
+
+    def feeds(self, width: int | None = None) -> dict[str, Any]:
+        rows = CacheRows(self.cid, self.batch if width is None else width)
+        return {name: rows for pair in self.past for name in pair}
+
+    def reserve(self, needed: int) -> None:
+        self._grow(needed)
+        self._remote("reserve", needed)
+
+    def append(self, outputs: Mapping[str, Any], counts: Any) -> None:
+        counts = self._counts(counts)
+        self._send_outputs("append", outputs, counts)
+        self._grow(int((self.filled + counts).max()))
+        self._mark_appended(counts)
+
+    def _send_outputs(self, op: str, outputs: Mapping[str, Any], *args: Any) -> None:
+        given = self._given(outputs)
+        if isinstance(given, dict) and self.session.broken is None:  # host arrays: each stage gets its layers'
+            caps = self.session._wait(
+                [
+                    self.session.stages.submit(
+                        k, "cache_op", self.cid, op, *self._args(op, {n: given[n] for n in self._names(k)}, args)
+                    )
+                    for k in range(len(self.session.ranges))
+                ],
+                f"the cache's {op}",
+            )
+            del caps
+            return
+        self._remote(op, *self._args(op, given, args))
+
+    @staticmethod
+    def _args(op: str, given: Any, args: tuple) -> tuple:
+        return (given, *args) if op == "append" else (args[0], given, *args[1:])
+
+    def _names(self, k: int) -> list[str]:
+        start, stop = self.session.ranges[k]
+        return [n for pair in self.present[start:stop] for n in pair]
+
+    def load_rows(self, rows: Any, outputs: Mapping[str, Any], lengths: Any) -> None:
+        rows, lengths = np.asarray(rows, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+        self._send_outputs("load_rows", outputs, rows, lengths)
+        SlotCache.truncate(self, np.where(np.isin(np.arange(self.batch), rows), self.prefix_slots, self.filled))
+        self._grow(self.prefix_slots + int(lengths.max()))
+        counts = np.zeros(self.batch, dtype=np.int64)
+        counts[rows] = lengths
+        self._mark_appended(counts)
+
+    def truncate(self, filled: Any) -> None:
+        self._remote("truncate", np.asarray(filled, dtype=np.int64))
+        SlotCache.truncate(self, filled)
+
+    def free_rows(self, rows: Any) -> None:
+        rows = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64)
+        self._remote("free_rows", rows)
+        filled = self.filled.copy()
+        filled[rows] = self.prefix_slots
+        SlotCache.truncate(self, filled)
+
+    def reorder(self, index: Any) -> None:
+        index = np.asarray(index, dtype=np.int64)
+        if (index == np.arange(self.batch)).all():
+            return
+        self._remote("reorder", index)
+        self._reorder_slots(index)
+
+    def hold_prefix(self, prefix: Any) -> None:
+        raise PipelineError("pipeline stages do not take a P-tuning prefix yet")
+
+    def __del__(self) -> None:
+        try:
+            if self.session.broken is None:
+                for k in range(len(self.session.ranges)):
+                    self.session.stages.submit(k, "cache_drop", self.cid)  # not waited for: best effort
+        except Exception:  # noqa: BLE001 - interpreter shutdown or a dead stage: nothing to free
+            pass
+
+
+# ---------------------------------------------------------------- opening a pipeline
+
+
+def open_pipeline(
+    model: str | Path | None = None,
+    stages: int = 2,
+    address: str | None = None,
+    *,
+    stage_root: str | Path | None = None,
+    in_process: bool = False,
+    stage_cpus: float = 1.0,
+    timeout: float = 120.0,
+    load_timeout: float = 600.0,
+    max_restarts: int = 8,
+    name: str | None = None,
+    log=None,
+) -> tuple[PipelineSession, Any]:
+    """(session, tokenizer) of the exported model in `model` (None: the bundled model) cut in `stages` stages.
+
+    address: None starts a local Ray on this machine (or joins the one this process already has), "auto" the
+    cluster `ray start` made here, "ray://host:10001" a remote one. Stages are placed by a placement group:
+    STRICT_SPREAD (one per node) when the cluster has at least `stages` nodes, else PACK (together, e.g. one
+    machine). in_process: no Ray, the stages are objects in this process (tests). stage_cpus: CPUs each stage
+    reserves (its ONNX Runtime threads); timeout: seconds any call may take; name: the actors' name prefix
+    (namespace "glmx"; stage k is f"{name}-stage-{k}")."""
+    from glm_runtime.session import default_model, session_tokenizer
+
+    folder = Path(model) if model is not None else default_model()
+    manifest = load_manifest(folder, kind="onnx")
+    num_layers = int(manifest.config["num_layers"])
+    ranges = stage_ranges(num_layers, stages)
+    root = Path(stage_root) if stage_root is not None else None
+    cut_stages(folder, stages, root, log)  # here first: the actors on this machine find them cut
+    if in_process:
+        workers = [StageWorker(str(folder), stages, k, str(root) if root else None) for k in range(stages)]
+        runner: Any = LocalStages(workers)
+        info = runner.ping(timeout)
+    else:
+        runner, info = _ray_stages(folder, ranges, address, root, stage_cpus, timeout, load_timeout, max_restarts, name)
+    session = PipelineSession(folder, runner, ranges, info)
+    if log is not None:
+        for k, entry in enumerate(info):
+            log(
+                f"glmx: stage {k}: {layer_span(*entry['layers'])}, "
+                f"{entry['weights_bytes'] / 2**20:.1f} MiB of weights, pid {entry['pid']}"
+            )
+    return session, session_tokenizer(session, folder)
+
+
+def _ray_stages(folder, ranges, address, root, stage_cpus, timeout, load_timeout, max_restarts, name):
+    try:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    except ImportError:
+        raise PipelineError(f"pipeline stages run on Ray: {RAY_HINT}") from None
+    if not ray.is_initialized():
+        ray.init(address=address, namespace="glmx", log_to_driver=False, include_dashboard=False)
+    n = len(ranges)
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    strategy = "STRICT_SPREAD" if n > 1 and len(nodes) >= n else "PACK"
+    group = placement_group([{"CPU": stage_cpus}] * n, strategy=strategy)
+    try:
+        ray.get(group.ready(), timeout=load_timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise PipelineError(
+            f"Ray cannot place {n} stages of {stage_cpus:g} CPU each ({strategy}) within {load_timeout:g} s: the "
+            f"cluster has {len(nodes)} node(s) and {ray.cluster_resources().get('CPU', 0):g} CPUs"
+        ) from None
+    actor = ray.remote(StageWorker)
+    prefix = name or f"glmx-{uuid.uuid4().hex[:8]}"
+    handles = [
+        actor.options(
+            name=f"{prefix}-stage-{k}",
+            namespace="glmx",
+            num_cpus=stage_cpus,
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
+        ).remote(str(folder.resolve()), n, k, str(root.resolve()) if root else None, max(1, int(stage_cpus)))
+        for k in range(n)
+    ]
+    runner = RayStages(handles, ranges, timeout, group)
+    try:
+        info = runner.wait([h.ping.remote() for h in handles], "loading its layers", load_timeout)
+    except PipelineError as exc:
+        raise PipelineError(f"the stages did not load: {exc}") from None
+    return runner, info
