@@ -13,6 +13,12 @@ The appended block, after the text model's N pieces (GLM-130B: N = 130000, so + 
 The current ChatGLM-6B file is the old one with exactly this block: 2,706,249 - 2,699,926 = 6,323 bytes, which is
 344 pieces (11 bytes of fields each plus their 2,536 characters: 6,320) and byte_fallback in trainer_spec (3).
 
+The text rules are ChatGLM-6B's (<n>, <|tab|>, <|blank_N|>, byte fallback), as the GLM-130B tokenizer of the
+FasterTransformer / PaddleNLP ports applies them. GLM-130B's own generate.py (SAT's icetk_glm_130B._IceTokenizer ->
+icetk 0.0.7 IceTokenizer.encode) applies none: a newline is left to SentencePiece (ignore_linebreak=True), runs of
+spaces and tabs too, and a character outside the vocabulary is <unk> (20000). Both give the same ids for text
+without newlines, tabs, runs of spaces or unknown characters.
+
 Editing the model is done on its protobuf wire format (appended pieces are appended fields; a second trainer_spec
 is merged into the first), so the runtime needs no protobuf package.
 """

@@ -1,6 +1,7 @@
 """GLM's vocabularies, one reader per kind: GPT-2 and RoBERTa byte-level BPE, uncased BERT WordPiece, the Chinese
-SentencePiece model, ChatGLM-6B's ice_text.model and glmx's tokenizer.json, each with the command-token ids of
-docs/glm.md 7 (ChatGLM's: chatglm_v1_spec.md 6).
+SentencePiece model and glmx's tokenizer.json, each with the command-token ids of docs/glm.md 7; and ChatGLM-6B's
+text rules (ChatGLMText), which glm_runtime.ice_text puts on ice_text.model (ChatGLM-6B's and GLM-130B's icetk,
+chatglm_v1_spec.md 6).
 
 In: the files of one kind (glm_runtime.tokenizer.load_tokenizer decides the kind and finds them).
 Out: (text vocabulary, command ids by name), which glm_runtime.tokenizer.GLMTokenizer wraps; nothing here
