@@ -12,7 +12,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,17 @@ from glm_export.lora import merge_lora
 from glm_export.model import GLMModel
 from glm_export.nbits import Released
 from glm_export.published import BASE_PREFIXES, to_glmx_names
+from glm_export.sat import (
+    SatError,
+    check_degree,
+    config_from_args,
+    is_model_args,
+    looks_like_sat,
+    rank_files,
+    read_model_args,
+    read_sat,
+    write_sat,
+)
 from glm_export.weights import Entry, Weights, WeightsError, dtype_of, read_safetensors, to_numpy
 from glm_runtime.config import GELU_KINDS, PRESETS, ConfigError, GLMConfig, get_preset
 from glm_runtime.manifest import (
@@ -42,7 +53,7 @@ from glm_runtime.manifest import (
 from glm_runtime.tokenizer import GLMTokenizer, TokenizerError, tokenizer_entry
 from glm_runtime.tokenizer_folder import check_fits, load_recorded_tokenizer, resolve_tokenizer
 
-LAYOUTS = ("glmx", "hf", "megatron")
+LAYOUTS = ("glmx", "hf", "megatron", "sat")  # sat: GLM-130B's tensor-parallel shards (glm_export.sat)
 # Hugging Face weight files, in order of preference (safetensors first: no pickle).
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")  # Megatron / DeepSpeed (docs/glm.md 8.1)
@@ -64,7 +75,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION = {v: k for k, v in DTYPES.items()}
 # GeLU when the config does not say (docs/glm.md 1.2): the original training code (Megatron layout) uses the tanh
 # approximation, the Hugging Face remote code exact erf. Printed and recorded either way; --gelu overrides.
-DEFAULT_GELU = {"hf": "erf", "megatron": "tanh"}
+DEFAULT_GELU = {"hf": "erf", "megatron": "tanh", "sat": "erf"}
 
 
 class CheckpointError(WeightsError):
@@ -407,9 +418,45 @@ def _read_megatron(path: Path) -> _Found:
     return found
 
 
-def _detect(path: Path) -> _Found:
+def _read_sat(path: Path, config: GLMConfig | str | Path | None) -> _Found:
+    """GLM-130B's SAT folder (glm_export.sat): its model arguments (a .sh / .json file; or a glmx config, a preset,
+    a GLMConfig) first, since no config is beside the shards; then the rank files, merged as each tensor is read."""
+    notes: list[str] = []
+    tp = None
+    if config is None:
+        raise CheckpointError(
+            f"{path} is a SAT checkpoint (GLM-130B's tensor-parallel shards), which carries no config: pass "
+            f"--config FILE, the model arguments it runs with (configs/model_glm_130b.sh or a JSON of them)"
+        )
+    if isinstance(config, Path) and is_model_args(config):
+        cfg, tp = config_from_args(read_model_args(config), config, notes)
+        gelu_stated = True
+    else:
+        found = _Found("sat", Weights({}), [path])
+        cfg, gelu_stated = _resolve_config(config, found), found.gelu_stated
+        notes += found.notes
+    if cfg.architecture != "glm-130b":
+        raise CheckpointError(
+            f"{path} is a SAT checkpoint of GLM-130B's layout; the given config is {cfg.arch.title}'s"
+        )
+    files, more = rank_files(path, tp)
+    check_degree(cfg, len(files), str(files[0].parent))
+    weights = read_sat(files)
+    notes += more + [f"merged {len(files)} tensor-parallel rank(s) one tensor at a time (SAT rules, GeGLU halves)"]
+    roots = (files[0].parent, path)
+    found = _Found("sat", weights, files, cfg, _find_tokenizer(*roots), notes=notes, gelu_stated=gelu_stated)
+    found.config_file = config if isinstance(config, Path) else None
+    return found
+
+
+def _detect(path: Path, config: GLMConfig | str | Path | None = None) -> _Found:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if path.is_dir() and (looks_like_sat(path) or (isinstance(config, Path) and is_model_args(config))):
+        try:
+            return _read_sat(path, config)
+        except SatError as exc:
+            raise CheckpointError(str(exc)) from None
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         return _read_glmx(path)
     if path.is_dir() and (path / CONFIG_FILE).is_file() and any((path / n).is_file() for n in HF_WEIGHTS):
@@ -682,11 +729,12 @@ def open_checkpoint(
     """Everything load_checkpoint decides, from the files' headers only: names and shapes are checked against
     the config; the weights are read one tensor at a time when asked for (and checked for NaN / inf then).
     lora: a PEFT LoRA adapter folder, merged into each targeted weight as it is read (glm_export.lora)."""
-    found = _detect(Path(path))
+    found = _detect(Path(path), config)
     sd, ignored = _strip_prefix(found.state_dict)
     sd.error = CheckpointError
     found.state_dict = sd
-    cfg = _resolve_gelu(_resolve_config(config, found), gelu, found)
+    sat_config = found.config if found.layout == "sat" else None  # the SAT reader resolved it already
+    cfg = _resolve_gelu(sat_config or _resolve_config(config, found), gelu, found)
     if rotary_inv_freq is not None:
         cfg = cfg.replace(rotary_inv_freq=rotary_inv_freq)
     found.notes.append(describe_architecture(cfg))
@@ -861,11 +909,13 @@ def convert_checkpoint(
     rotary_inv_freq: str | None = None,
     lora: str | Path | None = None,
     overwrite: bool = False,
+    tensor_parallel: int | None = None,
 ) -> tuple[OpenedCheckpoint, Path]:
     """Any supported layout -> glmx folder, one tensor at a time. dtype: 'fp32' | 'fp16' | 'bf16', or None to
     keep the source's. config / tokenizer / tokenizer_kind / gelu: as load_checkpoint; lora: an adapter folder
     merged on the way (glm_export.lora; its merged weights are float32 until `dtype` rounds them). What was
-    decided goes into the manifest."""
+    decided goes into the manifest. tensor_parallel: write GLM-130B's SAT layout with this many ranks instead
+    (glm_export.sat.write_sat; a GLM-130B model only; no manifest or tokenizer: the SAT folder has neither)."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     opened = open_checkpoint(
@@ -877,6 +927,19 @@ def convert_checkpoint(
         rotary_inv_freq=rotary_inv_freq,
         lora=lora,
     )
+    if tensor_parallel is not None:
+        try:  # the architecture and the degree are checked before anything is staged
+            notes = write_sat(
+                opened.config,
+                opened.weights,
+                out_dir,
+                tensor_parallel,
+                dtype or opened.source_dtype,
+                overwrite=overwrite,
+            )
+        except SatError as exc:
+            raise CheckpointError(str(exc)) from None
+        return replace(opened, notes=opened.notes + tuple(notes)), Path(out_dir)
     source = {"path": str(src), "layout": opened.layout, "dtype": opened.source_dtype}
     if opened.tokenizer_replaced:
         source["tokenizer_replaced"] = opened.tokenizer_replaced

@@ -40,14 +40,17 @@ def _source_options(command):
             "config_file",
             type=click.Path(exists=True, dir_okay=False),
             default=None,
-            help="config file (a Hugging Face config.json or glmx GLMConfig JSON) instead of the folder's",
+            help="config file (a Hugging Face config.json or glmx GLMConfig JSON) instead of the folder's; for "
+            "GLM-130B's SAT folder (no config of its own), the model arguments it runs with: "
+            "configs/model_glm_130b.sh (its MODEL_ARGS) or a JSON of the same names",
         ),
         click.option(
             "--tokenizer",
             "tokenizer_file",
             type=click.Path(exists=True),
             default=None,
-            help="tokenizer file or folder to ship [default: the checkpoint's own]",
+            help="tokenizer file or folder to ship [default: the checkpoint's own; a folder without one, such as "
+            "GLM-130B's SAT shards, needs it: ice_text.model]",
         ),
         click.option(
             "--tokenizer-kind",
@@ -112,6 +115,14 @@ def _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu, rot
     help="weights dtype to write (default: the source's)",
 )
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option(
+    "--tensor-parallel",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="write GLM-130B's SAT layout instead (latest + <iter>/mp_rank_XX_model_states.pt, N ranks, as the "
+    "release ships 8), for a GLM-130B model; read it back with --config MODEL_ARGS.sh",
+)
 def convert_cmd(
     src: str,
     out_dir: str,
@@ -124,8 +135,10 @@ def convert_cmd(
     lora,
     dtype: str | None,
     overwrite: bool,
+    tensor_parallel: int | None,
 ) -> None:
-    """Convert a GLM checkpoint (glmx, Hugging Face or Megatron/DeepSpeed layout) into a glmx folder.
+    """Convert a GLM checkpoint (glmx, Hugging Face, Megatron/DeepSpeed or GLM-130B SAT layout) into a glmx
+    folder (with --tensor-parallel N: GLM-130B's SAT layout).
 
     Everything decided about the model (config, GeLU, tokenizer kind) is printed and written into the manifest.
     """
@@ -136,7 +149,9 @@ def convert_cmd(
 
     options = _load_options(preset, config_file, tokenizer_file, tokenizer_kind, gelu, rotary_inv_freq)
     try:
-        loaded, out = convert_checkpoint(src, out_dir, dtype=dtype, lora=lora, overwrite=overwrite, **options)
+        loaded, out = convert_checkpoint(
+            src, out_dir, dtype=dtype, lora=lora, overwrite=overwrite, tensor_parallel=tensor_parallel, **options
+        )
     except (CheckpointError, ConfigError, ManifestError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
     cfg = loaded.config
@@ -148,6 +163,10 @@ def convert_cmd(
     click.echo(f"parameters: {loaded.num_parameters():,}")
     for note in loaded.notes:
         click.echo(f"note: {note}")
+    if tensor_parallel is not None:
+        from glm_export.sat import model_args
+
+        click.echo(f"model arguments: {model_args(cfg, tensor_parallel)}")
     click.echo(f"wrote {out}")
 
 
