@@ -70,6 +70,15 @@ def sweep_config(model: str, layers: int | None):
     return config if layers is None else config.replace(num_layers=layers)
 
 
+def grid(bits: int) -> list[tuple[int, int, int, bool]]:
+    """(bits, block, accuracy level, symmetric) to time: the 4-bit choices (and the 8-bit recipe's two), or the
+    8-bit stream's choices (and the 4-bit recipe's two beside them)."""
+    if bits == 4:
+        settings = [(4, b, lvl, sym) for b in (32, 64, 128) for lvl in (0, 1, 4) for sym in (True, False)]
+        return settings + [(8, 32, 4, True), (8, 128, 4, True)]
+    return [(8, b, lvl, True) for b in (32, 64, 128) for lvl in (0, 1, 4)] + [(4, 32, 4, True), (4, 128, 4, True)]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="glm-large-shape", help="a benchmark model (glm-large-shape, tiny) or a preset")
@@ -84,12 +93,7 @@ def main(argv=None) -> None:
 
     config = sweep_config(args.model, args.layers)
     base = matmul_graph(config)
-    if args.bits == 4:
-        settings = [(4, b, lvl, sym) for b in (32, 64, 128) for lvl in (0, 1, 4) for sym in (True, False)]
-        settings += [(8, 32, 4, True), (8, 128, 4, True)]
-    else:  # the 8-bit stream's choices, and the 4-bit recipe's settings beside them
-        settings = [(8, b, lvl, True) for b in (32, 64, 128) for lvl in (0, 1, 4)]
-        settings += [(4, 32, 4, True), (4, 128, 4, True)]
+    settings = grid(args.bits)
     graphs = {s: nbits_graph(base, *s) for s in settings}
     nbytes = {s: sum(t.raw_data.__len__() or 0 for t in g.graph.initializer) for s, g in graphs.items()}
     times: dict[tuple, list[float]] = {s: [] for s in settings}

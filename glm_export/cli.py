@@ -54,7 +54,7 @@ def _source_options(command):
         ),
         click.option(
             "--tokenizer-kind",
-            type=click.Choice(["gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json", "chatglm"]),
+            type=click.Choice(["gpt2", "roberta", "bert", "chinese-sp", "chinese-sp-fix", "json", "chatglm", "icetk"]),
             default=None,
             help="the tokenizer's kind when the folder cannot tell (a SentencePiece model of unknown size: "
             "chinese-sp-fix = GLM-Large-Chinese ids, chinese-sp = GLM-10B-Chinese) [default: "
@@ -654,21 +654,7 @@ def bench_cmd(
         print_readme_table(readme_json)
         return
     require_export_extra()
-    if llamacpp is not None:
-        from glmx_benchmarks.llamacpp import PeerError, find_llamacpp
-
-        try:
-            find_llamacpp(llamacpp)  # before any work: a wrong folder is one line, not a failure at the end
-        except PeerError as exc:
-            raise CommandError(str(exc)) from None
-    if chatglmcpp is not None:
-        from glmx_benchmarks.chatglmcpp import find_chatglmcpp
-        from glmx_benchmarks.llamacpp import PeerError
-
-        try:
-            find_chatglmcpp(chatglmcpp)  # as for llama.cpp: a wrong folder is one line before any work
-        except PeerError as exc:
-            raise CommandError(str(exc)) from None
+    check_peers(llamacpp, chatglmcpp)
     from glmx_benchmarks.bench import BenchmarkError, run_benchmarks
 
     for key in ("models", "variants", "contexts", "pasts", "batches"):
@@ -704,27 +690,9 @@ def bench_cmd(
             results = run_benchmarks(command=shlex.join(command), **kwargs)
         except (BenchmarkError, ValueError) as exc:
             raise CommandError(str(exc)) from None
-        if llamacpp is not None:
-            from glmx_benchmarks.llamacpp import llamacpp_column
-
-            llamacpp_column(
-                llamacpp,
-                kwargs["cache_dir"],
-                results["out_dir"],
-                threads=kwargs["threads"],
-                log=lambda m: click.echo(m, err=True),
-            )
-        if chatglmcpp is not None:
-            from glmx_benchmarks.chatglmcpp import chatglmcpp_column
-
-            chatglmcpp_column(
-                chatglmcpp,
-                kwargs["cache_dir"],
-                results["out_dir"],
-                threads=kwargs["threads"],
-                layers=chatglmcpp_layers,
-                log=lambda m: click.echo(m, err=True),
-            )
+        peer_columns(
+            llamacpp, chatglmcpp, chatglmcpp_layers, kwargs["cache_dir"], results["out_dir"], kwargs["threads"]
+        )
         if scratch:  # what the folder held that a reader wants: the tables
             click.echo((Path(results["out_dir"]) / "results.md").read_text(encoding="utf-8"), nl=False)
         else:
@@ -734,6 +702,38 @@ def bench_cmd(
             import shutil
 
             shutil.rmtree(kwargs["out_dir"], ignore_errors=True)
+
+
+def check_peers(llamacpp: str | None, chatglmcpp: str | None) -> None:
+    """Each peer build asked for exists, before any work: a wrong folder is one line, not a failure at the end."""
+    from glmx_benchmarks.chatglmcpp import find_chatglmcpp
+    from glmx_benchmarks.llamacpp import PeerError, find_llamacpp
+
+    try:
+        if llamacpp is not None:
+            find_llamacpp(llamacpp)
+        if chatglmcpp is not None:
+            find_chatglmcpp(chatglmcpp)
+    except PeerError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def peer_columns(
+    llamacpp: str | None, chatglmcpp: str | None, layers: int, cache_dir: str, out_dir: str, threads: int
+) -> None:
+    """The optional peer comparisons of glmx bench, written beside its results."""
+
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    if llamacpp is not None:
+        from glmx_benchmarks.llamacpp import llamacpp_column
+
+        llamacpp_column(llamacpp, cache_dir, out_dir, threads=threads, log=log)
+    if chatglmcpp is not None:
+        from glmx_benchmarks.chatglmcpp import chatglmcpp_column
+
+        chatglmcpp_column(chatglmcpp, cache_dir, out_dir, threads=threads, layers=layers, log=log)
 
 
 if __name__ == "__main__":  # pragma: no cover
