@@ -357,3 +357,30 @@ def test_tokenizer_for_a_folder_without_one(made, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["tokenizer"]["file"] == "tokenizer.json" and manifest["config"]["architecture"] == "glm-130b"
+
+
+@pytest.mark.slow  # one fp32 export with its parity check: 9 s here
+def test_export_of_a_sat_folder_with_its_tokenizer(tmp_path):
+    """glmx export SAT_DIR --config model_glm_130b.sh --tokenizer ice_text.model: the SAT folder ships no
+    tokenizer, the given icetk one is used, and the graph passes its fp32 parity check against the torch model
+    read from the shards."""
+    from tests.icetk_fixtures import make_icetk_text_model
+
+    config = get_preset("glm-130b-tiny")  # 4 heads: 4 ranks of one head each; the icetk ids need V 21120
+    write_checkpoint(config, Weights.from_arrays(random_weights(config)), tmp_path / "src", "fp32")
+    assert run("convert", tmp_path / "src", "-o", tmp_path / "sat", "--tensor-parallel", 4).exit_code == 0
+    (tmp_path / "args.sh").write_text(shell_args(config, 4), encoding="utf-8")
+    make_icetk_text_model(tmp_path / "ice_text.model", 0)
+    result = run(
+        "export",
+        tmp_path / "sat",
+        "-o",
+        tmp_path / "onnx",
+        "--config",
+        tmp_path / "args.sh",
+        "--tokenizer",
+        tmp_path / "ice_text.model",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["config"]["tokenizer"] == "icetk" and manifest["parity"]["passed"] is True
