@@ -147,3 +147,29 @@ def test_score_route_needs_the_api_key_and_models_names_what_the_page_shows(mode
         facts = c.get("/v1/models", headers=key).json()["data"][0]["glmx"]
     assert facts["architecture"] == "glm" and facts["backend"] == "onnxruntime" and facts["chat"] is False
     assert facts["precision"] == model[0].precision
+
+
+def test_the_page_ships_as_package_data_and_adds_no_dependency():
+    """Every file of runtime/ui is matched by glm_runtime's package-data (a built wheel holds it: checked by hand,
+    `pip wheel --no-deps .` lists glm_runtime/ui/app.js, index.html, style.css), and the playground module imports
+    only the standard library and glm_runtime at the top (starlette inside its functions, as serve.py does)."""
+    import ast
+    import fnmatch
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["glm_runtime"]
+    files = sorted(p.relative_to(root / "runtime").as_posix() for p in (root / "runtime" / "ui").iterdir())
+    assert files == [f"ui/{name}" for name in sorted(PAGE_FILES)]
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)
+    tree = ast.parse((root / "runtime" / "playground.py").read_text())
+    top = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert top - {"__future__", "glm_runtime"} <= set(sys.stdlib_module_names), top
