@@ -384,3 +384,20 @@ def test_export_of_a_sat_folder_with_its_tokenizer(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert manifest["config"]["tokenizer"] == "icetk" and manifest["parity"]["passed"] is True
+
+
+def test_tensors_are_merged_when_read(made, tmp_path):
+    """Opening reads no tensor (a replicated LayerNorm that differs on rank 5 is found only when that tensor is
+    read, naming the file); every other tensor still reads."""
+    root, sd = made
+    folder = tmp_path / "sat"
+    shutil.copytree(root / "sat8", folder)
+    rank = folder / "1" / "mp_rank_05_model_states.pt"
+    obj = torch.load(rank, weights_only=True)
+    bad = "transformer.layers.1.post_attention_layernorm.weight"
+    obj["module"][bad] = obj["module"][bad] + 1.0
+    torch.save(obj, rank)
+    opened = open_checkpoint(folder, config=root / "args8.sh")
+    with pytest.raises(SatError, match=f"mp_rank_05_model_states.pt: {bad} should equal rank 0's"):
+        opened.weights[bad]
+    assert all(np.array_equal(opened.weights[k], v) for k, v in sd.items() if k != bad)
