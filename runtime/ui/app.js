@@ -175,7 +175,13 @@ async function runFill() {
       } else if (event.kind === "span" && mark) {
         closeSpan(mark, event.span);
       } else if (event.kind === "result") {
-        event.spans.forEach((span, i) => marks[i] && closeSpan(marks[i], span));
+        event.spans.forEach((span, i) => {
+          if (!marks[i]) { // a blank the text did not show (the model's own prompt rules added it): at the end
+            marks[i] = el("mark", "span");
+            output.append(marks[i]);
+          }
+          closeSpan(marks[i], span);
+        });
         const t = event.timings || {};
         const ttft = first === null ? "–" : `${first.toFixed(0)} ms`;
         stats.textContent =
