@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -226,7 +227,14 @@ def scored_on_page(browser) -> None:
     want = glmx("score", "--json", SCORE_PROMPT, "-c", " bad", "-c", " good")
     winner = js(browser, "return document.querySelector('#score-output li.winner .cand-text').textContent")
     assert winner == want["winner"]
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#score-output li .bar > div")) == 2
+    # the bars: each candidate's share of the softmax of glmx score's scores, as drawn (CSP allows CSSOM widths)
+    drawn = js(
+        browser,
+        "return [...document.querySelectorAll('#score-output .bar > div')]"
+        ".map(d => d.offsetWidth / d.parentElement.offsetWidth)",
+    )
+    weights = [math.exp(c["score"]) for c in want["candidates"]]
+    assert drawn == pytest.approx([w / sum(weights) for w in weights], abs=0.01)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#score-output li.winner")) == 1
 
 
