@@ -13,7 +13,17 @@ import numpy as np
 
 from glm_runtime import masks
 from glm_runtime.backend import KVCacheLike, Session
-from glm_runtime.requests import Prompt, Settings, Span, StreamEvent, assemble_result, decode_text, new_text
+from glm_runtime.requests import (
+    Prompt,
+    Settings,
+    Span,
+    StreamEvent,
+    assemble_result,
+    decode_text,
+    new_text,
+    splice_span,
+    spliced_ids,
+)
 from glm_runtime.sampling import log_softmax
 from glm_runtime.steps import context_pass, decode_step, open_cache, prefill_span
 from glm_runtime.tokenizer import GLMTokenizer
@@ -51,12 +61,14 @@ def beam_search_span(
     max_new_tokens: int,
     length_penalty: float,
     early_stopping: bool,
+    count_from: int = -1,
 ) -> tuple[Hypothesis, int]:
     """Search one span -> (best hypothesis, decode calls made). Leaves the cache holding some beams' tokens
     (the caller truncates it to the span's start and feeds the winner once).
 
     Each step keeps the top 2k candidates (the original draws them with multinomial, docs/glm.md 4.1; glmx is
     deterministic); a stop among the first k ends a hypothesis; a span reaching the budget has length = budget.
+    count_from >= 0: the span's positions count up from there (GLM-130B's [gMASK], masks.decode_positions).
     """
     k = num_beams
     live_tokens: list[list[int]] = [[] for _ in range(k)]
@@ -73,7 +85,7 @@ def beam_search_span(
     steps = 0
     for step in range(max_new_tokens):
         steps += 1
-        positions = masks.decode_positions([mask_pos] * k, [step] * k)
+        positions = masks.decode_positions([mask_pos] * k, [step] * k, [count_from] * k)
         logits = decode_step(session, cache, feed, positions, [True] * k)
         candidates = live_scores[:, None] + log_softmax(logits)  # [k, V]
         vocab = candidates.shape[1]
@@ -118,16 +130,20 @@ def beam_search_span(
 
 def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, settings: Settings) -> Iterator[StreamEvent]:
     """Every blank of one prompt by beam search: num_beams rows of one cache, the winner of each span fed once
-    before the next blank (the beams overwrote each other's slots)."""
+    before the next blank (the beams overwrote each other's slots); a spliced fill (PromptRule.blanks, GLM-130B)
+    writes the winner into the context in place of its blank and runs the context again instead."""
     special = tokenizer.special
     stops = {special["eop"]: "eop", special["eos"]: "eos"}
+    for name in tokenizer.prompt.stop:
+        stops.setdefault(special[name], name)
+    spliced = tokenizer.prompt.blanks == "spliced"
     t0 = time.perf_counter()
-    cache = open_cache(session, settings.num_beams, prompt.positions_needed(settings.max_new_tokens) + 1)
-    context_pass(session, cache, [prompt.ids], special["pad"], repeat=settings.num_beams)
+    cache = _context(session, tokenizer, prompt, settings)
     t1 = time.perf_counter()
     spans: list[Span] = []
     steps = 0
-    for k, (pos, mask_id) in enumerate(prompt.blanks):
+    for k in range(len(prompt.blanks)):
+        pos, mask_id = prompt.blanks[k]
         start = cache.filled.copy()
         best, calls = beam_search_span(
             session,
@@ -139,6 +155,7 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
             max_new_tokens=settings.max_new_tokens,
             length_penalty=settings.length_penalty,
             early_stopping=settings.early_stopping,
+            count_from=prompt.count_from(k),
         )
         steps += calls
         shown = ""
@@ -149,9 +166,12 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
         span = Span(decode_text(tokenizer, best.tokens), best.tokens, tokenizer.id_to_token(mask_id), pos, best.stop)
         spans.append(span)
         yield StreamEvent("span", prompt.index, k, text=span.text, span=span)
-        if k + 1 < len(prompt.blanks):  # keep the prefix, feed the winner once
+        if k + 1 < len(prompt.blanks) and spliced:  # the winner in place of its blank, the context run again
+            prompt = splice_span(prompt, k, spliced_ids(tokenizer, span))
+            cache = _context(session, tokenizer, prompt, settings)
+        elif k + 1 < len(prompt.blanks):  # keep the prefix, feed the winner once
             cache.truncate(start)
-            prefill_span(session, cache, [special["sop"], *best.tokens], pos)
+            prefill_span(session, cache, [special["sop"], *best.tokens], pos, prompt.count_from(k))
             steps += 1
     t2 = time.perf_counter()
     generated = sum(len(s.token_ids) for s in spans)
@@ -165,3 +185,10 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
     }
     result = assemble_result(tokenizer, prompt, spans, timings)
     yield StreamEvent("result", prompt.index, text=result.text, result=result)
+
+
+def _context(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, settings: Settings) -> KVCacheLike:
+    """A cache of num_beams rows holding the prompt's context (one pass, repeated into every row)."""
+    cache = open_cache(session, settings.num_beams, prompt.positions_needed(settings.max_new_tokens) + 1)
+    context_pass(session, cache, [prompt.ids], tokenizer.special["pad"], repeat=settings.num_beams)
+    return cache

@@ -79,12 +79,14 @@ def _prepare(
 
 @dataclass
 class ClozeBatch:
-    """A checked scoring request: per prompt its context ids, the blank's position and the candidates' ids."""
+    """A checked scoring request: per prompt its context ids, the blank's position and the candidates' ids.
+    count_from: per prompt, where a counting span's sop sits (GLM-130B's [gMASK]: the context length), else -1."""
 
     request: ScoreRequest
     contexts: list[list[int]]
     mask_pos: np.ndarray
     answers: list[list[list[int]]]
+    count_from: np.ndarray | None = None
 
 
 def check_scoring(tokenizer: GLMTokenizer, request: ScoreRequest, positions: int) -> ClozeBatch:
@@ -102,11 +104,13 @@ def check_scoring(tokenizer: GLMTokenizer, request: ScoreRequest, positions: int
         _prepare(tokenizer, p, c, request.single_token, positions, f"prompt {i}")
         for i, (p, c) in enumerate(zip(request.prompts, request.candidates))
     ]
+    counts, gmask = tokenizer.prompt.gmask_counts, tokenizer.special.get("gMASK")
     return ClozeBatch(
         request,
         [ids for ids, _, _ in prepared],
         np.array([m for _, m, _ in prepared]),
         [answers for _, _, answers in prepared],
+        np.array([len(ids) if counts and ids[m] == gmask else -1 for ids, m, _ in prepared]),
     )
 
 
@@ -130,7 +134,7 @@ def score_cloze(session: Session, tokenizer: GLMTokenizer, batch: ClozeBatch) ->
         return results
     rows = [(b, k) for b, answers in enumerate(batch.answers) for k in range(len(answers))]
     spans = [[tokenizer.special["sop"], *batch.answers[b][k]] for b, k in rows]
-    logits = _span_pass(session, context_out, [len(c) for c in contexts], mask_pos, rows, spans)
+    logits = _span_pass(session, context_out, [len(c) for c in contexts], mask_pos, rows, spans, batch.count_from)
     eop = tokenizer.special["eop"]
     scored: list[list[CandidateScore]] = [[] for _ in request.prompts]
     for r, (b, k) in enumerate(rows):
@@ -176,9 +180,11 @@ def _span_pass(
     mask_pos: np.ndarray,
     rows: list[tuple[int, int]],
     spans: list[list[int]],
+    count_from: np.ndarray | None = None,
 ) -> np.ndarray:
     """Every candidate's sop + answer in one call on its prompt's gathered context K/V (after the session's
-    P-tuning prefix, when it has one). -> logits [R, T, V]."""
+    P-tuning prefix, when it has one); a counting prompt's span (count_from >= 0) counts up in row 0.
+    -> logits [R, T, V]."""
     R, T = len(spans), max(len(s) for s in spans)
     prompt_of = np.array([b for b, _ in rows])
     ids = np.zeros((R, T), dtype=np.int64)
@@ -187,6 +193,9 @@ def _span_pass(
         ids[r, : len(span)] = span
         blocks[r] = np.arange(1, T + 1)  # padding continues the block count: hidden, but inside the table
     positions = np.stack([np.repeat(mask_pos[prompt_of][:, None], T, axis=1), blocks], axis=1)
+    if count_from is not None:  # row 0 of a counting span: count_from + step (masks.decode_positions)
+        origin = count_from[prompt_of][:, None]
+        positions[:, 0] = np.where(origin >= 0, origin + blocks - 1, positions[:, 0])
     past_len = next(iter(context.values())).shape[2]
     visible = np.arange(past_len)[None, :] < np.asarray(lengths)[prompt_of][:, None]  # [R, past]
     names = [

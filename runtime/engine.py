@@ -54,6 +54,8 @@ from glm_runtime.requests import (
     decode_text,
     new_text,
     prepare_prompt,
+    splice_span,
+    spliced_ids,
 )
 from glm_runtime.sampling import GenerationError, greedy, prompt_generators, sample
 from glm_runtime.steps import decode_step, open_cache, run_context
@@ -128,6 +130,12 @@ class Job:
         return self.prompt.blanks[self.blank][0]
 
     @property
+    def count_from(self) -> int:
+        """Row 0 of this blank's sop when its span counts up (GLM-130B's [gMASK]), else -1 (masks.decode_positions)."""
+        assert self.prompt is not None
+        return self.prompt.count_from(self.blank)
+
+    @property
     def new_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.spans) + len(self.span)
 
@@ -173,6 +181,11 @@ class Engine:
         special = tokenizer.special
         self.sop, self.pad = special["sop"], special["pad"]
         self.stops = {special["eop"]: "eop", special["eos"]: "eos"}
+        for name in tokenizer.prompt.stop:  # PromptRule.stop: the ids that end a span besides eop (eos always does)
+            self.stops.setdefault(special[name], name)
+        # GLM-130B (PromptRule.blanks "spliced"): a finished span is written into the context in place of its
+        # blank, and the job goes back to the head of the queue for a new context pass before its next blank
+        self.spliced = tokenizer.prompt.blanks == "spliced"
         # grows (geometrically) to what the admitted requests need; a P-tuning prefix fills every row's first slots
         self.cache = open_cache(session, rows, 1)
         self.slots: list[Job | None] = [None] * rows  # slots[r]: the job holding cache row r
@@ -391,7 +404,9 @@ class Engine:
         self.cache.load_rows(rows, out, [len(ids) for ids in contexts])
         now = time.perf_counter()
         for row, job in zip(rows, admitted):
-            job.state, job.admitted_at, job.context_s = "running", now, now - t0
+            if job.admitted_at is None:  # a spliced fill's later context passes keep its first admission's times
+                job.admitted_at, job.context_s = now, now - t0
+            job.state = "running"
             self.slots[row] = job
 
     def _decode(self, events: list[StreamEvent]) -> None:
@@ -403,14 +418,21 @@ class Engine:
         tokens = [running[r].feed if r in running else self.pad for r in range(width)]
         mask_pos = [running[r].mask_pos if r in running else 0 for r in range(width)]
         step = [running[r].step if r in running else -1 for r in range(width)]  # free rows: a dummy, not stored
-        logits = decode_step(self.session, self.cache, tokens, masks.decode_positions(mask_pos, step), live)
+        origin = [running[r].count_from if r in running else -1 for r in range(width)]
+        positions = masks.decode_positions(mask_pos, step, origin)
+        logits = decode_step(self.session, self.cache, tokens, positions, live)
         self.steps += 1
         self.decode_rows += len(occupied)
         chosen = self._choose(logits, [r for r in occupied if not running[r].flush])
         now = time.perf_counter()
         finished = [r for r in occupied if self._advance(running[r], chosen.get(r, -1), now, events)]
+        again = [running[r] for r in finished if running[r].state == "waiting"]  # spliced: its next context pass
+        with self._lock:
+            self._waiting.extendleft(reversed(again))
         for r in finished:
             job = running[r]
+            if job.state == "waiting":
+                continue
             assert job.prompt is not None and job.admitted_at is not None
             job.result = assemble_result(self.tokenizer, job.prompt, job.spans, self._timings(job))
             self._end(job, "finished", events)
@@ -447,6 +469,11 @@ class Engine:
         rest = span.text[len(job.shown) :] if span.text.startswith(job.shown) else ""
         self._emit(job, StreamEvent("span", job.id, job.blank, text=span.text, rest=rest, span=span), events)
         last = job.blank + 1 == len(job.prompt.blanks)
+        if self.spliced and not last:  # the row is freed; the job waits at the queue's head for its new context
+            job.prompt = splice_span(job.prompt, job.blank, spliced_ids(self.tokenizer, span))
+            job.blank, job.feed, job.step, job.span, job.shown = job.blank + 1, self.sop, 0, [], ""
+            job.state = "waiting"
+            return True
         if token in self.stops or last:  # every span token is in the cache (a stop token is never fed)
             job.blank, job.feed, job.step, job.span, job.shown = job.blank + 1, self.sop, 0, [], ""
             return last

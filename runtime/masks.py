@@ -1,4 +1,5 @@
-"""GLM's 2-D positions and attention masks in numpy (docs/glm.md 2, 3, 4.1-4.2), independent of the torch model.
+"""GLM's 2-D positions and attention masks in numpy (docs/glm.md 2, 3, 4.1-4.2), independent of the torch model;
+a counting span (GLM-130B's [gMASK], chatglm_v1_spec.md 5) takes count_from + step in row 0.
 In: context lengths, mask positions, span steps, which cache slots each row has filled.
 Out: int64 position_ids [B, 2, T] and bool attention masks [B, 1, T, past + T] (True = visible)."""
 
@@ -29,26 +30,47 @@ def context_positions(lengths: Sequence[int], seq: int | None = None) -> np.ndar
     return np.stack([pos, np.zeros_like(pos)], axis=1)
 
 
-def decode_positions(mask_pos: Sequence[int], step: Sequence[int]) -> np.ndarray:
-    """One fed token per row: the t-th token of a span (t = 0 is sop) sits at (mask_pos, t + 1). -> [B, 2, 1]."""
+def decode_positions(
+    mask_pos: Sequence[int], step: Sequence[int], count_from: Sequence[int] | None = None
+) -> np.ndarray:
+    """One fed token per row: the t-th token of a span (t = 0 is sop) sits at (mask_pos, t + 1). -> [B, 2, 1].
+
+    count_from (per row, default all -1): where a counting span's sop sits (GLM-130B's [gMASK],
+    PromptRule.gmask_counts: the context length), its step t then at count_from + t in row 0; -1: row 0 stays
+    at the mask's position. Row 1 (the block position) is t + 1 either way (a 1D model never reads it)."""
     mask_pos = np.asarray(mask_pos, dtype=np.int64).reshape(-1)
     step = np.asarray(step, dtype=np.int64).reshape(-1)
-    return np.stack([mask_pos, step + 1], axis=1)[:, :, None]
+    first = _first_positions(mask_pos, step, count_from)
+    return np.stack([first, step + 1], axis=1)[:, :, None]
 
 
-def span_positions(mask_pos: int, first_step: int, count: int) -> np.ndarray:
-    """`count` consecutive span tokens from step `first_step`: (mask_pos, first_step+1 ...). -> [2, count]."""
-    blocks = np.arange(first_step + 1, first_step + 1 + count, dtype=np.int64)
-    return np.stack([np.full(count, mask_pos, dtype=np.int64), blocks])
+def _first_positions(mask_pos: np.ndarray, step: np.ndarray, count_from: Sequence[int] | int | None) -> np.ndarray:
+    """Row 0 of span tokens at `step`: mask_pos, or count_from + step where count_from >= 0."""
+    if count_from is None:
+        return mask_pos
+    origin = np.broadcast_to(np.asarray(count_from, dtype=np.int64), np.broadcast_shapes(mask_pos.shape, step.shape))
+    return np.where(origin >= 0, origin + step, mask_pos)
 
 
-def filled_layout(context_len: int, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, int]:
+def span_positions(mask_pos: int, first_step: int, count: int, count_from: int = -1) -> np.ndarray:
+    """`count` consecutive span tokens from step `first_step`: (mask_pos, first_step+1 ...). -> [2, count].
+    count_from >= 0: row 0 counts up, count_from + first_step ... (decode_positions)."""
+    steps = np.arange(first_step, first_step + count, dtype=np.int64)
+    first = _first_positions(np.full(count, mask_pos, dtype=np.int64), steps, None if count_from < 0 else count_from)
+    return np.stack([first, steps + 1])
+
+
+def filled_layout(
+    context_len: int, spans: Sequence[tuple[int, int]], count_from: Sequence[int] | None = None
+) -> tuple[np.ndarray, int]:
     """The training-equivalent single sequence after filling (docs/glm.md 4.2): context, then per blank sop + span.
 
-    spans: (mask_pos, number of span tokens fed after sop) in fill order. -> (positions [2, total], sep = C).
+    spans: (mask_pos, number of span tokens fed after sop) in fill order; count_from: per span, as
+    span_positions (default: none counts). -> (positions [2, total], sep = C).
     """
+    origins = [-1] * len(spans) if count_from is None else list(count_from)
     parts = [np.stack([np.arange(context_len, dtype=np.int64), np.zeros(context_len, dtype=np.int64)])]
-    parts += [span_positions(m, 0, 1 + n) for m, n in spans]
+    parts += [span_positions(m, 0, 1 + n, o) for (m, n), o in zip(spans, origins)]
     return np.concatenate(parts, axis=1), context_len
 
 

@@ -162,16 +162,37 @@ Request = FillRequest | ScoreRequest
 
 @dataclass
 class Prompt:
-    """A prompt ready to run: its context ids and blanks (position, mask id), in order."""
+    """A prompt ready to run: its context ids and blanks (position, mask id), in order. counting: per blank,
+    whether its span's positions count up from the context length (PromptRule.gmask_counts: GLM-130B's [gMASK])
+    instead of staying at the blank. filled: how many of the blanks are already spliced into ids (PromptRule.blanks
+    "spliced": each span written in place of its blank and the context run again; splice_span)."""
 
     index: Any
     text: str
     ids: list[int]
     blanks: list[tuple[int, int]]
+    counting: list[bool] = field(default_factory=list)
+    filled: int = 0
 
     def positions_needed(self, max_new_tokens: int) -> int:
-        """Positions the context and every blank's sop + span take (docs/glm.md 3.3)."""
-        return len(self.ids) + len(self.blanks) * (1 + max_new_tokens)
+        """Positions the context and every open blank's sop + span take (docs/glm.md 3.3)."""
+        return len(self.ids) + (len(self.blanks) - self.filled) * (1 + max_new_tokens)
+
+    def count_from(self, blank: int) -> int:
+        """Where blank `blank`'s sop sits in row 0 when its span counts up (the context length), else -1: its
+        span stays at the blank's position (glm_runtime.masks.decode_positions)."""
+        return len(self.ids) if blank < len(self.counting) and self.counting[blank] else -1
+
+
+def splice_span(prompt: Prompt, blank: int, span: Sequence[int]) -> Prompt:
+    """The prompt of the next round of a spliced fill (GLM-130B's fill_blanks, spec 5): the span's ids in place
+    of blank `blank` (the rest of the context, its eos included, as it was), the later blanks moved by the span's
+    length; the filled blanks keep their records."""
+    at = prompt.blanks[blank][0]
+    shift = len(span) - 1
+    ids = [*prompt.ids[:at], *span, *prompt.ids[at + 1 :]]
+    blanks = prompt.blanks[: blank + 1] + [(p + shift, m) for p, m in prompt.blanks[blank + 1 :]]
+    return Prompt(prompt.index, prompt.text, ids, blanks, list(prompt.counting), blank + 1)
 
 
 def prepare_prompt(
@@ -191,7 +212,9 @@ def prepare_prompt(
         ids = build_context_ids(tokenizer, text, append_gmask=append_gmask)
     except ValueError as exc:
         raise GenerationError(f": {exc}", field="prompt", subject=f"prompt {index}") from None
-    prompt = Prompt(index, text, ids, find_blanks(ids, tokenizer))
+    blanks = find_blanks(ids, tokenizer)
+    rule, gmask = tokenizer.prompt, tokenizer.special.get("gMASK")
+    prompt = Prompt(index, text, ids, blanks, [rule.gmask_counts and mask_id == gmask for _, mask_id in blanks])
     need = prompt.positions_needed(max_new_tokens)
     if need > max_positions:
         blanks = len(prompt.blanks)
@@ -298,20 +321,23 @@ def new_text(
 def assemble_result(
     tokenizer: GLMTokenizer, prompt: Prompt, spans: list[Span], timings: dict[str, float]
 ) -> FillResult:
-    """Splice each span's ids in place of its blank, drop [ENC] and the final eos, decode once."""
+    """Splice each span's ids in place of its blank, drop [ENC] and the final eos, decode once. A spliced prompt
+    (prompt.filled > 0) holds its first `filled` spans already: only the later ones are placed, and `tokens` is
+    the last round's sequence fed (its context, then sop + span)."""
     special = tokenizer.special
-    by_pos = {s.position: s.token_ids for s in spans}
+    placed = spans[prompt.filled :]
+    by_pos = {s.position: s.token_ids for s in placed}
     last = len(prompt.ids) - 1
-    drop = {0} if prompt.ids[0] == special["ENC"] else set()
+    drop = {0} if prompt.ids[0] == special.get("ENC") else set()
     if prompt.ids[last] == special["eos"] and last not in by_pos:
         drop.add(last)
-    cut = {s.position: s for s in spans if s.stop == "stop"}  # cut at a stop string: spliced as text
+    cut = {s.position: s for s in placed if s.stop == "stop"}  # cut at a stop string: spliced as text
     spliced: list[int] = []
     for k, i in enumerate(prompt.ids):
         if k not in drop:
             spliced.extend([i] if k in cut else by_pos.get(k, [i]))
     tokens = list(prompt.ids)
-    for s in spans:
+    for s in placed:
         tokens += [special["sop"], *s.token_ids]
     text, start = decode_text(tokenizer, spliced), 0
     for position in sorted(cut):  # each such blank still reads as its own string: its span's text goes there
@@ -319,3 +345,14 @@ def assemble_result(
         at = text.find(span.blank, start)
         text, start = text[:at] + span.text + text[at + len(span.blank) :], at + len(span.text)
     return FillResult(text, spans, tokens, timings)
+
+
+def spliced_ids(tokenizer: GLMTokenizer, span: Span) -> list[int]:
+    """The ids a finished span puts in place of its blank for the next round of a spliced fill: all of them, or,
+    for a span cut at a stop string, the longest first ids whose text does not run past the cut."""
+    if span.stop != "stop":
+        return list(span.token_ids)
+    keep = 0
+    while keep < len(span.token_ids) and span.text.startswith(decode_text(tokenizer, span.token_ids[: keep + 1])):
+        keep += 1
+    return list(span.token_ids[:keep])

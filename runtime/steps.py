@@ -98,12 +98,15 @@ def decode_step(
     return out["logits"][:, -1]
 
 
-def prefill_span(session: Session, cache: KVCacheLike, tokens: Sequence[int], mask_pos: int) -> np.ndarray:
-    """Feed the same span tokens (sop first, steps 0..T-1) to every row in one call; returns logits [B, V]."""
+def prefill_span(
+    session: Session, cache: KVCacheLike, tokens: Sequence[int], mask_pos: int, count_from: int = -1
+) -> np.ndarray:
+    """Feed the same span tokens (sop first, steps 0..T-1) to every row in one call; returns logits [B, V].
+    count_from >= 0: a counting span's positions (masks.span_positions)."""
     batch, seq = cache.batch, len(tokens)
     feeds = {
         "input_ids": np.tile(np.asarray(tokens, dtype=np.int64), (batch, 1)),
-        "position_ids": np.broadcast_to(masks.span_positions(mask_pos, 0, seq), (batch, 2, seq)).copy(),
+        "position_ids": np.broadcast_to(masks.span_positions(mask_pos, 0, seq, count_from), (batch, 2, seq)).copy(),
         "attention_mask": masks.chunk_mask(cache.visible, seq),
         **cache.feeds(),
     }

@@ -461,16 +461,20 @@ def find_blanks(ids: Sequence[int], tok: GLMTokenizer) -> list[tuple[int, int]]:
 def build_context_ids(tok: GLMTokenizer, text: str, *, append_gmask: bool = False) -> list[int]:
     """The context ids of a blank-filling prompt, laid out by tok.prompt (the model's architecture):
     GLM: [ENC] + encode(text) + [eos], without eos when the text ends with [gMASK] (docs/glm.md 4.1, 9.11);
-    ChatGLM-6B: encode(text) alone, its span's <sop> following (chatglm_v1_spec.md 5).
+    ChatGLM-6B: encode(text) alone, its span's <sop> following (chatglm_v1_spec.md 5); GLM-130B (generate.py,
+    spec 5): encode(text), the [gMASK] id appended when it holds no blank (gmask_when_no_blank), then </s> unless
+    the last token is a blank.
 
-    A text without a blank is refused unless append_gmask, which appends " [gMASK]" (" [MASK]" for a
-    vocabulary without [gMASK]) so the model continues the text; ChatGLM-6B: the [gMASK] id right after the
-    text's ids, exactly as its HF tokenizer appends it.
+    A text without a blank is refused unless append_gmask (or the rule's gmask_when_no_blank), which appends
+    " [gMASK]" (" [MASK]" for a vocabulary without [gMASK]) so the model continues the text; ChatGLM-6B and
+    GLM-130B: the [gMASK] id right after the text's ids, exactly as their code appends it.
     """
     ids = tok.encode(text)
     rule = tok.prompt
-    if not find_blanks(ids, tok) and append_gmask and not rule.cls_first:
-        return [*ids, tok.special["gMASK"]]
+    if not find_blanks(ids, tok) and not rule.cls_first and (append_gmask or rule.gmask_when_no_blank):
+        ids = [*ids, tok.special["gMASK"]]  # GLM-130B's generate.py appends the command id, unasked
+        if rule.eos_unless_last is None:
+            return ids
     if not find_blanks(ids, tok):
         if not append_gmask:
             blanks = " ".join(tok.command_strings[n] for n in BLANK_NAMES if n in tok.special)

@@ -38,7 +38,7 @@ def _linear(x: np.ndarray, sd: dict, name: str) -> np.ndarray:
     return x @ _f64(sd[name + ".weight"]).T + _f64(sd[name + ".bias"])
 
 
-def _gelu(x: np.ndarray, kind: str) -> np.ndarray:
+def gelu_of(x: np.ndarray, kind: str) -> np.ndarray:
     """spec 3 / summary 8: F.gelu, the exact erf form ("tanh": the form GLM-130B does NOT use)."""
     if kind == "erf":
         return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
@@ -96,7 +96,7 @@ def _geglu(b, sd, p, gelu, gate):
     u1, u2 = np.split(u, 2, axis=-1)
     if gate == "first":
         u1, u2 = u2, u1
-    return _linear(u1 * _gelu(u2, gelu), sd, p + "mlp.dense_4h_to_h")
+    return _linear(u1 * gelu_of(u2, gelu), sd, p + "mlp.dense_4h_to_h")
 
 
 def forward(
