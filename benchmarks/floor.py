@@ -114,7 +114,8 @@ def measure_bandwidth(megabytes: int = 256, threads: int = 2, repeats: int = 7) 
 def gemm_shapes(config: Any, tokens: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of every matmul in one context pass of `tokens` tokens at batch 1 (per layer x L, + head)."""
     h, V, L = config.hidden_size, config.vocab_size, config.num_layers
-    layer = [(tokens, h, 3 * h), (tokens, h, h), (tokens, h, 4 * h), (tokens, 4 * h, h)]
+    up, inner = config.mlp_in_size, config.inner_size  # 4h and 4h; GLM-130B's GeGLU: 2 x inner and inner
+    layer = [(tokens, h, 3 * h), (tokens, h, h), (tokens, h, up), (tokens, inner, h)]
     return layer * L + [(tokens, h, V)]
 
 

@@ -296,3 +296,20 @@ def test_fp16_export_and_quantized_folders_run(model, exported, oracle, tok, tmp
             assert diff <= 0.1 and agree >= 0.9, (diff, agree)
         else:
             assert agree >= 0.5, (diff, agree)
+
+
+@pytest.mark.slow
+def test_a_saved_checkpoint_streams_and_checks_one_layer_at_a_time(model, oracle, tok, tmp_path):
+    """glmx's own checkpoint folder of GLM-130B (config.json model_type glm-130b) -> the streamed export (external
+    data) with the piecewise parity check -> logits of the oracle within the fp32 budget."""
+    from glm_export.checkpoint import save_checkpoint
+    from glm_export.export import export_onnx
+
+    sd, cfg = oracle
+    folder = save_checkpoint(model, tmp_path / "ckpt", tokenizer_file=tok.files["ice_text.model"])
+    out = export_onnx(folder, tmp_path / "onnx", external_data=True, check="piecewise", log=lambda m: None)
+    assert (out / "model.onnx.data").is_file()
+    _, seq, pos, masked = _case(tok, TEXT, tok.special["gMASK"], [20031, 20077])
+    with _session(out) as s:
+        got = _run(s, [seq], _glmx_positions(pos), ~masked[None, None])["logits"]
+    _within(got, og.forward(sd, cfg, [seq], pos[None], masked[None, None]))
