@@ -313,3 +313,15 @@ def test_a_saved_checkpoint_streams_and_checks_one_layer_at_a_time(model, oracle
     with _session(out) as s:
         got = _run(s, [seq], _glmx_positions(pos), ~masked[None, None])["logits"]
     _within(got, og.forward(sd, cfg, [seq], pos[None], masked[None, None]))
+
+
+def test_a_span_cut_at_a_stop_string_splices_only_its_text_before_the_cut(tok):
+    from glm_runtime.requests import Span, decode_text, spliced_ids
+
+    ids = tok.encode("hello world again")
+    whole = decode_text(tok, ids)
+    cut = whole[: whole.index("world")]  # what a stop string "world" leaves
+    kept = spliced_ids(tok, Span(cut, ids, "[MASK]", 1, "stop"))
+    assert kept and len(kept) < len(ids) and kept == ids[: len(kept)]
+    assert cut.startswith(decode_text(tok, kept)) and not cut.startswith(decode_text(tok, ids[: len(kept) + 1]))
+    assert spliced_ids(tok, Span(whole, ids, "[MASK]", 1, "length")) == ids
