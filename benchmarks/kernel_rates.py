@@ -26,9 +26,9 @@ FORMATS = ("fp32", "int8-dynamic", "int4-weight")
 
 
 def layer_shapes(config: Any) -> list[tuple[int, int]]:
-    """(K, N) of one layer's four weight matmuls: query_key_value, dense, h->4h, 4h->h."""
+    """(K, N) of one layer's four weight matmuls: query_key_value, dense, h->4h (2 x inner for a GeGLU), 4h->h."""
     h = config.hidden_size
-    return [(h, 3 * h), (h, h), (h, 4 * h), (4 * h, h)]
+    return [(h, 3 * h), (h, h), (h, config.mlp_in_size), (config.inner_size, h)]
 
 
 def matmul_graph(config: Any, seed: int = 0) -> Any:
@@ -44,13 +44,13 @@ def matmul_graph(config: Any, seed: int = 0) -> Any:
             weights.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) * 0.02).astype(np.float32), w))
             nodes.append(
                 helper.make_node(
-                    "MatMul", ["x" if rows == h else "x4", w], [f"y{layer}_{k}"], name=f"/layers.{layer}/MatMul{k}"
+                    "MatMul", ["x" if k < 3 else "x4", w], [f"y{layer}_{k}"], name=f"/layers.{layer}/MatMul{k}"
                 )
             )
             outputs.append(helper.make_tensor_value_info(f"y{layer}_{k}", TensorProto.FLOAT, [1, 1, cols]))
     inputs = [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, h]),
-        helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, 4 * h]),
+        helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, config.inner_size]),
     ]
     graph = helper.make_graph(nodes, "decode_matmuls", inputs, outputs, weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -115,10 +115,10 @@ def kernel_rate(model: Any, threads: int, repeats: int) -> float:
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
-    h = int(session.get_inputs()[0].shape[-1])
+    h, inner = (int(i.shape[-1]) for i in session.get_inputs())
     feeds = {
         "x": rng.standard_normal((1, 1, h)).astype(np.float32),
-        "x4": rng.standard_normal((1, 1, 4 * h)).astype(np.float32),
+        "x4": rng.standard_normal((1, 1, inner)).astype(np.float32),
     }
     return median_seconds(lambda: session.run(None, feeds), repeats)
 
