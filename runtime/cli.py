@@ -268,11 +268,11 @@ Example:  glmx serve --port 8000 &
 @click.option("--no-ui", is_flag=True, help="serve the API alone, without the web playground at GET /")
 @click.option(
     "--stages",
-    type=click.IntRange(min=1),
     default=None,
-    help="cut the model into this many pipeline stages, each a Ray actor holding its layers and their KV cache "
-    "(docs/pipeline.md); placed one per node (STRICT_SPREAD) when the cluster has that many nodes, else "
-    "together on one (PACK); onnxruntime backend only",
+    metavar="N|L0,L1,..",
+    help="cut the model into N pipeline stages (or stages of L0, L1, .. layers), each a Ray actor holding its "
+    "layers and their KV cache (docs/pipeline.md); placed one per node (STRICT_SPREAD) when the cluster has that "
+    "many nodes, else together on one (PACK); onnxruntime backend only",
 )
 @click.option(
     "--address",
@@ -294,11 +294,15 @@ def serve_cmd(
     if stages is None and address is not None:
         raise click.UsageError("--address names the Ray cluster of --stages: give --stages N too")
     if stages is not None:
+        try:
+            split = [int(n) for n in stages.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{stages!r}: a number of stages, or each stage's layers (14,19,19,18)") from None
         if backend != "onnxruntime":
             raise click.UsageError(f"--stages runs ONNX Runtime stages; --backend {backend} cannot be cut")
         from glm_runtime.serve_pipeline import serve_stages
 
-        serve_stages(model, stages, address, *args, **options)
+        serve_stages(model, split[0] if len(split) == 1 else split, address, *args, **options)
         return
     serve(model, backend, *args, **options)
 

@@ -396,6 +396,8 @@ class Engine:
     def _context_pass(self, admitted: list[Job]) -> None:
         t0 = time.perf_counter()
         rows = [r for r, j in enumerate(self.slots) if j is None][: len(admitted)]  # packed: the rows after the last
+        for row, job in zip(rows, admitted):  # held before the session runs: if it fails, fail_all ends these too
+            self.slots[row] = job
         prompts = [j.prompt for j in admitted if j.prompt is not None]
         contexts = [p.ids for p in prompts]
         need = max(p.positions_needed(j.settings.max_new_tokens) for p, j in zip(prompts, admitted))
@@ -403,11 +405,10 @@ class Engine:
         out, _ = run_context(self.session, contexts, self.pad)
         self.cache.load_rows(rows, out, [len(ids) for ids in contexts])
         now = time.perf_counter()
-        for row, job in zip(rows, admitted):
+        for job in admitted:
             if job.admitted_at is None:  # a spliced fill's later context passes keep its first admission's times
                 job.admitted_at, job.context_s = now, now - t0
             job.state = "running"
-            self.slots[row] = job
 
     def _decode(self, events: list[StreamEvent]) -> None:
         slots = self.slots

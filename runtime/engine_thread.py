@@ -59,5 +59,10 @@ class EngineLoop:
         self._thread.join(timeout)
 
     @property
+    def finished(self) -> bool:
+        """The thread has ended (stopped, or the session failed): nothing runs the engine's requests any more."""
+        return not self._thread.is_alive()
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None

@@ -44,8 +44,8 @@ def layer_span(start: int, stop: int) -> str:
 class CacheRows:
     """A past feed that stays in the stages: rows 0..width-1 of cache `cid` (PipelineCache.feeds)."""
 
-    def __init__(self, cid: str, width: int):
-        self.cid, self.width = cid, width
+    def __init__(self, cid: str, width: int, epoch: int):
+        self.cid, self.width, self.epoch = cid, width, epoch
 
 
 class RemotePresent:
@@ -113,6 +113,16 @@ class RayStages:
     def ping(self, timeout: float) -> list[Any]:
         return self.wait([h.ping.remote() for h in self.handles], "a health check", timeout)
 
+    def close(self) -> None:
+        """End the stage actors (no restart) and free their placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)
+        if self.group is not None:
+            remove_placement_group(self.group)
+
 
 # ---------------------------------------------------------------- the session
 
@@ -133,6 +143,7 @@ class PipelineSession(Closable):
         self.kv_dtype = np.dtype(kv_dtype(self.precision))
         self.stages, self.ranges, self.info = stages, list(ranges), list(info)
         self.broken: str | None = None  # why the pipeline cannot run (a stage died), until recover()
+        self.epoch = 0  # recover() counts up: the caches of an earlier epoch are gone from the stages
         self._runs = itertools.count()
         self._fetched: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
@@ -151,6 +162,8 @@ class PipelineSession(Closable):
             raise PipelineError(self.broken)
         names = past_names(self.io)
         first = feeds.get(names[0][0])
+        if isinstance(first, CacheRows) and first.epoch != self.epoch:  # an engine from before a restart
+            raise PipelineError("this cache was in the stages before one of them restarted; it is gone")
         if isinstance(first, CacheRows):
             plain = [e for e in self.inputs if not e["name"].startswith("past_key_values.")]
             check_feeds({k: v for k, v in feeds.items() if not isinstance(v, CacheRows)}, plain)
@@ -211,10 +224,14 @@ class PipelineSession(Closable):
         """After every stage answers again: each forgets its caches and runs, and the pipeline runs again."""
         self.broken = None
         self._fetched = {}
+        self.epoch += 1
         self.to_all("reset", what="a reset")
 
     def close(self) -> None:
+        """Stop the stages (Ray actors end; in-process ones are dropped); the session refuses to run after."""
         self.broken = "the pipeline was closed"
+        if hasattr(self.stages, "close"):
+            self.stages.close()
         super().close()
 
 
@@ -226,16 +243,22 @@ class PipelineCache(SlotCache):
 
     def __init__(self, session: PipelineSession, batch: int, capacity: int):
         c = session.config
-        self.session, self.cid = session, uuid.uuid4().hex
+        self.session, self.cid, self.epoch = session, uuid.uuid4().hex, session.epoch
         super().__init__(session.io, batch, c.num_attention_heads, c.head_dim, capacity, session.kv_dtype)
         self._remote("cache_new", batch, self.capacity)
 
     def _alloc(self, capacity: int) -> Any:
         return None  # the buffers live in the stages
 
+    @property
+    def live(self) -> bool:
+        """The stages hold this cache: the pipeline is not broken and was not reset since it was opened."""
+        return self.session.broken is None and self.epoch == self.session.epoch
+
     def _remote(self, op: str, *args: Any) -> None:
-        """One cache method on every stage (skipped once the pipeline is broken: only the slot map is kept)."""
-        if self.session.broken is not None:
+        """One cache method on every stage (skipped once the pipeline is broken or was reset since this cache was
+        opened: only the slot map is kept)."""
+        if not self.live:
             return
         if op == "cache_new":
             self.session.to_all(op, self.cid, *args, what="opening a cache")
@@ -258,7 +281,7 @@ class PipelineCache(SlotCache):
         return {n: host_array(outputs[n]) for pair in self.present for n in pair}
 
     def feeds(self, width: int | None = None) -> dict[str, Any]:
-        rows = CacheRows(self.cid, self.batch if width is None else width)
+        rows = CacheRows(self.cid, self.batch if width is None else width, self.epoch)
         return {name: rows for pair in self.past for name in pair}
 
     def reserve(self, needed: int) -> None:
@@ -273,7 +296,9 @@ class PipelineCache(SlotCache):
 
     def _send_outputs(self, op: str, outputs: Mapping[str, Any], *args: Any) -> None:
         given = self._given(outputs)
-        if isinstance(given, dict) and self.session.broken is None:  # host arrays: each stage gets its layers'
+        if (
+            isinstance(given, dict) and self.session.broken is None and self.epoch == self.session.epoch
+        ):  # host arrays: each stage gets its layers'
             caps = self.session._wait(
                 [
                     self.session.stages.submit(
@@ -327,7 +352,7 @@ class PipelineCache(SlotCache):
 
     def __del__(self) -> None:
         try:
-            if self.session.broken is None:
+            if self.live:
                 for k in range(len(self.session.ranges)):
                     self.session.stages.submit(k, "cache_drop", self.cid)  # not waited for: best effort
         except Exception:  # noqa: BLE001 - interpreter shutdown or a dead stage: nothing to free
@@ -339,7 +364,7 @@ class PipelineCache(SlotCache):
 
 def open_pipeline(
     model: str | Path | None = None,
-    stages: int = 2,
+    stages: int | Sequence[int] = 2,
     address: str | None = None,
     *,
     stage_root: str | Path | None = None,
@@ -351,7 +376,8 @@ def open_pipeline(
     name: str | None = None,
     log=None,
 ) -> tuple[PipelineSession, Any]:
-    """(session, tokenizer) of the exported model in `model` (None: the bundled model) cut in `stages` stages.
+    """(session, tokenizer) of the exported model in `model` (None: the bundled model) cut in `stages` stages
+    (a count, split as evenly as it goes, or each stage's number of layers).
 
     address: None starts a local Ray on this machine (or joins the one this process already has), "auto" the
     cluster `ray start` made here, "ray://host:10001" a remote one. Stages are placed by a placement group:
@@ -367,8 +393,9 @@ def open_pipeline(
     ranges = stage_ranges(num_layers, stages)
     root = Path(stage_root) if stage_root is not None else None
     cut_stages(folder, stages, root, log)  # here first: the actors on this machine find them cut
+    split = [b - a for a, b in ranges]
     if in_process:
-        workers = [StageWorker(str(folder), stages, k, str(root) if root else None) for k in range(stages)]
+        workers = [StageWorker(str(folder), split, k, str(root) if root else None) for k in range(len(split))]
         runner: Any = LocalStages(workers)
         info = runner.ping(timeout)
     else:
@@ -391,8 +418,17 @@ def _ray_stages(folder, ranges, address, root, stage_cpus, timeout, load_timeout
     except ImportError:
         raise PipelineError(f"pipeline stages run on Ray: {RAY_HINT}") from None
     if not ray.is_initialized():
-        ray.init(address=address, namespace="glmx", log_to_driver=False, include_dashboard=False)
-    n = len(ranges)
+        try:
+            local: dict[str, Any] = (
+                {"include_dashboard": False} if address is None else {}
+            )  # a new local Ray: no dashboard
+            ray.init(address=address, namespace="glmx", log_to_driver=False, **local)
+        except ConnectionError as exc:
+            raise PipelineError(
+                f"cannot join the Ray cluster at {address} ({exc}); a cluster with token authentication (Ray's "
+                f"default) needs RAY_AUTH_MODE=token and its token here when --address names it (docs/pipeline.md)"
+            ) from None
+    n, split = len(ranges), [b - a for a, b in ranges]
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     strategy = "STRICT_SPREAD" if n > 1 and len(nodes) >= n else "PACK"
     group = placement_group([{"CPU": stage_cpus}] * n, strategy=strategy)
@@ -413,7 +449,7 @@ def _ray_stages(folder, ranges, address, root, stage_cpus, timeout, load_timeout
             max_restarts=max_restarts,
             max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=k),
-        ).remote(str(folder.resolve()), n, k, str(root.resolve()) if root else None, max(1, int(stage_cpus)))
+        ).remote(str(folder.resolve()), split, k, str(root.resolve()) if root else None, max(1, int(stage_cpus)))
         for k in range(n)
     ]
     runner = RayStages(handles, ranges, timeout, group)

@@ -10,6 +10,7 @@ caches and a fresh engine starts on the same session: /health answers 200 and ne
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ class Watchdog:
 
     def __init__(self, server: Any, every: float = 0.5, patience: float = 10.0, log: Callable[[str], None] = print):
         self.server, self.every, self.patience, self.log = server, every, patience, log
+        self.retired: list[Any] = []  # engine loops stopped because a stage died
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="glmx-pipeline-watchdog", daemon=True)
 
@@ -38,6 +40,7 @@ class Watchdog:
 
     def check(self) -> None:
         """One round: stop the engine of a broken pipeline, restart it on one whose stages are all back."""
+        self._fail_retired()
         session, loop = self.session(), self.server.loop
         if session is None or loop is None:
             return  # still loading (or it failed to: /health says why)
@@ -49,6 +52,8 @@ class Watchdog:
             loop.error = f"PipelineError: {session.broken}"
             loop.stop(timeout=0)
             self.log(f"glmx serve: {session.broken}")
+        if loop not in self.retired:
+            self.retired.append(loop)
         if session.probe(self.patience) is not None:
             return
         try:
@@ -67,6 +72,14 @@ class Watchdog:
         if server.loop is not loop and server.loop is not None and server.loop.alive:
             self.log("glmx serve: every pipeline stage answers again; serving")
 
+    def _fail_retired(self) -> None:
+        """A request that reached a stopped engine just as it stopped would wait there for ever: once an old engine's
+        thread has ended, whatever it still holds fails with its reason (HTTP 500, one line)."""
+        del self.retired[:-4]  # the last few: a request can only have reached a loop that stopped just now
+        for old in self.retired:
+            if old.finished:
+                old.engine.fail_all(old.error or "PipelineError: a pipeline stage died")
+
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             try:
@@ -77,7 +90,7 @@ class Watchdog:
 
 def serve_stages(
     model: str | None,
-    stages: int,
+    stages: int | list[int],
     address: str | None,
     host: str,
     port: int,
@@ -100,7 +113,15 @@ def serve_stages(
 
     def load():
         if "model" not in opened:  # once: a restart after a stage died reuses the session and its stages
-            opened["model"] = open_pipeline(model, stages, address, stage_cpus=stage_cpus, timeout=timeout, log=log)
+            opened["model"] = open_pipeline(
+                model,
+                stages,
+                address,
+                stage_cpus=stage_cpus,
+                timeout=timeout,
+                name=f"glmx-serve-{os.getpid()}",
+                log=log,
+            )
         return opened["model"]
 
     model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
@@ -129,7 +150,7 @@ def serve_stages(
     )
     sock = listening_socket(host, port)
     log(
-        f"glmx serve: http://{host}:{port} model {model_id!r} in {stages} pipeline stages on Ray "
+        f"glmx serve: http://{host}:{port} model {model_id!r} in pipeline stages {stages} on Ray "
         f"({address or 'a local Ray'}), rows {rows}, max waiting {max_waiting}, timeout {timeout:g} s"
     )
 

@@ -43,7 +43,7 @@ class StageWorker:
     """Stage k of a model cut in `stages`: open(...) loads its piece; forward runs a micro-batch; the cache_*
     methods keep its layers' KV caches in step with the driver's slot map."""
 
-    def __init__(self, model_folder: str, stages: int, k: int, root: str | None, threads: int = 0):
+    def __init__(self, model_folder: str, stages: Any, k: int, root: str | None, threads: int = 0):
         import onnxruntime as ort
 
         from glm_runtime.session import quiet_options
@@ -52,7 +52,7 @@ class StageWorker:
         self.record = read_stage(self.folder, verify=True)  # the bytes this stage runs are the bytes it was cut to
         start, stop = self.record["layers"]
         self.layers = range(start, stop)
-        self.k, self.stages = k, stages
+        self.k, self.stages = k, self.record["stages"]
         options = quiet_options()
         if threads:
             options.intra_op_num_threads = threads
@@ -75,6 +75,10 @@ class StageWorker:
             "pid": os.getpid(),
             "peak_rss_bytes": peak_rss_bytes(),
         }
+
+    def echo(self, x: np.ndarray) -> int:
+        """Receive an array and answer its size: the cost of moving a boundary tensor here (benchmarks)."""
+        return int(x.nbytes)
 
     # ------------------------------------------------------------ the forward pass of one micro-batch
 

@@ -39,16 +39,26 @@ def layer_output(i: int) -> str:
     return f"/transformer.layers.{i}/residual_mlp/out"
 
 
-def stage_ranges(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    """[start, stop) of each stage's layers: contiguous, as even as they go, the larger ranges first."""
-    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= num_layers:
+def stage_ranges(num_layers: int, stages: int | Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each stage's layers, contiguous. stages: a count (as even as they go, the larger ranges
+    first) or each stage's number of layers (e.g. fewer on the stage that also holds the embedding table)."""
+    if isinstance(stages, bool) or not isinstance(stages, (int, list, tuple)):
+        raise StageError(f"stages must be a number of stages or each stage's layers, got {stages!r}")
+    if not isinstance(stages, int):
+        counts = list(stages)
+        if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+            raise StageError(f"each stage needs a whole number of layers >= 1, got {counts}")
+        if sum(counts) != num_layers:
+            raise StageError(f"the stages' layers {counts} add up to {sum(counts)}, not the model's {num_layers}")
+    elif not 1 <= stages <= num_layers:
         raise StageError(f"stages must be between 1 and the model's {num_layers} layers, got {stages!r}")
-    base, extra = divmod(num_layers, stages)
+    else:
+        base, extra = divmod(num_layers, stages)
+        counts = [base + (1 if k < extra else 0) for k in range(stages)]
     ranges, start = [], 0
-    for k in range(stages):
-        stop = start + base + (1 if k < extra else 0)
-        ranges.append((start, stop))
-        start = stop
+    for n in counts:
+        ranges.append((start, start + n))
+        start += n
     return ranges
 
 
@@ -189,8 +199,10 @@ def parent_facts(folder: Path) -> dict[str, Any]:
     }
 
 
-def stage_folder(root: Path, parent: Mapping[str, Any], stages: int, k: int) -> Path:
-    return Path(root) / f"{parent['model_sha256'][:16]}-{stages}" / f"stage-{k}"
+def stage_folder(root: Path, parent: Mapping[str, Any], stages: int | Sequence[int], k: int) -> Path:
+    """root/<the parent graph's sha256, 16 digits>-<each stage's layer count>/stage-k."""
+    split = "-".join(str(b - a) for a, b in stage_ranges(parent["num_layers"], stages))
+    return Path(root) / f"{parent['model_sha256'][:16]}-{split}" / f"stage-{k}"
 
 
 def read_stage(folder: Path, parent: Mapping[str, Any] | None = None, verify: bool = False) -> dict[str, Any]:
@@ -211,7 +223,9 @@ def read_stage(folder: Path, parent: Mapping[str, Any] | None = None, verify: bo
     return record
 
 
-def cut_stage(model_folder: Path, stages: int, k: int, out: Path, parent: Mapping[str, Any] | None = None) -> Path:
+def cut_stage(
+    model_folder: Path, stages: int | Sequence[int], k: int, out: Path, parent: Mapping[str, Any] | None = None
+) -> Path:
     """Write stage k of `stages` of the exported model in model_folder to `out` (a new folder, atomically: built
     under a temp name beside it, stage.json last, then renamed into place). Returns `out`."""
     try:
@@ -234,10 +248,10 @@ def cut_stage(model_folder: Path, stages: int, k: int, out: Path, parent: Mappin
             "schema": STAGE_SCHEMA,
             "parent": parent,
             "stage": k,
-            "stages": stages,
+            "stages": len(ranges),
             "layers": list(ranges[k]),
             "embedding": k == 0,
-            "head": k == stages - 1,
+            "head": k == len(ranges) - 1,
             "inputs": [v.name for v in piece.graph.input],
             "outputs": [v.name for v in piece.graph.output],
             "weights_bytes": weights,
@@ -260,7 +274,7 @@ def cut_stage(model_folder: Path, stages: int, k: int, out: Path, parent: Mappin
     return out
 
 
-def ensure_stage(model_folder: Path, stages: int, k: int, root: Path | None = None, log=None) -> Path:
+def ensure_stage(model_folder: Path, stages: int | Sequence[int], k: int, root: Path | None = None, log=None) -> Path:
     """Stage k's folder under root (default_stage_root()): the cached cut when it is there and whole, else cut
     now. Each node of a cluster calls this for its own stage, so the model folder must be at the same path there
     (or the stage root on a shared filesystem)."""
@@ -273,10 +287,13 @@ def ensure_stage(model_folder: Path, stages: int, k: int, root: Path | None = No
     except StageError:
         pass
     if log is not None:
-        log(f"glmx: cutting stage {k} of {stages} of {model_folder} into {out}")
+        log(
+            f"glmx: cutting stage {k} of {len(stage_ranges(parent['num_layers'], stages))} of {model_folder} into {out}"
+        )
     return cut_stage(model_folder, stages, k, out, parent)
 
 
-def cut_stages(model_folder: Path, stages: int, root: Path | None = None, log=None) -> list[Path]:
+def cut_stages(model_folder: Path, stages: int | Sequence[int], root: Path | None = None, log=None) -> list[Path]:
     """Every stage's folder (cached or cut now)."""
-    return [ensure_stage(model_folder, stages, k, root, log) for k in range(stages)]
+    n = stages if isinstance(stages, int) else len(stages)
+    return [ensure_stage(model_folder, stages, k, root, log) for k in range(n)]
