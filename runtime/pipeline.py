@@ -85,11 +85,17 @@ class RayStages:
         self.group = group  # the placement group the stages are pinned by
 
     def submit(self, k: int, method: str, *args: Any) -> Any:
+        import ray
+
+        if not ray.is_initialized():  # a call now would start a new local Ray (Ray's auto-init): refuse instead
+            raise PipelineError("Ray was shut down in this process; the pipeline's stages are gone")
         return getattr(self.handles[k], method).remote(*args)
 
     def wait(self, refs: list[Any], what: str, timeout: float | None = None) -> list[Any]:
         import ray
 
+        if not ray.is_initialized():
+            raise PipelineError("Ray was shut down in this process; the pipeline's stages are gone")
         try:
             return ray.get(refs, timeout=self.timeout if timeout is None else timeout)
         except ray.exceptions.GetTimeoutError:
@@ -118,6 +124,8 @@ class RayStages:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if not ray.is_initialized():
+            return  # Ray's shutdown ended them already
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
         if self.group is not None:
@@ -410,6 +418,24 @@ def open_pipeline(
     return session, session_tokenizer(session, folder)
 
 
+def connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at `address` (None: start a local one) unless this process has joined one already."""
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError(f"pipeline stages run on Ray: {RAY_HINT}") from None
+    if ray.is_initialized():
+        return
+    try:
+        local: dict[str, Any] = {"include_dashboard": False} if address is None else {}  # new: no dashboard
+        ray.init(address=address, namespace="glmx", log_to_driver=False, **local)
+    except ConnectionError as exc:
+        raise PipelineError(
+            f"cannot join the Ray cluster at {address} ({exc}); a cluster with token authentication (Ray's "
+            f"default) needs RAY_AUTH_MODE=token and its token here when --address names it (docs/pipeline.md)"
+        ) from None
+
+
 def _ray_stages(folder, ranges, address, root, stage_cpus, timeout, load_timeout, max_restarts, name):
     try:
         import ray
@@ -417,17 +443,7 @@ def _ray_stages(folder, ranges, address, root, stage_cpus, timeout, load_timeout
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     except ImportError:
         raise PipelineError(f"pipeline stages run on Ray: {RAY_HINT}") from None
-    if not ray.is_initialized():
-        try:
-            local: dict[str, Any] = (
-                {"include_dashboard": False} if address is None else {}
-            )  # a new local Ray: no dashboard
-            ray.init(address=address, namespace="glmx", log_to_driver=False, **local)
-        except ConnectionError as exc:
-            raise PipelineError(
-                f"cannot join the Ray cluster at {address} ({exc}); a cluster with token authentication (Ray's "
-                f"default) needs RAY_AUTH_MODE=token and its token here when --address names it (docs/pipeline.md)"
-            ) from None
+    connect_ray(address)
     n, split = len(ranges), [b - a for a, b in ranges]
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     strategy = "STRICT_SPREAD" if n > 1 and len(nodes) >= n else "PACK"

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from glm_runtime.pipeline import PipelineError, PipelineSession, open_pipeline
+from glm_runtime.pipeline import PipelineError, PipelineSession, connect_ray, open_pipeline
 from glm_runtime.serve import DEFAULT_MAX_BODY, ServeError, create_app, listening_socket
 
 
@@ -154,6 +154,8 @@ def serve_stages(
         f"({address or 'a local Ray'}), rows {rows}, max waiting {max_waiting}, timeout {timeout:g} s"
     )
 
+    connect_ray(address)  # here, in the main thread, before the handlers below: Ray's own would abort on SIGTERM
+
     def drained(signum, frame):
         sys.exit(0)
 
@@ -163,6 +165,8 @@ def serve_stages(
         server.run(sockets=[sock])
     finally:
         watchdog.stop()
+        if "model" in opened:
+            opened["model"][0].close()  # the stage actors end, their placement group goes
         _shutdown_ray()
     if failure:
         raise ServeError(f"the model did not load: {failure['reason']}")
