@@ -154,15 +154,29 @@ class PipelineSession(Closable):
         self.epoch = 0  # recover() counts up: the caches of an earlier epoch are gone from the stages
         self._runs = itertools.count()
         self._fetched: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._pending: list[tuple[Any, int]] = []  # (ref, expected capacity) of deferred cache operations
 
     def _wait(self, refs: list[Any], what: str) -> list[Any]:
+        """The results of refs, with the cache operations deferred since the last wait (each answers its stage's
+        cache capacity, which must be the driver's): one round trip where the engine made several calls."""
         if self.broken is not None:
             raise PipelineError(self.broken)
+        pending, self._pending = self._pending, []
         try:
-            return self.stages.wait(refs, what)
+            got = self.stages.wait([ref for ref, _ in pending] + list(refs), what)
         except PipelineError as exc:
             self.broken = str(exc)
             raise
+        wrong = [(cap, want) for cap, (_, want) in zip(got, pending) if cap != want]
+        if wrong:
+            self.broken = f"a stage's cache holds {wrong[0][0]} slots where the driver's slot map says {wrong[0][1]}"
+            raise PipelineError(self.broken)
+        return got[len(pending) :]
+
+    def defer(self, refs: list[Any], capacity: int) -> None:
+        """Cache operations whose answers (each stage cache's capacity, expected: `capacity`) the next wait checks:
+        Ray runs an actor's calls in the order they were made, so the next forward pass sees them done."""
+        self._pending += [(ref, capacity) for ref in refs]
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         self._check_open()
@@ -231,7 +245,7 @@ class PipelineSession(Closable):
     def recover(self) -> None:
         """After every stage answers again: each forgets its caches and runs, and the pipeline runs again."""
         self.broken = None
-        self._fetched = {}
+        self._fetched, self._pending = {}, []
         self.epoch += 1
         self.to_all("reset", what="a reset")
 
@@ -263,17 +277,21 @@ class PipelineCache(SlotCache):
         """The stages hold this cache: the pipeline is not broken and was not reset since it was opened."""
         return self.session.broken is None and self.epoch == self.session.epoch
 
-    def _remote(self, op: str, *args: Any) -> None:
-        """One cache method on every stage (skipped once the pipeline is broken or was reset since this cache was
-        opened: only the slot map is kept)."""
+    def _remote(self, op: str, *args: Any, per_stage: list[Any] | None = None) -> None:
+        """One cache method on every stage, deferred to the session's next wait (skipped once the pipeline is broken
+        or was reset since this cache was opened: only the slot map is kept). Called after the slot map changed:
+        each stage's answer must be its capacity. per_stage: each stage's own first argument (its layers' arrays)."""
         if not self.live:
             return
         if op == "cache_new":
             self.session.to_all(op, self.cid, *args, what="opening a cache")
             return
-        caps = self.session.to_all("cache_op", self.cid, op, *args, what=f"the cache's {op}")
-        if any(cap != self.capacity for cap in caps):
-            raise PipelineError(f"the stages' caches hold {caps} slots but the driver's slot map {self.capacity}")
+        stages = self.session.stages
+        refs = [
+            stages.submit(k, "cache_op", self.cid, op, *((per_stage[k],) if per_stage else ()), *args)
+            for k in range(len(self.session.ranges))
+        ]
+        self.session.defer(refs, self.capacity)
 
     def _grow(self, needed: int) -> None:
         if needed > self.capacity:
@@ -298,31 +316,37 @@ class PipelineCache(SlotCache):
 
     def append(self, outputs: Mapping[str, Any], counts: Any) -> None:
         counts = self._counts(counts)
-        self._send_outputs("append", outputs, counts)
         self._grow(int((self.filled + counts).max()))
         self._mark_appended(counts)
+        self._send_outputs("append", outputs, counts)
 
     def _send_outputs(self, op: str, outputs: Mapping[str, Any], *args: Any) -> None:
+        """op (append: outputs, counts; load_rows: rows, outputs, lengths) on every stage, the outputs named by their
+        run (they are in the stages) or, host arrays, each stage given its own layers'."""
         given = self._given(outputs)
-        if (
-            isinstance(given, dict) and self.session.broken is None and self.epoch == self.session.epoch
-        ):  # host arrays: each stage gets its layers'
-            caps = self.session._wait(
-                [
-                    self.session.stages.submit(
-                        k, "cache_op", self.cid, op, *self._args(op, {n: given[n] for n in self._names(k)}, args)
-                    )
-                    for k in range(len(self.session.ranges))
-                ],
-                f"the cache's {op}",
-            )
-            del caps
+        if isinstance(given, dict):
+            per_stage = [{n: given[n] for n in self._names(k)} for k in range(len(self.session.ranges))]
+        if op == "append":
+            if isinstance(given, dict):
+                self._remote(op, *args, per_stage=per_stage)
+            else:
+                self._remote(op, given, *args)
             return
-        self._remote(op, *self._args(op, given, args))
+        rows, lengths = args
+        if isinstance(given, dict):  # load_rows(rows, outputs, lengths): the outputs second
+            self._remote_load(rows, lengths, per_stage)
+        else:
+            self._remote(op, rows, given, lengths)
 
-    @staticmethod
-    def _args(op: str, given: Any, args: tuple) -> tuple:
-        return (given, *args) if op == "append" else (args[0], given, *args[1:])
+    def _remote_load(self, rows: Any, lengths: Any, per_stage: list[Any]) -> None:
+        if not self.live:
+            return
+        stages = self.session.stages
+        refs = [
+            stages.submit(k, "cache_op", self.cid, "load_rows", rows, per_stage[k], lengths)
+            for k in range(len(self.session.ranges))
+        ]
+        self.session.defer(refs, self.capacity)
 
     def _names(self, k: int) -> list[str]:
         start, stop = self.session.ranges[k]
@@ -330,30 +354,30 @@ class PipelineCache(SlotCache):
 
     def load_rows(self, rows: Any, outputs: Mapping[str, Any], lengths: Any) -> None:
         rows, lengths = np.asarray(rows, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
-        self._send_outputs("load_rows", outputs, rows, lengths)
         SlotCache.truncate(self, np.where(np.isin(np.arange(self.batch), rows), self.prefix_slots, self.filled))
         self._grow(self.prefix_slots + int(lengths.max()))
         counts = np.zeros(self.batch, dtype=np.int64)
         counts[rows] = lengths
         self._mark_appended(counts)
+        self._send_outputs("load_rows", outputs, rows, lengths)
 
     def truncate(self, filled: Any) -> None:
-        self._remote("truncate", np.asarray(filled, dtype=np.int64))
         SlotCache.truncate(self, filled)
+        self._remote("truncate", np.asarray(filled, dtype=np.int64))
 
     def free_rows(self, rows: Any) -> None:
         rows = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64)
-        self._remote("free_rows", rows)
         filled = self.filled.copy()
         filled[rows] = self.prefix_slots
         SlotCache.truncate(self, filled)
+        self._remote("free_rows", rows)
 
     def reorder(self, index: Any) -> None:
         index = np.asarray(index, dtype=np.int64)
         if (index == np.arange(self.batch)).all():
             return
-        self._remote("reorder", index)
         self._reorder_slots(index)
+        self._remote("reorder", index)
 
     def hold_prefix(self, prefix: Any) -> None:
         raise PipelineError("pipeline stages do not take a P-tuning prefix yet")
