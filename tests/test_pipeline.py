@@ -372,3 +372,19 @@ def test_a_session_that_fails_in_a_context_pass_fails_the_admitted_requests():
         time.sleep(0.02)
     assert job.state == "failed" and "died during a forward pass" in job.error
     assert [e.kind for e in events] == ["failed"] and not loop.alive
+
+
+def test_serve_stages_options_are_checked_before_anything_starts():
+    from click.testing import CliRunner
+
+    from glm_runtime.cli import main
+
+    run = CliRunner().invoke
+    result = run(main, ["serve", "--address", "auto"])
+    assert result.exit_code == 1 and "--address names the Ray cluster of --stages" in result.output
+    result = run(main, ["serve", "--stages", "two"])
+    assert result.exit_code == 1 and "a number of stages, or each stage's layers" in result.output
+    result = run(main, ["serve", "--stages", "2", "--backend", "torch"])
+    assert result.exit_code == 1 and "--backend torch cannot be cut" in result.output
+    help_text = " ".join(run(main, ["serve", "--help"]).output.split())
+    assert "STRICT_SPREAD" in help_text and "PACK" in help_text
