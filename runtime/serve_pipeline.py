@@ -88,6 +88,22 @@ class Watchdog:
                 self.log(f"glmx serve: pipeline watchdog: {type(exc).__name__}: {exc}")
 
 
+def pipeline_loader(model, stages, address, stage_cpus: float, timeout: float, log) -> tuple[Callable, dict]:
+    """The server's load function: open_pipeline once (a restart after a stage died reuses the session and its
+    stages), and the dict that holds what it opened."""
+    opened: dict[str, Any] = {}
+
+    def load():
+        if "model" not in opened:
+            name = f"glmx-serve-{os.getpid()}"  # stage k is the actor f"{name}-stage-{k}" in namespace glmx
+            opened["model"] = open_pipeline(
+                model, stages, address, stage_cpus=stage_cpus, timeout=timeout, name=name, log=log
+            )
+        return opened["model"]
+
+    return load, opened
+
+
 def serve_stages(
     model: str | None,
     stages: int | list[int],
@@ -109,21 +125,7 @@ def serve_stages(
 
     import uvicorn
 
-    opened: dict[str, Any] = {}
-
-    def load():
-        if "model" not in opened:  # once: a restart after a stage died reuses the session and its stages
-            opened["model"] = open_pipeline(
-                model,
-                stages,
-                address,
-                stage_cpus=stage_cpus,
-                timeout=timeout,
-                name=f"glmx-serve-{os.getpid()}",
-                log=log,
-            )
-        return opened["model"]
-
+    load, opened = pipeline_loader(model, stages, address, stage_cpus, timeout, log)
     model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
     failure: dict[str, str] = {}
 
