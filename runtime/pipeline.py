@@ -28,7 +28,7 @@ from glm_runtime.iotable import kv_dtype, past_names
 from glm_runtime.kvcache import SlotCache
 from glm_runtime.manifest import ManifestError, load_manifest
 from glm_runtime.stage_worker import StageWorker
-from glm_runtime.stages import cut_stages, stage_ranges
+from glm_runtime.stages import cut_stages, default_stage_root, stage_ranges
 
 RAY_HINT = "pip install 'glmx[serve-ray]' (ray, onnx)"
 
@@ -423,7 +423,8 @@ def open_pipeline(
     manifest = load_manifest(folder, kind="onnx")
     num_layers = int(manifest.config["num_layers"])
     ranges = stage_ranges(num_layers, stages)
-    root = Path(stage_root) if stage_root is not None else None
+    # resolved here, not in each actor: a Ray worker does not see this process's environment (GLMX_STAGE_CACHE)
+    root = Path(stage_root) if stage_root is not None else default_stage_root()
     cut_stages(folder, stages, root, log)  # here first: the actors on this machine find them cut
     split = [b - a for a, b in ranges]
     if in_process:

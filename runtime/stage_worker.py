@@ -73,6 +73,7 @@ class StageWorker:
             "layers": [self.layers.start, self.layers.stop],
             "weights_bytes": self.record["weights_bytes"],
             "pid": os.getpid(),
+            "folder": str(self.folder),
             "peak_rss_bytes": peak_rss_bytes(),
         }
 

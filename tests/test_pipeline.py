@@ -329,6 +329,7 @@ def test_a_served_pipeline_answers_as_one_process_and_survives_a_dead_stage(clus
         # embedding, which the first and the last stage both hold)
         assert len({info["pid"] for info in infos} | {proc.pid}) == stages + 1
         assert all(info["peak_rss_bytes"] > info["weights_bytes"] for info in infos)
+        assert all(Path(info["folder"]).is_relative_to(cluster["stages"]) for info in infos)  # the server's cache
         ray.kill(actors[-1], no_restart=False)
         status, body = _post(port, {"prompt": "The capital of France is [MASK].", "max_new_tokens": 8})
         assert status in (500, 503), body
