@@ -1,13 +1,14 @@
 """One model in 1, 2 and 4 pipeline stages on a local Ray (glm_runtime.pipeline), against the same model in one
 process: what a stage holds and what the pipeline costs, not speed (every stage shares this machine's cores).
 
-    python -m glmx_benchmarks.pipeline [--model DIR] [--stages 1,2,4] [--max-new-tokens 16] [--requests 8]
+    python -m glmx_benchmarks.pipeline_stages [--model DIR] [--stages 1,2,4] [--max-new-tokens 16] [--requests 8]
 
 Per stage count: each stage actor's weight bytes and peak RSS (getrusage in the actor, after the runs), decode
 ms/token at batch 1 (one request, the engine's decode time over its decode calls), new tokens/s with `--requests`
 requests at once (rows = requests), and the per-boundary transfer cost: a Ray actor call carrying one hidden vector
 (fp32 [1, 1, h], and [8, 1, h] for 8 rows) and an empty call, medians of 50. The single-process numbers
-are the same engine on one ONNX Runtime session. Writes benchmarks/results/pipeline.{json,md} (or --out DIR).
+are the same engine on one ONNX Runtime session. Writes benchmarks/results/pipeline.{json,md} (or --out DIR,
+--name STEM).
 Nothing else may share the cores while it runs.
 """
 
@@ -133,6 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="pipeline", help="the results' file stem (one per model measured)")
     args = parser.parse_args(argv)
     import ray
 
@@ -141,7 +143,7 @@ def main(argv=None) -> None:
     counts = [int(n) for n in args.stages.split(",")]
     session, tok = open_model(args.model)
     record = {
-        "command": "python -m glmx_benchmarks.pipeline " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m glmx_benchmarks.pipeline_stages " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": cpu_facts(),
         "model": args.model or "bundled",
@@ -172,7 +174,7 @@ def main(argv=None) -> None:
                 )
     finally:
         ray.shutdown()
-    save_record(args.out, "pipeline", record, table(record))
+    save_record(args.out, args.name, record, table(record))
 
 
 if __name__ == "__main__":
