@@ -94,18 +94,14 @@ CHATGLM_CORPUS = [
 ]
 
 
-def train_ice_text_model(path: Path, seed: int = 0) -> Path:
-    """Train a SentencePiece unigram model of about 500 pieces on CHATGLM_CORPUS (its lines weighed by `seed`) and
-    write it to `path` with the real ice_text.model's piece layout (tests/chatglm_fixtures.py says it): byte fallback
-    on, digits split,
-    identity normalization and no whitespace squeezing, so that every string round-trips. Takes ~0.1 s."""
+def train_unigram(corpus: list[str], seed: int, user_defined: list[str], byte_fallback: bool) -> io.BytesIO:
+    """A SentencePiece unigram model of up to 600 pieces on `corpus` (its lines weighed by `seed`): <unk> 0, <s> 1,
+    </s> 2, <pad> 3, then `user_defined`; digits split, identity normalization, no whitespace squeezing (every
+    string round-trips). Deterministic for a seed. -> the serialized model."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
 
     rng = random.Random(seed)
-    lines = [
-        line for line in CHATGLM_CORPUS for _ in range(rng.randint(10, 30))
-    ]  # the seed weighs the lines differently
+    lines = [line for line in corpus for _ in range(rng.randint(10, 30))]  # the seed weighs the lines differently
     rng.shuffle(lines)
     spm.set_random_generator_seed(seed)
     buf = io.BytesIO()
@@ -120,15 +116,26 @@ def train_ice_text_model(path: Path, seed: int = 0) -> Path:
         eos_id=2,
         pad_id=3,
         pad_piece="<pad>",
-        user_defined_symbols=CHATGLM_USER_DEFINED,
-        byte_fallback=True,
+        user_defined_symbols=user_defined,
         split_digits=True,
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         num_threads=1,
         minloglevel=2,
+        **({"byte_fallback": True} if byte_fallback else {}),  # unset otherwise: the model's bytes stay as they were
     )
+    return buf
+
+
+def train_ice_text_model(path: Path, seed: int = 0) -> Path:
+    """Train a SentencePiece unigram model of about 500 pieces on CHATGLM_CORPUS (its lines weighed by `seed`) and
+    write it to `path` with the real ice_text.model's piece layout (tests/chatglm_fixtures.py says it): byte fallback
+    on, digits split,
+    identity normalization and no whitespace squeezing, so that every string round-trips. Takes ~0.1 s."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    buf = train_unigram(CHATGLM_CORPUS, seed, CHATGLM_USER_DEFINED, byte_fallback=True)
     # The trainer puts user-defined and byte pieces before the trained ones; the real model has them last.
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(buf.getvalue())
@@ -182,32 +189,7 @@ def train_icetk_text_model(path: Path, seed: int = 0) -> Path:
     (glm_runtime.ice_text appends them, as the original tokenizers did at load time). Identity normalization and no
     whitespace squeezing, as train_ice_text_model. ~500 pieces keep 20000 + pieces + 344 under the glm-130b-tiny
     preset's V = 21120. Deterministic for a seed; takes ~0.1 s."""
-    import sentencepiece as spm
-
-    rng = random.Random(seed)
-    lines = [line for line in ICETK_CORPUS for _ in range(rng.randint(10, 30))]  # the seed weighs the lines
-    rng.shuffle(lines)
-    spm.set_random_generator_seed(seed)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buf,
-        model_type="unigram",
-        vocab_size=600,
-        hard_vocab_limit=False,  # the corpus yields fewer pieces: take what it gives
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        pad_piece="<pad>",
-        user_defined_symbols=["<n>"],  # id 4, right after the four above
-        split_digits=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        num_threads=1,
-        minloglevel=2,
-    )
+    buf = train_unigram(ICETK_CORPUS, seed, ["<n>"], byte_fallback=False)  # <n>: id 4, right after the four
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(buf.getvalue())
     return path
