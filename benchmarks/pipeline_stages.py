@@ -79,10 +79,12 @@ def boundary_cost(session, hidden: int) -> dict:
     return out
 
 
-def pipeline_level(model, stages: int, budget: int, requests: int, root: Path) -> dict:
+def pipeline_level(model, stages: int, budget: int, requests: int, root: Path, stage_cpus: float = 1.0) -> dict:
     from glm_runtime.pipeline import open_pipeline
 
-    session, tok = open_pipeline(model, stages, stage_root=root, name=f"bench-{os.getpid()}-{stages}")
+    session, tok = open_pipeline(
+        model, stages, stage_root=root, name=f"bench-{os.getpid()}-{stages}", stage_cpus=stage_cpus
+    )
     try:
         entry = measure(session, tok, budget, requests)
         entry["boundary"] = boundary_cost(session, session.config.hidden_size)
@@ -101,7 +103,9 @@ def table(record: dict) -> str:
         "",
         f"`{record['command']}` on {record['date']}; CPU {record['machine']['cpu']} "
         f"({' '.join(record['machine']['flags'])}); model {record['model']} ({record['layers']} layers, hidden "
-        f"{record['hidden']}); max_new_tokens {record['max_new_tokens']}. Every stage shares this machine's cores: "
+        f"{record['hidden']}); max_new_tokens {record['max_new_tokens']}; each stage actor reserves "
+        f"{record.get('stage_cpus', 1.0):g} CPU and runs ONNX Runtime on that many threads (the one-process row: "
+        f"ONNX Runtime's default, all {os.cpu_count()} cores). Every stage shares this machine's cores: "
         "the point is memory per stage and the pipeline's overhead, not speed.",
         "",
         "| stages | decode ms/token (batch 1) | tokens/s (8 at once) | boundary call, 1 row / 8 rows (ms) | "
@@ -135,6 +139,12 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="pipeline", help="the results' file stem (one per model measured)")
+    parser.add_argument(
+        "--stage-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs each stage reserves, and its ONNX Runtime threads (the one-process row uses ONNX Runtime's default)",
+    )
     args = parser.parse_args(argv)
     import ray
 
@@ -150,6 +160,7 @@ def main(argv=None) -> None:
         "layers": session.config.num_layers,
         "hidden": session.config.hidden_size,
         "max_new_tokens": args.max_new_tokens,
+        "stage_cpus": args.stage_cpus,
         "single_process": measure(session, tok, args.max_new_tokens, args.requests),
         "pipelines": {},
     }
@@ -164,13 +175,14 @@ def main(argv=None) -> None:
         folder = default_model()
     record["weights_bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
     record["parent"] = parent_facts(folder)
-    ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    cpus = int(max(counts) * args.stage_cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         with tempfile.TemporaryDirectory(prefix="glmx-stages-") as root:
             for n in counts:
                 print(f"{n} stage(s) ...", flush=True)
                 record["pipelines"][str(n)] = pipeline_level(
-                    args.model, n, args.max_new_tokens, args.requests, Path(root)
+                    args.model, n, args.max_new_tokens, args.requests, Path(root), args.stage_cpus
                 )
     finally:
         ray.shutdown()
