@@ -38,6 +38,8 @@ _score_ids = itertools.count()
 def model_facts(session: Any) -> dict[str, Any]:
     """What the page shows of a loaded model besides its precision: architecture, backend, and whether it chats."""
     backend = BACKENDS.get(type(session).__name__, type(session).__name__)
+    if backend == "PipelineSession":  # glmx serve --stages: ONNX Runtime in each stage
+        backend = f"onnxruntime, {len(session.ranges)} pipeline stages"
     providers = [str(p[0] if isinstance(p, (tuple, list)) else p) for p in getattr(session, "providers", ())]
     if backend == "onnxruntime" and providers and providers[0] == "CUDAExecutionProvider":
         backend = "onnxruntime-cuda"
@@ -135,7 +137,9 @@ async def answer_score(server: Any, http: Any) -> Any:
                 return loop.submit(request, deliver)
             except QueueFull as exc:
                 raise BadRequest(str(exc), 429, "server_busy", {"Retry-After": str(round(exc.retry_after))}) from None
-            except (ScoreError, EngineError) as exc:  # one prompt: "the prompt", as the fill routes say
+            except EngineError as exc:  # the engine stopped or is stopping: not the request's fault
+                raise BadRequest(" ".join(str(exc).split()), 503, "unavailable") from None
+            except ScoreError as exc:  # one prompt: "the prompt", as the fill routes say
                 raise BadRequest(" ".join(str(exc).split()).replace("prompt 0", "the prompt", 1)) from None
 
         job = await asyncio.to_thread(submit)

@@ -318,7 +318,7 @@ class Server:
             if isinstance(exc, GenerationError):
                 refused = len(jobs)  # the index of the one that raised, in the request's list
                 raise BadRequest(said(exc, ask.route, refused if len(ask.requests) > 1 else None)) from None
-            raise BadRequest(" ".join(str(exc).split())) from None
+            raise BadRequest(" ".join(str(exc).split()), 503, "unavailable") from None  # stopped / stopping
         return jobs
 
     async def _events(

@@ -164,6 +164,9 @@ def test_the_engine_on_in_process_stages_answers_as_one_session(tmp_path):
     beam = fill_blanks(session, tok, PROMPTS[:1], max_new_tokens=3, strategy="beam", num_beams=2)
     piped_beam = fill_blanks(piped, ptok, PROMPTS[:1], max_new_tokens=3, strategy="beam", num_beams=2)
     assert [r.tokens for r in piped_beam] == [r.tokens for r in beam]
+    from glm_runtime.playground import model_facts  # what /v1/models and the page name the backend
+
+    assert model_facts(piped)["backend"] == "onnxruntime, 3 pipeline stages"
 
 
 @pytest.mark.slow

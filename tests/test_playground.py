@@ -173,3 +173,20 @@ def test_the_page_ships_as_package_data_and_adds_no_dependency():
         for alias in node.names
     }
     assert top - {"__future__", "glm_runtime"} <= set(sys.stdlib_module_names), top
+
+
+def test_a_request_that_meets_a_stopping_engine_is_503_not_400(model):
+    """The race of a request with a stopping engine (SIGTERM's drain, or glmx serve --stages' watchdog stopping the
+    engine of a dead stage): the engine is still alive when the route looks, then refuses the submit. That is the
+    server's state, not the request's fault: 503 with the engine's one line, on the fill and the score routes."""
+    c = started(create_app(lambda: model, model_id="tiny", rows=2, max_waiting=4))
+    try:
+        c.app.state.glmx.loop._stopping = True  # what EngineLoop.stop sets before the thread ends
+        fill = c.post("/v1/completions", json={"prompt": "a [MASK] b", "max_tokens": 2})
+        score = c.post("/v1/score", json={"prompt": "a [MASK] b", "candidates": ["x", "y"]})
+        for answer in (fill, score):
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["message"] == "the server is shutting down"
+    finally:
+        c.app.state.glmx.loop._stopping = False
+        c.__exit__(None, None, None)
