@@ -285,7 +285,7 @@ def serve_cmd(
 ) -> None:
     import os
 
-    from glm_runtime.serve import serve
+    from glm_runtime.serve_main import serve
 
     if api_key is None and os.environ.get("GLMX_API_KEY") is not None:  # click reads a set but empty one as unset
         api_key = os.environ["GLMX_API_KEY"]  # and the server refuses it: an empty key is no key

@@ -10,13 +10,15 @@ caches and a fresh engine starts on the same session: /health answers 200 and ne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from glm_runtime.pipeline import PipelineError, PipelineSession, connect_ray, open_pipeline
-from glm_runtime.serve import DEFAULT_MAX_BODY, ServeError, create_app, listening_socket
+from glm_runtime.serve import DEFAULT_MAX_BODY
+from glm_runtime.serve_main import model_name, run_app
 
 
 class Watchdog:
@@ -119,60 +121,24 @@ def serve_stages(
     ui: bool = True,
     stage_cpus: float = 1.0,
 ) -> None:
-    """glm_runtime.serve.serve with the model cut in `stages` Ray actors (open_pipeline's address rules)."""
-    import signal
-    import sys
-
-    import uvicorn
-
+    """glm_runtime.serve_main.serve with the model cut in `stages` Ray actors (open_pipeline's address rules)."""
     load, opened = pipeline_loader(model, stages, address, stage_cpus, timeout, log)
-    model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
-    failure: dict[str, str] = {}
 
-    def load_failed(reason: str) -> None:
-        failure["reason"] = reason
-        server.should_exit = True
+    @contextlib.contextmanager
+    def watched(app: Any) -> Iterator[None]:
+        watchdog = Watchdog(app.state.glmx, log=log)
+        watchdog.start()
+        try:
+            connect_ray(address)  # in the main thread, before run_app's signal handlers: Ray's own abort on SIGTERM
+            yield
+        finally:
+            watchdog.stop()
+            if "model" in opened:
+                opened["model"][0].close()  # the stage actors end, their placement group goes
+            _shutdown_ray()
 
-    app = create_app(
-        load,
-        model_id=model_id,
-        rows=rows,
-        max_waiting=max_waiting,
-        timeout=timeout,
-        api_key=api_key,
-        max_body=max_body,
-        log=log,
-        on_load_error=load_failed,
-        ui=ui,
-    )
-    watchdog = Watchdog(app.state.glmx, log=log)
-    watchdog.start()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout))
-    )
-    sock = listening_socket(host, port)
-    log(
-        f"glmx serve: http://{host}:{port} model {model_id!r} in pipeline stages {stages} on Ray "
-        f"({address or 'a local Ray'}), rows {rows}, max waiting {max_waiting}, timeout {timeout:g} s"
-    )
-
-    connect_ray(address)  # here, in the main thread, before the handlers below: Ray's own would abort on SIGTERM
-
-    def drained(signum, frame):
-        sys.exit(0)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, drained)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        watchdog.stop()
-        if "model" in opened:
-            opened["model"][0].close()  # the stage actors end, their placement group goes
-        _shutdown_ray()
-    if failure:
-        raise ServeError(f"the model did not load: {failure['reason']}")
-    log("glmx serve: stopped")
+    what = f"in pipeline stages {stages} on Ray ({address or 'a local Ray'})"
+    run_app(load, model_name(model), what, host, port, rows, max_waiting, timeout, api_key, log, max_body, ui, watched)
 
 
 def _shutdown_ray() -> None:
