@@ -21,6 +21,7 @@ from glm_runtime.requests import (
     assemble_result,
     decode_text,
     new_text,
+    span_stops,
     splice_span,
     spliced_ids,
 )
@@ -133,9 +134,7 @@ def fill_beam(session: Session, tokenizer: GLMTokenizer, prompt: Prompt, setting
     before the next blank (the beams overwrote each other's slots); a spliced fill (PromptRule.blanks, GLM-130B)
     writes the winner into the context in place of its blank and runs the context again instead."""
     special = tokenizer.special
-    stops = {special["eop"]: "eop", special["eos"]: "eos"}
-    for name in tokenizer.prompt.stop:
-        stops.setdefault(special[name], name)
+    stops = span_stops(tokenizer)
     spliced = tokenizer.prompt.blanks == "spliced"
     t0 = time.perf_counter()
     cache = _context(session, tokenizer, prompt, settings)

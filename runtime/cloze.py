@@ -25,7 +25,7 @@ from glm_runtime import masks
 from glm_runtime.backend import Session, host_array
 from glm_runtime.errors import GLMXError
 from glm_runtime.iotable import LOGITS_START, accepts, past_names, present_names
-from glm_runtime.requests import CandidateScore, ScoreRequest
+from glm_runtime.requests import CandidateScore, ScoreRequest, counts_up
 from glm_runtime.sampling import log_softmax
 from glm_runtime.steps import context_feeds
 from glm_runtime.tokenizer import BlankError, GLMTokenizer, build_context_ids, find_blanks
@@ -104,13 +104,12 @@ def check_scoring(tokenizer: GLMTokenizer, request: ScoreRequest, positions: int
         _prepare(tokenizer, p, c, request.single_token, positions, f"prompt {i}")
         for i, (p, c) in enumerate(zip(request.prompts, request.candidates))
     ]
-    counts, gmask = tokenizer.prompt.gmask_counts, tokenizer.special.get("gMASK")
     return ClozeBatch(
         request,
         [ids for ids, _, _ in prepared],
         np.array([m for _, m, _ in prepared]),
         [answers for _, _, answers in prepared],
-        np.array([len(ids) if counts and ids[m] == gmask else -1 for ids, m, _ in prepared]),
+        np.array([len(ids) if counts_up(tokenizer, ids[m]) else -1 for ids, m, _ in prepared]),
     )
 
 
@@ -194,8 +193,7 @@ def _span_pass(
         blocks[r] = np.arange(1, T + 1)  # padding continues the block count: hidden, but inside the table
     positions = np.stack([np.repeat(mask_pos[prompt_of][:, None], T, axis=1), blocks], axis=1)
     if count_from is not None:  # row 0 of a counting span: count_from + step (masks.decode_positions)
-        origin = count_from[prompt_of][:, None]
-        positions[:, 0] = np.where(origin >= 0, origin + blocks - 1, positions[:, 0])
+        positions[:, 0] = masks.first_positions(positions[:, 0], blocks - 1, count_from[prompt_of][:, None])
     past_len = next(iter(context.values())).shape[2]
     visible = np.arange(past_len)[None, :] < np.asarray(lengths)[prompt_of][:, None]  # [R, past]
     names = [

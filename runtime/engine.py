@@ -54,6 +54,7 @@ from glm_runtime.requests import (
     decode_text,
     new_text,
     prepare_prompt,
+    span_stops,
     splice_span,
     spliced_ids,
 )
@@ -180,9 +181,7 @@ class Engine:
         self.max_past = limits.get("max_past")  # TensorRT: the profiles' largest past_seq
         special = tokenizer.special
         self.sop, self.pad = special["sop"], special["pad"]
-        self.stops = {special["eop"]: "eop", special["eos"]: "eos"}
-        for name in tokenizer.prompt.stop:  # PromptRule.stop: the ids that end a span besides eop (eos always does)
-            self.stops.setdefault(special[name], name)
+        self.stops = span_stops(tokenizer)
         # GLM-130B (PromptRule.blanks "spliced"): a finished span is written into the context in place of its
         # blank, and the job goes back to the head of the queue for a new context pass before its next blank
         self.spliced = tokenizer.prompt.blanks == "spliced"

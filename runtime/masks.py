@@ -40,11 +40,11 @@ def decode_positions(
     at the mask's position. Row 1 (the block position) is t + 1 either way (a 1D model never reads it)."""
     mask_pos = np.asarray(mask_pos, dtype=np.int64).reshape(-1)
     step = np.asarray(step, dtype=np.int64).reshape(-1)
-    first = _first_positions(mask_pos, step, count_from)
+    first = first_positions(mask_pos, step, count_from)
     return np.stack([first, step + 1], axis=1)[:, :, None]
 
 
-def _first_positions(mask_pos: np.ndarray, step: np.ndarray, count_from: Sequence[int] | int | None) -> np.ndarray:
+def first_positions(mask_pos: np.ndarray, step: np.ndarray, count_from: Sequence[int] | int | None) -> np.ndarray:
     """Row 0 of span tokens at `step`: mask_pos, or count_from + step where count_from >= 0."""
     if count_from is None:
         return mask_pos
@@ -56,7 +56,7 @@ def span_positions(mask_pos: int, first_step: int, count: int, count_from: int =
     """`count` consecutive span tokens from step `first_step`: (mask_pos, first_step+1 ...). -> [2, count].
     count_from >= 0: row 0 counts up, count_from + first_step ... (decode_positions)."""
     steps = np.arange(first_step, first_step + count, dtype=np.int64)
-    first = _first_positions(np.full(count, mask_pos, dtype=np.int64), steps, None if count_from < 0 else count_from)
+    first = first_positions(np.full(count, mask_pos, dtype=np.int64), steps, None if count_from < 0 else count_from)
     return np.stack([first, steps + 1])
 
 

@@ -184,6 +184,21 @@ class Prompt:
         return len(self.ids) if blank < len(self.counting) and self.counting[blank] else -1
 
 
+def counts_up(tokenizer: GLMTokenizer, mask_id: int) -> bool:
+    """Whether a span of blank `mask_id` counts its positions up from the context length (PromptRule.gmask_counts:
+    GLM-130B's [gMASK]) instead of staying at the blank."""
+    return tokenizer.prompt.gmask_counts and mask_id == tokenizer.special.get("gMASK")
+
+
+def span_stops(tokenizer: GLMTokenizer) -> dict[int, str]:
+    """The ids that end a span, by name: eop and eos for every architecture, and any PromptRule.stop names."""
+    special = tokenizer.special
+    stops = {special["eop"]: "eop", special["eos"]: "eos"}
+    for name in tokenizer.prompt.stop:
+        stops.setdefault(special[name], name)
+    return stops
+
+
 def splice_span(prompt: Prompt, blank: int, span: Sequence[int]) -> Prompt:
     """The prompt of the next round of a spliced fill (GLM-130B's fill_blanks, spec 5): the span's ids in place
     of blank `blank` (the rest of the context, its eos included, as it was), the later blanks moved by the span's
@@ -213,8 +228,7 @@ def prepare_prompt(
     except ValueError as exc:
         raise GenerationError(f": {exc}", field="prompt", subject=f"prompt {index}") from None
     blanks = find_blanks(ids, tokenizer)
-    rule, gmask = tokenizer.prompt, tokenizer.special.get("gMASK")
-    prompt = Prompt(index, text, ids, blanks, [rule.gmask_counts and mask_id == gmask for _, mask_id in blanks])
+    prompt = Prompt(index, text, ids, blanks, [counts_up(tokenizer, mask_id) for _, mask_id in blanks])
     need = prompt.positions_needed(max_new_tokens)
     if need > max_positions:
         blanks = len(prompt.blanks)
