@@ -13,13 +13,15 @@ import pytest
 
 from tests import oracle_chatglm as oc
 from tests.chatglm_folders import dequantize_like_hf, make_chatglm_folder, quantize_like_hf
+from tests.graph_checks import onnx_session as _session
+from tests.graph_checks import run_graph as _run
+from tests.graph_checks import within as _within
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 # The special ids of the tiny model: pieces of no tokenizer (these tests feed ids), inside its 640 rows.
 GMASK, MASK, SOP, EOP = 600, 601, 602, 603
-FP32 = (1e-4, 3e-5)  # glmx's fp32 parity budget: atol + rtol * max|ref| (glm_export.compare.TOLERANCES)
 
 
 @pytest.fixture(scope="module")
@@ -37,29 +39,6 @@ def exported(hub, tmp_path_factory):
     from glm_export.export import export_onnx
 
     return export_onnx(hub, tmp_path_factory.mktemp("onnx") / "fp32", no_tokenizer=True, log=lambda m: None)
-
-
-def _session(folder):
-    from glm_runtime.session import OnnxRuntimeSession
-
-    return OnnxRuntimeSession(folder)
-
-
-def _run(session, ids, pos, visible, past=None):
-    """One call of the graph: ids [B,T], positions [B,2,T], visible [B,1,T,past+T] (True = may attend)."""
-    from glm_runtime.steps import empty_past
-
-    feeds = {"input_ids": np.asarray(ids), "position_ids": np.asarray(pos), "attention_mask": np.asarray(visible)}
-    feeds.update(past if past is not None else empty_past(session, len(ids)))
-    return session.run(feeds)
-
-
-def _within(got, want, budget=FP32):
-    atol, rtol = budget
-    diff = float(np.abs(np.asarray(got, np.float64) - want).max())
-    bound = atol + rtol * float(np.abs(want).max())
-    assert diff <= bound, f"max |diff| {diff:.3g} > budget {bound:.3g}"
-    return diff
 
 
 PROMPT = [5, 17, 33, 9, 44, 71, 12, GMASK, SOP]  # text, then [gMASK] <sop> at the end (spec 5)

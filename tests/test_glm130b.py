@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from tests import oracle_glm130b as og
+from tests.graph_checks import FP16
+from tests.graph_checks import onnx_session as _session
+from tests.graph_checks import run_graph as _run
+from tests.graph_checks import within as _within
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-FP32 = (1e-4, 3e-5)  # glmx's fp32 parity budget: atol + rtol * max|ref| (glm_export.compare.TOLERANCES)
-FP16 = (3e-2, 5e-3)
 TEXT = [20029, 20009, 20048, 20008, 20022, 20024, 20054]  # ids of no tokenizer: these tests feed ids
 
 
@@ -60,28 +62,6 @@ def exported(model, tok, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("onnx") / "fp32"
     return export_onnx(model, out, tokenizer_file=tok.files["ice_text.model"], log=lambda m: None)
-
-
-def _session(folder):
-    from glm_runtime.session import OnnxRuntimeSession
-
-    return OnnxRuntimeSession(folder)
-
-
-def _run(session, ids, pos, visible, past=None):
-    from glm_runtime.steps import empty_past
-
-    feeds = {"input_ids": np.asarray(ids), "position_ids": np.asarray(pos), "attention_mask": np.asarray(visible)}
-    feeds.update(past if past is not None else empty_past(session, len(ids)))
-    return session.run(feeds)
-
-
-def _within(got, want, budget=FP32):
-    atol, rtol = budget
-    diff = float(np.abs(np.asarray(got, np.float64) - want).max())
-    bound = atol + rtol * float(np.abs(want).max())
-    assert diff <= bound, f"max |diff| {diff:.3g} > budget {bound:.3g}"
-    return diff
 
 
 def _glmx_positions(pos):

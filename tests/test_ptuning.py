@@ -16,12 +16,13 @@ import pytest
 
 from tests import oracle_chatglm as oc
 from tests.chatglm_folders import make_chatglm_folder
+from tests.graph_checks import FP32
+from tests.graph_checks import within as _within
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 GMASK, MASK, SOP, EOP, PAD = 600, 601, 602, 603, 3  # ids of the tiny model (these tests feed ids)
-FP32 = (1e-4, 3e-5)  # glmx's fp32 parity budget: atol + rtol * max|ref| (glm_export.compare.TOLERANCES)
 L, H, HEADS, P = 2, 64, 4, 6  # the tiny base (tests/chatglm_folders.py defaults) and the prefix length
 PROMPT = [5, 17, 33, 9, 44, 71, 12, GMASK, SOP]  # text, then [gMASK] <sop> at the end (spec 5)
 
@@ -77,14 +78,6 @@ def tuned(request, hub, oracle, tmp_path_factory):
     pt = make_ptuning_folder(root / "checkpoint-3000", hub, sd, projection=projection)
     out = export_onnx(hub, root / "onnx", no_tokenizer=True, ptuning=pt, log=lambda m: None)
     return out, oc.prefix_from_ptuning(sd, oracle[1], P, projection), projection
-
-
-def _within(got, want, budget=FP32) -> float:
-    atol, rtol = budget
-    diff = float(np.abs(np.asarray(got, np.float64) - want).max())
-    bound = atol + rtol * float(np.abs(want).max())
-    assert diff <= bound, f"max |diff| {diff:.3g} > budget {bound:.3g}"
-    return diff
 
 
 def _session(folder, backend="onnxruntime"):
