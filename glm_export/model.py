@@ -72,11 +72,11 @@ def rotary_tables(config: GLMConfig, position_ids: torch.Tensor) -> tuple[torch.
     spec 4.2): the first d/2 columns from the positions, the last d/2 from the block positions. 1D (GLM-130B):
     the whole head from the positions (row 0) alone. Angles in fp32 from the fp16-rounded frequencies (the HF
     code's fp32 mode) unless config.rotary_inv_freq == "fp32"."""
-    two_d = config.arch.positions == "rotary-2d"
-    inv = rotary_inv_freq(config.head_dim, config.arch.rotary_base, config.rotary_inv_freq, two_d=two_d)
+    streams = config.arch.rotary_streams
+    inv = rotary_inv_freq(config.head_dim, config.arch.rotary_base, config.rotary_inv_freq, two_d=streams == 2)
     inv = torch.from_numpy(inv).to(position_ids.device)
     halves = []
-    for row in (0, 1) if two_d else (0,):
+    for row in range(streams):  # 2D: the position row, then the block row; 1D: the position row alone
         freqs = position_ids[:, row].to(torch.float32)[..., None] * inv  # [B, T, rot/2]
         halves.append(torch.cat([freqs, freqs], dim=-1))
     angles = torch.cat(halves, dim=-1)[:, None]  # [B, 1, T, d]
@@ -103,7 +103,7 @@ class SelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.rotary = config.arch.rotary
-        self.streams = 2 if config.arch.positions == "rotary-2d" else 1
+        self.streams = config.arch.rotary_streams
         self.fill = config.arch.mask_value(layer)
         h = config.hidden_size
         self.query_key_value = nn.Linear(h, 3 * h)  # rows: [all Q; all K; all V], head-major (docs/glm.md 1.3)

@@ -19,7 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from glm_export.nbits import CONTRIB, NBits
-from glm_export.onnx_rotary import apply_rotary, rotary_tables, streams
+from glm_export.onnx_rotary import apply_rotary, rotary_tables
 from glm_runtime.config import GLMConfig
 from glm_runtime.iotable import LOGITS_START, io_table, kv_names
 
@@ -230,7 +230,7 @@ def self_attention(
     if rot is None:
         k = _heads(b, k, n, d, f"/{prefix}/k", output=present_k)  # un-scaled K (docs/glm.md 1.3)
     else:
-        parts = streams(cfg)
+        parts = cfg.arch.rotary_streams
         q = apply_rotary(b, q, rot, d, f"/{prefix}/q/rotary", parts=parts)
         k = _heads(b, k, n, d, f"/{prefix}/k")
         k = apply_rotary(b, k, rot, d, f"/{prefix}/k/rotary", output=present_k, parts=parts)

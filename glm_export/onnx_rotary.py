@@ -19,21 +19,16 @@ from glm_runtime.architecture import rotary_inv_freq
 from glm_runtime.config import GLMConfig
 
 
-def streams(cfg: GLMConfig) -> int:
-    """How many equal parts of a head rotate, each with its own position row: 2 (2D) or 1 (1D)."""
-    return 2 if cfg.arch.positions == "rotary-2d" else 1
-
-
 # position_ids [B,2,T] -Cast fp32- Gather(0|1, axis 1) -> [B,T] - Unsqueeze - Mul(inv_freq [r/2]) -> [B,T,r/2]
 #   - Concat(f, f) -> [B,T,r] per stream - Concat(streams) -> [B,T,d] - Unsqueeze(1) -> [B,1,T,d]
 #   - Cos | Sin (fp32), computed once and shared by every layer. r = d/2 (2D: position, block) or d (1D: the
 #   position row only); inv_freq fp16-rounded unless rotary_inv_freq fp32.
 def rotary_tables(b: Any, cfg: GLMConfig) -> tuple[str, str]:
-    two_d = streams(cfg) == 2
+    two_d = cfg.arch.rotary_streams == 2
     inv = rotary_inv_freq(cfg.head_dim, cfg.arch.rotary_base, cfg.rotary_inv_freq, two_d=two_d)
     pos = b.cast("position_ids", TensorProto.FLOAT, "/rotary/positions")
     halves = []
-    for row, tag in ((0, "position"), (1, "block"))[: streams(cfg)]:
+    for row, tag in ((0, "position"), (1, "block"))[: cfg.arch.rotary_streams]:
         p = b.op("Gather", [pos, b.const("zero" if row == 0 else "one", row)], f"/rotary/{tag}_row", axis=1)
         p = b.op("Unsqueeze", [p, b.const("axes_last", [-1])], f"/rotary/{tag}/unsqueeze")
         f = b.op("Mul", [p, b.const("inv_freq", inv, np.float32)], f"/rotary/{tag}/freqs")

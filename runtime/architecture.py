@@ -81,6 +81,12 @@ class Architecture:
     def rotary(self) -> bool:
         return self.positions.startswith("rotary")
 
+    @property
+    def rotary_streams(self) -> int:
+        """How many equal parts of a head rotate, each with its own position row: 2 (rotary-2d: position, block),
+        1 (rotary-1d: the position row alone), 0 (learned positions)."""
+        return {"rotary-2d": 2, "rotary-1d": 1}.get(self.positions, 0)
+
     def alpha(self, num_layers: int) -> float:
         """The skip-path multiplier of an alpha-ln residual (1.0 for pre-ln)."""
         if self.residual != "alpha-ln":
