@@ -48,6 +48,7 @@ def deployment(
     them in front of the replicas, so glmx's own 429 is only reached when every replica is full."""
     serve = _serve()
     from glm_runtime.serve import create_app
+    from glm_runtime.serve_main import model_name
 
     @serve.ingress()
     class GlmxReplica:
@@ -56,10 +57,9 @@ def deployment(
         def __init__(self) -> None:
             from glm_runtime.session import open_model
 
-            model_id = "glmx-bundled" if model is None else str(model).rstrip("/").split("/")[-1]
             self._glmx_app = create_app(
                 lambda: open_model(model, backend),
-                model_id=model_id,
+                model_id=model_name(model),
                 rows=rows,
                 max_waiting=max_waiting,
                 timeout=timeout,
